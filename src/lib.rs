@@ -1,0 +1,32 @@
+//! outpost: an offline-first device relay and durable command queue for edge
+//! boxes.
+//!
+//! The crate is a library with a thin binary (`src/main.rs`). The logic lives
+//! in sans-IO cores (`queue::core`) that take events and the time and return
+//! actions; async shells (`queue::service`, `device`, `admin`) do the IO.
+//! See ARCHITECTURE.md for the map.
+
+pub mod admin;
+pub mod cli;
+pub mod client;
+pub mod command;
+pub mod journal;
+pub mod config;
+pub mod device;
+pub mod identity;
+pub mod metrics;
+pub mod proto;
+pub mod queue;
+pub mod serve;
+pub mod store;
+
+pub use command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, SendOptions, State};
+
+/// Wall-clock milliseconds since the Unix epoch, for the shells. Cores never
+/// call this: they are handed the time.
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}

@@ -1,0 +1,132 @@
+//! The durable per-device command queue.
+//!
+//! - [`core`]: the sans-IO state machine. It takes requests and the time and
+//!   returns journal entries to write, deliveries to make and events to
+//!   publish. No sockets, clocks or disks: tested (and later simulated)
+//!   without any.
+//! - [`service`]: the shell. One writer thread owns the core and the store,
+//!   batches every request that arrives while the previous flush runs into
+//!   one group commit (one sled batch, one flush), then answers all of the
+//!   waiters. Nothing is answered "accepted" before its flush returned.
+
+pub mod core;
+pub mod service;
+
+pub use self::core::{Limits, QueueCore};
+pub use service::{open, DeliveredCommand, Delivery, DeviceSession, QueueHandle, ServiceOptions};
+
+use crate::command::{CommandId, DeviceId, Millis, Outcome, Priority, SendOptions, State};
+use serde::{Deserialize, Serialize};
+
+/// Why the queue refused or could not do something. Every variant says what
+/// happened and what to do next; the CLI maps them to exit codes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum QueueError {
+    #[error("no command {0} (it may have finished longer ago than the result retention)")]
+    NotFound(CommandId),
+    #[error("no device `{0}` is enrolled; enroll it with `outpost enroll {0}`")]
+    UnknownDevice(DeviceId),
+    #[error("device `{0}` is revoked and takes no commands; enroll it again to re-admit it")]
+    Revoked(DeviceId),
+    #[error("queue full: {queued} commands queued (limit {limit}); wait for devices to drain it, cancel some, or raise --max-queued")]
+    QueueFull { queued: u64, limit: u64 },
+    #[error("disk budget used up: {used} bytes of {limit}; wait for commands to finish or raise --max-disk")]
+    DiskFull { used: u64, limit: u64 },
+    #[error("command {id} is {state}: cannot {action} it")]
+    InvalidTransition {
+        id: CommandId,
+        state: State,
+        action: String,
+    },
+    #[error("command {id} is not in flight on device `{device}` (stale, duplicate or foreign ack)")]
+    NotInFlight { id: CommandId, device: DeviceId },
+    #[error("`after` names command {0}, which the box does not know")]
+    UnknownDependency(CommandId),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("the queue is shutting down; retry once the box is back")]
+    ShuttingDown,
+}
+
+impl QueueError {
+    /// A refusal by policy (exit code 5 in the CLI), as opposed to a fault.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Revoked(_) | QueueError::QueueFull { .. } | QueueError::DiskFull { .. }
+        )
+    }
+}
+
+/// A new command, as a sender hands it in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub target: String,
+    pub payload: Vec<u8>,
+    pub opts: SendOptions,
+    /// `cli`, `upstream`, or the sending device's id.
+    pub origin: String,
+    pub signature: Option<Vec<u8>>,
+}
+
+/// The answer to a durable send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendReceipt {
+    pub id: CommandId,
+    pub state: State,
+    /// The idempotency key matched an earlier command: `id` is that one's.
+    pub duplicate: bool,
+}
+
+/// Everything the box knows about one command, live or finished.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandView {
+    pub id: CommandId,
+    pub target: String,
+    /// The device it is routed to (or ran on).
+    pub device: DeviceId,
+    pub state: State,
+    pub priority: Priority,
+    /// Attempts that have ended (plus the one in flight, when delivered).
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub created_at: Millis,
+    pub finished_at: Option<Millis>,
+    pub expires_at: Option<Millis>,
+    pub not_before: Option<Millis>,
+    pub after: Option<CommandId>,
+    pub origin: String,
+    pub key: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+}
+
+/// A change of a command's state, as published to watchers (and later the
+/// upstream outbox).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleEvent {
+    pub id: CommandId,
+    pub device: DeviceId,
+    pub state: State,
+    pub at: Millis,
+    pub attempts: u32,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+}
+
+/// Counts for `status` and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    pub queued: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+    pub devices_online: u64,
+    pub results_kept: u64,
+    pub journal_groups: u64,
+    pub enqueued_total: u64,
+    pub delivered_total: u64,
+    pub acked_total: u64,
+    pub group_commits_total: u64,
+}

@@ -1,0 +1,667 @@
+//! The queue's IO shell: a writer thread that owns the core and the store
+//! and does group commit.
+//!
+//! Every request goes through one channel to one thread. The thread takes
+//! the first request, drains whatever else is waiting (up to a bound), feeds
+//! it all to the core, writes the core's journal entries as one group (one
+//! sled batch, one flush), and only then answers the waiters and hands
+//! deliveries to the device links. Concurrency is what makes groups large:
+//! the more senders wait during one flush, the more the next flush carries.
+
+use super::core::{CoreReply, CoreRequest, Effects, Limits, Lookup, QueueCore};
+use super::{CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest};
+use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority};
+use crate::journal::{Entry, ResultRecord};
+use crate::store::{DeviceRecord, GroupWrite, Store, StoreError};
+use lru::LruCache;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// How the service runs. `limits` go to the core.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    pub limits: Limits,
+    /// Most requests folded into one group commit.
+    pub max_batch: usize,
+    /// Seed for backoff jitter and ids (a simulation passes a fixed one).
+    pub seed: u64,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            limits: Limits::default(),
+            max_batch: 512,
+            seed: rand::random(),
+        }
+    }
+}
+
+/// What the box hands a device link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Command(DeliveredCommand),
+    /// Stop working on this command if you still are (cancelled, expired).
+    Cancel(CommandId),
+}
+
+/// One command going to a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveredCommand {
+    pub id: CommandId,
+    pub priority: Priority,
+    pub payload: Vec<u8>,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    pub deadline: Option<Millis>,
+    pub signature: Option<Vec<u8>>,
+}
+
+/// A device's live attachment to the queue. Dropping it disconnects the
+/// device: its in-flight commands go back to queued for its next session.
+pub struct DeviceSession {
+    pub device: DeviceId,
+    /// Deliveries for this device, at most `window` unacked at a time.
+    pub rx: mpsc::UnboundedReceiver<Delivery>,
+    token: u64,
+    handle: QueueHandle,
+}
+
+impl DeviceSession {
+    /// Report a command's outcome. Returns once the outcome is durable, so
+    /// the device may forget the command when this returns.
+    pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), QueueError> {
+        self.handle
+            .call(|reply| Msg::Ack {
+                device: self.device.clone(),
+                token: self.token,
+                id,
+                outcome,
+                reply,
+            })
+            .await
+    }
+}
+
+impl Drop for DeviceSession {
+    fn drop(&mut self) {
+        let _ = self.handle.tx.send(Msg::Disconnect {
+            device: self.device.clone(),
+            token: self.token,
+        });
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+pub(crate) enum Msg {
+    Core(CoreRequest, Reply<super::core::CoreReply>),
+    Ack {
+        device: DeviceId,
+        token: u64,
+        id: CommandId,
+        outcome: Outcome,
+        reply: Reply<()>,
+    },
+    Connect {
+        device: DeviceId,
+        window: u32,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+        reply: Reply<u64>,
+    },
+    Disconnect {
+        device: DeviceId,
+        token: u64,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable handle to the queue service.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: std_mpsc::Sender<Msg>,
+    events: broadcast::Sender<LifecycleEvent>,
+}
+
+/// Open the store's queue: replay the journal into a core and start the
+/// writer thread.
+pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreError> {
+    let core = rebuild(&store, &opts)?;
+    let (tx, rx) = std_mpsc::channel();
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let mut writer = Writer {
+        core,
+        store,
+        rx,
+        opts,
+        sessions: HashMap::new(),
+        cache: LruCache::new(NonZeroUsize::new(GROUP_CACHE).expect("non-zero")),
+        events: events.clone(),
+        rounds: 0,
+        broken: None,
+    };
+    std::thread::Builder::new()
+        .name("outpost-writer".into())
+        .spawn(move || writer.run())
+        .map_err(|source| StoreError::Io {
+            dir: std::path::PathBuf::from("(writer thread)"),
+            source,
+        })?;
+    Ok(QueueHandle { tx, events })
+}
+
+/// Lifecycle events buffered for slow watchers before they start to lag.
+const EVENT_BUFFER: usize = 16 * 1024;
+/// Decoded journal groups kept for delivery (payload reads).
+const GROUP_CACHE: usize = 64;
+
+fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError> {
+    let now = crate::now_millis();
+    let mut core = QueueCore::new(opts.limits.clone(), opts.seed);
+    for d in store.devices()? {
+        core.replay_device(d);
+    }
+    for g in store.replay() {
+        core.replay_group(g?);
+    }
+    core.finish_replay(now);
+    core.set_disk_usage(store.size_on_disk());
+    Ok(core)
+}
+
+/// A decoded journal group with an index by command id.
+struct CachedGroup {
+    entries: Vec<Entry>,
+    index: HashMap<CommandId, usize>,
+}
+
+impl CachedGroup {
+    fn new(entries: Vec<Entry>) -> Self {
+        let index = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                Entry::Enqueued(e) => Some((e.command.id, i)),
+                Entry::Requeued { .. } => None,
+            })
+            .collect();
+        CachedGroup { entries, index }
+    }
+
+    fn command(&self, id: CommandId) -> Option<&Command> {
+        match self.entries.get(*self.index.get(&id)?)? {
+            Entry::Enqueued(e) => Some(&e.command),
+            Entry::Requeued { .. } => None,
+        }
+    }
+}
+
+/// A request answered once the round it joined is durable.
+enum Pending {
+    Reply(Reply<CoreReply>, Result<CoreReply, QueueError>),
+    Show(Reply<CoreReply>, CommandId),
+    Unit(Reply<()>, Result<(), QueueError>),
+    Token(Reply<u64>, Result<u64, QueueError>),
+}
+
+struct Writer {
+    core: QueueCore,
+    store: Store,
+    rx: std_mpsc::Receiver<Msg>,
+    opts: ServiceOptions,
+    sessions: HashMap<DeviceId, (u64, mpsc::UnboundedSender<Delivery>)>,
+    cache: LruCache<u64, Arc<CachedGroup>>,
+    events: broadcast::Sender<LifecycleEvent>,
+    rounds: u64,
+    /// Set when the store failed and could not be re-read: every request
+    /// gets this error until the box is restarted.
+    broken: Option<String>,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        loop {
+            // Sleep until a request arrives or the core's next timer: an idle
+            // box wakes for nothing.
+            let first = match self.core.next_deadline() {
+                Some(due) => {
+                    let wait = due.saturating_sub(crate::now_millis());
+                    match self.rx.recv_timeout(Duration::from_millis(wait.max(1))) {
+                        Ok(m) => Some(m),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match self.rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => break,
+                },
+            };
+            let now = crate::now_millis();
+            let mut pending = Vec::new();
+            let mut shutdown = None;
+            if let Some(m) = first {
+                self.handle(m, now, &mut pending, &mut shutdown);
+            }
+            while pending.len() < self.opts.max_batch && shutdown.is_none() {
+                match self.rx.try_recv() {
+                    Ok(m) => self.handle(m, now, &mut pending, &mut shutdown),
+                    Err(_) => break,
+                }
+            }
+            self.round(now, pending);
+            if let Some(done) = shutdown {
+                let _ = self.store.flush();
+                let _ = done.send(());
+                break;
+            }
+        }
+        tracing::debug!("queue writer stopped");
+    }
+
+    fn handle(&mut self, m: Msg, now: Millis, pending: &mut Vec<Pending>, shutdown: &mut Option<oneshot::Sender<()>>) {
+        if let Some(why) = &self.broken {
+            let e = QueueError::Storage(why.clone());
+            match m {
+                Msg::Core(_, r) => pending.push(Pending::Reply(r, Err(e))),
+                Msg::Ack { reply, .. } => pending.push(Pending::Unit(reply, Err(e))),
+                Msg::Connect { reply, .. } => pending.push(Pending::Token(reply, Err(e))),
+                Msg::Disconnect { .. } => {}
+                Msg::Shutdown(done) => *shutdown = Some(done),
+            }
+            return;
+        }
+        match m {
+            Msg::Core(req, reply) => {
+                let core = &mut self.core;
+                let result = match req {
+                    CoreRequest::Send(r) => core.send(r, now).map(CoreReply::Receipt),
+                    CoreRequest::Show(id) => {
+                        // Resolved after the commit: its result may be in
+                        // this very round.
+                        pending.push(Pending::Show(reply, id));
+                        return;
+                    }
+                    CoreRequest::List { device, .. } => core.list(&device).map(CoreReply::Views),
+                    CoreRequest::Cancel(id) => core.cancel(id, now).map(CoreReply::View),
+                    CoreRequest::Retry(id) => self.retry(id, now),
+                    CoreRequest::Stats => Ok(CoreReply::Stats(QueueStats::default())),
+                    CoreRequest::Enroll(rec) => {
+                        core.enroll(rec, now);
+                        Ok(CoreReply::Done)
+                    }
+                    CoreRequest::Revoke(dev) => core.revoke(&dev, now).map(CoreReply::Device),
+                    CoreRequest::Devices => Ok(CoreReply::Devices(core.devices())),
+                };
+                pending.push(Pending::Reply(reply, result));
+            }
+            Msg::Ack {
+                device,
+                token,
+                id,
+                outcome,
+                reply,
+            } => {
+                let result = if self.sessions.get(&device).map(|s| s.0) == Some(token) {
+                    self.core.ack(&device, id, outcome, now)
+                } else {
+                    // An ack on a replaced session: the command went back to
+                    // the queue when that session ended.
+                    Err(QueueError::NotInFlight { id, device })
+                };
+                pending.push(Pending::Unit(reply, result));
+            }
+            Msg::Connect {
+                device,
+                window,
+                deliveries,
+                reply,
+            } => {
+                let result = self.core.connect(&device, window, now);
+                if let Ok(token) = result {
+                    self.sessions.insert(device, (token, deliveries));
+                }
+                pending.push(Pending::Token(reply, result));
+            }
+            Msg::Disconnect { device, token } => {
+                if self.sessions.get(&device).map(|s| s.0) == Some(token) {
+                    self.sessions.remove(&device);
+                    self.core.disconnect(&device, token, now);
+                }
+            }
+            Msg::Shutdown(done) => *shutdown = Some(done),
+        }
+    }
+
+    fn retry(&mut self, id: CommandId, now: Millis) -> Result<CoreReply, QueueError> {
+        let seq = match self.core.lookup(id) {
+            Lookup::Finished { seq, .. } => seq,
+            Lookup::Live(v) => {
+                return Err(QueueError::InvalidTransition {
+                    id,
+                    state: v.state,
+                    action: "retry (it has not ended)".into(),
+                })
+            }
+            Lookup::NotFound => return Err(QueueError::NotFound(id)),
+        };
+        let record = self
+            .read_result(seq, id)?
+            .ok_or_else(|| QueueError::BadRequest(format!("command {id} ended a moment ago; retry again in a second")))?;
+        self.core.retry(record, now).map(CoreReply::View)
+    }
+
+    fn read_result(&self, seq: u64, id: CommandId) -> Result<Option<ResultRecord>, QueueError> {
+        let records = self.store.read_results(seq).map_err(|e| QueueError::Storage(e.to_string()))?;
+        Ok(records.and_then(|rs| rs.into_iter().rev().find(|r| r.id == id)))
+    }
+
+    fn group(&mut self, seq: u64) -> Option<Arc<CachedGroup>> {
+        if let Some(g) = self.cache.get(&seq) {
+            return Some(g.clone());
+        }
+        match self.store.read_journal(seq) {
+            Ok(Some(entries)) => {
+                let g = Arc::new(CachedGroup::new(entries));
+                self.cache.put(seq, g.clone());
+                Some(g)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!("reading journal group {seq}: {e}");
+                None
+            }
+        }
+    }
+
+    /// One group commit: seal the round, write it durably, then act.
+    fn round(&mut self, now: Millis, pending: Vec<Pending>) {
+        self.core.tick(now);
+        if let Some(seq) = self.core.relocation_candidate() {
+            if let Some(g) = self.group(seq) {
+                self.core.relocate(seq, g.entries.clone());
+            }
+        }
+        let sealed = self.core.seal(now);
+        let mut write = sealed.write;
+        for (i, group) in sealed.payload_from {
+            let full = if group == write.seq {
+                CachedGroup::new(write.journal.clone()).command(write.results[i].id).cloned()
+            } else {
+                self.group(group).and_then(|g| g.command(write.results[i].id).cloned())
+            };
+            if let Some(c) = full {
+                write.results[i].command = Some(c);
+            }
+        }
+        let effects = self.core.take_effects();
+        let committed = self.commit(&write, &effects);
+        if let Err(e) = committed {
+            tracing::error!("group commit failed: {e}; reloading the queue from disk");
+            self.fail_round(pending, e);
+            return;
+        }
+        if !write.journal.is_empty() {
+            let seq = write.seq;
+            self.cache.put(seq, Arc::new(CachedGroup::new(write.journal)));
+        }
+        for seq in &write.drop_journal {
+            self.cache.pop(seq);
+        }
+        self.rounds += 1;
+        if self.core.limits().max_disk.is_some() || self.rounds % 256 == 0 {
+            self.core.set_disk_usage(self.store.size_on_disk());
+        }
+        self.dispatch(effects);
+        for p in pending {
+            self.answer(p);
+        }
+    }
+
+    fn commit(&self, write: &GroupWrite, effects: &Effects) -> Result<(), StoreError> {
+        for rec in &effects.device_touches {
+            self.store.touch_device(rec)?;
+        }
+        for rec in &effects.device_writes {
+            self.store.touch_device(rec)?;
+        }
+        if !write.is_empty() {
+            self.store.commit(write)?;
+        } else if !effects.device_writes.is_empty() {
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The round's records did not reach the disk: nobody is told
+    /// "accepted", and the in-memory state is rebuilt from what is on disk so
+    /// the two cannot drift apart. Devices reconnect and get what they had.
+    fn fail_round(&mut self, pending: Vec<Pending>, e: StoreError) {
+        let err = match &e {
+            StoreError::DiskFull { .. } => QueueError::DiskFull {
+                used: self.store.size_on_disk(),
+                limit: self.core.limits().max_disk.unwrap_or(0),
+            },
+            other => QueueError::Storage(other.to_string()),
+        };
+        for p in pending {
+            match p {
+                Pending::Reply(r, _) | Pending::Show(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::Unit(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::Token(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+            }
+        }
+        self.sessions.clear();
+        self.cache.clear();
+        match rebuild(&self.store, &self.opts) {
+            Ok(core) => self.core = core,
+            Err(e) => {
+                tracing::error!("cannot re-read the store: {e}; refusing requests until restart");
+                self.broken = Some(e.to_string());
+            }
+        }
+    }
+
+    fn dispatch(&mut self, effects: Effects) {
+        for d in effects.deliveries {
+            let Some((token, _)) = self.sessions.get(&d.device) else { continue };
+            if *token != d.session {
+                continue;
+            }
+            let command = self
+                .group(d.group)
+                .and_then(|g| g.command(d.id).cloned())
+                .or_else(|| {
+                    let seq = self.core.payload_group(d.id)?;
+                    self.group(seq).and_then(|g| g.command(d.id).cloned())
+                });
+            let Some(c) = command else {
+                tracing::error!("command {} has no journal record to deliver from", d.id);
+                continue;
+            };
+            let delivery = Delivery::Command(DeliveredCommand {
+                id: d.id,
+                priority: d.priority,
+                payload: c.payload,
+                attempt: d.attempt,
+                deadline: d.deadline,
+                signature: c.signature,
+            });
+            if let Some((_, tx)) = self.sessions.get(&d.device) {
+                let _ = tx.send(delivery);
+            }
+        }
+        for (device, id) in effects.cancels {
+            if let Some((_, tx)) = self.sessions.get(&device) {
+                let _ = tx.send(Delivery::Cancel(id));
+            }
+        }
+        for device in effects.close_sessions {
+            // Dropping the sender closes the link's receiver: it hangs up.
+            self.sessions.remove(&device);
+        }
+        for ev in effects.events {
+            let _ = self.events.send(ev);
+        }
+    }
+
+    fn answer(&mut self, p: Pending) {
+        match p {
+            Pending::Reply(r, result) => {
+                let result = match result {
+                    Ok(CoreReply::Stats(_)) => Ok(CoreReply::Stats(self.core.stats())),
+                    other => other,
+                };
+                let _ = r.send(result);
+            }
+            Pending::Show(r, id) => {
+                let result = match self.core.lookup(id) {
+                    Lookup::Live(v) => Ok(CoreReply::View(*v)),
+                    Lookup::NotFound => Err(QueueError::NotFound(id)),
+                    Lookup::Finished { seq, .. } => match self.read_result(seq, id) {
+                        Ok(Some(rec)) => Ok(CoreReply::View(view_of(rec))),
+                        Ok(None) => Err(QueueError::NotFound(id)),
+                        Err(e) => Err(e),
+                    },
+                };
+                let _ = r.send(result);
+            }
+            Pending::Unit(r, result) => {
+                let _ = r.send(result);
+            }
+            Pending::Token(r, result) => {
+                let _ = r.send(result);
+            }
+        }
+    }
+}
+
+/// The view of a finished command, from its result record.
+fn view_of(r: ResultRecord) -> CommandView {
+    CommandView {
+        id: r.id,
+        target: r.target,
+        device: r.device,
+        state: r.state,
+        priority: r.priority,
+        attempts: r.attempts,
+        max_attempts: r.max_attempts,
+        created_at: r.created_at,
+        finished_at: Some(r.finished_at),
+        expires_at: r.command.as_ref().and_then(|c| c.expires_at),
+        not_before: None,
+        after: None,
+        origin: r.origin,
+        key: r.key,
+        outcome: r.outcome,
+        error: r.error,
+    }
+}
+
+impl QueueHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| QueueError::ShuttingDown)?;
+        rx.await.map_err(|_| QueueError::ShuttingDown)?
+    }
+
+    async fn core(&self, req: CoreRequest) -> Result<CoreReply, QueueError> {
+        self.call(|reply| Msg::Core(req, reply)).await
+    }
+
+    /// Enqueue durably. Returns once the command is on disk.
+    pub async fn send(&self, req: SendRequest) -> Result<SendReceipt, QueueError> {
+        self.core(CoreRequest::Send(req)).await?.into_receipt()
+    }
+
+    pub async fn show(&self, id: CommandId) -> Result<CommandView, QueueError> {
+        self.core(CoreRequest::Show(id)).await?.into_view()
+    }
+
+    /// A device's commands in delivery order (live ones), then its recent
+    /// results when `include_finished`.
+    pub async fn list(
+        &self,
+        device: DeviceId,
+        include_finished: bool,
+    ) -> Result<Vec<CommandView>, QueueError> {
+        self.core(CoreRequest::List {
+            device,
+            include_finished,
+        })
+        .await?
+        .into_views()
+    }
+
+    pub async fn cancel(&self, id: CommandId) -> Result<CommandView, QueueError> {
+        self.core(CoreRequest::Cancel(id)).await?.into_view()
+    }
+
+    pub async fn retry(&self, id: CommandId) -> Result<CommandView, QueueError> {
+        self.core(CoreRequest::Retry(id)).await?.into_view()
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        self.core(CoreRequest::Stats).await?.into_stats()
+    }
+
+    /// Register (or re-admit) a device. Durable on return.
+    pub async fn enroll(&self, record: DeviceRecord) -> Result<(), QueueError> {
+        self.core(CoreRequest::Enroll(record)).await.map(|_| ())
+    }
+
+    /// Revoke a device: refused at its next connect, and its live session
+    /// (if any) is ended. Durable on return.
+    pub async fn revoke(&self, device: DeviceId) -> Result<DeviceRecord, QueueError> {
+        self.core(CoreRequest::Revoke(device)).await?.into_device()
+    }
+
+    pub async fn devices(&self) -> Result<Vec<super::core::DeviceView>, QueueError> {
+        self.core(CoreRequest::Devices).await?.into_devices()
+    }
+
+    /// Attach a device. At most `window` commands are unacked at once.
+    pub async fn connect(&self, device: DeviceId, window: u32) -> Result<DeviceSession, QueueError> {
+        let (deliveries, rx) = mpsc::unbounded_channel();
+        let d = device.clone();
+        let token = self
+            .call(|reply| Msg::Connect {
+                device: d,
+                window,
+                deliveries,
+                reply,
+            })
+            .await?;
+        Ok(DeviceSession {
+            device,
+            rx,
+            token,
+            handle: self.clone(),
+        })
+    }
+
+    /// Lifecycle events from now on (for `watch`, `--wait`, metrics).
+    pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
+        self.events.subscribe()
+    }
+
+    /// Finish the current group, stop the writer thread.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The embedded store: sled behind an API of our own.
+//!
+//! Layout (DESIGN §4, with one departure recorded in ARCHITECTURE.md):
+//! - tree `journal`: every group commit's records, key = kind byte + group
+//!   seq (u64 big-endian). Kind `J` holds the group's `Vec<journal::Entry>`,
+//!   kind `R` its `Vec<journal::ResultRecord>`. Both kinds share one tree so
+//!   one sled batch — atomic — carries a whole group (sled batches are per
+//!   tree; a multi-tree transaction measured 4× slower).
+//! - tree `devices`: device id → `DeviceRecord` (postcard).
+//! - tree `meta`: `schema` → u32 BE.
+//!
+//! No sled type leaves this module: sled 0.34 is no longer developed and the
+//! engine must stay swappable.
+
+use crate::command::{DeviceId, Millis};
+use crate::journal::{Entry, ResultRecord};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Version of the on-disk layout this binary writes. A db with a newer one is
+/// refused; older ones are migrated at open.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const KIND_JOURNAL: u8 = b'J';
+const KIND_RESULTS: u8 = b'R';
+
+/// Store failures, each naming the path and the way out.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database in {dir} is locked: is another outpost running? (data dir {dir}); stop it, or pass another --data-dir")]
+    Locked { dir: PathBuf },
+    #[error("the database in {dir} was written by a newer outpost (schema {found}, this binary knows up to {known}); upgrade outpost, or move the data dir aside")]
+    NewerSchema {
+        dir: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    #[error("the database in {dir} is corrupt ({detail}); run `outpost doctor --data-dir {dir}`, restore a backup, or move the data dir aside to start empty")]
+    Corrupt { dir: PathBuf, detail: String },
+    #[error("cannot use data dir {dir}: {source}; check that it exists and that the outpost user may read and write it")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the disk holding {dir} is full; free space or raise nothing: outpost keeps serving what it has and accepts new commands once space returns")]
+    DiskFull { dir: PathBuf },
+}
+
+/// Tuning for the embedded engine.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// sled's page cache. Its default (1 GiB) is wrong for an edge box.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// An enrolled device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    pub tags: Vec<String>,
+    pub caps: Vec<String>,
+    pub enrolled_at: Millis,
+    pub revoked: bool,
+    pub last_seen: Option<Millis>,
+}
+
+/// One group commit: records to put and groups to drop, written as one
+/// atomic batch followed by one flush.
+#[derive(Debug, Default)]
+pub struct GroupWrite {
+    pub seq: u64,
+    pub journal: Vec<Entry>,
+    pub results: Vec<ResultRecord>,
+    /// Journal groups whose every command has finished or moved on.
+    pub drop_journal: Vec<u64>,
+    /// Result groups past retention.
+    pub drop_results: Vec<u64>,
+}
+
+impl GroupWrite {
+    pub fn is_empty(&self) -> bool {
+        self.journal.is_empty()
+            && self.results.is_empty()
+            && self.drop_journal.is_empty()
+            && self.drop_results.is_empty()
+    }
+}
+
+/// A group read back at replay.
+#[derive(Debug)]
+pub enum Group {
+    Journal(u64, Vec<Entry>),
+    Results(u64, Vec<ResultRecord>),
+}
+
+/// The open store. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    journal: sled::Tree,
+    devices: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn key(kind: u8, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = kind;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Open (creating if needed) the database under `dir/db`.
+    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("db");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(opts.cache_bytes)
+            // We flush at every group commit ourselves; sled's background
+            // flusher would only add writes to an idle box.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| map_open_error(dir, e))?;
+        let s = |e| map_err(dir, e);
+        let store = Store {
+            dir: dir.to_path_buf(),
+            journal: db.open_tree("journal").map_err(s)?,
+            devices: db.open_tree("devices").map_err(s)?,
+            meta: db.open_tree("meta").map_err(s)?,
+            db,
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// The data dir this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn err(&self, e: sled::Error) -> StoreError {
+        map_err(&self.dir, e)
+    }
+
+    fn corrupt(&self, detail: String) -> StoreError {
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            detail,
+        }
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        match self.meta.get("schema").map_err(|e| self.err(e))? {
+            None => {
+                self.meta
+                    .insert("schema", &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(|e| self.err(e))?;
+                self.db.flush().map_err(|e| self.err(e))?;
+                Ok(())
+            }
+            Some(v) => {
+                let bytes: [u8; 4] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("schema record has the wrong length".into()))?;
+                let found = u32::from_be_bytes(bytes);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        dir: self.dir.clone(),
+                        found,
+                        known: SCHEMA_VERSION,
+                    });
+                }
+                // Schema 1 is the first; migrations from older schemas go here.
+                Ok(())
+            }
+        }
+    }
+
+    /// Write the schema version as given (tests of the newer-schema refusal).
+    #[doc(hidden)]
+    pub fn force_schema(&self, v: u32) -> Result<(), StoreError> {
+        self.meta
+            .insert("schema", &v.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// One atomic batch plus one flush. When this returns Ok, the group is on
+    /// disk: the caller may answer its waiters.
+    pub fn commit(&self, w: &GroupWrite) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        if !w.journal.is_empty() {
+            batch.insert(&key(KIND_JOURNAL, w.seq), encode(&w.journal));
+        }
+        if !w.results.is_empty() {
+            batch.insert(&key(KIND_RESULTS, w.seq), encode(&w.results));
+        }
+        for &seq in &w.drop_journal {
+            batch.remove(&key(KIND_JOURNAL, seq));
+        }
+        for &seq in &w.drop_results {
+            batch.remove(&key(KIND_RESULTS, seq));
+        }
+        self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every group on disk, in commit order (journal before results within
+    /// one seq). A record that does not decode is reported, never skipped.
+    pub fn replay(&self) -> impl Iterator<Item = Result<Group, StoreError>> + '_ {
+        let mut j = self.journal.range(key(KIND_JOURNAL, 0)..=key(KIND_JOURNAL, u64::MAX));
+        let mut r = self.journal.range(key(KIND_RESULTS, 0)..=key(KIND_RESULTS, u64::MAX));
+        let mut next_j = None;
+        let mut next_r = None;
+        std::iter::from_fn(move || {
+            if next_j.is_none() {
+                next_j = j.next();
+            }
+            if next_r.is_none() {
+                next_r = r.next();
+            }
+            let seq_of = |x: &Option<sled::Result<(sled::IVec, sled::IVec)>>| match x {
+                Some(Ok((k, _))) => Some(seq_from_key(k)),
+                Some(Err(_)) => Some(0),
+                None => None,
+            };
+            let take_j = match (seq_of(&next_j), seq_of(&next_r)) {
+                (None, None) => return None,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(a), Some(b)) => a <= b,
+            };
+            let item = if take_j { next_j.take() } else { next_r.take() }?;
+            Some(item.map_err(|e| self.err(e)).and_then(|(k, v)| {
+                let seq = seq_from_key(&k);
+                if take_j {
+                    decode(&v)
+                        .map(|e| Group::Journal(seq, e))
+                        .map_err(|e| self.corrupt(format!("journal group {seq}: {e}")))
+                } else {
+                    decode(&v)
+                        .map(|e| Group::Results(seq, e))
+                        .map_err(|e| self.corrupt(format!("result group {seq}: {e}")))
+                }
+            }))
+        })
+    }
+
+    /// One journal group, for reading payloads at delivery.
+    pub fn read_journal(&self, seq: u64) -> Result<Option<Vec<Entry>>, StoreError> {
+        match self.journal.get(key(KIND_JOURNAL, seq)).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(v) => decode(&v)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("journal group {seq}: {e}"))),
+        }
+    }
+
+    /// One result group.
+    pub fn read_results(&self, seq: u64) -> Result<Option<Vec<ResultRecord>>, StoreError> {
+        match self.journal.get(key(KIND_RESULTS, seq)).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(v) => decode(&v)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("result group {seq}: {e}"))),
+        }
+    }
+
+    /// Insert or replace a device record, durably.
+    pub fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        self.devices
+            .insert(rec.id.as_bytes(), encode(rec))
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Record last-seen times without a flush: losing one in a crash costs
+    /// only a stale "last seen", and flushing would write flash on every
+    /// connect.
+    pub fn touch_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        self.devices
+            .insert(rec.id.as_bytes(), encode(rec))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.devices
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                decode(&v).map_err(|e| {
+                    self.corrupt(format!(
+                        "device record {}: {e}",
+                        String::from_utf8_lossy(&k)
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Flush anything written without a flush (shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+fn seq_from_key(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if k.len() == 9 {
+        b.copy_from_slice(&k[1..]);
+    }
+    u64::from_be_bytes(b)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Encoding our own in-memory types cannot fail (no maps with non-string
+    // keys, no unsized sequences); a failure would be a programming error.
+    postcard::to_stdvec(v).expect("postcard encoding of journal types")
+}
+
+fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
+
+fn map_open_error(dir: &Path, e: sled::Error) -> StoreError {
+    if let sled::Error::Io(io) = &e {
+        // sled takes an exclusive flock on its conf/db file; another process
+        // holding it surfaces as WouldBlock ("could not acquire lock").
+        if io.kind() == std::io::ErrorKind::WouldBlock
+            || io.to_string().contains("could not acquire lock")
+            || io.raw_os_error() == Some(libc::EWOULDBLOCK)
+        {
+            return StoreError::Locked {
+                dir: dir.to_path_buf(),
+            };
+        }
+    }
+    map_err(dir, e)
+}
+
+fn map_err(dir: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => StoreError::DiskFull {
+            dir: dir.to_path_buf(),
+        },
+        sled::Error::Io(source) => StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        },
+        sled::Error::Corruption { at, .. } => StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: format!("sled found a bad checksum at {at:?}"),
+        },
+        other => StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Command, CommandId, Priority, State};
+    use crate::journal::Enqueued;
+
+    fn cmd(n: u64) -> Entry {
+        Entry::Enqueued(Enqueued {
+            command: Command {
+                id: CommandId::new(n, n as u128),
+                target: "dev-1".into(),
+                priority: Priority::Normal,
+                payload: vec![7; 100],
+                created_at: n,
+                expires_at: None,
+                max_attempts: 3,
+                key: None,
+                after: None,
+                not_before: None,
+                origin: "cli".into(),
+                signature: None,
+            },
+            device: "dev-1".into(),
+            order: n,
+            gen: 0,
+            attempts: 0,
+            not_before: None,
+        })
+    }
+
+    fn result(n: u64) -> ResultRecord {
+        ResultRecord {
+            id: CommandId::new(n, n as u128),
+            gen: 0,
+            device: "dev-1".into(),
+            target: "dev-1".into(),
+            priority: Priority::Normal,
+            state: State::Succeeded,
+            outcome: None,
+            error: None,
+            attempts: 1,
+            max_attempts: 3,
+            created_at: n,
+            finished_at: n,
+            origin: "cli".into(),
+            key: None,
+            command: None,
+        }
+    }
+
+    #[test]
+    fn groups_replay_in_commit_order_and_drops_take_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            for seq in 1..=3 {
+                s.commit(&GroupWrite {
+                    seq,
+                    journal: vec![cmd(seq)],
+                    results: if seq > 1 { vec![result(seq - 1)] } else { vec![] },
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            s.commit(&GroupWrite {
+                seq: 4,
+                drop_journal: vec![1],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let order: Vec<(char, u64)> = s
+            .replay()
+            .map(|g| match g.unwrap() {
+                Group::Journal(s, _) => ('J', s),
+                Group::Results(s, _) => ('R', s),
+            })
+            .collect();
+        assert_eq!(order, vec![('J', 2), ('R', 2), ('J', 3), ('R', 3)]);
+        assert!(s.read_journal(1).unwrap().is_none());
+        assert_eq!(s.read_journal(2).unwrap().unwrap(), vec![cmd(2)]);
+    }
+
+    #[test]
+    fn a_second_open_is_refused_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        // sled's lock is per process (flock), so a second open in-process
+        // may succeed; the cross-process refusal is tested in tests/crash.rs.
+        // Here we at least check the error text of the mapping.
+        let e = StoreError::Locked {
+            dir: dir.path().to_path_buf(),
+        };
+        assert!(e.to_string().contains("is another outpost running?"));
+    }
+
+    #[test]
+    fn newer_schema_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            s.force_schema(SCHEMA_VERSION + 1).unwrap();
+        }
+        let err = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("newer schema must be refused");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("schema {}", SCHEMA_VERSION + 1)), "{msg}");
+        assert!(msg.contains(&format!("up to {SCHEMA_VERSION}")), "{msg}");
+    }
+
+    #[test]
+    fn undecodable_group_is_reported_as_corrupt_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        s.journal
+            .insert(key(KIND_JOURNAL, 9), &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        let err = s.replay().find_map(|g| g.err()).expect("corruption reported");
+        let msg = err.to_string();
+        assert!(msg.contains("corrupt") && msg.contains("journal group 9"), "{msg}");
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn device_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let rec = DeviceRecord {
+            id: "dev-7".into(),
+            tags: vec!["line-3".into()],
+            caps: vec!["camera".into()],
+            enrolled_at: 5,
+            revoked: false,
+            last_seen: None,
+        };
+        s.put_device(&rec).unwrap();
+        assert_eq!(s.devices().unwrap(), vec![rec]);
+    }
+}

@@ -514,7 +514,13 @@ impl QueueCore {
         }
         self.make_room(opts.priority, now)?;
 
-        let id = CommandId::new(now, self.random128());
+        // Ids are random within a millisecond; a collision (a restarted
+        // simulation with the same seed, or plain bad luck) must not merge
+        // two commands.
+        let mut id = CommandId::new(now, self.random128());
+        while self.live.contains_key(&id) || self.results.contains_key(&id) {
+            id = CommandId::new(now, self.random128());
+        }
         let command = Command {
             id,
             target: target.clone(),
@@ -619,9 +625,9 @@ impl QueueCore {
             .get(device)
             .ok_or_else(|| QueueError::UnknownDevice(device.to_string()))?;
         let dev = &self.devs[d as usize];
-        let mut in_flight: Vec<_> = dev.in_flight.iter().map(|id| (self.live[id].order, *id)).collect();
+        let mut in_flight: Vec<_> = dev.in_flight.iter().map(|id| (self.live[id].priority.rank(), self.live[id].order, *id)).collect();
         in_flight.sort_unstable();
-        let mut out: Vec<CommandView> = in_flight.into_iter().map(|(_, id)| self.view(id, &self.live[&id])).collect();
+        let mut out: Vec<CommandView> = in_flight.into_iter().map(|(_, _, id)| self.view(id, &self.live[&id])).collect();
         for q in &dev.ready {
             out.extend(q.values().map(|id| self.view(*id, &self.live[id])));
         }
@@ -1451,3 +1457,7 @@ impl QueueCore {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

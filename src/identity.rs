@@ -1,0 +1,1198 @@
+//! Identity and trust (DESIGN §2): the box's private CA, its server
+//! certificate, device certificates and the bundle file a device needs, and
+//! the rustls configurations of both ends.
+//!
+//! Layout in the data dir (`tls/`, mode 0700):
+//! - `ca.crt`, `ca.key`: the box's CA. Only this CA is trusted by either end.
+//! - `server.crt`, `server.key`: the box's QUIC server certificate.
+//!
+//! Keys are PKCS#8 PEM, mode 0600.
+//!
+//! ## Where the device id lives
+//!
+//! A device certificate carries its id twice: as the subject CN (for people
+//! and for tools such as `openssl x509 -text`) and as a SAN URI
+//! `urn:outpost:device:<id>`. **The SAN URI is authoritative**: the box
+//! reads the id only from it, only after the chain has been verified, and
+//! refuses a certificate that has none. The CN is never used for
+//! authorisation, so a certificate someone else's tooling issued with a
+//! misleading CN cannot impersonate a device.
+//!
+//! ## Server name
+//!
+//! The server certificate always carries the DNS name [`SERVER_NAME`]
+//! (`outpost-box`) besides the `--san` names, the hostname, `localhost`,
+//! `127.0.0.1` and `::1`. Devices verify the box against that fixed name: an
+//! edge box's address changes (DHCP, NAT, `--server` overrides) while its CA,
+//! which is private to the box and signs nothing but this box's server
+//! certificate and its devices (client-auth only), does not.
+
+use crate::command::DeviceId;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, SignatureScheme};
+use std::collections::HashSet;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The ALPN protocol id of the device link, version 1 of the framing.
+pub const ALPN: &[u8] = b"outpost/1";
+
+/// The DNS name every server certificate carries and devices verify.
+pub const SERVER_NAME: &str = "outpost-box";
+
+/// Prefix of the SAN URI that names a device (the authoritative id).
+pub const DEVICE_URI_PREFIX: &str = "urn:outpost:device:";
+
+/// First line of a bundle file.
+pub const BUNDLE_HEADER: &str = "# outpost bundle v1";
+
+/// Longest device id accepted.
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+const TLS_DIR: &str = "tls";
+const CA_CERT: &str = "ca.crt";
+const CA_KEY: &str = "ca.key";
+const SERVER_CERT: &str = "server.crt";
+const SERVER_KEY: &str = "server.key";
+
+/// How long the CA and server certificates are valid. Long on purpose: an
+/// edge box may be offline for years, and an expired CA would lock out every
+/// device at once.
+const CA_VALIDITY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Default validity of a device certificate.
+pub const DEVICE_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
+/// Tolerated clock skew between the box and a device at issuance.
+const BACKDATE: Duration = Duration::from_secs(3600);
+
+/// What went wrong with certificates, keys or bundles. Each message names
+/// the file involved and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot access {path}: {source}; check that it exists and that this user may read and write it")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no CA in {dir}: run `outpost init --data-dir {}` first (or start `outpost serve`, which creates one)", .dir.parent().unwrap_or(.dir).display())]
+    NotInitialised { dir: PathBuf },
+    #[error("{path} is unusable: {detail}; restore it from a backup, or move {dir} aside and run `outpost init` again (every device must then be enrolled again)", dir = .path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("`{id}` is not a valid device id: {reason}")]
+    BadDeviceId { id: String, reason: &'static str },
+    #[error(
+        "bad subject alternative name `{name}`: {detail}; pass DNS names or IP addresses to --san"
+    )]
+    BadSan { name: String, detail: String },
+    #[error("bad server address `{addr}`: expected host:port (for example box.local:7443 or [fd00::1]:7443)")]
+    BadServerAddr { addr: String },
+    #[error("{source_name} is not a usable outpost bundle: {detail}; create a new one with `outpost enroll <device-id> --out FILE` on the box")]
+    Bundle { source_name: String, detail: String },
+    #[error("the certificate carries no outpost device id (no SAN URI {DEVICE_URI_PREFIX}<id>); it was not issued by `outpost enroll`")]
+    NoDeviceId,
+    #[error("the certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    #[error("could not create a certificate: {0}")]
+    Generate(String),
+    #[error("could not build the TLS configuration: {0}")]
+    Tls(String),
+}
+
+impl From<rcgen::Error> for IdentityError {
+    fn from(e: rcgen::Error) -> Self {
+        IdentityError::Generate(e.to_string())
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn tls_err(e: impl fmt::Display) -> IdentityError {
+    IdentityError::Tls(e.to_string())
+}
+
+/// Check a device id: 1–64 characters of `A–Z a–z 0–9 . _ -`, starting with a
+/// letter or digit. `:` and `/` are excluded because targets use them
+/// (`tag:…`, `edge-1/dev-7`).
+pub fn validate_device_id(id: &str) -> Result<(), IdentityError> {
+    let bad = |reason| {
+        Err(IdentityError::BadDeviceId {
+            id: id.to_string(),
+            reason,
+        })
+    };
+    if id.is_empty() {
+        return bad("it is empty");
+    }
+    if id.len() > MAX_DEVICE_ID_LEN {
+        return bad("it is longer than 64 characters");
+    }
+    if !id.as_bytes()[0].is_ascii_alphanumeric() {
+        return bad("it must start with a letter or a digit");
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return bad("use only letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// The set of revoked device ids, shared between the TLS verifier (refuses
+/// them at the handshake) and the device link (closes live connections).
+/// Cheap to clone; all clones share one set.
+#[derive(Clone, Default)]
+pub struct RevokedSet(Arc<RwLock<HashSet<DeviceId>>>);
+
+impl RevokedSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A set holding `ids` (the shell loads revoked devices from the store).
+    pub fn from_ids(ids: impl IntoIterator<Item = DeviceId>) -> Self {
+        RevokedSet(Arc::new(RwLock::new(ids.into_iter().collect())))
+    }
+
+    /// Add `id`; true if it was not revoked before.
+    pub fn insert(&self, id: &str) -> bool {
+        // A poisoned lock only means a panic elsewhere mid-insert of a
+        // String; the set itself is still consistent.
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string())
+    }
+
+    /// Re-admit `id` (after it is enrolled again).
+    pub fn remove(&self, id: &str) -> bool {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id)
+    }
+
+    /// Whether `id` is revoked.
+    pub fn contains(&self, id: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    /// How many ids are revoked.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no id is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for RevokedSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RevokedSet({} ids)", self.len())
+    }
+}
+
+/// The box's CA and server certificate, loaded from the data dir.
+pub struct Identity {
+    dir: PathBuf,
+    ca_cert_pem: String,
+    ca_cert_der: CertificateDer<'static>,
+    ca_key: KeyPair,
+    /// The CA re-signed from its stored parameters and key: rcgen needs a
+    /// `Certificate` to sign with, and only its name and key matter.
+    ca_issuer: rcgen::Certificate,
+    server_cert_der: CertificateDer<'static>,
+    server_key_der: Vec<u8>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity").field("dir", &self.dir).finish()
+    }
+}
+
+/// Validity of a certificate to issue.
+#[derive(Clone, Copy, Debug)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// From an hour ago (clock skew) for `d`.
+    pub fn for_duration(d: Duration) -> Self {
+        let now = SystemTime::now();
+        Validity {
+            not_before: now.checked_sub(BACKDATE).unwrap_or(UNIX_EPOCH),
+            not_after: now.checked_add(d).unwrap_or(now),
+        }
+    }
+}
+
+impl Default for Validity {
+    fn default() -> Self {
+        Validity::for_duration(DEVICE_VALIDITY)
+    }
+}
+
+/// Latest instant we put in a certificate; `time` panics past year 9999 and
+/// nothing needs more.
+const MAX_SINCE_EPOCH: Duration = Duration::from_secs(250 * 365 * 24 * 3600);
+
+fn set_validity(params: &mut CertificateParams, v: Validity) {
+    let since = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .min(MAX_SINCE_EPOCH)
+    };
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + since(v.not_before);
+    params.not_after = epoch + since(v.not_after);
+}
+
+fn ca_params(common_name: &str, v: Validity) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "outpost");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, v);
+    params
+}
+
+/// The names the server certificate carries: [`SERVER_NAME`], `extra`, the
+/// hostname, `localhost`, `127.0.0.1` and `::1`, without duplicates.
+pub fn server_sans(extra: &[String]) -> Vec<String> {
+    let mut names = vec![SERVER_NAME.to_string()];
+    names.extend(extra.iter().map(|s| s.trim().to_string()));
+    if let Some(h) = hostname() {
+        names.push(h);
+    }
+    names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
+    let mut seen = HashSet::new();
+    names.retain(|n| !n.is_empty() && seen.insert(n.to_ascii_lowercase()));
+    names
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most
+    // that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.trim();
+    // Only names a certificate can carry as a DNS name; anything else
+    // (non-ASCII, spaces) would fail the whole init for no gain.
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+    ok.then(|| name.to_string())
+}
+
+fn to_san(name: &str) -> Result<SanType, IdentityError> {
+    let bad = |detail: String| IdentityError::BadSan {
+        name: name.to_string(),
+        detail,
+    };
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'*'))
+    {
+        return Err(bad("not a DNS name or an IP address".into()));
+    }
+    Ok(SanType::DnsName(
+        name.to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| bad(e.to_string()))?,
+    ))
+}
+
+/// Write `data` to `path` atomically (temp file + rename) with `mode`.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".outpost-tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(io_err(path))?;
+    tmp.write_all(data).map_err(io_err(path))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    tmp.persist(path).map_err(|e| IdentityError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// Write a file holding a private key: mode 0600, atomically.
+pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
+    write_file(path, data, 0o600)
+}
+
+fn read_text(path: &Path) -> Result<String, IdentityError> {
+    std::fs::read_to_string(path).map_err(io_err(path))
+}
+
+fn first_cert_der(pem: &str, path: &Path) -> Result<CertificateDer<'static>, IdentityError> {
+    let mut rd = pem.as_bytes();
+    let first = rustls_pemfile::certs(&mut rd).next();
+    match first {
+        Some(Ok(c)) => Ok(c),
+        Some(Err(e)) => Err(IdentityError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("bad PEM: {e}"),
+        }),
+        None => Err(IdentityError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "no certificate in it".into(),
+        }),
+    }
+}
+
+fn load_key(path: &Path) -> Result<KeyPair, IdentityError> {
+    let pem = read_text(path)?;
+    KeyPair::from_pem(&pem).map_err(|e| IdentityError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("not a PKCS#8 private key ({e})"),
+    })
+}
+
+impl Identity {
+    /// The directory holding the box's certificates under `data_dir`.
+    pub fn tls_dir(data_dir: &Path) -> PathBuf {
+        data_dir.join(TLS_DIR)
+    }
+
+    /// Whether `data_dir` already holds a CA.
+    pub fn exists(data_dir: &Path) -> bool {
+        let d = Self::tls_dir(data_dir);
+        d.join(CA_CERT).exists() && d.join(CA_KEY).exists()
+    }
+
+    /// Load the identity in `data_dir`, creating what is missing: the CA on
+    /// first start, and the server certificate (with `sans`, see
+    /// [`server_sans`]) whenever it is absent. An existing CA is never
+    /// replaced, since that would orphan every enrolled device.
+    pub fn init(data_dir: &Path, sans: &[String]) -> Result<Identity, IdentityError> {
+        let dir = Self::tls_dir(data_dir);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&dir))?;
+        }
+        let (ca_cert, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+        match (ca_cert.exists(), ca_key.exists()) {
+            (true, true) => {}
+            (false, false) => {
+                let key = KeyPair::generate()?;
+                let cn = format!("outpost CA {:08x}", rand::random::<u32>());
+                let cert = ca_params(&cn, Validity::for_duration(CA_VALIDITY)).self_signed(&key)?;
+                // Key first: a cert without its key is the state we refuse.
+                write_secret(&ca_key, key.serialize_pem().as_bytes())?;
+                write_file(&ca_cert, cert.pem().as_bytes(), 0o644)?;
+                tracing::info!(dir = %dir.display(), "created the box CA");
+            }
+            (true, false) => {
+                return Err(IdentityError::Corrupt {
+                    path: ca_key,
+                    detail: "the CA key is missing while its certificate exists".into(),
+                })
+            }
+            (false, true) => {
+                return Err(IdentityError::Corrupt {
+                    path: ca_cert,
+                    detail: "the CA certificate is missing while its key exists".into(),
+                })
+            }
+        }
+        let (srv_cert, srv_key) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY));
+        if !srv_cert.exists() || !srv_key.exists() {
+            let (_, ca_key, ca_issuer) = Self::load_ca(&dir)?;
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, "outpost");
+            dn.push(DnType::CommonName, "outpost box");
+            params.distinguished_name = dn;
+            params.subject_alt_names = server_sans(sans)
+                .iter()
+                .map(|n| to_san(n))
+                .collect::<Result<_, _>>()?;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.use_authority_key_identifier_extension = true;
+            set_validity(&mut params, Validity::for_duration(CA_VALIDITY));
+            let cert = params.signed_by(&key, &ca_issuer, &ca_key)?;
+            write_secret(&srv_key, key.serialize_pem().as_bytes())?;
+            write_file(&srv_cert, cert.pem().as_bytes(), 0o644)?;
+            tracing::info!(dir = %dir.display(), "created the box server certificate");
+        }
+        Self::load(data_dir)
+    }
+
+    /// Load an existing identity; [`IdentityError::NotInitialised`] if there
+    /// is none.
+    pub fn load(data_dir: &Path) -> Result<Identity, IdentityError> {
+        let dir = Self::tls_dir(data_dir);
+        if !dir.join(CA_CERT).exists() {
+            return Err(IdentityError::NotInitialised { dir });
+        }
+        let (ca_cert_pem, ca_key, ca_issuer) = Self::load_ca(&dir)?;
+        let ca_cert_der = first_cert_der(&ca_cert_pem, &dir.join(CA_CERT))?;
+        let srv_path = dir.join(SERVER_CERT);
+        let server_cert_der = first_cert_der(&read_text(&srv_path)?, &srv_path)?;
+        let server_key = load_key(&dir.join(SERVER_KEY))?;
+        Ok(Identity {
+            dir,
+            ca_cert_pem,
+            ca_cert_der,
+            ca_key,
+            ca_issuer,
+            server_cert_der,
+            server_key_der: server_key.serialize_der(),
+        })
+    }
+
+    fn load_ca(dir: &Path) -> Result<(String, KeyPair, rcgen::Certificate), IdentityError> {
+        let cert_path = dir.join(CA_CERT);
+        let pem = read_text(&cert_path)?;
+        let der = first_cert_der(&pem, &cert_path)?;
+        let key = load_key(&dir.join(CA_KEY))?;
+        let corrupt = |detail: String| IdentityError::Corrupt {
+            path: cert_path.clone(),
+            detail,
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| corrupt(format!("not an X.509 certificate ({e})")))?;
+        let cn = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .ok_or_else(|| corrupt("the CA certificate has no common name".into()))?
+            .to_string();
+        let issuer = ca_params(&cn, Validity::for_duration(CA_VALIDITY)).self_signed(&key)?;
+        // Certificates we issue name their issuer by these exact bytes and
+        // are verified against the stored CA's key; check both match.
+        let (_, rebuilt) = x509_parser::parse_x509_certificate(issuer.der())
+            .map_err(|e| corrupt(format!("cannot re-read the CA ({e})")))?;
+        if rebuilt.subject().as_raw() != parsed.subject().as_raw() {
+            return Err(corrupt(
+                "the CA certificate was not made by outpost (its subject cannot be reproduced)"
+                    .into(),
+            ));
+        }
+        if rebuilt.public_key().raw != parsed.public_key().raw {
+            return Err(IdentityError::Corrupt {
+                path: dir.join(CA_KEY),
+                detail: "this key does not belong to ca.crt".into(),
+            });
+        }
+        Ok((pem, key, issuer))
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_cert_der
+    }
+
+    /// The directory the certificates live in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Issue a certificate for device `id` and return its bundle, which names
+    /// `server` (`host:port`) as the box's address.
+    pub fn issue_device(&self, id: &str, server: &str) -> Result<Bundle, IdentityError> {
+        self.issue_device_with(id, server, Validity::default())
+    }
+
+    /// [`Identity::issue_device`] with an explicit validity (tests issue
+    /// expired certificates with it).
+    pub fn issue_device_with(
+        &self,
+        id: &str,
+        server: &str,
+        validity: Validity,
+    ) -> Result<Bundle, IdentityError> {
+        validate_device_id(id)?;
+        validate_server_addr(server)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "outpost device");
+        dn.push(DnType::CommonName, id);
+        params.distinguished_name = dn;
+        let uri = format!("{DEVICE_URI_PREFIX}{id}");
+        params.subject_alt_names = vec![SanType::URI(
+            uri.try_into()
+                .map_err(|e: rcgen::Error| IdentityError::Generate(e.to_string()))?,
+        )];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, validity);
+        let cert = params.signed_by(&key, &self.ca_issuer, &self.ca_key)?;
+        Ok(Bundle {
+            id: id.to_string(),
+            server: server.to_string(),
+            cert_der: cert.der().clone(),
+            key_der: key.serialize_der(),
+            ca_der: self.ca_cert_der.clone(),
+        })
+    }
+
+    /// The box's rustls server configuration: TLS 1.3, ALPN [`ALPN`], a
+    /// client certificate REQUIRED and verified against our CA, and devices
+    /// in `revoked` refused at the handshake.
+    pub fn server_config(
+        &self,
+        revoked: RevokedSet,
+    ) -> Result<rustls::ServerConfig, IdentityError> {
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_cert_der.clone()).map_err(tls_err)?;
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(tls_err)?;
+        let verifier = Arc::new(DeviceCertVerifier { inner, revoked });
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![self.server_cert_der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key_der.clone())),
+            )
+            .map_err(tls_err)?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(cfg)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Check that `addr` looks like `host:port` (`[v6]:port` for IPv6).
+pub fn validate_server_addr(addr: &str) -> Result<(), IdentityError> {
+    split_host_port(addr)
+        .map(|_| ())
+        .ok_or_else(|| IdentityError::BadServerAddr {
+            addr: addr.to_string(),
+        })
+}
+
+/// Split `host:port`, unbracketing an IPv6 host.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.trim().rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']')?,
+        // An unbracketed IPv6 address has more colons; refuse the ambiguity.
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    (!host.is_empty() && !host.chars().any(char::is_whitespace)).then_some((host, port))
+}
+
+/// The device id in a certificate, from its SAN URI (authoritative, see the
+/// module docs). Call it only on a certificate whose chain was verified.
+pub fn device_id_from_cert(der: &[u8]) -> Result<DeviceId, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?
+        .ok_or(IdentityError::NoDeviceId)?;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix(DEVICE_URI_PREFIX),
+        _ => None,
+    });
+    let id = ids.next().ok_or(IdentityError::NoDeviceId)?;
+    if ids.next().is_some() {
+        return Err(IdentityError::BadCertificate(
+            "the certificate names more than one device".into(),
+        ));
+    }
+    validate_device_id(id)?;
+    Ok(id.to_string())
+}
+
+/// Client-certificate verifier of the box: webpki over our CA (chain,
+/// validity, client-auth usage), then the device id must be present and not
+/// revoked.
+#[derive(Debug)]
+struct DeviceCertVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: RevokedSet,
+}
+
+impl ClientCertVerifier for DeviceCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[TlsDn] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = device_id_from_cert(end_entity).map_err(|e| {
+            tracing::warn!(error = %e, "refused a client certificate without a device id");
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )
+        })?;
+        if self.revoked.contains(&id) {
+            tracing::info!(device = %id, "refused a revoked device at the handshake");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Everything a device needs: its id, the box's address, its certificate and
+/// key, and the CA. Serialised as the bundle text format (DESIGN §2).
+#[derive(Clone)]
+pub struct Bundle {
+    /// The device id (the one in the certificate).
+    pub id: DeviceId,
+    /// The box's address, `host:port`.
+    pub server: String,
+    /// The device certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    /// The device's private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// The box's CA certificate, DER.
+    pub ca_der: CertificateDer<'static>,
+}
+
+impl fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("Bundle")
+            .field("id", &self.id)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pem_block(tag: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {tag}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {tag}-----\n"));
+    out
+}
+
+impl Bundle {
+    /// The bundle text: header lines, then the device certificate, its
+    /// PKCS#8 key and the CA certificate as PEM.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "{BUNDLE_HEADER}\n# Device credentials for outpost. Keep this file secret: it holds a private key.\nid = {}\nserver = {}\n",
+            self.id, self.server
+        );
+        s.push_str(&pem_block("CERTIFICATE", &self.cert_der));
+        s.push_str(&pem_block("PRIVATE KEY", &self.key_der));
+        s.push_str(&pem_block("CERTIFICATE", &self.ca_der));
+        s
+    }
+
+    /// Write the bundle to `path`, mode 0600 (it holds a private key).
+    pub fn write(&self, path: &Path) -> Result<(), IdentityError> {
+        write_secret(path, self.to_text().as_bytes())
+    }
+
+    /// Read and parse the bundle file at `path`.
+    pub fn read(path: &Path) -> Result<Bundle, IdentityError> {
+        let text = read_text(path)?;
+        Bundle::parse(&text, &path.display().to_string())
+    }
+
+    /// Parse bundle text; `source_name` (usually the file path) is named in
+    /// errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Bundle, IdentityError> {
+        let bad = |detail: String| IdentityError::Bundle {
+            source_name: source_name.to_string(),
+            detail,
+        };
+        let pem_start = text.find("-----BEGIN").unwrap_or(text.len());
+        let (header, pem) = text.split_at(pem_start);
+        let mut lines = header.lines().map(str::trim).filter(|l| !l.is_empty());
+        match lines.next() {
+            Some(l) if l == BUNDLE_HEADER => {}
+            Some(l) if l.starts_with("# outpost bundle v") => return Err(bad(format!(
+                "it is `{l}`, a format this outpost does not know (it reads v1); upgrade outpost"
+            ))),
+            _ => return Err(bad(format!("the first line must be `{BUNDLE_HEADER}`"))),
+        }
+        let (mut id, mut server) = (None, None);
+        for line in lines {
+            if line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| bad(format!("header line `{line}` is not `key = value`")))?;
+            match k.trim() {
+                "id" => id = Some(v.trim().to_string()),
+                "server" => server = Some(v.trim().to_string()),
+                // Later v1 writers may add keys; readers skip what they do
+                // not know.
+                _ => {}
+            }
+        }
+        let id = id.ok_or_else(|| bad("no `id = …` line".into()))?;
+        let server = server.ok_or_else(|| bad("no `server = host:port` line".into()))?;
+        validate_server_addr(&server).map_err(|e| bad(e.to_string()))?;
+        let mut certs = Vec::new();
+        let mut keys = Vec::new();
+        let mut rd = pem.as_bytes();
+        for item in rustls_pemfile::read_all(&mut rd) {
+            match item.map_err(|e| bad(format!("bad PEM: {e}")))? {
+                rustls_pemfile::Item::X509Certificate(c) => certs.push(c),
+                rustls_pemfile::Item::Pkcs8Key(k) => keys.push(k.secret_pkcs8_der().to_vec()),
+                _ => {
+                    return Err(bad(
+                        "it holds a PEM block other than CERTIFICATE or PRIVATE KEY (PKCS#8)"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        if certs.len() != 2 || keys.len() != 1 {
+            return Err(bad(format!(
+                "expected the device certificate, its PKCS#8 private key and the CA certificate; found {} certificate(s) and {} PKCS#8 key(s)",
+                certs.len(),
+                keys.len()
+            )));
+        }
+        let (cert_der, ca_der) = match <[_; 2]>::try_from(certs) {
+            Ok([c, ca]) => (c, ca),
+            Err(_) => return Err(bad("expected exactly two certificates".into())),
+        };
+        let cert_id = device_id_from_cert(&cert_der).map_err(|e| bad(e.to_string()))?;
+        if cert_id != id {
+            return Err(bad(format!(
+                "its header says `id = {id}` but its certificate is for `{cert_id}`"
+            )));
+        }
+        Ok(Bundle {
+            id,
+            server,
+            cert_der,
+            key_der: keys.pop().unwrap_or_default(),
+            ca_der,
+        })
+    }
+
+    /// The device's rustls client configuration: TLS 1.3, ALPN [`ALPN`],
+    /// only the bundle's CA trusted, the device certificate presented.
+    /// Connect with server name [`SERVER_NAME`].
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, IdentityError> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca_der.clone())
+            .map_err(|e| IdentityError::Bundle {
+                source_name: format!("the bundle of `{}`", self.id),
+                detail: format!("its CA certificate is unusable ({e})"),
+            })?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![self.cert_der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
+            )
+            .map_err(|e| IdentityError::Bundle {
+                source_name: format!("the bundle of `{}`", self.id),
+                detail: format!("its key does not fit its certificate ({e})"),
+            })?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn new_identity() -> (tempfile::TempDir, Identity) {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::init(dir.path(), &["box.example".into(), "10.1.2.3".into()]).unwrap();
+        (dir, id)
+    }
+
+    /// Runs a TLS handshake in memory; the first error of either side.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+    ) -> Result<(), rustls::Error> {
+        let mut c = rustls::ClientConnection::new(
+            Arc::new(client),
+            ServerName::try_from(SERVER_NAME).unwrap(),
+        )?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..50 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets()?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not finish in 50 rounds");
+    }
+
+    #[test]
+    fn init_creates_ca_and_server_cert_with_private_keys() {
+        let (dir, id) = new_identity();
+        let tls = Identity::tls_dir(dir.path());
+        assert_eq!(mode(&tls.join(CA_KEY)), 0o600);
+        assert_eq!(mode(&tls.join(SERVER_KEY)), 0o600);
+        assert_eq!(mode(&tls), 0o700);
+        assert!(Identity::exists(dir.path()));
+        // A second init keeps the CA: replacing it would orphan every device.
+        let again = Identity::init(dir.path(), &[]).unwrap();
+        assert_eq!(again.ca_pem(), id.ca_pem());
+        let (_, srv) = x509_parser::parse_x509_certificate(&id.server_cert_der).unwrap();
+        let san = format!(
+            "{:?}",
+            srv.subject_alternative_name().unwrap().unwrap().value
+        );
+        for name in [
+            SERVER_NAME,
+            "box.example",
+            "localhost",
+            "[10, 1, 2, 3]",
+            "[127, 0, 0, 1]",
+        ] {
+            assert!(san.contains(name), "{name} missing from {san}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_way_out_when_not_initialised_or_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Identity::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("outpost init"), "{e}");
+        Identity::init(dir.path(), &[]).unwrap();
+        let key = Identity::tls_dir(dir.path()).join(CA_KEY);
+        std::fs::write(&key, "garbage").unwrap();
+        let e = Identity::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("ca.key") && e.contains("PKCS#8"), "{e}");
+        // The key of another CA does not fit this certificate.
+        let other = KeyPair::generate().unwrap();
+        std::fs::write(&key, other.serialize_pem()).unwrap();
+        let e = Identity::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("does not belong"), "{e}");
+        std::fs::remove_file(&key).unwrap();
+        let e = Identity::init(dir.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("CA key is missing"), "{e}");
+    }
+
+    #[test]
+    fn bundle_round_trips_through_text_and_names_the_device() {
+        let (dir, id) = new_identity();
+        let b = id.issue_device("dev-7", "box.example:7443").unwrap();
+        let text = b.to_text();
+        assert!(text.starts_with("# outpost bundle v1\n"));
+        assert!(
+            text.contains("\nid = dev-7\nserver = box.example:7443\n-----BEGIN CERTIFICATE-----")
+        );
+        let path = dir.path().join("dev-7.bundle");
+        b.write(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let back = Bundle::read(&path).unwrap();
+        assert_eq!(back.id, "dev-7");
+        assert_eq!(back.server, "box.example:7443");
+        assert_eq!(back.cert_der, b.cert_der);
+        assert_eq!(back.key_der, b.key_der);
+        assert_eq!(back.ca_der, *id.ca_der());
+        assert_eq!(device_id_from_cert(&back.cert_der).unwrap(), "dev-7");
+        // The CN carries the id too, for people; the SAN URI is what counts.
+        let (_, c) = x509_parser::parse_x509_certificate(&back.cert_der).unwrap();
+        let cn = c
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(cn, "dev-7");
+        assert!(!format!("{back:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn bundle_parse_errors_name_the_file_and_the_problem() {
+        let (_dir, id) = new_identity();
+        let text = id
+            .issue_device("dev-1", "127.0.0.1:7443")
+            .unwrap()
+            .to_text();
+        let cases: Vec<(String, &str)> = vec![
+            ("hello".into(), "first line must be"),
+            (text.replace("v1", "v9"), "upgrade outpost"),
+            (text.replace("id = dev-1\n", ""), "no `id"),
+            (text.replace("server = 127.0.0.1:7443\n", ""), "no `server"),
+            (text.replace("127.0.0.1:7443", "nowhere"), "host:port"),
+            (
+                text.replace("id = dev-1", "id = dev-2"),
+                "certificate is for `dev-1`",
+            ),
+            (text.replace("id = dev-1", "id dev-1"), "key = value"),
+            (
+                text.split("-----BEGIN PRIVATE KEY")
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                "found 1 certificate(s) and 0",
+            ),
+        ];
+        for (t, want) in cases {
+            let e = Bundle::parse(&t, "/etc/dev.bundle")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("/etc/dev.bundle"), "{e}");
+            assert!(e.contains(want), "wanted `{want}` in: {e}");
+        }
+        let truncated = &text[..text.len() - 40];
+        let e = Bundle::parse(truncated, "x.bundle")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.bundle"), "{e}");
+        // Comments and unknown keys are skipped (forward compatible).
+        let extra = text.replace("id = dev-1", "# note\nlabel = kiosk\nid = dev-1");
+        assert_eq!(Bundle::parse(&extra, "x").unwrap().id, "dev-1");
+    }
+
+    #[test]
+    fn device_ids_are_checked() {
+        for ok in ["dev-7", "a", "Sensor_01.east", &"x".repeat(64)] {
+            validate_device_id(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "tag:a",
+            "edge/dev",
+            "sp ace",
+            "é",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_device_id(bad).is_err(), "{bad:?}");
+        }
+        let (_d, id) = new_identity();
+        assert!(id.issue_device("tag:x", "h:1").is_err());
+        assert!(id.issue_device("ok", "no-port").is_err());
+    }
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(split_host_port("box:7443"), Some(("box", 7443)));
+        assert_eq!(split_host_port("[::1]:7443"), Some(("::1", 7443)));
+        assert_eq!(split_host_port("::1:7443"), None);
+        assert_eq!(split_host_port("box:0"), None);
+        assert_eq!(split_host_port(":7443"), None);
+        assert_eq!(split_host_port("box"), None);
+    }
+
+    #[test]
+    fn mutual_tls_accepts_enrolled_devices_only() {
+        let (_d, id) = new_identity();
+        let revoked = RevokedSet::new();
+        let server = || id.server_config(revoked.clone()).unwrap();
+        let good = id.issue_device("dev-1", "127.0.0.1:7443").unwrap();
+        handshake(good.client_config().unwrap(), server()).unwrap();
+
+        // A device of another box's CA.
+        let (_d2, other) = new_identity();
+        let foreign = other.issue_device("dev-1", "127.0.0.1:7443").unwrap();
+        let mut mixed = foreign.clone();
+        mixed.ca_der = id.ca_der().clone();
+        let e = handshake(mixed.client_config().unwrap(), server()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            ),
+            "{e:?}"
+        );
+        // And the device refuses a box of another CA.
+        let e = handshake(foreign.client_config().unwrap(), server()).unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+
+        // Expired.
+        let past = SystemTime::now() - Duration::from_secs(10 * 86400);
+        let expired = id
+            .issue_device_with(
+                "dev-old",
+                "127.0.0.1:7443",
+                Validity {
+                    not_before: past - Duration::from_secs(86400),
+                    not_after: past,
+                },
+            )
+            .unwrap();
+        let e = handshake(expired.client_config().unwrap(), server()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired
+                        | rustls::CertificateError::ExpiredContext { .. }
+                )
+            ),
+            "{e:?}"
+        );
+
+        // Revoked, with the same server config: the set is read live.
+        let cfg = server();
+        assert!(revoked.insert("dev-1"));
+        let e = handshake(good.client_config().unwrap(), cfg).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{e:?}"
+        );
+        revoked.remove("dev-1");
+
+        // No client certificate at all.
+        let mut roots = RootCertStore::empty();
+        roots.add(id.ca_der().clone()).unwrap();
+        let mut anon = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        anon.alpn_protocols = vec![ALPN.to_vec()];
+        let e = handshake(anon, server()).unwrap_err();
+        assert!(matches!(e, rustls::Error::NoCertificatesPresented), "{e:?}");
+    }
+
+    #[test]
+    fn a_cert_without_a_device_uri_is_refused() {
+        let (_d, id) = new_identity();
+        // Signed by our CA, CN looks like a device, but no SAN URI.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["dev-1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "dev-1");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &id.ca_issuer, &id.ca_key).unwrap();
+        assert!(matches!(
+            device_id_from_cert(cert.der()),
+            Err(IdentityError::NoDeviceId)
+        ));
+        let mut b = id.issue_device("dev-1", "h:1").unwrap();
+        b.cert_der = cert.der().clone();
+        b.key_der = key.serialize_der();
+        let e = handshake(
+            b.client_config().unwrap(),
+            id.server_config(RevokedSet::new()).unwrap(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+    }
+}

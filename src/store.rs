@@ -225,8 +225,12 @@ impl Store {
     /// Every group on disk, in commit order (journal before results within
     /// one seq). A record that does not decode is reported, never skipped.
     pub fn replay(&self) -> impl Iterator<Item = Result<Group, StoreError>> + '_ {
-        let mut j = self.journal.range(key(KIND_JOURNAL, 0)..=key(KIND_JOURNAL, u64::MAX));
-        let mut r = self.journal.range(key(KIND_RESULTS, 0)..=key(KIND_RESULTS, u64::MAX));
+        let mut j = self
+            .journal
+            .range(key(KIND_JOURNAL, 0)..=key(KIND_JOURNAL, u64::MAX));
+        let mut r = self
+            .journal
+            .range(key(KIND_RESULTS, 0)..=key(KIND_RESULTS, u64::MAX));
         let mut next_j = None;
         let mut next_r = None;
         std::iter::from_fn(move || {
@@ -265,7 +269,11 @@ impl Store {
 
     /// One journal group, for reading payloads at delivery.
     pub fn read_journal(&self, seq: u64) -> Result<Option<Vec<Entry>>, StoreError> {
-        match self.journal.get(key(KIND_JOURNAL, seq)).map_err(|e| self.err(e))? {
+        match self
+            .journal
+            .get(key(KIND_JOURNAL, seq))
+            .map_err(|e| self.err(e))?
+        {
             None => Ok(None),
             Some(v) => decode(&v)
                 .map(Some)
@@ -275,7 +283,11 @@ impl Store {
 
     /// One result group.
     pub fn read_results(&self, seq: u64) -> Result<Option<Vec<ResultRecord>>, StoreError> {
-        match self.journal.get(key(KIND_RESULTS, seq)).map_err(|e| self.err(e))? {
+        match self
+            .journal
+            .get(key(KIND_RESULTS, seq))
+            .map_err(|e| self.err(e))?
+        {
             None => Ok(None),
             Some(v) => decode(&v)
                 .map(Some)
@@ -442,7 +454,11 @@ mod tests {
                 s.commit(&GroupWrite {
                     seq,
                     journal: vec![cmd(seq)],
-                    results: if seq > 1 { vec![result(seq - 1)] } else { vec![] },
+                    results: if seq > 1 {
+                        vec![result(seq - 1)]
+                    } else {
+                        vec![]
+                    },
                     ..Default::default()
                 })
                 .unwrap();
@@ -471,13 +487,15 @@ mod tests {
     fn a_second_open_is_refused_as_locked() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        // sled's lock is per process (flock), so a second open in-process
-        // may succeed; the cross-process refusal is tested in tests/crash.rs.
-        // Here we at least check the error text of the mapping.
-        let e = StoreError::Locked {
-            dir: dir.path().to_path_buf(),
-        };
-        assert!(e.to_string().contains("is another outpost running?"));
+        // flock conflicts between open file descriptions, so a second open in
+        // the same process meets the same refusal as another process would.
+        let err = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("second open must be refused");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("is another outpost running?"), "{msg}");
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     }
 
     #[test]
@@ -491,7 +509,10 @@ mod tests {
             .err()
             .expect("newer schema must be refused");
         let msg = err.to_string();
-        assert!(msg.contains(&format!("schema {}", SCHEMA_VERSION + 1)), "{msg}");
+        assert!(
+            msg.contains(&format!("schema {}", SCHEMA_VERSION + 1)),
+            "{msg}"
+        );
         assert!(msg.contains(&format!("up to {SCHEMA_VERSION}")), "{msg}");
     }
 
@@ -502,9 +523,15 @@ mod tests {
         s.journal
             .insert(key(KIND_JOURNAL, 9), &[0xff, 0xff, 0xff][..])
             .unwrap();
-        let err = s.replay().find_map(|g| g.err()).expect("corruption reported");
+        let err = s
+            .replay()
+            .find_map(|g| g.err())
+            .expect("corruption reported");
         let msg = err.to_string();
-        assert!(msg.contains("corrupt") && msg.contains("journal group 9"), "{msg}");
+        assert!(
+            msg.contains("corrupt") && msg.contains("journal group 9"),
+            "{msg}"
+        );
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     }
 

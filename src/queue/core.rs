@@ -103,7 +103,9 @@ pub enum CoreReply {
 }
 
 fn unexpected<T>(what: &str) -> Result<T, QueueError> {
-    Err(QueueError::BadRequest(format!("internal: unexpected reply, wanted {what}")))
+    Err(QueueError::BadRequest(format!(
+        "internal: unexpected reply, wanted {what}"
+    )))
 }
 
 impl CoreReply {
@@ -199,7 +201,9 @@ enum Phase {
     Waiting,
     /// Waiting for its `after` dependency to succeed.
     Blocked,
-    InFlight { attempt: u32 },
+    InFlight {
+        attempt: u32,
+    },
 }
 
 /// A live command's handle. The payload stays on disk.
@@ -430,7 +434,8 @@ impl QueueCore {
     /// After the last group: place every live command, pin its groups, and
     /// settle what the log left half-done.
     pub fn finish_replay(&mut self, now: Millis) {
-        let mut ids: Vec<(u64, CommandId)> = self.live.iter().map(|(id, l)| (l.order, *id)).collect();
+        let mut ids: Vec<(u64, CommandId)> =
+            self.live.iter().map(|(id, l)| (l.order, *id)).collect();
         ids.sort_unstable();
         for &(_, id) in &ids {
             let l = &self.live[&id];
@@ -447,7 +452,12 @@ impl QueueCore {
         for &(_, id) in &ids {
             self.place(id, now);
         }
-        self.unpinned = self.pins.iter().filter(|(_, &n)| n == 0).map(|(&s, _)| s).collect();
+        self.unpinned = self
+            .pins
+            .iter()
+            .filter(|(_, &n)| n == 0)
+            .map(|(&s, _)| s)
+            .collect();
         // A dependent whose dependency ended badly but whose own end was not
         // on disk (it always is: both are in one batch) is settled here.
         let dangling: Vec<CommandId> = self
@@ -495,8 +505,14 @@ impl QueueCore {
                 });
             }
         }
-        let max_attempts = opts.max_attempts.unwrap_or(self.limits.default_max_attempts).max(1);
-        let expires_at = opts.ttl_ms.or(self.limits.default_ttl_ms).map(|t| now.saturating_add(t));
+        let max_attempts = opts
+            .max_attempts
+            .unwrap_or(self.limits.default_max_attempts)
+            .max(1);
+        let expires_at = opts
+            .ttl_ms
+            .or(self.limits.default_ttl_ms)
+            .map(|t| now.saturating_add(t));
         // An `after` already decided is settled now, so replay never needs a
         // dependency's record that retention may have dropped.
         let mut after = opts.after;
@@ -548,7 +564,11 @@ impl QueueCore {
                 priority: command.priority,
                 state: State::Dead,
                 outcome: None,
-                error: Some(format!("DependencyFailed: command {} ended {}", command.after.unwrap_or(id), s)),
+                error: Some(format!(
+                    "DependencyFailed: command {} ended {}",
+                    command.after.unwrap_or(id),
+                    s
+                )),
                 attempts: 0,
                 max_attempts,
                 created_at: now,
@@ -625,9 +645,16 @@ impl QueueCore {
             .get(device)
             .ok_or_else(|| QueueError::UnknownDevice(device.to_string()))?;
         let dev = &self.devs[d as usize];
-        let mut in_flight: Vec<_> = dev.in_flight.iter().map(|id| (self.live[id].priority.rank(), self.live[id].order, *id)).collect();
+        let mut in_flight: Vec<_> = dev
+            .in_flight
+            .iter()
+            .map(|id| (self.live[id].priority.rank(), self.live[id].order, *id))
+            .collect();
         in_flight.sort_unstable();
-        let mut out: Vec<CommandView> = in_flight.into_iter().map(|(_, _, id)| self.view(id, &self.live[&id])).collect();
+        let mut out: Vec<CommandView> = in_flight
+            .into_iter()
+            .map(|(_, _, id)| self.view(id, &self.live[&id]))
+            .collect();
         for q in &dev.ready {
             out.extend(q.values().map(|id| self.view(*id, &self.live[id])));
         }
@@ -638,7 +665,10 @@ impl QueueCore {
             .map(|(id, l)| (l.priority.rank(), l.order, *id))
             .collect();
         rest.sort_unstable();
-        out.extend(rest.into_iter().map(|(_, _, id)| self.view(id, &self.live[&id])));
+        out.extend(
+            rest.into_iter()
+                .map(|(_, _, id)| self.view(id, &self.live[&id])),
+        );
         Ok(out)
     }
 
@@ -648,7 +678,13 @@ impl QueueCore {
             return Err(self.not_live(id, "cancel"));
         };
         let view = self.view(id, l);
-        self.finish(id, State::Cancelled, None, Some("cancelled by operator".into()), now);
+        self.finish(
+            id,
+            State::Cancelled,
+            None,
+            Some("cancelled by operator".into()),
+            now,
+        );
         Ok(CommandView {
             state: State::Cancelled,
             finished_at: Some(now),
@@ -704,7 +740,8 @@ impl QueueCore {
             not_before: None,
             after: None,
             phase: Phase::Ready,
-            target: (command.target != self.devs[device as usize].id).then(|| command.target.as_str().into()),
+            target: (command.target != self.devs[device as usize].id)
+                .then(|| command.target.as_str().into()),
             origin: o,
             key: command.key.as_deref().map(Into::into),
         };
@@ -801,7 +838,11 @@ impl QueueCore {
             .copied()
             .filter(|&d| self.devs[d as usize].record.is_some())
             .ok_or_else(|| QueueError::UnknownDevice(device.to_string()))?;
-        if self.devs[d as usize].record.as_ref().is_some_and(|r| r.revoked) {
+        if self.devs[d as usize]
+            .record
+            .as_ref()
+            .is_some_and(|r| r.revoked)
+        {
             return Err(QueueError::Revoked(device.to_string()));
         }
         if self.devs[d as usize].session.is_some() {
@@ -809,7 +850,11 @@ impl QueueCore {
         }
         let token = self.next_session;
         self.next_session += 1;
-        let window = if window == 0 { self.limits.window } else { window };
+        let window = if window == 0 {
+            self.limits.window
+        } else {
+            window
+        };
         self.devs[d as usize].session = Some((token, window));
         self.touch(d, now);
         self.pump(d, now);
@@ -827,7 +872,13 @@ impl QueueCore {
 
     /// A device reports an outcome. Only the device the command is in
     /// flight on may report it.
-    pub fn ack(&mut self, device: &str, id: CommandId, outcome: Outcome, now: Millis) -> Result<(), QueueError> {
+    pub fn ack(
+        &mut self,
+        device: &str,
+        id: CommandId,
+        outcome: Outcome,
+        now: Millis,
+    ) -> Result<(), QueueError> {
         let not_in_flight = || QueueError::NotInFlight {
             id,
             device: device.to_string(),
@@ -875,7 +926,9 @@ impl QueueCore {
                 break;
             }
             self.wakeups.pop_first();
-            let Some(l) = self.live.get_mut(&id) else { continue };
+            let Some(l) = self.live.get_mut(&id) else {
+                continue;
+            };
             if l.phase == Phase::Waiting {
                 l.not_before = None;
                 touched.push(l.device);
@@ -908,7 +961,8 @@ impl QueueCore {
     /// the head and pinned by only a few commands.
     pub fn relocation_candidate(&self) -> Option<u64> {
         let (&seq, &pins) = self.pins.iter().find(|(_, &n)| n > 0)?;
-        (self.open_seq.saturating_sub(seq) > self.limits.relocate_lag && pins <= self.limits.relocate_max_pins)
+        (self.open_seq.saturating_sub(seq) > self.limits.relocate_lag
+            && pins <= self.limits.relocate_max_pins)
             .then_some(seq)
     }
 
@@ -918,7 +972,9 @@ impl QueueCore {
         for e in entries {
             let Entry::Enqueued(mut e) = e else { continue };
             let id = e.command.id;
-            let Some(l) = self.live.get_mut(&id) else { continue };
+            let Some(l) = self.live.get_mut(&id) else {
+                continue;
+            };
             if l.gen != e.gen || l.group != seq {
                 continue;
             }
@@ -1031,7 +1087,10 @@ impl QueueCore {
 
     /// Resolve a target to the device that will run it.
     fn route(&mut self, target: &str) -> Result<u32, QueueError> {
-        if target.is_empty() || target.len() > 255 || target.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if target.is_empty()
+            || target.len() > 255
+            || target.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
             return Err(QueueError::BadRequest(format!(
                 "`{target}` is not a valid target: use a device id such as dev-7"
             )));
@@ -1047,7 +1106,11 @@ impl QueueCore {
             .copied()
             .filter(|&d| self.devs[d as usize].record.is_some())
             .ok_or_else(|| QueueError::UnknownDevice(target.to_string()))?;
-        if self.devs[d as usize].record.as_ref().is_some_and(|r| r.revoked) {
+        if self.devs[d as usize]
+            .record
+            .as_ref()
+            .is_some_and(|r| r.revoked)
+        {
             return Err(QueueError::Revoked(target.to_string()));
         }
         Ok(d)
@@ -1067,7 +1130,11 @@ impl QueueCore {
             }
             let (_, o, k) = self.key_ages.pop_front().expect("front exists");
             let key = (o, k);
-            if self.keys.get(&key).is_some_and(|&(_, t)| now.saturating_sub(t) >= self.limits.key_window_ms) {
+            if self
+                .keys
+                .get(&key)
+                .is_some_and(|&(_, t)| now.saturating_sub(t) >= self.limits.key_window_ms)
+            {
                 self.keys.remove(&key);
             }
         }
@@ -1078,10 +1145,7 @@ impl QueueCore {
     fn make_room(&mut self, priority: Priority, now: Millis) -> Result<(), QueueError> {
         let queued = self.live.len() as u64;
         let full = queued >= self.limits.max_queued;
-        let disk = self
-            .limits
-            .max_disk
-            .filter(|&limit| self.disk >= limit);
+        let disk = self.limits.max_disk.filter(|&limit| self.disk >= limit);
         if !full && disk.is_none() {
             return Ok(());
         }
@@ -1161,9 +1225,15 @@ impl QueueCore {
     /// Hand ready commands to a connected device while its window allows.
     fn pump(&mut self, d: u32, now: Millis) {
         let dev = &mut self.devs[d as usize];
-        let Some((session, window)) = dev.session else { return };
+        let Some((session, window)) = dev.session else {
+            return;
+        };
         while (dev.in_flight.len() as u32) < window {
-            let Some(id) = dev.ready.iter_mut().find_map(|q| q.pop_first().map(|(_, id)| id)) else {
+            let Some(id) = dev
+                .ready
+                .iter_mut()
+                .find_map(|q| q.pop_first().map(|(_, id)| id))
+            else {
                 break;
             };
             let l = self.live.get_mut(&id).expect("ready commands are live");
@@ -1217,7 +1287,11 @@ impl QueueCore {
         let d = l.device;
         self.devs[d as usize].in_flight.remove(&id);
         let exp = attempt.saturating_sub(1).min(32);
-        let full = self.limits.backoff_base_ms.saturating_mul(1u64 << exp).min(self.limits.backoff_cap_ms);
+        let full = self
+            .limits
+            .backoff_base_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.limits.backoff_cap_ms);
         // Jitter in [full/2, full]: spreads a fleet's retries, keeps the floor.
         let delay = full / 2 + if full > 1 { jitter % (full / 2 + 1) } else { 0 };
         l.attempts = attempt;
@@ -1248,8 +1322,17 @@ impl QueueCore {
 
     /// End a live command: record its result, release its pins and its
     /// dependents, and cancel it on its device if it is there.
-    fn finish(&mut self, id: CommandId, state: State, outcome: Option<Outcome>, error: Option<String>, now: Millis) {
-        let Some(l) = self.live.remove(&id) else { return };
+    fn finish(
+        &mut self,
+        id: CommandId,
+        state: State,
+        outcome: Option<Outcome>,
+        error: Option<String>,
+        now: Millis,
+    ) {
+        let Some(l) = self.live.remove(&id) else {
+            return;
+        };
         let dev = &mut self.devs[l.device as usize];
         dev.live -= 1;
         let was_in_flight = dev.in_flight.remove(&id);
@@ -1281,7 +1364,11 @@ impl QueueCore {
         let record = ResultRecord {
             id,
             gen: l.gen,
-            target: l.target.as_deref().map(str::to_string).unwrap_or_else(|| device.clone()),
+            target: l
+                .target
+                .as_deref()
+                .map(str::to_string)
+                .unwrap_or_else(|| device.clone()),
             device,
             priority: l.priority,
             state,
@@ -1291,7 +1378,11 @@ impl QueueCore {
             max_attempts: l.max_attempts,
             created_at: l.created_at,
             finished_at: now,
-            origin: self.origins.get(l.origin as usize).cloned().unwrap_or_else(|| ORIGIN_UNKNOWN.into()),
+            origin: self
+                .origins
+                .get(l.origin as usize)
+                .cloned()
+                .unwrap_or_else(|| ORIGIN_UNKNOWN.into()),
             key: l.key.as_deref().map(str::to_string),
             // The shell fills the payload in from the journal before writing
             // (the core does not hold payloads).
@@ -1350,9 +1441,13 @@ impl QueueCore {
     }
 
     fn dependency_done(&mut self, dep: CommandId, ok: bool, now: Millis) {
-        let Some(dependents) = self.blocked.remove(&dep) else { return };
+        let Some(dependents) = self.blocked.remove(&dep) else {
+            return;
+        };
         for id in dependents {
-            let Some(l) = self.live.get_mut(&id) else { continue };
+            let Some(l) = self.live.get_mut(&id) else {
+                continue;
+            };
             if ok {
                 l.after = None;
                 self.place(id, now);
@@ -1373,9 +1468,13 @@ impl QueueCore {
             || self
                 .result_groups
                 .first_key_value()
-                .is_some_and(|(_, (at, _))| now.saturating_sub(*at) > self.limits.results_max_age_ms)
+                .is_some_and(|(_, (at, _))| {
+                    now.saturating_sub(*at) > self.limits.results_max_age_ms
+                })
         {
-            let Some((&seq, _)) = self.result_groups.first_key_value() else { break };
+            let Some((&seq, _)) = self.result_groups.first_key_value() else {
+                break;
+            };
             if seq >= oldest_journal {
                 break;
             }
@@ -1412,7 +1511,14 @@ impl QueueCore {
         }
     }
 
-    fn event(&mut self, id: CommandId, state: State, now: Millis, outcome: Option<Outcome>, error: Option<String>) {
+    fn event(
+        &mut self,
+        id: CommandId,
+        state: State,
+        now: Millis,
+        outcome: Option<Outcome>,
+        error: Option<String>,
+    ) {
         let (device, attempts) = match self.live.get(&id) {
             Some(l) => (self.devs[l.device as usize].id.clone(), l.attempts),
             None => (String::new(), 0),
@@ -1436,7 +1542,11 @@ impl QueueCore {
         };
         CommandView {
             id,
-            target: l.target.as_deref().map(str::to_string).unwrap_or_else(|| device.clone()),
+            target: l
+                .target
+                .as_deref()
+                .map(str::to_string)
+                .unwrap_or_else(|| device.clone()),
             device,
             state,
             priority: l.priority,
@@ -1447,11 +1557,17 @@ impl QueueCore {
             expires_at: l.expires_at,
             not_before: l.not_before,
             after: l.after,
-            origin: self.origins.get(l.origin as usize).cloned().unwrap_or_default(),
+            origin: self
+                .origins
+                .get(l.origin as usize)
+                .cloned()
+                .unwrap_or_default(),
             key: l.key.as_deref().map(str::to_string),
             outcome: None,
             error: match l.phase {
-                Phase::Blocked => l.after.map(|a| format!("waiting for command {a} to succeed")),
+                Phase::Blocked => l
+                    .after
+                    .map(|a| format!("waiting for command {a} to succeed")),
                 _ => None,
             },
         }

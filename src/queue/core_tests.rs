@@ -45,7 +45,12 @@ impl MemDisk {
     }
 
     fn result(&self, id: CommandId) -> Option<ResultRecord> {
-        self.results.values().flatten().rev().find(|r| r.id == id).cloned()
+        self.results
+            .values()
+            .flatten()
+            .rev()
+            .find(|r| r.id == id)
+            .cloned()
     }
 }
 
@@ -92,7 +97,11 @@ impl H {
         let mut w = sealed.write;
         for (i, g) in sealed.payload_from {
             let id = w.results[i].id;
-            let src = if g == w.seq { Some(&w.journal) } else { self.disk.journal.get(&g) };
+            let src = if g == w.seq {
+                Some(&w.journal)
+            } else {
+                self.disk.journal.get(&g)
+            };
             let c = src
                 .into_iter()
                 .flatten()
@@ -131,7 +140,15 @@ impl H {
     }
 
     fn send_prio(&mut self, target: &str, p: Priority) -> CommandId {
-        self.send(target, SendOptions { priority: p, ..Default::default() }).unwrap().id
+        self.send(
+            target,
+            SendOptions {
+                priority: p,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id
     }
 
     fn connect(&mut self, d: &str) {
@@ -160,7 +177,10 @@ impl H {
     }
 
     fn ids(&self, d: &str) -> Vec<CommandId> {
-        self.delivered.get(d).map(|v| v.iter().map(|x| x.id).collect()).unwrap_or_default()
+        self.delivered
+            .get(d)
+            .map(|v| v.iter().map(|x| x.id).collect())
+            .unwrap_or_default()
     }
 
     fn state(&self, id: CommandId) -> Option<State> {
@@ -187,11 +207,17 @@ impl H {
     fn check(&self) {
         let c = &self.core;
         for (id, l) in &c.live {
-            assert!(!c.results.contains_key(id), "{id} is both live and finished");
             assert!(
-                self.disk.journal.get(&l.group).is_some_and(|g| g.iter().any(
-                    |e| matches!(e, Entry::Enqueued(e) if e.command.id == *id && e.gen == l.gen)
-                )),
+                !c.results.contains_key(id),
+                "{id} is both live and finished"
+            );
+            assert!(
+                self.disk
+                    .journal
+                    .get(&l.group)
+                    .is_some_and(|g| g.iter().any(
+                        |e| matches!(e, Entry::Enqueued(e) if e.command.id == *id && e.gen == l.gen)
+                    )),
                 "{id}: its journal group {} is not on disk",
                 l.group
             );
@@ -206,17 +232,38 @@ impl H {
         for dev in &c.devs {
             let ready: usize = dev.ready.iter().map(|q| q.len()).sum();
             if let Some((_, window)) = dev.session {
-                assert!(dev.in_flight.len() as u32 <= window, "window exceeded on {}", dev.id);
+                assert!(
+                    dev.in_flight.len() as u32 <= window,
+                    "window exceeded on {}",
+                    dev.id
+                );
                 // Work-conserving: nothing ready waits while there is room.
-                assert!(ready == 0 || dev.in_flight.len() as u32 == window, "{} idles with work", dev.id);
+                assert!(
+                    ready == 0 || dev.in_flight.len() as u32 == window,
+                    "{} idles with work",
+                    dev.id
+                );
             } else {
-                assert!(dev.in_flight.is_empty(), "{} offline with commands in flight", dev.id);
+                assert!(
+                    dev.in_flight.is_empty(),
+                    "{} offline with commands in flight",
+                    dev.id
+                );
             }
-            assert_eq!(dev.live as usize, c.live.values().filter(|l| c.devs[l.device as usize].id == dev.id).count());
+            assert_eq!(
+                dev.live as usize,
+                c.live
+                    .values()
+                    .filter(|l| c.devs[l.device as usize].id == dev.id)
+                    .count()
+            );
         }
         for (id, &(seq, _)) in &c.results {
             assert!(
-                self.disk.results.get(&seq).is_some_and(|g| g.iter().any(|r| r.id == *id)),
+                self.disk
+                    .results
+                    .get(&seq)
+                    .is_some_and(|g| g.iter().any(|r| r.id == *id)),
                 "result of {id} not on disk at {seq}"
             );
         }
@@ -239,7 +286,10 @@ fn ok() -> Outcome {
 }
 
 fn fail() -> Outcome {
-    Outcome::Failed { code: 1, message: "boom".into() }
+    Outcome::Failed {
+        code: 1,
+        message: "boom".into(),
+    }
 }
 
 #[test]
@@ -255,7 +305,10 @@ fn send_deliver_ack_succeeds_and_frees_the_journal() {
     let r = h.disk.result(id).unwrap();
     assert_eq!(r.outcome, Some(ok()));
     assert_eq!(r.attempts, 1);
-    assert!(h.disk.journal.is_empty(), "finished command's group is dropped");
+    assert!(
+        h.disk.journal.is_empty(),
+        "finished command's group is dropped"
+    );
     h.check();
 }
 
@@ -269,15 +322,26 @@ fn priority_then_fifo() {
     let e = h.send_prio("d0", Priority::High);
     h.connect("d0");
     assert_eq!(h.ids("d0"), vec![d, e, a, b, c]);
-    let listed: Vec<_> = h.core.list("d0").unwrap().into_iter().map(|v| v.id).collect();
+    let listed: Vec<_> = h
+        .core
+        .list("d0")
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
     assert_eq!(listed, vec![d, e, a, b, c]);
 }
 
 #[test]
 fn the_window_bounds_what_is_in_flight() {
-    let limits = Limits { window: 4, ..Limits::default() };
+    let limits = Limits {
+        window: 4,
+        ..Limits::default()
+    };
     let mut h = H::with_devices(limits, 1);
-    let ids: Vec<_> = (0..10).map(|_| h.send_prio("d0", Priority::Normal)).collect();
+    let ids: Vec<_> = (0..10)
+        .map(|_| h.send_prio("d0", Priority::Normal))
+        .collect();
     h.connect("d0");
     assert_eq!(h.ids("d0"), ids[..4].to_vec());
     h.ack("d0", ids[2], ok()).unwrap();
@@ -287,17 +351,30 @@ fn the_window_bounds_what_is_in_flight() {
 
 #[test]
 fn failures_back_off_then_go_dead_and_retry_revives() {
-    let limits = Limits { backoff_base_ms: 1000, backoff_cap_ms: 10_000, ..Limits::default() };
+    let limits = Limits {
+        backoff_base_ms: 1000,
+        backoff_cap_ms: 10_000,
+        ..Limits::default()
+    };
     let mut h = H::with_devices(limits, 1);
     let id = h
-        .send("d0", SendOptions { max_attempts: Some(3), ..Default::default() })
+        .send(
+            "d0",
+            SendOptions {
+                max_attempts: Some(3),
+                ..Default::default()
+            },
+        )
         .unwrap()
         .id;
     h.connect("d0");
     h.ack("d0", id, fail()).unwrap();
     assert_eq!(h.state(id), Some(State::Queued));
     let nb = h.core.live[&id].not_before.unwrap();
-    assert!(nb >= h.now + 500 && nb <= h.now + 1000, "first backoff in [base/2, base]");
+    assert!(
+        nb >= h.now + 500 && nb <= h.now + 1000,
+        "first backoff in [base/2, base]"
+    );
     assert_eq!(h.ids("d0").len(), 1, "not redelivered before its backoff");
     h.advance(1000);
     assert_eq!(h.ids("d0"), vec![id, id]);
@@ -308,12 +385,21 @@ fn failures_back_off_then_go_dead_and_retry_revives() {
     assert_eq!(h.state(id), Some(State::Dead));
     let r = h.disk.result(id).unwrap();
     assert_eq!(r.attempts, 3);
-    assert!(r.command.as_ref().is_some_and(|c| c.payload.starts_with(b"payload-")), "payload kept for retry");
+    assert!(
+        r.command
+            .as_ref()
+            .is_some_and(|c| c.payload.starts_with(b"payload-")),
+        "payload kept for retry"
+    );
     assert_eq!(h.core.stats().dead, 1);
 
     let v = h.core.retry(r, h.now).unwrap();
     h.round();
-    assert_eq!(v.state, State::Delivered { attempt: 1 }, "retried and delivered at once");
+    assert_eq!(
+        v.state,
+        State::Delivered { attempt: 1 },
+        "retried and delivered at once"
+    );
     assert_eq!(h.core.stats().dead, 0);
     h.ack("d0", id, ok()).unwrap();
     assert_eq!(h.state(id), Some(State::Succeeded));
@@ -325,15 +411,40 @@ fn rejected_is_failed_without_retry() {
     let mut h = H::with_devices(Limits::default(), 1);
     let id = h.send_prio("d0", Priority::Normal);
     h.connect("d0");
-    h.ack("d0", id, Outcome::Rejected { reason: "bad payload".into() }).unwrap();
+    h.ack(
+        "d0",
+        id,
+        Outcome::Rejected {
+            reason: "bad payload".into(),
+        },
+    )
+    .unwrap();
     assert_eq!(h.state(id), Some(State::Failed));
 }
 
 #[test]
 fn ttl_expires_queued_and_in_flight_commands() {
     let mut h = H::with_devices(Limits::default(), 2);
-    let q = h.send("d0", SendOptions { ttl_ms: Some(1000), ..Default::default() }).unwrap().id;
-    let f = h.send("d1", SendOptions { ttl_ms: Some(1000), ..Default::default() }).unwrap().id;
+    let q = h
+        .send(
+            "d0",
+            SendOptions {
+                ttl_ms: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
+    let f = h
+        .send(
+            "d1",
+            SendOptions {
+                ttl_ms: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
     h.connect("d1");
     assert_eq!(h.core.next_deadline(), Some(h.now + 1000));
     h.advance(999);
@@ -341,15 +452,31 @@ fn ttl_expires_queued_and_in_flight_commands() {
     h.advance(1);
     assert_eq!(h.state(q), Some(State::Expired));
     assert_eq!(h.state(f), Some(State::Expired));
-    assert_eq!(h.cancels, vec![("d1".to_string(), f)], "the device holding it is told");
-    assert!(matches!(h.ack("d1", f, ok()), Err(QueueError::NotInFlight { .. })));
+    assert_eq!(
+        h.cancels,
+        vec![("d1".to_string(), f)],
+        "the device holding it is told"
+    );
+    assert!(matches!(
+        h.ack("d1", f, ok()),
+        Err(QueueError::NotInFlight { .. })
+    ));
     h.check();
 }
 
 #[test]
 fn a_backward_clock_jump_expires_nothing_early() {
     let mut h = H::with_devices(Limits::default(), 1);
-    let id = h.send("d0", SendOptions { ttl_ms: Some(1000), ..Default::default() }).unwrap().id;
+    let id = h
+        .send(
+            "d0",
+            SendOptions {
+                ttl_ms: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
     h.now -= 60_000;
     h.core.tick(h.now);
     h.round();
@@ -362,25 +489,55 @@ fn bad_transitions_are_clear_errors() {
     let mut h = H::with_devices(Limits::default(), 2);
     let id = h.send_prio("d0", Priority::Normal);
     let ghost = CommandId::new(1, 1);
-    assert!(matches!(h.ack("d0", id, ok()), Err(QueueError::NotInFlight { .. })), "not delivered yet");
+    assert!(
+        matches!(h.ack("d0", id, ok()), Err(QueueError::NotInFlight { .. })),
+        "not delivered yet"
+    );
     h.connect("d0");
     h.connect("d1");
     let e = h.ack("d1", id, ok()).unwrap_err();
-    assert!(e.to_string().contains("not in flight on device `d1`"), "{e}");
-    assert!(matches!(h.ack("d0", ghost, ok()), Err(QueueError::NotInFlight { .. })));
+    assert!(
+        e.to_string().contains("not in flight on device `d1`"),
+        "{e}"
+    );
+    assert!(matches!(
+        h.ack("d0", ghost, ok()),
+        Err(QueueError::NotInFlight { .. })
+    ));
     h.ack("d0", id, ok()).unwrap();
-    assert!(matches!(h.ack("d0", id, ok()), Err(QueueError::NotInFlight { .. })), "ack twice");
+    assert!(
+        matches!(h.ack("d0", id, ok()), Err(QueueError::NotInFlight { .. })),
+        "ack twice"
+    );
     let e = h.core.cancel(id, h.now).unwrap_err();
-    assert!(matches!(e, QueueError::InvalidTransition { state: State::Succeeded, .. }));
+    assert!(matches!(
+        e,
+        QueueError::InvalidTransition {
+            state: State::Succeeded,
+            ..
+        }
+    ));
     assert!(e.to_string().contains("is succeeded: cannot cancel"), "{e}");
-    assert!(matches!(h.core.cancel(ghost, h.now), Err(QueueError::NotFound(_))));
-    assert!(matches!(h.send("nope", SendOptions::default()), Err(QueueError::UnknownDevice(_))));
-    assert!(matches!(h.send("tag:x", SendOptions::default()), Err(QueueError::BadRequest(_))));
+    assert!(matches!(
+        h.core.cancel(ghost, h.now),
+        Err(QueueError::NotFound(_))
+    ));
+    assert!(matches!(
+        h.send("nope", SendOptions::default()),
+        Err(QueueError::UnknownDevice(_))
+    ));
+    assert!(matches!(
+        h.send("tag:x", SendOptions::default()),
+        Err(QueueError::BadRequest(_))
+    ));
 }
 
 #[test]
 fn cancel_of_queued_and_in_flight() {
-    let limits = Limits { window: 1, ..Limits::default() };
+    let limits = Limits {
+        window: 1,
+        ..Limits::default()
+    };
     let mut h = H::with_devices(limits, 1);
     let a = h.send_prio("d0", Priority::Normal);
     let b = h.send_prio("d0", Priority::Normal);
@@ -390,14 +547,21 @@ fn cancel_of_queued_and_in_flight() {
     h.round();
     assert_eq!(h.state(a), Some(State::Cancelled));
     assert_eq!(h.state(b), Some(State::Cancelled));
-    assert_eq!(h.cancels, vec![("d0".to_string(), a)], "only the in-flight one is cancelled on the device");
+    assert_eq!(
+        h.cancels,
+        vec![("d0".to_string(), a)],
+        "only the in-flight one is cancelled on the device"
+    );
     h.check();
 }
 
 #[test]
 fn idempotency_key_returns_the_first_id_across_restarts() {
     let mut h = H::with_devices(Limits::default(), 1);
-    let opts = SendOptions { key: Some("k1".into()), ..Default::default() };
+    let opts = SendOptions {
+        key: Some("k1".into()),
+        ..Default::default()
+    };
     let a = h.send("d0", opts.clone()).unwrap();
     let b = h.send("d0", opts.clone()).unwrap();
     assert_eq!(a.id, b.id);
@@ -415,27 +579,75 @@ fn idempotency_key_returns_the_first_id_across_restarts() {
 fn after_waits_for_success_and_dies_with_its_dependency() {
     let mut h = H::with_devices(Limits::default(), 1);
     let a = h.send_prio("d0", Priority::Normal);
-    let b = h.send("d0", SendOptions { after: Some(a), priority: Priority::High, ..Default::default() }).unwrap().id;
+    let b = h
+        .send(
+            "d0",
+            SendOptions {
+                after: Some(a),
+                priority: Priority::High,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
     let c = h.send_prio("d0", Priority::Normal);
     let d = h
-        .send("d0", SendOptions { after: Some(c), max_attempts: Some(1), ..Default::default() })
+        .send(
+            "d0",
+            SendOptions {
+                after: Some(c),
+                max_attempts: Some(1),
+                ..Default::default()
+            },
+        )
         .unwrap()
         .id;
     h.connect("d0");
-    assert_eq!(h.ids("d0"), vec![a, c], "dependents wait despite their priority");
+    assert_eq!(
+        h.ids("d0"),
+        vec![a, c],
+        "dependents wait despite their priority"
+    );
     h.reopen(); // the blocked state survives a restart
     h.connect("d0");
     h.ack("d0", a, ok()).unwrap();
     assert!(h.ids("d0").ends_with(&[b]));
-    h.ack("d0", c, Outcome::Rejected { reason: "no".into() }).unwrap();
+    h.ack(
+        "d0",
+        c,
+        Outcome::Rejected {
+            reason: "no".into(),
+        },
+    )
+    .unwrap();
     assert_eq!(h.state(d), Some(State::Dead));
-    assert!(h.disk.result(d).unwrap().error.unwrap().contains("DependencyFailed"));
+    assert!(h
+        .disk
+        .result(d)
+        .unwrap()
+        .error
+        .unwrap()
+        .contains("DependencyFailed"));
     // An `after` on a command already dead is settled at once.
-    let e = h.send("d0", SendOptions { after: Some(d), ..Default::default() }).unwrap();
+    let e = h
+        .send(
+            "d0",
+            SendOptions {
+                after: Some(d),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(e.state, State::Dead);
     let ghost = CommandId::new(5, 5);
     assert!(matches!(
-        h.send("d0", SendOptions { after: Some(ghost), ..Default::default() }),
+        h.send(
+            "d0",
+            SendOptions {
+                after: Some(ghost),
+                ..Default::default()
+            }
+        ),
         Err(QueueError::UnknownDependency(_))
     ));
     h.check();
@@ -445,7 +657,16 @@ fn after_waits_for_success_and_dies_with_its_dependency() {
 fn not_before_holds_delivery_until_its_time() {
     let mut h = H::with_devices(Limits::default(), 1);
     h.connect("d0");
-    let id = h.send("d0", SendOptions { not_before: Some(h.now + 5000), ..Default::default() }).unwrap().id;
+    let id = h
+        .send(
+            "d0",
+            SendOptions {
+                not_before: Some(h.now + 5000),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
     assert!(h.ids("d0").is_empty());
     h.reopen();
     h.connect("d0");
@@ -486,15 +707,38 @@ fn a_second_session_replaces_the_first() {
 
 #[test]
 fn full_queue_refuses_or_sheds_a_lower_priority() {
-    let limits = Limits { max_queued: 3, ..Limits::default() };
+    let limits = Limits {
+        max_queued: 3,
+        ..Limits::default()
+    };
     let mut h = H::with_devices(limits, 1);
     let _a = h.send_prio("d0", Priority::Normal);
     let b = h.send_prio("d0", Priority::Low);
     let c = h.send_prio("d0", Priority::Low);
-    let e = h.send("d0", SendOptions { priority: Priority::Low, ..Default::default() }).unwrap_err();
-    assert!(matches!(e, QueueError::QueueFull { queued: 3, limit: 3 }) && e.is_refusal());
+    let e = h
+        .send(
+            "d0",
+            SendOptions {
+                priority: Priority::Low,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            QueueError::QueueFull {
+                queued: 3,
+                limit: 3
+            }
+        ) && e.is_refusal()
+    );
     let hi = h.send_prio("d0", Priority::High);
-    assert_eq!(h.state(c), Some(State::Shed), "the newest of the lowest priority goes");
+    assert_eq!(
+        h.state(c),
+        Some(State::Shed),
+        "the newest of the lowest priority goes"
+    );
     assert_eq!(h.state(b), Some(State::Queued));
     assert_eq!(h.state(hi), Some(State::Queued));
     assert!(h.disk.result(c).unwrap().error.unwrap().contains("shed"));
@@ -502,11 +746,20 @@ fn full_queue_refuses_or_sheds_a_lower_priority() {
 
 #[test]
 fn disk_budget_refuses_new_commands() {
-    let limits = Limits { max_disk: Some(1000), ..Limits::default() };
+    let limits = Limits {
+        max_disk: Some(1000),
+        ..Limits::default()
+    };
     let mut h = H::with_devices(limits, 1);
     h.core.set_disk_usage(2000);
     let e = h.send("d0", SendOptions::default()).unwrap_err();
-    assert!(matches!(e, QueueError::DiskFull { used: 2000, limit: 1000 }));
+    assert!(matches!(
+        e,
+        QueueError::DiskFull {
+            used: 2000,
+            limit: 1000
+        }
+    ));
     h.core.set_disk_usage(10);
     h.send("d0", SendOptions::default()).unwrap();
 }
@@ -518,8 +771,14 @@ fn revoked_devices_get_nothing_new_and_cannot_connect() {
     h.core.revoke("d0", h.now).unwrap();
     let fx = h.core.take_effects();
     assert_eq!(fx.close_sessions, vec!["d0".to_string()]);
-    assert!(matches!(h.core.connect("d0", 0, h.now), Err(QueueError::Revoked(_))));
-    assert!(matches!(h.send("d0", SendOptions::default()), Err(QueueError::Revoked(_))));
+    assert!(matches!(
+        h.core.connect("d0", 0, h.now),
+        Err(QueueError::Revoked(_))
+    ));
+    assert!(matches!(
+        h.send("d0", SendOptions::default()),
+        Err(QueueError::Revoked(_))
+    ));
     h.core.enroll(dev("d0"), h.now);
     h.round();
     h.reopen();
@@ -528,7 +787,11 @@ fn revoked_devices_get_nothing_new_and_cannot_connect() {
 
 #[test]
 fn a_straggler_pins_no_more_than_its_own_group() {
-    let limits = Limits { relocate_lag: 8, relocate_max_pins: 4, ..Limits::default() };
+    let limits = Limits {
+        relocate_lag: 8,
+        relocate_max_pins: 4,
+        ..Limits::default()
+    };
     let mut h = H::with_devices(limits, 2);
     let stuck = h.send_prio("d0", Priority::Normal); // d0 never connects
     h.connect("d1");
@@ -542,7 +805,11 @@ fn a_straggler_pins_no_more_than_its_own_group() {
         h.ack("d1", id, ok()).unwrap();
         h.check();
     }
-    assert!(h.disk.journal.len() <= 3, "journal stays bounded: {} groups", h.disk.journal.len());
+    assert!(
+        h.disk.journal.len() <= 3,
+        "journal stays bounded: {} groups",
+        h.disk.journal.len()
+    );
     h.reopen();
     h.connect("d0");
     assert_eq!(h.ids("d0"), vec![stuck]);
@@ -551,7 +818,10 @@ fn a_straggler_pins_no_more_than_its_own_group() {
 
 #[test]
 fn results_are_kept_within_retention_and_never_contradict_the_journal() {
-    let limits = Limits { results_max: 10, ..Limits::default() };
+    let limits = Limits {
+        results_max: 10,
+        ..Limits::default()
+    };
     let mut h = H::with_devices(limits, 1);
     h.connect("d0");
     for _ in 0..50 {
@@ -561,17 +831,31 @@ fn results_are_kept_within_retention_and_never_contradict_the_journal() {
     assert!(h.core.results.len() <= 11, "{}", h.core.results.len());
     h.check();
     h.reopen();
-    assert!(h.core.live.is_empty(), "no dropped result resurrects a command");
+    assert!(
+        h.core.live.is_empty(),
+        "no dropped result resurrects a command"
+    );
 }
 
 // ----- property tests -----------------------------------------------------
 
 #[derive(Clone, Debug)]
 enum Op {
-    Send { dev: u8, prio: u8, ttl: Option<u16>, key: Option<u8>, after: bool, max_attempts: u8 },
+    Send {
+        dev: u8,
+        prio: u8,
+        ttl: Option<u16>,
+        key: Option<u8>,
+        after: bool,
+        max_attempts: u8,
+    },
     Connect(u8),
     Disconnect(u8),
-    Ack { dev: u8, pick: u8, kind: u8 },
+    Ack {
+        dev: u8,
+        pick: u8,
+        kind: u8,
+    },
     Cancel(u8),
     Retry(u8),
     Advance(u16),

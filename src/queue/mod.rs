@@ -38,7 +38,9 @@ pub enum QueueError {
         state: State,
         action: String,
     },
-    #[error("command {id} is not in flight on device `{device}` (stale, duplicate or foreign ack)")]
+    #[error(
+        "command {id} is not in flight on device `{device}` (stale, duplicate or foreign ack)"
+    )]
     NotInFlight { id: CommandId, device: DeviceId },
     #[error("`after` names command {0}, which the box does not know")]
     UnknownDependency(CommandId),

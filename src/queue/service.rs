@@ -146,7 +146,15 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     };
     std::thread::Builder::new()
         .name("outpost-writer".into())
-        .spawn(move || writer.run())
+        .spawn(move || {
+            let done = writer.run();
+            // Close the database before saying so: whoever waits on shutdown
+            // may reopen the data dir at once (a restart, a test).
+            drop(writer);
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        })
         .map_err(|source| StoreError::Io {
             dir: std::path::PathBuf::from("(writer thread)"),
             source,
@@ -223,7 +231,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(&mut self) {
+    /// Serve until shutdown (returns its waiter) or until every handle is
+    /// gone (returns None).
+    fn run(&mut self) -> Option<oneshot::Sender<()>> {
         loop {
             // Sleep until a request arrives or the core's next timer: an idle
             // box wakes for nothing.
@@ -233,12 +243,12 @@ impl Writer {
                     match self.rx.recv_timeout(Duration::from_millis(wait.max(1))) {
                         Ok(m) => Some(m),
                         Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
                     }
                 }
                 None => match self.rx.recv() {
                     Ok(m) => Some(m),
-                    Err(_) => break,
+                    Err(_) => return None,
                 },
             };
             let now = crate::now_millis();
@@ -255,15 +265,22 @@ impl Writer {
             }
             self.round(now, pending);
             if let Some(done) = shutdown {
-                let _ = self.store.flush();
-                let _ = done.send(());
-                break;
+                if let Err(e) = self.store.flush() {
+                    tracing::error!("final flush at shutdown: {e}");
+                }
+                tracing::debug!("queue writer stopped");
+                return Some(done);
             }
         }
-        tracing::debug!("queue writer stopped");
     }
 
-    fn handle(&mut self, m: Msg, now: Millis, pending: &mut Vec<Pending>, shutdown: &mut Option<oneshot::Sender<()>>) {
+    fn handle(
+        &mut self,
+        m: Msg,
+        now: Millis,
+        pending: &mut Vec<Pending>,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
         if let Some(why) = &self.broken {
             let e = QueueError::Storage(why.clone());
             match m {
@@ -349,14 +366,19 @@ impl Writer {
             }
             Lookup::NotFound => return Err(QueueError::NotFound(id)),
         };
-        let record = self
-            .read_result(seq, id)?
-            .ok_or_else(|| QueueError::BadRequest(format!("command {id} ended a moment ago; retry again in a second")))?;
+        let record = self.read_result(seq, id)?.ok_or_else(|| {
+            QueueError::BadRequest(format!(
+                "command {id} ended a moment ago; retry again in a second"
+            ))
+        })?;
         self.core.retry(record, now).map(CoreReply::View)
     }
 
     fn read_result(&self, seq: u64, id: CommandId) -> Result<Option<ResultRecord>, QueueError> {
-        let records = self.store.read_results(seq).map_err(|e| QueueError::Storage(e.to_string()))?;
+        let records = self
+            .store
+            .read_results(seq)
+            .map_err(|e| QueueError::Storage(e.to_string()))?;
         Ok(records.and_then(|rs| rs.into_iter().rev().find(|r| r.id == id)))
     }
 
@@ -390,9 +412,12 @@ impl Writer {
         let mut write = sealed.write;
         for (i, group) in sealed.payload_from {
             let full = if group == write.seq {
-                CachedGroup::new(write.journal.clone()).command(write.results[i].id).cloned()
+                CachedGroup::new(write.journal.clone())
+                    .command(write.results[i].id)
+                    .cloned()
             } else {
-                self.group(group).and_then(|g| g.command(write.results[i].id).cloned())
+                self.group(group)
+                    .and_then(|g| g.command(write.results[i].id).cloned())
             };
             if let Some(c) = full {
                 write.results[i].command = Some(c);
@@ -407,7 +432,8 @@ impl Writer {
         }
         if !write.journal.is_empty() {
             let seq = write.seq;
-            self.cache.put(seq, Arc::new(CachedGroup::new(write.journal)));
+            self.cache
+                .put(seq, Arc::new(CachedGroup::new(write.journal)));
         }
         for seq in &write.drop_journal {
             self.cache.pop(seq);
@@ -474,7 +500,9 @@ impl Writer {
 
     fn dispatch(&mut self, effects: Effects) {
         for d in effects.deliveries {
-            let Some((token, _)) = self.sessions.get(&d.device) else { continue };
+            let Some((token, _)) = self.sessions.get(&d.device) else {
+                continue;
+            };
             if *token != d.session {
                 continue;
             }
@@ -633,7 +661,11 @@ impl QueueHandle {
     }
 
     /// Attach a device. At most `window` commands are unacked at once.
-    pub async fn connect(&self, device: DeviceId, window: u32) -> Result<DeviceSession, QueueError> {
+    pub async fn connect(
+        &self,
+        device: DeviceId,
+        window: u32,
+    ) -> Result<DeviceSession, QueueError> {
         let (deliveries, rx) = mpsc::unbounded_channel();
         let d = device.clone();
         let token = self

@@ -1,0 +1,775 @@
+//! The box side of the device link: a QUIC listener that admits devices by
+//! their certificates and bridges each one's control stream to the queue.
+//!
+//! Per connection: the TLS handshake has already verified the certificate
+//! chain and refused revoked ids (`identity`); the device id is read from the
+//! verified certificate, never from a frame. The device opens the control
+//! stream and says `Hello`; the box checks the version, attaches the device
+//! to the queue (`QueueHandle::connect`) and answers `Welcome`. Then one task
+//! per device forwards deliveries as `Command`/`Cancel` frames and handles
+//! the device's frames.
+//!
+//! Every buffer is bounded: frames are read through a small channel, the
+//! acks in flight per device are capped, a device that floods is closed with
+//! `TooManyFrames`, and a device that stops reading only stalls its own task
+//! (QUIC flow control pushes back on it).
+
+use crate::command::{CommandId, DeviceId, Millis, Outcome};
+use crate::identity::{self, RevokedSet};
+use crate::proto::{
+    self, BoxFrame, DeviceFrame, ErrorCode, FrameError, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, VERSION,
+};
+use crate::queue::{Delivery, QueueError, QueueHandle};
+use quinn::VarInt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{timeout, Instant};
+use tracing::Instrument;
+
+/// QUIC application close codes the box uses (the reason text says more).
+pub mod close_code {
+    /// Normal end.
+    pub const NORMAL: u32 = 0;
+    /// After a fatal `Error` frame (see its code).
+    pub const PROTOCOL: u32 = 1;
+    /// The device was revoked.
+    pub const REVOKED: u32 = 2;
+    /// Another connection of the same device took over.
+    pub const REPLACED: u32 = 3;
+    /// The box is shutting down; reconnect later.
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// Telemetry a device sent (`DeviceFrame::Event`), handed to the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceEvent {
+    pub device: DeviceId,
+    pub payload: Vec<u8>,
+    /// When the box received it.
+    pub at: Millis,
+}
+
+/// How the device link runs.
+#[derive(Clone, Debug)]
+pub struct LinkOptions {
+    /// Largest frame body accepted or sent.
+    pub max_frame: usize,
+    /// Unacked commands in flight per device, announced in `Welcome`.
+    pub window: u32,
+    /// A silent connection is dropped after this long (≤ 30 s so a dead
+    /// device's commands go back to the queue promptly).
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive, well inside `idle_timeout`.
+    pub keep_alive: Duration,
+    /// Handshake, control stream and `Hello` must arrive within this.
+    pub hello_timeout: Duration,
+    /// Connections beyond this are refused at once.
+    pub max_connections: usize,
+    /// Sustained frames per second one device may send...
+    pub frame_rate: u32,
+    /// ... and the burst above it; beyond, the device is closed with
+    /// `TooManyFrames`.
+    pub frame_burst: u32,
+    /// Acks for commands not in flight tolerated per connection before it is
+    /// closed as abusive.
+    pub max_bad_acks: u32,
+    /// Where device events go; `None` logs and counts them. A full channel
+    /// drops the event (counted) rather than stall the device.
+    pub events: Option<mpsc::Sender<DeviceEvent>>,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        LinkOptions {
+            max_frame: DEFAULT_MAX_FRAME,
+            window: DEFAULT_WINDOW,
+            idle_timeout: Duration::from_secs(25),
+            keep_alive: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            frame_rate: 5_000,
+            frame_burst: 10_000,
+            max_bad_acks: 64,
+            events: None,
+        }
+    }
+}
+
+/// Why the link could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot listen on {addr}: {source}; is another outpost (or anything) using this UDP port? pick another with --listen")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the TLS configuration cannot be used for QUIC: {0}")]
+    Tls(String),
+    #[error("bad link option: {0}")]
+    Options(String),
+}
+
+/// Counters of the link, for `status` and metrics.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub connections_accepted: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub commands_sent: AtomicU64,
+    pub acks: AtomicU64,
+    pub events: AtomicU64,
+    pub events_dropped: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Live {
+    seq: u64,
+    conn: quinn::Connection,
+}
+
+struct Shared {
+    queue: QueueHandle,
+    opts: LinkOptions,
+    revoked: RevokedSet,
+    live: Mutex<HashMap<DeviceId, Live>>,
+    next_seq: AtomicU64,
+    tasks: AtomicUsize,
+    stats: LinkStats,
+}
+
+impl Shared {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Live>> {
+        // The map holds plain handles; a panic elsewhere cannot leave it
+        // half-updated.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The running device link. Dropping it does not stop it; call
+/// [`DeviceLink::shutdown`].
+pub struct DeviceLink {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl DeviceLink {
+    /// Listen on `bind` and serve devices. `tls` comes from
+    /// `Identity::server_config(revoked.clone())`; `revoked` must be that
+    /// same set, so that [`DeviceLink::revoke`] also refuses the next
+    /// handshake. Call within a tokio runtime.
+    pub fn start(
+        bind: SocketAddr,
+        tls: rustls::ServerConfig,
+        revoked: RevokedSet,
+        queue: QueueHandle,
+        opts: LinkOptions,
+    ) -> Result<DeviceLink, LinkError> {
+        if opts.window == 0 || opts.max_frame < 64 || opts.frame_rate == 0 {
+            return Err(LinkError::Options(
+                "window and frame_rate must be positive and max_frame at least 64 bytes".into(),
+            ));
+        }
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| LinkError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport_config(&opts)?));
+        server.max_incoming(opts.max_connections.clamp(1, 1 << 20));
+        let endpoint = quinn::Endpoint::server(server, bind)
+            .map_err(|source| LinkError::Bind { addr: bind, source })?;
+        let shared = Arc::new(Shared {
+            queue,
+            opts,
+            revoked,
+            live: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(1),
+            tasks: AtomicUsize::new(0),
+            stats: LinkStats::default(),
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        Ok(DeviceLink {
+            endpoint,
+            shared,
+            accept,
+        })
+    }
+
+    /// The address actually bound (port 0 resolved).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The QUIC endpoint.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// Revoke `device`: its next handshake is refused and its live
+    /// connection, if any, is closed now. (The shell also records the
+    /// revocation in the queue.)
+    pub fn revoke(&self, device: &str) {
+        // Insert before looking at the map: a connection registering
+        // concurrently checks the set after inserting itself (see
+        // `register`), so one of the two sides always sees the other.
+        self.shared.revoked.insert(device);
+        let live = self.shared.live().remove(device);
+        if let Some(l) = live {
+            tracing::info!(device, "closing the connection of a revoked device");
+            l.conn
+                .close(VarInt::from_u32(close_code::REVOKED), b"device revoked");
+        }
+    }
+
+    /// Admit a previously revoked device again (after it is re-enrolled).
+    pub fn readmit(&self, device: &str) {
+        self.shared.revoked.remove(device);
+    }
+
+    /// The revoked set the link and its TLS verifier share.
+    pub fn revoked(&self) -> &RevokedSet {
+        &self.shared.revoked
+    }
+
+    /// Whether `device` has a live connection.
+    pub fn is_connected(&self, device: &str) -> bool {
+        self.shared.live().contains_key(device)
+    }
+
+    /// Ids of the devices connected now.
+    pub fn connected(&self) -> Vec<DeviceId> {
+        let mut v: Vec<_> = self.shared.live().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &LinkStats {
+        &self.shared.stats
+    }
+
+    /// Close every connection (devices see `SHUTDOWN` and reconnect later),
+    /// stop accepting, and wait briefly for the connections to wind down.
+    pub async fn shutdown(&self) {
+        self.accept.abort();
+        self.endpoint
+            .close(VarInt::from_u32(close_code::SHUTDOWN), b"box shutting down");
+        let _ = timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn transport_config(opts: &LinkOptions) -> Result<quinn::TransportConfig, LinkError> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(opts.idle_timeout)
+        .map_err(|_| LinkError::Options("idle_timeout is too large".into()))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(opts.keep_alive));
+    // One control stream per device; nothing else may be opened, so a
+    // device cannot make the box buffer many streams.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Frames are read incrementally, so the window need not hold a whole
+    // max-size frame; small windows keep a flood's buffer small.
+    t.stream_receive_window(VarInt::from_u32(256 * 1024));
+    t.receive_window(VarInt::from_u32(512 * 1024));
+    t.send_window(2 * 1024 * 1024);
+    Ok(t)
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        if shared.tasks.load(Ordering::Relaxed) >= shared.opts.max_connections {
+            bump(&shared.stats.connections_refused);
+            tracing::warn!(
+                remote = %incoming.remote_address(),
+                limit = shared.opts.max_connections,
+                "refusing a connection: too many devices connected"
+            );
+            incoming.refuse();
+            continue;
+        }
+        shared.tasks.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            serve_connection(incoming, &shared)
+                .instrument(tracing::info_span!("device_link", %remote))
+                .await;
+            shared.tasks.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// The device id of a verified connection's peer certificate.
+fn peer_device_id(conn: &quinn::Connection) -> Result<DeviceId, String> {
+    let any = conn
+        .peer_identity()
+        .ok_or("the device presented no certificate")?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "the peer identity is not an X.509 chain")?;
+    let leaf = certs.first().ok_or("the device presented no certificate")?;
+    identity::device_id_from_cert(leaf).map_err(|e| e.to_string())
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: &Arc<Shared>) {
+    let hello_timeout = shared.opts.hello_timeout;
+    let conn = match timeout(hello_timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            // Refused certificates end here: rustls already sent the alert.
+            bump(&shared.stats.handshakes_failed);
+            tracing::info!(error = %e, "device handshake failed");
+            return;
+        }
+        Err(_) => {
+            bump(&shared.stats.handshakes_failed);
+            tracing::info!("device handshake timed out");
+            return;
+        }
+    };
+    bump(&shared.stats.connections_accepted);
+    let device = match peer_device_id(&conn) {
+        Ok(d) => d,
+        Err(e) => {
+            // Unreachable with our verifier, which refuses such certs.
+            tracing::warn!(error = %e, "closing a connection without a device id");
+            conn.close(VarInt::from_u32(close_code::PROTOCOL), b"no device id");
+            return;
+        }
+    };
+    Session::run(conn, device.clone(), shared.clone())
+        .instrument(tracing::info_span!("device", id = %device))
+        .await;
+}
+
+/// Token bucket limiting one device's frame rate.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Bucket {
+            tokens: burst,
+            last: Instant::now(),
+            rate: f64::from(rate),
+            burst,
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a session ended early: the code and text to send before closing.
+struct Fatal {
+    code: ErrorCode,
+    message: String,
+    close: u32,
+}
+
+impl Fatal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let close = match code {
+            ErrorCode::Revoked => close_code::REVOKED,
+            ErrorCode::Replaced => close_code::REPLACED,
+            ErrorCode::ShuttingDown => close_code::SHUTDOWN,
+            _ => close_code::PROTOCOL,
+        };
+        Fatal {
+            code,
+            message: message.into(),
+            close,
+        }
+    }
+}
+
+/// The end of a session: fatal (tell the device), or the connection is
+/// already gone.
+enum End {
+    Fatal(Fatal),
+    Gone(String),
+}
+
+impl From<Fatal> for End {
+    fn from(f: Fatal) -> Self {
+        End::Fatal(f)
+    }
+}
+
+struct Session {
+    conn: quinn::Connection,
+    device: DeviceId,
+    shared: Arc<Shared>,
+    seq: u64,
+    send: quinn::SendStream,
+}
+
+impl Session {
+    async fn run(conn: quinn::Connection, device: DeviceId, shared: Arc<Shared>) {
+        let opts = &shared.opts;
+        let (send, recv) = match timeout(opts.hello_timeout, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "device left before opening its control stream");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("device opened no control stream in time; closing");
+                conn.close(
+                    VarInt::from_u32(close_code::PROTOCOL),
+                    b"no control stream opened",
+                );
+                return;
+            }
+        };
+        let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut s = Session {
+            conn,
+            device,
+            shared: shared.clone(),
+            seq,
+            send,
+        };
+        let end = s.handshake_and_serve(recv).await;
+        s.unregister();
+        match end {
+            End::Fatal(f) => s.fail(f).await,
+            End::Gone(why) => tracing::info!(reason = %why, "device disconnected"),
+        }
+    }
+
+    async fn handshake_and_serve(&mut self, mut recv: quinn::RecvStream) -> End {
+        let opts = &self.shared.opts;
+        let hello = timeout(
+            opts.hello_timeout,
+            proto::read_frame::<DeviceFrame, _>(&mut recv, opts.max_frame),
+        )
+        .await;
+        let (version, agent) = match hello {
+            Ok(Ok(Some(DeviceFrame::Hello { version, agent, .. }))) => (version, agent),
+            Ok(Ok(Some(other))) => {
+                return Fatal::new(
+                    ErrorCode::ProtocolViolation,
+                    format!("the first frame must be Hello, not {}", other.name()),
+                )
+                .into()
+            }
+            Ok(Ok(None)) => return End::Gone("closed its stream before Hello".into()),
+            Ok(Err(e)) => return frame_error(e),
+            Err(_) => {
+                return Fatal::new(
+                    ErrorCode::ProtocolViolation,
+                    format!("no Hello within {:?}", opts.hello_timeout),
+                )
+                .into()
+            }
+        };
+        if let Err(msg) = proto::check_version(version) {
+            return Fatal::new(ErrorCode::UnsupportedVersion, msg).into();
+        }
+        if !self.register() {
+            return Fatal::new(ErrorCode::Revoked, "this device is revoked").into();
+        }
+        let mut session = match self
+            .shared
+            .queue
+            .connect(self.device.clone(), opts.window)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let code = match e {
+                    QueueError::Revoked(_) => ErrorCode::Revoked,
+                    QueueError::UnknownDevice(_) => ErrorCode::NotEnrolled,
+                    QueueError::ShuttingDown => ErrorCode::ShuttingDown,
+                    _ => ErrorCode::Internal,
+                };
+                return Fatal::new(code, e.to_string()).into();
+            }
+        };
+        let welcome = BoxFrame::Welcome {
+            version: VERSION,
+            device_id: self.device.clone(),
+            window: opts.window,
+        };
+        if let Err(e) = self.write(&welcome).await {
+            return End::Gone(e.to_string());
+        }
+        tracing::info!(%agent, %version, "device connected");
+
+        // The session's ack() takes &self while rx needs &mut: split them so
+        // acks can run concurrently (one group commit each) while deliveries
+        // keep flowing.
+        let (_, placeholder) = mpsc::unbounded_channel();
+        let mut rx = std::mem::replace(&mut session.rx, placeholder);
+        let session = Arc::new(session);
+        let end = self.serve(recv, &mut rx, &session).await;
+        drop(rx);
+        end
+    }
+
+    async fn serve(
+        &mut self,
+        mut stream: quinn::RecvStream,
+        rx: &mut mpsc::UnboundedReceiver<Delivery>,
+        session: &Arc<crate::queue::DeviceSession>,
+    ) -> End {
+        let shared = self.shared.clone();
+        let opts = &shared.opts;
+        // Reading is not cancel-safe inside select!, so a small task reads
+        // and hands over whole frames through a bounded channel.
+        let (ftx, mut frx) = mpsc::channel::<Result<DeviceFrame, FrameError>>(16);
+        let max = opts.max_frame;
+        let reader = tokio::spawn(async move {
+            loop {
+                let r = proto::read_frame::<DeviceFrame, _>(&mut stream, max).await;
+                let stop = !matches!(r, Ok(Some(_)));
+                let item = match r {
+                    Ok(Some(f)) => Ok(f),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                if ftx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let mut acks: JoinSet<(CommandId, Result<(), QueueError>)> = JoinSet::new();
+        // Acks beyond the window can only be duplicates or bogus: cap them so
+        // a device cannot pile up work in the queue.
+        let ack_limit = opts.window as usize + 16;
+        let mut bucket = Bucket::new(opts.frame_rate, opts.frame_burst);
+        let mut bad_acks = 0u32;
+        let end = loop {
+            tokio::select! {
+                Some(done) = acks.join_next(), if !acks.is_empty() => {
+                    let Ok((id, res)) = done else { continue };
+                    match res {
+                        Ok(()) => bump(&shared.stats.acks),
+                        Err(QueueError::NotInFlight { .. }) => {
+                            bad_acks += 1;
+                            tracing::warn!(%id, "device acked a command that is not in flight on it");
+                            if bad_acks > opts.max_bad_acks {
+                                break Fatal::new(
+                                    ErrorCode::TooManyFrames,
+                                    format!("more than {} acks for commands not in flight on this device", opts.max_bad_acks),
+                                ).into();
+                            }
+                            let f = BoxFrame::Error {
+                                code: ErrorCode::NotYourCommand,
+                                message: format!("command {id} is not in flight on this device (stale, duplicate or foreign ack); ignored"),
+                            };
+                            if let Err(e) = self.write(&f).await {
+                                break End::Gone(e.to_string());
+                            }
+                        }
+                        Err(QueueError::ShuttingDown) => {
+                            break Fatal::new(ErrorCode::ShuttingDown, "the box is shutting down; reconnect later").into();
+                        }
+                        Err(e) => {
+                            tracing::error!(%id, error = %e, "the queue failed to record an ack");
+                            break Fatal::new(ErrorCode::Internal, format!("the box could not record the ack of {id}: {e}")).into();
+                        }
+                    }
+                }
+                d = rx.recv() => {
+                    let frame = match d {
+                        Some(Delivery::Command(c)) => BoxFrame::Command {
+                            id: c.id,
+                            priority: c.priority,
+                            payload: c.payload,
+                            attempt: c.attempt,
+                            deadline: c.deadline,
+                            signature: c.signature,
+                        },
+                        Some(Delivery::Cancel(id)) => BoxFrame::Cancel { id },
+                        None => {
+                            break if shared.revoked.contains(&self.device) {
+                                Fatal::new(ErrorCode::Revoked, "this device was revoked")
+                            } else {
+                                Fatal::new(ErrorCode::ShuttingDown, "the queue ended this session; reconnect later")
+                            }.into();
+                        }
+                    };
+                    match self.write(&frame).await {
+                        Ok(()) => {
+                            if matches!(frame, BoxFrame::Command { .. }) {
+                                bump(&shared.stats.commands_sent);
+                            }
+                        }
+                        Err(FrameError::TooLarge { len, max }) => {
+                            // Only a Command can be this big; it can never be
+                            // delivered, so end it rather than retry forever.
+                            if let BoxFrame::Command { id, .. } = frame {
+                                tracing::warn!(%id, len, max, "command payload over the frame limit; rejecting it");
+                                let s = session.clone();
+                                acks.spawn(async move {
+                                    let outcome = Outcome::Rejected {
+                                        reason: format!("payload of {len} bytes is over the device link's frame limit of {max} bytes"),
+                                    };
+                                    (id, s.ack(id, outcome).await)
+                                });
+                            }
+                        }
+                        Err(e) => break End::Gone(e.to_string()),
+                    }
+                }
+                f = frx.recv(), if acks.len() < ack_limit => {
+                    let frame = match f {
+                        None => break End::Gone("device closed its control stream".into()),
+                        Some(Err(e)) => break frame_error(e),
+                        Some(Ok(frame)) => frame,
+                    };
+                    bump(&shared.stats.frames_in);
+                    if !bucket.take() {
+                        break Fatal::new(
+                            ErrorCode::TooManyFrames,
+                            format!("more than {} frames per second (burst {}); slow down", opts.frame_rate, opts.frame_burst),
+                        ).into();
+                    }
+                    match frame {
+                        DeviceFrame::Ack { id, outcome } => {
+                            let s = session.clone();
+                            acks.spawn(async move { (id, s.ack(id, outcome).await) });
+                        }
+                        DeviceFrame::Ping => {
+                            if let Err(e) = self.write(&BoxFrame::Pong).await {
+                                break End::Gone(e.to_string());
+                            }
+                        }
+                        DeviceFrame::Event { payload } => self.event(payload),
+                        DeviceFrame::Send { to, .. } => {
+                            tracing::debug!(%to, "device-to-device send refused: routing not enabled");
+                            let f = BoxFrame::Error {
+                                code: ErrorCode::Unsupported,
+                                message: "device-to-device routing is not enabled yet".into(),
+                            };
+                            if let Err(e) = self.write(&f).await {
+                                break End::Gone(e.to_string());
+                            }
+                        }
+                        DeviceFrame::Hello { .. } => {
+                            break Fatal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into();
+                        }
+                    }
+                }
+            }
+        };
+        drop(frx);
+        reader.abort();
+        // Let acks already handed to the queue finish, so an outcome the
+        // device sent just before leaving is not redelivered needlessly.
+        let _ = timeout(Duration::from_secs(2), async {
+            while acks.join_next().await.is_some() {}
+        })
+        .await;
+        end
+    }
+
+    fn event(&self, payload: Vec<u8>) {
+        let stats = &self.shared.stats;
+        bump(&stats.events);
+        match &self.shared.opts.events {
+            Some(tx) => {
+                let ev = DeviceEvent {
+                    device: self.device.clone(),
+                    payload,
+                    at: crate::now_millis(),
+                };
+                if tx.try_send(ev).is_err() {
+                    bump(&stats.events_dropped);
+                    tracing::debug!("device event dropped: the event consumer is behind");
+                }
+            }
+            None => tracing::debug!(bytes = payload.len(), "device event"),
+        }
+    }
+
+    async fn write(&mut self, frame: &BoxFrame) -> Result<(), FrameError> {
+        proto::write_frame(&mut self.send, frame, self.shared.opts.max_frame).await?;
+        bump(&self.shared.stats.frames_out);
+        Ok(())
+    }
+
+    /// Record this connection as the device's live one, closing an older
+    /// one. False if the device is revoked.
+    fn register(&self) -> bool {
+        let old = self.shared.live().insert(
+            self.device.clone(),
+            Live {
+                seq: self.seq,
+                conn: self.conn.clone(),
+            },
+        );
+        if let Some(old) = old {
+            tracing::info!("a new connection of this device replaces the old one");
+            old.conn.close(
+                VarInt::from_u32(close_code::REPLACED),
+                b"replaced by a newer connection of this device",
+            );
+        }
+        // Checked after inserting: see `DeviceLink::revoke`.
+        !self.shared.revoked.contains(&self.device)
+    }
+
+    fn unregister(&self) {
+        let mut live = self.shared.live();
+        if live.get(&self.device).map(|l| l.seq) == Some(self.seq) {
+            live.remove(&self.device);
+        }
+    }
+
+    /// Send a fatal Error frame, give it a moment to arrive, then close.
+    async fn fail(&mut self, f: Fatal) {
+        bump(&self.shared.stats.protocol_errors);
+        tracing::warn!(code = %f.code, message = %f.message, "closing the device connection");
+        let frame = BoxFrame::Error {
+            code: f.code,
+            message: f.message.clone(),
+        };
+        let wait = Duration::from_secs(1);
+        if let Ok(Ok(())) = timeout(wait, self.write(&frame)).await {
+            let _ = self.send.finish();
+            // Resolves once the device has received everything, so the close
+            // below does not discard the Error frame in flight.
+            let _ = timeout(wait, self.send.stopped()).await;
+        }
+        let mut reason = f.message.into_bytes();
+        reason.truncate(200);
+        self.conn.close(VarInt::from_u32(f.close), &reason);
+    }
+}
+
+fn frame_error(e: FrameError) -> End {
+    match e.code() {
+        Some(code) => Fatal::new(code, e.to_string()).into(),
+        None => End::Gone(e.to_string()),
+    }
+}

@@ -1,0 +1,748 @@
+//! The device wire protocol (DESIGN §3; for implementers: docs/PROTOCOL.md).
+//!
+//! One QUIC connection per device, ALPN `outpost/1`. The device opens one
+//! bidirectional control stream; both directions carry frames: a `u32`
+//! big-endian body length, then the postcard encoding of a [`DeviceFrame`]
+//! (device → box) or a [`BoxFrame`] (box → device).
+//!
+//! Version rule: the major version changes when an existing message's layout
+//! changes; peers with different majors cannot talk, and the box answers
+//! `Error{UnsupportedVersion}` naming both. A minor version only appends new
+//! message variants (at the end of an enum, so old tags keep their meaning);
+//! a side sends a newer variant only when the peer announced a minor that
+//! knows it. Unknown tags are answered with `Error{UnknownMessage}`.
+
+use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A protocol version, `major.minor`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Version {
+    pub major: u16,
+    pub minor: u16,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// The protocol version this build speaks.
+pub const VERSION: Version = Version { major: 1, minor: 0 };
+
+/// Default largest frame body, in bytes (DESIGN §3).
+pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
+
+/// Default number of unacked commands in flight per device (DESIGN §3).
+pub const DEFAULT_WINDOW: u32 = 32;
+
+/// Device → box.
+///
+/// Append new variants only at the end (their tag is their position).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceFrame {
+    /// First frame on the control stream.
+    Hello {
+        version: Version,
+        /// Free text naming the agent, e.g. `outpost-agent/0.1.0`.
+        agent: String,
+        /// Capabilities the device offers (informational; enrolment decides).
+        caps: Vec<String>,
+    },
+    /// The outcome of a command delivered to this device.
+    Ack { id: CommandId, outcome: Outcome },
+    /// Telemetry or any other unsolicited data for the box.
+    Event { payload: Vec<u8> },
+    /// A command for another device, routed by the box (checked by ACL).
+    Send {
+        to: String,
+        payload: Vec<u8>,
+        opts: SendOptions,
+    },
+    /// Liveness probe; answered with `Pong`.
+    Ping,
+}
+
+impl DeviceFrame {
+    /// The message name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceFrame::Hello { .. } => "Hello",
+            DeviceFrame::Ack { .. } => "Ack",
+            DeviceFrame::Event { .. } => "Event",
+            DeviceFrame::Send { .. } => "Send",
+            DeviceFrame::Ping => "Ping",
+        }
+    }
+}
+
+/// Box → device.
+///
+/// Append new variants only at the end (their tag is their position).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BoxFrame {
+    /// Answer to `Hello`: the box's version, the device id from the verified
+    /// certificate, and how many commands may be unacked at once.
+    Welcome {
+        version: Version,
+        device_id: String,
+        window: u32,
+    },
+    /// A command to run. `attempt` is 1-based; a redelivery after a
+    /// reconnect carries the same `id`.
+    Command {
+        id: CommandId,
+        priority: Priority,
+        payload: Vec<u8>,
+        attempt: u32,
+        /// Absolute instant (ms since the Unix epoch) after which the result
+        /// is no longer wanted.
+        deadline: Option<Millis>,
+        /// Operator signature, when the command was signed.
+        signature: Option<Vec<u8>>,
+    },
+    /// Stop working on this command if still running; do not ack it.
+    Cancel { id: CommandId },
+    /// Something went wrong; see the code. Fatal codes are followed by the
+    /// connection closing.
+    Error { code: ErrorCode, message: String },
+    /// Answer to `Ping`.
+    Pong,
+}
+
+impl BoxFrame {
+    /// The message name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BoxFrame::Welcome { .. } => "Welcome",
+            BoxFrame::Command { .. } => "Command",
+            BoxFrame::Cancel { .. } => "Cancel",
+            BoxFrame::Error { .. } => "Error",
+            BoxFrame::Pong => "Pong",
+        }
+    }
+}
+
+/// Codes of `BoxFrame::Error`. On the wire a varint (the number below), so
+/// a device can read codes newer than itself as [`ErrorCode::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Major version mismatch (fatal).
+    UnsupportedVersion,
+    /// A frame was over the size limit (fatal).
+    FrameTooLarge,
+    /// A frame could not be decoded (fatal).
+    Malformed,
+    /// A frame with a message tag this side does not know (fatal).
+    UnknownMessage,
+    /// An `Ack` for a command not in flight on this device (not fatal).
+    NotYourCommand,
+    /// The device is revoked (fatal).
+    Revoked,
+    /// The box failed; retry later (fatal).
+    Internal,
+    /// The message is valid but its feature is not enabled (not fatal).
+    Unsupported,
+    /// A valid message at the wrong time, e.g. no `Hello` first (fatal).
+    ProtocolViolation,
+    /// The device sent more than the box accepts (fatal).
+    TooManyFrames,
+    /// The box is shutting down; reconnect later (fatal).
+    ShuttingDown,
+    /// Another connection of the same device replaced this one (fatal).
+    Replaced,
+    /// The certificate is valid but the device is not enrolled on this box
+    /// (its store was reset); enroll it again (fatal).
+    NotEnrolled,
+    /// A code this build does not know.
+    Other(u32),
+}
+
+impl ErrorCode {
+    /// The number on the wire.
+    pub fn as_u32(self) -> u32 {
+        match self {
+            ErrorCode::UnsupportedVersion => 0,
+            ErrorCode::FrameTooLarge => 1,
+            ErrorCode::Malformed => 2,
+            ErrorCode::UnknownMessage => 3,
+            ErrorCode::NotYourCommand => 4,
+            ErrorCode::Revoked => 5,
+            ErrorCode::Internal => 6,
+            ErrorCode::Unsupported => 7,
+            ErrorCode::ProtocolViolation => 8,
+            ErrorCode::TooManyFrames => 9,
+            ErrorCode::ShuttingDown => 10,
+            ErrorCode::Replaced => 11,
+            ErrorCode::NotEnrolled => 12,
+            ErrorCode::Other(n) => n,
+        }
+    }
+
+    /// The code for a number on the wire.
+    pub fn from_u32(n: u32) -> Self {
+        match n {
+            0 => ErrorCode::UnsupportedVersion,
+            1 => ErrorCode::FrameTooLarge,
+            2 => ErrorCode::Malformed,
+            3 => ErrorCode::UnknownMessage,
+            4 => ErrorCode::NotYourCommand,
+            5 => ErrorCode::Revoked,
+            6 => ErrorCode::Internal,
+            7 => ErrorCode::Unsupported,
+            8 => ErrorCode::ProtocolViolation,
+            9 => ErrorCode::TooManyFrames,
+            10 => ErrorCode::ShuttingDown,
+            11 => ErrorCode::Replaced,
+            12 => ErrorCode::NotEnrolled,
+            n => ErrorCode::Other(n),
+        }
+    }
+
+    /// Whether the box closes the connection after sending this code.
+    pub fn is_fatal(self) -> bool {
+        !matches!(self, ErrorCode::NotYourCommand | ErrorCode::Unsupported)
+    }
+
+    /// Every known code, in wire order.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::Malformed,
+        ErrorCode::UnknownMessage,
+        ErrorCode::NotYourCommand,
+        ErrorCode::Revoked,
+        ErrorCode::Internal,
+        ErrorCode::Unsupported,
+        ErrorCode::ProtocolViolation,
+        ErrorCode::TooManyFrames,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Replaced,
+        ErrorCode::NotEnrolled,
+    ];
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorCode::Other(n) => write!(f, "error code {n}"),
+            known => fmt::Debug::fmt(known, f),
+        }
+    }
+}
+
+// A postcard unit variant is its index as a varint, which is exactly how a
+// u32 is encoded: serialising as u32 keeps the layout of a plain enum while
+// letting old readers accept new codes.
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.as_u32())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u32::deserialize(d).map(ErrorCode::from_u32)
+    }
+}
+
+/// A frame type: how many message tags it knows, to tell an unknown message
+/// from a malformed one.
+pub trait Frame: Serialize + DeserializeOwned {
+    /// Number of variants (tags `0..KNOWN_TAGS`).
+    const KNOWN_TAGS: u32;
+}
+
+impl Frame for DeviceFrame {
+    const KNOWN_TAGS: u32 = 5;
+}
+
+impl Frame for BoxFrame {
+    const KNOWN_TAGS: u32 = 5;
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("a frame of {len} bytes is over the limit of {max} bytes; send smaller payloads (or raise the limit on both ends)")]
+    TooLarge { len: u64, max: usize },
+    #[error("the stream ended in the middle of a frame (peer crashed or closed early)")]
+    Truncated,
+    #[error("malformed frame: {0}; the peer does not speak outpost protocol {VERSION}")]
+    Malformed(String),
+    #[error("unknown message tag {tag} (this side knows tags 0..{known}); the peer is newer and sent a message without checking the version")]
+    UnknownMessage { tag: u32, known: u32 },
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// The error code to tell the peer, if the peer is at fault.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            FrameError::TooLarge { .. } => Some(ErrorCode::FrameTooLarge),
+            FrameError::Malformed(_) => Some(ErrorCode::Malformed),
+            FrameError::UnknownMessage { .. } => Some(ErrorCode::UnknownMessage),
+            FrameError::Truncated | FrameError::Io(_) => None,
+        }
+    }
+}
+
+/// Read a LEB128 varint u32 from the start of `b`.
+fn leading_tag(b: &[u8]) -> Option<u32> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().take(5).enumerate() {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return u32::try_from(v).ok();
+        }
+    }
+    None
+}
+
+/// Decode one frame body (without the length prefix).
+pub fn decode<T: Frame>(body: &[u8]) -> Result<T, FrameError> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((frame, [])) => Ok(frame),
+        Ok((_, rest)) => Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        ))),
+        Err(e) => match leading_tag(body) {
+            Some(tag) if tag >= T::KNOWN_TAGS => Err(FrameError::UnknownMessage {
+                tag,
+                known: T::KNOWN_TAGS,
+            }),
+            _ => Err(FrameError::Malformed(e.to_string())),
+        },
+    }
+}
+
+/// Encode one frame: the length prefix and the body.
+pub fn encode<T: Frame>(frame: &T) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    // Serialising plain data into a Vec cannot fail; an empty body would be
+    // caught by the reader as malformed rather than panic here.
+    let body = postcard::to_stdvec(frame).unwrap_or_default();
+    out[..4].copy_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Read one frame body into `buf` (replacing its contents). `Ok(false)` when
+/// the stream ended cleanly before a frame began. The claimed length is
+/// checked against `max` before anything is allocated.
+pub async fn read_frame_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> Result<bool, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]).await? {
+            0 if got == 0 => return Ok(false),
+            0 => return Err(FrameError::Truncated),
+            n => got += n,
+        }
+    }
+    let len = u32::from_be_bytes(len);
+    if len as u64 > max as u64 {
+        return Err(FrameError::TooLarge {
+            len: len.into(),
+            max,
+        });
+    }
+    buf.clear();
+    let n = r.take(len.into()).read_to_end(buf).await?;
+    if n < len as usize {
+        return Err(FrameError::Truncated);
+    }
+    Ok(true)
+}
+
+/// Read and decode one frame; `Ok(None)` on a clean end of stream.
+pub async fn read_frame<T: Frame, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    let mut buf = Vec::new();
+    if !read_frame_body(r, max, &mut buf).await? {
+        return Ok(None);
+    }
+    decode(&buf).map(Some)
+}
+
+/// Encode and write one frame; refuses (without writing) a frame whose body
+/// is over `max`, since the peer would only reject it.
+pub async fn write_frame<T: Frame, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &T,
+    max: usize,
+) -> Result<(), FrameError> {
+    let bytes = encode(frame);
+    let len = bytes.len() - 4;
+    if len > max {
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max,
+        });
+    }
+    w.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Check a peer's version against ours: the majors must match.
+pub fn check_version(peer: Version) -> Result<(), String> {
+    if peer.major == VERSION.major {
+        Ok(())
+    } else {
+        Err(format!(
+            "unsupported protocol version: the device speaks {peer}, this box speaks {VERSION}; upgrade the older side"
+        ))
+    }
+}
+
+/// The example frames of docs/PROTOCOL.md, with their names. A test checks
+/// that the document shows exactly these bytes.
+#[doc(hidden)]
+pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
+    let id: CommandId = "01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A".parse().unwrap_or(CommandId(0));
+    let dev = |f: DeviceFrame| encode(&f);
+    let bx = |f: BoxFrame| encode(&f);
+    vec![
+        (
+            "Hello{version: 1.0, agent: \"a/1\", caps: [\"exec\"]}",
+            dev(DeviceFrame::Hello {
+                version: Version { major: 1, minor: 0 },
+                agent: "a/1".into(),
+                caps: vec!["exec".into()],
+            }),
+        ),
+        (
+            "Welcome{version: 1.0, device_id: \"dev-7\", window: 32}",
+            bx(BoxFrame::Welcome {
+                version: Version { major: 1, minor: 0 },
+                device_id: "dev-7".into(),
+                window: 32,
+            }),
+        ),
+        (
+            "Command{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, priority: High, payload: \"hi\", attempt: 1, deadline: None, signature: None}",
+            bx(BoxFrame::Command {
+                id,
+                priority: Priority::High,
+                payload: b"hi".to_vec(),
+                attempt: 1,
+                deadline: None,
+                signature: None,
+            }),
+        ),
+        (
+            "Ack{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, outcome: Ok(\"ok\")}",
+            dev(DeviceFrame::Ack {
+                id,
+                outcome: Outcome::Ok(b"ok".to_vec()),
+            }),
+        ),
+        (
+            "Ack{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, outcome: Failed{code: -1, message: \"no\"}}",
+            dev(DeviceFrame::Ack {
+                id,
+                outcome: Outcome::Failed {
+                    code: -1,
+                    message: "no".into(),
+                },
+            }),
+        ),
+        (
+            "Ack{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, outcome: Rejected{reason: \"x\"}}",
+            dev(DeviceFrame::Ack {
+                id,
+                outcome: Outcome::Rejected { reason: "x".into() },
+            }),
+        ),
+        ("Cancel{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A}", bx(BoxFrame::Cancel { id })),
+        (
+            "Event{payload: [1, 2]}",
+            dev(DeviceFrame::Event {
+                payload: vec![1, 2],
+            }),
+        ),
+        (
+            "Send{to: \"dev-8\", payload: \"x\", opts: {priority: Normal, ttl_ms: Some(60000), rest None}}",
+            dev(DeviceFrame::Send {
+                to: "dev-8".into(),
+                payload: b"x".to_vec(),
+                opts: SendOptions {
+                    ttl_ms: Some(60_000),
+                    ..SendOptions::default()
+                },
+            }),
+        ),
+        (
+            "Error{code: UnsupportedVersion, message: \"v\"}",
+            bx(BoxFrame::Error {
+                code: ErrorCode::UnsupportedVersion,
+                message: "v".into(),
+            }),
+        ),
+        ("Ping", dev(DeviceFrame::Ping)),
+        ("Pong", bx(BoxFrame::Pong)),
+    ]
+}
+
+/// Hex with a space after the 4-byte length prefix, as in the docs.
+#[doc(hidden)]
+pub fn hex_frame(bytes: &[u8]) -> String {
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        "{} | {}",
+        hex(&bytes[..4.min(bytes.len())]),
+        hex(&bytes[4.min(bytes.len())..])
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_device_frames() -> Vec<DeviceFrame> {
+        vec![
+            DeviceFrame::Hello {
+                version: VERSION,
+                agent: "t".into(),
+                caps: vec!["a".into(), "b".into()],
+            },
+            DeviceFrame::Ack {
+                id: CommandId(u128::MAX),
+                outcome: Outcome::Failed {
+                    code: i32::MIN,
+                    message: "é".into(),
+                },
+            },
+            DeviceFrame::Event {
+                payload: vec![0; 300],
+            },
+            DeviceFrame::Send {
+                to: "tag:x".into(),
+                payload: vec![],
+                opts: SendOptions {
+                    priority: Priority::Low,
+                    ttl_ms: Some(1),
+                    max_attempts: Some(3),
+                    key: Some("k".into()),
+                    after: Some(CommandId(7)),
+                    not_before: Some(u64::MAX),
+                },
+            },
+            DeviceFrame::Ping,
+        ]
+    }
+
+    fn all_box_frames() -> Vec<BoxFrame> {
+        let mut v: Vec<BoxFrame> = ErrorCode::ALL
+            .iter()
+            .chain(&[ErrorCode::Other(999)])
+            .map(|&code| BoxFrame::Error {
+                code,
+                message: code.to_string(),
+            })
+            .collect();
+        v.extend([
+            BoxFrame::Welcome {
+                version: VERSION,
+                device_id: "d".into(),
+                window: 32,
+            },
+            BoxFrame::Command {
+                id: CommandId(1),
+                priority: Priority::High,
+                payload: vec![9; 1000],
+                attempt: 2,
+                deadline: Some(5),
+                signature: Some(vec![1; 64]),
+            },
+            BoxFrame::Cancel { id: CommandId(3) },
+            BoxFrame::Pong,
+        ]);
+        v
+    }
+
+    #[tokio::test]
+    async fn every_frame_round_trips_through_a_stream() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for f in all_device_frames() {
+                write_frame(&mut a, &f, DEFAULT_MAX_FRAME).await.unwrap();
+            }
+            for f in all_box_frames() {
+                write_frame(&mut a, &f, DEFAULT_MAX_FRAME).await.unwrap();
+            }
+        });
+        for f in all_device_frames() {
+            let got: DeviceFrame = read_frame(&mut b, DEFAULT_MAX_FRAME)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, f);
+        }
+        for f in all_box_frames() {
+            let got: BoxFrame = read_frame(&mut b, DEFAULT_MAX_FRAME)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, f);
+        }
+        writer.await.unwrap();
+        assert!(read_frame::<BoxFrame, _>(&mut b, 10)
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn oversized_claims_are_refused_before_allocating() {
+        // Claims 4 GiB; nothing follows. Must not allocate or wait for it.
+        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff];
+        let e = read_frame::<DeviceFrame, _>(&mut r, DEFAULT_MAX_FRAME)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FrameError::TooLarge {
+                    len: 0xffff_ffff,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.code(), Some(ErrorCode::FrameTooLarge));
+        // Exactly at the limit is fine.
+        let f = DeviceFrame::Event {
+            payload: vec![0; 100],
+        };
+        let bytes = encode(&f);
+        let max = bytes.len() - 4;
+        assert_eq!(
+            read_frame::<DeviceFrame, _>(&mut &bytes[..], max)
+                .await
+                .unwrap(),
+            Some(f.clone())
+        );
+        assert!(read_frame::<DeviceFrame, _>(&mut &bytes[..], max - 1)
+            .await
+            .is_err());
+        // The writer refuses too, and writes nothing.
+        let mut out = Vec::new();
+        let e = write_frame(&mut out, &f, max - 1).await.unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge { .. }));
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn truncation_and_garbage_are_typed_errors() {
+        let bytes = encode(&DeviceFrame::Ping);
+        for cut in [1, 2, 3] {
+            let e = read_frame::<DeviceFrame, _>(&mut &bytes[..cut], 100)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, FrameError::Truncated), "{e}");
+        }
+        let long = encode(&DeviceFrame::Event {
+            payload: vec![1; 10],
+        });
+        let e = read_frame::<DeviceFrame, _>(&mut &long[..8], 100)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FrameError::Truncated), "{e}");
+
+        // Zero-length body, bad inner data, trailing bytes: malformed.
+        for body in [
+            vec![],
+            vec![0x00, 0xff],
+            vec![0x04, 0x00],
+            vec![0x02, 0x05, 1],
+        ] {
+            let e = decode::<DeviceFrame>(&body).unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::Malformed), "{body:?}: {e}");
+        }
+        // A tag past the known ones: unknown message.
+        let e = decode::<DeviceFrame>(&[0x05]).unwrap_err();
+        assert!(
+            matches!(e, FrameError::UnknownMessage { tag: 5, known: 5 }),
+            "{e}"
+        );
+        let e = decode::<DeviceFrame>(&[0xc8, 0x01, 0x00]).unwrap_err();
+        assert!(
+            matches!(e, FrameError::UnknownMessage { tag: 200, .. }),
+            "{e}"
+        );
+        assert_eq!(e.code(), Some(ErrorCode::UnknownMessage));
+    }
+
+    #[test]
+    fn error_codes_are_stable_and_open_ended() {
+        for (i, c) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(c.as_u32(), i as u32);
+            assert_eq!(ErrorCode::from_u32(i as u32), *c);
+        }
+        // A newer box's code still decodes.
+        let f: BoxFrame = decode(&[0x03, 0x2a, 0x01, b'x']).unwrap();
+        assert_eq!(
+            f,
+            BoxFrame::Error {
+                code: ErrorCode::Other(42),
+                message: "x".into()
+            }
+        );
+        assert!(ErrorCode::UnsupportedVersion.is_fatal());
+        assert!(!ErrorCode::NotYourCommand.is_fatal());
+    }
+
+    #[test]
+    fn versions_compare_by_major() {
+        check_version(Version {
+            major: VERSION.major,
+            minor: 99,
+        })
+        .unwrap();
+        let e = check_version(Version { major: 2, minor: 3 }).unwrap_err();
+        assert!(e.contains("2.3") && e.contains(&VERSION.to_string()), "{e}");
+    }
+
+    #[test]
+    fn protocol_doc_shows_the_true_bytes() {
+        let doc = include_str!("../docs/PROTOCOL.md");
+        let mut missing = Vec::new();
+        for (name, bytes) in examples() {
+            let line = format!("{name}\n    {}", hex_frame(&bytes));
+            if !doc.contains(&line) {
+                missing.push(line);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "docs/PROTOCOL.md lacks these examples (copy them in):\n\n{}",
+            missing.join("\n\n")
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = decode::<DeviceFrame>(&body);
+            let _ = decode::<BoxFrame>(&body);
+        }
+    }
+}

@@ -1,0 +1,1132 @@
+//! `outpost::client`: the device side of the link, as a library, and the
+//! reference agent behind `outpost device`.
+//!
+//! Embedding a device:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), outpost::client::ClientError> {
+//! use outpost::client::{connect, ConnectOptions, Received};
+//! use outpost::identity::Bundle;
+//! use outpost::Outcome;
+//!
+//! let bundle = Bundle::read("dev-7.bundle".as_ref())?;
+//! let mut conn = connect(&bundle, &ConnectOptions::default()).await?;
+//! while let Some(msg) = conn.next().await? {
+//!     if let Received::Command(cmd) = msg {
+//!         conn.ack(cmd.id, Outcome::Ok(cmd.payload)).await?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! A command may arrive more than once (after a reconnect, or a box crash);
+//! the id stays the same. The reference agent ([`run_agent`]) remembers
+//! recent ids and their outcomes, acks a repeat with the first outcome, and
+//! never runs a command twice.
+
+use crate::command::{CommandId, Millis, Outcome, Priority};
+use crate::identity::{self, Bundle, IdentityError};
+use crate::proto::{self, BoxFrame, DeviceFrame, ErrorCode, FrameError, Version};
+use lru::LruCache;
+use quinn::VarInt;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Mutex};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::timeout;
+
+/// The agent string sent in `Hello` by default.
+pub const AGENT: &str = concat!("outpost-agent/", env!("CARGO_PKG_VERSION"));
+
+/// Why connecting or talking to the box failed. Each message says what to
+/// do; [`ClientError::is_permanent`] tells whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Bundle(#[from] IdentityError),
+    #[error("cannot resolve the box address `{addr}`: {detail}; check the `server =` line of the bundle or pass --server HOST:PORT")]
+    Resolve { addr: String, detail: String },
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("the box refused this device at the TLS handshake: {0}")]
+    Refused(String),
+    #[error("TLS with the box failed: {0}")]
+    Tls(String),
+    #[error("no answer from the box at {addr} within {secs} s; is `outpost serve` running there and UDP open?")]
+    Timeout { addr: SocketAddr, secs: u64 },
+    #[error("the box at {addr} stopped answering (QUIC idle timeout); the link is retried")]
+    Silent { addr: SocketAddr },
+    #[error("the box ended the connection: {code}: {message}")]
+    Rejected { code: ErrorCode, message: String },
+    #[error("the box closed the connection ({what})")]
+    Closed {
+        what: String,
+        close_code: Option<u64>,
+    },
+    #[error("the connection to the box was lost: {0}")]
+    Lost(String),
+    #[error("the box broke the protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+impl ClientError {
+    /// True when reconnecting cannot help without an operator: the device is
+    /// revoked, its certificate is refused or expired, it is not enrolled,
+    /// or the versions are incompatible.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::Bundle(_) | ClientError::Refused(_) => true,
+            ClientError::Tls(_) => true,
+            ClientError::Rejected { code, .. } => matches!(
+                code,
+                ErrorCode::Revoked | ErrorCode::NotEnrolled | ErrorCode::UnsupportedVersion
+            ),
+            ClientError::Closed { close_code, .. } => {
+                *close_code == Some(crate::device::close_code::REVOKED.into())
+            }
+            _ => false,
+        }
+    }
+}
+
+fn alert_text(alert: u8) -> &'static str {
+    match alert {
+        42 => "bad certificate",
+        43 => "unsupported certificate",
+        44 => "certificate revoked: this device was revoked on the box; ask the operator to enroll it again",
+        45 => "certificate expired: enroll the device again for a fresh bundle (or check the clocks)",
+        46 => "certificate unknown",
+        48 => "unknown CA: the bundle was issued by another box (or the box was re-initialised); enroll the device again",
+        49 => "access denied: the certificate carries no outpost device id",
+        116 => "a client certificate is required",
+        120 => "the server does not speak the outpost/1 protocol",
+        _ => "TLS alert",
+    }
+}
+
+/// Turn a quinn connection error into a [`ClientError`] that says what
+/// happened in outpost terms.
+fn conn_error(e: quinn::ConnectionError, addr: SocketAddr) -> ClientError {
+    use quinn::ConnectionError as C;
+    match e {
+        C::ConnectionClosed(c) => {
+            let code = u64::from(c.error_code);
+            if (0x100..0x200).contains(&code) {
+                let alert = (code - 0x100) as u8;
+                ClientError::Refused(format!("{} (TLS alert {alert})", alert_text(alert)))
+            } else {
+                ClientError::Lost(c.to_string())
+            }
+        }
+        C::ApplicationClosed(a) => {
+            let code = a.error_code.into_inner();
+            let reason = String::from_utf8_lossy(&a.reason).into_owned();
+            let what = match code as u32 {
+                crate::device::close_code::REVOKED => format!("revoked: {reason}"),
+                crate::device::close_code::REPLACED => format!("replaced: {reason}"),
+                crate::device::close_code::SHUTDOWN => format!("box shutting down: {reason}"),
+                _ => format!("code {code}: {reason}"),
+            };
+            ClientError::Closed {
+                what,
+                close_code: Some(code),
+            }
+        }
+        C::TransportError(t) => {
+            let code = u64::from(t.code);
+            if (0x100..0x200).contains(&code) {
+                ClientError::Tls(format!(
+                    "{}; the bundle's CA does not match the box (is `server =` the right box?)",
+                    t.reason
+                ))
+            } else {
+                ClientError::Lost(t.to_string())
+            }
+        }
+        C::TimedOut => ClientError::Silent { addr },
+        C::LocallyClosed => ClientError::Closed {
+            what: "closed locally".into(),
+            close_code: None,
+        },
+        other => ClientError::Lost(other.to_string()),
+    }
+}
+
+/// How to reach the box.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Connect here instead of the bundle's `server =` address.
+    pub server: Option<String>,
+    /// Largest frame accepted or sent.
+    pub max_frame: usize,
+    /// Give up connecting (handshake + Welcome) after this.
+    pub connect_timeout: Duration,
+    /// QUIC idle timeout; the box is considered gone after this silence.
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive interval.
+    pub keep_alive: Duration,
+    /// Sent in `Hello`.
+    pub agent: String,
+    /// Sent in `Hello`.
+    pub caps: Vec<String>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            server: None,
+            max_frame: proto::DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(25),
+            keep_alive: Duration::from_secs(10),
+            agent: AGENT.to_string(),
+            caps: Vec::new(),
+        }
+    }
+}
+
+/// A command received from the box.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedCommand {
+    pub id: CommandId,
+    pub priority: Priority,
+    pub payload: Vec<u8>,
+    /// 1-based delivery attempt.
+    pub attempt: u32,
+    /// Absolute deadline (ms since the Unix epoch), if any.
+    pub deadline: Option<Millis>,
+    pub signature: Option<Vec<u8>>,
+}
+
+/// What [`DeviceConnection::next`] yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Run this and ack it.
+    Command(ReceivedCommand),
+    /// Stop this command if it is still running; do not ack it.
+    Cancel(CommandId),
+    /// A non-fatal error from the box (e.g. `NotYourCommand`).
+    Error { code: ErrorCode, message: String },
+}
+
+/// A cloneable handle that writes frames to the box, so acks can be sent
+/// from any task.
+#[derive(Clone)]
+pub struct Sender {
+    send: Arc<Mutex<quinn::SendStream>>,
+    max_frame: usize,
+}
+
+impl Sender {
+    /// Send one frame.
+    pub async fn send(&self, frame: &DeviceFrame) -> Result<(), ClientError> {
+        let mut s = self.send.lock().await;
+        proto::write_frame(&mut *s, frame, self.max_frame).await?;
+        Ok(())
+    }
+
+    /// Report a command's outcome.
+    pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
+        self.send(&DeviceFrame::Ack { id, outcome }).await
+    }
+}
+
+/// A connected, welcomed device session.
+pub struct DeviceConnection {
+    // Kept alive for as long as the connection: dropping the endpoint would
+    // close its socket.
+    _endpoint: Option<quinn::Endpoint>,
+    conn: quinn::Connection,
+    addr: SocketAddr,
+    sender: Sender,
+    rx: mpsc::Receiver<Result<Received, ClientError>>,
+    reader: tokio::task::JoinHandle<()>,
+    device_id: String,
+    window: u32,
+    version: Version,
+}
+
+impl Drop for DeviceConnection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Resolve `host:port`.
+async fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
+    let bad = |detail: String| ClientError::Resolve {
+        addr: addr.to_string(),
+        detail,
+    };
+    identity::split_host_port(addr).ok_or_else(|| bad("expected host:port".into()))?;
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    it.next()
+        .ok_or_else(|| bad("the name has no addresses".into()))
+}
+
+fn transport(opts: &ConnectOptions) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(opts.idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(Some(opts.keep_alive));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+/// A client endpoint for `server` (matching its address family). Share one
+/// between many connections with [`connect_with`].
+pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+    let bind: SocketAddr = if server.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind).map_err(ClientError::Socket)
+}
+
+/// Connect to the box named by the bundle (or `opts.server`), say `Hello`
+/// and wait for `Welcome`.
+pub async fn connect(
+    bundle: &Bundle,
+    opts: &ConnectOptions,
+) -> Result<DeviceConnection, ClientError> {
+    let addr = resolve(opts.server.as_deref().unwrap_or(&bundle.server)).await?;
+    let endpoint = client_endpoint(addr)?;
+    let mut c = connect_with(&endpoint, addr, bundle, opts).await?;
+    c._endpoint = Some(endpoint);
+    Ok(c)
+}
+
+/// [`connect`] over an existing endpoint to a resolved address.
+pub async fn connect_with(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    bundle: &Bundle,
+    opts: &ConnectOptions,
+) -> Result<DeviceConnection, ClientError> {
+    let tls = bundle.client_config()?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport(opts)));
+    let secs = opts.connect_timeout.as_secs().max(1);
+    let fut = async {
+        let connecting = endpoint
+            .connect_with(cfg, addr, identity::SERVER_NAME)
+            .map_err(|e| ClientError::Lost(e.to_string()))?;
+        let conn = connecting.await.map_err(|e| conn_error(e, addr))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_error(e, addr))?;
+        let hello = DeviceFrame::Hello {
+            version: proto::VERSION,
+            agent: opts.agent.clone(),
+            caps: opts.caps.clone(),
+        };
+        let lost = |conn: &quinn::Connection, e: FrameError| match conn.close_reason() {
+            Some(r) => conn_error(r, addr),
+            None => ClientError::Frame(e),
+        };
+        if let Err(e) = proto::write_frame(&mut send, &hello, opts.max_frame).await {
+            return Err(lost(&conn, e));
+        }
+        let first = proto::read_frame::<BoxFrame, _>(&mut recv, opts.max_frame).await;
+        match first {
+            Ok(Some(BoxFrame::Welcome {
+                version,
+                device_id,
+                window,
+            })) => Ok((conn, send, recv, version, device_id, window)),
+            Ok(Some(BoxFrame::Error { code, message })) => {
+                Err(ClientError::Rejected { code, message })
+            }
+            Ok(Some(other)) => Err(ClientError::Protocol(format!(
+                "expected Welcome, got {}",
+                other.name()
+            ))),
+            Ok(None) => Err(conn_error(conn.closed().await, addr)),
+            Err(e) => Err(lost(&conn, e)),
+        }
+    };
+    let (conn, send, recv, version, device_id, window) = timeout(opts.connect_timeout, fut)
+        .await
+        .map_err(|_| ClientError::Timeout { addr, secs })??;
+    if version.major != proto::VERSION.major {
+        return Err(ClientError::Protocol(format!(
+            "the box speaks protocol {version}, this device {}",
+            proto::VERSION
+        )));
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let reader = tokio::spawn(read_loop(conn.clone(), recv, tx, opts.max_frame, addr));
+    Ok(DeviceConnection {
+        _endpoint: None,
+        conn,
+        addr,
+        sender: Sender {
+            send: Arc::new(Mutex::new(send)),
+            max_frame: opts.max_frame,
+        },
+        rx,
+        reader,
+        device_id,
+        window,
+        version,
+    })
+}
+
+async fn read_loop(
+    conn: quinn::Connection,
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Result<Received, ClientError>>,
+    max: usize,
+    addr: SocketAddr,
+) {
+    loop {
+        let item = match proto::read_frame::<BoxFrame, _>(&mut recv, max).await {
+            Ok(Some(BoxFrame::Command {
+                id,
+                priority,
+                payload,
+                attempt,
+                deadline,
+                signature,
+            })) => Ok(Received::Command(ReceivedCommand {
+                id,
+                priority,
+                payload,
+                attempt,
+                deadline,
+                signature,
+            })),
+            Ok(Some(BoxFrame::Cancel { id })) => Ok(Received::Cancel(id)),
+            Ok(Some(BoxFrame::Pong)) => continue,
+            Ok(Some(BoxFrame::Error { code, message })) if !code.is_fatal() => {
+                Ok(Received::Error { code, message })
+            }
+            Ok(Some(BoxFrame::Error { code, message })) => {
+                Err(ClientError::Rejected { code, message })
+            }
+            Ok(Some(BoxFrame::Welcome { .. })) => {
+                Err(ClientError::Protocol("Welcome sent twice".into()))
+            }
+            Ok(None) => {
+                // The box finished its side: the connection close tells why.
+                let e = timeout(Duration::from_secs(2), conn.closed())
+                    .await
+                    .map(|e| conn_error(e, addr))
+                    .unwrap_or_else(|_| {
+                        ClientError::Protocol("the box closed the control stream".into())
+                    });
+                Err(e)
+            }
+            Err(e) => Err(match conn.close_reason() {
+                Some(r) => conn_error(r, addr),
+                None => ClientError::Frame(e),
+            }),
+        };
+        let stop = item.is_err();
+        if tx.send(item).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+impl DeviceConnection {
+    /// The next message from the box; `Err` once the connection has ended
+    /// (the error says why). Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<Received>, ClientError> {
+        match self.rx.recv().await {
+            Some(Ok(m)) => Ok(Some(m)),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// Report a command's outcome.
+    pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
+        self.sender.ack(id, outcome).await
+    }
+
+    /// Send telemetry to the box.
+    pub async fn event(&self, payload: Vec<u8>) -> Result<(), ClientError> {
+        self.sender.send(&DeviceFrame::Event { payload }).await
+    }
+
+    /// A handle for sending frames from other tasks.
+    pub fn sender(&self) -> Sender {
+        self.sender.clone()
+    }
+
+    /// The id the box knows this device by (from its certificate).
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// Unacked commands the box will have in flight at most.
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// The box's protocol version.
+    pub fn server_version(&self) -> Version {
+        self.version
+    }
+
+    /// The box's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The underlying QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Close the connection (commands in flight go back to the box's queue).
+    pub fn close(&self) {
+        self.conn.close(VarInt::from_u32(0), b"device leaving");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The reference agent.
+
+/// What the agent does with a command.
+#[derive(Clone, Debug)]
+pub enum Handler {
+    /// Answer `Ok(payload)`.
+    Echo,
+    /// Run this shell command (`sh -c`) with the payload on stdin.
+    Exec(String),
+}
+
+/// How `outpost device` runs.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The bundle file.
+    pub bundle: PathBuf,
+    pub handler: Handler,
+    /// A command still running after this is killed and fails.
+    pub command_timeout: Duration,
+    /// How many recent command ids (and outcomes) to remember.
+    pub dedupe_capacity: usize,
+    /// First reconnect delay...
+    pub backoff_min: Duration,
+    /// ... doubled per failure up to this.
+    pub backoff_max: Duration,
+    pub connect: ConnectOptions,
+}
+
+impl AgentOptions {
+    /// Defaults for `bundle` and `handler`: 60 s timeout, 10k ids
+    /// remembered, reconnect backoff 0.5 s → 30 s.
+    pub fn new(bundle: PathBuf, handler: Handler) -> Self {
+        AgentOptions {
+            bundle,
+            handler,
+            command_timeout: Duration::from_secs(60),
+            dedupe_capacity: 10_000,
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            connect: ConnectOptions::default(),
+        }
+    }
+}
+
+/// Most bytes of stderr kept in a failure message.
+const STDERR_TAIL: usize = 2048;
+/// Total bytes of outcomes the dedupe cache may hold.
+const DEDUPE_BYTES: usize = 64 * 1024 * 1024;
+
+fn outcome_size(o: &Outcome) -> usize {
+    64 + match o {
+        Outcome::Ok(b) => b.len(),
+        Outcome::Failed { message, .. } => message.len(),
+        Outcome::Rejected { reason } => reason.len(),
+    }
+}
+
+/// Recent command ids and their outcomes, bounded in count and bytes.
+pub struct Dedupe {
+    done: LruCache<CommandId, Outcome>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Dedupe {
+    /// Remember up to `capacity` ids.
+    pub fn new(capacity: usize) -> Self {
+        Dedupe {
+            done: LruCache::new(NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN)),
+            bytes: 0,
+            max_bytes: DEDUPE_BYTES,
+        }
+    }
+
+    /// The outcome of `id`, if it ran recently.
+    pub fn get(&mut self, id: CommandId) -> Option<&Outcome> {
+        self.done.get(&id)
+    }
+
+    /// Record that `id` ended with `outcome`.
+    pub fn insert(&mut self, id: CommandId, outcome: Outcome) {
+        self.bytes += outcome_size(&outcome);
+        if let Some((_, old)) = self.done.push(id, outcome) {
+            self.bytes = self.bytes.saturating_sub(outcome_size(&old));
+        }
+        while self.bytes > self.max_bytes && self.done.len() > 1 {
+            match self.done.pop_lru() {
+                Some((_, old)) => self.bytes = self.bytes.saturating_sub(outcome_size(&old)),
+                None => break,
+            }
+        }
+    }
+
+    /// How many ids are remembered.
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+}
+
+/// Capped exponential backoff with jitter.
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max: max.max(min),
+            failures: 0,
+        }
+    }
+
+    /// The next delay: `min·2^n` capped at `max`, then scaled by a random
+    /// factor in [0.5, 1] so a fleet does not reconnect in lockstep.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self
+            .min
+            .saturating_mul(1u32 << self.failures.min(20))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Run `cmd` via `sh -c` with `payload` on stdin. Exit 0 → `Ok(stdout)`;
+/// otherwise `Failed{exit code, stderr tail}`; past `limit` the process is
+/// killed and the command fails with code 124. Stdout over `max_out` bytes
+/// fails the command (it could not be sent back).
+pub async fn exec(cmd: &str, payload: Vec<u8>, limit: Duration, max_out: usize) -> Outcome {
+    use std::process::Stdio;
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            return Outcome::Failed {
+                code: 127,
+                message: format!("cannot start `sh -c {cmd}`: {e}"),
+            }
+        }
+    };
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let feed = async move {
+        if let Some(mut s) = stdin.take() {
+            // A command that does not read its input closes the pipe early;
+            // that is its business, not an error.
+            let _ = s.write_all(&payload).await;
+        }
+    };
+    let read_out = async move {
+        let mut out = Vec::new();
+        let mut over = false;
+        if let Some(s) = stdout.as_mut() {
+            let mut buf = [0u8; 8192];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) if out.len() + n <= max_out => out.extend_from_slice(&buf[..n]),
+                    // Keep draining so the child does not block on a full pipe.
+                    Ok(_) => over = true,
+                }
+            }
+        }
+        (out, over)
+    };
+    let read_err = async move {
+        let mut tail = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        tail.extend_from_slice(&buf[..n]);
+                        if tail.len() > 2 * STDERR_TAIL {
+                            tail.drain(..tail.len() - STDERR_TAIL);
+                        }
+                    }
+                }
+            }
+        }
+        if tail.len() > STDERR_TAIL {
+            tail.drain(..tail.len() - STDERR_TAIL);
+        }
+        tail
+    };
+    let run = async {
+        let (_, (out, over), err, status) = tokio::join!(feed, read_out, read_err, child.wait());
+        (out, over, err, status)
+    };
+    let (out, over, err, status) = match timeout(limit, run).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = child.kill().await;
+            return Outcome::Failed {
+                code: 124,
+                message: format!("timed out after {} s and was killed", limit.as_secs_f32()),
+            };
+        }
+    };
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            return Outcome::Failed {
+                code: 127,
+                message: format!("cannot wait for the command: {e}"),
+            }
+        }
+    };
+    let stderr_tail = String::from_utf8_lossy(&err).into_owned();
+    if !status.success() {
+        use std::os::unix::process::ExitStatusExt;
+        let code = status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(-1);
+        return Outcome::Failed {
+            code,
+            message: stderr_tail,
+        };
+    }
+    if over {
+        return Outcome::Failed {
+            code: -1,
+            message: format!(
+                "the command wrote more than {max_out} bytes to stdout, too much to send back"
+            ),
+        };
+    }
+    Outcome::Ok(out)
+}
+
+/// Room for the ack frame's own fields around a result.
+const ACK_OVERHEAD: usize = 256;
+
+struct Agent {
+    opts: AgentOptions,
+    dedupe: Dedupe,
+    running: HashMap<CommandId, AbortHandle>,
+    tasks: JoinSet<(CommandId, Outcome)>,
+}
+
+impl Agent {
+    fn start(&mut self, cmd: ReceivedCommand) {
+        let mut limit = self.opts.command_timeout;
+        if let Some(deadline) = cmd.deadline {
+            let left = deadline.saturating_sub(crate::now_millis());
+            limit = limit.min(Duration::from_millis(left.max(1)));
+        }
+        let max_out = self.opts.connect.max_frame.saturating_sub(ACK_OVERHEAD);
+        let handler = self.opts.handler.clone();
+        let id = cmd.id;
+        let h = self.tasks.spawn(async move {
+            let outcome = match handler {
+                Handler::Echo => Outcome::Ok(cmd.payload),
+                Handler::Exec(c) => exec(&c, cmd.payload, limit, max_out).await,
+            };
+            (id, outcome)
+        });
+        self.running.insert(id, h);
+    }
+
+    /// Handle one message; an ack to send back, if any.
+    fn on_message(&mut self, m: Received) -> Option<(CommandId, Outcome)> {
+        match m {
+            Received::Command(cmd) => {
+                if let Some(o) = self.dedupe.get(cmd.id) {
+                    tracing::info!(id = %cmd.id, attempt = cmd.attempt, "command delivered again; acking its earlier outcome");
+                    return Some((cmd.id, o.clone()));
+                }
+                if self.running.contains_key(&cmd.id) {
+                    // Still running from before the reconnect: it is acked
+                    // when it finishes.
+                    tracing::info!(id = %cmd.id, "command delivered again while still running");
+                    return None;
+                }
+                tracing::debug!(id = %cmd.id, attempt = cmd.attempt, "command received");
+                self.start(cmd);
+                None
+            }
+            Received::Cancel(id) => {
+                if let Some(h) = self.running.remove(&id) {
+                    tracing::info!(%id, "command cancelled by the box; stopping it");
+                    h.abort();
+                }
+                None
+            }
+            Received::Error { code, message } => {
+                tracing::warn!(%code, %message, "the box reported an error");
+                None
+            }
+        }
+    }
+
+    fn finished(
+        &mut self,
+        r: Result<(CommandId, Outcome), tokio::task::JoinError>,
+    ) -> Option<(CommandId, Outcome)> {
+        let (id, outcome) = match r {
+            Ok(x) => x,
+            // Aborted by a Cancel: nothing to report.
+            Err(e) if e.is_cancelled() => return None,
+            Err(e) => {
+                tracing::error!(error = %e, "a command task failed");
+                return None;
+            }
+        };
+        self.running.remove(&id);
+        match &outcome {
+            Outcome::Ok(_) => tracing::debug!(%id, "command succeeded"),
+            o => tracing::info!(%id, outcome = ?o, "command did not succeed"),
+        }
+        self.dedupe.insert(id, outcome.clone());
+        Some((id, outcome))
+    }
+}
+
+/// A future that resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Run the reference agent until `shutdown` resolves: connect, run commands
+/// with the handler, ack them, reconnect with backoff when the link drops.
+/// Returns an error only for what retrying cannot fix (unreadable bundle,
+/// revoked or refused certificate, incompatible box).
+pub async fn run_agent(
+    opts: AgentOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bundle = Bundle::read(&opts.bundle)?;
+    let server = opts
+        .connect
+        .server
+        .clone()
+        .unwrap_or_else(|| bundle.server.clone());
+    let mut backoff = Backoff::new(opts.backoff_min, opts.backoff_max);
+    let mut agent = Agent {
+        dedupe: Dedupe::new(opts.dedupe_capacity),
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+        opts,
+    };
+    tokio::pin!(shutdown);
+    // Logged once per change, not once per attempt.
+    let mut was_down_logged = false;
+    loop {
+        let attempt = connect(&bundle, &agent.opts.connect);
+        let conn = tokio::select! {
+            _ = &mut shutdown => break,
+            c = attempt => c,
+        };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) if e.is_permanent() => {
+                tracing::error!(error = %e, "the box refuses this device; stopping");
+                return Err(e.into());
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if !was_down_logged {
+                    tracing::warn!(%server, error = %e, "cannot reach the box; reconnecting with backoff");
+                    was_down_logged = true;
+                } else {
+                    tracing::debug!(%server, error = %e, delay_ms = delay.as_millis() as u64, "still cannot reach the box");
+                }
+                if agent.wait(delay, &mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        tracing::info!(%server, device = conn.device_id(), window = conn.window(), "connected to the box");
+        let ended = agent.serve(&mut conn, &mut shutdown).await;
+        match ended {
+            None => {
+                conn.close();
+                break;
+            }
+            Some(e) if e.is_permanent() => {
+                tracing::error!(error = %e, "the box refuses this device; stopping");
+                return Err(e.into());
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "disconnected from the box; reconnecting");
+                was_down_logged = true;
+                let delay = backoff.next_delay();
+                if agent.wait(delay, &mut shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!("device agent stopped");
+    Ok(())
+}
+
+impl Agent {
+    /// Serve one connection; `None` on shutdown, else why it ended.
+    async fn serve(
+        &mut self,
+        conn: &mut DeviceConnection,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Option<ClientError> {
+        loop {
+            let ack = tokio::select! {
+                _ = shutdown.as_mut() => return None,
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => self.finished(done),
+                m = conn.next() => match m {
+                    Ok(Some(m)) => self.on_message(m),
+                    Ok(None) => return Some(ClientError::Lost("the connection ended".into())),
+                    Err(e) => return Some(e),
+                },
+            };
+            if let Some((id, outcome)) = ack {
+                if let Err(e) = conn.ack(id, outcome).await {
+                    // The outcome is remembered: the box redelivers the
+                    // command after the reconnect and gets it then.
+                    return Some(e);
+                }
+            }
+        }
+    }
+
+    /// Sleep `delay` while still recording outcomes of running commands;
+    /// true if shutdown came first.
+    async fn wait(
+        &mut self,
+        delay: Duration,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = shutdown.as_mut() => return true,
+                _ = &mut sleep => return false,
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    self.finished(done);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+    const T: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn exec_passes_the_payload_and_returns_stdout() {
+        let o = exec("tr a-z A-Z", b"hello".to_vec(), T, MAX).await;
+        assert_eq!(o, Outcome::Ok(b"HELLO".to_vec()));
+        // A command that ignores stdin is fine too.
+        let o = exec("echo hi", vec![7; 200_000], T, MAX).await;
+        assert_eq!(o, Outcome::Ok(b"hi\n".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn exec_failure_carries_exit_code_and_stderr_tail() {
+        let o = exec("echo out; echo oops >&2; exit 3", vec![], T, MAX).await;
+        assert_eq!(
+            o,
+            Outcome::Failed {
+                code: 3,
+                message: "oops\n".into()
+            }
+        );
+        // Only the tail of a long stderr is kept.
+        let o = exec(
+            "head -c 100000 /dev/zero | tr '\\0' x >&2; echo END >&2; exit 1",
+            vec![],
+            T,
+            MAX,
+        )
+        .await;
+        match o {
+            Outcome::Failed { code: 1, message } => {
+                assert!(message.len() <= STDERR_TAIL, "{}", message.len());
+                assert!(message.ends_with("END\n"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let o = exec("kill -9 $$", vec![], T, MAX).await;
+        assert!(matches!(o, Outcome::Failed { code: 137, .. }), "{o:?}");
+    }
+
+    #[tokio::test]
+    async fn exec_times_out_and_kills() {
+        let started = std::time::Instant::now();
+        let o = exec("sleep 30", vec![], Duration::from_millis(300), MAX).await;
+        assert!(matches!(o, Outcome::Failed { code: 124, .. }), "{o:?}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+
+    #[tokio::test]
+    async fn exec_refuses_stdout_over_the_frame() {
+        let o = exec("head -c 5000 /dev/zero", vec![], T, 1000).await;
+        assert!(matches!(o, Outcome::Failed { code: -1, .. }), "{o:?}");
+    }
+
+    #[test]
+    fn dedupe_remembers_outcomes_and_is_bounded() {
+        let mut d = Dedupe::new(3);
+        for i in 0..5u128 {
+            d.insert(CommandId(i), Outcome::Ok(vec![i as u8]));
+        }
+        assert_eq!(d.len(), 3);
+        assert!(d.get(CommandId(0)).is_none());
+        assert_eq!(d.get(CommandId(4)), Some(&Outcome::Ok(vec![4])));
+        // The byte budget evicts too.
+        let mut d = Dedupe::new(100);
+        d.max_bytes = 1000;
+        for i in 0..10u128 {
+            d.insert(CommandId(i), Outcome::Ok(vec![0; 300]));
+        }
+        assert!(d.len() <= 3, "{}", d.len());
+        assert!(d.get(CommandId(9)).is_some());
+    }
+
+    #[test]
+    fn agent_runs_a_command_once_and_reacks_repeats() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut a = Agent {
+                opts: AgentOptions::new("x".into(), Handler::Echo),
+                dedupe: Dedupe::new(10),
+                running: HashMap::new(),
+                tasks: JoinSet::new(),
+            };
+            let cmd = ReceivedCommand {
+                id: CommandId(1),
+                priority: Priority::Normal,
+                payload: b"p".to_vec(),
+                attempt: 1,
+                deadline: None,
+                signature: None,
+            };
+            assert!(a.on_message(Received::Command(cmd.clone())).is_none());
+            // Redelivered while running: not started again.
+            assert!(a.on_message(Received::Command(cmd.clone())).is_none());
+            assert_eq!(a.tasks.len(), 1);
+            let done = a.tasks.join_next().await.unwrap();
+            assert_eq!(
+                a.finished(done),
+                Some((CommandId(1), Outcome::Ok(b"p".to_vec())))
+            );
+            // Redelivered after it finished: the same outcome, no new run.
+            let again = a.on_message(Received::Command(cmd));
+            assert_eq!(again, Some((CommandId(1), Outcome::Ok(b"p".to_vec()))));
+            assert!(a.tasks.is_empty());
+        });
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500));
+        let mut last = Duration::ZERO;
+        for _ in 0..40 {
+            last = b.next_delay();
+            assert!(last <= Duration::from_secs(30));
+        }
+        assert!(last >= Duration::from_secs(15));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn permanent_errors_are_told_apart() {
+        assert!(ClientError::Refused("x".into()).is_permanent());
+        assert!(ClientError::Rejected {
+            code: ErrorCode::Revoked,
+            message: String::new()
+        }
+        .is_permanent());
+        assert!(!ClientError::Rejected {
+            code: ErrorCode::ShuttingDown,
+            message: String::new()
+        }
+        .is_permanent());
+        assert!(!ClientError::Lost("x".into()).is_permanent());
+        assert!(ClientError::Closed {
+            what: "revoked".into(),
+            close_code: Some(2)
+        }
+        .is_permanent());
+    }
+}

@@ -232,6 +232,23 @@ impl DeviceLink {
         }
     }
 
+    /// Close `device`'s live connection without revoking it (it may
+    /// reconnect at once; its commands in flight are delivered again).
+    /// True if it was connected.
+    pub fn disconnect(&self, device: &str) -> bool {
+        let live = self.shared.live().remove(device);
+        match live {
+            Some(l) => {
+                l.conn.close(
+                    VarInt::from_u32(close_code::NORMAL),
+                    b"disconnected by the box",
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Admit a previously revoked device again (after it is re-enrolled).
     pub fn readmit(&self, device: &str) {
         self.shared.revoked.remove(device);

@@ -1,0 +1,716 @@
+//! The device link end to end over loopback QUIC: enrolment, delivery and
+//! acks, redelivery, every refused input, and many devices at once.
+
+use outpost::client::{self, AgentOptions, ClientError, ConnectOptions, Handler, Received};
+use outpost::device::{close_code, DeviceLink, LinkOptions};
+use outpost::identity::{Bundle, Identity, RevokedSet, Validity, SERVER_NAME};
+use outpost::proto::{self, BoxFrame, DeviceFrame, ErrorCode, Version, VERSION};
+use outpost::queue::{self, QueueHandle, SendRequest, ServiceOptions};
+use outpost::store::{DeviceRecord, Store, StoreOptions};
+use outpost::{CommandId, Outcome, SendOptions, State};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::timeout;
+
+const MAX: usize = proto::DEFAULT_MAX_FRAME;
+const WAIT: Duration = Duration::from_secs(20);
+
+struct TestBox {
+    dir: tempfile::TempDir,
+    identity: Identity,
+    queue: QueueHandle,
+    link: DeviceLink,
+    addr: SocketAddr,
+}
+
+async fn start_box(opts: LinkOptions) -> TestBox {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Identity::init(dir.path(), &[]).unwrap();
+    let store = Store::open(&dir.path().join("store"), &StoreOptions::default()).unwrap();
+    let mut sopts = ServiceOptions::default();
+    sopts.limits.backoff_base_ms = 10;
+    sopts.limits.backoff_cap_ms = 50;
+    let queue = queue::open(store, sopts).unwrap();
+    let revoked = RevokedSet::new();
+    let link = DeviceLink::start(
+        "127.0.0.1:0".parse().unwrap(),
+        identity.server_config(revoked.clone()).unwrap(),
+        revoked,
+        queue.clone(),
+        opts,
+    )
+    .unwrap();
+    let addr = link.local_addr().unwrap();
+    TestBox {
+        dir,
+        identity,
+        queue,
+        link,
+        addr,
+    }
+}
+
+impl TestBox {
+    async fn enroll(&self, id: &str) -> Bundle {
+        self.queue
+            .enroll(DeviceRecord {
+                id: id.into(),
+                tags: vec![],
+                caps: vec![],
+                enrolled_at: outpost::now_millis(),
+                revoked: false,
+                last_seen: None,
+            })
+            .await
+            .unwrap();
+        self.identity
+            .issue_device(id, &self.addr.to_string())
+            .unwrap()
+    }
+
+    async fn send_with(&self, target: &str, payload: &[u8], opts: SendOptions) -> CommandId {
+        self.queue
+            .send(SendRequest {
+                target: target.into(),
+                payload: payload.to_vec(),
+                opts,
+                origin: "test".into(),
+                signature: None,
+            })
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn send(&self, target: &str, payload: &[u8]) -> CommandId {
+        self.send_with(target, payload, SendOptions::default())
+            .await
+    }
+
+    /// Polls until the command reaches a final state (bounded).
+    async fn wait_final(&self, id: CommandId) -> outpost::queue::CommandView {
+        for _ in 0..400 {
+            let v = self.queue.show(id).await.unwrap();
+            if v.state.is_final() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("command {id} did not finish in 20 s");
+    }
+
+    async fn stop(self) {
+        self.link.shutdown().await;
+        self.queue.shutdown().await;
+    }
+}
+
+/// A device speaking raw frames, for the tests of bad input.
+struct Raw {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    _endpoint: quinn::Endpoint,
+}
+
+async fn raw_connect(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+) -> Result<Raw, quinn::ConnectionError> {
+    let endpoint = client::client_endpoint(addr).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let conn = endpoint
+        .connect_with(cfg, addr, SERVER_NAME)
+        .unwrap()
+        .await?;
+    let (send, recv) = conn.open_bi().await?;
+    Ok(Raw {
+        conn,
+        send,
+        recv,
+        _endpoint: endpoint,
+    })
+}
+
+impl Raw {
+    async fn hello(addr: SocketAddr, bundle: &Bundle, version: Version) -> (Raw, BoxFrame) {
+        let mut raw = raw_connect(addr, bundle.client_config().unwrap())
+            .await
+            .unwrap();
+        raw.write(&DeviceFrame::Hello {
+            version,
+            agent: "raw".into(),
+            caps: vec![],
+        })
+        .await;
+        let first = raw.read().await.unwrap();
+        (raw, first)
+    }
+
+    async fn welcomed(addr: SocketAddr, bundle: &Bundle) -> Raw {
+        let (raw, first) = Raw::hello(addr, bundle, VERSION).await;
+        assert!(matches!(first, BoxFrame::Welcome { .. }), "{first:?}");
+        raw
+    }
+
+    async fn write(&mut self, f: &DeviceFrame) {
+        proto::write_frame(&mut self.send, f, MAX).await.unwrap();
+    }
+
+    async fn write_bytes(&mut self, b: &[u8]) {
+        self.send.write_all(b).await.unwrap();
+    }
+
+    /// The next frame, or None once the stream or connection ended.
+    async fn read(&mut self) -> Option<BoxFrame> {
+        timeout(WAIT, proto::read_frame::<BoxFrame, _>(&mut self.recv, MAX))
+            .await
+            .expect("the box answered nothing in 20 s")
+            .ok()
+            .flatten()
+    }
+
+    /// Expects a fatal Error with `code`, then the connection closed.
+    async fn expect_fatal(mut self, code: ErrorCode) -> String {
+        let message = match self.read().await {
+            Some(BoxFrame::Error { code: c, message }) if c == code => message,
+            other => panic!("expected Error {code:?}, got {other:?}"),
+        };
+        let closed = timeout(WAIT, self.conn.closed()).await.expect("not closed");
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(a) => {
+                assert_eq!(a.error_code.into_inner(), u64::from(close_code::PROTOCOL))
+            }
+            other => panic!("unexpected close {other:?}"),
+        }
+        message
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_connect_deliver_ack() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-1").await;
+    // Through the bundle file, as a device would.
+    let path = b.dir.path().join("dev-1.bundle");
+    bundle.write(&path).unwrap();
+    let bundle = Bundle::read(&path).unwrap();
+    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(conn.device_id(), "dev-1");
+    assert_eq!(conn.window(), proto::DEFAULT_WINDOW);
+    assert!(b.link.is_connected("dev-1"));
+
+    let id = b.send("dev-1", b"hello").await;
+    let cmd = match timeout(WAIT, conn.next()).await.unwrap().unwrap() {
+        Some(Received::Command(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (cmd.id, cmd.payload.as_slice(), cmd.attempt),
+        (id, &b"hello"[..], 1)
+    );
+    conn.ack(id, Outcome::Ok(b"world".to_vec())).await.unwrap();
+    let v = b.wait_final(id).await;
+    assert_eq!(v.state, State::Succeeded);
+    assert_eq!(v.outcome, Some(Outcome::Ok(b"world".to_vec())));
+    conn.close();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_agent_runs_exec_and_reports_failures() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-x").await;
+    let path = b.dir.path().join("dev-x.bundle");
+    bundle.write(&path).unwrap();
+    let script = r#"read p; if [ "$p" = fail ]; then echo bad >&2; exit 3; fi; echo "got $p""#;
+    let mut opts = AgentOptions::new(path, Handler::Exec(script.into()));
+    opts.backoff_min = Duration::from_millis(50);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(client::run_agent(opts, async {
+        let _ = stop_rx.await;
+    }));
+    let ok = b.send("dev-x", b"one\n").await;
+    let fail = b
+        .send_with(
+            "dev-x",
+            b"fail\n",
+            SendOptions {
+                max_attempts: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(
+        b.wait_final(ok).await.outcome,
+        Some(Outcome::Ok(b"got one\n".to_vec()))
+    );
+    let v = b.wait_final(fail).await;
+    assert_eq!(
+        v.outcome,
+        Some(Outcome::Failed {
+            code: 3,
+            message: "bad\n".into()
+        })
+    );
+    stop_tx.send(()).unwrap();
+    timeout(WAIT, agent).await.unwrap().unwrap().unwrap();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_device_gets_its_command_again() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-k").await;
+    let id = b.send("dev-k", b"work").await;
+    let mut first = Raw::welcomed(b.addr, &bundle).await;
+    match first.read().await {
+        Some(BoxFrame::Command {
+            id: got, attempt, ..
+        }) => assert_eq!((got, attempt), (id, 1)),
+        other => panic!("{other:?}"),
+    }
+    // Killed mid-command: the connection vanishes without an ack.
+    first.conn.close(0u32.into(), b"");
+    drop(first);
+    let mut second = Raw::welcomed(b.addr, &bundle).await;
+    match second.read().await {
+        Some(BoxFrame::Command { id: got, .. }) => assert_eq!(got, id),
+        other => panic!("{other:?}"),
+    }
+    second
+        .write(&DeviceFrame::Ack {
+            id,
+            outcome: Outcome::Ok(vec![]),
+        })
+        .await;
+    assert_eq!(b.wait_final(id).await.state, State::Succeeded);
+    b.stop().await;
+}
+
+async fn lines(path: &std::path::Path) -> usize {
+    tokio::fs::read_to_string(path)
+        .await
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// The agent is cut off while a command runs; the box delivers it again
+/// (same id) and the agent neither runs it twice nor loses its outcome:
+/// once while it still runs, once after it finished offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_after_a_cut_is_deduped_by_the_agent() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-r").await;
+    let path = b.dir.path().join("dev-r.bundle");
+    bundle.write(&path).unwrap();
+    let runs = b.dir.path().join("runs");
+    let script = format!("echo run >> {}; sleep 1; echo done", runs.display());
+    let mut opts = AgentOptions::new(path, Handler::Exec(script));
+    // Long enough that the second command finishes while disconnected.
+    opts.backoff_min = Duration::from_millis(2500);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(client::run_agent(opts, async {
+        let _ = stop_rx.await;
+    }));
+
+    for round in 1..=2 {
+        let sent_before = b
+            .link
+            .stats()
+            .commands_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let id = b.send("dev-r", b"").await;
+        for _ in 0..200 {
+            if lines(&runs).await == round {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(lines(&runs).await, round, "the command did not start");
+        assert!(b.link.disconnect("dev-r"));
+        let v = b.wait_final(id).await;
+        assert_eq!(v.state, State::Succeeded);
+        assert_eq!(v.outcome, Some(Outcome::Ok(b"done\n".to_vec())));
+        // Delivered twice, run once.
+        let sent = b
+            .link
+            .stats()
+            .commands_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(sent - sent_before, 2, "round {round}: not redelivered");
+        assert_eq!(lines(&runs).await, round, "round {round}: ran twice");
+    }
+    stop_tx.send(()).unwrap();
+    timeout(WAIT, agent).await.unwrap().unwrap().unwrap();
+    b.stop().await;
+}
+
+fn is_refused(e: &ClientError, what: &str) -> bool {
+    matches!(e, ClientError::Refused(m) if m.contains(what))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_another_ca_expired_or_absent_are_refused() {
+    let b = start_box(LinkOptions::default()).await;
+    b.enroll("dev-1").await;
+    let opts = ConnectOptions::default();
+
+    // A device certificate from another box's CA (with our CA to trust).
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Identity::init(other_dir.path(), &[]).unwrap();
+    let mut foreign = other.issue_device("dev-1", &b.addr.to_string()).unwrap();
+    foreign.ca_der = b.identity.ca_der().clone();
+    let e = client::connect(&foreign, &opts).await.err().unwrap();
+    assert!(is_refused(&e, "unknown CA"), "{e}");
+    assert!(e.is_permanent());
+
+    // The whole foreign bundle: the device refuses the box.
+    let foreign = other.issue_device("dev-1", &b.addr.to_string()).unwrap();
+    let e = client::connect(&foreign, &opts).await.err().unwrap();
+    assert!(matches!(e, ClientError::Tls(_)), "{e}");
+
+    // Expired.
+    let past = std::time::SystemTime::now() - Duration::from_secs(30 * 86400);
+    let expired = b
+        .identity
+        .issue_device_with(
+            "dev-1",
+            &b.addr.to_string(),
+            Validity {
+                not_before: past - Duration::from_secs(86400),
+                not_after: past,
+            },
+        )
+        .unwrap();
+    let e = client::connect(&expired, &opts).await.err().unwrap();
+    assert!(is_refused(&e, "expired"), "{e}");
+
+    // No client certificate at all.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(b.identity.ca_der().clone()).unwrap();
+    let mut anon = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    anon.alpn_protocols = vec![outpost::identity::ALPN.to_vec()];
+    let refused = async {
+        let mut raw = raw_connect(b.addr, anon).await?;
+        // The refusal may arrive before or after this write.
+        let _ = proto::write_frame(&mut raw.send, &DeviceFrame::Ping, MAX).await;
+        match raw.read().await {
+            Some(f) => Ok(Some(f)),
+            None => Err(timeout(WAIT, raw.conn.closed()).await.unwrap()),
+        }
+    }
+    .await;
+    match refused {
+        Err(quinn::ConnectionError::ConnectionClosed(c)) => {
+            // certificate_required
+            assert_eq!(u64::from(c.error_code), 0x100 + 116, "{c}");
+        }
+        Ok(None) => {}
+        other => panic!("a device without a certificate got {other:?}"),
+    }
+    assert!(!b.link.is_connected("dev-1"));
+    assert!(
+        b.link
+            .stats()
+            .handshakes_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_closes_the_live_connection_and_refuses_the_next() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-v").await;
+    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .unwrap();
+    b.link.revoke("dev-v");
+    let started = std::time::Instant::now();
+    let e = timeout(Duration::from_secs(1), conn.next())
+        .await
+        .expect("the live connection was not closed within 1 s of revoke")
+        .err()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(e.is_permanent(), "{e}");
+    assert!(e.to_string().contains("revoked"), "{e}");
+    let e = client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .err()
+        .unwrap();
+    assert!(is_refused(&e, "revoked"), "{e}");
+    // Re-admitted, it connects again.
+    b.link.readmit("dev-v");
+    client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .unwrap();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_replaces_the_first() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-2").await;
+    let mut first = client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .unwrap();
+    let _second = client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .unwrap();
+    let e = timeout(WAIT, first.next()).await.unwrap().err().unwrap();
+    assert!(e.to_string().contains("replaced"), "{e}");
+    assert!(!e.is_permanent());
+    assert_eq!(b.link.connected(), vec!["dev-2".to_string()]);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_an_error_and_a_closed_connection() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-b").await;
+
+    // Over the limit: the claimed length alone is enough.
+    let mut raw = Raw::welcomed(b.addr, &bundle).await;
+    raw.write_bytes(&((MAX as u32) + 1).to_be_bytes()).await;
+    let m = raw.expect_fatal(ErrorCode::FrameTooLarge).await;
+    assert!(m.contains("limit"), "{m}");
+
+    // Malformed: an Ack whose id is cut short.
+    let mut raw = Raw::welcomed(b.addr, &bundle).await;
+    raw.write_bytes(&[0, 0, 0, 2, 0x01, 0xff]).await;
+    raw.expect_fatal(ErrorCode::Malformed).await;
+
+    // Unknown message tag.
+    let mut raw = Raw::welcomed(b.addr, &bundle).await;
+    raw.write_bytes(&[0, 0, 0, 1, 0x2a]).await;
+    let m = raw.expect_fatal(ErrorCode::UnknownMessage).await;
+    assert!(m.contains("42"), "{m}");
+
+    // Garbage instead of Hello.
+    let mut raw = raw_connect(b.addr, bundle.client_config().unwrap())
+        .await
+        .unwrap();
+    raw.write_bytes(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await;
+    raw.expect_fatal(ErrorCode::Malformed).await;
+
+    // Something other than Hello first.
+    let mut raw = raw_connect(b.addr, bundle.client_config().unwrap())
+        .await
+        .unwrap();
+    raw.write(&DeviceFrame::Ping).await;
+    raw.expect_fatal(ErrorCode::ProtocolViolation).await;
+
+    // Major version mismatch: both versions named.
+    let (raw, first) = Raw::hello(b.addr, &bundle, Version { major: 9, minor: 1 }).await;
+    match first {
+        BoxFrame::Error {
+            code: ErrorCode::UnsupportedVersion,
+            message,
+        } => assert!(
+            message.contains("9.1") && message.contains(&VERSION.to_string()),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    timeout(WAIT, raw.conn.closed()).await.unwrap();
+
+    // A newer minor is fine.
+    let (_raw, first) = Raw::hello(
+        b.addr,
+        &bundle,
+        Version {
+            major: VERSION.major,
+            minor: VERSION.minor + 5,
+        },
+    )
+    .await;
+    assert!(matches!(first, BoxFrame::Welcome { .. }));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_for_another_devices_command_is_refused_but_not_fatal() {
+    let (etx, mut erx) = tokio::sync::mpsc::channel(8);
+    let b = start_box(LinkOptions {
+        events: Some(etx),
+        ..Default::default()
+    })
+    .await;
+    let ba = b.enroll("dev-a").await;
+    let bb = b.enroll("dev-b").await;
+    let mut a = Raw::welcomed(b.addr, &ba).await;
+    let mut other = Raw::welcomed(b.addr, &bb).await;
+    let id = b.send("dev-a", b"mine").await;
+    assert!(matches!(a.read().await, Some(BoxFrame::Command { .. })));
+
+    other
+        .write(&DeviceFrame::Ack {
+            id,
+            outcome: Outcome::Ok(b"forged".to_vec()),
+        })
+        .await;
+    match other.read().await {
+        Some(BoxFrame::Error {
+            code: ErrorCode::NotYourCommand,
+            message,
+        }) => assert!(message.contains(&id.to_string()), "{message}"),
+        f => panic!("{f:?}"),
+    }
+    // Still connected and served.
+    other.write(&DeviceFrame::Ping).await;
+    assert_eq!(other.read().await, Some(BoxFrame::Pong));
+    // Device-to-device sends are refused for now, also not fatally.
+    other
+        .write(&DeviceFrame::Send {
+            to: "dev-a".into(),
+            payload: vec![],
+            opts: SendOptions::default(),
+        })
+        .await;
+    match other.read().await {
+        Some(BoxFrame::Error {
+            code: ErrorCode::Unsupported,
+            message,
+        }) => assert!(message.contains("not enabled"), "{message}"),
+        f => panic!("{f:?}"),
+    }
+    // Events reach the hook with the certificate's id.
+    other
+        .write(&DeviceFrame::Event {
+            payload: vec![1, 2, 3],
+        })
+        .await;
+    let ev = timeout(WAIT, erx.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        (ev.device.as_str(), ev.payload.as_slice()),
+        ("dev-b", &[1u8, 2, 3][..])
+    );
+
+    // The real owner's ack still counts.
+    a.write(&DeviceFrame::Ack {
+        id,
+        outcome: Outcome::Ok(b"real".to_vec()),
+    })
+    .await;
+    assert_eq!(
+        b.wait_final(id).await.outcome,
+        Some(Outcome::Ok(b"real".to_vec()))
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_closed_and_others_stay_served() {
+    let b = start_box(LinkOptions {
+        frame_rate: 500,
+        frame_burst: 1000,
+        ..Default::default()
+    })
+    .await;
+    let bf = b.enroll("flood").await;
+    let bg = b.enroll("good").await;
+    let mut good = client::connect(&bg, &ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut flood = Raw::welcomed(b.addr, &bf).await;
+    let ping = proto::encode(&DeviceFrame::Ping);
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 20_000)
+        .collect();
+    let flooding = tokio::spawn(async move {
+        // The box stops reading once it closes us; the write then fails.
+        let _ = timeout(WAIT, flood.send.write_all(&burst)).await;
+        let mut pongs = 0u32;
+        let code = loop {
+            match flood.read().await {
+                Some(BoxFrame::Pong) => pongs += 1,
+                Some(BoxFrame::Error { code, .. }) => break Some(code),
+                Some(other) => panic!("{other:?}"),
+                None => break None,
+            }
+        };
+        let closed = timeout(WAIT, flood.conn.closed()).await.is_ok();
+        (code, pongs, closed)
+    });
+    // Meanwhile another device gets and acks its commands.
+    for i in 0..5u8 {
+        let id = b.send("good", &[i]).await;
+        match timeout(WAIT, good.next()).await.unwrap().unwrap() {
+            Some(Received::Command(c)) => assert_eq!(c.id, id),
+            other => panic!("{other:?}"),
+        }
+        good.ack(id, Outcome::Ok(vec![i])).await.unwrap();
+        assert_eq!(b.wait_final(id).await.state, State::Succeeded);
+    }
+    let (code, pongs, closed) = timeout(WAIT, flooding).await.unwrap().unwrap();
+    assert_eq!(code, Some(ErrorCode::TooManyFrames));
+    assert!(pongs <= 1100, "{pongs} pongs");
+    assert!(closed);
+    assert!(b.link.is_connected("good"));
+    assert!(!b.link.is_connected("flood"));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_devices_at_once() {
+    const N: usize = 200;
+    let b = Arc::new(start_box(LinkOptions::default()).await);
+    let mut bundles = Vec::new();
+    for i in 0..N {
+        bundles.push(b.enroll(&format!("dev-{i:03}")).await);
+    }
+    let all = async {
+        let mut set = tokio::task::JoinSet::new();
+        for bundle in bundles {
+            set.spawn(async move { client::connect(&bundle, &ConnectOptions::default()).await });
+        }
+        let mut conns = Vec::new();
+        while let Some(r) = set.join_next().await {
+            conns.push(r.unwrap().unwrap());
+        }
+        conns
+    };
+    let mut conns = timeout(Duration::from_secs(120), all)
+        .await
+        .expect("200 devices did not connect in 120 s");
+    assert_eq!(b.link.connected().len(), N);
+    // Each gets one command and acks it.
+    let mut ids = Vec::new();
+    for c in &conns {
+        ids.push(b.send(c.device_id(), b"x").await);
+    }
+    let serve = async {
+        for c in conns.iter_mut() {
+            match c.next().await.unwrap() {
+                Some(Received::Command(cmd)) => c.ack(cmd.id, Outcome::Ok(vec![])).await.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    timeout(Duration::from_secs(120), serve)
+        .await
+        .expect("acks did not complete");
+    for id in ids {
+        assert_eq!(b.wait_final(id).await.state, State::Succeeded);
+    }
+    drop(conns);
+    if let Ok(b) = Arc::try_unwrap(b) {
+        b.stop().await;
+    }
+}

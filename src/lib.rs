@@ -7,6 +7,7 @@
 //! See ARCHITECTURE.md for the map.
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod command;

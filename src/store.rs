@@ -2,10 +2,13 @@
 //!
 //! Layout (DESIGN §4, with one departure recorded in ARCHITECTURE.md):
 //! - tree `journal`: every group commit's records, key = kind byte + group
-//!   seq (u64 big-endian). Kind `J` holds the group's `Vec<journal::Entry>`,
-//!   kind `R` its `Vec<journal::ResultRecord>`. Both kinds share one tree so
-//!   one sled batch — atomic — carries a whole group (sled batches are per
-//!   tree; a multi-tree transaction measured 4× slower).
+//!   seq (u64 BE) + chunk (u16 BE). Kind `J` holds the group's
+//!   `journal::Entry`s, kind `R` its `journal::ResultRecord`s, each chunk a
+//!   postcard `Vec<_>` of at most `CHUNK_BYTES` (one oversized entry gets a
+//!   chunk of its own). Chunks keep sled values small (sled moves large
+//!   values to blob files, a file and an fsync each) while a round stays as
+//!   large as concurrency makes it. Both kinds share one tree so one sled
+//!   batch, which is atomic, carries a whole group (batches are per tree).
 //! - tree `devices`: device id → `DeviceRecord` (postcard).
 //! - tree `meta`: `schema` → u32 BE.
 //!
@@ -23,6 +26,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 const KIND_JOURNAL: u8 = b'J';
 const KIND_RESULTS: u8 = b'R';
+/// Largest chunk value written (see the module doc).
+const CHUNK_BYTES: usize = 32 * 1024;
 
 /// Store failures, each naming the path and the way out.
 #[derive(Debug, thiserror::Error)]
@@ -112,11 +117,55 @@ pub struct Store {
     meta: sled::Tree,
 }
 
-fn key(kind: u8, seq: u64) -> [u8; 9] {
+fn key(kind: u8, seq: u64, chunk: u16) -> [u8; 11] {
+    let mut k = [0u8; 11];
+    k[0] = kind;
+    k[1..9].copy_from_slice(&seq.to_be_bytes());
+    k[9..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+fn prefix(kind: u8, seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = kind;
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// Encode `items` as postcard `Vec<T>` chunks of at most `CHUNK_BYTES`.
+fn chunks<T: Serialize>(items: &[T]) -> Vec<Vec<u8>> {
+    // A postcard sequence is its length as a LEB128 varint, then the items.
+    fn seal(body: &mut Vec<u8>, n: &mut usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(body.len() + 5);
+        let mut len = *n;
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                v.push(b);
+                break;
+            }
+            v.push(b | 0x80);
+        }
+        v.append(body);
+        *n = 0;
+        v
+    }
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    let mut n = 0usize;
+    for item in items {
+        let e = encode(item);
+        if n > 0 && body.len() + e.len() > CHUNK_BYTES {
+            out.push(seal(&mut body, &mut n));
+        }
+        body.extend_from_slice(&e);
+        n += 1;
+    }
+    if n > 0 {
+        out.push(seal(&mut body, &mut n));
+    }
+    out
 }
 
 impl Store {
@@ -205,17 +254,21 @@ impl Store {
     /// disk: the caller may answer its waiters.
     pub fn commit(&self, w: &GroupWrite) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        if !w.journal.is_empty() {
-            batch.insert(&key(KIND_JOURNAL, w.seq), encode(&w.journal));
+        for (i, c) in chunks(&w.journal).into_iter().enumerate() {
+            batch.insert(&key(KIND_JOURNAL, w.seq, i as u16), c);
         }
-        if !w.results.is_empty() {
-            batch.insert(&key(KIND_RESULTS, w.seq), encode(&w.results));
+        for (i, c) in chunks(&w.results).into_iter().enumerate() {
+            batch.insert(&key(KIND_RESULTS, w.seq, i as u16), c);
         }
-        for &seq in &w.drop_journal {
-            batch.remove(&key(KIND_JOURNAL, seq));
-        }
-        for &seq in &w.drop_results {
-            batch.remove(&key(KIND_RESULTS, seq));
+        for (kind, seqs) in [
+            (KIND_JOURNAL, &w.drop_journal),
+            (KIND_RESULTS, &w.drop_results),
+        ] {
+            for &seq in seqs {
+                for k in self.journal.scan_prefix(prefix(kind, seq)).keys() {
+                    batch.remove(k.map_err(|e| self.err(e))?);
+                }
+            }
         }
         self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
@@ -225,74 +278,99 @@ impl Store {
     /// Every group on disk, in commit order (journal before results within
     /// one seq). A record that does not decode is reported, never skipped.
     pub fn replay(&self) -> impl Iterator<Item = Result<Group, StoreError>> + '_ {
-        let mut j = self
-            .journal
-            .range(key(KIND_JOURNAL, 0)..=key(KIND_JOURNAL, u64::MAX));
-        let mut r = self
-            .journal
-            .range(key(KIND_RESULTS, 0)..=key(KIND_RESULTS, u64::MAX));
-        let mut next_j = None;
-        let mut next_r = None;
+        let mut j = self.kind_groups(KIND_JOURNAL).peekable();
+        let mut r = self.kind_groups(KIND_RESULTS).peekable();
         std::iter::from_fn(move || {
-            if next_j.is_none() {
-                next_j = j.next();
-            }
-            if next_r.is_none() {
-                next_r = r.next();
-            }
-            let seq_of = |x: &Option<sled::Result<(sled::IVec, sled::IVec)>>| match x {
-                Some(Ok((k, _))) => Some(seq_from_key(k)),
+            let seq_of = |x: Option<&Result<Group, StoreError>>| match x {
+                Some(Ok(Group::Journal(s, _))) | Some(Ok(Group::Results(s, _))) => Some(*s),
                 Some(Err(_)) => Some(0),
                 None => None,
             };
-            let take_j = match (seq_of(&next_j), seq_of(&next_r)) {
-                (None, None) => return None,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some(a), Some(b)) => a <= b,
-            };
-            let item = if take_j { next_j.take() } else { next_r.take() }?;
-            Some(item.map_err(|e| self.err(e)).and_then(|(k, v)| {
-                let seq = seq_from_key(&k);
-                if take_j {
-                    decode(&v)
-                        .map(|e| Group::Journal(seq, e))
-                        .map_err(|e| self.corrupt(format!("journal group {seq}: {e}")))
-                } else {
-                    decode(&v)
-                        .map(|e| Group::Results(seq, e))
-                        .map_err(|e| self.corrupt(format!("result group {seq}: {e}")))
-                }
-            }))
+            match (seq_of(j.peek()), seq_of(r.peek())) {
+                (None, None) => None,
+                (Some(_), None) => j.next(),
+                (None, Some(_)) => r.next(),
+                (Some(a), Some(b)) if a <= b => j.next(),
+                _ => r.next(),
+            }
         })
+    }
+
+    /// The groups of one kind, chunks joined, in seq order.
+    fn kind_groups(&self, kind: u8) -> impl Iterator<Item = Result<Group, StoreError>> + '_ {
+        let mut it = self.journal.scan_prefix([kind]).peekable();
+        std::iter::from_fn(move || {
+            let (k, v) = match it.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(self.err(e))),
+            };
+            let seq = seq_from_key(&k);
+            let mut values = vec![v];
+            while let Some(Ok((k2, _))) = it.peek() {
+                if seq_from_key(k2) != seq {
+                    break;
+                }
+                match it.next() {
+                    Some(Ok((_, v2))) => values.push(v2),
+                    Some(Err(e)) => return Some(Err(self.err(e))),
+                    None => break,
+                }
+            }
+            Some(if kind == KIND_JOURNAL {
+                self.join(kind, seq, &values)
+                    .map(|e| Group::Journal(seq, e))
+            } else {
+                self.join(kind, seq, &values)
+                    .map(|e| Group::Results(seq, e))
+            })
+        })
+    }
+
+    fn join<T: for<'a> Deserialize<'a>>(
+        &self,
+        kind: u8,
+        seq: u64,
+        values: &[sled::IVec],
+    ) -> Result<Vec<T>, StoreError> {
+        let what = if kind == KIND_JOURNAL {
+            "journal"
+        } else {
+            "result"
+        };
+        let mut out = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let part: Vec<T> = decode(v)
+                .map_err(|e| self.corrupt(format!("{what} group {seq} chunk {i}: {e}")))?;
+            out.extend(part);
+        }
+        Ok(out)
+    }
+
+    fn read_group<T: for<'a> Deserialize<'a>>(
+        &self,
+        kind: u8,
+        seq: u64,
+    ) -> Result<Option<Vec<T>>, StoreError> {
+        let values = self
+            .journal
+            .scan_prefix(prefix(kind, seq))
+            .values()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        if values.is_empty() {
+            return Ok(None);
+        }
+        self.join(kind, seq, &values).map(Some)
     }
 
     /// One journal group, for reading payloads at delivery.
     pub fn read_journal(&self, seq: u64) -> Result<Option<Vec<Entry>>, StoreError> {
-        match self
-            .journal
-            .get(key(KIND_JOURNAL, seq))
-            .map_err(|e| self.err(e))?
-        {
-            None => Ok(None),
-            Some(v) => decode(&v)
-                .map(Some)
-                .map_err(|e| self.corrupt(format!("journal group {seq}: {e}"))),
-        }
+        self.read_group(KIND_JOURNAL, seq)
     }
 
     /// One result group.
     pub fn read_results(&self, seq: u64) -> Result<Option<Vec<ResultRecord>>, StoreError> {
-        match self
-            .journal
-            .get(key(KIND_RESULTS, seq))
-            .map_err(|e| self.err(e))?
-        {
-            None => Ok(None),
-            Some(v) => decode(&v)
-                .map(Some)
-                .map_err(|e| self.corrupt(format!("result group {seq}: {e}"))),
-        }
+        self.read_group(KIND_RESULTS, seq)
     }
 
     /// Insert or replace a device record, durably.
@@ -343,8 +421,8 @@ impl Store {
 
 fn seq_from_key(k: &[u8]) -> u64 {
     let mut b = [0u8; 8];
-    if k.len() == 9 {
-        b.copy_from_slice(&k[1..]);
+    if k.len() >= 9 {
+        b.copy_from_slice(&k[1..9]);
     }
     u64::from_be_bytes(b)
 }
@@ -521,7 +599,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         s.journal
-            .insert(key(KIND_JOURNAL, 9), &[0xff, 0xff, 0xff][..])
+            .insert(key(KIND_JOURNAL, 9, 0), &[0xff, 0xff, 0xff][..])
             .unwrap();
         let err = s
             .replay()
@@ -529,10 +607,45 @@ mod tests {
             .expect("corruption reported");
         let msg = err.to_string();
         assert!(
-            msg.contains("corrupt") && msg.contains("journal group 9"),
+            msg.contains("corrupt") && msg.contains("journal group 9 chunk 0"),
             "{msg}"
         );
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn large_groups_are_chunked_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let journal: Vec<Entry> = (0..1000).map(cmd).collect();
+        let results: Vec<ResultRecord> = (0..1000).map(result).collect();
+        s.commit(&GroupWrite {
+            seq: 5,
+            journal: journal.clone(),
+            results: results.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        let n = s.journal.scan_prefix(prefix(KIND_JOURNAL, 5)).count();
+        assert!(
+            n >= 4,
+            "1000 entries of ~150 B span several chunks, got {n}"
+        );
+        for v in s.journal.iter().values() {
+            assert!(v.unwrap().len() <= CHUNK_BYTES + 5);
+        }
+        assert_eq!(s.read_journal(5).unwrap().unwrap(), journal);
+        assert_eq!(s.read_results(5).unwrap().unwrap(), results);
+        let groups: Vec<Group> = s.replay().collect::<Result<_, _>>().unwrap();
+        assert_eq!(groups.len(), 2);
+        s.commit(&GroupWrite {
+            seq: 6,
+            drop_journal: vec![5],
+            drop_results: vec![5],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.journal.len(), 0, "every chunk dropped");
     }
 
     #[test]

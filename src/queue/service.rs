@@ -72,18 +72,27 @@ pub struct DeviceSession {
 }
 
 impl DeviceSession {
-    /// Report a command's outcome. Returns once the outcome is durable, so
-    /// the device may forget the command when this returns.
-    pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), QueueError> {
-        self.handle
-            .call(|reply| Msg::Ack {
-                device: self.device.clone(),
-                token: self.token,
-                id,
-                outcome,
-                reply,
-            })
-            .await
+    /// Report a command's outcome. The report is queued at once, in call
+    /// order; the returned future resolves once it is durable. It borrows
+    /// nothing, so a link can keep many acks in flight (one flush then
+    /// carries them all) instead of waiting a flush per ack.
+    pub fn ack(
+        &self,
+        id: CommandId,
+        outcome: Outcome,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.handle.tx.send(Msg::Ack {
+            device: self.device.clone(),
+            token: self.token,
+            id,
+            outcome,
+            reply,
+        });
+        async move {
+            sent.map_err(|_| QueueError::ShuttingDown)?;
+            rx.await.map_err(|_| QueueError::ShuttingDown)?
+        }
     }
 }
 

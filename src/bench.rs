@@ -1,0 +1,225 @@
+//! Benchmarks a technician can run on the real box (`outpost bench`) and
+//! that `benches/` runs on a development machine. They print figures; they
+//! never assert on time (shared machines make timed assertions flaky).
+//!
+//! `queue_bench` measures the durable queue alone, without the network:
+//! durable enqueue throughput with P concurrent producers, then delivery and
+//! ack throughput through one in-process device session per device, and the
+//! bytes the process wrote to storage per command over its whole life
+//! (enqueue → deliver → ack → dropped), read from `/proc/self/io`.
+
+use crate::command::{Outcome, SendOptions};
+use crate::queue::{self, Delivery, QueueHandle, SendRequest, ServiceOptions};
+use crate::store::{DeviceRecord, Store, StoreOptions};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct QueueBenchOptions {
+    pub commands: usize,
+    pub producers: usize,
+    pub devices: usize,
+    pub payload: usize,
+    /// Devices connected while producers enqueue (a flow), rather than
+    /// draining a backlog afterwards.
+    pub flow: bool,
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueBenchReport {
+    pub commands: usize,
+    pub producers: usize,
+    pub devices: usize,
+    pub payload_bytes: usize,
+    pub flow: bool,
+    pub enqueue_per_s: f64,
+    pub deliver_ack_per_s: f64,
+    pub group_commits: u64,
+    pub commands_per_group: f64,
+    /// Bytes written to storage per command over its whole life (0 when the
+    /// kernel does not report per-process IO).
+    pub bytes_written_per_command: f64,
+    pub data_dir_bytes_after: u64,
+}
+
+/// Storage bytes written by this process so far (`write_bytes`), if known.
+pub fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn device(id: String) -> DeviceRecord {
+    DeviceRecord {
+        id,
+        tags: vec![],
+        caps: vec![],
+        enrolled_at: 0,
+        revoked: false,
+        last_seen: None,
+    }
+}
+
+/// Run the queue benchmark in `dir` (which should be on the box's real
+/// storage, not tmpfs, for the write figures to mean anything).
+pub async fn queue_bench(dir: &Path, o: &QueueBenchOptions) -> anyhow::Result<QueueBenchReport> {
+    let store = Store::open(dir, &StoreOptions::default())?;
+    let q = queue::open(store.clone(), ServiceOptions::default())?;
+    let devices: Vec<String> = (0..o.devices.max(1))
+        .map(|i| format!("bench-{i}"))
+        .collect();
+    for d in &devices {
+        q.enroll(device(d.clone())).await?;
+    }
+    let written_before = process_write_bytes();
+    let commits_before = q.stats().await?.group_commits_total;
+
+    let per_producer = o.commands / o.producers.max(1);
+    let total = per_producer * o.producers.max(1);
+    let mut drains = tokio::task::JoinSet::new();
+    let spawn_drains = |drains: &mut tokio::task::JoinSet<_>| {
+        let per_device = total / devices.len();
+        let extra = total % devices.len();
+        for (i, d) in devices.iter().enumerate() {
+            let expect = per_device + usize::from(i < extra);
+            drains.spawn(drain(q.clone(), d.clone(), expect));
+        }
+    };
+    if o.flow {
+        spawn_drains(&mut drains);
+    }
+    // Phase 1: durable enqueue with P producers (devices offline unless
+    // `flow`).
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..o.producers.max(1) {
+        let q = q.clone();
+        let devices = devices.clone();
+        let payload = vec![b'x'; o.payload];
+        tasks.spawn(async move {
+            for i in 0..per_producer {
+                let target = devices[(p * per_producer + i) % devices.len()].clone();
+                q.send(SendRequest {
+                    target,
+                    payload: payload.clone(),
+                    opts: SendOptions::default(),
+                    origin: "bench".into(),
+                    signature: None,
+                })
+                .await?;
+            }
+            Ok::<_, queue::QueueError>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let enqueue_s = started.elapsed().as_secs_f64();
+
+    // Phase 2: every device acks what it receives (in a flow, this is the
+    // tail of the run: the figure is then end-to-end throughput).
+    if !o.flow {
+        spawn_drains(&mut drains);
+    }
+    let ack_started = if o.flow { started } else { Instant::now() };
+    while let Some(r) = drains.join_next().await {
+        r??;
+    }
+    let ack_s = ack_started.elapsed().as_secs_f64();
+    let stats = q.stats().await?;
+    let commits = stats.group_commits_total - commits_before;
+    q.shutdown().await;
+    let written = match (written_before, process_write_bytes()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    };
+    let size = dir_size(dir);
+    Ok(QueueBenchReport {
+        commands: total,
+        producers: o.producers,
+        devices: devices.len(),
+        payload_bytes: o.payload,
+        flow: o.flow,
+        enqueue_per_s: total as f64 / enqueue_s,
+        deliver_ack_per_s: total as f64 / ack_s,
+        group_commits: commits,
+        commands_per_group: 2.0 * total as f64 / commits.max(1) as f64,
+        bytes_written_per_command: written as f64 / total.max(1) as f64,
+        data_dir_bytes_after: size,
+    })
+}
+
+async fn drain(q: QueueHandle, device: String, expect: usize) -> Result<(), queue::QueueError> {
+    let mut session = q.connect(device, 0).await?;
+    // Acks pipelined as a real link does: many in flight, one flush each round.
+    let mut acks = tokio::task::JoinSet::new();
+    let mut done = 0;
+    while done < expect {
+        let Some(d) = session.rx.recv().await else {
+            break;
+        };
+        if let Delivery::Command(c) = d {
+            acks.spawn(session.ack(c.id, Outcome::Ok(Vec::new())));
+            done += 1;
+        }
+        while let Some(r) = acks.try_join_next() {
+            r.map_err(|e| queue::QueueError::Storage(e.to_string()))??;
+        }
+    }
+    while let Some(r) = acks.join_next().await {
+        r.map_err(|e| queue::QueueError::Storage(e.to_string()))??;
+    }
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+impl QueueBenchReport {
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        format!(
+            "queue bench ({}): {} commands of {} B, {} producers, {} devices\n\
+             durable enqueue      {:>12.0} commands/s\n\
+             deliver + ack        {:>12.0} commands/s{}\n\
+             group commits        {:>12} ({:.1} operations per flush)\n\
+             written per command  {:>12.0} bytes (whole life, /proc/self/io)\n\
+             data dir after       {:>12} bytes\n",
+            if self.flow {
+                "flow: devices connected"
+            } else {
+                "backlog: enqueue all, then drain"
+            },
+            self.commands,
+            self.payload_bytes,
+            self.producers,
+            self.devices,
+            self.enqueue_per_s,
+            self.deliver_ack_per_s,
+            if self.flow { " (end to end)" } else { "" },
+            self.group_commits,
+            self.commands_per_group,
+            self.bytes_written_per_command,
+            self.data_dir_bytes_after
+        )
+    }
+}

@@ -45,7 +45,9 @@ impl fmt::Debug for CommandId {
 
 /// The text was not a command id.
 #[derive(Debug, thiserror::Error)]
-#[error("`{0}` is not a command id (expected a 26-character ULID such as 01J9ZQ3M8E5V6X7Y8Z9A0B1C2D)")]
+#[error(
+    "`{0}` is not a command id (expected a 26-character ULID such as 01J9ZQ3M8E5V6X7Y8Z9A0B1C2D)"
+)]
 pub struct BadCommandId(pub String);
 
 impl FromStr for CommandId {
@@ -59,7 +61,9 @@ impl FromStr for CommandId {
 
 /// Delivery priority. Declaration order is the sort order: `High` sorts last,
 /// so `Ord` can be used directly to pick the highest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum Priority {
     Low,
     #[default]
@@ -101,7 +105,9 @@ impl FromStr for Priority {
             "high" => Ok(Priority::High),
             "normal" => Ok(Priority::Normal),
             "low" => Ok(Priority::Low),
-            other => Err(format!("unknown priority `{other}` (use high, normal or low)")),
+            other => Err(format!(
+                "unknown priority `{other}` (use high, normal or low)"
+            )),
         }
     }
 }
@@ -227,6 +233,9 @@ mod tests {
     fn priority_order_and_parse() {
         assert!(Priority::High > Priority::Normal && Priority::Normal > Priority::Low);
         assert_eq!("HIGH".parse::<Priority>().unwrap(), Priority::High);
-        assert!("urgent".parse::<Priority>().unwrap_err().contains("high, normal or low"));
+        assert!("urgent"
+            .parse::<Priority>()
+            .unwrap_err()
+            .contains("high, normal or low"));
     }
 }

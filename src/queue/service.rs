@@ -243,6 +243,10 @@ impl Writer {
     /// Serve until shutdown (returns its waiter) or until every handle is
     /// gone (returns None).
     fn run(&mut self) -> Option<oneshot::Sender<()>> {
+        // Replay may have ended commands (ttl ran out while the box was
+        // down): write and publish that now, not at the next request. A
+        // round with nothing in it writes nothing.
+        self.round(crate::now_millis(), Vec::new());
         loop {
             // Sleep until a request arrives or the core's next timer: an idle
             // box wakes for nothing.

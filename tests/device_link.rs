@@ -438,13 +438,11 @@ async fn revoke_closes_the_live_connection_and_refuses_the_next() {
         .await
         .unwrap();
     b.link.revoke("dev-v");
-    let started = std::time::Instant::now();
     let e = timeout(Duration::from_secs(1), conn.next())
         .await
         .expect("the live connection was not closed within 1 s of revoke")
         .err()
         .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1));
     assert!(e.is_permanent(), "{e}");
     assert!(e.to_string().contains("revoked"), "{e}");
     let e = client::connect(&bundle, &ConnectOptions::default())
@@ -713,4 +711,56 @@ async fn two_hundred_devices_at_once() {
     if let Ok(b) = Arc::try_unwrap(b) {
         b.stop().await;
     }
+}
+
+/// A device that goes silent (power cut: no close, no keep-alives) is
+/// noticed by the idle timeout, and its command goes back to the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_is_dropped_and_its_command_requeued() {
+    let b = start_box(LinkOptions {
+        idle_timeout: Duration::from_secs(1),
+        keep_alive: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let bundle = b.enroll("dev-s").await;
+    let id = b.send("dev-s", b"x").await;
+    let dead = bundle.clone();
+    // The device runs on its own runtime, which is then stopped dead.
+    let device = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            let mut conn = client::connect(&dead, &ConnectOptions::default())
+                .await
+                .unwrap();
+            let got = matches!(conn.next().await, Ok(Some(Received::Command(_))));
+            // Never closed: the box must notice the silence by itself.
+            std::mem::forget(conn);
+            got
+        });
+        rt.shutdown_background();
+        got
+    });
+    assert!(device.join().unwrap(), "the device got no command");
+    let mut gone = false;
+    for _ in 0..200 {
+        if !b.link.is_connected("dev-s") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the silent device was not dropped in 20 s");
+    // Back to the queue: the device's next connection gets it again.
+    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .unwrap();
+    match timeout(WAIT, conn.next()).await.unwrap().unwrap() {
+        Some(Received::Command(c)) => assert_eq!(c.id, id),
+        other => panic!("{other:?}"),
+    }
+    b.stop().await;
 }

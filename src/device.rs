@@ -541,12 +541,10 @@ impl Session {
         }
         tracing::info!(%agent, %version, "device connected");
 
-        // The session's ack() takes &self while rx needs &mut: split them so
-        // acks can run concurrently (one group commit each) while deliveries
-        // keep flowing.
+        // Deliveries are received (&mut) while acks are issued (&self) in
+        // the same loop: take the receiver out of the session.
         let (_, placeholder) = mpsc::unbounded_channel();
         let mut rx = std::mem::replace(&mut session.rx, placeholder);
-        let session = Arc::new(session);
         let end = self.serve(recv, &mut rx, &session).await;
         drop(rx);
         end
@@ -556,7 +554,7 @@ impl Session {
         &mut self,
         mut stream: quinn::RecvStream,
         rx: &mut mpsc::UnboundedReceiver<Delivery>,
-        session: &Arc<crate::queue::DeviceSession>,
+        session: &crate::queue::DeviceSession,
     ) -> End {
         let shared = self.shared.clone();
         let opts = &shared.opts;
@@ -646,13 +644,11 @@ impl Session {
                             // delivered, so end it rather than retry forever.
                             if let BoxFrame::Command { id, .. } = frame {
                                 tracing::warn!(%id, len, max, "command payload over the frame limit; rejecting it");
-                                let s = session.clone();
-                                acks.spawn(async move {
-                                    let outcome = Outcome::Rejected {
-                                        reason: format!("payload of {len} bytes is over the device link's frame limit of {max} bytes"),
-                                    };
-                                    (id, s.ack(id, outcome).await)
-                                });
+                                let outcome = Outcome::Rejected {
+                                    reason: format!("payload of {len} bytes is over the device link's frame limit of {max} bytes"),
+                                };
+                                let done = session.ack(id, outcome);
+                                acks.spawn(async move { (id, done.await) });
                             }
                         }
                         Err(e) => break End::Gone(e.to_string()),
@@ -673,8 +669,11 @@ impl Session {
                     }
                     match frame {
                         DeviceFrame::Ack { id, outcome } => {
-                            let s = session.clone();
-                            acks.spawn(async move { (id, s.ack(id, outcome).await) });
+                            // Queued with the writer now, in arrival order;
+                            // only the wait for durability runs aside, so
+                            // one flush carries many acks.
+                            let done = session.ack(id, outcome);
+                            acks.spawn(async move { (id, done.await) });
                         }
                         DeviceFrame::Ping => {
                             if let Err(e) = self.write(&BoxFrame::Pong).await {

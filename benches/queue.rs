@@ -1,8 +1,10 @@
 //! `cargo bench --bench queue`: the durable queue alone (no network), with
 //! 1, 8 and 64 concurrent producers. Prints figures; asserts nothing.
-//! Set OUTPOST_BENCH_COMMANDS to change the size (default 100,000).
+//! Set OUTPOST_BENCH_COMMANDS to change the size (default 100,000), and
+//! OUTPOST_BENCH_RESTART the backlog of the restart run (default 1,000,000;
+//! 0 skips it).
 
-use outpost::bench::{queue_bench, QueueBenchOptions};
+use outpost::bench::{queue_bench, restart_bench, QueueBenchOptions};
 
 fn main() {
     let commands: usize = std::env::var("OUTPOST_BENCH_COMMANDS")
@@ -24,5 +26,20 @@ fn main() {
         };
         let r = rt.block_on(queue_bench(dir.path(), &o)).expect("bench run");
         println!("{}", r.table());
+    }
+    // W2: restart with a large backlog (OUTPOST_BENCH_RESTART, default 1M).
+    let n: usize = std::env::var("OUTPOST_BENCH_RESTART")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    if n > 0 {
+        let dir = tempfile::tempdir_in(&base).expect("temp dir");
+        let r = rt
+            .block_on(restart_bench(dir.path(), n, 100))
+            .expect("restart bench");
+        println!(
+            "restart: {} queued commands, open → first delivery {:.3} s, {:.0} B RSS per queued command, data dir {} bytes",
+            r.queued, r.open_to_first_delivery_s, r.rss_bytes_per_queued, r.data_dir_bytes
+        );
     }
 }

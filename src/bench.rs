@@ -223,3 +223,94 @@ impl QueueBenchReport {
         )
     }
 }
+
+/// What a restart with a large backlog costs.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestartReport {
+    pub queued: usize,
+    /// Open the store, replay, and hand the first command to a device.
+    pub open_to_first_delivery_s: f64,
+    /// Resident memory growth from before the open to after it.
+    pub rss_bytes_per_queued: f64,
+    pub data_dir_bytes: u64,
+}
+
+/// Resident set size of this process, from /proc (0 where unknown).
+pub fn rss_bytes() -> u64 {
+    status_kib("VmRSS:") * 1024
+}
+
+/// Peak resident set size of this process, from /proc (0 where unknown).
+pub fn peak_rss_bytes() -> u64 {
+    status_kib("VmHWM:") * 1024
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Fill a queue with `n` commands for `devices` offline devices, close it,
+/// then time a fresh open until the first delivery (W2).
+pub async fn restart_bench(dir: &Path, n: usize, devices: usize) -> anyhow::Result<RestartReport> {
+    {
+        let q = queue::open(
+            Store::open(dir, &StoreOptions::default())?,
+            ServiceOptions::default(),
+        )?;
+        let names: Vec<String> = (0..devices.max(1)).map(|i| format!("bench-{i}")).collect();
+        for d in &names {
+            q.enroll(device(d.clone())).await?;
+        }
+        let producers = 64;
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in 0..producers {
+            let (q, names) = (q.clone(), names.clone());
+            tasks.spawn(async move {
+                for i in (p..n).step_by(producers) {
+                    q.send(SendRequest {
+                        target: names[i % names.len()].clone(),
+                        payload: vec![b'x'; 100],
+                        opts: SendOptions::default(),
+                        origin: "bench".into(),
+                        signature: None,
+                    })
+                    .await?;
+                }
+                Ok::<_, queue::QueueError>(())
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        q.shutdown().await;
+    }
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    let q = queue::open(
+        Store::open(dir, &StoreOptions::default())?,
+        ServiceOptions::default(),
+    )?;
+    let mut s = q.connect("bench-0".into(), 0).await?;
+    let first = s.rx.recv().await;
+    let elapsed = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        matches!(first, Some(Delivery::Command(_))),
+        "no delivery after restart"
+    );
+    let rss_after = rss_bytes();
+    drop(s);
+    q.shutdown().await;
+    Ok(RestartReport {
+        queued: n,
+        open_to_first_delivery_s: elapsed,
+        rss_bytes_per_queued: rss_after.saturating_sub(rss_before) as f64 / n.max(1) as f64,
+        data_dir_bytes: dir_size(dir),
+    })
+}

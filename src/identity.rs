@@ -389,6 +389,46 @@ fn load_key(path: &Path) -> Result<KeyPair, IdentityError> {
     })
 }
 
+/// Whether the certificate at `path` names every one of `names` (so a new
+/// `--san` makes `init` reissue the server certificate; devices verify the
+/// fixed [`SERVER_NAME`], so they are unaffected).
+fn cert_has_names(path: &Path, names: &[String]) -> Result<bool, IdentityError> {
+    let der = first_cert_der(&read_text(path)?, path)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| IdentityError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("not an X.509 certificate ({e})"),
+        })?;
+    let mut have = HashSet::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => {
+                    have.insert(d.to_ascii_lowercase());
+                }
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        have.insert(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(names.iter().all(|n| {
+        let n = n
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|_| n.to_ascii_lowercase());
+        have.contains(&n)
+    }))
+}
+
 impl Identity {
     /// The directory holding the box's certificates under `data_dir`.
     pub fn tls_dir(data_dir: &Path) -> PathBuf {
@@ -440,7 +480,8 @@ impl Identity {
             }
         }
         let (srv_cert, srv_key) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY));
-        if !srv_cert.exists() || !srv_key.exists() {
+        let wanted = server_sans(sans);
+        if !srv_cert.exists() || !srv_key.exists() || !cert_has_names(&srv_cert, &wanted)? {
             let (_, ca_key, ca_issuer) = Self::load_ca(&dir)?;
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::default();
@@ -448,10 +489,8 @@ impl Identity {
             dn.push(DnType::OrganizationName, "outpost");
             dn.push(DnType::CommonName, "outpost box");
             params.distinguished_name = dn;
-            params.subject_alt_names = server_sans(sans)
-                .iter()
-                .map(|n| to_san(n))
-                .collect::<Result<_, _>>()?;
+            params.subject_alt_names =
+                wanted.iter().map(|n| to_san(n)).collect::<Result<_, _>>()?;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params.use_authority_key_identifier_extension = true;
@@ -605,6 +644,11 @@ impl Identity {
             )
             .map_err(tls_err)?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
+        // A resumed TLS session skips the client-certificate verifier, and
+        // with it the revocation and expiry checks: every device does a full
+        // handshake instead.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
         Ok(cfg)
     }
 }
@@ -802,9 +846,11 @@ impl Bundle {
         let mut lines = header.lines().map(str::trim).filter(|l| !l.is_empty());
         match lines.next() {
             Some(l) if l == BUNDLE_HEADER => {}
-            Some(l) if l.starts_with("# outpost bundle v") => return Err(bad(format!(
+            Some(l) if l.starts_with("# outpost bundle v") => {
+                return Err(bad(format!(
                 "it is `{l}`, a format this outpost does not know (it reads v1); upgrade outpost"
-            ))),
+            )))
+            }
             _ => return Err(bad(format!("the first line must be `{BUNDLE_HEADER}`"))),
         }
         let (mut id, mut server) = (None, None);
@@ -951,9 +997,27 @@ mod tests {
         assert_eq!(mode(&tls.join(SERVER_KEY)), 0o600);
         assert_eq!(mode(&tls), 0o700);
         assert!(Identity::exists(dir.path()));
-        // A second init keeps the CA: replacing it would orphan every device.
-        let again = Identity::init(dir.path(), &[]).unwrap();
+        // A second init keeps the CA (replacing it would orphan every
+        // device) and the server certificate while it has the names.
+        let again = Identity::init(dir.path(), &["box.example".into()]).unwrap();
         assert_eq!(again.ca_pem(), id.ca_pem());
+        assert_eq!(again.server_cert_der, id.server_cert_der);
+        // A new --san reissues the server certificate only.
+        let more = Identity::init(dir.path(), &["new.example".into()]).unwrap();
+        assert_eq!(more.ca_pem(), id.ca_pem());
+        assert_ne!(more.server_cert_der, id.server_cert_der);
+        let (_, srv) = x509_parser::parse_x509_certificate(&more.server_cert_der).unwrap();
+        let san = format!(
+            "{:?}",
+            srv.subject_alternative_name().unwrap().unwrap().value
+        );
+        assert!(san.contains("new.example"), "{san}");
+        let bundle = id.issue_device("d", "h:1").unwrap();
+        handshake(
+            bundle.client_config().unwrap(),
+            more.server_config(RevokedSet::new()).unwrap(),
+        )
+        .unwrap();
         let (_, srv) = x509_parser::parse_x509_certificate(&id.server_cert_der).unwrap();
         let san = format!(
             "{:?}",

@@ -764,3 +764,57 @@ async fn a_silent_device_is_dropped_and_its_command_requeued() {
     }
     b.stop().await;
 }
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}
+
+/// Memory per idle connected device, box and device sides together (both
+/// run in this process, so this is an upper bound for the box). Run with
+/// `cargo test --release --test device_link rss -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn rss_per_idle_device() {
+    const N: usize = 500;
+    let b = start_box(LinkOptions::default()).await;
+    let mut bundles = Vec::new();
+    for i in 0..N {
+        bundles.push(b.enroll(&format!("idle-{i}")).await);
+    }
+    let endpoint = client::client_endpoint(b.addr).unwrap();
+    // Warm up allocators and the queue with one device first.
+    let first = client::connect_with(&endpoint, b.addr, &bundles[0], &ConnectOptions::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib();
+    let started = std::time::Instant::now();
+    let mut conns = vec![first];
+    for bundle in &bundles[1..] {
+        conns.push(
+            client::connect_with(&endpoint, b.addr, bundle, &ConnectOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib();
+    println!(
+        "{} devices connected one after another in {:?} ({:.0}/s); RSS {} KiB -> {} KiB: {:.1} KiB per idle device (box + device sides)",
+        N - 1,
+        took,
+        (N - 1) as f64 / took.as_secs_f64(),
+        before,
+        after,
+        (after.saturating_sub(before)) as f64 / (N - 1) as f64
+    );
+    drop(conns);
+    b.stop().await;
+}

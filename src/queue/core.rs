@@ -272,6 +272,9 @@ pub struct QueueCore {
     result_groups: BTreeMap<u64, (Millis, Vec<CommandId>)>,
     results_dead: u64,
     pins: BTreeMap<u64, u32>,
+    /// Commands whose latest `Requeued` entry is in a group (may hold stale
+    /// ids; checked against `Live::requeue_group` when used).
+    requeue_holders: HashMap<u64, Vec<CommandId>>,
     unpinned: Vec<u64>,
     open_seq: u64,
     next_order: u64,
@@ -317,6 +320,7 @@ impl QueueCore {
             result_groups: BTreeMap::new(),
             results_dead: 0,
             pins: BTreeMap::new(),
+            requeue_holders: HashMap::new(),
             unpinned: Vec::new(),
             open_seq: 1,
             next_order: 1,
@@ -443,6 +447,7 @@ impl QueueCore {
             *self.pins.entry(g).or_insert(0) += 1;
             if let Some(rg) = rg {
                 *self.pins.entry(rg).or_insert(0) += 1;
+                self.requeue_holders.entry(rg).or_default().push(id);
             }
             self.devs[d as usize].live += 1;
             if let Some(exp) = l.expires_at {
@@ -991,10 +996,15 @@ impl QueueCore {
         }
         // Requeue pins held by commands enqueued elsewhere move too.
         let movers: Vec<CommandId> = self
-            .live
-            .iter()
-            .filter(|(_, l)| l.requeue_group == Some(seq))
-            .map(|(id, _)| *id)
+            .requeue_holders
+            .remove(&seq)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| {
+                self.live
+                    .get(id)
+                    .is_some_and(|l| l.requeue_group == Some(seq))
+            })
             .collect();
         for id in movers {
             let l = self.live.get_mut(&id).expect("listed above");
@@ -1007,6 +1017,10 @@ impl QueueCore {
             });
             self.unpin(seq);
             *self.pins.entry(self.open_seq).or_insert(0) += 1;
+            self.requeue_holders
+                .entry(self.open_seq)
+                .or_default()
+                .push(id);
         }
     }
 
@@ -1023,6 +1037,7 @@ impl QueueCore {
         drop_journal.dedup();
         for s in &drop_journal {
             self.pins.remove(s);
+            self.requeue_holders.remove(s);
         }
         let w = GroupWrite {
             seq,
@@ -1304,6 +1319,10 @@ impl QueueCore {
             not_before: l.not_before,
         });
         *self.pins.entry(self.open_seq).or_insert(0) += 1;
+        self.requeue_holders
+            .entry(self.open_seq)
+            .or_default()
+            .push(id);
         if let Some(g) = old {
             self.unpin(g);
         }

@@ -93,6 +93,11 @@ impl H {
 
     /// Seal, "write", take effects — what the writer thread does.
     fn round(&mut self) {
+        // As the writer does: relocate one straggler group per round.
+        if let Some(seq) = self.core.relocation_candidate() {
+            let entries = self.disk.journal[&seq].clone();
+            self.core.relocate(seq, entries);
+        }
         let sealed = self.core.seal(self.now);
         let mut w = sealed.write;
         for (i, g) in sealed.payload_from {
@@ -221,6 +226,18 @@ impl H {
                 "{id}: its journal group {} is not on disk",
                 l.group
             );
+            if let Some(rg) = l.requeue_group {
+                assert!(
+                    self.disk.journal.get(&rg).is_some_and(|g| g.iter().any(
+                        |e| matches!(e, Entry::Requeued { id: x, gen, attempts, .. } if x == id && *gen == l.gen && *attempts == l.attempts)
+                    )),
+                    "{id}: its latest requeue (group {rg}) is not on disk"
+                );
+                assert!(
+                    c.requeue_holders.get(&rg).is_some_and(|v| v.contains(id)),
+                    "{id} missing from requeue holders of {rg}"
+                );
+            }
             let dev = &c.devs[l.device as usize];
             let in_ready = dev.ready[l.priority.rank()].get(&l.order) == Some(id);
             match l.phase {
@@ -797,11 +814,6 @@ fn a_straggler_pins_no_more_than_its_own_group() {
     h.connect("d1");
     for _ in 0..200 {
         let id = h.send_prio("d1", Priority::Normal);
-        // What the writer does every round: relocate one candidate.
-        if let Some(seq) = h.core.relocation_candidate() {
-            let entries = h.disk.journal[&seq].clone();
-            h.core.relocate(seq, entries);
-        }
         h.ack("d1", id, ok()).unwrap();
         h.check();
     }

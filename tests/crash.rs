@@ -77,7 +77,7 @@ fn sigkill_at_random_points_loses_no_acknowledged_command() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut acknowledged: Vec<CommandId> = Vec::new();
-    let mut seed: u64 = 0x5EED_0F_C4A5;
+    let mut seed: u64 = 0x005E_ED0F_C4A5;
     let started = Instant::now();
     for round in 0..KILLS {
         let mut child = Command::new(&exe)

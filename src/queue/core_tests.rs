@@ -940,7 +940,7 @@ proptest! {
                 Op::Retry(i) => if !accepted.is_empty() {
                     let id = accepted[i as usize % accepted.len()];
                     if let Some(r) = h.disk.result(id) {
-                        if h.core.live.get(&id).is_none() {
+                        if !h.core.live.contains_key(&id) {
                             let _ = h.core.retry(r, h.now);
                             h.round();
                         }

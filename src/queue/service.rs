@@ -218,6 +218,8 @@ impl CachedGroup {
 }
 
 /// A request answered once the round it joined is durable.
+// Short-lived (one round), and most are `Reply`: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     Reply(Reply<CoreReply>, Result<CoreReply, QueueError>),
     Show(Reply<CoreReply>, CommandId),

@@ -10,7 +10,18 @@
 //!   large as concurrency makes it. Both kinds share one tree so one sled
 //!   batch, which is atomic, carries a whole group (batches are per tree).
 //! - tree `devices`: device id → `DeviceRecord` (postcard).
-//! - tree `meta`: `schema` → u32 BE.
+//! - tree `meta`: `schema` → u32 BE, `instance` → u64 BE.
+//! - key `S` in tree `journal`: the seq of the last group committed, written
+//!   in every group's batch.
+//!
+//! sled recovers a damaged log silently (a torn tail looks like a crash; a
+//! wrecked file can come back as an empty database), so the store keeps
+//! evidence of its own outside sled: `store-id` (the instance id, created
+//! with the database) and `store-seq` (a committed seq, refreshed at most
+//! every `WATERMARK_EVERY` while busy and at shutdown, never while idle). A
+//! database that comes back empty while `store-id` exists, with another
+//! instance id, or ending before `store-seq`, is reported as corrupt instead
+//! of being served.
 //!
 //! No sled type leaves this module: sled 0.34 is no longer developed and the
 //! engine must stay swappable.
@@ -26,6 +37,12 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 const KIND_JOURNAL: u8 = b'J';
 const KIND_RESULTS: u8 = b'R';
+const KEY_LAST_SEQ: &[u8] = b"S";
+const MARKER_FILE: &str = "store-id";
+const WATERMARK_FILE: &str = "store-seq";
+/// How often a busy store refreshes `store-seq`.
+const WATERMARK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest chunk value written (see the module doc).
 const CHUNK_BYTES: usize = 32 * 1024;
 
@@ -115,6 +132,8 @@ pub struct Store {
     journal: sled::Tree,
     devices: sled::Tree,
     meta: sled::Tree,
+    /// (last seq committed, when `store-seq` was last written).
+    watermark: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
 }
 
 fn key(kind: u8, seq: u64, chunk: u16) -> [u8; 11] {
@@ -176,13 +195,20 @@ impl Store {
             source,
         })?;
         let path = dir.join("db");
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&path)
             .cache_capacity(opts.cache_bytes)
             // We flush at every group commit ourselves; sled's background
             // flusher would only add writes to an idle box.
-            .flush_every_ms(None)
-            .open()
+            .flush_every_ms(None);
+        // sled's recovery panics on some kinds of damage: that is a corrupt
+        // database to report, not a crash loop.
+        // Nothing touches `config` after a panic, so unwind safety holds.
+        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+            .map_err(|p| StoreError::Corrupt {
+                dir: dir.to_path_buf(),
+                detail: format!("sled failed while recovering its log: {}", panic_text(&p)),
+            })?
             .map_err(|e| map_open_error(dir, e))?;
         let s = |e| map_err(dir, e);
         let store = Store {
@@ -191,9 +217,108 @@ impl Store {
             devices: db.open_tree("devices").map_err(s)?,
             meta: db.open_tree("meta").map_err(s)?,
             db,
+            watermark: Default::default(),
         };
         store.check_schema()?;
+        store.check_evidence()?;
         Ok(store)
+    }
+
+    /// The seq of the last group committed (0 for a new database).
+    pub fn last_seq(&self) -> u64 {
+        self.watermark.lock().map(|w| w.0).unwrap_or(0)
+    }
+
+    fn check_evidence(&self) -> Result<(), StoreError> {
+        let instance = match self.meta.get("instance").map_err(|e| self.err(e))? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("instance record has the wrong length".into()))?,
+            ),
+            None => {
+                let id: u64 = rand::random::<u64>() | 1;
+                self.meta
+                    .insert("instance", &id.to_be_bytes())
+                    .map_err(|e| self.err(e))?;
+                self.db.flush().map_err(|e| self.err(e))?;
+                id
+            }
+        };
+        let marker = self.dir.join(MARKER_FILE);
+        match std::fs::read_to_string(&marker) {
+            Ok(text) => {
+                let expected = u64::from_str_radix(text.trim(), 16).ok();
+                if expected != Some(instance) {
+                    return Err(self.corrupt(format!(
+                        "{} names database instance {} but {}/db is instance {instance:016x}: the database was replaced or came back empty after damage",
+                        marker.display(),
+                        text.trim(),
+                        self.dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_file_durably(&marker, format!("{instance:016x}\n").as_bytes()).map_err(
+                    |source| StoreError::Io {
+                        dir: self.dir.clone(),
+                        source,
+                    },
+                )?;
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    dir: self.dir.clone(),
+                    source,
+                })
+            }
+        }
+        let last = match self.journal.get(KEY_LAST_SEQ).map_err(|e| self.err(e))? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("last-seq record has the wrong length".into()))?,
+            ),
+            None => 0,
+        };
+        let wm_path = self.dir.join(WATERMARK_FILE);
+        if let Ok(text) = std::fs::read_to_string(&wm_path) {
+            if let Ok(wm) = text.trim().parse::<u64>() {
+                if wm > last {
+                    return Err(self.corrupt(format!(
+                        "it ends at group {last}, but group {wm} was committed (per {}): committed data is missing",
+                        wm_path.display()
+                    )));
+                }
+            }
+        }
+        *self
+            .watermark
+            .lock()
+            .map_err(|_| self.corrupt("poisoned lock".into()))? = (last, None);
+        Ok(())
+    }
+
+    /// Record a committed seq in `store-seq` if the last time is old enough
+    /// (or `force`, at shutdown).
+    fn refresh_watermark(&self, seq: u64, force: bool) -> Result<(), StoreError> {
+        let Ok(mut w) = self.watermark.lock() else {
+            return Ok(());
+        };
+        w.0 = w.0.max(seq);
+        let due = force || w.1.is_none_or(|t| t.elapsed() >= WATERMARK_EVERY);
+        if due && w.0 > 0 {
+            write_file_durably(
+                &self.dir.join(WATERMARK_FILE),
+                format!("{}\n", w.0).as_bytes(),
+            )
+            .map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            w.1 = Some(std::time::Instant::now());
+        }
+        Ok(())
     }
 
     /// The data dir this store lives in.
@@ -270,9 +395,10 @@ impl Store {
                 }
             }
         }
+        batch.insert(KEY_LAST_SEQ, &w.seq.to_be_bytes());
         self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
-        Ok(())
+        self.refresh_watermark(w.seq, false)
     }
 
     /// Every group on disk, in commit order (journal before results within
@@ -412,11 +538,36 @@ impl Store {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    /// Flush anything written without a flush (shutdown).
+    /// Flush anything written without a flush, and record the last
+    /// committed seq (shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| self.err(e))?;
-        Ok(())
+        self.refresh_watermark(0, true)
     }
+}
+
+/// Write a small file so that it is either wholly there or not changed: a
+/// temp file, fsync, rename, fsync of the directory.
+fn write_file_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }
 
 fn seq_from_key(k: &[u8]) -> u64 {
@@ -645,7 +796,12 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(s.journal.len(), 0, "every chunk dropped");
+        assert_eq!(
+            s.journal.scan_prefix([KIND_JOURNAL]).count()
+                + s.journal.scan_prefix([KIND_RESULTS]).count(),
+            0,
+            "every chunk dropped"
+        );
     }
 
     #[test]
@@ -662,5 +818,120 @@ mod tests {
         };
         s.put_device(&rec).unwrap();
         assert_eq!(s.devices().unwrap(), vec![rec]);
+    }
+}
+
+#[cfg(test)]
+mod damage_tests {
+    //! A damaged database is named, never served as data. Each test builds a
+    //! store, closes it, damages it the way disks and people do, and reopens.
+    use super::*;
+
+    fn build(dir: &Path) {
+        let s = Store::open(dir, &StoreOptions::default()).unwrap();
+        for seq in 1..=200u64 {
+            s.put_device(&DeviceRecord {
+                id: format!("d{seq}"),
+                tags: vec![],
+                caps: vec![],
+                enrolled_at: seq,
+                revoked: false,
+                last_seen: None,
+            })
+            .unwrap();
+            s.commit(&GroupWrite {
+                seq,
+                results: vec![],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        s.flush().unwrap();
+    }
+
+    fn damage(dir: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+        let path = dir.join("db").join("db");
+        let mut bytes = std::fs::read(&path).unwrap();
+        f(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+    }
+
+    fn reopen_error(dir: &Path) -> String {
+        match Store::open(dir, &StoreOptions::default()) {
+            Ok(_) => panic!("a damaged database was opened as if whole"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(matches!(e, StoreError::Corrupt { .. }), "{msg}");
+                assert!(
+                    msg.contains(&dir.display().to_string()),
+                    "names the data dir: {msg}"
+                );
+                assert!(msg.contains("outpost doctor"), "says what to do: {msg}");
+                msg
+            }
+        }
+    }
+
+    #[test]
+    fn a_clean_reopen_passes_the_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(s.last_seq(), 200);
+        assert_eq!(s.devices().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn a_truncated_log_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        damage(dir.path(), |b| b.truncate(b.len() / 2));
+        let msg = reopen_error(dir.path());
+        assert!(
+            msg.contains("committed data is missing") || msg.contains("instance"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn flipped_bits_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        damage(dir.path(), |b| {
+            for i in (0..b.len()).step_by(997) {
+                b[i] ^= 0x55;
+            }
+        });
+        reopen_error(dir.path());
+    }
+
+    #[test]
+    fn an_emptied_database_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        damage(dir.path(), |b| b.clear());
+        let msg = reopen_error(dir.path());
+        assert!(msg.contains("came back empty"), "{msg}");
+    }
+
+    #[test]
+    fn a_database_from_elsewhere_is_detected() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        build(a.path());
+        build(b.path());
+        std::fs::remove_dir_all(a.path().join("db")).unwrap();
+        let copy = |from: &Path, to: &Path| {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_file() {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        };
+        copy(&b.path().join("db"), &a.path().join("db"));
+        let msg = reopen_error(a.path());
+        assert!(msg.contains("replaced"), "{msg}");
     }
 }

@@ -435,6 +435,12 @@ impl QueueCore {
         self.live.insert(id, live);
     }
 
+    /// Never reuse a group seq the store has committed, even one whose
+    /// records were all dropped since.
+    pub fn replay_last_seq(&mut self, seq: u64) {
+        self.open_seq = self.open_seq.max(seq + 1);
+    }
+
     /// After the last group: place every live command, pin its groups, and
     /// settle what the log left half-done.
     pub fn finish_replay(&mut self, now: Millis) {

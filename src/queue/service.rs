@@ -185,6 +185,7 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     for g in store.replay() {
         core.replay_group(g?);
     }
+    core.replay_last_seq(store.last_seq());
     core.finish_replay(now);
     core.set_disk_usage(store.size_on_disk());
     Ok(core)

@@ -314,3 +314,218 @@ pub async fn restart_bench(dir: &Path, n: usize, devices: usize) -> anyhow::Resu
         data_dir_bytes: dir_size(dir),
     })
 }
+
+/// Workload W1: a real box on loopback (QUIC, TLS, the queue on disk) and N
+/// in-process devices; producers enqueue, devices receive and ack.
+#[derive(Clone, Debug)]
+pub struct LinkBenchOptions {
+    pub devices: usize,
+    pub commands: usize,
+    pub payload: usize,
+    pub producers: usize,
+    /// Offered load in commands/s (`None`: as fast as the box accepts).
+    pub rate: Option<u64>,
+}
+
+/// What one W1 run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkBenchReport {
+    pub devices: usize,
+    pub commands: usize,
+    pub payload_bytes: usize,
+    pub producers: usize,
+    pub offered_rate: Option<u64>,
+    pub connect_per_s: f64,
+    /// Commands per second, first enqueue to last durable ack.
+    pub throughput_per_s: f64,
+    /// Enqueue call → device receipt, microseconds.
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub latency_p999_us: u64,
+    pub peak_rss_bytes: u64,
+    pub bytes_written_per_command: f64,
+    pub data_dir_bytes_after: u64,
+}
+
+impl LinkBenchReport {
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let rate = self
+            .offered_rate
+            .map_or("max".to_string(), |r| format!("{r}/s"));
+        format!(
+            "W1: {} devices, {} commands of {} B, {} producers, offered {}\n\
+             connect rate         {:>12.0} devices/s\n\
+             throughput           {:>12.0} commands/s (enqueue → durable ack)\n\
+             latency p50          {:>12.3} ms (enqueue → device receipt)\n\
+             latency p99          {:>12.3} ms\n\
+             latency p99.9        {:>12.3} ms\n\
+             peak RSS             {:>12.1} MiB (box and devices in one process)\n\
+             written per command  {:>12.0} bytes\n\
+             data dir after       {:>12} bytes\n",
+            self.devices,
+            self.commands,
+            self.payload_bytes,
+            self.producers,
+            rate,
+            self.connect_per_s,
+            self.throughput_per_s,
+            self.latency_p50_us as f64 / 1000.0,
+            self.latency_p99_us as f64 / 1000.0,
+            self.latency_p999_us as f64 / 1000.0,
+            self.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            self.bytes_written_per_command,
+            self.data_dir_bytes_after
+        )
+    }
+}
+
+/// Run W1 in `dir`.
+pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<LinkBenchReport> {
+    use crate::client::{self, ConnectOptions, Received};
+    use crate::device::{DeviceLink, LinkOptions};
+    use crate::identity::{Identity, RevokedSet};
+
+    let identity = Identity::init(dir, &[])?;
+    let q = queue::open(
+        Store::open(dir, &StoreOptions::default())?,
+        ServiceOptions::default(),
+    )?;
+    let revoked = RevokedSet::new();
+    let link = DeviceLink::start(
+        "127.0.0.1:0".parse()?,
+        identity.server_config(revoked.clone())?,
+        revoked,
+        q.clone(),
+        LinkOptions::default(),
+    )?;
+    let addr = link.local_addr()?;
+    let n = o.devices.max(1);
+    let names: Vec<String> = (0..n).map(|i| format!("w1-{i}")).collect();
+    let mut bundles = Vec::with_capacity(n);
+    for d in &names {
+        q.enroll(device(d.clone())).await?;
+        bundles.push(identity.issue_device(d, &addr.to_string())?);
+    }
+
+    // Connect every device over one client endpoint.
+    let endpoint = client::client_endpoint(addr)?;
+    let copts = ConnectOptions::default();
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    for b in &bundles {
+        conns.push(client::connect_with(&endpoint, addr, b, &copts).await?);
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+
+    let total = o.commands - o.commands % n;
+    let per_device = total / n;
+    let epoch = Instant::now();
+    let mut devices = tokio::task::JoinSet::new();
+    for mut c in conns {
+        devices.spawn(async move {
+            let mut lat = Vec::with_capacity(per_device);
+            let sender = c.sender();
+            while lat.len() < per_device {
+                match c.next().await? {
+                    Some(Received::Command(cmd)) => {
+                        let now = epoch.elapsed().as_micros() as u64;
+                        let sent = cmd
+                            .payload
+                            .get(..8)
+                            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+                            .unwrap_or(now);
+                        lat.push(now.saturating_sub(sent));
+                        sender.ack(cmd.id, Outcome::Ok(Vec::new())).await?;
+                    }
+                    Some(_) => {}
+                    None => anyhow::bail!("the box closed a device connection"),
+                }
+            }
+            anyhow::Ok((c, lat))
+        });
+    }
+
+    let written_before = process_write_bytes();
+    let acked_before = q.stats().await?.acked_total;
+    let run_started = Instant::now();
+    let producers = o.producers.max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..producers {
+        let (q, names) = (q.clone(), names.clone());
+        let payload_len = o.payload.max(8);
+        let rate = o.rate;
+        tasks.spawn(async move {
+            let mut i = p;
+            let mut k = 0u64;
+            while i < total {
+                if let Some(r) = rate {
+                    // Open-loop pacing: this producer's k-th send is due at
+                    // k·P/R seconds, however late the previous ones were.
+                    let due = run_started
+                        + std::time::Duration::from_secs_f64(
+                            k as f64 * producers as f64 / r as f64,
+                        );
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let mut payload = vec![b'x'; payload_len];
+                payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+                q.send(SendRequest {
+                    target: names[i % names.len()].clone(),
+                    payload,
+                    opts: SendOptions::default(),
+                    origin: "bench".into(),
+                    signature: None,
+                })
+                .await?;
+                i += producers;
+                k += 1;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let mut lat = Vec::with_capacity(total);
+    let mut keep = Vec::new();
+    while let Some(r) = devices.join_next().await {
+        let (c, l) = r??;
+        lat.extend(l);
+        keep.push(c);
+    }
+    // Throughput counts to the last ack made durable on the box.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while q.stats().await?.acked_total - acked_before < total as u64 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let run_s = run_started.elapsed().as_secs_f64();
+    let written = match (written_before, process_write_bytes()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    };
+    drop(keep);
+    link.shutdown().await;
+    q.shutdown().await;
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(LinkBenchReport {
+        devices: n,
+        commands: total,
+        payload_bytes: o.payload.max(8),
+        producers,
+        offered_rate: o.rate,
+        connect_per_s: n as f64 / connect_s,
+        throughput_per_s: total as f64 / run_s,
+        latency_p50_us: pct(0.50),
+        latency_p99_us: pct(0.99),
+        latency_p999_us: pct(0.999),
+        peak_rss_bytes: peak_rss_bytes(),
+        bytes_written_per_command: written as f64 / total.max(1) as f64,
+        data_dir_bytes_after: dir_size(dir),
+    })
+}

@@ -1,0 +1,31 @@
+//! `cargo bench --bench link`: workload W1 over real QUIC on loopback — 100
+//! devices, 100,000 commands of 100 B — at full speed and at a fixed offered
+//! load of 5,000/s. Prints figures; asserts nothing.
+
+use outpost::bench::{link_bench, LinkBenchOptions};
+
+fn main() {
+    let commands: usize = std::env::var("OUTPOST_BENCH_COMMANDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let base = std::env::var("OUTPOST_BENCH_DIR")
+        .unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
+    for rate in [None, Some(5_000)] {
+        let dir = tempfile::tempdir_in(&base).expect("temp dir");
+        let o = LinkBenchOptions {
+            devices: 100,
+            commands: if rate.is_some() {
+                commands.min(25_000)
+            } else {
+                commands
+            },
+            payload: 100,
+            producers: 64,
+            rate,
+        };
+        let r = rt.block_on(link_bench(dir.path(), &o)).expect("W1 run");
+        println!("{}", r.table());
+    }
+}

@@ -25,7 +25,12 @@ use super::{CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, Se
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, State};
 use crate::journal::{Enqueued, Entry, ResultRecord};
 use crate::store::{DeviceRecord, Group, GroupWrite};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+// Maps keyed by command id use FxHash: the ids are made by this box (random
+// ULIDs), not chosen by a peer, so a DoS-hardened hasher buys nothing and
+// costs a third of a 1M-command replay.
 
 /// Bounds and defaults. Every number that limits the box lives here.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,7 +238,7 @@ struct Dev {
     id: DeviceId,
     record: Option<DeviceRecord>,
     ready: [BTreeMap<u64, CommandId>; 3],
-    in_flight: HashSet<CommandId>,
+    in_flight: FxHashSet<CommandId>,
     live: u64,
     session: Option<(u64, u32)>,
 }
@@ -244,7 +249,7 @@ impl Dev {
             id,
             record: None,
             ready: Default::default(),
-            in_flight: HashSet::new(),
+            in_flight: FxHashSet::default(),
             live: 0,
             session: None,
         }
@@ -255,7 +260,7 @@ impl Dev {
 pub struct QueueCore {
     limits: Limits,
     rng: u64,
-    live: HashMap<CommandId, Live>,
+    live: FxHashMap<CommandId, Live>,
     devs: Vec<Dev>,
     dev_index: HashMap<DeviceId, u32>,
     origins: Vec<String>,
@@ -264,11 +269,11 @@ pub struct QueueCore {
     wakeups: BTreeSet<(Millis, CommandId)>,
     expiries: BTreeSet<(Millis, CommandId)>,
     /// dependency → its dependents.
-    blocked: HashMap<CommandId, Vec<CommandId>>,
+    blocked: FxHashMap<CommandId, Vec<CommandId>>,
     keys: HashMap<(u32, Box<str>), (CommandId, Millis)>,
     key_ages: VecDeque<(Millis, u32, Box<str>)>,
     /// id → (result group, end state).
-    results: HashMap<CommandId, (u64, State)>,
+    results: FxHashMap<CommandId, (u64, State)>,
     result_groups: BTreeMap<u64, (Millis, Vec<CommandId>)>,
     results_dead: u64,
     pins: BTreeMap<u64, u32>,
@@ -306,17 +311,17 @@ impl QueueCore {
         QueueCore {
             limits,
             rng: seed | 1,
-            live: HashMap::new(),
+            live: FxHashMap::default(),
             devs: Vec::new(),
             dev_index: HashMap::new(),
             origins: Vec::new(),
             origin_index: HashMap::new(),
             wakeups: BTreeSet::new(),
             expiries: BTreeSet::new(),
-            blocked: HashMap::new(),
+            blocked: FxHashMap::default(),
             keys: HashMap::new(),
             key_ages: VecDeque::new(),
-            results: HashMap::new(),
+            results: FxHashMap::default(),
             result_groups: BTreeMap::new(),
             results_dead: 0,
             pins: BTreeMap::new(),
@@ -353,6 +358,7 @@ impl QueueCore {
         match group {
             Group::Journal(seq, entries) => {
                 self.open_seq = self.open_seq.max(seq + 1);
+                self.live.reserve(entries.len());
                 // Register the group so it is dropped if nothing pins it.
                 self.pins.entry(seq).or_insert(0);
                 for e in entries {

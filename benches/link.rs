@@ -5,17 +5,20 @@
 use outpost::bench::{link_bench, LinkBenchOptions};
 
 fn main() {
+    // `cargo bench` passes --bench; under `cargo test` this is a smoke run
+    // of a few seconds, so the benchmark cannot rot unnoticed.
+    let full = std::env::args().any(|a| a == "--bench");
     let commands: usize = std::env::var("OUTPOST_BENCH_COMMANDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(if full { 100_000 } else { 2_000 });
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let base = std::env::var("OUTPOST_BENCH_DIR")
         .unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
     for rate in [None, Some(5_000)] {
         let dir = tempfile::tempdir_in(&base).expect("temp dir");
         let o = LinkBenchOptions {
-            devices: 100,
+            devices: if full { 100 } else { 10 },
             commands: if rate.is_some() {
                 commands.min(25_000)
             } else {

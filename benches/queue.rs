@@ -7,10 +7,13 @@
 use outpost::bench::{queue_bench, restart_bench, QueueBenchOptions};
 
 fn main() {
+    // `cargo bench` passes --bench; under `cargo test` this is a smoke run
+    // of a few seconds, so the benchmark cannot rot unnoticed.
+    let full = std::env::args().any(|a| a == "--bench");
     let commands: usize = std::env::var("OUTPOST_BENCH_COMMANDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(if full { 100_000 } else { 2_000 });
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     // On real storage, not tmpfs: the write figures are the point.
     let base = std::env::var("OUTPOST_BENCH_DIR")
@@ -31,7 +34,7 @@ fn main() {
     let n: usize = std::env::var("OUTPOST_BENCH_RESTART")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(if full { 1_000_000 } else { 10_000 });
     if n > 0 {
         let dir = tempfile::tempdir_in(&base).expect("temp dir");
         let r = rt

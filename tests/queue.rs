@@ -262,3 +262,37 @@ async fn refusals_are_typed() {
     assert!(matches!(q.show(ghost).await, Err(QueueError::NotFound(_))));
     q.shutdown().await;
 }
+
+#[tokio::test]
+async fn wait_returns_the_end_state_or_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    q.enroll(device("d0")).await.unwrap();
+    let id = q
+        .send(req("d0", "x", SendOptions::default()))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(
+        q.wait(id, Duration::from_millis(100)).await.unwrap(),
+        None,
+        "times out while queued"
+    );
+    let waiter = {
+        let q = q.clone();
+        tokio::spawn(async move { q.wait(id, Duration::from_secs(10)).await })
+    };
+    let mut s = q.connect("d0".into(), 0).await.unwrap();
+    next_command(&mut s).await;
+    s.ack(id, Outcome::Ok(b"ok".to_vec())).await.unwrap();
+    let v = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("ended before the timeout");
+    assert_eq!(v.state, State::Succeeded);
+    // Already ended: answered at once.
+    let v = q.wait(id, Duration::from_millis(1)).await.unwrap().unwrap();
+    assert_eq!(v.outcome, Some(Outcome::Ok(b"ok".to_vec())));
+    q.shutdown().await;
+}

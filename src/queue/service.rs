@@ -700,6 +700,41 @@ impl QueueHandle {
         })
     }
 
+    /// Wait until a command reaches an end state, or `timeout` passes
+    /// (`Ok(None)`). A broadcast command waits for the command itself.
+    pub async fn wait(
+        &self,
+        id: CommandId,
+        timeout: Duration,
+    ) -> Result<Option<CommandView>, QueueError> {
+        // Subscribe before the first look, so an end between the two is seen.
+        let mut events = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let v = self.show(id).await?;
+        if v.state.is_final() {
+            return Ok(Some(v));
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(ev)) if ev.id == id && ev.state.is_final() => {
+                    return self.show(id).await.map(Some)
+                }
+                Ok(Ok(_)) => {}
+                // Fell behind a busy box: look again rather than miss the end.
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    let v = self.show(id).await?;
+                    if v.state.is_final() {
+                        return Ok(Some(v));
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    return Err(QueueError::ShuttingDown)
+                }
+            }
+        }
+    }
+
     /// Lifecycle events from now on (for `watch`, `--wait`, metrics).
     pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
         self.events.subscribe()

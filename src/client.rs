@@ -557,9 +557,12 @@ fn outcome_size(o: &Outcome) -> usize {
     }
 }
 
-/// Recent command ids and their outcomes, bounded in count and bytes.
+/// Recent deliveries — (command id, attempt) — and their outcomes, bounded
+/// in count and bytes. The attempt is part of the key: the box redelivers
+/// after a crash or a reconnect with the *same* attempt number (run it once),
+/// but retries a failure, or an operator retry, with a new one (run again).
 pub struct Dedupe {
-    done: LruCache<CommandId, Outcome>,
+    done: LruCache<(CommandId, u32), Outcome>,
     bytes: usize,
     max_bytes: usize,
 }
@@ -574,15 +577,15 @@ impl Dedupe {
         }
     }
 
-    /// The outcome of `id`, if it ran recently.
-    pub fn get(&mut self, id: CommandId) -> Option<&Outcome> {
-        self.done.get(&id)
+    /// The outcome of attempt `attempt` of `id`, if it ran recently.
+    pub fn get(&mut self, id: CommandId, attempt: u32) -> Option<&Outcome> {
+        self.done.get(&(id, attempt))
     }
 
-    /// Record that `id` ended with `outcome`.
-    pub fn insert(&mut self, id: CommandId, outcome: Outcome) {
+    /// Record that attempt `attempt` of `id` ended with `outcome`.
+    pub fn insert(&mut self, id: CommandId, attempt: u32, outcome: Outcome) {
         self.bytes += outcome_size(&outcome);
-        if let Some((_, old)) = self.done.push(id, outcome) {
+        if let Some((_, old)) = self.done.push((id, attempt), outcome) {
             self.bytes = self.bytes.saturating_sub(outcome_size(&old));
         }
         while self.bytes > self.max_bytes && self.done.len() > 1 {
@@ -759,7 +762,7 @@ struct Agent {
     opts: AgentOptions,
     dedupe: Dedupe,
     running: HashMap<CommandId, AbortHandle>,
-    tasks: JoinSet<(CommandId, Outcome)>,
+    tasks: JoinSet<(CommandId, u32, Outcome)>,
 }
 
 impl Agent {
@@ -771,13 +774,13 @@ impl Agent {
         }
         let max_out = self.opts.connect.max_frame.saturating_sub(ACK_OVERHEAD);
         let handler = self.opts.handler.clone();
-        let id = cmd.id;
+        let (id, attempt) = (cmd.id, cmd.attempt);
         let h = self.tasks.spawn(async move {
             let outcome = match handler {
                 Handler::Echo => Outcome::Ok(cmd.payload),
                 Handler::Exec(c) => exec(&c, cmd.payload, limit, max_out).await,
             };
-            (id, outcome)
+            (id, attempt, outcome)
         });
         self.running.insert(id, h);
     }
@@ -786,7 +789,7 @@ impl Agent {
     fn on_message(&mut self, m: Received) -> Option<(CommandId, Outcome)> {
         match m {
             Received::Command(cmd) => {
-                if let Some(o) = self.dedupe.get(cmd.id) {
+                if let Some(o) = self.dedupe.get(cmd.id, cmd.attempt) {
                     tracing::info!(id = %cmd.id, attempt = cmd.attempt, "command delivered again; acking its earlier outcome");
                     return Some((cmd.id, o.clone()));
                 }
@@ -816,9 +819,9 @@ impl Agent {
 
     fn finished(
         &mut self,
-        r: Result<(CommandId, Outcome), tokio::task::JoinError>,
+        r: Result<(CommandId, u32, Outcome), tokio::task::JoinError>,
     ) -> Option<(CommandId, Outcome)> {
-        let (id, outcome) = match r {
+        let (id, attempt, outcome) = match r {
             Ok(x) => x,
             // Aborted by a Cancel: nothing to report.
             Err(e) if e.is_cancelled() => return None,
@@ -832,7 +835,7 @@ impl Agent {
             Outcome::Ok(_) => tracing::debug!(%id, "command succeeded"),
             o => tracing::info!(%id, outcome = ?o, "command did not succeed"),
         }
-        self.dedupe.insert(id, outcome.clone());
+        self.dedupe.insert(id, attempt, outcome.clone());
         Some((id, outcome))
     }
 }
@@ -1042,19 +1045,35 @@ mod tests {
     fn dedupe_remembers_outcomes_and_is_bounded() {
         let mut d = Dedupe::new(3);
         for i in 0..5u128 {
-            d.insert(CommandId(i), Outcome::Ok(vec![i as u8]));
+            d.insert(CommandId(i), 1, Outcome::Ok(vec![i as u8]));
         }
         assert_eq!(d.len(), 3);
-        assert!(d.get(CommandId(0)).is_none());
-        assert_eq!(d.get(CommandId(4)), Some(&Outcome::Ok(vec![4])));
+        assert!(d.get(CommandId(0), 1).is_none());
+        assert_eq!(d.get(CommandId(4), 1), Some(&Outcome::Ok(vec![4])));
         // The byte budget evicts too.
         let mut d = Dedupe::new(100);
         d.max_bytes = 1000;
         for i in 0..10u128 {
-            d.insert(CommandId(i), Outcome::Ok(vec![0; 300]));
+            d.insert(CommandId(i), 1, Outcome::Ok(vec![0; 300]));
         }
         assert!(d.len() <= 3, "{}", d.len());
-        assert!(d.get(CommandId(9)).is_some());
+        assert!(d.get(CommandId(9), 1).is_some());
+    }
+
+    #[test]
+    fn a_retry_is_a_new_attempt_not_a_repeat() {
+        let mut d = Dedupe::new(10);
+        let failed = Outcome::Failed {
+            code: 1,
+            message: "boom".into(),
+        };
+        d.insert(CommandId(7), 1, failed.clone());
+        assert_eq!(
+            d.get(CommandId(7), 1),
+            Some(&failed),
+            "a redelivery of attempt 1 is a repeat"
+        );
+        assert!(d.get(CommandId(7), 2).is_none(), "attempt 2 must run again");
     }
 
     #[test]

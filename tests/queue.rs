@@ -159,7 +159,8 @@ async fn dead_commands_keep_their_payload_for_retry() {
     let c = next_command(&mut s).await;
     assert_eq!(
         (c.id, c.payload.as_slice(), c.attempt),
-        (id, &b"flash fw-2.1"[..], 1)
+        (id, &b"flash fw-2.1"[..], 2),
+        "the operator retry is attempt 2, not a redelivery of attempt 1"
     );
     s.ack(id, Outcome::Ok(vec![])).await.unwrap();
     assert_eq!(q.show(id).await.unwrap().state, State::Succeeded);

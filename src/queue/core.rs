@@ -738,6 +738,11 @@ impl QueueCore {
         }
         // Its dependency was settled when it was first sent.
         command.after = None;
+        // Attempt numbers keep counting across an operator retry, with a
+        // fresh budget on top: a device that dedupes by (id, attempt) must
+        // never mistake the retry for a redelivery of an attempt it ran.
+        let used = record.attempts;
+        command.max_attempts = used.saturating_add(command.max_attempts.max(1));
         command.not_before = None;
         let order = self.next_order;
         self.next_order += 1;
@@ -750,7 +755,7 @@ impl QueueCore {
             order,
             group: self.open_seq,
             requeue_group: None,
-            attempts: 0,
+            attempts: used,
             max_attempts: command.max_attempts,
             created_at: command.created_at,
             expires_at: command.expires_at.filter(|&e| e > now),
@@ -768,7 +773,7 @@ impl QueueCore {
             device: self.devs[device as usize].id.clone(),
             order,
             gen,
-            attempts: 0,
+            attempts: used,
             not_before: None,
             command,
         }));

@@ -414,8 +414,12 @@ fn failures_back_off_then_go_dead_and_retry_revives() {
     h.round();
     assert_eq!(
         v.state,
-        State::Delivered { attempt: 1 },
-        "retried and delivered at once"
+        State::Delivered { attempt: 4 },
+        "retried and delivered at once, attempt numbers continuing"
+    );
+    assert_eq!(
+        v.max_attempts, 6,
+        "a fresh budget of 3 on top of the 3 used"
     );
     assert_eq!(h.core.stats().dead, 0);
     h.ack("d0", id, ok()).unwrap();

@@ -1,0 +1,419 @@
+//! The admin API: how every CLI command talks to the running box.
+//!
+//! Transport: the Unix socket `<data-dir>/admin.sock` (mode 0660, so only
+//! the box's user and group may use it). Framing: the device protocol's —
+//! a `u32` big-endian length, then a postcard body (`proto::read_frame`) —
+//! with a larger limit, since a command's payload travels inside. One
+//! request, one response; `Watch` answers with a stream of `Event`s until
+//! the client hangs up.
+//!
+//! The server maps each request to `QueueHandle` and `identity` calls;
+//! errors travel as `AdminResponse::Error { kind, message }`, and `kind`
+//! decides the CLI's exit code.
+
+use crate::command::{CommandId, DeviceId};
+use crate::device::DeviceLink;
+use crate::identity::Identity;
+use crate::proto::{self, Frame, FrameError};
+use crate::queue::core::DeviceView;
+use crate::queue::{
+    CommandView, LifecycleEvent, QueueError, QueueHandle, SendReceipt, SendRequest,
+};
+use crate::store::DeviceRecord;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{UnixListener, UnixStream};
+
+/// File name of the admin socket inside the data dir.
+pub const SOCKET: &str = "admin.sock";
+/// Largest admin frame: a 1 MiB payload and its envelope fit with room.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// A request to the box.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AdminRequest {
+    Send(SendRequest),
+    /// Wait for a command's end state, up to `timeout_ms`.
+    Wait {
+        id: CommandId,
+        timeout_ms: u64,
+    },
+    Show(CommandId),
+    List {
+        device: DeviceId,
+    },
+    Cancel(CommandId),
+    Retry(CommandId),
+    Status,
+    Devices,
+    /// Enroll a device and return its bundle text.
+    Enroll {
+        id: DeviceId,
+        tags: Vec<String>,
+        caps: Vec<String>,
+    },
+    Revoke(DeviceId),
+    /// Lifecycle events from now on, optionally of one device only.
+    Watch {
+        device: Option<DeviceId>,
+    },
+}
+
+impl Frame for AdminRequest {
+    const KNOWN_TAGS: u32 = 11;
+}
+
+/// The box's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Receipt(SendReceipt),
+    View(Box<CommandView>),
+    Views(Vec<CommandView>),
+    Status(StatusView),
+    Devices(Vec<DeviceView>),
+    Bundle { text: String },
+    Device(DeviceRecord),
+    Event(LifecycleEvent),
+    TimedOut,
+    Error { kind: ErrorKind, message: String },
+}
+
+impl Frame for AdminResponse {
+    const KNOWN_TAGS: u32 = 10;
+}
+
+/// What kind of failure an error is; the CLI's exit code follows from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// No such command or device (exit 3).
+    NotFound,
+    /// Refused by policy: queue full, disk budget, revoked (exit 5).
+    Refused,
+    /// The request cannot be done as asked (exit 1).
+    BadRequest,
+    /// The box is shutting down or its store failed (exit 1).
+    Unavailable,
+}
+
+impl ErrorKind {
+    /// The CLI exit code for this kind (DESIGN §8).
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::NotFound => 3,
+            ErrorKind::Refused => 5,
+            ErrorKind::BadRequest | ErrorKind::Unavailable => 1,
+        }
+    }
+}
+
+/// `outpost status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub uptime_s: u64,
+    pub listen: String,
+    pub devices_total: u64,
+    pub devices_online: u64,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+    pub disk_bytes: u64,
+    pub data_dir: String,
+}
+
+fn error_of(e: &QueueError) -> AdminResponse {
+    let kind = match e {
+        QueueError::NotFound(_) | QueueError::UnknownDevice(_) => ErrorKind::NotFound,
+        QueueError::Revoked(_) | QueueError::QueueFull { .. } | QueueError::DiskFull { .. } => {
+            ErrorKind::Refused
+        }
+        QueueError::ShuttingDown | QueueError::Storage(_) => ErrorKind::Unavailable,
+        _ => ErrorKind::BadRequest,
+    };
+    AdminResponse::Error {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+/// What the admin server needs from the box.
+pub struct AdminContext {
+    pub queue: QueueHandle,
+    pub identity: Arc<Identity>,
+    pub link: Arc<DeviceLink>,
+    /// `host:port` written into device bundles.
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub started: Instant,
+}
+
+/// Bind the admin socket in `data_dir`: remove a stale socket file (one
+/// nobody answers on), refuse if a box answers there, mode 0660.
+pub async fn bind(data_dir: &Path) -> Result<UnixListener, AdminError> {
+    let path = data_dir.join(SOCKET);
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(AdminError::AlreadyServing { path });
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| AdminError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        AdminError::Io {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Serve admin connections until the task is aborted.
+pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, ctx).await {
+                        tracing::debug!("admin connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("admin socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(mut stream: UnixStream, ctx: Arc<AdminContext>) -> Result<(), FrameError> {
+    while let Some(req) = proto::read_frame::<AdminRequest, _>(&mut stream, MAX_FRAME).await? {
+        if let AdminRequest::Watch { device } = req {
+            return watch(stream, &ctx, device).await;
+        }
+        let resp = handle(&ctx, req).await;
+        proto::write_frame(&mut stream, &resp, MAX_FRAME).await?;
+    }
+    Ok(())
+}
+
+async fn watch(
+    mut stream: UnixStream,
+    ctx: &AdminContext,
+    device: Option<DeviceId>,
+) -> Result<(), FrameError> {
+    let mut events = ctx.queue.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(ev) => {
+                if device.as_ref().is_some_and(|d| *d != ev.device) {
+                    continue;
+                }
+                proto::write_frame(&mut stream, &AdminResponse::Event(ev), MAX_FRAME).await?;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!("a watcher fell behind by {n} events");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
+    let q = &ctx.queue;
+    let r = match req {
+        AdminRequest::Send(s) => q.send(s).await.map(AdminResponse::Receipt),
+        AdminRequest::Wait { id, timeout_ms } => q
+            .wait(id, Duration::from_millis(timeout_ms))
+            .await
+            .map(|v| match v {
+                Some(v) => AdminResponse::View(Box::new(v)),
+                None => AdminResponse::TimedOut,
+            }),
+        AdminRequest::Show(id) => q.show(id).await.map(|v| AdminResponse::View(Box::new(v))),
+        AdminRequest::List { device } => q.list(device, false).await.map(AdminResponse::Views),
+        AdminRequest::Cancel(id) => q.cancel(id).await.map(|v| AdminResponse::View(Box::new(v))),
+        AdminRequest::Retry(id) => q.retry(id).await.map(|v| AdminResponse::View(Box::new(v))),
+        AdminRequest::Status => status(ctx).await,
+        AdminRequest::Devices => q.devices().await.map(AdminResponse::Devices),
+        AdminRequest::Enroll { id, tags, caps } => return enroll(ctx, id, tags, caps).await,
+        AdminRequest::Revoke(id) => {
+            let r = q.revoke(id.clone()).await;
+            if r.is_ok() {
+                ctx.link.revoke(&id);
+            }
+            r.map(AdminResponse::Device)
+        }
+        AdminRequest::Watch { .. } => Ok(AdminResponse::Error {
+            kind: ErrorKind::BadRequest,
+            message: "watch is a stream; send it as the connection's only request".into(),
+        }),
+    };
+    r.unwrap_or_else(|e| error_of(&e))
+}
+
+async fn status(ctx: &AdminContext) -> Result<AdminResponse, QueueError> {
+    let stats = ctx.queue.stats().await?;
+    let devices = ctx.queue.devices().await?;
+    Ok(AdminResponse::Status(StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_s: ctx.started.elapsed().as_secs(),
+        listen: ctx
+            .link
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        devices_total: devices.len() as u64,
+        devices_online: stats.devices_online,
+        queued: stats.queued,
+        in_flight: stats.in_flight,
+        dead: stats.dead,
+        disk_bytes: dir_bytes(&ctx.data_dir),
+        data_dir: ctx.data_dir.display().to_string(),
+    }))
+}
+
+async fn enroll(
+    ctx: &AdminContext,
+    id: DeviceId,
+    tags: Vec<String>,
+    caps: Vec<String>,
+) -> AdminResponse {
+    let bundle = match ctx.identity.issue_device(&id, &ctx.advertise) {
+        Ok(b) => b,
+        Err(e) => {
+            return AdminResponse::Error {
+                kind: ErrorKind::BadRequest,
+                message: e.to_string(),
+            }
+        }
+    };
+    let rec = DeviceRecord {
+        id: id.clone(),
+        tags,
+        caps,
+        enrolled_at: crate::now_millis(),
+        revoked: false,
+        last_seen: None,
+    };
+    match ctx.queue.enroll(rec).await {
+        Ok(()) => {
+            ctx.link.readmit(&id);
+            AdminResponse::Bundle {
+                text: bundle.to_text(),
+            }
+        }
+        Err(e) => error_of(&e),
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Why an admin call failed on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no box is running at {} — start it with `outpost serve`, or pass --data-dir (or OUTPOST_DATA_DIR) for the box you mean", path.display())]
+    NoBox { path: PathBuf },
+    #[error("permission denied on {} — run as the box's user or a member of its group", path.display())]
+    Denied { path: PathBuf },
+    #[error("a box is already serving {} — stop it first, or use another --data-dir", path.display())]
+    AlreadyServing { path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the admin connection failed: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the box closed the admin connection without answering; see its log (`journalctl -u outpost`)")]
+    Closed,
+    #[error("{message}")]
+    Remote { kind: ErrorKind, message: String },
+}
+
+impl AdminError {
+    /// The CLI exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AdminError::Remote { kind, .. } => kind.exit_code(),
+            AdminError::Denied { .. } => 5,
+            _ => 1,
+        }
+    }
+}
+
+/// A connection to the box's admin socket.
+pub struct AdminClient {
+    stream: UnixStream,
+}
+
+impl AdminClient {
+    /// Connect to the box serving `data_dir`.
+    pub async fn connect(data_dir: &Path) -> Result<AdminClient, AdminError> {
+        let path = data_dir.join(SOCKET);
+        match UnixStream::connect(&path).await {
+            Ok(stream) => Ok(AdminClient { stream }),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(AdminError::Denied { path })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Err(AdminError::NoBox { path })
+            }
+            Err(source) => Err(AdminError::Io { path, source }),
+        }
+    }
+
+    /// One request, one response; a remote error becomes `Err(Remote)`.
+    pub async fn call(&mut self, req: &AdminRequest) -> Result<AdminResponse, AdminError> {
+        proto::write_frame(&mut self.stream, req, MAX_FRAME).await?;
+        match self.next().await? {
+            Some(r) => Ok(r),
+            None => Err(AdminError::Closed),
+        }
+    }
+
+    /// The next response of a stream (`Watch`); `None` when the box hung up.
+    pub async fn next(&mut self) -> Result<Option<AdminResponse>, AdminError> {
+        match proto::read_frame::<AdminResponse, _>(&mut self.stream, MAX_FRAME).await? {
+            Some(AdminResponse::Error { kind, message }) => {
+                Err(AdminError::Remote { kind, message })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Start a watch stream.
+    pub async fn watch(&mut self, device: Option<DeviceId>) -> Result<(), AdminError> {
+        proto::write_frame(&mut self.stream, &AdminRequest::Watch { device }, MAX_FRAME).await?;
+        Ok(())
+    }
+}

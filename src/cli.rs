@@ -1,0 +1,834 @@
+//! The command line: clap definitions, and one handler per subcommand.
+//!
+//! Every subcommand but `serve`, `init`, `device`, `demo`, `completions` and
+//! `man` talks to the running box over its admin socket. Output: aligned
+//! tables with relative times for people, `--json` (one stable object, or
+//! one per line for streams) for programs. Exit codes (DESIGN §8): 0 ok,
+//! 1 error, 2 usage, 3 not found, 4 timed out, 5 refused, 6 the command
+//! ended without success.
+
+use crate::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
+use crate::command::{CommandId, Outcome, Priority, SendOptions, State};
+use crate::queue::{CommandView, SendRequest};
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use clap::{CommandFactory, Parser, Subcommand};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit code: the command ended without success.
+pub const EXIT_UNSUCCESSFUL: i32 = 6;
+/// Exit code: `--wait` timed out.
+pub const EXIT_TIMEOUT: i32 = 4;
+
+/// outpost: an offline-first device relay and durable command queue.
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The box's data dir [default: /var/lib/outpost under systemd, else
+    /// $XDG_DATA_HOME/outpost]
+    #[arg(long, global = true, env = "OUTPOST_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the box: QUIC listener for devices, the store, the admin socket.
+    Serve(ServeArgs),
+    /// Create the data dir and the box's CA and server certificate.
+    Init {
+        /// Extra name or address for the server certificate (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Enroll a device and write its bundle file.
+    Enroll {
+        device: String,
+        /// A tag for routing (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// A capability (repeatable).
+        #[arg(long = "cap")]
+        caps: Vec<String>,
+        /// Where to write the bundle [default: ./<device>.bundle]
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a device: refused at its next handshake, disconnected now.
+    Revoke { device: String },
+    /// List enrolled devices.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a command to a device.
+    Send(SendArgs),
+    /// The box at a glance.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A device's queue, in delivery order.
+    Queue {
+        device: String,
+        /// Only commands in this state (queued, delivered).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One command, live or finished.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a command that has not ended.
+    Cancel { id: String },
+    /// Put a dead or failed command back in the queue.
+    Retry { id: String },
+    /// Follow lifecycle events as they happen.
+    Watch {
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the reference device agent.
+    Device(DeviceArgs),
+    /// Start a throwaway box and a demo device, send a few commands, show them.
+    Demo,
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}
+
+/// `outpost serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address for devices (QUIC).
+    #[arg(long, env = "OUTPOST_LISTEN", default_value = "[::]:7443")]
+    pub listen: std::net::SocketAddr,
+    /// Extra name or address for the server certificate (repeatable).
+    #[arg(long, env = "OUTPOST_SAN", value_delimiter = ',')]
+    pub san: Vec<String>,
+    /// host:port written into device bundles.
+    #[arg(long, env = "OUTPOST_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Unacked commands per device.
+    #[arg(long, env = "OUTPOST_WINDOW", default_value_t = 32)]
+    pub window: u32,
+    /// Live commands held before new ones are refused or lower ones shed.
+    #[arg(long, env = "OUTPOST_MAX_QUEUED", default_value_t = 1_000_000)]
+    pub max_queued: u64,
+    /// Bytes on disk before new commands are refused (e.g. 512MiB).
+    #[arg(long, env = "OUTPOST_MAX_DISK", value_parser = parse_bytes)]
+    pub max_disk: Option<u64>,
+    /// First retry delay after a failure.
+    #[arg(long, env = "OUTPOST_BACKOFF_BASE", default_value = "1s")]
+    pub backoff_base: humantime::Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "OUTPOST_BACKOFF_CAP", default_value = "5m")]
+    pub backoff_cap: humantime::Duration,
+    /// Attempts when the sender gives none.
+    #[arg(long, env = "OUTPOST_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// sled's page cache.
+    #[arg(long, env = "OUTPOST_CACHE", default_value = "8MiB", value_parser = parse_bytes)]
+    pub cache: u64,
+}
+
+/// `outpost send`.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// A device id.
+    pub target: String,
+    /// The payload; `-` reads stdin.
+    pub payload: Option<String>,
+    /// Read the payload from a file.
+    #[arg(long, conflicts_with = "payload")]
+    pub file: Option<PathBuf>,
+    #[arg(long, default_value = "normal")]
+    pub priority: Priority,
+    /// Time to live, e.g. 10m.
+    #[arg(long)]
+    pub ttl: Option<humantime::Duration>,
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Idempotency key: the same key returns the first command's id.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Run only once this command has succeeded.
+    #[arg(long)]
+    pub after: Option<String>,
+    /// Not before this time: RFC 3339, or +DURATION from now.
+    #[arg(long)]
+    pub not_before: Option<String>,
+    /// Wait for the end state (default 60s), and print the result.
+    #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_name = "TIMEOUT")]
+    pub wait: Option<humantime::Duration>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost device`.
+#[derive(Debug, clap::Args)]
+pub struct DeviceArgs {
+    /// The bundle file from `outpost enroll`.
+    #[arg(long, env = "OUTPOST_BUNDLE")]
+    pub bundle: PathBuf,
+    /// Connect here instead of the bundle's server address.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Run this shell command per command, payload on stdin.
+    #[arg(long, conflicts_with = "echo", required_unless_present = "echo")]
+    pub exec: Option<String>,
+    /// Answer every command with its own payload.
+    #[arg(long)]
+    pub echo: bool,
+    /// Kill a command still running after this.
+    #[arg(long, default_value = "60s")]
+    pub timeout: humantime::Duration,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 512MiB or 2GB)"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Where the box keeps its state when no --data-dir is given.
+pub fn default_data_dir() -> PathBuf {
+    if std::env::var_os("INVOCATION_ID").is_some() || std::env::var_os("STATE_DIRECTORY").is_some()
+    {
+        return PathBuf::from("/var/lib/outpost");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("outpost");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/outpost"),
+        None => PathBuf::from("/var/lib/outpost"),
+    }
+}
+
+/// Parse the command line, run, and return the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli.cmd, &data_dir)) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<AdminError>()
+                .map_or(1, AdminError::exit_code);
+            eprintln!("error: {e:#}");
+            code
+        }
+    }
+}
+
+async fn client(data_dir: &Path) -> anyhow::Result<AdminClient> {
+    Ok(AdminClient::connect(data_dir).await?)
+}
+
+async fn call(data_dir: &Path, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+    Ok(client(data_dir).await?.call(&req).await?)
+}
+
+fn parse_id(s: &str) -> anyhow::Result<CommandId> {
+    Ok(s.parse::<CommandId>()?)
+}
+
+async fn run(cmd: Cmd, data_dir: &Path) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Serve(a) => {
+            crate::serve::run(serve_options(a, data_dir)).await?;
+            Ok(0)
+        }
+        Cmd::Init { san } => {
+            let id = crate::identity::Identity::init(data_dir, &san)?;
+            println!(
+                "initialised {} (CA and server certificate in {})",
+                data_dir.display(),
+                id.dir().display()
+            );
+            Ok(0)
+        }
+        Cmd::Enroll {
+            device,
+            tags,
+            caps,
+            out,
+        } => {
+            let r = call(
+                data_dir,
+                AdminRequest::Enroll {
+                    id: device.clone(),
+                    tags,
+                    caps,
+                },
+            )
+            .await?;
+            let AdminResponse::Bundle { text } = r else {
+                bail!("unexpected answer from the box: {r:?}")
+            };
+            let path = out.unwrap_or_else(|| PathBuf::from(format!("{device}.bundle")));
+            crate::identity::write_secret(&path, text.as_bytes())?;
+            println!("enrolled {device}; bundle written to {} (keep it secret: it holds the device's key)", path.display());
+            println!(
+                "run the device with: outpost device --bundle {} --echo",
+                path.display()
+            );
+            Ok(0)
+        }
+        Cmd::Revoke { device } => {
+            call(data_dir, AdminRequest::Revoke(device.clone())).await?;
+            println!("revoked {device}: its connection is closed and it will be refused");
+            Ok(0)
+        }
+        Cmd::Devices { json } => {
+            let AdminResponse::Devices(ds) = call(data_dir, AdminRequest::Devices).await? else {
+                bail!("unexpected answer")
+            };
+            if json {
+                let v: Vec<Value> = ds
+                    .iter()
+                    .map(|d| {
+                        json!({"id": d.record.id, "online": d.online, "tags": d.record.tags, "caps": d.record.caps,
+                           "last_seen": d.record.last_seen.map(rfc3339), "queued": d.queued, "in_flight": d.in_flight,
+                           "revoked": d.record.revoked})
+                    })
+                    .collect();
+                println!("{}", Value::Array(v));
+            } else {
+                let rows: Vec<Vec<String>> = ds
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.record.id.clone(),
+                            if d.record.revoked {
+                                "revoked".into()
+                            } else if d.online {
+                                "online".into()
+                            } else {
+                                "offline".into()
+                            },
+                            d.queued.to_string(),
+                            d.in_flight.to_string(),
+                            d.record
+                                .last_seen
+                                .map(ago)
+                                .unwrap_or_else(|| "never".into()),
+                            d.record.tags.join(","),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "DEVICE",
+                        "STATE",
+                        "QUEUED",
+                        "IN FLIGHT",
+                        "LAST SEEN",
+                        "TAGS",
+                    ],
+                    &rows,
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Send(a) => send(a, data_dir).await,
+        Cmd::Status { json } => {
+            let AdminResponse::Status(s) = call(data_dir, AdminRequest::Status).await? else {
+                bail!("unexpected answer")
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"version": s.version, "uptime_s": s.uptime_s, "devices_total": s.devices_total,
+                       "devices_online": s.devices_online, "queued": s.queued, "in_flight": s.in_flight, "dead": s.dead,
+                       "uplink": "none", "outbox": 0, "disk_bytes": s.disk_bytes, "listen": s.listen, "data_dir": s.data_dir})
+                );
+            } else {
+                println!(
+                    "outpost {} — up {}",
+                    s.version,
+                    humantime::format_duration(Duration::from_secs(s.uptime_s))
+                );
+                let rows = vec![
+                    vec!["listen".into(), s.listen],
+                    vec!["data dir".into(), s.data_dir],
+                    vec![
+                        "devices".into(),
+                        format!("{} online of {}", s.devices_online, s.devices_total),
+                    ],
+                    vec!["queued".into(), s.queued.to_string()],
+                    vec!["in flight".into(), s.in_flight.to_string()],
+                    vec!["dead".into(), s.dead.to_string()],
+                    vec!["disk".into(), format!("{} bytes", s.disk_bytes)],
+                    vec!["uplink".into(), "none".into()],
+                ];
+                print_table(&["", ""], &rows);
+            }
+            Ok(0)
+        }
+        Cmd::Queue {
+            device,
+            state,
+            json,
+        } => {
+            let AdminResponse::Views(mut vs) =
+                call(data_dir, AdminRequest::List { device }).await?
+            else {
+                bail!("unexpected answer")
+            };
+            if let Some(st) = state {
+                let st = st.to_ascii_lowercase();
+                vs.retain(|v| v.state.as_str() == st);
+            }
+            if json {
+                println!("{}", Value::Array(vs.iter().map(view_json).collect()));
+            } else {
+                let rows: Vec<Vec<String>> = vs
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.id.to_string(),
+                            v.state.to_string(),
+                            v.priority.to_string(),
+                            format!("{}/{}", v.attempts, v.max_attempts),
+                            ago(v.created_at),
+                        ]
+                    })
+                    .collect();
+                print_table(&["ID", "STATE", "PRIORITY", "ATTEMPTS", "CREATED"], &rows);
+            }
+            Ok(0)
+        }
+        Cmd::Show { id, json } => {
+            let AdminResponse::View(v) = call(data_dir, AdminRequest::Show(parse_id(&id)?)).await?
+            else {
+                bail!("unexpected answer")
+            };
+            print_view(&v, json);
+            Ok(0)
+        }
+        Cmd::Cancel { id } => {
+            let AdminResponse::View(v) =
+                call(data_dir, AdminRequest::Cancel(parse_id(&id)?)).await?
+            else {
+                bail!("unexpected answer")
+            };
+            println!("{} cancelled", v.id);
+            Ok(0)
+        }
+        Cmd::Retry { id } => {
+            let AdminResponse::View(v) =
+                call(data_dir, AdminRequest::Retry(parse_id(&id)?)).await?
+            else {
+                bail!("unexpected answer")
+            };
+            println!(
+                "{} queued again (attempt {} of up to {})",
+                v.id,
+                v.attempts + 1,
+                v.max_attempts
+            );
+            Ok(0)
+        }
+        Cmd::Watch { device, json } => {
+            let mut c = client(data_dir).await?;
+            c.watch(device).await?;
+            while let Some(r) = c.next().await? {
+                if let AdminResponse::Event(ev) = r {
+                    if json {
+                        let mut o = json!({"id": ev.id.to_string(), "device": ev.device, "state": ev.state.as_str(),
+                                           "at": rfc3339(ev.at), "attempts": ev.attempts, "error": ev.error});
+                        add_result(&mut o, ev.outcome.as_ref());
+                        println!("{o}");
+                    } else {
+                        println!(
+                            "{}  {}  {:<10} {}",
+                            rfc3339(ev.at),
+                            ev.id,
+                            ev.state.as_str(),
+                            ev.device
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Device(a) => {
+            use crate::client::{run_agent, shutdown_signal, AgentOptions, Handler};
+            let handler = match a.exec {
+                Some(c) => Handler::Exec(c),
+                None => Handler::Echo,
+            };
+            let mut o = AgentOptions::new(a.bundle, handler);
+            o.command_timeout = a.timeout.into();
+            o.connect.server = a.server;
+            run_agent(o, shutdown_signal()).await?;
+            Ok(0)
+        }
+        Cmd::Demo => crate::demo::run().await,
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "outpost",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(0)
+        }
+    }
+}
+
+fn serve_options(a: ServeArgs, data_dir: &Path) -> crate::serve::ServeOptions {
+    let mut o = crate::serve::ServeOptions::new(data_dir.to_path_buf());
+    o.listen = a.listen;
+    o.sans = a.san;
+    o.advertise = a.advertise;
+    o.limits.window = a.window;
+    o.limits.max_queued = a.max_queued;
+    o.limits.max_disk = a.max_disk;
+    o.limits.backoff_base_ms = Duration::from(a.backoff_base).as_millis() as u64;
+    o.limits.backoff_cap_ms = Duration::from(a.backoff_cap).as_millis() as u64;
+    o.limits.default_max_attempts = a.max_attempts;
+    o.store.cache_bytes = a.cache;
+    o.link.window = a.window;
+    o
+}
+
+async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
+    let payload = match (&a.file, a.payload.as_deref()) {
+        (Some(f), _) => std::fs::read(f)
+            .with_context(|| format!("cannot read the payload file {}", f.display()))?,
+        (None, Some("-")) => {
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("reading the payload from stdin")?;
+            b
+        }
+        (None, Some(p)) => p.as_bytes().to_vec(),
+        (None, None) => Vec::new(),
+    };
+    let not_before = match a.not_before.as_deref() {
+        None => None,
+        Some(s) if s.starts_with('+') => {
+            let d: Duration = humantime::parse_duration(&s[1..])
+                .with_context(|| format!("--not-before {s}: not a duration"))?;
+            Some(crate::now_millis() + d.as_millis() as u64)
+        }
+        Some(s) => {
+            let t = humantime::parse_rfc3339_weak(s).with_context(|| {
+                format!("--not-before {s}: use RFC 3339 (2026-11-25T10:00:00Z) or +10m")
+            })?;
+            Some(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            )
+        }
+    };
+    let req = SendRequest {
+        target: a.target,
+        payload,
+        opts: SendOptions {
+            priority: a.priority,
+            ttl_ms: a.ttl.map(|t| Duration::from(t).as_millis() as u64),
+            max_attempts: a.max_attempts,
+            key: a.key,
+            after: a.after.as_deref().map(parse_id).transpose()?,
+            not_before,
+        },
+        origin: "cli".into(),
+        signature: None,
+    };
+    let mut c = client(data_dir).await?;
+    let AdminResponse::Receipt(r) = c.call(&AdminRequest::Send(req)).await? else {
+        bail!("unexpected answer")
+    };
+    let Some(timeout) = a.wait else {
+        if a.json {
+            println!(
+                "{}",
+                json!({"id": r.id.to_string(), "state": r.state.as_str(), "duplicate": r.duplicate})
+            );
+        } else {
+            println!("{}", r.id);
+        }
+        return Ok(0);
+    };
+    let timeout: Duration = timeout.into();
+    let resp = c
+        .call(&AdminRequest::Wait {
+            id: r.id,
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await?;
+    match resp {
+        AdminResponse::View(v) => {
+            if a.json {
+                let mut o = json!({"id": v.id.to_string(), "state": v.state.as_str(), "attempts": v.attempts, "error": v.error});
+                add_result(&mut o, v.outcome.as_ref());
+                println!("{o}");
+            } else {
+                print_outcome(&v);
+            }
+            Ok(if v.state == State::Succeeded {
+                0
+            } else {
+                EXIT_UNSUCCESSFUL
+            })
+        }
+        AdminResponse::TimedOut => {
+            if a.json {
+                println!("{}", json!({"id": r.id.to_string(), "state": "timeout"}));
+            }
+            eprintln!(
+                "error: command {} did not end within {}; it stays queued — follow it with `outpost show {}`",
+                r.id,
+                humantime::format_duration(timeout),
+                r.id
+            );
+            Ok(EXIT_TIMEOUT)
+        }
+        other => bail!("unexpected answer from the box: {other:?}"),
+    }
+}
+
+fn print_outcome(v: &CommandView) {
+    match &v.outcome {
+        Some(Outcome::Ok(b)) => match std::str::from_utf8(b) {
+            Ok(s) => print!(
+                "{s}{}",
+                if s.ends_with('\n') || s.is_empty() {
+                    ""
+                } else {
+                    "\n"
+                }
+            ),
+            Err(_) => println!("{}", base64::engine::general_purpose::STANDARD.encode(b)),
+        },
+        Some(Outcome::Failed { code, message }) => {
+            eprintln!("{} {}: exit code {code}: {message}", v.id, v.state)
+        }
+        Some(Outcome::Rejected { reason }) => {
+            eprintln!("{} rejected by the device: {reason}", v.id)
+        }
+        None => eprintln!(
+            "{} {}{}",
+            v.id,
+            v.state,
+            v.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+fn add_result(o: &mut Value, outcome: Option<&Outcome>) {
+    let m = o.as_object_mut().expect("an object");
+    match outcome {
+        Some(Outcome::Ok(b)) => match std::str::from_utf8(b) {
+            Ok(s) => {
+                m.insert("result".into(), json!(s));
+            }
+            Err(_) => {
+                m.insert("result".into(), Value::Null);
+                m.insert(
+                    "result_b64".into(),
+                    json!(base64::engine::general_purpose::STANDARD.encode(b)),
+                );
+            }
+        },
+        Some(Outcome::Failed { code, message }) => {
+            m.insert("result".into(), Value::Null);
+            m.insert("exit_code".into(), json!(code));
+            if m.get("error").is_none_or(Value::is_null) {
+                m.insert("error".into(), json!(message));
+            }
+        }
+        Some(Outcome::Rejected { reason }) => {
+            m.insert("result".into(), Value::Null);
+            if m.get("error").is_none_or(Value::is_null) {
+                m.insert("error".into(), json!(format!("rejected: {reason}")));
+            }
+        }
+        None => {
+            m.insert("result".into(), Value::Null);
+        }
+    }
+}
+
+/// The stable `--json` shape of one command.
+pub fn view_json(v: &CommandView) -> Value {
+    let mut o = json!({
+        "id": v.id.to_string(), "target": v.target, "device": v.device, "state": v.state.as_str(),
+        "priority": v.priority.as_str(), "attempts": v.attempts, "max_attempts": v.max_attempts,
+        "created_at": rfc3339(v.created_at), "finished_at": v.finished_at.map(rfc3339),
+        "origin": v.origin, "error": v.error,
+    });
+    add_result(&mut o, v.outcome.as_ref());
+    o
+}
+
+fn print_view(v: &CommandView, json: bool) {
+    if json {
+        println!("{}", view_json(v));
+        return;
+    }
+    let mut rows = vec![
+        vec!["id".to_string(), v.id.to_string()],
+        vec!["target".into(), v.target.clone()],
+        vec!["state".into(), v.state.to_string()],
+        vec!["priority".into(), v.priority.to_string()],
+        vec![
+            "attempts".into(),
+            format!("{} of {}", v.attempts, v.max_attempts),
+        ],
+        vec!["created".into(), ago(v.created_at)],
+    ];
+    if let Some(f) = v.finished_at {
+        rows.push(vec!["finished".into(), ago(f)]);
+    }
+    match &v.outcome {
+        Some(Outcome::Ok(b)) => rows.push(vec![
+            "result".into(),
+            String::from_utf8_lossy(b).trim_end().to_string(),
+        ]),
+        Some(Outcome::Failed { code, message }) => {
+            rows.push(vec!["failure".into(), format!("exit {code}: {message}")])
+        }
+        Some(Outcome::Rejected { reason }) => rows.push(vec!["rejected".into(), reason.clone()]),
+        None => {}
+    }
+    if let Some(e) = &v.error {
+        rows.push(vec!["error".into(), e.clone()]);
+    }
+    print_table(&["", ""], &rows);
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC).
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// "3s ago", "2h ago", "in 5m".
+pub fn ago(ms: u64) -> String {
+    let now = crate::now_millis();
+    let (d, future) = if ms > now {
+        (ms - now, true)
+    } else {
+        (now - ms, false)
+    };
+    let s = d / 1000;
+    let text = match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    };
+    if future {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+/// Print rows as aligned columns (headers skipped when all empty).
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let cols = headers.len();
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(cols) {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    if headers.iter().any(|h| !h.is_empty()) {
+        line(headers.to_vec());
+    }
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert!(parse_bytes("12 parsecs")
+            .unwrap_err()
+            .contains("unknown size unit"));
+        assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn json_of_a_binary_result_is_base64() {
+        let mut o = json!({"id": "x"});
+        add_result(&mut o, Some(&Outcome::Ok(vec![0xff, 0x00])));
+        assert_eq!(o["result"], Value::Null);
+        assert_eq!(o["result_b64"], json!("/wA="));
+    }
+}

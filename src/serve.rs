@@ -1,0 +1,155 @@
+//! `outpost serve`: the box. Opens the store, replays the queue, binds the
+//! QUIC listener and the admin socket, tells systemd it is ready, and on
+//! SIGTERM/SIGINT stops accepting, finishes the current flush and closes.
+
+use crate::admin::{self, AdminContext};
+use crate::device::{DeviceLink, LinkOptions};
+use crate::identity::{Identity, RevokedSet};
+use crate::queue::{self, Limits, QueueHandle, ServiceOptions};
+use crate::store::{Store, StoreOptions};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything `serve` needs, resolved from flags, env and defaults.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Extra names for the server certificate.
+    pub sans: Vec<String>,
+    /// `host:port` devices are told to connect to (in their bundles).
+    /// Default: the listen address, or `<hostname>:<port>` when listening
+    /// on every address.
+    pub advertise: Option<String>,
+    pub limits: Limits,
+    pub store: StoreOptions,
+    pub link: LinkOptions,
+}
+
+impl ServeOptions {
+    /// Defaults for a data dir: listen on `[::]:7443`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServeOptions {
+            data_dir,
+            listen: "[::]:7443".parse().expect("literal address"),
+            sans: Vec::new(),
+            advertise: None,
+            limits: Limits::default(),
+            store: StoreOptions::default(),
+            link: LinkOptions::default(),
+        }
+    }
+}
+
+/// A running box.
+pub struct RunningBox {
+    pub queue: QueueHandle,
+    pub link: Arc<DeviceLink>,
+    pub identity: Arc<Identity>,
+    /// The QUIC address actually bound.
+    pub addr: SocketAddr,
+    /// What bundles name as the server.
+    pub advertise: String,
+    admin: tokio::task::JoinHandle<()>,
+    socket: PathBuf,
+}
+
+/// Start a box (for `serve`, the demo and tests).
+pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
+    std::fs::create_dir_all(&o.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
+    let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);
+    let store = Store::open(&o.data_dir, &o.store)?;
+    let queue = queue::open(
+        store,
+        ServiceOptions {
+            limits: o.limits.clone(),
+            ..ServiceOptions::default()
+        },
+    )?;
+    let devices = queue.devices().await?;
+    let revoked = RevokedSet::from_ids(
+        devices
+            .iter()
+            .filter(|d| d.record.revoked)
+            .map(|d| d.record.id.clone()),
+    );
+    let tls = identity.server_config(revoked.clone())?;
+    let link = Arc::new(DeviceLink::start(
+        o.listen,
+        tls,
+        revoked,
+        queue.clone(),
+        o.link.clone(),
+    )?);
+    let addr = link.local_addr()?;
+    let advertise = o.advertise.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", addr.port())
+        } else {
+            addr.to_string()
+        }
+    });
+    let listener = admin::bind(&o.data_dir).await?;
+    let ctx = Arc::new(AdminContext {
+        queue: queue.clone(),
+        identity: identity.clone(),
+        link: link.clone(),
+        advertise: advertise.clone(),
+        data_dir: o.data_dir.clone(),
+        started: Instant::now(),
+    });
+    let admin = tokio::spawn(admin::serve(listener, ctx));
+    Ok(RunningBox {
+        queue,
+        link,
+        identity,
+        addr,
+        advertise,
+        admin,
+        socket: o.data_dir.join(admin::SOCKET),
+    })
+}
+
+impl RunningBox {
+    /// Stop accepting, close device connections, finish the current group
+    /// commit and close the store.
+    pub async fn stop(self) {
+        self.admin.abort();
+        let _ = std::fs::remove_file(&self.socket);
+        self.link.shutdown().await;
+        self.queue.shutdown().await;
+    }
+}
+
+/// Run the box until SIGTERM or SIGINT.
+pub async fn run(o: ServeOptions) -> anyhow::Result<()> {
+    let data_dir = o.data_dir.clone();
+    let b = start(o).await?;
+    tracing::info!(listen = %b.addr, data_dir = %data_dir.display(), "box serving");
+    crate::notify::ready(&format!("serving on {}", b.addr));
+    let watchdog = crate::notify::watchdog_interval().map(|every| {
+        let q = b.queue.clone();
+        // The queue answering a stats request proves the writer thread is
+        // alive, not just the runtime.
+        tokio::spawn(crate::notify::watchdog(every, move || {
+            let q = q.clone();
+            async move { q.stats().await.is_ok() }
+        }))
+    });
+    crate::client::shutdown_signal().await;
+    tracing::info!("stopping: closing connections, finishing the current flush");
+    crate::notify::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    b.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}

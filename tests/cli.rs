@@ -1,0 +1,376 @@
+//! Black-box tests of the real binary: a box in a temp dir on a loopback
+//! port, devices run as `outpost device`, and the operator CLI against them.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+struct Box_ {
+    dir: tempfile::TempDir,
+    serve: Child,
+    devices: Vec<Child>,
+}
+
+impl Drop for Box_ {
+    fn drop(&mut self) {
+        for d in &mut self.devices {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = self.serve.kill();
+        let _ = self.serve.wait();
+    }
+}
+
+fn outpost(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outpost")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_str(ok(o).trim()).expect("--json prints JSON")
+}
+
+fn spawn_serve(dir: &Path) -> Child {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backoff-base",
+            "100ms",
+            "--backoff-cap",
+            "500ms",
+        ])
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start serve");
+    // Ready once the admin socket answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if outpost(dir, &["status", "--json"]).status.success() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the box did not start within 30 s");
+}
+
+fn start_box() -> Box_ {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = spawn_serve(dir.path());
+    Box_ {
+        dir,
+        serve,
+        devices: Vec::new(),
+    }
+}
+
+impl Box_ {
+    fn run(&self, args: &[&str]) -> Output {
+        outpost(self.dir.path(), args)
+    }
+
+    fn enroll(&self, id: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("{id}.bundle"));
+        ok(&self.run(&["enroll", id, "--tag", "t1", "--out", out.to_str().unwrap()]));
+        out
+    }
+
+    fn device(&mut self, id: &str, handler: &[&str]) {
+        let bundle = self.enroll(id);
+        let mut args = vec!["device", "--bundle", bundle.to_str().unwrap()];
+        args.extend_from_slice(handler);
+        let child = Command::new(BIN)
+            .args(&args)
+            .env("OUTPOST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.devices.push(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let ds = json(&self.run(&["devices", "--json"]));
+            if ds
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["id"] == id && d["online"] == true)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("device {id} did not come online within 30 s");
+    }
+}
+
+#[test]
+fn send_wait_show_queue_status_and_their_json() {
+    let mut b = start_box();
+    b.device("echo-1", &["--echo"]);
+    let r = json(&b.run(&["send", "echo-1", "hello", "--wait", "20s", "--json"]));
+    assert_eq!(r["state"], "succeeded");
+    assert_eq!(r["result"], "hello");
+    let id = r["id"].as_str().unwrap().to_string();
+
+    let v = json(&b.run(&["show", &id, "--json"]));
+    for k in [
+        "id",
+        "target",
+        "state",
+        "priority",
+        "attempts",
+        "created_at",
+        "result",
+        "error",
+    ] {
+        assert!(v.get(k).is_some(), "show --json lacks {k}: {v}");
+    }
+    assert_eq!(v["target"], "echo-1");
+    assert_eq!(v["attempts"], 1);
+    assert!(ok(&b.run(&["show", &id])).contains("succeeded"));
+
+    let s = json(&b.run(&["status", "--json"]));
+    for k in [
+        "version",
+        "uptime_s",
+        "devices_total",
+        "devices_online",
+        "queued",
+        "in_flight",
+        "dead",
+        "uplink",
+        "outbox",
+        "disk_bytes",
+    ] {
+        assert!(s.get(k).is_some(), "status --json lacks {k}: {s}");
+    }
+    assert_eq!(s["devices_online"], 1);
+
+    let ds = json(&b.run(&["devices", "--json"]));
+    let d = &ds.as_array().unwrap()[0];
+    for k in [
+        "id",
+        "online",
+        "tags",
+        "caps",
+        "last_seen",
+        "queued",
+        "in_flight",
+    ] {
+        assert!(d.get(k).is_some(), "devices --json lacks {k}: {d}");
+    }
+    assert_eq!(d["tags"], serde_json::json!(["t1"]));
+
+    // A device that is offline: its queue lists commands in delivery order.
+    b.enroll("offline-1");
+    let low = ok(&b.run(&["send", "offline-1", "a", "--priority", "low"]))
+        .trim()
+        .to_string();
+    let high = ok(&b.run(&["send", "offline-1", "b", "--priority", "high"]))
+        .trim()
+        .to_string();
+    let q = json(&b.run(&["queue", "offline-1", "--json"]));
+    let ids: Vec<&str> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![high.as_str(), low.as_str()]);
+    assert!(ok(&b.run(&["queue", "offline-1"])).contains("high"));
+}
+
+#[test]
+fn exit_codes_follow_the_contract() {
+    let mut b = start_box();
+    b.device(
+        "fail-1",
+        &["--exec", "cat >/dev/null; echo broken >&2; exit 7"],
+    );
+    b.enroll("offline-1");
+
+    // 6: ended without success (dead after its only attempt).
+    let o = b.run(&[
+        "send",
+        "fail-1",
+        "x",
+        "--max-attempts",
+        "1",
+        "--wait",
+        "20s",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(6), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "dead");
+    let dead = v["id"].as_str().unwrap().to_string();
+
+    // 4: --wait timed out (the device is offline).
+    let o = b.run(&["send", "offline-1", "x", "--wait", "300ms"]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("did not end within"));
+
+    // 3: not found.
+    let o = b.run(&["send", "nobody", "x"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("outpost enroll nobody"));
+    let o = b.run(&["show", "01J9ZQ3M8E5V6X7Y8Z9A0B1C2D"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+
+    // 5: refused (revoked).
+    ok(&b.run(&["revoke", "offline-1"]));
+    let o = b.run(&["send", "offline-1", "x"]);
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+
+    // 2: usage.
+    let o = b.run(&["send"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let o = b.run(&["send", "fail-1", "x", "--priority", "urgent"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+
+    // 1: a bad transition, with the reason.
+    let o = b.run(&["cancel", &dead]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is dead: cannot cancel"));
+
+    // retry of a dead command: queued again, fails again on this device.
+    ok(&b.run(&["retry", &dead]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = json(&b.run(&["show", &dead, "--json"]));
+        if v["state"] == "dead" && v["attempts"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retried command did not end: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cancel_of_a_queued_command() {
+    let b = start_box();
+    b.enroll("offline-1");
+    let id = ok(&b.run(&["send", "offline-1", "x"])).trim().to_string();
+    ok(&b.run(&["cancel", &id]));
+    let v = json(&b.run(&["show", &id, "--json"]));
+    assert_eq!(v["state"], "cancelled");
+}
+
+#[test]
+fn no_box_running_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = outpost(dir.path(), &["status"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no box is running at") && err.contains("outpost serve"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kill_9_of_the_box_keeps_the_queue() {
+    let mut b = start_box();
+    b.enroll("offline-1");
+    let ids: Vec<String> = (0..5)
+        .map(|i| {
+            ok(&b.run(&["send", "offline-1", &format!("p{i}")]))
+                .trim()
+                .to_string()
+        })
+        .collect();
+    b.serve.kill().unwrap(); // SIGKILL
+    b.serve.wait().unwrap();
+    b.serve = spawn_serve(b.dir.path());
+    let q = json(&b.run(&["queue", "offline-1", "--json"]));
+    let got: Vec<&str> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    // ...and they are delivered once the device comes.
+    // The restarted box listens on a new loopback port (a real box keeps
+    // 7443); point the device at it.
+    let listen = json(&b.run(&["status", "--json"]))["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bundle = b.dir.path().join("offline-1.bundle");
+    let child = Command::new(BIN)
+        .args([
+            "device",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--server",
+            &listen,
+            "--echo",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    b.devices.push(child);
+    let v = json(&b.run(&["send", "offline-1", "last", "--wait", "20s", "--json"]));
+    assert_eq!(v["state"], "succeeded");
+    for id in &ids {
+        assert_eq!(json(&b.run(&["show", id, "--json"]))["state"], "succeeded");
+    }
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let o = Command::new(BIN)
+        .arg("demo")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "demo failed:\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("demo passed"), "{out}");
+}
+
+#[test]
+fn completions_and_man_page() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(ok(&outpost(dir.path(), &["completions", "bash"])).contains("outpost"));
+    assert!(ok(&outpost(dir.path(), &["man"])).contains(".TH"));
+}

@@ -103,6 +103,8 @@ pub enum Cmd {
     Device(DeviceArgs),
     /// Start a throwaway box and a demo device, send a few commands, show them.
     Demo,
+    /// Measure this machine: a box on loopback, N devices, workload W1.
+    Bench(BenchArgs),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -173,6 +175,29 @@ pub struct SendArgs {
     /// Wait for the end state (default 60s), and print the result.
     #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_name = "TIMEOUT")]
     pub wait: Option<humantime::Duration>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    #[arg(long, default_value_t = 100_000)]
+    pub commands: usize,
+    /// Payload bytes per command.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Concurrent senders.
+    #[arg(long, default_value_t = 64)]
+    pub producers: usize,
+    /// Offered load in commands/s (default: as fast as the box accepts).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Where to put the throwaway box (use the box's real storage).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -505,6 +530,30 @@ async fn run(cmd: Cmd, data_dir: &Path) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Demo => crate::demo::run().await,
+        Cmd::Bench(a) => {
+            let dir = match &a.dir {
+                Some(d) => tempfile::tempdir_in(d),
+                None => tempfile::tempdir(),
+            }
+            .context("creating a temp dir for the bench box")?;
+            let o = crate::bench::LinkBenchOptions {
+                devices: a.devices,
+                commands: a.commands,
+                payload: a.payload,
+                producers: a.producers,
+                rate: a.rate,
+            };
+            if !a.json {
+                eprintln!("running W1 in {} …", dir.path().display());
+            }
+            let r = crate::bench::link_bench(dir.path(), &o).await?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{}", r.table());
+            }
+            Ok(0)
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,

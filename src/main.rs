@@ -11,7 +11,7 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     // The demo tells its own story; the box's info logs would drown it.
     let default = match std::env::args().nth(1).as_deref() {
-        Some("demo") => "warn",
+        Some("demo") | Some("bench") => "warn",
         _ => "info",
     };
     let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new(default));

@@ -374,3 +374,16 @@ fn completions_and_man_page() {
     assert!(ok(&outpost(dir.path(), &["completions", "bash"])).contains("outpost"));
     assert!(ok(&outpost(dir.path(), &["man"])).contains(".TH"));
 }
+
+#[test]
+fn bench_smoke_run_prints_its_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = outpost(
+        dir.path(),
+        &["bench", "--devices", "4", "--commands", "200", "--json"],
+    );
+    let v: Value = serde_json::from_slice(&ok(&o).into_bytes()).unwrap();
+    assert_eq!(v["commands"], 200);
+    assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["latency_p99_us"].as_u64().is_some());
+}

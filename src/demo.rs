@@ -80,8 +80,10 @@ pub async fn run() -> anyhow::Result<i32> {
     }
 
     println!("starting the device agent; the high-priority command should run first");
-    std::env::set_var("DEMO_DIR", dir.path());
-    let mut agent = AgentOptions::new(bundle_path, Handler::Exec(SCRIPT.into()));
+    // The script learns its scratch dir from its own text, not from this
+    // process's environment (changing that under running threads is racy).
+    let script = format!("DEMO_DIR='{}'\n{SCRIPT}", dir.path().display());
+    let mut agent = AgentOptions::new(bundle_path, Handler::Exec(script));
     agent.command_timeout = Duration::from_secs(10);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent_task = tokio::spawn(run_agent(agent, async move {

@@ -31,6 +31,9 @@ pub struct Cli {
     /// $XDG_DATA_HOME/outpost]
     #[arg(long, global = true, env = "OUTPOST_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The TOML config file [default: /etc/outpost/outpost.toml, if present]
+    #[arg(long, global = true, env = "OUTPOST_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -39,7 +42,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the box: QUIC listener for devices, the store, the admin socket.
-    Serve(ServeArgs),
+    Serve(crate::config::ServeArgs),
     /// Create the data dir and the box's CA and server certificate.
     Init {
         /// Extra name or address for the server certificate (repeatable).
@@ -109,41 +112,6 @@ pub enum Cmd {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Man,
-}
-
-/// `outpost serve`.
-#[derive(Debug, clap::Args)]
-pub struct ServeArgs {
-    /// Address for devices (QUIC).
-    #[arg(long, env = "OUTPOST_LISTEN", default_value = "[::]:7443")]
-    pub listen: std::net::SocketAddr,
-    /// Extra name or address for the server certificate (repeatable).
-    #[arg(long, env = "OUTPOST_SAN", value_delimiter = ',')]
-    pub san: Vec<String>,
-    /// host:port written into device bundles.
-    #[arg(long, env = "OUTPOST_ADVERTISE")]
-    pub advertise: Option<String>,
-    /// Unacked commands per device.
-    #[arg(long, env = "OUTPOST_WINDOW", default_value_t = 32)]
-    pub window: u32,
-    /// Live commands held before new ones are refused or lower ones shed.
-    #[arg(long, env = "OUTPOST_MAX_QUEUED", default_value_t = 1_000_000)]
-    pub max_queued: u64,
-    /// Bytes on disk before new commands are refused (e.g. 512MiB).
-    #[arg(long, env = "OUTPOST_MAX_DISK", value_parser = parse_bytes)]
-    pub max_disk: Option<u64>,
-    /// First retry delay after a failure.
-    #[arg(long, env = "OUTPOST_BACKOFF_BASE", default_value = "1s")]
-    pub backoff_base: humantime::Duration,
-    /// Longest retry delay.
-    #[arg(long, env = "OUTPOST_BACKOFF_CAP", default_value = "5m")]
-    pub backoff_cap: humantime::Duration,
-    /// Attempts when the sender gives none.
-    #[arg(long, env = "OUTPOST_MAX_ATTEMPTS", default_value_t = 5)]
-    pub max_attempts: u32,
-    /// sled's page cache.
-    #[arg(long, env = "OUTPOST_CACHE", default_value = "8MiB", value_parser = parse_bytes)]
-    pub cache: u64,
 }
 
 /// `outpost send`.
@@ -222,31 +190,6 @@ pub struct DeviceArgs {
     pub timeout: humantime::Duration,
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (try 512MiB or 2GB)"))?;
-    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
-            ))
-        }
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("`{s}` is too large"))
-}
-
 /// Where the box keeps its state when no --data-dir is given.
 pub fn default_data_dir() -> PathBuf {
     if std::env::var_os("INVOCATION_ID").is_some() || std::env::var_os("STATE_DIRECTORY").is_some()
@@ -265,7 +208,18 @@ pub fn default_data_dir() -> PathBuf {
 /// Parse the command line, run, and return the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let (file, file_path) = match crate::config::FileConfig::load(cli.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(default_data_dir);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -273,7 +227,7 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    match rt.block_on(run(cli.cmd, &data_dir)) {
+    match rt.block_on(run(cli.cmd, &data_dir, &file, file_path.as_deref())) {
         Ok(code) => code,
         Err(e) => {
             let code = e
@@ -297,10 +251,16 @@ fn parse_id(s: &str) -> anyhow::Result<CommandId> {
     Ok(s.parse::<CommandId>()?)
 }
 
-async fn run(cmd: Cmd, data_dir: &Path) -> anyhow::Result<i32> {
+async fn run(
+    cmd: Cmd,
+    data_dir: &Path,
+    file: &crate::config::FileConfig,
+    file_path: Option<&Path>,
+) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Serve(a) => {
-            crate::serve::run(serve_options(a, data_dir)).await?;
+            let c = crate::config::resolve(&a, file, file_path)?;
+            crate::serve::run(serve_options(c, data_dir)).await?;
             Ok(0)
         }
         Cmd::Init { san } => {
@@ -570,19 +530,14 @@ async fn run(cmd: Cmd, data_dir: &Path) -> anyhow::Result<i32> {
     }
 }
 
-fn serve_options(a: ServeArgs, data_dir: &Path) -> crate::serve::ServeOptions {
+fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve::ServeOptions {
     let mut o = crate::serve::ServeOptions::new(data_dir.to_path_buf());
-    o.listen = a.listen;
-    o.sans = a.san;
-    o.advertise = a.advertise;
-    o.limits.window = a.window;
-    o.limits.max_queued = a.max_queued;
-    o.limits.max_disk = a.max_disk;
-    o.limits.backoff_base_ms = Duration::from(a.backoff_base).as_millis() as u64;
-    o.limits.backoff_cap_ms = Duration::from(a.backoff_cap).as_millis() as u64;
-    o.limits.default_max_attempts = a.max_attempts;
-    o.store.cache_bytes = a.cache;
-    o.link.window = a.window;
+    o.listen = c.listen;
+    o.sans = c.sans;
+    o.advertise = c.advertise;
+    o.link.window = c.limits.window;
+    o.limits = c.limits;
+    o.store.cache_bytes = c.cache_bytes;
     o
 }
 
@@ -856,17 +811,6 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_units_and_refuse_nonsense() {
-        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_bytes("2GB").unwrap(), 2_000_000_000);
-        assert_eq!(parse_bytes("100").unwrap(), 100);
-        assert!(parse_bytes("12 parsecs")
-            .unwrap_err()
-            .contains("unknown size unit"));
-        assert!(parse_bytes("lots").is_err());
-    }
 
     #[test]
     fn the_cli_definition_is_consistent() {

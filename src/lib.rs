@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod command;
+pub mod config;
 pub mod demo;
 pub mod device;
 pub mod identity;

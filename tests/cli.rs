@@ -387,3 +387,67 @@ fn bench_smoke_run_prints_its_figures() {
     assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["latency_p99_us"].as_u64().is_some());
 }
+
+#[test]
+fn the_config_file_supplies_what_flags_and_env_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("outpost.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nwindow = 4\n",
+            data
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .env_remove("OUTPOST_DATA_DIR")
+            .env("OUTPOST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let mut serve = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .env_remove("OUTPOST_DATA_DIR")
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut status = None;
+    while Instant::now() < deadline {
+        let o = run(&["status", "--json"]);
+        if o.status.success() {
+            status = Some(serde_json::from_slice::<Value>(&o.stdout).unwrap());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let s = status.expect("the box found through the file's data_dir");
+    assert!(
+        s["listen"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{s}"
+    );
+    assert_eq!(s["data_dir"], data.display().to_string());
+
+    std::fs::write(&cfg, "windw = 4\n").unwrap();
+    let o = run(&["status"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("windw") && err.contains("outpost.toml"),
+        "{err}"
+    );
+}

@@ -1,0 +1,402 @@
+//! Configuration: flags beat environment (`OUTPOST_*`) beat the TOML file
+//! beat defaults (DESIGN §1).
+//!
+//! clap merges flags and environment (every `serve` flag has an `env`); it
+//! must not also apply defaults, or a default would hide the file's value.
+//! So flags are `Option`s, [`FileConfig`] is the file with the same keys,
+//! and [`resolve`] fills what is still missing from the file, then from the
+//! defaults.
+
+use crate::queue::Limits;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/outpost/outpost.toml";
+
+/// Why the configuration is unusable. Each names the file or key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {}: {source}; fix the path given to --config (or OUTPOST_CONFIG)", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config file {} is not valid: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} = {value:?} in {origin}: {why}")]
+    Value {
+        key: &'static str,
+        value: String,
+        origin: String,
+        why: String,
+    },
+}
+
+/// The TOML file. Unknown keys are refused, so a typo is an error naming
+/// the key rather than a silently ignored setting.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub advertise: Option<String>,
+    pub san: Option<Vec<String>>,
+    pub window: Option<u32>,
+    pub max_queued: Option<u64>,
+    /// A size: `512MiB`, `2GB`, or a number of bytes.
+    pub max_disk: Option<SizeValue>,
+    /// A duration: `1s`, `500ms`.
+    pub backoff_base: Option<String>,
+    pub backoff_cap: Option<String>,
+    pub default_ttl: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub cache: Option<SizeValue>,
+    pub results_max: Option<usize>,
+    pub results_max_age: Option<String>,
+}
+
+/// A size written as a number of bytes or a string with a unit.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl FileConfig {
+    /// Read `explicit`, or the default path if it exists. A missing default
+    /// file is no error; a missing explicit one is.
+    pub fn load(explicit: Option<&Path>) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+        let (path, required) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((FileConfig::default(), None))
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let cfg = Self::parse(&text, &path)?;
+        Ok((cfg, Some(path)))
+    }
+
+    /// Parse file text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })
+    }
+}
+
+/// Parse a size: `512MiB`, `2GB`, `100`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 512MiB or 2GB)"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// `outpost serve` flags; each also reads its `OUTPOST_*` variable. None has
+/// a clap default: see the module doc.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address for devices (QUIC) [default: [::]:7443]
+    #[arg(long, env = "OUTPOST_LISTEN")]
+    pub listen: Option<String>,
+    /// Extra name or address for the server certificate (repeatable).
+    #[arg(long, env = "OUTPOST_SAN", value_delimiter = ',')]
+    pub san: Vec<String>,
+    /// host:port written into device bundles [default: the listen address,
+    /// or <hostname>:<port> when listening on every address]
+    #[arg(long, env = "OUTPOST_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Unacked commands per device [default: 32]
+    #[arg(long, env = "OUTPOST_WINDOW")]
+    pub window: Option<u32>,
+    /// Live commands held before new ones are refused or lower ones shed
+    /// [default: 1000000]
+    #[arg(long, env = "OUTPOST_MAX_QUEUED")]
+    pub max_queued: Option<u64>,
+    /// Bytes on disk before new commands are refused, e.g. 512MiB [default: none]
+    #[arg(long, env = "OUTPOST_MAX_DISK")]
+    pub max_disk: Option<String>,
+    /// First retry delay after a failure [default: 1s]
+    #[arg(long, env = "OUTPOST_BACKOFF_BASE")]
+    pub backoff_base: Option<String>,
+    /// Longest retry delay [default: 5m]
+    #[arg(long, env = "OUTPOST_BACKOFF_CAP")]
+    pub backoff_cap: Option<String>,
+    /// Time to live when the sender gives none [default: none]
+    #[arg(long, env = "OUTPOST_DEFAULT_TTL")]
+    pub default_ttl: Option<String>,
+    /// Attempts when the sender gives none [default: 5]
+    #[arg(long, env = "OUTPOST_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// sled's page cache [default: 8MiB]
+    #[arg(long, env = "OUTPOST_CACHE")]
+    pub cache: Option<String>,
+    /// Finished results kept for `show` [default: 100000]
+    #[arg(long, env = "OUTPOST_RESULTS_MAX")]
+    pub results_max: Option<usize>,
+    /// How long finished results are kept [default: 7d]
+    #[arg(long, env = "OUTPOST_RESULTS_MAX_AGE")]
+    pub results_max_age: Option<String>,
+}
+
+/// What `serve` runs with, every value settled.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: std::net::SocketAddr,
+    pub advertise: Option<String>,
+    pub sans: Vec<String>,
+    pub limits: Limits,
+    pub cache_bytes: u64,
+}
+
+fn duration(key: &'static str, v: &str, origin: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v.trim()).map_err(|e| ConfigError::Value {
+        key,
+        value: v.into(),
+        origin: origin.into(),
+        why: format!("{e} (write e.g. 500ms, 10s, 5m)"),
+    })
+}
+
+fn size(key: &'static str, v: &str, origin: &str) -> Result<u64, ConfigError> {
+    parse_size(v).map_err(|why| ConfigError::Value {
+        key,
+        value: v.into(),
+        origin: origin.into(),
+        why,
+    })
+}
+
+fn size_value(key: &'static str, v: &SizeValue, origin: &str) -> Result<u64, ConfigError> {
+    match v {
+        SizeValue::Bytes(n) => Ok(*n),
+        SizeValue::Text(t) => size(key, t, origin),
+    }
+}
+
+/// Settle every value: flag or env, else file, else default.
+pub fn resolve(
+    args: &ServeArgs,
+    file: &FileConfig,
+    file_path: Option<&Path>,
+) -> Result<ServeConfig, ConfigError> {
+    let f = file_path.map_or_else(|| "(no file)".to_string(), |p| p.display().to_string());
+    let cli = "the command line or environment";
+    let d = Limits::default();
+    let pick_str = |a: &Option<String>, b: &Option<String>| -> Option<(String, String)> {
+        a.clone()
+            .map(|v| (v, cli.to_string()))
+            .or_else(|| b.clone().map(|v| (v, f.clone())))
+    };
+
+    let (listen_s, listen_origin) =
+        pick_str(&args.listen, &file.listen).unwrap_or(("[::]:7443".into(), "default".into()));
+    let listen = listen_s.parse().map_err(|_| ConfigError::Value {
+        key: "listen",
+        value: listen_s.clone(),
+        origin: listen_origin,
+        why: "not an address; write host:port, e.g. [::]:7443 or 0.0.0.0:7443".into(),
+    })?;
+    let mut limits = Limits {
+        window: args.window.or(file.window).unwrap_or(d.window),
+        max_queued: args.max_queued.or(file.max_queued).unwrap_or(d.max_queued),
+        default_max_attempts: args
+            .max_attempts
+            .or(file.max_attempts)
+            .unwrap_or(d.default_max_attempts),
+        results_max: args
+            .results_max
+            .or(file.results_max)
+            .unwrap_or(d.results_max),
+        ..d.clone()
+    };
+    if limits.window == 0 {
+        return Err(ConfigError::Value {
+            key: "window",
+            value: "0".into(),
+            origin: cli.into(),
+            why: "must be at least 1".into(),
+        });
+    }
+    limits.max_disk = match (&args.max_disk, &file.max_disk) {
+        (Some(v), _) => Some(size("max_disk", v, cli)?),
+        (None, Some(v)) => Some(size_value("max_disk", v, &f)?),
+        (None, None) => None,
+    };
+    if let Some((v, o)) = pick_str(&args.backoff_base, &file.backoff_base) {
+        limits.backoff_base_ms = duration("backoff_base", &v, &o)?.as_millis() as u64;
+    }
+    if let Some((v, o)) = pick_str(&args.backoff_cap, &file.backoff_cap) {
+        limits.backoff_cap_ms = duration("backoff_cap", &v, &o)?.as_millis() as u64;
+    }
+    if let Some((v, o)) = pick_str(&args.default_ttl, &file.default_ttl) {
+        limits.default_ttl_ms = Some(duration("default_ttl", &v, &o)?.as_millis() as u64);
+    }
+    if let Some((v, o)) = pick_str(&args.results_max_age, &file.results_max_age) {
+        limits.results_max_age_ms = duration("results_max_age", &v, &o)?.as_millis() as u64;
+    }
+    let cache_bytes = match (&args.cache, &file.cache) {
+        (Some(v), _) => size("cache", v, cli)?,
+        (None, Some(v)) => size_value("cache", v, &f)?,
+        (None, None) => crate::store::StoreOptions::default().cache_bytes,
+    };
+    Ok(ServeConfig {
+        listen,
+        advertise: args.advertise.clone().or_else(|| file.advertise.clone()),
+        sans: if args.san.is_empty() {
+            file.san.clone().unwrap_or_default()
+        } else {
+            args.san.clone()
+        },
+        limits,
+        cache_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> FileConfig {
+        FileConfig::parse(text, Path::new("/etc/outpost/outpost.toml")).unwrap()
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let f = file("window = 8\nmax_queued = 500\nbackoff_base = \"2s\"\nmax_disk = \"1GiB\"\nlisten = \"127.0.0.1:9000\"");
+        let args = ServeArgs {
+            window: Some(4),
+            ..Default::default()
+        };
+        let c = resolve(&args, &f, Some(Path::new("x.toml"))).unwrap();
+        assert_eq!(c.limits.window, 4, "flag wins");
+        assert_eq!(c.limits.max_queued, 500, "file fills what the flags leave");
+        assert_eq!(c.limits.backoff_base_ms, 2000);
+        assert_eq!(c.limits.max_disk, Some(1 << 30));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(
+            c.limits.backoff_cap_ms,
+            Limits::default().backoff_cap_ms,
+            "default for the rest"
+        );
+        let c = resolve(&ServeArgs::default(), &FileConfig::default(), None).unwrap();
+        assert_eq!(c.listen.to_string(), "[::]:7443");
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("12 parsecs")
+            .unwrap_err()
+            .contains("unknown size unit"));
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn sizes_in_the_file_may_be_numbers_or_text() {
+        let c = resolve(
+            &ServeArgs::default(),
+            &file("cache = 1048576\nmax_disk = \"2GB\""),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.cache_bytes, 1 << 20);
+        assert_eq!(c.limits.max_disk, Some(2_000_000_000));
+    }
+
+    #[test]
+    fn a_typo_in_the_file_names_the_key_and_the_file() {
+        let e = FileConfig::parse("windw = 3", Path::new("/etc/outpost/outpost.toml")).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("/etc/outpost/outpost.toml") && m.contains("windw"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn bad_values_say_where_they_came_from_and_how_to_write_them() {
+        let e = resolve(
+            &ServeArgs::default(),
+            &file("backoff_cap = \"soon\""),
+            Some(Path::new("/etc/o.toml")),
+        )
+        .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("backoff_cap") && m.contains("/etc/o.toml") && m.contains("5m"),
+            "{m}"
+        );
+        let args = ServeArgs {
+            max_disk: Some("12 parsecs".into()),
+            ..Default::default()
+        };
+        let m = resolve(&args, &FileConfig::default(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("max_disk") && m.contains("unknown size unit"),
+            "{m}"
+        );
+        let args = ServeArgs {
+            listen: Some("nowhere".into()),
+            ..Default::default()
+        };
+        assert!(resolve(&args, &FileConfig::default(), None)
+            .unwrap_err()
+            .to_string()
+            .contains("host:port"));
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error_a_missing_default_is_not() {
+        let e = FileConfig::load(Some(Path::new("/nonexistent/outpost.toml"))).unwrap_err();
+        assert!(e.to_string().contains("--config"), "{e}");
+        // The default path normally does not exist on a development machine.
+        if !Path::new(DEFAULT_CONFIG).exists() {
+            assert!(FileConfig::load(None).unwrap().1.is_none());
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_file_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/outpost.toml"
+        ))
+        .unwrap();
+        let f = FileConfig::parse(&text, Path::new("packaging/outpost.toml")).unwrap();
+        resolve(&ServeArgs::default(), &f, None).unwrap();
+    }
+}

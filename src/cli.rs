@@ -538,6 +538,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.link.window = c.limits.window;
     o.limits = c.limits;
     o.store.cache_bytes = c.cache_bytes;
+    o.metrics = c.metrics;
     o
 }
 

@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub cache: Option<SizeValue>,
     pub results_max: Option<usize>,
     pub results_max_age: Option<String>,
+    /// Prometheus metrics address, e.g. 127.0.0.1:9464 (off when absent).
+    pub metrics: Option<String>,
 }
 
 /// A size written as a number of bytes or a string with a unit.
@@ -165,6 +167,10 @@ pub struct ServeArgs {
     /// How long finished results are kept [default: 7d]
     #[arg(long, env = "OUTPOST_RESULTS_MAX_AGE")]
     pub results_max_age: Option<String>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464
+    /// [default: off]
+    #[arg(long, env = "OUTPOST_METRICS")]
+    pub metrics: Option<String>,
 }
 
 /// What `serve` runs with, every value settled.
@@ -175,6 +181,7 @@ pub struct ServeConfig {
     pub sans: Vec<String>,
     pub limits: Limits,
     pub cache_bytes: u64,
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn duration(key: &'static str, v: &str, origin: &str) -> Result<Duration, ConfigError> {
@@ -268,7 +275,17 @@ pub fn resolve(
         (None, Some(v)) => size_value("cache", v, &f)?,
         (None, None) => crate::store::StoreOptions::default().cache_bytes,
     };
+    let metrics = match pick_str(&args.metrics, &file.metrics) {
+        None => None,
+        Some((v, origin)) => Some(v.parse().map_err(|_| ConfigError::Value {
+            key: "metrics",
+            value: v.clone(),
+            origin,
+            why: "not an address; write host:port, e.g. 127.0.0.1:9464".into(),
+        })?),
+    };
     Ok(ServeConfig {
+        metrics,
         listen,
         advertise: args.advertise.clone().or_else(|| file.advertise.clone()),
         sans: if args.san.is_empty() {

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod device;
 pub mod identity;
 pub mod journal;
+pub mod metrics;
 pub mod notify;
 pub mod proto;
 pub mod queue;

@@ -27,6 +27,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     pub store: StoreOptions,
     pub link: LinkOptions,
+    /// Prometheus metrics address (off when `None`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServeOptions {
@@ -40,6 +42,7 @@ impl ServeOptions {
             limits: Limits::default(),
             store: StoreOptions::default(),
             link: LinkOptions::default(),
+            metrics: None,
         }
     }
 }
@@ -53,7 +56,10 @@ pub struct RunningBox {
     pub addr: SocketAddr,
     /// What bundles name as the server.
     pub advertise: String,
+    /// Where metrics are served, when on.
+    pub metrics_addr: Option<SocketAddr>,
     admin: tokio::task::JoinHandle<()>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
 }
 
@@ -106,7 +112,22 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         started: Instant::now(),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx));
+    let (metrics_addr, metrics) = match o.metrics {
+        Some(addr) => {
+            let sources = crate::metrics::Sources {
+                queue: queue.clone(),
+                link: Some(link.clone()),
+            };
+            let (a, t) = crate::metrics::serve(addr, sources)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            (Some(a), Some(t))
+        }
+        None => (None, None),
+    };
     Ok(RunningBox {
+        metrics_addr,
+        metrics,
         queue,
         link,
         identity,
@@ -122,6 +143,9 @@ impl RunningBox {
     /// commit and close the store.
     pub async fn stop(self) {
         self.admin.abort();
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
         let _ = std::fs::remove_file(&self.socket);
         self.link.shutdown().await;
         self.queue.shutdown().await;
@@ -133,6 +157,9 @@ pub async fn run(o: ServeOptions) -> anyhow::Result<()> {
     let data_dir = o.data_dir.clone();
     let b = start(o).await?;
     tracing::info!(listen = %b.addr, data_dir = %data_dir.display(), "box serving");
+    if let Some(m) = b.metrics_addr {
+        tracing::info!("metrics on http://{m}/metrics");
+    }
     crate::notify::ready(&format!("serving on {}", b.addr));
     let watchdog = crate::notify::watchdog_interval().map(|every| {
         let q = b.queue.clone();

@@ -119,7 +119,7 @@ pub struct LifecycleEvent {
 }
 
 /// Counts for `status` and metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueStats {
     pub queued: u64,
     pub in_flight: u64,
@@ -131,4 +131,14 @@ pub struct QueueStats {
     pub delivered_total: u64,
     pub acked_total: u64,
     pub group_commits_total: u64,
+    /// Group-commit flush latency: counts per bucket of
+    /// [`FLUSH_BUCKETS_S`] (cumulative counts are derived when rendered),
+    /// then the count above the last bucket.
+    pub flush_buckets: Vec<u64>,
+    pub flush_seconds_sum: f64,
 }
+
+/// Upper bounds (seconds) of the flush-latency histogram buckets.
+pub const FLUSH_BUCKETS_S: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];

@@ -151,6 +151,8 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         cache: LruCache::new(NonZeroUsize::new(GROUP_CACHE).expect("non-zero")),
         events: events.clone(),
         rounds: 0,
+        flush_buckets: [0; super::FLUSH_BUCKETS_S.len() + 1],
+        flush_sum: 0.0,
         broken: None,
     };
     std::thread::Builder::new()
@@ -237,6 +239,9 @@ struct Writer {
     cache: LruCache<u64, Arc<CachedGroup>>,
     events: broadcast::Sender<LifecycleEvent>,
     rounds: u64,
+    /// Flush latency histogram (see `FLUSH_BUCKETS_S`), and its sum.
+    flush_buckets: [u64; super::FLUSH_BUCKETS_S.len() + 1],
+    flush_sum: f64,
     /// Set when the store failed and could not be re-read: every request
     /// gets this error until the box is restarted.
     broken: Option<String>,
@@ -464,7 +469,7 @@ impl Writer {
         }
     }
 
-    fn commit(&self, write: &GroupWrite, effects: &Effects) -> Result<(), StoreError> {
+    fn commit(&mut self, write: &GroupWrite, effects: &Effects) -> Result<(), StoreError> {
         for rec in &effects.device_touches {
             self.store.touch_device(rec)?;
         }
@@ -472,7 +477,15 @@ impl Writer {
             self.store.touch_device(rec)?;
         }
         if !write.is_empty() {
+            let t = std::time::Instant::now();
             self.store.commit(write)?;
+            let s = t.elapsed().as_secs_f64();
+            let i = super::FLUSH_BUCKETS_S
+                .iter()
+                .position(|&b| s <= b)
+                .unwrap_or(super::FLUSH_BUCKETS_S.len());
+            self.flush_buckets[i] += 1;
+            self.flush_sum += s;
         } else if !effects.device_writes.is_empty() {
             self.store.flush()?;
         }
@@ -563,7 +576,11 @@ impl Writer {
         match p {
             Pending::Reply(r, result) => {
                 let result = match result {
-                    Ok(CoreReply::Stats(_)) => Ok(CoreReply::Stats(self.core.stats())),
+                    Ok(CoreReply::Stats(_)) => Ok(CoreReply::Stats(QueueStats {
+                        flush_buckets: self.flush_buckets.to_vec(),
+                        flush_seconds_sum: self.flush_sum,
+                        ..self.core.stats()
+                    })),
                     other => other,
                 };
                 let _ = r.send(result);

@@ -104,6 +104,11 @@ pub enum Cmd {
     },
     /// Run the reference device agent.
     Device(DeviceArgs),
+    /// Check the data dir, keys, certificates, the box, disk and database.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a throwaway box and a demo device, send a few commands, show them.
     Demo,
     /// Measure this machine: a box on loopback, N devices, workload W1.
@@ -490,6 +495,10 @@ async fn run(
             Ok(0)
         }
         Cmd::Demo => crate::demo::run().await,
+        Cmd::Doctor { json } => Ok(crate::doctor::report(
+            &crate::doctor::check(data_dir).await,
+            json,
+        )),
         Cmd::Bench(a) => {
             let dir = match &a.dir {
                 Some(d) => tempfile::tempdir_in(d),

@@ -60,11 +60,16 @@ pub const BUNDLE_HEADER: &str = "# outpost bundle v1";
 /// Longest device id accepted.
 pub const MAX_DEVICE_ID_LEN: usize = 64;
 
-const TLS_DIR: &str = "tls";
-const CA_CERT: &str = "ca.crt";
-const CA_KEY: &str = "ca.key";
-const SERVER_CERT: &str = "server.crt";
-const SERVER_KEY: &str = "server.key";
+/// Directory under the data dir holding the box's keys and certificates.
+pub const TLS_DIR: &str = "tls";
+/// The CA certificate (PEM), in `TLS_DIR`.
+pub const CA_CERT: &str = "ca.crt";
+/// The CA key (PKCS#8 PEM, mode 0600), in `TLS_DIR`.
+pub const CA_KEY: &str = "ca.key";
+/// The server certificate (PEM), in `TLS_DIR`.
+pub const SERVER_CERT: &str = "server.crt";
+/// The server key (PKCS#8 PEM, mode 0600), in `TLS_DIR`.
+pub const SERVER_KEY: &str = "server.key";
 
 /// How long the CA and server certificates are valid. Long on purpose: an
 /// edge box may be offline for years, and an expired CA would lock out every

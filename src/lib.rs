@@ -14,6 +14,7 @@ pub mod command;
 pub mod config;
 pub mod demo;
 pub mod device;
+pub mod doctor;
 pub mod identity;
 pub mod journal;
 pub mod metrics;

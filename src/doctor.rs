@@ -1,0 +1,384 @@
+//! `outpost doctor`: checks a data dir the way a technician would, and says
+//! for each thing what is wrong and how to fix it.
+//!
+//! Checks: the data dir and its permissions, the key files' modes, the CA
+//! and server certificates' expiry, whether a box answers on the admin
+//! socket, free disk, and the database itself (a full replay of every group,
+//! only when no box holds it open).
+
+use crate::admin::{AdminClient, AdminRequest, AdminResponse};
+use crate::identity::{CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, TLS_DIR};
+use crate::store::{Store, StoreError, StoreOptions};
+use serde::Serialize;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One check's finding.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    pub check: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to do (empty when it passed).
+    pub fix: String,
+}
+
+fn f(
+    check: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
+    Finding {
+        check,
+        status,
+        detail: detail.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Run every check on `data_dir`.
+pub async fn check(data_dir: &Path) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let d = data_dir.display();
+    match std::fs::metadata(data_dir) {
+        Err(e) => {
+            out.push(f(
+                "data dir",
+                Status::Fail,
+                format!("{d}: {e}"),
+                "create it with `outpost init --data-dir DIR`, or pass the right --data-dir",
+            ));
+            return out;
+        }
+        Ok(m) if m.permissions().mode() & 0o002 != 0 => out.push(f(
+            "data dir",
+            Status::Fail,
+            format!(
+                "{d} is world-writable (mode {:o})",
+                m.permissions().mode() & 0o777
+            ),
+            format!("chmod o-w {d}"),
+        )),
+        Ok(m) => out.push(f(
+            "data dir",
+            Status::Pass,
+            format!("{d} (mode {:o})", m.permissions().mode() & 0o777),
+            "",
+        )),
+    }
+
+    let tls = data_dir.join(TLS_DIR);
+    for key in [CA_KEY, SERVER_KEY] {
+        let p = tls.join(key);
+        match std::fs::metadata(&p) {
+            Err(_) => out.push(f(
+                "keys",
+                Status::Fail,
+                format!("{} is missing", p.display()),
+                "run `outpost init` to create the box's identity",
+            )),
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => out.push(f(
+                "keys",
+                Status::Fail,
+                format!(
+                    "{} is readable by others (mode {:o})",
+                    p.display(),
+                    m.permissions().mode() & 0o777
+                ),
+                format!("chmod 600 {}", p.display()),
+            )),
+            Ok(_) => out.push(f(
+                "keys",
+                Status::Pass,
+                format!("{} is private (0600)", p.display()),
+                "",
+            )),
+        }
+    }
+    for cert in [CA_CERT, SERVER_CERT] {
+        out.push(cert_expiry(&tls.join(cert)));
+    }
+
+    let running = match AdminClient::connect(data_dir).await {
+        Ok(mut c) => match c.call(&AdminRequest::Status).await {
+            Ok(AdminResponse::Status(s)) => {
+                out.push(f(
+                    "box",
+                    Status::Pass,
+                    format!(
+                        "running, up {} s, listening on {}, {}/{} devices online",
+                        s.uptime_s, s.listen, s.devices_online, s.devices_total
+                    ),
+                    "",
+                ));
+                true
+            }
+            Ok(_) | Err(_) => {
+                out.push(f(
+                    "box",
+                    Status::Fail,
+                    "the admin socket accepts but does not answer",
+                    "look at the box's log: journalctl -u outpost",
+                ));
+                true
+            }
+        },
+        Err(e) => {
+            out.push(f(
+                "box",
+                Status::Warn,
+                format!("not running ({e})"),
+                "start it: systemctl start outpost, or outpost serve",
+            ));
+            false
+        }
+    };
+
+    out.push(disk(data_dir));
+
+    if running {
+        out.push(f(
+            "database",
+            Status::Pass,
+            "in use by the running box; its integrity was checked when it opened",
+            "",
+        ));
+    } else if !data_dir.join("db").exists() {
+        out.push(f(
+            "database",
+            Status::Warn,
+            "no database yet",
+            "it is created by the first `outpost serve`",
+        ));
+    } else {
+        out.push(database(data_dir));
+    }
+    out
+}
+
+fn cert_expiry(path: &Path) -> Finding {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return f(
+                "certificates",
+                Status::Fail,
+                format!("{}: {e}", path.display()),
+                "run `outpost init`",
+            )
+        }
+    };
+    let der = match rustls_pemfile::certs(&mut text.as_slice()).next() {
+        Some(Ok(c)) => c,
+        _ => {
+            return f(
+                "certificates",
+                Status::Fail,
+                format!("{} holds no PEM certificate", path.display()),
+                "restore it from a backup, or re-initialise the data dir",
+            )
+        }
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return f(
+            "certificates",
+            Status::Fail,
+            format!("{} does not parse", path.display()),
+            "restore it from a backup",
+        );
+    };
+    let not_after = cert.validity().not_after.timestamp();
+    let now = (crate::now_millis() / 1000) as i64;
+    let days = (not_after - now) / 86_400;
+    match days {
+        d if d < 0 => f(
+            "certificates",
+            Status::Fail,
+            format!("{} expired {} days ago", path.display(), -d),
+            "re-initialise the box's identity and re-enroll devices",
+        ),
+        d if d < 30 => f(
+            "certificates",
+            Status::Warn,
+            format!("{} expires in {d} days", path.display()),
+            "plan a re-issue before it expires",
+        ),
+        d => f(
+            "certificates",
+            Status::Pass,
+            format!("{} valid for {d} more days", path.display()),
+            "",
+        ),
+    }
+}
+
+fn disk(dir: &Path) -> Finding {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return f("disk", Status::Warn, "the path cannot be checked", "");
+    };
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return f(
+            "disk",
+            Status::Warn,
+            format!("statvfs failed: {}", std::io::Error::last_os_error()),
+            "",
+        );
+    }
+    let total = s.f_blocks as u128 * s.f_frsize as u128;
+    let free = s.f_bavail as u128 * s.f_frsize as u128;
+    let pct = if total == 0 {
+        100.0
+    } else {
+        free as f64 * 100.0 / total as f64
+    };
+    let detail = format!(
+        "{:.1}% free ({} MiB of {} MiB)",
+        pct,
+        free >> 20,
+        total >> 20
+    );
+    if pct < 1.0 {
+        f(
+            "disk",
+            Status::Fail,
+            detail,
+            "free space now: the box refuses new commands when the disk is full",
+        )
+    } else if pct < 10.0 {
+        f(
+            "disk",
+            Status::Warn,
+            detail,
+            "free some space, or set --max-disk so the box refuses early and cleanly",
+        )
+    } else {
+        f("disk", Status::Pass, detail, "")
+    }
+}
+
+fn database(dir: &Path) -> Finding {
+    let store = match Store::open(dir, &StoreOptions::default()) {
+        Ok(s) => s,
+        Err(e @ StoreError::Locked { .. }) => {
+            return f(
+                "database",
+                Status::Warn,
+                e.to_string(),
+                "stop the process holding it, then run doctor again",
+            )
+        }
+        Err(e) => {
+            return f(
+                "database",
+                Status::Fail,
+                e.to_string(),
+                "restore a backup, or move the data dir aside to start empty",
+            )
+        }
+    };
+    let (mut groups, mut errors) = (0u64, Vec::new());
+    for g in store.replay() {
+        match g {
+            Ok(_) => groups += 1,
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let devices = store.devices().map(|d| d.len()).unwrap_or(0);
+    if errors.is_empty() {
+        f(
+            "database",
+            Status::Pass,
+            format!(
+                "{groups} groups replayed, {devices} devices, last group {}",
+                store.last_seq()
+            ),
+            "",
+        )
+    } else {
+        f(
+            "database",
+            Status::Fail,
+            format!("{} damaged records, e.g. {}", errors.len(), errors[0]),
+            "restore a backup, or move the data dir aside to start empty",
+        )
+    }
+}
+
+/// Print the findings; the exit code is 1 when any check failed.
+pub fn report(findings: &[Finding], json: bool) -> i32 {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(findings).unwrap_or_else(|_| "[]".into())
+        );
+    } else {
+        for x in findings {
+            let tag = match x.status {
+                Status::Pass => "pass",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            println!("{tag}  {:<13} {}", x.check, x.detail);
+            if !x.fix.is_empty() {
+                println!("      {:<13} → {}", "", x.fix);
+            }
+        }
+    }
+    i32::from(findings.iter().any(|x| x.status == Status::Fail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fresh_box_passes_and_damage_fails_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::identity::Identity::init(dir.path(), &[]).unwrap();
+        drop(Store::open(dir.path(), &StoreOptions::default()).unwrap());
+        let r = check(dir.path()).await;
+        let fails: Vec<_> = r.iter().filter(|x| x.status == Status::Fail).collect();
+        assert!(fails.is_empty(), "{fails:?}");
+        assert!(r
+            .iter()
+            .any(|x| x.check == "database" && x.status == Status::Pass));
+        assert!(
+            r.iter()
+                .any(|x| x.check == "box" && x.status == Status::Warn),
+            "no box running is a warning"
+        );
+
+        let key = dir.path().join(TLS_DIR).join(CA_KEY);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(dir.path().join("db").join("db"), b"").unwrap();
+        let r = check(dir.path()).await;
+        let keys = r
+            .iter()
+            .find(|x| x.check == "keys" && x.status == Status::Fail)
+            .expect("open key reported");
+        assert!(keys.fix.starts_with("chmod 600"), "{keys:?}");
+        let db = r.iter().find(|x| x.check == "database").unwrap();
+        assert_eq!(db.status, Status::Fail, "{db:?}");
+        assert_eq!(report(&r, true), 1);
+    }
+
+    #[tokio::test]
+    async fn a_missing_data_dir_says_how_to_create_one() {
+        let r = check(Path::new("/nonexistent/outpost")).await;
+        assert_eq!(r[0].status, Status::Fail);
+        assert!(r[0].fix.contains("outpost init"));
+    }
+}

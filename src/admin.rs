@@ -275,7 +275,7 @@ async fn status(ctx: &AdminContext) -> Result<AdminResponse, QueueError> {
         queued: stats.queued,
         in_flight: stats.in_flight,
         dead: stats.dead,
-        disk_bytes: dir_bytes(&ctx.data_dir),
+        disk_bytes: crate::store::dir_size(&ctx.data_dir),
         data_dir: ctx.data_dir.display().to_string(),
     }))
 }
@@ -296,12 +296,10 @@ async fn enroll(
         }
     };
     let rec = DeviceRecord {
-        id: id.clone(),
         tags,
         caps,
         enrolled_at: crate::now_millis(),
-        revoked: false,
-        last_seen: None,
+        ..DeviceRecord::new(id.clone())
     };
     match ctx.queue.enroll(rec).await {
         Ok(()) => {
@@ -312,24 +310,6 @@ async fn enroll(
         }
         Err(e) => error_of(&e),
     }
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }
 
 /// Why an admin call failed on the client side.

@@ -10,7 +10,7 @@
 
 use crate::command::{Outcome, SendOptions};
 use crate::queue::{self, Delivery, QueueHandle, SendRequest, ServiceOptions};
-use crate::store::{DeviceRecord, Store, StoreOptions};
+use crate::store::{dir_size, DeviceRecord, Store, StoreOptions};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -53,17 +53,6 @@ pub fn process_write_bytes() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn device(id: String) -> DeviceRecord {
-    DeviceRecord {
-        id,
-        tags: vec![],
-        caps: vec![],
-        enrolled_at: 0,
-        revoked: false,
-        last_seen: None,
-    }
-}
-
 /// Run the queue benchmark in `dir` (which should be on the box's real
 /// storage, not tmpfs, for the write figures to mean anything).
 pub async fn queue_bench(dir: &Path, o: &QueueBenchOptions) -> anyhow::Result<QueueBenchReport> {
@@ -73,7 +62,7 @@ pub async fn queue_bench(dir: &Path, o: &QueueBenchOptions) -> anyhow::Result<Qu
         .map(|i| format!("bench-{i}"))
         .collect();
     for d in &devices {
-        q.enroll(device(d.clone())).await?;
+        q.enroll(DeviceRecord::new(d.clone())).await?;
     }
     let written_before = process_write_bytes();
     let commits_before = q.stats().await?.group_commits_total;
@@ -176,24 +165,6 @@ async fn drain(q: QueueHandle, device: String, expect: usize) -> Result<(), queu
     Ok(())
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
 impl QueueBenchReport {
     /// A human-readable table.
     pub fn table(&self) -> String {
@@ -266,7 +237,7 @@ pub async fn restart_bench(dir: &Path, n: usize, devices: usize) -> anyhow::Resu
         )?;
         let names: Vec<String> = (0..devices.max(1)).map(|i| format!("bench-{i}")).collect();
         for d in &names {
-            q.enroll(device(d.clone())).await?;
+            q.enroll(DeviceRecord::new(d.clone())).await?;
         }
         let producers = 64;
         let mut tasks = tokio::task::JoinSet::new();
@@ -404,7 +375,7 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
     let names: Vec<String> = (0..n).map(|i| format!("w1-{i}")).collect();
     let mut bundles = Vec::with_capacity(n);
     for d in &names {
-        q.enroll(device(d.clone())).await?;
+        q.enroll(DeviceRecord::new(d.clone())).await?;
         bundles.push(identity.issue_device(d, &addr.to_string())?);
     }
 

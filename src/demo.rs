@@ -34,12 +34,8 @@ pub async fn run() -> anyhow::Result<i32> {
     let device = "demo-1";
     b.queue
         .enroll(DeviceRecord {
-            id: device.into(),
             tags: vec!["demo".into()],
-            caps: vec![],
-            enrolled_at: 0,
-            revoked: false,
-            last_seen: None,
+            ..DeviceRecord::new(device)
         })
         .await?;
     let bundle_path = dir.path().join("demo-1.bundle");

@@ -95,6 +95,40 @@ pub struct DeviceRecord {
     pub last_seen: Option<Millis>,
 }
 
+impl DeviceRecord {
+    /// A newly enrolled device with no tags or capabilities (`enrolled_at`
+    /// 0: the queue stamps it on enrollment).
+    pub fn new(id: impl Into<DeviceId>) -> Self {
+        DeviceRecord {
+            id: id.into(),
+            tags: Vec::new(),
+            caps: Vec::new(),
+            enrolled_at: 0,
+            revoked: false,
+            last_seen: None,
+        }
+    }
+}
+
+/// Bytes the files under `dir` occupy (the data dir's disk use).
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
 /// One group commit: records to put and groups to drop, written as one
 /// atomic batch followed by one flush.
 #[derive(Debug, Default)]

@@ -59,14 +59,7 @@ fn crash_child_entry() {
 }
 
 fn device(id: &str) -> DeviceRecord {
-    DeviceRecord {
-        id: id.into(),
-        tags: vec![],
-        caps: vec![],
-        enrolled_at: 0,
-        revoked: false,
-        last_seen: None,
-    }
+    DeviceRecord::new(id)
 }
 
 #[test]

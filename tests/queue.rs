@@ -10,14 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 fn device(id: &str) -> DeviceRecord {
-    DeviceRecord {
-        id: id.into(),
-        tags: vec![],
-        caps: vec![],
-        enrolled_at: 0,
-        revoked: false,
-        last_seen: None,
-    }
+    DeviceRecord::new(id)
 }
 
 fn open(dir: &Path) -> QueueHandle {

@@ -288,14 +288,7 @@ impl H {
 }
 
 fn dev(id: &str) -> DeviceRecord {
-    DeviceRecord {
-        id: id.into(),
-        tags: vec![],
-        caps: vec![],
-        enrolled_at: 0,
-        revoked: false,
-        last_seen: None,
-    }
+    DeviceRecord::new(id)
 }
 
 fn ok() -> Outcome {

@@ -84,29 +84,7 @@ pub async fn queue_bench(dir: &Path, o: &QueueBenchOptions) -> anyhow::Result<Qu
     // Phase 1: durable enqueue with P producers (devices offline unless
     // `flow`).
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..o.producers.max(1) {
-        let q = q.clone();
-        let devices = devices.clone();
-        let payload = vec![b'x'; o.payload];
-        tasks.spawn(async move {
-            for i in 0..per_producer {
-                let target = devices[(p * per_producer + i) % devices.len()].clone();
-                q.send(SendRequest {
-                    target,
-                    payload: payload.clone(),
-                    opts: SendOptions::default(),
-                    origin: "bench".into(),
-                    signature: None,
-                })
-                .await?;
-            }
-            Ok::<_, queue::QueueError>(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    produce(&q, &devices, total, o.producers, o.payload, None, None).await?;
     let enqueue_s = started.elapsed().as_secs_f64();
 
     // Phase 2: every device acks what it receives (in a flow, this is the
@@ -140,6 +118,59 @@ pub async fn queue_bench(dir: &Path, o: &QueueBenchOptions) -> anyhow::Result<Qu
         bytes_written_per_command: written as f64 / total.max(1) as f64,
         data_dir_bytes_after: size,
     })
+}
+
+/// Enqueue `total` commands of `payload_len` bytes from `producers`
+/// concurrent senders; producer p sends commands p, p+P, p+2P, … and command
+/// i goes to `targets[i % targets.len()]`. With `rate`, sends are paced
+/// open-loop at that many per second in all; with `stamp`, each payload
+/// starts with the microseconds since `stamp` at the moment of sending (W1
+/// measures enqueue → receipt from it).
+async fn produce(
+    q: &QueueHandle,
+    targets: &[String],
+    total: usize,
+    producers: usize,
+    payload_len: usize,
+    rate: Option<u64>,
+    stamp: Option<Instant>,
+) -> anyhow::Result<()> {
+    let producers = producers.max(1);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..producers {
+        let (q, targets) = (q.clone(), targets.to_vec());
+        tasks.spawn(async move {
+            for (k, i) in (p..total).step_by(producers).enumerate() {
+                if let Some(r) = rate {
+                    // This producer's k-th send is due at k·P/R seconds,
+                    // however late the previous ones were.
+                    let due = started
+                        + std::time::Duration::from_secs_f64(
+                            k as f64 * producers as f64 / r as f64,
+                        );
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let mut payload = vec![b'x'; payload_len];
+                if let (Some(t), Some(head)) = (stamp, payload.get_mut(..8)) {
+                    head.copy_from_slice(&(t.elapsed().as_micros() as u64).to_be_bytes());
+                }
+                q.send(SendRequest {
+                    target: targets[i % targets.len()].clone(),
+                    payload,
+                    opts: SendOptions::default(),
+                    origin: "bench".into(),
+                    signature: None,
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
 }
 
 async fn drain(q: QueueHandle, device: String, expect: usize) -> Result<(), queue::QueueError> {
@@ -239,27 +270,7 @@ pub async fn restart_bench(dir: &Path, n: usize, devices: usize) -> anyhow::Resu
         for d in &names {
             q.enroll(DeviceRecord::new(d.clone())).await?;
         }
-        let producers = 64;
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in 0..producers {
-            let (q, names) = (q.clone(), names.clone());
-            tasks.spawn(async move {
-                for i in (p..n).step_by(producers) {
-                    q.send(SendRequest {
-                        target: names[i % names.len()].clone(),
-                        payload: vec![b'x'; 100],
-                        opts: SendOptions::default(),
-                        origin: "bench".into(),
-                        signature: None,
-                    })
-                    .await?;
-                }
-                Ok::<_, queue::QueueError>(())
-            });
-        }
-        while let Some(r) = tasks.join_next().await {
-            r??;
-        }
+        produce(&q, &names, n, 64, 100, None, None).await?;
         q.shutdown().await;
     }
     let rss_before = rss_bytes();
@@ -421,43 +432,16 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
     let acked_before = q.stats().await?.acked_total;
     let run_started = Instant::now();
     let producers = o.producers.max(1);
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..producers {
-        let (q, names) = (q.clone(), names.clone());
-        let payload_len = o.payload.max(8);
-        let rate = o.rate;
-        tasks.spawn(async move {
-            let mut i = p;
-            let mut k = 0u64;
-            while i < total {
-                if let Some(r) = rate {
-                    // Open-loop pacing: this producer's k-th send is due at
-                    // k·P/R seconds, however late the previous ones were.
-                    let due = run_started
-                        + std::time::Duration::from_secs_f64(
-                            k as f64 * producers as f64 / r as f64,
-                        );
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let mut payload = vec![b'x'; payload_len];
-                payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
-                q.send(SendRequest {
-                    target: names[i % names.len()].clone(),
-                    payload,
-                    opts: SendOptions::default(),
-                    origin: "bench".into(),
-                    signature: None,
-                })
-                .await?;
-                i += producers;
-                k += 1;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    produce(
+        &q,
+        &names,
+        total,
+        producers,
+        o.payload.max(8),
+        o.rate,
+        Some(epoch),
+    )
+    .await?;
     let mut lat = Vec::with_capacity(total);
     let mut keep = Vec::new();
     while let Some(r) = devices.join_next().await {

@@ -129,6 +129,9 @@ pub struct SendArgs {
     /// Read the payload from a file.
     #[arg(long, conflicts_with = "payload")]
     pub file: Option<PathBuf>,
+    /// Bulk: send one command per line of this file (`-` for stdin).
+    #[arg(long, conflicts_with_all = ["payload", "file", "wait"])]
+    pub lines: Option<PathBuf>,
     #[arg(long, default_value = "normal")]
     pub priority: Priority,
     /// Time to live, e.g. 10m.
@@ -552,6 +555,9 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
 }
 
 async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
+    if let Some(path) = a.lines.clone() {
+        return send_lines(a, &path, data_dir).await;
+    }
     let payload = match (&a.file, a.payload.as_deref()) {
         (Some(f), _) => std::fs::read(f)
             .with_context(|| format!("cannot read the payload file {}", f.display()))?,
@@ -565,35 +571,10 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
         (None, Some(p)) => p.as_bytes().to_vec(),
         (None, None) => Vec::new(),
     };
-    let not_before = match a.not_before.as_deref() {
-        None => None,
-        Some(s) if s.starts_with('+') => {
-            let d: Duration = humantime::parse_duration(&s[1..])
-                .with_context(|| format!("--not-before {s}: not a duration"))?;
-            Some(crate::now_millis() + d.as_millis() as u64)
-        }
-        Some(s) => {
-            let t = humantime::parse_rfc3339_weak(s).with_context(|| {
-                format!("--not-before {s}: use RFC 3339 (2026-11-25T10:00:00Z) or +10m")
-            })?;
-            Some(
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-            )
-        }
-    };
     let req = SendRequest {
-        target: a.target,
+        target: a.target.clone(),
         payload,
-        opts: SendOptions {
-            priority: a.priority,
-            ttl_ms: a.ttl.map(|t| Duration::from(t).as_millis() as u64),
-            max_attempts: a.max_attempts,
-            key: a.key,
-            after: a.after.as_deref().map(parse_id).transpose()?,
-            not_before,
-        },
+        opts: send_options(&a)?,
         origin: "cli".into(),
         signature: None,
     };
@@ -648,6 +629,119 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
         }
         other => bail!("unexpected answer from the box: {other:?}"),
     }
+}
+
+/// The options of a send, from its flags.
+fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
+    let not_before = match a.not_before.as_deref() {
+        None => None,
+        Some(s) if s.starts_with('+') => {
+            let d: Duration = humantime::parse_duration(&s[1..])
+                .with_context(|| format!("--not-before {s}: not a duration"))?;
+            Some(crate::now_millis() + d.as_millis() as u64)
+        }
+        Some(s) => {
+            let t = humantime::parse_rfc3339_weak(s).with_context(|| {
+                format!("--not-before {s}: use RFC 3339 (2026-11-25T10:00:00Z) or +10m")
+            })?;
+            Some(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            )
+        }
+    };
+    Ok(SendOptions {
+        priority: a.priority,
+        ttl_ms: a.ttl.map(|t| Duration::from(t).as_millis() as u64),
+        max_attempts: a.max_attempts,
+        key: a.key.clone(),
+        after: a.after.as_deref().map(parse_id).transpose()?,
+        not_before,
+    })
+}
+
+/// Bulk send: one command per line, over several admin connections so the
+/// box folds them into shared group commits. Prints the ids in line order.
+async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> anyhow::Result<i32> {
+    use std::io::IsTerminal;
+    const CONNECTIONS: usize = 16;
+    let text = if path == Path::new("-") {
+        let mut t = String::new();
+        std::io::stdin()
+            .read_to_string(&mut t)
+            .context("reading payload lines from stdin")?;
+        t
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let lines: Vec<(usize, String)> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .enumerate()
+        .collect();
+    if a.key.is_some() && lines.len() > 1 {
+        bail!("--key with --lines would give every line the same idempotency key; drop --key");
+    }
+    let opts = send_options(&a)?;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(lines.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut ids = vec![None; lines.len()];
+    let mut tasks = tokio::task::JoinSet::new();
+    for part in lines.chunks(lines.len().div_ceil(CONNECTIONS).max(1)) {
+        let (part, opts, target, dir, bar) = (
+            part.to_vec(),
+            opts.clone(),
+            a.target.clone(),
+            data_dir.to_path_buf(),
+            bar.clone(),
+        );
+        tasks.spawn(async move {
+            let mut c = AdminClient::connect(&dir).await?;
+            let mut out = Vec::with_capacity(part.len());
+            for (n, line) in part {
+                let req = SendRequest {
+                    target: target.clone(),
+                    payload: line.into_bytes(),
+                    opts: opts.clone(),
+                    origin: "cli".into(),
+                    signature: None,
+                };
+                match c.call(&AdminRequest::Send(req)).await? {
+                    AdminResponse::Receipt(r) => out.push((n, r)),
+                    other => {
+                        return Err(anyhow::anyhow!("unexpected answer from the box: {other:?}"))
+                    }
+                }
+                bar.inc(1);
+            }
+            anyhow::Ok(out)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        for (n, receipt) in r?? {
+            ids[n] = Some(receipt);
+        }
+    }
+    bar.finish_and_clear();
+    let receipts: Vec<_> = ids.into_iter().flatten().collect();
+    if a.json {
+        let v: Vec<Value> = receipts
+            .iter()
+            .map(|r| json!({"id": r.id.to_string(), "state": r.state.as_str(), "duplicate": r.duplicate}))
+            .collect();
+        println!("{}", Value::Array(v));
+    } else {
+        for r in &receipts {
+            println!("{}", r.id);
+        }
+        eprintln!("{} commands queued for {}", receipts.len(), a.target);
+    }
+    Ok(0)
 }
 
 fn print_outcome(v: &CommandView) {

@@ -451,3 +451,42 @@ fn the_config_file_supplies_what_flags_and_env_do_not() {
         "{err}"
     );
 }
+
+#[test]
+fn bulk_send_queues_one_command_per_line() {
+    let b = start_box();
+    b.enroll("offline-1");
+    let file = b.dir.path().join("payloads.txt");
+    let payloads: Vec<String> = (0..50).map(|i| format!("line {i}")).collect();
+    std::fs::write(&file, payloads.join("\n")).unwrap();
+    let v = json(&b.run(&[
+        "send",
+        "offline-1",
+        "--lines",
+        file.to_str().unwrap(),
+        "--json",
+    ]));
+    let sent: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(sent.len(), 50);
+    // Sent over several connections, so their FIFO order interleaves; what
+    // matters is that every line became exactly one queued command.
+    let q = json(&b.run(&["queue", "offline-1", "--json"]));
+    assert_eq!(q.as_array().unwrap().len(), 50);
+    for id in &sent {
+        assert_eq!(json(&b.run(&["show", id, "--json"]))["state"], "queued");
+    }
+    let o = b.run(&[
+        "send",
+        "offline-1",
+        "--lines",
+        file.to_str().unwrap(),
+        "--key",
+        "k",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+}

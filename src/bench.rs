@@ -484,3 +484,135 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
         data_dir_bytes_after: dir_size(dir),
     })
 }
+
+/// W3: an idle box with N connected devices, measured from outside — the
+/// box runs as its own `outpost serve` process, the devices connect from
+/// this one — so the figures are the box's alone.
+#[derive(Clone, Debug, Serialize)]
+pub struct IdleReport {
+    pub devices: usize,
+    /// The box's RSS once serving, before any device connected.
+    pub rss_base_bytes: u64,
+    /// RSS growth per connected idle device.
+    pub rss_per_device_bytes: f64,
+    pub idle_secs: u64,
+    /// CPU time (user + system) the box used while idle.
+    pub cpu_seconds: f64,
+    /// Bytes the box wrote to storage while idle.
+    pub bytes_written: u64,
+}
+
+impl IdleReport {
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        format!(
+            "W3: idle box with {} connected devices for {} s (box measured as its own process)\n\
+             box RSS before devices  {:>10.1} MiB\n\
+             RSS per idle device     {:>10.1} KiB\n\
+             CPU used while idle     {:>10.3} s ({:.2}% of one core)\n\
+             bytes written idle      {:>10}\n",
+            self.devices,
+            self.idle_secs,
+            self.rss_base_bytes as f64 / (1024.0 * 1024.0),
+            self.rss_per_device_bytes / 1024.0,
+            self.cpu_seconds,
+            100.0 * self.cpu_seconds / self.idle_secs.max(1) as f64,
+            self.bytes_written
+        )
+    }
+}
+
+fn proc_field(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process, in seconds.
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// Run W3 with the `outpost` binary at `exe`, its data in `dir`.
+pub async fn idle_bench(exe: &Path, dir: &Path, n: usize, secs: u64) -> anyhow::Result<IdleReport> {
+    use crate::admin::{AdminClient, AdminRequest, AdminResponse};
+    use crate::client::{self, ConnectOptions};
+    use crate::identity::Bundle;
+    use std::time::Duration;
+
+    let mut child = tokio::process::Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("the box exited at once"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut admin = loop {
+        match AdminClient::connect(dir).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => anyhow::bail!("the box did not start: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let AdminResponse::Status(status) = admin.call(&AdminRequest::Status).await? else {
+        anyhow::bail!("unexpected status answer")
+    };
+    let addr: std::net::SocketAddr = status.listen.parse()?;
+    let rss_base = proc_field(pid, "status", "VmRSS:") * 1024;
+    let mut bundles = Vec::with_capacity(n);
+    for i in 0..n {
+        let req = AdminRequest::Enroll {
+            id: format!("idle-{i}"),
+            tags: vec![],
+            caps: vec![],
+        };
+        let AdminResponse::Bundle { text } = admin.call(&req).await? else {
+            anyhow::bail!("unexpected enroll answer")
+        };
+        bundles.push(Bundle::parse(&text, "the enroll answer")?);
+    }
+    let endpoint = client::client_endpoint(addr)?;
+    let opts = ConnectOptions::default();
+    let mut conns = Vec::with_capacity(n);
+    let rss_enrolled = proc_field(pid, "status", "VmRSS:") * 1024;
+    for b in &bundles {
+        conns.push(client::connect_with(&endpoint, addr, b, &opts).await?);
+    }
+    // Let connection set-up settle before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_connected = proc_field(pid, "status", "VmRSS:") * 1024;
+    let (cpu0, w0) = (proc_cpu_seconds(pid), proc_field(pid, "io", "write_bytes:"));
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (cpu1, w1) = (proc_cpu_seconds(pid), proc_field(pid, "io", "write_bytes:"));
+    drop(conns);
+    let _ = child.kill().await;
+    Ok(IdleReport {
+        devices: n,
+        rss_base_bytes: rss_base,
+        rss_per_device_bytes: rss_connected.saturating_sub(rss_enrolled) as f64 / n.max(1) as f64,
+        idle_secs: secs,
+        cpu_seconds: cpu1 - cpu0,
+        bytes_written: w1.saturating_sub(w0),
+    })
+}

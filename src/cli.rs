@@ -174,6 +174,13 @@ pub struct BenchArgs {
     /// Where to put the throwaway box (use the box's real storage).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Instead of W1, run W3: an idle box (its own process) with this many
+    /// connected devices, measuring its memory per device, CPU and writes.
+    #[arg(long, value_name = "DEVICES")]
+    pub idle: Option<usize>,
+    /// How long W3 stays idle.
+    #[arg(long, default_value_t = 60)]
+    pub idle_secs: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -508,6 +515,16 @@ async fn run(
                 None => tempfile::tempdir(),
             }
             .context("creating a temp dir for the bench box")?;
+            if let Some(n) = a.idle {
+                let exe = std::env::current_exe().context("finding the outpost binary")?;
+                let r = crate::bench::idle_bench(&exe, dir.path(), n, a.idle_secs).await?;
+                if a.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    print!("{}", r.table());
+                }
+                return Ok(0);
+            }
             let o = crate::bench::LinkBenchOptions {
                 devices: a.devices,
                 commands: a.commands,

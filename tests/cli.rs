@@ -490,3 +490,16 @@ fn bulk_send_queues_one_command_per_line() {
     ]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
 }
+
+#[test]
+fn idle_bench_measures_the_box_from_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = outpost(
+        dir.path(),
+        &["bench", "--idle", "20", "--idle-secs", "1", "--json"],
+    );
+    let v: Value = serde_json::from_slice(&ok(&o).into_bytes()).unwrap();
+    assert_eq!(v["devices"], 20);
+    assert!(v["rss_base_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["cpu_seconds"].as_f64().is_some(), "{v}");
+}

@@ -30,6 +30,80 @@ pub enum Entry {
         attempts: u32,
         not_before: Option<Millis>,
     },
+    /// A broadcast (`tag:…`): the parent command, whose payload every child
+    /// shares (one copy on disk however many devices), and its children.
+    /// Re-journalled whole when compaction moves it, with each child's
+    /// progress and the ends of those already finished.
+    Broadcast(Broadcast),
+}
+
+impl Entry {
+    /// The command this entry holds under `id`, if any: an `Enqueued`
+    /// command, or a broadcast's parent or child.
+    pub fn command_for(&self, id: CommandId) -> Option<Command> {
+        match self {
+            Entry::Enqueued(e) if e.command.id == id => Some(e.command.clone()),
+            Entry::Broadcast(b) if b.command.id == id => Some(b.command.clone()),
+            Entry::Broadcast(b) => b
+                .children
+                .iter()
+                .position(|c| c.id == id)
+                .map(|i| b.child_command(i)),
+            _ => None,
+        }
+    }
+
+    /// Whether replay makes generation `gen` of `id` live from this entry.
+    pub fn enqueues(&self, id: CommandId, gen: u32) -> bool {
+        match self {
+            Entry::Enqueued(e) => e.command.id == id && e.gen == gen,
+            Entry::Broadcast(b) => {
+                gen == 0 && b.children.iter().any(|c| c.id == id && c.end.is_none())
+            }
+            Entry::Requeued { .. } => false,
+        }
+    }
+}
+
+/// A broadcast parent and its children.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Broadcast {
+    /// The parent; `target` is the `tag:…` it was sent to.
+    pub command: Command,
+    pub children: Vec<Child>,
+}
+
+/// One device's copy of a broadcast. Its id is its own: it has its own
+/// lifecycle, attempts and result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Child {
+    pub id: CommandId,
+    pub device: DeviceId,
+    pub order: u64,
+    pub attempts: u32,
+    pub not_before: Option<Millis>,
+    /// Set once the child has finished (kept for the parent's aggregate).
+    pub end: Option<State>,
+}
+
+impl Broadcast {
+    /// The command a child runs: the parent's, under the child's id.
+    pub fn child_command(&self, i: usize) -> Command {
+        let c = &self.children[i];
+        Command {
+            id: c.id,
+            target: c.device.clone(),
+            ..self.command.clone()
+        }
+    }
+}
+
+/// How one child of a broadcast ended, as the parent's result keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildEnd {
+    pub id: CommandId,
+    pub device: DeviceId,
+    pub state: State,
 }
 
 /// A command and its progress at the time it was journalled.
@@ -72,4 +146,6 @@ pub struct ResultRecord {
     /// The whole command, kept for end states an operator may `retry`
     /// (`Dead`, `Failed`), so a retry needs no other record.
     pub command: Option<Command>,
+    /// For a broadcast parent: how each child ended.
+    pub children: Vec<ChildEnd>,
 }

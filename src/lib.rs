@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod notify;
 pub mod proto;
 pub mod queue;
+pub mod route;
 pub mod serve;
 pub mod store;
 

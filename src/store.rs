@@ -705,6 +705,7 @@ mod tests {
             origin: "cli".into(),
             key: None,
             command: None,
+            children: Vec::new(),
         }
     }
 

@@ -21,9 +21,12 @@
 //! oldest journal group still on disk: then no `Enqueued` entry it finishes
 //! can still be replayed, so dropping it can never resurrect a command.
 
-use super::{CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest};
+use super::{
+    ChildView, CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest,
+};
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, State};
-use crate::journal::{Enqueued, Entry, ResultRecord};
+use crate::journal::{Broadcast, Child, ChildEnd, Enqueued, Entry, ResultRecord};
+use crate::route::{check_name, Acl, Labels, Target};
 use crate::store::{DeviceRecord, Group, GroupWrite};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -93,9 +96,28 @@ pub enum CoreRequest {
     Enroll(DeviceRecord),
     Revoke(DeviceId),
     Devices,
+    /// Change an enrolled device's tags and capabilities.
+    Relabel(Relabel),
+    /// A device sends a command (checked against the ACL).
+    DeviceSend {
+        from: DeviceId,
+        req: SendRequest,
+    },
+}
+
+/// Tags and capabilities to add to or remove from a device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Relabel {
+    pub device: DeviceId,
+    pub add_tags: Vec<String>,
+    pub remove_tags: Vec<String>,
+    pub add_caps: Vec<String>,
+    pub remove_caps: Vec<String>,
 }
 
 /// The core's answer to a `CoreRequest`.
+// Short-lived (one per request): boxing the view would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum CoreReply {
     Receipt(SendReceipt),
@@ -206,9 +228,9 @@ enum Phase {
     Waiting,
     /// Waiting for its `after` dependency to succeed.
     Blocked,
-    InFlight {
-        attempt: u32,
-    },
+    /// Delivered to device `on` (the command's own device, or for a
+    /// `cap:` command the capable device chosen for it).
+    InFlight { attempt: u32, on: u32 },
 }
 
 /// A live command's handle. The payload stays on disk.
@@ -231,29 +253,89 @@ struct Live {
     target: Option<Box<str>>,
     origin: u32,
     key: Option<Box<str>>,
+    /// The broadcast this command is a child of.
+    parent: Option<CommandId>,
 }
 
+/// A device, or a `cap:` pool: the queue of commands any device with that
+/// capability may run.
 #[derive(Debug)]
 struct Dev {
     id: DeviceId,
     record: Option<DeviceRecord>,
     ready: [BTreeMap<u64, CommandId>; 3],
+    /// Commands delivered to this device (its own and pool commands).
     in_flight: FxHashSet<CommandId>,
+    /// Live commands routed here (for a pool: its commands, wherever they
+    /// are in flight).
     live: u64,
     session: Option<(u64, u32)>,
+    /// A pool (`cap:…`), not a device.
+    pool: bool,
+    /// For a pool: the enrolled devices with the capability.
+    members: Vec<u32>,
+    /// For a device: the pools it serves in this session (its enrolled
+    /// capabilities, narrowed by its Hello).
+    serves: Vec<u32>,
+    /// The capabilities its Hello offered (None: all it is enrolled with).
+    offered: Option<Vec<String>>,
+    /// Pool commands in flight here (counted in `in_flight`, not `live`).
+    borrowed: u64,
+    /// Pool commands ever handed to it: the tie-break that spreads a pool's
+    /// work when devices are equally idle.
+    assigned: u64,
 }
 
 impl Dev {
     fn new(id: DeviceId) -> Self {
         Dev {
+            pool: id.starts_with("cap:"),
             id,
             record: None,
             ready: Default::default(),
             in_flight: FxHashSet::default(),
             live: 0,
             session: None,
+            members: Vec::new(),
+            serves: Vec::new(),
+            offered: None,
+            borrowed: 0,
+            assigned: 0,
         }
     }
+
+    fn has_room(&self) -> bool {
+        self.session
+            .is_some_and(|(_, window)| (self.in_flight.len() as u32) < window)
+    }
+}
+
+impl Labels for DeviceRecord {
+    fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+    fn has_cap(&self, cap: &str) -> bool {
+        self.caps.iter().any(|c| c == cap)
+    }
+}
+
+/// A live broadcast: it ends when its last child ends.
+#[derive(Debug)]
+struct Parent {
+    command: Command,
+    /// The journal group holding its `Broadcast` entry.
+    group: u64,
+    children: Vec<(CommandId, u32)>,
+    ends: Vec<Option<State>>,
+    open: u32,
+    cancelled: bool,
+}
+
+/// Where a target sends a command.
+enum Route {
+    Device(u32),
+    Pool(u32),
+    Broadcast(Vec<u32>),
 }
 
 /// The queue state machine.
@@ -293,6 +375,9 @@ pub struct QueueCore {
     next_session: u64,
     disk: u64,
     stats: QueueStats,
+    /// Live broadcasts by parent id (payload-free: it is on disk).
+    parents: FxHashMap<CommandId, Parent>,
+    acl: Acl,
 }
 
 /// A sealed round: the group to write, and the retryable results whose
@@ -337,7 +422,14 @@ impl QueueCore {
             next_session: 1,
             disk: 0,
             stats: QueueStats::default(),
+            parents: FxHashMap::default(),
+            acl: Acl::default(),
         }
+    }
+
+    /// Which devices may send commands to which targets.
+    pub fn set_acl(&mut self, acl: Acl) {
+        self.acl = acl;
     }
 
     pub fn limits(&self) -> &Limits {
@@ -351,6 +443,7 @@ impl QueueCore {
     pub fn replay_device(&mut self, rec: DeviceRecord) {
         let d = self.dev(&rec.id);
         self.devs[d as usize].record = Some(rec);
+        self.index_caps(d);
     }
 
     /// Apply one group read back from disk.
@@ -378,6 +471,7 @@ impl QueueCore {
                                 }
                             }
                         }
+                        Entry::Broadcast(b) => self.replay_broadcast(seq, b),
                     }
                 }
             }
@@ -390,6 +484,7 @@ impl QueueCore {
                         }
                         self.live.remove(&r.id);
                     }
+                    self.parents.remove(&r.id);
                     if let Some((origin, key)) = r.key.as_ref().map(|k| (r.origin.as_str(), k)) {
                         let o = self.origin(origin);
                         self.remember_key(o, key, r.id, r.created_at);
@@ -437,8 +532,63 @@ impl QueueCore {
             target: (e.command.target != e.device).then(|| e.command.target.into()),
             origin,
             key: e.command.key.map(Into::into),
+            parent: None,
         };
         self.live.insert(id, live);
+    }
+
+    fn replay_broadcast(&mut self, seq: u64, b: Broadcast) {
+        let Broadcast {
+            mut command,
+            children,
+        } = b;
+        let pid = command.id;
+        self.next_order = self
+            .next_order
+            .max(children.iter().map(|c| c.order + 1).max().unwrap_or(0));
+        let origin = self.origin(&command.origin);
+        if let Some(k) = &command.key {
+            self.remember_key(origin, k, pid, command.created_at);
+        }
+        command.payload = Vec::new();
+        let mut parent = Parent {
+            command,
+            group: seq,
+            children: Vec::with_capacity(children.len()),
+            ends: Vec::with_capacity(children.len()),
+            open: 0,
+            cancelled: false,
+        };
+        for c in children {
+            let d = self.dev(&c.device);
+            parent.children.push((c.id, d));
+            parent.ends.push(c.end);
+            if c.end.is_some() || self.live.get(&c.id).is_some_and(|l| l.gen > 0) {
+                continue;
+            }
+            let p = &parent.command;
+            let live = Live {
+                device: d,
+                gen: 0,
+                priority: p.priority,
+                order: c.order,
+                group: seq,
+                requeue_group: None,
+                attempts: c.attempts,
+                max_attempts: p.max_attempts,
+                created_at: p.created_at,
+                expires_at: p.expires_at,
+                not_before: c.not_before,
+                after: p.after,
+                phase: Phase::Ready,
+                target: Some(p.target.as_str().into()),
+                origin,
+                key: None,
+                parent: Some(pid),
+            };
+            self.live.insert(c.id, live);
+        }
+        self.parents.insert(pid, parent);
     }
 
     /// Never reuse a group seq the store has committed, even one whose
@@ -480,12 +630,32 @@ impl QueueCore {
         let dangling: Vec<CommandId> = self
             .blocked
             .keys()
-            .filter(|dep| !self.live.contains_key(*dep))
+            .filter(|dep| !self.is_live(**dep))
             .copied()
             .collect();
         for dep in dangling {
             let ok = matches!(self.results.get(&dep), Some((_, State::Succeeded)));
             self.dependency_done(dep, ok, now);
+        }
+        // A broadcast's children that ended after its entry was written have
+        // their end in their own result; one whose last child ended is
+        // settled (both are always in one batch, so this is a safety net).
+        let pids: Vec<CommandId> = self.parents.keys().copied().collect();
+        for pid in pids {
+            let mut p = self.parents.remove(&pid).expect("listed");
+            p.open = 0;
+            for (i, &(cid, _)) in p.children.iter().enumerate() {
+                if p.ends[i].is_some() {
+                    continue;
+                }
+                if self.live.get(&cid).is_some_and(|l| l.parent == Some(pid)) {
+                    p.open += 1;
+                } else {
+                    p.ends[i] = Some(self.results.get(&cid).map_or(State::Cancelled, |r| r.1));
+                }
+            }
+            self.parents.insert(pid, p);
+            self.settle_parent(pid, now);
         }
         self.effects = Effects::default();
         self.tick(now);
@@ -509,7 +679,7 @@ impl QueueCore {
                 self.limits.max_payload
             )));
         }
-        let device = self.route(&target)?;
+        let route = self.route(&target)?;
         let o = self.origin(&origin);
         if let Some(k) = &opts.key {
             self.expire_keys(now);
@@ -535,7 +705,7 @@ impl QueueCore {
         let mut after = opts.after;
         let mut dep_failed = None;
         if let Some(dep) = after {
-            if self.live.contains_key(&dep) {
+            if self.is_live(dep) {
                 // stays blocked
             } else {
                 match self.results.get(&dep) {
@@ -545,15 +715,20 @@ impl QueueCore {
                 }
             }
         }
+        if let Route::Broadcast(devs) = &route {
+            // A broadcast is admitted whole or not at all: shedding one
+            // command per child would trade many for one.
+            let queued = self.live.len() as u64;
+            if queued + devs.len() as u64 > self.limits.max_queued {
+                return Err(QueueError::QueueFull {
+                    queued,
+                    limit: self.limits.max_queued,
+                });
+            }
+        }
         self.make_room(opts.priority, now)?;
 
-        // Ids are random within a millisecond; a collision (a restarted
-        // simulation with the same seed, or plain bad luck) must not merge
-        // two commands.
-        let mut id = CommandId::new(now, self.random128());
-        while self.live.contains_key(&id) || self.results.contains_key(&id) {
-            id = CommandId::new(now, self.random128());
-        }
+        let id = self.new_id(now);
         let command = Command {
             id,
             target: target.clone(),
@@ -571,12 +746,16 @@ impl QueueCore {
         if let Some(k) = &opts.key {
             self.remember_key(o, k, id, now);
         }
+        self.stats.enqueued_total += 1;
         if let Some(s) = dep_failed {
-            let device_id = self.devs[device as usize].id.clone();
+            let device = match &route {
+                Route::Device(d) | Route::Pool(d) => self.devs[*d as usize].id.clone(),
+                Route::Broadcast(_) => target.clone(),
+            };
             let rec = ResultRecord {
                 id,
                 gen: 0,
-                device: device_id,
+                device,
                 target,
                 priority: command.priority,
                 state: State::Dead,
@@ -593,15 +772,26 @@ impl QueueCore {
                 origin: command.origin.clone(),
                 key: command.key.clone(),
                 command: Some(command),
+                children: Vec::new(),
             };
             self.record_result(rec, now);
-            self.stats.enqueued_total += 1;
             return Ok(SendReceipt {
                 id,
                 state: State::Dead,
                 duplicate: false,
             });
         }
+        let device = match route {
+            Route::Device(d) | Route::Pool(d) => d,
+            Route::Broadcast(devs) => {
+                self.broadcast(command, o, devs, now);
+                return Ok(SendReceipt {
+                    id,
+                    state: State::Queued,
+                    duplicate: false,
+                });
+            }
+        };
         let order = self.next_order;
         self.next_order += 1;
         let live = Live {
@@ -621,6 +811,7 @@ impl QueueCore {
             target: (target != self.devs[device as usize].id).then(|| target.into()),
             origin: o,
             key: command.key.as_deref().map(Into::into),
+            parent: None,
         };
         let entry = Enqueued {
             device: self.devs[device as usize].id.clone(),
@@ -632,7 +823,6 @@ impl QueueCore {
         };
         self.journal.push(Entry::Enqueued(entry));
         self.admit(id, live, now);
-        self.stats.enqueued_total += 1;
         self.event(id, State::Queued, now, None, None);
         let state = self.state_of(id).unwrap_or(State::Queued);
         self.pump(device, now);
@@ -643,10 +833,131 @@ impl QueueCore {
         })
     }
 
+    /// A device sends a command: allowed only if the ACL lets it address
+    /// the target. Its origin is the device.
+    pub fn device_send(
+        &mut self,
+        from: &str,
+        mut req: SendRequest,
+        now: Millis,
+    ) -> Result<SendReceipt, QueueError> {
+        let sender = self
+            .dev_index
+            .get(from)
+            .and_then(|&d| self.devs[d as usize].record.as_ref())
+            .filter(|r| !r.revoked)
+            .ok_or_else(|| QueueError::UnknownDevice(from.to_string()))?;
+        let allowed = self.acl.allows(from, sender, &req.target, |id| {
+            self.dev_index
+                .get(id)
+                .and_then(|&d| self.devs[d as usize].record.as_ref())
+        });
+        if !allowed {
+            return Err(QueueError::Forbidden {
+                device: from.to_string(),
+                target: req.target,
+            });
+        }
+        req.origin = from.to_string();
+        self.send(req, now)
+    }
+
+    /// Fan a broadcast out: one journal entry holds the payload once and
+    /// every child; each child is then a command of its own device.
+    fn broadcast(&mut self, mut command: Command, origin: u32, devs: Vec<u32>, now: Millis) {
+        let pid = command.id;
+        let seq = self.open_seq;
+        let mut children = Vec::with_capacity(devs.len());
+        let mut parent_children = Vec::with_capacity(devs.len());
+        for &d in &devs {
+            let cid = self.new_id(now);
+            let order = self.next_order;
+            self.next_order += 1;
+            children.push(Child {
+                id: cid,
+                device: self.devs[d as usize].id.clone(),
+                order,
+                attempts: 0,
+                not_before: command.not_before,
+                end: None,
+            });
+            parent_children.push((cid, d));
+        }
+        let entry = Broadcast {
+            command: command.clone(),
+            children,
+        };
+        command.payload = Vec::new();
+        self.parents.insert(
+            pid,
+            Parent {
+                command,
+                group: seq,
+                ends: vec![None; devs.len()],
+                open: devs.len() as u32,
+                children: parent_children.clone(),
+                cancelled: false,
+            },
+        );
+        let p = &self.parents[&pid].command;
+        let template = Live {
+            device: 0,
+            gen: 0,
+            priority: p.priority,
+            order: 0,
+            group: seq,
+            requeue_group: None,
+            attempts: 0,
+            max_attempts: p.max_attempts,
+            created_at: p.created_at,
+            expires_at: p.expires_at,
+            not_before: p.not_before,
+            after: p.after,
+            phase: Phase::Ready,
+            target: Some(p.target.as_str().into()),
+            origin,
+            key: None,
+            parent: Some(pid),
+        };
+        self.event(pid, State::Queued, now, None, None);
+        for (c, &(cid, d)) in entry.children.iter().zip(&parent_children) {
+            let live = Live {
+                device: d,
+                order: c.order,
+                ..template.clone()
+            };
+            self.admit(cid, live, now);
+            self.event(cid, State::Queued, now, None, None);
+        }
+        self.journal.push(Entry::Broadcast(entry));
+        for (_, d) in parent_children {
+            self.pump(d, now);
+        }
+    }
+
+    fn new_id(&mut self, now: Millis) -> CommandId {
+        // Ids are random within a millisecond; a collision (a restarted
+        // simulation with the same seed, or plain bad luck) must not merge
+        // two commands.
+        loop {
+            let id = CommandId::new(now, self.random128());
+            if !self.is_live(id) && !self.results.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn is_live(&self, id: CommandId) -> bool {
+        self.live.contains_key(&id) || self.parents.contains_key(&id)
+    }
+
     /// Where a command is, for `show`.
     pub fn lookup(&self, id: CommandId) -> Lookup {
         if let Some(l) = self.live.get(&id) {
             return Lookup::Live(Box::new(self.view(id, l)));
+        }
+        if let Some(p) = self.parents.get(&id) {
+            return Lookup::Live(Box::new(self.parent_view(id, p)));
         }
         match self.results.get(&id) {
             Some(&(seq, state)) => Lookup::Finished { seq, state },
@@ -662,11 +973,19 @@ impl QueueCore {
             .get(device)
             .ok_or_else(|| QueueError::UnknownDevice(device.to_string()))?;
         let dev = &self.devs[d as usize];
-        let mut in_flight: Vec<_> = dev
-            .in_flight
-            .iter()
-            .map(|id| (self.live[id].priority.rank(), self.live[id].order, *id))
-            .collect();
+        let mut in_flight: Vec<_> = if dev.pool {
+            // A pool's commands are in flight on its members.
+            self.live
+                .iter()
+                .filter(|(_, l)| l.device == d && matches!(l.phase, Phase::InFlight { .. }))
+                .map(|(id, l)| (l.priority.rank(), l.order, *id))
+                .collect()
+        } else {
+            dev.in_flight
+                .iter()
+                .map(|id| (self.live[id].priority.rank(), self.live[id].order, *id))
+                .collect()
+        };
         in_flight.sort_unstable();
         let mut out: Vec<CommandView> = in_flight
             .into_iter()
@@ -691,6 +1010,29 @@ impl QueueCore {
 
     /// Cancel a live command. One in flight is also cancelled on its device.
     pub fn cancel(&mut self, id: CommandId, now: Millis) -> Result<CommandView, QueueError> {
+        if let Some(p) = self.parents.get_mut(&id) {
+            // A broadcast: cancel every child not yet finished.
+            p.cancelled = true;
+            let open: Vec<CommandId> = p
+                .children
+                .iter()
+                .zip(&p.ends)
+                .filter(|(_, end)| end.is_none())
+                .map(|(c, _)| c.0)
+                .collect();
+            let view = self.parent_view(id, &self.parents[&id]);
+            for c in open {
+                let msg = format!("cancelled by operator (broadcast {id})");
+                self.finish(c, State::Cancelled, None, Some(msg), now);
+            }
+            self.settle_parent(id, now);
+            return Ok(CommandView {
+                state: State::Cancelled,
+                finished_at: Some(now),
+                error: Some("cancelled by operator".into()),
+                ..view
+            });
+        }
         let Some(l) = self.live.get(&id) else {
             return Err(self.not_live(id, "cancel"));
         };
@@ -725,6 +1067,24 @@ impl QueueCore {
                 action: "retry (only dead or failed commands can be retried)".into(),
             });
         }
+        if !record.children.is_empty() {
+            return Err(QueueError::InvalidTransition {
+                id,
+                state: record.state,
+                action: "retry a broadcast (retry each child that did not succeed by its own id, listed by `outpost show`)".into(),
+            });
+        }
+        if let Some((pid, _)) = self
+            .parents
+            .iter()
+            .find(|(_, p)| p.children.iter().any(|c| c.0 == id))
+        {
+            return Err(QueueError::InvalidTransition {
+                id,
+                state: record.state,
+                action: format!("retry it while its broadcast {pid} runs (retry it once the broadcast has ended)"),
+            });
+        }
         let Some(mut command) = record.command else {
             return Err(QueueError::InvalidTransition {
                 id,
@@ -732,7 +1092,20 @@ impl QueueCore {
                 action: "retry (its payload was not kept)".into(),
             });
         };
-        let device = self.route(&record.device)?;
+        // A `cap:` command goes back to its pool; anything else to the
+        // device it was for.
+        let device = match self.route(if record.target.starts_with("cap:") {
+            &record.target
+        } else {
+            &record.device
+        })? {
+            Route::Device(d) | Route::Pool(d) => d,
+            Route::Broadcast(_) => {
+                return Err(QueueError::BadRequest(
+                    "internal: retry routed to a broadcast".into(),
+                ))
+            }
+        };
         if let Some((_, State::Dead)) = self.results.remove(&id) {
             self.results_dead -= 1;
         }
@@ -766,6 +1139,7 @@ impl QueueCore {
                 .then(|| command.target.as_str().into()),
             origin: o,
             key: command.key.as_deref().map(Into::into),
+            parent: None,
         };
         // An operator retry outlives the original ttl.
         command.expires_at = live.expires_at;
@@ -792,6 +1166,8 @@ impl QueueCore {
         }
         self.devs[d as usize].record = Some(rec.clone());
         self.effects.device_writes.push(rec);
+        self.index_caps(d);
+        self.pump(d, now);
     }
 
     /// Revoke a device: its session ends, it may not connect again, and it
@@ -812,6 +1188,7 @@ impl QueueCore {
             rec.clone()
         };
         self.effects.device_writes.push(rec.clone());
+        self.index_caps(d);
         if self.devs[d as usize].session.is_some() {
             self.disconnect_dev(d, now);
             self.effects.close_sessions.push(device.to_string());
@@ -828,7 +1205,7 @@ impl QueueCore {
                 Some(DeviceView {
                     record,
                     online: d.session.is_some(),
-                    queued: d.live - d.in_flight.len() as u64,
+                    queued: d.live - (d.in_flight.len() as u64 - d.borrowed),
                     in_flight: d.in_flight.len() as u64,
                 })
             })
@@ -854,6 +1231,19 @@ impl QueueCore {
     /// A second session for the same device replaces the first: what the
     /// first had in flight is delivered again on the new one.
     pub fn connect(&mut self, device: &str, window: u32, now: Millis) -> Result<u64, QueueError> {
+        self.connect_offering(device, window, None, now)
+    }
+
+    /// Attach a device whose Hello named the capabilities it offers in this
+    /// session (`None`: all it is enrolled with). It serves the `cap:` pools
+    /// of its enrolled capabilities that it offers.
+    pub fn connect_offering(
+        &mut self,
+        device: &str,
+        window: u32,
+        offered: Option<Vec<String>>,
+        now: Millis,
+    ) -> Result<u64, QueueError> {
         let d = self
             .dev_index
             .get(device)
@@ -878,6 +1268,8 @@ impl QueueCore {
             window
         };
         self.devs[d as usize].session = Some((token, window));
+        self.devs[d as usize].offered = offered;
+        self.index_caps(d);
         self.touch(d, now);
         self.pump(d, now);
         Ok(token)
@@ -907,10 +1299,10 @@ impl QueueCore {
         };
         let d = *self.dev_index.get(device).ok_or_else(not_in_flight)?;
         let l = self.live.get(&id).ok_or_else(not_in_flight)?;
-        let Phase::InFlight { attempt } = l.phase else {
+        let Phase::InFlight { attempt, on } = l.phase else {
             return Err(not_in_flight());
         };
-        if l.device != d {
+        if on != d {
             return Err(not_in_flight());
         }
         let max_attempts = l.max_attempts;
@@ -992,7 +1384,14 @@ impl QueueCore {
     /// group; `entries` is that group as read from disk.
     pub fn relocate(&mut self, seq: u64, entries: Vec<Entry>) {
         for e in entries {
-            let Entry::Enqueued(mut e) = e else { continue };
+            let mut e = match e {
+                Entry::Enqueued(e) => e,
+                Entry::Broadcast(b) => {
+                    self.relocate_broadcast(seq, b);
+                    continue;
+                }
+                Entry::Requeued { .. } => continue,
+            };
             let id = e.command.id;
             let Some(l) = self.live.get_mut(&id) else {
                 continue;
@@ -1039,6 +1438,40 @@ impl QueueCore {
                 .or_default()
                 .push(id);
         }
+    }
+
+    /// Re-journal a broadcast whole: the payload once, each child with its
+    /// progress, and the end of each child that finished (so replay never
+    /// brings a finished child back).
+    fn relocate_broadcast(&mut self, seq: u64, mut b: Broadcast) {
+        let pid = b.command.id;
+        let Some(p) = self.parents.get_mut(&pid) else {
+            return;
+        };
+        if p.group != seq {
+            return;
+        }
+        p.group = self.open_seq;
+        let ends = p.ends.clone();
+        for (c, end) in b.children.iter_mut().zip(ends) {
+            c.end = end;
+            let Some(l) = self.live.get_mut(&c.id) else {
+                continue;
+            };
+            if l.parent != Some(pid) || l.group != seq {
+                continue;
+            }
+            l.group = self.open_seq;
+            c.attempts = l.attempts;
+            c.not_before = l.not_before;
+            let rg = l.requeue_group.take();
+            self.unpin(seq);
+            *self.pins.entry(self.open_seq).or_insert(0) += 1;
+            if let Some(rg) = rg {
+                self.unpin(rg);
+            }
+        }
+        self.journal.push(Entry::Broadcast(b));
     }
 
     /// Close the round: the records to write as one group. After writing it
@@ -1117,35 +1550,129 @@ impl QueueCore {
         i
     }
 
-    /// Resolve a target to the device that will run it.
-    fn route(&mut self, target: &str) -> Result<u32, QueueError> {
-        if target.is_empty()
-            || target.len() > 255
-            || target.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
-            return Err(QueueError::BadRequest(format!(
-                "`{target}` is not a valid target: use a device id such as dev-7"
-            )));
+    /// Resolve a target: one device, a capability pool, or the devices a
+    /// broadcast fans out to (those with the tag now).
+    fn route(&mut self, target: &str) -> Result<Route, QueueError> {
+        let t = Target::parse(target).map_err(|e| {
+            QueueError::BadRequest(format!(
+                "{e}; a target is a device id (dev-7), tag:NAME or cap:NAME"
+            ))
+        })?;
+        match t {
+            Target::Device(id) => self.enrolled(id).map(Route::Device),
+            Target::Tag(tag) => {
+                let devs: Vec<u32> = self
+                    .devs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| {
+                        d.record
+                            .as_ref()
+                            .is_some_and(|r| !r.revoked && r.has_tag(tag))
+                    })
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                if devs.is_empty() {
+                    return Err(QueueError::NoRoute(format!(
+                        "no enrolled device has tag `{tag}`; add it with `outpost tag DEVICE --add {tag}`"
+                    )));
+                }
+                Ok(Route::Broadcast(devs))
+            }
+            Target::Cap(cap) => match self.dev_index.get(target) {
+                Some(&p) if !self.devs[p as usize].members.is_empty() => Ok(Route::Pool(p)),
+                _ => Err(QueueError::NoRoute(format!(
+                    "no enrolled device has capability `{cap}`; add it with `outpost tag DEVICE --add-cap {cap}`"
+                ))),
+            },
+            Target::Edge { edge, .. } => Err(QueueError::NoRoute(format!(
+                "`{target}` names a box below this one (`{edge}`): upstream routing is not available yet"
+            ))),
         }
-        if target.contains(':') || target.contains('/') {
-            return Err(QueueError::BadRequest(format!(
-                "target `{target}`: tag:, cap: and edge/ routing are not available yet; name a device directly"
-            )));
-        }
+    }
+
+    /// An enrolled, not revoked device.
+    fn enrolled(&self, id: &str) -> Result<u32, QueueError> {
         let d = self
             .dev_index
-            .get(target)
+            .get(id)
             .copied()
             .filter(|&d| self.devs[d as usize].record.is_some())
-            .ok_or_else(|| QueueError::UnknownDevice(target.to_string()))?;
+            .ok_or_else(|| QueueError::UnknownDevice(id.to_string()))?;
         if self.devs[d as usize]
             .record
             .as_ref()
             .is_some_and(|r| r.revoked)
         {
-            return Err(QueueError::Revoked(target.to_string()));
+            return Err(QueueError::Revoked(id.to_string()));
         }
         Ok(d)
+    }
+
+    /// Bring a device's pool memberships in line with its record, and the
+    /// pools it serves in line with its session's Hello.
+    fn index_caps(&mut self, d: u32) {
+        let caps: Vec<String> = match &self.devs[d as usize].record {
+            Some(r) if !r.revoked => r.caps.clone(),
+            _ => Vec::new(),
+        };
+        let mut pools = Vec::with_capacity(caps.len());
+        for c in &caps {
+            pools.push(self.dev(&format!("cap:{c}")));
+        }
+        for (i, dev) in self.devs.iter_mut().enumerate() {
+            if dev.pool && !pools.contains(&(i as u32)) {
+                dev.members.retain(|&m| m != d);
+            }
+        }
+        for &p in &pools {
+            let m = &mut self.devs[p as usize].members;
+            if !m.contains(&d) {
+                m.push(d);
+            }
+        }
+        // A Hello may narrow what the device serves, never widen it.
+        let dev = &mut self.devs[d as usize];
+        dev.serves = caps
+            .iter()
+            .zip(&pools)
+            .filter(|(c, _)| dev.offered.as_ref().is_none_or(|o| o.contains(c)))
+            .map(|(_, &p)| p)
+            .collect();
+    }
+
+    /// Change an enrolled device's tags and capabilities. New broadcasts
+    /// and `cap:` commands follow the new labels; commands already routed
+    /// stay where they are.
+    pub fn relabel(&mut self, r: Relabel, now: Millis) -> Result<DeviceRecord, QueueError> {
+        for (names, what) in [
+            (&r.add_tags, "tag"),
+            (&r.remove_tags, "tag"),
+            (&r.add_caps, "capability"),
+            (&r.remove_caps, "capability"),
+        ] {
+            for n in names {
+                check_name(n, what).map_err(|e| QueueError::BadRequest(e.to_string()))?;
+            }
+        }
+        let d = self.enrolled(&r.device)?;
+        let rec = self.devs[d as usize].record.as_mut().expect("enrolled");
+        fn apply(list: &mut Vec<String>, add: &[String], remove: &[String]) {
+            list.retain(|x| !remove.contains(x));
+            for a in add {
+                if !list.contains(a) {
+                    list.push(a.clone());
+                }
+            }
+            list.sort();
+        }
+        apply(&mut rec.tags, &r.add_tags, &r.remove_tags);
+        apply(&mut rec.caps, &r.add_caps, &r.remove_caps);
+        let rec = rec.clone();
+        self.effects.device_writes.push(rec.clone());
+        self.index_caps(d);
+        self.pump(d, now);
+        Ok(rec)
     }
 
     fn remember_key(&mut self, origin: u32, key: &str, id: CommandId, at: Millis) {
@@ -1226,8 +1753,8 @@ impl QueueCore {
     fn place(&mut self, id: CommandId, now: Millis) {
         let after = self.live[&id].after;
         if let Some(dep) = after {
-            let succeeded = !self.live.contains_key(&dep)
-                && matches!(self.results.get(&dep), Some((_, State::Succeeded)));
+            let succeeded =
+                !self.is_live(dep) && matches!(self.results.get(&dep), Some((_, State::Succeeded)));
             if !succeeded {
                 // Blocked until the dependency ends; one that already ended
                 // badly is settled by `dependency_done`.
@@ -1254,54 +1781,142 @@ impl QueueCore {
         }
     }
 
-    /// Hand ready commands to a connected device while its window allows.
+    /// Hand ready commands to a connected device while its window allows:
+    /// its own first, then those of the pools it serves. For a pool, hand
+    /// its commands to its members.
     fn pump(&mut self, d: u32, now: Millis) {
-        let dev = &mut self.devs[d as usize];
-        let Some((session, window)) = dev.session else {
+        if self.devs[d as usize].pool {
+            self.pump_pool(d, now);
             return;
-        };
-        while (dev.in_flight.len() as u32) < window {
-            let Some(id) = dev
+        }
+        while self.devs[d as usize].has_room() {
+            let Some(id) = self.devs[d as usize]
                 .ready
                 .iter_mut()
                 .find_map(|q| q.pop_first().map(|(_, id)| id))
             else {
                 break;
             };
-            let l = self.live.get_mut(&id).expect("ready commands are live");
-            let attempt = l.attempts + 1;
-            l.phase = Phase::InFlight { attempt };
-            dev.in_flight.insert(id);
-            self.stats.delivered_total += 1;
-            self.effects.deliveries.push(DeliverEffect {
-                device: dev.id.clone(),
-                session,
-                id,
-                group: l.group,
-                attempt,
-                priority: l.priority,
-                deadline: l.expires_at,
-            });
-            let ev = LifecycleEvent {
-                id,
-                device: dev.id.clone(),
-                state: State::Delivered { attempt },
-                at: now,
-                attempts: l.attempts,
-                outcome: None,
-                error: None,
-            };
-            self.effects.events.push(ev);
+            self.deliver(id, d, now);
         }
+        if self.devs[d as usize].has_room() {
+            for p in self.devs[d as usize].serves.clone() {
+                self.pump_pool(p, now);
+            }
+        }
+    }
+
+    /// Hand a pool's ready commands, best first, each to the connected
+    /// member with room and the fewest commands in flight (ties: the one
+    /// handed the fewest so far, so equally idle devices share the work).
+    fn pump_pool(&mut self, p: u32, now: Millis) {
+        loop {
+            let pool = &self.devs[p as usize];
+            if pool.ready.iter().all(BTreeMap::is_empty) {
+                return;
+            }
+            let best = pool
+                .members
+                .iter()
+                .copied()
+                .filter(|&m| {
+                    let dev = &self.devs[m as usize];
+                    dev.has_room() && dev.serves.contains(&p)
+                })
+                .min_by_key(|&m| {
+                    let dev = &self.devs[m as usize];
+                    (dev.in_flight.len(), dev.assigned, m)
+                });
+            let Some(m) = best else { return };
+            let id = self.devs[p as usize]
+                .ready
+                .iter_mut()
+                .find_map(|q| q.pop_first().map(|(_, id)| id))
+                .expect("checked non-empty");
+            let dev = &mut self.devs[m as usize];
+            dev.borrowed += 1;
+            dev.assigned += 1;
+            self.deliver(id, m, now);
+        }
+    }
+
+    /// Put a ready command in flight on connected device `on`.
+    fn deliver(&mut self, id: CommandId, on: u32, now: Millis) {
+        let dev = &mut self.devs[on as usize];
+        let session = dev.session.expect("delivering to a connected device").0;
+        let l = self.live.get_mut(&id).expect("ready commands are live");
+        let attempt = l.attempts + 1;
+        l.phase = Phase::InFlight { attempt, on };
+        dev.in_flight.insert(id);
+        self.stats.delivered_total += 1;
+        self.effects.deliveries.push(DeliverEffect {
+            device: dev.id.clone(),
+            session,
+            id,
+            group: l.group,
+            attempt,
+            priority: l.priority,
+            deadline: l.expires_at,
+        });
+        self.effects.events.push(LifecycleEvent {
+            id,
+            device: dev.id.clone(),
+            state: State::Delivered { attempt },
+            at: now,
+            attempts: l.attempts,
+            outcome: None,
+            error: None,
+        });
+    }
+
+    /// Take a command off the device it is in flight on, if it is.
+    /// Returns that device.
+    fn release(&mut self, id: CommandId) -> Option<u32> {
+        let l = self.live.get(&id)?;
+        let Phase::InFlight { on, .. } = l.phase else {
+            return None;
+        };
+        let dev = &mut self.devs[on as usize];
+        if dev.in_flight.remove(&id) && on != l.device {
+            dev.borrowed -= 1;
+        }
+        Some(on)
     }
 
     fn disconnect_dev(&mut self, d: u32, now: Millis) {
         let ids: Vec<CommandId> = self.devs[d as usize].in_flight.drain().collect();
         self.devs[d as usize].session = None;
-        // Back in the queue with the same attempt number: a drop is not an
-        // attempt that ended (DESIGN §5).
+        self.devs[d as usize].borrowed = 0;
+        let mut pools = Vec::new();
         for id in ids {
-            self.place(id, now);
+            let l = &self.live[&id];
+            let Phase::InFlight { attempt, .. } = l.phase else {
+                continue;
+            };
+            if l.device == d {
+                // Back in the queue with the same attempt number: a drop is
+                // not an attempt that ended (DESIGN §5).
+                self.place(id, now);
+                continue;
+            }
+            // A pool command fails over to another capable device, and the
+            // drop counts as an attempt: the device may have run it.
+            let (pool, max) = (l.device, l.max_attempts);
+            if attempt >= max {
+                let msg = format!(
+                    "device `{}` dropped it; gave up after {attempt} attempts",
+                    self.devs[d as usize].id
+                );
+                self.finish(id, State::Dead, None, Some(msg), now);
+            } else {
+                self.requeue_at(id, attempt, None, now);
+                pools.push(pool);
+            }
+        }
+        pools.sort_unstable();
+        pools.dedup();
+        for p in pools {
+            self.pump_pool(p, now);
         }
         self.touch(d, now);
     }
@@ -1313,11 +1928,9 @@ impl QueueCore {
         }
     }
 
+    /// An attempt failed with attempts left: back off, then try again.
     fn requeue(&mut self, id: CommandId, attempt: u32, now: Millis) {
         let jitter = self.random();
-        let l = self.live.get_mut(&id).expect("requeue of a live command");
-        let d = l.device;
-        self.devs[d as usize].in_flight.remove(&id);
         let exp = attempt.saturating_sub(1).min(32);
         let full = self
             .limits
@@ -1326,14 +1939,21 @@ impl QueueCore {
             .min(self.limits.backoff_cap_ms);
         // Jitter in [full/2, full]: spreads a fleet's retries, keeps the floor.
         let delay = full / 2 + if full > 1 { jitter % (full / 2 + 1) } else { 0 };
+        self.requeue_at(id, attempt, Some(now.saturating_add(delay)), now);
+    }
+
+    /// Journal an ended attempt and put the command back in its queue.
+    fn requeue_at(&mut self, id: CommandId, attempt: u32, not_before: Option<Millis>, now: Millis) {
+        self.release(id);
+        let l = self.live.get_mut(&id).expect("requeue of a live command");
         l.attempts = attempt;
-        l.not_before = Some(now.saturating_add(delay));
+        l.not_before = not_before;
         let old = l.requeue_group.replace(self.open_seq);
         self.journal.push(Entry::Requeued {
             id,
             gen: l.gen,
             attempts: attempt,
-            not_before: l.not_before,
+            not_before,
         });
         *self.pins.entry(self.open_seq).or_insert(0) += 1;
         self.requeue_holders
@@ -1366,17 +1986,19 @@ impl QueueCore {
         error: Option<String>,
         now: Millis,
     ) {
+        let on = self.release(id);
         let Some(l) = self.live.remove(&id) else {
             return;
         };
         let dev = &mut self.devs[l.device as usize];
         dev.live -= 1;
-        let was_in_flight = dev.in_flight.remove(&id);
         dev.ready[l.priority.rank()].remove(&l.order);
-        if was_in_flight && state != State::Succeeded && outcome.is_none() {
-            self.effects.cancels.push((dev.id.clone(), id));
+        // The device it ran on (for a pool command, the one chosen for it).
+        let ran_on = on.unwrap_or(l.device);
+        let device = self.devs[ran_on as usize].id.clone();
+        if on.is_some() && state != State::Succeeded && outcome.is_none() {
+            self.effects.cancels.push((device.clone(), id));
         }
-        let device = dev.id.clone();
         if let Some(t) = l.not_before {
             self.wakeups.remove(&(t, id));
         }
@@ -1393,7 +2015,7 @@ impl QueueCore {
             self.unpin(g);
         }
         let attempts = match l.phase {
-            Phase::InFlight { attempt } if outcome.is_some() => attempt,
+            Phase::InFlight { attempt, .. } if outcome.is_some() => attempt,
             _ => l.attempts,
         };
         let keep_command = matches!(state, State::Dead | State::Failed);
@@ -1404,7 +2026,7 @@ impl QueueCore {
                 .target
                 .as_deref()
                 .map(str::to_string)
-                .unwrap_or_else(|| device.clone()),
+                .unwrap_or_else(|| self.devs[l.device as usize].id.clone()),
             device,
             priority: l.priority,
             state,
@@ -1436,6 +2058,7 @@ impl QueueCore {
                 origin: String::new(),
                 signature: None,
             }),
+            children: Vec::new(),
         };
         if keep_command {
             self.payload_from.push((self.finished.len(), l.group));
@@ -1444,7 +2067,82 @@ impl QueueCore {
         if self.blocked.contains_key(&id) {
             self.dependency_done(id, state == State::Succeeded, now);
         }
+        if let Some(pid) = l.parent {
+            self.child_done(pid, id, state, now);
+        }
         self.pump(l.device, now);
+        if ran_on != l.device {
+            self.pump(ran_on, now);
+        }
+    }
+
+    /// A broadcast's child ended; the broadcast ends with its last child.
+    fn child_done(&mut self, pid: CommandId, cid: CommandId, state: State, now: Millis) {
+        let Some(p) = self.parents.get_mut(&pid) else {
+            return;
+        };
+        if let Some(i) = p.children.iter().position(|c| c.0 == cid) {
+            if p.ends[i].is_none() {
+                p.ends[i] = Some(state);
+                p.open = p.open.saturating_sub(1);
+            }
+        }
+        self.settle_parent(pid, now);
+    }
+
+    /// Record a broadcast's result once none of its children is open.
+    fn settle_parent(&mut self, pid: CommandId, now: Millis) {
+        if self.parents.get(&pid).is_none_or(|p| p.open > 0) {
+            return;
+        }
+        let p = self.parents.remove(&pid).expect("checked");
+        let children: Vec<ChildEnd> = p
+            .children
+            .iter()
+            .zip(&p.ends)
+            .map(|(&(id, d), end)| ChildEnd {
+                id,
+                device: self.devs[d as usize].id.clone(),
+                state: end.unwrap_or(State::Cancelled),
+            })
+            .collect();
+        let state = if p.cancelled {
+            State::Cancelled
+        } else if children.iter().all(|c| c.state == State::Succeeded) {
+            State::Succeeded
+        } else if let Some(first) = children.first().map(|c| c.state) {
+            if children.iter().all(|c| c.state == first) {
+                first
+            } else {
+                State::Failed
+            }
+        } else {
+            State::Succeeded
+        };
+        let summary = summarize(children.iter().map(|c| c.state));
+        let c = p.command;
+        let rec = ResultRecord {
+            id: pid,
+            gen: 0,
+            device: c.target.clone(),
+            target: c.target,
+            priority: c.priority,
+            state,
+            outcome: None,
+            error: (state != State::Succeeded).then_some(summary),
+            attempts: 0,
+            max_attempts: c.max_attempts,
+            created_at: c.created_at,
+            finished_at: now,
+            origin: c.origin,
+            key: c.key,
+            command: None,
+            children,
+        };
+        self.record_result(rec, now);
+        if self.blocked.contains_key(&pid) {
+            self.dependency_done(pid, state == State::Succeeded, now);
+        }
     }
 
     fn record_result(&mut self, rec: ResultRecord, now: Millis) {
@@ -1529,9 +2227,12 @@ impl QueueCore {
     fn state_of(&self, id: CommandId) -> Option<State> {
         if let Some(l) = self.live.get(&id) {
             return Some(match l.phase {
-                Phase::InFlight { attempt } => State::Delivered { attempt },
+                Phase::InFlight { attempt, .. } => State::Delivered { attempt },
                 _ => State::Queued,
             });
+        }
+        if self.parents.contains_key(&id) {
+            return Some(State::Queued);
         }
         self.results.get(&id).map(|&(_, s)| s)
     }
@@ -1571,18 +2272,18 @@ impl QueueCore {
     }
 
     fn view(&self, id: CommandId, l: &Live) -> CommandView {
-        let device = self.devs[l.device as usize].id.clone();
-        let (state, attempts) = match l.phase {
-            Phase::InFlight { attempt } => (State::Delivered { attempt }, attempt),
-            _ => (State::Queued, l.attempts),
+        let (state, attempts, on) = match l.phase {
+            Phase::InFlight { attempt, on } => (State::Delivered { attempt }, attempt, on),
+            _ => (State::Queued, l.attempts, l.device),
         };
+        let device = self.devs[on as usize].id.clone();
         CommandView {
             id,
             target: l
                 .target
                 .as_deref()
                 .map(str::to_string)
-                .unwrap_or_else(|| device.clone()),
+                .unwrap_or_else(|| self.devs[l.device as usize].id.clone()),
             device,
             state,
             priority: l.priority,
@@ -1606,8 +2307,85 @@ impl QueueCore {
                     .map(|a| format!("waiting for command {a} to succeed")),
                 _ => None,
             },
+            children: Vec::new(),
+            summary: None,
         }
     }
+
+    /// A live broadcast as `show` gives it: its children and the aggregate.
+    fn parent_view(&self, pid: CommandId, p: &Parent) -> CommandView {
+        let children: Vec<ChildView> = p
+            .children
+            .iter()
+            .zip(&p.ends)
+            .map(|(&(id, d), end)| ChildView {
+                id,
+                device: self.devs[d as usize].id.clone(),
+                state: end
+                    .or_else(|| self.state_of(id))
+                    .unwrap_or(State::Cancelled),
+            })
+            .collect();
+        let c = &p.command;
+        CommandView {
+            id: pid,
+            target: c.target.clone(),
+            device: c.target.clone(),
+            state: State::Queued,
+            priority: c.priority,
+            attempts: 0,
+            max_attempts: c.max_attempts,
+            created_at: c.created_at,
+            finished_at: None,
+            expires_at: c.expires_at,
+            not_before: c.not_before,
+            after: c.after,
+            origin: c.origin.clone(),
+            key: c.key.clone(),
+            outcome: None,
+            error: None,
+            summary: Some(summarize(children.iter().map(|c| c.state))),
+            children,
+        }
+    }
+}
+
+/// A broadcast's aggregate: `12/14 succeeded, 1 failed, 1 queued`.
+pub fn summarize(states: impl Iterator<Item = State>) -> String {
+    // Succeeded, then the other ends, then what is still open.
+    let mut counts = [0usize; 9];
+    const NAMES: [&str; 9] = [
+        "succeeded",
+        "failed",
+        "dead",
+        "expired",
+        "cancelled",
+        "shed",
+        "in flight",
+        "queued",
+        "",
+    ];
+    for st in states {
+        let i = match st {
+            State::Succeeded => 0,
+            State::Failed => 1,
+            State::Dead => 2,
+            State::Expired => 3,
+            State::Cancelled => 4,
+            State::Shed => 5,
+            State::Delivered { .. } => 6,
+            State::Queued => 7,
+        };
+        counts[i] += 1;
+    }
+    let total: usize = counts.iter().sum();
+    let mut out = format!("{}/{total} succeeded", counts[0]);
+    for (n, name) in counts.iter().zip(NAMES).skip(1) {
+        if *n > 0 {
+            out.push_str(&format!(", {n} {name}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -83,9 +83,13 @@ impl H {
     }
 
     fn with_devices(limits: Limits, n: usize) -> Self {
+        H::with_records(limits, (0..n).map(|i| dev(&format!("d{i}"))).collect())
+    }
+
+    fn with_records(limits: Limits, records: Vec<DeviceRecord>) -> Self {
         let mut h = H::new(limits);
-        for i in 0..n {
-            h.core.enroll(dev(&format!("d{i}")), h.now);
+        for r in records {
+            h.core.enroll(r, h.now);
         }
         h.round();
         h
@@ -110,10 +114,7 @@ impl H {
             let c = src
                 .into_iter()
                 .flatten()
-                .find_map(|e| match e {
-                    Entry::Enqueued(e) if e.command.id == id => Some(e.command.clone()),
-                    _ => None,
-                })
+                .find_map(|e| e.command_for(id))
                 .expect("a retryable result's payload is on disk");
             w.results[i].command = Some(c);
         }
@@ -220,9 +221,7 @@ impl H {
                 self.disk
                     .journal
                     .get(&l.group)
-                    .is_some_and(|g| g.iter().any(
-                        |e| matches!(e, Entry::Enqueued(e) if e.command.id == *id && e.gen == l.gen)
-                    )),
+                    .is_some_and(|g| g.iter().any(|e| e.enqueues(*id, l.gen))),
                 "{id}: its journal group {} is not on disk",
                 l.group
             );
@@ -242,12 +241,51 @@ impl H {
             let in_ready = dev.ready[l.priority.rank()].get(&l.order) == Some(id);
             match l.phase {
                 Phase::Ready => assert!(in_ready, "{id} ready but not queued"),
-                Phase::InFlight { .. } => assert!(dev.in_flight.contains(id) && !in_ready),
+                Phase::InFlight { on, .. } => {
+                    assert!(c.devs[on as usize].in_flight.contains(id) && !in_ready);
+                    assert!(on == l.device || c.devs[on as usize].serves.contains(&l.device));
+                }
                 Phase::Waiting | Phase::Blocked => assert!(!in_ready),
             }
+            if let Some(pid) = l.parent {
+                let p = &c.parents[&pid];
+                let i = p.children.iter().position(|x| x.0 == *id).unwrap();
+                assert_eq!(p.ends[i], None, "{id} is live but its parent has its end");
+            }
         }
-        for dev in &c.devs {
+        for (pid, p) in &c.parents {
+            let open = p.ends.iter().filter(|e| e.is_none()).count();
+            assert_eq!(p.open as usize, open, "{pid}: open children miscounted");
+            assert!(
+                open > 0,
+                "{pid}: a parent with no open child is not settled"
+            );
+            assert!(
+                self.disk.journal.get(&p.group).is_some_and(|g| g
+                    .iter()
+                    .any(|e| matches!(e, Entry::Broadcast(b) if b.command.id == *pid))),
+                "{pid}: its broadcast entry is not on disk"
+            );
+        }
+        for (i, dev) in c.devs.iter().enumerate() {
+            let borrowed = dev
+                .in_flight
+                .iter()
+                .filter(|id| c.live[id].device != i as u32)
+                .count();
+            assert_eq!(dev.borrowed as usize, borrowed, "{}: borrowed", dev.id);
             let ready: usize = dev.ready.iter().map(|q| q.len()).sum();
+            if dev.pool && ready > 0 {
+                for &m in &dev.members {
+                    let mdev = &c.devs[m as usize];
+                    assert!(
+                        !mdev.has_room() || !mdev.serves.contains(&(i as u32)),
+                        "{} idles while pool {} has work",
+                        mdev.id,
+                        dev.id
+                    );
+                }
+            }
             if let Some((_, window)) = dev.session {
                 assert!(
                     dev.in_flight.len() as u32 <= window,
@@ -289,6 +327,14 @@ impl H {
 
 fn dev(id: &str) -> DeviceRecord {
     DeviceRecord::new(id)
+}
+
+fn labelled(id: &str, tags: &[&str], caps: &[&str]) -> DeviceRecord {
+    DeviceRecord {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        caps: caps.iter().map(|c| c.to_string()).collect(),
+        ..DeviceRecord::new(id)
+    }
 }
 
 fn ok() -> Outcome {
@@ -542,6 +588,10 @@ fn bad_transitions_are_clear_errors() {
     ));
     assert!(matches!(
         h.send("tag:x", SendOptions::default()),
+        Err(QueueError::NoRoute(_))
+    ));
+    assert!(matches!(
+        h.send("tag:", SendOptions::default()),
         Err(QueueError::BadRequest(_))
     ));
 }
@@ -873,7 +923,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..3u8, 0..3u8, proptest::option::of(1..3000u16), proptest::option::of(0..4u8), any::<bool>(), 1..4u8)
+        4 => (0..5u8, 0..3u8, proptest::option::of(1..3000u16), proptest::option::of(0..4u8), any::<bool>(), 1..4u8)
             .prop_map(|(dev, prio, ttl, key, after, max_attempts)| Op::Send { dev, prio, ttl, key, after, max_attempts }),
         2 => (0..3u8).prop_map(Op::Connect),
         1 => (0..3u8).prop_map(Op::Disconnect),
@@ -899,7 +949,12 @@ proptest! {
             max_queued: 40,
             ..Limits::default()
         };
-        let mut h = H::with_devices(limits, 3);
+        let mut h = H::with_records(limits, vec![
+            labelled("d0", &["a"], &["cam"]),
+            labelled("d1", &["a"], &["cam"]),
+            labelled("d2", &[], &["cam"]),
+        ]);
+        let targets = ["d0", "d1", "d2", "tag:a", "cap:cam"];
         let mut accepted: Vec<CommandId> = Vec::new();
         for op in ops {
             match op {
@@ -912,7 +967,7 @@ proptest! {
                         max_attempts: Some(max_attempts.into()),
                         not_before: None,
                     };
-                    match h.send(&format!("d{dev}"), opts) {
+                    match h.send(targets[dev as usize], opts) {
                         Ok(r) => accepted.push(r.id),
                         Err(e) => prop_assert!(matches!(e, QueueError::QueueFull { .. }), "{e}"),
                     }
@@ -961,4 +1016,480 @@ proptest! {
             }
         }
     }
+}
+
+// ----- routing (DESIGN §6) --------------------------------------------------
+
+impl H {
+    fn view(&self, id: CommandId) -> CommandView {
+        match self.core.lookup(id) {
+            Lookup::Live(v) => *v,
+            Lookup::Finished { seq, .. } => {
+                let r = self.disk.results[&seq]
+                    .iter()
+                    .rev()
+                    .find(|r| r.id == id)
+                    .expect("finished result on disk")
+                    .clone();
+                CommandView::from(r)
+            }
+            Lookup::NotFound => panic!("{id} not found"),
+        }
+    }
+
+    /// Ack everything in flight on `d` with `o`; returns the ids acked.
+    fn ack_all(&mut self, d: &str, o: Outcome) -> Vec<CommandId> {
+        let i = self.core.dev_index[d] as usize;
+        let mut ids: Vec<CommandId> = self.core.devs[i].in_flight.iter().copied().collect();
+        ids.sort();
+        for &id in &ids {
+            self.ack(d, id, o.clone()).unwrap();
+        }
+        ids
+    }
+}
+
+fn line(n: usize) -> Vec<DeviceRecord> {
+    (0..n)
+        .map(|i| labelled(&format!("d{i}"), &["line-3"], &[]))
+        .chain([dev("other")])
+        .collect()
+}
+
+#[test]
+fn broadcast_to_fifty_with_five_offline_and_a_restart() {
+    let mut h = H::with_records(Limits::default(), line(50));
+    for i in 0..45 {
+        h.connect(&format!("d{i}"));
+    }
+    let pid = h.send("tag:line-3", SendOptions::default()).unwrap().id;
+    h.check();
+    // One child per tagged device, each delivered once, none to `other`.
+    let mut children = BTreeSet::new();
+    for i in 0..45 {
+        let got = h.ids(&format!("d{i}"));
+        assert_eq!(got.len(), 1, "d{i} gets exactly its child");
+        assert!(children.insert(got[0]), "children have their own ids");
+    }
+    assert!(h.ids("other").is_empty());
+    let v = h.view(pid);
+    assert_eq!(v.children.len(), 50);
+    assert_eq!(
+        v.summary.as_deref(),
+        Some("0/50 succeeded, 45 in flight, 5 queued")
+    );
+    // 30 ack, then the box restarts: no acked child comes back.
+    for i in 0..30 {
+        h.ack_all(&format!("d{i}"), ok());
+    }
+    h.check();
+    h.reopen();
+    h.check();
+    for i in 0..50 {
+        h.connect(&format!("d{i}"));
+    }
+    for i in 0..30 {
+        assert_eq!(h.ids(&format!("d{i}")).len(), 1, "d{i} acked: never again");
+    }
+    for i in 30..45 {
+        let got = h.ids(&format!("d{i}"));
+        assert_eq!(got.len(), 2, "d{i}: its unacked child is redelivered");
+        assert_eq!(got[0], got[1], "d{i}: the same child, not a new one");
+    }
+    for i in 45..50 {
+        assert_eq!(
+            h.ids(&format!("d{i}")).len(),
+            1,
+            "offline d{i} gets it on return"
+        );
+    }
+    assert_eq!(
+        h.view(pid).summary.as_deref(),
+        Some("30/50 succeeded, 20 in flight")
+    );
+    h.ack_all(
+        "d49",
+        Outcome::Rejected {
+            reason: "no".into(),
+        },
+    );
+    for i in 30..49 {
+        h.ack_all(&format!("d{i}"), ok());
+    }
+    h.check();
+    let v = h.view(pid);
+    assert_eq!(
+        v.state,
+        State::Failed,
+        "one child failed: the broadcast failed"
+    );
+    assert_eq!(v.summary.as_deref(), Some("49/50 succeeded, 1 failed"));
+    assert_eq!(v.children.len(), 50);
+    assert_eq!(
+        v.children.iter().find(|c| c.device == "d49").unwrap().state,
+        State::Failed
+    );
+    assert!(h.core.parents.is_empty() && h.core.live.is_empty());
+    assert!(
+        h.disk.journal.is_empty(),
+        "the broadcast's group is dropped"
+    );
+    h.reopen();
+    assert_eq!(h.state(pid), Some(State::Failed));
+    assert!(
+        h.core.live.is_empty(),
+        "no child comes back after a restart"
+    );
+}
+
+#[test]
+fn broadcast_all_succeeded_releases_its_dependents() {
+    let mut h = H::with_records(Limits::default(), line(3));
+    let pid = h.send("tag:line-3", SendOptions::default()).unwrap().id;
+    let next = h
+        .send(
+            "other",
+            SendOptions {
+                after: Some(pid),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
+    h.connect("other");
+    assert!(h.ids("other").is_empty(), "blocked on the broadcast");
+    h.reopen();
+    h.connect("other");
+    for i in 0..3 {
+        h.connect(&format!("d{i}"));
+        h.ack_all(&format!("d{i}"), ok());
+    }
+    assert_eq!(h.state(pid), Some(State::Succeeded));
+    assert_eq!(h.view(pid).summary.as_deref(), Some("3/3 succeeded"));
+    assert_eq!(
+        h.ids("other"),
+        vec![next],
+        "released by the broadcast's success"
+    );
+    h.check();
+}
+
+#[test]
+fn cancel_mid_broadcast_cancels_only_the_unfinished() {
+    let mut h = H::with_records(Limits::default(), line(10));
+    for i in 0..5 {
+        h.connect(&format!("d{i}"));
+    }
+    let pid = h.send("tag:line-3", SendOptions::default()).unwrap().id;
+    for i in 0..3 {
+        h.ack_all(&format!("d{i}"), ok());
+    }
+    h.reopen();
+    h.connect("d3");
+    h.connect("d4");
+    let in_flight: Vec<CommandId> = ["d3", "d4"].iter().flat_map(|d| h.ids(d)).collect();
+    let v = h.core.cancel(pid, h.now).unwrap();
+    h.round();
+    assert_eq!(v.state, State::Cancelled);
+    h.check();
+    assert_eq!(h.state(pid), Some(State::Cancelled));
+    for id in &in_flight {
+        assert!(
+            h.cancels.iter().any(|(_, c)| c == id),
+            "the device holding {id} is told to stop"
+        );
+    }
+    let v = h.view(pid);
+    assert_eq!(v.summary.as_deref(), Some("3/10 succeeded, 7 cancelled"));
+    for i in 5..10 {
+        h.connect(&format!("d{i}"));
+        assert!(
+            h.ids(&format!("d{i}")).is_empty(),
+            "cancelled: never delivered"
+        );
+    }
+    assert!(matches!(
+        h.core.cancel(pid, h.now),
+        Err(QueueError::InvalidTransition { .. })
+    ));
+    h.reopen();
+    assert!(h.core.live.is_empty() && h.core.parents.is_empty());
+}
+
+fn cameras(n: usize) -> Vec<DeviceRecord> {
+    (0..n)
+        .map(|i| labelled(&format!("c{i}"), &[], &["camera"]))
+        .chain([dev("plain")])
+        .collect()
+}
+
+#[test]
+fn any_capable_balances_across_connected_devices() {
+    let mut h = H::with_records(Limits::default(), cameras(4));
+    for i in 0..4 {
+        h.connect(&format!("c{i}"));
+    }
+    h.connect("plain");
+    // Devices that answer at once: the work is shared evenly.
+    for _ in 0..100 {
+        let id = h.send("cap:camera", SendOptions::default()).unwrap().id;
+        let on = h.view(id).device;
+        assert!(on.starts_with('c'), "ran on a capable device, not {on}");
+        h.ack(&on, id, ok()).unwrap();
+    }
+    for i in 0..4 {
+        let n = h.ids(&format!("c{i}")).len();
+        assert!((20..=30).contains(&n), "c{i} ran {n} of 100");
+    }
+    assert!(h.ids("plain").is_empty());
+    // A slow device holding work gets none of the next.
+    let busy: Vec<CommandId> = (0..3)
+        .map(|_| h.send("cap:camera", SendOptions::default()).unwrap().id)
+        .collect();
+    let holders: BTreeSet<String> = busy.iter().map(|&id| h.view(id).device).collect();
+    assert_eq!(
+        holders.len(),
+        3,
+        "fewest in flight: three different devices"
+    );
+    let idle = (0..4)
+        .map(|i| format!("c{i}"))
+        .find(|d| !holders.contains(d))
+        .unwrap();
+    let id = h.send("cap:camera", SendOptions::default()).unwrap().id;
+    assert_eq!(h.view(id).device, idle);
+    h.check();
+    let r = {
+        h.ack(&idle, id, ok()).unwrap();
+        h.disk.result(id).unwrap()
+    };
+    assert_eq!(r.device, idle, "the result names the device that ran it");
+    assert_eq!(r.target, "cap:camera");
+}
+
+#[test]
+fn any_capable_fails_over_when_the_device_drops() {
+    let mut h = H::with_records(Limits::default(), cameras(2));
+    h.connect("c0");
+    let id = h.send("cap:camera", SendOptions::default()).unwrap().id;
+    assert_eq!(h.view(id).device, "c0");
+    h.connect("c1");
+    h.disconnect("c0");
+    h.check();
+    let v = h.view(id);
+    assert_eq!(v.device, "c1", "failed over");
+    assert_eq!(
+        v.state,
+        State::Delivered { attempt: 2 },
+        "the drop was an attempt"
+    );
+    h.reopen();
+    h.connect("c1");
+    assert_eq!(h.view(id).state, State::Delivered { attempt: 2 });
+    h.ack("c1", id, ok()).unwrap();
+    let r = h.disk.result(id).unwrap();
+    assert_eq!(
+        (r.device.as_str(), r.attempts, r.state),
+        ("c1", 2, State::Succeeded)
+    );
+    // Out of attempts: dead, with the reason.
+    let id = h
+        .send(
+            "cap:camera",
+            SendOptions {
+                max_attempts: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
+    h.disconnect("c1");
+    let r = h.disk.result(id).unwrap();
+    assert_eq!(r.state, State::Dead);
+    assert!(r.error.unwrap().contains("dropped"), "says why");
+    h.check();
+}
+
+#[test]
+fn any_capable_waits_for_the_first_capable_device_and_its_ttl() {
+    let mut h = H::with_records(Limits::default(), cameras(2));
+    h.connect("plain");
+    let a = h.send("cap:camera", SendOptions::default()).unwrap().id;
+    let b = h
+        .send(
+            "cap:camera",
+            SendOptions {
+                ttl_ms: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
+    assert_eq!(h.state(a), Some(State::Queued));
+    assert_eq!(h.core.list("cap:camera").unwrap().len(), 2);
+    h.advance(2000);
+    assert_eq!(h.state(b), Some(State::Expired));
+    h.reopen();
+    h.connect("c1");
+    assert_eq!(h.ids("c1"), vec![a]);
+    assert!(matches!(
+        h.send("cap:printer", SendOptions::default()),
+        Err(QueueError::NoRoute(_))
+    ));
+    h.check();
+}
+
+#[test]
+fn hello_narrows_capabilities_but_never_widens_them() {
+    let mut h = H::with_records(Limits::default(), cameras(2));
+    let t = h
+        .core
+        .connect_offering("c0", 0, Some(vec!["printer".into()]), h.now)
+        .unwrap();
+    h.sessions.insert("c0".into(), t);
+    h.round();
+    let id = h.send("cap:camera", SendOptions::default()).unwrap().id;
+    assert!(h.ids("c0").is_empty(), "c0 offered no camera this session");
+    assert!(matches!(
+        h.send("cap:printer", SendOptions::default()),
+        Err(QueueError::NoRoute(_))
+    ));
+    let t = h
+        .core
+        .connect_offering("c1", 0, Some(vec!["camera".into()]), h.now)
+        .unwrap();
+    h.sessions.insert("c1".into(), t);
+    h.round();
+    assert_eq!(h.ids("c1"), vec![id]);
+    h.check();
+}
+
+#[test]
+fn relabel_changes_routing_and_survives_a_restart() {
+    let mut h = H::with_records(Limits::default(), cameras(1));
+    h.core
+        .relabel(
+            Relabel {
+                device: "plain".into(),
+                add_tags: vec!["line-3".into()],
+                add_caps: vec!["camera".into()],
+                ..Default::default()
+            },
+            h.now,
+        )
+        .unwrap();
+    h.core
+        .relabel(
+            Relabel {
+                device: "c0".into(),
+                remove_caps: vec!["camera".into()],
+                ..Default::default()
+            },
+            h.now,
+        )
+        .unwrap();
+    h.round();
+    h.reopen();
+    h.connect("c0");
+    h.connect("plain");
+    let id = h.send("cap:camera", SendOptions::default()).unwrap().id;
+    assert_eq!(h.ids("plain"), vec![id]);
+    assert!(h.ids("c0").is_empty());
+    let pid = h.send("tag:line-3", SendOptions::default()).unwrap().id;
+    assert_eq!(h.view(pid).children.len(), 1);
+    assert!(matches!(
+        h.core.relabel(
+            Relabel {
+                device: "plain".into(),
+                add_tags: vec!["bad tag".into()],
+                ..Default::default()
+            },
+            h.now
+        ),
+        Err(QueueError::BadRequest(_))
+    ));
+    h.check();
+}
+
+#[test]
+fn device_to_device_obeys_the_acl() {
+    use crate::route::AclRule;
+    let mut h = H::with_records(
+        Limits::default(),
+        vec![
+            labelled("s0", &["sensors"], &[]),
+            labelled("s1", &[], &[]),
+            labelled("c0", &[], &["camera"]),
+        ],
+    );
+    let req = |to: &str| SendRequest {
+        target: to.into(),
+        payload: b"snap".to_vec(),
+        opts: SendOptions::default(),
+        origin: "ignored".into(),
+        signature: None,
+    };
+    // Default deny.
+    let e = h.core.device_send("s0", req("c0"), h.now).unwrap_err();
+    assert!(matches!(e, QueueError::Forbidden { .. }) && e.is_refusal());
+    h.core.set_acl(
+        Acl::new(vec![AclRule {
+            from: vec!["tag:sensors".into()],
+            to: vec!["cap:camera".into()],
+        }])
+        .unwrap(),
+    );
+    let r = h.core.device_send("s0", req("c0"), h.now).unwrap();
+    let r2 = h.core.device_send("s0", req("cap:camera"), h.now).unwrap();
+    h.round();
+    assert_eq!(h.view(r.id).origin, "s0", "the sender is the origin");
+    assert_eq!(h.view(r2.id).target, "cap:camera");
+    assert!(matches!(
+        h.core.device_send("s1", req("c0"), h.now),
+        Err(QueueError::Forbidden { .. })
+    ));
+    assert!(matches!(
+        h.core.device_send("s0", req("s1"), h.now),
+        Err(QueueError::Forbidden { .. })
+    ));
+    assert!(matches!(
+        h.core.device_send("ghost", req("c0"), h.now),
+        Err(QueueError::UnknownDevice(_))
+    ));
+    h.check();
+}
+
+#[test]
+fn a_broadcast_is_relocated_whole_and_never_resurrects_a_child() {
+    let limits = Limits {
+        relocate_lag: 2,
+        relocate_max_pins: 4,
+        ..Limits::default()
+    };
+    let mut h = H::with_records(limits, line(4));
+    h.connect("d0");
+    h.connect("d1");
+    let pid = h.send("tag:line-3", SendOptions::default()).unwrap().id;
+    h.ack_all("d0", ok());
+    h.ack_all("d1", fail());
+    // Traffic moves the head on; the broadcast's group is relocated.
+    h.connect("other");
+    for _ in 0..8 {
+        let id = h.send_prio("other", Priority::Normal);
+        h.ack("other", id, ok()).unwrap();
+    }
+    assert_ne!(h.core.parents[&pid].group, 0);
+    h.check();
+    h.reopen();
+    h.check();
+    h.connect("d0");
+    assert_eq!(h.ids("d0").len(), 1, "the acked child is not resurrected");
+    h.connect("d1");
+    h.advance(60_000);
+    for i in 1..4 {
+        h.connect(&format!("d{i}"));
+        h.ack_all(&format!("d{i}"), ok());
+    }
+    assert_eq!(h.state(pid), Some(State::Succeeded));
+    h.check();
 }

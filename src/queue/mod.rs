@@ -50,6 +50,10 @@ pub enum QueueError {
     Storage(String),
     #[error("the queue is shutting down; retry once the box is back")]
     ShuttingDown,
+    #[error("no route: {0}")]
+    NoRoute(String),
+    #[error("device `{device}` may not send to `{target}`: no [[acl]] rule in the box's config allows it")]
+    Forbidden { device: DeviceId, target: String },
 }
 
 impl QueueError {
@@ -57,7 +61,10 @@ impl QueueError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            QueueError::Revoked(_) | QueueError::QueueFull { .. } | QueueError::DiskFull { .. }
+            QueueError::Revoked(_)
+                | QueueError::QueueFull { .. }
+                | QueueError::DiskFull { .. }
+                | QueueError::Forbidden { .. }
         )
     }
 }
@@ -103,6 +110,53 @@ pub struct CommandView {
     pub key: Option<String>,
     pub outcome: Option<Outcome>,
     pub error: Option<String>,
+    /// For a broadcast: each child (its own command, for its own device).
+    pub children: Vec<ChildView>,
+    /// For a broadcast: the aggregate, `12/14 succeeded, 1 failed, 1 queued`.
+    pub summary: Option<String>,
+}
+
+/// One child of a broadcast, as its parent's `show` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildView {
+    pub id: CommandId,
+    pub device: DeviceId,
+    pub state: State,
+}
+
+/// The view of a finished command, from its result record.
+impl From<crate::journal::ResultRecord> for CommandView {
+    fn from(r: crate::journal::ResultRecord) -> Self {
+        CommandView {
+            id: r.id,
+            target: r.target,
+            device: r.device,
+            state: r.state,
+            priority: r.priority,
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+            created_at: r.created_at,
+            finished_at: Some(r.finished_at),
+            expires_at: r.command.as_ref().and_then(|c| c.expires_at),
+            not_before: None,
+            after: None,
+            origin: r.origin,
+            key: r.key,
+            outcome: r.outcome,
+            error: r.error,
+            summary: (!r.children.is_empty())
+                .then(|| self::core::summarize(r.children.iter().map(|c| c.state))),
+            children: r
+                .children
+                .into_iter()
+                .map(|c| ChildView {
+                    id: c.id,
+                    device: c.device,
+                    state: c.state,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A change of a command's state, as published to watchers (and later the

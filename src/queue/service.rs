@@ -119,6 +119,7 @@ pub(crate) enum Msg {
     Connect {
         device: DeviceId,
         window: u32,
+        offered: Option<Vec<String>>,
         deliveries: mpsc::UnboundedSender<Delivery>,
         reply: Reply<u64>,
     },
@@ -196,26 +197,39 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
 /// A decoded journal group with an index by command id.
 struct CachedGroup {
     entries: Vec<Entry>,
-    index: HashMap<CommandId, usize>,
+    /// id → (entry, child of a broadcast entry).
+    index: HashMap<CommandId, (usize, Option<usize>)>,
 }
 
 impl CachedGroup {
     fn new(entries: Vec<Entry>) -> Self {
-        let index = entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| match e {
-                Entry::Enqueued(e) => Some((e.command.id, i)),
-                Entry::Requeued { .. } => None,
-            })
-            .collect();
+        let mut index = HashMap::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            match e {
+                Entry::Enqueued(e) => {
+                    index.insert(e.command.id, (i, None));
+                }
+                Entry::Broadcast(b) => {
+                    index.insert(b.command.id, (i, None));
+                    for (j, c) in b.children.iter().enumerate() {
+                        index.insert(c.id, (i, Some(j)));
+                    }
+                }
+                Entry::Requeued { .. } => {}
+            }
+        }
         CachedGroup { entries, index }
     }
 
-    fn command(&self, id: CommandId) -> Option<&Command> {
-        match self.entries.get(*self.index.get(&id)?)? {
-            Entry::Enqueued(e) => Some(&e.command),
-            Entry::Requeued { .. } => None,
+    /// The command with this id (a broadcast's child runs its parent's
+    /// command under its own id).
+    fn command(&self, id: CommandId) -> Option<Command> {
+        let &(i, child) = self.index.get(&id)?;
+        match (self.entries.get(i)?, child) {
+            (Entry::Enqueued(e), _) => Some(e.command.clone()),
+            (Entry::Broadcast(b), Some(j)) => Some(b.child_command(j)),
+            (Entry::Broadcast(b), None) => Some(b.command.clone()),
+            (Entry::Requeued { .. }, _) => None,
         }
     }
 }
@@ -334,6 +348,10 @@ impl Writer {
                     }
                     CoreRequest::Revoke(dev) => core.revoke(&dev, now).map(CoreReply::Device),
                     CoreRequest::Devices => Ok(CoreReply::Devices(core.devices())),
+                    CoreRequest::Relabel(r) => core.relabel(r, now).map(CoreReply::Device),
+                    CoreRequest::DeviceSend { from, req } => {
+                        core.device_send(&from, req, now).map(CoreReply::Receipt)
+                    }
                 };
                 pending.push(Pending::Reply(reply, result));
             }
@@ -356,10 +374,11 @@ impl Writer {
             Msg::Connect {
                 device,
                 window,
+                offered,
                 deliveries,
                 reply,
             } => {
-                let result = self.core.connect(&device, window, now);
+                let result = self.core.connect_offering(&device, window, offered, now);
                 if let Ok(token) = result {
                     self.sessions.insert(device, (token, deliveries));
                 }
@@ -433,12 +452,10 @@ impl Writer {
         let mut write = sealed.write;
         for (i, group) in sealed.payload_from {
             let full = if group == write.seq {
-                CachedGroup::new(write.journal.clone())
-                    .command(write.results[i].id)
-                    .cloned()
+                CachedGroup::new(write.journal.clone()).command(write.results[i].id)
             } else {
                 self.group(group)
-                    .and_then(|g| g.command(write.results[i].id).cloned())
+                    .and_then(|g| g.command(write.results[i].id))
             };
             if let Some(c) = full {
                 write.results[i].command = Some(c);
@@ -537,10 +554,10 @@ impl Writer {
             }
             let command = self
                 .group(d.group)
-                .and_then(|g| g.command(d.id).cloned())
+                .and_then(|g| g.command(d.id))
                 .or_else(|| {
                     let seq = self.core.payload_group(d.id)?;
-                    self.group(seq).and_then(|g| g.command(d.id).cloned())
+                    self.group(seq).and_then(|g| g.command(d.id))
                 });
             let Some(c) = command else {
                 tracing::error!("command {} has no journal record to deliver from", d.id);
@@ -590,7 +607,7 @@ impl Writer {
                     Lookup::Live(v) => Ok(CoreReply::View(*v)),
                     Lookup::NotFound => Err(QueueError::NotFound(id)),
                     Lookup::Finished { seq, .. } => match self.read_result(seq, id) {
-                        Ok(Some(rec)) => Ok(CoreReply::View(view_of(rec))),
+                        Ok(Some(rec)) => Ok(CoreReply::View(CommandView::from(rec))),
                         Ok(None) => Err(QueueError::NotFound(id)),
                         Err(e) => Err(e),
                     },
@@ -604,28 +621,6 @@ impl Writer {
                 let _ = r.send(result);
             }
         }
-    }
-}
-
-/// The view of a finished command, from its result record.
-fn view_of(r: ResultRecord) -> CommandView {
-    CommandView {
-        id: r.id,
-        target: r.target,
-        device: r.device,
-        state: r.state,
-        priority: r.priority,
-        attempts: r.attempts,
-        max_attempts: r.max_attempts,
-        created_at: r.created_at,
-        finished_at: Some(r.finished_at),
-        expires_at: r.command.as_ref().and_then(|c| c.expires_at),
-        not_before: None,
-        after: None,
-        origin: r.origin,
-        key: r.key,
-        outcome: r.outcome,
-        error: r.error,
     }
 }
 
@@ -693,11 +688,39 @@ impl QueueHandle {
         self.core(CoreRequest::Devices).await?.into_devices()
     }
 
+    /// Change a device's tags and capabilities (durable when it returns).
+    pub async fn relabel(&self, r: super::core::Relabel) -> Result<DeviceRecord, QueueError> {
+        self.core(CoreRequest::Relabel(r)).await?.into_device()
+    }
+
+    /// A device sends a command, subject to the ACL; its origin is the
+    /// device. Durable when it returns.
+    pub async fn device_send(
+        &self,
+        from: DeviceId,
+        req: SendRequest,
+    ) -> Result<SendReceipt, QueueError> {
+        self.core(CoreRequest::DeviceSend { from, req })
+            .await?
+            .into_receipt()
+    }
+
     /// Attach a device. At most `window` commands are unacked at once.
     pub async fn connect(
         &self,
         device: DeviceId,
         window: u32,
+    ) -> Result<DeviceSession, QueueError> {
+        self.connect_offering(device, window, None).await
+    }
+
+    /// Attach a device that offers only some of its enrolled capabilities
+    /// in this session (`None`: all of them).
+    pub async fn connect_offering(
+        &self,
+        device: DeviceId,
+        window: u32,
+        offered: Option<Vec<String>>,
     ) -> Result<DeviceSession, QueueError> {
         let (deliveries, rx) = mpsc::unbounded_channel();
         let d = device.clone();
@@ -705,6 +728,7 @@ impl QueueHandle {
             .call(|reply| Msg::Connect {
                 device: d,
                 window,
+                offered,
                 deliveries,
                 reply,
             })

@@ -1,0 +1,236 @@
+//! Targets and the device-to-device ACL (DESIGN §6), as plain values: the
+//! queue core resolves them against its device table, the config file and
+//! the admin API only parse them.
+//!
+//! - `dev-7`: one device.
+//! - `tag:line-3`: broadcast, one child command per device with the tag.
+//! - `cap:camera`: any one connected device with the capability.
+//! - `edge-1/dev-7`: through a downstream box (upstream sync, not routed by
+//!   this module yet).
+
+use serde::{Deserialize, Serialize};
+
+/// The longest target, tag or capability name accepted.
+pub const MAX_NAME: usize = 255;
+
+/// A parsed `send` target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    Device(&'a str),
+    Tag(&'a str),
+    Cap(&'a str),
+    /// `edge/rest`: a command for a box below this one.
+    Edge {
+        edge: &'a str,
+        rest: &'a str,
+    },
+}
+
+/// Why a target, tag or capability name was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{text}` is not a valid {what}: {why}")]
+pub struct NameError {
+    pub text: String,
+    pub what: &'static str,
+    pub why: &'static str,
+}
+
+/// Check a device id, tag or capability name: printable, no spaces, and
+/// none of the characters that give a target its meaning.
+pub fn check_name(text: &str, what: &'static str) -> Result<(), NameError> {
+    let why = if text.is_empty() {
+        Some("it is empty")
+    } else if text.len() > MAX_NAME {
+        Some("it is longer than 255 bytes")
+    } else if text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        Some("it contains spaces or control characters")
+    } else if text.contains([':', '/', '*']) {
+        Some("`:`, `/` and `*` are reserved for targets (tag:…, cap:…, edge/…)")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(NameError {
+            text: text.to_string(),
+            what,
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+impl<'a> Target<'a> {
+    /// Parse `dev-7`, `tag:T`, `cap:C` or `edge/…`.
+    pub fn parse(text: &'a str) -> Result<Self, NameError> {
+        if let Some((edge, rest)) = text.split_once('/') {
+            check_name(edge, "edge box name")?;
+            // What follows is the edge's own target; it parses it.
+            Target::parse(rest)?;
+            return Ok(Target::Edge { edge, rest });
+        }
+        let bad = |why| NameError {
+            text: text.to_string(),
+            what: "target",
+            why,
+        };
+        match text.split_once(':') {
+            Some(("tag", t)) => check_name(t, "tag").map(|()| Target::Tag(t)),
+            Some(("cap", c)) => check_name(c, "capability").map(|()| Target::Cap(c)),
+            Some(_) => Err(bad(
+                "use a device id (dev-7), tag:NAME (broadcast) or cap:NAME (any capable device)",
+            )),
+            None => check_name(text, "device id").map(|()| Target::Device(text)),
+        }
+    }
+}
+
+/// One ACL rule: devices matching any `from` pattern may address targets
+/// matching any `to` pattern.
+///
+/// Patterns: `*` (anything), a device id, `tag:T` (a device with tag T, or
+/// the broadcast target `tag:T` itself), `cap:C` (a device with the
+/// capability, or the target `cap:C` itself).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+}
+
+/// Which devices may send commands to which targets. Empty: nobody may
+/// (default deny).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acl {
+    rules: Vec<AclRule>,
+}
+
+/// What the ACL needs to know of a device.
+pub trait Labels {
+    fn has_tag(&self, tag: &str) -> bool;
+    fn has_cap(&self, cap: &str) -> bool;
+}
+
+impl Acl {
+    /// Check every pattern once, so a typo fails at start, not at the
+    /// first message that would have matched.
+    pub fn new(rules: Vec<AclRule>) -> Result<Self, NameError> {
+        for r in &rules {
+            for p in r.from.iter().chain(&r.to) {
+                if p != "*" {
+                    Target::parse(p)?;
+                }
+            }
+        }
+        Ok(Acl { rules })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// May device `sender` address `target`? `device` looks up a device's
+    /// labels (for `tag:`/`cap:` patterns against a direct target).
+    pub fn allows<'d, L: Labels + 'd>(
+        &self,
+        sender_id: &str,
+        sender: &L,
+        target: &str,
+        device: impl Fn(&str) -> Option<&'d L>,
+    ) -> bool {
+        self.rules.iter().any(|r| {
+            r.from.iter().any(|p| matches(p, sender_id, Some(sender)))
+                && r.to.iter().any(|p| {
+                    p == "*" || p == target || {
+                        // A direct target matched by its labels.
+                        match Target::parse(target) {
+                            Ok(Target::Device(d)) => matches(p, d, device(d)),
+                            _ => false,
+                        }
+                    }
+                })
+        })
+    }
+}
+
+fn matches<L: Labels>(pattern: &str, id: &str, labels: Option<&L>) -> bool {
+    if pattern == "*" || pattern == id {
+        return true;
+    }
+    match (Target::parse(pattern), labels) {
+        (Ok(Target::Tag(t)), Some(l)) => l.has_tag(t),
+        (Ok(Target::Cap(c)), Some(l)) => l.has_cap(c),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct D(&'static [&'static str], &'static [&'static str]);
+    impl Labels for D {
+        fn has_tag(&self, tag: &str) -> bool {
+            self.0.contains(&tag)
+        }
+        fn has_cap(&self, cap: &str) -> bool {
+            self.1.contains(&cap)
+        }
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(Target::parse("dev-7"), Ok(Target::Device("dev-7")));
+        assert_eq!(Target::parse("tag:line-3"), Ok(Target::Tag("line-3")));
+        assert_eq!(Target::parse("cap:camera"), Ok(Target::Cap("camera")));
+        assert_eq!(
+            Target::parse("edge-1/tag:x"),
+            Ok(Target::Edge {
+                edge: "edge-1",
+                rest: "tag:x"
+            })
+        );
+        for bad in [
+            "", "tag:", "cap:", "foo:bar", "a b", "tag:a:b", "e/", "/d", "*",
+        ] {
+            let e = Target::parse(bad).unwrap_err();
+            assert!(!e.to_string().is_empty(), "{bad}");
+        }
+        assert!(Target::parse(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn acl_is_default_deny_and_matches_ids_tags_caps() {
+        let sensor = D(&["sensors"], &[]);
+        let cam = D(&["line-3"], &["camera"]);
+        let lookup = |id: &str| (id == "cam-1").then_some(&cam);
+        assert!(!Acl::default().allows("s1", &sensor, "cam-1", lookup));
+
+        let acl = Acl::new(vec![AclRule {
+            from: vec!["tag:sensors".into()],
+            to: vec!["tag:line-3".into(), "cap:printer".into()],
+        }])
+        .unwrap();
+        // By the target's own text and by the direct target's labels.
+        assert!(acl.allows("s1", &sensor, "tag:line-3", lookup));
+        assert!(acl.allows("s1", &sensor, "cap:printer", lookup));
+        assert!(acl.allows("s1", &sensor, "cam-1", lookup));
+        assert!(!acl.allows("s1", &sensor, "cap:camera", lookup));
+        assert!(!acl.allows("s1", &sensor, "other", lookup));
+        // The sender must match `from`.
+        assert!(!acl.allows("c", &cam, "tag:line-3", lookup));
+
+        let any = Acl::new(vec![AclRule {
+            from: vec!["s1".into()],
+            to: vec!["*".into()],
+        }])
+        .unwrap();
+        assert!(any.allows("s1", &sensor, "anything", lookup));
+        assert!(!any.allows("s2", &sensor, "anything", lookup));
+
+        assert!(Acl::new(vec![AclRule {
+            from: vec!["bad:x".into()],
+            to: vec![],
+        }])
+        .is_err());
+    }
+}

@@ -15,7 +15,7 @@ use crate::command::{CommandId, DeviceId};
 use crate::device::DeviceLink;
 use crate::identity::Identity;
 use crate::proto::{self, Frame, FrameError};
-use crate::queue::core::DeviceView;
+use crate::queue::core::{DeviceView, Relabel};
 use crate::queue::{
     CommandView, LifecycleEvent, QueueError, QueueHandle, SendReceipt, SendRequest,
 };
@@ -59,10 +59,12 @@ pub enum AdminRequest {
     Watch {
         device: Option<DeviceId>,
     },
+    /// Change a device's tags and capabilities.
+    Relabel(Relabel),
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 11;
+    const KNOWN_TAGS: u32 = 12;
 }
 
 /// The box's answer.
@@ -125,10 +127,10 @@ pub struct StatusView {
 
 fn error_of(e: &QueueError) -> AdminResponse {
     let kind = match e {
-        QueueError::NotFound(_) | QueueError::UnknownDevice(_) => ErrorKind::NotFound,
-        QueueError::Revoked(_) | QueueError::QueueFull { .. } | QueueError::DiskFull { .. } => {
-            ErrorKind::Refused
+        QueueError::NotFound(_) | QueueError::UnknownDevice(_) | QueueError::NoRoute(_) => {
+            ErrorKind::NotFound
         }
+        e if e.is_refusal() => ErrorKind::Refused,
         QueueError::ShuttingDown | QueueError::Storage(_) => ErrorKind::Unavailable,
         _ => ErrorKind::BadRequest,
     };
@@ -243,6 +245,7 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         AdminRequest::Retry(id) => q.retry(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Status => status(ctx).await,
         AdminRequest::Devices => q.devices().await.map(AdminResponse::Devices),
+        AdminRequest::Relabel(r) => q.relabel(r).await.map(AdminResponse::Device),
         AdminRequest::Enroll { id, tags, caps } => return enroll(ctx, id, tags, caps).await,
         AdminRequest::Revoke(id) => {
             let r = q.revoke(id.clone()).await;
@@ -286,6 +289,18 @@ async fn enroll(
     tags: Vec<String>,
     caps: Vec<String>,
 ) -> AdminResponse {
+    let names = tags
+        .iter()
+        .map(|t| (t, "tag"))
+        .chain(caps.iter().map(|c| (c, "capability")));
+    for (n, what) in names {
+        if let Err(e) = crate::route::check_name(n, what) {
+            return AdminResponse::Error {
+                kind: ErrorKind::BadRequest,
+                message: e.to_string(),
+            };
+        }
+    }
     let bundle = match ctx.identity.issue_device(&id, &ctx.advertise) {
         Ok(b) => b,
         Err(e) => {

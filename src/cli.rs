@@ -9,6 +9,7 @@
 
 use crate::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
 use crate::command::{CommandId, Outcome, Priority, SendOptions, State};
+use crate::queue::core::Relabel;
 use crate::queue::{CommandView, SendRequest};
 use anyhow::{bail, Context};
 use base64::Engine as _;
@@ -64,12 +65,31 @@ pub enum Cmd {
     },
     /// Revoke a device: refused at its next handshake, disconnected now.
     Revoke { device: String },
+    /// Change an enrolled device's tags and capabilities, without
+    /// re-enrolling it. New `tag:`/`cap:` sends follow the change.
+    Tag {
+        device: String,
+        /// Add a tag (repeatable).
+        #[arg(long)]
+        add: Vec<String>,
+        /// Remove a tag (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
+        /// Add a capability (repeatable).
+        #[arg(long)]
+        add_cap: Vec<String>,
+        /// Remove a capability (repeatable).
+        #[arg(long)]
+        remove_cap: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List enrolled devices.
     Devices {
         #[arg(long)]
         json: bool,
     },
-    /// Send a command to a device.
+    /// Send a command to a device, a tag (broadcast) or a capability.
     Send(SendArgs),
     /// The box at a glance.
     Status {
@@ -122,7 +142,9 @@ pub enum Cmd {
 /// `outpost send`.
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
-    /// A device id.
+    /// `dev-7` (one device), `tag:line-3` (every device with the tag, one
+    /// child command each) or `cap:camera` (the least busy connected device
+    /// with the capability).
     pub target: String,
     /// The payload; `-` reads stdin.
     pub payload: Option<String>,
@@ -317,6 +339,36 @@ async fn run(
         Cmd::Revoke { device } => {
             call(data_dir, AdminRequest::Revoke(device.clone())).await?;
             println!("revoked {device}: its connection is closed and it will be refused");
+            Ok(0)
+        }
+        Cmd::Tag {
+            device,
+            add,
+            remove,
+            add_cap,
+            remove_cap,
+            json,
+        } => {
+            let r = Relabel {
+                device,
+                add_tags: add,
+                remove_tags: remove,
+                add_caps: add_cap,
+                remove_caps: remove_cap,
+            };
+            let AdminResponse::Device(d) = call(data_dir, AdminRequest::Relabel(r)).await? else {
+                bail!("unexpected answer")
+            };
+            if json {
+                println!("{}", json!({"id": d.id, "tags": d.tags, "caps": d.caps}));
+            } else {
+                println!(
+                    "{}: tags [{}], caps [{}]",
+                    d.id,
+                    d.tags.join(", "),
+                    d.caps.join(", ")
+                );
+            }
             Ok(0)
         }
         Cmd::Devices { json } => {
@@ -568,6 +620,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.limits = c.limits;
     o.store.cache_bytes = c.cache_bytes;
     o.metrics = c.metrics;
+    o.acl = c.acl;
     o
 }
 
@@ -622,6 +675,9 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
             if a.json {
                 let mut o = json!({"id": v.id.to_string(), "state": v.state.as_str(), "attempts": v.attempts, "error": v.error});
                 add_result(&mut o, v.outcome.as_ref());
+                if let Some(s) = &v.summary {
+                    o["summary"] = json!(s);
+                }
                 println!("{o}");
             } else {
                 print_outcome(&v);
@@ -786,6 +842,7 @@ fn print_outcome(v: &CommandView) {
             v.state,
             v.error
                 .as_deref()
+                .or(v.summary.as_deref())
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         ),
@@ -835,6 +892,14 @@ pub fn view_json(v: &CommandView) -> Value {
         "origin": v.origin, "error": v.error,
     });
     add_result(&mut o, v.outcome.as_ref());
+    if let Some(s) = &v.summary {
+        o["summary"] = json!(s);
+        o["children"] = v
+            .children
+            .iter()
+            .map(|c| json!({"id": c.id.to_string(), "device": c.device, "state": c.state.as_str()}))
+            .collect();
+    }
     o
 }
 
@@ -846,6 +911,11 @@ fn print_view(v: &CommandView, json: bool) {
     let mut rows = vec![
         vec!["id".to_string(), v.id.to_string()],
         vec!["target".into(), v.target.clone()],
+    ];
+    if v.device != v.target {
+        rows.push(vec!["device".into(), v.device.clone()]);
+    }
+    rows.extend([
         vec!["state".into(), v.state.to_string()],
         vec!["priority".into(), v.priority.to_string()],
         vec![
@@ -853,7 +923,10 @@ fn print_view(v: &CommandView, json: bool) {
             format!("{} of {}", v.attempts, v.max_attempts),
         ],
         vec!["created".into(), ago(v.created_at)],
-    ];
+    ]);
+    if let Some(s) = &v.summary {
+        rows.push(vec!["children".into(), s.clone()]);
+    }
     if let Some(f) = v.finished_at {
         rows.push(vec!["finished".into(), ago(f)]);
     }
@@ -872,6 +945,15 @@ fn print_view(v: &CommandView, json: bool) {
         rows.push(vec!["error".into(), e.clone()]);
     }
     print_table(&["", ""], &rows);
+    if !v.children.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = v
+            .children
+            .iter()
+            .map(|c| vec![c.device.clone(), c.state.to_string(), c.id.to_string()])
+            .collect();
+        print_table(&["DEVICE", "STATE", "CHILD"], &rows);
+    }
 }
 
 /// Milliseconds since the epoch as RFC 3339 (UTC).

@@ -24,12 +24,12 @@
 //! recent ids and their outcomes, acks a repeat with the first outcome, and
 //! never runs a command twice.
 
-use crate::command::{CommandId, Millis, Outcome, Priority};
+use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use crate::identity::{self, Bundle, IdentityError};
 use crate::proto::{self, BoxFrame, DeviceFrame, ErrorCode, FrameError, Version};
 use lru::LruCache;
 use quinn::VarInt;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -37,7 +37,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::timeout;
 
@@ -73,6 +73,8 @@ pub enum ClientError {
     Lost(String),
     #[error("the box broke the protocol: {0}")]
     Protocol(String),
+    #[error("the box refused the request: {code}: {message}")]
+    SendRefused { code: ErrorCode, message: String },
     #[error(transparent)]
     Frame(#[from] FrameError),
 }
@@ -217,12 +219,35 @@ pub enum Received {
     Error { code: ErrorCode, message: String },
 }
 
+/// Answers the box owes this device, oldest first (it answers `Send` and
+/// `Query` in order).
+type Owed = Arc<std::sync::Mutex<VecDeque<oneshot::Sender<BoxFrame>>>>;
+
 /// A cloneable handle that writes frames to the box, so acks can be sent
 /// from any task.
 #[derive(Clone)]
 pub struct Sender {
     send: Arc<Mutex<quinn::SendStream>>,
     max_frame: usize,
+    owed: Owed,
+    box_minor: u16,
+}
+
+/// A command this device sent, as the box accepted it (durably).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    pub id: CommandId,
+    /// Its idempotency key matched an earlier command, whose id this is.
+    pub duplicate: bool,
+}
+
+/// Where a command this device sent stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandStatus {
+    pub id: CommandId,
+    pub state: State,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
 }
 
 impl Sender {
@@ -236,6 +261,74 @@ impl Sender {
     /// Report a command's outcome.
     pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
         self.send(&DeviceFrame::Ack { id, outcome }).await
+    }
+
+    /// Send a command to another target (`dev-8`, `tag:…`, `cap:…`)
+    /// through the box. Returns once the box holds it durably; the box's
+    /// ACL decides whether this device may address the target.
+    pub async fn send_command(
+        &self,
+        to: &str,
+        payload: Vec<u8>,
+        opts: SendOptions,
+    ) -> Result<Sent, ClientError> {
+        let frame = DeviceFrame::Send {
+            to: to.to_string(),
+            payload,
+            opts,
+        };
+        match self.ask(&frame).await? {
+            BoxFrame::Sent { id, duplicate } => Ok(Sent { id, duplicate }),
+            other => Err(answer_error(other)),
+        }
+    }
+
+    /// The state of a command this device sent.
+    pub async fn query(&self, id: CommandId) -> Result<CommandStatus, ClientError> {
+        match self.ask(&DeviceFrame::Query { id }).await? {
+            BoxFrame::Status {
+                id,
+                state,
+                outcome,
+                error,
+            } => Ok(CommandStatus {
+                id,
+                state,
+                outcome,
+                error,
+            }),
+            other => Err(answer_error(other)),
+        }
+    }
+
+    async fn ask(&self, frame: &DeviceFrame) -> Result<BoxFrame, ClientError> {
+        if self.box_minor < proto::MINOR_SEND {
+            return Err(ClientError::Protocol(format!(
+                "the box speaks protocol 1.{}; {} needs 1.{} (upgrade the box)",
+                self.box_minor,
+                frame.name(),
+                proto::MINOR_SEND
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            // Owed in the order written: both under the stream's lock.
+            let mut s = self.send.lock().await;
+            self.owed.lock().expect("owed lock").push_back(tx);
+            if let Err(e) = proto::write_frame(&mut *s, frame, self.max_frame).await {
+                self.owed.lock().expect("owed lock").pop_back();
+                return Err(e.into());
+            }
+        }
+        rx.await
+            .map_err(|_| ClientError::Lost("the connection ended before the box answered".into()))
+    }
+}
+
+fn answer_error(f: BoxFrame) -> ClientError {
+    match f {
+        BoxFrame::Refused { code, message } => ClientError::SendRefused { code, message },
+        other => ClientError::Protocol(format!("unexpected answer {}", other.name())),
     }
 }
 
@@ -368,7 +461,15 @@ pub async fn connect_with(
         )));
     }
     let (tx, rx) = mpsc::channel(64);
-    let reader = tokio::spawn(read_loop(conn.clone(), recv, tx, opts.max_frame, addr));
+    let owed = Owed::default();
+    let reader = tokio::spawn(read_loop(
+        conn.clone(),
+        recv,
+        tx,
+        owed.clone(),
+        opts.max_frame,
+        addr,
+    ));
     Ok(DeviceConnection {
         _endpoint: None,
         conn,
@@ -376,6 +477,8 @@ pub async fn connect_with(
         sender: Sender {
             send: Arc::new(Mutex::new(send)),
             max_frame: opts.max_frame,
+            owed,
+            box_minor: version.minor,
         },
         rx,
         reader,
@@ -389,11 +492,27 @@ async fn read_loop(
     conn: quinn::Connection,
     mut recv: quinn::RecvStream,
     tx: mpsc::Sender<Result<Received, ClientError>>,
+    owed: Owed,
     max: usize,
     addr: SocketAddr,
 ) {
     loop {
         let item = match proto::read_frame::<BoxFrame, _>(&mut recv, max).await {
+            Ok(Some(
+                f @ (BoxFrame::Sent { .. } | BoxFrame::Refused { .. } | BoxFrame::Status { .. }),
+            )) => {
+                let waiter = owed.lock().expect("owed lock").pop_front();
+                match waiter {
+                    Some(w) => {
+                        let _ = w.send(f);
+                        continue;
+                    }
+                    None => Err(ClientError::Protocol(format!(
+                        "{} without a Send or Query to answer",
+                        f.name()
+                    ))),
+                }
+            }
             Ok(Some(BoxFrame::Command {
                 id,
                 priority,
@@ -461,6 +580,22 @@ impl DeviceConnection {
     /// Send telemetry to the box.
     pub async fn event(&self, payload: Vec<u8>) -> Result<(), ClientError> {
         self.sender.send(&DeviceFrame::Event { payload }).await
+    }
+
+    /// Send a command to another target through the box (see
+    /// [`Sender::send_command`]).
+    pub async fn send_command(
+        &self,
+        to: &str,
+        payload: Vec<u8>,
+        opts: SendOptions,
+    ) -> Result<Sent, ClientError> {
+        self.sender.send_command(to, payload, opts).await
+    }
+
+    /// The state of a command this device sent.
+    pub async fn query(&self, id: CommandId) -> Result<CommandStatus, ClientError> {
+        self.sender.query(id).await
     }
 
     /// A handle for sending frames from other tasks.

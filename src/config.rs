@@ -58,6 +58,11 @@ pub struct FileConfig {
     pub results_max_age: Option<String>,
     /// Prometheus metrics address, e.g. 127.0.0.1:9464 (off when absent).
     pub metrics: Option<String>,
+    /// Which devices may send commands to which targets (`[[acl]]` tables,
+    /// `from = [...]`, `to = [...]`). None: devices may not send (default
+    /// deny).
+    #[serde(default)]
+    pub acl: Vec<crate::route::AclRule>,
 }
 
 /// A size written as a number of bytes or a string with a unit.
@@ -182,6 +187,7 @@ pub struct ServeConfig {
     pub limits: Limits,
     pub cache_bytes: u64,
     pub metrics: Option<std::net::SocketAddr>,
+    pub acl: crate::route::Acl,
 }
 
 fn duration(key: &'static str, v: &str, origin: &str) -> Result<Duration, ConfigError> {
@@ -284,7 +290,14 @@ pub fn resolve(
             why: "not an address; write host:port, e.g. 127.0.0.1:9464".into(),
         })?),
     };
+    let acl = crate::route::Acl::new(file.acl.clone()).map_err(|e| ConfigError::Value {
+        key: "acl",
+        value: e.text.clone(),
+        origin: f.clone(),
+        why: format!("{e}; a pattern is *, a device id, tag:NAME or cap:NAME"),
+    })?;
     Ok(ServeConfig {
+        acl,
         metrics,
         listen,
         advertise: args.advertise.clone().or_else(|| file.advertise.clone()),

@@ -19,15 +19,15 @@ use crate::identity::{self, RevokedSet};
 use crate::proto::{
     self, BoxFrame, DeviceFrame, ErrorCode, FrameError, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, VERSION,
 };
-use crate::queue::{Delivery, QueueError, QueueHandle};
+use crate::queue::{Delivery, QueueError, QueueHandle, SendRequest};
 use quinn::VarInt;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{timeout, Instant};
 use tracing::Instrument;
 
@@ -446,6 +446,8 @@ struct Session {
     shared: Arc<Shared>,
     seq: u64,
     send: quinn::SendStream,
+    /// The minor protocol version the device announced.
+    minor: u16,
 }
 
 impl Session {
@@ -473,6 +475,7 @@ impl Session {
             shared: shared.clone(),
             seq,
             send,
+            minor: 0,
         };
         let end = s.handshake_and_serve(recv).await;
         s.unregister();
@@ -489,8 +492,12 @@ impl Session {
             proto::read_frame::<DeviceFrame, _>(&mut recv, opts.max_frame),
         )
         .await;
-        let (version, agent) = match hello {
-            Ok(Ok(Some(DeviceFrame::Hello { version, agent, .. }))) => (version, agent),
+        let (version, agent, caps) = match hello {
+            Ok(Ok(Some(DeviceFrame::Hello {
+                version,
+                agent,
+                caps,
+            }))) => (version, agent, caps),
             Ok(Ok(Some(other))) => {
                 return Fatal::new(
                     ErrorCode::ProtocolViolation,
@@ -511,13 +518,16 @@ impl Session {
         if let Err(msg) = proto::check_version(version) {
             return Fatal::new(ErrorCode::UnsupportedVersion, msg).into();
         }
+        self.minor = version.minor;
+        // An empty list offers all the device is enrolled with.
+        let offered = (!caps.is_empty()).then_some(caps);
         if !self.register() {
             return Fatal::new(ErrorCode::Revoked, "this device is revoked").into();
         }
         let mut session = match self
             .shared
             .queue
-            .connect(self.device.clone(), opts.window)
+            .connect_offering(self.device.clone(), opts.window, offered)
             .await
         {
             Ok(s) => s,
@@ -582,8 +592,20 @@ impl Session {
         let ack_limit = opts.window as usize + 16;
         let mut bucket = Bucket::new(opts.frame_rate, opts.frame_burst);
         let mut bad_acks = 0u32;
+        // Answers to Send and Query, in the order they were asked.
+        let mut answers: VecDeque<JoinHandle<BoxFrame>> = VecDeque::new();
         let end = loop {
             tokio::select! {
+                answer = async { answers.front_mut().expect("checked").await }, if !answers.is_empty() => {
+                    answers.pop_front();
+                    let frame = answer.unwrap_or_else(|e| BoxFrame::Refused {
+                        code: ErrorCode::Internal,
+                        message: format!("the box failed to answer: {e}"),
+                    });
+                    if let Err(e) = self.write(&frame).await {
+                        break End::Gone(e.to_string());
+                    }
+                }
                 Some(done) = acks.join_next(), if !acks.is_empty() => {
                     let Ok((id, res)) = done else { continue };
                     match res {
@@ -654,7 +676,7 @@ impl Session {
                         Err(e) => break End::Gone(e.to_string()),
                     }
                 }
-                f = frx.recv(), if acks.len() < ack_limit => {
+                f = frx.recv(), if acks.len() < ack_limit && answers.len() < MAX_ANSWERS => {
                     let frame = match f {
                         None => break End::Gone("device closed its control stream".into()),
                         Some(Err(e)) => break frame_error(e),
@@ -681,15 +703,38 @@ impl Session {
                             }
                         }
                         DeviceFrame::Event { payload } => self.event(payload),
-                        DeviceFrame::Send { to, .. } => {
-                            tracing::debug!(%to, "device-to-device send refused: routing not enabled");
+                        DeviceFrame::Send { .. } | DeviceFrame::Query { .. } if self.minor < proto::MINOR_SEND => {
                             let f = BoxFrame::Error {
                                 code: ErrorCode::Unsupported,
-                                message: "device-to-device routing is not enabled yet".into(),
+                                message: format!("{} needs protocol 1.{} or later; this device announced {}.{}", frame.name(), proto::MINOR_SEND, proto::VERSION.major, self.minor),
                             };
                             if let Err(e) = self.write(&f).await {
                                 break End::Gone(e.to_string());
                             }
+                        }
+                        DeviceFrame::Send { to, payload, opts } => {
+                            let (q, from) = (shared.queue.clone(), self.device.clone());
+                            answers.push_back(tokio::spawn(async move {
+                                let req = SendRequest { target: to, payload, opts, origin: from.clone(), signature: None };
+                                match q.device_send(from, req).await {
+                                    Ok(r) => BoxFrame::Sent { id: r.id, duplicate: r.duplicate },
+                                    Err(e) => refusal(e),
+                                }
+                            }));
+                        }
+                        DeviceFrame::Query { id } => {
+                            let (q, from) = (shared.queue.clone(), self.device.clone());
+                            answers.push_back(tokio::spawn(async move {
+                                match q.show(id).await {
+                                    // A device sees only what it sent itself.
+                                    Ok(v) if v.origin == from => BoxFrame::Status { id, state: v.state, outcome: v.outcome, error: v.error },
+                                    Ok(_) | Err(QueueError::NotFound(_)) => BoxFrame::Refused {
+                                        code: ErrorCode::NotFound,
+                                        message: format!("no command {id} sent by this device (or its result is past retention)"),
+                                    },
+                                    Err(e) => refusal(e),
+                                }
+                            }));
                         }
                         DeviceFrame::Hello { .. } => {
                             break Fatal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into();
@@ -780,6 +825,31 @@ impl Session {
         let mut reason = f.message.into_bytes();
         reason.truncate(200);
         self.conn.close(VarInt::from_u32(f.close), &reason);
+    }
+}
+
+/// Answers to Send/Query a device may have outstanding before the box stops
+/// reading its frames (backpressure, not an error).
+const MAX_ANSWERS: usize = 64;
+
+/// A queue refusal as the device sees it.
+fn refusal(e: QueueError) -> BoxFrame {
+    let code = match &e {
+        QueueError::Forbidden { .. } => ErrorCode::Forbidden,
+        QueueError::NoRoute(_) | QueueError::UnknownDevice(_) | QueueError::Revoked(_) => {
+            ErrorCode::NoRoute
+        }
+        QueueError::QueueFull { .. } | QueueError::DiskFull { .. } => ErrorCode::Full,
+        QueueError::BadRequest(_) | QueueError::UnknownDependency(_) => ErrorCode::BadRequest,
+        QueueError::NotFound(_) => ErrorCode::NotFound,
+        QueueError::ShuttingDown => ErrorCode::ShuttingDown,
+        QueueError::InvalidTransition { .. }
+        | QueueError::NotInFlight { .. }
+        | QueueError::Storage(_) => ErrorCode::Internal,
+    };
+    BoxFrame::Refused {
+        code,
+        message: e.to_string(),
     }
 }
 

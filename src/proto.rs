@@ -12,7 +12,7 @@
 //! a side sends a newer variant only when the peer announced a minor that
 //! knows it. Unknown tags are answered with `Error{UnknownMessage}`.
 
-use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions};
+use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -32,7 +32,11 @@ impl fmt::Display for Version {
 }
 
 /// The protocol version this build speaks.
-pub const VERSION: Version = Version { major: 1, minor: 0 };
+pub const VERSION: Version = Version { major: 1, minor: 1 };
+
+/// The first minor version with device-to-device `Send` answered by
+/// `Sent`/`Refused`, and `Query`/`Status`.
+pub const MINOR_SEND: u16 = 1;
 
 /// Default largest frame body, in bytes (DESIGN §3).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
@@ -50,14 +54,18 @@ pub enum DeviceFrame {
         version: Version,
         /// Free text naming the agent, e.g. `outpost-agent/0.1.0`.
         agent: String,
-        /// Capabilities the device offers (informational; enrolment decides).
+        /// Capabilities the device offers in this session: a subset of those
+        /// it is enrolled with (a Hello narrows, never widens). Empty: all
+        /// it is enrolled with.
         caps: Vec<String>,
     },
     /// The outcome of a command delivered to this device.
     Ack { id: CommandId, outcome: Outcome },
     /// Telemetry or any other unsolicited data for the box.
     Event { payload: Vec<u8> },
-    /// A command for another device, routed by the box (checked by ACL).
+    /// A command for another target, routed by the box (checked by its
+    /// ACL). Answered, in the order of `Send`s and `Query`s, by `Sent` or
+    /// `Refused` (since 1.1).
     Send {
         to: String,
         payload: Vec<u8>,
@@ -65,6 +73,9 @@ pub enum DeviceFrame {
     },
     /// Liveness probe; answered with `Pong`.
     Ping,
+    /// The state of a command this device sent (since 1.1); answered by
+    /// `Status` or `Refused{NotFound}`.
+    Query { id: CommandId },
 }
 
 impl DeviceFrame {
@@ -76,6 +87,7 @@ impl DeviceFrame {
             DeviceFrame::Event { .. } => "Event",
             DeviceFrame::Send { .. } => "Send",
             DeviceFrame::Ping => "Ping",
+            DeviceFrame::Query { .. } => "Query",
         }
     }
 }
@@ -112,6 +124,18 @@ pub enum BoxFrame {
     Error { code: ErrorCode, message: String },
     /// Answer to `Ping`.
     Pong,
+    /// A `Send` was accepted and is durable: its command id (`duplicate`:
+    /// its idempotency key matched an earlier command, whose id this is).
+    Sent { id: CommandId, duplicate: bool },
+    /// A `Send` or `Query` was refused; the code says why (not fatal).
+    Refused { code: ErrorCode, message: String },
+    /// Answer to `Query`.
+    Status {
+        id: CommandId,
+        state: State,
+        outcome: Option<Outcome>,
+        error: Option<String>,
+    },
 }
 
 impl BoxFrame {
@@ -123,6 +147,9 @@ impl BoxFrame {
             BoxFrame::Cancel { .. } => "Cancel",
             BoxFrame::Error { .. } => "Error",
             BoxFrame::Pong => "Pong",
+            BoxFrame::Sent { .. } => "Sent",
+            BoxFrame::Refused { .. } => "Refused",
+            BoxFrame::Status { .. } => "Status",
         }
     }
 }
@@ -158,6 +185,16 @@ pub enum ErrorCode {
     /// The certificate is valid but the device is not enrolled on this box
     /// (its store was reset); enroll it again (fatal).
     NotEnrolled,
+    /// No ACL rule lets this device address the target (`Refused`).
+    Forbidden,
+    /// No device matches the target (`Refused`).
+    NoRoute,
+    /// The box is at its queue or disk bound; retry later (`Refused`).
+    Full,
+    /// The request is invalid, e.g. a bad target or payload (`Refused`).
+    BadRequest,
+    /// No such command sent by this device (`Refused`).
+    NotFound,
     /// A code this build does not know.
     Other(u32),
 }
@@ -179,6 +216,11 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 10,
             ErrorCode::Replaced => 11,
             ErrorCode::NotEnrolled => 12,
+            ErrorCode::Forbidden => 13,
+            ErrorCode::NoRoute => 14,
+            ErrorCode::Full => 15,
+            ErrorCode::BadRequest => 16,
+            ErrorCode::NotFound => 17,
             ErrorCode::Other(n) => n,
         }
     }
@@ -199,17 +241,31 @@ impl ErrorCode {
             10 => ErrorCode::ShuttingDown,
             11 => ErrorCode::Replaced,
             12 => ErrorCode::NotEnrolled,
+            13 => ErrorCode::Forbidden,
+            14 => ErrorCode::NoRoute,
+            15 => ErrorCode::Full,
+            16 => ErrorCode::BadRequest,
+            17 => ErrorCode::NotFound,
             n => ErrorCode::Other(n),
         }
     }
 
     /// Whether the box closes the connection after sending this code.
     pub fn is_fatal(self) -> bool {
-        !matches!(self, ErrorCode::NotYourCommand | ErrorCode::Unsupported)
+        !matches!(
+            self,
+            ErrorCode::NotYourCommand
+                | ErrorCode::Unsupported
+                | ErrorCode::Forbidden
+                | ErrorCode::NoRoute
+                | ErrorCode::Full
+                | ErrorCode::BadRequest
+                | ErrorCode::NotFound
+        )
     }
 
     /// Every known code, in wire order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::UnsupportedVersion,
         ErrorCode::FrameTooLarge,
         ErrorCode::Malformed,
@@ -223,6 +279,11 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Replaced,
         ErrorCode::NotEnrolled,
+        ErrorCode::Forbidden,
+        ErrorCode::NoRoute,
+        ErrorCode::Full,
+        ErrorCode::BadRequest,
+        ErrorCode::NotFound,
     ];
 }
 
@@ -258,11 +319,11 @@ pub trait Frame: Serialize + DeserializeOwned {
 }
 
 impl Frame for DeviceFrame {
-    const KNOWN_TAGS: u32 = 5;
+    const KNOWN_TAGS: u32 = 6;
 }
 
 impl Frame for BoxFrame {
-    const KNOWN_TAGS: u32 = 5;
+    const KNOWN_TAGS: u32 = 8;
 }
 
 /// Why a frame could not be read or written.
@@ -493,6 +554,33 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("Ping", dev(DeviceFrame::Ping)),
         ("Pong", bx(BoxFrame::Pong)),
+        (
+            "Sent{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, duplicate: false}",
+            bx(BoxFrame::Sent {
+                id,
+                duplicate: false,
+            }),
+        ),
+        (
+            "Refused{code: Forbidden, message: \"no\"}",
+            bx(BoxFrame::Refused {
+                code: ErrorCode::Forbidden,
+                message: "no".into(),
+            }),
+        ),
+        (
+            "Query{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A}",
+            dev(DeviceFrame::Query { id }),
+        ),
+        (
+            "Status{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, state: Succeeded, outcome: Some(Ok(\"ok\")), error: None}",
+            bx(BoxFrame::Status {
+                id,
+                state: State::Succeeded,
+                outcome: Some(Outcome::Ok(b"ok".to_vec())),
+                error: None,
+            }),
+        ),
     ]
 }
 
@@ -546,6 +634,7 @@ mod tests {
                 },
             },
             DeviceFrame::Ping,
+            DeviceFrame::Query { id: CommandId(9) },
         ]
     }
 
@@ -574,6 +663,20 @@ mod tests {
             },
             BoxFrame::Cancel { id: CommandId(3) },
             BoxFrame::Pong,
+            BoxFrame::Sent {
+                id: CommandId(4),
+                duplicate: true,
+            },
+            BoxFrame::Refused {
+                code: ErrorCode::NoRoute,
+                message: "none".into(),
+            },
+            BoxFrame::Status {
+                id: CommandId(5),
+                state: State::Delivered { attempt: 2 },
+                outcome: None,
+                error: Some("e".into()),
+            },
         ]);
         v
     }
@@ -678,9 +781,9 @@ mod tests {
             assert_eq!(e.code(), Some(ErrorCode::Malformed), "{body:?}: {e}");
         }
         // A tag past the known ones: unknown message.
-        let e = decode::<DeviceFrame>(&[0x05]).unwrap_err();
+        let e = decode::<DeviceFrame>(&[0x06]).unwrap_err();
         assert!(
-            matches!(e, FrameError::UnknownMessage { tag: 5, known: 5 }),
+            matches!(e, FrameError::UnknownMessage { tag: 6, known: 6 }),
             "{e}"
         );
         let e = decode::<DeviceFrame>(&[0xc8, 0x01, 0x00]).unwrap_err();

@@ -29,6 +29,8 @@ pub struct ServeOptions {
     pub link: LinkOptions,
     /// Prometheus metrics address (off when `None`).
     pub metrics: Option<SocketAddr>,
+    /// Device-to-device sends allowed (default: none).
+    pub acl: crate::route::Acl,
 }
 
 impl ServeOptions {
@@ -43,6 +45,7 @@ impl ServeOptions {
             store: StoreOptions::default(),
             link: LinkOptions::default(),
             metrics: None,
+            acl: crate::route::Acl::default(),
         }
     }
 }
@@ -73,6 +76,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         store,
         ServiceOptions {
             limits: o.limits.clone(),
+            acl: o.acl.clone(),
             ..ServiceOptions::default()
         },
     )?;

@@ -29,6 +29,8 @@ pub struct ServiceOptions {
     pub max_batch: usize,
     /// Seed for backoff jitter and ids (a simulation passes a fixed one).
     pub seed: u64,
+    /// Which devices may send to which targets.
+    pub acl: crate::route::Acl,
 }
 
 impl Default for ServiceOptions {
@@ -37,6 +39,7 @@ impl Default for ServiceOptions {
             limits: Limits::default(),
             max_batch: 512,
             seed: rand::random(),
+            acl: crate::route::Acl::default(),
         }
     }
 }
@@ -182,6 +185,7 @@ const GROUP_CACHE: usize = 64;
 fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError> {
     let now = crate::now_millis();
     let mut core = QueueCore::new(opts.limits.clone(), opts.seed);
+    core.set_acl(opts.acl.clone());
     for d in store.devices()? {
         core.replay_device(d);
     }

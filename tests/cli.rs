@@ -503,3 +503,57 @@ fn idle_bench_measures_the_box_from_outside() {
     assert!(v["rss_base_bytes"].as_u64().unwrap() > 0, "{v}");
     assert!(v["cpu_seconds"].as_f64().is_some(), "{v}");
 }
+
+#[test]
+fn tag_broadcast_wait_show_and_cancel_from_the_cli() {
+    let mut b = start_box();
+    b.device("e1", &["--echo"]);
+    b.device("e2", &["--echo"]);
+    let d = json(&b.run(&["tag", "e2", "--add", "line-3", "--add-cap", "cam", "--json"]));
+    assert_eq!(d["tags"], serde_json::json!(["line-3", "t1"]));
+    assert_eq!(d["caps"], serde_json::json!(["cam"]));
+    ok(&b.run(&["tag", "e1", "--add", "line-3"]));
+
+    // --wait on a broadcast waits for every child; exit 0 when all succeed.
+    let r = json(&b.run(&["send", "tag:line-3", "hi", "--wait", "20s", "--json"]));
+    assert_eq!(r["state"], "succeeded", "{r}");
+    assert_eq!(r["summary"], "2/2 succeeded");
+    let id = r["id"].as_str().unwrap().to_string();
+    let v = json(&b.run(&["show", &id, "--json"]));
+    let children = v["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2);
+    assert!(children.iter().all(|c| c["state"] == "succeeded"));
+    let text = ok(&b.run(&["show", &id]));
+    assert!(text.contains("DEVICE") && text.contains("e1") && text.contains("e2"));
+
+    // Any capable device: only e2 has `cam`; show names it.
+    let r = json(&b.run(&["send", "cap:cam", "x", "--wait", "20s", "--json"]));
+    let v = json(&b.run(&["show", r["id"].as_str().unwrap(), "--json"]));
+    assert_eq!(
+        (v["target"].as_str(), v["device"].as_str()),
+        (Some("cap:cam"), Some("e2"))
+    );
+
+    // One offline child: --wait times out, cancel ends the rest.
+    b.enroll("off");
+    let o = b.run(&["send", "tag:t1", "y", "--wait", "2s", "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "timed out waiting for the offline child"
+    );
+    let t: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = t["id"].as_str().unwrap().to_string();
+    ok(&b.run(&["cancel", &id]));
+    let v = json(&b.run(&["show", &id, "--json"]));
+    assert_eq!(v["state"], "cancelled");
+    assert_eq!(v["summary"], "2/3 succeeded, 1 cancelled");
+
+    // Clear errors: no such tag (exit 3), a bad tag name (exit 1).
+    let o = b.run(&["send", "tag:nope", "z"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no enrolled device has tag `nope`"));
+    let o = b.run(&["tag", "e1", "--add", "bad:tag"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reserved"));
+}

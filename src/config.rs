@@ -428,5 +428,34 @@ mod tests {
         .unwrap();
         let f = FileConfig::parse(&text, Path::new("packaging/outpost.toml")).unwrap();
         resolve(&ServeArgs::default(), &f, None).unwrap();
+        // Every commented-out setting is a real key with a valid value.
+        let on: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with("[[") || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f = FileConfig::parse(&on, Path::new("uncommented")).unwrap();
+        let c = resolve(&ServeArgs::default(), &f, None).unwrap();
+        assert!(!c.acl.is_empty(), "the example enables an ACL rule");
+    }
+
+    #[test]
+    fn a_bad_acl_pattern_names_the_key() {
+        let f = FileConfig::parse(
+            "[[acl]]\nfrom = [\"tag:\"]\nto = [\"*\"]\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let e = resolve(&ServeArgs::default(), &f, Some(Path::new("x.toml"))).unwrap_err();
+        assert!(
+            e.to_string().contains("acl") && e.to_string().contains("x.toml"),
+            "{e}"
+        );
+        let e = FileConfig::parse("[[acl]]\nfrom = []\nto = []\nby = 1\n", Path::new("x.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("by"), "{e}");
     }
 }

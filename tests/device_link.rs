@@ -536,6 +536,26 @@ async fn bad_frames_get_an_error_and_a_closed_connection() {
     )
     .await;
     assert!(matches!(first, BoxFrame::Welcome { .. }));
+    drop(_raw);
+
+    // A 1.0 device never gets a 1.1 answer: its Send is unsupported.
+    let (mut old, first) = Raw::hello(b.addr, &bundle, Version { major: 1, minor: 0 }).await;
+    assert!(matches!(first, BoxFrame::Welcome { .. }));
+    old.write(&DeviceFrame::Send {
+        to: "x".into(),
+        payload: vec![],
+        opts: SendOptions::default(),
+    })
+    .await;
+    match old.read().await {
+        Some(BoxFrame::Error {
+            code: ErrorCode::Unsupported,
+            message,
+        }) => assert!(message.contains("1.1"), "{message}"),
+        f => panic!("{f:?}"),
+    }
+    old.write(&DeviceFrame::Ping).await;
+    assert_eq!(old.read().await, Some(BoxFrame::Pong), "still connected");
     b.stop().await;
 }
 
@@ -570,7 +590,8 @@ async fn an_ack_for_another_devices_command_is_refused_but_not_fatal() {
     // Still connected and served.
     other.write(&DeviceFrame::Ping).await;
     assert_eq!(other.read().await, Some(BoxFrame::Pong));
-    // Device-to-device sends are refused for now, also not fatally.
+    // A device-to-device send with no ACL rule is refused (default deny),
+    // also not fatally.
     other
         .write(&DeviceFrame::Send {
             to: "dev-a".into(),
@@ -579,10 +600,10 @@ async fn an_ack_for_another_devices_command_is_refused_but_not_fatal() {
         })
         .await;
     match other.read().await {
-        Some(BoxFrame::Error {
-            code: ErrorCode::Unsupported,
+        Some(BoxFrame::Refused {
+            code: ErrorCode::Forbidden,
             message,
-        }) => assert!(message.contains("not enabled"), "{message}"),
+        }) => assert!(message.contains("[[acl]]"), "{message}"),
         f => panic!("{f:?}"),
     }
     // Events reach the hook with the certificate's id.

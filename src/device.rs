@@ -713,19 +713,23 @@ impl Session {
                             }
                         }
                         DeviceFrame::Send { to, payload, opts } => {
-                            let (q, from) = (shared.queue.clone(), self.device.clone());
+                            // Handed to the writer now, so a device's sends
+                            // are enqueued in the order it sent them.
+                            let from = self.device.clone();
+                            let req = SendRequest { target: to, payload, opts, origin: from.clone(), signature: None };
+                            let sent = shared.queue.device_send(from, req);
                             answers.push_back(tokio::spawn(async move {
-                                let req = SendRequest { target: to, payload, opts, origin: from.clone(), signature: None };
-                                match q.device_send(from, req).await {
+                                match sent.await {
                                     Ok(r) => BoxFrame::Sent { id: r.id, duplicate: r.duplicate },
                                     Err(e) => refusal(e),
                                 }
                             }));
                         }
                         DeviceFrame::Query { id } => {
-                            let (q, from) = (shared.queue.clone(), self.device.clone());
+                            let from = self.device.clone();
+                            let shown = shared.queue.show_queued(id);
                             answers.push_back(tokio::spawn(async move {
-                                match q.show(id).await {
+                                match shown.await {
                                     // A device sees only what it sent itself.
                                     Ok(v) if v.origin == from => BoxFrame::Status { id, state: v.state, outcome: v.outcome, error: v.error },
                                     Ok(_) | Err(QueueError::NotFound(_)) => BoxFrame::Refused {

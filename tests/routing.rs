@@ -384,6 +384,13 @@ async fn device_to_device_under_the_acl() {
     let (a, bb, again) = (a.unwrap(), bb.unwrap(), again.unwrap());
     assert_ne!(a.id, bb.id);
     assert!(again.duplicate && again.id == a.id, "deduped by key");
+    // A device's sends keep their order: `1` reaches the camera before `2`.
+    b.wait_final(bb.id).await;
+    let got: Vec<Vec<u8>> = log.lock().unwrap()["cam"]
+        .iter()
+        .map(|(_, p)| p.clone())
+        .collect();
+    assert_eq!(&got[got.len() - 2..], &[b"1".to_vec(), b"2".to_vec()]);
     cam_task.abort();
     b.stop().await;
 }

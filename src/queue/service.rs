@@ -698,15 +698,36 @@ impl QueueHandle {
     }
 
     /// A device sends a command, subject to the ACL; its origin is the
-    /// device. Durable when it returns.
-    pub async fn device_send(
+    /// device. Queued with the writer at once, in call order (so one
+    /// device's sends keep their order), the future resolves once durable.
+    pub fn device_send(
         &self,
         from: DeviceId,
         req: SendRequest,
-    ) -> Result<SendReceipt, QueueError> {
-        self.core(CoreRequest::DeviceSend { from, req })
-            .await?
-            .into_receipt()
+    ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::DeviceSend { from, req });
+        async move { reply.await?.into_receipt() }
+    }
+
+    /// `show`, queued with the writer at once, in call order.
+    pub fn show_queued(
+        &self,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<CommandView, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Show(id));
+        async move { reply.await?.into_view() }
+    }
+
+    fn queued(
+        &self,
+        req: CoreRequest,
+    ) -> impl std::future::Future<Output = Result<CoreReply, QueueError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Msg::Core(req, reply));
+        async move {
+            sent.map_err(|_| QueueError::ShuttingDown)?;
+            rx.await.map_err(|_| QueueError::ShuttingDown)?
+        }
     }
 
     /// Attach a device. At most `window` commands are unacked at once.

@@ -243,7 +243,12 @@ impl H {
                 Phase::Ready => assert!(in_ready, "{id} ready but not queued"),
                 Phase::InFlight { on, .. } => {
                     assert!(c.devs[on as usize].in_flight.contains(id) && !in_ready);
-                    assert!(on == l.device || c.devs[on as usize].serves.contains(&l.device));
+                    // A pool command runs on a device (which may have lost
+                    // the capability since: it keeps what it holds).
+                    assert!(
+                        on == l.device
+                            || (c.devs[l.device as usize].pool && !c.devs[on as usize].pool)
+                    );
                 }
                 Phase::Waiting | Phase::Blocked => assert!(!in_ready),
             }
@@ -919,6 +924,12 @@ enum Op {
     Retry(u8),
     Advance(u16),
     Reopen,
+    /// Toggle a device's `cam` capability and `a` tag.
+    Relabel(u8),
+    /// Connect offering only some capabilities (narrowing).
+    ConnectNarrow(u8),
+    Revoke(u8),
+    Reenroll(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -932,6 +943,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Retry),
         2 => (0..5000u16).prop_map(Op::Advance),
         1 => Just(Op::Reopen),
+        1 => (0..3u8).prop_map(Op::Relabel),
+        1 => (0..3u8).prop_map(Op::ConnectNarrow),
+        1 => (0..3u8).prop_map(Op::Revoke),
+        1 => (0..3u8).prop_map(Op::Reenroll),
     ]
 }
 
@@ -969,10 +984,20 @@ proptest! {
                     };
                     match h.send(targets[dev as usize], opts) {
                         Ok(r) => accepted.push(r.id),
-                        Err(e) => prop_assert!(matches!(e, QueueError::QueueFull { .. }), "{e}"),
+                        Err(e) => prop_assert!(
+                            matches!(e, QueueError::QueueFull { .. } | QueueError::Revoked(_) | QueueError::NoRoute(_)),
+                            "{e}"
+                        ),
                     }
                 }
-                Op::Connect(d) => h.connect(&format!("d{d}")),
+                Op::Connect(d) => {
+                    let name = format!("d{d}");
+                    match h.core.connect(&name, 0, h.now) {
+                        Ok(t) => { h.sessions.insert(name, t); }
+                        Err(e) => prop_assert!(matches!(e, QueueError::Revoked(_)), "{e}"),
+                    }
+                    h.round();
+                }
                 Op::Disconnect(d) => h.disconnect(&format!("d{d}")),
                 Op::Ack { dev, pick, kind } => {
                     let name = format!("d{dev}");
@@ -999,6 +1024,42 @@ proptest! {
                     }
                 },
                 Op::Advance(ms) => h.advance(ms.into()),
+                Op::Relabel(d) => {
+                    let name = format!("d{d}");
+                    let has = h.core.devs[h.core.dev_index[&name] as usize]
+                        .record.as_ref().is_some_and(|r| r.caps.iter().any(|c| c == "cam"));
+                    let flip = |on: bool| if on { vec![] } else { vec!["cam".to_string()] };
+                    let r = Relabel {
+                        device: name,
+                        add_caps: flip(has),
+                        remove_caps: flip(!has),
+                        add_tags: flip(has).iter().map(|_| "a".to_string()).collect(),
+                        remove_tags: flip(!has).iter().map(|_| "a".to_string()).collect(),
+                    };
+                    match h.core.relabel(r, h.now) {
+                        Ok(_) | Err(QueueError::Revoked(_)) => {}
+                        Err(e) => prop_assert!(false, "relabel: {e}"),
+                    }
+                    h.round();
+                }
+                Op::ConnectNarrow(d) => {
+                    let name = format!("d{d}");
+                    if let Ok(t) = h.core.connect_offering(&name, 0, Some(vec!["other".into()]), h.now) {
+                        h.sessions.insert(name, t);
+                    }
+                    h.round();
+                }
+                Op::Revoke(d) => {
+                    let _ = h.core.revoke(&format!("d{d}"), h.now);
+                    h.sessions.remove(&format!("d{d}"));
+                    h.round();
+                }
+                Op::Reenroll(d) => {
+                    let name = format!("d{d}");
+                    let rec = h.core.devs[h.core.dev_index[&name] as usize].record.clone().unwrap();
+                    h.core.enroll(rec, h.now);
+                    h.round();
+                }
                 Op::Reopen => {
                     let before: HashMap<CommandId, State> =
                         accepted.iter().map(|&id| (id, h.state(id).expect("known"))).collect();
@@ -1491,5 +1552,32 @@ fn a_broadcast_is_relocated_whole_and_never_resurrects_a_child() {
         h.ack_all(&format!("d{i}"), ok());
     }
     assert_eq!(h.state(pid), Some(State::Succeeded));
+    h.check();
+}
+
+#[test]
+fn a_device_that_loses_a_capability_keeps_what_it_holds() {
+    let mut h = H::with_records(Limits::default(), cameras(2));
+    h.connect("c0");
+    let id = h.send("cap:camera", SendOptions::default()).unwrap().id;
+    assert_eq!(h.view(id).device, "c0");
+    h.core
+        .relabel(
+            Relabel {
+                device: "c0".into(),
+                remove_caps: vec!["camera".into()],
+                ..Default::default()
+            },
+            h.now,
+        )
+        .unwrap();
+    h.round();
+    h.check();
+    let next = h.send("cap:camera", SendOptions::default()).unwrap().id;
+    assert_eq!(h.ids("c0"), vec![id], "no new camera work for c0");
+    h.ack("c0", id, ok()).unwrap();
+    assert_eq!(h.state(id), Some(State::Succeeded));
+    h.connect("c1");
+    assert_eq!(h.ids("c1"), vec![next]);
     h.check();
 }

@@ -247,14 +247,17 @@ struct Live {
     created_at: Millis,
     expires_at: Option<Millis>,
     not_before: Option<Millis>,
-    after: Option<CommandId>,
+    // Boxed: a dependency or a parent is rare, and an inline `u128` would
+    // double the handle (and its 16-byte alignment pad every field), which
+    // every queued command pays for in RAM and in replay time.
+    after: Option<Box<CommandId>>,
     phase: Phase,
     /// Only when it differs from the device id.
     target: Option<Box<str>>,
     origin: u32,
     key: Option<Box<str>>,
     /// The broadcast this command is a child of.
-    parent: Option<CommandId>,
+    parent: Option<Box<CommandId>>,
 }
 
 /// A device, or a `cap:` pool: the queue of commands any device with that
@@ -527,7 +530,7 @@ impl QueueCore {
             created_at: e.command.created_at,
             expires_at: e.command.expires_at,
             not_before: e.not_before,
-            after: e.command.after,
+            after: e.command.after.map(Box::new),
             phase: Phase::Ready,
             target: (e.command.target != e.device).then(|| e.command.target.into()),
             origin,
@@ -579,12 +582,12 @@ impl QueueCore {
                 created_at: p.created_at,
                 expires_at: p.expires_at,
                 not_before: c.not_before,
-                after: p.after,
+                after: p.after.map(Box::new),
                 phase: Phase::Ready,
                 target: Some(p.target.as_str().into()),
                 origin,
                 key: None,
-                parent: Some(pid),
+                parent: Some(Box::new(pid)),
             };
             self.live.insert(c.id, live);
         }
@@ -648,7 +651,11 @@ impl QueueCore {
                 if p.ends[i].is_some() {
                     continue;
                 }
-                if self.live.get(&cid).is_some_and(|l| l.parent == Some(pid)) {
+                if self
+                    .live
+                    .get(&cid)
+                    .is_some_and(|l| l.parent.as_deref() == Some(&pid))
+                {
                     p.open += 1;
                 } else {
                     p.ends[i] = Some(self.results.get(&cid).map_or(State::Cancelled, |r| r.1));
@@ -806,7 +813,7 @@ impl QueueCore {
             created_at: now,
             expires_at,
             not_before: command.not_before,
-            after,
+            after: after.map(Box::new),
             phase: Phase::Ready,
             target: (target != self.devs[device as usize].id).then(|| target.into()),
             origin: o,
@@ -912,12 +919,12 @@ impl QueueCore {
             created_at: p.created_at,
             expires_at: p.expires_at,
             not_before: p.not_before,
-            after: p.after,
+            after: p.after.map(Box::new),
             phase: Phase::Ready,
             target: Some(p.target.as_str().into()),
             origin,
             key: None,
-            parent: Some(pid),
+            parent: Some(Box::new(pid)),
         };
         self.event(pid, State::Queued, now, None, None);
         for (c, &(cid, d)) in entry.children.iter().zip(&parent_children) {
@@ -1458,7 +1465,7 @@ impl QueueCore {
             let Some(l) = self.live.get_mut(&c.id) else {
                 continue;
             };
-            if l.parent != Some(pid) || l.group != seq {
+            if l.parent.as_deref() != Some(&pid) || l.group != seq {
                 continue;
             }
             l.group = self.open_seq;
@@ -1751,7 +1758,7 @@ impl QueueCore {
     /// Put a live, not-in-flight command where it belongs: ready, waiting
     /// for a time, or blocked on its dependency.
     fn place(&mut self, id: CommandId, now: Millis) {
-        let after = self.live[&id].after;
+        let after = self.live[&id].after.as_deref().copied();
         if let Some(dep) = after {
             let succeeded =
                 !self.is_live(dep) && matches!(self.results.get(&dep), Some((_, State::Succeeded)));
@@ -2005,7 +2012,7 @@ impl QueueCore {
         if let Some(e) = l.expires_at {
             self.expiries.remove(&(e, id));
         }
-        if let Some(dep) = l.after {
+        if let Some(dep) = l.after.as_deref().copied() {
             if let Some(v) = self.blocked.get_mut(&dep) {
                 v.retain(|x| *x != id);
             }
@@ -2067,7 +2074,7 @@ impl QueueCore {
         if self.blocked.contains_key(&id) {
             self.dependency_done(id, state == State::Succeeded, now);
         }
-        if let Some(pid) = l.parent {
+        if let Some(pid) = l.parent.as_deref().copied() {
             self.child_done(pid, id, state, now);
         }
         self.pump(l.device, now);
@@ -2293,7 +2300,7 @@ impl QueueCore {
             finished_at: None,
             expires_at: l.expires_at,
             not_before: l.not_before,
-            after: l.after,
+            after: l.after.as_deref().copied(),
             origin: self
                 .origins
                 .get(l.origin as usize)
@@ -2304,6 +2311,7 @@ impl QueueCore {
             error: match l.phase {
                 Phase::Blocked => l
                     .after
+                    .as_deref()
                     .map(|a| format!("waiting for command {a} to succeed")),
                 _ => None,
             },

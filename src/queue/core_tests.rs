@@ -252,7 +252,7 @@ impl H {
                 }
                 Phase::Waiting | Phase::Blocked => assert!(!in_ready),
             }
-            if let Some(pid) = l.parent {
+            if let Some(&pid) = l.parent.as_deref() {
                 let p = &c.parents[&pid];
                 let i = p.children.iter().position(|x| x.0 == *id).unwrap();
                 assert_eq!(p.ends[i], None, "{id} is live but its parent has its end");
@@ -1580,4 +1580,16 @@ fn a_device_that_loses_a_capability_keeps_what_it_holds() {
     h.connect("c1");
     assert_eq!(h.ids("c1"), vec![next]);
     h.check();
+}
+
+#[test]
+fn a_live_handle_stays_small() {
+    // Every queued command pays for its handle in RAM and in replay time
+    // (DESIGN §4 aims at 32 B; see ARCHITECTURE's departures). A field
+    // that grows it should be a deliberate choice, not an accident.
+    assert!(
+        std::mem::size_of::<Live>() <= 160,
+        "{}",
+        std::mem::size_of::<Live>()
+    );
 }

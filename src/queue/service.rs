@@ -189,12 +189,32 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     for d in store.devices()? {
         core.replay_device(d);
     }
+    // Timed by phase: a slow start after a power cut should say where its
+    // time went.
+    let started = std::time::Instant::now();
+    let (mut groups, mut apply) = (0u64, std::time::Duration::ZERO);
     for g in store.replay() {
-        core.replay_group(g?);
+        let g = g?;
+        let t = std::time::Instant::now();
+        core.replay_group(g);
+        apply += t.elapsed();
+        groups += 1;
     }
+    let read = started.elapsed() - apply;
+    let t = std::time::Instant::now();
     core.replay_last_seq(store.last_seq());
     core.finish_replay(now);
+    let settle = t.elapsed();
     core.set_disk_usage(store.size_on_disk());
+    let live = core.stats().queued + core.stats().in_flight;
+    tracing::info!(
+        groups,
+        live,
+        read_ms = read.as_millis() as u64,
+        replay_ms = apply.as_millis() as u64,
+        settle_ms = settle.as_millis() as u64,
+        "queue rebuilt from the store"
+    );
     Ok(core)
 }
 

@@ -11,6 +11,7 @@
 //! result only ends the command of its own generation.
 
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, State};
+use crate::store::DeviceRecord;
 use serde::{Deserialize, Serialize};
 
 /// One journal entry.
@@ -148,4 +149,52 @@ pub struct ResultRecord {
     pub command: Option<Command>,
     /// For a broadcast parent: how each child ended.
     pub children: Vec<ChildEnd>,
+}
+
+/// One record of the upstream outbox (DESIGN §7): what the hub learns of
+/// this box, written in the same batch as the change it reports, under a
+/// monotonic `seq` the hub acks and dedupes by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpEntry {
+    pub seq: u64,
+    pub item: UpItem,
+}
+
+/// What an outbox record reports.
+// Results dominate and are the reason the outbox exists: no boxing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpItem {
+    /// A command changed state on its way (queued, delivered, requeued).
+    /// Telemetry-like: skipped while the outbox is full.
+    State {
+        id: CommandId,
+        device: DeviceId,
+        state: State,
+        at: Millis,
+        attempts: u32,
+    },
+    /// A command ended. Never skipped.
+    Result(ResultRecord),
+    /// A device was enrolled, relabelled or revoked. Never skipped.
+    Device(DeviceRecord),
+    /// A device was last seen at `at`. Telemetry-like.
+    Seen { device: DeviceId, at: Millis },
+    /// Telemetry a device sent. Telemetry-like.
+    Event {
+        device: DeviceId,
+        at: Millis,
+        payload: Vec<u8>,
+    },
+}
+
+impl UpItem {
+    /// Telemetry-like items give way when the outbox is full; results and
+    /// device records never do.
+    pub fn is_telemetry(&self) -> bool {
+        matches!(
+            self,
+            UpItem::State { .. } | UpItem::Seen { .. } | UpItem::Event { .. }
+        )
+    }
 }

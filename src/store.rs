@@ -37,7 +37,12 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 const KIND_JOURNAL: u8 = b'J';
 const KIND_RESULTS: u8 = b'R';
+/// Upstream outbox records (`UpEntry`s), keyed by the group that wrote them.
+const KIND_OUTBOX: u8 = b'O';
 const KEY_LAST_SEQ: &[u8] = b"S";
+/// The seq the next outbox entry gets: kept apart from the outbox groups,
+/// which are all deleted once acknowledged, so seqs never go back.
+const KEY_OUTBOX_NEXT: &[u8] = b"N";
 const MARKER_FILE: &str = "store-id";
 const WATERMARK_FILE: &str = "store-seq";
 /// How often a busy store refreshes `store-seq`.
@@ -140,6 +145,12 @@ pub struct GroupWrite {
     pub drop_journal: Vec<u64>,
     /// Result groups past retention.
     pub drop_results: Vec<u64>,
+    /// Upstream outbox records of this group (same batch as the changes).
+    pub outbox: Vec<crate::journal::UpEntry>,
+    /// Outbox groups the upstream has acknowledged.
+    pub drop_outbox: Vec<u64>,
+    /// The outbox's next seq, when this group changed the outbox.
+    pub outbox_next: Option<u64>,
 }
 
 impl GroupWrite {
@@ -148,6 +159,8 @@ impl GroupWrite {
             && self.results.is_empty()
             && self.drop_journal.is_empty()
             && self.drop_results.is_empty()
+            && self.outbox.is_empty()
+            && self.drop_outbox.is_empty()
     }
 }
 
@@ -419,15 +432,22 @@ impl Store {
         for (i, c) in chunks(&w.results).into_iter().enumerate() {
             batch.insert(&key(KIND_RESULTS, w.seq, i as u16), c);
         }
+        for (i, c) in chunks(&w.outbox).into_iter().enumerate() {
+            batch.insert(&key(KIND_OUTBOX, w.seq, i as u16), c);
+        }
         for (kind, seqs) in [
             (KIND_JOURNAL, &w.drop_journal),
             (KIND_RESULTS, &w.drop_results),
+            (KIND_OUTBOX, &w.drop_outbox),
         ] {
             for &seq in seqs {
                 for k in self.journal.scan_prefix(prefix(kind, seq)).keys() {
                     batch.remove(k.map_err(|e| self.err(e))?);
                 }
             }
+        }
+        if let Some(n) = w.outbox_next {
+            batch.insert(KEY_OUTBOX_NEXT, &n.to_be_bytes());
         }
         batch.insert(KEY_LAST_SEQ, &w.seq.to_be_bytes());
         self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
@@ -438,8 +458,14 @@ impl Store {
     /// Every group on disk, in commit order (journal before results within
     /// one seq). A record that does not decode is reported, never skipped.
     pub fn replay(&self) -> impl Iterator<Item = Result<Group, StoreError>> + '_ {
-        let mut j = self.kind_groups(KIND_JOURNAL).peekable();
-        let mut r = self.kind_groups(KIND_RESULTS).peekable();
+        let mut j = self
+            .scan_groups(KIND_JOURNAL)
+            .map(|g| g.map(|(seq, e)| Group::Journal(seq, e)))
+            .peekable();
+        let mut r = self
+            .scan_groups(KIND_RESULTS)
+            .map(|g| g.map(|(seq, e)| Group::Results(seq, e)))
+            .peekable();
         std::iter::from_fn(move || {
             let seq_of = |x: Option<&Result<Group, StoreError>>| match x {
                 Some(Ok(Group::Journal(s, _))) | Some(Ok(Group::Results(s, _))) => Some(*s),
@@ -456,8 +482,37 @@ impl Store {
         })
     }
 
+    /// Every outbox group on disk, in seq order (to rebuild the outbox's
+    /// index at start).
+    pub fn outbox_groups(
+        &self,
+    ) -> impl Iterator<Item = Result<(u64, Vec<crate::journal::UpEntry>), StoreError>> + '_ {
+        self.scan_groups(KIND_OUTBOX)
+    }
+
+    /// The seq the next outbox entry gets (1 when there never was one).
+    pub fn outbox_next_seq(&self) -> Result<u64, StoreError> {
+        match self.journal.get(KEY_OUTBOX_NEXT).map_err(|e| self.err(e))? {
+            None => Ok(1),
+            Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                self.corrupt("the outbox seq record has the wrong length".into())
+            })?)),
+        }
+    }
+
+    /// One outbox group (to stream it upstream).
+    pub fn read_outbox(
+        &self,
+        seq: u64,
+    ) -> Result<Option<Vec<crate::journal::UpEntry>>, StoreError> {
+        self.read_group(KIND_OUTBOX, seq)
+    }
+
     /// The groups of one kind, chunks joined, in seq order.
-    fn kind_groups(&self, kind: u8) -> impl Iterator<Item = Result<Group, StoreError>> + '_ {
+    fn scan_groups<T: for<'a> Deserialize<'a>>(
+        &self,
+        kind: u8,
+    ) -> impl Iterator<Item = Result<(u64, Vec<T>), StoreError>> + '_ {
         let mut it = self.journal.scan_prefix([kind]).peekable();
         std::iter::from_fn(move || {
             let (k, v) = match it.next()? {
@@ -476,13 +531,7 @@ impl Store {
                     None => break,
                 }
             }
-            Some(if kind == KIND_JOURNAL {
-                self.join(kind, seq, &values)
-                    .map(|e| Group::Journal(seq, e))
-            } else {
-                self.join(kind, seq, &values)
-                    .map(|e| Group::Results(seq, e))
-            })
+            Some(self.join(kind, seq, &values).map(|e| (seq, e)))
         })
     }
 
@@ -492,10 +541,10 @@ impl Store {
         seq: u64,
         values: &[sled::IVec],
     ) -> Result<Vec<T>, StoreError> {
-        let what = if kind == KIND_JOURNAL {
-            "journal"
-        } else {
-            "result"
+        let what = match kind {
+            KIND_JOURNAL => "journal",
+            KIND_RESULTS => "result",
+            _ => "outbox",
         };
         let mut out = Vec::new();
         for (i, v) in values.iter().enumerate() {
@@ -745,6 +794,49 @@ mod tests {
         assert_eq!(order, vec![('J', 2), ('R', 2), ('J', 3), ('R', 3)]);
         assert!(s.read_journal(1).unwrap().is_none());
         assert_eq!(s.read_journal(2).unwrap().unwrap(), vec![cmd(2)]);
+    }
+
+    #[test]
+    fn the_outbox_is_written_with_its_group_and_its_seq_survives_the_drops() {
+        use crate::journal::{UpEntry, UpItem};
+        let dir = tempfile::tempdir().unwrap();
+        let up = |seq| UpEntry {
+            seq,
+            item: UpItem::Result(result(seq)),
+        };
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            assert_eq!(s.outbox_next_seq().unwrap(), 1);
+            s.commit(&GroupWrite {
+                seq: 1,
+                results: vec![result(1)],
+                outbox: vec![up(1), up(2)],
+                outbox_next: Some(3),
+                ..Default::default()
+            })
+            .unwrap();
+            s.commit(&GroupWrite {
+                seq: 2,
+                outbox: vec![up(3)],
+                outbox_next: Some(4),
+                ..Default::default()
+            })
+            .unwrap();
+            s.commit(&GroupWrite {
+                seq: 3,
+                drop_outbox: vec![1],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let groups: Vec<(u64, Vec<UpEntry>)> = s.outbox_groups().map(Result::unwrap).collect();
+        assert_eq!(groups, vec![(2, vec![up(3)])]);
+        assert!(s.read_outbox(1).unwrap().is_none());
+        assert_eq!(s.read_outbox(2).unwrap().unwrap(), vec![up(3)]);
+        assert_eq!(s.outbox_next_seq().unwrap(), 4);
+        // The outbox is not part of the queue's replay.
+        assert_eq!(s.replay().count(), 1);
     }
 
     #[test]

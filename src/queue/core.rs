@@ -21,11 +21,12 @@
 //! oldest journal group still on disk: then no `Enqueued` entry it finishes
 //! can still be replayed, so dropping it can never resurrect a command.
 
+use super::outbox::{Outbox, OutboxStats};
 use super::{
     ChildView, CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest,
 };
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, State};
-use crate::journal::{Broadcast, Child, ChildEnd, Enqueued, Entry, ResultRecord};
+use crate::journal::{Broadcast, Child, ChildEnd, Enqueued, Entry, ResultRecord, UpEntry, UpItem};
 use crate::route::{check_name, Acl, Labels, Target};
 use crate::store::{DeviceRecord, Group, GroupWrite};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -381,6 +382,8 @@ pub struct QueueCore {
     /// Live broadcasts by parent id (payload-free: it is on disk).
     parents: FxHashMap<CommandId, Parent>,
     acl: Acl,
+    /// What goes upstream (off without an uplink).
+    outbox: Outbox,
 }
 
 /// A sealed round: the group to write, and the retryable results whose
@@ -427,12 +430,53 @@ impl QueueCore {
             stats: QueueStats::default(),
             parents: FxHashMap::default(),
             acl: Acl::default(),
+            outbox: Outbox::off(),
         }
     }
 
     /// Which devices may send commands to which targets.
     pub fn set_acl(&mut self, acl: Acl) {
         self.acl = acl;
+    }
+
+    /// Record what goes upstream (the box has an uplink): every lifecycle
+    /// change, result and device record, in the batch of the change itself.
+    pub fn enable_outbox(&mut self, max: u64) {
+        self.outbox.enable(max);
+    }
+
+    /// The outbox's next seq, as the store kept it.
+    pub fn replay_outbox_seq(&mut self, next: u64) {
+        self.outbox.restore_next_seq(next);
+    }
+
+    /// Rebuild the outbox's index from a group read back at start.
+    pub fn replay_outbox(&mut self, group: u64, entries: &[UpEntry]) {
+        self.open_seq = self.open_seq.max(group + 1);
+        self.outbox.replay(group, entries);
+    }
+
+    /// The upstream has stored every outbox entry up to `seq`.
+    pub fn up_ack(&mut self, seq: u64) {
+        self.outbox.ack(seq);
+    }
+
+    /// The outbox groups holding entries after `seq`, oldest first.
+    pub fn outbox_groups_after(&self, seq: u64) -> Vec<u64> {
+        self.outbox.groups_after(seq)
+    }
+
+    pub fn outbox_stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
+    /// Telemetry a device sent, for the upstream.
+    pub fn device_event(&mut self, device: &str, payload: Vec<u8>, now: Millis) {
+        self.outbox.push(UpItem::Event {
+            device: device.to_string(),
+            at: now,
+            payload,
+        });
     }
 
     pub fn limits(&self) -> &Limits {
@@ -1172,6 +1216,7 @@ impl QueueCore {
             rec.enrolled_at = now;
         }
         self.devs[d as usize].record = Some(rec.clone());
+        self.outbox.push(UpItem::Device(rec.clone()));
         self.effects.device_writes.push(rec);
         self.index_caps(d);
         self.pump(d, now);
@@ -1195,6 +1240,7 @@ impl QueueCore {
             rec.clone()
         };
         self.effects.device_writes.push(rec.clone());
+        self.outbox.push(UpItem::Device(rec.clone()));
         self.index_caps(d);
         if self.devs[d as usize].session.is_some() {
             self.disconnect_dev(d, now);
@@ -1496,14 +1542,20 @@ impl QueueCore {
             self.pins.remove(s);
             self.requeue_holders.remove(s);
         }
+        let outbox_next = self.outbox.dirty().then(|| self.outbox.next_seq());
+        let (outbox, drop_outbox) = self.outbox.seal(seq);
         let w = GroupWrite {
             seq,
             journal: std::mem::take(&mut self.journal),
             results: std::mem::take(&mut self.finished),
             drop_journal,
             drop_results: std::mem::take(&mut self.drop_results),
+            outbox,
+            drop_outbox,
+            outbox_next,
         };
-        if !w.journal.is_empty() || !w.results.is_empty() {
+        // A group seq is used once: a round that wrote any record moves on.
+        if !w.journal.is_empty() || !w.results.is_empty() || !w.outbox.is_empty() {
             if w.journal.is_empty() {
                 // Nothing pins a group that holds no journal record.
                 self.pins.remove(&seq);
@@ -1677,6 +1729,7 @@ impl QueueCore {
         apply(&mut rec.caps, &r.add_caps, &r.remove_caps);
         let rec = rec.clone();
         self.effects.device_writes.push(rec.clone());
+        self.outbox.push(UpItem::Device(rec.clone()));
         self.index_caps(d);
         self.pump(d, now);
         Ok(rec)
@@ -1865,7 +1918,7 @@ impl QueueCore {
             priority: l.priority,
             deadline: l.expires_at,
         });
-        self.effects.events.push(LifecycleEvent {
+        let ev = LifecycleEvent {
             id,
             device: dev.id.clone(),
             state: State::Delivered { attempt },
@@ -1873,7 +1926,8 @@ impl QueueCore {
             attempts: l.attempts,
             outcome: None,
             error: None,
-        });
+        };
+        self.publish(ev);
     }
 
     /// Take a command off the device it is in flight on, if it is.
@@ -1932,6 +1986,8 @@ impl QueueCore {
         if let Some(rec) = self.devs[d as usize].record.as_mut() {
             rec.last_seen = Some(now);
             self.effects.device_touches.push(rec.clone());
+            let device = rec.id.clone();
+            self.outbox.push(UpItem::Seen { device, at: now });
         }
     }
 
@@ -2154,6 +2210,13 @@ impl QueueCore {
 
     fn record_result(&mut self, rec: ResultRecord, now: Millis) {
         self.index_result(self.open_seq, rec.id, rec.state, now);
+        if self.outbox.is_on() {
+            // The payload kept for `retry` stays here; the hub has its own.
+            self.outbox.push(UpItem::Result(ResultRecord {
+                command: None,
+                ..rec.clone()
+            }));
+        }
         self.effects.events.push(LifecycleEvent {
             id: rec.id,
             device: rec.device.clone(),
@@ -2267,7 +2330,7 @@ impl QueueCore {
             Some(l) => (self.devs[l.device as usize].id.clone(), l.attempts),
             None => (String::new(), 0),
         };
-        self.effects.events.push(LifecycleEvent {
+        self.publish(LifecycleEvent {
             id,
             device,
             state,
@@ -2276,6 +2339,21 @@ impl QueueCore {
             outcome,
             error,
         });
+    }
+
+    /// A lifecycle change on the way (ends go through `record_result`):
+    /// to watchers, and upstream as telemetry.
+    fn publish(&mut self, ev: LifecycleEvent) {
+        if self.outbox.is_on() {
+            self.outbox.push(UpItem::State {
+                id: ev.id,
+                device: ev.device.clone(),
+                state: ev.state,
+                at: ev.at,
+                attempts: ev.attempts,
+            });
+        }
+        self.effects.events.push(ev);
     }
 
     fn view(&self, id: CommandId, l: &Live) -> CommandView {

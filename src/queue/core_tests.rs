@@ -10,6 +10,8 @@ use proptest::prelude::*;
 struct MemDisk {
     journal: BTreeMap<u64, Vec<Entry>>,
     results: BTreeMap<u64, Vec<ResultRecord>>,
+    outbox: BTreeMap<u64, Vec<UpEntry>>,
+    outbox_next: Option<u64>,
     devices: BTreeMap<String, DeviceRecord>,
 }
 
@@ -26,6 +28,20 @@ impl MemDisk {
         }
         for s in w.drop_results {
             self.results.remove(&s);
+        }
+        assert!(
+            w.outbox.is_empty() || !self.outbox.contains_key(&w.seq),
+            "group {} written twice",
+            w.seq
+        );
+        if !w.outbox.is_empty() {
+            self.outbox.insert(w.seq, w.outbox);
+        }
+        for s in w.drop_outbox {
+            self.outbox.remove(&s);
+        }
+        if w.outbox_next.is_some() {
+            self.outbox_next = w.outbox_next;
         }
     }
 
@@ -65,6 +81,8 @@ struct H {
     cancels: Vec<(DeviceId, CommandId)>,
     events: Vec<LifecycleEvent>,
     reopens: u64,
+    /// The outbox's bound, when it is on.
+    outbox: Option<u64>,
 }
 
 impl H {
@@ -79,6 +97,7 @@ impl H {
             cancels: Vec::new(),
             events: Vec::new(),
             reopens: 0,
+            outbox: None,
         }
     }
 
@@ -200,6 +219,13 @@ impl H {
         for r in self.disk.devices.values() {
             core.replay_device(r.clone());
         }
+        if let Some(max) = self.outbox {
+            core.enable_outbox(max);
+            core.replay_outbox_seq(self.disk.outbox_next.unwrap_or(1));
+            for (g, e) in &self.disk.outbox {
+                core.replay_outbox(*g, e);
+            }
+        }
         for g in self.disk.groups() {
             core.replay_group(g);
         }
@@ -317,6 +343,15 @@ impl H {
                     .filter(|l| c.devs[l.device as usize].id == dev.id)
                     .count()
             );
+        }
+        if self.outbox.is_some() {
+            let seqs: Vec<u64> = self.disk.outbox.values().flatten().map(|e| e.seq).collect();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "outbox seqs out of order: {seqs:?}"
+            );
+            assert_eq!(c.outbox_stats().depth, seqs.len() as u64, "outbox depth");
+            assert!(seqs.last().is_none_or(|&l| l < c.outbox_stats().next_seq));
         }
         for (id, &(seq, _)) in &c.results {
             assert!(
@@ -930,6 +965,8 @@ enum Op {
     ConnectNarrow(u8),
     Revoke(u8),
     Reenroll(u8),
+    /// The upstream acknowledges this many more outbox entries.
+    UpAck(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -947,6 +984,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3u8).prop_map(Op::ConnectNarrow),
         1 => (0..3u8).prop_map(Op::Revoke),
         1 => (0..3u8).prop_map(Op::Reenroll),
+        1 => any::<u8>().prop_map(Op::UpAck),
     ]
 }
 
@@ -969,6 +1007,8 @@ proptest! {
             labelled("d1", &["a"], &["cam"]),
             labelled("d2", &[], &["cam"]),
         ]);
+        h.outbox = Some(30);
+        h.core.enable_outbox(30);
         let targets = ["d0", "d1", "d2", "tag:a", "cap:cam"];
         let mut accepted: Vec<CommandId> = Vec::new();
         for op in ops {
@@ -1052,6 +1092,11 @@ proptest! {
                 Op::Revoke(d) => {
                     let _ = h.core.revoke(&format!("d{d}"), h.now);
                     h.sessions.remove(&format!("d{d}"));
+                    h.round();
+                }
+                Op::UpAck(k) => {
+                    let acked = h.core.outbox_stats().acked;
+                    h.core.up_ack(acked + u64::from(k));
                     h.round();
                 }
                 Op::Reenroll(d) => {
@@ -1592,4 +1637,112 @@ fn a_live_handle_stays_small() {
         "{}",
         std::mem::size_of::<Live>()
     );
+}
+
+// ----- the upstream outbox (DESIGN §7) ---------------------------------------
+
+fn with_outbox(max: u64, n: usize) -> H {
+    let mut h = H::new(Limits::default());
+    h.outbox = Some(max);
+    h.core.enable_outbox(max);
+    for i in 0..n {
+        h.core.enroll(dev(&format!("d{i}")), h.now);
+    }
+    h.round();
+    h
+}
+
+fn up_items(h: &H) -> Vec<(u64, u64, UpItem)> {
+    h.disk
+        .outbox
+        .iter()
+        .flat_map(|(g, es)| es.iter().map(move |e| (*g, e.seq, e.item.clone())))
+        .collect()
+}
+
+#[test]
+fn the_outbox_reports_each_change_in_the_batch_of_the_change() {
+    let mut h = with_outbox(1000, 1);
+    h.connect("d0");
+    let a = h.send_prio("d0", Priority::Normal);
+    let b = h.send_prio("d0", Priority::Normal);
+    h.ack("d0", a, ok()).unwrap();
+    h.reopen();
+    h.connect("d0");
+    h.ack(
+        "d0",
+        b,
+        Outcome::Rejected {
+            reason: "no".into(),
+        },
+    )
+    .unwrap();
+    h.check();
+    let items = up_items(&h);
+    let seqs: Vec<u64> = items.iter().map(|x| x.1).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "contiguous across a restart"
+    );
+    assert!(
+        matches!(&items[0].2, UpItem::Device(r) if r.id == "d0"),
+        "enrolment first"
+    );
+    // Each result is in the outbox of the very group that wrote it.
+    for id in [a, b] {
+        let (g, _, _) = items
+            .iter()
+            .find(|(_, _, i)| matches!(i, UpItem::Result(r) if r.id == id))
+            .expect("the result went upstream");
+        assert!(h.disk.results[g].iter().any(|r| r.id == id));
+    }
+    let n_results = items
+        .iter()
+        .filter(|x| matches!(x.2, UpItem::Result(_)))
+        .count();
+    assert_eq!(n_results, 2, "each result once");
+    assert!(items.iter().any(
+        |x| matches!(&x.2, UpItem::State { id, state: State::Delivered { .. }, .. } if *id == a)
+    ));
+    assert!(items
+        .iter()
+        .any(|x| matches!(&x.2, UpItem::Seen { device, .. } if device == "d0")));
+    // Acknowledged up to the end: every group goes in the next batch.
+    h.core.up_ack(*seqs.last().unwrap());
+    h.round();
+    assert!(h.disk.outbox.is_empty());
+    assert_eq!(h.core.outbox_stats().depth, 0);
+    h.reopen();
+    h.send_prio("d0", Priority::Normal);
+    assert_eq!(
+        up_items(&h).first().map(|x| x.1),
+        Some(seqs.len() as u64 + 1),
+        "seqs never go back, even after the acked groups are gone"
+    );
+    h.check();
+}
+
+#[test]
+fn a_full_outbox_skips_telemetry_but_keeps_every_result() {
+    let mut h = with_outbox(5, 1);
+    h.connect("d0");
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let id = h.send_prio("d0", Priority::Normal);
+        h.ack("d0", id, ok()).unwrap();
+        ids.push(id);
+    }
+    h.check();
+    let items = up_items(&h);
+    for id in ids {
+        assert!(
+            items
+                .iter()
+                .any(|x| matches!(&x.2, UpItem::Result(r) if r.id == id)),
+            "result of {id} kept though the outbox is full"
+        );
+    }
+    assert!(h.core.outbox_stats().skipped > 0, "telemetry gave way");
+    assert!(items.iter().filter(|x| x.2.is_telemetry()).count() <= 5);
 }

@@ -10,6 +10,7 @@
 //!   waiters. Nothing is answered "accepted" before its flush returned.
 
 pub mod core;
+pub mod outbox;
 pub mod service;
 
 pub use self::core::{Limits, QueueCore};

@@ -31,6 +31,9 @@ pub struct ServiceOptions {
     pub seed: u64,
     /// Which devices may send to which targets.
     pub acl: crate::route::Acl,
+    /// Keep an upstream outbox of at most this many unacknowledged
+    /// telemetry entries (`None`: no uplink, no outbox).
+    pub outbox_max: Option<u64>,
 }
 
 impl Default for ServiceOptions {
@@ -40,6 +43,7 @@ impl Default for ServiceOptions {
             max_batch: 512,
             seed: rand::random(),
             acl: crate::route::Acl::default(),
+            outbox_max: None,
         }
     }
 }
@@ -188,6 +192,14 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     core.set_acl(opts.acl.clone());
     for d in store.devices()? {
         core.replay_device(d);
+    }
+    if let Some(max) = opts.outbox_max {
+        core.enable_outbox(max);
+        core.replay_outbox_seq(store.outbox_next_seq()?);
+        for g in store.outbox_groups() {
+            let (seq, entries) = g?;
+            core.replay_outbox(seq, &entries);
+        }
     }
     // Timed by phase: a slow start after a power cut should say where its
     // time went.

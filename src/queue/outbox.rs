@@ -1,0 +1,267 @@
+//! The upstream outbox's bookkeeping (DESIGN §7), sans IO: what the queue
+//! core reports upstream is appended here during a round, sealed into the
+//! round's group (so it is written in the same batch as the change it
+//! reports), and dropped group by group once the upstream has acknowledged
+//! it. The shell streams it from the store; the hub dedupes by `seq`.
+//!
+//! Bounded: at `max` unacknowledged entries, telemetry-like items (state
+//! changes on the way, last-seen, device events) are counted and skipped;
+//! results and device records are always written, so the hub never loses a
+//! result, and the box never drops one silently.
+//!
+//! Off (and free) until the box has an uplink.
+
+use crate::journal::{UpEntry, UpItem};
+use std::collections::BTreeMap;
+
+/// Depth and progress, for `status` and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutboxStats {
+    /// Entries written and not yet acknowledged upstream.
+    pub depth: u64,
+    /// The highest seq the upstream acknowledged (0: none yet).
+    pub acked: u64,
+    /// The seq the next entry gets.
+    pub next_seq: u64,
+    /// Telemetry-like items skipped because the outbox was full.
+    pub skipped: u64,
+}
+
+/// One outbox group on disk: the seqs it holds.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    last: u64,
+    count: u64,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    on: bool,
+    max: u64,
+    next_seq: u64,
+    acked: u64,
+    groups: BTreeMap<u64, Span>,
+    depth: u64,
+    open: Vec<UpEntry>,
+    skipped: u64,
+}
+
+impl Outbox {
+    /// An outbox that records nothing until `enable`.
+    pub fn off() -> Self {
+        Outbox {
+            on: false,
+            max: 0,
+            next_seq: 1,
+            acked: 0,
+            groups: BTreeMap::new(),
+            depth: 0,
+            open: Vec::new(),
+            skipped: 0,
+        }
+    }
+
+    /// Start recording, holding at most `max` unacknowledged entries of
+    /// telemetry (results and device records go beyond it).
+    pub fn enable(&mut self, max: u64) {
+        self.on = true;
+        self.max = max.max(1);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    /// The next seq as the store kept it (groups may all be gone).
+    pub fn restore_next_seq(&mut self, next: u64) {
+        self.next_seq = self.next_seq.max(next);
+    }
+
+    /// Whether the outbox changed since the last seal (so the next seq must
+    /// be written with this group).
+    pub fn dirty(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Rebuild from an outbox group read back at start.
+    pub fn replay(&mut self, group: u64, entries: &[UpEntry]) {
+        let Some(last) = entries.last() else {
+            return;
+        };
+        self.next_seq = self.next_seq.max(last.seq + 1);
+        let count = entries.len() as u64;
+        self.groups.insert(
+            group,
+            Span {
+                last: last.seq,
+                count,
+            },
+        );
+        self.depth += count;
+    }
+
+    /// Report `item` upstream with this round. Returns whether it was
+    /// recorded (false: off, or telemetry skipped while full).
+    pub fn push(&mut self, item: UpItem) -> bool {
+        if !self.on {
+            return false;
+        }
+        if item.is_telemetry() && self.depth + self.open.len() as u64 >= self.max {
+            self.skipped += 1;
+            return false;
+        }
+        self.open.push(UpEntry {
+            seq: self.next_seq,
+            item,
+        });
+        self.next_seq += 1;
+        true
+    }
+
+    /// Close the round as group `seq`: the entries to write with it, and
+    /// the acknowledged groups to delete in the same batch.
+    pub fn seal(&mut self, seq: u64) -> (Vec<UpEntry>, Vec<u64>) {
+        let entries = std::mem::take(&mut self.open);
+        if let Some(last) = entries.last() {
+            let count = entries.len() as u64;
+            self.groups.insert(
+                seq,
+                Span {
+                    last: last.seq,
+                    count,
+                },
+            );
+            self.depth += count;
+        }
+        let done: Vec<u64> = self
+            .groups
+            .iter()
+            .take_while(|(_, s)| s.last <= self.acked)
+            .map(|(&g, _)| g)
+            .collect();
+        for g in &done {
+            if let Some(s) = self.groups.remove(g) {
+                self.depth -= s.count;
+            }
+        }
+        (entries, done)
+    }
+
+    /// The upstream has stored every entry up to `seq`. Groups it covers
+    /// are deleted with the next seal; entries of a partly covered group
+    /// are sent again after a reconnect, and the hub drops them by seq.
+    pub fn ack(&mut self, seq: u64) {
+        // Never past what was written: a confused peer cannot make the box
+        // delete what it has not sent.
+        let written = self.groups.values().map(|s| s.last).max().unwrap_or(0);
+        self.acked = self.acked.max(seq.min(written));
+    }
+
+    /// The groups holding entries after `seq`, oldest first: what to stream
+    /// from the store after the upstream's cursor.
+    pub fn groups_after(&self, seq: u64) -> Vec<u64> {
+        self.groups
+            .iter()
+            .filter(|(_, s)| s.last > seq)
+            .map(|(&g, _)| g)
+            .collect()
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        OutboxStats {
+            depth: self.depth,
+            acked: self.acked,
+            next_seq: self.next_seq,
+            skipped: self.skipped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{CommandId, State};
+
+    fn state(n: u128) -> UpItem {
+        UpItem::State {
+            id: CommandId(n),
+            device: "d".into(),
+            state: State::Queued,
+            at: 0,
+            attempts: 0,
+        }
+    }
+
+    fn device(id: &str) -> UpItem {
+        UpItem::Device(crate::store::DeviceRecord::new(id))
+    }
+
+    #[test]
+    fn off_records_nothing() {
+        let mut o = Outbox::off();
+        assert!(!o.push(device("a")));
+        assert_eq!(o.seal(1), (vec![], vec![]));
+    }
+
+    #[test]
+    fn seqs_are_monotonic_and_acks_drop_whole_groups() {
+        let mut o = Outbox::off();
+        o.enable(100);
+        o.push(state(1));
+        o.push(state(2));
+        let (e1, _) = o.seal(10);
+        o.push(device("a"));
+        let (e2, _) = o.seal(11);
+        assert_eq!(
+            e1.iter().chain(&e2).map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(o.stats().depth, 3);
+        assert_eq!(o.groups_after(0), vec![10, 11]);
+        // A partial ack of group 10 keeps it (its rest is sent again).
+        o.ack(1);
+        assert_eq!(o.seal(12).1, Vec::<u64>::new());
+        assert_eq!(o.groups_after(1), vec![10, 11]);
+        o.ack(2);
+        assert_eq!(o.seal(13).1, vec![10]);
+        assert_eq!(o.groups_after(2), vec![11]);
+        // An ack beyond what was written is clamped.
+        o.ack(99);
+        assert_eq!(o.stats().acked, 3);
+        assert_eq!(o.seal(14).1, vec![11]);
+        assert_eq!(o.stats().depth, 0);
+    }
+
+    #[test]
+    fn full_skips_telemetry_never_results_or_devices() {
+        let mut o = Outbox::off();
+        o.enable(2);
+        assert!(o.push(state(1)));
+        assert!(o.push(state(2)));
+        assert!(!o.push(state(3)), "telemetry gives way when full");
+        assert!(o.push(device("a")), "device records never do");
+        o.seal(1);
+        assert_eq!(o.stats().skipped, 1);
+        assert_eq!(o.stats().depth, 3);
+    }
+
+    #[test]
+    fn replay_restores_depth_and_the_next_seq() {
+        let mut o = Outbox::off();
+        o.enable(10);
+        o.push(state(1));
+        o.push(state(2));
+        let (e, _) = o.seal(5);
+        let mut r = Outbox::off();
+        r.enable(10);
+        r.replay(5, &e);
+        assert_eq!(r.stats().depth, 2);
+        assert_eq!(r.stats().next_seq, 3);
+        assert!(r.push(state(3)));
+        assert_eq!(r.seal(6).0[0].seq, 3);
+    }
+}

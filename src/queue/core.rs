@@ -348,9 +348,11 @@ pub struct QueueCore {
     rng: u64,
     live: FxHashMap<CommandId, Live>,
     devs: Vec<Dev>,
-    dev_index: HashMap<DeviceId, u32>,
+    // FxHash: looked up once per command at replay; the names are enrolled
+    // devices and origins, not chosen by an unauthenticated peer.
+    dev_index: FxHashMap<DeviceId, u32>,
     origins: Vec<String>,
-    origin_index: HashMap<String, u32>,
+    origin_index: FxHashMap<String, u32>,
     /// (due, id): not_before and backoff wake-ups.
     wakeups: BTreeSet<(Millis, CommandId)>,
     expiries: BTreeSet<(Millis, CommandId)>,
@@ -404,9 +406,9 @@ impl QueueCore {
             rng: seed | 1,
             live: FxHashMap::default(),
             devs: Vec::new(),
-            dev_index: HashMap::new(),
+            dev_index: FxHashMap::default(),
             origins: Vec::new(),
-            origin_index: HashMap::new(),
+            origin_index: FxHashMap::default(),
             wakeups: BTreeSet::new(),
             expiries: BTreeSet::new(),
             blocked: FxHashMap::default(),
@@ -647,23 +649,41 @@ impl QueueCore {
     /// After the last group: place every live command, pin its groups, and
     /// settle what the log left half-done.
     pub fn finish_replay(&mut self, now: Millis) {
-        let mut ids: Vec<(u64, CommandId)> =
-            self.live.iter().map(|(id, l)| (l.order, *id)).collect();
-        ids.sort_unstable();
-        for &(_, id) in &ids {
-            let l = &self.live[&id];
-            let (d, g, rg) = (l.device, l.group, l.requeue_group);
-            *self.pins.entry(g).or_insert(0) += 1;
-            if let Some(rg) = rg {
-                *self.pins.entry(rg).or_insert(0) += 1;
-                self.requeue_holders.entry(rg).or_default().push(id);
+        // One pass over the live commands. Those ready now (nearly all,
+        // after a power cut) go straight into their queues, each queue built
+        // at once from its sorted commands; the rest are placed one by one.
+        let mut pins: FxHashMap<u64, u32> = FxHashMap::default();
+        let mut ready: FxHashMap<(u32, usize), Vec<(u64, CommandId)>> = FxHashMap::default();
+        let mut others: Vec<(u64, CommandId)> = Vec::new();
+        for (id, l) in self.live.iter_mut() {
+            *pins.entry(l.group).or_insert(0) += 1;
+            if let Some(rg) = l.requeue_group {
+                *pins.entry(rg).or_insert(0) += 1;
+                self.requeue_holders.entry(rg).or_default().push(*id);
             }
-            self.devs[d as usize].live += 1;
+            self.devs[l.device as usize].live += 1;
             if let Some(exp) = l.expires_at {
-                self.expiries.insert((exp, id));
+                self.expiries.insert((exp, *id));
+            }
+            if l.after.is_none() && l.not_before.is_none_or(|t| t <= now) {
+                l.phase = Phase::Ready;
+                ready
+                    .entry((l.device, l.priority.rank()))
+                    .or_default()
+                    .push((l.order, *id));
+            } else {
+                others.push((l.order, *id));
             }
         }
-        for &(_, id) in &ids {
+        for (g, n) in pins {
+            *self.pins.entry(g).or_insert(0) += n;
+        }
+        for ((d, rank), mut q) in ready {
+            q.sort_unstable();
+            self.devs[d as usize].ready[rank] = q.into_iter().collect();
+        }
+        others.sort_unstable();
+        for (_, id) in others {
             self.place(id, now);
         }
         self.unpinned = self

@@ -205,14 +205,30 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     // time went.
     let started = std::time::Instant::now();
     let (mut groups, mut apply) = (0u64, std::time::Duration::ZERO);
-    for g in store.replay() {
-        let g = g?;
-        let t = std::time::Instant::now();
-        core.replay_group(g);
-        apply += t.elapsed();
-        groups += 1;
-    }
-    let read = started.elapsed() - apply;
+    // Reading and decoding run on a second thread while this one applies:
+    // on a 2-core box the two overlap.
+    std::thread::scope(|scope| -> Result<(), StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+        scope.spawn(move || {
+            for g in store.replay() {
+                let stop = g.is_err();
+                // A closed channel: the applier stopped on an error.
+                if tx.send(g).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        for g in rx {
+            let g = g?;
+            let t = std::time::Instant::now();
+            core.replay_group(g);
+            apply += t.elapsed();
+            groups += 1;
+        }
+        Ok(())
+    })?;
+    // What applying did not cover: waiting for reads and decoding.
+    let read = started.elapsed().saturating_sub(apply);
     let t = std::time::Instant::now();
     core.replay_last_seq(store.last_seq());
     core.finish_replay(now);

@@ -116,7 +116,9 @@ impl FromStr for Priority {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// Ran and succeeded; the bytes are the result.
-    Ok(Vec<u8>),
+    // serde_bytes: the same bytes in postcard, decoded in one copy
+    // instead of byte by byte.
+    Ok(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Ran and failed; retried while attempts remain.
     Failed { code: i32, message: String },
     /// Refused without running (bad payload, unsupported): never retried.
@@ -195,6 +197,7 @@ pub struct Command {
     /// The target as the sender wrote it (`dev-7`; later `tag:…`, `cap:…`).
     pub target: String,
     pub priority: Priority,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub created_at: Millis,
     /// Absolute expiry instant, if any.
@@ -206,6 +209,7 @@ pub struct Command {
     /// Who sent it: `cli`, `upstream`, or a device id for device-to-device.
     pub origin: String,
     /// Operator signature over the command, when the sender signed it.
+    #[serde(with = "serde_bytes")]
     pub signature: Option<Vec<u8>>,
 }
 

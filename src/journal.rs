@@ -184,6 +184,7 @@ pub enum UpItem {
     Event {
         device: DeviceId,
         at: Millis,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
 }

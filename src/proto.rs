@@ -62,12 +62,16 @@ pub enum DeviceFrame {
     /// The outcome of a command delivered to this device.
     Ack { id: CommandId, outcome: Outcome },
     /// Telemetry or any other unsolicited data for the box.
-    Event { payload: Vec<u8> },
+    Event {
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
     /// A command for another target, routed by the box (checked by its
     /// ACL). Answered, in the order of `Send`s and `Query`s, by `Sent` or
     /// `Refused` (since 1.1).
     Send {
         to: String,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         opts: SendOptions,
     },
@@ -109,12 +113,14 @@ pub enum BoxFrame {
     Command {
         id: CommandId,
         priority: Priority,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         attempt: u32,
         /// Absolute instant (ms since the Unix epoch) after which the result
         /// is no longer wanted.
         deadline: Option<Millis>,
         /// Operator signature, when the command was signed.
+        #[serde(with = "serde_bytes")]
         signature: Option<Vec<u8>>,
     },
     /// Stop working on this command if still running; do not ack it.

@@ -12,7 +12,7 @@ use super::core::{CoreReply, CoreRequest, Effects, Limits, Lookup, QueueCore};
 use super::{CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest};
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority};
 use crate::journal::{Entry, ResultRecord};
-use crate::store::{DeviceRecord, GroupWrite, Store, StoreError};
+use crate::store::{DeviceRecord, Group, GroupWrite, Store, StoreError};
 use lru::LruCache;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -210,8 +210,13 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     std::thread::scope(|scope| -> Result<(), StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(64);
         scope.spawn(move || {
-            for g in store.replay() {
+            for mut g in store.replay() {
                 let stop = g.is_err();
+                // Replay needs no payload: free them here, on the thread
+                // that allocated them, not on the applying one.
+                if let Ok(g) = &mut g {
+                    strip_payloads(g);
+                }
                 // A closed channel: the applier stopped on an error.
                 if tx.send(g).is_err() || stop {
                     break;
@@ -244,6 +249,28 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
         "queue rebuilt from the store"
     );
     Ok(core)
+}
+
+/// Drop what replay does not use: payloads (read again from the journal
+/// when delivered) and the commands and outcomes kept in results.
+fn strip_payloads(g: &mut Group) {
+    match g {
+        Group::Journal(_, entries) => {
+            for e in entries {
+                match e {
+                    Entry::Enqueued(e) => e.command.payload = Vec::new(),
+                    Entry::Broadcast(b) => b.command.payload = Vec::new(),
+                    Entry::Requeued { .. } => {}
+                }
+            }
+        }
+        Group::Results(_, records) => {
+            for r in records {
+                r.command = None;
+                r.outcome = None;
+            }
+        }
+    }
 }
 
 /// A decoded journal group with an index by command id.

@@ -15,6 +15,8 @@ pub mod config;
 pub mod demo;
 pub mod device;
 pub mod doctor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod journal;
 pub mod metrics;

@@ -557,3 +557,40 @@ fn tag_broadcast_wait_show_and_cancel_from_the_cli() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("reserved"));
 }
+
+#[test]
+fn the_admin_socket_refuses_other_users() {
+    // Needs root to run a client as another uid; elsewhere it says so.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: not root, cannot run a client as another user");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let b = start_box();
+    // Let others reach the socket's directory, so only the socket's own
+    // mode (0660, the box's user and group) stands in the way.
+    let mut p = std::path::PathBuf::new();
+    for c in b.dir.path().components() {
+        p.push(c);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode | 0o711)).unwrap();
+    }
+    let sock = std::fs::metadata(b.dir.path().join("admin.sock")).unwrap();
+    assert_eq!(sock.permissions().mode() & 0o777, 0o660, "socket mode");
+    let nobody = Command::new(BIN)
+        .args(["status"])
+        .env("OUTPOST_DATA_DIR", b.dir.path())
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!nobody.status.success(), "another user was served");
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(err.contains("group"), "says what to do: {err}");
+    // The box's own user still is.
+    ok(&b.run(&["status"]));
+}

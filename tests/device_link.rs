@@ -839,3 +839,83 @@ async fn rss_per_idle_device() {
     drop(conns);
     b.stop().await;
 }
+
+/// Hostile peers at once: connections that finish TLS but never open their
+/// control stream, and an enrolled device that never reads. An honest
+/// device stays served throughout; its latency under attack is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_connections_and_a_device_that_never_reads_do_not_stall_honest_ones() {
+    let b = start_box(LinkOptions {
+        hello_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let honest = b.enroll("honest").await;
+    let lazy = b.enroll("lazy").await;
+    let mute = b.enroll("mute").await;
+    let mut dev = client::connect(&honest, &ConnectOptions::default())
+        .await
+        .unwrap();
+    // Enqueue → receipt on the honest device, n times.
+    async fn probe(b: &TestBox, dev: &mut client::DeviceConnection, n: u8) -> Vec<Duration> {
+        let mut lat = Vec::new();
+        for i in 0..n {
+            let t = std::time::Instant::now();
+            let id = b.send("honest", &[i]).await;
+            match timeout(WAIT, dev.next()).await.unwrap().unwrap() {
+                Some(Received::Command(c)) => assert_eq!(c.id, id),
+                other => panic!("{other:?}"),
+            }
+            lat.push(t.elapsed());
+            dev.ack(id, Outcome::Ok(vec![i])).await.unwrap();
+        }
+        lat.sort();
+        lat
+    }
+    let calm = probe(&b, &mut dev, 50).await;
+
+    // Never reads: the box may only hold its window of commands for it,
+    // then its stream stalls; the rest stays queued on disk.
+    let lazy_raw = Raw::welcomed(b.addr, &lazy).await;
+    for _ in 0..100 {
+        b.send("lazy", &[7u8; 20_000]).await;
+    }
+    // 300 connections that complete TLS and then say nothing.
+    let endpoint = client::client_endpoint(b.addr).unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(mute.client_config().unwrap()).unwrap();
+    let cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut mutes = Vec::new();
+    for _ in 0..300 {
+        let c = endpoint
+            .connect_with(cfg.clone(), b.addr, SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        mutes.push(c);
+    }
+    let attacked = probe(&b, &mut dev, 100).await;
+    println!(
+        "honest device, enqueue → receipt: calm p50 {:?} p99 {:?}; under attack (300 mute connections, a device that never reads) p50 {:?} p99 {:?}",
+        calm[25], calm[49], attacked[50], attacked[98]
+    );
+    // The box closed every mute connection after its hello timeout.
+    for c in &mutes {
+        timeout(WAIT, c.closed())
+            .await
+            .expect("a mute connection was closed");
+    }
+    // The lazy device holds at most its window; the rest is queued.
+    let queued = b.queue.list("lazy".into(), false).await.unwrap();
+    let in_flight = queued
+        .iter()
+        .filter(|v| matches!(v.state, State::Delivered { .. }))
+        .count();
+    assert!(
+        in_flight <= 32,
+        "{in_flight} in flight on a device that never reads"
+    );
+    assert_eq!(queued.len(), 100, "nothing lost");
+    drop(lazy_raw);
+    b.stop().await;
+}

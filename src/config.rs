@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub max_queued: Option<u64>,
     /// A size: `512MiB`, `2GB`, or a number of bytes.
     pub max_disk: Option<SizeValue>,
+    /// Free space kept on the data dir's filesystem: a size.
+    pub min_free_disk: Option<SizeValue>,
     /// A duration: `1s`, `500ms`.
     pub backoff_base: Option<String>,
     pub backoff_cap: Option<String>,
@@ -151,6 +153,10 @@ pub struct ServeArgs {
     /// Bytes on disk before new commands are refused, e.g. 512MiB [default: none]
     #[arg(long, env = "OUTPOST_MAX_DISK")]
     pub max_disk: Option<String>,
+    /// Free space kept on the data dir's filesystem: below it new commands
+    /// are refused, so the database never meets a full disk [default: 32MiB]
+    #[arg(long, env = "OUTPOST_MIN_FREE_DISK")]
+    pub min_free_disk: Option<String>,
     /// First retry delay after a failure [default: 1s]
     #[arg(long, env = "OUTPOST_BACKOFF_BASE")]
     pub backoff_base: Option<String>,
@@ -258,6 +264,13 @@ pub fn resolve(
             origin: cli.into(),
             why: "must be at least 1".into(),
         });
+    }
+    if let Some(v) = match (&args.min_free_disk, &file.min_free_disk) {
+        (Some(v), _) => Some(size("min_free_disk", v, cli)?),
+        (None, Some(v)) => Some(size_value("min_free_disk", v, &f)?),
+        (None, None) => None,
+    } {
+        limits.min_free_disk = v;
     }
     limits.max_disk = match (&args.max_disk, &file.max_disk) {
         (Some(v), _) => Some(size("max_disk", v, cli)?),

@@ -843,7 +843,9 @@ fn refusal(e: QueueError) -> BoxFrame {
         QueueError::NoRoute(_) | QueueError::UnknownDevice(_) | QueueError::Revoked(_) => {
             ErrorCode::NoRoute
         }
-        QueueError::QueueFull { .. } | QueueError::DiskFull { .. } => ErrorCode::Full,
+        QueueError::QueueFull { .. } | QueueError::DiskFull { .. } | QueueError::NoSpace { .. } => {
+            ErrorCode::Full
+        }
         QueueError::BadRequest(_) | QueueError::UnknownDependency(_) => ErrorCode::BadRequest,
         QueueError::NotFound(_) => ErrorCode::NotFound,
         QueueError::ShuttingDown => ErrorCode::ShuttingDown,

@@ -223,22 +223,10 @@ fn cert_expiry(path: &Path) -> Finding {
 }
 
 fn disk(dir: &Path) -> Finding {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return f("disk", Status::Warn, "the path cannot be checked", "");
+    let (total, free) = match crate::store::fs_space(dir) {
+        Ok((t, f)) => (t as u128, f as u128),
+        Err(e) => return f("disk", Status::Warn, format!("statvfs failed: {e}"), ""),
     };
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return f(
-            "disk",
-            Status::Warn,
-            format!("statvfs failed: {}", std::io::Error::last_os_error()),
-            "",
-        );
-    }
-    let total = s.f_blocks as u128 * s.f_frsize as u128;
-    let free = s.f_bavail as u128 * s.f_frsize as u128;
     let pct = if total == 0 {
         100.0
     } else {

@@ -70,7 +70,7 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the disk holding {dir} is full; free space or raise nothing: outpost keeps serving what it has and accepts new commands once space returns")]
+    #[error("the disk holding {dir} is full: free space on it, then restart the box (the database cannot go on after a failed write); keep --min-free-disk high enough that this does not happen")]
     DiskFull { dir: PathBuf },
 }
 
@@ -181,6 +181,20 @@ pub struct Store {
     meta: sled::Tree,
     /// (last seq committed, when `store-seq` was last written).
     watermark: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
+}
+
+/// (total, available) bytes of the filesystem holding `dir`.
+pub fn fs_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = s.f_frsize as u64;
+    Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
 }
 
 fn key(kind: u8, seq: u64, chunk: u16) -> [u8; 11] {
@@ -619,6 +633,11 @@ impl Store {
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Bytes free (to this user) on the data dir's filesystem.
+    pub fn free_space(&self) -> Option<u64> {
+        fs_space(&self.dir).ok().map(|(_, free)| free)
     }
 
     /// Flush anything written without a flush, and record the last

@@ -49,6 +49,10 @@ pub struct Limits {
     pub max_queued: u64,
     /// Bytes on disk before it sheds or refuses (`None`: no budget).
     pub max_disk: Option<u64>,
+    /// Free bytes kept on the data dir's filesystem: below them new
+    /// commands are refused, so the database never meets a full disk
+    /// (sled cannot go on after a failed write).
+    pub min_free_disk: u64,
     /// How long an idempotency key is remembered.
     pub key_window_ms: u64,
     /// Results kept for `show`/`--wait`, by count and by age.
@@ -72,6 +76,7 @@ impl Default for Limits {
             default_ttl_ms: None,
             max_queued: 1_000_000,
             max_disk: None,
+            min_free_disk: 32 * 1024 * 1024,
             key_window_ms: 24 * 3600 * 1000,
             results_max: 100_000,
             results_max_age_ms: 7 * 24 * 3600 * 1000,
@@ -380,6 +385,8 @@ pub struct QueueCore {
     payload_from: Vec<(usize, u64)>,
     next_session: u64,
     disk: u64,
+    /// Free bytes on the data dir's filesystem (`None`: not known).
+    free: Option<u64>,
     stats: QueueStats,
     /// Live broadcasts by parent id (payload-free: it is on disk).
     parents: FxHashMap<CommandId, Parent>,
@@ -429,6 +436,7 @@ impl QueueCore {
             payload_from: Vec::new(),
             next_session: 1,
             disk: 0,
+            free: None,
             stats: QueueStats::default(),
             parents: FxHashMap::default(),
             acl: Acl::default(),
@@ -1782,6 +1790,13 @@ impl QueueCore {
     /// Refuse or shed when the box is at a bound: a new command may push out
     /// the newest queued command of a strictly lower priority.
     fn make_room(&mut self, priority: Priority, now: Millis) -> Result<(), QueueError> {
+        if let Some(free) = self.free.filter(|&f| f < self.limits.min_free_disk) {
+            // Shedding would not help: ending a command writes a record.
+            return Err(QueueError::NoSpace {
+                free,
+                reserve: self.limits.min_free_disk,
+            });
+        }
         let queued = self.live.len() as u64;
         let full = queued >= self.limits.max_queued;
         let disk = self.limits.max_disk.filter(|&limit| self.disk >= limit);
@@ -1809,6 +1824,11 @@ impl QueueCore {
                 limit: disk.unwrap_or(0),
             }),
         }
+    }
+
+    /// Tell the core how many bytes are free on the data dir's filesystem.
+    pub fn set_disk_free(&mut self, bytes: u64) {
+        self.free = Some(bytes);
     }
 
     /// Tell the core how many bytes the store occupies (after each write).

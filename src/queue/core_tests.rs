@@ -1746,3 +1746,40 @@ fn a_full_outbox_skips_telemetry_but_keeps_every_result() {
     assert!(h.core.outbox_stats().skipped > 0, "telemetry gave way");
     assert!(items.iter().filter(|x| x.2.is_telemetry()).count() <= 5);
 }
+
+#[test]
+fn low_free_space_refuses_new_commands_but_keeps_delivering() {
+    let mut h = H::with_devices(Limits::default(), 1);
+    h.connect("d0");
+    let a = h.send_prio("d0", Priority::Normal);
+    h.core.set_disk_free(1024);
+    let e = h.send("d0", SendOptions::default()).unwrap_err();
+    assert!(
+        matches!(e, QueueError::NoSpace { free: 1024, .. }) && e.is_refusal(),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("--min-free-disk"),
+        "says what to do: {e}"
+    );
+    // High priority sheds nothing either: ending a command writes too.
+    assert!(matches!(
+        h.send(
+            "d0",
+            SendOptions {
+                priority: Priority::High,
+                ..Default::default()
+            }
+        ),
+        Err(QueueError::NoSpace { .. })
+    ));
+    h.ack("d0", a, ok()).unwrap();
+    assert_eq!(
+        h.state(a),
+        Some(State::Succeeded),
+        "what is queued still runs"
+    );
+    h.core.set_disk_free(1 << 40);
+    h.send("d0", SendOptions::default()).unwrap();
+    h.check();
+}

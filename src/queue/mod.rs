@@ -51,6 +51,8 @@ pub enum QueueError {
     Storage(String),
     #[error("the queue is shutting down; retry once the box is back")]
     ShuttingDown,
+    #[error("the disk holding the data dir has {free} bytes free, under the reserve of {reserve}: new commands are refused (what is queued is still delivered and acked) until space returns; free space there or lower --min-free-disk")]
+    NoSpace { free: u64, reserve: u64 },
     #[error("no route: {0}")]
     NoRoute(String),
     #[error("device `{device}` may not send to `{target}`: no [[acl]] rule in the box's config allows it")]
@@ -65,6 +67,7 @@ impl QueueError {
             QueueError::Revoked(_)
                 | QueueError::QueueFull { .. }
                 | QueueError::DiskFull { .. }
+                | QueueError::NoSpace { .. }
                 | QueueError::Forbidden { .. }
         )
     }

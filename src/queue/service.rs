@@ -239,6 +239,9 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     core.finish_replay(now);
     let settle = t.elapsed();
     core.set_disk_usage(store.size_on_disk());
+    if let Some(free) = store.free_space() {
+        core.set_disk_free(free);
+    }
     let live = core.stats().queued + core.stats().in_flight;
     tracing::info!(
         groups,
@@ -559,6 +562,9 @@ impl Writer {
         if self.core.limits().max_disk.is_some() || self.rounds % 256 == 0 {
             self.core.set_disk_usage(self.store.size_on_disk());
         }
+        if let Some(free) = self.store.free_space() {
+            self.core.set_disk_free(free);
+        }
         self.dispatch(effects);
         for p in pending {
             self.answer(p);
@@ -593,9 +599,9 @@ impl Writer {
     /// the two cannot drift apart. Devices reconnect and get what they had.
     fn fail_round(&mut self, pending: Vec<Pending>, e: StoreError) {
         let err = match &e {
-            StoreError::DiskFull { .. } => QueueError::DiskFull {
-                used: self.store.size_on_disk(),
-                limit: self.core.limits().max_disk.unwrap_or(0),
+            StoreError::DiskFull { .. } => QueueError::NoSpace {
+                free: self.store.free_space().unwrap_or(0),
+                reserve: self.core.limits().min_free_disk,
             },
             other => QueueError::Storage(other.to_string()),
         };

@@ -50,13 +50,16 @@ man -w outpost >/dev/null 2>&1 || zcat /usr/share/man/man1/outpost.1.gz | grep -
 
 # Run the packaged box as systemd would (its user, its state dir, the
 # packaged config) and drive it with the CLI as root.
+start_box() {
+  runuser -u outpost -- env OUTPOST_LOG=warn outpost serve --listen 127.0.0.1:0 >/dev/null 2>&1 &
+  box=$!
+  for _ in $(seq 100); do
+    outpost status >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+}
 install -d -o outpost -g outpost -m 0750 /var/lib/outpost
-runuser -u outpost -- env OUTPOST_LOG=warn outpost serve --listen 127.0.0.1:0 >/dev/null 2>&1 &
-box=$!
-for _ in $(seq 100); do
-  outpost status >/dev/null 2>&1 && break
-  sleep 0.1
-done
+start_box
 outpost status --json | grep -q '"data_dir":"/var/lib/outpost"' || fail "the CLI does not find the packaged box"
 outpost enroll dev-1 --out /tmp/outpost-test-dev-1.bundle >/dev/null
 id=$(outpost send dev-1 hello)
@@ -70,12 +73,7 @@ grep -q "edited by the technician" /etc/outpost/outpost.toml || fail "upgrade re
 [ -d /var/lib/outpost/db ] || fail "upgrade lost the data"
 
 # The queued command is still there after the upgrade.
-runuser -u outpost -- env OUTPOST_LOG=warn outpost serve --listen 127.0.0.1:0 >/dev/null 2>&1 &
-box=$!
-for _ in $(seq 100); do
-  outpost status >/dev/null 2>&1 && break
-  sleep 0.1
-done
+start_box
 outpost show "$id" --json | grep -q '"state":"queued"' || fail "the queued command did not survive the upgrade"
 kill "$box"; wait "$box" 2>/dev/null || true; box=""
 

@@ -2199,14 +2199,13 @@ impl QueueCore {
             return;
         }
         let p = self.parents.remove(&pid).expect("checked");
-        let children: Vec<ChildEnd> = p
-            .children
-            .iter()
-            .zip(&p.ends)
-            .map(|(&(id, d), end)| ChildEnd {
-                id,
-                device: self.devs[d as usize].id.clone(),
-                state: end.unwrap_or(State::Cancelled),
+        let children: Vec<ChildEnd> = self
+            .children_of(&p)
+            .into_iter()
+            .map(|c| ChildEnd {
+                id: c.id,
+                device: c.device,
+                state: c.state,
             })
             .collect();
         let state = if p.cancelled {
@@ -2438,10 +2437,9 @@ impl QueueCore {
         }
     }
 
-    /// A live broadcast as `show` gives it: its children and the aggregate.
-    fn parent_view(&self, pid: CommandId, p: &Parent) -> CommandView {
-        let children: Vec<ChildView> = p
-            .children
+    /// A broadcast's children: each one's end, or its state while open.
+    fn children_of(&self, p: &Parent) -> Vec<ChildView> {
+        p.children
             .iter()
             .zip(&p.ends)
             .map(|(&(id, d), end)| ChildView {
@@ -2451,7 +2449,12 @@ impl QueueCore {
                     .or_else(|| self.state_of(id))
                     .unwrap_or(State::Cancelled),
             })
-            .collect();
+            .collect()
+    }
+
+    /// A live broadcast as `show` gives it: its children and the aggregate.
+    fn parent_view(&self, pid: CommandId, p: &Parent) -> CommandView {
+        let children = self.children_of(p);
         let c = &p.command;
         CommandView {
             id: pid,

@@ -266,6 +266,32 @@ struct Live {
     parent: Option<Box<CommandId>>,
 }
 
+impl Live {
+    /// A broadcast child of parent command `p` (journalled in group
+    /// `group`), before its device, order and progress are filled in.
+    fn child_of(p: &Command, origin: u32, group: u64) -> Live {
+        Live {
+            device: 0,
+            gen: 0,
+            priority: p.priority,
+            order: 0,
+            group,
+            requeue_group: None,
+            attempts: 0,
+            max_attempts: p.max_attempts,
+            created_at: p.created_at,
+            expires_at: p.expires_at,
+            not_before: p.not_before,
+            after: p.after.map(Box::new),
+            phase: Phase::Ready,
+            target: Some(p.target.as_str().into()),
+            origin,
+            key: None,
+            parent: Some(Box::new(p.id)),
+        }
+    }
+}
+
 /// A device, or a `cap:` pool: the queue of commands any device with that
 /// capability may run.
 #[derive(Debug)]
@@ -623,25 +649,12 @@ impl QueueCore {
             if c.end.is_some() || self.live.get(&c.id).is_some_and(|l| l.gen > 0) {
                 continue;
             }
-            let p = &parent.command;
             let live = Live {
                 device: d,
-                gen: 0,
-                priority: p.priority,
                 order: c.order,
-                group: seq,
-                requeue_group: None,
                 attempts: c.attempts,
-                max_attempts: p.max_attempts,
-                created_at: p.created_at,
-                expires_at: p.expires_at,
                 not_before: c.not_before,
-                after: p.after.map(Box::new),
-                phase: Phase::Ready,
-                target: Some(p.target.as_str().into()),
-                origin,
-                key: None,
-                parent: Some(Box::new(pid)),
+                ..Live::child_of(&parent.command, origin, seq)
             };
             self.live.insert(c.id, live);
         }
@@ -978,26 +991,7 @@ impl QueueCore {
                 cancelled: false,
             },
         );
-        let p = &self.parents[&pid].command;
-        let template = Live {
-            device: 0,
-            gen: 0,
-            priority: p.priority,
-            order: 0,
-            group: seq,
-            requeue_group: None,
-            attempts: 0,
-            max_attempts: p.max_attempts,
-            created_at: p.created_at,
-            expires_at: p.expires_at,
-            not_before: p.not_before,
-            after: p.after.map(Box::new),
-            phase: Phase::Ready,
-            target: Some(p.target.as_str().into()),
-            origin,
-            key: None,
-            parent: Some(Box::new(pid)),
-        };
+        let template = Live::child_of(&self.parents[&pid].command, origin, seq);
         self.event(pid, State::Queued, now, None, None);
         for (c, &(cid, d)) in entry.children.iter().zip(&parent_children) {
             let live = Live {

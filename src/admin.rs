@@ -53,6 +53,8 @@ pub enum AdminRequest {
         id: DeviceId,
         tags: Vec<String>,
         caps: Vec<String>,
+        /// A box below this one (an edge), not a device.
+        gateway: bool,
     },
     Revoke(DeviceId),
     /// Lifecycle events from now on, optionally of one device only.
@@ -123,6 +125,29 @@ pub struct StatusView {
     pub dead: u64,
     pub disk_bytes: u64,
     pub data_dir: String,
+    /// The uplink to the hub above, when the box has one.
+    pub uplink: Option<UplinkView>,
+}
+
+/// The uplink as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UplinkView {
+    /// `connecting`, `connected` or `offline`.
+    pub state: String,
+    pub hub: String,
+    /// When the state began (ms since the epoch).
+    pub since: u64,
+    /// When the hub last acknowledged records (ms since the epoch).
+    pub last_sync: Option<u64>,
+    pub last_error: Option<String>,
+    /// Records waiting for the hub.
+    pub outbox_depth: u64,
+    /// Age of the oldest record waiting for the hub, in ms (0: none).
+    pub lag_ms: u64,
+    /// Telemetry records skipped while the outbox was full.
+    pub outbox_skipped: u64,
+    pub forwarded_total: u64,
+    pub synced_total: u64,
 }
 
 fn error_of(e: &QueueError) -> AdminResponse {
@@ -149,6 +174,8 @@ pub struct AdminContext {
     pub advertise: String,
     pub data_dir: PathBuf,
     pub started: Instant,
+    /// The uplink's state, when the box has one.
+    pub uplink: Option<tokio::sync::watch::Receiver<crate::upstream::UplinkStatus>>,
 }
 
 /// Bind the admin socket in `data_dir`: remove a stale socket file (one
@@ -246,7 +273,12 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         AdminRequest::Status => status(ctx).await,
         AdminRequest::Devices => q.devices().await.map(AdminResponse::Devices),
         AdminRequest::Relabel(r) => q.relabel(r).await.map(AdminResponse::Device),
-        AdminRequest::Enroll { id, tags, caps } => return enroll(ctx, id, tags, caps).await,
+        AdminRequest::Enroll {
+            id,
+            tags,
+            caps,
+            gateway,
+        } => return enroll(ctx, id, tags, caps, gateway).await,
         AdminRequest::Revoke(id) => {
             let r = q.revoke(id.clone()).await;
             if r.is_ok() {
@@ -280,14 +312,35 @@ async fn status(ctx: &AdminContext) -> Result<AdminResponse, QueueError> {
         dead: stats.dead,
         disk_bytes: crate::store::dir_size(&ctx.data_dir),
         data_dir: ctx.data_dir.display().to_string(),
+        uplink: match &ctx.uplink {
+            None => None,
+            Some(w) => {
+                let s = w.borrow().clone();
+                let o = ctx.queue.outbox_stats().await?;
+                let now = crate::now_millis();
+                Some(UplinkView {
+                    state: s.state,
+                    hub: s.hub,
+                    since: s.since,
+                    last_sync: s.last_sync,
+                    last_error: s.last_error,
+                    outbox_depth: o.depth,
+                    lag_ms: o.oldest_at.map_or(0, |t| now.saturating_sub(t)),
+                    outbox_skipped: o.skipped,
+                    forwarded_total: s.forwarded_total,
+                    synced_total: s.synced_total,
+                })
+            }
+        },
     }))
 }
 
 async fn enroll(
     ctx: &AdminContext,
     id: DeviceId,
-    tags: Vec<String>,
+    mut tags: Vec<String>,
     caps: Vec<String>,
+    gateway: bool,
 ) -> AdminResponse {
     let names = tags
         .iter()
@@ -300,6 +353,10 @@ async fn enroll(
                 message: e.to_string(),
             };
         }
+    }
+    // Checked names first: the reserved tag is the box's own.
+    if gateway {
+        tags.push(crate::route::GATEWAY_TAG.into());
     }
     let bundle = match ctx.identity.issue_device(&id, &ctx.advertise) {
         Ok(b) => b,

@@ -586,6 +586,7 @@ pub async fn idle_bench(exe: &Path, dir: &Path, n: usize, secs: u64) -> anyhow::
             id: format!("idle-{i}"),
             tags: vec![],
             caps: vec![],
+            gateway: false,
         };
         let AdminResponse::Bundle { text } = admin.call(&req).await? else {
             anyhow::bail!("unexpected enroll answer")

@@ -62,6 +62,11 @@ pub enum Cmd {
         /// Where to write the bundle [default: ./<device>.bundle]
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Enroll a box below this one (an edge), whose devices are then
+        /// addressed as <device>/DEVICE; give it the bundle as its
+        /// --upstream-bundle.
+        #[arg(long)]
+        gateway: bool,
     },
     /// Revoke a device: refused at its next handshake, disconnected now.
     Revoke { device: String },
@@ -314,6 +319,7 @@ async fn run(
             tags,
             caps,
             out,
+            gateway,
         } => {
             let r = call(
                 data_dir,
@@ -321,6 +327,7 @@ async fn run(
                     id: device.clone(),
                     tags,
                     caps,
+                    gateway,
                 },
             )
             .await?;
@@ -330,10 +337,18 @@ async fn run(
             let path = out.unwrap_or_else(|| PathBuf::from(format!("{device}.bundle")));
             crate::identity::write_secret(&path, text.as_bytes())?;
             println!("enrolled {device}; bundle written to {} (keep it secret: it holds the device's key)", path.display());
-            println!(
-                "run the device with: outpost device --bundle {} --echo",
-                path.display()
-            );
+            if gateway {
+                println!(
+                    "on the edge box, run: outpost serve --upstream quic://{} --upstream-bundle {}",
+                    crate::identity::Bundle::read(&path).map(|b| b.server).unwrap_or_else(|_| "HUB:7443".into()),
+                    path.display()
+                );
+            } else {
+                println!(
+                    "run the device with: outpost device --bundle {} --echo",
+                    path.display()
+                );
+            }
             Ok(0)
         }
         Cmd::Revoke { device } => {
@@ -621,6 +636,14 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.store.cache_bytes = c.cache_bytes;
     o.metrics = c.metrics;
     o.acl = c.acl;
+    o.upstream = c.upstream.map(|u| {
+        let bundle = u
+            .bundle
+            .unwrap_or_else(|| data_dir.join(crate::serve::UPSTREAM_BUNDLE));
+        let mut opts = crate::upstream::UplinkOptions::new(bundle, Some(u.server));
+        opts.max_frame = o.link.max_frame;
+        (opts, u.outbox_max)
+    });
     o
 }
 

@@ -217,6 +217,10 @@ pub enum Received {
     Cancel(CommandId),
     /// A non-fatal error from the box (e.g. `NotYourCommand`).
     Error { code: ErrorCode, message: String },
+    /// To a gateway (an edge box): a command for a target below it.
+    Forward(Box<proto::Forward>),
+    /// To a gateway: the hub stored its outbox up to this seq.
+    UpAck(u64),
 }
 
 /// Answers the box owes this device, oldest first (it answers `Send` and
@@ -529,6 +533,8 @@ async fn read_loop(
                 signature,
             })),
             Ok(Some(BoxFrame::Cancel { id })) => Ok(Received::Cancel(id)),
+            Ok(Some(BoxFrame::Forward(f))) => Ok(Received::Forward(f)),
+            Ok(Some(BoxFrame::UpAck { seq })) => Ok(Received::UpAck(seq)),
             Ok(Some(BoxFrame::Pong)) => continue,
             Ok(Some(BoxFrame::Error { code, message })) if !code.is_fatal() => {
                 Ok(Received::Error { code, message })
@@ -949,6 +955,17 @@ impl Agent {
                 tracing::warn!(%code, %message, "the box reported an error");
                 None
             }
+            Received::Forward(f) => {
+                // Only a gateway is sent these; a device agent cannot route.
+                tracing::warn!(id = %f.id, "the box forwarded a command to this device as if it were a box below it; rejecting it");
+                Some((
+                    f.id,
+                    Outcome::Rejected {
+                        reason: "this is a device agent, not a box: it cannot route commands".into(),
+                    },
+                ))
+            }
+            Received::UpAck(_) => None,
         }
     }
 

@@ -60,6 +60,13 @@ pub struct FileConfig {
     pub results_max_age: Option<String>,
     /// Prometheus metrics address, e.g. 127.0.0.1:9464 (off when absent).
     pub metrics: Option<String>,
+    /// The hub above this box, `quic://HOST:PORT` (off when absent).
+    pub upstream: Option<String>,
+    /// This box's bundle from the hub (`outpost enroll NAME --gateway`).
+    pub upstream_bundle: Option<PathBuf>,
+    /// Telemetry records (states, last-seen, events) kept for the hub while
+    /// it is out of reach; results are always kept.
+    pub outbox_max: Option<u64>,
     /// Which devices may send commands to which targets (`[[acl]]` tables,
     /// `from = [...]`, `to = [...]`). None: devices may not send (default
     /// deny).
@@ -182,6 +189,18 @@ pub struct ServeArgs {
     /// [default: off]
     #[arg(long, env = "OUTPOST_METRICS")]
     pub metrics: Option<String>,
+    /// The hub above this box, quic://HOST:PORT: commands come down, results
+    /// and events go up, and the box works on offline [default: none]
+    #[arg(long, env = "OUTPOST_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// This box's bundle from the hub (made there with `outpost enroll
+    /// NAME --gateway --out FILE`) [default: <data-dir>/upstream.bundle]
+    #[arg(long, env = "OUTPOST_UPSTREAM_BUNDLE")]
+    pub upstream_bundle: Option<PathBuf>,
+    /// Telemetry records kept for the hub while it is out of reach (results
+    /// are always kept) [default: 100000]
+    #[arg(long, env = "OUTPOST_OUTBOX_MAX")]
+    pub outbox_max: Option<u64>,
 }
 
 /// What `serve` runs with, every value settled.
@@ -194,7 +213,21 @@ pub struct ServeConfig {
     pub cache_bytes: u64,
     pub metrics: Option<std::net::SocketAddr>,
     pub acl: crate::route::Acl,
+    /// The hub's `host:port`, its bundle (None: `<data-dir>/upstream.bundle`)
+    /// and the outbox bound, when the box has an uplink.
+    pub upstream: Option<Upstream>,
 }
+
+/// The uplink's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub server: String,
+    pub bundle: Option<PathBuf>,
+    pub outbox_max: u64,
+}
+
+/// Default bound of the outbox's telemetry.
+pub const DEFAULT_OUTBOX_MAX: u64 = 100_000;
 
 fn duration(key: &'static str, v: &str, origin: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(v.trim()).map_err(|e| ConfigError::Value {
@@ -309,7 +342,28 @@ pub fn resolve(
         origin: f.clone(),
         why: format!("{e}; a pattern is *, a device id, tag:NAME or cap:NAME"),
     })?;
+    let upstream = match pick_str(&args.upstream, &file.upstream) {
+        None => None,
+        Some((v, origin)) => Some(Upstream {
+            server: crate::upstream::parse_url(&v).map_err(|why| ConfigError::Value {
+                key: "upstream",
+                value: v.clone(),
+                origin,
+                why,
+            })?,
+            bundle: args
+                .upstream_bundle
+                .clone()
+                .or_else(|| file.upstream_bundle.clone()),
+            outbox_max: args
+                .outbox_max
+                .or(file.outbox_max)
+                .unwrap_or(DEFAULT_OUTBOX_MAX)
+                .max(1),
+        }),
+    };
     Ok(ServeConfig {
+        upstream,
         acl,
         metrics,
         listen,

@@ -647,6 +647,18 @@ impl Session {
                             signature: c.signature,
                         },
                         Some(Delivery::Cancel(id)) => BoxFrame::Cancel { id },
+                        Some(Delivery::Forward(f)) if self.minor < proto::MINOR_GATEWAY => {
+                            // An edge too old to take it: end it with a
+                            // reason rather than hold it in flight forever.
+                            let id = f.id;
+                            let outcome = Outcome::Rejected {
+                                reason: format!("the box below speaks protocol {}.{}; forwarding needs 1.{} (upgrade it)", proto::VERSION.major, self.minor, proto::MINOR_GATEWAY),
+                            };
+                            let done = session.ack(id, outcome);
+                            acks.spawn(async move { (id, done.await) });
+                            continue;
+                        }
+                        Some(Delivery::Forward(f)) => BoxFrame::Forward(f),
                         None => {
                             break if shared.revoked.contains(&self.device) {
                                 Fatal::new(ErrorCode::Revoked, "this device was revoked")
@@ -657,14 +669,19 @@ impl Session {
                     };
                     match self.write(&frame).await {
                         Ok(()) => {
-                            if matches!(frame, BoxFrame::Command { .. }) {
+                            if matches!(frame, BoxFrame::Command { .. } | BoxFrame::Forward(_)) {
                                 bump(&shared.stats.commands_sent);
                             }
                         }
                         Err(FrameError::TooLarge { len, max }) => {
                             // Only a Command can be this big; it can never be
                             // delivered, so end it rather than retry forever.
-                            if let BoxFrame::Command { id, .. } = frame {
+                            let id = match &frame {
+                                BoxFrame::Command { id, .. } => Some(*id),
+                                BoxFrame::Forward(f) => Some(f.id),
+                                _ => None,
+                            };
+                            if let Some(id) = id {
                                 tracing::warn!(%id, len, max, "command payload over the frame limit; rejecting it");
                                 let outcome = Outcome::Rejected {
                                     reason: format!("payload of {len} bytes is over the device link's frame limit of {max} bytes"),
@@ -742,6 +759,25 @@ impl Session {
                         }
                         DeviceFrame::Hello { .. } => {
                             break Fatal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into();
+                        }
+                        DeviceFrame::Accepted { id, .. } => {
+                            // Like an ack: a stray one counts as a bad ack.
+                            let done = shared.queue.handed(self.device.clone(), id);
+                            acks.spawn(async move { (id, done.await) });
+                        }
+                        DeviceFrame::Up { entries } => {
+                            // Answered in order with the other answers; an
+                            // error is not fatal (the edge retries later).
+                            let applied = shared.queue.up(self.device.clone(), entries);
+                            answers.push_back(tokio::spawn(async move {
+                                match applied.await {
+                                    Ok(seq) => BoxFrame::UpAck { seq },
+                                    Err(e) => match refusal(e) {
+                                        BoxFrame::Refused { code, message } => BoxFrame::Error { code, message },
+                                        other => other,
+                                    },
+                                }
+                            }));
                         }
                     }
                 }

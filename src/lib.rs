@@ -26,6 +26,7 @@ pub mod queue;
 pub mod route;
 pub mod serve;
 pub mod store;
+pub mod upstream;
 
 pub use command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, SendOptions, State};
 

@@ -13,6 +13,7 @@
 //! knows it. Unknown tags are answered with `Error{UnknownMessage}`.
 
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::journal::UpEntry;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -32,11 +33,15 @@ impl fmt::Display for Version {
 }
 
 /// The protocol version this build speaks.
-pub const VERSION: Version = Version { major: 1, minor: 1 };
+pub const VERSION: Version = Version { major: 1, minor: 2 };
 
 /// The first minor version with device-to-device `Send` answered by
 /// `Sent`/`Refused`, and `Query`/`Status`.
 pub const MINOR_SEND: u16 = 1;
+
+/// The first minor version with the gateway messages of upstream sync
+/// (`Up`/`Accepted` and `Forward`/`UpAck`): an edge box under a hub.
+pub const MINOR_GATEWAY: u16 = 2;
 
 /// Default largest frame body, in bytes (DESIGN §3).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
@@ -80,6 +85,13 @@ pub enum DeviceFrame {
     /// The state of a command this device sent (since 1.1); answered by
     /// `Status` or `Refused{NotFound}`.
     Query { id: CommandId },
+    /// Gateway only (since 1.2): records of the edge's outbox, in seq
+    /// order. Answered by `UpAck` once the hub has stored them.
+    Up { entries: Vec<UpEntry> },
+    /// Gateway only (since 1.2): a `Forward`ed command is durable in the
+    /// edge's queue (`duplicate`: it already was). Its end comes later, as
+    /// an `Up` result.
+    Accepted { id: CommandId, duplicate: bool },
 }
 
 impl DeviceFrame {
@@ -92,6 +104,8 @@ impl DeviceFrame {
             DeviceFrame::Send { .. } => "Send",
             DeviceFrame::Ping => "Ping",
             DeviceFrame::Query { .. } => "Query",
+            DeviceFrame::Up { .. } => "Up",
+            DeviceFrame::Accepted { .. } => "Accepted",
         }
     }
 }
@@ -142,6 +156,36 @@ pub enum BoxFrame {
         outcome: Option<Outcome>,
         error: Option<String>,
     },
+    /// To a gateway (since 1.2): a command for a target below it, to queue
+    /// durably under the same id and answer with `Accepted` (or `Ack` with
+    /// `Rejected`/`Failed` when it cannot). A redelivery carries the same
+    /// id; the edge dedupes.
+    Forward(Box<Forward>),
+    /// To a gateway (since 1.2): every outbox record up to `seq` is stored
+    /// on the hub; the edge may delete them.
+    UpAck { seq: u64 },
+}
+
+/// A command a hub hands down to an edge box (`BoxFrame::Forward`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    pub id: CommandId,
+    /// The target on the edge: `dev-7`, `tag:line-3` or `cap:camera`.
+    pub target: String,
+    pub priority: Priority,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// Time to live left when it was forwarded (relative, so the two
+    /// boxes' clocks need not agree).
+    pub ttl_ms: Option<u64>,
+    pub max_attempts: u32,
+    /// Runs only once this command (also sent through this edge) succeeded.
+    pub after: Option<CommandId>,
+    pub not_before: Option<Millis>,
+    /// Who sent it on the hub (`cli`, a device id).
+    pub origin: String,
+    #[serde(with = "serde_bytes")]
+    pub signature: Option<Vec<u8>>,
 }
 
 impl BoxFrame {
@@ -156,6 +200,8 @@ impl BoxFrame {
             BoxFrame::Sent { .. } => "Sent",
             BoxFrame::Refused { .. } => "Refused",
             BoxFrame::Status { .. } => "Status",
+            BoxFrame::Forward(_) => "Forward",
+            BoxFrame::UpAck { .. } => "UpAck",
         }
     }
 }
@@ -325,11 +371,11 @@ pub trait Frame: Serialize + DeserializeOwned {
 }
 
 impl Frame for DeviceFrame {
-    const KNOWN_TAGS: u32 = 6;
+    const KNOWN_TAGS: u32 = 8;
 }
 
 impl Frame for BoxFrame {
-    const KNOWN_TAGS: u32 = 8;
+    const KNOWN_TAGS: u32 = 10;
 }
 
 /// Why a frame could not be read or written.
@@ -787,9 +833,9 @@ mod tests {
             assert_eq!(e.code(), Some(ErrorCode::Malformed), "{body:?}: {e}");
         }
         // A tag past the known ones: unknown message.
-        let e = decode::<DeviceFrame>(&[0x06]).unwrap_err();
+        let e = decode::<DeviceFrame>(&[0x08]).unwrap_err();
         assert!(
-            matches!(e, FrameError::UnknownMessage { tag: 6, known: 6 }),
+            matches!(e, FrameError::UnknownMessage { tag: 8, known: 8 }),
             "{e}"
         );
         let e = decode::<DeviceFrame>(&[0xc8, 0x01, 0x00]).unwrap_err();

@@ -5,10 +5,14 @@
 //! - `dev-7`: one device.
 //! - `tag:line-3`: broadcast, one child command per device with the tag.
 //! - `cap:camera`: any one connected device with the capability.
-//! - `edge-1/dev-7`: through a downstream box (upstream sync, not routed by
-//!   this module yet).
+//! - `edge-1/dev-7`: through a downstream box, a gateway device enrolled
+//!   with [`GATEWAY_TAG`] (upstream sync).
 
 use serde::{Deserialize, Serialize};
+
+/// The reserved tag of a device that is a box below this one (an edge
+/// enrolled with `--gateway`): `edge/…` targets route through it.
+pub const GATEWAY_TAG: &str = "outpost:gateway";
 
 /// The longest target, tag or capability name accepted.
 pub const MAX_NAME: usize = 255;

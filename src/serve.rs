@@ -31,7 +31,13 @@ pub struct ServeOptions {
     pub metrics: Option<SocketAddr>,
     /// Device-to-device sends allowed (default: none).
     pub acl: crate::route::Acl,
+    /// The uplink to a hub, and the outbox's telemetry bound (off when
+    /// `None`).
+    pub upstream: Option<(crate::upstream::UplinkOptions, u64)>,
 }
+
+/// Where the uplink's bundle is looked for when none is named.
+pub const UPSTREAM_BUNDLE: &str = "upstream.bundle";
 
 impl ServeOptions {
     /// Defaults for a data dir: listen on `[::]:7443`.
@@ -46,6 +52,7 @@ impl ServeOptions {
             link: LinkOptions::default(),
             metrics: None,
             acl: crate::route::Acl::default(),
+            upstream: None,
         }
     }
 }
@@ -61,6 +68,8 @@ pub struct RunningBox {
     pub advertise: String,
     /// Where metrics are served, when on.
     pub metrics_addr: Option<SocketAddr>,
+    /// The uplink to the hub, when the box has one.
+    pub uplink: Option<crate::upstream::Uplink>,
     admin: tokio::task::JoinHandle<()>,
     metrics: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
@@ -77,9 +86,22 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         ServiceOptions {
             limits: o.limits.clone(),
             acl: o.acl.clone(),
+            outbox_max: o.upstream.as_ref().map(|u| u.1),
             ..ServiceOptions::default()
         },
     )?;
+    let mut link_opts = o.link.clone();
+    if o.upstream.is_some() && link_opts.events.is_none() {
+        // Device events go up with everything else.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::device::DeviceEvent>(1024);
+        let q = queue.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                q.device_event(ev.device, ev.payload, ev.at);
+            }
+        });
+        link_opts.events = Some(tx);
+    }
     let devices = queue.devices().await?;
     let revoked = RevokedSet::from_ids(
         devices
@@ -93,7 +115,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         tls,
         revoked,
         queue.clone(),
-        o.link.clone(),
+        link_opts,
     )?);
     let addr = link.local_addr()?;
     let advertise = o.advertise.clone().unwrap_or_else(|| {
@@ -106,6 +128,10 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             addr.to_string()
         }
     });
+    let uplink = o
+        .upstream
+        .as_ref()
+        .map(|(u, _)| crate::upstream::start(queue.clone(), u.clone()));
     let listener = admin::bind(&o.data_dir).await?;
     let ctx = Arc::new(AdminContext {
         queue: queue.clone(),
@@ -114,6 +140,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         advertise: advertise.clone(),
         data_dir: o.data_dir.clone(),
         started: Instant::now(),
+        uplink: uplink.as_ref().map(|u| u.watch()),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx));
     let (metrics_addr, metrics) = match o.metrics {
@@ -130,6 +157,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         None => (None, None),
     };
     Ok(RunningBox {
+        uplink,
         metrics_addr,
         metrics,
         queue,
@@ -151,6 +179,7 @@ impl RunningBox {
             m.abort();
         }
         let _ = std::fs::remove_file(&self.socket);
+        drop(self.uplink);
         self.link.shutdown().await;
         self.queue.shutdown().await;
     }

@@ -39,6 +39,24 @@ const KIND_JOURNAL: u8 = b'J';
 const KIND_RESULTS: u8 = b'R';
 /// Upstream outbox records (`UpEntry`s), keyed by the group that wrote them.
 const KIND_OUTBOX: u8 = b'O';
+/// Hub side of upstream sync: `U` + edge id → highest outbox seq applied.
+const KIND_CURSOR: u8 = b'U';
+/// `X` + command id (16 bytes BE): a cancel sent down, not yet confirmed.
+const KIND_CANCEL: u8 = b'X';
+
+fn cursor_key(edge: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + edge.len());
+    k.push(KIND_CURSOR);
+    k.extend_from_slice(edge.as_bytes());
+    k
+}
+
+fn cancel_key(id: crate::command::CommandId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = KIND_CANCEL;
+    k[1..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
 const KEY_LAST_SEQ: &[u8] = b"S";
 /// The seq the next outbox entry gets: kept apart from the outbox groups,
 /// which are all deleted once acknowledged, so seqs never go back.
@@ -151,6 +169,11 @@ pub struct GroupWrite {
     pub drop_outbox: Vec<u64>,
     /// The outbox's next seq, when this group changed the outbox.
     pub outbox_next: Option<u64>,
+    /// Hub side of upstream sync: per edge, the highest outbox seq applied
+    /// (in the batch of what applying it changed).
+    pub cursors: Vec<(crate::command::DeviceId, u64)>,
+    /// Cancels sent down to an edge and not yet confirmed: set or cleared.
+    pub cancel_marks: Vec<(crate::command::CommandId, bool)>,
 }
 
 impl GroupWrite {
@@ -161,6 +184,8 @@ impl GroupWrite {
             && self.drop_results.is_empty()
             && self.outbox.is_empty()
             && self.drop_outbox.is_empty()
+            && self.cursors.is_empty()
+            && self.cancel_marks.is_empty()
     }
 }
 
@@ -463,6 +488,17 @@ impl Store {
         if let Some(n) = w.outbox_next {
             batch.insert(KEY_OUTBOX_NEXT, &n.to_be_bytes());
         }
+        for (edge, seq) in &w.cursors {
+            batch.insert(cursor_key(edge), &seq.to_be_bytes());
+        }
+        for &(id, set) in &w.cancel_marks {
+            let k = cancel_key(id);
+            if set {
+                batch.insert(&k, &[]);
+            } else {
+                batch.remove(&k);
+            }
+        }
         batch.insert(KEY_LAST_SEQ, &w.seq.to_be_bytes());
         self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
@@ -512,6 +548,36 @@ impl Store {
                 self.corrupt("the outbox seq record has the wrong length".into())
             })?)),
         }
+    }
+
+    /// Per edge below this hub, the highest outbox seq applied.
+    pub fn cursors(&self) -> Result<Vec<(crate::command::DeviceId, u64)>, StoreError> {
+        self.journal
+            .scan_prefix([KIND_CURSOR])
+            .map(|r| {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                let edge = String::from_utf8_lossy(&k[1..]).into_owned();
+                let seq = v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+                    self.corrupt(format!("the sync cursor of `{edge}` has the wrong length"))
+                })?;
+                Ok((edge, seq))
+            })
+            .collect()
+    }
+
+    /// Commands whose cancel was sent down to an edge and not confirmed.
+    pub fn cancel_marks(&self) -> Result<Vec<crate::command::CommandId>, StoreError> {
+        self.journal
+            .scan_prefix([KIND_CANCEL])
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| self.err(e))?;
+                let raw: [u8; 16] = k[1..]
+                    .try_into()
+                    .map_err(|_| self.corrupt("a cancel mark has the wrong length".into()))?;
+                Ok(crate::command::CommandId(u128::from_be_bytes(raw)))
+            })
+            .collect()
     }
 
     /// One outbox group (to stream it upstream).

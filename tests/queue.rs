@@ -33,6 +33,7 @@ async fn next_command(s: &mut DeviceSession) -> outpost::queue::DeliveredCommand
         match tokio::time::timeout(Duration::from_secs(10), s.rx.recv()).await {
             Ok(Some(Delivery::Command(c))) => return c,
             Ok(Some(Delivery::Cancel(_))) => continue,
+            Ok(Some(Delivery::Forward(f))) => panic!("a device was forwarded {f:?}"),
             Ok(None) => panic!("session closed"),
             Err(_) => panic!("no delivery within 10 s"),
         }

@@ -21,6 +21,9 @@
 //! oldest journal group still on disk: then no `Enqueued` entry it finishes
 //! can still be replayed, so dropping it can never resurrect a command.
 
+mod gateway;
+
+use self::gateway::Remote;
 use super::outbox::{Outbox, OutboxStats};
 use super::{
     ChildView, CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest,
@@ -109,6 +112,35 @@ pub enum CoreRequest {
         from: DeviceId,
         req: SendRequest,
     },
+    /// A command forwarded by the hub above, under the hub's id (edge side).
+    SendAs {
+        id: CommandId,
+        req: SendRequest,
+    },
+    /// Telemetry a device sent, for the upstream.
+    Event {
+        device: DeviceId,
+        payload: Vec<u8>,
+        at: Millis,
+    },
+    /// A gateway has a forwarded command durably (hub side).
+    Handed {
+        gateway: DeviceId,
+        id: CommandId,
+    },
+    /// Outbox records from a gateway (hub side); answered with the cursor.
+    Up {
+        edge: DeviceId,
+        entries: Vec<UpEntry>,
+    },
+    /// The hub stored every outbox record up to this seq (edge side).
+    UpAck(u64),
+    /// Outbox records after a seq, at most this many (edge side).
+    OutboxRead {
+        after: u64,
+        max: usize,
+    },
+    OutboxStats,
 }
 
 /// Tags and capabilities to add to or remove from a device.
@@ -133,6 +165,9 @@ pub enum CoreReply {
     Device(DeviceRecord),
     Devices(Vec<DeviceView>),
     Done,
+    Cursor(u64),
+    Outbox(Vec<UpEntry>),
+    OutboxStats(OutboxStats),
 }
 
 fn unexpected<T>(what: &str) -> Result<T, QueueError> {
@@ -176,6 +211,24 @@ impl CoreReply {
         match self {
             CoreReply::Devices(d) => Ok(d),
             _ => unexpected("devices"),
+        }
+    }
+    pub fn into_cursor(self) -> Result<u64, QueueError> {
+        match self {
+            CoreReply::Cursor(c) => Ok(c),
+            _ => unexpected("cursor"),
+        }
+    }
+    pub fn into_outbox(self) -> Result<Vec<UpEntry>, QueueError> {
+        match self {
+            CoreReply::Outbox(e) => Ok(e),
+            _ => unexpected("outbox records"),
+        }
+    }
+    pub fn into_outbox_stats(self) -> Result<OutboxStats, QueueError> {
+        match self {
+            CoreReply::OutboxStats(s) => Ok(s),
+            _ => unexpected("outbox stats"),
         }
     }
 }
@@ -237,6 +290,9 @@ enum Phase {
     /// Delivered to device `on` (the command's own device, or for a
     /// `cap:` command the capable device chosen for it).
     InFlight { attempt: u32, on: u32 },
+    /// A command for a box below this one that the box has durably (it
+    /// left the gateway's window; its end comes as an outbox record).
+    Handed { attempt: u32 },
 }
 
 /// A live command's handle. The payload stays on disk.
@@ -319,6 +375,8 @@ struct Dev {
     /// Pool commands ever handed to it: the tie-break that spreads a pool's
     /// work when devices are equally idle.
     assigned: u64,
+    /// For a gateway: commands the box below holds (counted in `live`).
+    handed: u64,
 }
 
 impl Dev {
@@ -336,6 +394,7 @@ impl Dev {
             offered: None,
             borrowed: 0,
             assigned: 0,
+            handed: 0,
         }
     }
 
@@ -419,6 +478,17 @@ pub struct QueueCore {
     acl: Acl,
     /// What goes upstream (off without an uplink).
     outbox: Outbox,
+    // ----- hub side of upstream sync (see `gateway`) -----
+    /// What edges last reported of commands sent down to them.
+    remote: FxHashMap<CommandId, Remote>,
+    /// Devices of the boxes below, as `edge-1/dev-7`.
+    remote_devices: BTreeMap<DeviceId, DeviceRecord>,
+    /// Per edge: the highest outbox seq applied.
+    cursors: HashMap<DeviceId, u64>,
+    cursor_writes: Vec<(DeviceId, u64)>,
+    /// Commands held by an edge whose cancel it has not confirmed.
+    cancelling: FxHashSet<CommandId>,
+    cancel_marks: Vec<(CommandId, bool)>,
 }
 
 /// A sealed round: the group to write, and the retryable results whose
@@ -467,6 +537,12 @@ impl QueueCore {
             parents: FxHashMap::default(),
             acl: Acl::default(),
             outbox: Outbox::off(),
+            remote: FxHashMap::default(),
+            remote_devices: BTreeMap::new(),
+            cursors: HashMap::new(),
+            cursor_writes: Vec::new(),
+            cancelling: FxHashSet::default(),
+            cancel_marks: Vec::new(),
         }
     }
 
@@ -487,9 +563,9 @@ impl QueueCore {
     }
 
     /// Rebuild the outbox's index from a group read back at start.
-    pub fn replay_outbox(&mut self, group: u64, entries: &[UpEntry]) {
+    pub fn replay_outbox(&mut self, group: u64, entries: &[UpEntry], now: Millis) {
         self.open_seq = self.open_seq.max(group + 1);
-        self.outbox.replay(group, entries);
+        self.outbox.replay(group, entries, now);
     }
 
     /// The upstream has stored every outbox entry up to `seq`.
@@ -524,6 +600,10 @@ impl QueueCore {
     /// Rebuild from the store: devices first, then every group in order,
     /// then `finish_replay`. Replay emits nothing to journal.
     pub fn replay_device(&mut self, rec: DeviceRecord) {
+        if rec.id.contains('/') {
+            self.replay_remote_device(rec);
+            return;
+        }
         let d = self.dev(&rec.id);
         self.devs[d as usize].record = Some(rec);
         self.index_caps(d);
@@ -750,6 +830,7 @@ impl QueueCore {
             self.settle_parent(pid, now);
         }
         self.effects = Effects::default();
+        self.settle_cancelling();
         self.tick(now);
     }
 
@@ -757,6 +838,27 @@ impl QueueCore {
 
     /// Enqueue a command. Durable once the round is sealed and written.
     pub fn send(&mut self, req: SendRequest, now: Millis) -> Result<SendReceipt, QueueError> {
+        self.send_as(None, req, now)
+    }
+
+    /// Enqueue a command under an id chosen upstream (a hub forwarding it),
+    /// or a new one. A known id is a redelivery: answered as a duplicate,
+    /// never queued twice.
+    pub fn send_as(
+        &mut self,
+        id: Option<CommandId>,
+        req: SendRequest,
+        now: Millis,
+    ) -> Result<SendReceipt, QueueError> {
+        if let Some(id) = id {
+            if let Some(state) = self.state_of(id) {
+                return Ok(SendReceipt {
+                    id,
+                    state,
+                    duplicate: true,
+                });
+            }
+        }
         let SendRequest {
             target,
             payload,
@@ -820,7 +922,10 @@ impl QueueCore {
         }
         self.make_room(opts.priority, now)?;
 
-        let id = self.new_id(now);
+        let id = match id {
+            Some(id) => id,
+            None => self.new_id(now),
+        };
         let command = Command {
             id,
             target: target.clone(),
@@ -1054,10 +1159,20 @@ impl QueueCore {
                 .map(|(id, l)| (l.priority.rank(), l.order, *id))
                 .collect()
         } else {
-            dev.in_flight
+            let mut v: Vec<_> = dev
+                .in_flight
                 .iter()
                 .map(|id| (self.live[id].priority.rank(), self.live[id].order, *id))
-                .collect()
+                .collect();
+            if dev.handed > 0 {
+                v.extend(
+                    self.live
+                        .iter()
+                        .filter(|(_, l)| l.device == d && matches!(l.phase, Phase::Handed { .. }))
+                        .map(|(id, l)| (l.priority.rank(), l.order, *id)),
+                );
+            }
+            v
         };
         in_flight.sort_unstable();
         let mut out: Vec<CommandView> = in_flight
@@ -1105,6 +1220,9 @@ impl QueueCore {
                 error: Some("cancelled by operator".into()),
                 ..view
             });
+        }
+        if let Some(view) = self.cancel_remote(id) {
+            return Ok(view);
         }
         let Some(l) = self.live.get(&id) else {
             return Err(self.not_live(id, "cancel"));
@@ -1280,17 +1398,29 @@ impl QueueCore {
                 Some(DeviceView {
                     record,
                     online: d.session.is_some(),
-                    queued: d.live - (d.in_flight.len() as u64 - d.borrowed),
-                    in_flight: d.in_flight.len() as u64,
+                    queued: d.live - d.handed - (d.in_flight.len() as u64 - d.borrowed),
+                    in_flight: d.in_flight.len() as u64 + d.handed,
                 })
             })
             .collect();
+        // The devices of the boxes below, as they last reported them (their
+        // queues are those boxes' own).
+        v.extend(self.remote_devices.values().map(|r| DeviceView {
+            record: r.clone(),
+            online: false,
+            queued: 0,
+            in_flight: 0,
+        }));
         v.sort_by(|a, b| a.record.id.cmp(&b.record.id));
         v
     }
 
     pub fn stats(&self) -> QueueStats {
-        let in_flight: u64 = self.devs.iter().map(|d| d.in_flight.len() as u64).sum();
+        let in_flight: u64 = self
+            .devs
+            .iter()
+            .map(|d| d.in_flight.len() as u64 + d.handed)
+            .sum();
         QueueStats {
             queued: self.live.len() as u64 - in_flight,
             in_flight,
@@ -1346,6 +1476,9 @@ impl QueueCore {
         self.devs[d as usize].offered = offered;
         self.index_caps(d);
         self.touch(d, now);
+        if self.is_gateway(d) {
+            self.resend_cancels(d);
+        }
         self.pump(d, now);
         Ok(token)
     }
@@ -1565,7 +1698,7 @@ impl QueueCore {
             self.requeue_holders.remove(s);
         }
         let outbox_next = self.outbox.dirty().then(|| self.outbox.next_seq());
-        let (outbox, drop_outbox) = self.outbox.seal(seq);
+        let (outbox, drop_outbox) = self.outbox.seal(seq, now);
         let w = GroupWrite {
             seq,
             journal: std::mem::take(&mut self.journal),
@@ -1575,6 +1708,8 @@ impl QueueCore {
             outbox,
             drop_outbox,
             outbox_next,
+            cursors: std::mem::take(&mut self.cursor_writes),
+            cancel_marks: std::mem::take(&mut self.cancel_marks),
         };
         // A group seq is used once: a round that wrote any record moves on.
         if !w.journal.is_empty() || !w.results.is_empty() || !w.outbox.is_empty() {
@@ -1640,7 +1775,15 @@ impl QueueCore {
             ))
         })?;
         match t {
-            Target::Device(id) => self.enrolled(id).map(Route::Device),
+            Target::Device(id) => {
+                let d = self.enrolled(id)?;
+                if self.is_gateway(d) {
+                    return Err(QueueError::NoRoute(format!(
+                        "`{id}` is a box below this one; address its devices as `{id}/DEVICE`, `{id}/tag:T` or `{id}/cap:C`"
+                    )));
+                }
+                Ok(Route::Device(d))
+            }
             Target::Tag(tag) => {
                 let devs: Vec<u32> = self
                     .devs
@@ -1666,9 +1809,7 @@ impl QueueCore {
                     "no enrolled device has capability `{cap}`; add it with `outpost tag DEVICE --add-cap {cap}`"
                 ))),
             },
-            Target::Edge { edge, .. } => Err(QueueError::NoRoute(format!(
-                "`{target}` names a box below this one (`{edge}`): upstream routing is not available yet"
-            ))),
+            Target::Edge { edge, .. } => self.route_edge(edge, target),
         }
     }
 
@@ -1800,7 +1941,10 @@ impl QueueCore {
         let victim = self
             .live
             .iter()
-            .filter(|(_, l)| l.priority < priority && !matches!(l.phase, Phase::InFlight { .. }))
+            .filter(|(_, l)| {
+                l.priority < priority
+                    && !matches!(l.phase, Phase::InFlight { .. } | Phase::Handed { .. })
+            })
             .min_by_key(|(_, l)| (l.priority, std::cmp::Reverse(l.order)))
             .map(|(id, _)| *id);
         match victim {
@@ -2090,6 +2234,13 @@ impl QueueCore {
         let dev = &mut self.devs[l.device as usize];
         dev.live -= 1;
         dev.ready[l.priority.rank()].remove(&l.order);
+        if let Phase::Handed { .. } = l.phase {
+            dev.handed -= 1;
+        }
+        self.remote.remove(&id);
+        if self.cancelling.remove(&id) {
+            self.cancel_marks.push((id, false));
+        }
         // The device it ran on (for a pool command, the one chosen for it).
         let ran_on = on.unwrap_or(l.device);
         let device = self.devs[ran_on as usize].id.clone();
@@ -2112,7 +2263,9 @@ impl QueueCore {
             self.unpin(g);
         }
         let attempts = match l.phase {
-            Phase::InFlight { attempt, .. } if outcome.is_some() => attempt,
+            Phase::InFlight { attempt, .. } | Phase::Handed { attempt } if outcome.is_some() => {
+                attempt
+            }
             _ => l.attempts,
         };
         let keep_command = matches!(state, State::Dead | State::Failed);
@@ -2300,7 +2453,15 @@ impl QueueCore {
     fn retain_results(&mut self, now: Millis) {
         // Never drop a result that a journal group still on disk could
         // contradict (see the module doc).
-        let oldest_journal = self.pins.keys().next().copied().unwrap_or(self.open_seq);
+        // Nor one the upstream has not stored yet: an edge must still know
+        // a command it ran when its hub forwards that command again.
+        let oldest_journal = self
+            .pins
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.open_seq)
+            .min(self.outbox.oldest_group().unwrap_or(u64::MAX));
         while self.results.len() > self.limits.results_max
             || self
                 .result_groups
@@ -2330,7 +2491,9 @@ impl QueueCore {
     fn state_of(&self, id: CommandId) -> Option<State> {
         if let Some(l) = self.live.get(&id) {
             return Some(match l.phase {
-                Phase::InFlight { attempt, .. } => State::Delivered { attempt },
+                Phase::InFlight { attempt, .. } | Phase::Handed { attempt } => {
+                    State::Delivered { attempt }
+                }
                 _ => State::Queued,
             });
         }
@@ -2392,9 +2555,18 @@ impl QueueCore {
     fn view(&self, id: CommandId, l: &Live) -> CommandView {
         let (state, attempts, on) = match l.phase {
             Phase::InFlight { attempt, on } => (State::Delivered { attempt }, attempt, on),
+            Phase::Handed { attempt } => (State::Delivered { attempt }, attempt, l.device),
             _ => (State::Queued, l.attempts, l.device),
         };
-        let device = self.devs[on as usize].id.clone();
+        let mut device = self.devs[on as usize].id.clone();
+        // A command sent down: what the edge last said of it.
+        let (state, attempts) = match self.remote_of(id) {
+            Some(r) => {
+                device = r.device.clone();
+                (r.state, r.attempts)
+            }
+            None => (state, attempts),
+        };
         CommandView {
             id,
             target: l

@@ -13,6 +13,8 @@ struct MemDisk {
     outbox: BTreeMap<u64, Vec<UpEntry>>,
     outbox_next: Option<u64>,
     devices: BTreeMap<String, DeviceRecord>,
+    cursors: BTreeMap<String, u64>,
+    cancel_marks: BTreeSet<CommandId>,
 }
 
 impl MemDisk {
@@ -42,6 +44,14 @@ impl MemDisk {
         }
         if w.outbox_next.is_some() {
             self.outbox_next = w.outbox_next;
+        }
+        self.cursors.extend(w.cursors);
+        for (id, set) in w.cancel_marks {
+            if set {
+                self.cancel_marks.insert(id);
+            } else {
+                self.cancel_marks.remove(&id);
+            }
         }
     }
 
@@ -139,7 +149,7 @@ impl H {
         }
         self.disk.apply(w);
         let fx = self.core.take_effects();
-        for r in fx.device_writes {
+        for r in fx.device_writes.into_iter().chain(fx.device_touches) {
             self.disk.devices.insert(r.id.clone(), r);
         }
         for d in fx.deliveries {
@@ -219,11 +229,17 @@ impl H {
         for r in self.disk.devices.values() {
             core.replay_device(r.clone());
         }
+        for (e, c) in &self.disk.cursors {
+            core.replay_cursor(e.clone(), *c);
+        }
+        for id in &self.disk.cancel_marks {
+            core.replay_cancelling(*id);
+        }
         if let Some(max) = self.outbox {
             core.enable_outbox(max);
             core.replay_outbox_seq(self.disk.outbox_next.unwrap_or(1));
             for (g, e) in &self.disk.outbox {
-                core.replay_outbox(*g, e);
+                core.replay_outbox(*g, e, self.now);
             }
         }
         for g in self.disk.groups() {
@@ -277,6 +293,10 @@ impl H {
                     );
                 }
                 Phase::Waiting | Phase::Blocked => assert!(!in_ready),
+                Phase::Handed { .. } => {
+                    assert!(!in_ready && !dev.in_flight.contains(id));
+                    assert!(c.is_gateway(l.device), "{id} handed to a device that is no gateway");
+                }
             }
             if let Some(&pid) = l.parent.as_deref() {
                 let p = &c.parents[&pid];
@@ -1782,4 +1802,214 @@ fn low_free_space_refuses_new_commands_but_keeps_delivering() {
     h.core.set_disk_free(1 << 40);
     h.send("d0", SendOptions::default()).unwrap();
     h.check();
+}
+
+// ----- the hub side of upstream sync (DESIGN §7) ------------------------------
+
+fn hub() -> H {
+    H::with_records(
+        Limits {
+            window: 2,
+            ..Limits::default()
+        },
+        vec![labelled("e1", &[crate::route::GATEWAY_TAG], &[]), dev("d9")],
+    )
+}
+
+/// The edge takes what the hub forwarded, under the hub's id.
+fn take(edge: &mut H, id: CommandId, target: &str) -> SendReceipt {
+    let r = edge
+        .core
+        .send_as(
+            Some(id),
+            SendRequest {
+                target: target.into(),
+                payload: b"down".to_vec(),
+                opts: SendOptions::default(),
+                origin: "upstream/cli".into(),
+                signature: None,
+            },
+            edge.now,
+        )
+        .unwrap();
+    edge.round();
+    r
+}
+
+/// Everything in the edge's outbox, oldest first.
+fn outbox_of(edge: &H) -> Vec<UpEntry> {
+    edge.disk.outbox.values().flatten().cloned().collect()
+}
+
+fn up(hub: &mut H, entries: Vec<UpEntry>) -> u64 {
+    let c = hub.core.up("e1", entries, hub.now).unwrap();
+    hub.round();
+    hub.check();
+    c
+}
+
+fn results_for(h: &H, id: CommandId) -> usize {
+    h.disk.results.values().flatten().filter(|r| r.id == id).count()
+}
+
+#[test]
+fn a_command_sent_down_runs_once_on_the_edge_and_ends_once_on_the_hub() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let ids: Vec<CommandId> = (0..3)
+        .map(|_| hub.send("e1/d0", SendOptions::default()).unwrap().id)
+        .collect();
+    // The gateway's window (2) bounds what is forwarded but not yet taken.
+    assert_eq!(hub.ids("e1"), ids[..2]);
+    for &id in &ids[..2] {
+        assert!(!take(&mut edge, id, "d0").duplicate);
+        hub.core.handed("e1", id, hub.now).unwrap();
+        hub.round();
+    }
+    // Taken: out of the window, so the third goes down.
+    assert_eq!(hub.ids("e1"), ids);
+    assert!(!take(&mut edge, ids[2], "d0").duplicate);
+    // A link drop before the third was acknowledged: forwarded again, and
+    // the edge queues it once.
+    hub.disconnect("e1");
+    hub.connect("e1");
+    assert_eq!(hub.ids("e1").len(), 4, "only the one not taken goes again");
+    assert!(take(&mut edge, ids[2], "d0").duplicate);
+    hub.core.handed("e1", ids[2], hub.now).unwrap();
+    hub.round();
+    hub.check();
+    let v = hub.core.list("e1").unwrap();
+    assert_eq!(v.len(), 3);
+    assert!(v.iter().all(|c| matches!(c.state, State::Delivered { .. })));
+
+    // The edge runs them; its outbox goes up.
+    edge.connect("d0");
+    assert_eq!(edge.ids("d0"), ids, "the edge runs them under the hub's ids");
+    for &id in &ids {
+        edge.ack("d0", id, Outcome::Ok(b"done".to_vec())).unwrap();
+    }
+    let entries = outbox_of(&edge);
+    let last = entries.last().unwrap().seq;
+    // Half first: the hub shows the edge's progress on the way.
+    let half = entries.iter().position(|e| matches!(e.item, UpItem::Result(_))).unwrap();
+    assert_eq!(up(&mut hub, entries[..half].to_vec()), entries[half - 1].seq);
+    let shown = hub.core.list("e1").unwrap();
+    assert!(
+        shown.iter().any(|c| c.device == "e1/d0"),
+        "the edge's device shows: {shown:?}"
+    );
+    assert_eq!(up(&mut hub, entries.clone()), last);
+    for &id in &ids {
+        assert_eq!(hub.state(id), Some(State::Succeeded));
+        let r = hub.disk.result(id).unwrap();
+        assert_eq!(r.device, "e1/d0");
+        assert_eq!(r.target, "e1/d0");
+        assert_eq!(r.outcome, Some(Outcome::Ok(b"done".to_vec())));
+        assert_eq!(results_for(&hub, id), 1);
+    }
+    assert_eq!(hub.core.stats().in_flight, 0);
+    // The same records again (a resend), and again after a hub restart:
+    // nothing is applied twice.
+    let applied = hub.core.stats().up_applied_total;
+    assert_eq!(up(&mut hub, entries.clone()), last);
+    hub.reopen();
+    assert_eq!(up(&mut hub, entries.clone()), last);
+    assert_eq!(hub.core.stats().up_applied_total, 0, "a restarted hub skips them all");
+    assert!(hub.core.stats().up_duplicates_total >= entries.len() as u64);
+    let _ = applied;
+    for &id in &ids {
+        assert_eq!(results_for(&hub, id), 1, "{id} recorded once");
+    }
+    // The edge's device is listed on the hub under the edge's name.
+    assert!(hub
+        .core
+        .devices()
+        .iter()
+        .any(|d| d.record.id == "e1/d0"));
+    // And a redelivery after the end is still a duplicate on the edge.
+    assert!(take(&mut edge, ids[0], "d0").duplicate);
+}
+
+#[test]
+fn results_of_the_edges_own_commands_are_kept_on_the_hub() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    edge.connect("d0");
+    let id = edge.send_prio("d0", Priority::Normal);
+    edge.ack("d0", id, Outcome::Ok(b"local".to_vec())).unwrap();
+    up(&mut hub, outbox_of(&edge));
+    let r = hub.disk.result(id).expect("recorded on the hub");
+    assert_eq!((r.device.as_str(), r.state), ("e1/d0", State::Succeeded));
+    assert_eq!(hub.core.stats().up_results_total, 1);
+}
+
+#[test]
+fn a_cancel_of_what_the_edge_holds_waits_for_the_edge_across_restarts() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    take(&mut edge, id, "d0");
+    hub.core.handed("e1", id, hub.now).unwrap();
+    hub.round();
+    let v = hub.core.cancel(id, hub.now).unwrap();
+    hub.round();
+    assert!(!v.state.is_final(), "the edge may be running it");
+    assert!(v.error.unwrap().contains("e1"));
+    assert_eq!(hub.cancels, vec![("e1".to_string(), id)]);
+    assert!(hub.disk.cancel_marks.contains(&id));
+    // The hub restarts before the edge answers: the cancel is sent again
+    // when the edge connects.
+    hub.reopen();
+    hub.cancels.clear();
+    hub.connect("e1");
+    assert_eq!(hub.cancels, vec![("e1".to_string(), id)]);
+    // The edge cancels it; its end goes up and ends it on the hub.
+    edge.core.cancel(id, edge.now).unwrap();
+    edge.round();
+    assert!(take(&mut edge, id, "d0").duplicate, "the redelivery is a duplicate");
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(hub.state(id), Some(State::Cancelled));
+    assert!(hub.disk.cancel_marks.is_empty(), "the mark goes with the command");
+    hub.reopen();
+    hub.cancels.clear();
+    hub.connect("e1");
+    assert!(hub.cancels.is_empty());
+}
+
+#[test]
+fn targets_through_a_box_need_a_gateway_and_only_a_gateway_reports_upward() {
+    let mut hub = hub();
+    let e = hub.send("e1", SendOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("e1/DEVICE"), "{e}");
+    let e = hub.send("d9/dev-7", SendOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("--gateway"), "{e}");
+    let e = hub.send("nobody/dev-7", SendOptions::default()).unwrap_err();
+    assert!(matches!(e, QueueError::UnknownDevice(_)), "{e}");
+    let e = hub.core.up("d9", vec![], hub.now).unwrap_err();
+    assert!(matches!(e, QueueError::Forbidden { .. }), "{e}");
+    // Each level of a deeper tree is a gateway of the one above.
+    assert!(hub.send("e1/e2/dev-7", SendOptions::default()).is_ok());
+}
+
+#[test]
+fn an_edge_keeps_results_the_hub_has_not_stored_past_their_retention() {
+    let mut edge = with_outbox(1000, 1);
+    edge.limits.results_max = 1;
+    edge.core.limits.results_max = 1;
+    edge.connect("d0");
+    let ids: Vec<CommandId> = (0..5).map(|_| edge.send_prio("d0", Priority::Normal)).collect();
+    for &id in &ids {
+        edge.ack("d0", id, ok()).unwrap();
+    }
+    edge.advance(1);
+    for &id in &ids {
+        assert_eq!(edge.state(id), Some(State::Succeeded), "kept while unsent");
+    }
+    let last = outbox_of(&edge).last().unwrap().seq;
+    edge.core.up_ack(last);
+    edge.advance(1);
+    edge.advance(1);
+    assert!(edge.core.results.len() <= 1, "retention applies once the hub has them");
 }

@@ -194,6 +194,11 @@ pub struct QueueStats {
     /// then the count above the last bucket.
     pub flush_buckets: Vec<u64>,
     pub flush_seconds_sum: f64,
+    /// Hub side of upstream sync: outbox records applied, skipped as
+    /// already applied, and of those results recorded.
+    pub up_applied_total: u64,
+    pub up_duplicates_total: u64,
+    pub up_results_total: u64,
 }
 
 /// Upper bounds (seconds) of the flush-latency histogram buckets.

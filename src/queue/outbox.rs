@@ -25,6 +25,9 @@ pub struct OutboxStats {
     pub next_seq: u64,
     /// Telemetry-like items skipped because the outbox was full.
     pub skipped: u64,
+    /// When the oldest unacknowledged record was written (for a box
+    /// restarted since: when it started), if any.
+    pub oldest_at: Option<crate::command::Millis>,
 }
 
 /// One outbox group on disk: the seqs it holds.
@@ -32,6 +35,7 @@ pub struct OutboxStats {
 struct Span {
     last: u64,
     count: u64,
+    at: crate::command::Millis,
 }
 
 #[derive(Debug)]
@@ -68,6 +72,11 @@ impl Outbox {
         self.max = max.max(1);
     }
 
+    /// The oldest group still holding unacknowledged records.
+    pub fn oldest_group(&self) -> Option<u64> {
+        self.groups.keys().next().copied()
+    }
+
     pub fn is_on(&self) -> bool {
         self.on
     }
@@ -88,7 +97,7 @@ impl Outbox {
     }
 
     /// Rebuild from an outbox group read back at start.
-    pub fn replay(&mut self, group: u64, entries: &[UpEntry]) {
+    pub fn replay(&mut self, group: u64, entries: &[UpEntry], now: crate::command::Millis) {
         let Some(last) = entries.last() else {
             return;
         };
@@ -99,6 +108,7 @@ impl Outbox {
             Span {
                 last: last.seq,
                 count,
+                at: now,
             },
         );
         self.depth += count;
@@ -124,7 +134,7 @@ impl Outbox {
 
     /// Close the round as group `seq`: the entries to write with it, and
     /// the acknowledged groups to delete in the same batch.
-    pub fn seal(&mut self, seq: u64) -> (Vec<UpEntry>, Vec<u64>) {
+    pub fn seal(&mut self, seq: u64, now: crate::command::Millis) -> (Vec<UpEntry>, Vec<u64>) {
         let entries = std::mem::take(&mut self.open);
         if let Some(last) = entries.last() {
             let count = entries.len() as u64;
@@ -133,6 +143,7 @@ impl Outbox {
                 Span {
                     last: last.seq,
                     count,
+                    at: now,
                 },
             );
             self.depth += count;
@@ -177,6 +188,7 @@ impl Outbox {
             acked: self.acked,
             next_seq: self.next_seq,
             skipped: self.skipped,
+            oldest_at: self.groups.values().next().map(|s| s.at),
         }
     }
 }
@@ -204,7 +216,7 @@ mod tests {
     fn off_records_nothing() {
         let mut o = Outbox::off();
         assert!(!o.push(device("a")));
-        assert_eq!(o.seal(1), (vec![], vec![]));
+        assert_eq!(o.seal(1, 0), (vec![], vec![]));
     }
 
     #[test]
@@ -213,9 +225,9 @@ mod tests {
         o.enable(100);
         o.push(state(1));
         o.push(state(2));
-        let (e1, _) = o.seal(10);
+        let (e1, _) = o.seal(10, 0);
         o.push(device("a"));
-        let (e2, _) = o.seal(11);
+        let (e2, _) = o.seal(11, 0);
         assert_eq!(
             e1.iter().chain(&e2).map(|e| e.seq).collect::<Vec<_>>(),
             vec![1, 2, 3]
@@ -224,15 +236,15 @@ mod tests {
         assert_eq!(o.groups_after(0), vec![10, 11]);
         // A partial ack of group 10 keeps it (its rest is sent again).
         o.ack(1);
-        assert_eq!(o.seal(12).1, Vec::<u64>::new());
+        assert_eq!(o.seal(12, 0).1, Vec::<u64>::new());
         assert_eq!(o.groups_after(1), vec![10, 11]);
         o.ack(2);
-        assert_eq!(o.seal(13).1, vec![10]);
+        assert_eq!(o.seal(13, 0).1, vec![10]);
         assert_eq!(o.groups_after(2), vec![11]);
         // An ack beyond what was written is clamped.
         o.ack(99);
         assert_eq!(o.stats().acked, 3);
-        assert_eq!(o.seal(14).1, vec![11]);
+        assert_eq!(o.seal(14, 0).1, vec![11]);
         assert_eq!(o.stats().depth, 0);
     }
 
@@ -244,7 +256,7 @@ mod tests {
         assert!(o.push(state(2)));
         assert!(!o.push(state(3)), "telemetry gives way when full");
         assert!(o.push(device("a")), "device records never do");
-        o.seal(1);
+        o.seal(1, 0);
         assert_eq!(o.stats().skipped, 1);
         assert_eq!(o.stats().depth, 3);
     }
@@ -255,13 +267,13 @@ mod tests {
         o.enable(10);
         o.push(state(1));
         o.push(state(2));
-        let (e, _) = o.seal(5);
+        let (e, _) = o.seal(5, 0);
         let mut r = Outbox::off();
         r.enable(10);
-        r.replay(5, &e);
+        r.replay(5, &e, 0);
         assert_eq!(r.stats().depth, 2);
         assert_eq!(r.stats().next_seq, 3);
         assert!(r.push(state(3)));
-        assert_eq!(r.seal(6).0[0].seq, 3);
+        assert_eq!(r.seal(6, 0).0[0].seq, 3);
     }
 }

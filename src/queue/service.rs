@@ -52,6 +52,8 @@ impl Default for ServiceOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
     Command(DeliveredCommand),
+    /// A command for a box below this one: to its gateway.
+    Forward(Box<crate::proto::Forward>),
     /// Stop working on this command if you still are (cancelled, expired).
     Cancel(CommandId),
 }
@@ -142,6 +144,9 @@ pub(crate) enum Msg {
 pub struct QueueHandle {
     tx: std_mpsc::Sender<Msg>,
     events: broadcast::Sender<LifecycleEvent>,
+    /// The outbox's next seq after each write that added to it (the
+    /// uplink wakes on it; nothing polls).
+    outbox: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Open the store's queue: replay the journal into a core and start the
@@ -150,7 +155,9 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     let core = rebuild(&store, &opts)?;
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
     let mut writer = Writer {
+        outbox: outbox_tx,
         core,
         store,
         rx,
@@ -178,7 +185,11 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
             dir: std::path::PathBuf::from("(writer thread)"),
             source,
         })?;
-    Ok(QueueHandle { tx, events })
+    Ok(QueueHandle {
+        tx,
+        events,
+        outbox: outbox_rx,
+    })
 }
 
 /// Lifecycle events buffered for slow watchers before they start to lag.
@@ -193,12 +204,18 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     for d in store.devices()? {
         core.replay_device(d);
     }
+    for (edge, seq) in store.cursors()? {
+        core.replay_cursor(edge, seq);
+    }
+    for id in store.cancel_marks()? {
+        core.replay_cancelling(id);
+    }
     if let Some(max) = opts.outbox_max {
         core.enable_outbox(max);
         core.replay_outbox_seq(store.outbox_next_seq()?);
         for g in store.outbox_groups() {
             let (seq, entries) = g?;
-            core.replay_outbox(seq, &entries);
+            core.replay_outbox(seq, &entries, now);
         }
     }
     // Timed by phase: a slow start after a power cut should say where its
@@ -327,6 +344,7 @@ enum Pending {
 }
 
 struct Writer {
+    outbox: tokio::sync::watch::Sender<u64>,
     core: QueueCore,
     store: Store,
     rx: std_mpsc::Receiver<Msg>,
@@ -434,6 +452,29 @@ impl Writer {
                     CoreRequest::DeviceSend { from, req } => {
                         core.device_send(&from, req, now).map(CoreReply::Receipt)
                     }
+                    CoreRequest::SendAs { id, req } => {
+                        core.send_as(Some(id), req, now).map(CoreReply::Receipt)
+                    }
+                    CoreRequest::Handed { gateway, id } => {
+                        core.handed(&gateway, id, now).map(|()| CoreReply::Done)
+                    }
+                    CoreRequest::Up { edge, entries } => {
+                        core.up(&edge, entries, now).map(CoreReply::Cursor)
+                    }
+                    CoreRequest::Event {
+                        device,
+                        payload,
+                        at,
+                    } => {
+                        core.device_event(&device, payload, at);
+                        Ok(CoreReply::Done)
+                    }
+                    CoreRequest::UpAck(seq) => {
+                        core.up_ack(seq);
+                        Ok(CoreReply::Done)
+                    }
+                    CoreRequest::OutboxRead { after, max } => self.read_outbox(after, max),
+                    CoreRequest::OutboxStats => Ok(CoreReply::OutboxStats(core.outbox_stats())),
                 };
                 pending.push(Pending::Reply(reply, result));
             }
@@ -494,6 +535,24 @@ impl Writer {
             ))
         })?;
         self.core.retry(record, now).map(CoreReply::View)
+    }
+
+    /// Outbox records after `after`, at most about `max` (whole groups),
+    /// read from the store: the outbox lives on disk, not in memory.
+    fn read_outbox(&self, after: u64, max: usize) -> Result<CoreReply, QueueError> {
+        let mut out = Vec::new();
+        for g in self.core.outbox_groups_after(after) {
+            if out.len() >= max {
+                break;
+            }
+            let entries = self
+                .store
+                .read_outbox(g)
+                .map_err(|e| QueueError::Storage(e.to_string()))?
+                .unwrap_or_default();
+            out.extend(entries.into_iter().filter(|e| e.seq > after));
+        }
+        Ok(CoreReply::Outbox(out))
     }
 
     fn read_result(&self, seq: u64, id: CommandId) -> Result<Option<ResultRecord>, QueueError> {
@@ -557,6 +616,10 @@ impl Writer {
         }
         for seq in &write.drop_journal {
             self.cache.pop(seq);
+        }
+        if !write.outbox.is_empty() {
+            let next = self.core.outbox_stats().next_seq;
+            self.outbox.send_replace(next);
         }
         self.rounds += 1;
         if self.core.limits().max_disk.is_some() || self.rounds % 256 == 0 {
@@ -648,14 +711,30 @@ impl Writer {
                 tracing::error!("command {} has no journal record to deliver from", d.id);
                 continue;
             };
-            let delivery = Delivery::Command(DeliveredCommand {
+            let delivery = match crate::route::Target::parse(&c.target) {
+                Ok(crate::route::Target::Edge { rest, .. }) => {
+                    Delivery::Forward(Box::new(crate::proto::Forward {
+                        id: d.id,
+                        target: rest.to_string(),
+                        priority: d.priority,
+                        ttl_ms: d.deadline.map(|t| t.saturating_sub(crate::now_millis()).max(1)),
+                        max_attempts: c.max_attempts,
+                        after: c.after,
+                        not_before: c.not_before,
+                        origin: c.origin,
+                        signature: c.signature,
+                        payload: c.payload,
+                    }))
+                }
+                _ => Delivery::Command(DeliveredCommand {
                 id: d.id,
                 priority: d.priority,
                 payload: c.payload,
-                attempt: d.attempt,
-                deadline: d.deadline,
-                signature: c.signature,
-            });
+                    attempt: d.attempt,
+                    deadline: d.deadline,
+                    signature: c.signature,
+                }),
+            };
             if let Some((_, tx)) = self.sessions.get(&d.device) {
                 let _ = tx.send(delivery);
             }
@@ -788,6 +867,91 @@ impl QueueHandle {
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
         let reply = self.queued(CoreRequest::DeviceSend { from, req });
         async move { reply.await?.into_receipt() }
+    }
+
+    /// A command forwarded from the hub above under its id (edge side):
+    /// queued with the writer at once, in call order (a `Cancel` that
+    /// follows it on the link finds it); durable when the future resolves.
+    /// A known id answers `duplicate` and queues nothing.
+    pub fn send_as(
+        &self,
+        id: CommandId,
+        req: SendRequest,
+    ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::SendAs { id, req });
+        async move { reply.await?.into_receipt() }
+    }
+
+    /// `cancel`, queued with the writer at once, in call order.
+    pub fn cancel_queued(
+        &self,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<CommandView, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Cancel(id));
+        async move { reply.await?.into_view() }
+    }
+
+    /// A gateway holds a forwarded command durably (hub side).
+    pub fn handed(
+        &self,
+        gateway: DeviceId,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Handed { gateway, id });
+        async move { reply.await.map(|_| ()) }
+    }
+
+    /// Apply a gateway's outbox records (hub side), queued in call order;
+    /// resolves, once durable, to the cursor to acknowledge.
+    pub fn up(
+        &self,
+        edge: DeviceId,
+        entries: Vec<crate::journal::UpEntry>,
+    ) -> impl std::future::Future<Output = Result<u64, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Up { edge, entries });
+        async move { reply.await?.into_cursor() }
+    }
+
+    /// Telemetry a device sent, for the upstream (fire and forget: an
+    /// event is not acknowledged to its device).
+    pub fn device_event(&self, device: DeviceId, payload: Vec<u8>, at: Millis) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.tx.send(Msg::Core(
+            CoreRequest::Event {
+                device,
+                payload,
+                at,
+            },
+            reply,
+        ));
+    }
+
+    /// The hub stored the outbox up to `seq` (edge side): those records
+    /// are deleted with the next group.
+    pub async fn up_ack(&self, seq: u64) -> Result<(), QueueError> {
+        self.core(CoreRequest::UpAck(seq)).await.map(|_| ())
+    }
+
+    /// Outbox records after `after` (about `max` at most), oldest first.
+    pub async fn outbox_read(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<crate::journal::UpEntry>, QueueError> {
+        self.core(CoreRequest::OutboxRead { after, max })
+            .await?
+            .into_outbox()
+    }
+
+    pub async fn outbox_stats(&self) -> Result<super::outbox::OutboxStats, QueueError> {
+        self.core(CoreRequest::OutboxStats)
+            .await?
+            .into_outbox_stats()
+    }
+
+    /// Changes whenever the outbox grew (its value: the next seq).
+    pub fn outbox_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox.clone()
     }
 
     /// `show`, queued with the writer at once, in call order.

@@ -1,0 +1,305 @@
+//! The hub side of upstream sync (DESIGN §7), in the core: commands for a
+//! box below this one (`edge-1/dev-7`) and what that box reports back.
+//!
+//! A command for `edge-1/…` is an ordinary command of the gateway device
+//! `edge-1` (enrolled with the reserved tag [`GATEWAY_TAG`]): it waits in
+//! the gateway's queue, is handed over in its window, and once the edge has
+//! it durably (`Accepted`) it leaves the window and is *handed*: the edge
+//! runs it, and its end arrives as an outbox record. Handing over is not
+//! journalled: after a restart the hub forwards it again and the edge, which
+//! dedupes by id, answers `Accepted` again.
+//!
+//! Outbox records are applied once: the hub keeps a cursor per edge (the
+//! highest seq applied), written in the same batch as what the records
+//! changed, and skips any record at or below it.
+//!
+//! A cancel of a command the edge already holds cannot end it here: the
+//! edge may be running it. It is marked (durably) and sent down at every
+//! connect until the edge reports the command's end.
+
+use super::{Phase, QueueCore, Route};
+use crate::command::{CommandId, DeviceId, Millis, Outcome, State};
+use crate::journal::{ResultRecord, UpEntry, UpItem};
+use crate::queue::{CommandView, QueueError};
+use crate::route::GATEWAY_TAG;
+use crate::store::DeviceRecord;
+
+/// What an edge last reported of a command the hub sent down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Remote {
+    pub state: State,
+    /// `edge-1/dev-7`.
+    pub device: DeviceId,
+    pub attempts: u32,
+}
+
+fn below(edge: &str, name: &str) -> String {
+    format!("{edge}/{name}")
+}
+
+impl QueueCore {
+    /// The gateway for `edge`: enrolled, not revoked, marked a gateway.
+    pub(super) fn route_edge(&self, edge: &str, target: &str) -> Result<Route, QueueError> {
+        let d = self.enrolled(edge)?;
+        let gateway = self.devs[d as usize]
+            .record
+            .as_ref()
+            .is_some_and(|r| r.tags.iter().any(|t| t == GATEWAY_TAG));
+        if !gateway {
+            return Err(QueueError::NoRoute(format!(
+                "`{target}` goes through `{edge}`, which is enrolled as a device, not as a box; enroll it with `outpost enroll {edge} --gateway`"
+            )));
+        }
+        Ok(Route::Device(d))
+    }
+
+    pub(super) fn is_gateway(&self, d: u32) -> bool {
+        self.devs[d as usize]
+            .record
+            .as_ref()
+            .is_some_and(|r| r.tags.iter().any(|t| t == GATEWAY_TAG))
+    }
+
+    /// The edge has command `id` durably: it leaves the gateway's window.
+    pub fn handed(&mut self, gateway: &str, id: CommandId, now: Millis) -> Result<(), QueueError> {
+        let not_in_flight = || QueueError::NotInFlight {
+            id,
+            device: gateway.to_string(),
+        };
+        let d = *self.dev_index.get(gateway).ok_or_else(not_in_flight)?;
+        let l = self.live.get(&id).ok_or_else(not_in_flight)?;
+        let Phase::InFlight { attempt, on } = l.phase else {
+            // Already handed (a duplicate `Accepted`): nothing to do.
+            return match l.phase {
+                Phase::Handed { .. } if l.device == d => Ok(()),
+                _ => Err(not_in_flight()),
+            };
+        };
+        if on != d {
+            return Err(not_in_flight());
+        }
+        self.release(id);
+        self.live.get_mut(&id).expect("checked").phase = Phase::Handed { attempt };
+        self.devs[d as usize].handed += 1;
+        self.pump(d, now);
+        Ok(())
+    }
+
+    /// Apply an edge's outbox records (the gateway `edge` sent them), each
+    /// once. Returns the cursor to acknowledge: every record up to it is
+    /// applied, durably once this round is written.
+    pub fn up(
+        &mut self,
+        edge: &str,
+        entries: Vec<UpEntry>,
+        now: Millis,
+    ) -> Result<u64, QueueError> {
+        let d = self.enrolled(edge)?;
+        if !self.is_gateway(d) {
+            return Err(QueueError::Forbidden {
+                device: edge.to_string(),
+                target: "upstream sync (only a device enrolled with --gateway may send outbox records)".into(),
+            });
+        }
+        let mut cursor = self.cursors.get(edge).copied().unwrap_or(0);
+        let before = cursor;
+        for e in entries {
+            if e.seq <= cursor {
+                self.stats.up_duplicates_total += 1;
+                continue;
+            }
+            cursor = e.seq;
+            self.apply_up(edge, d, e.item, now);
+            self.stats.up_applied_total += 1;
+        }
+        if cursor != before {
+            self.cursors.insert(edge.to_string(), cursor);
+            self.cursor_writes.push((edge.to_string(), cursor));
+        }
+        Ok(cursor)
+    }
+
+    /// A cursor as the store kept it.
+    pub fn replay_cursor(&mut self, edge: DeviceId, seq: u64) {
+        self.cursors.insert(edge, seq);
+    }
+
+    /// A cancel the edge has not yet confirmed, as the store kept it.
+    pub fn replay_cancelling(&mut self, id: CommandId) {
+        self.cancelling.insert(id);
+    }
+
+    /// After replay: marks of commands that are gone are cleared.
+    pub(super) fn settle_cancelling(&mut self) {
+        let gone: Vec<CommandId> = self
+            .cancelling
+            .iter()
+            .filter(|id| !self.live.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.cancelling.remove(&id);
+            self.cancel_marks.push((id, false));
+        }
+    }
+
+    fn apply_up(&mut self, edge: &str, gw: u32, item: UpItem, now: Millis) {
+        match item {
+            UpItem::State {
+                id,
+                device,
+                state,
+                at,
+                attempts,
+            } => {
+                let device = below(edge, &device);
+                if self.live.get(&id).is_some_and(|l| l.device == gw) {
+                    self.remote.insert(
+                        id,
+                        Remote {
+                            state,
+                            device: device.clone(),
+                            attempts,
+                        },
+                    );
+                }
+                self.publish(crate::queue::LifecycleEvent {
+                    id,
+                    device,
+                    state,
+                    at,
+                    attempts,
+                    outcome: None,
+                    error: None,
+                });
+            }
+            UpItem::Result(mut rec) => {
+                rec.device = below(edge, &rec.device);
+                rec.target = below(edge, &rec.target);
+                for c in &mut rec.children {
+                    c.device = below(edge, &c.device);
+                }
+                self.remote_result(gw, rec, now);
+            }
+            UpItem::Device(mut rec) => {
+                rec.id = below(edge, &rec.id);
+                self.remote_devices.insert(rec.id.clone(), rec.clone());
+                self.outbox.push(UpItem::Device(rec.clone()));
+                self.effects.device_writes.push(rec);
+            }
+            UpItem::Seen { device, at } => {
+                let device = below(edge, &device);
+                if let Some(rec) = self.remote_devices.get_mut(&device) {
+                    rec.last_seen = Some(at);
+                    self.effects.device_touches.push(rec.clone());
+                }
+                self.outbox.push(UpItem::Seen { device, at });
+            }
+            UpItem::Event {
+                device,
+                at,
+                payload,
+            } => {
+                // Passed on upward (a hub may itself have an uplink).
+                self.outbox.push(UpItem::Event {
+                    device: below(edge, &device),
+                    at,
+                    payload,
+                });
+            }
+        }
+    }
+
+    /// A command ended on the edge. One the hub sent down ends here with
+    /// the edge's outcome; one the edge had from elsewhere is recorded so
+    /// `show` finds it on the hub too.
+    fn remote_result(&mut self, gw: u32, rec: ResultRecord, now: Millis) {
+        let id = rec.id;
+        self.remote.remove(&id);
+        if self.live.get(&id).is_some_and(|l| l.device == gw) {
+            let outcome = rec.outcome.clone();
+            // The edge already decided: no cancel goes back down.
+            self.finish_quietly(id, rec.state, outcome, rec.error.clone(), now);
+            if let Some(r) = self.finished.last_mut().filter(|r| r.id == id) {
+                r.device = rec.device;
+                r.attempts = rec.attempts;
+                r.children = rec.children;
+                r.finished_at = rec.finished_at;
+            }
+            self.stats.up_results_total += 1;
+            return;
+        }
+        if self.is_live(id) || self.results.contains_key(&id) {
+            // Ended here first (expired, or a retry under way): the hub's
+            // own record stands.
+            return;
+        }
+        self.stats.up_results_total += 1;
+        self.record_result(ResultRecord { command: None, ..rec }, now);
+    }
+
+    /// End a live command whose device reported the end itself (so it is
+    /// not told to cancel), and drop its cancel mark.
+    fn finish_quietly(
+        &mut self,
+        id: CommandId,
+        state: State,
+        outcome: Option<Outcome>,
+        error: Option<String>,
+        now: Millis,
+    ) {
+        // `finish` tells the device to stop a command in flight that ends
+        // without an outcome; this one ended on the device.
+        if matches!(self.live.get(&id).map(|l| l.phase), Some(Phase::InFlight { .. })) {
+            self.release(id);
+            self.live.get_mut(&id).expect("checked").phase = Phase::Waiting;
+        }
+        self.finish(id, state, outcome, error, now);
+    }
+
+    /// Cancel a command that the edge holds (forwarded or handed): ask the
+    /// edge, now and at every connect, until it reports the end.
+    pub(super) fn cancel_remote(&mut self, id: CommandId) -> Option<CommandView> {
+        let l = self.live.get(&id)?;
+        if !matches!(l.phase, Phase::InFlight { .. } | Phase::Handed { .. })
+            || !self.is_gateway(l.device)
+        {
+            return None;
+        }
+        let gw = self.devs[l.device as usize].id.clone();
+        let mut view = self.view(id, l);
+        if self.cancelling.insert(id) {
+            self.cancel_marks.push((id, true));
+        }
+        self.effects.cancels.push((gw.clone(), id));
+        view.error = Some(format!(
+            "cancel sent to `{gw}`; the command ends when that box confirms"
+        ));
+        Some(view)
+    }
+
+    /// A gateway connected: repeat the cancels it has not confirmed.
+    pub(super) fn resend_cancels(&mut self, d: u32) {
+        let gw = self.devs[d as usize].id.clone();
+        let mut ids: Vec<CommandId> = self
+            .cancelling
+            .iter()
+            .filter(|id| self.live.get(id).is_some_and(|l| l.device == d))
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            self.effects.cancels.push((gw.clone(), id));
+        }
+    }
+
+    /// A device record of a box below this one, as the store kept it.
+    pub(super) fn replay_remote_device(&mut self, rec: DeviceRecord) {
+        self.remote_devices.insert(rec.id.clone(), rec);
+    }
+
+    /// What an edge last reported of a command sent down, for `show`.
+    pub(super) fn remote_of(&self, id: CommandId) -> Option<&Remote> {
+        self.remote.get(&id)
+    }
+}

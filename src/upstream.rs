@@ -1,0 +1,519 @@
+//! The edge side of upstream sync (DESIGN §7): the uplink to a hub.
+//!
+//! The edge is a gateway device of its hub (enrolled there with
+//! `--gateway`; its bundle is `--upstream-bundle`). While connected it
+//!
+//! - streams its outbox: records after the last seq the hub acknowledged,
+//!   read from the store a batch at a time, at most `max_unacked` records
+//!   ahead of the hub's `UpAck`; the hub's ack lets the queue delete them
+//!   (with its next group). Nothing is deleted that the hub has not stored,
+//!   and a record sent twice (a reconnect, a crash) is skipped by the hub,
+//!   which keeps a cursor per edge;
+//! - takes `Forward`ed commands into its own queue under the hub's id, and
+//!   answers `Accepted` only once that is durable; a redelivery is a
+//!   duplicate, queued once;
+//! - applies the hub's `Cancel`s.
+//!
+//! Offline, the box works as ever and the outbox grows (bounded: see
+//! `queue::outbox`). The link is retried with capped exponential backoff
+//! and jitter, and nothing waits on a timer while connected and idle: the
+//! uplink sleeps on the queue's outbox watch and on the connection.
+
+use crate::client::{self, Backoff, ClientError, ConnectOptions, Received};
+use crate::command::{Millis, Outcome, SendOptions};
+use crate::identity::Bundle;
+use crate::journal::{UpEntry, UpItem};
+use crate::proto::{DeviceFrame, Forward};
+use crate::queue::{QueueError, QueueHandle, SendRequest};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How to reach the hub, and how hard to push.
+#[derive(Clone, Debug)]
+pub struct UplinkOptions {
+    /// The edge's bundle, issued by the hub (`outpost enroll EDGE --gateway`
+    /// on the hub).
+    pub bundle: PathBuf,
+    /// `host:port` of the hub (from `quic://host:port`); the bundle's
+    /// `server =` when `None`.
+    pub server: Option<String>,
+    /// Records read from the store per batch.
+    pub batch: usize,
+    /// Records sent and not yet acknowledged, at most.
+    pub max_unacked: u64,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Largest frame (the hub's limit; default 1 MiB).
+    pub max_frame: usize,
+}
+
+impl UplinkOptions {
+    pub fn new(bundle: PathBuf, server: Option<String>) -> Self {
+        UplinkOptions {
+            bundle,
+            server,
+            batch: 4096,
+            max_unacked: 32 * 1024,
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            max_frame: crate::proto::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// `quic://host:port` (or a bare `host:port`) → `host:port`.
+pub fn parse_url(url: &str) -> Result<String, String> {
+    let rest = match url.split_once("://") {
+        Some(("quic", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "upstream `{url}`: unsupported scheme `{scheme}://`; use quic://HOST:PORT (a hub box)"
+            ))
+        }
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    let ok = rest
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !ok {
+        return Err(format!(
+            "upstream `{url}`: expected quic://HOST:PORT, e.g. quic://hub.local:7443"
+        ));
+    }
+    Ok(rest.to_string())
+}
+
+/// The uplink's state, for `status` and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UplinkStatus {
+    /// `connecting`, `connected` or `offline`.
+    pub state: String,
+    /// The hub's address.
+    pub hub: String,
+    /// When the current state began.
+    pub since: Millis,
+    /// When the hub last acknowledged outbox records.
+    pub last_sync: Option<Millis>,
+    /// Why the link is down (the last failure).
+    pub last_error: Option<String>,
+    /// Commands the hub forwarded that this box took (new ones).
+    pub forwarded_total: u64,
+    /// Outbox records the hub acknowledged since the box started.
+    pub synced_total: u64,
+}
+
+/// A running uplink. Dropping it stops it.
+pub struct Uplink {
+    status: watch::Receiver<UplinkStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Uplink {
+    pub fn status(&self) -> UplinkStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch(&self) -> watch::Receiver<UplinkStatus> {
+        self.status.clone()
+    }
+}
+
+/// Start the uplink. It reads the bundle at each attempt, so a bundle put
+/// in place later is picked up without a restart.
+pub fn start(queue: QueueHandle, opts: UplinkOptions) -> Uplink {
+    let hub = opts.server.clone().unwrap_or_default();
+    let (tx, rx) = watch::channel(UplinkStatus {
+        state: "connecting".into(),
+        hub,
+        since: crate::now_millis(),
+        ..Default::default()
+    });
+    let task = tokio::spawn(run(queue, opts, tx));
+    Uplink { status: rx, task }
+}
+
+fn set_state(tx: &watch::Sender<UplinkStatus>, state: &str, error: Option<String>) {
+    tx.send_modify(|s| {
+        if s.state != state {
+            s.state = state.into();
+            s.since = crate::now_millis();
+        }
+        if error.is_some() {
+            s.last_error = error;
+        }
+    });
+}
+
+async fn run(queue: QueueHandle, opts: UplinkOptions, tx: watch::Sender<UplinkStatus>) {
+    let mut backoff = Backoff::new(opts.min_backoff, opts.max_backoff);
+    loop {
+        set_state(&tx, "connecting", None);
+        let why = match connect(&opts).await {
+            Ok(conn) => {
+                backoff.reset();
+                tx.send_modify(|s| s.hub = conn.remote().to_string());
+                set_state(&tx, "connected", None);
+                tracing::info!(hub = %conn.remote(), "uplink connected");
+                session(&queue, &opts, conn, &tx).await
+            }
+            Err(e) => e,
+        };
+        if matches!(why, SessionEnd::Shutdown) {
+            return;
+        }
+        let msg = why.to_string();
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %msg, retry_in = ?delay, "uplink down; the box keeps working offline");
+        set_state(&tx, "offline", Some(msg));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn connect(opts: &UplinkOptions) -> Result<client::DeviceConnection, SessionEnd> {
+    let bundle = Bundle::read(&opts.bundle).map_err(|e| {
+        SessionEnd::Link(format!(
+            "cannot read the upstream bundle {}: {e}; issue one on the hub with `outpost enroll EDGE --gateway --out FILE`",
+            opts.bundle.display()
+        ))
+    })?;
+    let copts = ConnectOptions {
+        server: opts.server.clone(),
+        max_frame: opts.max_frame,
+        agent: format!("outpost-edge/{}", env!("CARGO_PKG_VERSION")),
+        ..ConnectOptions::default()
+    };
+    let conn = client::connect(&bundle, &copts)
+        .await
+        .map_err(|e| SessionEnd::Link(e.to_string()))?;
+    if conn.server_version().minor < crate::proto::MINOR_GATEWAY {
+        return Err(SessionEnd::Link(format!(
+            "the hub speaks protocol {}; upstream sync needs 1.{} (upgrade the hub)",
+            conn.server_version(),
+            crate::proto::MINOR_GATEWAY
+        )));
+    }
+    Ok(conn)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("{0}")]
+    Link(String),
+    #[error("the box is shutting down")]
+    Shutdown,
+}
+
+impl From<ClientError> for SessionEnd {
+    fn from(e: ClientError) -> Self {
+        SessionEnd::Link(e.to_string())
+    }
+}
+
+impl From<QueueError> for SessionEnd {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::ShuttingDown => SessionEnd::Shutdown,
+            other => SessionEnd::Link(format!("local queue: {other}")),
+        }
+    }
+}
+
+/// One connected session: stream the outbox, take forwarded commands.
+async fn session(
+    queue: &QueueHandle,
+    opts: &UplinkOptions,
+    mut conn: client::DeviceConnection,
+    tx: &watch::Sender<UplinkStatus>,
+) -> SessionEnd {
+    let sender = conn.sender();
+    let start = match queue.outbox_stats().await {
+        Ok(s) => s.acked,
+        Err(e) => return e.into(),
+    };
+    // Highest seq sent in this session, and acknowledged.
+    let (mut sent, mut acked) = (start, start);
+    let mut grown = queue.outbox_watch();
+    // Set when a read found nothing new: then wait for the outbox to grow.
+    let mut caught_up = false;
+    let mut taken: JoinSet<(crate::command::CommandId, Result<bool, QueueError>)> = JoinSet::new();
+    let frame_budget = opts.max_frame.saturating_sub(4096).max(1024);
+    loop {
+        let room = sent.saturating_sub(acked) < opts.max_unacked;
+        if room && !caught_up {
+            grown.borrow_and_update();
+            let entries = match queue.outbox_read(sent, opts.batch).await {
+                Ok(e) => e,
+                Err(e) => return e.into(),
+            };
+            if entries.is_empty() {
+                caught_up = true;
+                continue;
+            }
+            for frame in frames(entries, frame_budget) {
+                let last = frame.last().map(|e| e.seq).unwrap_or(sent);
+                if let Err(e) = sender.send(&DeviceFrame::Up { entries: frame }).await {
+                    return e.into();
+                }
+                sent = last;
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = grown.changed(), if room && caught_up => {
+                if changed.is_err() {
+                    return SessionEnd::Shutdown;
+                }
+                caught_up = false;
+            }
+            Some(done) = taken.join_next(), if !taken.is_empty() => {
+                let Ok((id, r)) = done else { continue };
+                let frame = match r {
+                    Ok(duplicate) => {
+                        if !duplicate {
+                            tx.send_modify(|s| s.forwarded_total += 1);
+                        }
+                        DeviceFrame::Accepted { id, duplicate }
+                    }
+                    Err(QueueError::ShuttingDown) => return SessionEnd::Shutdown,
+                    Err(e) => DeviceFrame::Ack { id, outcome: refusal(e) },
+                };
+                if let Err(e) = sender.send(&frame).await {
+                    return e.into();
+                }
+            }
+            m = conn.next() => {
+                let m = match m {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return SessionEnd::Link("the hub closed the link".into()),
+                    Err(e) => return e.into(),
+                };
+                match m {
+                    Received::Forward(f) => {
+                        let id = f.id;
+                        // Handed to the writer now, in arrival order, so a
+                        // Cancel that follows finds the command.
+                        let fut = queue.send_as(id, request(*f));
+                        taken.spawn(async move { (id, fut.await.map(|r| r.duplicate)) });
+                    }
+                    Received::Cancel(id) => {
+                        let fut = queue.cancel_queued(id);
+                        tokio::spawn(async move {
+                            match fut.await {
+                                Ok(_) => tracing::info!(%id, "cancelled by the hub"),
+                                Err(e) => tracing::info!(%id, error = %e, "the hub's cancel found nothing to cancel"),
+                            }
+                        });
+                    }
+                    Received::UpAck(seq) => {
+                        if seq > acked {
+                            let n = seq - acked;
+                            acked = seq;
+                            if let Err(e) = queue.up_ack(seq).await {
+                                return e.into();
+                            }
+                            tx.send_modify(|s| {
+                                s.last_sync = Some(crate::now_millis());
+                                s.synced_total += n;
+                            });
+                        }
+                    }
+                    Received::Command(c) => {
+                        // A hub sends a gateway only Forwards; refuse the
+                        // rest so it does not stay in flight.
+                        let outcome = Outcome::Rejected {
+                            reason: "this is a box, not a device: address its devices as EDGE/DEVICE".into(),
+                        };
+                        if let Err(e) = sender.send(&DeviceFrame::Ack { id: c.id, outcome }).await {
+                            return e.into();
+                        }
+                    }
+                    Received::Error { code, message } => {
+                        tracing::warn!(%code, %message, "the hub reported an error");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The edge's request for a forwarded command.
+fn request(f: Forward) -> SendRequest {
+    SendRequest {
+        target: f.target,
+        payload: f.payload,
+        opts: SendOptions {
+            priority: f.priority,
+            ttl_ms: f.ttl_ms,
+            max_attempts: Some(f.max_attempts),
+            key: None,
+            after: f.after,
+            not_before: f.not_before,
+        },
+        origin: format!("upstream/{}", f.origin),
+        signature: f.signature,
+    }
+}
+
+/// How a forwarded command the edge could not take ends on the hub: a
+/// refusal that will not change is final; a passing one (full, shutting
+/// down) is retried by the hub after its backoff.
+fn refusal(e: QueueError) -> Outcome {
+    match e {
+        QueueError::QueueFull { .. }
+        | QueueError::DiskFull { .. }
+        | QueueError::NoSpace { .. }
+        | QueueError::Storage(_)
+        | QueueError::ShuttingDown => Outcome::Failed {
+            code: 75, // EX_TEMPFAIL
+            message: format!("the box below could not take it now: {e}"),
+        },
+        other => Outcome::Rejected {
+            reason: format!("the box below refused it: {other}"),
+        },
+    }
+}
+
+/// Split records into frames under `budget` bytes. A record too large for
+/// any frame (a huge result or event) is cut down, saying so, rather than
+/// block the stream forever.
+fn frames(entries: Vec<UpEntry>, budget: usize) -> Vec<Vec<UpEntry>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0usize;
+    for mut e in entries {
+        let mut n = postcard::experimental::serialized_size(&e).unwrap_or(budget);
+        if n > budget {
+            shrink(&mut e, budget / 2);
+            n = postcard::experimental::serialized_size(&e).unwrap_or(budget);
+        }
+        if size + n > budget && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+            size = 0;
+        }
+        size += n;
+        cur.push(e);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn shrink(e: &mut UpEntry, keep: usize) {
+    let note = |n: usize| format!(" [cut by the uplink: {n} bytes over the frame limit]");
+    match &mut e.item {
+        UpItem::Result(r) => {
+            match &mut r.outcome {
+                Some(Outcome::Ok(b)) if b.len() > keep => {
+                    let n = b.len();
+                    b.truncate(keep);
+                    r.error = Some(note(n).trim().to_string());
+                }
+                Some(Outcome::Failed { message, .. }) if message.len() > keep => {
+                    let n = message.len();
+                    message.truncate(message.floor_char_boundary(keep));
+                    message.push_str(&note(n));
+                }
+                Some(Outcome::Rejected { reason }) if reason.len() > keep => {
+                    let n = reason.len();
+                    reason.truncate(reason.floor_char_boundary(keep));
+                    reason.push_str(&note(n));
+                }
+                _ => {}
+            }
+            if let Some(err) = &mut r.error {
+                if err.len() > keep {
+                    err.truncate(err.floor_char_boundary(keep));
+                }
+            }
+        }
+        UpItem::Event { payload, .. } if payload.len() > keep => payload.truncate(keep),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::CommandId;
+
+    #[test]
+    fn urls_parse_or_say_what_is_expected() {
+        assert_eq!(parse_url("quic://hub:7443").unwrap(), "hub:7443");
+        assert_eq!(parse_url("127.0.0.1:9").unwrap(), "127.0.0.1:9");
+        assert_eq!(parse_url("quic://[::1]:7443/").unwrap(), "[::1]:7443");
+        assert!(parse_url("nats://h:4222").unwrap_err().contains("unsupported scheme"));
+        assert!(parse_url("quic://hub").unwrap_err().contains("HOST:PORT"));
+    }
+
+    fn event(seq: u64, n: usize) -> UpEntry {
+        UpEntry {
+            seq,
+            item: UpItem::Event {
+                device: "d".into(),
+                at: 0,
+                payload: vec![7; n],
+            },
+        }
+    }
+
+    #[test]
+    fn records_are_framed_under_the_budget_in_order_and_a_giant_is_cut() {
+        let entries: Vec<UpEntry> = (1..=100).map(|s| event(s, 100)).chain([event(101, 10_000)]).collect();
+        let fs = frames(entries, 2_000);
+        let seqs: Vec<u64> = fs.iter().flatten().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=101).collect::<Vec<_>>());
+        for f in &fs {
+            let n: usize = f
+                .iter()
+                .map(|e| postcard::experimental::serialized_size(e).unwrap())
+                .sum();
+            assert!(n <= 2_000, "frame of {n} bytes");
+        }
+        let UpItem::Event { payload, .. } = &fs.last().unwrap()[0].item else {
+            panic!()
+        };
+        assert_eq!(payload.len(), 1_000);
+    }
+
+    #[test]
+    fn a_forward_keeps_its_options_and_refusals_say_whether_to_retry() {
+        let f = Forward {
+            id: CommandId(9),
+            target: "tag:line".into(),
+            priority: crate::command::Priority::High,
+            payload: b"x".to_vec(),
+            ttl_ms: Some(5_000),
+            max_attempts: 3,
+            after: Some(CommandId(8)),
+            not_before: Some(77),
+            origin: "cli".into(),
+            signature: None,
+        };
+        let r = request(f);
+        assert_eq!(r.target, "tag:line");
+        assert_eq!(r.opts.ttl_ms, Some(5_000));
+        assert_eq!(r.opts.max_attempts, Some(3));
+        assert_eq!(r.opts.after, Some(CommandId(8)));
+        assert_eq!(r.origin, "upstream/cli");
+        assert!(matches!(
+            refusal(QueueError::QueueFull { queued: 1, limit: 1 }),
+            Outcome::Failed { code: 75, .. }
+        ));
+        assert!(matches!(
+            refusal(QueueError::NoRoute("x".into())),
+            Outcome::Rejected { .. }
+        ));
+    }
+}

@@ -340,7 +340,9 @@ async fn run(
             if gateway {
                 println!(
                     "on the edge box, run: outpost serve --upstream quic://{} --upstream-bundle {}",
-                    crate::identity::Bundle::read(&path).map(|b| b.server).unwrap_or_else(|_| "HUB:7443".into()),
+                    crate::identity::Bundle::read(&path)
+                        .map(|b| b.server)
+                        .unwrap_or_else(|_| "HUB:7443".into()),
                     path.display()
                 );
             } else {

@@ -961,7 +961,8 @@ impl Agent {
                 Some((
                     f.id,
                     Outcome::Rejected {
-                        reason: "this is a device agent, not a box: it cannot route commands".into(),
+                        reason: "this is a device agent, not a box: it cannot route commands"
+                            .into(),
                     },
                 ))
             }

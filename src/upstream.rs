@@ -48,6 +48,8 @@ pub struct UplinkOptions {
     pub max_backoff: Duration,
     /// Largest frame (the hub's limit; default 1 MiB).
     pub max_frame: usize,
+    /// Give up one attempt to connect after this.
+    pub connect_timeout: Duration,
 }
 
 impl UplinkOptions {
@@ -60,6 +62,7 @@ impl UplinkOptions {
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
             max_frame: crate::proto::DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -68,11 +71,9 @@ impl UplinkOptions {
 pub fn parse_url(url: &str) -> Result<String, String> {
     let rest = match url.split_once("://") {
         Some(("quic", rest)) => rest,
-        Some((scheme, _)) => {
-            return Err(format!(
-                "upstream `{url}`: unsupported scheme `{scheme}://`; use quic://HOST:PORT (a hub box)"
-            ))
-        }
+        Some((scheme, _)) => return Err(format!(
+            "upstream `{url}`: unsupported scheme `{scheme}://`; use quic://HOST:PORT (a hub box)"
+        )),
         None => url,
     };
     let rest = rest.trim_end_matches('/');
@@ -190,6 +191,7 @@ async fn connect(opts: &UplinkOptions) -> Result<client::DeviceConnection, Sessi
     let copts = ConnectOptions {
         server: opts.server.clone(),
         max_frame: opts.max_frame,
+        connect_timeout: opts.connect_timeout,
         agent: format!("outpost-edge/{}", env!("CARGO_PKG_VERSION")),
         ..ConnectOptions::default()
     };
@@ -410,6 +412,15 @@ fn frames(entries: Vec<UpEntry>, budget: usize) -> Vec<Vec<UpEntry>> {
     out
 }
 
+/// Truncate to at most `keep` bytes, on a character boundary.
+fn cut(s: &mut String, keep: usize) {
+    let mut n = keep.min(s.len());
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    s.truncate(n);
+}
+
 fn shrink(e: &mut UpEntry, keep: usize) {
     let note = |n: usize| format!(" [cut by the uplink: {n} bytes over the frame limit]");
     match &mut e.item {
@@ -422,19 +433,19 @@ fn shrink(e: &mut UpEntry, keep: usize) {
                 }
                 Some(Outcome::Failed { message, .. }) if message.len() > keep => {
                     let n = message.len();
-                    message.truncate(message.floor_char_boundary(keep));
+                    cut(message, keep);
                     message.push_str(&note(n));
                 }
                 Some(Outcome::Rejected { reason }) if reason.len() > keep => {
                     let n = reason.len();
-                    reason.truncate(reason.floor_char_boundary(keep));
+                    cut(reason, keep);
                     reason.push_str(&note(n));
                 }
                 _ => {}
             }
             if let Some(err) = &mut r.error {
                 if err.len() > keep {
-                    err.truncate(err.floor_char_boundary(keep));
+                    cut(err, keep);
                 }
             }
         }
@@ -453,7 +464,9 @@ mod tests {
         assert_eq!(parse_url("quic://hub:7443").unwrap(), "hub:7443");
         assert_eq!(parse_url("127.0.0.1:9").unwrap(), "127.0.0.1:9");
         assert_eq!(parse_url("quic://[::1]:7443/").unwrap(), "[::1]:7443");
-        assert!(parse_url("nats://h:4222").unwrap_err().contains("unsupported scheme"));
+        assert!(parse_url("nats://h:4222")
+            .unwrap_err()
+            .contains("unsupported scheme"));
         assert!(parse_url("quic://hub").unwrap_err().contains("HOST:PORT"));
     }
 
@@ -470,7 +483,10 @@ mod tests {
 
     #[test]
     fn records_are_framed_under_the_budget_in_order_and_a_giant_is_cut() {
-        let entries: Vec<UpEntry> = (1..=100).map(|s| event(s, 100)).chain([event(101, 10_000)]).collect();
+        let entries: Vec<UpEntry> = (1..=100)
+            .map(|s| event(s, 100))
+            .chain([event(101, 10_000)])
+            .collect();
         let fs = frames(entries, 2_000);
         let seqs: Vec<u64> = fs.iter().flatten().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=101).collect::<Vec<_>>());
@@ -508,7 +524,10 @@ mod tests {
         assert_eq!(r.opts.after, Some(CommandId(8)));
         assert_eq!(r.origin, "upstream/cli");
         assert!(matches!(
-            refusal(QueueError::QueueFull { queued: 1, limit: 1 }),
+            refusal(QueueError::QueueFull {
+                queued: 1,
+                limit: 1
+            }),
             Outcome::Failed { code: 75, .. }
         ));
         assert!(matches!(

@@ -295,7 +295,10 @@ impl H {
                 Phase::Waiting | Phase::Blocked => assert!(!in_ready),
                 Phase::Handed { .. } => {
                     assert!(!in_ready && !dev.in_flight.contains(id));
-                    assert!(c.is_gateway(l.device), "{id} handed to a device that is no gateway");
+                    assert!(
+                        c.is_gateway(l.device),
+                        "{id} handed to a device that is no gateway"
+                    );
                 }
             }
             if let Some(&pid) = l.parent.as_deref() {
@@ -1849,7 +1852,12 @@ fn up(hub: &mut H, entries: Vec<UpEntry>) -> u64 {
 }
 
 fn results_for(h: &H, id: CommandId) -> usize {
-    h.disk.results.values().flatten().filter(|r| r.id == id).count()
+    h.disk
+        .results
+        .values()
+        .flatten()
+        .filter(|r| r.id == id)
+        .count()
 }
 
 #[test]
@@ -1885,15 +1893,25 @@ fn a_command_sent_down_runs_once_on_the_edge_and_ends_once_on_the_hub() {
 
     // The edge runs them; its outbox goes up.
     edge.connect("d0");
-    assert_eq!(edge.ids("d0"), ids, "the edge runs them under the hub's ids");
+    assert_eq!(
+        edge.ids("d0"),
+        ids,
+        "the edge runs them under the hub's ids"
+    );
     for &id in &ids {
         edge.ack("d0", id, Outcome::Ok(b"done".to_vec())).unwrap();
     }
     let entries = outbox_of(&edge);
     let last = entries.last().unwrap().seq;
     // Half first: the hub shows the edge's progress on the way.
-    let half = entries.iter().position(|e| matches!(e.item, UpItem::Result(_))).unwrap();
-    assert_eq!(up(&mut hub, entries[..half].to_vec()), entries[half - 1].seq);
+    let half = entries
+        .iter()
+        .position(|e| matches!(e.item, UpItem::Result(_)))
+        .unwrap();
+    assert_eq!(
+        up(&mut hub, entries[..half].to_vec()),
+        entries[half - 1].seq
+    );
     let shown = hub.core.list("e1").unwrap();
     assert!(
         shown.iter().any(|c| c.device == "e1/d0"),
@@ -1915,18 +1933,18 @@ fn a_command_sent_down_runs_once_on_the_edge_and_ends_once_on_the_hub() {
     assert_eq!(up(&mut hub, entries.clone()), last);
     hub.reopen();
     assert_eq!(up(&mut hub, entries.clone()), last);
-    assert_eq!(hub.core.stats().up_applied_total, 0, "a restarted hub skips them all");
+    assert_eq!(
+        hub.core.stats().up_applied_total,
+        0,
+        "a restarted hub skips them all"
+    );
     assert!(hub.core.stats().up_duplicates_total >= entries.len() as u64);
     let _ = applied;
     for &id in &ids {
         assert_eq!(results_for(&hub, id), 1, "{id} recorded once");
     }
     // The edge's device is listed on the hub under the edge's name.
-    assert!(hub
-        .core
-        .devices()
-        .iter()
-        .any(|d| d.record.id == "e1/d0"));
+    assert!(hub.core.devices().iter().any(|d| d.record.id == "e1/d0"));
     // And a redelivery after the end is still a duplicate on the edge.
     assert!(take(&mut edge, ids[0], "d0").duplicate);
 }
@@ -1968,10 +1986,16 @@ fn a_cancel_of_what_the_edge_holds_waits_for_the_edge_across_restarts() {
     // The edge cancels it; its end goes up and ends it on the hub.
     edge.core.cancel(id, edge.now).unwrap();
     edge.round();
-    assert!(take(&mut edge, id, "d0").duplicate, "the redelivery is a duplicate");
+    assert!(
+        take(&mut edge, id, "d0").duplicate,
+        "the redelivery is a duplicate"
+    );
     up(&mut hub, outbox_of(&edge));
     assert_eq!(hub.state(id), Some(State::Cancelled));
-    assert!(hub.disk.cancel_marks.is_empty(), "the mark goes with the command");
+    assert!(
+        hub.disk.cancel_marks.is_empty(),
+        "the mark goes with the command"
+    );
     hub.reopen();
     hub.cancels.clear();
     hub.connect("e1");
@@ -1985,7 +2009,9 @@ fn targets_through_a_box_need_a_gateway_and_only_a_gateway_reports_upward() {
     assert!(e.to_string().contains("e1/DEVICE"), "{e}");
     let e = hub.send("d9/dev-7", SendOptions::default()).unwrap_err();
     assert!(e.to_string().contains("--gateway"), "{e}");
-    let e = hub.send("nobody/dev-7", SendOptions::default()).unwrap_err();
+    let e = hub
+        .send("nobody/dev-7", SendOptions::default())
+        .unwrap_err();
     assert!(matches!(e, QueueError::UnknownDevice(_)), "{e}");
     let e = hub.core.up("d9", vec![], hub.now).unwrap_err();
     assert!(matches!(e, QueueError::Forbidden { .. }), "{e}");
@@ -1999,7 +2025,9 @@ fn an_edge_keeps_results_the_hub_has_not_stored_past_their_retention() {
     edge.limits.results_max = 1;
     edge.core.limits.results_max = 1;
     edge.connect("d0");
-    let ids: Vec<CommandId> = (0..5).map(|_| edge.send_prio("d0", Priority::Normal)).collect();
+    let ids: Vec<CommandId> = (0..5)
+        .map(|_| edge.send_prio("d0", Priority::Normal))
+        .collect();
     for &id in &ids {
         edge.ack("d0", id, ok()).unwrap();
     }
@@ -2011,5 +2039,8 @@ fn an_edge_keeps_results_the_hub_has_not_stored_past_their_retention() {
     edge.core.up_ack(last);
     edge.advance(1);
     edge.advance(1);
-    assert!(edge.core.results.len() <= 1, "retention applies once the hub has them");
+    assert!(
+        edge.core.results.len() <= 1,
+        "retention applies once the hub has them"
+    );
 }

@@ -717,7 +717,9 @@ impl Writer {
                         id: d.id,
                         target: rest.to_string(),
                         priority: d.priority,
-                        ttl_ms: d.deadline.map(|t| t.saturating_sub(crate::now_millis()).max(1)),
+                        ttl_ms: d
+                            .deadline
+                            .map(|t| t.saturating_sub(crate::now_millis()).max(1)),
                         max_attempts: c.max_attempts,
                         after: c.after,
                         not_before: c.not_before,
@@ -727,9 +729,9 @@ impl Writer {
                     }))
                 }
                 _ => Delivery::Command(DeliveredCommand {
-                id: d.id,
-                priority: d.priority,
-                payload: c.payload,
+                    id: d.id,
+                    priority: d.priority,
+                    payload: c.payload,
                     attempt: d.attempt,
                     deadline: d.deadline,
                     signature: c.signature,

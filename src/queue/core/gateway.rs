@@ -98,7 +98,9 @@ impl QueueCore {
         if !self.is_gateway(d) {
             return Err(QueueError::Forbidden {
                 device: edge.to_string(),
-                target: "upstream sync (only a device enrolled with --gateway may send outbox records)".into(),
+                target:
+                    "upstream sync (only a device enrolled with --gateway may send outbox records)"
+                        .into(),
             });
         }
         let mut cursor = self.cursors.get(edge).copied().unwrap_or(0);
@@ -235,7 +237,13 @@ impl QueueCore {
             return;
         }
         self.stats.up_results_total += 1;
-        self.record_result(ResultRecord { command: None, ..rec }, now);
+        self.record_result(
+            ResultRecord {
+                command: None,
+                ..rec
+            },
+            now,
+        );
     }
 
     /// End a live command whose device reported the end itself (so it is
@@ -250,7 +258,10 @@ impl QueueCore {
     ) {
         // `finish` tells the device to stop a command in flight that ends
         // without an outcome; this one ended on the device.
-        if matches!(self.live.get(&id).map(|l| l.phase), Some(Phase::InFlight { .. })) {
+        if matches!(
+            self.live.get(&id).map(|l| l.phase),
+            Some(Phase::InFlight { .. })
+        ) {
             self.release(id);
             self.live.get_mut(&id).expect("checked").phase = Phase::Waiting;
         }

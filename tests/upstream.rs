@@ -1,0 +1,341 @@
+//! Upstream sync end to end over loopback: an edge box under a hub box,
+//! each a real `serve::start` with its store, QUIC listener and uplink, and
+//! a device on the edge. After each fault, every result is on the hub
+//! exactly once (counted in the hub's store) and the edge ran every command
+//! exactly once (counted in the edge's store, and by the device).
+
+use outpost::client::{self, ConnectOptions, Received};
+use outpost::identity::Bundle;
+use outpost::queue::{QueueHandle, SendRequest};
+use outpost::serve::{self, RunningBox, ServeOptions};
+use outpost::store::{DeviceRecord, Group, Store, StoreOptions};
+use outpost::upstream::UplinkOptions;
+use outpost::{CommandId, Outcome, SendOptions, State};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn options(dir: &Path, port: u16) -> ServeOptions {
+    let mut o = ServeOptions::new(dir.to_path_buf());
+    o.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    o.limits.backoff_base_ms = 20;
+    o.limits.backoff_cap_ms = 200;
+    o.limits.min_free_disk = 0;
+    o
+}
+
+async fn hub(dir: &Path, port: u16) -> RunningBox {
+    serve::start(options(dir, port)).await.unwrap()
+}
+
+async fn edge(dir: &Path, port: u16, hub_port: u16, bundle: &Path) -> RunningBox {
+    let mut o = options(dir, port);
+    let mut u = UplinkOptions::new(bundle.to_path_buf(), Some(format!("127.0.0.1:{hub_port}")));
+    u.min_backoff = Duration::from_millis(50);
+    u.max_backoff = Duration::from_millis(300);
+    u.connect_timeout = Duration::from_secs(1);
+    // Small batches: a stream of many frames, so drops land mid-stream.
+    u.batch = 64;
+    u.max_unacked = 256;
+    o.upstream = Some((u, 100_000));
+    serve::start(o).await.unwrap()
+}
+
+async fn enroll(b: &RunningBox, id: &str, gateway: bool) -> Bundle {
+    let mut rec = DeviceRecord::new(id);
+    if gateway {
+        rec.tags.push(outpost::route::GATEWAY_TAG.into());
+    }
+    b.queue.enroll(rec).await.unwrap();
+    b.identity.issue_device(id, &b.advertise).unwrap()
+}
+
+/// A device that runs each command once (it dedupes by id, as an agent
+/// must) and counts every delivery.
+#[derive(Default)]
+struct Runs {
+    deliveries: HashMap<CommandId, u32>,
+    executed: HashMap<CommandId, u32>,
+}
+
+fn device(bundle: Bundle, runs: Arc<Mutex<Runs>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(mut c) = client::connect(&bundle, &ConnectOptions::default()).await {
+                while let Ok(Some(m)) = c.next().await {
+                    if let Received::Command(cmd) = m {
+                        {
+                            let mut r = runs.lock().unwrap();
+                            *r.deliveries.entry(cmd.id).or_default() += 1;
+                            let first = !r.executed.contains_key(&cmd.id);
+                            if first {
+                                r.executed.insert(cmd.id, 1);
+                            }
+                        }
+                        if c.ack(cmd.id, Outcome::Ok(cmd.payload)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+async fn send(q: &QueueHandle, target: &str, payload: String) -> CommandId {
+    q.send(SendRequest {
+        target: target.into(),
+        payload: payload.into_bytes(),
+        opts: SendOptions::default(),
+        origin: "cli".into(),
+        signature: None,
+    })
+    .await
+    .unwrap()
+    .id
+}
+
+/// Wait (bounded) until the box shows every id ended.
+async fn all_end(
+    q: &QueueHandle,
+    ids: &[CommandId],
+    what: &str,
+) -> Vec<(CommandId, State, String)> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut out = Vec::new();
+    for &id in ids {
+        loop {
+            match q.show(id).await {
+                Ok(v) if v.state.is_final() => {
+                    out.push((id, v.state, v.device));
+                    break;
+                }
+                _ if tokio::time::Instant::now() > deadline => {
+                    panic!(
+                        "{what}: command {id} did not end within {WAIT:?}: {:?}",
+                        q.show(id).await
+                    )
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+    out
+}
+
+async fn outbox_drained(edge: &RunningBox) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = edge.queue.outbox_stats().await.unwrap();
+        if s.depth == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox did not drain: {s:?}, uplink {:?}",
+            edge.uplink.as_ref().map(|u| u.status())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Result records per command id in a stopped box's store.
+fn results_on_disk(dir: &Path) -> HashMap<CommandId, Vec<(State, String)>> {
+    let store = Store::open(dir, &StoreOptions::default()).unwrap();
+    let mut out: HashMap<CommandId, Vec<(State, String)>> = HashMap::new();
+    for g in store.replay() {
+        if let Group::Results(_, rs) = g.unwrap() {
+            for r in rs {
+                out.entry(r.id).or_default().push((r.state, r.device));
+            }
+        }
+    }
+    out
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    hub_dir: PathBuf,
+    edge_dir: PathBuf,
+    port: u16,
+    /// The edge's own port, kept across its restarts (its device's bundle
+    /// names it).
+    edge_port: u16,
+    bundle: PathBuf,
+    runs: Arc<Mutex<Runs>>,
+}
+
+/// A hub with gateway `e1` enrolled (then stopped), and its bundle.
+async fn world() -> World {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub_dir = tmp.path().join("hub");
+    let edge_dir = tmp.path().join("edge");
+    let port = free_port();
+    let h = hub(&hub_dir, port).await;
+    let bundle = tmp.path().join("e1.bundle");
+    enroll(&h, "e1", true).await.write(&bundle).unwrap();
+    h.stop().await;
+    World {
+        _tmp: tmp,
+        hub_dir,
+        edge_dir,
+        port,
+        edge_port: free_port(),
+        bundle,
+        runs: Arc::default(),
+    }
+}
+
+impl World {
+    fn check_device(&self, ids: &[CommandId]) {
+        let r = self.runs.lock().unwrap();
+        for id in ids {
+            assert_eq!(r.executed.get(id), Some(&1), "{id} ran once on the device");
+        }
+        assert_eq!(r.executed.len(), ids.len(), "the device ran nothing else");
+    }
+
+    /// Both boxes stopped: each id has one result on the edge and one on
+    /// the hub, where it names the edge's device.
+    fn check_stores(&self, ids: &[CommandId]) {
+        let edge = results_on_disk(&self.edge_dir);
+        let hub = results_on_disk(&self.hub_dir);
+        for id in ids {
+            assert_eq!(
+                edge.get(id).map(|v| v.len()),
+                Some(1),
+                "{id} ended once on the edge: {:?}",
+                edge.get(id)
+            );
+            assert_eq!(
+                hub.get(id),
+                Some(&vec![(State::Succeeded, "e1/d0".to_string())]),
+                "{id} recorded once on the hub"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_down() {
+    let w = world().await;
+    // The edge starts with its hub down and works on its own.
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let dev = device(enroll(&e, "d0", false).await, w.runs.clone());
+    let mut local = Vec::new();
+    for i in 0..300 {
+        local.push(send(&e.queue, "d0", format!("local-{i}")).await);
+    }
+    all_end(&e.queue, &local, "edge").await;
+    let mut status = e.uplink.as_ref().unwrap().watch();
+    let st = tokio::time::timeout(WAIT, status.wait_for(|s| s.last_error.is_some()))
+        .await
+        .expect("the uplink says why it is down")
+        .unwrap()
+        .clone();
+    assert_ne!(st.state, "connected", "{st:?}");
+    let depth = e.queue.outbox_stats().await.unwrap().depth;
+    assert!(depth >= 300, "the backlog waits in the outbox: {depth}");
+
+    // The hub comes back: the backlog goes up, and commands come down.
+    let h = hub(&w.hub_dir, w.port).await;
+    let seen = all_end(&h.queue, &local, "hub").await;
+    assert!(
+        seen.iter()
+            .all(|(_, s, d)| *s == State::Succeeded && d == "e1/d0"),
+        "{seen:?}"
+    );
+    outbox_drained(&e).await;
+    let st = e.uplink.as_ref().unwrap().status();
+    assert_eq!(st.state, "connected");
+    assert!(st.last_sync.is_some() && st.synced_total >= 300, "{st:?}");
+
+    let mut down = Vec::new();
+    for i in 0..100 {
+        down.push(send(&h.queue, "e1/d0", format!("down-{i}")).await);
+    }
+    // A broadcast and a cap target on the edge go through too.
+    let ended = all_end(&h.queue, &down, "hub").await;
+    assert!(
+        ended
+            .iter()
+            .all(|(_, s, d)| *s == State::Succeeded && d == "e1/d0"),
+        "{ended:?}"
+    );
+    let v = h.queue.show(down[0]).await.unwrap();
+    assert_eq!(v.outcome, Some(Outcome::Ok(b"down-0".to_vec())));
+    let devices = h.queue.devices().await.unwrap();
+    assert!(
+        devices.iter().any(|d| d.record.id == "e1/d0"),
+        "{devices:?}"
+    );
+    outbox_drained(&e).await;
+
+    dev.abort();
+    h.stop().await;
+    e.stop().await;
+    let all: Vec<CommandId> = local.iter().chain(&down).copied().collect();
+    w.check_device(&all);
+    w.check_stores(&all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_drops_and_restarts_mid_stream_repeat_and_lose_nothing() {
+    let w = world().await;
+    let mut h = hub(&w.hub_dir, w.port).await;
+    let mut e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let bundle = enroll(&e, "d0", false).await;
+    let dev = device(bundle, w.runs.clone());
+    let mut ids = Vec::new();
+    for round in 0..4 {
+        for i in 0..150 {
+            ids.push(send(&h.queue, "e1/d0", format!("down-{round}-{i}")).await);
+            ids.push(send(&e.queue, "d0", format!("local-{round}-{i}")).await);
+            if i % 40 == 20 {
+                // The hub drops the edge's connection mid-stream.
+                h.link.disconnect("e1");
+            }
+        }
+        match round {
+            // Each side restarts with records in flight.
+            1 => {
+                h.stop().await;
+                h = hub(&w.hub_dir, w.port).await;
+            }
+            2 => {
+                e.stop().await;
+                e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+            }
+            _ => {}
+        }
+    }
+    let ended = all_end(&h.queue, &ids, "hub").await;
+    assert!(
+        ended
+            .iter()
+            .all(|(_, s, d)| *s == State::Succeeded && d == "e1/d0"),
+        "{:?}",
+        ended
+            .iter()
+            .find(|x| x.1 != State::Succeeded || x.2 != "e1/d0")
+    );
+    outbox_drained(&e).await;
+    dev.abort();
+    h.stop().await;
+    e.stop().await;
+    w.check_device(&ids);
+    w.check_stores(&ids);
+}

@@ -445,11 +445,17 @@ async fn run(
                 bail!("unexpected answer")
             };
             if json {
+                let u = s.uplink.as_ref();
                 println!(
                     "{}",
                     json!({"version": s.version, "uptime_s": s.uptime_s, "devices_total": s.devices_total,
                        "devices_online": s.devices_online, "queued": s.queued, "in_flight": s.in_flight, "dead": s.dead,
-                       "uplink": "none", "outbox": 0, "disk_bytes": s.disk_bytes, "listen": s.listen, "data_dir": s.data_dir})
+                       "uplink": u.map_or("none", |u| u.state.as_str()),
+                       "outbox": u.map_or(0, |u| u.outbox_depth),
+                       "last_sync": u.and_then(|u| u.last_sync),
+                       "lag_ms": u.map_or(0, |u| u.lag_ms),
+                       "upstream": u,
+                       "disk_bytes": s.disk_bytes, "listen": s.listen, "data_dir": s.data_dir})
                 );
             } else {
                 println!(
@@ -468,7 +474,7 @@ async fn run(
                     vec!["in flight".into(), s.in_flight.to_string()],
                     vec!["dead".into(), s.dead.to_string()],
                     vec!["disk".into(), format!("{} bytes", s.disk_bytes)],
-                    vec!["uplink".into(), "none".into()],
+                    vec!["uplink".into(), uplink_line(s.uplink.as_ref())],
                 ];
                 print_table(&["", ""], &rows);
             }
@@ -987,6 +993,31 @@ pub fn rfc3339(ms: u64) -> String {
 }
 
 /// "3s ago", "2h ago", "in 5m".
+/// `connected to hub:7443 since 3m; outbox 12 (oldest 5s), last sync 2s ago`.
+fn uplink_line(u: Option<&crate::admin::UplinkView>) -> String {
+    let Some(u) = u else {
+        return "none".into();
+    };
+    let mut line = format!("{} ({}) since {}", u.state, u.hub, ago(u.since));
+    line.push_str(&format!("; outbox {}", u.outbox_depth));
+    if u.outbox_depth > 0 {
+        line.push_str(&format!(
+            " (oldest {})",
+            humantime::format_duration(Duration::from_secs(u.lag_ms / 1000))
+        ));
+    }
+    match u.last_sync {
+        Some(t) => line.push_str(&format!(", last sync {}", ago(t))),
+        None => line.push_str(", never synced"),
+    }
+    if u.state != "connected" {
+        if let Some(e) = &u.last_error {
+            line.push_str(&format!("; {e}"));
+        }
+    }
+    line
+}
+
 pub fn ago(ms: u64) -> String {
     let now = crate::now_millis();
     let (d, future) = if ms > now {

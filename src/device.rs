@@ -81,6 +81,10 @@ pub struct LinkOptions {
     /// Where device events go; `None` logs and counts them. A full channel
     /// drops the event (counted) rather than stall the device.
     pub events: Option<mpsc::Sender<DeviceEvent>>,
+    /// The QUIC stateless-reset key (`None`: a random one per start). A
+    /// key kept across restarts lets a restarted box reset the connections
+    /// of its previous run at their next packet.
+    pub reset_key: Option<[u8; 32]>,
 }
 
 impl Default for LinkOptions {
@@ -96,6 +100,7 @@ impl Default for LinkOptions {
             frame_burst: 10_000,
             max_bad_acks: 64,
             events: None,
+            reset_key: None,
         }
     }
 }
@@ -187,8 +192,30 @@ impl DeviceLink {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport_config(&opts)?));
         server.max_incoming(opts.max_connections.clamp(1, 1 << 20));
-        let endpoint = quinn::Endpoint::server(server, bind)
-            .map_err(|source| LinkError::Bind { addr: bind, source })?;
+        let endpoint = match opts.reset_key {
+            None => quinn::Endpoint::server(server, bind),
+            Some(key) => {
+                // The box's kept key: see `Identity::reset_key`.
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+                // The connection ids must validate across runs too (quinn
+                // drops a packet whose id its generator did not make).
+                let tag = ring::hmac::sign(&key, b"outpost connection ids");
+                let cid_key = u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
+                let mut config = quinn::EndpointConfig::new(Arc::new(key));
+                config.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                std::net::UdpSocket::bind(bind).and_then(|socket| {
+                    quinn::Endpoint::new(
+                        config,
+                        Some(server),
+                        socket,
+                        Arc::new(quinn::TokioRuntime),
+                    )
+                })
+            }
+        }
+        .map_err(|source| LinkError::Bind { addr: bind, source })?;
         let shared = Arc::new(Shared {
             queue,
             opts,

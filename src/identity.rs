@@ -66,6 +66,8 @@ pub const TLS_DIR: &str = "tls";
 pub const CA_CERT: &str = "ca.crt";
 /// The CA key (PKCS#8 PEM, mode 0600), in `TLS_DIR`.
 pub const CA_KEY: &str = "ca.key";
+/// The QUIC stateless-reset key (32 random bytes).
+pub const RESET_KEY: &str = "reset.key";
 /// The server certificate (PEM), in `TLS_DIR`.
 pub const SERVER_CERT: &str = "server.crt";
 /// The server key (PKCS#8 PEM, mode 0600), in `TLS_DIR`.
@@ -580,6 +582,29 @@ impl Identity {
     }
 
     /// The directory the certificates live in.
+    /// The QUIC stateless-reset key, made once and kept: a box restarted
+    /// after a crash or a power cut then answers its old connections' next
+    /// packet with a reset they accept, so devices reconnect at once instead
+    /// of waiting out their idle timeout.
+    pub fn reset_key(&self) -> Result<[u8; 32], IdentityError> {
+        let path = self.dir().join(RESET_KEY);
+        match std::fs::read(&path) {
+            Ok(b) => b.as_slice().try_into().map_err(|_| IdentityError::Corrupt {
+                path: path.clone(),
+                detail: format!(
+                    "{} bytes, not 32; delete it (a new one is made at the next start)",
+                    b.len()
+                ),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                write_secret(&path, &key)?;
+                Ok(key)
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -91,6 +91,9 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         },
     )?;
     let mut link_opts = o.link.clone();
+    if link_opts.reset_key.is_none() {
+        link_opts.reset_key = Some(identity.reset_key()?);
+    }
     if o.upstream.is_some() && link_opts.events.is_none() {
         // Device events go up with everything else.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::device::DeviceEvent>(1024);

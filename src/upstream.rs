@@ -71,9 +71,11 @@ impl UplinkOptions {
 pub fn parse_url(url: &str) -> Result<String, String> {
     let rest = match url.split_once("://") {
         Some(("quic", rest)) => rest,
-        Some((scheme, _)) => return Err(format!(
+        Some((scheme, _)) => {
+            return Err(format!(
             "upstream `{url}`: unsupported scheme `{scheme}://`; use quic://HOST:PORT (a hub box)"
-        )),
+        ))
+        }
         None => url,
     };
     let rest = rest.trim_end_matches('/');

@@ -1,0 +1,267 @@
+//! Upstream sync under kill -9: the real binary as hub and as edge, a real
+//! `outpost device --exec` on the edge that appends each payload it runs to
+//! a file, and SIGKILL of each box, several times, while commands flow both
+//! ways. At the end every command ended `succeeded` on the hub, each result
+//! is in the hub's store once, and the device ran each payload once.
+
+use outpost::store::{Group, Store, StoreOptions};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+fn outpost(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outpost")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_str(ok(o).trim()).expect("--json prints JSON")
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `outpost serve` in `dir`, ready once its admin socket answers.
+fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "serve",
+        "--listen",
+        &listen,
+        "--backoff-base",
+        "50ms",
+        "--backoff-cap",
+        "300ms",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if outpost(dir, &["status", "--json"]).status.success() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the box in {} did not start within 30 s", dir.display());
+}
+
+fn send_lines(dir: &Path, target: &str, prefix: &str, n: usize, tmp: &Path) -> Vec<String> {
+    let file = tmp.join(format!("{prefix}.lines"));
+    let lines: String = (0..n).map(|i| format!("{prefix}-{i}\n")).collect();
+    std::fs::write(&file, lines).unwrap();
+    ok(&outpost(
+        dir,
+        &["send", target, "--lines", file.to_str().unwrap()],
+    ))
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn results_on_disk(dir: &Path) -> HashMap<String, Vec<String>> {
+    let store = Store::open(dir, &StoreOptions::default()).unwrap();
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for g in store.replay() {
+        if let Group::Results(_, rs) = g.unwrap() {
+            for r in rs {
+                out.entry(r.id.to_string())
+                    .or_default()
+                    .push(format!("{} {}", r.state, r.device));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn kill_9_of_edge_and_hub_mid_sync_loses_and_repeats_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub_dir, edge_dir) = (tmp.path().join("hub"), tmp.path().join("edge"));
+    let (hub_port, edge_port) = (free_port(), free_port());
+    let runs: PathBuf = tmp.path().join("runs");
+    let mut hub = serve(&hub_dir, hub_port, &[]);
+    let gw = tmp.path().join("e1.bundle");
+    ok(&outpost(
+        &hub_dir,
+        &["enroll", "e1", "--gateway", "--out", gw.to_str().unwrap()],
+    ));
+    let upstream = format!("quic://127.0.0.1:{hub_port}");
+    let edge_args = [
+        "--upstream",
+        upstream.as_str(),
+        "--upstream-bundle",
+        gw.to_str().unwrap(),
+    ];
+    let mut edge = serve(&edge_dir, edge_port, &edge_args);
+    let d0 = tmp.path().join("d0.bundle");
+    ok(&outpost(
+        &edge_dir,
+        &["enroll", "d0", "--out", d0.to_str().unwrap()],
+    ));
+    // One small O_APPEND write per run: concurrent runs do not interleave.
+    let exec = format!("line=$(cat); echo \"$line\" >> {}", runs.display());
+    let device = Command::new(BIN)
+        .args(["device", "--bundle", d0.to_str().unwrap(), "--exec", &exec])
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _device = Procs(vec![device]);
+
+    let mut ids = send_lines(&hub_dir, "e1/d0", "down", 150, tmp.path());
+    ids.extend(send_lines(&edge_dir, "d0", "local", 150, tmp.path()));
+    let mut kills = 0;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(150));
+        edge.kill().unwrap(); // SIGKILL
+        edge.wait().unwrap();
+        edge = serve(&edge_dir, edge_port, &edge_args);
+        std::thread::sleep(Duration::from_millis(150));
+        hub.kill().unwrap();
+        hub.wait().unwrap();
+        hub = serve(&hub_dir, hub_port, &[]);
+        kills += 2;
+    }
+    // Everything ends on the hub (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in &ids {
+        loop {
+            let o = outpost(&hub_dir, &["show", id, "--json"]);
+            if o.status.success() {
+                let v = json(&o);
+                if v["state"] == "succeeded" {
+                    assert_eq!(v["device"], "e1/d0", "{v}");
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not succeed on the hub: {}\nedge status: {}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&outpost(&edge_dir, &["status", "--json"]).stdout)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let status = json(&outpost(&edge_dir, &["status", "--json"]));
+    assert_eq!(status["uplink"], "connected", "{status}");
+    // Stop both cleanly to read their stores.
+    for (c, _) in [(&mut hub, "hub"), (&mut edge, "edge")] {
+        let term = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        c.wait().unwrap();
+    }
+    let on_hub = results_on_disk(&hub_dir);
+    for id in &ids {
+        assert_eq!(
+            on_hub.get(id),
+            Some(&vec!["succeeded e1/d0".to_string()]),
+            "{id} recorded once on the hub"
+        );
+    }
+    let text = std::fs::read_to_string(&runs).unwrap();
+    let mut counts: HashMap<&str, u32> = HashMap::new();
+    for l in text.lines() {
+        *counts.entry(l).or_default() += 1;
+    }
+    assert_eq!(
+        counts.len(),
+        ids.len(),
+        "the device ran exactly the commands sent"
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "a payload ran twice: {counts:?}"
+    );
+    eprintln!(
+        "{kills} kill -9s survived; {} commands, each run once",
+        ids.len()
+    );
+}
+
+#[test]
+fn a_box_restarted_after_kill_9_resets_the_connections_of_its_previous_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut b = serve(tmp.path(), port, &[]);
+    let file = tmp.path().join("d0.bundle");
+    ok(&outpost(
+        tmp.path(),
+        &["enroll", "d0", "--out", file.to_str().unwrap()],
+    ));
+    let bundle = outpost::identity::Bundle::read(&file).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt
+        .block_on(outpost::client::connect(
+            &bundle,
+            &outpost::client::ConnectOptions::default(),
+        ))
+        .unwrap();
+    b.kill().unwrap(); // SIGKILL: no CONNECTION_CLOSE reaches the device
+    b.wait().unwrap();
+    let mut b = serve(tmp.path(), port, &[]);
+    // The device's next packet meets the new run, which knows the old
+    // run's reset key: the device learns at once, not after its 25 s idle
+    // timeout.
+    let closed = rt.block_on(async {
+        let _ = c.sender().send(&outpost::proto::DeviceFrame::Ping).await;
+        tokio::time::timeout(Duration::from_secs(20), c.connection().closed()).await
+    });
+    let _ = b.kill();
+    let _ = b.wait();
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::Reset)),
+        "expected a stateless reset, got {closed:?}"
+    );
+}

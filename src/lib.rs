@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod notify;
 pub mod proto;
 pub mod queue;
+pub mod relay;
 pub mod route;
 pub mod serve;
 pub mod store;

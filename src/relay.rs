@@ -53,15 +53,45 @@ fn pass(loss: f64) -> bool {
     loss <= 0.0 || rand::random::<f64>() >= loss
 }
 
+/// One direction of the path: datagrams leave in the order they came, each
+/// `delay` after it arrived. (A task per datagram would let the timer wake
+/// them out of order, and QUIC reads reordering as loss.)
+fn lane(
+    imp: Impairment,
+    send: impl Fn(Vec<u8>) -> tokio::task::JoinHandle<()> + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedSender<Vec<u8>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((due, data)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            let _ = send(data).await;
+        }
+    });
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(data) = in_rx.recv().await {
+            if pass(imp.loss)
+                && tx
+                    .send((tokio::time::Instant::now() + imp.delay, data))
+                    .is_err()
+            {
+                return;
+            }
+        }
+    });
+    in_tx
+}
+
 async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment) {
-    let mut backs: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut backs: HashMap<SocketAddr, tokio::sync::mpsc::UnboundedSender<Vec<u8>>> =
+        HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             return;
         };
-        let back = match backs.get(&client) {
-            Some(b) => b.clone(),
+        let up = match backs.get(&client) {
+            Some(up) => up.clone(),
             None => {
                 let Ok(b) = UdpSocket::bind("127.0.0.1:0").await else {
                     continue;
@@ -70,32 +100,34 @@ async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment) {
                     continue;
                 }
                 let b = Arc::new(b);
-                backs.insert(client, b.clone());
                 // Replies from the target go back to this client.
-                let (b2, f2) = (b.clone(), front.clone());
+                let f = front.clone();
+                let down = lane(imp, move |data| {
+                    let f = f.clone();
+                    tokio::spawn(async move {
+                        let _ = f.send_to(&data, client).await;
+                    })
+                });
+                let b2 = b.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65_536];
                     while let Ok(n) = b2.recv(&mut buf).await {
-                        if pass(imp.loss) {
-                            let data = buf[..n].to_vec();
-                            let f = f2.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(imp.delay).await;
-                                let _ = f.send_to(&data, client).await;
-                            });
+                        if down.send(buf[..n].to_vec()).is_err() {
+                            return;
                         }
                     }
                 });
-                b
+                let up = lane(imp, move |data| {
+                    let b = b.clone();
+                    tokio::spawn(async move {
+                        let _ = b.send(&data).await;
+                    })
+                });
+                backs.insert(client, up.clone());
+                up
             }
         };
-        if pass(imp.loss) {
-            let data = buf[..n].to_vec();
-            tokio::spawn(async move {
-                tokio::time::sleep(imp.delay).await;
-                let _ = back.send(&data).await;
-            });
-        }
+        let _ = up.send(buf[..n].to_vec());
     }
 }
 

@@ -633,6 +633,44 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
                 error: None,
             }),
         ),
+        (
+            "Accepted{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, duplicate: false}",
+            dev(DeviceFrame::Accepted {
+                id,
+                duplicate: false,
+            }),
+        ),
+        (
+            "UpAck{seq: 300}",
+            bx(BoxFrame::UpAck { seq: 300 }),
+        ),
+        (
+            "Forward{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, target: \"d-1\", priority: Normal, payload: \"x\", ttl_ms: Some(1000), max_attempts: 3, after: None, not_before: None, origin: \"cli\", signature: None}",
+            bx(BoxFrame::Forward(Box::new(Forward {
+                id,
+                target: "d-1".into(),
+                priority: Priority::Normal,
+                payload: b"x".to_vec(),
+                ttl_ms: Some(1000),
+                max_attempts: 3,
+                after: None,
+                not_before: None,
+                origin: "cli".into(),
+                signature: None,
+            }))),
+        ),
+        (
+            "Up{entries: [{seq: 7, item: Seen{device: \"d-1\", at: 1}}]}",
+            dev(DeviceFrame::Up {
+                entries: vec![UpEntry {
+                    seq: 7,
+                    item: crate::journal::UpItem::Seen {
+                        device: "d-1".into(),
+                        at: 1,
+                    },
+                }],
+            }),
+        ),
     ]
 }
 

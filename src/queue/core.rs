@@ -1697,8 +1697,7 @@ impl QueueCore {
             self.pins.remove(s);
             self.requeue_holders.remove(s);
         }
-        let outbox_next = self.outbox.dirty().then(|| self.outbox.next_seq());
-        let (outbox, drop_outbox) = self.outbox.seal(seq, now);
+        let (outbox, drop_outbox, outbox_next) = self.outbox.seal(seq, now);
         let w = GroupWrite {
             seq,
             journal: std::mem::take(&mut self.journal),

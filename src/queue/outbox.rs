@@ -5,9 +5,12 @@
 //! it. The shell streams it from the store; the hub dedupes by `seq`.
 //!
 //! Bounded: at `max` unacknowledged entries, telemetry-like items (state
-//! changes on the way, last-seen, device events) are counted and skipped;
-//! results and device records are always written, so the hub never loses a
-//! result, and the box never drops one silently.
+//! changes on the way, last-seen, device events) are compacted: only the
+//! latest of each kind per device is held (in memory, so at most a few per
+//! device) and written once the hub has acknowledged enough to make room;
+//! the ones it replaced are counted as skipped. Results and device records
+//! are always written, so the hub never loses a result, and the box never
+//! drops one silently.
 //!
 //! Off (and free) until the box has an uplink.
 
@@ -23,8 +26,11 @@ pub struct OutboxStats {
     pub acked: u64,
     /// The seq the next entry gets.
     pub next_seq: u64,
-    /// Telemetry-like items skipped because the outbox was full.
+    /// Telemetry-like items dropped because the outbox was full (a newer
+    /// one of the same kind for the same device replaced them).
     pub skipped: u64,
+    /// Telemetry items held back while full: the latest per device and kind.
+    pub held: u64,
     /// When the oldest unacknowledged record was written (for a box
     /// restarted since: when it started), if any.
     pub oldest_at: Option<crate::command::Millis>,
@@ -48,6 +54,8 @@ pub struct Outbox {
     depth: u64,
     open: Vec<UpEntry>,
     skipped: u64,
+    /// While full: the latest telemetry item per (device, kind).
+    held: BTreeMap<(String, u8), UpItem>,
 }
 
 impl Outbox {
@@ -62,6 +70,7 @@ impl Outbox {
             depth: 0,
             open: Vec::new(),
             skipped: 0,
+            held: BTreeMap::new(),
         }
     }
 
@@ -84,12 +93,6 @@ impl Outbox {
     /// The next seq as the store kept it (groups may all be gone).
     pub fn restore_next_seq(&mut self, next: u64) {
         self.next_seq = self.next_seq.max(next);
-    }
-
-    /// Whether the outbox changed since the last seal (so the next seq must
-    /// be written with this group).
-    pub fn dirty(&self) -> bool {
-        !self.open.is_empty()
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -115,26 +118,64 @@ impl Outbox {
     }
 
     /// Report `item` upstream with this round. Returns whether it was
-    /// recorded (false: off, or telemetry skipped while full).
+    /// recorded now (false: off, or telemetry held back while full).
     pub fn push(&mut self, item: UpItem) -> bool {
         if !self.on {
             return false;
         }
-        if item.is_telemetry() && self.depth + self.open.len() as u64 >= self.max {
-            self.skipped += 1;
+        if item.is_telemetry() && self.full() {
+            let key = match &item {
+                UpItem::State { device, .. } => (device.clone(), 0),
+                UpItem::Seen { device, .. } => (device.clone(), 1),
+                UpItem::Event { device, .. } => (device.clone(), 2),
+                _ => unreachable!("only telemetry is held"),
+            };
+            if self.held.insert(key, item).is_some() {
+                self.skipped += 1;
+            }
             return false;
         }
+        self.append(item);
+        true
+    }
+
+    fn full(&self) -> bool {
+        self.depth + self.open.len() as u64 >= self.max
+    }
+
+    fn append(&mut self, item: UpItem) {
         self.open.push(UpEntry {
             seq: self.next_seq,
             item,
         });
         self.next_seq += 1;
-        true
     }
 
-    /// Close the round as group `seq`: the entries to write with it, and
-    /// the acknowledged groups to delete in the same batch.
-    pub fn seal(&mut self, seq: u64, now: crate::command::Millis) -> (Vec<UpEntry>, Vec<u64>) {
+    /// Close the round as group `seq`: the entries to write with it, the
+    /// acknowledged groups to delete in the same batch, and the next seq to
+    /// keep when it moved (so seqs never go back, even once every group
+    /// holding them is deleted).
+    pub fn seal(
+        &mut self,
+        seq: u64,
+        now: crate::command::Millis,
+    ) -> (Vec<UpEntry>, Vec<u64>, Option<u64>) {
+        let done: Vec<u64> = self
+            .groups
+            .iter()
+            .take_while(|(_, s)| s.last <= self.acked)
+            .map(|(&g, _)| g)
+            .collect();
+        for g in &done {
+            if let Some(s) = self.groups.remove(g) {
+                self.depth -= s.count;
+            }
+        }
+        // Room again: what was held back goes out, the latest of each.
+        while !self.held.is_empty() && !self.full() {
+            let (_, item) = self.held.pop_first().expect("not empty");
+            self.append(item);
+        }
         let entries = std::mem::take(&mut self.open);
         if let Some(last) = entries.last() {
             let count = entries.len() as u64;
@@ -148,18 +189,8 @@ impl Outbox {
             );
             self.depth += count;
         }
-        let done: Vec<u64> = self
-            .groups
-            .iter()
-            .take_while(|(_, s)| s.last <= self.acked)
-            .map(|(&g, _)| g)
-            .collect();
-        for g in &done {
-            if let Some(s) = self.groups.remove(g) {
-                self.depth -= s.count;
-            }
-        }
-        (entries, done)
+        let next = (!entries.is_empty()).then_some(self.next_seq);
+        (entries, done, next)
     }
 
     /// The upstream has stored every entry up to `seq`. Groups it covers
@@ -188,6 +219,7 @@ impl Outbox {
             acked: self.acked,
             next_seq: self.next_seq,
             skipped: self.skipped,
+            held: self.held.len() as u64,
             oldest_at: self.groups.values().next().map(|s| s.at),
         }
     }
@@ -208,6 +240,13 @@ mod tests {
         }
     }
 
+    fn seen(device: &str, at: u64) -> UpItem {
+        UpItem::Seen {
+            device: device.into(),
+            at,
+        }
+    }
+
     fn device(id: &str) -> UpItem {
         UpItem::Device(crate::store::DeviceRecord::new(id))
     }
@@ -216,7 +255,7 @@ mod tests {
     fn off_records_nothing() {
         let mut o = Outbox::off();
         assert!(!o.push(device("a")));
-        assert_eq!(o.seal(1, 0), (vec![], vec![]));
+        assert_eq!(o.seal(1, 0), (vec![], vec![], None));
     }
 
     #[test]
@@ -225,9 +264,9 @@ mod tests {
         o.enable(100);
         o.push(state(1));
         o.push(state(2));
-        let (e1, _) = o.seal(10, 0);
+        let (e1, _, _) = o.seal(10, 0);
         o.push(device("a"));
-        let (e2, _) = o.seal(11, 0);
+        let (e2, _, _) = o.seal(11, 0);
         assert_eq!(
             e1.iter().chain(&e2).map(|e| e.seq).collect::<Vec<_>>(),
             vec![1, 2, 3]
@@ -249,16 +288,26 @@ mod tests {
     }
 
     #[test]
-    fn full_skips_telemetry_never_results_or_devices() {
+    fn full_compacts_telemetry_to_the_latest_per_device_never_results_or_devices() {
         let mut o = Outbox::off();
         o.enable(2);
         assert!(o.push(state(1)));
         assert!(o.push(state(2)));
-        assert!(!o.push(state(3)), "telemetry gives way when full");
-        assert!(o.push(device("a")), "device records never do");
+        assert!(!o.push(state(3)), "telemetry is held back when full");
+        assert!(!o.push(state(4)), "...and a newer one replaces it");
+        assert!(!o.push(seen("d", 5)), "one of each kind per device");
+        assert!(o.push(device("a")), "device records never wait");
         o.seal(1, 0);
         assert_eq!(o.stats().skipped, 1);
+        assert_eq!(o.stats().held, 2);
         assert_eq!(o.stats().depth, 3);
+        // The hub acknowledges: the held items go out, the latest of each.
+        o.ack(3);
+        let (e, dropped, _) = o.seal(2, 0);
+        assert_eq!(dropped, vec![1]);
+        let items: Vec<UpItem> = e.into_iter().map(|e| e.item).collect();
+        assert_eq!(items, vec![state(4), seen("d", 5)]);
+        assert_eq!(o.stats().held, 0);
     }
 
     #[test]
@@ -267,7 +316,7 @@ mod tests {
         o.enable(10);
         o.push(state(1));
         o.push(state(2));
-        let (e, _) = o.seal(5, 0);
+        let (e, _, _) = o.seal(5, 0);
         let mut r = Outbox::off();
         r.enable(10);
         r.replay(5, &e, 0);

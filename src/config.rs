@@ -410,6 +410,37 @@ mod tests {
     }
 
     #[test]
+    fn the_uplink_comes_from_flags_or_the_file_and_a_bad_url_names_the_key() {
+        let f = file("upstream = \"quic://hub.local:7443\"\nupstream_bundle = \"/etc/outpost/e1.bundle\"\noutbox_max = 50");
+        let c = resolve(&ServeArgs::default(), &f, None).unwrap();
+        assert_eq!(
+            c.upstream,
+            Some(Upstream {
+                server: "hub.local:7443".into(),
+                bundle: Some(PathBuf::from("/etc/outpost/e1.bundle")),
+                outbox_max: 50,
+            })
+        );
+        let args = ServeArgs {
+            upstream: Some("quic://10.0.0.1:9".into()),
+            ..Default::default()
+        };
+        let c = resolve(&args, &f, None).unwrap();
+        assert_eq!(c.upstream.unwrap().server, "10.0.0.1:9", "the flag wins");
+        assert_eq!(
+            resolve(&ServeArgs::default(), &FileConfig::default(), None)
+                .unwrap()
+                .upstream,
+            None
+        );
+        let bad = file("upstream = \"http://hub:80\"");
+        let e = resolve(&ServeArgs::default(), &bad, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream") && e.contains("quic://"), "{e}");
+    }
+
+    #[test]
     fn sizes_parse_with_units_and_refuse_nonsense() {
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);

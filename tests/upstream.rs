@@ -275,6 +275,27 @@ async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_do
             .all(|(_, s, d)| *s == State::Succeeded && d == "e1/d0"),
         "{ended:?}"
     );
+    // A broadcast and an any-capable target on the edge, from the hub.
+    e.queue
+        .relabel(outpost::queue::core::Relabel {
+            device: "d0".into(),
+            add_tags: vec!["line".into()],
+            add_caps: vec!["cam".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let b = send(&h.queue, "e1/tag:line", "all".into()).await;
+    let c = send(&h.queue, "e1/cap:cam", "any".into()).await;
+    let ended = all_end(&h.queue, &[b, c], "hub").await;
+    assert!(
+        ended.iter().all(|(_, s, _)| *s == State::Succeeded),
+        "{ended:?}"
+    );
+    let v = h.queue.show(b).await.unwrap();
+    assert_eq!(v.children.len(), 1, "{v:?}");
+    assert_eq!(v.children[0].device, "e1/d0");
+    down.extend([v.children[0].id, c]);
     let v = h.queue.show(down[0]).await.unwrap();
     assert_eq!(v.outcome, Some(Outcome::Ok(b"down-0".to_vec())));
     let devices = h.queue.devices().await.unwrap();

@@ -644,6 +644,9 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.store.cache_bytes = c.cache_bytes;
     o.metrics = c.metrics;
     o.acl = c.acl;
+    // EX_TEMPFAIL: systemd's Restart=on-failure brings the box back on a
+    // reopened database.
+    o.exit_on_store_failure = Some(75);
     o.upstream = c.upstream.map(|u| {
         let bundle = u
             .bundle

@@ -34,6 +34,10 @@ pub struct ServeOptions {
     /// The uplink to a hub, and the outbox's telemetry bound (off when
     /// `None`).
     pub upstream: Option<(crate::upstream::UplinkOptions, u64)>,
+    /// Exit with this code when the store fails and cannot be read back
+    /// (`outpost serve` under systemd: 75, to be restarted); `None`: keep
+    /// running and refuse requests, saying why (tests, embedding).
+    pub exit_on_store_failure: Option<i32>,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -53,6 +57,7 @@ impl ServeOptions {
             metrics: None,
             acl: crate::route::Acl::default(),
             upstream: None,
+            exit_on_store_failure: None,
         }
     }
 }
@@ -87,6 +92,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             limits: o.limits.clone(),
             acl: o.acl.clone(),
             outbox_max: o.upstream.as_ref().map(|u| u.1),
+            exit_on_store_failure: o.exit_on_store_failure,
             ..ServiceOptions::default()
         },
     )?;

@@ -472,6 +472,9 @@ pub struct QueueCore {
     disk: u64,
     /// Free bytes on the data dir's filesystem (`None`: not known).
     free: Option<u64>,
+    /// Live commands when the free-space reserve was reached (see
+    /// `make_room`).
+    full_mark: Option<u64>,
     stats: QueueStats,
     /// Live broadcasts by parent id (payload-free: it is on disk).
     parents: FxHashMap<CommandId, Parent>,
@@ -533,6 +536,7 @@ impl QueueCore {
             next_session: 1,
             disk: 0,
             free: None,
+            full_mark: None,
             stats: QueueStats::default(),
             parents: FxHashMap::default(),
             acl: Acl::default(),
@@ -1564,6 +1568,45 @@ impl QueueCore {
         }
     }
 
+    /// The wall clock jumped by `delta_ms` (NTP stepping a box that booted
+    /// without a real-time clock, an operator setting the date). Relative
+    /// timers keep what was left of them: a ttl and a retry backoff mean
+    /// "this long from when it was set", so they move with the jump. An
+    /// absolute `not_before` a sender gave names a wall-clock instant and
+    /// stays. (Journalled instants are not rewritten: a restart after a
+    /// jump goes by the wall clock.)
+    pub fn clock_jumped(&mut self, delta_ms: i64, now: Millis) {
+        let shift = |t: Millis| -> Millis {
+            if delta_ms >= 0 {
+                t.saturating_add(delta_ms as u64)
+            } else {
+                t.saturating_sub(delta_ms.unsigned_abs())
+            }
+        };
+        let expiries = std::mem::take(&mut self.expiries);
+        for (t, id) in expiries {
+            let t = shift(t);
+            if let Some(l) = self.live.get_mut(&id) {
+                l.expires_at = Some(t);
+            }
+            self.expiries.insert((t, id));
+        }
+        let wakeups = std::mem::take(&mut self.wakeups);
+        for (t, id) in wakeups {
+            // A wait after an attempt is a backoff; before any, the
+            // sender's not_before.
+            let backoff = self.live.get(&id).is_some_and(|l| l.attempts > 0);
+            let t = if backoff { shift(t) } else { t };
+            if backoff {
+                if let Some(l) = self.live.get_mut(&id) {
+                    l.not_before = Some(t);
+                }
+            }
+            self.wakeups.insert((t, id));
+        }
+        self.tick(now);
+    }
+
     /// The next instant at which `tick` has work, if any.
     pub fn next_deadline(&self) -> Option<Millis> {
         let w = self.wakeups.first().map(|x| x.0);
@@ -1925,11 +1968,22 @@ impl QueueCore {
     /// the newest queued command of a strictly lower priority.
     fn make_room(&mut self, priority: Priority, now: Millis) -> Result<(), QueueError> {
         if let Some(free) = self.free.filter(|&f| f < self.limits.min_free_disk) {
-            // Shedding would not help: ending a command writes a record.
-            return Err(QueueError::NoSpace {
-                free,
-                reserve: self.limits.min_free_disk,
-            });
+            // sled does not give the space of finished commands back to the
+            // filesystem; it reuses it. So once the queue has drained to
+            // half of what it held when the reserve was reached, new
+            // commands go into that space, and the filesystem's free space
+            // need not come back.
+            let live = self.live.len() as u64;
+            let mark = *self.full_mark.get_or_insert(live);
+            if live >= mark / 2 || mark == 0 {
+                // Shedding would not help: ending a command writes a record.
+                return Err(QueueError::NoSpace {
+                    free,
+                    reserve: self.limits.min_free_disk,
+                });
+            }
+        } else {
+            self.full_mark = None;
         }
         let queued = self.live.len() as u64;
         let full = queued >= self.limits.max_queued;

@@ -2044,3 +2044,119 @@ fn an_edge_keeps_results_the_hub_has_not_stored_past_their_retention() {
         "retention applies once the hub has them"
     );
 }
+
+// ----- clock jumps (DESIGN §5; issue 9) ---------------------------------------
+
+#[test]
+fn a_clock_jump_keeps_ttl_and_backoff_remaining_and_not_before_on_the_wall() {
+    const HOUR: u64 = 3_600_000;
+    for delta in [-(HOUR as i64), HOUR as i64] {
+        let mut h = H::with_devices(
+            Limits {
+                backoff_base_ms: 10_000,
+                backoff_cap_ms: 10_000,
+                ..Limits::default()
+            },
+            2,
+        );
+        h.now = 1_750_000_000_000;
+        let t0 = h.now;
+        // d0: a ttl of 60 s; d1: one that failed once and backs off ~10 s;
+        // and one not before t0 + 10 min (a wall-clock instant).
+        let ttl = h
+            .send(
+                "d0",
+                SendOptions {
+                    ttl_ms: Some(60_000),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .id;
+        let later = h
+            .send(
+                "d0",
+                SendOptions {
+                    not_before: Some(t0 + 600_000),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .id;
+        h.connect("d1");
+        let retry = h.send_prio("d1", Priority::Normal);
+        h.ack(
+            "d1",
+            retry,
+            Outcome::Failed {
+                code: 1,
+                message: "again".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(h.ids("d1"), vec![retry]);
+        // The wall clock jumps; the shell notices and says so.
+        h.now = if delta < 0 { t0 - HOUR } else { t0 + HOUR };
+        h.core.clock_jumped(delta, h.now);
+        h.round();
+        h.check();
+        assert_eq!(
+            h.state(ttl),
+            Some(State::Queued),
+            "{delta}: no early expiry"
+        );
+        // 30 s on: the ttl has 30 s left; the backoff (≤ 10 s) is over.
+        h.advance(30_000);
+        assert_eq!(h.state(ttl), Some(State::Queued), "{delta}");
+        assert_eq!(
+            h.ids("d1"),
+            vec![retry, retry],
+            "{delta}: retried after its backoff"
+        );
+        h.advance(31_000);
+        assert_eq!(
+            h.state(ttl),
+            Some(State::Expired),
+            "{delta}: expired after its 60 s"
+        );
+        // not_before is an instant: an hour forward it is past, an hour
+        // back it is still 70 minutes away.
+        h.connect("d0");
+        let delivered = h.ids("d0").contains(&later);
+        assert_eq!(
+            delivered,
+            delta > 0,
+            "{delta}: not_before follows the wall clock"
+        );
+        h.check();
+    }
+}
+
+#[test]
+fn below_the_reserve_a_drained_queue_takes_commands_into_the_space_it_freed() {
+    let mut h = H::with_devices(Limits::default(), 1);
+    let ids: Vec<CommandId> = (0..10)
+        .map(|_| h.send_prio("d0", Priority::Normal))
+        .collect();
+    // The filesystem's free space stays low: sled keeps what it freed.
+    h.core.set_disk_free(1024);
+    assert!(h.send("d0", SendOptions::default()).is_err());
+    h.connect("d0");
+    for &id in &ids[..5] {
+        h.ack("d0", id, ok()).unwrap();
+    }
+    assert!(
+        h.send("d0", SendOptions::default()).is_err(),
+        "half of the queue is not yet drained"
+    );
+    h.ack("d0", ids[5], ok()).unwrap();
+    assert!(
+        h.send("d0", SendOptions::default()).is_ok(),
+        "below half: room again"
+    );
+    assert!(
+        h.send("d0", SendOptions::default()).is_err(),
+        "back at half of the mark: refused again"
+    );
+    h.check();
+}

@@ -34,6 +34,10 @@ pub struct ServiceOptions {
     /// Keep an upstream outbox of at most this many unacknowledged
     /// telemetry entries (`None`: no uplink, no outbox).
     pub outbox_max: Option<u64>,
+    /// When the store fails a write and cannot be read back (a disk that
+    /// filled up under sled), exit the process with this code so the
+    /// service manager restarts it; `None`: refuse requests, saying why.
+    pub exit_on_store_failure: Option<i32>,
 }
 
 impl Default for ServiceOptions {
@@ -44,6 +48,7 @@ impl Default for ServiceOptions {
             seed: rand::random(),
             acl: crate::route::Acl::default(),
             outbox_max: None,
+            exit_on_store_failure: None,
         }
     }
 }
@@ -157,6 +162,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
     let mut writer = Writer {
+        clock: Clock::new(),
         outbox: outbox_tx,
         core,
         store,
@@ -169,6 +175,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         flush_buckets: [0; super::FLUSH_BUCKETS_S.len() + 1],
         flush_sum: 0.0,
         broken: None,
+        last_recovery: None,
     };
     std::thread::Builder::new()
         .name("outpost-writer".into())
@@ -343,7 +350,38 @@ enum Pending {
     Token(Reply<u64>, Result<u64, QueueError>),
 }
 
+/// The wall clock as the core sees it, watched for jumps: the wall clock
+/// is compared with the monotonic one at each read, and a step of more than
+/// `JUMP_MS` between them is a jump (NTP stepping a box that booted with no
+/// real-time clock, a date set by hand).
+struct Clock {
+    wall: Millis,
+    mono: std::time::Instant,
+}
+
+const JUMP_MS: i64 = 2_000;
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            wall: crate::now_millis(),
+            mono: std::time::Instant::now(),
+        }
+    }
+
+    /// Now, and the jump since the last read, if there was one.
+    fn read(&mut self) -> (Millis, Option<i64>) {
+        let (wall, mono) = (crate::now_millis(), std::time::Instant::now());
+        let expected = self.wall as i64 + mono.duration_since(self.mono).as_millis() as i64;
+        let delta = wall as i64 - expected;
+        self.wall = wall;
+        self.mono = mono;
+        (wall, (delta.abs() > JUMP_MS).then_some(delta))
+    }
+}
+
 struct Writer {
+    clock: Clock,
     outbox: tokio::sync::watch::Sender<u64>,
     core: QueueCore,
     store: Store,
@@ -359,7 +397,12 @@ struct Writer {
     /// Set when the store failed and could not be re-read: every request
     /// gets this error until the box is restarted.
     broken: Option<String>,
+    /// When the store was last reopened after a failure.
+    last_recovery: Option<std::time::Instant>,
 }
+
+/// How often a broken store is reopened while requests keep coming.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Writer {
     /// Serve until shutdown (returns its waiter) or until every handle is
@@ -386,7 +429,14 @@ impl Writer {
                     Err(_) => return None,
                 },
             };
-            let now = crate::now_millis();
+            let (now, jump) = self.clock.read();
+            if let Some(delta) = jump {
+                tracing::warn!(
+                    delta_ms = delta,
+                    "the wall clock jumped; ttls and retry backoffs keep what was left of them"
+                );
+                self.core.clock_jumped(delta, now);
+            }
             let mut pending = Vec::new();
             let mut shutdown = None;
             if let Some(m) = first {
@@ -416,6 +466,14 @@ impl Writer {
         pending: &mut Vec<Pending>,
         shutdown: &mut Option<oneshot::Sender<()>>,
     ) {
+        if self.broken.is_some()
+            && self
+                .last_recovery
+                .is_none_or(|t| t.elapsed() >= RECOVERY_INTERVAL)
+        {
+            // Try again: the disk may have room now.
+            self.recover();
+        }
         if let Some(why) = &self.broken {
             let e = QueueError::Storage(why.clone());
             match m {
@@ -681,12 +739,40 @@ impl Writer {
                 }
             }
         }
+        if let Some(code) = self.opts.exit_on_store_failure {
+            // sled fails every write after one that failed and cannot be
+            // closed then: only a fresh process can go on. Nothing answered
+            // "accepted" is lost — it was flushed before it was answered.
+            tracing::error!(
+                "the store failed a write ({e}); exiting with code {code} so that the service manager restarts the box on a reopened database"
+            );
+            eprintln!("outpost: the store failed a write ({e}); exiting with code {code} to be restarted (nothing acknowledged is lost)");
+            std::process::exit(code);
+        }
         self.sessions.clear();
         self.cache.clear();
+        self.recover();
+    }
+
+    /// Rebuild the core from what is on disk. Until that works, every
+    /// request is refused with the reason (a retry every few seconds, as
+    /// requests come). An embedded queue ends here; `outpost serve` exits
+    /// before (see `fail_round`).
+    fn recover(&mut self) {
+        self.last_recovery = Some(std::time::Instant::now());
         match rebuild(&self.store, &self.opts) {
-            Ok(core) => self.core = core,
+            Ok(core) => {
+                if self.broken.take().is_some() {
+                    tracing::info!("the store is readable again; serving");
+                }
+                self.core = core;
+            }
             Err(e) => {
-                tracing::error!("cannot re-read the store: {e}; refusing requests until restart");
+                if self.broken.is_none() {
+                    tracing::error!(
+                        "cannot re-read the store: {e}; refusing requests until it can"
+                    );
+                }
                 self.broken = Some(e.to_string());
             }
         }

@@ -594,3 +594,47 @@ fn the_admin_socket_refuses_other_users() {
     // The box's own user still is.
     ok(&b.run(&["status"]));
 }
+
+#[test]
+fn a_data_dir_that_cannot_be_used_is_named_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let dir = file.join("data");
+    let o = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("OUTPOST_DATA_DIR", &dir)
+        .env("OUTPOST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(dir.to_str().unwrap()) && err.contains("Not a directory"),
+        "{err}"
+    );
+    // A read-only filesystem (root only: the test mounts one).
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&ro)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("SKIPPED the read-only part: cannot mount a tmpfs here (not root)");
+        return;
+    }
+    let o = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("OUTPOST_DATA_DIR", ro.join("data"))
+        .env("OUTPOST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&ro).status();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Read-only file system"), "{err}");
+}

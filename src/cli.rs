@@ -138,10 +138,26 @@ pub enum Cmd {
     Demo,
     /// Measure this machine: a box on loopback, N devices, workload W1.
     Bench(BenchArgs),
+    /// Multi-step workflows (a TOML file of steps, needs and conditions).
+    #[command(subcommand)]
+    Workflow(WorkflowCmd),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Man,
+}
+
+/// `outpost workflow …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum WorkflowCmd {
+    /// Check a workflow file: a cycle, an unknown step, a bad target, a
+    /// condition on a step that is not upstream — each named with its line
+    /// (exit 2). Prints the order the steps run in.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `outpost send`.
@@ -625,6 +641,44 @@ async fn run(
                 "outpost",
                 &mut std::io::stdout(),
             );
+            Ok(0)
+        }
+        Cmd::Workflow(WorkflowCmd::Check { file, json }) => {
+            let w = match crate::workflow::Workflow::load(&file) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            if json {
+                let steps: Vec<Value> = w
+                    .steps
+                    .iter()
+                    .map(|s| json!({"name": s.name, "target": s.target, "needs": s.needs, "line": s.line}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"name": w.name, "steps": steps, "on_failure": w.on_failure,
+                           "timeout_s": w.timeout.map(|t| t.as_secs())})
+                );
+            } else {
+                let order: Vec<&str> = w
+                    .steps
+                    .iter()
+                    .filter(|s| !w.on_failure.contains(&s.name))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                println!(
+                    "{}: ok, {} steps: {}",
+                    w.name,
+                    order.len(),
+                    order.join(" → ")
+                );
+                if !w.on_failure.is_empty() {
+                    println!("on failure: {}", w.on_failure.join(", "));
+                }
+            }
             Ok(0)
         }
         Cmd::Man => {

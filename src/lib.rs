@@ -28,6 +28,7 @@ pub mod route;
 pub mod serve;
 pub mod store;
 pub mod upstream;
+pub mod workflow;
 
 pub use command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, SendOptions, State};
 

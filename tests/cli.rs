@@ -638,3 +638,35 @@ fn a_data_dir_that_cannot_be_used_is_named_with_the_reason() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("Read-only file system"), "{err}");
 }
+
+#[test]
+fn workflow_check_names_the_step_and_line_and_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "name = \"w\"\non_failure = [\"undo\"]\n[steps.a]\ntarget = \"d1\"\npayload = \"x\"\n[steps.b]\ntarget = \"tag:t\"\npayload = \"y\"\nneeds = [\"a\"]\nwhen = { step = \"a\", result_contains = \"ok\" }\n[steps.undo]\ntarget = \"d1\"\npayload = \"z\"\n",
+    )
+    .unwrap();
+    let out = ok(&outpost(
+        tmp.path(),
+        &["workflow", "check", good.to_str().unwrap()],
+    ));
+    assert!(
+        out.contains("w: ok, 2 steps: a → b") && out.contains("on failure: undo"),
+        "{out}"
+    );
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"w\"\n[steps.a]\ntarget = \"d1\"\npayload = \"x\"\nneeds = [\"ghost\"]\n",
+    )
+    .unwrap();
+    let o = outpost(tmp.path(), &["workflow", "check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bad.toml:5: step `a`: it needs `ghost`, which is not a step"),
+        "{err}"
+    );
+}

@@ -28,7 +28,7 @@
 
 use crate::command::Priority;
 use crate::route::Target;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
@@ -99,7 +99,7 @@ struct WhenSpec {
 }
 
 /// A checked workflow, ready to run.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Workflow {
     pub name: String,
     pub timeout: Option<Duration>,
@@ -110,7 +110,7 @@ pub struct Workflow {
     pub on_failure: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     pub name: String,
     pub target: String,
@@ -126,28 +126,28 @@ pub struct Step {
     pub line: usize,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Payload {
     Inline(Vec<u8>),
     /// Read when the workflow is started (relative to the file's dir).
     File(std::path::PathBuf),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MinSuccess {
     Percent(u32),
     Count(u32),
 }
 
 /// `when`: run the step only if an earlier step ended so.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Condition {
     pub step: String,
     pub state: StateMatch,
     pub result: Option<ResultMatch>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StateMatch {
     Succeeded,
     Failed,
@@ -155,7 +155,7 @@ pub enum StateMatch {
     Any,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ResultMatch {
     Equals(String),
     Contains(String),
@@ -525,6 +525,383 @@ fn upstream(steps: &[&Step], name: &str) -> BTreeSet<String> {
     out
 }
 
+// ----- running: the sans-IO engine -------------------------------------------
+
+/// A workflow's state (`workflow show`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// A step's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepState {
+    /// Waiting for what it needs.
+    Pending,
+    /// Its command is out.
+    Running,
+    Succeeded,
+    Failed,
+    /// Its `when` was false, or what it needs failed.
+    Skipped,
+    Cancelled,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
+            StepState::Cancelled => "cancelled",
+        }
+    }
+
+    fn ended(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Running)
+    }
+}
+
+/// One step of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRun {
+    pub name: String,
+    pub state: StepState,
+    pub command: Option<crate::CommandId>,
+    /// The command's end state and result text (or error), once ended.
+    pub end: Option<crate::State>,
+    pub result: Option<String>,
+}
+
+/// How a step's command ended, as the shell reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ended {
+    pub state: crate::State,
+    /// The result bytes (`Ok`), or the failure text.
+    pub result: Option<Vec<u8>>,
+    /// For a broadcast: (children succeeded, children in all).
+    pub children: Option<(u32, u32)>,
+}
+
+/// What the engine asks the shell to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send this step's command (with `key` as its idempotency key, so a
+    /// send repeated after a crash is the same command).
+    Send {
+        step: String,
+        target: String,
+        payload: Vec<u8>,
+        opts: crate::SendOptions,
+        key: String,
+    },
+    Cancel(crate::CommandId),
+}
+
+/// One run of a workflow: plain data, persisted whole after each change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: crate::CommandId,
+    pub spec: Workflow,
+    pub state: RunState,
+    pub started_at: crate::Millis,
+    pub finished_at: Option<crate::Millis>,
+    pub deadline: Option<crate::Millis>,
+    pub steps: Vec<StepRun>,
+    /// The main steps ended badly: the `on_failure` steps run.
+    pub compensating: bool,
+    /// What the run ends as once compensation is done.
+    pending_end: Option<RunState>,
+}
+
+impl Run {
+    /// Start a run (payload files already read into the spec).
+    pub fn start(id: crate::CommandId, spec: Workflow, now: crate::Millis) -> (Run, Vec<Action>) {
+        let steps = spec
+            .steps
+            .iter()
+            .map(|s| StepRun {
+                name: s.name.clone(),
+                state: StepState::Pending,
+                command: None,
+                end: None,
+                result: None,
+            })
+            .collect();
+        let mut run = Run {
+            id,
+            deadline: spec
+                .timeout
+                .map(|t| now.saturating_add(t.as_millis() as u64)),
+            spec,
+            state: RunState::Running,
+            started_at: now,
+            finished_at: None,
+            steps,
+            compensating: false,
+            pending_end: None,
+        };
+        let actions = run.advance(now);
+        (run, actions)
+    }
+
+    fn idx(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    fn is_comp(&self, name: &str) -> bool {
+        self.spec.on_failure.iter().any(|n| n == name)
+    }
+
+    /// The shell sent step `step` as command `id`.
+    pub fn sent(&mut self, step: &str, id: crate::CommandId) {
+        if let Some(i) = self.idx(step) {
+            self.steps[i].command = Some(id);
+        }
+    }
+
+    /// The step whose command is `id`, if it is this run's.
+    pub fn step_of(&self, id: crate::CommandId) -> Option<&str> {
+        self.steps
+            .iter()
+            .find(|s| s.command == Some(id))
+            .map(|s| s.name.as_str())
+    }
+
+    /// A step's command ended.
+    pub fn step_ended(
+        &mut self,
+        id: crate::CommandId,
+        e: Ended,
+        now: crate::Millis,
+    ) -> Vec<Action> {
+        let Some(i) = self.steps.iter().position(|s| s.command == Some(id)) else {
+            return Vec::new();
+        };
+        if self.steps[i].state != StepState::Running {
+            return Vec::new();
+        }
+        let spec = &self.spec.steps[i];
+        let ok = match (spec.min_success, e.children) {
+            (Some(q), Some((succ, total))) => match q {
+                MinSuccess::Percent(p) => total > 0 && succ * 100 >= p * total,
+                MinSuccess::Count(n) => succ >= n,
+            },
+            _ => e.state == crate::State::Succeeded,
+        };
+        let st = &mut self.steps[i];
+        st.state = if ok {
+            StepState::Succeeded
+        } else if e.state == crate::State::Cancelled {
+            StepState::Cancelled
+        } else {
+            StepState::Failed
+        };
+        st.end = Some(e.state);
+        st.result = e.result.map(|b| String::from_utf8_lossy(&b).into_owned());
+        self.advance(now)
+    }
+
+    /// Let time pass: the workflow timeout.
+    pub fn tick(&mut self, now: crate::Millis) -> Vec<Action> {
+        if self.state != RunState::Running || self.compensating {
+            return Vec::new();
+        }
+        match self.deadline {
+            Some(d) if now >= d => self.stop(RunState::TimedOut, true, now),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Cancel the run: what runs is cancelled, what waits never starts;
+    /// the `on_failure` steps run if `compensate`.
+    pub fn cancel(&mut self, compensate: bool, now: crate::Millis) -> Vec<Action> {
+        if self.state != RunState::Running {
+            return Vec::new();
+        }
+        self.stop(RunState::Cancelled, compensate, now)
+    }
+
+    fn stop(&mut self, end: RunState, compensate: bool, now: crate::Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for st in &mut self.steps {
+            match st.state {
+                StepState::Running => {
+                    if let Some(c) = st.command {
+                        actions.push(Action::Cancel(c));
+                    }
+                    st.state = StepState::Cancelled;
+                }
+                StepState::Pending if !self.spec.on_failure.contains(&st.name) => {
+                    st.state = StepState::Cancelled;
+                }
+                _ => {}
+            }
+        }
+        if compensate && !self.spec.on_failure.is_empty() {
+            self.compensating = true;
+            self.pending_end = Some(end);
+            actions.extend(self.advance(now));
+        } else {
+            self.finish(end, now);
+        }
+        actions
+    }
+
+    fn finish(&mut self, end: RunState, now: crate::Millis) {
+        self.state = end;
+        self.finished_at = Some(now);
+        // Compensation steps that never ran are skipped.
+        for st in &mut self.steps {
+            if st.state == StepState::Pending {
+                st.state = StepState::Skipped;
+            }
+        }
+    }
+
+    /// Start what is ready; settle the run when nothing more can happen.
+    fn advance(&mut self, now: crate::Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.state != RunState::Running {
+            return actions;
+        }
+        loop {
+            let mut progressed = false;
+            for i in 0..self.steps.len() {
+                if self.steps[i].state != StepState::Pending {
+                    continue;
+                }
+                let spec = self.spec.steps[i].clone();
+                // Compensation steps wait for compensation; main steps do
+                // not start once it has begun.
+                if self.is_comp(&spec.name) != self.compensating {
+                    continue;
+                }
+                let needs: Vec<StepState> = spec
+                    .needs
+                    .iter()
+                    .filter_map(|n| self.idx(n).map(|j| self.steps[j].state))
+                    .collect();
+                if !needs.iter().all(|s| s.ended()) {
+                    continue;
+                }
+                progressed = true;
+                let blocked = needs
+                    .iter()
+                    .any(|s| matches!(s, StepState::Failed | StepState::Cancelled));
+                let go = match &spec.when {
+                    Some(c) => self.holds(c),
+                    None => !blocked,
+                };
+                if !go {
+                    self.steps[i].state = StepState::Skipped;
+                    continue;
+                }
+                self.steps[i].state = StepState::Running;
+                let payload = match &spec.payload {
+                    Payload::Inline(b) => b.clone(),
+                    // Read at start by the shell; an unread file is empty.
+                    Payload::File(_) => Vec::new(),
+                };
+                actions.push(Action::Send {
+                    step: spec.name.clone(),
+                    target: spec.target.clone(),
+                    payload,
+                    opts: crate::SendOptions {
+                        priority: spec.priority,
+                        ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
+                        max_attempts: spec.max_attempts,
+                        ..Default::default()
+                    },
+                    key: format!("workflow:{}:{}", self.id, spec.name),
+                });
+            }
+            if !progressed {
+                break;
+            }
+        }
+        let group: Vec<&StepRun> = self
+            .steps
+            .iter()
+            .filter(|s| self.is_comp(&s.name) == self.compensating)
+            .collect();
+        if group.iter().all(|s| s.state.ended()) {
+            if self.compensating {
+                let end = self.pending_end.unwrap_or(RunState::Failed);
+                self.finish(end, now);
+            } else {
+                let failed = group
+                    .iter()
+                    .any(|s| matches!(s.state, StepState::Failed | StepState::Cancelled));
+                if failed && !self.spec.on_failure.is_empty() {
+                    self.compensating = true;
+                    self.pending_end = Some(RunState::Failed);
+                    actions.extend(self.advance(now));
+                } else {
+                    self.finish(
+                        if failed {
+                            RunState::Failed
+                        } else {
+                            RunState::Succeeded
+                        },
+                        now,
+                    );
+                }
+            }
+        }
+        actions
+    }
+
+    /// Whether a `when` condition holds, on the step it names (ended).
+    fn holds(&self, c: &Condition) -> bool {
+        let Some(j) = self.idx(&c.step) else {
+            return false;
+        };
+        let st = &self.steps[j];
+        let state_ok = match c.state {
+            StateMatch::Succeeded => st.state == StepState::Succeeded,
+            StateMatch::Failed => st.state == StepState::Failed,
+            StateMatch::Any => st.state.ended(),
+        };
+        if !state_ok {
+            return false;
+        }
+        let text = st.result.as_deref().unwrap_or("");
+        match &c.result {
+            None => true,
+            Some(ResultMatch::Equals(v)) => text == v,
+            Some(ResultMatch::Contains(v)) => text.contains(v.as_str()),
+            Some(ResultMatch::Regex(r)) => {
+                regex_lite::Regex::new(r).is_ok_and(|re| re.is_match(text))
+            }
+            Some(ResultMatch::Json { pointer, equals }) => {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.pointer(pointer).cloned())
+                    .is_some_and(|v| &v == equals)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,5 +1023,149 @@ payload = "start-previous-firmware"
 
         let e = fails("name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n[steps.b]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"a\"]\nwhen = { step = \"a\", result_regex = \"(\" }\n");
         assert!(e.message.contains("result_regex"), "{e}");
+    }
+
+    // ----- the engine -----
+
+    fn ended(state: crate::State, result: &str) -> Ended {
+        Ended {
+            state,
+            result: Some(result.as_bytes().to_vec()),
+            children: None,
+        }
+    }
+
+    /// Run `w` answering each send with `answer(step)`; the order steps
+    /// were sent in, and the run.
+    fn drive(w: Workflow, answer: impl Fn(&str) -> Ended) -> (Vec<String>, Run) {
+        let (mut run, mut actions) = Run::start(crate::CommandId(1), w, 0);
+        let mut sent = Vec::new();
+        let mut n = 10;
+        while let Some(a) = actions.pop() {
+            if let Action::Send { step, key, .. } = a {
+                assert!(key.ends_with(&step), "{key}");
+                n += 1;
+                run.sent(&step, crate::CommandId(n));
+                sent.push(step.clone());
+                let more = run.step_ended(crate::CommandId(n), answer(&step), 1);
+                actions.extend(more);
+            }
+        }
+        (sent, run)
+    }
+
+    #[test]
+    fn a_run_follows_needs_and_conditions_and_compensates_on_failure() {
+        let w = Workflow::parse(REFLASH, "w").unwrap();
+        let (sent, run) = drive(w.clone(), |_| ended(crate::State::Succeeded, "ok"));
+        assert_eq!(sent, vec!["stop", "flash", "verify", "restart"]);
+        assert_eq!(run.state, RunState::Succeeded);
+        let resume = run.steps.iter().find(|s| s.name == "resume").unwrap();
+        assert_eq!(
+            resume.state,
+            StepState::Skipped,
+            "compensation only on failure"
+        );
+
+        // Verify does not say ok: restart is skipped; nothing failed.
+        let (sent, run) = drive(w.clone(), |s| {
+            ended(
+                crate::State::Succeeded,
+                if s == "verify" { "bad" } else { "ok" },
+            )
+        });
+        assert_eq!(sent, vec!["stop", "flash", "verify"]);
+        assert_eq!(run.state, RunState::Succeeded);
+
+        // Flash fails: verify and restart are skipped, resume runs, failed.
+        let (sent, run) = drive(w, |s| {
+            if s == "flash" {
+                ended(crate::State::Dead, "boom")
+            } else {
+                ended(crate::State::Succeeded, "ok")
+            }
+        });
+        assert_eq!(sent, vec!["stop", "flash", "resume"]);
+        assert_eq!(run.state, RunState::Failed);
+        let states: Vec<(&str, StepState)> = run
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.state))
+            .collect();
+        assert!(
+            states.contains(&("verify", StepState::Skipped)),
+            "{states:?}"
+        );
+        assert!(
+            states.contains(&("resume", StepState::Succeeded)),
+            "{states:?}"
+        );
+    }
+
+    #[test]
+    fn fan_out_fan_in_quorum_timeout_and_cancel() {
+        let text = "name = \"p\"\ntimeout = \"1m\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\n[steps.b]\ntarget = \"tag:cam\"\npayload = \"x\"\nneeds = [\"a\"]\nmin_success = \"50%\"\n[steps.c]\ntarget = \"d2\"\npayload = \"x\"\nneeds = [\"a\"]\n[steps.d]\ntarget = \"d\"\npayload = \"x\"\nneeds = [\"b\", \"c\"]\n";
+        let w = Workflow::parse(text, "p").unwrap();
+        let (mut run, actions) = Run::start(crate::CommandId(1), w.clone(), 0);
+        assert_eq!(actions.len(), 1);
+        run.sent("a", crate::CommandId(2));
+        let out = run.step_ended(crate::CommandId(2), ended(crate::State::Succeeded, ""), 1);
+        let fan: Vec<String> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { step, .. } => Some(step.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fan, vec!["b", "c"], "both run at once");
+        run.sent("b", crate::CommandId(3));
+        run.sent("c", crate::CommandId(4));
+        // b: a broadcast where 2 of 4 succeeded: the quorum of 50% holds.
+        let e = Ended {
+            state: crate::State::Failed,
+            result: None,
+            children: Some((2, 4)),
+        };
+        assert!(
+            run.step_ended(crate::CommandId(3), e, 2).is_empty(),
+            "d waits for c"
+        );
+        // The timeout: c is cancelled, d never starts.
+        assert!(run.tick(59_999).is_empty());
+        let out = run.tick(60_000);
+        assert_eq!(out, vec![Action::Cancel(crate::CommandId(4))]);
+        assert_eq!(run.state, RunState::TimedOut);
+        let d = run.steps.iter().find(|s| s.name == "d").unwrap();
+        assert_eq!(d.state, StepState::Cancelled);
+
+        let (mut run, _) = Run::start(crate::CommandId(9), w, 0);
+        run.sent("a", crate::CommandId(10));
+        assert_eq!(
+            run.cancel(false, 5),
+            vec![Action::Cancel(crate::CommandId(10))]
+        );
+        assert_eq!(run.state, RunState::Cancelled);
+        assert!(run
+            .step_ended(crate::CommandId(10), ended(crate::State::Succeeded, ""), 6)
+            .is_empty());
+    }
+
+    #[test]
+    fn json_and_regex_conditions() {
+        let text = "name = \"j\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\n[steps.b]\ntarget = \"d\"\npayload = \"x\"\nneeds = [\"a\"]\nwhen = { step = \"a\", json_pointer = \"/temp\", equals = 21 }\n[steps.c]\ntarget = \"d\"\npayload = \"x\"\nneeds = [\"a\"]\nwhen = { step = \"a\", result_regex = \"^\\\\{.*21\" }\n";
+        let w = Workflow::parse(text, "j").unwrap();
+        let (sent, _) = drive(w.clone(), |_| {
+            ended(crate::State::Succeeded, "{\"temp\": 21}")
+        });
+        let mut sorted = sent.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec!["a", "b", "c"], "both conditions hold");
+        let (sent, run) = drive(w, |_| ended(crate::State::Succeeded, "{\"temp\": 22}"));
+        assert_eq!(sent, vec!["a"]);
+        assert_eq!(
+            run.state,
+            RunState::Succeeded,
+            "skipped steps do not fail a run"
+        );
     }
 }

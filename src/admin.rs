@@ -63,10 +63,23 @@ pub enum AdminRequest {
     },
     /// Change a device's tags and capabilities.
     Relabel(Relabel),
+    /// Run a workflow: its TOML text (`file` names it in errors) and the
+    /// payload files it names, read by the CLI.
+    WorkflowRun {
+        file: String,
+        text: String,
+        payloads: Vec<(String, Vec<u8>)>,
+    },
+    WorkflowShow(CommandId),
+    WorkflowList,
+    WorkflowCancel {
+        id: CommandId,
+        compensate: bool,
+    },
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 12;
+    const KNOWN_TAGS: u32 = 16;
 }
 
 /// The box's answer.
@@ -82,10 +95,12 @@ pub enum AdminResponse {
     Event(LifecycleEvent),
     TimedOut,
     Error { kind: ErrorKind, message: String },
+    Workflow(Box<crate::workflow::runner::RunView>),
+    Workflows(Vec<crate::workflow::runner::RunView>),
 }
 
 impl Frame for AdminResponse {
-    const KNOWN_TAGS: u32 = 10;
+    const KNOWN_TAGS: u32 = 12;
 }
 
 /// What kind of failure an error is; the CLI's exit code follows from it.
@@ -176,6 +191,8 @@ pub struct AdminContext {
     pub started: Instant,
     /// The uplink's state, when the box has one.
     pub uplink: Option<tokio::sync::watch::Receiver<crate::upstream::UplinkStatus>>,
+    /// The workflow runner.
+    pub workflows: Option<crate::workflow::runner::Runner>,
 }
 
 /// Bind the admin socket in `data_dir`: remove a stale socket file (one
@@ -255,9 +272,81 @@ async fn watch(
     }
 }
 
+/// Workflow requests: the runner answers, or says it is not there.
+async fn workflow(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
+    let Some(w) = &ctx.workflows else {
+        return AdminResponse::Error {
+            kind: ErrorKind::Unavailable,
+            message: "this box runs no workflows".into(),
+        };
+    };
+    let not_found = |id: CommandId| AdminResponse::Error {
+        kind: ErrorKind::NotFound,
+        message: format!("no workflow run {id}"),
+    };
+    match req {
+        AdminRequest::WorkflowRun {
+            file,
+            text,
+            payloads,
+        } => {
+            let mut spec = match crate::workflow::Workflow::parse(&text, &file) {
+                Ok(s) => s,
+                Err(e) => {
+                    return AdminResponse::Error {
+                        kind: ErrorKind::BadRequest,
+                        message: e.to_string(),
+                    }
+                }
+            };
+            for step in &mut spec.steps {
+                if let crate::workflow::Payload::File(f) = &step.payload {
+                    let name = f.display().to_string();
+                    match payloads.iter().find(|(n, _)| *n == name) {
+                        Some((_, b)) => step.payload = crate::workflow::Payload::Inline(b.clone()),
+                        None => {
+                            return AdminResponse::Error {
+                                kind: ErrorKind::BadRequest,
+                                message: format!(
+                                    "step `{}`: payload_file {name} was not sent with the workflow",
+                                    step.name
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
+            match w.run(spec).await {
+                Ok(v) => AdminResponse::Workflow(Box::new(v)),
+                Err(message) => AdminResponse::Error {
+                    kind: ErrorKind::Unavailable,
+                    message,
+                },
+            }
+        }
+        AdminRequest::WorkflowShow(id) => match w.show(id).await {
+            Some(v) => AdminResponse::Workflow(Box::new(v)),
+            None => not_found(id),
+        },
+        AdminRequest::WorkflowList => AdminResponse::Workflows(w.list().await),
+        AdminRequest::WorkflowCancel { id, compensate } => match w.cancel(id, compensate).await {
+            Some(v) => AdminResponse::Workflow(Box::new(v)),
+            None => not_found(id),
+        },
+        _ => AdminResponse::Error {
+            kind: ErrorKind::BadRequest,
+            message: "not a workflow request".into(),
+        },
+    }
+}
+
 async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
     let q = &ctx.queue;
     let r = match req {
+        w @ (AdminRequest::WorkflowRun { .. }
+        | AdminRequest::WorkflowShow(_)
+        | AdminRequest::WorkflowList
+        | AdminRequest::WorkflowCancel { .. }) => return workflow(ctx, w).await,
         AdminRequest::Send(s) => q.send(s).await.map(AdminResponse::Receipt),
         AdminRequest::Wait { id, timeout_ms } => q
             .wait(id, Duration::from_millis(timeout_ms))

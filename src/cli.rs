@@ -158,6 +158,194 @@ pub enum WorkflowCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a workflow on the box (payload files are read here and sent
+    /// along). Prints its id.
+    Run {
+        file: PathBuf,
+        /// Wait for the end (default 10m); exit 0 only if it succeeded.
+        #[arg(long, num_args = 0..=1, default_missing_value = "10m", value_name = "TIMEOUT")]
+        wait: Option<humantime::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's steps with their states and results.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every run the box keeps, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a run: running steps are cancelled, waiting ones never start.
+    Cancel {
+        id: String,
+        /// Run its on_failure steps.
+        #[arg(long)]
+        compensate: bool,
+    },
+}
+
+fn workflow_json(v: &crate::workflow::runner::RunView) -> Value {
+    let steps: Vec<Value> = v
+        .steps
+        .iter()
+        .map(|s| {
+            json!({"name": s.name, "state": s.state, "target": s.target,
+                   "command": s.command.map(|c| c.to_string()), "result": s.result})
+        })
+        .collect();
+    json!({"id": v.id.to_string(), "name": v.name, "state": v.state,
+           "started_at": rfc3339(v.started_at), "finished_at": v.finished_at.map(rfc3339),
+           "steps": steps})
+}
+
+fn print_workflow(v: &crate::workflow::runner::RunView) {
+    println!("{} {} — {}", v.id, v.name, v.state);
+    let rows: Vec<Vec<String>> = v
+        .steps
+        .iter()
+        .map(|s| {
+            let mut r = s.result.clone().unwrap_or_default();
+            if r.chars().count() > 40 {
+                r = r.chars().take(39).collect::<String>() + "…";
+            }
+            vec![
+                s.name.clone(),
+                s.state.clone(),
+                s.target.clone(),
+                r.replace('\n', " "),
+            ]
+        })
+        .collect();
+    print_table(&["STEP", "STATE", "TARGET", "RESULT"], &rows);
+}
+
+async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> {
+    let shown = |r: AdminResponse| -> anyhow::Result<crate::workflow::runner::RunView> {
+        match r {
+            AdminResponse::Workflow(v) => Ok(*v),
+            other => bail!("unexpected answer from the box: {other:?}"),
+        }
+    };
+    match cmd {
+        WorkflowCmd::Check { .. } => unreachable!("handled without a box"),
+        WorkflowCmd::Run { file, wait, json } => {
+            let w = match crate::workflow::Workflow::load(&file) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            let text = std::fs::read_to_string(&file)?;
+            let base = file.parent().unwrap_or(Path::new("."));
+            let mut payloads = Vec::new();
+            let raw = crate::workflow::Workflow::parse(&text, &file.display().to_string())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for s in &raw.steps {
+                if let crate::workflow::Payload::File(f) = &s.payload {
+                    let path = base.join(f);
+                    let bytes = std::fs::read(&path).with_context(|| {
+                        format!(
+                            "step `{}`: cannot read its payload_file {}",
+                            s.name,
+                            path.display()
+                        )
+                    })?;
+                    payloads.push((f.display().to_string(), bytes));
+                }
+            }
+            drop(w);
+            let req = AdminRequest::WorkflowRun {
+                file: file.display().to_string(),
+                text,
+                payloads,
+            };
+            let mut v = shown(call(data_dir, req).await?)?;
+            if let Some(timeout) = wait {
+                let deadline = std::time::Instant::now() + Duration::from(timeout);
+                while v.state == "running" {
+                    if std::time::Instant::now() >= deadline {
+                        if json {
+                            println!("{}", workflow_json(&v));
+                        } else {
+                            print_workflow(&v);
+                        }
+                        return Ok(EXIT_TIMEOUT);
+                    }
+                    // The box runs it; this only looks now and then.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    v = shown(call(data_dir, AdminRequest::WorkflowShow(v.id)).await?)?;
+                }
+                if json {
+                    println!("{}", workflow_json(&v));
+                } else {
+                    print_workflow(&v);
+                }
+                return Ok(if v.state == "succeeded" {
+                    0
+                } else {
+                    EXIT_UNSUCCESSFUL
+                });
+            }
+            if json {
+                println!("{}", workflow_json(&v));
+            } else {
+                println!("{}", v.id);
+            }
+            Ok(0)
+        }
+        WorkflowCmd::Show { id, json } => {
+            let v = shown(call(data_dir, AdminRequest::WorkflowShow(parse_id(&id)?)).await?)?;
+            if json {
+                println!("{}", workflow_json(&v));
+            } else {
+                print_workflow(&v);
+            }
+            Ok(0)
+        }
+        WorkflowCmd::List { json } => {
+            let AdminResponse::Workflows(vs) = call(data_dir, AdminRequest::WorkflowList).await?
+            else {
+                bail!("unexpected answer from the box")
+            };
+            if json {
+                println!("{}", Value::Array(vs.iter().map(workflow_json).collect()));
+            } else {
+                let rows: Vec<Vec<String>> = vs
+                    .iter()
+                    .map(|v| {
+                        let done = v
+                            .steps
+                            .iter()
+                            .filter(|s| s.state != "pending" && s.state != "running")
+                            .count();
+                        vec![
+                            v.id.to_string(),
+                            v.name.clone(),
+                            v.state.clone(),
+                            format!("{done}/{}", v.steps.len()),
+                            ago(v.started_at),
+                        ]
+                    })
+                    .collect();
+                print_table(&["ID", "NAME", "STATE", "STEPS", "STARTED"], &rows);
+            }
+            Ok(0)
+        }
+        WorkflowCmd::Cancel { id, compensate } => {
+            let req = AdminRequest::WorkflowCancel {
+                id: parse_id(&id)?,
+                compensate,
+            };
+            let v = shown(call(data_dir, req).await?)?;
+            println!("{} {}", v.id, v.state);
+            Ok(0)
+        }
+    }
 }
 
 /// `outpost send`.
@@ -681,6 +869,7 @@ async fn run(
             }
             Ok(0)
         }
+        Cmd::Workflow(other) => workflow_cmd(other, data_dir).await,
         Cmd::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(0)

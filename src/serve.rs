@@ -86,6 +86,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
     let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);
     let store = Store::open(&o.data_dir, &o.store)?;
+    let runs_store = store.clone();
     let queue = queue::open(
         store,
         ServiceOptions {
@@ -150,6 +151,10 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         data_dir: o.data_dir.clone(),
         started: Instant::now(),
         uplink: uplink.as_ref().map(|u| u.watch()),
+        workflows: Some(crate::workflow::runner::Runner::start(
+            queue.clone(),
+            runs_store,
+        )?),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx));
     let (metrics_addr, metrics) = match o.metrics {

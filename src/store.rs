@@ -662,6 +662,24 @@ impl Store {
         self.read_group(KIND_RESULTS, seq)
     }
 
+    /// Insert or replace a workflow run's record (its JSON), durably.
+    pub fn put_workflow(&self, id: crate::CommandId, record: &[u8]) -> Result<(), StoreError> {
+        let mut k = vec![b'W'];
+        k.extend_from_slice(&id.0.to_be_bytes());
+        self.meta.insert(k, record).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every workflow run's record.
+    pub fn workflows(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.meta
+            .scan_prefix(b"W")
+            .values()
+            .map(|v| v.map(|v| v.to_vec()).map_err(|e| self.err(e)))
+            .collect()
+    }
+
     /// Insert or replace a device record, durably.
     pub fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
         self.devices

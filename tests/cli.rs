@@ -670,3 +670,121 @@ fn workflow_check_names_the_step_and_line_and_exits_2() {
         "{err}"
     );
 }
+
+#[test]
+fn a_workflow_runs_on_the_box_survives_kill_9_and_shows_every_step() {
+    let mut b = start_box();
+    let wf = b.dir.path().join("wf.toml");
+    std::fs::write(b.dir.path().join("fw.bin"), b"firmware-v2").unwrap();
+    std::fs::write(
+        &wf,
+        "name = \"reflash\"\non_failure = [\"undo\"]\n[steps.stop]\ntarget = \"d1\"\npayload = \"ok stop\"\n[steps.flash]\ntarget = \"tag:t1\"\npayload_file = \"fw.bin\"\nneeds = [\"stop\"]\nmin_success = \"100%\"\n[steps.start]\ntarget = \"d1\"\npayload = \"start\"\nneeds = [\"flash\"]\nwhen = { step = \"flash\", result_contains = \"firmware\" }\n[steps.skipped]\ntarget = \"d1\"\npayload = \"never\"\nneeds = [\"stop\"]\nwhen = { step = \"stop\", state = \"failed\" }\n[steps.undo]\ntarget = \"d1\"\npayload = \"undo\"\n",
+    )
+    .unwrap();
+    // The device is not there yet: the run waits on its first step.
+    b.enroll("d1");
+    let id = ok(&b.run(&["workflow", "run", wf.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    let v = json(&b.run(&["workflow", "show", &id, "--json"]));
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["steps"][0]["name"], "stop");
+    assert_eq!(v["steps"][0]["state"], "running");
+    let stop_cmd = v["steps"][0]["command"].as_str().unwrap().to_string();
+    // A crash: the run and its step's command survive.
+    b.serve.kill().unwrap();
+    b.serve.wait().unwrap();
+    b.serve = spawn_serve(b.dir.path());
+    let v = json(&b.run(&["workflow", "show", &id, "--json"]));
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(
+        v["steps"][0]["command"],
+        stop_cmd.as_str(),
+        "the same command"
+    );
+    // The device comes (to the restarted box's new port) and the run ends.
+    let listen = json(&b.run(&["status", "--json"]))["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bundle = b.dir.path().join("d1.bundle");
+    let child = Command::new(BIN)
+        .args([
+            "device",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--server",
+            &listen,
+            "--echo",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    b.devices.push(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        let v = json(&b.run(&["workflow", "show", &id, "--json"]));
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the run did not end: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let states: Vec<(String, String)> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (name, state) in [
+        ("stop", "succeeded"),
+        ("flash", "succeeded"),
+        ("start", "succeeded"),
+        ("skipped", "skipped"),
+        ("undo", "skipped"),
+    ] {
+        assert!(
+            states.contains(&(name.into(), state.into())),
+            "{name}: {states:?}"
+        );
+    }
+    let flash = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "flash")
+        .unwrap();
+    assert_eq!(flash["target"], "tag:t1");
+    // `run --wait` of a run whose first step cannot be routed: failed, exit 6.
+    let bad = b.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"b\"\n[steps.x]\ntarget = \"ghost\"\npayload = \"p\"\n",
+    )
+    .unwrap();
+    let o = b.run(&[
+        "workflow",
+        "run",
+        bad.to_str().unwrap(),
+        "--wait",
+        "30s",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(6), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "failed");
+    assert!(
+        v["steps"][0]["result"].as_str().unwrap().contains("ghost"),
+        "{v}"
+    );
+    let list = json(&b.run(&["workflow", "list", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 2);
+}

@@ -525,6 +525,8 @@ fn upstream(steps: &[&Step], name: &str) -> BTreeSet<String> {
     out
 }
 
+pub mod runner;
+
 // ----- running: the sans-IO engine -------------------------------------------
 
 /// A workflow's state (`workflow show`).

@@ -285,3 +285,92 @@ fn a_box_killed_at_random_under_load_ends_every_acknowledged_command_once() {
         ran.len()
     );
 }
+
+/// A 5-step workflow, the box SIGKILLed at 10 random instants while it
+/// runs: it resumes after each restart, ends `succeeded`, and each step ran
+/// exactly once on the device.
+#[test]
+fn a_workflow_survives_kill_9_at_random_points_and_runs_each_step_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("box");
+    let port = free_port();
+    let runs = tmp.path().join("runs");
+    let mut b = serve(&dir, port);
+    let bundle = tmp.path().join("d0.bundle");
+    let o = Command::new(BIN)
+        .args(["enroll", "d0", "--out", bundle.to_str().unwrap()])
+        .env("OUTPOST_DATA_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    // Each step takes a while, so the kills land inside steps too.
+    let exec = format!(
+        "line=$(cat); sleep 0.15; echo \"$line\" >> {}; echo ok",
+        runs.display()
+    );
+    let _agent = Procs(vec![Command::new(BIN)
+        .args([
+            "device",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--exec",
+            &exec,
+        ])
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()]);
+    let wf = tmp.path().join("five.toml");
+    let mut text = String::from("name = \"five\"\n");
+    for i in 1..=5 {
+        text.push_str(&format!(
+            "[steps.s{i}]\ntarget = \"d0\"\npayload = \"step-{i}\"\n"
+        ));
+        if i > 1 {
+            text.push_str(&format!("needs = [\"s{}\"]\n", i - 1));
+        }
+    }
+    std::fs::write(&wf, text).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("OUTPOST_DATA_DIR", &dir)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["workflow", "run", wf.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let mut seed: u64 = 0x005E_ED0F_F1FE;
+    for _ in 0..10 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(20 + seed % 200));
+        b.kill().unwrap(); // SIGKILL
+        b.wait().unwrap();
+        b = serve(&dir, port);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        let o = run(&["workflow", "show", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v["state"] != "running" && !v.is_null() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the workflow did not end: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = b.kill();
+    let _ = b.wait();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let text = std::fs::read_to_string(&runs).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        vec!["step-1", "step-2", "step-3", "step-4", "step-5"],
+        "each step once, in order"
+    );
+}

@@ -344,19 +344,23 @@ impl Shell {
                     step,
                     target,
                     payload,
-                    mut opts,
-                    key,
+                    opts,
+                    key: _,
                 } => {
-                    opts.key = Some(key);
+                    // The step's command id is derived from the run and the
+                    // step: a send repeated after a crash is a duplicate.
                     let sent = self
                         .queue
-                        .send(SendRequest {
-                            target,
-                            payload,
-                            opts,
-                            origin: "workflow".into(),
-                            signature: None,
-                        })
+                        .send_as(
+                            step_command_id(id, &step),
+                            SendRequest {
+                                target,
+                                payload,
+                                opts,
+                                origin: "workflow".into(),
+                                signature: None,
+                            },
+                        )
                         .await;
                     match sent {
                         Ok(r) => {
@@ -414,6 +418,18 @@ impl Shell {
             Err(e) => tracing::error!(run = %id, error = %e, "cannot encode a workflow run"),
         }
     }
+}
+
+/// The command id of step `step` of run `run`: the run's millisecond and a
+/// digest of (run, step), so it is the same at every attempt to send it.
+pub fn step_command_id(run: CommandId, step: &str) -> CommandId {
+    let mut input = run.0.to_be_bytes().to_vec();
+    input.extend_from_slice(step.as_bytes());
+    let d = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut r = [0u8; 16];
+    r[6..].copy_from_slice(&d.as_ref()[..10]);
+    let ms = (run.0 >> 80) as u64;
+    CommandId::new(ms, u128::from_be_bytes(r))
 }
 
 fn placeholder(id: CommandId) -> crate::queue::CommandView {

@@ -75,6 +75,8 @@ pub struct RunningBox {
     pub metrics_addr: Option<SocketAddr>,
     /// The uplink to the hub, when the box has one.
     pub uplink: Option<crate::upstream::Uplink>,
+    /// The workflow runner.
+    pub workflows: crate::workflow::runner::Runner,
     admin: tokio::task::JoinHandle<()>,
     metrics: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
@@ -142,6 +144,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         .upstream
         .as_ref()
         .map(|(u, _)| crate::upstream::start(queue.clone(), u.clone()));
+    let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store)?;
     let listener = admin::bind(&o.data_dir).await?;
     let ctx = Arc::new(AdminContext {
         queue: queue.clone(),
@@ -151,10 +154,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         data_dir: o.data_dir.clone(),
         started: Instant::now(),
         uplink: uplink.as_ref().map(|u| u.watch()),
-        workflows: Some(crate::workflow::runner::Runner::start(
-            queue.clone(),
-            runs_store,
-        )?),
+        workflows: Some(workflows.clone()),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx));
     let (metrics_addr, metrics) = match o.metrics {
@@ -171,6 +171,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         None => (None, None),
     };
     Ok(RunningBox {
+        workflows,
         uplink,
         metrics_addr,
         metrics,

@@ -662,12 +662,27 @@ impl Store {
         self.read_group(KIND_RESULTS, seq)
     }
 
-    /// Insert or replace a workflow run's record (its JSON), durably.
-    pub fn put_workflow(&self, id: crate::CommandId, record: &[u8]) -> Result<(), StoreError> {
-        let mut k = vec![b'W'];
-        k.extend_from_slice(&id.0.to_be_bytes());
-        self.meta.insert(k, record).map_err(|e| self.err(e))?;
-        self.db.flush().map_err(|e| self.err(e))?;
+    /// Insert or replace workflow runs' records (their JSON) in one batch;
+    /// flushed now if `durable`, else by the queue's next group commit
+    /// (sled flushes the whole db).
+    pub fn put_workflows(
+        &self,
+        records: &[(crate::CommandId, Vec<u8>)],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (id, rec) in records {
+            let mut k = vec![b'W'];
+            k.extend_from_slice(&id.0.to_be_bytes());
+            batch.insert(k, rec.as_slice());
+        }
+        self.meta.apply_batch(batch).map_err(|e| self.err(e))?;
+        if durable {
+            self.db.flush().map_err(|e| self.err(e))?;
+        }
         Ok(())
     }
 

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+/// Requests or events handled together.
+const BATCH: usize = 256;
+
 /// A run as `workflow show` gives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunView {
@@ -157,15 +160,46 @@ impl Shell {
             tokio::select! {
                 req = rx.recv() => match req {
                     None => return,
-                    Some(r) => self.request(r).await,
+                    Some(r) => {
+                        // What else is waiting goes in the same batch.
+                        let mut reqs = vec![r];
+                        while reqs.len() < BATCH {
+                            match rx.try_recv() {
+                                Ok(r) => reqs.push(r),
+                                Err(_) => break,
+                            }
+                        }
+                        self.requests(reqs).await;
+                    }
                 },
                 ev = events.recv() => match ev {
-                    Ok(ev) if ev.state.is_final() => {
-                        if let Some(&run) = self.by_cmd.get(&ev.id) {
-                            self.check_step(run, ev.id).await;
+                    Ok(ev) => {
+                        let mut evs = vec![ev];
+                        while evs.len() < BATCH {
+                            match events.try_recv() {
+                                Ok(ev) => evs.push(ev),
+                                Err(_) => break,
+                            }
+                        }
+                        let mut known = Vec::new();
+                        let mut look_up = Vec::new();
+                        for ev in evs.iter().filter(|ev| ev.state.is_final()) {
+                            if !self.by_cmd.contains_key(&ev.id) {
+                                continue;
+                            }
+                            match self.end_of(ev) {
+                                Some(e) => known.push((ev.id, Some(e))),
+                                None => look_up.push(ev.id),
+                            }
+                        }
+                        if !look_up.is_empty() {
+                            known.extend(self.ends(look_up).await);
+                        }
+                        let batch = self.apply(known);
+                        if !batch.is_empty() {
+                            self.act(batch, false).await;
                         }
                     }
-                    Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         let ids: Vec<CommandId> = self.runs.keys().copied().collect();
                         for id in ids {
@@ -180,7 +214,7 @@ impl Shell {
                     for id in ids {
                         let actions = self.runs.get_mut(&id).map(|r| r.tick(now)).unwrap_or_default();
                         if !actions.is_empty() {
-                            self.act(id, actions).await;
+                            self.act(vec![(id, actions)], false).await;
                         }
                     }
                 }
@@ -188,15 +222,38 @@ impl Shell {
         }
     }
 
+    /// Requests in arrival order, except that the runs they start are
+    /// started together (one group commit for all their first steps).
+    async fn requests(&mut self, reqs: Vec<Req>) {
+        let mut started = Vec::new();
+        let mut batch = Vec::new();
+        let mut rest = Vec::new();
+        for r in reqs {
+            match r {
+                Req::Start(w, reply) => {
+                    let id = CommandId::new(crate::now_millis(), rand::random());
+                    let (run, actions) = Run::start(id, *w, crate::now_millis());
+                    self.runs.insert(id, run);
+                    batch.push((id, actions));
+                    started.push((id, reply));
+                }
+                other => rest.push(other),
+            }
+        }
+        if !batch.is_empty() {
+            self.act(batch, true).await;
+        }
+        for (id, reply) in started {
+            let _ = reply.send(Ok(RunView::from(&self.runs[&id])));
+        }
+        for r in rest {
+            self.request(r).await;
+        }
+    }
+
     async fn request(&mut self, r: Req) {
         match r {
-            Req::Start(w, reply) => {
-                let id = CommandId::new(crate::now_millis(), rand::random());
-                let (run, actions) = Run::start(id, *w, crate::now_millis());
-                self.runs.insert(id, run);
-                self.act(id, actions).await;
-                let _ = reply.send(Ok(RunView::from(&self.runs[&id])));
-            }
+            Req::Start(..) => unreachable!("started in `requests`"),
             Req::Show(id, reply) => {
                 let _ = reply.send(self.runs.get(&id).map(RunView::from));
             }
@@ -211,7 +268,7 @@ impl Shell {
                         return;
                     }
                 };
-                self.act(id, actions).await;
+                self.act(vec![(id, actions)], true).await;
                 let _ = reply.send(self.runs.get(&id).map(RunView::from));
             }
         }
@@ -237,11 +294,11 @@ impl Shell {
             match cmd {
                 Some(c) => {
                     self.by_cmd.insert(c, id);
-                    self.check_step(id, c).await;
+                    self.check_step(c).await;
                 }
                 None => {
                     if let Some(a) = self.resend(id, &step) {
-                        self.act(id, vec![a]).await;
+                        self.act(vec![(id, vec![a])], false).await;
                     }
                 }
             }
@@ -270,154 +327,235 @@ impl Shell {
     }
 
     /// If step command `cmd` of run `id` has ended, feed its end to the run.
-    async fn check_step(&mut self, id: CommandId, cmd: CommandId) {
-        let v = match self.queue.show(cmd).await {
-            Ok(v) => v,
-            Err(QueueError::NotFound(_)) => {
-                // Past retention: it ended long ago; its result is gone.
-                crate::queue::CommandView {
-                    state: crate::State::Expired,
-                    error: Some("its result is past retention".into()),
-                    ..placeholder(cmd)
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%cmd, error = %e, "cannot look up a workflow step");
-                return;
-            }
-        };
-        if !v.state.is_final() {
-            return;
+    async fn check_step(&mut self, cmd: CommandId) {
+        let ends = self.ends(vec![cmd]).await;
+        let batch = self.apply(ends);
+        if !batch.is_empty() {
+            self.act(batch, false).await;
         }
-        self.by_cmd.remove(&cmd);
-        let text = |v: &crate::queue::CommandView| match &v.outcome {
-            Some(Outcome::Ok(b)) => Some(b.clone()),
-            Some(Outcome::Failed { message, .. }) => Some(message.clone().into_bytes()),
-            Some(Outcome::Rejected { reason }) => Some(reason.clone().into_bytes()),
-            None => v.error.clone().map(String::into_bytes),
-        };
-        let result = if v.children.is_empty() {
-            text(&v)
-        } else {
-            // A broadcast's result: each child's, one line per device.
-            let mut out = Vec::new();
-            for c in &v.children {
-                let r = match self.queue.show(c.id).await {
-                    Ok(cv) => text(&cv).unwrap_or_default(),
-                    Err(_) => Vec::new(),
-                };
-                out.extend_from_slice(c.device.as_bytes());
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(&r);
-                out.push(b'\n');
-            }
-            Some(out)
-        };
-        let children = (!v.children.is_empty()).then(|| {
-            let ok = v
-                .children
-                .iter()
-                .filter(|c| c.state == crate::State::Succeeded)
-                .count() as u32;
-            (ok, v.children.len() as u32)
-        });
-        let ended = Ended {
-            state: v.state,
-            result,
-            children,
-        };
-        let actions = match self.runs.get_mut(&id) {
-            Some(r) => r.step_ended(cmd, ended, crate::now_millis()),
-            None => return,
-        };
-        self.act(id, actions).await;
     }
 
-    /// Carry out a run's actions, persisting the run before each send (so a
-    /// crash re-sends under the same key) and after all of them.
-    async fn act(&mut self, id: CommandId, actions: Vec<Action>) {
-        self.persist(id);
+    /// How each of these step commands ended (`None`: not yet, or it
+    /// cannot be looked up now). The look-ups go to the queue together.
+    async fn ends(&self, cmds: Vec<CommandId>) -> Vec<(CommandId, Option<Ended>)> {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            let q = self.queue.clone();
+            set.spawn(async move { (i, cmd, ended(&q, cmd).await) });
+        }
+        let mut out = Vec::with_capacity(set.len());
+        while let Some(r) = set.join_next().await {
+            if let Ok(r) = r {
+                out.push(r);
+            }
+        }
+        out.sort_unstable_by_key(|r| r.0);
+        out.into_iter().map(|(_, c, e)| (c, e)).collect()
+    }
+
+    /// Feed ends to their runs; the runs' next actions.
+    fn apply(&mut self, ends: Vec<(CommandId, Option<Ended>)>) -> Vec<(CommandId, Vec<Action>)> {
+        let mut batch = Vec::new();
+        for (cmd, e) in ends {
+            let Some(e) = e else { continue };
+            let Some(run) = self.by_cmd.remove(&cmd) else {
+                continue;
+            };
+            if let Some(r) = self.runs.get_mut(&run) {
+                batch.push((run, r.step_ended(cmd, e, crate::now_millis())));
+            }
+        }
+        batch
+    }
+
+    /// A lifecycle event's end, when it says all there is to say (a step
+    /// on one device); a group step's result gathers its children, so it
+    /// is looked up.
+    fn end_of(&self, ev: &crate::queue::LifecycleEvent) -> Option<Ended> {
+        let run = self.runs.get(self.by_cmd.get(&ev.id)?)?;
+        let step = run.step_of(ev.id)?;
+        let spec = run.spec.steps.iter().find(|s| s.name == step)?;
+        if !matches!(
+            crate::route::Target::parse(&spec.target),
+            Ok(crate::route::Target::Device(_))
+        ) {
+            return None;
+        }
+        Some(Ended {
+            state: ev.state,
+            result: text(ev.outcome.as_ref(), ev.error.as_ref()),
+            children: None,
+        })
+    }
+
+    /// Carry out runs' actions together: every send is handed to the
+    /// queue before any is awaited (so they share one group commit), then
+    /// the runs are written in one batch. No run is written before its
+    /// sends: a crash in between replays the same sends under the same
+    /// derived ids, which the queue answers as duplicates.
+    ///
+    /// Only a start or a cancel is flushed before it returns (it is
+    /// answered to someone). A step's progress need not be: a run's
+    /// record only lags its commands, and `resume` rebuilds the rest from
+    /// the queue, where the commands are durable.
+    async fn act(&mut self, mut batch: Vec<(CommandId, Vec<Action>)>, durable: bool) {
+        let mut touched: Vec<CommandId> = Vec::new();
         let mut followups = Vec::new();
-        for a in actions {
-            match a {
-                Action::Send {
-                    step,
-                    target,
-                    payload,
-                    opts,
-                    key: _,
-                } => {
-                    // The step's command id is derived from the run and the
-                    // step: a send repeated after a crash is a duplicate.
-                    let sent = self
-                        .queue
-                        .send_as(
-                            step_command_id(id, &step),
-                            SendRequest {
-                                target,
-                                payload,
-                                opts,
-                                origin: "workflow".into(),
-                                signature: None,
-                            },
-                        )
-                        .await;
-                    match sent {
-                        Ok(r) => {
-                            if let Some(run) = self.runs.get_mut(&id) {
-                                run.sent(&step, r.id);
-                            }
-                            self.by_cmd.insert(r.id, id);
-                            followups.push(r.id);
+        while !batch.is_empty() {
+            let mut sends = Vec::new();
+            let mut cancels = Vec::new();
+            for (id, actions) in batch.drain(..) {
+                touched.push(id);
+                for a in actions {
+                    match a {
+                        Action::Send {
+                            step,
+                            target,
+                            payload,
+                            opts,
+                            key: _,
+                        } => {
+                            let fut = self.queue.send_as(
+                                step_command_id(id, &step),
+                                SendRequest {
+                                    target,
+                                    payload,
+                                    opts,
+                                    origin: "workflow".into(),
+                                    signature: None,
+                                },
+                            );
+                            sends.push((id, step, fut));
                         }
-                        Err(e) => {
-                            // Refused (no route, full): the step fails.
-                            tracing::warn!(run = %id, %step, error = %e, "a workflow step could not be sent");
-                            let fake = CommandId::new(crate::now_millis(), rand::random());
-                            if let Some(run) = self.runs.get_mut(&id) {
-                                run.sent(&step, fake);
-                                let more = run.step_ended(
-                                    fake,
-                                    Ended {
-                                        state: crate::State::Failed,
-                                        result: Some(e.to_string().into_bytes()),
-                                        children: None,
-                                    },
-                                    crate::now_millis(),
-                                );
-                                Box::pin(self.act(id, more)).await;
-                            }
+                        Action::Cancel(c) => cancels.push(self.queue.cancel_queued(c)),
+                    }
+                }
+            }
+            for c in cancels {
+                let _ = c.await;
+            }
+            for (id, step, fut) in sends {
+                match fut.await {
+                    Ok(r) => {
+                        if let Some(run) = self.runs.get_mut(&id) {
+                            run.sent(&step, r.id);
+                        }
+                        self.by_cmd.insert(r.id, id);
+                        followups.push(r.id);
+                    }
+                    Err(e) => {
+                        // Refused (no route, full): the step fails.
+                        tracing::warn!(run = %id, %step, error = %e, "a workflow step could not be sent");
+                        let cmd = step_command_id(id, &step);
+                        if let Some(run) = self.runs.get_mut(&id) {
+                            run.sent(&step, cmd);
+                            let more = run.step_ended(
+                                cmd,
+                                Ended {
+                                    state: crate::State::Failed,
+                                    result: Some(e.to_string().into_bytes()),
+                                    children: None,
+                                },
+                                crate::now_millis(),
+                            );
+                            batch.push((id, more));
                         }
                     }
                 }
-                Action::Cancel(c) => {
-                    let _ = self.queue.cancel(c).await;
-                }
             }
         }
-        self.persist(id);
-        // A step that ended before we listened (a duplicate key, a fast
+        touched.sort_unstable();
+        touched.dedup();
+        self.persist(&touched, durable);
+        // A step that ended before we listened (a duplicate, a fast
         // device) is settled now.
-        for c in followups {
-            if self.by_cmd.contains_key(&c) {
-                Box::pin(self.check_step(id, c)).await;
+        followups.retain(|c| self.by_cmd.contains_key(c));
+        if !followups.is_empty() {
+            let ends = self.ends(followups).await;
+            let batch = self.apply(ends);
+            if !batch.is_empty() {
+                Box::pin(self.act(batch, false)).await;
             }
         }
     }
 
-    fn persist(&self, id: CommandId) {
-        let Some(run) = self.runs.get(&id) else {
-            return;
-        };
-        match serde_json::to_vec(run) {
-            Ok(rec) => {
-                if let Err(e) = self.store.put_workflow(id, &rec) {
-                    tracing::error!(run = %id, error = %e, "cannot write a workflow run");
-                }
+    fn persist(&self, ids: &[CommandId], durable: bool) {
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(run) = self.runs.get(id) else {
+                continue;
+            };
+            match serde_json::to_vec(run) {
+                Ok(rec) => records.push((*id, rec)),
+                Err(e) => tracing::error!(run = %id, error = %e, "cannot encode a workflow run"),
             }
-            Err(e) => tracing::error!(run = %id, error = %e, "cannot encode a workflow run"),
+        }
+        if let Err(e) = self.store.put_workflows(&records, durable) {
+            tracing::error!(error = %e, "cannot write workflow runs");
         }
     }
+}
+
+fn text(outcome: Option<&Outcome>, error: Option<&String>) -> Option<Vec<u8>> {
+    match outcome {
+        Some(Outcome::Ok(b)) => Some(b.clone()),
+        Some(Outcome::Failed { message, .. }) => Some(message.clone().into_bytes()),
+        Some(Outcome::Rejected { reason }) => Some(reason.clone().into_bytes()),
+        None => error.cloned().map(String::into_bytes),
+    }
+}
+
+/// How step command `cmd` ended, from the queue (`None`: not ended, or
+/// not to be looked up now).
+async fn ended(queue: &QueueHandle, cmd: CommandId) -> Option<Ended> {
+    let v = match queue.show(cmd).await {
+        Ok(v) => v,
+        Err(QueueError::NotFound(_)) => {
+            // Past retention: it ended long ago; its result is gone.
+            crate::queue::CommandView {
+                state: crate::State::Expired,
+                error: Some("its result is past retention".into()),
+                ..placeholder(cmd)
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%cmd, error = %e, "cannot look up a workflow step");
+            return None;
+        }
+    };
+    if !v.state.is_final() {
+        return None;
+    }
+    let result = if v.children.is_empty() {
+        text(v.outcome.as_ref(), v.error.as_ref())
+    } else {
+        // A broadcast's result: each child's, one line per device.
+        let mut out = Vec::new();
+        for c in &v.children {
+            let r = match queue.show(c.id).await {
+                Ok(cv) => text(cv.outcome.as_ref(), cv.error.as_ref()).unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            out.extend_from_slice(c.device.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&r);
+            out.push(b'\n');
+        }
+        Some(out)
+    };
+    let children = (!v.children.is_empty()).then(|| {
+        let ok = v
+            .children
+            .iter()
+            .filter(|c| c.state == crate::State::Succeeded)
+            .count() as u32;
+        (ok, v.children.len() as u32)
+    });
+    Some(Ended {
+        state: v.state,
+        result,
+        children,
+    })
 }
 
 /// The command id of step `step` of run `run`: the run's millisecond and a

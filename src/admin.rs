@@ -290,7 +290,12 @@ async fn workflow(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
             text,
             payloads,
         } => {
-            let mut spec = match crate::workflow::Workflow::parse(&text, &file) {
+            let packed = crate::workflow::Packed {
+                file,
+                text,
+                payloads,
+            };
+            let spec = match packed.unpack() {
                 Ok(s) => s,
                 Err(e) => {
                     return AdminResponse::Error {
@@ -299,23 +304,6 @@ async fn workflow(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                     }
                 }
             };
-            for step in &mut spec.steps {
-                if let crate::workflow::Payload::File(f) = &step.payload {
-                    let name = f.display().to_string();
-                    match payloads.iter().find(|(n, _)| *n == name) {
-                        Some((_, b)) => step.payload = crate::workflow::Payload::Inline(b.clone()),
-                        None => {
-                            return AdminResponse::Error {
-                                kind: ErrorKind::BadRequest,
-                                message: format!(
-                                    "step `{}`: payload_file {name} was not sent with the workflow",
-                                    step.name
-                                ),
-                            }
-                        }
-                    }
-                }
-            }
             match w.run(spec).await {
                 Ok(v) => AdminResponse::Workflow(Box::new(v)),
                 Err(message) => AdminResponse::Error {

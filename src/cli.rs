@@ -189,17 +189,7 @@ pub enum WorkflowCmd {
 }
 
 fn workflow_json(v: &crate::workflow::runner::RunView) -> Value {
-    let steps: Vec<Value> = v
-        .steps
-        .iter()
-        .map(|s| {
-            json!({"name": s.name, "state": s.state, "target": s.target,
-                   "command": s.command.map(|c| c.to_string()), "result": s.result})
-        })
-        .collect();
-    json!({"id": v.id.to_string(), "name": v.name, "state": v.state,
-           "started_at": rfc3339(v.started_at), "finished_at": v.finished_at.map(rfc3339),
-           "steps": steps})
+    v.json()
 }
 
 fn print_workflow(v: &crate::workflow::runner::RunView) {
@@ -233,36 +223,17 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
     match cmd {
         WorkflowCmd::Check { .. } => unreachable!("handled without a box"),
         WorkflowCmd::Run { file, wait, json } => {
-            let w = match crate::workflow::Workflow::load(&file) {
-                Ok(w) => w,
+            let p = match crate::workflow::Packed::read(&file) {
+                Ok(p) => p,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return Ok(2);
                 }
             };
-            let text = std::fs::read_to_string(&file)?;
-            let base = file.parent().unwrap_or(Path::new("."));
-            let mut payloads = Vec::new();
-            let raw = crate::workflow::Workflow::parse(&text, &file.display().to_string())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            for s in &raw.steps {
-                if let crate::workflow::Payload::File(f) = &s.payload {
-                    let path = base.join(f);
-                    let bytes = std::fs::read(&path).with_context(|| {
-                        format!(
-                            "step `{}`: cannot read its payload_file {}",
-                            s.name,
-                            path.display()
-                        )
-                    })?;
-                    payloads.push((f.display().to_string(), bytes));
-                }
-            }
-            drop(w);
             let req = AdminRequest::WorkflowRun {
-                file: file.display().to_string(),
-                text,
-                payloads,
+                file: p.file,
+                text: p.text,
+                payloads: p.payloads,
             };
             let mut v = shown(call(data_dir, req).await?)?;
             if let Some(timeout) = wait {
@@ -905,7 +876,29 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
     if let Some(path) = a.lines.clone() {
         return send_lines(a, &path, data_dir).await;
     }
+    let to_workflow = matches!(
+        crate::route::Target::parse(&a.target),
+        Ok(crate::route::Target::Edge { rest, .. }) if rest == crate::workflow::runner::WORKFLOW
+    );
     let payload = match (&a.file, a.payload.as_deref()) {
+        // `send edge-1/workflow FILE`: the whole workflow, with its
+        // payload files, for the edge to run; checked here first.
+        (f, p) if to_workflow => {
+            let Some(path) = f.clone().or_else(|| p.map(PathBuf::from)) else {
+                eprintln!(
+                    "error: `send EDGE/workflow` needs the workflow file: outpost send {} FILE",
+                    a.target
+                );
+                return Ok(2);
+            };
+            match crate::workflow::Packed::read(&path) {
+                Ok(p) => p.to_bytes(),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            }
+        }
         (Some(f), _) => std::fs::read(f)
             .with_context(|| format!("cannot read the payload file {}", f.display()))?,
         (None, Some("-")) => {

@@ -140,11 +140,11 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             addr.to_string()
         }
     });
+    let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store)?;
     let uplink = o
         .upstream
         .as_ref()
-        .map(|(u, _)| crate::upstream::start(queue.clone(), u.clone()));
-    let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store)?;
+        .map(|(u, _)| crate::upstream::start(queue.clone(), workflows.clone(), u.clone()));
     let listener = admin::bind(&o.data_dir).await?;
     let ctx = Arc::new(AdminContext {
         queue: queue.clone(),
@@ -195,6 +195,7 @@ impl RunningBox {
         }
         let _ = std::fs::remove_file(&self.socket);
         drop(self.uplink);
+        self.workflows.stop().await;
         self.link.shutdown().await;
         self.queue.shutdown().await;
     }

@@ -25,6 +25,8 @@ use crate::identity::Bundle;
 use crate::journal::{UpEntry, UpItem};
 use crate::proto::{DeviceFrame, Forward};
 use crate::queue::{QueueError, QueueHandle, SendRequest};
+use crate::workflow::runner::{Runner, WORKFLOW};
+use crate::workflow::Packed;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -134,7 +136,7 @@ impl Uplink {
 
 /// Start the uplink. It reads the bundle at each attempt, so a bundle put
 /// in place later is picked up without a restart.
-pub fn start(queue: QueueHandle, opts: UplinkOptions) -> Uplink {
+pub fn start(queue: QueueHandle, workflows: Runner, opts: UplinkOptions) -> Uplink {
     let hub = opts.server.clone().unwrap_or_default();
     let (tx, rx) = watch::channel(UplinkStatus {
         state: "connecting".into(),
@@ -142,7 +144,7 @@ pub fn start(queue: QueueHandle, opts: UplinkOptions) -> Uplink {
         since: crate::now_millis(),
         ..Default::default()
     });
-    let task = tokio::spawn(run(queue, opts, tx));
+    let task = tokio::spawn(run(queue, workflows, opts, tx));
     Uplink { status: rx, task }
 }
 
@@ -158,7 +160,12 @@ fn set_state(tx: &watch::Sender<UplinkStatus>, state: &str, error: Option<String
     });
 }
 
-async fn run(queue: QueueHandle, opts: UplinkOptions, tx: watch::Sender<UplinkStatus>) {
+async fn run(
+    queue: QueueHandle,
+    workflows: Runner,
+    opts: UplinkOptions,
+    tx: watch::Sender<UplinkStatus>,
+) {
     let mut backoff = Backoff::new(opts.min_backoff, opts.max_backoff);
     loop {
         set_state(&tx, "connecting", None);
@@ -168,7 +175,7 @@ async fn run(queue: QueueHandle, opts: UplinkOptions, tx: watch::Sender<UplinkSt
                 tx.send_modify(|s| s.hub = conn.remote().to_string());
                 set_state(&tx, "connected", None);
                 tracing::info!(hub = %conn.remote(), "uplink connected");
-                session(&queue, &opts, conn, &tx).await
+                session(&queue, &workflows, &opts, conn, &tx).await
             }
             Err(e) => e,
         };
@@ -236,6 +243,7 @@ impl From<QueueError> for SessionEnd {
 /// One connected session: stream the outbox, take forwarded commands.
 async fn session(
     queue: &QueueHandle,
+    workflows: &Runner,
     opts: &UplinkOptions,
     mut conn: client::DeviceConnection,
     tx: &watch::Sender<UplinkStatus>,
@@ -303,6 +311,24 @@ async fn session(
                     Err(e) => return e.into(),
                 };
                 match m {
+                    Received::Forward(f) if f.target == WORKFLOW => {
+                        // A whole workflow for this box to run: durable in
+                        // the runner before it is accepted; its end comes
+                        // back up as this command's result.
+                        let (id, w) = (f.id, workflows.clone());
+                        let origin = format!("upstream/{}", f.origin);
+                        taken.spawn(async move {
+                            let spec = Packed::from_bytes(&f.payload).and_then(|p| p.unpack());
+                            let r = match spec {
+                                Err(e) => Err(QueueError::BadRequest(e.to_string())),
+                                Ok(spec) => match w.run_as(id, spec, origin).await {
+                                    Some((_, duplicate)) => Ok(duplicate),
+                                    None => Err(QueueError::ShuttingDown),
+                                },
+                            };
+                            (id, r)
+                        });
+                    }
                     Received::Forward(f) => {
                         let id = f.id;
                         // Handed to the writer now, in arrival order, so a
@@ -312,9 +338,13 @@ async fn session(
                     }
                     Received::Cancel(id) => {
                         let fut = queue.cancel_queued(id);
+                        let w = workflows.clone();
                         tokio::spawn(async move {
                             match fut.await {
                                 Ok(_) => tracing::info!(%id, "cancelled by the hub"),
+                                Err(QueueError::NotFound(_)) if w.cancel(id, false).await.is_some() => {
+                                    tracing::info!(%id, "workflow cancelled by the hub")
+                                }
                                 Err(e) => tracing::info!(%id, error = %e, "the hub's cancel found nothing to cancel"),
                             }
                         });

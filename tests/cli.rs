@@ -669,6 +669,15 @@ fn workflow_check_names_the_step_and_line_and_exits_2() {
         err.contains("bad.toml:5: step `a`: it needs `ghost`, which is not a step"),
         "{err}"
     );
+    // Handing a workflow to an edge checks it first, on the sender.
+    let o = outpost(tmp.path(), &["send", "e1/workflow", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad.toml:5: step `a`"), "{err}");
+    let o = outpost(tmp.path(), &["send", "e1/workflow"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("needs the workflow file"), "{err}");
 }
 
 #[test]

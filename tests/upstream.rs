@@ -360,3 +360,119 @@ async fn link_drops_and_restarts_mid_stream_repeat_and_lose_nothing() {
     w.check_device(&ids);
     w.check_stores(&ids);
 }
+
+/// `send e1/workflow FILE` on the hub (issue 14): the edge runs the whole
+/// workflow itself. Sent while the edge is away, taken when it comes, and
+/// finished with its hub down; the hub learns the end once, as the result
+/// of the command it sent, with every step in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_handed_to_an_edge_runs_there_offline_and_reports_once() {
+    let w = world().await;
+    let dir = w._tmp.path().join("wf");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("blob.bin"), [0u8, 159, 146, 150]).unwrap();
+    let file = dir.join("job.toml");
+    std::fs::write(
+        &file,
+        r#"name = "handed"
+[steps.stop]
+target = "d0"
+payload = "stop"
+[steps.flash]
+target = "d0"
+payload_file = "blob.bin"
+needs = ["stop"]
+[steps.start]
+target = "d0"
+payload = "start"
+needs = ["flash"]
+when = { step = "flash", state = "succeeded" }
+"#,
+    )
+    .unwrap();
+    let packed = outpost::workflow::Packed::read(&file).unwrap();
+
+    // The edge has its device, then goes away: the hub keeps the
+    // workflow for it.
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let d0 = enroll(&e, "d0", false).await;
+    e.stop().await;
+    let h = hub(&w.hub_dir, w.port).await;
+    let id = h
+        .queue
+        .send(SendRequest {
+            target: "e1/workflow".into(),
+            payload: packed.to_bytes(),
+            opts: SendOptions::default(),
+            origin: "cli".into(),
+            signature: None,
+        })
+        .await
+        .unwrap()
+        .id;
+
+    // The edge comes, takes it, and loses its hub at once.
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while e.workflows.show(id).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge never took the workflow"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop().await;
+    let dev = device(d0, w.runs.clone());
+    let run = loop {
+        let v = e.workflows.show(id).await.unwrap();
+        if v.state != "running" {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run did not end: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(run.state, "succeeded", "{run:?}");
+    assert!(run.steps.iter().all(|s| s.state == "succeeded"), "{run:?}");
+    let flash = run.steps.iter().find(|s| s.name == "flash").unwrap();
+    let flash_id = flash.command.unwrap();
+
+    // The hub returns: the end goes up, as the result of its command.
+    let h = hub(&w.hub_dir, w.port).await;
+    let ended = all_end(&h.queue, &[id], "hub").await;
+    assert_eq!(ended[0].1, State::Succeeded, "{ended:?}");
+    let v = h.queue.show(id).await.unwrap();
+    let Some(Outcome::Ok(body)) = v.outcome else {
+        panic!("the hub has the run as the command's result: {v:?}")
+    };
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["state"], "succeeded");
+    assert_eq!(j["steps"].as_array().unwrap().len(), 3, "{j}");
+    outbox_drained(&e).await;
+    dev.abort();
+    h.stop().await;
+    e.stop().await;
+
+    // Each step ran once on the device, the binary payload intact; the
+    // hub recorded the workflow's end once.
+    let r = w.runs.lock().unwrap();
+    assert_eq!(r.executed.len(), 3, "{:?}", r.executed);
+    assert!(r.executed.values().all(|&n| n == 1));
+    assert!(r.executed.contains_key(&flash_id));
+    drop(r);
+    let hub_results = results_on_disk(&w.hub_dir);
+    assert_eq!(
+        hub_results.get(&id),
+        Some(&vec![(State::Succeeded, "e1/workflow".to_string())]),
+        "the workflow's end is on the hub once"
+    );
+    // The steps went up too, as the edge's commands.
+    assert_eq!(
+        hub_results.get(&flash_id).map(|v| v.len()),
+        Some(1),
+        "{:?}",
+        hub_results.get(&flash_id)
+    );
+}

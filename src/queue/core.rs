@@ -141,6 +141,9 @@ pub enum CoreRequest {
         max: usize,
     },
     OutboxStats,
+    /// A command the box ran itself ended (a workflow handed down by the
+    /// hub): recorded once, as a device's result would be.
+    Finished(Box<ResultRecord>),
 }
 
 /// Tags and capabilities to add to or remove from a device.
@@ -584,6 +587,19 @@ impl QueueCore {
 
     pub fn outbox_stats(&self) -> OutboxStats {
         self.outbox.stats()
+    }
+
+    /// A command the box ran itself (not a device: a workflow the hub
+    /// handed down, under the hub's id) ended. Recorded like a device's
+    /// result, so `show` has it and the outbox carries it up; a second
+    /// record of the same id is ignored (`false`), so a runner that reports
+    /// again after a crash does no harm.
+    pub fn record_finished(&mut self, rec: ResultRecord, now: Millis) -> bool {
+        if !matches!(self.lookup(rec.id), Lookup::NotFound) || !rec.state.is_final() {
+            return false;
+        }
+        self.record_result(rec, now);
+        true
     }
 
     /// Telemetry a device sent, for the upstream.

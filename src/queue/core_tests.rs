@@ -2160,3 +2160,50 @@ fn below_the_reserve_a_drained_queue_takes_commands_into_the_space_it_freed() {
     );
     h.check();
 }
+
+/// A workflow handed down to an edge ends as the result of the hub's
+/// command: recorded once (a runner reporting again after a crash is
+/// ignored), kept across a restart, and carried up by the outbox.
+#[test]
+fn a_command_the_box_ran_itself_is_recorded_once_and_goes_up() {
+    let mut h = H::with_devices(Limits::default(), 1);
+    h.outbox = Some(100);
+    h.core.enable_outbox(100);
+    let id = CommandId::new(h.now, 42);
+    let rec = ResultRecord {
+        id,
+        gen: 0,
+        device: "workflow".into(),
+        target: "workflow".into(),
+        priority: Priority::Normal,
+        state: State::Succeeded,
+        outcome: Some(Outcome::Ok(b"{\"state\":\"succeeded\"}".to_vec())),
+        error: None,
+        attempts: 1,
+        max_attempts: 1,
+        created_at: h.now,
+        finished_at: h.now,
+        origin: "upstream/cli".into(),
+        key: None,
+        command: None,
+        children: Vec::new(),
+    };
+    assert!(h.core.record_finished(rec.clone(), h.now));
+    h.round();
+    assert!(!h.core.record_finished(rec.clone(), h.now), "once");
+    h.round();
+    h.reopen();
+    assert_eq!(h.state(id), Some(State::Succeeded));
+    assert!(
+        !h.core.record_finished(rec, h.now),
+        "once, after a restart too"
+    );
+    let up: Vec<_> = h
+        .disk
+        .outbox
+        .values()
+        .flatten()
+        .filter(|e| matches!(&e.item, UpItem::Result(r) if r.id == id))
+        .collect();
+    assert_eq!(up.len(), 1, "one result goes up: {up:?}");
+}

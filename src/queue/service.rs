@@ -533,6 +533,10 @@ impl Writer {
                     }
                     CoreRequest::OutboxRead { after, max } => self.read_outbox(after, max),
                     CoreRequest::OutboxStats => Ok(CoreReply::OutboxStats(core.outbox_stats())),
+                    CoreRequest::Finished(rec) => {
+                        core.record_finished(*rec, now);
+                        Ok(CoreReply::Done)
+                    }
                 };
                 pending.push(Pending::Reply(reply, result));
             }
@@ -968,6 +972,14 @@ impl QueueHandle {
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
         let reply = self.queued(CoreRequest::SendAs { id, req });
         async move { reply.await?.into_receipt() }
+    }
+
+    /// Record the end of a command the box ran itself (see
+    /// `QueueCore::record_finished`); durable on return.
+    pub async fn record_finished(&self, rec: ResultRecord) -> Result<(), QueueError> {
+        self.core(CoreRequest::Finished(Box::new(rec)))
+            .await
+            .map(|_| ())
     }
 
     /// `cancel`, queued with the writer at once, in call order.

@@ -176,6 +176,112 @@ fn line_of(text: &str, at: usize) -> usize {
         + 1
 }
 
+/// Starts a packed workflow, so that TOML text is never mistaken for one.
+const PACKED_MAGIC: &[u8] = b"outpost-workflow/1\n";
+
+/// A workflow as it travels (to the box's admin socket, down to an edge):
+/// its text, checked again where it lands, and the payload files it names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Packed {
+    /// Names the workflow in errors.
+    pub file: String,
+    pub text: String,
+    /// `payload_file` name → its bytes.
+    pub payloads: Vec<(String, Vec<u8>)>,
+}
+
+impl Packed {
+    /// Read a workflow file and the payload files it names (relative to
+    /// its directory); checked, so a bad file fails here, on the sender.
+    pub fn read(path: &Path) -> Result<Packed, WorkflowError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| WorkflowError {
+            file: file.clone(),
+            line: 0,
+            message: format!("cannot read it: {e}"),
+        })?;
+        let raw = Workflow::parse(&text, &file)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut payloads = Vec::new();
+        for s in &raw.steps {
+            if let Payload::File(f) = &s.payload {
+                let p = base.join(f);
+                let bytes = std::fs::read(&p).map_err(|e| WorkflowError {
+                    file: file.clone(),
+                    line: 0,
+                    message: format!(
+                        "step `{}`: cannot read its payload_file {}: {e}",
+                        s.name,
+                        p.display()
+                    ),
+                })?;
+                payloads.push((f.display().to_string(), bytes));
+            }
+        }
+        Ok(Packed {
+            file,
+            text,
+            payloads,
+        })
+    }
+
+    /// The checked workflow, every payload inline.
+    pub fn unpack(&self) -> Result<Workflow, WorkflowError> {
+        let mut spec = Workflow::parse(&self.text, &self.file)?;
+        for step in &mut spec.steps {
+            if let Payload::File(f) = &step.payload {
+                let name = f.display().to_string();
+                match self.payloads.iter().find(|(n, _)| *n == name) {
+                    Some((_, b)) => step.payload = Payload::Inline(b.clone()),
+                    None => {
+                        return Err(WorkflowError {
+                            file: self.file.clone(),
+                            line: 0,
+                            message: format!(
+                                "step `{}`: payload_file {name} was not sent with the workflow",
+                                step.name
+                            ),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    /// As a command's payload (`send edge-1/workflow FILE`): a magic
+    /// prefix, then postcard.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = PACKED_MAGIC.to_vec();
+        b.extend(postcard::to_allocvec(self).unwrap_or_default());
+        b
+    }
+
+    /// From a command's payload: the packed form, or plain TOML text (what
+    /// a NATS client publishes to `outpost.cmd.EDGE.workflow`).
+    pub fn from_bytes(b: &[u8]) -> Result<Packed, WorkflowError> {
+        if let Some(body) = b.strip_prefix(PACKED_MAGIC) {
+            return postcard::from_bytes::<Packed>(body).map_err(|e| WorkflowError {
+                file: "workflow".into(),
+                line: 0,
+                message: format!("a packed workflow that does not decode: {e}"),
+            });
+        }
+        match std::str::from_utf8(b) {
+            Ok(text) => Ok(Packed {
+                file: "workflow".into(),
+                text: text.to_string(),
+                payloads: Vec::new(),
+            }),
+            Err(_) => Err(WorkflowError {
+                file: "workflow".into(),
+                line: 0,
+                message: "the payload is neither a packed workflow nor TOML text".into(),
+            }),
+        }
+    }
+}
+
 impl Workflow {
     /// Read and check a workflow file.
     pub fn load(path: &Path) -> Result<Workflow, WorkflowError> {
@@ -632,6 +738,13 @@ pub struct Run {
     pub compensating: bool,
     /// What the run ends as once compensation is done.
     pending_end: Option<RunState>,
+    /// Who handed the run down (`upstream/...`): a hub, which sent it as
+    /// command `id` and learns its end as that command's result.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// That end is recorded (so it is not recorded again).
+    #[serde(default)]
+    pub reported: bool,
 }
 
 impl Run {
@@ -660,6 +773,8 @@ impl Run {
             steps,
             compensating: false,
             pending_end: None,
+            origin: None,
+            reported: false,
         };
         let actions = run.advance(now);
         (run, actions)

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+/// The target a hub sends a workflow to (`edge-1/workflow`): the edge's
+/// runner, not a device.
+pub const WORKFLOW: &str = "workflow";
+
 /// Requests or events handled together.
 const BATCH: usize = 256;
 
@@ -34,6 +38,24 @@ pub struct StepView {
     pub target: String,
     pub command: Option<CommandId>,
     pub result: Option<String>,
+}
+
+impl RunView {
+    /// As `workflow show --json` prints it (the contract of issue 14).
+    pub fn json(&self) -> serde_json::Value {
+        let time = crate::cli::rfc3339;
+        let steps: Vec<serde_json::Value> = self
+            .steps
+            .iter()
+            .map(|s| {
+                serde_json::json!({"name": s.name, "state": s.state, "target": s.target,
+                       "command": s.command.map(|c| c.to_string()), "result": s.result})
+            })
+            .collect();
+        serde_json::json!({"id": self.id.to_string(), "name": self.name, "state": self.state,
+               "started_at": time(self.started_at), "finished_at": self.finished_at.map(time),
+               "steps": steps})
+    }
 }
 
 impl From<&Run> for RunView {
@@ -62,9 +84,18 @@ impl From<&Run> for RunView {
 
 enum Req {
     Start(Box<Workflow>, oneshot::Sender<Result<RunView, String>>),
+    /// A run handed down by a hub as command `id`: (view, duplicate).
+    StartAs {
+        id: CommandId,
+        spec: Box<Workflow>,
+        origin: String,
+        reply: oneshot::Sender<(RunView, bool)>,
+    },
     Show(CommandId, oneshot::Sender<Option<RunView>>),
     List(oneshot::Sender<Vec<RunView>>),
     Cancel(CommandId, bool, oneshot::Sender<Option<RunView>>),
+    /// Stop; answered once the runner has let go of the store.
+    Stop(oneshot::Sender<()>),
 }
 
 /// A handle to the workflow runner.
@@ -109,6 +140,25 @@ impl Runner {
             .unwrap_or_else(|| Err("the workflow runner stopped".into()))
     }
 
+    /// Start the run a hub handed down as command `id` (durable on
+    /// return); a second hand-over of the same id is a duplicate, started
+    /// once. Its end is recorded as the result of command `id`, which the
+    /// outbox carries up to the hub. `None`: the runner has stopped.
+    pub async fn run_as(
+        &self,
+        id: CommandId,
+        spec: Workflow,
+        origin: String,
+    ) -> Option<(RunView, bool)> {
+        self.ask(|reply| Req::StartAs {
+            id,
+            spec: Box::new(spec),
+            origin,
+            reply,
+        })
+        .await
+    }
+
     pub async fn show(&self, id: CommandId) -> Option<RunView> {
         self.ask(|r| Req::Show(id, r)).await.flatten()
     }
@@ -119,6 +169,12 @@ impl Runner {
 
     pub async fn cancel(&self, id: CommandId, compensate: bool) -> Option<RunView> {
         self.ask(|r| Req::Cancel(id, compensate, r)).await.flatten()
+    }
+
+    /// Stop the runner (the box is stopping): returns once it no longer
+    /// holds the store, so the data dir can be opened again at once.
+    pub async fn stop(&self) {
+        self.ask(Req::Stop).await;
     }
 }
 
@@ -138,9 +194,11 @@ impl Shell {
     ) {
         // Pick up what a restart interrupted.
         let ids: Vec<CommandId> = self.runs.keys().copied().collect();
-        for id in ids {
-            self.resume(id).await;
+        for id in &ids {
+            self.resume(*id).await;
         }
+        // Ends a crash kept from reaching the queue.
+        self.report(&ids).await;
         loop {
             let next = self
                 .runs
@@ -168,6 +226,14 @@ impl Shell {
                                 Ok(r) => reqs.push(r),
                                 Err(_) => break,
                             }
+                        }
+                        let stop = reqs.iter().position(|r| matches!(r, Req::Stop(_)));
+                        if let Some(i) = stop {
+                            let Req::Stop(done) = reqs.swap_remove(i) else { unreachable!() };
+                            self.requests(reqs).await;
+                            drop(self);
+                            let _ = done.send(());
+                            return;
                         }
                         self.requests(reqs).await;
                     }
@@ -226,6 +292,7 @@ impl Shell {
     /// started together (one group commit for all their first steps).
     async fn requests(&mut self, reqs: Vec<Req>) {
         let mut started = Vec::new();
+        let mut handed = Vec::new();
         let mut batch = Vec::new();
         let mut rest = Vec::new();
         for r in reqs {
@@ -237,6 +304,21 @@ impl Shell {
                     batch.push((id, actions));
                     started.push((id, reply));
                 }
+                Req::StartAs {
+                    id,
+                    spec,
+                    origin,
+                    reply,
+                } => {
+                    let duplicate = self.runs.contains_key(&id);
+                    if !duplicate {
+                        let (mut run, actions) = Run::start(id, *spec, crate::now_millis());
+                        run.origin = Some(origin);
+                        self.runs.insert(id, run);
+                        batch.push((id, actions));
+                    }
+                    handed.push((id, duplicate, reply));
+                }
                 other => rest.push(other),
             }
         }
@@ -246,6 +328,9 @@ impl Shell {
         for (id, reply) in started {
             let _ = reply.send(Ok(RunView::from(&self.runs[&id])));
         }
+        for (id, duplicate, reply) in handed {
+            let _ = reply.send((RunView::from(&self.runs[&id]), duplicate));
+        }
         for r in rest {
             self.request(r).await;
         }
@@ -253,7 +338,9 @@ impl Shell {
 
     async fn request(&mut self, r: Req) {
         match r {
-            Req::Start(..) => unreachable!("started in `requests`"),
+            Req::Start(..) | Req::StartAs { .. } | Req::Stop(_) => {
+                unreachable!("handled in `requests` and `run`")
+            }
             Req::Show(id, reply) => {
                 let _ = reply.send(self.runs.get(&id).map(RunView::from));
             }
@@ -467,6 +554,7 @@ impl Shell {
         touched.sort_unstable();
         touched.dedup();
         self.persist(&touched, durable);
+        self.report(&touched).await;
         // A step that ended before we listened (a duplicate, a fast
         // device) is settled now.
         followups.retain(|c| self.by_cmd.contains_key(c));
@@ -477,6 +565,41 @@ impl Shell {
                 Box::pin(self.act(batch, false)).await;
             }
         }
+    }
+
+    /// Record the end of each ended run a hub handed down as the result of
+    /// its command, so the outbox carries it up. After the run's record:
+    /// a crash in between reports again at restart, and the queue keeps
+    /// the first.
+    async fn report(&mut self, ids: &[CommandId]) {
+        let mut set = tokio::task::JoinSet::new();
+        for id in ids {
+            let Some(run) = self.runs.get(id) else {
+                continue;
+            };
+            if run.state == RunState::Running || run.reported || run.origin.is_none() {
+                continue;
+            }
+            let q = self.queue.clone();
+            let rec = result_of(run);
+            set.spawn(async move { (rec.id, q.record_finished(rec).await) });
+        }
+        let mut done = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok((id, Ok(()))) => done.push(id),
+                Ok((id, Err(e))) => {
+                    tracing::warn!(run = %id, error = %e, "cannot record a handed-down workflow's end; retried at restart")
+                }
+                Err(_) => {}
+            }
+        }
+        for id in &done {
+            if let Some(r) = self.runs.get_mut(id) {
+                r.reported = true;
+            }
+        }
+        self.persist(&done, false);
     }
 
     fn persist(&self, ids: &[CommandId], durable: bool) {
@@ -493,6 +616,43 @@ impl Shell {
         if let Err(e) = self.store.put_workflows(&records, durable) {
             tracing::error!(error = %e, "cannot write workflow runs");
         }
+    }
+}
+
+/// A handed-down run's end as the result of its command: the run as
+/// `workflow show --json` prints it.
+fn result_of(run: &Run) -> crate::journal::ResultRecord {
+    let view = RunView::from(run);
+    let json = view.json().to_string();
+    let (state, outcome) = match run.state {
+        RunState::Succeeded => (crate::State::Succeeded, Outcome::Ok(json.into_bytes())),
+        RunState::Cancelled => (crate::State::Cancelled, Outcome::Rejected { reason: json }),
+        _ => (
+            crate::State::Failed,
+            Outcome::Failed {
+                code: 1,
+                message: json,
+            },
+        ),
+    };
+    let origin = run.origin.clone().unwrap_or_default();
+    crate::journal::ResultRecord {
+        id: run.id,
+        gen: 0,
+        device: WORKFLOW.into(),
+        target: WORKFLOW.into(),
+        priority: crate::Priority::Normal,
+        state,
+        outcome: Some(outcome),
+        error: None,
+        attempts: 1,
+        max_attempts: 1,
+        created_at: run.started_at,
+        finished_at: run.finished_at.unwrap_or_else(crate::now_millis),
+        origin,
+        key: None,
+        command: None,
+        children: Vec::new(),
     }
 }
 

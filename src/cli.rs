@@ -41,6 +41,8 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once at start: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     /// Run the box: QUIC listener for devices, the store, the admin socket.
     Serve(crate::config::ServeArgs),
@@ -141,6 +143,10 @@ pub enum Cmd {
     /// Multi-step workflows (a TOML file of steps, needs and conditions).
     #[command(subcommand)]
     Workflow(WorkflowCmd),
+    /// A fleet of edges under a NATS JetStream cluster: init, send, watch,
+    /// status.
+    #[command(subcommand)]
+    Fleet(crate::fleet::FleetCmd),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -841,6 +847,7 @@ async fn run(
             Ok(0)
         }
         Cmd::Workflow(other) => workflow_cmd(other, data_dir).await,
+        Cmd::Fleet(f) => crate::fleet::run(f).await,
         Cmd::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(0)
@@ -868,6 +875,13 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
         let mut opts = crate::upstream::UplinkOptions::new(bundle, Some(u.server));
         opts.max_frame = o.link.max_frame;
         (opts, u.outbox_max)
+    });
+    o.nats = c.nats.map(|n| {
+        let mut opts = crate::upstream::nats::NatsOptions::new(n.urls, n.name);
+        opts.creds = n.creds;
+        opts.ca = n.ca;
+        opts.client_cert = n.client_cert;
+        (opts, n.outbox_max)
     });
     o
 }
@@ -975,7 +989,7 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
 }
 
 /// The options of a send, from its flags.
-fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
+pub fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
     let not_before = match a.not_before.as_deref() {
         None => None,
         Some(s) if s.starts_with('+') => {

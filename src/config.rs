@@ -64,6 +64,15 @@ pub struct FileConfig {
     pub upstream: Option<String>,
     /// This box's bundle from the hub (`outpost enroll NAME --gateway`).
     pub upstream_bundle: Option<PathBuf>,
+    /// This edge's name under a NATS upstream (default: the hostname).
+    pub name: Option<String>,
+    /// NATS credentials file (`.creds`).
+    pub upstream_creds: Option<PathBuf>,
+    /// A CA for the NATS servers' certificates (TLS is then required).
+    pub upstream_ca: Option<PathBuf>,
+    /// A client certificate and key for NATS.
+    pub upstream_cert: Option<PathBuf>,
+    pub upstream_key: Option<PathBuf>,
     /// Telemetry records (states, last-seen, events) kept for the hub while
     /// it is out of reach; results are always kept.
     pub outbox_max: Option<u64>,
@@ -197,6 +206,22 @@ pub struct ServeArgs {
     /// NAME --gateway --out FILE`) [default: <data-dir>/upstream.bundle]
     #[arg(long, env = "OUTPOST_UPSTREAM_BUNDLE")]
     pub upstream_bundle: Option<PathBuf>,
+    /// This edge's name under a NATS upstream: its subjects are
+    /// outpost.cmd.NAME.> and outpost.up.NAME.> [default: the hostname]
+    #[arg(long, env = "OUTPOST_NAME")]
+    pub name: Option<String>,
+    /// NATS credentials file, for --upstream nats://…
+    #[arg(long, env = "OUTPOST_UPSTREAM_CREDS")]
+    pub upstream_creds: Option<PathBuf>,
+    /// CA certificate of the NATS servers (TLS is then required)
+    #[arg(long, env = "OUTPOST_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Client certificate for NATS (with --upstream-key)
+    #[arg(long, env = "OUTPOST_UPSTREAM_CERT", requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+    /// Client key for NATS (with --upstream-cert)
+    #[arg(long, env = "OUTPOST_UPSTREAM_KEY", requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
     /// Telemetry records kept for the hub while it is out of reach (results
     /// are always kept) [default: 100000]
     #[arg(long, env = "OUTPOST_OUTBOX_MAX")]
@@ -216,6 +241,20 @@ pub struct ServeConfig {
     /// The hub's `host:port`, its bundle (None: `<data-dir>/upstream.bundle`)
     /// and the outbox bound, when the box has an uplink.
     pub upstream: Option<Upstream>,
+    /// Or a NATS JetStream cluster above this edge.
+    pub nats: Option<NatsUpstream>,
+}
+
+/// The NATS uplink's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsUpstream {
+    /// `nats://h1:4222,nats://h2:4222`.
+    pub urls: String,
+    pub name: String,
+    pub creds: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub outbox_max: u64,
 }
 
 /// The uplink's settings.
@@ -342,8 +381,53 @@ pub fn resolve(
         origin: f.clone(),
         why: format!("{e}; a pattern is *, a device id, tag:NAME or cap:NAME"),
     })?;
-    let upstream = match pick_str(&args.upstream, &file.upstream) {
+    let outbox_max = args
+        .outbox_max
+        .or(file.outbox_max)
+        .unwrap_or(DEFAULT_OUTBOX_MAX)
+        .max(1);
+    let picked = pick_str(&args.upstream, &file.upstream);
+    let nats = match &picked {
+        Some((v, origin)) if crate::upstream::nats::is_nats_url(v) => {
+            let urls = crate::upstream::nats::parse_urls(v).map_err(|why| ConfigError::Value {
+                key: "upstream",
+                value: v.clone(),
+                origin: origin.clone(),
+                why,
+            })?;
+            let (name, origin) = match pick_str(&args.name, &file.name) {
+                Some(n) => n,
+                None => (
+                    crate::identity::hostname()
+                        .and_then(|h| h.split('.').next().map(str::to_string))
+                        .unwrap_or_else(|| "edge".into()),
+                    "the hostname".to_string(),
+                ),
+            };
+            crate::upstream::nats::check_name(&name).map_err(|why| ConfigError::Value {
+                key: "name",
+                value: name.clone(),
+                origin,
+                why,
+            })?;
+            let pick_path =
+                |a: &Option<PathBuf>, f: &Option<PathBuf>| a.clone().or_else(|| f.clone());
+            let cert = pick_path(&args.upstream_cert, &file.upstream_cert);
+            let key = pick_path(&args.upstream_key, &file.upstream_key);
+            Some(NatsUpstream {
+                urls,
+                name,
+                creds: pick_path(&args.upstream_creds, &file.upstream_creds),
+                ca: pick_path(&args.upstream_ca, &file.upstream_ca),
+                client_cert: cert.zip(key),
+                outbox_max,
+            })
+        }
+        _ => None,
+    };
+    let upstream = match picked {
         None => None,
+        Some(_) if nats.is_some() => None,
         Some((v, origin)) => Some(Upstream {
             server: crate::upstream::parse_url(&v).map_err(|why| ConfigError::Value {
                 key: "upstream",
@@ -355,15 +439,12 @@ pub fn resolve(
                 .upstream_bundle
                 .clone()
                 .or_else(|| file.upstream_bundle.clone()),
-            outbox_max: args
-                .outbox_max
-                .or(file.outbox_max)
-                .unwrap_or(DEFAULT_OUTBOX_MAX)
-                .max(1),
+            outbox_max,
         }),
     };
     Ok(ServeConfig {
         upstream,
+        nats,
         acl,
         metrics,
         listen,

@@ -306,7 +306,7 @@ pub fn server_sans(extra: &[String]) -> Vec<String> {
     names
 }
 
-fn hostname() -> Option<String> {
+pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at most
     // that many bytes.

@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod device;
 pub mod doctor;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

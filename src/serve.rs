@@ -34,6 +34,8 @@ pub struct ServeOptions {
     /// The uplink to a hub, and the outbox's telemetry bound (off when
     /// `None`).
     pub upstream: Option<(crate::upstream::UplinkOptions, u64)>,
+    /// Or the uplink to a NATS JetStream cluster, and the outbox bound.
+    pub nats: Option<(crate::upstream::nats::NatsOptions, u64)>,
     /// Exit with this code when the store fails and cannot be read back
     /// (`outpost serve` under systemd: 75, to be restarted); `None`: keep
     /// running and refuse requests, saying why (tests, embedding).
@@ -57,6 +59,7 @@ impl ServeOptions {
             metrics: None,
             acl: crate::route::Acl::default(),
             upstream: None,
+            nats: None,
             exit_on_store_failure: None,
         }
     }
@@ -94,7 +97,11 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         ServiceOptions {
             limits: o.limits.clone(),
             acl: o.acl.clone(),
-            outbox_max: o.upstream.as_ref().map(|u| u.1),
+            outbox_max: o
+                .upstream
+                .as_ref()
+                .map(|u| u.1)
+                .or(o.nats.as_ref().map(|n| n.1)),
             exit_on_store_failure: o.exit_on_store_failure,
             ..ServiceOptions::default()
         },
@@ -103,7 +110,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     if link_opts.reset_key.is_none() {
         link_opts.reset_key = Some(identity.reset_key()?);
     }
-    if o.upstream.is_some() && link_opts.events.is_none() {
+    if (o.upstream.is_some() || o.nats.is_some()) && link_opts.events.is_none() {
         // Device events go up with everything else.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::device::DeviceEvent>(1024);
         let q = queue.clone();
@@ -141,10 +148,19 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         }
     });
     let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store)?;
-    let uplink = o
-        .upstream
-        .as_ref()
-        .map(|(u, _)| crate::upstream::start(queue.clone(), workflows.clone(), u.clone()));
+    let uplink = match (&o.upstream, &o.nats) {
+        (Some((u, _)), _) => Some(crate::upstream::start(
+            queue.clone(),
+            workflows.clone(),
+            u.clone(),
+        )),
+        (None, Some((n, _))) => Some(crate::upstream::nats::start(
+            queue.clone(),
+            workflows.clone(),
+            n.clone(),
+        )),
+        (None, None) => None,
+    };
     let listener = admin::bind(&o.data_dir).await?;
     let ctx = Arc::new(AdminContext {
         queue: queue.clone(),

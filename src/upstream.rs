@@ -19,6 +19,11 @@
 //! and jitter, and nothing waits on a timer while connected and idle: the
 //! uplink sleeps on the queue's outbox watch and on the connection.
 
+mod cursor;
+pub mod nats;
+
+pub use cursor::OutboxCursor;
+
 use crate::client::{self, Backoff, ClientError, ConnectOptions, Received};
 use crate::command::{Millis, Outcome, SendOptions};
 use crate::identity::Bundle;
@@ -75,7 +80,7 @@ pub fn parse_url(url: &str) -> Result<String, String> {
         Some(("quic", rest)) => rest,
         Some((scheme, _)) => {
             return Err(format!(
-            "upstream `{url}`: unsupported scheme `{scheme}://`; use quic://HOST:PORT (a hub box)"
+            "upstream `{url}`: unsupported scheme `{scheme}://`; use quic://HOST:PORT (a hub box) or nats://HOST:PORT[,nats://HOST2:PORT] (a NATS JetStream cluster)"
         ))
         }
         None => url,
@@ -253,40 +258,32 @@ async fn session(
         Ok(s) => s.acked,
         Err(e) => return e.into(),
     };
-    // Highest seq sent in this session, and acknowledged.
-    let (mut sent, mut acked) = (start, start);
+    let mut cursor = OutboxCursor::new(start, opts.max_unacked);
     let mut grown = queue.outbox_watch();
-    // Set when a read found nothing new: then wait for the outbox to grow.
-    let mut caught_up = false;
     let mut taken: JoinSet<(crate::command::CommandId, Result<bool, QueueError>)> = JoinSet::new();
     let frame_budget = opts.max_frame.saturating_sub(4096).max(1024);
     loop {
-        let room = sent.saturating_sub(acked) < opts.max_unacked;
-        if room && !caught_up {
+        if cursor.wants_read() {
             grown.borrow_and_update();
-            let entries = match queue.outbox_read(sent, opts.batch).await {
+            let entries = match queue.outbox_read(cursor.sent(), opts.batch).await {
                 Ok(e) => e,
                 Err(e) => return e.into(),
             };
-            if entries.is_empty() {
-                caught_up = true;
-                continue;
-            }
+            let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
             for frame in frames(entries, frame_budget) {
-                let last = frame.last().map(|e| e.seq).unwrap_or(sent);
                 if let Err(e) = sender.send(&DeviceFrame::Up { entries: frame }).await {
                     return e.into();
                 }
-                sent = last;
             }
+            cursor.read(seqs);
             continue;
         }
         tokio::select! {
-            changed = grown.changed(), if room && caught_up => {
+            changed = grown.changed(), if cursor.waits_for_growth() => {
                 if changed.is_err() {
                     return SessionEnd::Shutdown;
                 }
-                caught_up = false;
+                cursor.grown();
             }
             Some(done) = taken.join_next(), if !taken.is_empty() => {
                 let Ok((id, r)) = done else { continue };
@@ -350,9 +347,7 @@ async fn session(
                         });
                     }
                     Received::UpAck(seq) => {
-                        if seq > acked {
-                            let n = seq - acked;
-                            acked = seq;
+                        if let Some(n) = cursor.ack_through(seq) {
                             if let Err(e) = queue.up_ack(seq).await {
                                 return e.into();
                             }

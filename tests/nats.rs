@@ -14,116 +14,17 @@ use outpost::store::DeviceRecord;
 use outpost::upstream::nats::NatsOptions;
 use outpost::{CommandId, Outcome, SendOptions};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "common/nats_cluster.rs"]
+mod nats_cluster;
+use nats_cluster::{nats_server, Cluster};
+
 const WAIT: Duration = Duration::from_secs(90);
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn nats_server() -> Option<String> {
-    let found = Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        Some("nats-server".into())
-    } else {
-        println!("SKIPPED: nats-server is not installed (Debian package nats-server; .ci/run installs it)");
-        None
-    }
-}
-
-/// Three nats-server processes clustered on loopback, JetStream on.
-struct Cluster {
-    bin: String,
-    dir: PathBuf,
-    ports: [u16; 3],
-    cluster_ports: [u16; 3],
-    nodes: [Option<Child>; 3],
-}
-
-impl Cluster {
-    fn start(bin: &str, dir: &Path) -> Cluster {
-        let mut c = Cluster {
-            bin: bin.into(),
-            dir: dir.to_path_buf(),
-            ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
-            cluster_ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
-            nodes: [None, None, None],
-        };
-        for i in 0..3 {
-            c.start_node(i);
-        }
-        c
-    }
-
-    fn start_node(&mut self, i: usize) {
-        let routes: Vec<String> = self
-            .cluster_ports
-            .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
-            .collect();
-        let conf = self.dir.join(format!("n{i}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\ncluster {{\n  name: outpost-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
-                self.ports[i],
-                self.dir.join(format!("js{i}")).display(),
-                self.cluster_ports[i],
-                routes.join(", ")
-            ),
-        )
-        .unwrap();
-        let child = Command::new(&self.bin)
-            .args(["-c", conf.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_err() {
-            assert!(Instant::now() < deadline, "nats-server n{i} did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.nodes[i] = Some(child);
-    }
-
-    /// SIGKILL one node (by the PID we started).
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn urls(&self) -> String {
-        self.ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..3 {
-            self.kill(i);
-        }
-    }
-}
 
 /// `outpost fleet init --replicas 3` with the binary: the operator's way.
 fn fleet(urls: &str, args: &[&str]) -> std::process::Output {
@@ -342,9 +243,28 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
         }
     })
     .await;
+    // A whole workflow, as TOML text from any client: the edge runs it and
+    // its end comes up as the result of that message's command.
+    let wf_id = CommandId::new(1_800_000_000_000, 77).to_string();
+    publish(
+        &js,
+        "outpost.cmd.e1.workflow",
+        Some(&wf_id),
+        "name = \"w\"\n[steps.a]\ntarget = \"d1\"\npayload = \"one\"\n[steps.b]\ntarget = \"d1\"\npayload = \"two\"\nneeds = [\"a\"]\n",
+    )
+    .await;
+    wait_until("the workflow's end comes up", || {
+        let js = js.clone();
+        let wf_id = wf_id.clone();
+        async move { results_upstream(&js, "e1").await.contains_key(&wf_id) }
+    })
+    .await;
     outbox_drained(&e).await;
     let all = results_upstream(&js, "e1").await;
     assert_eq!(all[&id].0, 1, "the result is on the stream once");
+    let wf: serde_json::Value = serde_json::from_str(&all[&wf_id].1).unwrap();
+    assert_eq!(wf["state"], "succeeded", "{wf}");
+    assert_eq!(all[&wf_id].0, 1);
     let st = e.uplink.as_ref().unwrap().status();
     assert_eq!(st.state, "connected", "{st:?}");
 
@@ -365,7 +285,11 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     );
     dev.abort();
     e.stop().await;
-    assert_eq!(runs.lock().unwrap().executed.len(), 1);
+    assert_eq!(
+        runs.lock().unwrap().executed.len(),
+        3,
+        "hello and two steps"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

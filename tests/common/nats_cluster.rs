@@ -1,0 +1,109 @@
+//! A 3-node NATS JetStream cluster on 127.0.0.1 for tests and benches,
+//! from Debian's `nats-server`; each node stopped by the PID we started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn nats_server() -> Option<String> {
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        Some("nats-server".into())
+    } else {
+        println!("SKIPPED: nats-server is not installed (Debian package nats-server; .ci/run installs it)");
+        None
+    }
+}
+
+/// Three nats-server processes clustered on loopback, JetStream on.
+pub struct Cluster {
+    bin: String,
+    dir: PathBuf,
+    ports: [u16; 3],
+    cluster_ports: [u16; 3],
+    nodes: [Option<Child>; 3],
+}
+
+impl Cluster {
+    pub fn start(bin: &str, dir: &Path) -> Cluster {
+        let mut c = Cluster {
+            bin: bin.into(),
+            dir: dir.to_path_buf(),
+            ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
+            cluster_ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
+            nodes: [None, None, None],
+        };
+        for i in 0..3 {
+            c.start_node(i);
+        }
+        c
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let conf = self.dir.join(format!("n{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n}}\ncluster {{\n  name: outpost-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                self.ports[i],
+                self.dir.join(format!("js{i}")).display(),
+                self.cluster_ports[i],
+                routes.join(", ")
+            ),
+        )
+        .unwrap();
+        let child = Command::new(&self.bin)
+            .args(["-c", conf.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_err() {
+            assert!(Instant::now() < deadline, "nats-server n{i} did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.nodes[i] = Some(child);
+    }
+
+    /// SIGKILL one node (by the PID we started).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}

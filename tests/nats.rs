@@ -197,6 +197,22 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     let tmp = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(&bin, tmp.path());
     let urls = cluster.urls();
+    // Before the streams exist, the edge says so and works on.
+    let e = edge(&tmp.path().join("e1"), &urls, "e1").await;
+    let mut status = e.uplink.as_ref().unwrap().watch();
+    let st = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| {
+            s.last_error
+                .as_ref()
+                .is_some_and(|e| e.contains("fleet init"))
+        }),
+    )
+    .await
+    .expect("the edge names the missing streams")
+    .unwrap()
+    .clone();
+    assert_ne!(st.state, "connected", "{st:?}");
     init_streams(&urls);
     // Again: nothing changes; with another shape: refused, saying how.
     let again = fleet(&urls, &["init", "--replicas", "3"]);
@@ -210,7 +226,6 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
         "{err}"
     );
 
-    let e = edge(&tmp.path().join("e1"), &urls, "e1").await;
     let runs = Arc::new(Mutex::new(Runs::default()));
     let dev = device(enroll(&e, "d1").await, runs.clone());
     let js = plain(&urls).await;

@@ -142,6 +142,22 @@ pub struct StatusView {
     pub data_dir: String,
     /// The uplink to the hub above, when the box has one.
     pub uplink: Option<UplinkView>,
+    /// The boxes below this one (its gateways), when it is a hub.
+    pub edges: Vec<EdgeView>,
+}
+
+/// A box below, as `status` on its hub shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EdgeView {
+    pub name: String,
+    pub online: bool,
+    /// Its outbox is applied through this seq.
+    pub cursor: u64,
+    /// When its last records came (since the hub started).
+    pub last_up: Option<u64>,
+    /// Commands waiting for it, and handed to it and not yet ended.
+    pub queued: u64,
+    pub handed: u64,
 }
 
 /// The uplink as `status` shows it.
@@ -374,7 +390,22 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
 async fn status(ctx: &AdminContext) -> Result<AdminResponse, QueueError> {
     let stats = ctx.queue.stats().await?;
     let devices = ctx.queue.devices().await?;
+    let edges = devices
+        .iter()
+        .filter_map(|d| {
+            let s = d.sync.as_ref()?;
+            Some(EdgeView {
+                name: d.record.id.clone(),
+                online: d.online,
+                cursor: s.cursor,
+                last_up: s.last_up,
+                queued: d.queued,
+                handed: d.in_flight,
+            })
+        })
+        .collect();
     Ok(AdminResponse::Status(StatusView {
+        edges,
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_s: ctx.started.elapsed().as_secs(),
         listen: ctx

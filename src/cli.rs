@@ -636,6 +636,7 @@ async fn run(
                        "last_sync": u.and_then(|u| u.last_sync),
                        "lag_ms": u.map_or(0, |u| u.lag_ms),
                        "upstream": u,
+                       "edges": s.edges,
                        "disk_bytes": s.disk_bytes, "listen": s.listen, "data_dir": s.data_dir})
                 );
             } else {
@@ -657,6 +658,22 @@ async fn run(
                     vec!["disk".into(), format!("{} bytes", s.disk_bytes)],
                     vec!["uplink".into(), uplink_line(s.uplink.as_ref())],
                 ];
+                let mut rows = rows;
+                for e in &s.edges {
+                    rows.push(vec![
+                        format!("edge {}", e.name),
+                        format!(
+                            "{}, outbox applied through {}{}, {} queued, {} handed down",
+                            if e.online { "online" } else { "offline" },
+                            e.cursor,
+                            e.last_up
+                                .map(|t| format!(" (last {})", ago(t)))
+                                .unwrap_or_default(),
+                            e.queued,
+                            e.handed
+                        ),
+                    ]);
+                }
                 print_table(&["", ""], &rows);
             }
             Ok(0)

@@ -231,6 +231,28 @@ fn sync_under_faults(
     let settled = started.elapsed();
     let status = json(&outpost(&edge_dir, &["status", "--json"]));
     assert_eq!(status["uplink"], "connected", "{status}");
+    // The hub's view of its edge: its outbox applied, and online once the
+    // edge is back from the hub's last restart.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hub_status = json(&outpost(&hub_dir, &["status", "--json"]));
+        let e1 = &hub_status["edges"][0];
+        assert_eq!(e1["name"], "e1", "{hub_status}");
+        assert!(e1["cursor"].as_u64().unwrap() > 0, "{hub_status}");
+        if e1["online"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge is not online on the hub: {hub_status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = ok(&outpost(&hub_dir, &["status"]));
+    assert!(
+        text.contains("edge e1") && text.contains("online, outbox applied through"),
+        "{text}"
+    );
     // Stop both cleanly to read their stores.
     for c in [&mut hub, &mut edge] {
         let term = Command::new("kill")

@@ -243,6 +243,17 @@ pub struct DeviceView {
     pub online: bool,
     pub queued: u64,
     pub in_flight: u64,
+    /// For a gateway (a box below): how far its outbox is applied.
+    pub sync: Option<EdgeSync>,
+}
+
+/// A box below, as the hub sees its upstream sync.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EdgeSync {
+    /// The highest outbox seq applied (kept across restarts).
+    pub cursor: u64,
+    /// When its last outbox records came (since this start).
+    pub last_up: Option<Millis>,
 }
 
 /// Where a command is, for `show`. A finished command's record is on disk:
@@ -491,6 +502,8 @@ pub struct QueueCore {
     remote_devices: BTreeMap<DeviceId, DeviceRecord>,
     /// Per edge: the highest outbox seq applied.
     cursors: HashMap<DeviceId, u64>,
+    /// When each edge's outbox records last came, for `status`.
+    last_up: HashMap<DeviceId, Millis>,
     cursor_writes: Vec<(DeviceId, u64)>,
     /// Commands held by an edge whose cancel it has not confirmed.
     cancelling: FxHashSet<CommandId>,
@@ -547,6 +560,7 @@ impl QueueCore {
             remote: FxHashMap::default(),
             remote_devices: BTreeMap::new(),
             cursors: HashMap::new(),
+            last_up: HashMap::new(),
             cursor_writes: Vec::new(),
             cancelling: FxHashSet::default(),
             cancel_marks: Vec::new(),
@@ -1415,11 +1429,20 @@ impl QueueCore {
             .iter()
             .filter_map(|d| {
                 let record = d.record.clone()?;
+                let sync = record
+                    .tags
+                    .iter()
+                    .any(|t| t == crate::route::GATEWAY_TAG)
+                    .then(|| EdgeSync {
+                        cursor: self.cursors.get(&record.id).copied().unwrap_or(0),
+                        last_up: self.last_up.get(&record.id).copied(),
+                    });
                 Some(DeviceView {
-                    record,
                     online: d.session.is_some(),
                     queued: d.live - d.handed - (d.in_flight.len() as u64 - d.borrowed),
                     in_flight: d.in_flight.len() as u64 + d.handed,
+                    record,
+                    sync,
                 })
             })
             .collect();
@@ -1430,6 +1453,7 @@ impl QueueCore {
             online: false,
             queued: 0,
             in_flight: 0,
+            sync: None,
         }));
         v.sort_by(|a, b| a.record.id.cmp(&b.record.id));
         v

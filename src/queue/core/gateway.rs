@@ -105,6 +105,7 @@ impl QueueCore {
         }
         let mut cursor = self.cursors.get(edge).copied().unwrap_or(0);
         let before = cursor;
+        self.last_up.insert(edge.to_string(), now);
         for e in entries {
             if e.seq <= cursor {
                 self.stats.up_duplicates_total += 1;

@@ -907,40 +907,9 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
     if let Some(path) = a.lines.clone() {
         return send_lines(a, &path, data_dir).await;
     }
-    let to_workflow = matches!(
-        crate::route::Target::parse(&a.target),
-        Ok(crate::route::Target::Edge { rest, .. }) if rest == crate::workflow::runner::WORKFLOW
-    );
-    let payload = match (&a.file, a.payload.as_deref()) {
-        // `send edge-1/workflow FILE`: the whole workflow, with its
-        // payload files, for the edge to run; checked here first.
-        (f, p) if to_workflow => {
-            let Some(path) = f.clone().or_else(|| p.map(PathBuf::from)) else {
-                eprintln!(
-                    "error: `send EDGE/workflow` needs the workflow file: outpost send {} FILE",
-                    a.target
-                );
-                return Ok(2);
-            };
-            match crate::workflow::Packed::read(&path) {
-                Ok(p) => p.to_bytes(),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return Ok(2);
-                }
-            }
-        }
-        (Some(f), _) => std::fs::read(f)
-            .with_context(|| format!("cannot read the payload file {}", f.display()))?,
-        (None, Some("-")) => {
-            let mut b = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut b)
-                .context("reading the payload from stdin")?;
-            b
-        }
-        (None, Some(p)) => p.as_bytes().to_vec(),
-        (None, None) => Vec::new(),
+    let payload = match send_payload(&a, &a.target)? {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
     };
     let req = SendRequest {
         target: a.target.clone(),
@@ -1006,6 +975,45 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
 }
 
 /// The options of a send, from its flags.
+/// A send's payload: the positional text, `-` for stdin, `--file`; or,
+/// for `EDGE/workflow` (`target` as the box below sees it, without the
+/// edge), the workflow file packed with its payload files, checked here
+/// first. `Err(exit code)` once the error is printed.
+pub fn send_payload(a: &SendArgs, target: &str) -> anyhow::Result<Result<Vec<u8>, i32>> {
+    let to_workflow = match crate::route::Target::parse(target) {
+        Ok(crate::route::Target::Edge { rest, .. }) => rest == crate::workflow::runner::WORKFLOW,
+        _ => false,
+    };
+    Ok(Ok(match (&a.file, a.payload.as_deref()) {
+        // `send edge-1/workflow FILE`: the whole workflow, for the edge to
+        // run.
+        (f, p) if to_workflow => {
+            let Some(path) = f.clone().or_else(|| p.map(PathBuf::from)) else {
+                eprintln!("error: `{target}` needs the workflow file: outpost send {target} FILE");
+                return Ok(Err(2));
+            };
+            match crate::workflow::Packed::read(&path) {
+                Ok(p) => p.to_bytes(),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(Err(2));
+                }
+            }
+        }
+        (Some(f), _) => std::fs::read(f)
+            .with_context(|| format!("cannot read the payload file {}", f.display()))?,
+        (None, Some("-")) => {
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("reading the payload from stdin")?;
+            b
+        }
+        (None, Some(p)) => p.as_bytes().to_vec(),
+        (None, None) => Vec::new(),
+    }))
+}
+
 pub fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
     let not_before = match a.not_before.as_deref() {
         None => None,

@@ -283,29 +283,9 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
         eprintln!("error: {e}");
         return Ok(2);
     }
-    let payload = if target == crate::workflow::runner::WORKFLOW {
-        let Some(path) = s
-            .file
-            .clone()
-            .or_else(|| s.payload.clone().map(PathBuf::from))
-        else {
-            eprintln!("error: `{}` needs the workflow file", s.target);
-            return Ok(2);
-        };
-        match crate::workflow::Packed::read(&path) {
-            Ok(p) => p.to_bytes(),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(2);
-            }
-        }
-    } else {
-        match (&s.file, s.payload.as_deref()) {
-            (Some(f), _) => std::fs::read(f)
-                .with_context(|| format!("cannot read the payload file {}", f.display()))?,
-            (None, Some(p)) => p.as_bytes().to_vec(),
-            (None, None) => Vec::new(),
-        }
+    let payload = match crate::cli::send_payload(&s, &s.target)? {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
     };
     let opts = crate::cli::send_options(&s)?;
     let id = CommandId::new(crate::now_millis(), rand::random());

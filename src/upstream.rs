@@ -171,26 +171,46 @@ async fn run(
     opts: UplinkOptions,
     tx: watch::Sender<UplinkStatus>,
 ) {
-    let mut backoff = Backoff::new(opts.min_backoff, opts.max_backoff);
-    loop {
-        set_state(&tx, "connecting", None);
-        let why = match connect(&opts).await {
+    let backoff = Backoff::new(opts.min_backoff, opts.max_backoff);
+    keep_up(&tx, backoff, |tx| async {
+        match connect(&opts).await {
             Ok(conn) => {
-                backoff.reset();
                 tx.send_modify(|s| s.hub = conn.remote().to_string());
-                set_state(&tx, "connected", None);
+                set_state(tx, "connected", None);
                 tracing::info!(hub = %conn.remote(), "uplink connected");
-                session(&queue, &workflows, &opts, conn, &tx).await
+                (session(&queue, &workflows, &opts, conn, tx).await, true)
             }
-            Err(e) => e,
-        };
+            Err(e) => (e, false),
+        }
+    })
+    .await
+}
+
+/// Run sessions until the box stops, both transports alike: after each,
+/// say why it ended and try again after a capped exponential backoff with
+/// jitter (from the start again once a session had connected). `session`
+/// returns why it ended and whether it had connected.
+async fn keep_up<'a, F, Fut>(
+    tx: &'a watch::Sender<UplinkStatus>,
+    mut backoff: Backoff,
+    mut session: F,
+) where
+    F: FnMut(&'a watch::Sender<UplinkStatus>) -> Fut,
+    Fut: std::future::Future<Output = (SessionEnd, bool)>,
+{
+    loop {
+        set_state(tx, "connecting", None);
+        let (why, connected) = session(tx).await;
+        if connected {
+            backoff.reset();
+        }
         if matches!(why, SessionEnd::Shutdown) {
             return;
         }
         let msg = why.to_string();
         let delay = backoff.next_delay();
         tracing::warn!(error = %msg, retry_in = ?delay, "uplink down; the box keeps working offline");
-        set_state(&tx, "offline", Some(msg));
+        set_state(tx, "offline", Some(msg));
         tokio::time::sleep(delay).await;
     }
 }

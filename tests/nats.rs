@@ -126,16 +126,29 @@ async fn publish(js: &jetstream::Context, subject: &str, id: Option<&str>, body:
 /// Every result message on the UP stream for `edge`, by Outpost-Id:
 /// (count, body of the first).
 async fn results_upstream(js: &jetstream::Context, edge: &str) -> HashMap<String, (u32, String)> {
-    let stream = js.get_stream("OUTPOST_UP").await.unwrap();
-    let cons = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("outpost.up.{edge}.result"),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut msgs = cons.messages().await.unwrap();
+    // While a node is down the cluster may take a while to answer (its
+    // stream leaders move): ask again, within bounds.
+    let deadline = Instant::now() + WAIT;
+    let mut msgs = loop {
+        let attempt = async {
+            let stream = js.get_stream("OUTPOST_UP").await?;
+            let cons = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: format!("outpost.up.{edge}.result"),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await?;
+            anyhow::Ok(cons.messages().await?)
+        };
+        match attempt.await {
+            Ok(m) => break m,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot read OUTPOST_UP: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     let mut out: HashMap<String, (u32, String)> = HashMap::new();
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(1500), msgs.next()).await
     {

@@ -22,7 +22,7 @@
 //!   the result bytes. An outbox record is deleted only after its PubAck,
 //!   and only with every record before it.
 
-use super::{set_state, OutboxCursor, SessionEnd, Uplink, UplinkStatus};
+use super::{keep_up, set_state, OutboxCursor, SessionEnd, Uplink, UplinkStatus};
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use crate::journal::{ResultRecord, UpEntry, UpItem};
 use crate::queue::{QueueError, QueueHandle, SendRequest};
@@ -210,30 +210,20 @@ async fn run(
     opts: NatsOptions,
     tx: watch::Sender<UplinkStatus>,
 ) {
-    let mut backoff = crate::client::Backoff::new(opts.min_backoff, opts.max_backoff);
-    loop {
-        set_state(&tx, "connecting", None);
+    let backoff = crate::client::Backoff::new(opts.min_backoff, opts.max_backoff);
+    keep_up(&tx, backoff, |tx| async {
         let (lost_tx, lost) = mpsc::unbounded_channel();
-        let why = match connect(&opts, Some(lost_tx)).await {
+        match connect(&opts, Some(lost_tx)).await {
             Ok(client) => {
-                let why = session(&queue, &workflows, &opts, &client, lost, &tx).await;
-                if matches!(why, SessionEnd::Link(_)) {
-                    // Connected, then failed: the next try starts small.
-                    backoff.reset();
-                }
-                why
+                let why = session(&queue, &workflows, &opts, &client, lost, tx).await;
+                // It had connected if it got as far as saying so.
+                let connected = tx.borrow().state == "connected";
+                (why, connected)
             }
-            Err(e) => SessionEnd::Link(e),
-        };
-        if matches!(why, SessionEnd::Shutdown) {
-            return;
+            Err(e) => (SessionEnd::Link(e), false),
         }
-        let msg = why.to_string();
-        let delay = backoff.next_delay();
-        tracing::warn!(error = %msg, retry_in = ?delay, "NATS uplink down; the box keeps working offline");
-        set_state(&tx, "offline", Some(msg));
-        tokio::time::sleep(delay).await;
-    }
+    })
+    .await
 }
 
 fn missing(stream: &str, e: impl std::fmt::Display) -> SessionEnd {

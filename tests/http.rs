@@ -642,3 +642,52 @@ async fn a_real_browser_sees_a_command_finish_without_a_reload() {
     let _ = drv.kill().await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn on_an_edge_an_alert_goes_into_the_outbox_as_an_event_of_outpost_box() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = outpost::alert::check_rules(
+        &toml::from_str::<Rules>(
+            "[[alert]]\nname = \"hub-away\"\nkind = \"uplink_down_longer_than\"\nvalue = \"0s\"\n",
+        )
+        .unwrap()
+        .alert,
+        None,
+    )
+    .unwrap();
+    let t = start(|o| {
+        o.alerts = rules;
+        // A hub that is not there (no bundle, a closed port): the uplink
+        // stays down and the outbox keeps what goes up.
+        o.upstream = Some((
+            outpost::upstream::UplinkOptions::new(
+                dir.path().join("missing.bundle"),
+                Some("127.0.0.1:9".into()),
+            ),
+            1000,
+        ));
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    let payload = loop {
+        let records = t.b.queue.outbox_read(0, 1000).await.unwrap();
+        let found = records.iter().find_map(|r| match &r.item {
+            outpost::journal::UpItem::Event {
+                device, payload, ..
+            } if device == outpost::monitor::BOX_DEVICE => Some(payload.clone()),
+            _ => None,
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(t0.elapsed() < DEADLINE, "no alert event in the outbox");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(v["alert"], "hub-away");
+    assert_eq!(v["state"], "firing");
+    let s = get_json(t.http(), "/api/status").await;
+    assert_ne!(s["uplink_state"], "none");
+    assert_eq!(s["alerts"][0]["name"], "hub-away");
+    t.stop().await;
+}

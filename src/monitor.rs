@@ -411,6 +411,7 @@ async fn run(
         .iter()
         .any(|r| matches!(r.kind, crate::alert::Kind::DiskAbove(_)));
     let hooks = Arc::new(tokio::sync::Semaphore::new(HOOKS_AT_ONCE));
+    let mut sessions = queue.sessions_watch();
     let ticking = o.sample || !engine.is_empty();
     let mut next_sample = (crate::now_millis() / MINUTE + 1) * MINUTE;
     // An evaluation owed since an event, and the earliest it may run.
@@ -469,6 +470,15 @@ async fn run(
             },
             _ = uplink_changed => {
                 owed |= !engine.is_empty();
+                continue;
+            }
+            // A device came or went: offline rules re-arm their deadlines.
+            r = sessions.changed(), if !engine.is_empty() => {
+                if r.is_err() {
+                    // The writer is gone: the box is stopping.
+                    return;
+                }
+                owed = true;
                 continue;
             }
             _ = sleep => {}

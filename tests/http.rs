@@ -691,3 +691,36 @@ async fn on_an_edge_an_alert_goes_into_the_outbox_as_an_event_of_outpost_box() {
     assert_eq!(s["alerts"][0]["name"], "hub-away");
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_device_that_goes_away_fires_its_offline_rule_at_the_deadline() {
+    let rules = outpost::alert::check_rules(
+        &toml::from_str::<Rules>(
+            "[[alert]]\nname = \"gone\"\nkind = \"device_offline_longer_than\"\nvalue = \"1s\"\n",
+        )
+        .unwrap()
+        .alert,
+        None,
+    )
+    .unwrap();
+    let mut t = start(|o| o.alerts = rules).await;
+    t.device("cam-9", Handler::Echo).await;
+    assert_eq!(
+        get_json(t.http(), "/api/alerts").await["alerts"],
+        serde_json::json!([])
+    );
+    // Stop the agent: no command event follows, only the disconnect; the
+    // rule must fire by its own deadline, a second after last seen.
+    let _ = t.stop.pop().unwrap().send(());
+    let t0 = std::time::Instant::now();
+    let a = loop {
+        let a = get_json(t.http(), "/api/alerts").await;
+        if a["alerts"][0]["state"] == "firing" {
+            break a;
+        }
+        assert!(t0.elapsed() < DEADLINE, "the offline rule never fired: {a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(a["alerts"][0]["detail"], "offline > 1s: cam-9");
+    t.stop().await;
+}

@@ -737,7 +737,17 @@ async fn run(
                     vec!["queued".into(), s.queued.to_string()],
                     vec!["in flight".into(), s.in_flight.to_string()],
                     vec!["dead".into(), s.dead.to_string()],
-                    vec!["disk".into(), format!("{} bytes", s.disk_bytes)],
+                    vec![
+                        "disk".into(),
+                        match s.max_disk {
+                            Some(m) if m > 0 => format!(
+                                "{} bytes of {m} ({:.1}%)",
+                                s.disk_bytes,
+                                s.disk_bytes as f64 * 100.0 / m as f64
+                            ),
+                            _ => format!("{} bytes", s.disk_bytes),
+                        },
+                    ],
                     vec!["uplink".into(), uplink_line(s.uplink.as_ref())],
                 ];
                 print_table(&["", ""], &rows);

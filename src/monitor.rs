@@ -519,10 +519,15 @@ async fn run(
         };
         let now = crate::now_millis();
         let changes = engine.observe(&obs, now);
-        if changes.is_empty() {
-            continue;
-        }
-        inner.alerts.send_replace(engine.alerts());
+        // Details change without a transition ("160 live commands" → 170).
+        let current = engine.alerts();
+        inner.alerts.send_if_modified(|a| {
+            let changed = *a != current;
+            if changed {
+                *a = current;
+            }
+            changed
+        });
         for t in changes {
             announce(&t, engine.rule(&t.name), &queue, &o, &hooks);
             let _ = inner.updates.send(Update::Alert(t));

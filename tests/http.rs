@@ -724,3 +724,28 @@ async fn a_device_that_goes_away_fires_its_offline_rule_at_the_deadline() {
     assert_eq!(a["alerts"][0]["detail"], "offline > 1s: cam-9");
     t.stop().await;
 }
+
+#[tokio::test]
+async fn event_streams_are_bounded() {
+    let t = start(|_| {}).await;
+    let addr = t.http();
+    let mut open = Vec::new();
+    for _ in 0..outpost::http::MAX_STREAMS {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut c = BufReader::new(c);
+        let mut line = String::new();
+        c.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+        open.push(c);
+    }
+    let (status, body) = request(addr, "GET", "/api/events", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("event streams are open already"), "{body}");
+    // The rest of the API still answers.
+    assert_eq!(get_json(addr, "/api/status").await["devices_total"], 0);
+    drop(open);
+    t.stop().await;
+}

@@ -29,6 +29,9 @@ use std::time::Duration;
 
 /// The dashboard: one hand-written file, embedded.
 pub const PAGE: &str = include_str!("dashboard.html");
+/// Event streams open at once: each holds a connection and a queue of
+/// updates, and a box has little RAM.
+pub const MAX_STREAMS: usize = 16;
 /// Most commands `/api/commands` returns.
 pub const MAX_COMMANDS: usize = crate::monitor::RECENT_COMMANDS;
 
@@ -60,6 +63,8 @@ struct Shared {
     /// This listener serves the page and the API (false: `--metrics` on a
     /// non-loopback address without a token, which serves `/metrics` only).
     api: bool,
+    /// Open event streams, bounded by [`MAX_STREAMS`].
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 type St = Arc<Shared>;
@@ -88,6 +93,7 @@ pub async fn serve(
         ctx,
         opts,
         api: open,
+        streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
     }));
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -316,8 +322,15 @@ async fn events(State(st): State<St>) -> Response {
     let Some(m) = &st.ctx.monitor else {
         return err(StatusCode::SERVICE_UNAVAILABLE, "no monitor on this box");
     };
+    let Ok(permit) = st.streams.clone().try_acquire_owned() else {
+        return err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_STREAMS} event streams are open already; close a page"),
+        );
+    };
     let rx = m.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    // The permit lives as long as the stream: dropped when the page goes.
+    let stream = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
         let ev = match rx.recv().await {
             Ok(u) => {
                 let kind = match &u {
@@ -334,7 +347,7 @@ async fn events(State(st): State<St>) -> Response {
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
         };
-        Some((Ok::<_, std::convert::Infallible>(ev), rx))
+        Some((Ok::<_, std::convert::Infallible>(ev), (rx, permit)))
     });
     // A comment every 30 s keeps proxies from closing an idle stream; it
     // runs only while a page is open.

@@ -660,6 +660,11 @@ mod tests {
         let f = FileConfig::parse(&on, Path::new("uncommented")).unwrap();
         let c = resolve(&ServeArgs::default(), &f, None).unwrap();
         assert!(!c.acl.is_empty(), "the example enables an ACL rule");
+        assert_eq!(c.alerts.len(), 1, "and an alert rule");
+        assert!(
+            c.http.is_some() && c.http_token.is_some(),
+            "and the dashboard"
+        );
     }
 
     #[test]

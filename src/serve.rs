@@ -98,6 +98,10 @@ pub struct RunningBox {
 
 /// Start a box (for `serve`, the demo and tests).
 pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
+    // Before anything opens: a refused dashboard leaves nothing behind.
+    if let Some(addr) = o.http {
+        crate::http::check(addr, &o.http_opts)?;
+    }
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
     let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);

@@ -80,8 +80,8 @@ pub async fn serve(
     dashboard: bool,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
     let open = addr.ip().is_loopback() || opts.token.is_some();
-    if dashboard && !open {
-        return Err(HttpError::NotLoopback { addr });
+    if dashboard {
+        check(addr, &opts)?;
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -101,6 +101,15 @@ pub async fn serve(
         }
     });
     Ok((local, task))
+}
+
+/// The dashboard's rule: loopback, or a token.
+pub fn check(addr: SocketAddr, opts: &HttpOptions) -> Result<(), HttpError> {
+    if addr.ip().is_loopback() || opts.token.is_some() {
+        Ok(())
+    } else {
+        Err(HttpError::NotLoopback { addr })
+    }
 }
 
 fn router(st: St) -> Router {

@@ -477,6 +477,30 @@ async fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
+/// A WebDriver session, deleted on drop (blocking: drop cannot await).
+struct Session {
+    port: u16,
+    path: String,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+        let req = format!(
+            "DELETE {} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\r\n",
+            self.path, self.port
+        );
+        if c.write_all(req.as_bytes()).is_ok() {
+            // The answer comes once the browser has quit.
+            let _ = c.read(&mut [0u8; 512]);
+        }
+    }
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -538,8 +562,14 @@ async fn a_real_browser_sees_a_command_finish_without_a_reload() {
         .as_str()
         .unwrap_or_else(|| panic!("no session: {session}"))
         .to_string();
-    let rss_before = rss_kib();
     let s = format!("/session/{sid}");
+    // Ends the browser even when an assertion fails: killing chromedriver
+    // alone would leave Chromium running.
+    let _session = Session {
+        port,
+        path: s.clone(),
+    };
+    let rss_before = rss_kib();
     wd(
         port,
         "POST",
@@ -638,7 +668,7 @@ async fn a_real_browser_sees_a_command_finish_without_a_reload() {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     std::fs::write(&out, &png).unwrap();
     println!("screenshot: {} ({} bytes)", out.display(), png.len());
-    wd(port, "DELETE", &s, None).await;
+    drop(_session);
     let _ = drv.kill().await;
     t.stop().await;
 }

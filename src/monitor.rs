@@ -413,7 +413,9 @@ async fn run(
     let hooks = Arc::new(tokio::sync::Semaphore::new(HOOKS_AT_ONCE));
     let mut sessions = queue.sessions_watch();
     let ticking = o.sample || !engine.is_empty();
-    let mut next_sample = (crate::now_millis() / MINUTE + 1) * MINUTE;
+    // The first sample at once, so a page opened soon after a start has a
+    // point to draw; then on each minute.
+    let mut next_sample = crate::now_millis();
     // An evaluation owed since an event, and the earliest it may run.
     let mut owed = !engine.is_empty();
     let mut last_eval: Option<tokio::time::Instant> = None;

@@ -101,7 +101,7 @@ pub struct DeviceStats {
     pub latency_p95_ms: Option<u64>,
 }
 
-// Ends are stored packed (16 B): thousands of devices × the window must
+// Ends are stored packed (8 B): thousands of devices × the window must
 // stay small on a box with little RAM.
 #[derive(Clone, Copy)]
 struct End {

@@ -76,10 +76,12 @@ pub enum AdminRequest {
         id: CommandId,
         compensate: bool,
     },
+    /// Devices with their statistics (`devices --stats`).
+    DeviceStats,
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 16;
+    const KNOWN_TAGS: u32 = 17;
 }
 
 /// The box's answer.
@@ -97,10 +99,11 @@ pub enum AdminResponse {
     Error { kind: ErrorKind, message: String },
     Workflow(Box<crate::workflow::runner::RunView>),
     Workflows(Vec<crate::workflow::runner::RunView>),
+    DeviceStats(Vec<(DeviceView, crate::monitor::DeviceStats)>),
 }
 
 impl Frame for AdminResponse {
-    const KNOWN_TAGS: u32 = 12;
+    const KNOWN_TAGS: u32 = 13;
 }
 
 /// What kind of failure an error is; the CLI's exit code follows from it.
@@ -144,6 +147,10 @@ pub struct StatusView {
     pub uplink: Option<UplinkView>,
     /// The boxes below this one (its gateways), when it is a hub.
     pub edges: Vec<EdgeView>,
+    /// The disk budget (`--max-disk`), when set.
+    pub max_disk: Option<u64>,
+    /// Alerts pending or firing.
+    pub alerts: Vec<crate::alert::AlertView>,
 }
 
 /// A box below, as `status` on its hub shows it.
@@ -209,6 +216,10 @@ pub struct AdminContext {
     pub uplink: Option<tokio::sync::watch::Receiver<crate::upstream::UplinkStatus>>,
     /// The workflow runner.
     pub workflows: Option<crate::workflow::runner::Runner>,
+    /// Alerts, device statistics and the latest commands.
+    pub monitor: Option<crate::monitor::Monitor>,
+    /// The disk budget, shown against the disk use.
+    pub max_disk: Option<u64>,
 }
 
 /// Bind the admin socket in `data_dir`: remove a stale socket file (one
@@ -363,7 +374,21 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         AdminRequest::List { device } => q.list(device, false).await.map(AdminResponse::Views),
         AdminRequest::Cancel(id) => q.cancel(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Retry(id) => q.retry(id).await.map(|v| AdminResponse::View(Box::new(v))),
-        AdminRequest::Status => status(ctx).await,
+        AdminRequest::Status => status_view(ctx).await.map(AdminResponse::Status),
+        AdminRequest::DeviceStats => q.devices().await.map(|ds| {
+            AdminResponse::DeviceStats(
+                ds.into_iter()
+                    .map(|d| {
+                        let s = ctx
+                            .monitor
+                            .as_ref()
+                            .map(|m| m.device_stats(&d.record.id))
+                            .unwrap_or_default();
+                        (d, s)
+                    })
+                    .collect(),
+            )
+        }),
         AdminRequest::Devices => q.devices().await.map(AdminResponse::Devices),
         AdminRequest::Relabel(r) => q.relabel(r).await.map(AdminResponse::Device),
         AdminRequest::Enroll {
@@ -387,7 +412,8 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
     r.unwrap_or_else(|e| error_of(&e))
 }
 
-async fn status(ctx: &AdminContext) -> Result<AdminResponse, QueueError> {
+/// What `status` answers (also the dashboard's `/api/status`).
+pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
     let stats = ctx.queue.stats().await?;
     let devices = ctx.queue.devices().await?;
     let edges = devices
@@ -404,8 +430,10 @@ async fn status(ctx: &AdminContext) -> Result<AdminResponse, QueueError> {
             })
         })
         .collect();
-    Ok(AdminResponse::Status(StatusView {
+    Ok(StatusView {
         edges,
+        max_disk: ctx.max_disk,
+        alerts: ctx.monitor.as_ref().map(|m| m.alerts()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_s: ctx.started.elapsed().as_secs(),
         listen: ctx
@@ -440,7 +468,7 @@ async fn status(ctx: &AdminContext) -> Result<AdminResponse, QueueError> {
                 })
             }
         },
-    }))
+    })
 }
 
 async fn enroll(

@@ -40,9 +40,10 @@ pub struct Cli {
 }
 
 /// The subcommands.
-#[derive(Debug, Subcommand)]
-// Parsed once at start: the size of a variant costs nothing.
+// Parsed once per process: the size of the largest variant (serve's flags)
+// costs nothing worth a Box.
 #[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the box: QUIC listener for devices, the store, the admin socket.
     Serve(crate::config::ServeArgs),
@@ -95,6 +96,11 @@ pub enum Cmd {
     Devices {
         #[arg(long)]
         json: bool,
+        /// Add each device's outcomes, success rate and enqueue → ack
+        /// latency over its last 256 ends (kept in memory since the box
+        /// started).
+        #[arg(long)]
+        stats: bool,
     },
     /// Send a command to a device, a tag (broadcast) or a capability.
     Send(SendArgs),
@@ -569,7 +575,56 @@ async fn run(
             }
             Ok(0)
         }
-        Cmd::Devices { json } => {
+        Cmd::Devices { json, stats: true } => {
+            let AdminResponse::DeviceStats(ds) = call(data_dir, AdminRequest::DeviceStats).await?
+            else {
+                bail!("unexpected answer")
+            };
+            if json {
+                let v: Vec<Value> = ds
+                    .iter()
+                    .map(|(d, s)| {
+                        json!({"id": d.record.id, "online": d.online, "tags": d.record.tags, "caps": d.record.caps,
+                           "last_seen": d.record.last_seen.map(rfc3339), "queued": d.queued, "in_flight": d.in_flight,
+                           "revoked": d.record.revoked, "stats": s})
+                    })
+                    .collect();
+                println!("{}", Value::Array(v));
+            } else {
+                let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
+                let rows: Vec<Vec<String>> = ds
+                    .iter()
+                    .map(|(d, s)| {
+                        vec![
+                            d.record.id.clone(),
+                            if d.online { "online" } else { "offline" }.into(),
+                            s.succeeded.to_string(),
+                            (s.failed + s.dead).to_string(),
+                            (s.expired + s.cancelled + s.shed).to_string(),
+                            s.success_rate
+                                .map_or("-".to_string(), |r| format!("{r:.1}%")),
+                            ms(s.latency_p50_ms),
+                            ms(s.latency_p95_ms),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "DEVICE",
+                        "STATE",
+                        "SUCCEEDED",
+                        "FAILED",
+                        "OTHER ENDS",
+                        "SUCCESS",
+                        "P50",
+                        "P95",
+                    ],
+                    &rows,
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Devices { json, stats: false } => {
             let AdminResponse::Devices(ds) = call(data_dir, AdminRequest::Devices).await? else {
                 bail!("unexpected answer")
             };
@@ -637,7 +692,10 @@ async fn run(
                        "lag_ms": u.map_or(0, |u| u.lag_ms),
                        "upstream": u,
                        "edges": s.edges,
-                       "disk_bytes": s.disk_bytes, "listen": s.listen, "data_dir": s.data_dir})
+                       "disk_bytes": s.disk_bytes, "max_disk": s.max_disk,
+                       "listen": s.listen, "data_dir": s.data_dir,
+                       "alerts": s.alerts.iter().map(|a| json!({"name": a.name, "state": a.state,
+                           "since": rfc3339(a.since), "detail": a.detail})).collect::<Vec<_>>()})
                 );
             } else {
                 println!(
@@ -655,7 +713,17 @@ async fn run(
                     vec!["queued".into(), s.queued.to_string()],
                     vec!["in flight".into(), s.in_flight.to_string()],
                     vec!["dead".into(), s.dead.to_string()],
-                    vec!["disk".into(), format!("{} bytes", s.disk_bytes)],
+                    vec![
+                        "disk".into(),
+                        match s.max_disk {
+                            Some(m) if m > 0 => format!(
+                                "{} bytes of {m} ({:.1}%)",
+                                s.disk_bytes,
+                                s.disk_bytes as f64 * 100.0 / m as f64
+                            ),
+                            _ => format!("{} bytes", s.disk_bytes),
+                        },
+                    ],
                     vec!["uplink".into(), uplink_line(s.uplink.as_ref())],
                 ];
                 let mut rows = rows;
@@ -675,6 +743,23 @@ async fn run(
                     ]);
                 }
                 print_table(&["", ""], &rows);
+                if s.alerts.is_empty() {
+                    println!("alerts: none");
+                } else {
+                    let rows: Vec<Vec<String>> = s
+                        .alerts
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                a.name.clone(),
+                                a.state.clone(),
+                                ago(a.since),
+                                a.detail.clone(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ALERT", "STATE", "SINCE", "DETAIL"], &rows);
+                }
             }
             Ok(0)
         }
@@ -881,6 +966,12 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.limits = c.limits;
     o.store.cache_bytes = c.cache_bytes;
     o.metrics = c.metrics;
+    o.http = c.http;
+    o.http_opts = crate::http::HttpOptions {
+        token: c.http_token,
+        admin: c.http_admin,
+    };
+    o.alerts = c.alerts;
     o.acl = c.acl;
     // EX_TEMPFAIL: systemd's Restart=on-failure brings the box back on a
     // reopened database.

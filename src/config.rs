@@ -81,6 +81,17 @@ pub struct FileConfig {
     /// deny).
     #[serde(default)]
     pub acl: Vec<crate::route::AclRule>,
+    /// The dashboard's address, e.g. 127.0.0.1:8080 (off when absent).
+    pub http: Option<String>,
+    /// The token the dashboard and its API require (needed off loopback).
+    pub http_token: Option<String>,
+    /// A file holding that token (first line), kept out of the config.
+    pub http_token_file: Option<PathBuf>,
+    /// Retry and cancel from the dashboard.
+    pub http_admin: Option<bool>,
+    /// Alert rules (`[[alert]]` tables).
+    #[serde(default)]
+    pub alert: Vec<crate::alert::RuleConfig>,
 }
 
 /// A size written as a number of bytes or a string with a unit.
@@ -226,6 +237,21 @@ pub struct ServeArgs {
     /// are always kept) [default: 100000]
     #[arg(long, env = "OUTPOST_OUTBOX_MAX")]
     pub outbox_max: Option<u64>,
+    /// Serve the dashboard, its JSON API and /metrics on this address, e.g.
+    /// 127.0.0.1:8080; off loopback it needs a token [default: off]
+    #[arg(long, env = "OUTPOST_HTTP")]
+    pub http: Option<String>,
+    /// Token the dashboard and its API require (Authorization: Bearer, or
+    /// ?token= in the page's address) [default: none, loopback only]
+    #[arg(long, env = "OUTPOST_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// Read that token from this file's first line
+    #[arg(long, env = "OUTPOST_HTTP_TOKEN_FILE", conflicts_with = "http_token")]
+    pub http_token_file: Option<PathBuf>,
+    /// Let the dashboard retry and cancel commands (it asks to confirm)
+    /// [default: read-only]
+    #[arg(long, env = "OUTPOST_HTTP_ADMIN")]
+    pub http_admin: bool,
 }
 
 /// What `serve` runs with, every value settled.
@@ -243,6 +269,10 @@ pub struct ServeConfig {
     pub upstream: Option<Upstream>,
     /// Or a NATS JetStream cluster above this edge.
     pub nats: Option<NatsUpstream>,
+    pub http: Option<std::net::SocketAddr>,
+    pub http_token: Option<String>,
+    pub http_admin: bool,
+    pub alerts: Vec<crate::alert::Rule>,
 }
 
 /// The NATS uplink's settings.
@@ -442,7 +472,69 @@ pub fn resolve(
             outbox_max,
         }),
     };
+    let http = match pick_str(&args.http, &file.http) {
+        None => None,
+        Some((v, origin)) => Some(v.parse().map_err(|_| ConfigError::Value {
+            key: "http",
+            value: v.clone(),
+            origin,
+            why: "not an address; write host:port, e.g. 127.0.0.1:8080".into(),
+        })?),
+    };
+    let token_file = match (&args.http_token, &args.http_token_file) {
+        (Some(_), _) => None,
+        (None, Some(p)) => Some((p.clone(), cli.to_string())),
+        (None, None) if file.http_token.is_none() => {
+            file.http_token_file.clone().map(|p| (p, f.clone()))
+        }
+        (None, None) => None,
+    };
+    let http_token = match token_file {
+        Some((p, origin)) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| ConfigError::Value {
+                key: "http_token_file",
+                value: p.display().to_string(),
+                origin: origin.clone(),
+                why: format!("cannot read it: {e}"),
+            })?;
+            Some((text.lines().next().unwrap_or("").trim().to_string(), origin))
+        }
+        None => pick_str(&args.http_token, &file.http_token),
+    };
+    let http_token =
+        match http_token {
+            Some((t, origin)) if t.trim().is_empty() => {
+                return Err(ConfigError::Value {
+                    key: "http_token",
+                    value: String::new(),
+                    origin,
+                    why: "is empty; a token needs at least 16 characters".into(),
+                })
+            }
+            Some((t, origin)) if t.trim().len() < 16 => return Err(ConfigError::Value {
+                key: "http_token",
+                value: "(hidden)".into(),
+                origin,
+                why:
+                    "is shorter than 16 characters; make a longer one (e.g. `openssl rand -hex 16`)"
+                        .into(),
+            }),
+            Some((t, _)) => Some(t.trim().to_string()),
+            None => None,
+        };
+    let alerts = crate::alert::check_rules(&file.alert, limits.max_disk).map_err(|e| {
+        ConfigError::Value {
+            key: "alert",
+            value: String::new(),
+            origin: f.clone(),
+            why: e.to_string(),
+        }
+    })?;
     Ok(ServeConfig {
+        http,
+        http_token,
+        http_admin: args.http_admin || file.http_admin.unwrap_or(false),
+        alerts,
         upstream,
         nats,
         acl,
@@ -488,6 +580,36 @@ mod tests {
         let c = resolve(&ServeArgs::default(), &FileConfig::default(), None).unwrap();
         assert_eq!(c.listen.to_string(), "[::]:7443");
         assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn dashboard_keys_and_alert_rules_come_from_the_file_and_a_short_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("token");
+        std::fs::write(&tf, "0123456789abcdef0123\n").unwrap();
+        let f = file(&format!(
+            "http = \"127.0.0.1:8080\"\nhttp_token_file = {:?}\nhttp_admin = true\nmax_disk = \"1GiB\"\n\
+             [[alert]]\nname = \"backlog\"\nkind = \"queue_depth_above\"\nvalue = 100\nfor = \"1m\"\n",
+            tf.display().to_string()
+        ));
+        let c = resolve(&ServeArgs::default(), &f, None).unwrap();
+        assert_eq!(c.http.unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(c.http_token.as_deref(), Some("0123456789abcdef0123"));
+        assert!(c.http_admin);
+        assert_eq!(c.alerts.len(), 1);
+        assert_eq!(c.alerts[0].for_ms, 60_000);
+        let args = ServeArgs {
+            http_token: Some("short".into()),
+            ..Default::default()
+        };
+        let e = resolve(&args, &f, None).unwrap_err().to_string();
+        assert!(e.contains("shorter than 16"), "{e}");
+        assert!(!e.contains("short\""), "the token is not printed: {e}");
+        let bad = file("[[alert]]\nname = \"x\"\nkind = \"nope\"\nvalue = 1\n");
+        let e = resolve(&ServeArgs::default(), &bad, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown kind `nope`"), "{e}");
     }
 
     #[test]
@@ -619,6 +741,11 @@ mod tests {
         let f = FileConfig::parse(&on, Path::new("uncommented")).unwrap();
         let c = resolve(&ServeArgs::default(), &f, None).unwrap();
         assert!(!c.acl.is_empty(), "the example enables an ACL rule");
+        assert_eq!(c.alerts.len(), 1, "and an alert rule");
+        assert!(
+            c.http.is_some() && c.http_token.is_some(),
+            "and the dashboard"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! See ARCHITECTURE.md for the map.
 
 pub mod admin;
+pub mod alert;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -18,9 +19,11 @@ pub mod doctor;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http;
 pub mod identity;
 pub mod journal;
 pub mod metrics;
+pub mod monitor;
 pub mod notify;
 pub mod proto;
 pub mod queue;

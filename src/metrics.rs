@@ -1,25 +1,13 @@
-//! Prometheus text exposition on `--metrics ADDR` (off by default).
-//!
-//! A deliberately tiny HTTP/1.1 server: `GET /metrics` answers the text
-//! format (version 0.0.4), anything else 404; requests are bounded in size
-//! and time, one per connection. The numbers are read on each scrape from
-//! the queue (`QueueHandle::stats`) and the device link (`LinkStats`), so
-//! nothing runs between scrapes: an idle box stays idle.
+//! Prometheus text exposition (version 0.0.4), served on `/metrics` by the
+//! box's HTTP listener (`http`, `--http` or `--metrics`). The numbers are
+//! read on each scrape from the queue (`QueueHandle::stats`), the device
+//! link (`LinkStats`) and the monitor's alerts, so nothing runs between
+//! scrapes: an idle box stays idle.
 
 use crate::device::LinkStats;
-use crate::queue::{QueueHandle, QueueStats, FLUSH_BUCKETS_S};
+use crate::queue::{QueueStats, FLUSH_BUCKETS_S};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Largest request head read.
-const MAX_REQUEST: usize = 8 * 1024;
-/// A client gets this long to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Render the exposition text.
 pub fn render(q: &QueueStats, link: Option<&LinkStats>) -> String {
@@ -152,76 +140,25 @@ pub fn render(q: &QueueStats, link: Option<&LinkStats>) -> String {
     o
 }
 
-/// What a scrape reads.
-#[derive(Clone)]
-pub struct Sources {
-    pub queue: QueueHandle,
-    pub link: Option<Arc<crate::device::DeviceLink>>,
-}
-
-/// Bind `addr` and serve scrapes until the task is aborted.
-pub async fn serve(
-    addr: SocketAddr,
-    sources: Sources,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let s = sources.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, s)).await;
-            });
-        }
-    });
-    Ok((local, task))
-}
-
-async fn answer(mut stream: TcpStream, s: Sources) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+/// Append `outpost_alerts_firing{name=..}`: 1 for each rule firing, 0 for
+/// the others, so a rule that never fired is still a series.
+pub fn render_alerts(o: &mut String, rules: &[(String, bool)]) {
+    if rules.is_empty() {
+        return;
     }
-    let line = String::from_utf8_lossy(&buf);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body, ctype) =
-        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-            match s.queue.stats().await {
-                Ok(q) => (
-                    "200 OK",
-                    render(&q, s.link.as_deref().map(|l| l.stats())),
-                    "text/plain; version=0.0.4; charset=utf-8",
-                ),
-                Err(e) => (
-                    "503 Service Unavailable",
-                    format!("queue unavailable: {e}\n"),
-                    "text/plain; charset=utf-8",
-                ),
-            }
-        } else {
-            (
-                "404 Not Found",
-                "try GET /metrics\n".to_string(),
-                "text/plain; charset=utf-8",
-            )
-        };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    let _ = writeln!(
+        o,
+        "# HELP outpost_alerts_firing 1 while the alert rule fires."
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    let _ = writeln!(o, "# TYPE outpost_alerts_firing gauge");
+    for (name, firing) in rules {
+        let name = name.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            o,
+            "outpost_alerts_firing{{name=\"{name}\"}} {}",
+            u8::from(*firing)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -259,37 +196,17 @@ mod tests {
         assert!(t.contains("# TYPE outpost_flush_seconds histogram"));
     }
 
-    async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        c.read_to_string(&mut out).await.unwrap();
-        out
-    }
-
-    #[tokio::test]
-    async fn scrapes_over_http_on_loopback() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path(), &Default::default()).unwrap();
-        let queue = crate::queue::open(store, Default::default()).unwrap();
-        let (addr, task) = serve(
-            "127.0.0.1:0".parse().unwrap(),
-            Sources {
-                queue: queue.clone(),
-                link: None,
-            },
-        )
-        .await
-        .unwrap();
-        let r = get(addr, "/metrics").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
-        assert!(r.contains("text/plain; version=0.0.4"), "{r}");
-        assert!(r.contains("outpost_enqueued_total 0"), "{r}");
-        let r = get(addr, "/").await;
-        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
-        task.abort();
-        queue.shutdown().await;
+    #[test]
+    fn alert_gauges_name_every_rule() {
+        let mut t = String::new();
+        render_alerts(&mut t, &[("backlog".into(), true), ("a\"b".into(), false)]);
+        assert!(
+            t.contains("outpost_alerts_firing{name=\"backlog\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("outpost_alerts_firing{name=\"a\\\"b\"} 0"),
+            "{t}"
+        );
     }
 }

@@ -27,8 +27,15 @@ pub struct ServeOptions {
     pub limits: Limits,
     pub store: StoreOptions,
     pub link: LinkOptions,
-    /// Prometheus metrics address (off when `None`).
+    /// Prometheus metrics address (off when `None`): the same listener as
+    /// `http`, kept as an alias.
     pub metrics: Option<SocketAddr>,
+    /// The dashboard's address (off when `None`).
+    pub http: Option<SocketAddr>,
+    /// The dashboard's token and whether it may act.
+    pub http_opts: crate::http::HttpOptions,
+    /// Alert rules (`[[alert]]`).
+    pub alerts: Vec<crate::alert::Rule>,
     /// Device-to-device sends allowed (default: none).
     pub acl: crate::route::Acl,
     /// The uplink to a hub, and the outbox's telemetry bound (off when
@@ -57,6 +64,9 @@ impl ServeOptions {
             store: StoreOptions::default(),
             link: LinkOptions::default(),
             metrics: None,
+            http: None,
+            http_opts: Default::default(),
+            alerts: Vec::new(),
             acl: crate::route::Acl::default(),
             upstream: None,
             nats: None,
@@ -76,17 +86,25 @@ pub struct RunningBox {
     pub advertise: String,
     /// Where metrics are served, when on.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the dashboard is served, when on.
+    pub http_addr: Option<SocketAddr>,
+    /// Alerts, device statistics, the latest commands.
+    pub monitor: crate::monitor::Monitor,
     /// The uplink to the hub, when the box has one.
     pub uplink: Option<crate::upstream::Uplink>,
     /// The workflow runner.
     pub workflows: crate::workflow::runner::Runner,
     admin: tokio::task::JoinHandle<()>,
-    metrics: Option<tokio::task::JoinHandle<()>>,
+    http_tasks: Vec<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
 }
 
 /// Start a box (for `serve`, the demo and tests).
 pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
+    // Before anything opens: a refused dashboard leaves nothing behind.
+    if let Some(addr) = o.http {
+        crate::http::check(addr, &o.http_opts)?;
+    }
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
     let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);
@@ -161,6 +179,17 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         )),
         (None, None) => None,
     };
+    let monitor = crate::monitor::Monitor::start(
+        queue.clone(),
+        uplink.as_ref().map(|u| u.watch()),
+        crate::monitor::MonitorOptions {
+            rules: o.alerts.clone(),
+            sample: o.http.is_some() || o.metrics.is_some(),
+            max_disk: o.limits.max_disk,
+            data_dir: o.data_dir.clone(),
+            upstream: o.upstream.is_some() || o.nats.is_some(),
+        },
+    );
     let listener = admin::bind(&o.data_dir).await?;
     let ctx = Arc::new(AdminContext {
         queue: queue.clone(),
@@ -171,26 +200,36 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         started: Instant::now(),
         uplink: uplink.as_ref().map(|u| u.watch()),
         workflows: Some(workflows.clone()),
+        monitor: Some(monitor.clone()),
+        max_disk: o.limits.max_disk,
     });
-    let admin = tokio::spawn(admin::serve(listener, ctx));
-    let (metrics_addr, metrics) = match o.metrics {
-        Some(addr) => {
-            let sources = crate::metrics::Sources {
-                queue: queue.clone(),
-                link: Some(link.clone()),
-            };
-            let (a, t) = crate::metrics::serve(addr, sources)
+    let admin = tokio::spawn(admin::serve(listener, ctx.clone()));
+    let mut http_tasks = Vec::new();
+    let mut http_addr = None;
+    let mut metrics_addr = None;
+    if let Some(addr) = o.http {
+        let (a, t) = crate::http::serve(addr, ctx.clone(), o.http_opts.clone(), true).await?;
+        http_addr = Some(a);
+        http_tasks.push(t);
+    }
+    if let Some(addr) = o.metrics {
+        if Some(addr) == o.http {
+            metrics_addr = http_addr;
+        } else {
+            let (a, t) = crate::http::serve(addr, ctx.clone(), o.http_opts.clone(), false)
                 .await
                 .with_context(|| format!("cannot serve metrics on {addr}"))?;
-            (Some(a), Some(t))
+            metrics_addr = Some(a);
+            http_tasks.push(t);
         }
-        None => (None, None),
-    };
+    }
     Ok(RunningBox {
         workflows,
         uplink,
         metrics_addr,
-        metrics,
+        http_addr,
+        monitor,
+        http_tasks,
         queue,
         link,
         identity,
@@ -206,9 +245,10 @@ impl RunningBox {
     /// commit and close the store.
     pub async fn stop(self) {
         self.admin.abort();
-        if let Some(m) = &self.metrics {
-            m.abort();
+        for t in &self.http_tasks {
+            t.abort();
         }
+        self.monitor.stop();
         let _ = std::fs::remove_file(&self.socket);
         drop(self.uplink);
         self.workflows.stop().await;
@@ -224,6 +264,9 @@ pub async fn run(o: ServeOptions) -> anyhow::Result<()> {
     tracing::info!(listen = %b.addr, data_dir = %data_dir.display(), "box serving");
     if let Some(m) = b.metrics_addr {
         tracing::info!("metrics on http://{m}/metrics");
+    }
+    if let Some(h) = b.http_addr {
+        tracing::info!("dashboard on http://{h}/");
     }
     crate::notify::ready(&format!("serving on {}", b.addr));
     let watchdog = crate::notify::watchdog_interval().map(|every| {

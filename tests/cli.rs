@@ -51,7 +51,15 @@ fn json(o: &Output) -> Value {
 }
 
 fn spawn_serve(dir: &Path) -> Child {
-    let mut child = Command::new(BIN)
+    spawn_serve_with(dir, None)
+}
+
+fn spawn_serve_with(dir: &Path, config: Option<&Path>) -> Child {
+    let mut cmd = Command::new(BIN);
+    if let Some(c) = config {
+        cmd.env("OUTPOST_CONFIG", c);
+    }
+    let mut child = cmd
         .args([
             "serve",
             "--listen",
@@ -796,4 +804,73 @@ fn a_workflow_runs_on_the_box_survives_kill_9_and_shows_every_step() {
     );
     let list = json(&b.run(&["workflow", "list", "--json"]));
     assert_eq!(list.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn an_alert_rule_fires_in_status_and_devices_stats_count_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        "[[alert]]\nname = \"dead\"\nkind = \"dead_above\"\nvalue = 0\n",
+    )
+    .unwrap();
+    let serve = spawn_serve_with(dir.path(), Some(&config));
+    let mut b = Box_ {
+        dir,
+        serve,
+        devices: Vec::new(),
+    };
+    b.device("bad-1", &["--exec", "exit 3"]);
+    let o = b.run(&[
+        "send",
+        "bad-1",
+        "x",
+        "--max-attempts",
+        "1",
+        "--wait",
+        "20s",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(6), "ended without success");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["state"], "dead");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = json(&b.run(&["status", "--json"]));
+        if s["alerts"].as_array().is_some_and(|a| !a.is_empty()) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no alert in status: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let a = &s["alerts"][0];
+    assert_eq!(a["name"], "dead");
+    assert_eq!(a["state"], "firing");
+    assert_eq!(a["detail"], "1 dead commands (limit 0)");
+    assert!(a["since"].is_string(), "{a}");
+    let text = ok(&b.run(&["status"]));
+    assert!(text.contains("ALERT") && text.contains("firing"), "{text}");
+    let ds = json(&b.run(&["devices", "--stats", "--json"]));
+    assert_eq!(ds[0]["id"], "bad-1");
+    assert_eq!(ds[0]["stats"]["dead"], 1);
+    assert_eq!(ds[0]["stats"]["success_rate"], 0.0);
+    let text = ok(&b.run(&["devices", "--stats"]));
+    assert!(text.contains("SUCCESS") && text.contains("0.0%"), "{text}");
+}
+
+#[test]
+fn serve_refuses_a_non_loopback_dashboard_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0"])
+        .env("OUTPOST_DATA_DIR", dir.path())
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not a loopback address"), "{err}");
+    assert!(err.contains("--http-token"), "{err}");
 }

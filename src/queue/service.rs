@@ -152,6 +152,9 @@ pub struct QueueHandle {
     /// The outbox's next seq after each write that added to it (the
     /// uplink wakes on it; nothing polls).
     outbox: tokio::sync::watch::Receiver<u64>,
+    /// Bumped when a device connects or disconnects (the monitor's alert
+    /// rules wake on it; nothing polls).
+    sessions: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Open the store's queue: replay the journal into a core and start the
@@ -161,9 +164,11 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
+    let (sessions_tx, sessions_rx) = tokio::sync::watch::channel(0u64);
     let mut writer = Writer {
         clock: Clock::new(),
         outbox: outbox_tx,
+        sessions_changed: sessions_tx,
         core,
         store,
         rx,
@@ -196,6 +201,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         tx,
         events,
         outbox: outbox_rx,
+        sessions: sessions_rx,
     })
 }
 
@@ -383,6 +389,7 @@ impl Clock {
 struct Writer {
     clock: Clock,
     outbox: tokio::sync::watch::Sender<u64>,
+    sessions_changed: tokio::sync::watch::Sender<u64>,
     core: QueueCore,
     store: Store,
     rx: std_mpsc::Receiver<Msg>,
@@ -566,6 +573,7 @@ impl Writer {
                 let result = self.core.connect_offering(&device, window, offered, now);
                 if let Ok(token) = result {
                     self.sessions.insert(device, (token, deliveries));
+                    self.sessions_changed.send_modify(|n| *n += 1);
                 }
                 pending.push(Pending::Token(reply, result));
             }
@@ -573,6 +581,7 @@ impl Writer {
                 if self.sessions.get(&device).map(|s| s.0) == Some(token) {
                     self.sessions.remove(&device);
                     self.core.disconnect(&device, token, now);
+                    self.sessions_changed.send_modify(|n| *n += 1);
                 }
             }
             Msg::Shutdown(done) => *shutdown = Some(done),
@@ -1052,6 +1061,11 @@ impl QueueHandle {
     /// Changes whenever the outbox grew (its value: the next seq).
     pub fn outbox_watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.outbox.clone()
+    }
+
+    /// Changes whenever a device connects or disconnects.
+    pub fn sessions_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sessions.clone()
     }
 
     /// `show`, queued with the writer at once, in call order.

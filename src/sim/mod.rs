@@ -18,7 +18,7 @@
 pub mod disk;
 
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
-use crate::journal::UpEntry;
+use crate::journal::{Entry, UpEntry};
 use crate::proto::Forward;
 use crate::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore};
 use crate::queue::service::{forward_of, replay_start, strip_payloads, ReplayOutbox};
@@ -1241,7 +1241,11 @@ impl World {
                     continue;
                 }
                 Lookup::Live(v) => {
-                    self.violation(s.node, format!("{id} still {:?} after settling", v.state));
+                    let disk = self.on_disk(s.node, id);
+                    self.violation(
+                        s.node,
+                        format!("{id} still {:?} after settling; on disk: {disk}", v.state),
+                    );
                     continue;
                 }
                 Lookup::Finished { state, .. } => state,
@@ -1269,6 +1273,34 @@ impl World {
                 );
             }
         }
+    }
+
+    /// Where a command is on a box's disk, for a violation's message.
+    fn on_disk(&self, n: usize, id: CommandId) -> String {
+        let image = self.nodes[n].disk.view();
+        let mut out = Vec::new();
+        for (g, es) in &image.journal {
+            for e in es {
+                match e {
+                    Entry::Enqueued(e) if e.command.id == id => {
+                        out.push(format!("J{g} enqueued gen {} attempts {}", e.gen, e.attempts))
+                    }
+                    Entry::Requeued {
+                        id: x,
+                        gen,
+                        attempts,
+                        ..
+                    } if *x == id => out.push(format!("J{g} requeued gen {gen} attempts {attempts}")),
+                    _ => {}
+                }
+            }
+        }
+        for (g, rs) in &image.results {
+            for r in rs.iter().filter(|r| r.id == id) {
+                out.push(format!("R{g} {:?} gen {}", r.state, r.gen));
+            }
+        }
+        out.join(", ")
     }
 
     pub fn into_report(mut self, steps: u64) -> Report {

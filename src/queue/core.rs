@@ -1789,9 +1789,9 @@ impl QueueCore {
         // no record left to deliver from: the shell must not try.
         // (Simulation seed 10.)
         fx.deliveries.retain(|d| {
-            self.live.get(&d.id).is_some_and(|l| {
-                matches!(l.phase, Phase::InFlight { attempt, .. } if attempt == d.attempt)
-            })
+            self.live.get(&d.id).is_some_and(
+                |l| matches!(l.phase, Phase::InFlight { attempt, .. } if attempt == d.attempt),
+            )
         });
         fx
     }

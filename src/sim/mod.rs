@@ -1282,15 +1282,18 @@ impl World {
         for (g, es) in &image.journal {
             for e in es {
                 match e {
-                    Entry::Enqueued(e) if e.command.id == id => {
-                        out.push(format!("J{g} enqueued gen {} attempts {}", e.gen, e.attempts))
-                    }
+                    Entry::Enqueued(e) if e.command.id == id => out.push(format!(
+                        "J{g} enqueued gen {} attempts {}",
+                        e.gen, e.attempts
+                    )),
                     Entry::Requeued {
                         id: x,
                         gen,
                         attempts,
                         ..
-                    } if *x == id => out.push(format!("J{g} requeued gen {gen} attempts {attempts}")),
+                    } if *x == id => {
+                        out.push(format!("J{g} requeued gen {gen} attempts {attempts}"))
+                    }
                     _ => {}
                 }
             }

@@ -206,7 +206,7 @@ pub(crate) fn forward_of(
     d: &DeliverEffect,
     c: Command,
     now: Millis,
-) -> Result<crate::proto::Forward, Command> {
+) -> Result<crate::proto::Forward, Box<Command>> {
     match crate::route::Target::parse(&c.target) {
         Ok(crate::route::Target::Edge { rest, .. }) => Ok(crate::proto::Forward {
             id: d.id,
@@ -220,7 +220,7 @@ pub(crate) fn forward_of(
             signature: c.signature,
             payload: c.payload,
         }),
-        _ => Err(c),
+        _ => Err(Box::new(c)),
     }
 }
 

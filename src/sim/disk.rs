@@ -178,8 +178,10 @@ mod tests {
 
     #[test]
     fn failed_writes_and_flushes_keep_nothing_new() {
-        let mut d = SimDisk::default();
-        d.fail_write = true;
+        let mut d = SimDisk {
+            fail_write: true,
+            ..SimDisk::default()
+        };
         assert_eq!(d.write(group(1)), Err(DiskError::Write));
         assert!(d.view().cursors.is_empty());
         d.write(group(2)).unwrap();

@@ -61,6 +61,8 @@ impl Rng {
 pub struct Config {
     pub edges: usize,
     pub devices_per_edge: usize,
+    /// Devices connected to the hub itself.
+    pub hub_devices: usize,
     /// Faults while the workload runs (crashes, partitions, disk errors,
     /// message loss, clock jumps). Off: a fault-free run, for comparison.
     pub faults: bool,
@@ -73,6 +75,7 @@ impl Default for Config {
         Config {
             edges: 3,
             devices_per_edge: 4,
+            hub_devices: 2,
             faults: true,
             trace: false,
         }
@@ -281,6 +284,9 @@ impl World {
             trace: cfg.trace,
         };
         let hub = w.add_node("hub".into(), false);
+        for m in 0..cfg.hub_devices {
+            w.add_device(hub, m);
+        }
         for e in 1..=cfg.edges {
             let name = format!("edge-{e}");
             let mut rec = DeviceRecord::new(name.clone());
@@ -290,24 +296,7 @@ impl World {
             let l = w.add_link(hub, name, Peer::Edge(n));
             w.nodes[n].uplink = Some(l);
             for m in 0..cfg.devices_per_edge {
-                let dname = format!("dev-{m}");
-                let mut rec = DeviceRecord::new(dname.clone());
-                rec.tags
-                    .push(if m % 2 == 0 { "line-a" } else { "line-b" }.into());
-                if m % 3 == 0 {
-                    rec.caps.push("cam".into());
-                }
-                w.nodes[n].core.enroll(rec, T0);
-                let d = w.devices.len();
-                let l = w.add_link(n, dname.clone(), Peer::Device(d));
-                w.devices.push(Device {
-                    node: n,
-                    name: dname,
-                    link: l,
-                    seen: BTreeMap::new(),
-                    runs: BTreeMap::new(),
-                    fifo: BTreeMap::new(),
-                });
+                w.add_device(n, m);
             }
         }
         for n in 0..w.nodes.len() {
@@ -341,6 +330,27 @@ impl World {
             crash_mid_commit: false,
         });
         self.nodes.len() - 1
+    }
+
+    fn add_device(&mut self, n: usize, m: usize) {
+        let name = format!("dev-{m}");
+        let mut rec = DeviceRecord::new(name.clone());
+        rec.tags
+            .push(if m % 2 == 0 { "line-a" } else { "line-b" }.into());
+        if m % 3 == 0 {
+            rec.caps.push("cam".into());
+        }
+        self.nodes[n].core.enroll(rec, T0);
+        let d = self.devices.len();
+        let link = self.add_link(n, name.clone(), Peer::Device(d));
+        self.devices.push(Device {
+            node: n,
+            name,
+            link,
+            seen: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            fifo: BTreeMap::new(),
+        });
     }
 
     fn add_link(&mut self, node: usize, name: String, peer: Peer) -> usize {
@@ -934,16 +944,22 @@ impl World {
 
     fn op_send(&mut self, n: usize) {
         let now = self.node_now(n);
-        let devices = self.devices.iter().filter(|d| d.node == 1).count().max(1) as u64;
         let edges = self.nodes.iter().filter(|x| x.edge).count() as u64;
-        let m = self.rng.below(devices);
-        let kind = self.rng.below(100);
-        let (prefix, edge) = if self.nodes[n].edge {
+        let hub_local = !self.nodes[n].edge && self.devices.iter().any(|d| d.node == n);
+        let (prefix, edge) = if self.nodes[n].edge || (hub_local && self.rng.chance(200)) {
             (String::new(), n)
         } else {
             let e = 1 + self.rng.below(edges) as usize;
             (format!("{}/", self.nodes[e].name), e)
         };
+        let devices = self
+            .devices
+            .iter()
+            .filter(|d| d.node == edge)
+            .count()
+            .max(1) as u64;
+        let m = self.rng.below(devices);
+        let kind = self.rng.below(100);
         let (target, device, pool) = if kind < 76 {
             let name = format!("dev-{m}");
             let d = self
@@ -1046,6 +1062,22 @@ impl World {
         }
     }
 
+    /// Telemetry from a connected device: it goes up through the outbox,
+    /// and fills it while the uplink is down.
+    fn op_event(&mut self) {
+        let d = self.rng.below(self.devices.len() as u64) as usize;
+        let (n, l) = (self.devices[d].node, self.devices[d].link);
+        if !self.links[l].connected || !self.nodes[n].up {
+            return;
+        }
+        let now = self.node_now(n);
+        let name = self.devices[d].name.clone();
+        self.nodes[n]
+            .core
+            .device_event(&name, format!("e{}", self.step).into_bytes(), now);
+        self.round(n);
+    }
+
     fn op_clock(&mut self, n: usize) {
         let big = self.rng.chance(300);
         let mag = if big {
@@ -1126,6 +1158,7 @@ impl World {
             585..=589 if faults => self.nodes[n].disk.fail_flush = true,
             590..=594 if faults => self.nodes[n].crash_mid_commit = true,
             595..=599 if faults => self.op_clock(n),
+            600..=629 => self.op_event(),
             _ => {}
         }
         if self.step % 128 == 0 {
@@ -1204,6 +1237,22 @@ impl World {
             let bound = 4 * (self.devices.len() as u64 + 1);
             if o.held > bound {
                 self.violation(n, format!("outbox holds {} telemetry items", o.held));
+            }
+            let written = self.nodes[n]
+                .disk
+                .view()
+                .outbox
+                .values()
+                .flatten()
+                .filter(|e| e.item.is_telemetry())
+                .count() as u64;
+            if written > OUTBOX_MAX {
+                self.violation(
+                    n,
+                    format!(
+                        "{written} telemetry records in the outbox, over its bound {OUTBOX_MAX}"
+                    ),
+                );
             }
         }
     }

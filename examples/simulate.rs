@@ -13,7 +13,7 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--edges E] [--devices D]"
+        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--edges E] [--devices D]"
     );
     std::process::exit(2)
 }
@@ -40,6 +40,7 @@ fn main() {
             "--devices" => cfg.devices_per_edge = val().parse().unwrap_or_else(|_| usage()),
             "--trace" => cfg.trace = true,
             "--no-faults" => cfg.faults = false,
+            "--retry-forwarded" => cfg.retry_forwarded = true,
             _ => usage(),
         }
     }

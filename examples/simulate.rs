@@ -13,7 +13,7 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--edges E] [--devices D]"
+        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--dup-device-frames] [--edges E] [--devices D]"
     );
     std::process::exit(2)
 }
@@ -41,6 +41,7 @@ fn main() {
             "--trace" => cfg.trace = true,
             "--no-faults" => cfg.faults = false,
             "--retry-forwarded" => cfg.retry_forwarded = true,
+            "--dup-device-frames" => cfg.dup_device_frames = true,
             _ => usage(),
         }
     }

@@ -70,6 +70,10 @@ pub struct Config {
     /// default: the hub then keeps the end it had (a known bug, see
     /// `tests/simulation.rs::an_edge_retry_of_a_hub_command_is_not_seen_by_the_hub`).
     pub retry_forwarded: bool,
+    /// Duplicate `Command` and `Ack` frames within a connection too (a
+    /// known weakness, see
+    /// `tests/simulation.rs::a_copied_ack_ends_a_later_attempt`).
+    pub dup_device_frames: bool,
     /// Keep a human-readable trace (the hash is kept either way).
     pub trace: bool,
 }
@@ -82,6 +86,7 @@ impl Default for Config {
             hub_devices: 2,
             faults: true,
             retry_forwarded: false,
+            dup_device_frames: false,
             trace: false,
         }
     }
@@ -263,6 +268,7 @@ pub struct World {
     report: Report,
     trace: bool,
     retry_forwarded: bool,
+    dup_device_frames: bool,
 }
 
 impl World {
@@ -289,6 +295,7 @@ impl World {
             },
             trace: cfg.trace,
             retry_forwarded: cfg.retry_forwarded,
+            dup_device_frames: cfg.dup_device_frames,
         };
         let hub = w.add_node("hub".into(), false);
         for m in 0..cfg.hub_devices {
@@ -612,7 +619,14 @@ impl World {
         }
         let epoch = link.epoch;
         let lost = self.faults && self.rng.chance(5);
-        let copies = if self.faults && self.rng.chance(5) {
+        // No duplicate device frames unless asked: `Ack` names no attempt,
+        // so a second copy of an ack, or the agent's answer to a second copy
+        // of a command, ends a later attempt with an earlier one's outcome
+        // (seeds 10161, 20175). QUIC never repeats a frame within a stream,
+        // so the real link does not produce these copies.
+        let dup_ok =
+            self.dup_device_frames || !matches!(msg, Msg::Ack { .. } | Msg::Command { .. });
+        let copies = if self.faults && dup_ok && self.rng.chance(5) {
             2
         } else {
             1

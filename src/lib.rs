@@ -30,6 +30,7 @@ pub mod queue;
 pub mod relay;
 pub mod route;
 pub mod serve;
+pub mod sim;
 pub mod store;
 pub mod upstream;
 pub mod workflow;

@@ -397,7 +397,7 @@ async fn session(
 }
 
 /// The edge's request for a forwarded command.
-fn request(f: Forward) -> SendRequest {
+pub(crate) fn request(f: Forward) -> SendRequest {
     SendRequest {
         target: f.target,
         payload: f.payload,
@@ -417,7 +417,7 @@ fn request(f: Forward) -> SendRequest {
 /// How a forwarded command the edge could not take ends on the hub: a
 /// refusal that will not change is final; a passing one (full, shutting
 /// down) is retried by the hub after its backoff.
-fn refusal(e: QueueError) -> Outcome {
+pub(crate) fn refusal(e: QueueError) -> Outcome {
     match e {
         QueueError::QueueFull { .. }
         | QueueError::DiskFull { .. }

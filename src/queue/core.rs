@@ -1299,6 +1299,19 @@ impl QueueCore {
                 action: "retry a broadcast (retry each child that did not succeed by its own id, listed by `outpost show`)".into(),
             });
         }
+        // The edge ended it and dedupes by id: a second forward under the
+        // same id is taken as a redelivery, never run, and its end never
+        // comes up again, so the retry would wait forever. (Simulation
+        // seed 1.)
+        if let Ok(Target::Edge { edge, .. }) = Target::parse(&record.target) {
+            return Err(QueueError::InvalidTransition {
+                id,
+                state: record.state,
+                action: format!(
+                    "retry a command that `{edge}` ran (its box dedupes by id and would not run it again; send it again for a new id)"
+                ),
+            });
+        }
         if let Some((pid, _)) = self
             .parents
             .iter()
@@ -1810,7 +1823,17 @@ impl QueueCore {
 
     /// What the sealed round asks the shell to do.
     pub fn take_effects(&mut self) -> Effects {
-        std::mem::take(&mut self.effects)
+        let mut fx = std::mem::take(&mut self.effects);
+        // A command delivered and then ended in the same round (an edge's
+        // result arriving in the batch that freed the window for it) has
+        // no record left to deliver from: the shell must not try.
+        // (Simulation seed 10.)
+        fx.deliveries.retain(|d| {
+            self.live.get(&d.id).is_some_and(
+                |l| matches!(l.phase, Phase::InFlight { attempt, .. } if attempt == d.attempt),
+            )
+        });
+        fx
     }
 
     // ----- internals ----------------------------------------------------

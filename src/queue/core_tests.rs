@@ -2207,3 +2207,90 @@ fn a_command_the_box_ran_itself_is_recorded_once_and_goes_up() {
         .collect();
     assert_eq!(up.len(), 1, "one result goes up: {up:?}");
 }
+
+#[test]
+fn a_state_an_edge_held_back_is_not_published_after_the_end() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    take(&mut edge, id, "d0");
+    hub.core.handed("e1", id, hub.now).unwrap();
+    hub.round();
+    edge.connect("d0");
+    edge.ack("d0", id, ok()).unwrap();
+    // A full outbox writes held telemetry after later results: the state
+    // comes up after the end.
+    let result = outbox_of(&edge)
+        .into_iter()
+        .find(|e| matches!(&e.item, UpItem::Result(r) if r.id == id))
+        .unwrap();
+    let stale = UpItem::State {
+        id,
+        device: "d0".into(),
+        state: State::Queued,
+        at: hub.now,
+        attempts: 0,
+    };
+    let entries = vec![
+        UpEntry {
+            seq: 1,
+            item: result.item,
+        },
+        UpEntry {
+            seq: 2,
+            item: stale,
+        },
+    ];
+    assert_eq!(up(&mut hub, entries), 2);
+    let last = hub.events.iter().rev().find(|e| e.id == id).unwrap();
+    assert_eq!(last.state, State::Succeeded, "the end is the last word");
+    assert_eq!(hub.state(id), Some(State::Succeeded));
+}
+
+#[test]
+fn a_command_ended_by_its_edge_in_the_round_that_delivered_it_is_not_delivered() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    take(&mut edge, id, "d0");
+    edge.connect("d0");
+    edge.ack("d0", id, ok()).unwrap();
+    // The hub restarts before it hears `Accepted`: at the next connect it
+    // forwards the command again, in the round that also applies the
+    // edge's result.
+    hub.reopen();
+    let before = hub.ids("e1").len();
+    let s = hub.core.connect("e1", 0, hub.now).unwrap();
+    hub.sessions.insert("e1".into(), s);
+    hub.core.up("e1", outbox_of(&edge), hub.now).unwrap();
+    hub.round();
+    assert_eq!(hub.ids("e1").len(), before, "nothing to deliver from");
+    assert_eq!(hub.state(id), Some(State::Succeeded));
+    hub.check();
+}
+
+#[test]
+fn a_retry_of_what_an_edge_ran_is_refused_with_the_way_out() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    take(&mut edge, id, "d0");
+    hub.core.handed("e1", id, hub.now).unwrap();
+    hub.round();
+    edge.connect("d0");
+    let no = Outcome::Rejected {
+        reason: "no".into(),
+    };
+    edge.ack("d0", id, no).unwrap();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(hub.state(id), Some(State::Failed));
+    let e = hub
+        .core
+        .retry(hub.disk.result(id).unwrap(), hub.now)
+        .unwrap_err();
+    assert!(e.to_string().contains("send it again"), "{e}");
+    assert_eq!(hub.state(id), Some(State::Failed));
+}

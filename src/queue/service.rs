@@ -8,7 +8,7 @@
 //! deliveries to the device links. Concurrency is what makes groups large:
 //! the more senders wait during one flush, the more the next flush carries.
 
-use super::core::{CoreReply, CoreRequest, Effects, Limits, Lookup, QueueCore};
+use super::core::{CoreReply, CoreRequest, DeliverEffect, Effects, Limits, Lookup, QueueCore};
 use super::{CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest};
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority};
 use crate::journal::{Entry, ResultRecord};
@@ -205,6 +205,31 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     })
 }
 
+/// What a delivery of command `c` becomes on the link: a `Forward` for a
+/// command through a box below (`edge-1/…`), or the command back for a
+/// device. Shared with the simulation so both shells forward alike.
+pub(crate) fn forward_of(
+    d: &DeliverEffect,
+    c: Command,
+    now: Millis,
+) -> Result<crate::proto::Forward, Box<Command>> {
+    match crate::route::Target::parse(&c.target) {
+        Ok(crate::route::Target::Edge { rest, .. }) => Ok(crate::proto::Forward {
+            id: d.id,
+            target: rest.to_string(),
+            priority: d.priority,
+            ttl_ms: d.deadline.map(|t| t.saturating_sub(now).max(1)),
+            max_attempts: c.max_attempts,
+            after: c.after,
+            not_before: c.not_before,
+            origin: c.origin,
+            signature: c.signature,
+            payload: c.payload,
+        }),
+        _ => Err(Box::new(c)),
+    }
+}
+
 /// Lifecycle events buffered for slow watchers before they start to lag.
 const EVENT_BUFFER: usize = 16 * 1024;
 /// Decoded journal groups kept for delivery (payload reads).
@@ -214,23 +239,22 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     let now = crate::now_millis();
     let mut core = QueueCore::new(opts.limits.clone(), opts.seed);
     core.set_acl(opts.acl.clone());
-    for d in store.devices()? {
-        core.replay_device(d);
-    }
-    for (edge, seq) in store.cursors()? {
-        core.replay_cursor(edge, seq);
-    }
-    for id in store.cancel_marks()? {
-        core.replay_cancelling(id);
-    }
-    if let Some(max) = opts.outbox_max {
-        core.enable_outbox(max);
-        core.replay_outbox_seq(store.outbox_next_seq()?);
-        for g in store.outbox_groups() {
-            let (seq, entries) = g?;
-            core.replay_outbox(seq, &entries, now);
-        }
-    }
+    let outbox = match opts.outbox_max {
+        Some(max) => Some(ReplayOutbox {
+            max,
+            next_seq: store.outbox_next_seq()?,
+            groups: store.outbox_groups().collect::<Result<Vec<_>, _>>()?,
+        }),
+        None => None,
+    };
+    replay_start(
+        &mut core,
+        store.devices()?,
+        store.cursors()?,
+        store.cancel_marks()?,
+        outbox,
+        now,
+    );
     // Timed by phase: a slow start after a power cut should say where its
     // time went.
     let started = std::time::Instant::now();
@@ -284,9 +308,47 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
     Ok(core)
 }
 
+/// The outbox as a store holds it at start.
+pub(crate) struct ReplayOutbox {
+    pub max: u64,
+    pub next_seq: u64,
+    pub groups: Vec<(u64, Vec<crate::journal::UpEntry>)>,
+}
+
+/// The first half of a restart, before the journal groups: devices, the
+/// hub's per-edge cursors and pending cancels, and the outbox. Shared with
+/// the simulation, so a simulated restart rebuilds in the order a real one
+/// does; the groups then go to `replay_group` and the end to
+/// `replay_last_seq` + `finish_replay`.
+pub(crate) fn replay_start(
+    core: &mut QueueCore,
+    devices: impl IntoIterator<Item = DeviceRecord>,
+    cursors: impl IntoIterator<Item = (DeviceId, u64)>,
+    cancel_marks: impl IntoIterator<Item = CommandId>,
+    outbox: Option<ReplayOutbox>,
+    now: Millis,
+) {
+    for d in devices {
+        core.replay_device(d);
+    }
+    for (edge, seq) in cursors {
+        core.replay_cursor(edge, seq);
+    }
+    for id in cancel_marks {
+        core.replay_cancelling(id);
+    }
+    if let Some(o) = outbox {
+        core.enable_outbox(o.max);
+        core.replay_outbox_seq(o.next_seq);
+        for (seq, entries) in o.groups {
+            core.replay_outbox(seq, &entries, now);
+        }
+    }
+}
+
 /// Drop what replay does not use: payloads (read again from the journal
 /// when delivered) and the commands and outcomes kept in results.
-fn strip_payloads(g: &mut Group) {
+pub(crate) fn strip_payloads(g: &mut Group) {
     match g {
         Group::Journal(_, entries) => {
             for e in entries {
@@ -810,24 +872,9 @@ impl Writer {
                 tracing::error!("command {} has no journal record to deliver from", d.id);
                 continue;
             };
-            let delivery = match crate::route::Target::parse(&c.target) {
-                Ok(crate::route::Target::Edge { rest, .. }) => {
-                    Delivery::Forward(Box::new(crate::proto::Forward {
-                        id: d.id,
-                        target: rest.to_string(),
-                        priority: d.priority,
-                        ttl_ms: d
-                            .deadline
-                            .map(|t| t.saturating_sub(crate::now_millis()).max(1)),
-                        max_attempts: c.max_attempts,
-                        after: c.after,
-                        not_before: c.not_before,
-                        origin: c.origin,
-                        signature: c.signature,
-                        payload: c.payload,
-                    }))
-                }
-                _ => Delivery::Command(DeliveredCommand {
+            let delivery = match forward_of(&d, c, crate::now_millis()) {
+                Ok(f) => Delivery::Forward(Box::new(f)),
+                Err(c) => Delivery::Command(DeliveredCommand {
                     id: d.id,
                     priority: d.priority,
                     payload: c.payload,

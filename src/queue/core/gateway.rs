@@ -155,6 +155,15 @@ impl QueueCore {
                 at,
                 attempts,
             } => {
+                // A full outbox holds telemetry back and writes it after
+                // later results, so a state can arrive after the end it
+                // precedes: published, it would walk a finished command
+                // back (Succeeded → Queued) for every watcher. (Simulation
+                // seed 11.)
+                if !self.is_live(id) && self.results.contains_key(&id) {
+                    self.stats.up_duplicates_total += 1;
+                    return;
+                }
                 let device = below(edge, &device);
                 if self.live.get(&id).is_some_and(|l| l.device == gw) {
                     self.remote.insert(

@@ -1,0 +1,1440 @@
+//! Deterministic simulation (issue 10): a hub, its edges and their devices
+//! in one seeded, single-threaded world, in the style of FoundationDB's
+//! simulator and TigerBeetle's VOPR.
+//!
+//! Every box is the real sans-IO [`QueueCore`] driven in rounds the way
+//! `queue::service` drives it (tick, relocate, seal, write one batch, flush,
+//! and only then act on the effects), over a [`SimDisk`] that keeps written
+//! and flushed batches apart. Links are per-connection FIFO queues of
+//! messages with seeded delays; a lost message kills its connection (QUIC
+//! streams are ordered and reliable, so loss is seen as a dead link, and
+//! duplicates and reordering come from resends across connections). One
+//! `u64` seed drives the workload, the faults and the cores' own jitter, so
+//! a seed replays bit for bit (`examples/simulate.rs --seed N --trace`).
+//!
+//! What it checks is listed on [`World::check_end`] and [`World::check`];
+//! a violation is a string naming the step, the node and the command.
+
+pub mod disk;
+
+use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::journal::{Entry, UpEntry};
+use crate::proto::Forward;
+use crate::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore};
+use crate::queue::service::{forward_of, replay_start, strip_payloads, ReplayOutbox};
+use crate::queue::{LifecycleEvent, SendRequest};
+use crate::route::GATEWAY_TAG;
+use crate::store::DeviceRecord;
+use disk::{Batch, SimDisk};
+use std::collections::BTreeMap;
+
+/// splitmix64: tiny, fast, and the same on every platform and run.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// True with probability `per_mille / 1000`.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> Option<T> {
+        (!xs.is_empty()).then(|| xs[self.below(xs.len() as u64) as usize])
+    }
+}
+
+/// The shape of the world.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub edges: usize,
+    pub devices_per_edge: usize,
+    /// Devices connected to the hub itself.
+    pub hub_devices: usize,
+    /// Faults while the workload runs (crashes, partitions, disk errors,
+    /// message loss, clock jumps). Off: a fault-free run, for comparison.
+    pub faults: bool,
+    /// Let an edge's operator retry commands the hub sent down. Off by
+    /// default: the hub then keeps the end it had (a known bug, see
+    /// `tests/simulation.rs::an_edge_retry_of_a_hub_command_is_not_seen_by_the_hub`).
+    pub retry_forwarded: bool,
+    /// Duplicate `Command` and `Ack` frames within a connection too (a
+    /// known weakness, see
+    /// `tests/simulation.rs::a_copied_ack_ends_a_later_attempt`).
+    pub dup_device_frames: bool,
+    /// Keep a human-readable trace (the hash is kept either way).
+    pub trace: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            edges: 3,
+            devices_per_edge: 4,
+            hub_devices: 2,
+            faults: true,
+            retry_forwarded: false,
+            dup_device_frames: false,
+            trace: false,
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub steps: u64,
+    /// FNV-1a over every event: equal for equal seeds, bit for bit.
+    pub hash: u64,
+    pub violations: Vec<String>,
+    pub trace: Vec<String>,
+    pub counts: Counts,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub sends_acked: u64,
+    pub sends_refused: u64,
+    pub runs: u64,
+    pub crashes: u64,
+    pub disk_faults: u64,
+    pub partitions: u64,
+    pub link_drops: u64,
+    pub clock_jumps: u64,
+    pub cancels: u64,
+    pub retries: u64,
+    pub settle_steps: u64,
+}
+
+/// Wall clock of the world at its start (a plausible epoch, so a backward
+/// clock jump never goes below zero).
+const T0: Millis = 1_700_000_000_000;
+/// Outbox records sent to the hub and not yet acknowledged, at most.
+const MAX_UNACKED: u64 = 16;
+/// Outbox records per `Up` message, about (whole groups).
+const UP_BATCH: usize = 8;
+const OUTBOX_MAX: u64 = 32;
+/// Clock steps above this are seen as jumps, as `service::Clock` does.
+const JUMP_MS: i64 = 2_000;
+const MAX_VIOLATIONS: usize = 20;
+
+fn limits() -> Limits {
+    // Small numbers, so that backoff, dead letters, relocation and retention
+    // all happen within a few thousand steps.
+    Limits {
+        window: 4,
+        backoff_base_ms: 100,
+        backoff_cap_ms: 4_000,
+        default_max_attempts: 3,
+        relocate_lag: 8,
+        relocate_max_pins: 4,
+        ..Limits::default()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Msg {
+    /// Box → device.
+    Command {
+        id: CommandId,
+        attempt: u32,
+    },
+    /// Box → device, hub → edge.
+    Cancel(CommandId),
+    /// Device → box; edge → hub for a forward it refused.
+    Ack {
+        id: CommandId,
+        outcome: Outcome,
+    },
+    Forward(Box<Forward>),
+    UpAck(u64),
+    Accepted(CommandId),
+    Up(Vec<UpEntry>),
+}
+
+#[derive(Clone, Debug)]
+struct Packet {
+    link: usize,
+    epoch: u64,
+    to_box: bool,
+    /// Lost on the way: the connection dies when it would have arrived.
+    lost: bool,
+    msg: Msg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Device(usize),
+    Edge(usize),
+}
+
+/// A connection slot between a box (`node`) and a peer, known to the box as
+/// `name`. `epoch` changes on every connect and drop: a message of an
+/// older connection is never delivered.
+#[derive(Clone, Debug)]
+struct Link {
+    node: usize,
+    name: String,
+    peer: Peer,
+    connected: bool,
+    epoch: u64,
+    session: u64,
+    /// The box's boot the session belongs to.
+    boot: u64,
+    partition_until: Millis,
+    /// Per direction (to box, to peer): the last arrival time, for FIFO.
+    last_at: [Millis; 2],
+}
+
+struct Node {
+    name: String,
+    core: QueueCore,
+    disk: SimDisk,
+    edge: bool,
+    up: bool,
+    down_until: Millis,
+    skew: i64,
+    boots: u64,
+    /// Commands this box's operators know (sent and acknowledged).
+    ids: Vec<CommandId>,
+    /// Result records flushed to disk, per (id, generation).
+    results: BTreeMap<(CommandId, u32), u32>,
+    /// Last published state per command.
+    states: BTreeMap<CommandId, State>,
+    uplink: Option<usize>,
+    /// Uplink session: highest outbox seq sent and acknowledged.
+    sent: u64,
+    acked: u64,
+    /// Arm: crash after the next write, before its flush.
+    crash_mid_commit: bool,
+}
+
+struct Device {
+    node: usize,
+    name: String,
+    link: usize,
+    /// (id, attempt) → the outcome sent (None: it hung), as the reference
+    /// agent dedupes.
+    seen: BTreeMap<(CommandId, u32), Option<Outcome>>,
+    /// Runs per command: (succeeded, failed).
+    runs: BTreeMap<CommandId, (u32, u32)>,
+    /// Per (origin box, priority): the highest send index first delivered.
+    fifo: BTreeMap<(usize, Priority), u64>,
+}
+
+#[derive(Clone, Debug)]
+struct Sent {
+    node: usize,
+    /// The device that runs it, for a direct target.
+    device: Option<usize>,
+    /// Direct, no `after`, no `not_before`, no key: FIFO applies.
+    plain: bool,
+    pool: bool,
+    priority: Priority,
+    index: u64,
+}
+
+pub struct World {
+    rng: Rng,
+    now: Millis,
+    step: u64,
+    nodes: Vec<Node>,
+    devices: Vec<Device>,
+    links: Vec<Link>,
+    link_of: BTreeMap<(usize, String), usize>,
+    net: BTreeMap<(Millis, u64), Packet>,
+    packet_seq: u64,
+    /// Connections to tear down on the box side at the next step: (link,
+    /// session, boot). Deferred so a drop found inside a round never runs a
+    /// round of its own.
+    drops: Vec<(usize, u64, u64)>,
+    faults: bool,
+    settling: bool,
+    sent: BTreeMap<CommandId, Sent>,
+    send_index: u64,
+    report: Report,
+    trace: bool,
+    retry_forwarded: bool,
+    dup_device_frames: bool,
+}
+
+impl World {
+    pub fn new(seed: u64, cfg: &Config) -> Self {
+        let mut w = World {
+            rng: Rng::new(seed),
+            now: T0,
+            step: 0,
+            nodes: Vec::new(),
+            devices: Vec::new(),
+            links: Vec::new(),
+            link_of: BTreeMap::new(),
+            net: BTreeMap::new(),
+            packet_seq: 0,
+            drops: Vec::new(),
+            faults: cfg.faults,
+            settling: false,
+            sent: BTreeMap::new(),
+            send_index: 0,
+            report: Report {
+                seed,
+                hash: 0xcbf2_9ce4_8422_2325,
+                ..Report::default()
+            },
+            trace: cfg.trace,
+            retry_forwarded: cfg.retry_forwarded,
+            dup_device_frames: cfg.dup_device_frames,
+        };
+        let hub = w.add_node("hub".into(), false);
+        for m in 0..cfg.hub_devices {
+            w.add_device(hub, m);
+        }
+        for e in 1..=cfg.edges {
+            let name = format!("edge-{e}");
+            let mut rec = DeviceRecord::new(name.clone());
+            rec.tags.push(GATEWAY_TAG.into());
+            w.nodes[hub].core.enroll(rec, T0);
+            let n = w.add_node(name.clone(), true);
+            let l = w.add_link(hub, name, Peer::Edge(n));
+            w.nodes[n].uplink = Some(l);
+            for m in 0..cfg.devices_per_edge {
+                w.add_device(n, m);
+            }
+        }
+        for n in 0..w.nodes.len() {
+            // Enrollment is set-up, not under test: no faults yet.
+            w.round(n);
+        }
+        w
+    }
+
+    fn add_node(&mut self, name: String, edge: bool) -> usize {
+        let seed = self.rng.next_u64();
+        let mut core = QueueCore::new(limits(), seed);
+        if edge {
+            core.enable_outbox(OUTBOX_MAX);
+        }
+        self.nodes.push(Node {
+            name,
+            core,
+            disk: SimDisk::default(),
+            edge,
+            up: true,
+            down_until: 0,
+            skew: 0,
+            boots: 1,
+            ids: Vec::new(),
+            results: BTreeMap::new(),
+            states: BTreeMap::new(),
+            uplink: None,
+            sent: 0,
+            acked: 0,
+            crash_mid_commit: false,
+        });
+        self.nodes.len() - 1
+    }
+
+    fn add_device(&mut self, n: usize, m: usize) {
+        let name = format!("dev-{m}");
+        let mut rec = DeviceRecord::new(name.clone());
+        rec.tags
+            .push(if m % 2 == 0 { "line-a" } else { "line-b" }.into());
+        if m % 3 == 0 {
+            rec.caps.push("cam".into());
+        }
+        self.nodes[n].core.enroll(rec, T0);
+        let d = self.devices.len();
+        let link = self.add_link(n, name.clone(), Peer::Device(d));
+        self.devices.push(Device {
+            node: n,
+            name,
+            link,
+            seen: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            fifo: BTreeMap::new(),
+        });
+    }
+
+    fn add_link(&mut self, node: usize, name: String, peer: Peer) -> usize {
+        let l = self.links.len();
+        self.link_of.insert((node, name.clone()), l);
+        self.links.push(Link {
+            node,
+            name,
+            peer,
+            connected: false,
+            epoch: 0,
+            session: 0,
+            boot: 0,
+            partition_until: 0,
+            last_at: [0; 2],
+        });
+        l
+    }
+
+    fn node_now(&self, n: usize) -> Millis {
+        (self.now as i64 + self.nodes[n].skew).max(0) as Millis
+    }
+
+    // ----- trace --------------------------------------------------------
+
+    fn ev(&mut self, node: usize, what: &str, x: u128, detail: impl FnOnce() -> String) {
+        let mut h = self.report.hash;
+        let mut mix = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= *b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        };
+        mix(what.as_bytes());
+        mix(&(node as u64).to_le_bytes());
+        mix(&x.to_le_bytes());
+        mix(&self.now.to_le_bytes());
+        self.report.hash = h;
+        if self.trace {
+            let line = format!(
+                "{:>7} t={:<7} {:<7} {what} {}",
+                self.step,
+                self.now - T0,
+                self.nodes.get(node).map_or("-", |n| n.name.as_str()),
+                detail()
+            );
+            self.report.trace.push(line);
+        }
+    }
+
+    fn violation(&mut self, node: usize, what: String) {
+        let msg = format!(
+            "step {} t={} {}: {what}",
+            self.step,
+            self.now - T0,
+            self.nodes.get(node).map_or("-", |n| n.name.as_str())
+        );
+        self.ev(node, "VIOLATION", 0, || what.clone());
+        if self.report.violations.len() < MAX_VIOLATIONS {
+            self.report.violations.push(msg);
+        }
+    }
+
+    // ----- the shell around each core ------------------------------------
+
+    /// One group commit, as `service::Writer::round`: tick, relocate one
+    /// straggler, seal, write one batch and flush it, and only then act on
+    /// the effects. A failed write or flush ends the box (as `serve` exits
+    /// 75) and it restarts from what its disk kept. False: not committed.
+    fn round(&mut self, n: usize) -> bool {
+        let now = self.node_now(n);
+        let node = &mut self.nodes[n];
+        node.core.tick(now);
+        if let Some(seq) = node.core.relocation_candidate() {
+            if let Some(entries) = node.disk.view().journal.get(&seq) {
+                node.core.relocate(seq, entries.clone());
+            }
+        }
+        let sealed = node.core.seal(now);
+        let mut write = sealed.write;
+        for (i, g) in sealed.payload_from {
+            let id = write.results[i].id;
+            let src = if g == write.seq {
+                Some(&write.journal)
+            } else {
+                node.disk.view().journal.get(&g)
+            };
+            write.results[i].command = src.into_iter().flatten().find_map(|e| e.command_for(id));
+        }
+        let fx = node.core.take_effects();
+        let mut devices = fx.device_touches.clone();
+        devices.extend(fx.device_writes.iter().cloned());
+        let flush = !write.is_empty() || !fx.device_writes.is_empty();
+        let batch = Batch {
+            group: (!write.is_empty()).then_some(write),
+            devices,
+        };
+        if batch.group.is_some() || !batch.devices.is_empty() {
+            if node.disk.write(batch).is_err() {
+                self.report.counts.disk_faults += 1;
+                self.ev(n, "write-failed", 0, String::new);
+                self.crash(n);
+                return false;
+            }
+            if flush && std::mem::take(&mut self.nodes[n].crash_mid_commit) {
+                self.ev(n, "crash-before-flush", 0, String::new);
+                self.crash(n);
+                return false;
+            }
+        }
+        if flush {
+            match self.nodes[n].disk.flush() {
+                Ok(done) => self.flushed(n, done),
+                Err(_) => {
+                    self.report.counts.disk_faults += 1;
+                    self.ev(n, "flush-failed", 0, String::new);
+                    self.crash(n);
+                    return false;
+                }
+            }
+        }
+        self.dispatch(n, fx);
+        if self.nodes[n].edge {
+            self.pump(n);
+        }
+        true
+    }
+
+    /// Count results that reached the disk for good: each (id, generation)
+    /// at most once on a box.
+    fn flushed(&mut self, n: usize, done: Vec<Batch>) {
+        let mut twice = Vec::new();
+        for b in &done {
+            for r in b.group.iter().flat_map(|g| &g.results) {
+                let c = self.nodes[n].results.entry((r.id, r.gen)).or_insert(0);
+                *c += 1;
+                if *c > 1 {
+                    twice.push((r.id, r.gen, r.state));
+                }
+            }
+        }
+        for (id, gen, state) in twice {
+            self.violation(
+                n,
+                format!("result of {id} (gen {gen}, {state:?}) recorded twice"),
+            );
+        }
+    }
+
+    fn dispatch(&mut self, n: usize, fx: Effects) {
+        let now = self.node_now(n);
+        for d in fx.deliveries {
+            self.deliver(n, d, now);
+        }
+        for (device, id) in fx.cancels {
+            if let Some(&l) = self.link_of.get(&(n, device)) {
+                self.send(l, false, Msg::Cancel(id));
+            }
+        }
+        for ev in fx.events {
+            self.lifecycle(n, ev);
+        }
+    }
+
+    fn deliver(&mut self, n: usize, d: DeliverEffect, now: Millis) {
+        let Some(&l) = self.link_of.get(&(n, d.device.clone())) else {
+            return;
+        };
+        let link = &self.links[l];
+        if !link.connected || link.session != d.session || link.boot != self.nodes[n].boots {
+            return;
+        }
+        let node = &self.nodes[n];
+        let image = node.disk.view();
+        let find = |g: u64| {
+            image
+                .journal
+                .get(&g)
+                .and_then(|es| es.iter().find_map(|e| e.command_for(d.id)))
+        };
+        let command = find(d.group).or_else(|| node.core.payload_group(d.id).and_then(find));
+        let Some(c) = command else {
+            self.violation(
+                n,
+                format!("{} delivered with no journal record on disk", d.id),
+            );
+            return;
+        };
+        let msg = match forward_of(&d, c, now) {
+            Ok(f) => Msg::Forward(Box::new(f)),
+            Err(_) => Msg::Command {
+                id: d.id,
+                attempt: d.attempt,
+            },
+        };
+        self.ev(n, "deliver", d.id.0, || {
+            format!("{} → {} attempt {}", d.id, d.device, d.attempt)
+        });
+        self.send(l, false, msg);
+    }
+
+    /// Lifecycle rules seen from outside: an end is final, except that an
+    /// operator's retry puts a Failed or Dead command back in the queue.
+    fn lifecycle(&mut self, n: usize, ev: LifecycleEvent) {
+        let prev = self.nodes[n].states.insert(ev.id, ev.state);
+        if let Some(p) = prev {
+            let retry = matches!(p, State::Failed | State::Dead) && ev.state == State::Queued;
+            if p.is_final() && !retry {
+                self.violation(n, format!("{}: {p:?} → {:?}", ev.id, ev.state));
+            }
+        }
+        self.ev(n, "state", ev.id.0, || {
+            format!("{} {:?} on {}", ev.id, ev.state, ev.device)
+        });
+    }
+
+    /// The edge streams its outbox (read from its disk, as `upstream` reads
+    /// the store) while it is under `MAX_UNACKED` ahead of the hub's acks.
+    fn pump(&mut self, e: usize) {
+        let Some(l) = self.nodes[e].uplink else {
+            return;
+        };
+        if !self.links[l].connected || !self.nodes[e].up {
+            return;
+        }
+        while self.nodes[e].sent.saturating_sub(self.nodes[e].acked) < MAX_UNACKED {
+            let node = &self.nodes[e];
+            let after = node.sent;
+            let mut out: Vec<UpEntry> = Vec::new();
+            for g in node.core.outbox_groups_after(after) {
+                if out.len() >= UP_BATCH {
+                    break;
+                }
+                if let Some(es) = node.disk.view().outbox.get(&g) {
+                    out.extend(es.iter().filter(|x| x.seq > after).cloned());
+                }
+            }
+            let Some(last) = out.last().map(|x| x.seq) else {
+                break;
+            };
+            self.nodes[e].sent = last;
+            self.send(l, true, Msg::Up(out));
+        }
+    }
+
+    // ----- the network -----------------------------------------------------
+
+    fn send(&mut self, l: usize, to_box: bool, msg: Msg) {
+        let link = &self.links[l];
+        if !link.connected {
+            return;
+        }
+        let epoch = link.epoch;
+        let lost = self.faults && self.rng.chance(5);
+        // No duplicate device frames unless asked: `Ack` names no attempt,
+        // so a second copy of an ack, or the agent's answer to a second copy
+        // of a command, ends a later attempt with an earlier one's outcome
+        // (seeds 10161, 20175). QUIC never repeats a frame within a stream,
+        // so the real link does not produce these copies.
+        let dup_ok =
+            self.dup_device_frames || !matches!(msg, Msg::Ack { .. } | Msg::Command { .. });
+        let copies = if self.faults && dup_ok && self.rng.chance(5) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.below(30);
+            let dir = to_box as usize;
+            let at = (self.now + delay).max(self.links[l].last_at[dir]);
+            self.links[l].last_at[dir] = at;
+            self.packet_seq += 1;
+            self.net.insert(
+                (at, self.packet_seq),
+                Packet {
+                    link: l,
+                    epoch,
+                    to_box,
+                    lost,
+                    msg: msg.clone(),
+                },
+            );
+        }
+    }
+
+    /// End a connection: nothing more arrives on it; the box side is told
+    /// at the next step.
+    fn drop_link(&mut self, l: usize) {
+        let link = &mut self.links[l];
+        if !link.connected {
+            return;
+        }
+        link.connected = false;
+        link.epoch += 1;
+        self.drops.push((l, link.session, link.boot));
+        self.report.counts.link_drops += 1;
+        let name = link.name.clone();
+        let node = link.node;
+        self.ev(node, "link-down", l as u128, || name);
+    }
+
+    fn apply_drops(&mut self) {
+        for (l, session, boot) in std::mem::take(&mut self.drops) {
+            let n = self.links[l].node;
+            if self.nodes[n].up && self.nodes[n].boots == boot {
+                let now = self.node_now(n);
+                let name = self.links[l].name.clone();
+                self.nodes[n].core.disconnect(&name, session, now);
+                self.round(n);
+            }
+        }
+    }
+
+    fn peer_up(&self, l: usize) -> bool {
+        match self.links[l].peer {
+            Peer::Device(_) => true,
+            Peer::Edge(e) => self.nodes[e].up,
+        }
+    }
+
+    fn connect(&mut self, l: usize) {
+        let n = self.links[l].node;
+        if self.links[l].connected
+            || !self.nodes[n].up
+            || !self.peer_up(l)
+            || self.now < self.links[l].partition_until
+        {
+            return;
+        }
+        let now = self.node_now(n);
+        let name = self.links[l].name.clone();
+        let Ok(session) = self.nodes[n].core.connect(&name, 0, now) else {
+            return;
+        };
+        let link = &mut self.links[l];
+        link.connected = true;
+        link.epoch += 1;
+        link.session = session;
+        link.boot = self.nodes[n].boots;
+        self.ev(n, "link-up", l as u128, || name);
+        if let Peer::Edge(e) = self.links[l].peer {
+            let acked = self.nodes[e].core.outbox_stats().acked;
+            self.nodes[e].sent = acked;
+            self.nodes[e].acked = acked;
+        }
+        if self.round(n) {
+            if let Peer::Edge(e) = self.links[l].peer {
+                self.pump(e);
+            }
+        }
+    }
+
+    fn deliver_due(&mut self) {
+        while let Some(entry) = self.net.first_entry() {
+            if entry.key().0 > self.now {
+                break;
+            }
+            let p = entry.remove();
+            let link = &self.links[p.link];
+            if link.epoch != p.epoch || !link.connected {
+                continue;
+            }
+            if p.lost {
+                self.drop_link(p.link);
+                continue;
+            }
+            let n = link.node;
+            match (p.to_box, link.peer) {
+                (false, Peer::Device(d)) => self.at_device(d, p.msg),
+                (true, Peer::Device(_)) => self.at_box(n, p.link, p.msg),
+                (false, Peer::Edge(e)) => self.at_edge(e, p.msg),
+                (true, Peer::Edge(_)) => self.at_hub(n, p.link, p.msg),
+            }
+        }
+    }
+
+    /// The device agent: runs each (id, attempt) once, remembers its outcome
+    /// and answers a redelivery from memory.
+    fn at_device(&mut self, d: usize, msg: Msg) {
+        let Msg::Command { id, attempt } = msg else {
+            return;
+        };
+        let dev = &self.devices[d];
+        let (node, link) = (dev.node, dev.link);
+        if let Some(Some(o)) = dev.seen.get(&(id, attempt)) {
+            let outcome = o.clone();
+            self.send(link, true, Msg::Ack { id, outcome });
+            return;
+        }
+        let sent = self.sent.get(&id).cloned();
+        if !self.devices[d].runs.contains_key(&id)
+            && !self.devices[d].seen.contains_key(&(id, attempt))
+        {
+            if let Some(s) = sent.as_ref().filter(|s| s.plain) {
+                let key = (s.node, s.priority);
+                let prev = self.devices[d].fifo.get(&key).copied();
+                if prev.is_some_and(|p| p > s.index) {
+                    self.violation(
+                        node,
+                        format!(
+                            "{id} ({:?}, sent #{}) first delivered to {} after #{} of the same origin and priority",
+                            s.priority,
+                            s.index,
+                            self.devices[d].name,
+                            prev.unwrap_or(0)
+                        ),
+                    );
+                }
+                let m = prev.unwrap_or(0).max(s.index);
+                self.devices[d].fifo.insert(key, m);
+            }
+        }
+        let ran_ok = self.devices[d].runs.get(&id).is_some_and(|r| r.0 > 0);
+        if ran_ok && !sent.as_ref().is_some_and(|s| s.pool) {
+            let name = self.devices[d].name.clone();
+            self.violation(
+                node,
+                format!("{id} runs again on {name} (attempt {attempt}) after it succeeded there"),
+            );
+        }
+        let roll = self.rng.below(100);
+        let outcome = if roll < 4 && !self.settling {
+            None
+        } else if roll < 24 {
+            Some(Outcome::Failed {
+                code: 1,
+                message: "sim".into(),
+            })
+        } else {
+            Some(Outcome::Ok(b"ok".to_vec()))
+        };
+        self.devices[d].seen.insert((id, attempt), outcome.clone());
+        let name = self.devices[d].name.clone();
+        let Some(outcome) = outcome else {
+            self.ev(node, "hang", id.0, || format!("{id} on {name}"));
+            return;
+        };
+        let r = self.devices[d].runs.entry(id).or_insert((0, 0));
+        if matches!(outcome, Outcome::Ok(_)) {
+            r.0 += 1;
+        } else {
+            r.1 += 1;
+        }
+        self.report.counts.runs += 1;
+        self.ev(node, "run", id.0, || {
+            format!("{id} on {name} attempt {attempt}: {outcome:?}")
+        });
+        self.send(link, true, Msg::Ack { id, outcome });
+    }
+
+    fn at_box(&mut self, n: usize, l: usize, msg: Msg) {
+        let Msg::Ack { id, outcome } = msg else {
+            return;
+        };
+        let now = self.node_now(n);
+        let name = self.links[l].name.clone();
+        let _ = self.nodes[n].core.ack(&name, id, outcome, now);
+        self.round(n);
+    }
+
+    /// The edge's uplink (`upstream.rs`): takes forwards under the hub's id
+    /// and answers only once durable, applies cancels and acks.
+    fn at_edge(&mut self, e: usize, msg: Msg) {
+        let now = self.node_now(e);
+        let l = self.nodes[e].uplink.expect("an edge has an uplink");
+        match msg {
+            Msg::Forward(f) => {
+                let id = f.id;
+                let r = self.nodes[e]
+                    .core
+                    .send_as(Some(id), crate::upstream::request(*f), now);
+                if !self.round(e) {
+                    return;
+                }
+                let reply = match r {
+                    Ok(_) => Msg::Accepted(id),
+                    Err(err) => {
+                        if let Some(s) = self.sent.get_mut(&id) {
+                            s.plain = false;
+                        }
+                        self.ev(e, "refused", id.0, || format!("{id}: {err}"));
+                        Msg::Ack {
+                            id,
+                            outcome: crate::upstream::refusal(err),
+                        }
+                    }
+                };
+                self.send(l, true, reply);
+            }
+            Msg::Cancel(id) => {
+                let _ = self.nodes[e].core.cancel(id, now);
+                self.round(e);
+            }
+            Msg::UpAck(seq) => {
+                if seq > self.nodes[e].acked {
+                    self.nodes[e].acked = seq;
+                    self.nodes[e].core.up_ack(seq);
+                    self.round(e);
+                }
+                self.pump(e);
+            }
+            _ => {}
+        }
+    }
+
+    fn at_hub(&mut self, n: usize, l: usize, msg: Msg) {
+        let now = self.node_now(n);
+        let edge = self.links[l].name.clone();
+        match msg {
+            Msg::Accepted(id) => {
+                let _ = self.nodes[n].core.handed(&edge, id, now);
+                self.round(n);
+            }
+            Msg::Ack { id, outcome } => {
+                let _ = self.nodes[n].core.ack(&edge, id, outcome, now);
+                self.round(n);
+            }
+            Msg::Up(entries) => {
+                let r = self.nodes[n].core.up(&edge, entries, now);
+                if self.round(n) {
+                    if let Ok(cursor) = r {
+                        self.send(l, false, Msg::UpAck(cursor));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- crashes and restarts -------------------------------------------
+
+    fn crash(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        if !node.up {
+            return;
+        }
+        node.up = false;
+        node.disk.crash();
+        node.crash_mid_commit = false;
+        node.down_until = self.now + 10 + self.rng.below(2_000);
+        self.report.counts.crashes += 1;
+        self.ev(n, "crash", 0, String::new);
+        for l in 0..self.links.len() {
+            if self.links[l].node == n || self.links[l].peer == Peer::Edge(n) {
+                self.drop_link(l);
+            }
+        }
+    }
+
+    /// A fresh core from what the disk kept, in the order `service::rebuild`
+    /// replays a store (the shared `replay_start`, then the groups).
+    fn restart(&mut self, n: usize) {
+        let now = self.node_now(n);
+        let seed = self.rng.next_u64();
+        let node = &mut self.nodes[n];
+        let image = node.disk.view();
+        let mut core = QueueCore::new(limits(), seed);
+        let outbox = node.edge.then(|| ReplayOutbox {
+            max: OUTBOX_MAX,
+            next_seq: image.outbox_next.unwrap_or(1),
+            groups: image
+                .outbox
+                .iter()
+                .map(|(g, es)| (*g, es.clone()))
+                .collect(),
+        });
+        replay_start(
+            &mut core,
+            image.devices.values().cloned(),
+            image.cursors.iter().map(|(e, c)| (e.clone(), *c)),
+            image.cancel_marks.iter().copied(),
+            outbox,
+            now,
+        );
+        for mut g in image.groups() {
+            strip_payloads(&mut g);
+            core.replay_group(g);
+        }
+        core.replay_last_seq(image.last_seq);
+        core.finish_replay(now);
+        node.core = core;
+        node.up = true;
+        node.boots += 1;
+        self.ev(n, "restart", 0, String::new);
+        let lost: Vec<CommandId> = self.nodes[n]
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| matches!(self.nodes[n].core.lookup(*id), Lookup::NotFound))
+            .collect();
+        for id in lost {
+            self.violation(n, format!("acknowledged send {id} lost by the restart"));
+        }
+        self.round(n);
+    }
+
+    // ----- the workload --------------------------------------------------
+
+    fn op_send(&mut self, n: usize) {
+        let now = self.node_now(n);
+        let edges = self.nodes.iter().filter(|x| x.edge).count() as u64;
+        let hub_local = !self.nodes[n].edge && self.devices.iter().any(|d| d.node == n);
+        let (prefix, edge) = if self.nodes[n].edge || (hub_local && self.rng.chance(200)) {
+            (String::new(), n)
+        } else {
+            let e = 1 + self.rng.below(edges) as usize;
+            (format!("{}/", self.nodes[e].name), e)
+        };
+        let devices = self
+            .devices
+            .iter()
+            .filter(|d| d.node == edge)
+            .count()
+            .max(1) as u64;
+        let m = self.rng.below(devices);
+        let kind = self.rng.below(100);
+        let (target, device, pool) = if kind < 76 {
+            let name = format!("dev-{m}");
+            let d = self
+                .devices
+                .iter()
+                .position(|d| d.node == edge && d.name == name);
+            (format!("{prefix}{name}"), d, false)
+        } else if kind < 88 {
+            let tag = if m % 2 == 0 { "line-a" } else { "line-b" };
+            (format!("{prefix}tag:{tag}"), None, false)
+        } else {
+            (format!("{prefix}cap:cam"), None, true)
+        };
+        let priority =
+            [Priority::Low, Priority::Normal, Priority::High][self.rng.below(3) as usize];
+        let r = &mut self.rng;
+        let ttl_ms = r.chance(150).then(|| 500 + r.below(20_000));
+        let max_attempts = r.chance(200).then(|| 1 + r.below(4) as u32);
+        let key = r.chance(100).then(|| format!("k{}", r.below(8)));
+        let after = if r.chance(80) {
+            let ids = &self.nodes[n].ids;
+            self.rng.pick(ids)
+        } else {
+            None
+        };
+        let not_before = self.rng.chance(80).then(|| now + self.rng.below(3_000));
+        let plain = device.is_some() && key.is_none() && after.is_none() && not_before.is_none();
+        let req = SendRequest {
+            target: target.clone(),
+            payload: format!("p{}", self.step).into_bytes(),
+            opts: SendOptions {
+                priority,
+                ttl_ms,
+                max_attempts,
+                key,
+                after,
+                not_before,
+            },
+            origin: "cli".into(),
+            signature: None,
+        };
+        let r = self.nodes[n].core.send(req, now);
+        if !self.round(n) {
+            return;
+        }
+        match r {
+            Ok(rc) if !rc.duplicate => {
+                self.send_index += 1;
+                self.sent.insert(
+                    rc.id,
+                    Sent {
+                        node: n,
+                        device,
+                        plain,
+                        pool,
+                        priority,
+                        index: self.send_index,
+                    },
+                );
+                self.nodes[n].ids.push(rc.id);
+                self.report.counts.sends_acked += 1;
+                self.ev(n, "send", rc.id.0, || format!("{} → {target}", rc.id));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.report.counts.sends_refused += 1;
+                self.ev(n, "send-refused", 0, || format!("{target}: {e}"));
+            }
+        }
+    }
+
+    fn op_cancel(&mut self, n: usize) {
+        let Some(id) = self.rng.pick(&self.nodes[n].ids) else {
+            return;
+        };
+        let now = self.node_now(n);
+        let r = self.nodes[n].core.cancel(id, now);
+        if self.round(n) && r.is_ok() {
+            self.report.counts.cancels += 1;
+            self.ev(n, "cancel", id.0, || id.to_string());
+        }
+    }
+
+    /// `outpost retry`: the shell reads the result record back from disk.
+    fn op_retry(&mut self, n: usize) {
+        // Among the commands last seen failed or dead: a random known id is
+        // rarely one, and a refused retry tests little.
+        let ended: Vec<CommandId> = self.nodes[n]
+            .states
+            .iter()
+            .filter(|(_, s)| matches!(s, State::Failed | State::Dead))
+            .filter(|(id, _)| {
+                self.retry_forwarded || self.sent.get(id).is_some_and(|s| s.node == n)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let Some(id) = self.rng.pick(&ended) else {
+            return;
+        };
+        let Lookup::Finished { seq, .. } = self.nodes[n].core.lookup(id) else {
+            return;
+        };
+        let Some(rec) = self.nodes[n].disk.view().result(seq, id).cloned() else {
+            return;
+        };
+        let now = self.node_now(n);
+        let r = self.nodes[n].core.retry(rec, now);
+        if self.round(n) && r.is_ok() {
+            self.report.counts.retries += 1;
+            self.ev(n, "retry", id.0, || id.to_string());
+        }
+    }
+
+    /// Telemetry from a connected device: it goes up through the outbox,
+    /// and fills it while the uplink is down.
+    fn op_event(&mut self) {
+        let d = self.rng.below(self.devices.len() as u64) as usize;
+        let (n, l) = (self.devices[d].node, self.devices[d].link);
+        if !self.links[l].connected || !self.nodes[n].up {
+            return;
+        }
+        let now = self.node_now(n);
+        let name = self.devices[d].name.clone();
+        self.nodes[n]
+            .core
+            .device_event(&name, format!("e{}", self.step).into_bytes(), now);
+        self.round(n);
+    }
+
+    fn op_clock(&mut self, n: usize) {
+        let big = self.rng.chance(300);
+        let mag = if big {
+            JUMP_MS as u64 + 1 + self.rng.below(60_000)
+        } else {
+            self.rng.below(JUMP_MS as u64)
+        } as i64;
+        let delta = if self.rng.chance(500) { mag } else { -mag };
+        self.nodes[n].skew += delta;
+        self.report.counts.clock_jumps += 1;
+        self.ev(n, "clock", delta as u128, || format!("{delta:+} ms"));
+        if delta.abs() > JUMP_MS && self.nodes[n].up {
+            let now = self.node_now(n);
+            self.nodes[n].core.clock_jumped(delta, now);
+            self.round(n);
+        }
+    }
+
+    fn up_nodes(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].up)
+            .collect()
+    }
+
+    /// Restarts that are due, deferred drops, messages that arrived, and
+    /// timers that fell due: everything that happens without a decision.
+    fn settle_time(&mut self) {
+        for n in 0..self.nodes.len() {
+            if !self.nodes[n].up && self.nodes[n].down_until <= self.now {
+                self.restart(n);
+            }
+        }
+        self.apply_drops();
+        self.deliver_due();
+        self.apply_drops();
+        for n in self.up_nodes() {
+            let now = self.node_now(n);
+            if self.nodes[n].core.next_deadline().is_some_and(|t| t <= now) {
+                self.round(n);
+            }
+        }
+    }
+
+    /// One step of the world: time passes a little, then one random action.
+    pub fn step(&mut self) {
+        self.step += 1;
+        self.now += self.rng.below(20);
+        self.settle_time();
+        let up = self.up_nodes();
+        let Some(n) = self.rng.pick(&up) else { return };
+        let r = self.rng.below(1000);
+        let faults = self.faults;
+        match r {
+            0..=249 => self.op_send(n),
+            250..=274 => self.op_cancel(n),
+            275..=289 => self.op_retry(n),
+            290..=539 => {
+                let l = self.rng.below(self.links.len() as u64) as usize;
+                self.connect(l);
+            }
+            540..=559 => {
+                let l = self.rng.below(self.links.len() as u64) as usize;
+                self.drop_link(l);
+            }
+            560..=564 if faults => self.crash(n),
+            565..=579 if faults => {
+                let l = self.rng.below(self.links.len() as u64) as usize;
+                let until = self.now + self.rng.below(5_000);
+                self.links[l].partition_until = until;
+                self.report.counts.partitions += 1;
+                let (node, left) = (self.links[l].node, until - self.now);
+                self.ev(node, "partition", l as u128, || {
+                    format!("link {l} for {left} ms")
+                });
+                self.drop_link(l);
+            }
+            580..=584 if faults => self.nodes[n].disk.fail_write = true,
+            585..=589 if faults => self.nodes[n].disk.fail_flush = true,
+            590..=594 if faults => self.nodes[n].crash_mid_commit = true,
+            595..=599 if faults => self.op_clock(n),
+            600..=629 => self.op_event(),
+            _ => {}
+        }
+        if self.step % 128 == 0 {
+            self.check();
+        }
+    }
+
+    /// Heal every fault, stop the workload, reconnect everything (a hung
+    /// device's commands come again on its new connection) and run until
+    /// nothing is left to do.
+    pub fn settle(&mut self) {
+        self.faults = false;
+        self.settling = true;
+        for n in 0..self.nodes.len() {
+            self.nodes[n].disk.fail_write = false;
+            self.nodes[n].disk.fail_flush = false;
+            self.nodes[n].crash_mid_commit = false;
+            if !self.nodes[n].up {
+                self.nodes[n].down_until = self.now;
+            }
+        }
+        for l in 0..self.links.len() {
+            self.links[l].partition_until = 0;
+            self.drop_link(l);
+        }
+        // Bounded: backoff is capped and every command has a finite number
+        // of attempts, so a healthy world is quiet long before this.
+        for _ in 0..200_000u32 {
+            self.report.counts.settle_steps += 1;
+            self.step += 1;
+            self.settle_time();
+            for l in 0..self.links.len() {
+                self.connect(l);
+            }
+            self.settle_time();
+            if self.quiet() {
+                break;
+            }
+            // Jump to the next thing that will happen.
+            let next_msg = self.net.keys().next().map(|k| k.0);
+            let next_timer = (0..self.nodes.len())
+                .filter_map(|n| {
+                    let d = self.nodes[n].core.next_deadline()?;
+                    Some((d as i64 - self.nodes[n].skew).max(0) as Millis)
+                })
+                .min();
+            let next = [next_msg, next_timer].into_iter().flatten().min();
+            self.now = next.unwrap_or(self.now + 100).max(self.now + 1);
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        self.net.is_empty()
+            && self.drops.is_empty()
+            && self.links.iter().all(|l| l.connected)
+            && self.nodes.iter().all(|n| {
+                let s = n.core.stats();
+                n.up && s.queued == 0 && s.in_flight == 0 && n.core.outbox_stats().depth == 0
+            })
+    }
+
+    /// Invariants that hold at every step: no acknowledged send unknown to
+    /// its box, bounded queues and outboxes.
+    pub fn check(&mut self) {
+        for n in self.up_nodes() {
+            let stats = self.nodes[n].core.stats();
+            if stats.queued + stats.in_flight > limits().max_queued {
+                self.violation(
+                    n,
+                    format!("{} live commands", stats.queued + stats.in_flight),
+                );
+            }
+            let o = self.nodes[n].core.outbox_stats();
+            // Telemetry is compacted to one item per device and kind when
+            // full; results are never dropped, so only held items are bounded.
+            let bound = 4 * (self.devices.len() as u64 + 1);
+            if o.held > bound {
+                self.violation(n, format!("outbox holds {} telemetry items", o.held));
+            }
+            let written = self.nodes[n]
+                .disk
+                .view()
+                .outbox
+                .values()
+                .flatten()
+                .filter(|e| e.item.is_telemetry())
+                .count() as u64;
+            if written > OUTBOX_MAX {
+                self.violation(
+                    n,
+                    format!(
+                        "{written} telemetry records in the outbox, over its bound {OUTBOX_MAX}"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// After `settle`: every acknowledged send ended on its box, each
+    /// command's effect happened once where it succeeded and never where it
+    /// failed, the world is quiet, and the hub holds every result of its
+    /// own sends.
+    pub fn check_end(&mut self) {
+        if !self.quiet() {
+            let busy: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let s = n.core.stats();
+                    format!(
+                        "{}: up {} queued {} in flight {} outbox {}",
+                        n.name,
+                        n.up,
+                        s.queued,
+                        s.in_flight,
+                        n.core.outbox_stats().depth
+                    )
+                })
+                .collect();
+            self.violation(0, format!("did not settle: {}", busy.join("; ")));
+        }
+        self.check();
+        let sent: Vec<(CommandId, Sent)> =
+            self.sent.iter().map(|(id, s)| (*id, s.clone())).collect();
+        for (id, s) in sent {
+            let state = match self.nodes[s.node].core.lookup(id) {
+                Lookup::NotFound => {
+                    self.violation(s.node, format!("acknowledged send {id} lost"));
+                    continue;
+                }
+                Lookup::Live(v) => {
+                    let disk = self.on_disk(s.node, id);
+                    self.violation(
+                        s.node,
+                        format!("{id} still {:?} after settling; on disk: {disk}", v.state),
+                    );
+                    continue;
+                }
+                Lookup::Finished { state, .. } => state,
+            };
+            if !self.nodes[s.node].results.keys().any(|(x, _)| *x == id) {
+                self.violation(
+                    s.node,
+                    format!("{id} ended {state:?} with no result on disk"),
+                );
+            }
+            let Some(d) = s.device else { continue };
+            let (ok, _) = self.devices[d].runs.get(&id).copied().unwrap_or((0, 0));
+            let bad = match state {
+                State::Succeeded => ok != 1,
+                State::Failed | State::Dead => ok != 0,
+                _ => ok > 1,
+            };
+            if bad {
+                self.violation(
+                    s.node,
+                    format!(
+                        "{id} ended {state:?} but succeeded {ok} times on {}",
+                        self.devices[d].name
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Where a command is on a box's disk, for a violation's message.
+    fn on_disk(&self, n: usize, id: CommandId) -> String {
+        let image = self.nodes[n].disk.view();
+        let mut out = Vec::new();
+        for (g, es) in &image.journal {
+            for e in es {
+                match e {
+                    Entry::Enqueued(e) if e.command.id == id => out.push(format!(
+                        "J{g} enqueued gen {} attempts {}",
+                        e.gen, e.attempts
+                    )),
+                    Entry::Requeued {
+                        id: x,
+                        gen,
+                        attempts,
+                        ..
+                    } if *x == id => {
+                        out.push(format!("J{g} requeued gen {gen} attempts {attempts}"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (g, rs) in &image.results {
+            for r in rs.iter().filter(|r| r.id == id) {
+                out.push(format!("R{g} {:?} gen {}", r.state, r.gen));
+            }
+        }
+        out.join(", ")
+    }
+
+    pub fn into_report(mut self, steps: u64) -> Report {
+        self.report.steps = steps;
+        self.report
+    }
+}
+
+/// Run one seed: `steps` random steps, then settle and check the end.
+pub fn run(seed: u64, steps: u64, cfg: &Config) -> Report {
+    let mut w = World::new(seed, cfg);
+    for _ in 0..steps {
+        w.step();
+        if !w.report.violations.is_empty() {
+            break;
+        }
+    }
+    if w.report.violations.is_empty() {
+        w.settle();
+        w.check_end();
+    }
+    w.into_report(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_a_seed_replays_bit_for_bit() {
+        let cfg = Config::default();
+        let a = run(7, 1_500, &cfg);
+        let b = run(7, 1_500, &cfg);
+        assert_eq!(a.hash, b.hash);
+        assert_eq!(a.counts, b.counts);
+        assert_ne!(run(8, 1_500, &cfg).hash, a.hash);
+    }
+
+    #[test]
+    fn sim_runs_commands_end_to_end_without_faults() {
+        let cfg = Config {
+            faults: false,
+            ..Config::default()
+        };
+        let r = run(1, 2_000, &cfg);
+        assert!(r.violations.is_empty(), "{:#?}", r.violations);
+        assert!(
+            r.counts.sends_acked > 100 && r.counts.runs > 100,
+            "{:?}",
+            r.counts
+        );
+    }
+}

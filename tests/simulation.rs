@@ -1,0 +1,106 @@
+//! The deterministic simulation (src/sim): hub, edges and devices on the
+//! real cores under crashes, partitions, disk faults, lossy links and clock
+//! jumps. A failing seed replays with
+//! `cargo run --example simulate -- --seed N --steps 3000 --trace`.
+
+use outpost::sim::{run, Config};
+
+const STEPS: u64 = 3_000;
+
+fn assert_clean(seed: u64, steps: u64, cfg: &Config) -> outpost::sim::Report {
+    let r = run(seed, steps, cfg);
+    assert!(
+        r.violations.is_empty(),
+        "seed {seed} ({steps} steps): replay with `cargo run --example simulate -- --seed {seed} --steps {steps} --trace`\n{}",
+        r.violations.join("\n")
+    );
+    r
+}
+
+#[test]
+fn twenty_seeds_under_faults_keep_every_invariant() {
+    let cfg = Config::default();
+    let mut crashes = 0;
+    for seed in 100..120 {
+        let r = assert_clean(seed, STEPS, &cfg);
+        crashes += r.counts.crashes;
+        assert!(
+            r.counts.sends_acked > 0 && r.counts.runs > 0,
+            "{:?}",
+            r.counts
+        );
+    }
+    assert!(crashes > 100, "the faults happen: {crashes} crashes");
+}
+
+#[test]
+fn a_seed_replays_bit_for_bit() {
+    let cfg = Config::default();
+    let a = run(42, STEPS, &cfg);
+    let b = run(42, STEPS, &cfg);
+    assert_eq!((a.hash, &a.counts), (b.hash, &b.counts));
+    assert_ne!(run(43, STEPS, &cfg).hash, a.hash);
+}
+
+#[test]
+fn without_faults_every_command_ends_once() {
+    let cfg = Config {
+        faults: false,
+        ..Config::default()
+    };
+    for seed in 0..3 {
+        let r = assert_clean(seed, STEPS, &cfg);
+        assert_eq!(r.counts.crashes, 0);
+    }
+}
+
+/// Seeds that found bugs, kept as they were found. The world changes with
+/// the code, so each bug also has a unit test in `queue::core::tests`.
+#[test]
+fn regression_seeds() {
+    let cfg = Config::default();
+    // 11: a full edge outbox wrote held telemetry after a later result; the
+    // hub published the stale state after the end (Succeeded → Queued).
+    // 10: a command delivered to a gateway and ended by the edge's result
+    // in the same round reached the shell as a delivery with no record.
+    // 1, 2, 53: a hub retry of a command its edge had ended was forwarded
+    // under the same id, deduped by the edge, and never ended.
+    for seed in [1, 2, 10, 11, 53] {
+        assert_clean(seed, STEPS, &cfg);
+    }
+}
+
+/// Known bug, not fixed yet: an edge's operator retries a command the hub
+/// sent down after it ended Dead or Failed; it runs again on the edge and
+/// succeeds, but the hub ignores the edge's newer result ("the hub's own
+/// record stands", `gateway::remote_result`) and keeps showing Dead. The
+/// hub needs to tell an end it decided itself (expired, cancelled) from a
+/// newer end the edge reports after its own retry. Seed 5 shows it:
+/// `cargo run --example simulate -- --seed 5 --steps 3000 --retry-forwarded --trace`.
+#[test]
+#[ignore = "known bug: the hub keeps Dead after an edge-side retry succeeded"]
+fn an_edge_retry_of_a_hub_command_is_not_seen_by_the_hub() {
+    let cfg = Config {
+        retry_forwarded: true,
+        ..Config::default()
+    };
+    assert_clean(5, STEPS, &cfg);
+}
+
+/// Known weakness, not fixed yet: `Ack{id, outcome}` names no attempt, so
+/// an ack of an earlier attempt that arrives once a later attempt is in
+/// flight ends the later one with the earlier outcome: a retry that
+/// succeeded on the device ends Dead, and the next retry runs it again.
+/// Here a copied `Command`/`Ack` frame delivers the stale ack; QUIC never
+/// copies a frame within a stream, so the simulation does not either by
+/// default. Closing it needs the attempt in `Ack` (a protocol minor).
+/// `cargo run --example simulate -- --seed 10161 --steps 5000 --dup-device-frames --trace`.
+#[test]
+#[ignore = "known weakness: an Ack names no attempt"]
+fn a_copied_ack_ends_a_later_attempt() {
+    let cfg = Config {
+        dup_device_frames: true,
+        ..Config::default()
+    };
+    assert_clean(10161, 5_000, &cfg);
+}

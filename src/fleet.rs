@@ -95,8 +95,9 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
             }
             let c = client(&a).await?;
             // A cluster that has just started elects its JetStream leader
-            // first: ask again for a while before giving up.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            // and gathers its peers first ("no suitable peers for
+            // placement"): ask again for a while before giving up.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
                 match nats::init(&c, replicas).await {
                     Ok(said) => {

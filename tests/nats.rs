@@ -24,6 +24,10 @@ mod nats_cluster;
 use nats_cluster::{nats_server, Cluster};
 
 const WAIT: Duration = Duration::from_secs(90);
+
+/// One cluster at a time: three servers per test on a 2-core CI machine
+/// are enough; twelve starve each other's elections.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
 /// `outpost fleet init --replicas 3` with the binary: the operator's way.
@@ -207,6 +211,7 @@ fn init_streams(urls: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_idempotent() {
     let Some(bin) = nats_server() else { return };
+    let _one = ONE_CLUSTER.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(&bin, tmp.path());
     let urls = cluster.urls();
@@ -323,6 +328,7 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_node_killed_mid_stream_loses_nothing() {
     let Some(bin) = nats_server() else { return };
+    let _one = ONE_CLUSTER.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(&bin, tmp.path());
     let urls = cluster.urls();
@@ -363,6 +369,7 @@ async fn a_nats_node_killed_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_nats_node_down_the_edge_works_on_and_drains_once_when_they_return() {
     let Some(bin) = nats_server() else { return };
+    let _one = ONE_CLUSTER.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(&bin, tmp.path());
     let urls = cluster.urls();
@@ -424,6 +431,7 @@ async fn with_every_nats_node_down_the_edge_works_on_and_drains_once_when_they_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_killed_between_store_and_ack_or_publish_and_puback_has_no_duplicate_effect() {
     let Some(bin) = nats_server() else { return };
+    let _one = ONE_CLUSTER.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(&bin, tmp.path());
     let urls = cluster.urls();

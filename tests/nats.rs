@@ -194,6 +194,22 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: im
     }
 }
 
+/// Wait (bounded) until each of `ids` has a result on `OUTPOST_UP`.
+async fn every_result_up(js: &jetstream::Context, ids: &[String]) {
+    wait_until("every result comes up", || async {
+        let r = results_upstream(js, "e1").await;
+        ids.iter().all(|id| r.contains_key(id))
+    })
+    .await;
+}
+
+/// Enroll `id` on the box and run an echo device for it.
+async fn with_device(b: &RunningBox, id: &str) -> (Arc<Mutex<Runs>>, tokio::task::JoinHandle<()>) {
+    let runs = Arc::new(Mutex::new(Runs::default()));
+    let dev = device(enroll(b, id).await, runs.clone());
+    (runs, dev)
+}
+
 fn init_streams(urls: &str) {
     let o = fleet(urls, &["init", "--replicas", "3"]);
     assert!(
@@ -244,8 +260,7 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
         "{err}"
     );
 
-    let runs = Arc::new(Mutex::new(Runs::default()));
-    let dev = device(enroll(&e, "d1").await, runs.clone());
+    let (runs, dev) = with_device(&e, "d1").await;
     let js = plain(&urls).await;
     // No Outpost-Id: the edge derives one from the stream sequence.
     publish(&js, "outpost.cmd.e1.d1", None, "hello").await;
@@ -334,8 +349,7 @@ async fn a_nats_node_killed_mid_stream_loses_nothing() {
     let urls = cluster.urls();
     init_streams(&urls);
     let e = edge(&tmp.path().join("e1"), &urls, "e1").await;
-    let runs = Arc::new(Mutex::new(Runs::default()));
-    let dev = device(enroll(&e, "d1").await, runs.clone());
+    let (runs, dev) = with_device(&e, "d1").await;
     let js = plain(&urls).await;
     let ids: Vec<String> = (0..200)
         .map(|i| CommandId::new(1_800_000_000_000 + i, 9).to_string())
@@ -346,15 +360,7 @@ async fn a_nats_node_killed_mid_stream_loses_nothing() {
         }
         publish(&js, "outpost.cmd.e1.d1", Some(id), &format!("c{i}")).await;
     }
-    wait_until("every result comes up", || {
-        let js = js.clone();
-        let ids = ids.clone();
-        async move {
-            let r = results_upstream(&js, "e1").await;
-            ids.iter().all(|id| r.contains_key(id))
-        }
-    })
-    .await;
+    every_result_up(&js, &ids).await;
     outbox_drained(&e).await;
     let r = results_upstream(&js, "e1").await;
     for id in &ids {
@@ -375,8 +381,7 @@ async fn with_every_nats_node_down_the_edge_works_on_and_drains_once_when_they_r
     let urls = cluster.urls();
     init_streams(&urls);
     let e = edge(&tmp.path().join("e1"), &urls, "e1").await;
-    let runs = Arc::new(Mutex::new(Runs::default()));
-    let dev = device(enroll(&e, "d1").await, runs.clone());
+    let (_runs, dev) = with_device(&e, "d1").await;
     let mut status = e.uplink.as_ref().unwrap().watch();
     tokio::time::timeout(WAIT, status.wait_for(|s| s.state == "connected"))
         .await
@@ -516,15 +521,7 @@ async fn an_edge_killed_between_store_and_ack_or_publish_and_puback_has_no_dupli
             std::thread::sleep(Duration::from_millis(20));
         }
         let mut again = serve(point);
-        wait_until("every result comes up", || {
-            let js = js.clone();
-            let ids = ids.clone();
-            async move {
-                let r = results_upstream(&js, "e1").await;
-                ids.iter().all(|id| r.contains_key(id))
-            }
-        })
-        .await;
+        every_result_up(&js, &ids).await;
         // The message taken before the crash comes again once its ack
         // wait is over: a duplicate, acked, nothing run.
         wait_until("the cluster has nothing unacked for the edge", || {

@@ -134,13 +134,14 @@ async fn produce(
     payload_len: usize,
     rate: Option<u64>,
     stamp: Option<Instant>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<u64>> {
     let producers = producers.max(1);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for p in 0..producers {
         let (q, targets) = (q.clone(), targets.to_vec());
         tasks.spawn(async move {
+            let mut accepted = Vec::with_capacity(total / producers + 1);
             for (k, i) in (p..total).step_by(producers).enumerate() {
                 if let Some(r) = rate {
                     // This producer's k-th send is due at k·P/R seconds,
@@ -155,6 +156,7 @@ async fn produce(
                 if let (Some(t), Some(head)) = (stamp, payload.get_mut(..8)) {
                     head.copy_from_slice(&(t.elapsed().as_micros() as u64).to_be_bytes());
                 }
+                let asked = Instant::now();
                 q.send(SendRequest {
                     target: targets[i % targets.len()].clone(),
                     payload,
@@ -163,14 +165,16 @@ async fn produce(
                     signature: None,
                 })
                 .await?;
+                accepted.push(asked.elapsed().as_micros() as u64);
             }
-            anyhow::Ok(())
+            anyhow::Ok(accepted)
         });
     }
+    let mut all = Vec::with_capacity(total);
     while let Some(r) = tasks.join_next().await {
-        r??;
+        all.extend(r??);
     }
-    Ok(())
+    Ok(all)
 }
 
 async fn drain(q: QueueHandle, device: String, expect: usize) -> Result<(), queue::QueueError> {
@@ -235,6 +239,22 @@ pub struct RestartReport {
     /// Resident memory growth from before the open to after it.
     pub rss_bytes_per_queued: f64,
     pub data_dir_bytes: u64,
+}
+
+impl RestartReport {
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        format!(
+            "W2: restart with {} commands queued\n\
+             open → first delivery {:>10.3} s (open the store, replay, serve)\n\
+             memory per queued    {:>10.1} bytes (RSS growth over the open)\n\
+             data dir             {:>10} bytes\n",
+            self.queued,
+            self.open_to_first_delivery_s,
+            self.rss_bytes_per_queued,
+            self.data_dir_bytes
+        )
+    }
 }
 
 /// Resident set size of this process, from /proc (0 where unknown).
@@ -324,6 +344,14 @@ pub struct LinkBenchReport {
     pub latency_p50_us: u64,
     pub latency_p99_us: u64,
     pub latency_p999_us: u64,
+    /// Enqueue call → "accepted" (durable on disk), microseconds: the part
+    /// of the latency that is the group commit.
+    pub accept_p50_us: u64,
+    pub accept_p99_us: u64,
+    /// Group commits during the run (each an enqueue or ack batch made
+    /// durable with one flush), and their mean time in the store.
+    pub group_commits: u64,
+    pub commit_mean_us: u64,
     pub peak_rss_bytes: u64,
     pub bytes_written_per_command: f64,
     pub data_dir_bytes_after: u64,
@@ -342,6 +370,8 @@ impl LinkBenchReport {
              latency p50          {:>12.3} ms (enqueue → device receipt)\n\
              latency p99          {:>12.3} ms\n\
              latency p99.9        {:>12.3} ms\n\
+             accepted p50, p99    {:>5.3}, {:.3} ms (enqueue → durable: the group commit)\n\
+             group commits        {:>12} ({:.1} enqueues and acks each, {:.3} ms mean write and flush)\n\
              peak RSS             {:>12.1} MiB (box and devices in one process)\n\
              written per command  {:>12.0} bytes\n\
              data dir after       {:>12} bytes\n",
@@ -355,6 +385,11 @@ impl LinkBenchReport {
             self.latency_p50_us as f64 / 1000.0,
             self.latency_p99_us as f64 / 1000.0,
             self.latency_p999_us as f64 / 1000.0,
+            self.accept_p50_us as f64 / 1000.0,
+            self.accept_p99_us as f64 / 1000.0,
+            self.group_commits,
+            2.0 * self.commands as f64 / self.group_commits.max(1) as f64,
+            self.commit_mean_us as f64 / 1000.0,
             self.peak_rss_bytes as f64 / (1024.0 * 1024.0),
             self.bytes_written_per_command,
             self.data_dir_bytes_after
@@ -429,10 +464,11 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
     }
 
     let written_before = process_write_bytes();
-    let acked_before = q.stats().await?.acked_total;
+    let before = q.stats().await?;
+    let acked_before = before.acked_total;
     let run_started = Instant::now();
     let producers = o.producers.max(1);
-    produce(
+    let mut accepted = produce(
         &q,
         &names,
         total,
@@ -459,15 +495,15 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
         (Some(a), Some(b)) => b.saturating_sub(a),
         _ => 0,
     };
+    let after = q.stats().await?;
+    let commits = after.group_commits_total - before.group_commits_total;
+    let commit_s = after.flush_seconds_sum - before.flush_seconds_sum;
     drop(keep);
     link.shutdown().await;
     q.shutdown().await;
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    accepted.sort_unstable();
+    let pct = |p: f64| percentile(&lat, p);
     Ok(LinkBenchReport {
         devices: n,
         commands: total,
@@ -479,10 +515,21 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
         latency_p50_us: pct(0.50),
         latency_p99_us: pct(0.99),
         latency_p999_us: pct(0.999),
+        accept_p50_us: percentile(&accepted, 0.50),
+        accept_p99_us: percentile(&accepted, 0.99),
+        group_commits: commits,
+        commit_mean_us: (commit_s * 1e6 / commits.max(1) as f64) as u64,
         peak_rss_bytes: peak_rss_bytes(),
         bytes_written_per_command: written as f64 / total.max(1) as f64,
         data_dir_bytes_after: dir_size(dir),
     })
+}
+
+/// The `p` quantile of sorted `v` (0 when empty).
+fn percentile(v: &[u64], p: f64) -> u64 {
+    v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0)
 }
 
 /// W3: an idle box with N connected devices, measured from outside — the

@@ -390,8 +390,12 @@ pub struct BenchArgs {
     pub dir: Option<PathBuf>,
     /// Instead of W1, run W3: an idle box (its own process) with this many
     /// connected devices, measuring its memory per device, CPU and writes.
-    #[arg(long, value_name = "DEVICES")]
+    #[arg(long, value_name = "DEVICES", conflicts_with = "restart")]
     pub idle: Option<usize>,
+    /// Instead of W1, run W2: fill a box with this many queued commands,
+    /// stop it, and time a restart from open to its first delivery.
+    #[arg(long, value_name = "QUEUED")]
+    pub restart: Option<usize>,
     /// How long W3 stays idle.
     #[arg(long, default_value_t = 60)]
     pub idle_secs: u64,
@@ -873,6 +877,21 @@ async fn run(
                 None => tempfile::tempdir(),
             }
             .context("creating a temp dir for the bench box")?;
+            if let Some(n) = a.restart {
+                if !a.json {
+                    eprintln!(
+                        "filling a box with {n} commands in {} …",
+                        dir.path().display()
+                    );
+                }
+                let r = crate::bench::restart_bench(dir.path(), n, a.devices).await?;
+                if a.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    print!("{}", r.table());
+                }
+                return Ok(0);
+            }
             if let Some(n) = a.idle {
                 let exe = std::env::current_exe().context("finding the outpost binary")?;
                 let r = crate::bench::idle_bench(&exe, dir.path(), n, a.idle_secs).await?;

@@ -424,7 +424,8 @@ pub async fn connect_with(
             .connect_with(cfg, addr, identity::SERVER_NAME)
             .map_err(|e| ClientError::Lost(e.to_string()))?;
         let conn = connecting.await.map_err(|e| conn_error(e, addr))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_error(e, addr))?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| conn_error(e, addr))?;
+        let mut recv = proto::frame_reader(recv);
         let hello = DeviceFrame::Hello {
             version: proto::VERSION,
             agent: opts.agent.clone(),
@@ -494,7 +495,7 @@ pub async fn connect_with(
 
 async fn read_loop(
     conn: quinn::Connection,
-    mut recv: quinn::RecvStream,
+    mut recv: proto::FrameReader<quinn::RecvStream>,
     tx: mpsc::Sender<Result<Received, ClientError>>,
     owed: Owed,
     max: usize,

@@ -20,6 +20,7 @@ use crate::proto::{
     self, BoxFrame, DeviceFrame, ErrorCode, FrameError, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, VERSION,
 };
 use crate::queue::{Delivery, QueueError, QueueHandle, SendRequest};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use quinn::VarInt;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tracing::Instrument;
 
@@ -398,6 +399,39 @@ async fn serve_connection(incoming: quinn::Incoming, shared: &Arc<Shared>) {
         .await;
 }
 
+/// An ack on its way to the disk: resolves once its group commit is done.
+type AckWait = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (CommandId, Result<(), QueueError>)> + Send>,
+>;
+
+/// Deliveries written to a device in one go at most (about 100 KiB of
+/// 100-byte commands; a batch never waits for more to arrive).
+const MAX_DELIVERY_BATCH: usize = 256;
+
+/// A command too big for the link can never be delivered: end it with the
+/// reason rather than retry it forever.
+fn reject_oversized(
+    frame: &BoxFrame,
+    len: u64,
+    max: usize,
+    session: &crate::queue::DeviceSession,
+    acks: &mut FuturesUnordered<AckWait>,
+) {
+    let id = match frame {
+        BoxFrame::Command { id, .. } => *id,
+        BoxFrame::Forward(f) => f.id,
+        _ => return,
+    };
+    tracing::warn!(%id, len, max, "command payload over the frame limit; rejecting it");
+    let outcome = Outcome::Rejected {
+        reason: format!(
+            "payload of {len} bytes is over the device link's frame limit of {max} bytes"
+        ),
+    };
+    let done = session.ack(id, outcome);
+    acks.push(Box::pin(async move { (id, done.await) }));
+}
+
 /// Token bucket limiting one device's frame rate.
 struct Bucket {
     tokens: f64,
@@ -504,7 +538,7 @@ impl Session {
             send,
             minor: 0,
         };
-        let end = s.handshake_and_serve(recv).await;
+        let end = s.handshake_and_serve(proto::frame_reader(recv)).await;
         s.unregister();
         match end {
             End::Fatal(f) => s.fail(f).await,
@@ -512,7 +546,10 @@ impl Session {
         }
     }
 
-    async fn handshake_and_serve(&mut self, mut recv: quinn::RecvStream) -> End {
+    async fn handshake_and_serve(
+        &mut self,
+        mut recv: proto::FrameReader<quinn::RecvStream>,
+    ) -> End {
         let opts = &self.shared.opts;
         let hello = timeout(
             opts.hello_timeout,
@@ -589,7 +626,7 @@ impl Session {
 
     async fn serve(
         &mut self,
-        mut stream: quinn::RecvStream,
+        mut stream: proto::FrameReader<quinn::RecvStream>,
         rx: &mut mpsc::UnboundedReceiver<Delivery>,
         session: &crate::queue::DeviceSession,
     ) -> End {
@@ -613,7 +650,9 @@ impl Session {
                 }
             }
         });
-        let mut acks: JoinSet<(CommandId, Result<(), QueueError>)> = JoinSet::new();
+        // Acks wait for their group commit here, polled by this loop: no
+        // task per ack.
+        let mut acks: FuturesUnordered<AckWait> = FuturesUnordered::new();
         // Acks beyond the window can only be duplicates or bogus: cap them so
         // a device cannot pile up work in the queue.
         let ack_limit = opts.window as usize + 16;
@@ -633,8 +672,7 @@ impl Session {
                         break End::Gone(e.to_string());
                     }
                 }
-                Some(done) = acks.join_next(), if !acks.is_empty() => {
-                    let Ok((id, res)) = done else { continue };
+                Some((id, res)) = acks.next(), if !acks.is_empty() => {
                     match res {
                         Ok(()) => bump(&shared.stats.acks),
                         Err(QueueError::NotInFlight { .. }) => {
@@ -664,60 +702,49 @@ impl Session {
                     }
                 }
                 d = rx.recv() => {
-                    let frame = match d {
-                        Some(Delivery::Command(c)) => BoxFrame::Command {
-                            id: c.id,
-                            priority: c.priority,
-                            payload: c.payload,
-                            attempt: c.attempt,
-                            deadline: c.deadline,
-                            signature: c.signature,
-                        },
-                        Some(Delivery::Cancel(id)) => BoxFrame::Cancel { id },
-                        Some(Delivery::Forward(f)) if self.minor < proto::MINOR_GATEWAY => {
-                            // An edge too old to take it: end it with a
-                            // reason rather than hold it in flight forever.
-                            let id = f.id;
-                            let outcome = Outcome::Rejected {
-                                reason: format!("the box below speaks protocol {}.{}; forwarding needs 1.{} (upgrade it)", proto::VERSION.major, self.minor, proto::MINOR_GATEWAY),
-                            };
-                            let done = session.ack(id, outcome);
-                            acks.spawn(async move { (id, done.await) });
-                            continue;
-                        }
-                        Some(Delivery::Forward(f)) => BoxFrame::Forward(f),
-                        None => {
-                            break if shared.revoked.contains(&self.device) {
+                    // Whatever else is ready goes out in the same write, so
+                    // a burst costs one wakeup of the connection, not one
+                    // per command.
+                    let mut out = Vec::new();
+                    let (mut next, mut sent, mut frames, mut end) = (d, 0u64, 0u64, None);
+                    for _ in 0..MAX_DELIVERY_BATCH {
+                        let Some(d) = next else {
+                            end = Some(if shared.revoked.contains(&self.device) {
                                 Fatal::new(ErrorCode::Revoked, "this device was revoked")
                             } else {
                                 Fatal::new(ErrorCode::ShuttingDown, "the queue ended this session; reconnect later")
-                            }.into();
-                        }
-                    };
-                    match self.write(&frame).await {
-                        Ok(()) => {
-                            if matches!(frame, BoxFrame::Command { .. } | BoxFrame::Forward(_)) {
-                                bump(&shared.stats.commands_sent);
+                            }.into());
+                            break;
+                        };
+                        if let Some(frame) = self.delivery_frame(d, session, &mut acks) {
+                            let is_command = matches!(frame, BoxFrame::Command { .. } | BoxFrame::Forward(_));
+                            match proto::encode_into(&frame, opts.max_frame, &mut out) {
+                                Ok(()) => {
+                                    sent += u64::from(is_command);
+                                    frames += 1;
+                                }
+                                Err(FrameError::TooLarge { len, max }) => reject_oversized(&frame, len, max, session, &mut acks),
+                                Err(e) => {
+                                    end = Some(End::Gone(e.to_string()));
+                                    break;
+                                }
                             }
                         }
-                        Err(FrameError::TooLarge { len, max }) => {
-                            // Only a Command can be this big; it can never be
-                            // delivered, so end it rather than retry forever.
-                            let id = match &frame {
-                                BoxFrame::Command { id, .. } => Some(*id),
-                                BoxFrame::Forward(f) => Some(f.id),
-                                _ => None,
-                            };
-                            if let Some(id) = id {
-                                tracing::warn!(%id, len, max, "command payload over the frame limit; rejecting it");
-                                let outcome = Outcome::Rejected {
-                                    reason: format!("payload of {len} bytes is over the device link's frame limit of {max} bytes"),
-                                };
-                                let done = session.ack(id, outcome);
-                                acks.spawn(async move { (id, done.await) });
-                            }
+                        match rx.try_recv() {
+                            Ok(d) => next = Some(d),
+                            // Empty, or closed: the next recv() says which.
+                            Err(_) => break,
                         }
-                        Err(e) => break End::Gone(e.to_string()),
+                    }
+                    if !out.is_empty() {
+                        if let Err(e) = self.send.write_all(&out).await {
+                            break End::Gone(e.to_string());
+                        }
+                        shared.stats.commands_sent.fetch_add(sent, Ordering::Relaxed);
+                        shared.stats.frames_out.fetch_add(frames, Ordering::Relaxed);
+                    }
+                    if let Some(end) = end {
+                        break end;
                     }
                 }
                 f = frx.recv(), if acks.len() < ack_limit && answers.len() < MAX_ANSWERS => {
@@ -739,7 +766,7 @@ impl Session {
                             // only the wait for durability runs aside, so
                             // one flush carries many acks.
                             let done = session.ack(id, outcome);
-                            acks.spawn(async move { (id, done.await) });
+                            acks.push(Box::pin(async move { (id, done.await) }));
                         }
                         DeviceFrame::Ping => {
                             if let Err(e) = self.write(&BoxFrame::Pong).await {
@@ -790,7 +817,7 @@ impl Session {
                         DeviceFrame::Accepted { id, .. } => {
                             // Like an ack: a stray one counts as a bad ack.
                             let done = shared.queue.handed(self.device.clone(), id);
-                            acks.spawn(async move { (id, done.await) });
+                            acks.push(Box::pin(async move { (id, done.await) }));
                         }
                         DeviceFrame::Up { entries } => {
                             // Answered in order with the other answers; an
@@ -815,7 +842,7 @@ impl Session {
         // Let acks already handed to the queue finish, so an outcome the
         // device sent just before leaving is not redelivered needlessly.
         let _ = timeout(Duration::from_secs(2), async {
-            while acks.join_next().await.is_some() {}
+            while acks.next().await.is_some() {}
         })
         .await;
         end
@@ -838,6 +865,43 @@ impl Session {
             }
             None => tracing::debug!(bytes = payload.len(), "device event"),
         }
+    }
+
+    /// The frame that carries a delivery, or `None` when it was ended here
+    /// instead (a forward to an edge too old to take it).
+    fn delivery_frame(
+        &self,
+        d: Delivery,
+        session: &crate::queue::DeviceSession,
+        acks: &mut FuturesUnordered<AckWait>,
+    ) -> Option<BoxFrame> {
+        Some(match d {
+            Delivery::Command(c) => BoxFrame::Command {
+                id: c.id,
+                priority: c.priority,
+                payload: c.payload,
+                attempt: c.attempt,
+                deadline: c.deadline,
+                signature: c.signature,
+            },
+            Delivery::Cancel(id) => BoxFrame::Cancel { id },
+            Delivery::Forward(f) if self.minor < proto::MINOR_GATEWAY => {
+                // End it with a reason rather than hold it in flight forever.
+                let id = f.id;
+                let outcome = Outcome::Rejected {
+                    reason: format!(
+                        "the box below speaks protocol {}.{}; forwarding needs 1.{} (upgrade it)",
+                        proto::VERSION.major,
+                        self.minor,
+                        proto::MINOR_GATEWAY
+                    ),
+                };
+                let done = session.ack(id, outcome);
+                acks.push(Box::pin(async move { (id, done.await) }));
+                return None;
+            }
+            Delivery::Forward(f) => BoxFrame::Forward(f),
+        })
     }
 
     async fn write(&mut self, frame: &BoxFrame) -> Result<(), FrameError> {

@@ -222,6 +222,52 @@ async fn enroll_connect_deliver_ack() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_arrives_in_order_and_an_oversized_command_is_rejected_not_retried() {
+    // The backlog goes out in batched writes; a command too big for the
+    // link in the middle of one ends Rejected and the rest still arrive.
+    let b = start_box(LinkOptions {
+        max_frame: 512,
+        ..LinkOptions::default()
+    })
+    .await;
+    let bundle = b.enroll("dev-1").await;
+    let mut ids = Vec::new();
+    for i in 0..40u32 {
+        ids.push(b.send("dev-1", format!("cmd-{i}").as_bytes()).await);
+    }
+    let big = b.send("dev-1", &[7u8; 2000]).await;
+    for i in 40..80u32 {
+        ids.push(b.send("dev-1", format!("cmd-{i}").as_bytes()).await);
+    }
+    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < ids.len() {
+        match timeout(WAIT, conn.next()).await.unwrap().unwrap() {
+            Some(Received::Command(c)) => {
+                assert_ne!(c.id, big, "the oversized command was sent");
+                conn.ack(c.id, Outcome::Ok(Vec::new())).await.unwrap();
+                got.push(c.id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, ids, "FIFO across the batched writes");
+    let v = b.wait_final(big).await;
+    assert_eq!(v.state, State::Failed, "{v:?}");
+    assert!(
+        matches!(&v.outcome, Some(Outcome::Rejected { reason }) if reason.contains("frame limit of 512 bytes")),
+        "{v:?}"
+    );
+    for id in ids {
+        assert_eq!(b.wait_final(id).await.state, State::Succeeded);
+    }
+    conn.close();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reference_agent_runs_exec_and_reports_failures() {
     let b = start_box(LinkOptions::default()).await;
     let bundle = b.enroll("dev-x").await;

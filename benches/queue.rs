@@ -4,6 +4,10 @@
 //! OUTPOST_BENCH_RESTART the backlog of the restart run (default 1,000,000;
 //! 0 skips it).
 
+// The allocator the shipped binary uses (src/main.rs), so the figures are its.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use outpost::bench::{queue_bench, restart_bench, QueueBenchOptions};
 
 fn main() {

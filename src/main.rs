@@ -1,5 +1,11 @@
 //! The `outpost` binary: a thin shell over the library (see `cli`).
 
+// mimalloc: per-thread heaps make the queue's many small allocations, and
+// frees on another thread than the allocating one (decode vs replay, writer
+// vs link), cheap; measured in `outpost bench` (issue 8).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     init_tracing();
     std::process::exit(outpost::cli::main());

@@ -22,6 +22,10 @@
 //! skipped with a message (`benches/peers/run.sh` installs them). Sizes:
 //! OUTPOST_PEERS_COMMANDS, _DEVICES, _PRODUCERS, _PAYLOAD.
 
+// The allocator the shipped binary uses (src/main.rs), so the figures are its.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use futures::StreamExt;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;

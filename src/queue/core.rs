@@ -519,6 +519,9 @@ pub struct Sealed {
 }
 
 const ORIGIN_UNKNOWN: &str = "?";
+/// Every this many group seqs, a commit carries the live count as a hint
+/// for the next start's table sizes.
+const LIVE_HINT_EVERY: u64 = 64;
 
 impl QueueCore {
     /// An empty queue.
@@ -783,6 +786,19 @@ impl QueueCore {
 
     /// After the last group: place every live command, pin its groups, and
     /// settle what the log left half-done.
+    /// Size the live table for about `n` commands before replay (from
+    /// `Store::live_hint`; bounded by `max_queued`, so a bad hint cannot
+    /// allocate more than the box may hold).
+    pub fn reserve_live(&mut self, n: u64) {
+        let n = n.min(self.limits.max_queued).saturating_mul(11) / 10;
+        self.live.reserve(usize::try_from(n).unwrap_or(0));
+    }
+
+    /// How many commands are live (queued, waiting or in flight).
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
     pub fn finish_replay(&mut self, now: Millis) {
         // One pass over the live commands. Those ready now (nearly all,
         // after a power cut) go straight into their queues, each queue built
@@ -1805,6 +1821,7 @@ impl QueueCore {
             outbox_next,
             cursors: std::mem::take(&mut self.cursor_writes),
             cancel_marks: std::mem::take(&mut self.cancel_marks),
+            live_hint: (seq % LIVE_HINT_EVERY == 0).then_some(self.live.len() as u64),
         };
         // A group seq is used once: a round that wrote any record moves on.
         if !w.journal.is_empty() || !w.results.is_empty() || !w.outbox.is_empty() {

@@ -249,6 +249,7 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
         }),
         None => None,
     };
+    core.reserve_live(store.live_hint());
     replay_start(
         &mut core,
         store.devices()?,
@@ -526,6 +527,9 @@ impl Writer {
             }
             self.round(now, pending);
             if let Some(done) = shutdown {
+                if let Err(e) = self.store.set_live_hint(self.core.live_count() as u64) {
+                    tracing::warn!("recording the live count at shutdown: {e}");
+                }
                 if let Err(e) = self.store.flush() {
                     tracing::error!("final flush at shutdown: {e}");
                 }

@@ -13,6 +13,9 @@
 //! - tree `meta`: `schema` → u32 BE, `instance` → u64 BE.
 //! - key `S` in tree `journal`: the seq of the last group committed, written
 //!   in every group's batch.
+//! - key `L` in tree `journal`: how many commands were live at a recent
+//!   commit (every 64th, and at shutdown). Only a hint that sizes replay's
+//!   tables; older binaries ignore it, so the schema did not change.
 //!
 //! sled recovers a damaged log silently (a torn tail looks like a crash; a
 //! wrecked file can come back as an empty database), so the store keeps

@@ -404,9 +404,12 @@ type AckWait = std::pin::Pin<
     Box<dyn std::future::Future<Output = (CommandId, Result<(), QueueError>)> + Send>,
 >;
 
-/// Deliveries written to a device in one go at most (about 100 KiB of
-/// 100-byte commands; a batch never waits for more to arrive).
+/// Deliveries written to a device in one go at most, and the bytes after
+/// which a batch goes out whatever its count (big payloads must not make
+/// a small box buffer the whole window at once). A batch never waits for
+/// more to arrive.
 const MAX_DELIVERY_BATCH: usize = 256;
+const MAX_DELIVERY_BATCH_BYTES: usize = 256 * 1024;
 
 /// A command too big for the link can never be delivered: end it with the
 /// reason rather than retry it forever.
@@ -729,6 +732,9 @@ impl Session {
                                     break;
                                 }
                             }
+                        }
+                        if out.len() >= MAX_DELIVERY_BATCH_BYTES {
+                            break;
                         }
                         match rx.try_recv() {
                             Ok(d) => next = Some(d),

@@ -411,8 +411,27 @@ type AckWait = std::pin::Pin<
 const MAX_DELIVERY_BATCH: usize = 256;
 const MAX_DELIVERY_BATCH_BYTES: usize = 256 * 1024;
 
-/// A command too big for the link can never be delivered: end it with the
-/// reason rather than retry it forever.
+/// Wait, in the session loop, for the group commit that records `id`.
+fn await_ack(
+    acks: &mut FuturesUnordered<AckWait>,
+    id: CommandId,
+    done: impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static,
+) {
+    acks.push(Box::pin(async move { (id, done.await) }));
+}
+
+/// End a command that can never be delivered on this link with the reason,
+/// rather than hold it in flight or retry it forever.
+fn reject(
+    session: &crate::queue::DeviceSession,
+    acks: &mut FuturesUnordered<AckWait>,
+    id: CommandId,
+    reason: String,
+) {
+    await_ack(acks, id, session.ack(id, Outcome::Rejected { reason }));
+}
+
+/// A command too big for the link.
 fn reject_oversized(
     frame: &BoxFrame,
     len: u64,
@@ -426,13 +445,9 @@ fn reject_oversized(
         _ => return,
     };
     tracing::warn!(%id, len, max, "command payload over the frame limit; rejecting it");
-    let outcome = Outcome::Rejected {
-        reason: format!(
-            "payload of {len} bytes is over the device link's frame limit of {max} bytes"
-        ),
-    };
-    let done = session.ack(id, outcome);
-    acks.push(Box::pin(async move { (id, done.await) }));
+    let reason =
+        format!("payload of {len} bytes is over the device link's frame limit of {max} bytes");
+    reject(session, acks, id, reason);
 }
 
 /// Token bucket limiting one device's frame rate.
@@ -771,8 +786,7 @@ impl Session {
                             // Queued with the writer now, in arrival order;
                             // only the wait for durability runs aside, so
                             // one flush carries many acks.
-                            let done = session.ack(id, outcome);
-                            acks.push(Box::pin(async move { (id, done.await) }));
+                            await_ack(&mut acks, id, session.ack(id, outcome));
                         }
                         DeviceFrame::Ping => {
                             if let Err(e) = self.write(&BoxFrame::Pong).await {
@@ -822,8 +836,7 @@ impl Session {
                         }
                         DeviceFrame::Accepted { id, .. } => {
                             // Like an ack: a stray one counts as a bad ack.
-                            let done = shared.queue.handed(self.device.clone(), id);
-                            acks.push(Box::pin(async move { (id, done.await) }));
+                            await_ack(&mut acks, id, shared.queue.handed(self.device.clone(), id));
                         }
                         DeviceFrame::Up { entries } => {
                             // Answered in order with the other answers; an
@@ -892,18 +905,13 @@ impl Session {
             },
             Delivery::Cancel(id) => BoxFrame::Cancel { id },
             Delivery::Forward(f) if self.minor < proto::MINOR_GATEWAY => {
-                // End it with a reason rather than hold it in flight forever.
-                let id = f.id;
-                let outcome = Outcome::Rejected {
-                    reason: format!(
-                        "the box below speaks protocol {}.{}; forwarding needs 1.{} (upgrade it)",
-                        proto::VERSION.major,
-                        self.minor,
-                        proto::MINOR_GATEWAY
-                    ),
-                };
-                let done = session.ack(id, outcome);
-                acks.push(Box::pin(async move { (id, done.await) }));
+                let reason = format!(
+                    "the box below speaks protocol {}.{}; forwarding needs 1.{} (upgrade it)",
+                    proto::VERSION.major,
+                    self.minor,
+                    proto::MINOR_GATEWAY
+                );
+                reject(session, acks, f.id, reason);
                 return None;
             }
             Delivery::Forward(f) => BoxFrame::Forward(f),

@@ -529,14 +529,8 @@ pub async fn write_frame<T: Frame, W: AsyncWrite + Unpin>(
     frame: &T,
     max: usize,
 ) -> Result<(), FrameError> {
-    let bytes = encode(frame);
-    let len = bytes.len() - 4;
-    if len > max {
-        return Err(FrameError::TooLarge {
-            len: len as u64,
-            max,
-        });
-    }
+    let mut bytes = Vec::new();
+    encode_into(frame, max, &mut bytes)?;
     w.write_all(&bytes).await?;
     Ok(())
 }

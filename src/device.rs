@@ -987,7 +987,9 @@ fn refusal(e: QueueError) -> BoxFrame {
         QueueError::QueueFull { .. } | QueueError::DiskFull { .. } | QueueError::NoSpace { .. } => {
             ErrorCode::Full
         }
-        QueueError::BadRequest(_) | QueueError::UnknownDependency(_) => ErrorCode::BadRequest,
+        QueueError::BadRequest(_)
+        | QueueError::UnknownDependency(_)
+        | QueueError::KeyReused { .. } => ErrorCode::BadRequest,
         QueueError::NotFound(_) => ErrorCode::NotFound,
         QueueError::ShuttingDown => ErrorCode::ShuttingDown,
         QueueError::InvalidTransition { .. }

@@ -446,6 +446,50 @@ enum Route {
     Broadcast(Vec<u32>),
 }
 
+/// What an idempotency key was first used for: a later send with the same
+/// key must be the same command (same target, same payload) to be answered
+/// with the first one's id. Digests, not copies: 16 bytes a key.
+#[derive(Clone, Copy, Debug)]
+struct KeyUse {
+    id: CommandId,
+    at: Millis,
+    target: u64,
+    /// None after a restart for an end whose record keeps no payload: the
+    /// target is then all that is compared.
+    payload: Option<u64>,
+}
+
+impl KeyUse {
+    fn new(id: CommandId, at: Millis, target: &str, payload: Option<&[u8]>) -> KeyUse {
+        KeyUse {
+            id,
+            at,
+            target: digest(target.as_bytes()),
+            payload: payload.map(digest),
+        }
+    }
+
+    /// What differs from a new send with the same key, if anything.
+    fn differs(&self, target: &str, payload: &[u8]) -> Option<&'static str> {
+        if self.target != digest(target.as_bytes()) {
+            Some("target")
+        } else if self.payload.is_some_and(|p| p != digest(payload)) {
+            Some("payload")
+        } else {
+            None
+        }
+    }
+}
+
+/// A fixed-seed hash (FxHash: the same on every run, so replay agrees).
+fn digest(b: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(b);
+    h.write_usize(b.len());
+    h.finish()
+}
+
 /// The queue state machine.
 pub struct QueueCore {
     limits: Limits,
@@ -462,7 +506,7 @@ pub struct QueueCore {
     expiries: BTreeSet<(Millis, CommandId)>,
     /// dependency → its dependents.
     blocked: FxHashMap<CommandId, Vec<CommandId>>,
-    keys: HashMap<(u32, Box<str>), (CommandId, Millis)>,
+    keys: HashMap<(u32, Box<str>), KeyUse>,
     key_ages: VecDeque<(Millis, u32, Box<str>)>,
     /// id → (result group, end state).
     results: FxHashMap<CommandId, (u64, State)>,
@@ -687,7 +731,9 @@ impl QueueCore {
                     self.parents.remove(&r.id);
                     if let Some((origin, key)) = r.key.as_ref().map(|k| (r.origin.as_str(), k)) {
                         let o = self.origin(origin);
-                        self.remember_key(o, key, r.id, r.created_at);
+                        let payload = r.command.as_ref().map(|c| c.payload.as_slice());
+                        let used = KeyUse::new(r.id, r.created_at, &r.target, payload);
+                        self.remember_key(o, key, used);
                     }
                     self.index_result(seq, r.id, r.state, r.finished_at);
                 }
@@ -713,7 +759,9 @@ impl QueueCore {
         let d = self.dev(&e.device);
         let origin = self.origin(&e.command.origin);
         if let Some(k) = &e.command.key {
-            self.remember_key(origin, k, id, e.command.created_at);
+            let c = &e.command;
+            let used = KeyUse::new(id, c.created_at, &c.target, Some(&c.payload));
+            self.remember_key(origin, k, used);
         }
         let live = Live {
             device: d,
@@ -748,7 +796,13 @@ impl QueueCore {
             .max(children.iter().map(|c| c.order + 1).max().unwrap_or(0));
         let origin = self.origin(&command.origin);
         if let Some(k) = &command.key {
-            self.remember_key(origin, k, pid, command.created_at);
+            let used = KeyUse::new(
+                pid,
+                command.created_at,
+                &command.target,
+                Some(&command.payload),
+            );
+            self.remember_key(origin, k, used);
         }
         command.payload = Vec::new();
         let mut parent = Parent {
@@ -927,7 +981,17 @@ impl QueueCore {
         let o = self.origin(&origin);
         if let Some(k) = &opts.key {
             self.expire_keys(now);
-            if let Some(&(id, _)) = self.keys.get(&(o, k.as_str().into())) {
+            if let Some(used) = self.keys.get(&(o, k.as_str().into())) {
+                let id = used.id;
+                // The same key for another command is a sender's bug: answering
+                // with the first id would report a command that never ran.
+                if let Some(what) = used.differs(&target, &payload) {
+                    return Err(QueueError::KeyReused {
+                        key: k.clone(),
+                        id,
+                        what: what.into(),
+                    });
+                }
                 let state = self.state_of(id).unwrap_or(State::Queued);
                 return Ok(SendReceipt {
                     id,
@@ -991,7 +1055,8 @@ impl QueueCore {
             signature,
         };
         if let Some(k) = &opts.key {
-            self.remember_key(o, k, id, now);
+            let used = KeyUse::new(id, now, &command.target, Some(&command.payload));
+            self.remember_key(o, k, used);
         }
         self.stats.enqueued_total += 1;
         if let Some(s) = dep_failed {
@@ -2020,9 +2085,16 @@ impl QueueCore {
         Ok(rec)
     }
 
-    fn remember_key(&mut self, origin: u32, key: &str, id: CommandId, at: Millis) {
+    fn remember_key(&mut self, origin: u32, key: &str, mut used: KeyUse) {
         let k: Box<str> = key.into();
-        if self.keys.insert((origin, k.clone()), (id, at)).is_none() {
+        let at = used.at;
+        // A result record carries the payload only for ends that may be
+        // retried: keep the digest an earlier record of the same command gave.
+        let old = self.keys.get(&(origin, k.clone()));
+        if let Some(old) = old.filter(|o| o.id == used.id) {
+            used.payload = used.payload.or(old.payload);
+        }
+        if self.keys.insert((origin, k.clone()), used).is_none() {
             self.key_ages.push_back((at, origin, k));
         }
     }
@@ -2037,7 +2109,7 @@ impl QueueCore {
             if self
                 .keys
                 .get(&key)
-                .is_some_and(|&(_, t)| now.saturating_sub(t) >= self.limits.key_window_ms)
+                .is_some_and(|u| now.saturating_sub(u.at) >= self.limits.key_window_ms)
             {
                 self.keys.remove(&key);
             }

@@ -1048,7 +1048,7 @@ proptest! {
                     match h.send(targets[dev as usize], opts) {
                         Ok(r) => accepted.push(r.id),
                         Err(e) => prop_assert!(
-                            matches!(e, QueueError::QueueFull { .. } | QueueError::Revoked(_) | QueueError::NoRoute(_)),
+                            matches!(e, QueueError::QueueFull { .. } | QueueError::Revoked(_) | QueueError::NoRoute(_) | QueueError::KeyReused { .. }),
                             "{e}"
                         ),
                     }

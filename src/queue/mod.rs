@@ -57,6 +57,12 @@ pub enum QueueError {
     NoRoute(String),
     #[error("device `{device}` may not send to `{target}`: no [[acl]] rule in the box's config allows it")]
     Forbidden { device: DeviceId, target: String },
+    #[error("idempotency key `{key}` was used for command {id} with another {what}; a key names one command: use a new key for a new command (or resend the first one unchanged)")]
+    KeyReused {
+        key: String,
+        id: CommandId,
+        what: String,
+    },
 }
 
 impl QueueError {
@@ -69,6 +75,7 @@ impl QueueError {
                 | QueueError::DiskFull { .. }
                 | QueueError::NoSpace { .. }
                 | QueueError::Forbidden { .. }
+                | QueueError::KeyReused { .. }
         )
     }
 }

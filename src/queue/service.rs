@@ -350,21 +350,28 @@ pub(crate) fn replay_start(
 }
 
 /// Drop what replay does not use: payloads (read again from the journal
-/// when delivered) and the commands and outcomes kept in results.
+/// when delivered) and the commands and outcomes kept in results. A
+/// command with an idempotency key keeps its payload: replay digests it, so
+/// a reuse of the key for another payload is still refused after a restart.
 pub(crate) fn strip_payloads(g: &mut Group) {
     match g {
         Group::Journal(_, entries) => {
             for e in entries {
-                match e {
-                    Entry::Enqueued(e) => e.command.payload = Vec::new(),
-                    Entry::Broadcast(b) => b.command.payload = Vec::new(),
-                    Entry::Requeued { .. } => {}
+                let c = match e {
+                    Entry::Enqueued(e) => &mut e.command,
+                    Entry::Broadcast(b) => &mut b.command,
+                    Entry::Requeued { .. } => continue,
+                };
+                if c.key.is_none() {
+                    c.payload = Vec::new();
                 }
             }
         }
         Group::Results(_, records) => {
             for r in records {
-                r.command = None;
+                if r.key.is_none() {
+                    r.command = None;
+                }
                 r.outcome = None;
             }
         }

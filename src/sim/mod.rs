@@ -1010,7 +1010,13 @@ impl World {
         let plain = device.is_some() && key.is_none() && after.is_none() && not_before.is_none();
         let req = SendRequest {
             target: target.clone(),
-            payload: format!("p{}", self.step).into_bytes(),
+            // A keyed send repeats its key's payload, so a repeat to the same
+            // target is a duplicate (answered with the first id) and one to
+            // another target is a reuse (refused): both paths are run.
+            payload: match &key {
+                Some(k) => format!("p-{k}").into_bytes(),
+                None => format!("p{}", self.step).into_bytes(),
+            },
             opts: SendOptions {
                 priority,
                 ttl_ms,

@@ -112,7 +112,7 @@ impl RuleConfig {
             _ => Err(bad("is not a count (write e.g. 1000)")),
         };
         let dur = || match &self.value {
-            toml::Value::String(s) => humantime::parse_duration(s.trim())
+            toml::Value::String(s) => crate::duration::parse(s.trim())
                 .map(millis)
                 .map_err(|_| bad("is not a duration (write e.g. \"10m\")")),
             _ => Err(bad("is not a duration (write e.g. \"10m\")")),
@@ -153,7 +153,7 @@ impl RuleConfig {
         let d = |key: &'static str, v: &Option<String>| -> Result<Option<Millis>, RuleError> {
             v.as_ref()
                 .map(|s| {
-                    humantime::parse_duration(s.trim())
+                    crate::duration::parse(s.trim())
                         .map(millis)
                         .map_err(|_| RuleError::Duration {
                             name: name.clone(),

@@ -112,9 +112,9 @@ pub enum Cmd {
     /// A device's queue, in delivery order.
     Queue {
         device: String,
-        /// Only commands in this state (queued, delivered).
-        #[arg(long)]
-        state: Option<String>,
+        /// Only commands in this state.
+        #[arg(long, value_enum, ignore_case = true)]
+        state: Option<LiveState>,
         #[arg(long)]
         json: bool,
     },
@@ -175,8 +175,9 @@ pub enum WorkflowCmd {
     Run {
         file: PathBuf,
         /// Wait for the end (default 10m); exit 0 only if it succeeded.
-        #[arg(long, num_args = 0..=1, default_missing_value = "10m", value_name = "TIMEOUT")]
-        wait: Option<humantime::Duration>,
+        /// TIMEOUT: 90s, 10m, 1h, or a number of seconds.
+        #[arg(long, num_args = 0..=1, default_missing_value = "10m", value_name = "TIMEOUT", allow_negative_numbers = true)]
+        wait: Option<crate::duration::DurationArg>,
         #[arg(long)]
         json: bool,
     },
@@ -205,7 +206,7 @@ fn workflow_json(v: &crate::workflow::runner::RunView) -> Value {
 }
 
 fn print_workflow(v: &crate::workflow::runner::RunView) {
-    println!("{} {} — {}", v.id, v.name, v.state);
+    crate::outln!("{} {} — {}", v.id, v.name, v.state);
     let rows: Vec<Vec<String>> = v
         .steps
         .iter()
@@ -253,7 +254,7 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                 while v.state == "running" {
                     if std::time::Instant::now() >= deadline {
                         if json {
-                            println!("{}", workflow_json(&v));
+                            crate::outln!("{}", workflow_json(&v));
                         } else {
                             print_workflow(&v);
                         }
@@ -264,7 +265,7 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                     v = shown(call(data_dir, AdminRequest::WorkflowShow(v.id)).await?)?;
                 }
                 if json {
-                    println!("{}", workflow_json(&v));
+                    crate::outln!("{}", workflow_json(&v));
                 } else {
                     print_workflow(&v);
                 }
@@ -275,16 +276,16 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                 });
             }
             if json {
-                println!("{}", workflow_json(&v));
+                crate::outln!("{}", workflow_json(&v));
             } else {
-                println!("{}", v.id);
+                crate::outln!("{}", v.id);
             }
             Ok(0)
         }
         WorkflowCmd::Show { id, json } => {
             let v = shown(call(data_dir, AdminRequest::WorkflowShow(parse_id(&id)?)).await?)?;
             if json {
-                println!("{}", workflow_json(&v));
+                crate::outln!("{}", workflow_json(&v));
             } else {
                 print_workflow(&v);
             }
@@ -296,7 +297,7 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                 bail!("unexpected answer from the box")
             };
             if json {
-                println!("{}", Value::Array(vs.iter().map(workflow_json).collect()));
+                crate::outln!("{}", Value::Array(vs.iter().map(workflow_json).collect()));
             } else {
                 let rows: Vec<Vec<String>> = vs
                     .iter()
@@ -325,7 +326,7 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                 compensate,
             };
             let v = shown(call(data_dir, req).await?)?;
-            println!("{} {}", v.id, v.state);
+            crate::outln!("{} {}", v.id, v.state);
             Ok(0)
         }
     }
@@ -346,11 +347,11 @@ pub struct SendArgs {
     /// Bulk: send one command per line of this file (`-` for stdin).
     #[arg(long, conflicts_with_all = ["payload", "file", "wait"])]
     pub lines: Option<PathBuf>,
-    #[arg(long, default_value = "normal")]
+    #[arg(long, default_value = "normal", ignore_case = true, value_parser = priority_parser())]
     pub priority: Priority,
-    /// Time to live, e.g. 10m.
-    #[arg(long)]
-    pub ttl: Option<humantime::Duration>,
+    /// Time to live: 30s, 10m, 2h, or a number of seconds.
+    #[arg(long, allow_negative_numbers = true)]
+    pub ttl: Option<crate::duration::DurationArg>,
     #[arg(long)]
     pub max_attempts: Option<u32>,
     /// Idempotency key: the same key returns the first command's id.
@@ -359,14 +360,39 @@ pub struct SendArgs {
     /// Run only once this command has succeeded.
     #[arg(long)]
     pub after: Option<String>,
-    /// Not before this time: RFC 3339, or +DURATION from now.
+    /// Not before this time: RFC 3339 with a zone (2026-11-25T10:00:00Z,
+    /// …+01:00), or +DURATION from now (+10m, +90 for seconds).
     #[arg(long)]
     pub not_before: Option<String>,
     /// Wait for the end state (default 60s), and print the result.
-    #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_name = "TIMEOUT")]
-    pub wait: Option<humantime::Duration>,
+    /// TIMEOUT: 90s, 10m, or a number of seconds.
+    #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_name = "TIMEOUT", allow_negative_numbers = true)]
+    pub wait: Option<crate::duration::DurationArg>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// The states a queued command can be in (`outpost queue --state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LiveState {
+    Queued,
+    Delivered,
+}
+
+impl LiveState {
+    fn holds(self, s: State) -> bool {
+        matches!(
+            (self, s),
+            (LiveState::Queued, State::Queued) | (LiveState::Delivered, State::Delivered { .. })
+        )
+    }
+}
+
+/// `--priority`: clap lists the values in `--help` and in a typo's error.
+fn priority_parser() -> impl clap::builder::TypedValueParser<Value = Priority> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["high", "normal", "low"])
+        .map(|s| s.parse::<Priority>().expect("one of the possible values"))
 }
 
 /// `outpost bench`.
@@ -418,9 +444,10 @@ pub struct DeviceArgs {
     /// Answer every command with its own payload.
     #[arg(long)]
     pub echo: bool,
-    /// Kill a command still running after this.
-    #[arg(long, default_value = "60s")]
-    pub timeout: humantime::Duration,
+    /// Kill a command still running after this (90s, 10m, or a number of
+    /// seconds).
+    #[arg(long, default_value = "60s", allow_negative_numbers = true)]
+    pub timeout: crate::duration::DurationArg,
 }
 
 /// Where the box keeps its state when no --data-dir is given.
@@ -463,13 +490,35 @@ pub fn main() -> i32 {
     match rt.block_on(run(cli.cmd, &data_dir, &file, file_path.as_deref())) {
         Ok(code) => code,
         Err(e) => {
-            let code = e
-                .downcast_ref::<AdminError>()
-                .map_or(1, AdminError::exit_code);
-            eprintln!("error: {e:#}");
+            let code = if e.downcast_ref::<UsageError>().is_some() {
+                2
+            } else {
+                e.downcast_ref::<AdminError>()
+                    .map_or(1, AdminError::exit_code)
+            };
+            eprintln!("error: {}", render_error(&e));
             code
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: typed errors
+/// often quote their source in their own text ("cannot read X: {source}")
+/// and also expose it as `source()`, which `{:#}` would print again
+/// ("…: No such file or directory: No such file or directory").
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(c.trim()) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
 }
 
 async fn client(data_dir: &Path) -> anyhow::Result<AdminClient> {
@@ -498,7 +547,7 @@ async fn run(
         }
         Cmd::Init { san } => {
             let id = crate::identity::Identity::init(data_dir, &san)?;
-            println!(
+            crate::outln!(
                 "initialised {} (CA and server certificate in {})",
                 data_dir.display(),
                 id.dir().display()
@@ -527,9 +576,9 @@ async fn run(
             };
             let path = out.unwrap_or_else(|| PathBuf::from(format!("{device}.bundle")));
             crate::identity::write_secret(&path, text.as_bytes())?;
-            println!("enrolled {device}; bundle written to {} (keep it secret: it holds the device's key)", path.display());
+            crate::outln!("enrolled {device}; bundle written to {} (keep it secret: it holds the device's key)", path.display());
             if gateway {
-                println!(
+                crate::outln!(
                     "on the edge box, run: outpost serve --upstream quic://{} --upstream-bundle {}",
                     crate::identity::Bundle::read(&path)
                         .map(|b| b.server)
@@ -537,7 +586,7 @@ async fn run(
                     path.display()
                 );
             } else {
-                println!(
+                crate::outln!(
                     "run the device with: outpost device --bundle {} --echo",
                     path.display()
                 );
@@ -546,7 +595,7 @@ async fn run(
         }
         Cmd::Revoke { device } => {
             call(data_dir, AdminRequest::Revoke(device.clone())).await?;
-            println!("revoked {device}: its connection is closed and it will be refused");
+            crate::outln!("revoked {device}: its connection is closed and it will be refused");
             Ok(0)
         }
         Cmd::Tag {
@@ -568,9 +617,9 @@ async fn run(
                 bail!("unexpected answer")
             };
             if json {
-                println!("{}", json!({"id": d.id, "tags": d.tags, "caps": d.caps}));
+                crate::outln!("{}", json!({"id": d.id, "tags": d.tags, "caps": d.caps}));
             } else {
-                println!(
+                crate::outln!(
                     "{}: tags [{}], caps [{}]",
                     d.id,
                     d.tags.join(", "),
@@ -593,7 +642,7 @@ async fn run(
                            "revoked": d.record.revoked, "stats": s})
                     })
                     .collect();
-                println!("{}", Value::Array(v));
+                crate::outln!("{}", Value::Array(v));
             } else {
                 let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
                 let rows: Vec<Vec<String>> = ds
@@ -641,7 +690,7 @@ async fn run(
                            "revoked": d.record.revoked})
                     })
                     .collect();
-                println!("{}", Value::Array(v));
+                crate::outln!("{}", Value::Array(v));
             } else {
                 let rows: Vec<Vec<String>> = ds
                     .iter()
@@ -686,7 +735,7 @@ async fn run(
             };
             if json {
                 let u = s.uplink.as_ref();
-                println!(
+                crate::outln!(
                     "{}",
                     json!({"version": s.version, "uptime_s": s.uptime_s, "devices_total": s.devices_total,
                        "devices_online": s.devices_online, "queued": s.queued, "in_flight": s.in_flight, "dead": s.dead,
@@ -702,7 +751,7 @@ async fn run(
                            "since": rfc3339(a.since), "detail": a.detail})).collect::<Vec<_>>()})
                 );
             } else {
-                println!(
+                crate::outln!(
                     "outpost {} — up {}",
                     s.version,
                     humantime::format_duration(Duration::from_secs(s.uptime_s))
@@ -748,7 +797,7 @@ async fn run(
                 }
                 print_table(&["", ""], &rows);
                 if s.alerts.is_empty() {
-                    println!("alerts: none");
+                    crate::outln!("alerts: none");
                 } else {
                     let rows: Vec<Vec<String>> = s
                         .alerts
@@ -778,11 +827,10 @@ async fn run(
                 bail!("unexpected answer")
             };
             if let Some(st) = state {
-                let st = st.to_ascii_lowercase();
-                vs.retain(|v| v.state.as_str() == st);
+                vs.retain(|v| st.holds(v.state));
             }
             if json {
-                println!("{}", Value::Array(vs.iter().map(view_json).collect()));
+                crate::outln!("{}", Value::Array(vs.iter().map(view_json).collect()));
             } else {
                 let rows: Vec<Vec<String>> = vs
                     .iter()
@@ -814,7 +862,7 @@ async fn run(
             else {
                 bail!("unexpected answer")
             };
-            println!("{} cancelled", v.id);
+            crate::outln!("{} cancelled", v.id);
             Ok(0)
         }
         Cmd::Retry { id } => {
@@ -823,7 +871,7 @@ async fn run(
             else {
                 bail!("unexpected answer")
             };
-            println!(
+            crate::outln!(
                 "{} queued again (attempt {} of up to {})",
                 v.id,
                 v.attempts + 1,
@@ -840,9 +888,9 @@ async fn run(
                         let mut o = json!({"id": ev.id.to_string(), "device": ev.device, "state": ev.state.as_str(),
                                            "at": rfc3339(ev.at), "attempts": ev.attempts, "error": ev.error});
                         add_result(&mut o, ev.outcome.as_ref());
-                        println!("{o}");
+                        crate::outln!("{o}");
                     } else {
-                        println!(
+                        crate::outln!(
                             "{}  {}  {:<10} {}",
                             rfc3339(ev.at),
                             ev.id,
@@ -886,9 +934,9 @@ async fn run(
                 }
                 let r = crate::bench::restart_bench(dir.path(), n, a.devices).await?;
                 if a.json {
-                    println!("{}", serde_json::to_string(&r)?);
+                    crate::outln!("{}", serde_json::to_string(&r)?);
                 } else {
-                    print!("{}", r.table());
+                    crate::out!("{}", r.table());
                 }
                 return Ok(0);
             }
@@ -896,9 +944,9 @@ async fn run(
                 let exe = std::env::current_exe().context("finding the outpost binary")?;
                 let r = crate::bench::idle_bench(&exe, dir.path(), n, a.idle_secs).await?;
                 if a.json {
-                    println!("{}", serde_json::to_string(&r)?);
+                    crate::outln!("{}", serde_json::to_string(&r)?);
                 } else {
-                    print!("{}", r.table());
+                    crate::out!("{}", r.table());
                 }
                 return Ok(0);
             }
@@ -914,9 +962,9 @@ async fn run(
             }
             let r = crate::bench::link_bench(dir.path(), &o).await?;
             if a.json {
-                println!("{}", serde_json::to_string(&r)?);
+                crate::outln!("{}", serde_json::to_string(&r)?);
             } else {
-                print!("{}", r.table());
+                crate::out!("{}", r.table());
             }
             Ok(0)
         }
@@ -925,7 +973,7 @@ async fn run(
                 shell,
                 &mut Cli::command(),
                 "outpost",
-                &mut std::io::stdout(),
+                &mut crate::stdout::Stdout,
             );
             Ok(0)
         }
@@ -943,7 +991,7 @@ async fn run(
                     .iter()
                     .map(|s| json!({"name": s.name, "target": s.target, "needs": s.needs, "line": s.line}))
                     .collect();
-                println!(
+                crate::outln!(
                     "{}",
                     json!({"name": w.name, "steps": steps, "on_failure": w.on_failure,
                            "timeout_s": w.timeout.map(|t| t.as_secs())})
@@ -955,14 +1003,14 @@ async fn run(
                     .filter(|s| !w.on_failure.contains(&s.name))
                     .map(|s| s.name.as_str())
                     .collect();
-                println!(
+                crate::outln!(
                     "{}: ok, {} steps: {}",
                     w.name,
                     order.len(),
                     order.join(" → ")
                 );
                 if !w.on_failure.is_empty() {
-                    println!("on failure: {}", w.on_failure.join(", "));
+                    crate::outln!("on failure: {}", w.on_failure.join(", "));
                 }
             }
             Ok(0)
@@ -970,7 +1018,7 @@ async fn run(
         Cmd::Workflow(other) => workflow_cmd(other, data_dir).await,
         Cmd::Fleet(f) => crate::fleet::run(f).await,
         Cmd::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            clap_mangen::Man::new(Cli::command()).render(&mut crate::stdout::Stdout)?;
             Ok(0)
         }
     }
@@ -1034,12 +1082,12 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
     };
     let Some(timeout) = a.wait else {
         if a.json {
-            println!(
+            crate::outln!(
                 "{}",
                 json!({"id": r.id.to_string(), "state": r.state.as_str(), "duplicate": r.duplicate})
             );
         } else {
-            println!("{}", r.id);
+            crate::outln!("{}", r.id);
         }
         return Ok(0);
     };
@@ -1058,7 +1106,7 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
                 if let Some(s) = &v.summary {
                     o["summary"] = json!(s);
                 }
-                println!("{o}");
+                crate::outln!("{o}");
             } else {
                 print_outcome(&v);
             }
@@ -1070,7 +1118,7 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
         }
         AdminResponse::TimedOut => {
             if a.json {
-                println!("{}", json!({"id": r.id.to_string(), "state": "timeout"}));
+                crate::outln!("{}", json!({"id": r.id.to_string(), "state": "timeout"}));
             }
             eprintln!(
                 "error: command {} did not end within {}; it stays queued — follow it with `outpost show {}`",
@@ -1127,21 +1175,7 @@ pub fn send_payload(a: &SendArgs, target: &str) -> anyhow::Result<Result<Vec<u8>
 pub fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
     let not_before = match a.not_before.as_deref() {
         None => None,
-        Some(s) if s.starts_with('+') => {
-            let d: Duration = humantime::parse_duration(&s[1..])
-                .with_context(|| format!("--not-before {s}: not a duration"))?;
-            Some(crate::now_millis() + d.as_millis() as u64)
-        }
-        Some(s) => {
-            let t = humantime::parse_rfc3339_weak(s).with_context(|| {
-                format!("--not-before {s}: use RFC 3339 (2026-11-25T10:00:00Z) or +10m")
-            })?;
-            Some(
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-            )
-        }
+        Some(s) => Some(parse_not_before(s, crate::now_millis()).map_err(UsageError)?),
     };
     Ok(SendOptions {
         priority: a.priority,
@@ -1152,6 +1186,58 @@ pub fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
         not_before,
     })
 }
+
+/// `--not-before`: `+DURATION` from `now`, or an RFC 3339 time with its
+/// zone. A time without a zone is refused: read as UTC it would be off by
+/// the site's offset, silently.
+pub fn parse_not_before(s: &str, now: u64) -> Result<u64, String> {
+    if let Some(d) = s.strip_prefix('+') {
+        let d = crate::duration::parse(d).map_err(|e| format!("--not-before {s}: {e}"))?;
+        return Ok(now.saturating_add(d.as_millis() as u64));
+    }
+    let bad = |why: &str| {
+        format!("--not-before {s}: {why}; write an RFC 3339 time with its zone (2026-11-25T10:00:00Z, 2026-11-25T11:00:00+01:00) or +10m")
+    };
+    let t = s.trim();
+    let (local, offset_s): (&str, i64) = if let Some(l) = t.strip_suffix(['Z', 'z']) {
+        (l, 0)
+    } else {
+        // ±hh:mm after the seconds (a date's own `-` come before the `T`).
+        let tail = t
+            .rfind(['+', '-'])
+            .filter(|&i| t[..i].contains(['T', 't', ' ']));
+        let Some(i) = tail else {
+            return Err(bad("no time zone"));
+        };
+        let (l, z) = t.split_at(i);
+        let sign = if z.starts_with('-') { -1 } else { 1 };
+        let hm: Vec<&str> = z[1..].split(':').collect();
+        let (Some(h), Some(m), 2) = (
+            hm.first().and_then(|h| h.parse::<i64>().ok()),
+            hm.get(1).and_then(|m| m.parse::<i64>().ok()),
+            hm.len(),
+        ) else {
+            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
+        };
+        if h > 23 || m > 59 {
+            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
+        }
+        (l, sign * (h * 3600 + m * 60))
+    };
+    let at = humantime::parse_rfc3339_weak(local).map_err(|e| bad(&e.to_string()))?;
+    let utc_ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+        - offset_s * 1000;
+    Ok(utc_ms.max(0) as u64)
+}
+
+/// A usage error found after parsing (exit 2), e.g. a flag's value that
+/// only makes sense with another.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 /// Bulk send: one command per line, over several admin connections so the
 /// box folds them into shared group commits. Prints the ids in line order.
@@ -1226,10 +1312,10 @@ async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> anyhow::Result
             .iter()
             .map(|r| json!({"id": r.id.to_string(), "state": r.state.as_str(), "duplicate": r.duplicate}))
             .collect();
-        println!("{}", Value::Array(v));
+        crate::outln!("{}", Value::Array(v));
     } else {
         for r in &receipts {
-            println!("{}", r.id);
+            crate::outln!("{}", r.id);
         }
         eprintln!("{} commands queued for {}", receipts.len(), a.target);
     }
@@ -1239,7 +1325,7 @@ async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> anyhow::Result
 fn print_outcome(v: &CommandView) {
     match &v.outcome {
         Some(Outcome::Ok(b)) => match std::str::from_utf8(b) {
-            Ok(s) => print!(
+            Ok(s) => crate::out!(
                 "{s}{}",
                 if s.ends_with('\n') || s.is_empty() {
                     ""
@@ -1247,7 +1333,7 @@ fn print_outcome(v: &CommandView) {
                     "\n"
                 }
             ),
-            Err(_) => println!("{}", base64::engine::general_purpose::STANDARD.encode(b)),
+            Err(_) => crate::outln!("{}", base64::engine::general_purpose::STANDARD.encode(b)),
         },
         Some(Outcome::Failed { code, message }) => {
             eprintln!("{} {}: exit code {code}: {message}", v.id, v.state)
@@ -1309,6 +1395,8 @@ pub fn view_json(v: &CommandView) -> Value {
         "priority": v.priority.as_str(), "attempts": v.attempts, "max_attempts": v.max_attempts,
         "created_at": rfc3339(v.created_at), "finished_at": v.finished_at.map(rfc3339),
         "origin": v.origin, "error": v.error,
+        "not_before": v.not_before.map(rfc3339), "expires_at": v.expires_at.map(rfc3339),
+        "after": v.after.map(|a| a.to_string()), "key": v.key,
     });
     add_result(&mut o, v.outcome.as_ref());
     if let Some(s) = &v.summary {
@@ -1324,7 +1412,7 @@ pub fn view_json(v: &CommandView) -> Value {
 
 fn print_view(v: &CommandView, json: bool) {
     if json {
-        println!("{}", view_json(v));
+        crate::outln!("{}", view_json(v));
         return;
     }
     let mut rows = vec![
@@ -1343,6 +1431,26 @@ fn print_view(v: &CommandView, json: bool) {
         ],
         vec!["created".into(), ago(v.created_at)],
     ]);
+    // Both say why a command has not run yet (or will never), so they are
+    // shown with the absolute time as well as the relative one.
+    if let Some(t) = v.not_before {
+        rows.push(vec![
+            "not before".into(),
+            format!("{} ({})", rfc3339(t), ago(t)),
+        ]);
+    }
+    if let Some(t) = v.expires_at {
+        rows.push(vec![
+            "expires".into(),
+            format!("{} ({})", rfc3339(t), ago(t)),
+        ]);
+    }
+    if let Some(a) = v.after {
+        rows.push(vec!["after".into(), a.to_string()]);
+    }
+    if let Some(k) = &v.key {
+        rows.push(vec!["key".into(), k.clone()]);
+    }
     if let Some(s) = &v.summary {
         rows.push(vec!["children".into(), s.clone()]);
     }
@@ -1365,7 +1473,7 @@ fn print_view(v: &CommandView, json: bool) {
     }
     print_table(&["", ""], &rows);
     if !v.children.is_empty() {
-        println!();
+        crate::outln!();
         let rows: Vec<Vec<String>> = v
             .children
             .iter()
@@ -1445,7 +1553,7 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{c:<w$}  ", w = width[i]));
             }
         }
-        println!("{}", s.trim_end());
+        crate::outln!("{}", s.trim_end());
     };
     if headers.iter().any(|h| !h.is_empty()) {
         line(headers.to_vec());
@@ -1462,6 +1570,50 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(crate::config::ConfigError::Read {
+            path: "/x.toml".into(),
+            source: io,
+        })
+        .context("starting the box");
+        let text = render_error(&e);
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.starts_with("starting the box: cannot read the config file /x.toml"));
+        // A cause the text does not quote is kept.
+        let e = anyhow::anyhow!("disk gone").context("writing the bundle");
+        assert_eq!(render_error(&e), "writing the bundle: disk gone");
+    }
+
+    #[test]
+    fn not_before_needs_a_zone_and_reads_offsets() {
+        let z = parse_not_before("2026-11-25T10:00:00Z", 0).unwrap();
+        assert_eq!(z, 1_795_600_800_000);
+        assert_eq!(parse_not_before("2026-11-25T11:00:00+01:00", 0).unwrap(), z);
+        assert_eq!(parse_not_before("2026-11-25T05:30:00-04:30", 0).unwrap(), z);
+        assert_eq!(parse_not_before("+90", 1000).unwrap(), 91_000);
+        assert_eq!(parse_not_before("+10m", 0).unwrap(), 600_000);
+        for bad in [
+            "2026-11-25T10:00:00",
+            "2026-11-25 10:00:00",
+            "2026-11-25T10:00:00+1",
+            "2026-11-25T10:00:00+25:00",
+            "tomorrow",
+            "+-5m",
+        ] {
+            let e = parse_not_before(bad, 0).expect_err(bad);
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        assert!(parse_not_before("2026-11-25T10:00:00", 0)
+            .unwrap_err()
+            .contains("no time zone"));
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub struct FileConfig {
     pub max_disk: Option<SizeValue>,
     /// Free space kept on the data dir's filesystem: a size.
     pub min_free_disk: Option<SizeValue>,
-    /// A duration: `1s`, `500ms`.
+    /// A duration: `1s`, `500ms`, or a number of seconds.
     pub backoff_base: Option<String>,
     pub backoff_cap: Option<String>,
     pub default_ttl: Option<String>,
@@ -95,11 +95,43 @@ pub struct FileConfig {
 }
 
 /// A size written as a number of bytes or a string with a unit.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum SizeValue {
     Bytes(u64),
     Text(String),
+}
+
+// By hand rather than `untagged`: serde's untagged error ("did not match
+// any variant of untagged enum") names neither the problem nor the fix.
+impl<'de> Deserialize<'de> for SizeValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SizeValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size: a number of bytes, or a string such as \"512MiB\" or \"2GB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeValue, E> {
+                Ok(SizeValue::Bytes(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeValue, E> {
+                u64::try_from(v).map(SizeValue::Bytes).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is negative; a size is 0 or more bytes: write a number of bytes, or \"512MiB\", \"2GB\""
+                    ))
+                })
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<SizeValue, E> {
+                Err(E::custom(format!(
+                    "{v} is not a whole number of bytes; write a number of bytes, or a string such as \"1536MiB\""
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeValue, E> {
+                Ok(SizeValue::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl FileConfig {
@@ -133,6 +165,11 @@ impl FileConfig {
 /// Parse a size: `512MiB`, `2GB`, `100`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "`{s}` is negative; a size is 0 or more bytes (write 512MiB, 2GB or a number of bytes)"
+        ));
+    }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (n, unit) = t.split_at(split);
     let n: u64 = n
@@ -178,32 +215,34 @@ pub struct ServeArgs {
     #[arg(long, env = "OUTPOST_MAX_QUEUED")]
     pub max_queued: Option<u64>,
     /// Bytes on disk before new commands are refused, e.g. 512MiB [default: none]
-    #[arg(long, env = "OUTPOST_MAX_DISK")]
+    #[arg(long, env = "OUTPOST_MAX_DISK", allow_negative_numbers = true)]
     pub max_disk: Option<String>,
     /// Free space kept on the data dir's filesystem: below it new commands
     /// are refused, so the database never meets a full disk [default: 32MiB]
-    #[arg(long, env = "OUTPOST_MIN_FREE_DISK")]
+    #[arg(long, env = "OUTPOST_MIN_FREE_DISK", allow_negative_numbers = true)]
     pub min_free_disk: Option<String>,
-    /// First retry delay after a failure [default: 1s]
-    #[arg(long, env = "OUTPOST_BACKOFF_BASE")]
+    /// First retry delay after a failure; a bare number is seconds [default: 1s]
+    #[arg(long, env = "OUTPOST_BACKOFF_BASE", allow_negative_numbers = true)]
     pub backoff_base: Option<String>,
-    /// Longest retry delay [default: 5m]
-    #[arg(long, env = "OUTPOST_BACKOFF_CAP")]
+    /// Longest retry delay; a bare number is seconds [default: 5m]
+    #[arg(long, env = "OUTPOST_BACKOFF_CAP", allow_negative_numbers = true)]
     pub backoff_cap: Option<String>,
-    /// Time to live when the sender gives none [default: none]
-    #[arg(long, env = "OUTPOST_DEFAULT_TTL")]
+    /// Time to live when the sender gives none, e.g. 1h; a bare number is
+    /// seconds [default: none]
+    #[arg(long, env = "OUTPOST_DEFAULT_TTL", allow_negative_numbers = true)]
     pub default_ttl: Option<String>,
     /// Attempts when the sender gives none [default: 5]
     #[arg(long, env = "OUTPOST_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
     /// sled's page cache [default: 8MiB]
-    #[arg(long, env = "OUTPOST_CACHE")]
+    #[arg(long, env = "OUTPOST_CACHE", allow_negative_numbers = true)]
     pub cache: Option<String>,
     /// Finished results kept for `show` [default: 100000]
     #[arg(long, env = "OUTPOST_RESULTS_MAX")]
     pub results_max: Option<usize>,
-    /// How long finished results are kept [default: 7d]
-    #[arg(long, env = "OUTPOST_RESULTS_MAX_AGE")]
+    /// How long finished results are kept; a bare number is seconds
+    /// [default: 7d]
+    #[arg(long, env = "OUTPOST_RESULTS_MAX_AGE", allow_negative_numbers = true)]
     pub results_max_age: Option<String>,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464
     /// [default: off]
@@ -299,11 +338,11 @@ pub struct Upstream {
 pub const DEFAULT_OUTBOX_MAX: u64 = 100_000;
 
 fn duration(key: &'static str, v: &str, origin: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim()).map_err(|e| ConfigError::Value {
+    crate::duration::parse(v.trim()).map_err(|e| ConfigError::Value {
         key,
         value: v.into(),
         origin: origin.into(),
-        why: format!("{e} (write e.g. 500ms, 10s, 5m)"),
+        why: e,
     })
 }
 
@@ -346,6 +385,11 @@ pub fn resolve(
         origin: listen_origin,
         why: "not an address; write host:port, e.g. [::]:7443 or 0.0.0.0:7443".into(),
     })?;
+    let window_origin = if args.window.is_some() {
+        cli.to_string()
+    } else {
+        f.clone()
+    };
     let mut limits = Limits {
         window: args.window.or(file.window).unwrap_or(d.window),
         max_queued: args.max_queued.or(file.max_queued).unwrap_or(d.max_queued),
@@ -363,7 +407,7 @@ pub fn resolve(
         return Err(ConfigError::Value {
             key: "window",
             value: "0".into(),
-            origin: cli.into(),
+            origin: window_origin,
             why: "must be at least 1".into(),
         });
     }

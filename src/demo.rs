@@ -29,7 +29,7 @@ pub async fn run() -> anyhow::Result<i32> {
     o.limits.backoff_base_ms = 300;
     o.limits.backoff_cap_ms = 2_000;
     let b = start(o).await?;
-    println!("box listening on {} (data in {})", b.addr, data.display());
+    crate::outln!("box listening on {} (data in {})", b.addr, data.display());
 
     let device = "demo-1";
     b.queue
@@ -42,7 +42,7 @@ pub async fn run() -> anyhow::Result<i32> {
     b.identity
         .issue_device(device, &b.advertise)?
         .write(&bundle_path)?;
-    println!("enrolled {device}; it is offline, so commands wait in its durable queue");
+    crate::outln!("enrolled {device}; it is offline, so commands wait in its durable queue");
 
     let mut events = b.queue.subscribe();
     let mut sent = Vec::new();
@@ -66,7 +66,7 @@ pub async fn run() -> anyhow::Result<i32> {
                 signature: None,
             })
             .await?;
-        println!(
+        crate::outln!(
             "sent {:<14} {:<6} → {} (durable)",
             format!("{payload:?}"),
             priority.as_str(),
@@ -75,7 +75,7 @@ pub async fn run() -> anyhow::Result<i32> {
         sent.push((r.id, payload));
     }
 
-    println!("starting the device agent; the high-priority command should run first");
+    crate::outln!("starting the device agent; the high-priority command should run first");
     // The script learns its scratch dir from its own text, not from this
     // process's environment (changing that under running threads is racy).
     let script = format!("DEMO_DIR='{}'\n{SCRIPT}", dir.path().display());
@@ -106,7 +106,7 @@ pub async fn run() -> anyhow::Result<i32> {
     let _ = tokio::time::timeout(Duration::from_secs(5), agent_task).await;
     b.stop().await;
 
-    println!();
+    crate::outln!();
     let rows: Vec<Vec<String>> = views
         .iter()
         .zip(&sent)
@@ -140,12 +140,12 @@ pub async fn run() -> anyhow::Result<i32> {
     );
     let ok = views.iter().all(|v| v.state == State::Succeeded);
     let high_first = order.first() == sent.last().map(|(id, _)| id);
-    println!();
+    crate::outln!();
     if ok && high_first {
-        println!("demo passed: every command succeeded, the failing one after a retry, and the high-priority one overtook the queue");
+        crate::outln!("demo passed: every command succeeded, the failing one after a retry, and the high-priority one overtook the queue");
         Ok(0)
     } else {
-        println!(
+        crate::outln!(
             "demo FAILED: not every command succeeded, or the high-priority one did not run first"
         );
         Ok(1)

@@ -308,7 +308,7 @@ fn database(dir: &Path) -> Finding {
 /// Print the findings; the exit code is 1 when any check failed.
 pub fn report(findings: &[Finding], json: bool) -> i32 {
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string(findings).unwrap_or_else(|_| "[]".into())
         );
@@ -319,9 +319,9 @@ pub fn report(findings: &[Finding], json: bool) -> i32 {
                 Status::Warn => "WARN",
                 Status::Fail => "FAIL",
             };
-            println!("{tag}  {:<13} {}", x.check, x.detail);
+            crate::outln!("{tag}  {:<13} {}", x.check, x.detail);
             if !x.fix.is_empty() {
-                println!("      {:<13} → {}", "", x.fix);
+                crate::outln!("      {:<13} → {}", "", x.fix);
             }
         }
     }

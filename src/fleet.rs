@@ -53,9 +53,9 @@ pub enum FleetCmd {
         /// Only this edge.
         #[arg(long)]
         edge: Option<String>,
-        /// Only this kind: state, result, event or device.
-        #[arg(long)]
-        kind: Option<String>,
+        /// Only this kind of record.
+        #[arg(long, value_enum, ignore_case = true)]
+        kind: Option<RecordKind>,
         /// From the start of the stream, not only what comes next.
         #[arg(long)]
         all: bool,
@@ -63,8 +63,8 @@ pub enum FleetCmd {
         #[arg(long)]
         max: Option<u64>,
         /// Stop when nothing came for this long.
-        #[arg(long)]
-        idle: Option<humantime::Duration>,
+        #[arg(long, allow_negative_numbers = true)]
+        idle: Option<crate::duration::DurationArg>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -76,6 +76,27 @@ pub enum FleetCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The kinds of record an edge publishes (the last token of its subject).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecordKind {
+    State,
+    Result,
+    Event,
+    Device,
+}
+
+impl RecordKind {
+    /// The subject token.
+    pub fn subject(self) -> &'static str {
+        match self {
+            RecordKind::State => "state",
+            RecordKind::Result => "result",
+            RecordKind::Event => "event",
+            RecordKind::Device => "device",
+        }
+    }
 }
 
 async fn client(a: &NatsArgs) -> anyhow::Result<async_nats::Client> {
@@ -102,7 +123,7 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
                 match nats::init(&c, replicas).await {
                     Ok(said) => {
                         for s in said {
-                            println!("{s}");
+                            crate::outln!("{s}");
                         }
                         return Ok(0);
                     }
@@ -137,7 +158,7 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
             let filter = format!(
                 "outpost.up.{}.{}",
                 edge.as_deref().unwrap_or("*"),
-                kind.as_deref().unwrap_or("*")
+                kind.map_or("*", RecordKind::subject)
             );
             let cons = stream
                 .create_consumer(consumer::pull::OrderedConfig {
@@ -203,13 +224,13 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
                 }
             }
             if json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::json!({"streams": streams, "edges": edges})
                 );
             } else {
                 for s in &streams {
-                    println!(
+                    crate::outln!(
                         "{:<12} {:>9} messages {:>12} bytes  {} replicas, leader {}",
                         s["stream"].as_str().unwrap_or(""),
                         s["messages"],
@@ -219,10 +240,10 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
                     );
                 }
                 if edges.is_empty() {
-                    println!("no edge has connected yet");
+                    crate::outln!("no edge has connected yet");
                 }
                 for e in &edges {
-                    println!(
+                    crate::outln!(
                         "edge {:<20} {} commands waiting, {} taken and not yet acked",
                         e["edge"].as_str().unwrap_or(""),
                         e["waiting"],
@@ -249,7 +270,7 @@ fn print_up(m: &jetstream::Message, json: bool) {
     );
     let body = String::from_utf8_lossy(&m.payload).to_string();
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({"edge": edge, "kind": kind, "seq": h("Outpost-Seq"), "id": h("Outpost-Id"),
                 "state": h("Outpost-State"), "device": h("Outpost-Device"), "outcome": h("Outpost-Outcome"),
@@ -260,7 +281,7 @@ fn print_up(m: &jetstream::Message, json: bool) {
         if short.len() < body.len() {
             short.push('…');
         }
-        println!(
+        crate::outln!(
             "{edge} {kind} {} {} {} {short}",
             h("Outpost-Id").unwrap_or_else(|| "-".into()),
             h("Outpost-State").unwrap_or_else(|| "-".into()),
@@ -321,12 +342,12 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
         })?;
     let Some(results) = results.as_mut() else {
         if s.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::json!({"id": id.to_string(), "subject": subject})
             );
         } else {
-            println!("{id}");
+            crate::outln!("{id}");
         }
         return Ok(0);
     };
@@ -356,14 +377,14 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
                 .map(|v| v.as_str().to_string())
                 .unwrap_or_default();
             if s.json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::json!({"id": want, "state": state,
                         "result": String::from_utf8_lossy(&m.payload)})
                 );
             } else {
-                println!("{want} {state}");
-                println!("{}", String::from_utf8_lossy(&m.payload));
+                crate::outln!("{want} {state}");
+                crate::outln!("{}", String::from_utf8_lossy(&m.payload));
             }
             Ok(if state == "succeeded" { 0 } else { 1 })
         }

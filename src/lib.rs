@@ -6,6 +6,9 @@
 //! actions; async shells (`queue::service`, `device`, `admin`) do the IO.
 //! See ARCHITECTURE.md for the map.
 
+// Every write to stdout goes through `stdout` (a closed pipe ends quietly).
+#![warn(clippy::print_stdout)]
+
 pub mod admin;
 pub mod alert;
 pub mod bench;
@@ -16,6 +19,7 @@ pub mod config;
 pub mod demo;
 pub mod device;
 pub mod doctor;
+pub mod duration;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -31,6 +35,7 @@ pub mod relay;
 pub mod route;
 pub mod serve;
 pub mod sim;
+pub mod stdout;
 pub mod store;
 pub mod upstream;
 pub mod workflow;

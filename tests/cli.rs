@@ -874,3 +874,311 @@ fn serve_refuses_a_non_loopback_dashboard_without_a_token() {
     assert!(err.contains("not a loopback address"), "{err}");
     assert!(err.contains("--http-token"), "{err}");
 }
+
+/// Run outpost with stdout a pipe whose read end is already closed, as
+/// `outpost … | head` leaves it once head has gone.
+fn outpost_into_closed_pipe(dir: &Path, args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two fresh descriptors, owned from here on.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run outpost");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{args:?} did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Every subcommand path (`workflow list`, `fleet send`, …) in the CLI's
+/// definition.
+fn subcommand_paths() -> Vec<Vec<String>> {
+    use clap::CommandFactory;
+    fn walk(c: &clap::Command, at: Vec<String>, out: &mut Vec<Vec<String>>) {
+        for s in c.get_subcommands() {
+            let mut p = at.clone();
+            p.push(s.get_name().to_string());
+            out.push(p.clone());
+            walk(s, p, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&outpost::cli::Cli::command(), Vec::new(), &mut out);
+    out
+}
+
+#[test]
+fn every_subcommand_ends_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut b = start_box();
+    b.device("echo-1", &["--echo"]);
+    let r = json(&b.run(&["send", "echo-1", "x", "--wait", "20s", "--json"]));
+    let id = r["id"].as_str().unwrap().to_string();
+    let wf = b.dir.path().join("w.toml");
+    std::fs::write(
+        &wf,
+        "name = \"w\"\n[steps.a]\ntarget = \"echo-1\"\npayload = \"p\"\n",
+    )
+    .unwrap();
+    let wf = wf.to_str().unwrap();
+    let quiet = |args: &[&str], must_write: bool| {
+        let o = outpost_into_closed_pipe(b.dir.path(), args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !err.contains("panicked") && o.status.code() != Some(101),
+            "{args:?} on a closed pipe: {:?}\n{err}",
+            o.status
+        );
+        if must_write {
+            // It wrote, met the closed pipe, and ended as coreutils do.
+            assert_eq!(
+                o.status.signal(),
+                Some(libc::SIGPIPE),
+                "{args:?}: {:?}\n{err}",
+                o.status
+            );
+            assert!(err.is_empty(), "{args:?} said: {err}");
+        }
+    };
+    // Every subcommand's help (clap's own writer).
+    let paths = subcommand_paths();
+    assert!(paths.len() > 20, "{paths:?}");
+    for p in &paths {
+        let mut args: Vec<&str> = p.iter().map(String::as_str).collect();
+        args.push("--help");
+        quiet(&args, false);
+    }
+    // Every subcommand that prints to stdout, for real.
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["devices"],
+        &["devices", "--stats", "--json"],
+        &["queue", "echo-1"],
+        &["show", &id],
+        &["show", &id, "--json"],
+        &["send", "echo-1", "y"],
+        &["tag", "echo-1", "--add", "t2"],
+        &["doctor"],
+        &["completions", "bash"],
+        &["man"],
+        &["workflow", "check", wf],
+        &["workflow", "run", wf],
+        &["workflow", "list"],
+        &["retry", &id],
+    ] {
+        let must_write = args[0] != "retry"; // refused: a succeeded command
+        quiet(args, must_write);
+    }
+    // enroll prints after writing the bundle, which must be there.
+    let bundle = b.dir.path().join("late.bundle");
+    quiet(&["enroll", "late", "--out", bundle.to_str().unwrap()], true);
+    assert!(bundle.exists());
+    // A stream: watch ends at the first event it cannot print.
+    let watch = std::thread::scope(|s| {
+        let h = s.spawn(|| outpost_into_closed_pipe(b.dir.path(), &["watch"]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !h.is_finished() && Instant::now() < deadline {
+            ok(&b.run(&["send", "echo-1", "z"]));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        h.join().unwrap()
+    });
+    assert_eq!(watch.status.signal(), Some(libc::SIGPIPE), "{watch:?}");
+}
+
+#[test]
+fn every_flag_with_a_set_of_values_refuses_a_typo_with_exit_2_and_the_values() {
+    use clap::CommandFactory;
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = Vec::new();
+    fn walk(c: &clap::Command, at: Vec<String>, out: &mut Vec<(Vec<String>, clap::Arg)>) {
+        for a in c.get_arguments() {
+            if a.get_action().takes_values() && !a.get_possible_values().is_empty() {
+                out.push((at.clone(), a.clone()));
+            }
+        }
+        for s in c.get_subcommands() {
+            let mut p = at.clone();
+            p.push(s.get_name().to_string());
+            walk(s, p, out);
+        }
+    }
+    let mut flags = Vec::new();
+    walk(&outpost::cli::Cli::command(), Vec::new(), &mut flags);
+    for (path, arg) in &flags {
+        let mut args: Vec<String> = path.clone();
+        match arg.get_long() {
+            Some(l) => args.extend([format!("--{l}"), "dlivered".into()]),
+            None => args.push("dlivered".into()),
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = outpost(dir.path(), &argv);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{argv:?}: {err}");
+        assert!(err.contains("dlivered"), "{argv:?}: {err}");
+        for v in arg.get_possible_values() {
+            assert!(
+                err.contains(v.get_name()),
+                "{argv:?} does not list {}: {err}",
+                v.get_name()
+            );
+        }
+        checked.push(argv.join(" "));
+    }
+    // The flags the issue names are among them.
+    for must in ["queue --state", "send --priority", "fleet watch --kind"] {
+        assert!(
+            checked.iter().any(|c| c.starts_with(must)),
+            "{must} not checked: {checked:?}"
+        );
+    }
+}
+
+#[test]
+fn durations_read_a_bare_number_as_seconds_and_refuse_negatives() {
+    let b = start_box();
+    b.enroll("offline-1");
+    let r = json(&b.run(&["send", "offline-1", "x", "--ttl", "30", "--json"]));
+    let v = json(&b.run(&["show", r["id"].as_str().unwrap(), "--json"]));
+    let at = |k: &str| humantime::parse_rfc3339(v[k].as_str().unwrap()).unwrap();
+    let ttl = at("expires_at").duration_since(at("created_at")).unwrap();
+    assert_eq!(ttl, Duration::from_secs(30), "{v}");
+    // --wait 1 waits one second, not a usage error.
+    let o = b.run(&["send", "offline-1", "x", "--wait", "1"]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("within 1s"),
+        "{o:?}"
+    );
+    for args in [
+        &["send", "offline-1", "x", "--ttl", "-1"][..],
+        &["send", "offline-1", "x", "--wait", "-1"],
+        &["send", "offline-1", "x", "--ttl", "soon"],
+        &["device", "--bundle", "b", "--echo", "--timeout", "-1"],
+    ] {
+        let o = b.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("number of seconds"), "{args:?}: {err}");
+    }
+    // --help says so.
+    let help = ok(&b.run(&["send", "--help"]));
+    assert!(help.contains("number of seconds"), "{help}");
+}
+
+#[test]
+fn show_names_not_before_and_expiry_and_a_zoneless_time_is_refused() {
+    let b = start_box();
+    b.enroll("offline-1");
+    let id = ok(&b.run(&[
+        "send",
+        "offline-1",
+        "x",
+        "--not-before",
+        "2099-01-01T10:00:00+02:00",
+        "--ttl",
+        "1h",
+    ]));
+    let id = id.trim();
+    let v = json(&b.run(&["show", id, "--json"]));
+    assert_eq!(v["not_before"], "2099-01-01T08:00:00.000Z", "{v}");
+    assert!(v["expires_at"].is_string(), "{v}");
+    let text = ok(&b.run(&["show", id]));
+    assert!(
+        text.contains("not before") && text.contains("2099-01-01T08:00:00"),
+        "{text}"
+    );
+    assert!(text.contains("expires"), "{text}");
+    let o = b.run(&[
+        "send",
+        "offline-1",
+        "x",
+        "--not-before",
+        "2099-01-01T10:00:00",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no time zone"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn a_key_reused_for_another_command_is_refused_and_the_same_command_is_not() {
+    let b = start_box();
+    b.enroll("a");
+    b.enroll("b");
+    let first = ok(&b.run(&["send", "a", "x", "--key", "k1"]));
+    // The same command again: the first id, as before.
+    assert_eq!(ok(&b.run(&["send", "a", "x", "--key", "k1"])), first);
+    for (target, payload, what) in [("b", "x", "target"), ("a", "y", "payload")] {
+        let o = b.run(&["send", target, payload, "--key", "k1"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(5), "{err}");
+        assert!(
+            err.contains("k1") && err.contains(first.trim()) && err.contains(what),
+            "{err}"
+        );
+    }
+    // After a restart (the key rebuilt from the journal) too.
+    let mut b = b;
+    let _ = b.serve.kill();
+    let _ = b.serve.wait();
+    b.serve = spawn_serve(b.dir.path());
+    assert_eq!(ok(&b.run(&["send", "a", "x", "--key", "k1"])), first);
+    let o = b.run(&["send", "a", "y", "--key", "k1"]);
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+}
+
+#[test]
+fn config_and_listener_errors_name_their_origin_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve_with = |cfg: &str, extra: &[&str]| {
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let o = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(&args)
+            .env("OUTPOST_DATA_DIR", dir.path().join("data"))
+            .env("OUTPOST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{cfg}: {o:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = serve_with("window = 0\n", &[]);
+    assert!(
+        e.contains("outpost.toml") && !e.contains("command line"),
+        "{e}"
+    );
+    let e = serve_with("max_disk = -5\n", &[]);
+    assert!(e.contains("negative") && !e.contains("untagged"), "{e}");
+    let e = serve_with("", &["--max-disk", "-5"]);
+    assert!(e.contains("negative"), "{e}");
+    // A port in use: the error says what to do, once.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = serve_with("", &["--http", &addr]);
+    assert!(e.contains("another program") && e.contains("--http"), "{e}");
+    let os = std::io::Error::from(std::io::ErrorKind::AddrInUse).to_string();
+    assert!(
+        e.matches("in use").count() <= 1,
+        "the OS text twice ({os}): {e}"
+    );
+}

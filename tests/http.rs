@@ -291,8 +291,15 @@ async fn with_a_token_the_page_and_api_need_it_and_metrics_stay_open() {
     for path in ["/", "/api/status", "/api/devices", "/api/events"] {
         let (status, body) = request(addr, "GET", path, &[]).await;
         assert_eq!(status, 401, "{path}: {body}");
-        let (status, _) = request(addr, "GET", path, &["Authorization: Bearer wrong-token"]).await;
+        assert!(body.contains("a token is required"), "{path}: {body}");
+        // A wrong token is told apart from a missing one: the fix differs.
+        let (status, body) =
+            request(addr, "GET", path, &["Authorization: Bearer wrong-token"]).await;
         assert_eq!(status, 401, "{path} with a wrong token");
+        assert!(
+            body.contains("does not match") && !body.contains("is required"),
+            "{path}: {body}"
+        );
     }
     let bearer = format!("Authorization: Bearer {token}");
     let (status, body) = request(addr, "GET", "/api/status", &[&bearer]).await;

@@ -49,12 +49,21 @@ pub struct HttpOptions {
 pub enum HttpError {
     #[error("refusing to serve the dashboard on {addr}: it is not a loopback address and no token is set; set --http-token TOKEN (or --http-token-file FILE, or http_token in the config file), or listen on 127.0.0.1")]
     NotLoopback { addr: SocketAddr },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} for the dashboard and metrics: {source}{}", bind_hint(.source))]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+}
+
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "; another program (or another outpost) uses this TCP port: stop it, or pick a free port with --http / --metrics (http = / metrics = in the config)",
+        std::io::ErrorKind::AddrNotAvailable => "; this machine has no such address: use 127.0.0.1 or an address of one of its interfaces",
+        std::io::ErrorKind::PermissionDenied => "; ports below 1024 need privileges: pick a port above 1024",
+        _ => "",
+    }
 }
 
 struct Shared {
@@ -168,11 +177,20 @@ async fn guard(State(st): State<St>, req: Request, next: Next) -> Response {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| t.trim().to_string());
         let given = bearer.or_else(|| query_token(req.uri().query()));
-        if !given.is_some_and(|g| same(g.as_bytes(), want.as_bytes())) {
+        // A wrong token and a missing one are told apart: the fix differs
+        // (check the token's value vs. send one at all).
+        let refusal = match given {
+            Some(g) if same(g.as_bytes(), want.as_bytes()) => None,
+            Some(_) => Some(
+                "the token given does not match this box's; use the value of --http-token (or the first line of --http-token-file) on the box",
+            ),
+            None => Some("a token is required: send Authorization: Bearer TOKEN or ?token=TOKEN"),
+        };
+        if let Some(why) = refusal {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(json!({"error": "a token is required: Authorization: Bearer TOKEN or ?token=TOKEN"})),
+                Json(json!({ "error": why })),
             )
                 .into_response();
         }

@@ -328,7 +328,7 @@ impl Workflow {
         }
         let timeout = match &spec.timeout {
             None => None,
-            Some(t) => Some(humantime::parse_duration(t.get_ref()).map_err(|e| {
+            Some(t) => Some(crate::duration::parse(t.get_ref()).map_err(|e| {
                 err(
                     at(t.span()),
                     format!("timeout {:?}: {e} (write e.g. 30m)", t.get_ref()),
@@ -392,7 +392,7 @@ impl Workflow {
             let ttl =
                 match &s.ttl {
                     None => None,
-                    Some(t) => Some(humantime::parse_duration(t.get_ref()).map_err(|e| {
+                    Some(t) => Some(crate::duration::parse(t.get_ref()).map_err(|e| {
                         step_err(at(t.span()), format!("ttl {:?}: {e}", t.get_ref()))
                     })?),
                 };

@@ -165,7 +165,11 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             addr.to_string()
         }
     });
-    let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store)?;
+    let retention = crate::workflow::Retention {
+        max_age_ms: o.limits.results_max_age_ms,
+        ..Default::default()
+    };
+    let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store, retention)?;
     let uplink = match (&o.upstream, &o.nats) {
         (Some((u, _)), _) => Some(crate::upstream::start(
             queue.clone(),

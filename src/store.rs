@@ -716,6 +716,21 @@ impl Store {
         Ok(())
     }
 
+    /// Delete finished workflow runs' records (retention). Not flushed: a
+    /// crash before the next flush only brings back runs to prune again.
+    pub fn delete_workflows(&self, ids: &[crate::CommandId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            let mut k = vec![b'W'];
+            k.extend_from_slice(&id.0.to_be_bytes());
+            batch.remove(k);
+        }
+        self.meta.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
     /// Every workflow run's record.
     pub fn workflows(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         self.meta

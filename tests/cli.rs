@@ -1182,3 +1182,59 @@ fn config_and_listener_errors_name_their_origin_and_the_fix() {
         "the OS text twice ({os}): {e}"
     );
 }
+
+#[test]
+fn finished_workflow_runs_are_pruned_after_the_retention_and_stay_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("outpost.toml");
+    // A bare number: seconds.
+    std::fs::write(&config, "results_max_age = \"2\"\n").unwrap();
+    let serve = spawn_serve_with(dir.path(), Some(&config));
+    let mut b = Box_ {
+        dir,
+        serve,
+        devices: Vec::new(),
+    };
+    b.device("echo-1", &["--echo"]);
+    let wf = b.dir.path().join("w.toml");
+    std::fs::write(
+        &wf,
+        "name = \"w\"\n[steps.a]\ntarget = \"echo-1\"\npayload = \"p\"\n",
+    )
+    .unwrap();
+    let v = json(&b.run(&[
+        "workflow",
+        "run",
+        wf.to_str().unwrap(),
+        "--wait",
+        "20",
+        "--json",
+    ]));
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        json(&b.run(&["workflow", "list", "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !json(&b.run(&["workflow", "list", "--json"]))
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the run outlived its retention");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.run(&["workflow", "show", &id]).status.code(), Some(3));
+    // Gone from the store too: a restart does not bring it back.
+    let _ = b.serve.kill();
+    let _ = b.serve.wait();
+    b.serve = spawn_serve_with(b.dir.path(), Some(&config));
+    assert!(json(&b.run(&["workflow", "list", "--json"]))
+        .as_array()
+        .unwrap()
+        .is_empty());
+}

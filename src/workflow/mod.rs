@@ -1019,6 +1019,54 @@ impl Run {
     }
 }
 
+/// How long finished runs are kept for `workflow show` and `list`: the
+/// newest `max_runs` that ended within `max_age_ms`. Without a bound every
+/// run stayed in the store and in memory for ever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub max_runs: usize,
+    pub max_age_ms: crate::Millis,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_runs: 1_000,
+            max_age_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl Retention {
+    /// Which finished runs to delete now, and when the next one will be due
+    /// (so the shell sleeps until then, never polls). A running run is never
+    /// pruned, nor one whose end a hub has not been told yet.
+    pub fn prune<'a>(
+        &self,
+        runs: impl IntoIterator<Item = &'a Run>,
+        now: crate::Millis,
+    ) -> (Vec<crate::CommandId>, Option<crate::Millis>) {
+        let mut ended: Vec<(crate::Millis, crate::CommandId)> = runs
+            .into_iter()
+            .filter(|r| r.state != RunState::Running && (r.origin.is_none() || r.reported))
+            .map(|r| (r.finished_at.unwrap_or(r.started_at), r.id))
+            .collect();
+        // Newest first: the count keeps those.
+        ended.sort_unstable_by(|a, b| b.cmp(a));
+        let mut gone = Vec::new();
+        let mut next = None;
+        for (i, &(at, id)) in ended.iter().enumerate() {
+            let due = at.saturating_add(self.max_age_ms);
+            if i >= self.max_runs || due <= now {
+                gone.push(id);
+            } else {
+                next = Some(next.map_or(due, |n: crate::Millis| n.min(due)));
+            }
+        }
+        (gone, next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1078,6 +1126,55 @@ payload = "start-previous-firmware"
 
     fn fails(text: &str) -> WorkflowError {
         Workflow::parse(text, "w.toml").unwrap_err()
+    }
+
+    #[test]
+    fn retention_prunes_the_oldest_and_the_aged_but_never_a_running_or_unreported_run() {
+        let w = Workflow::parse(
+            "name = \"w\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n",
+            "w.toml",
+        )
+        .unwrap();
+        let run = |id: u128, ended_at: Option<crate::Millis>| {
+            let (mut r, _) = Run::start(crate::CommandId(id), w.clone(), 0);
+            if let Some(t) = ended_at {
+                r.cancel(false, t);
+                assert_ne!(r.state, RunState::Running);
+            }
+            r
+        };
+        let keep = Retention {
+            max_runs: 2,
+            max_age_ms: 1_000,
+        };
+        // Ended at 100, 200, 300 and one still running: the count keeps the
+        // newest two, the next due is the oldest kept one's age.
+        let runs = [
+            run(1, Some(100)),
+            run(2, Some(200)),
+            run(3, Some(300)),
+            run(4, None),
+        ];
+        let (gone, next) = keep.prune(&runs, 500);
+        assert_eq!(gone, vec![crate::CommandId(1)]);
+        assert_eq!(next, Some(1_200));
+        // At 1,200 the one that ended at 200 has aged out; at 1,300 both.
+        assert_eq!(
+            keep.prune(&runs, 1_200).0,
+            vec![crate::CommandId(2), crate::CommandId(1)]
+        );
+        let (gone, next) = keep.prune(&runs, 1_300);
+        assert_eq!(gone.len(), 3);
+        assert_eq!(
+            next, None,
+            "only the running one is left: nothing to wake for"
+        );
+        // A run handed down by a hub is kept until its end is reported.
+        let mut handed = run(5, Some(100));
+        handed.origin = Some("upstream/hub".into());
+        assert!(keep.prune([&handed], 10_000).0.is_empty());
+        handed.reported = true;
+        assert_eq!(keep.prune([&handed], 10_000).0, vec![crate::CommandId(5)]);
     }
 
     #[test]

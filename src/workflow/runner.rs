@@ -106,7 +106,11 @@ pub struct Runner {
 
 impl Runner {
     /// Load the runs the store holds and start running.
-    pub fn start(queue: QueueHandle, store: Store) -> Result<Runner, crate::store::StoreError> {
+    pub fn start(
+        queue: QueueHandle,
+        store: Store,
+        retention: super::Retention,
+    ) -> Result<Runner, crate::store::StoreError> {
         let mut runs = BTreeMap::new();
         for rec in store.workflows()? {
             match serde_json::from_slice::<Run>(&rec) {
@@ -123,6 +127,8 @@ impl Runner {
             store,
             runs,
             by_cmd: HashMap::new(),
+            retention,
+            prune_at: Some(0),
         };
         tokio::spawn(shell.run(rx, events));
         Ok(Runner { tx })
@@ -184,6 +190,10 @@ struct Shell {
     runs: BTreeMap<CommandId, Run>,
     /// Step command → its run.
     by_cmd: HashMap<CommandId, CommandId>,
+    retention: super::Retention,
+    /// When finished runs are next due for pruning; `Some(0)` once a run
+    /// may have ended (pruned at the next turn of the loop).
+    prune_at: Option<crate::Millis>,
 }
 
 impl Shell {
@@ -200,11 +210,15 @@ impl Shell {
         // Ends a crash kept from reaching the queue.
         self.report(&ids).await;
         loop {
+            if self.prune_at.is_some_and(|t| t <= crate::now_millis()) {
+                self.prune(crate::now_millis());
+            }
             let next = self
                 .runs
                 .values()
                 .filter(|r| r.state == RunState::Running)
                 .filter_map(|r| r.deadline)
+                .chain(self.prune_at)
                 .min();
             let sleep = async {
                 match next {
@@ -554,6 +568,8 @@ impl Shell {
         touched.sort_unstable();
         touched.dedup();
         self.persist(&touched, durable);
+        // A touched run may have ended: retention looks again next turn.
+        self.prune_at = Some(0);
         self.report(&touched).await;
         // A step that ended before we listened (a duplicate, a fast
         // device) is settled now.
@@ -600,6 +616,30 @@ impl Shell {
             }
         }
         self.persist(&done, false);
+        if !done.is_empty() {
+            // A reported run may now be pruned.
+            self.prune_at = Some(0);
+        }
+    }
+
+    /// Forget the finished runs the retention no longer keeps, in memory
+    /// and in the store, and note when the next one is due.
+    fn prune(&mut self, now: crate::Millis) {
+        let (gone, next) = self.retention.prune(self.runs.values(), now);
+        self.prune_at = next;
+        if gone.is_empty() {
+            return;
+        }
+        for id in &gone {
+            self.runs.remove(id);
+        }
+        let gone_set: std::collections::HashSet<&CommandId> = gone.iter().collect();
+        self.by_cmd.retain(|_, run| !gone_set.contains(run));
+        if let Err(e) = self.store.delete_workflows(&gone) {
+            // Gone from memory already; their records come back at the
+            // next start, which prunes them again.
+            tracing::warn!(error = %e, "cannot delete finished workflow runs' records");
+        }
     }
 
     fn persist(&self, ids: &[CommandId], durable: bool) {

@@ -159,7 +159,9 @@ async fn run(
     let hub = serve::start(options(&hub_dir, port)).await?;
     let mut status = edge.uplink.as_ref().expect("uplink").watch();
     let t = Instant::now();
-    status.wait_for(|s| s.state == "connected").await?;
+    status
+        .wait_for(|s| s.state == outpost::upstream::UplinkState::Connected)
+        .await?;
     let connect = t.elapsed();
     let t = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -106,29 +106,9 @@ impl Frame for AdminResponse {
     const KNOWN_TAGS: u32 = 13;
 }
 
-/// What kind of failure an error is; the CLI's exit code follows from it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ErrorKind {
-    /// No such command or device (exit 3).
-    NotFound,
-    /// Refused by policy: queue full, disk budget, revoked (exit 5).
-    Refused,
-    /// The request cannot be done as asked (exit 1).
-    BadRequest,
-    /// The box is shutting down or its store failed (exit 1).
-    Unavailable,
-}
-
-impl ErrorKind {
-    /// The CLI exit code for this kind (DESIGN §8).
-    pub fn exit_code(self) -> i32 {
-        match self {
-            ErrorKind::NotFound => 3,
-            ErrorKind::Refused => 5,
-            ErrorKind::BadRequest | ErrorKind::Unavailable => 1,
-        }
-    }
-}
+/// What kind of failure an error is; the CLI's exit code follows from it
+/// (`exit::of_class`). The queue's own classification, so both agree.
+pub use crate::queue::ErrorClass as ErrorKind;
 
 /// `outpost status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -170,8 +150,7 @@ pub struct EdgeView {
 /// The uplink as `status` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UplinkView {
-    /// `connecting`, `connected` or `offline`.
-    pub state: String,
+    pub state: crate::upstream::UplinkState,
     pub hub: String,
     /// When the state began (ms since the epoch).
     pub since: u64,
@@ -189,16 +168,8 @@ pub struct UplinkView {
 }
 
 fn error_of(e: &QueueError) -> AdminResponse {
-    let kind = match e {
-        QueueError::NotFound(_) | QueueError::UnknownDevice(_) | QueueError::NoRoute(_) => {
-            ErrorKind::NotFound
-        }
-        e if e.is_refusal() => ErrorKind::Refused,
-        QueueError::ShuttingDown | QueueError::Storage(_) => ErrorKind::Unavailable,
-        _ => ErrorKind::BadRequest,
-    };
     AdminResponse::Error {
-        kind,
+        kind: e.class(),
         message: e.to_string(),
     }
 }
@@ -547,9 +518,9 @@ impl AdminError {
     /// The CLI exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            AdminError::Remote { kind, .. } => kind.exit_code(),
-            AdminError::Denied { .. } => 5,
-            _ => 1,
+            AdminError::Remote { kind, .. } => crate::exit::of_class(*kind),
+            AdminError::Denied { .. } => crate::exit::REFUSED,
+            _ => crate::exit::ERROR,
         }
     }
 }

@@ -19,10 +19,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Exit code: the command ended without success.
-pub const EXIT_UNSUCCESSFUL: i32 = 6;
-/// Exit code: `--wait` timed out.
-pub const EXIT_TIMEOUT: i32 = 4;
+use crate::exit;
 
 /// outpost: an offline-first device relay and durable command queue.
 #[derive(Debug, Parser)]
@@ -240,7 +237,7 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return Ok(2);
+                    return Ok(exit::USAGE);
                 }
             };
             let req = AdminRequest::WorkflowRun {
@@ -258,7 +255,7 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                         } else {
                             print_workflow(&v);
                         }
-                        return Ok(EXIT_TIMEOUT);
+                        return Ok(exit::TIMED_OUT);
                     }
                     // The box runs it; this only looks now and then.
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -272,7 +269,7 @@ async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> 
                 return Ok(if v.state == "succeeded" {
                     0
                 } else {
-                    EXIT_UNSUCCESSFUL
+                    exit::UNSUCCESSFUL
                 });
             }
             if json {
@@ -472,7 +469,7 @@ pub fn main() -> i32 {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
-            return 1;
+            return exit::ERROR;
         }
     };
     let data_dir = cli
@@ -484,17 +481,17 @@ pub fn main() -> i32 {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return 1;
+            return exit::ERROR;
         }
     };
     match rt.block_on(run(cli.cmd, &data_dir, &file, file_path.as_deref())) {
         Ok(code) => code,
         Err(e) => {
             let code = if e.downcast_ref::<UsageError>().is_some() {
-                2
+                exit::USAGE
             } else {
                 e.downcast_ref::<AdminError>()
-                    .map_or(1, AdminError::exit_code)
+                    .map_or(exit::ERROR, AdminError::exit_code)
             };
             eprintln!("error: {}", render_error(&e));
             code
@@ -982,7 +979,7 @@ async fn run(
                 Ok(w) => w,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return Ok(2);
+                    return Ok(exit::USAGE);
                 }
             };
             if json {
@@ -1042,7 +1039,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.acl = c.acl;
     // EX_TEMPFAIL: systemd's Restart=on-failure brings the box back on a
     // reopened database.
-    o.exit_on_store_failure = Some(75);
+    o.exit_on_store_failure = Some(exit::TEMPFAIL);
     o.upstream = c.upstream.map(|u| {
         let bundle = u
             .bundle
@@ -1113,7 +1110,7 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
             Ok(if v.state == State::Succeeded {
                 0
             } else {
-                EXIT_UNSUCCESSFUL
+                exit::UNSUCCESSFUL
             })
         }
         AdminResponse::TimedOut => {
@@ -1126,7 +1123,7 @@ async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
                 humantime::format_duration(timeout),
                 r.id
             );
-            Ok(EXIT_TIMEOUT)
+            Ok(exit::TIMED_OUT)
         }
         other => bail!("unexpected answer from the box: {other:?}"),
     }
@@ -1148,13 +1145,13 @@ pub fn send_payload(a: &SendArgs, target: &str) -> anyhow::Result<Result<Vec<u8>
         (f, p) if to_workflow => {
             let Some(path) = f.clone().or_else(|| p.map(PathBuf::from)) else {
                 eprintln!("error: `{target}` needs the workflow file: outpost send {target} FILE");
-                return Ok(Err(2));
+                return Ok(Err(exit::USAGE));
             };
             match crate::workflow::Packed::read(&path) {
                 Ok(p) => p.to_bytes(),
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return Ok(Err(2));
+                    return Ok(Err(exit::USAGE));
                 }
             }
         }
@@ -1506,7 +1503,7 @@ fn uplink_line(u: Option<&crate::admin::UplinkView>) -> String {
         Some(t) => line.push_str(&format!(", last sync {}", ago(t))),
         None => line.push_str(", never synced"),
     }
-    if u.state != "connected" {
+    if u.state != crate::upstream::UplinkState::Connected {
         if let Some(e) = &u.last_error {
             line.push_str(&format!("; {e}"));
         }

@@ -299,11 +299,11 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
             "error: `{}`: a fleet target is EDGE/TARGET, e.g. edge-1/dev-7 or edge-1/tag:line-3",
             s.target
         );
-        return Ok(2);
+        return Ok(crate::exit::USAGE);
     };
     if let Err(e) = nats::check_name(edge) {
         eprintln!("error: {e}");
-        return Ok(2);
+        return Ok(crate::exit::USAGE);
     }
     let payload = match crate::cli::send_payload(&s, &s.target)? {
         Ok(p) => p,
@@ -392,7 +392,7 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
         Ok(Err(e)) => Err(e),
         Err(_) => {
             eprintln!("{want}: no result within {timeout:?} (the edge may be offline; it will still run it)");
-            Ok(crate::cli::EXIT_TIMEOUT)
+            Ok(crate::exit::TIMED_OUT)
         }
     }
 }

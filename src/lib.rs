@@ -20,6 +20,7 @@ pub mod demo;
 pub mod device;
 pub mod doctor;
 pub mod duration;
+pub mod exit;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -386,7 +386,7 @@ async fn observe(
         uplink: uplink.as_ref().map(|u| {
             let s = u.borrow();
             crate::alert::UplinkObs {
-                connected: s.state == "connected",
+                connected: s.state == crate::upstream::UplinkState::Connected,
                 since: s.since,
             }
         }),

@@ -97,11 +97,40 @@ pub fn parse_url(url: &str) -> Result<String, String> {
     Ok(rest.to_string())
 }
 
+/// Where the uplink is in its reconnect loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkState {
+    /// Trying to reach the hub (the first attempt, or after a backoff).
+    #[default]
+    Connecting,
+    /// A session with the hub is up.
+    Connected,
+    /// The last attempt failed; the next comes after a backoff.
+    Offline,
+}
+
+impl UplinkState {
+    /// The name `status` and `--json` show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UplinkState::Connecting => "connecting",
+            UplinkState::Connected => "connected",
+            UplinkState::Offline => "offline",
+        }
+    }
+}
+
+impl std::fmt::Display for UplinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The uplink's state, for `status` and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UplinkStatus {
-    /// `connecting`, `connected` or `offline`.
-    pub state: String,
+    pub state: UplinkState,
     /// The hub's address.
     pub hub: String,
     /// When the current state began.
@@ -144,7 +173,7 @@ impl Uplink {
 pub fn start(queue: QueueHandle, workflows: Runner, opts: UplinkOptions) -> Uplink {
     let hub = opts.server.clone().unwrap_or_default();
     let (tx, rx) = watch::channel(UplinkStatus {
-        state: "connecting".into(),
+        state: UplinkState::Connecting,
         hub,
         since: crate::now_millis(),
         ..Default::default()
@@ -153,10 +182,10 @@ pub fn start(queue: QueueHandle, workflows: Runner, opts: UplinkOptions) -> Upli
     Uplink { status: rx, task }
 }
 
-fn set_state(tx: &watch::Sender<UplinkStatus>, state: &str, error: Option<String>) {
+fn set_state(tx: &watch::Sender<UplinkStatus>, state: UplinkState, error: Option<String>) {
     tx.send_modify(|s| {
         if s.state != state {
-            s.state = state.into();
+            s.state = state;
             s.since = crate::now_millis();
         }
         if error.is_some() {
@@ -176,7 +205,7 @@ async fn run(
         match connect(&opts).await {
             Ok(conn) => {
                 tx.send_modify(|s| s.hub = conn.remote().to_string());
-                set_state(tx, "connected", None);
+                set_state(tx, UplinkState::Connected, None);
                 tracing::info!(hub = %conn.remote(), "uplink connected");
                 (session(&queue, &workflows, &opts, conn, tx).await, true)
             }
@@ -199,7 +228,7 @@ async fn keep_up<'a, F, Fut>(
     Fut: std::future::Future<Output = (SessionEnd, bool)>,
 {
     loop {
-        set_state(tx, "connecting", None);
+        set_state(tx, UplinkState::Connecting, None);
         let (why, connected) = session(tx).await;
         if connected {
             backoff.reset();
@@ -210,7 +239,7 @@ async fn keep_up<'a, F, Fut>(
         let msg = why.to_string();
         let delay = backoff.next_delay();
         tracing::warn!(error = %msg, retry_in = ?delay, "uplink down; the box keeps working offline");
-        set_state(tx, "offline", Some(msg));
+        set_state(tx, UplinkState::Offline, Some(msg));
         tokio::time::sleep(delay).await;
     }
 }
@@ -418,18 +447,15 @@ pub(crate) fn request(f: Forward) -> SendRequest {
 /// refusal that will not change is final; a passing one (full, shutting
 /// down) is retried by the hub after its backoff.
 pub(crate) fn refusal(e: QueueError) -> Outcome {
-    match e {
-        QueueError::QueueFull { .. }
-        | QueueError::DiskFull { .. }
-        | QueueError::NoSpace { .. }
-        | QueueError::Storage(_)
-        | QueueError::ShuttingDown => Outcome::Failed {
-            code: 75, // EX_TEMPFAIL
+    if e.is_passing() {
+        Outcome::Failed {
+            code: crate::exit::TEMPFAIL,
             message: format!("the box below could not take it now: {e}"),
-        },
-        other => Outcome::Rejected {
-            reason: format!("the box below refused it: {other}"),
-        },
+        }
+    } else {
+        Outcome::Rejected {
+            reason: format!("the box below refused it: {e}"),
+        }
     }
 }
 

@@ -246,7 +246,11 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     .expect("the edge names the missing streams")
     .unwrap()
     .clone();
-    assert_ne!(st.state, "connected", "{st:?}");
+    assert_ne!(
+        st.state,
+        outpost::upstream::UplinkState::Connected,
+        "{st:?}"
+    );
     init_streams(&urls);
     // Again: nothing changes; with another shape: refused, saying how.
     let again = fleet(&urls, &["init", "--replicas", "3"]);
@@ -314,7 +318,11 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     assert_eq!(wf["state"], "succeeded", "{wf}");
     assert_eq!(all[&wf_id].0, 1);
     let st = e.uplink.as_ref().unwrap().status();
-    assert_eq!(st.state, "connected", "{st:?}");
+    assert_eq!(
+        st.state,
+        outpost::upstream::UplinkState::Connected,
+        "{st:?}"
+    );
 
     // The operator's view: fleet status and watch.
     let o = fleet(&urls, &["status", "--json"]);
@@ -383,17 +391,23 @@ async fn with_every_nats_node_down_the_edge_works_on_and_drains_once_when_they_r
     let e = edge(&tmp.path().join("e1"), &urls, "e1").await;
     let (_runs, dev) = with_device(&e, "d1").await;
     let mut status = e.uplink.as_ref().unwrap().watch();
-    tokio::time::timeout(WAIT, status.wait_for(|s| s.state == "connected"))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| s.state == outpost::upstream::UplinkState::Connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     for i in 0..3 {
         cluster.kill(i);
     }
-    tokio::time::timeout(WAIT, status.wait_for(|s| s.state != "connected"))
-        .await
-        .expect("the edge sees the cluster gone")
-        .unwrap();
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| s.state != outpost::upstream::UplinkState::Connected),
+    )
+    .await
+    .expect("the edge sees the cluster gone")
+    .unwrap();
     // Offline: the edge serves its device; the results wait.
     let mut local = Vec::new();
     for i in 0..150 {

@@ -246,7 +246,11 @@ async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_do
         .expect("the uplink says why it is down")
         .unwrap()
         .clone();
-    assert_ne!(st.state, "connected", "{st:?}");
+    assert_ne!(
+        st.state,
+        outpost::upstream::UplinkState::Connected,
+        "{st:?}"
+    );
     let depth = e.queue.outbox_stats().await.unwrap().depth;
     assert!(depth >= 300, "the backlog waits in the outbox: {depth}");
 
@@ -260,7 +264,7 @@ async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_do
     );
     outbox_drained(&e).await;
     let st = e.uplink.as_ref().unwrap().status();
-    assert_eq!(st.state, "connected");
+    assert_eq!(st.state, outpost::upstream::UplinkState::Connected);
     assert!(st.last_sync.is_some() && st.synced_total >= 300, "{st:?}");
 
     let mut down = Vec::new();

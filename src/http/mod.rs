@@ -419,10 +419,11 @@ async fn act(
             Json(json!({"id": v.id.to_string(), "state": v.state.as_str()})).into_response()
         }
         Err(e) => {
-            let code = match &e {
-                crate::queue::QueueError::NotFound(_) => StatusCode::NOT_FOUND,
-                e if e.is_refusal() => StatusCode::CONFLICT,
-                _ => StatusCode::BAD_REQUEST,
+            let code = match e.class() {
+                crate::queue::ErrorClass::NotFound => StatusCode::NOT_FOUND,
+                crate::queue::ErrorClass::Refused => StatusCode::CONFLICT,
+                crate::queue::ErrorClass::BadRequest => StatusCode::BAD_REQUEST,
+                crate::queue::ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             };
             err(code, e.to_string())
         }

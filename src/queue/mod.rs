@@ -65,18 +65,69 @@ pub enum QueueError {
     },
 }
 
+/// What kind of failure a [`QueueError`] is: the one classification that
+/// every shell maps from (the CLI's exit code, the admin answer, the
+/// dashboard's HTTP status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorClass {
+    /// No such command, device or route (exit 3, HTTP 404).
+    NotFound,
+    /// Refused by policy: full, no space, revoked, forbidden, a reused key
+    /// (exit 5, HTTP 409).
+    Refused,
+    /// The request cannot be done as asked (exit 1, HTTP 400).
+    BadRequest,
+    /// The box is stopping or its store failed (exit 1, HTTP 503).
+    Unavailable,
+}
+
 impl QueueError {
+    /// This error's class. Exhaustive: a new variant must be classed.
+    pub fn class(&self) -> ErrorClass {
+        use QueueError as E;
+        match self {
+            E::NotFound(_) | E::UnknownDevice(_) | E::NoRoute(_) => ErrorClass::NotFound,
+            E::Revoked(_)
+            | E::QueueFull { .. }
+            | E::DiskFull { .. }
+            | E::NoSpace { .. }
+            | E::Forbidden { .. }
+            | E::KeyReused { .. } => ErrorClass::Refused,
+            E::ShuttingDown | E::Storage(_) => ErrorClass::Unavailable,
+            E::InvalidTransition { .. }
+            | E::NotInFlight { .. }
+            | E::UnknownDependency(_)
+            | E::BadRequest(_) => ErrorClass::BadRequest,
+        }
+    }
+
     /// A refusal by policy (exit code 5 in the CLI), as opposed to a fault.
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            QueueError::Revoked(_)
-                | QueueError::QueueFull { .. }
-                | QueueError::DiskFull { .. }
-                | QueueError::NoSpace { .. }
-                | QueueError::Forbidden { .. }
-                | QueueError::KeyReused { .. }
-        )
+        self.class() == ErrorClass::Refused
+    }
+
+    /// Whether the same request may be taken later: the box is full, short
+    /// of space, its store failed, or it is stopping. An uplink hands such
+    /// a command back to be retried; any other error is final.
+    pub fn is_passing(&self) -> bool {
+        use QueueError as E;
+        match self {
+            E::QueueFull { .. }
+            | E::DiskFull { .. }
+            | E::NoSpace { .. }
+            | E::Storage(_)
+            | E::ShuttingDown => true,
+            E::NotFound(_)
+            | E::UnknownDevice(_)
+            | E::Revoked(_)
+            | E::InvalidTransition { .. }
+            | E::NotInFlight { .. }
+            | E::UnknownDependency(_)
+            | E::BadRequest(_)
+            | E::NoRoute(_)
+            | E::Forbidden { .. }
+            | E::KeyReused { .. } => false,
+        }
     }
 }
 

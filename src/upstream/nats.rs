@@ -22,7 +22,7 @@
 //!   the result bytes. An outbox record is deleted only after its PubAck,
 //!   and only with every record before it.
 
-use super::{keep_up, set_state, OutboxCursor, SessionEnd, Uplink, UplinkStatus};
+use super::{keep_up, set_state, OutboxCursor, SessionEnd, Uplink, UplinkState, UplinkStatus};
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use crate::journal::{ResultRecord, UpEntry, UpItem};
 use crate::queue::{QueueError, QueueHandle, SendRequest};
@@ -195,7 +195,7 @@ fn crash_point(point: &str) {
 /// Start the uplink to the cluster.
 pub fn start(queue: QueueHandle, workflows: Runner, opts: NatsOptions) -> Uplink {
     let (tx, rx) = watch::channel(UplinkStatus {
-        state: "connecting".into(),
+        state: UplinkState::Connecting,
         hub: opts.urls.clone(),
         since: crate::now_millis(),
         ..Default::default()
@@ -217,7 +217,7 @@ async fn run(
             Ok(client) => {
                 let why = session(&queue, &workflows, &opts, &client, lost, tx).await;
                 // It had connected if it got as far as saying so.
-                let connected = tx.borrow().state == "connected";
+                let connected = tx.borrow().state == UplinkState::Connected;
                 (why, connected)
             }
             Err(e) => (SessionEnd::Link(e), false),
@@ -276,7 +276,7 @@ async fn session(
         Ok(s) => s.acked,
         Err(e) => return e.into(),
     };
-    set_state(tx, "connected", None);
+    set_state(tx, UplinkState::Connected, None);
     tracing::info!(servers = %opts.urls, edge = %opts.name, "NATS uplink connected");
     let mut cursor = OutboxCursor::new(start, opts.max_unacked);
     let mut grown = queue.outbox_watch();
@@ -405,18 +405,13 @@ fn take(
                         m.double_ack().await.map_err(|e| format!("cannot ack a command: {e}"))?;
                         Ok(!r.duplicate)
                     }
-                    Err(
-                        e @ (QueueError::QueueFull { .. }
-                        | QueueError::DiskFull { .. }
-                        | QueueError::NoSpace { .. }
-                        | QueueError::Storage(_)),
-                    ) => {
+                    Err(QueueError::ShuttingDown) => Err("the box is stopping".into()),
+                    Err(e) if e.is_passing() => {
                         // Passing: the cluster keeps it and tries again.
                         tracing::warn!(%id, error = %e, "cannot take a command now; the cluster redelivers it");
                         let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
                         Ok(false)
                     }
-                    Err(QueueError::ShuttingDown) => Err("the box is stopping".into()),
                     Err(e) => {
                         let rec = rejected(id, &target, &e.to_string());
                         queue.record_finished(rec).await.map_err(|e| e.to_string())?;

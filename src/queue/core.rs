@@ -562,6 +562,41 @@ pub struct Sealed {
     pub payload_from: Vec<(usize, u64)>,
 }
 
+/// Where a round reads the journal groups already on disk: the writer's
+/// store (through its cache), the simulation's disk, the tests' map.
+pub trait JournalSource {
+    /// Group `seq`'s entries, if it is on disk.
+    fn entries(&mut self, seq: u64) -> Option<Vec<Entry>>;
+
+    /// Command `id` as group `seq` holds it, payload included.
+    fn command(&mut self, seq: u64, id: CommandId) -> Option<Command> {
+        self.entries(seq)?.iter().find_map(|e| e.command_for(id))
+    }
+}
+
+/// A journal held as a map (the simulation's disk, the tests' disk).
+impl JournalSource for &BTreeMap<u64, Vec<Entry>> {
+    fn entries(&mut self, seq: u64) -> Option<Vec<Entry>> {
+        self.get(&seq).cloned()
+    }
+
+    fn command(&mut self, seq: u64, id: CommandId) -> Option<Command> {
+        self.get(&seq)?.iter().find_map(|e| e.command_for(id))
+    }
+}
+
+/// One round, sealed: the records to write as one group commit, and what
+/// to do once they are durable — never before (DESIGN §4).
+#[derive(Debug)]
+pub struct Round {
+    pub write: GroupWrite,
+    pub effects: Effects,
+    /// Retryable results whose command was not found on disk (a read
+    /// failed): their record keeps no payload, so `retry` cannot requeue
+    /// them. Empty unless the disk misbehaves.
+    pub missing_payloads: Vec<CommandId>,
+}
+
 const ORIGIN_UNKNOWN: &str = "?";
 /// Every this many group seqs, a commit carries the live count as a hint
 /// for the next start's table sizes.
@@ -1859,8 +1894,41 @@ impl QueueCore {
         self.journal.push(Entry::Broadcast(b));
     }
 
+    /// The round protocol, written once for every shell (the writer, the
+    /// simulation, the core tests): relocate one straggler group, seal,
+    /// and copy the payloads that retryable results keep from the journal.
+    /// The shell ticks before, writes `write` as one group commit, and
+    /// acts on `effects` only once that is durable.
+    pub fn round(&mut self, now: Millis, disk: &mut impl JournalSource) -> Round {
+        if let Some(seq) = self.relocation_candidate() {
+            if let Some(entries) = disk.entries(seq) {
+                self.relocate(seq, entries);
+            }
+        }
+        let sealed = self.seal(now);
+        let mut write = sealed.write;
+        let mut missing_payloads = Vec::new();
+        for (i, g) in sealed.payload_from {
+            let id = write.results[i].id;
+            let command = if g == write.seq {
+                write.journal.iter().find_map(|e| e.command_for(id))
+            } else {
+                disk.command(g, id)
+            };
+            if command.is_none() {
+                missing_payloads.push(id);
+            }
+            write.results[i].command = command;
+        }
+        Round {
+            write,
+            effects: self.take_effects(),
+            missing_payloads,
+        }
+    }
+
     /// Close the round: the records to write as one group. After writing it
-    /// durably, the shell takes `take_effects`.
+    /// durably, the shell takes `take_effects`. Shells call [`Self::round`].
     pub fn seal(&mut self, now: Millis) -> Sealed {
         self.retain_results(now);
         let seq = self.open_seq;

@@ -126,29 +126,15 @@ impl H {
 
     /// Seal, "write", take effects — what the writer thread does.
     fn round(&mut self) {
-        // As the writer does: relocate one straggler group per round.
-        if let Some(seq) = self.core.relocation_candidate() {
-            let entries = self.disk.journal[&seq].clone();
-            self.core.relocate(seq, entries);
-        }
-        let sealed = self.core.seal(self.now);
-        let mut w = sealed.write;
-        for (i, g) in sealed.payload_from {
-            let id = w.results[i].id;
-            let src = if g == w.seq {
-                Some(&w.journal)
-            } else {
-                self.disk.journal.get(&g)
-            };
-            let c = src
-                .into_iter()
-                .flatten()
-                .find_map(|e| e.command_for(id))
-                .expect("a retryable result's payload is on disk");
-            w.results[i].command = Some(c);
-        }
+        // The round the writer and the simulation run.
+        let round = self.core.round(self.now, &mut &self.disk.journal);
+        assert!(
+            round.missing_payloads.is_empty(),
+            "a retryable result's payload is on disk: {:?}",
+            round.missing_payloads
+        );
+        let (w, fx) = (round.write, round.effects);
         self.disk.apply(w);
-        let fx = self.core.take_effects();
         for r in fx.device_writes.into_iter().chain(fx.device_touches) {
             self.disk.devices.insert(r.id.clone(), r);
         }

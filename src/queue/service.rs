@@ -12,6 +12,7 @@ use super::core::{CoreReply, CoreRequest, DeliverEffect, Effects, Limits, Lookup
 use super::{CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest};
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority};
 use crate::journal::{Entry, ResultRecord};
+use crate::queue::core::JournalSource;
 use crate::store::{DeviceRecord, Group, GroupWrite, Store, StoreError};
 use lru::LruCache;
 use std::collections::HashMap;
@@ -378,6 +379,42 @@ pub(crate) fn strip_payloads(g: &mut Group) {
     }
 }
 
+/// The writer's journal groups: its LRU of decoded groups over the store.
+struct Groups<'a> {
+    store: &'a Store,
+    cache: &'a mut LruCache<u64, Arc<CachedGroup>>,
+}
+
+impl Groups<'_> {
+    fn group(&mut self, seq: u64) -> Option<Arc<CachedGroup>> {
+        if let Some(g) = self.cache.get(&seq) {
+            return Some(g.clone());
+        }
+        match self.store.read_journal(seq) {
+            Ok(Some(entries)) => {
+                let g = Arc::new(CachedGroup::new(entries));
+                self.cache.put(seq, g.clone());
+                Some(g)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!("reading journal group {seq}: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl JournalSource for Groups<'_> {
+    fn entries(&mut self, seq: u64) -> Option<Vec<Entry>> {
+        self.group(seq).map(|g| g.entries.clone())
+    }
+
+    fn command(&mut self, seq: u64, id: CommandId) -> Option<Command> {
+        self.group(seq)?.command(id)
+    }
+}
+
 /// A decoded journal group with an index by command id.
 struct CachedGroup {
     entries: Vec<Entry>,
@@ -715,45 +752,30 @@ impl Writer {
     }
 
     fn group(&mut self, seq: u64) -> Option<Arc<CachedGroup>> {
-        if let Some(g) = self.cache.get(&seq) {
-            return Some(g.clone());
+        Groups {
+            store: &self.store,
+            cache: &mut self.cache,
         }
-        match self.store.read_journal(seq) {
-            Ok(Some(entries)) => {
-                let g = Arc::new(CachedGroup::new(entries));
-                self.cache.put(seq, g.clone());
-                Some(g)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::error!("reading journal group {seq}: {e}");
-                None
-            }
-        }
+        .group(seq)
     }
 
     /// One group commit: seal the round, write it durably, then act.
     fn round(&mut self, now: Millis, pending: Vec<Pending>) {
         self.core.tick(now);
-        if let Some(seq) = self.core.relocation_candidate() {
-            if let Some(g) = self.group(seq) {
-                self.core.relocate(seq, g.entries.clone());
-            }
+        let round = self.core.round(
+            now,
+            &mut Groups {
+                store: &self.store,
+                cache: &mut self.cache,
+            },
+        );
+        if !round.missing_payloads.is_empty() {
+            tracing::warn!(
+                commands = ?round.missing_payloads,
+                "ended commands whose payload could not be read back: `retry` cannot requeue them"
+            );
         }
-        let sealed = self.core.seal(now);
-        let mut write = sealed.write;
-        for (i, group) in sealed.payload_from {
-            let full = if group == write.seq {
-                CachedGroup::new(write.journal.clone()).command(write.results[i].id)
-            } else {
-                self.group(group)
-                    .and_then(|g| g.command(write.results[i].id))
-            };
-            if let Some(c) = full {
-                write.results[i].command = Some(c);
-            }
-        }
-        let effects = self.core.take_effects();
+        let (write, effects) = (round.write, round.effects);
         let committed = self.commit(&write, &effects);
         if let Err(e) = committed {
             tracing::error!("group commit failed: {e}; reloading the queue from disk");

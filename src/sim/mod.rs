@@ -438,23 +438,8 @@ impl World {
         let now = self.node_now(n);
         let node = &mut self.nodes[n];
         node.core.tick(now);
-        if let Some(seq) = node.core.relocation_candidate() {
-            if let Some(entries) = node.disk.view().journal.get(&seq) {
-                node.core.relocate(seq, entries.clone());
-            }
-        }
-        let sealed = node.core.seal(now);
-        let mut write = sealed.write;
-        for (i, g) in sealed.payload_from {
-            let id = write.results[i].id;
-            let src = if g == write.seq {
-                Some(&write.journal)
-            } else {
-                node.disk.view().journal.get(&g)
-            };
-            write.results[i].command = src.into_iter().flatten().find_map(|e| e.command_for(id));
-        }
-        let fx = node.core.take_effects();
+        let round = node.core.round(now, &mut &node.disk.view().journal);
+        let (write, fx) = (round.write, round.effects);
         let mut devices = fx.device_touches.clone();
         devices.extend(fx.device_writes.iter().cloned());
         let flush = !write.is_empty() || !fx.device_writes.is_empty();

@@ -475,6 +475,9 @@ impl World {
         if self.nodes[n].edge {
             self.pump(n);
         }
+        if let Err(e) = self.nodes[n].core.check_invariants() {
+            self.violation(n, format!("queue invariant: {e}"));
+        }
         true
     }
 

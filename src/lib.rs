@@ -16,12 +16,9 @@ pub mod cli;
 pub mod client;
 pub mod command;
 pub mod config;
-pub mod demo;
 pub mod device;
-pub mod doctor;
 pub mod duration;
 pub mod exit;
-pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

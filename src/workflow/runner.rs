@@ -43,7 +43,7 @@ pub struct StepView {
 impl RunView {
     /// As `workflow show --json` prints it (the contract of issue 14).
     pub fn json(&self) -> serde_json::Value {
-        let time = crate::cli::rfc3339;
+        let time = crate::command::rfc3339;
         let steps: Vec<serde_json::Value> = self
             .steps
             .iter()

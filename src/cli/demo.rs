@@ -134,7 +134,7 @@ pub async fn run() -> anyhow::Result<i32> {
             ]
         })
         .collect();
-    crate::cli::print_table(
+    super::print_table(
         &["PAYLOAD", "PRIORITY", "RAN", "STATE", "ATTEMPTS", "RESULT"],
         &rows,
     );

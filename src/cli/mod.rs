@@ -7,6 +7,10 @@
 //! 1 error, 2 usage, 3 not found, 4 timed out, 5 refused, 6 the command
 //! ended without success.
 
+pub mod demo;
+pub mod doctor;
+pub mod fleet;
+
 use crate::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
 use crate::command::{CommandId, Outcome, Priority, SendOptions, State};
 use crate::queue::core::Relabel;
@@ -149,7 +153,7 @@ pub enum Cmd {
     /// A fleet of edges under a NATS JetStream cluster: init, send, watch,
     /// status.
     #[command(subcommand)]
-    Fleet(crate::fleet::FleetCmd),
+    Fleet(fleet::FleetCmd),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -911,11 +915,8 @@ async fn run(
             run_agent(o, shutdown_signal()).await?;
             Ok(0)
         }
-        Cmd::Demo => crate::demo::run().await,
-        Cmd::Doctor { json } => Ok(crate::doctor::report(
-            &crate::doctor::check(data_dir).await,
-            json,
-        )),
+        Cmd::Demo => demo::run().await,
+        Cmd::Doctor { json } => Ok(doctor::report(&doctor::check(data_dir).await, json)),
         Cmd::Bench(a) => {
             let dir = match &a.dir {
                 Some(d) => tempfile::tempdir_in(d),
@@ -1013,7 +1014,7 @@ async fn run(
             Ok(0)
         }
         Cmd::Workflow(other) => workflow_cmd(other, data_dir).await,
-        Cmd::Fleet(f) => crate::fleet::run(f).await,
+        Cmd::Fleet(f) => fleet::run(f).await,
         Cmd::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut crate::stdout::Stdout)?;
             Ok(0)
@@ -1480,10 +1481,7 @@ fn print_view(v: &CommandView, json: bool) {
     }
 }
 
-/// Milliseconds since the epoch as RFC 3339 (UTC).
-pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
+pub use crate::command::rfc3339;
 
 /// "3s ago", "2h ago", "in 5m".
 /// `connected to hub:7443 since 3m; outbox 12 (oldest 5s), last sync 2s ago`.

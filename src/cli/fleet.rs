@@ -3,7 +3,7 @@
 //! NATS client could do with the subject scheme of `upstream::nats`; these
 //! commands only save typing.
 
-use crate::cli::SendArgs;
+use super::SendArgs;
 use crate::command::CommandId;
 use crate::upstream::nats::{self, NatsOptions, CMD_STREAM, UP_STREAM};
 use anyhow::{bail, Context};
@@ -305,11 +305,11 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
         eprintln!("error: {e}");
         return Ok(crate::exit::USAGE);
     }
-    let payload = match crate::cli::send_payload(&s, &s.target)? {
+    let payload = match super::send_payload(&s, &s.target)? {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let opts = crate::cli::send_options(&s)?;
+    let opts = super::send_options(&s)?;
     let id = CommandId::new(crate::now_millis(), rand::random());
     let c = client(a).await?;
     let js = jetstream::new(c);

@@ -213,6 +213,13 @@ pub struct Command {
     pub signature: Option<Vec<u8>>,
 }
 
+/// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision):
+/// how records and `--json` write a time.
+pub fn rfc3339(ms: Millis) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,11 +249,4 @@ mod tests {
             .unwrap_err()
             .contains("high, normal or low"));
     }
-}
-
-/// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision):
-/// how records and `--json` write a time.
-pub fn rfc3339(ms: Millis) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
 }

@@ -30,7 +30,6 @@ use crate::command::Priority;
 use crate::route::Target;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -191,40 +190,6 @@ pub struct Packed {
 }
 
 impl Packed {
-    /// Read a workflow file and the payload files it names (relative to
-    /// its directory); checked, so a bad file fails here, on the sender.
-    pub fn read(path: &Path) -> Result<Packed, WorkflowError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| WorkflowError {
-            file: file.clone(),
-            line: 0,
-            message: format!("cannot read it: {e}"),
-        })?;
-        let raw = Workflow::parse(&text, &file)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut payloads = Vec::new();
-        for s in &raw.steps {
-            if let Payload::File(f) = &s.payload {
-                let p = base.join(f);
-                let bytes = std::fs::read(&p).map_err(|e| WorkflowError {
-                    file: file.clone(),
-                    line: 0,
-                    message: format!(
-                        "step `{}`: cannot read its payload_file {}: {e}",
-                        s.name,
-                        p.display()
-                    ),
-                })?;
-                payloads.push((f.display().to_string(), bytes));
-            }
-        }
-        Ok(Packed {
-            file,
-            text,
-            payloads,
-        })
-    }
-
     /// The checked workflow, every payload inline.
     pub fn unpack(&self) -> Result<Workflow, WorkflowError> {
         let mut spec = Workflow::parse(&self.text, &self.file)?;
@@ -283,25 +248,6 @@ impl Packed {
 }
 
 impl Workflow {
-    /// Read and check a workflow file.
-    pub fn load(path: &Path) -> Result<Workflow, WorkflowError> {
-        let text = std::fs::read_to_string(path).map_err(|e| WorkflowError {
-            file: path.display().to_string(),
-            line: 0,
-            message: format!("cannot read it: {e}"),
-        })?;
-        let mut w = Workflow::parse(&text, &path.display().to_string())?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for s in &mut w.steps {
-            if let Payload::File(f) = &mut s.payload {
-                if f.is_relative() {
-                    *f = base.join(&*f);
-                }
-            }
-        }
-        Ok(w)
-    }
-
     /// Parse and check workflow text (`file` names it in errors).
     pub fn parse(text: &str, file: &str) -> Result<Workflow, WorkflowError> {
         let err = |line: usize, message: String| WorkflowError {
@@ -631,6 +577,7 @@ fn upstream(steps: &[&Step], name: &str) -> BTreeSet<String> {
     out
 }
 
+pub mod files;
 pub mod runner;
 
 // ----- running: the sans-IO engine -------------------------------------------

@@ -445,7 +445,7 @@ pub fn main() -> i32 {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
-            return 1;
+            return e.exit_code();
         }
     };
     let data_dir = cli
@@ -463,9 +463,14 @@ pub fn main() -> i32 {
     match rt.block_on(run(cli.cmd, &data_dir, &file, file_path.as_deref())) {
         Ok(code) => code,
         Err(e) => {
-            let code = e
-                .downcast_ref::<AdminError>()
-                .map_or(1, AdminError::exit_code);
+            let code = match (
+                e.downcast_ref::<AdminError>(),
+                e.downcast_ref::<crate::config::ConfigError>(),
+            ) {
+                (Some(a), _) => a.exit_code(),
+                (None, Some(c)) => c.exit_code(),
+                (None, None) => 1,
+            };
             eprintln!("error: {e:#}");
             code
         }
@@ -867,10 +872,31 @@ async fn run(
             Ok(0)
         }
         Cmd::Demo => crate::demo::run().await,
-        Cmd::Doctor { json } => Ok(crate::doctor::report(
-            &crate::doctor::check(data_dir).await,
-            json,
-        )),
+        Cmd::Doctor { json } => {
+            // The reserve the box would run with, from the file and the
+            // environment; only an explicit one can exceed the disk.
+            let (reserve, bad_config) = match crate::config::resolve_without_flags(file, file_path)
+            {
+                Ok(c) => (
+                    c.reserve_origin.map(|origin| crate::doctor::Reserve {
+                        bytes: c.limits.min_free_disk,
+                        origin,
+                    }),
+                    None,
+                ),
+                Err(e) => (None, Some(e)),
+            };
+            let mut findings = crate::doctor::check_with(data_dir, reserve).await;
+            if let Some(e) = bad_config {
+                findings.push(crate::doctor::Finding {
+                    check: "config",
+                    status: crate::doctor::Status::Fail,
+                    detail: e.to_string(),
+                    fix: "fix the value named; `outpost serve` refuses to start with it".into(),
+                });
+            }
+            Ok(crate::doctor::report(&findings, json))
+        }
         Cmd::Bench(a) => {
             let dir = match &a.dir {
                 Some(d) => tempfile::tempdir_in(d),
@@ -983,6 +1009,11 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.advertise = c.advertise;
     o.link.window = c.limits.window;
     o.limits = c.limits;
+    if c.reserve_origin.is_none() {
+        if let Ok((total, _)) = crate::store::fs_space_of(data_dir) {
+            o.limits.min_free_disk = crate::queue::default_reserve(total);
+        }
+    }
     o.store.cache_bytes = c.cache_bytes;
     o.metrics = c.metrics;
     o.http = c.http;

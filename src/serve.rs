@@ -107,6 +107,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     }
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
+    warn_if_reserve_exceeds_disk(&o.data_dir, o.limits.min_free_disk);
     let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);
     let store = Store::open(&o.data_dir, &o.store)?;
     let runs_store = store.clone();
@@ -238,6 +239,32 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         admin,
         socket: o.data_dir.join(admin::SOCKET),
     })
+}
+
+/// Whether a reserve of `reserve` bytes can never be met on a filesystem of
+/// `total` bytes: free space is at most the whole filesystem minus the
+/// database, so every send would be refused.
+pub fn reserve_exceeds_disk(reserve: u64, total: u64) -> bool {
+    reserve > 0 && reserve >= total
+}
+
+/// The box still starts (what is queued is still delivered), but says why
+/// every send will be refused.
+fn warn_if_reserve_exceeds_disk(dir: &std::path::Path, reserve: u64) {
+    let Ok((total, _)) = crate::store::fs_space_of(dir) else {
+        return;
+    };
+    if reserve_exceeds_disk(reserve, total) {
+        use crate::config::show_size;
+        tracing::warn!(
+            "the free-space reserve ({}) is not smaller than the whole filesystem holding {} ({}): every new command will be refused; lower --min-free-disk (OUTPOST_MIN_FREE_DISK, min_free_disk in the config file) below {}, or leave it unset for the smaller of 32 MiB and 10 % of the disk ({})",
+            show_size(reserve),
+            dir.display(),
+            show_size(total),
+            show_size(total),
+            show_size(crate::queue::default_reserve(total))
+        );
+    }
 }
 
 impl RunningBox {

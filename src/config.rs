@@ -38,15 +38,19 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// The CLI exit code: a value given wrong is a usage error (2); a file
-    /// that cannot be read is not.
+    /// The CLI exit code: a flag (or its variable) given wrong is a usage
+    /// error (2); a config file that is wrong or unreadable is an error (1).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ConfigError::Read { .. } => 1,
-            ConfigError::Parse { .. } | ConfigError::Value { .. } | ConfigError::Env(_) => 2,
+            ConfigError::Value { origin, .. } if origin == CLI_ORIGIN => 2,
+            ConfigError::Env(_) => 2,
+            _ => 1,
         }
     }
 }
+
+/// Where a value from a flag or its `OUTPOST_*` variable came from.
+const CLI_ORIGIN: &str = "the command line or environment";
 
 /// The smallest `max_disk`: one command with the largest payload must fit,
 /// or the budget refuses every send.
@@ -393,7 +397,7 @@ pub fn resolve(
     file_path: Option<&Path>,
 ) -> Result<ServeConfig, ConfigError> {
     let f = file_path.map_or_else(|| "(no file)".to_string(), |p| p.display().to_string());
-    let cli = "the command line or environment";
+    let cli = CLI_ORIGIN;
     let d = Limits::default();
     let pick_str = |a: &Option<String>, b: &Option<String>| -> Option<(String, String)> {
         a.clone()
@@ -794,8 +798,9 @@ mod tests {
             &file("max_disk = \"64KiB\""),
             Some(Path::new("/etc/o.toml")),
         )
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 1, "a wrong file is no usage error");
+        let e = e.to_string();
         assert!(
             e.contains("max_disk") && e.contains("/etc/o.toml") && e.contains("at least 1MiB"),
             "{e}"

@@ -70,6 +70,9 @@ pub enum Cmd {
         /// --upstream-bundle.
         #[arg(long)]
         gateway: bool,
+        /// Replace an existing enrollment and an existing bundle file
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke a device: refused at its next handshake, disconnected now.
     Revoke { device: String },
@@ -516,23 +519,53 @@ async fn run(
             caps,
             out,
             gateway,
+            force,
         } => {
-            let r = call(
-                data_dir,
-                AdminRequest::Enroll {
-                    id: device.clone(),
-                    tags,
-                    caps,
-                    gateway,
-                },
-            )
-            .await?;
-            let AdminResponse::Bundle { text } = r else {
-                bail!("unexpected answer from the box: {r:?}")
-            };
             let path = out.unwrap_or_else(|| PathBuf::from(format!("{device}.bundle")));
-            crate::identity::write_secret(&path, text.as_bytes())?;
-            println!("enrolled {device}; bundle written to {} (keep it secret: it holds the device's key)", path.display());
+            // The file first: a path that cannot be written refuses the
+            // enrollment, instead of enrolling a device whose key is then
+            // nowhere.
+            let pending = crate::identity::PendingSecret::reserve(&path, force)
+                .with_context(|| format!("{device} was not enrolled"))?;
+            let (text, mode) = match AdminClient::connect(data_dir).await {
+                Ok(mut c) => {
+                    let r = c
+                        .call(&AdminRequest::Enroll {
+                            id: device.clone(),
+                            tags,
+                            caps,
+                            gateway,
+                        })
+                        .await
+                        .with_context(|| format!("{device} was not enrolled"))?;
+                    let AdminResponse::Bundle { text } = r else {
+                        bail!("unexpected answer from the box: {r:?}")
+                    };
+                    (text, "via the running box".to_string())
+                }
+                Err(AdminError::NoBox { .. }) => {
+                    let b = enroll_offline(data_dir, file, file_path, &device, tags, caps, gateway)
+                        .await
+                        .with_context(|| format!("{device} was not enrolled"))?;
+                    (
+                        b.to_text(),
+                        format!("offline in {} (the box is not running)", data_dir.display()),
+                    )
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("{device} was not enrolled")))
+                }
+            };
+            if let Err(e) = pending.commit(text.as_bytes()) {
+                bail!(
+                    "{device} is enrolled, but its bundle could not be written: {e}; its key exists nowhere else, so issue a new one with `outpost enroll {device} --force --out FILE`"
+                );
+            }
+            println!("{device} enrolled {mode}");
+            println!(
+                "bundle written to {} (keep it secret: it holds the device's key)",
+                path.display()
+            );
             if gateway {
                 println!(
                     "on the edge box, run: outpost serve --upstream quic://{} --upstream-bundle {}",
@@ -1000,6 +1033,49 @@ async fn run(
             Ok(0)
         }
     }
+}
+
+/// `enroll` with the box stopped (pre-provisioning bundles before it is
+/// deployed): the data dir's identity and store, opened here, and the same
+/// enrollment the box does, with the settings it would start with.
+async fn enroll_offline(
+    data_dir: &Path,
+    file: &crate::config::FileConfig,
+    file_path: Option<&Path>,
+    device: &str,
+    tags: Vec<String>,
+    caps: Vec<String>,
+    gateway: bool,
+) -> anyhow::Result<crate::identity::Bundle> {
+    // Before the store: a data dir without an identity is not created.
+    let identity = crate::identity::Identity::load(data_dir)?;
+    let c = crate::config::resolve_without_flags(file, file_path)?;
+    // sled's lock refuses this while a box holds the database.
+    let store = crate::store::Store::open(
+        data_dir,
+        &crate::store::StoreOptions {
+            cache_bytes: c.cache_bytes,
+        },
+    )?;
+    let queue = crate::queue::open(
+        store,
+        crate::queue::ServiceOptions {
+            limits: c.limits.clone(),
+            acl: c.acl.clone(),
+            outbox_max: c
+                .upstream
+                .as_ref()
+                .map(|u| u.outbox_max)
+                .or(c.nats.as_ref().map(|n| n.outbox_max)),
+            ..Default::default()
+        },
+    )?;
+    let advertise = crate::serve::advertise_for(c.listen, c.advertise.as_deref());
+    let r = crate::admin::enroll_device(&queue, &identity, &advertise, device, tags, caps, gateway)
+        .await;
+    // Durable before the store closes, either way.
+    queue.shutdown().await;
+    Ok(r?)
 }
 
 fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve::ServeOptions {

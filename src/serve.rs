@@ -156,16 +156,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         link_opts,
     )?);
     let addr = link.local_addr()?;
-    let advertise = o.advertise.clone().unwrap_or_else(|| {
-        if addr.ip().is_unspecified() {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "localhost".into());
-            format!("{host}:{}", addr.port())
-        } else {
-            addr.to_string()
-        }
-    });
+    let advertise = advertise_for(addr, o.advertise.as_deref());
     let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store)?;
     let uplink = match (&o.upstream, &o.nats) {
         (Some((u, _)), _) => Some(crate::upstream::start(
@@ -239,6 +230,22 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         admin,
         socket: o.data_dir.join(admin::SOCKET),
     })
+}
+
+/// What bundles name as the box's address: `advertise` if set, else the
+/// listen address, or `<hostname>:<port>` when listening on every address.
+pub fn advertise_for(listen: SocketAddr, advertise: Option<&str>) -> String {
+    if let Some(a) = advertise {
+        return a.to_string();
+    }
+    if listen.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}:{}", listen.port())
+    } else {
+        listen.to_string()
+    }
 }
 
 /// Whether a reserve of `reserve` bytes can never be met on a filesystem of

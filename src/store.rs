@@ -874,12 +874,34 @@ fn remove_leftovers(dir: &Path, db: &Path) -> Result<(), StoreError> {
             })
         }
     };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with("snap.") && name.ends_with(".generating")) {
-            continue;
+    let leftovers: Vec<std::fs::DirEntry> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("snap.") && name.ends_with(".generating")
+        })
+        .collect();
+    if leftovers.is_empty() {
+        return Ok(());
+    }
+    // Under sled's own lock (an flock on `db/db`, taken the way sled takes
+    // it): a box that holds the database, or is opening it, may be writing
+    // that very snapshot.
+    let _lock = match std::fs::File::open(db.join("db")) {
+        Ok(f) => {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock(2) on a descriptor this function owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Some(f)
         }
+        Err(_) => None,
+    };
+    for e in leftovers {
         let path = e.path();
         let len = e.metadata().map(|m| m.len()).unwrap_or(0);
         std::fs::remove_file(&path).map_err(|source| StoreError::Io {
@@ -1524,6 +1546,23 @@ mod leftover_tests {
             .collect();
         assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "every command is there");
         assert!(!leftover.exists(), "{:?}", snapshots(dir.path()));
+    }
+
+    #[test]
+    fn a_leftover_is_not_touched_while_another_store_holds_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let leftover = dir
+            .path()
+            .join("db")
+            .join("snap.0000000000000100.generating");
+        std::fs::write(&leftover, b"").unwrap();
+        let e = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("refused");
+        assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+        assert!(leftover.exists(), "the holder may be writing it");
+        drop(held);
     }
 }
 

@@ -1410,4 +1410,47 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
     }
+
+    #[test]
+    fn a_pending_secret_never_replaces_what_appears_at_its_path_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.bundle");
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // A file appears after the reservation: not replaced.
+        let p = PendingSecret::reserve(&path, false).unwrap();
+        std::fs::write(&path, b"theirs").unwrap();
+        let e = p.commit(b"ours").unwrap_err().to_string();
+        assert!(
+            e.contains("appeared meanwhile") && e.contains("--force"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
+        // With replace, a link that appears is not written through.
+        std::fs::remove_file(&path).unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"target").unwrap();
+        let p = PendingSecret::reserve(&path, true).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let e = p.commit(b"ours").unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"target");
+        // Dropped or failed, a reservation leaves no temp file.
+        drop(PendingSecret::reserve(&dir.path().join("other"), false).unwrap());
+        assert_eq!(names(), vec!["d.bundle", "target"]);
+        // Committed: the data, mode 0600.
+        std::fs::remove_file(&path).unwrap();
+        PendingSecret::reserve(&path, false)
+            .unwrap()
+            .commit(b"ours")
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"ours");
+        assert_eq!(mode(&path), 0o600);
+    }
 }

@@ -404,3 +404,63 @@ fn a_reserve_larger_than_the_disk_is_named_and_the_default_scales_to_the_disk() 
         "{out}"
     );
 }
+
+/// `enroll --out` onto a full disk: the file is reserved (an empty file
+/// needs no space), the device enrolled, and then the write fails. It says
+/// the device is enrolled and how to issue a new bundle, and leaves no
+/// half-written file behind.
+#[test]
+fn a_bundle_that_cannot_be_written_after_the_enrollment_says_how_to_reissue_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = match Tmpfs::mount(&tmp.path().join("small"), "1m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here ({why}); run as root");
+            return;
+        }
+    };
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(fs.0.join("filler")).unwrap();
+        let page = [0u8; 4096];
+        for _ in 0..(1 << 20) / 4096 + 1 {
+            if f.write_all(&page).and_then(|()| f.flush()).is_err() {
+                break;
+            }
+        }
+    }
+    let dir = tmp.path().join("data");
+    let mut b = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("OUTPOST_DATA_DIR", &dir)
+        .env("OUTPOST_CONFIG", "/dev/null")
+        .env("OUTPOST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !outpost(&dir, &["status"], &[]).status.success() {
+        assert!(Instant::now() < deadline, "the box did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = fs.0.join("d9.bundle");
+    let o = outpost(&dir, &["enroll", "d9", "--out", out.to_str().unwrap()], &[]);
+    let devices = outpost(&dir, &["devices", "--json"], &[]);
+    let _ = b.kill();
+    let _ = b.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("d9 is enrolled, but its bundle could not be written")
+            && err.contains("outpost enroll d9 --force --out FILE"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&devices.stdout).contains("\"d9\""));
+    let left: Vec<_> = std::fs::read_dir(&fs.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("filler")], "{err}");
+}

@@ -911,7 +911,7 @@ fn remove_leftovers(dir: &Path, db: &Path) -> Result<(), StoreError> {
         tracing::warn!(
             file = %path.display(),
             bytes = len,
-            "removed an unfinished sled snapshot (left by an interrupted write, e.g. a full disk); the log it came from is intact"
+            "removed an unfinished sled snapshot (left by an interrupted write, e.g. a full disk); nothing is lost: sled rebuilds it from its log"
         );
     }
     if let Ok(d) = std::fs::File::open(db) {

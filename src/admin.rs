@@ -445,50 +445,80 @@ pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
 async fn enroll(
     ctx: &AdminContext,
     id: DeviceId,
-    mut tags: Vec<String>,
+    tags: Vec<String>,
     caps: Vec<String>,
     gateway: bool,
 ) -> AdminResponse {
-    let names = tags
-        .iter()
-        .map(|t| (t, "tag"))
-        .chain(caps.iter().map(|c| (c, "capability")));
-    for (n, what) in names {
-        if let Err(e) = crate::route::check_name(n, what) {
-            return AdminResponse::Error {
-                kind: ErrorKind::BadRequest,
-                message: e.to_string(),
-            };
-        }
-    }
-    // Checked names first: the reserved tag is the box's own.
-    if gateway {
-        tags.push(crate::route::GATEWAY_TAG.into());
-    }
-    let bundle = match ctx.identity.issue_device(&id, &ctx.advertise) {
-        Ok(b) => b,
-        Err(e) => {
-            return AdminResponse::Error {
-                kind: ErrorKind::BadRequest,
-                message: e.to_string(),
-            }
-        }
-    };
-    let rec = DeviceRecord {
+    match enroll_device(
+        &ctx.queue,
+        &ctx.identity,
+        &ctx.advertise,
+        &id,
         tags,
         caps,
-        enrolled_at: crate::now_millis(),
-        ..DeviceRecord::new(id.clone())
-    };
-    match ctx.queue.enroll(rec).await {
-        Ok(()) => {
+        gateway,
+    )
+    .await
+    {
+        Ok(bundle) => {
             ctx.link.readmit(&id);
             AdminResponse::Bundle {
                 text: bundle.to_text(),
             }
         }
-        Err(e) => error_of(&e),
+        Err(EnrollError::Queue(e)) => error_of(&e),
+        Err(e) => AdminResponse::Error {
+            kind: ErrorKind::BadRequest,
+            message: e.to_string(),
+        },
     }
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Name(#[from] crate::route::NameError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Enroll a device: check its names, issue its certificate (naming
+/// `advertise` as the box) and make its record durable through the queue.
+/// The one way to enroll, for the running box (the admin socket) and for
+/// `outpost enroll` on the data dir of a stopped box alike, so both write
+/// the same record, and the same outbox entry for a hub.
+pub async fn enroll_device(
+    queue: &QueueHandle,
+    identity: &Identity,
+    advertise: &str,
+    id: &str,
+    mut tags: Vec<String>,
+    caps: Vec<String>,
+    gateway: bool,
+) -> Result<crate::identity::Bundle, EnrollError> {
+    let names = tags
+        .iter()
+        .map(|t| (t, "tag"))
+        .chain(caps.iter().map(|c| (c, "capability")));
+    for (n, what) in names {
+        crate::route::check_name(n, what)?;
+    }
+    // Checked names first: the reserved tag is the box's own.
+    if gateway {
+        tags.push(crate::route::GATEWAY_TAG.into());
+    }
+    let bundle = identity.issue_device(id, advertise)?;
+    let rec = DeviceRecord {
+        tags,
+        caps,
+        enrolled_at: crate::now_millis(),
+        ..DeviceRecord::new(id)
+    };
+    queue.enroll(rec).await?;
+    Ok(bundle)
 }
 
 /// Why an admin call failed on the client side.

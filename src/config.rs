@@ -33,7 +33,28 @@ pub enum ConfigError {
         origin: String,
         why: String,
     },
+    #[error("the environment's serve settings (OUTPOST_*) are not valid: {0}")]
+    Env(String),
 }
+
+impl ConfigError {
+    /// The CLI exit code: a flag (or its variable) given wrong is a usage
+    /// error (2); a config file that is wrong or unreadable is an error (1).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::Value { origin, .. } if origin == CLI_ORIGIN => 2,
+            ConfigError::Env(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Where a value from a flag or its `OUTPOST_*` variable came from.
+const CLI_ORIGIN: &str = "the command line or environment";
+
+/// The smallest `max_disk`: one command with the largest payload must fit,
+/// or the budget refuses every send.
+pub const MIN_MAX_DISK: u64 = 1 << 20;
 
 /// The TOML file. Unknown keys are refused, so a typo is an error naming
 /// the key rather than a silently ignored setting.
@@ -214,11 +235,13 @@ pub struct ServeArgs {
     /// [default: 1000000]
     #[arg(long, env = "OUTPOST_MAX_QUEUED")]
     pub max_queued: Option<u64>,
-    /// Bytes on disk before new commands are refused, e.g. 512MiB [default: none]
+    /// Bytes on disk before new commands are refused, e.g. 512MiB; at least
+    /// 1MiB [default: none]
     #[arg(long, env = "OUTPOST_MAX_DISK", allow_negative_numbers = true)]
     pub max_disk: Option<String>,
     /// Free space kept on the data dir's filesystem: below it new commands
-    /// are refused, so the database never meets a full disk [default: 32MiB]
+    /// are refused, so the database never meets a full disk [default: the
+    /// smaller of 32MiB and 10% of that filesystem]
     #[arg(long, env = "OUTPOST_MIN_FREE_DISK", allow_negative_numbers = true)]
     pub min_free_disk: Option<String>,
     /// First retry delay after a failure; a bare number is seconds [default: 1s]
@@ -234,7 +257,7 @@ pub struct ServeArgs {
     /// Attempts when the sender gives none [default: 5]
     #[arg(long, env = "OUTPOST_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
-    /// sled's page cache [default: 8MiB]
+    /// sled's page cache, at least 256B [default: 8MiB]
     #[arg(long, env = "OUTPOST_CACHE", allow_negative_numbers = true)]
     pub cache: Option<String>,
     /// Finished results kept for `show` [default: 100000]
@@ -300,6 +323,9 @@ pub struct ServeConfig {
     pub advertise: Option<String>,
     pub sans: Vec<String>,
     pub limits: Limits,
+    /// Where an explicit `min_free_disk` came from; `None`: not set, so
+    /// the box scales the reserve to its disk (`queue::default_reserve`).
+    pub reserve_origin: Option<String>,
     pub cache_bytes: u64,
     pub metrics: Option<std::net::SocketAddr>,
     pub acl: crate::route::Acl,
@@ -362,6 +388,47 @@ fn size_value(key: &'static str, v: &SizeValue, origin: &str) -> Result<u64, Con
     }
 }
 
+fn size_text(v: &SizeValue) -> String {
+    match v {
+        SizeValue::Bytes(n) => n.to_string(),
+        SizeValue::Text(t) => t.clone(),
+    }
+}
+
+/// A size for people: `8 MiB`, `256 B`, `1.5 GiB`.
+pub fn show_size(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (u, name) in UNITS {
+        if n >= u {
+            return if n % u == 0 {
+                format!("{} {name}", n / u)
+            } else {
+                format!("{:.1} {name}", n as f64 / u as f64)
+            };
+        }
+    }
+    format!("{n} B")
+}
+
+/// What `outpost serve` would run with if started now with no flags: the
+/// environment (`OUTPOST_*`) over the file over the defaults. Commands that
+/// act for a box that is not running (`doctor`, an offline `enroll`) use it
+/// to act as that box would.
+pub fn resolve_without_flags(
+    file: &FileConfig,
+    file_path: Option<&Path>,
+) -> Result<ServeConfig, ConfigError> {
+    #[derive(clap::Parser)]
+    struct EnvOnly {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    let args = <EnvOnly as clap::Parser>::try_parse_from(["outpost"])
+        .map_err(|e| ConfigError::Env(e.to_string().trim().to_string()))?
+        .args;
+    resolve(&args, file, file_path)
+}
+
 /// Settle every value: flag or env, else file, else default.
 pub fn resolve(
     args: &ServeArgs,
@@ -369,7 +436,7 @@ pub fn resolve(
     file_path: Option<&Path>,
 ) -> Result<ServeConfig, ConfigError> {
     let f = file_path.map_or_else(|| "(no file)".to_string(), |p| p.display().to_string());
-    let cli = "the command line or environment";
+    let cli = CLI_ORIGIN;
     let d = Limits::default();
     let pick_str = |a: &Option<String>, b: &Option<String>| -> Option<(String, String)> {
         a.clone()
@@ -411,18 +478,35 @@ pub fn resolve(
             why: "must be at least 1".into(),
         });
     }
-    if let Some(v) = match (&args.min_free_disk, &file.min_free_disk) {
-        (Some(v), _) => Some(size("min_free_disk", v, cli)?),
-        (None, Some(v)) => Some(size_value("min_free_disk", v, &f)?),
+    let reserve_origin = match (&args.min_free_disk, &file.min_free_disk) {
+        (Some(v), _) => Some((size("min_free_disk", v, cli)?, cli.to_string())),
+        (None, Some(v)) => Some((size_value("min_free_disk", v, &f)?, f.clone())),
         (None, None) => None,
-    } {
-        limits.min_free_disk = v;
     }
+    .map(|(v, origin)| {
+        limits.min_free_disk = v;
+        origin
+    });
     limits.max_disk = match (&args.max_disk, &file.max_disk) {
-        (Some(v), _) => Some(size("max_disk", v, cli)?),
-        (None, Some(v)) => Some(size_value("max_disk", v, &f)?),
+        (Some(v), _) => Some((size("max_disk", v, cli)?, v.clone(), cli.to_string())),
+        (None, Some(v)) => Some((size_value("max_disk", v, &f)?, size_text(v), f.clone())),
         (None, None) => None,
-    };
+    }
+    .map(|(n, text, origin)| {
+        if n < MIN_MAX_DISK {
+            return Err(ConfigError::Value {
+                key: "max_disk",
+                value: text,
+                origin,
+                why: format!(
+                    "is below the minimum of {} (one command of the largest payload must fit); use at least 1MiB, or leave it unset for no budget",
+                    show_size(MIN_MAX_DISK)
+                ),
+            });
+        }
+        Ok(n)
+    })
+    .transpose()?;
     if let Some((v, o)) = pick_str(&args.backoff_base, &file.backoff_base) {
         limits.backoff_base_ms = duration("backoff_base", &v, &o)?.as_millis() as u64;
     }
@@ -436,9 +520,27 @@ pub fn resolve(
         limits.results_max_age_ms = duration("results_max_age", &v, &o)?.as_millis() as u64;
     }
     let cache_bytes = match (&args.cache, &file.cache) {
-        (Some(v), _) => size("cache", v, cli)?,
-        (None, Some(v)) => size_value("cache", v, &f)?,
-        (None, None) => crate::store::StoreOptions::default().cache_bytes,
+        (Some(v), _) => Some((size("cache", v, cli)?, v.clone(), cli.to_string())),
+        (None, Some(v)) => Some((size_value("cache", v, &f)?, size_text(v), f.clone())),
+        (None, None) => None,
+    };
+    let cache_bytes = match cache_bytes {
+        None => crate::store::DEFAULT_CACHE_BYTES,
+        Some((n, _, _)) if n >= crate::store::MIN_CACHE_BYTES => n,
+        Some((n, text, origin)) => {
+            return Err(ConfigError::Value {
+                key: "cache",
+                value: text,
+                origin,
+                why: format!(
+                    "{} is below sled's minimum of {}; use at least {} (default {})",
+                    show_size(n),
+                    show_size(crate::store::MIN_CACHE_BYTES),
+                    show_size(crate::store::MIN_CACHE_BYTES),
+                    show_size(crate::store::DEFAULT_CACHE_BYTES)
+                ),
+            })
+        }
     };
     let metrics = match pick_str(&args.metrics, &file.metrics) {
         None => None,
@@ -591,6 +693,7 @@ pub fn resolve(
             args.san.clone()
         },
         limits,
+        reserve_origin,
         cache_bytes,
     })
 }
@@ -708,6 +811,68 @@ mod tests {
         .unwrap();
         assert_eq!(c.cache_bytes, 1 << 20);
         assert_eq!(c.limits.max_disk, Some(2_000_000_000));
+    }
+
+    #[test]
+    fn sizes_below_what_the_box_can_run_with_are_refused_with_the_allowed_range() {
+        let args = ServeArgs {
+            cache: Some("100B".into()),
+            ..Default::default()
+        };
+        let e = resolve(&args, &FileConfig::default(), None).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let m = e.to_string();
+        assert!(
+            m.contains("cache") && m.contains("minimum of 256 B") && m.contains("default 8 MiB"),
+            "{m}"
+        );
+        let c = resolve(
+            &ServeArgs::default(),
+            &file(&format!("cache = {}", crate::store::MIN_CACHE_BYTES)),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.cache_bytes,
+            crate::store::MIN_CACHE_BYTES,
+            "the minimum itself is allowed"
+        );
+        let e = resolve(
+            &ServeArgs::default(),
+            &file("max_disk = \"64KiB\""),
+            Some(Path::new("/etc/o.toml")),
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 1, "a wrong file is no usage error");
+        let e = e.to_string();
+        assert!(
+            e.contains("max_disk") && e.contains("/etc/o.toml") && e.contains("at least 1MiB"),
+            "{e}"
+        );
+        assert!(resolve(&ServeArgs::default(), &file("max_disk = 0"), None).is_err());
+        assert_eq!(
+            resolve(&ServeArgs::default(), &file("max_disk = \"1MiB\""), None)
+                .unwrap()
+                .limits
+                .max_disk,
+            Some(MIN_MAX_DISK)
+        );
+    }
+
+    #[test]
+    fn an_explicit_reserve_says_where_it_came_from_and_an_unset_one_scales() {
+        let c = resolve(&ServeArgs::default(), &FileConfig::default(), None).unwrap();
+        assert_eq!(c.reserve_origin, None);
+        let c = resolve(
+            &ServeArgs::default(),
+            &file("min_free_disk = \"1GiB\""),
+            Some(Path::new("/etc/o.toml")),
+        )
+        .unwrap();
+        assert_eq!(c.limits.min_free_disk, 1 << 30);
+        assert_eq!(c.reserve_origin.as_deref(), Some("/etc/o.toml"));
+        assert_eq!(crate::queue::default_reserve(64 << 20), (64 << 20) / 10);
+        assert_eq!(crate::queue::default_reserve(100 << 30), 32 << 20);
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub enum IdentityError {
     NoDeviceId,
     #[error("the certificate cannot be parsed: {0}")]
     BadCertificate(String),
+    #[error("{path} {why}")]
+    OutPath { path: PathBuf, why: String },
     #[error("could not create a certificate: {0}")]
     Generate(String),
     #[error("could not build the TLS configuration: {0}")]
@@ -366,6 +368,125 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> 
 /// Write a file holding a private key: mode 0600, atomically.
 pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
     write_file(path, data, 0o600)
+}
+
+/// A secret file reserved before what it will hold exists: an empty temp
+/// file (mode 0600) beside `path`, after checking that `path` may be
+/// written. Dropped without [`PendingSecret::commit`], it leaves nothing.
+///
+/// `enroll --out` reserves the bundle's file before enrolling, so a path
+/// that cannot be written refuses the enrollment instead of enrolling a
+/// device whose key then exists nowhere.
+pub struct PendingSecret {
+    path: PathBuf,
+    dir: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    replace: bool,
+}
+
+/// Why an existing `path` may not be written as a secret file: anything but
+/// a regular file is refused (a link is never followed, nor a fifo or a
+/// device written into), and a regular file only with `replace`.
+fn check_target(path: &Path, replace: bool) -> Result<(), IdentityError> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let t = m.file_type();
+    let refuse = |why: &str| {
+        Err(IdentityError::OutPath {
+            path: path.to_path_buf(),
+            why: why.to_string(),
+        })
+    };
+    if t.is_symlink() {
+        return refuse("is a symbolic link; a bundle is never written through one: name the file itself, or a new file");
+    }
+    if t.is_dir() {
+        return refuse("is a directory; name a file in it, e.g. DIR/DEVICE.bundle");
+    }
+    if t.is_fifo() {
+        return refuse("is a fifo, not a regular file; name a new file");
+    }
+    if t.is_block_device() || t.is_char_device() {
+        return refuse("is a device node, not a regular file; name a new file");
+    }
+    if t.is_socket() || !t.is_file() {
+        return refuse("is not a regular file; name a new file");
+    }
+    if !replace {
+        return refuse("exists; pass --force to replace it, or name a new file");
+    }
+    Ok(())
+}
+
+impl PendingSecret {
+    /// Check `path` and create the temp file in its directory. `replace`:
+    /// an existing regular file at `path` may be replaced (never anything
+    /// else).
+    pub fn reserve(path: &Path, replace: bool) -> Result<PendingSecret, IdentityError> {
+        check_target(path, replace)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(".outpost-tmp")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .tempfile_in(&dir)
+            .map_err(|e| IdentityError::OutPath {
+                path: path.to_path_buf(),
+                why: format!(
+                    "cannot be written: cannot create a file in {}: {e}",
+                    dir.display()
+                ),
+            })?;
+        Ok(PendingSecret {
+            path: path.to_path_buf(),
+            dir,
+            tmp,
+            replace,
+        })
+    }
+
+    /// The path it will be written to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write `data`, fsync it, move it into place and fsync the directory.
+    /// Without `replace` nothing at `path` is ever replaced (an entry that
+    /// appeared since [`PendingSecret::reserve`] included); with it, only a
+    /// regular file is, and the move (a rename) never follows a link.
+    pub fn commit(mut self, data: &[u8]) -> Result<(), IdentityError> {
+        let path = self.path.clone();
+        self.tmp.write_all(data).map_err(io_err(&path))?;
+        self.tmp.as_file().sync_all().map_err(io_err(&path))?;
+        if self.replace {
+            check_target(&path, true)?;
+            self.tmp
+                .persist(&path)
+                .map_err(|e| io_err(&path)(e.error))?;
+        } else {
+            self.tmp.persist_noclobber(&path).map_err(|e| {
+                if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                    IdentityError::OutPath {
+                        path: path.clone(),
+                        why: "appeared meanwhile; pass --force to replace it, or name a new file"
+                            .into(),
+                    }
+                } else {
+                    io_err(&path)(e.error)
+                }
+            })?;
+        }
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))?;
+        Ok(())
+    }
 }
 
 fn read_text(path: &Path) -> Result<String, IdentityError> {
@@ -1288,5 +1409,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+    }
+
+    #[test]
+    fn a_pending_secret_never_replaces_what_appears_at_its_path_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.bundle");
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // A file appears after the reservation: not replaced.
+        let p = PendingSecret::reserve(&path, false).unwrap();
+        std::fs::write(&path, b"theirs").unwrap();
+        let e = p.commit(b"ours").unwrap_err().to_string();
+        assert!(
+            e.contains("appeared meanwhile") && e.contains("--force"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
+        // With replace, a link that appears is not written through.
+        std::fs::remove_file(&path).unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"target").unwrap();
+        let p = PendingSecret::reserve(&path, true).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let e = p.commit(b"ours").unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"target");
+        // Dropped or failed, a reservation leaves no temp file.
+        drop(PendingSecret::reserve(&dir.path().join("other"), false).unwrap());
+        assert_eq!(names(), vec!["d.bundle", "target"]);
+        // Committed: the data, mode 0600.
+        std::fs::remove_file(&path).unwrap();
+        PendingSecret::reserve(&path, false)
+            .unwrap()
+            .commit(b"ours")
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"ours");
+        assert_eq!(mode(&path), 0o600);
     }
 }

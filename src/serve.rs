@@ -107,6 +107,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     }
     std::fs::create_dir_all(&o.data_dir)
         .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
+    warn_if_reserve_exceeds_disk(&o.data_dir, o.limits.min_free_disk);
     let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);
     let store = Store::open(&o.data_dir, &o.store)?;
     let runs_store = store.clone();
@@ -155,16 +156,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         link_opts,
     )?);
     let addr = link.local_addr()?;
-    let advertise = o.advertise.clone().unwrap_or_else(|| {
-        if addr.ip().is_unspecified() {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "localhost".into());
-            format!("{host}:{}", addr.port())
-        } else {
-            addr.to_string()
-        }
-    });
+    let advertise = advertise_for(addr, o.advertise.as_deref());
     let retention = crate::workflow::Retention {
         max_age_ms: o.limits.results_max_age_ms,
         ..Default::default()
@@ -242,6 +234,48 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         admin,
         socket: o.data_dir.join(admin::SOCKET),
     })
+}
+
+/// What bundles name as the box's address: `advertise` if set, else the
+/// listen address, or `<hostname>:<port>` when listening on every address.
+pub fn advertise_for(listen: SocketAddr, advertise: Option<&str>) -> String {
+    if let Some(a) = advertise {
+        return a.to_string();
+    }
+    if listen.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}:{}", listen.port())
+    } else {
+        listen.to_string()
+    }
+}
+
+/// Whether a reserve of `reserve` bytes can never be met on a filesystem of
+/// `total` bytes: free space is at most the whole filesystem minus the
+/// database, so every send would be refused.
+pub fn reserve_exceeds_disk(reserve: u64, total: u64) -> bool {
+    reserve > 0 && reserve >= total
+}
+
+/// The box still starts (what is queued is still delivered), but says why
+/// every send will be refused.
+fn warn_if_reserve_exceeds_disk(dir: &std::path::Path, reserve: u64) {
+    let Ok((total, _)) = crate::store::fs_space_of(dir) else {
+        return;
+    };
+    if reserve_exceeds_disk(reserve, total) {
+        use crate::config::show_size;
+        tracing::warn!(
+            "the free-space reserve ({}) is not smaller than the whole filesystem holding {} ({}): every new command will be refused; lower --min-free-disk (OUTPOST_MIN_FREE_DISK, min_free_disk in the config file) below {}, or leave it unset for the smaller of 32 MiB and 10 % of the disk ({})",
+            show_size(reserve),
+            dir.display(),
+            show_size(total),
+            show_size(total),
+            show_size(crate::queue::default_reserve(total))
+        );
+    }
 }
 
 impl RunningBox {

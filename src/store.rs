@@ -80,14 +80,22 @@ const CHUNK_BYTES: usize = 32 * 1024;
 pub enum StoreError {
     #[error("the database in {dir} is locked: is another outpost running? (data dir {dir}); stop it, or pass another --data-dir")]
     Locked { dir: PathBuf },
-    #[error("the database in {dir} was written by a newer outpost (schema {found}, this binary knows up to {known}); upgrade outpost, or move the data dir aside")]
+    #[error("the database in {dir} was written by a newer outpost (schema {found}, this binary knows up to {known}); run that newer outpost (or upgrade this one): nothing in the data dir was changed")]
     NewerSchema {
         dir: PathBuf,
         found: u32,
         known: u32,
     },
-    #[error("the database in {dir} is corrupt ({detail}); run `outpost doctor --data-dir {dir}`, restore a backup, or move the data dir aside to start empty")]
+    /// Only for damage actually found; `detail` names it (the file, the
+    /// record or group, the check that failed).
+    #[error("the database in {dir} is corrupt: {detail}; run `outpost doctor --data-dir {dir}`, then restore a backup, or move the data dir aside to start empty (what is in it is then lost)")]
     Corrupt { dir: PathBuf, detail: String },
+    /// sled failed in a way that is no evidence of damage (a panic, a bug it
+    /// reports, an unsupported setting): the data is to be kept as it is.
+    #[error("the database engine failed on {dir}: {detail}; this is not known to be damage, so keep the data dir as it is: run `outpost doctor --data-dir {dir}`, and report this message if it persists")]
+    Engine { dir: PathBuf, detail: String },
+    #[error("{0}")]
+    BadOptions(String),
     #[error("cannot use data dir {dir}: {source}; check that it exists and that the outpost user may read and write it")]
     Io {
         dir: PathBuf,
@@ -108,8 +116,28 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            cache_bytes: 8 * 1024 * 1024,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
+    }
+}
+
+/// sled's page cache when none is given.
+pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// The smallest page cache sled opens with: below it `Lru::new` asserts
+/// (sled 0.34.7 src/lru.rs, "at least 256 bytes"), a panic at open.
+pub const MIN_CACHE_BYTES: u64 = 256;
+
+impl StoreOptions {
+    /// Refuse what sled would panic on, naming the allowed range.
+    pub fn check(&self) -> Result<(), StoreError> {
+        if self.cache_bytes < MIN_CACHE_BYTES {
+            return Err(StoreError::BadOptions(format!(
+                "a page cache of {} bytes is below sled's minimum of {MIN_CACHE_BYTES} bytes; use at least {MIN_CACHE_BYTES} (default {} MiB)",
+                self.cache_bytes,
+                DEFAULT_CACHE_BYTES >> 20
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -231,6 +259,21 @@ pub fn fs_space(dir: &Path) -> std::io::Result<(u64, u64)> {
     Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
 }
 
+/// [`fs_space`] of `dir`, or of its nearest existing ancestor when `dir`
+/// is not created yet (the filesystem it will be created on).
+pub fn fs_space_of(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let mut at = dir;
+    loop {
+        match fs_space(at) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+                Some(p) if !p.as_os_str().is_empty() => at = p,
+                _ => return fs_space(Path::new(".")),
+            },
+            r => return r,
+        }
+    }
+}
+
 fn key(kind: u8, seq: u64, chunk: u16) -> [u8; 11] {
     let mut k = [0u8; 11];
     k[0] = kind;
@@ -289,20 +332,28 @@ impl Store {
             dir: dir.to_path_buf(),
             source,
         })?;
+        opts.check()?;
         let path = dir.join("db");
+        remove_leftovers(dir, &path)?;
         let config = sled::Config::new()
             .path(&path)
             .cache_capacity(opts.cache_bytes)
             // We flush at every group commit ourselves; sled's background
             // flusher would only add writes to an idle box.
             .flush_every_ms(None);
-        // sled's recovery panics on some kinds of damage: that is a corrupt
-        // database to report, not a crash loop.
+        // A panic inside sled becomes an error naming the data dir, not a
+        // crash loop. It is not called damage: sled panics on settings and on
+        // its own bugs as well, and a message that says "corrupt" gets data
+        // dirs thrown away.
         // Nothing touches `config` after a panic, so unwind safety holds.
         let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
-            .map_err(|p| StoreError::Corrupt {
+            .map_err(|p| StoreError::Engine {
                 dir: dir.to_path_buf(),
-                detail: format!("sled failed while recovering its log: {}", panic_text(&p)),
+                detail: format!(
+                    "sled panicked while opening {}: {}",
+                    path.display(),
+                    panic_text(&p)
+                ),
             })?
             .map_err(|e| map_open_error(dir, e))?;
         let s = |e| map_err(dir, e);
@@ -387,10 +438,9 @@ impl Store {
                 }
             }
         }
-        *self
-            .watermark
-            .lock()
-            .map_err(|_| self.corrupt("poisoned lock".into()))? = (last, None);
+        // Nobody else holds the store yet, so the lock cannot be poisoned;
+        // and a poisoned lock would be no damage on disk anyway.
+        *self.watermark.lock().unwrap_or_else(|p| p.into_inner()) = (last, None);
         Ok(())
     }
 
@@ -809,6 +859,121 @@ fn write_file_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Remove what an interrupted sled leaves in `db/` and would then refuse to
+/// open past: unfinished snapshots.
+///
+/// sled 0.34.7 writes a snapshot as `snap.<lsn>.generating`, fsyncs it, and
+/// only then renames it to `snap.<lsn>`; older snapshots are deleted after
+/// that rename (`write_snapshot`, src/pagecache/snapshot.rs). But
+/// `read_snapshot` (same file) picks the greatest name among *all* `snap.*`
+/// files, `.generating` ones included, and fails the open with
+/// `Corruption` when that file is 12 bytes or shorter or fails its CRC. A
+/// full disk during the snapshot sled writes at every open that finds the
+/// log ahead of its snapshot leaves exactly that: a zero-byte
+/// `.generating` file, and every later open fails.
+///
+/// Removing a `.generating` file loses nothing: it is by definition a
+/// snapshot whose rename never happened, so the previous snapshot is still
+/// there and the log it would have summarised is untouched; the directory
+/// is then as sled would have left it had it stopped just before creating
+/// the file, a state it recovers from by design (it replays the log from the
+/// older snapshot and writes a new one).
+fn remove_leftovers(dir: &Path, db: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(db) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                dir: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let leftovers: Vec<std::fs::DirEntry> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("snap.") && name.ends_with(".generating")
+        })
+        .collect();
+    if leftovers.is_empty() {
+        return Ok(());
+    }
+    // Under sled's own lock (an flock on `db/db`, taken the way sled takes
+    // it): a box that holds the database, or is opening it, may be writing
+    // that very snapshot.
+    let _lock = match std::fs::File::open(db.join("db")) {
+        Ok(f) => {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock(2) on a descriptor this function owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Some(f)
+        }
+        Err(_) => None,
+    };
+    for e in leftovers {
+        let path = e.path();
+        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(&path).map_err(|source| StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        tracing::warn!(
+            file = %path.display(),
+            bytes = len,
+            "removed an unfinished sled snapshot (left by an interrupted write, e.g. a full disk); nothing is lost: sled rebuilds it from its log"
+        );
+    }
+    if let Ok(d) = std::fs::File::open(db) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// What sled's `Corruption` with no location at open most likely is: sled
+/// 0.34 does not say, but its snapshot can be checked the way it reads it.
+fn describe_open_corruption(db: &Path) -> String {
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(db)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .map(|n| n.to_string_lossy())
+                        .is_some_and(|n| n.starts_with("snap.") && !n.ends_with(".in___motion"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    snaps.sort();
+    if let Some(snap) = snaps.pop() {
+        if let Ok(bytes) = std::fs::read(&snap) {
+            if bytes.len() <= 12 {
+                return format!(
+                    "sled's snapshot {} is {} bytes, too short to hold its length and checksum trailer",
+                    snap.display(),
+                    bytes.len()
+                );
+            }
+            let (body, crc) = bytes.split_at(bytes.len() - 4);
+            let body = &body[..body.len() - 8];
+            let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+            if crc32fast::hash(body) != crc {
+                return format!("sled's snapshot {} fails its checksum", snap.display());
+            }
+        }
+    }
+    format!(
+        "sled found a bad checksum or an unreadable record while recovering {} (its log or its conf file)",
+        db.display()
+    )
+}
+
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>()
         .cloned()
@@ -847,6 +1012,12 @@ fn map_open_error(dir: &Path, e: sled::Error) -> StoreError {
             };
         }
     }
+    if let sled::Error::Corruption { at: None, .. } = &e {
+        return StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: describe_open_corruption(&dir.join("db")),
+        };
+    }
     map_err(dir, e)
 }
 
@@ -859,11 +1030,20 @@ fn map_err(dir: &Path, e: sled::Error) -> StoreError {
             dir: dir.to_path_buf(),
             source,
         },
-        sled::Error::Corruption { at, .. } => StoreError::Corrupt {
+        sled::Error::Corruption { at: Some(at), .. } => StoreError::Corrupt {
             dir: dir.to_path_buf(),
-            detail: format!("sled found a bad checksum at {at:?}"),
+            detail: format!(
+                "sled found a bad checksum at {at} in {}",
+                dir.join("db").display()
+            ),
         },
-        other => StoreError::Corrupt {
+        sled::Error::Corruption { at: None, .. } => StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: format!("sled found a bad checksum in {}", dir.join("db").display()),
+        },
+        // Unsupported settings, sled's own bugs, a missing tree: nothing
+        // here is evidence that the data on disk is damaged.
+        other => StoreError::Engine {
             dir: dir.to_path_buf(),
             detail: other.to_string(),
         },
@@ -1231,6 +1411,56 @@ mod damage_tests {
     }
 
     #[test]
+    fn a_finished_snapshot_that_is_empty_is_damage_and_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        // sled writes its snapshot at an open that finds the log ahead.
+        drop(Store::open(dir.path(), &StoreOptions::default()).unwrap());
+        let db = dir.path().join("db");
+        let snap = std::fs::read_dir(&db)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("snap.")
+            })
+            .max()
+            .expect("a reopened store has a snapshot");
+        // sled renames a snapshot only after it is written and fsynced, so
+        // an empty one under its final name is damage, not a leftover.
+        std::fs::write(&snap, b"").unwrap();
+        let msg = reopen_error(dir.path());
+        assert!(
+            msg.contains(&snap.display().to_string()) && msg.contains("0 bytes"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn engine_failures_that_are_no_damage_never_advise_discarding_the_data() {
+        let dir = Path::new("/var/lib/outpost");
+        for e in [
+            sled::Error::Unsupported("segment_size should be a power of 2".into()),
+            sled::Error::ReportableBug("a bug".into()),
+        ] {
+            let e = map_err(dir, e);
+            assert!(matches!(e, StoreError::Engine { .. }), "{e}");
+            let m = e.to_string();
+            assert!(!m.contains("aside") && !m.contains("corrupt"), "{m}");
+            assert!(m.contains("keep the data dir as it is"), "{m}");
+        }
+        let m = StoreError::NewerSchema {
+            dir: dir.into(),
+            found: 9,
+            known: 1,
+        }
+        .to_string();
+        assert!(!m.contains("aside"), "{m}");
+    }
+
+    #[test]
     fn a_database_from_elsewhere_is_detected() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
@@ -1249,5 +1479,163 @@ mod damage_tests {
         copy(&b.path().join("db"), &a.path().join("db"));
         let msg = reopen_error(a.path());
         assert!(msg.contains("replaced"), "{msg}");
+    }
+}
+
+#[cfg(test)]
+mod leftover_tests {
+    //! What an interrupted sled leaves behind in `db/` is cleaned up before
+    //! the open, so the store comes back whole instead of "corrupt".
+    use super::*;
+    use crate::command::{Command, CommandId, Priority};
+    use crate::journal::Enqueued;
+
+    fn cmd(n: u64) -> Entry {
+        Entry::Enqueued(Enqueued {
+            command: Command {
+                id: CommandId::new(n, n as u128),
+                target: "dev-1".into(),
+                priority: Priority::Normal,
+                payload: vec![7; 100],
+                created_at: n,
+                expires_at: None,
+                max_attempts: 3,
+                key: None,
+                after: None,
+                not_before: None,
+                origin: "cli".into(),
+                signature: None,
+            },
+            device: "dev-1".into(),
+            order: n,
+            gen: 0,
+            attempts: 0,
+            not_before: None,
+        })
+    }
+
+    fn snapshots(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("db"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snap."))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_zero_byte_generating_snapshot_is_removed_and_every_command_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            for seq in 1..=50u64 {
+                s.commit(&GroupWrite {
+                    seq,
+                    journal: vec![cmd(seq)],
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            s.flush().unwrap();
+        }
+        // What a full disk leaves when sled's snapshot at open could not be
+        // written: the file created, not one byte in it. Its lsn is past
+        // every finished snapshot's, as a new snapshot's always is.
+        let leftover = dir
+            .path()
+            .join("db")
+            .join(format!("snap.{:016X}.generating", u64::MAX >> 8));
+        std::fs::write(&leftover, b"").unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default())
+            .unwrap_or_else(|e| panic!("the store's own leftover made it unusable: {e}"));
+        let seqs: Vec<u64> = s
+            .replay()
+            .map(|g| match g.unwrap() {
+                Group::Journal(seq, e) => {
+                    assert_eq!(e, vec![cmd(seq)]);
+                    seq
+                }
+                Group::Results(seq, _) => panic!("no results were written, got group {seq}"),
+            })
+            .collect();
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "every command is there");
+        assert!(!leftover.exists(), "{:?}", snapshots(dir.path()));
+    }
+
+    #[test]
+    fn a_leftover_is_not_touched_while_another_store_holds_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let leftover = dir
+            .path()
+            .join("db")
+            .join("snap.0000000000000100.generating");
+        std::fs::write(&leftover, b"").unwrap();
+        let e = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("refused");
+        assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+        assert!(leftover.exists(), "the holder may be writing it");
+        drop(held);
+    }
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    #[test]
+    fn sleds_minimum_cache_works_and_below_it_is_refused_before_sled_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(
+                dir.path(),
+                &StoreOptions {
+                    cache_bytes: MIN_CACHE_BYTES,
+                },
+            )
+            .unwrap();
+            for seq in 1..=20u64 {
+                s.put_device(&DeviceRecord::new(format!("d{seq}"))).unwrap();
+                s.commit(&GroupWrite {
+                    seq,
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let s = Store::open(
+            dir.path(),
+            &StoreOptions {
+                cache_bytes: MIN_CACHE_BYTES,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.devices().unwrap().len(), 20);
+        drop(s);
+        // sled itself, one byte below: the panic the check keeps away.
+        let p = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir.path().join("raw"))
+                .cache_capacity(MIN_CACHE_BYTES - 1)
+                .open()
+        });
+        assert!(p.is_err(), "sled's minimum moved: update MIN_CACHE_BYTES");
+        let e = Store::open(
+            dir.path(),
+            &StoreOptions {
+                cache_bytes: MIN_CACHE_BYTES - 1,
+            },
+        )
+        .err()
+        .expect("refused");
+        assert!(matches!(e, StoreError::BadOptions(_)), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("minimum of 256 bytes") && !m.contains("corrupt"),
+            "{m}"
+        );
     }
 }

@@ -230,6 +230,32 @@ fn a_disk_that_fills_under_the_database_exits_for_a_restart_and_loses_nothing() 
     assert_eq!(status.code(), Some(75), "{stderr}");
     assert!(stderr.contains("exiting with code 75"), "{stderr}");
     assert!(acked.len() > 10, "some fit first: {}", acked.len());
+    // Whatever the failed write left free is taken too (bounded: the
+    // filesystem is 40 MiB), so the disk is as full as a disk gets.
+    let filler = fs.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let page = [0u8; 4096];
+        for _ in 0..(40 << 20) / 4096 {
+            if f.write_all(&page).and_then(|()| f.flush()).is_err() {
+                break;
+            }
+        }
+        let _ = f.sync_all();
+    }
+    // systemd restarts it while the disk is still full: it cannot open (sled
+    // writes a snapshot at open), says so, and leaves sled's unfinished
+    // snapshot behind; that is no damage and must not be called any.
+    let full = serve().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert!(!full.status.success(), "{err}");
+    assert!(err.contains("is full"), "{err}");
+    assert!(
+        !err.contains("corrupt") && !err.contains("aside"),
+        "no data to discard: {err}"
+    );
+    std::fs::remove_file(&filler).unwrap();
     // Space comes back; the restarted box has every acknowledged command.
     std::fs::remove_file(&ballast).unwrap();
     let mut b = serve();
@@ -242,6 +268,11 @@ fn a_disk_that_fills_under_the_database_exits_for_a_restart_and_loses_nothing() 
             .unwrap();
         if o.status.success() {
             break serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
+        }
+        if b.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            b.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("the restarted box exited: {err}");
         }
         assert!(
             Instant::now() < deadline,
@@ -268,4 +299,168 @@ fn a_disk_that_fills_under_the_database_exits_for_a_restart_and_loses_nothing() 
         acked.len(),
         acked.len()
     );
+}
+
+fn outpost(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_CONFIG", "/dev/null")
+        .env("OUTPOST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A disk smaller than the default 32 MiB reserve: the default scales to it
+/// (a tenth of the disk), so sends are taken; an explicit reserve larger
+/// than the disk is warned about by `serve` and failed by `doctor`, each
+/// naming both sizes and the setting to change.
+#[test]
+fn a_reserve_larger_than_the_disk_is_named_and_the_default_scales_to_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = match Tmpfs::mount(&tmp.path().join("small"), "8m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here ({why}); run as root");
+            return;
+        }
+    };
+    let dir = fs.0.join("data");
+    let bin = env!("CARGO_BIN_EXE_outpost");
+    let start = |extra: &[&str]| {
+        let mut child = Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("OUTPOST_DATA_DIR", &dir)
+            .env("OUTPOST_CONFIG", "/dev/null")
+            .env("OUTPOST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !outpost(&dir, &["status"], &[]).status.success() {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("the box exited with {s}");
+            }
+            assert!(Instant::now() < deadline, "the box did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    };
+    let stop = |child: std::process::Child| {
+        // SAFETY: kill(2) on the pid of a child this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    // No reserve set: a tenth of 8 MiB is kept, so a send is taken.
+    let b = start(&[]);
+    let bundle = fs.0.join("d0.bundle");
+    let o = outpost(
+        &dir,
+        &["enroll", "d0", "--out", bundle.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let o = outpost(&dir, &["send", "d0", "hello"], &[]);
+    assert!(
+        o.status.success(),
+        "the default reserve refused a send on an 8 MiB disk: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let log = stop(b);
+    assert!(!log.contains("reserve"), "{log}");
+    let o = outpost(&dir, &["doctor"], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("reserve"), "{out}");
+
+    // 64 MiB asked for on 8 MiB: the box starts (what is queued is still
+    // delivered) and warns; doctor fails it.
+    let b = start(&["--min-free-disk", "64MiB"]);
+    let o = outpost(&dir, &["send", "d0", "x"], &[]);
+    assert_eq!(o.status.code(), Some(5), "refused: {o:?}");
+    let log = stop(b);
+    assert!(
+        log.contains("WARN")
+            && log.contains("the free-space reserve (64 MiB)")
+            && log.contains("(8 MiB)")
+            && log.contains("--min-free-disk"),
+        "{log}"
+    );
+    let o = outpost(&dir, &["doctor"], &[("OUTPOST_MIN_FREE_DISK", "64MiB")]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  reserve")
+            && out.contains("64 MiB")
+            && out.contains("(8 MiB)")
+            && out.contains("min_free_disk"),
+        "{out}"
+    );
+}
+
+/// `enroll --out` onto a full disk: the file is reserved (an empty file
+/// needs no space), the device enrolled, and then the write fails. It says
+/// the device is enrolled and how to issue a new bundle, and leaves no
+/// half-written file behind.
+#[test]
+fn a_bundle_that_cannot_be_written_after_the_enrollment_says_how_to_reissue_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = match Tmpfs::mount(&tmp.path().join("small"), "1m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here ({why}); run as root");
+            return;
+        }
+    };
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(fs.0.join("filler")).unwrap();
+        let page = [0u8; 4096];
+        for _ in 0..(1 << 20) / 4096 + 1 {
+            if f.write_all(&page).and_then(|()| f.flush()).is_err() {
+                break;
+            }
+        }
+    }
+    let dir = tmp.path().join("data");
+    let mut b = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("OUTPOST_DATA_DIR", &dir)
+        .env("OUTPOST_CONFIG", "/dev/null")
+        .env("OUTPOST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !outpost(&dir, &["status"], &[]).status.success() {
+        assert!(Instant::now() < deadline, "the box did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = fs.0.join("d9.bundle");
+    let o = outpost(&dir, &["enroll", "d9", "--out", out.to_str().unwrap()], &[]);
+    let devices = outpost(&dir, &["devices", "--json"], &[]);
+    let _ = b.kill();
+    let _ = b.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("d9 is enrolled, but its bundle could not be written")
+            && err.contains("outpost enroll d9 --force --out FILE"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&devices.stdout).contains("\"d9\""));
+    let left: Vec<_> = std::fs::read_dir(&fs.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("filler")], "{err}");
 }

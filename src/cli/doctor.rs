@@ -46,8 +46,21 @@ fn f(
     }
 }
 
+/// An explicit free-space reserve and where it was set (the file, or the
+/// command line or environment).
+#[derive(Clone, Debug)]
+pub struct Reserve {
+    pub bytes: u64,
+    pub origin: String,
+}
+
 /// Run every check on `data_dir`.
 pub async fn check(data_dir: &Path) -> Vec<Finding> {
+    check_with(data_dir, None).await
+}
+
+/// [`check`], also checking an explicitly set reserve against the disk.
+pub async fn check_with(data_dir: &Path, reserve: Option<Reserve>) -> Vec<Finding> {
     let mut out = Vec::new();
     let d = data_dir.display();
     match std::fs::metadata(data_dir) {
@@ -57,6 +70,16 @@ pub async fn check(data_dir: &Path) -> Vec<Finding> {
                 Status::Fail,
                 format!("{d}: {e}"),
                 "create it with `outpost init --data-dir DIR`, or pass the right --data-dir",
+            ));
+            return out;
+        }
+        Ok(m) if !m.is_dir() => {
+            // Nothing else can be checked: every other file lives in it.
+            out.push(f(
+                "data dir",
+                Status::Fail,
+                format!("{d} is not a directory ({})", file_kind(&m)),
+                "pass the data dir itself as --data-dir (or OUTPOST_DATA_DIR); if this file is not needed, move it away and run `outpost init --data-dir DIR`",
             ));
             return out;
         }
@@ -145,6 +168,11 @@ pub async fn check(data_dir: &Path) -> Vec<Finding> {
     };
 
     out.push(disk(data_dir));
+    if let Some(r) = reserve {
+        if let Some(x) = reserve_check(data_dir, &r) {
+            out.push(x);
+        }
+    }
 
     if running {
         out.push(f(
@@ -257,6 +285,47 @@ fn disk(dir: &Path) -> Finding {
     }
 }
 
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_fifo() {
+        "a fifo"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device node"
+    } else {
+        "not a directory"
+    }
+}
+
+/// A reserve the filesystem can never leave free refuses every send.
+fn reserve_check(dir: &Path, r: &Reserve) -> Option<Finding> {
+    use crate::config::show_size;
+    let (total, _) = crate::store::fs_space(dir).ok()?;
+    if !crate::serve::reserve_exceeds_disk(r.bytes, total) {
+        return None;
+    }
+    Some(f(
+        "reserve",
+        Status::Fail,
+        format!(
+            "the free-space reserve ({}, from {}) is not smaller than the whole filesystem holding {} ({}): the box refuses every new command",
+            show_size(r.bytes),
+            r.origin,
+            dir.display(),
+            show_size(total)
+        ),
+        format!(
+            "lower --min-free-disk (OUTPOST_MIN_FREE_DISK, or min_free_disk in the config file) below {}, or leave it unset for the smaller of 32 MiB and 10 % of the disk ({})",
+            show_size(total),
+            show_size(crate::queue::default_reserve(total))
+        ),
+    ))
+}
+
 fn database(dir: &Path) -> Finding {
     let store = match Store::open(dir, &StoreOptions::default()) {
         Ok(s) => s,
@@ -268,12 +337,22 @@ fn database(dir: &Path) -> Finding {
                 "stop the process holding it, then run doctor again",
             )
         }
+        Err(e @ StoreError::Corrupt { .. }) => {
+            return f(
+                "database",
+                Status::Fail,
+                e.to_string(),
+                "the damage is named above: restore a backup of the data dir, or move it aside to start empty (what is in it is then lost)",
+            )
+        }
+        // Not damage: the data dir is to be kept, and the message says what
+        // to do.
         Err(e) => {
             return f(
                 "database",
                 Status::Fail,
                 e.to_string(),
-                "restore a backup, or move the data dir aside to start empty",
+                "no damage was found: keep the data dir, fix what is named above, and run doctor again",
             )
         }
     };
@@ -300,7 +379,7 @@ fn database(dir: &Path) -> Finding {
             "database",
             Status::Fail,
             format!("{} damaged records, e.g. {}", errors.len(), errors[0]),
-            "restore a backup, or move the data dir aside to start empty",
+            "the damaged records are named above: restore a backup of the data dir, or move it aside to start empty (what is in it is then lost)",
         )
     }
 }

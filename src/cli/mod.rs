@@ -71,6 +71,9 @@ pub enum Cmd {
         /// --upstream-bundle.
         #[arg(long)]
         gateway: bool,
+        /// Replace an existing enrollment and an existing bundle file
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke a device: refused at its next handshake, disconnected now.
     Revoke { device: String },
@@ -473,7 +476,7 @@ pub fn main() -> i32 {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
-            return exit::ERROR;
+            return e.exit_code();
         }
     };
     let data_dir = cli
@@ -494,8 +497,14 @@ pub fn main() -> i32 {
             let code = if e.downcast_ref::<UsageError>().is_some() {
                 exit::USAGE
             } else {
-                e.downcast_ref::<AdminError>()
-                    .map_or(exit::ERROR, AdminError::exit_code)
+                match (
+                    e.downcast_ref::<AdminError>(),
+                    e.downcast_ref::<crate::config::ConfigError>(),
+                ) {
+                    (Some(a), _) => a.exit_code(),
+                    (None, Some(c)) => c.exit_code(),
+                    (None, None) => exit::ERROR,
+                }
             };
             eprintln!("error: {}", render_error(&e));
             code
@@ -561,23 +570,53 @@ async fn run(
             caps,
             out,
             gateway,
+            force,
         } => {
-            let r = call(
-                data_dir,
-                AdminRequest::Enroll {
-                    id: device.clone(),
-                    tags,
-                    caps,
-                    gateway,
-                },
-            )
-            .await?;
-            let AdminResponse::Bundle { text } = r else {
-                bail!("unexpected answer from the box: {r:?}")
-            };
             let path = out.unwrap_or_else(|| PathBuf::from(format!("{device}.bundle")));
-            crate::identity::write_secret(&path, text.as_bytes())?;
-            crate::outln!("enrolled {device}; bundle written to {} (keep it secret: it holds the device's key)", path.display());
+            // The file first: a path that cannot be written refuses the
+            // enrollment, instead of enrolling a device whose key is then
+            // nowhere.
+            let pending = crate::identity::PendingSecret::reserve(&path, force)
+                .with_context(|| format!("{device} was not enrolled"))?;
+            let (text, mode) = match AdminClient::connect(data_dir).await {
+                Ok(mut c) => {
+                    let r = c
+                        .call(&AdminRequest::Enroll {
+                            id: device.clone(),
+                            tags,
+                            caps,
+                            gateway,
+                        })
+                        .await
+                        .with_context(|| format!("{device} was not enrolled"))?;
+                    let AdminResponse::Bundle { text } = r else {
+                        bail!("unexpected answer from the box: {r:?}")
+                    };
+                    (text, "via the running box".to_string())
+                }
+                Err(AdminError::NoBox { .. }) => {
+                    let b = enroll_offline(data_dir, file, file_path, &device, tags, caps, gateway)
+                        .await
+                        .with_context(|| format!("{device} was not enrolled"))?;
+                    (
+                        b.to_text(),
+                        format!("offline in {} (the box is not running)", data_dir.display()),
+                    )
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("{device} was not enrolled")))
+                }
+            };
+            if let Err(e) = pending.commit(text.as_bytes()) {
+                bail!(
+                    "{device} is enrolled, but its bundle could not be written: {e}; its key exists nowhere else, so issue a new one with `outpost enroll {device} --force --out FILE`"
+                );
+            }
+            crate::outln!("{device} enrolled {mode}");
+            crate::outln!(
+                "bundle written to {} (keep it secret: it holds the device's key)",
+                path.display()
+            );
             if gateway {
                 crate::outln!(
                     "on the edge box, run: outpost serve --upstream quic://{} --upstream-bundle {}",
@@ -916,7 +955,31 @@ async fn run(
             Ok(0)
         }
         Cmd::Demo => demo::run().await,
-        Cmd::Doctor { json } => Ok(doctor::report(&doctor::check(data_dir).await, json)),
+        Cmd::Doctor { json } => {
+            // The reserve the box would run with, from the file and the
+            // environment; only an explicit one can exceed the disk.
+            let (reserve, bad_config) = match crate::config::resolve_without_flags(file, file_path)
+            {
+                Ok(c) => (
+                    c.reserve_origin.map(|origin| doctor::Reserve {
+                        bytes: c.limits.min_free_disk,
+                        origin,
+                    }),
+                    None,
+                ),
+                Err(e) => (None, Some(e)),
+            };
+            let mut findings = doctor::check_with(data_dir, reserve).await;
+            if let Some(e) = bad_config {
+                findings.push(doctor::Finding {
+                    check: "config",
+                    status: doctor::Status::Fail,
+                    detail: e.to_string(),
+                    fix: "fix the value named; `outpost serve` refuses to start with it".into(),
+                });
+            }
+            Ok(doctor::report(&findings, json))
+        }
         Cmd::Bench(a) => {
             let dir = match &a.dir {
                 Some(d) => tempfile::tempdir_in(d),
@@ -1022,6 +1085,49 @@ async fn run(
     }
 }
 
+/// `enroll` with the box stopped (pre-provisioning bundles before it is
+/// deployed): the data dir's identity and store, opened here, and the same
+/// enrollment the box does, with the settings it would start with.
+async fn enroll_offline(
+    data_dir: &Path,
+    file: &crate::config::FileConfig,
+    file_path: Option<&Path>,
+    device: &str,
+    tags: Vec<String>,
+    caps: Vec<String>,
+    gateway: bool,
+) -> anyhow::Result<crate::identity::Bundle> {
+    // Before the store: a data dir without an identity is not created.
+    let identity = crate::identity::Identity::load(data_dir)?;
+    let c = crate::config::resolve_without_flags(file, file_path)?;
+    // sled's lock refuses this while a box holds the database.
+    let store = crate::store::Store::open(
+        data_dir,
+        &crate::store::StoreOptions {
+            cache_bytes: c.cache_bytes,
+        },
+    )?;
+    let queue = crate::queue::open(
+        store,
+        crate::queue::ServiceOptions {
+            limits: c.limits.clone(),
+            acl: c.acl.clone(),
+            outbox_max: c
+                .upstream
+                .as_ref()
+                .map(|u| u.outbox_max)
+                .or(c.nats.as_ref().map(|n| n.outbox_max)),
+            ..Default::default()
+        },
+    )?;
+    let advertise = crate::serve::advertise_for(c.listen, c.advertise.as_deref());
+    let r = crate::admin::enroll_device(&queue, &identity, &advertise, device, tags, caps, gateway)
+        .await;
+    // Durable before the store closes, either way.
+    queue.shutdown().await;
+    Ok(r?)
+}
+
 fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve::ServeOptions {
     let mut o = crate::serve::ServeOptions::new(data_dir.to_path_buf());
     o.listen = c.listen;
@@ -1029,6 +1135,11 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.advertise = c.advertise;
     o.link.window = c.limits.window;
     o.limits = c.limits;
+    if c.reserve_origin.is_none() {
+        if let Ok((total, _)) = crate::store::fs_space_of(data_dir) {
+            o.limits.min_free_disk = crate::queue::default_reserve(total);
+        }
+    }
     o.store.cache_bytes = c.cache_bytes;
     o.metrics = c.metrics;
     o.http = c.http;

@@ -79,7 +79,7 @@ impl Default for Limits {
             default_ttl_ms: None,
             max_queued: 1_000_000,
             max_disk: None,
-            min_free_disk: 32 * 1024 * 1024,
+            min_free_disk: DEFAULT_MIN_FREE_DISK,
             key_window_ms: 24 * 3600 * 1000,
             results_max: 100_000,
             results_max_age_ms: 7 * 24 * 3600 * 1000,
@@ -88,6 +88,17 @@ impl Default for Limits {
             max_payload: 1024 * 1024 - 1024,
         }
     }
+}
+
+/// The reserve's ceiling, and the whole reserve on a disk of 320 MiB or more.
+pub const DEFAULT_MIN_FREE_DISK: u64 = 32 * 1024 * 1024;
+
+/// The free-space reserve when none is set, for a filesystem of `total`
+/// bytes: the smaller of 32 MiB and 10 % of it, so a small disk (an SD card
+/// partition, a tmpfs) keeps most of its space for commands instead of
+/// refusing every one.
+pub fn default_reserve(total: u64) -> u64 {
+    DEFAULT_MIN_FREE_DISK.min(total / 10)
 }
 
 /// A request from the shell (the admin API and the device links).

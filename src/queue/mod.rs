@@ -13,7 +13,7 @@ pub mod core;
 pub mod outbox;
 pub mod service;
 
-pub use self::core::{Limits, QueueCore};
+pub use self::core::{default_reserve, Limits, QueueCore, DEFAULT_MIN_FREE_DISK};
 pub use service::{open, DeliveredCommand, Delivery, DeviceSession, QueueHandle, ServiceOptions};
 
 use crate::command::{CommandId, DeviceId, Millis, Outcome, Priority, SendOptions, State};

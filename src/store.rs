@@ -98,6 +98,9 @@ pub enum StoreError {
     DiskFull { dir: PathBuf },
 }
 
+/// The database's directory under the data dir.
+pub const DB_DIR: &str = "db";
+
 /// Tuning for the embedded engine.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -122,6 +125,15 @@ pub struct DeviceRecord {
     pub enrolled_at: Millis,
     pub revoked: bool,
     pub last_seen: Option<Millis>,
+    /// SHA-256 of the device certificate issued last: the only one the box
+    /// admits for this id. `None` for a record enrolled before the box kept
+    /// it (or one made in code without a certificate): any certificate of
+    /// this box's CA is then admitted for the id, as before, until the device
+    /// is next enrolled. Not part of the record's postcard layout (which the
+    /// outbox also carries upstream): the store keeps it after the record,
+    /// see [`encode_device`].
+    #[serde(skip)]
+    pub cert: Option<[u8; 32]>,
 }
 
 impl DeviceRecord {
@@ -135,8 +147,34 @@ impl DeviceRecord {
             enrolled_at: 0,
             revoked: false,
             last_seen: None,
+            cert: None,
         }
     }
+}
+
+/// What the store keeps after a device record's own postcard bytes. A
+/// record written before it existed simply ends there; a binary from
+/// before it reads the record and ignores the rest (postcard's `from_bytes`
+/// stops at the record's end). New fields go at the end of this struct.
+#[derive(Serialize, Deserialize, Default)]
+struct DeviceExtra {
+    cert: Option<[u8; 32]>,
+}
+
+/// A device record as the `devices` tree holds it.
+fn encode_device(rec: &DeviceRecord) -> Vec<u8> {
+    let mut v = encode(rec);
+    v.extend(encode(&DeviceExtra { cert: rec.cert }));
+    v
+}
+
+fn decode_device(b: &[u8]) -> Result<DeviceRecord, postcard::Error> {
+    let (mut rec, rest): (DeviceRecord, _) = postcard::take_from_bytes(b)?;
+    if !rest.is_empty() {
+        let extra: DeviceExtra = decode(rest)?;
+        rec.cert = extra.cert;
+    }
+    Ok(rec)
 }
 
 /// Bytes the files under `dir` occupy (the data dir's disk use).
@@ -289,7 +327,7 @@ impl Store {
             dir: dir.to_path_buf(),
             source,
         })?;
-        let path = dir.join("db");
+        let path = dir.join(DB_DIR);
         let config = sled::Config::new()
             .path(&path)
             .cache_capacity(opts.cache_bytes)
@@ -728,7 +766,7 @@ impl Store {
     /// Insert or replace a device record, durably.
     pub fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
         self.devices
-            .insert(rec.id.as_bytes(), encode(rec))
+            .insert(rec.id.as_bytes(), encode_device(rec))
             .map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(())
@@ -739,7 +777,7 @@ impl Store {
     /// connect.
     pub fn touch_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
         self.devices
-            .insert(rec.id.as_bytes(), encode(rec))
+            .insert(rec.id.as_bytes(), encode_device(rec))
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -749,7 +787,7 @@ impl Store {
             .iter()
             .map(|r| {
                 let (k, v) = r.map_err(|e| self.err(e))?;
-                decode(&v).map_err(|e| {
+                decode_device(&v).map_err(|e| {
                     self.corrupt(format!(
                         "device record {}: {e}",
                         String::from_utf8_lossy(&k)
@@ -1116,9 +1154,47 @@ mod tests {
             enrolled_at: 5,
             revoked: false,
             last_seen: None,
+            cert: Some([7; 32]),
         };
         s.put_device(&rec).unwrap();
         assert_eq!(s.devices().unwrap(), vec![rec]);
+    }
+
+    #[test]
+    fn a_device_record_from_before_the_certificate_pin_still_reads() {
+        // The layout of a record written before `cert` existed, and what a
+        // binary from then reads of a record written now.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Old {
+            id: String,
+            tags: Vec<String>,
+            caps: Vec<String>,
+            enrolled_at: u64,
+            revoked: bool,
+            last_seen: Option<u64>,
+        }
+        let old = Old {
+            id: "dev-1".into(),
+            tags: vec!["a".into()],
+            caps: vec![],
+            enrolled_at: 9,
+            revoked: true,
+            last_seen: Some(3),
+        };
+        let rec = decode_device(&encode(&old)).unwrap();
+        assert_eq!(
+            (rec.id.as_str(), rec.revoked, rec.cert),
+            ("dev-1", true, None)
+        );
+        let pinned = DeviceRecord {
+            cert: Some([1; 32]),
+            ..rec.clone()
+        };
+        let bytes = encode_device(&pinned);
+        assert_eq!(decode::<Old>(&bytes).unwrap(), old);
+        assert_eq!(decode_device(&bytes).unwrap(), pinned);
+        // The outbox carries the record without the pin, in the old layout.
+        assert_eq!(decode::<Old>(&encode(&pinned)).unwrap(), old);
     }
 }
 
@@ -1137,6 +1213,7 @@ mod damage_tests {
                 caps: vec![],
                 enrolled_at: seq,
                 revoked: false,
+                cert: None,
                 last_seen: None,
             })
             .unwrap();

@@ -55,6 +55,8 @@ pub enum AdminRequest {
         caps: Vec<String>,
         /// A box below this one (an edge), not a device.
         gateway: bool,
+        /// Enroll an id that exists: a new bundle, the old one locked out.
+        force: bool,
     },
     Revoke(DeviceId),
     /// Lifecycle events from now on, optionally of one device only.
@@ -85,6 +87,9 @@ impl Frame for AdminRequest {
 }
 
 /// The box's answer.
+// One answer per call, made and dropped at once: boxing `Status` would save
+// bytes nobody holds, and change the shape every caller matches on.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum AdminResponse {
     Receipt(SendReceipt),
@@ -151,6 +156,8 @@ pub struct StatusView {
     pub max_disk: Option<u64>,
     /// Alerts pending or firing.
     pub alerts: Vec<crate::alert::AlertView>,
+    /// Devices whose bundle is in use on more than one live device.
+    pub shared_bundles: Vec<crate::contest::SharedBundle>,
 }
 
 /// A box below, as `status` on its hub shows it.
@@ -375,7 +382,7 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         AdminRequest::Cancel(id) => q.cancel(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Retry(id) => q.retry(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Status => status_view(ctx).await.map(AdminResponse::Status),
-        AdminRequest::DeviceStats => q.devices().await.map(|ds| {
+        AdminRequest::DeviceStats => devices(ctx).await.map(|ds| {
             AdminResponse::DeviceStats(
                 ds.into_iter()
                     .map(|d| {
@@ -389,14 +396,24 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                     .collect(),
             )
         }),
-        AdminRequest::Devices => q.devices().await.map(AdminResponse::Devices),
+        AdminRequest::Devices => devices(ctx).await.map(AdminResponse::Devices),
         AdminRequest::Relabel(r) => q.relabel(r).await.map(AdminResponse::Device),
         AdminRequest::Enroll {
             id,
             tags,
             caps,
             gateway,
-        } => return enroll(ctx, id, tags, caps, gateway).await,
+            force,
+        } => {
+            let req = crate::enroll::EnrollRequest {
+                id,
+                tags,
+                caps,
+                gateway,
+                force,
+            };
+            return enroll(ctx, req).await;
+        }
         AdminRequest::Revoke(id) => {
             let r = q.revoke(id.clone()).await;
             if r.is_ok() {
@@ -410,6 +427,18 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         }),
     };
     r.unwrap_or_else(|e| error_of(&e))
+}
+
+/// The queue's devices with what the device link knows of them.
+pub async fn devices(ctx: &AdminContext) -> Result<Vec<DeviceView>, QueueError> {
+    let mut ds = ctx.queue.devices().await?;
+    let shared = ctx.link.shared_bundles();
+    if !shared.is_empty() {
+        for d in &mut ds {
+            d.shared_bundle = shared.iter().find(|s| s.device == d.record.id).cloned();
+        }
+    }
+    Ok(ds)
 }
 
 /// What `status` answers (also the dashboard's `/api/status`).
@@ -432,6 +461,7 @@ pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
         .collect();
     Ok(StatusView {
         edges,
+        shared_bundles: ctx.link.shared_bundles(),
         max_disk: ctx.max_disk,
         alerts: ctx.monitor.as_ref().map(|m| m.alerts()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -471,31 +501,9 @@ pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
     })
 }
 
-async fn enroll(
-    ctx: &AdminContext,
-    id: DeviceId,
-    mut tags: Vec<String>,
-    caps: Vec<String>,
-    gateway: bool,
-) -> AdminResponse {
-    let names = tags
-        .iter()
-        .map(|t| (t, "tag"))
-        .chain(caps.iter().map(|c| (c, "capability")));
-    for (n, what) in names {
-        if let Err(e) = crate::route::check_name(n, what) {
-            return AdminResponse::Error {
-                kind: ErrorKind::BadRequest,
-                message: e.to_string(),
-            };
-        }
-    }
-    // Checked names first: the reserved tag is the box's own.
-    if gateway {
-        tags.push(crate::route::GATEWAY_TAG.into());
-    }
-    let bundle = match ctx.identity.issue_device(&id, &ctx.advertise) {
-        Ok(b) => b,
+async fn enroll(ctx: &AdminContext, req: crate::enroll::EnrollRequest) -> AdminResponse {
+    let e = match crate::enroll::prepare(&ctx.identity, &ctx.advertise, &req) {
+        Ok(e) => e,
         Err(e) => {
             return AdminResponse::Error {
                 kind: ErrorKind::BadRequest,
@@ -503,17 +511,17 @@ async fn enroll(
             }
         }
     };
-    let rec = DeviceRecord {
-        tags,
-        caps,
-        enrolled_at: crate::now_millis(),
-        ..DeviceRecord::new(id.clone())
-    };
-    match ctx.queue.enroll(rec).await {
+    let cert = e.record.cert;
+    match ctx.queue.enroll_new(e.record, req.force).await {
         Ok(()) => {
-            ctx.link.readmit(&id);
+            // Pinned before the revocation is lifted: a revoked device's
+            // stolen bundle must never get a moment in between.
+            if let Some(cert) = cert {
+                ctx.link.supersede(&req.id, cert);
+            }
+            ctx.link.readmit(&req.id);
             AdminResponse::Bundle {
-                text: bundle.to_text(),
+                text: e.bundle.to_text(),
             }
         }
         Err(e) => error_of(&e),

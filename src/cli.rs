@@ -70,6 +70,11 @@ pub enum Cmd {
         /// --upstream-bundle.
         #[arg(long)]
         gateway: bool,
+        /// Enroll an id that already exists (enrolled or revoked): issues a
+        /// new bundle, and every earlier bundle of the id is refused from
+        /// now on.
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke a device: refused at its next handshake, disconnected now.
     Revoke { device: String },
@@ -480,6 +485,15 @@ async fn call(data_dir: &Path, req: AdminRequest) -> anyhow::Result<AdminRespons
     Ok(client(data_dir).await?.call(&req).await?)
 }
 
+/// A device's shared-bundle flag in `devices --json`: `null`, or when it was
+/// found and how many connections were refused since.
+fn shared_json(d: &crate::queue::core::DeviceView) -> Value {
+    match &d.shared_bundle {
+        None => Value::Null,
+        Some(b) => json!({"since": rfc3339(b.since), "refused": b.refused}),
+    }
+}
+
 fn parse_id(s: &str) -> anyhow::Result<CommandId> {
     Ok(s.parse::<CommandId>()?)
 }
@@ -511,6 +525,7 @@ async fn run(
             caps,
             out,
             gateway,
+            force,
         } => {
             let r = call(
                 data_dir,
@@ -519,6 +534,7 @@ async fn run(
                     tags,
                     caps,
                     gateway,
+                    force,
                 },
             )
             .await?;
@@ -590,7 +606,7 @@ async fn run(
                     .map(|(d, s)| {
                         json!({"id": d.record.id, "online": d.online, "tags": d.record.tags, "caps": d.record.caps,
                            "last_seen": d.record.last_seen.map(rfc3339), "queued": d.queued, "in_flight": d.in_flight,
-                           "revoked": d.record.revoked, "stats": s})
+                           "revoked": d.record.revoked, "shared_bundle": shared_json(d), "stats": s})
                     })
                     .collect();
                 println!("{}", Value::Array(v));
@@ -638,7 +654,7 @@ async fn run(
                     .map(|d| {
                         json!({"id": d.record.id, "online": d.online, "tags": d.record.tags, "caps": d.record.caps,
                            "last_seen": d.record.last_seen.map(rfc3339), "queued": d.queued, "in_flight": d.in_flight,
-                           "revoked": d.record.revoked})
+                           "revoked": d.record.revoked, "shared_bundle": shared_json(d)})
                     })
                     .collect();
                 println!("{}", Value::Array(v));
@@ -650,6 +666,14 @@ async fn run(
                             d.record.id.clone(),
                             if d.record.revoked {
                                 "revoked".into()
+                            } else if d.shared_bundle.is_some() {
+                                // Said first: the operator must act on it.
+                                if d.online {
+                                    "online, bundle shared!"
+                                } else {
+                                    "bundle shared!"
+                                }
+                                .into()
                             } else if d.online {
                                 "online".into()
                             } else {
@@ -698,6 +722,8 @@ async fn run(
                        "edges": s.edges,
                        "disk_bytes": s.disk_bytes, "max_disk": s.max_disk,
                        "listen": s.listen, "data_dir": s.data_dir,
+                       "shared_bundles": s.shared_bundles.iter().map(|b| json!({"device": b.device,
+                           "since": rfc3339(b.since), "refused": b.refused})).collect::<Vec<_>>(),
                        "alerts": s.alerts.iter().map(|a| json!({"name": a.name, "state": a.state,
                            "since": rfc3339(a.since), "detail": a.detail})).collect::<Vec<_>>()})
                 );
@@ -743,6 +769,16 @@ async fn run(
                                 .unwrap_or_default(),
                             e.queued,
                             e.handed
+                        ),
+                    ]);
+                }
+                for b in &s.shared_bundles {
+                    rows.push(vec![
+                        format!("bundle shared {}", b.device),
+                        format!(
+                            "in use on more than one live device since {}, {} connections refused; give each device its own bundle (`outpost enroll ID`; `--force` for this one)",
+                            ago(b.since),
+                            b.refused
                         ),
                     ]);
                 }

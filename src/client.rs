@@ -92,12 +92,38 @@ impl ClientError {
                 ErrorCode::Revoked | ErrorCode::NotEnrolled | ErrorCode::UnsupportedVersion
             ),
             ClientError::Closed { close_code, .. } => {
-                *close_code == Some(crate::device::close_code::REVOKED.into())
+                use crate::device::close_code as cc;
+                matches!(
+                    close_code.map(|c| c as u32),
+                    Some(cc::REVOKED | cc::IN_USE | cc::SUPERSEDED)
+                )
             }
             _ => false,
         }
     }
+
+    /// True for a failure after the box answered but before it admitted
+    /// the device, with no definite reason: what a refusal looks like when
+    /// the close reason is lost in the race (see PROTOCOL.md §1). The agent
+    /// retries these a bounded number of times only.
+    pub fn is_refusal_like(&self) -> bool {
+        match self {
+            ClientError::Lost(_) | ClientError::Frame(_) | ClientError::Protocol(_) => true,
+            ClientError::Rejected { code, .. } => {
+                !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Internal)
+            }
+            ClientError::Closed { close_code, .. } => !matches!(
+                close_code.map(|c| c as u32),
+                None | Some(crate::device::close_code::SHUTDOWN)
+            ),
+            _ => false,
+        }
+    }
 }
+
+/// Consecutive refusal-like connect failures ([`ClientError::is_refusal_like`])
+/// after which the agent stops (with its backoff, a few minutes).
+pub const MAX_REFUSED_ATTEMPTS: u32 = 10;
 
 fn alert_text(alert: u8) -> &'static str {
     match alert {
@@ -105,7 +131,7 @@ fn alert_text(alert: u8) -> &'static str {
         43 => "unsupported certificate",
         44 => "certificate revoked: this device was revoked on the box; ask the operator to enroll it again",
         45 => "certificate expired: enroll the device again for a fresh bundle (or check the clocks)",
-        46 => "certificate unknown",
+        46 => "certificate superseded: the device was enrolled again and only its newest bundle is admitted; install that one (or issue a new one with `outpost enroll ID --force` on the box)",
         48 => "unknown CA: the bundle was issued by another box (or the box was re-initialised); enroll the device again",
         49 => "access denied: the certificate carries no outpost device id",
         116 => "a client certificate is required",
@@ -135,6 +161,11 @@ fn conn_error(e: quinn::ConnectionError, addr: SocketAddr) -> ClientError {
                 crate::device::close_code::REVOKED => format!("revoked: {reason}"),
                 crate::device::close_code::REPLACED => format!("replaced: {reason}"),
                 crate::device::close_code::SHUTDOWN => format!("box shutting down: {reason}"),
+                crate::device::close_code::IN_USE if reason.is_empty() => {
+                    "this bundle is in use elsewhere: another live device holds this id with it; give each device its own bundle (`outpost enroll ID` on the box)".into()
+                }
+                crate::device::close_code::IN_USE => reason,
+                crate::device::close_code::SUPERSEDED => format!("superseded: {reason}; install the device's newest bundle (or issue one with `outpost enroll ID --force`)"),
                 _ => format!("code {code}: {reason}"),
             };
             ClientError::Closed {
@@ -1036,6 +1067,7 @@ pub async fn run_agent(
     tokio::pin!(shutdown);
     // Logged once per change, not once per attempt.
     let mut was_down_logged = false;
+    let mut refused = 0u32;
     loop {
         let attempt = connect(&bundle, &agent.opts.connect);
         let conn = tokio::select! {
@@ -1048,7 +1080,15 @@ pub async fn run_agent(
                 tracing::error!(error = %e, "the box refuses this device; stopping");
                 return Err(e.into());
             }
+            Err(e) if e.is_refusal_like() && refused + 1 >= MAX_REFUSED_ATTEMPTS => {
+                tracing::error!(error = %e, attempts = refused + 1, "the box keeps refusing this device; stopping");
+                return Err(anyhow::anyhow!(
+                    "the box at {server} refused this device {} times in a row before admitting it (last: {e}); see the box's log, and if this bundle was revoked or replaced, install a new one (`outpost enroll ID --force` on the box)",
+                    refused + 1
+                ));
+            }
             Err(e) => {
+                refused = if e.is_refusal_like() { refused + 1 } else { 0 };
                 let delay = backoff.next_delay();
                 if !was_down_logged {
                     tracing::warn!(%server, error = %e, "cannot reach the box; reconnecting with backoff");
@@ -1063,6 +1103,7 @@ pub async fn run_agent(
             }
         };
         backoff.reset();
+        refused = 0;
         tracing::info!(%server, device = conn.device_id(), window = conn.window(), "connected to the box");
         let ended = agent.serve(&mut conn, &mut shutdown).await;
         match ended {

@@ -78,6 +78,18 @@ pub async fn check(data_dir: &Path) -> Vec<Finding> {
     }
 
     let tls = data_dir.join(TLS_DIR);
+    // A store without its CA: `serve` refuses to start (a new CA would lock
+    // out every enrolled device), and so does this check.
+    let ca_missing = crate::identity::Identity::check_ca_present(data_dir).err();
+    if let Some(e) = &ca_missing {
+        out.push(f(
+            "identity",
+            Status::Fail,
+            e.to_string(),
+            format!("restore {} from a backup of this box", tls.display()),
+        ));
+    }
+    let has_store = data_dir.join(crate::store::DB_DIR).exists();
     for key in [CA_KEY, SERVER_KEY] {
         let p = tls.join(key);
         match std::fs::metadata(&p) {
@@ -85,7 +97,11 @@ pub async fn check(data_dir: &Path) -> Vec<Finding> {
                 "keys",
                 Status::Fail,
                 format!("{} is missing", p.display()),
-                "run `outpost init` to create the box's identity",
+                if key == CA_KEY && has_store {
+                    "restore it from a backup of this box (a new CA would lock out every enrolled device)"
+                } else {
+                    "run `outpost init` to create the box's identity"
+                },
             )),
             Ok(m) if m.permissions().mode() & 0o077 != 0 => out.push(f(
                 "keys",

@@ -146,6 +146,11 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             .filter(|d| d.record.revoked)
             .map(|d| d.record.id.clone()),
     );
+    for d in &devices {
+        // A record from before pins has none: any certificate of the CA is
+        // admitted for it until it is next enrolled.
+        revoked.pin(&d.record.id, d.record.cert);
+    }
     let tls = identity.server_config(revoked.clone())?;
     let link = Arc::new(DeviceLink::start(
         o.listen,
@@ -188,6 +193,18 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             max_disk: o.limits.max_disk,
             data_dir: o.data_dir.clone(),
             upstream: o.upstream.is_some() || o.nats.is_some(),
+            shared_bundles: Some(crate::monitor::SharedBundles {
+                list: {
+                    let link = link.clone();
+                    Arc::new(move || {
+                        link.shared_bundles()
+                            .into_iter()
+                            .map(|b| b.device)
+                            .collect()
+                    })
+                },
+                found: link.bundles_found(),
+            }),
         },
     );
     let listener = admin::bind(&o.data_dir).await?;

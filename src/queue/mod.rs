@@ -57,6 +57,16 @@ pub enum QueueError {
     NoRoute(String),
     #[error("device `{device}` may not send to `{target}`: no [[acl]] rule in the box's config allows it")]
     Forbidden { device: DeviceId, target: String },
+    #[error("{}", already_enrolled(.id, *.revoked))]
+    AlreadyEnrolled { id: DeviceId, revoked: bool },
+}
+
+fn already_enrolled(id: &str, revoked: bool) -> String {
+    if revoked {
+        format!("device `{id}` is already enrolled, and revoked; `outpost enroll {id} --force` re-admits it with a new bundle (its revoked bundle stays locked out)")
+    } else {
+        format!("device `{id}` is already enrolled; `outpost enroll {id} --force` issues a new bundle and locks out the old one (every copy of its current bundle stops working)")
+    }
 }
 
 impl QueueError {
@@ -69,6 +79,7 @@ impl QueueError {
                 | QueueError::DiskFull { .. }
                 | QueueError::NoSpace { .. }
                 | QueueError::Forbidden { .. }
+                | QueueError::AlreadyEnrolled { .. }
         )
     }
 }

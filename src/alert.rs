@@ -588,6 +588,38 @@ mod tests {
     }
 
     #[test]
+    fn bundle_shared_fires_with_the_devices_named() {
+        let r = RuleConfig {
+            name: "shared".into(),
+            kind: "bundle_shared".into(),
+            value: toml::Value::Integer(0),
+            for_: None,
+            clear_for: None,
+            exec: None,
+        }
+        .check(None)
+        .unwrap();
+        assert_eq!(r.kind, Kind::BundleShared(0));
+        let mut e = Engine::new(vec![r]);
+        let shared = |ids: &[&str]| Observation {
+            shared_bundles: ids.iter().map(|s| s.to_string()).collect(),
+            ..Observation::default()
+        };
+        assert!(e.observe(&shared(&[]), 0).is_empty());
+        let t = e.observe(&shared(&["d1", "d2"]), M);
+        assert_eq!(
+            states(&t),
+            [
+                ("shared", AlertState::Pending),
+                ("shared", AlertState::Firing)
+            ]
+        );
+        assert!(t[1].detail.contains("d1, d2"), "{}", t[1].detail);
+        let t = e.observe(&shared(&[]), 2 * M);
+        assert_eq!(states(&t), [("shared", AlertState::Resolved)]);
+    }
+
+    #[test]
     fn hysteresis_a_flapping_value_neither_fires_early_nor_resolves() {
         let mut e = Engine::new(vec![rule("dead", Kind::DeadAbove(0), M, M)]);
         let dead = |n| Observation {

@@ -1342,5 +1342,32 @@ mod tests {
             close_code: Some(2)
         }
         .is_permanent());
+        for code in [
+            crate::device::close_code::IN_USE,
+            crate::device::close_code::SUPERSEDED,
+        ] {
+            let e = ClientError::Closed {
+                what: String::new(),
+                close_code: Some(code.into()),
+            };
+            assert!(e.is_permanent(), "{code}");
+        }
+        let replaced = ClientError::Closed {
+            what: String::new(),
+            close_code: Some(crate::device::close_code::REPLACED.into()),
+        };
+        assert!(!replaced.is_permanent() && replaced.is_refusal_like());
+        // A box that is away or restarting is waited for, never given up on.
+        let shutdown = ClientError::Closed {
+            what: String::new(),
+            close_code: Some(crate::device::close_code::SHUTDOWN.into()),
+        };
+        assert!(!shutdown.is_refusal_like());
+        assert!(!ClientError::Timeout {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            secs: 1
+        }
+        .is_refusal_like());
+        assert!(ClientError::Lost("reset".into()).is_refusal_like());
     }
 }

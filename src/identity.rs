@@ -887,7 +887,14 @@ impl ClientCertVerifier for DeviceCertVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = device_id_from_cert(end_entity).map_err(|e| {
-            tracing::warn!(error = %e, "refused a client certificate without a device id");
+            let what = "a certificate without a device id";
+            let first = self
+                .revoked
+                .refusal_log()
+                .is_none_or(|log| log.refused(None, None, what));
+            if first {
+                tracing::warn!(error = %e, "refused {what} (repeats are summed up once a minute)");
+            }
             rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             )

@@ -1185,6 +1185,55 @@ mod tests {
     const T: Duration = Duration::from_secs(10);
 
     #[tokio::test]
+    async fn the_agent_stops_after_refusals_it_cannot_read_instead_of_looping() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let id = crate::identity::Identity::init(dir.path(), &[]).unwrap();
+        let tls = id
+            .server_config(crate::identity::RevokedSet::new())
+            .unwrap();
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        // A box (or anything with its CA) that admits the handshake and
+        // then hangs up with a code the agent does not know, every time.
+        let admitted = Arc::new(AtomicU32::new(0));
+        let task = tokio::spawn({
+            let (server, admitted) = (server.clone(), admitted.clone());
+            async move {
+                while let Some(incoming) = server.accept().await {
+                    if let Ok(c) = incoming.await {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                        c.close(VarInt::from_u32(99), b"go away");
+                    }
+                }
+            }
+        });
+        let path = dir.path().join("d1.bundle");
+        id.issue_device("d1", &addr.to_string())
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        let mut opts = AgentOptions::new(path, Handler::Echo);
+        opts.backoff_min = Duration::from_millis(1);
+        opts.backoff_max = Duration::from_millis(10);
+        let r = timeout(
+            Duration::from_secs(60),
+            run_agent(opts, std::future::pending()),
+        )
+        .await
+        .expect("the agent stops by itself");
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("refused this device 10 times"), "{e}");
+        assert_eq!(admitted.load(Ordering::SeqCst), MAX_REFUSED_ATTEMPTS);
+        task.abort();
+    }
+
+    #[tokio::test]
     async fn exec_passes_the_payload_and_returns_stdout() {
         let o = exec("tr a-z A-Z", b"hello".to_vec(), T, MAX).await;
         assert_eq!(o, Outcome::Ok(b"HELLO".to_vec()));

@@ -178,8 +178,42 @@ pub async fn check(data_dir: &Path) -> Vec<Finding> {
         ));
     } else {
         out.push(database(data_dir));
+        if ca_missing.is_none() {
+            if let Some(x) = store_ca(data_dir) {
+                out.push(x);
+            }
+        }
     }
     out
+}
+
+/// The CA against the one the store recorded (only with no box running:
+/// a running box checked it when it started).
+fn store_ca(dir: &Path) -> Option<Finding> {
+    let identity = crate::identity::Identity::load(dir).ok()?;
+    let store = Store::open(dir, &StoreOptions::default()).ok()?;
+    let recorded = store.ca_fingerprint().ok()?;
+    Some(match identity.check_store_ca(dir, recorded) {
+        Ok(()) => f(
+            "identity",
+            Status::Pass,
+            if recorded.is_some() {
+                "the CA is the one the store's devices were enrolled under"
+            } else {
+                "the store has not recorded its CA yet (the next start does)"
+            },
+            "",
+        ),
+        Err(e) => f(
+            "identity",
+            Status::Fail,
+            e.to_string(),
+            format!(
+                "restore {} from a backup of this box",
+                dir.join(TLS_DIR).display()
+            ),
+        ),
+    })
 }
 
 fn cert_expiry(path: &Path) -> Finding {

@@ -100,6 +100,13 @@ pub enum IdentityError {
         db: PathBuf,
         missing: String,
     },
+    #[error("{} is not the CA of this box's store (its SHA-256 starts {found}, the store's CA {expected}): the devices enrolled in the store trust only theirs, so this one would lock every one of them out. Restore {} from a backup of this box and start again. Only if the store should start over under this CA, move {} aside (every device must then be enrolled again)", .tls.join(CA_CERT).display(), .tls.display(), .db.display())]
+    CaMismatch {
+        tls: PathBuf,
+        db: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("{path} is unusable: {detail}; restore it from a backup, or move {dir} aside and run `outpost init` again (every device must then be enrolled again)", dir = .path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
     Corrupt { path: PathBuf, detail: String },
     #[error("`{id}` is not a valid device id: {reason}")]
@@ -566,6 +573,28 @@ impl Identity {
             });
         }
         Ok(())
+    }
+
+    /// Check this CA against the one `data_dir`'s store recorded (`None`:
+    /// nothing recorded yet, a store from before boxes kept it).
+    pub fn check_store_ca(
+        &self,
+        data_dir: &Path,
+        recorded: Option<[u8; 32]>,
+    ) -> Result<(), IdentityError> {
+        let ours = cert_fingerprint(&self.ca_cert_der);
+        match recorded {
+            Some(fp) if fp != ours => {
+                let hex = |b: &[u8; 32]| b[..8].iter().map(|x| format!("{x:02x}")).collect();
+                Err(IdentityError::CaMismatch {
+                    tls: self.dir.clone(),
+                    db: data_dir.join(crate::store::DB_DIR),
+                    expected: hex(&fp),
+                    found: hex(&ours),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Load the identity in `data_dir`, creating what is missing: the CA on

@@ -109,6 +109,14 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         .with_context(|| format!("cannot create the data dir {}", o.data_dir.display()))?;
     let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);
     let store = Store::open(&o.data_dir, &o.store)?;
+    // A CA other than the one the store's devices were enrolled under
+    // locks them all out as surely as a missing one.
+    let recorded = store.ca_fingerprint()?;
+    identity.check_store_ca(&o.data_dir, recorded)?;
+    if recorded.is_none() {
+        // A new store, or one from before boxes kept this: from now on.
+        store.set_ca_fingerprint(&crate::identity::cert_fingerprint(identity.ca_der()))?;
+    }
     let runs_store = store.clone();
     let queue = queue::open(
         store,

@@ -67,6 +67,8 @@ const KEY_OUTBOX_NEXT: &[u8] = b"N";
 /// Live commands at a recent commit: sizes the replay's tables up front
 /// (growing a million-entry table step by step cost a quarter of a restart).
 const KEY_LIVE_HINT: &[u8] = b"L";
+/// Meta key: the fingerprint of the box's CA (`Store::ca_fingerprint`).
+const KEY_CA: &str = "ca";
 const MARKER_FILE: &str = "store-id";
 const WATERMARK_FILE: &str = "store-seq";
 /// How often a busy store refreshes `store-seq`.
@@ -355,6 +357,26 @@ impl Store {
         store.check_schema()?;
         store.check_evidence()?;
         Ok(store)
+    }
+
+    /// The fingerprint (SHA-256 of the DER) of the CA this store's devices
+    /// were enrolled under, once the box has recorded it.
+    pub fn ca_fingerprint(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        match self.meta.get(KEY_CA).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(v) => {
+                v.as_ref().try_into().map(Some).map_err(|_| {
+                    self.corrupt("the CA fingerprint record has the wrong length".into())
+                })
+            }
+        }
+    }
+
+    /// Record the CA this store belongs to, durably.
+    pub fn set_ca_fingerprint(&self, fp: &[u8; 32]) -> Result<(), StoreError> {
+        self.meta.insert(KEY_CA, fp).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// The seq of the last group committed (0 for a new database).

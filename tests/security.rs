@@ -310,6 +310,40 @@ fn a_box_with_a_store_and_no_ca_refuses_to_start_and_names_the_way_out() {
 }
 
 #[test]
+fn a_box_whose_tls_dir_is_another_boxs_refuses_to_start() {
+    let mut b = Box_::start();
+    ok(&b.enroll("d1", "d1", &[]));
+    b.stop();
+    // tls/ restored from the wrong backup: a CA its devices do not trust.
+    let other = tempfile::tempdir().unwrap();
+    ok(&outpost(other.path(), &["init"]));
+    let tls = b.dir.path().join("tls");
+    std::fs::remove_dir_all(&tls).unwrap();
+    std::fs::rename(other.path().join("tls"), &tls).unwrap();
+
+    let o = b.run(&["doctor"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("is not the CA of this box's store"),
+        "{}",
+        text(&o)
+    );
+
+    let mut serve = b.spawn_serve();
+    let s = exits_within(&mut serve, 30);
+    if s.is_none() {
+        let _ = serve.kill();
+        let _ = serve.wait();
+    }
+    assert!(!s.expect("serve refuses to start").success());
+    let log = b.log();
+    assert!(
+        log.contains("is not the CA of this box's store") && log.contains("backup"),
+        "{log}"
+    );
+}
+
+#[test]
 fn two_live_devices_sharing_a_bundle_one_stops_and_devices_and_status_show_it() {
     let mut b = Box_::start();
     ok(&b.enroll("d1", "d1", &[]));

@@ -165,7 +165,14 @@ fn conn_error(e: quinn::ConnectionError, addr: SocketAddr) -> ClientError {
                     "this bundle is in use elsewhere: another live device holds this id with it; give each device its own bundle (`outpost enroll ID` on the box)".into()
                 }
                 crate::device::close_code::IN_USE => reason,
-                crate::device::close_code::SUPERSEDED => format!("superseded: {reason}; install the device's newest bundle (or issue one with `outpost enroll ID --force`)"),
+                crate::device::close_code::SUPERSEDED => format!(
+                    "{}; install the device's newest bundle (or issue one with `outpost enroll ID --force`)",
+                    if reason.is_empty() {
+                        "superseded: this device was enrolled again"
+                    } else {
+                        &reason
+                    }
+                ),
                 _ => format!("code {code}: {reason}"),
             };
             ClientError::Closed {

@@ -140,6 +140,10 @@ pub struct LinkStats {
     pub acks: AtomicU64,
     pub events: AtomicU64,
     pub events_dropped: AtomicU64,
+    /// Bundles found in use on two live devices, and newcomers refused
+    /// for it.
+    pub shared_bundles_found: AtomicU64,
+    pub in_use_refused: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1036,7 +1040,9 @@ impl Session {
                 .arrive(&self.device, holder, now.into_std());
             if let crate::contest::Verdict::Refuse { detected } = verdict {
                 drop(live);
+                bump(&self.shared.stats.in_use_refused);
                 if detected {
+                    bump(&self.shared.stats.shared_bundles_found);
                     self.shared.bundles_found.send_modify(|n| *n += 1);
                     tracing::warn!(
                         "two live connections keep taking this device's id from each other: its bundle is in use on more than one device; refusing newcomers while one holds it (give each device its own bundle: `outpost enroll ID`)"

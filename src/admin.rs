@@ -55,6 +55,8 @@ pub enum AdminRequest {
         caps: Vec<String>,
         /// A box below this one (an edge), not a device.
         gateway: bool,
+        /// Enroll an id that exists: a new bundle, the old one locked out.
+        force: bool,
     },
     Revoke(DeviceId),
     /// Lifecycle events from now on, optionally of one device only.
@@ -85,6 +87,9 @@ impl Frame for AdminRequest {
 }
 
 /// The box's answer.
+// One answer per call, made and dropped at once: boxing `Status` would save
+// bytes nobody holds, and change the shape every caller matches on.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum AdminResponse {
     Receipt(SendReceipt),
@@ -131,6 +136,8 @@ pub struct StatusView {
     pub max_disk: Option<u64>,
     /// Alerts pending or firing.
     pub alerts: Vec<crate::alert::AlertView>,
+    /// Devices whose bundle is in use on more than one live device.
+    pub shared_bundles: Vec<crate::contest::SharedBundle>,
 }
 
 /// A box below, as `status` on its hub shows it.
@@ -346,7 +353,7 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         AdminRequest::Cancel(id) => q.cancel(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Retry(id) => q.retry(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Status => status_view(ctx).await.map(AdminResponse::Status),
-        AdminRequest::DeviceStats => q.devices().await.map(|ds| {
+        AdminRequest::DeviceStats => devices(ctx).await.map(|ds| {
             AdminResponse::DeviceStats(
                 ds.into_iter()
                     .map(|d| {
@@ -360,14 +367,24 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                     .collect(),
             )
         }),
-        AdminRequest::Devices => q.devices().await.map(AdminResponse::Devices),
+        AdminRequest::Devices => devices(ctx).await.map(AdminResponse::Devices),
         AdminRequest::Relabel(r) => q.relabel(r).await.map(AdminResponse::Device),
         AdminRequest::Enroll {
             id,
             tags,
             caps,
             gateway,
-        } => return enroll(ctx, id, tags, caps, gateway).await,
+            force,
+        } => {
+            let req = crate::enroll::EnrollRequest {
+                id,
+                tags,
+                caps,
+                gateway,
+                force,
+            };
+            return enroll(ctx, req).await;
+        }
         AdminRequest::Revoke(id) => {
             let r = q.revoke(id.clone()).await;
             if r.is_ok() {
@@ -381,6 +398,18 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         }),
     };
     r.unwrap_or_else(|e| error_of(&e))
+}
+
+/// The queue's devices with what the device link knows of them.
+pub async fn devices(ctx: &AdminContext) -> Result<Vec<DeviceView>, QueueError> {
+    let mut ds = ctx.queue.devices().await?;
+    let shared = ctx.link.shared_bundles();
+    if !shared.is_empty() {
+        for d in &mut ds {
+            d.shared_bundle = shared.iter().find(|s| s.device == d.record.id).cloned();
+        }
+    }
+    Ok(ds)
 }
 
 /// What `status` answers (also the dashboard's `/api/status`).
@@ -403,6 +432,7 @@ pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
         .collect();
     Ok(StatusView {
         edges,
+        shared_bundles: ctx.link.shared_bundles(),
         max_disk: ctx.max_disk,
         alerts: ctx.monitor.as_ref().map(|m| m.alerts()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -442,83 +472,25 @@ pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
     })
 }
 
-async fn enroll(
-    ctx: &AdminContext,
-    id: DeviceId,
-    tags: Vec<String>,
-    caps: Vec<String>,
-    gateway: bool,
-) -> AdminResponse {
-    match enroll_device(
-        &ctx.queue,
-        &ctx.identity,
-        &ctx.advertise,
-        &id,
-        tags,
-        caps,
-        gateway,
-    )
-    .await
-    {
-        Ok(bundle) => {
-            ctx.link.readmit(&id);
+async fn enroll(ctx: &AdminContext, req: crate::enroll::EnrollRequest) -> AdminResponse {
+    match crate::enroll::enroll(&ctx.queue, &ctx.identity, &ctx.advertise, &req).await {
+        Ok(e) => {
+            // Pinned before the revocation is lifted: a revoked device's
+            // stolen bundle must never get a moment in between.
+            if let Some(cert) = e.record.cert {
+                ctx.link.supersede(&req.id, cert);
+            }
+            ctx.link.readmit(&req.id);
             AdminResponse::Bundle {
-                text: bundle.to_text(),
+                text: e.bundle.to_text(),
             }
         }
-        Err(EnrollError::Queue(e)) => error_of(&e),
+        Err(crate::enroll::EnrollError::Queue(e)) => error_of(&e),
         Err(e) => AdminResponse::Error {
             kind: ErrorKind::BadRequest,
             message: e.to_string(),
         },
     }
-}
-
-/// Why an enrollment was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum EnrollError {
-    #[error(transparent)]
-    Name(#[from] crate::route::NameError),
-    #[error(transparent)]
-    Identity(#[from] crate::identity::IdentityError),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-}
-
-/// Enroll a device: check its names, issue its certificate (naming
-/// `advertise` as the box) and make its record durable through the queue.
-/// The one way to enroll, for the running box (the admin socket) and for
-/// `outpost enroll` on the data dir of a stopped box alike, so both write
-/// the same record, and the same outbox entry for a hub.
-pub async fn enroll_device(
-    queue: &QueueHandle,
-    identity: &Identity,
-    advertise: &str,
-    id: &str,
-    mut tags: Vec<String>,
-    caps: Vec<String>,
-    gateway: bool,
-) -> Result<crate::identity::Bundle, EnrollError> {
-    let names = tags
-        .iter()
-        .map(|t| (t, "tag"))
-        .chain(caps.iter().map(|c| (c, "capability")));
-    for (n, what) in names {
-        crate::route::check_name(n, what)?;
-    }
-    // Checked names first: the reserved tag is the box's own.
-    if gateway {
-        tags.push(crate::route::GATEWAY_TAG.into());
-    }
-    let bundle = identity.issue_device(id, advertise)?;
-    let rec = DeviceRecord {
-        tags,
-        caps,
-        enrolled_at: crate::now_millis(),
-        ..DeviceRecord::new(id)
-    };
-    queue.enroll(rec).await?;
-    Ok(bundle)
 }
 
 /// Why an admin call failed on the client side.

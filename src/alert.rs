@@ -34,6 +34,9 @@ pub enum Kind {
     DiskAbove(f64),
     /// The uplink not connected for longer than D.
     UplinkDownLongerThan(Millis),
+    /// More than N devices whose bundle is in use on more than one live
+    /// device (the box refuses the newcomers: "in use elsewhere").
+    BundleShared(u64),
 }
 
 /// One `[[alert]]` table, checked.
@@ -55,7 +58,8 @@ pub struct Rule {
 pub struct RuleConfig {
     pub name: String,
     /// `queue_depth_above`, `device_offline_longer_than`, `dead_above`,
-    /// `outbox_lag_above`, `disk_above`, `uplink_down_longer_than`.
+    /// `outbox_lag_above`, `disk_above`, `uplink_down_longer_than`,
+    /// `bundle_shared`.
     pub kind: String,
     /// The threshold: a number, a duration (`10m`) or a percentage (`90%`),
     /// as the kind wants.
@@ -69,7 +73,7 @@ pub struct RuleConfig {
 /// Why an `[[alert]]` table is unusable; names the rule and the fix.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RuleError {
-    #[error("[[alert]] {name:?}: unknown kind `{kind}` (use queue_depth_above, device_offline_longer_than, dead_above, outbox_lag_above, disk_above or uplink_down_longer_than)")]
+    #[error("[[alert]] {name:?}: unknown kind `{kind}` (use queue_depth_above, device_offline_longer_than, dead_above, outbox_lag_above, disk_above, uplink_down_longer_than or bundle_shared)")]
     Kind { name: String, kind: String },
     #[error("[[alert]] {name:?}: value {value} {why}")]
     Value {
@@ -120,6 +124,7 @@ impl RuleConfig {
         let kind = match self.kind.as_str() {
             "queue_depth_above" => Kind::QueueDepthAbove(count()?),
             "dead_above" => Kind::DeadAbove(count()?),
+            "bundle_shared" => Kind::BundleShared(count()?),
             "device_offline_longer_than" => Kind::DeviceOfflineLongerThan(dur()?),
             "outbox_lag_above" => Kind::OutboxLagAbove(dur()?),
             "uplink_down_longer_than" => Kind::UplinkDownLongerThan(dur()?),
@@ -219,6 +224,8 @@ pub struct Observation {
     pub max_disk: Option<u64>,
     /// `None`: the box has no uplink.
     pub uplink: Option<UplinkObs>,
+    /// Devices whose bundle is in use on more than one live device.
+    pub shared_bundles: Vec<String>,
 }
 
 /// Where a rule is.
@@ -310,6 +317,22 @@ fn evaluate(kind: &Kind, o: &Observation, now: Millis) -> (bool, String, Option<
             format!("{} dead commands (limit {n})", o.dead),
             None,
         ),
+        Kind::BundleShared(n) => {
+            let ids = &o.shared_bundles;
+            let detail = match ids.len() {
+                0 => "no bundle in use on more than one device".to_string(),
+                k if k <= 5 => format!(
+                    "bundle in use on more than one live device: {} (limit {n}); give each device its own bundle",
+                    ids.join(", ")
+                ),
+                k => format!(
+                    "bundle in use on more than one live device: {} and {} more (limit {n}); give each device its own bundle",
+                    ids[..5].join(", "),
+                    k - 5
+                ),
+            };
+            (ids.len() as u64 > *n, detail, None)
+        }
         Kind::DeviceOfflineLongerThan(d) => {
             let mut late: Vec<&str> = Vec::new();
             let mut due: Option<Millis> = None;
@@ -562,6 +585,38 @@ mod tests {
         assert_eq!(states(&t), [("backlog", AlertState::Resolved)]);
         assert!(e.alerts().is_empty());
         assert_eq!(e.next_deadline(), None);
+    }
+
+    #[test]
+    fn bundle_shared_fires_with_the_devices_named() {
+        let r = RuleConfig {
+            name: "shared".into(),
+            kind: "bundle_shared".into(),
+            value: toml::Value::Integer(0),
+            for_: None,
+            clear_for: None,
+            exec: None,
+        }
+        .check(None)
+        .unwrap();
+        assert_eq!(r.kind, Kind::BundleShared(0));
+        let mut e = Engine::new(vec![r]);
+        let shared = |ids: &[&str]| Observation {
+            shared_bundles: ids.iter().map(|s| s.to_string()).collect(),
+            ..Observation::default()
+        };
+        assert!(e.observe(&shared(&[]), 0).is_empty());
+        let t = e.observe(&shared(&["d1", "d2"]), M);
+        assert_eq!(
+            states(&t),
+            [
+                ("shared", AlertState::Pending),
+                ("shared", AlertState::Firing)
+            ]
+        );
+        assert!(t[1].detail.contains("d1, d2"), "{}", t[1].detail);
+        let t = e.observe(&shared(&[]), 2 * M);
+        assert_eq!(states(&t), [("shared", AlertState::Resolved)]);
     }
 
     #[test]

@@ -634,6 +634,7 @@ pub async fn idle_bench(exe: &Path, dir: &Path, n: usize, secs: u64) -> anyhow::
             tags: vec![],
             caps: vec![],
             gateway: false,
+            force: false,
         };
         let AdminResponse::Bundle { text } = admin.call(&req).await? else {
             anyhow::bail!("unexpected enroll answer")

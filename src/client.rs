@@ -92,12 +92,38 @@ impl ClientError {
                 ErrorCode::Revoked | ErrorCode::NotEnrolled | ErrorCode::UnsupportedVersion
             ),
             ClientError::Closed { close_code, .. } => {
-                *close_code == Some(crate::device::close_code::REVOKED.into())
+                use crate::device::close_code as cc;
+                matches!(
+                    close_code.map(|c| c as u32),
+                    Some(cc::REVOKED | cc::IN_USE | cc::SUPERSEDED)
+                )
             }
             _ => false,
         }
     }
+
+    /// True for a failure after the box answered but before it admitted
+    /// the device, with no definite reason: what a refusal looks like when
+    /// the close reason is lost in the race (see PROTOCOL.md §1). The agent
+    /// retries these a bounded number of times only.
+    pub fn is_refusal_like(&self) -> bool {
+        match self {
+            ClientError::Lost(_) | ClientError::Frame(_) | ClientError::Protocol(_) => true,
+            ClientError::Rejected { code, .. } => {
+                !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Internal)
+            }
+            ClientError::Closed { close_code, .. } => !matches!(
+                close_code.map(|c| c as u32),
+                None | Some(crate::device::close_code::SHUTDOWN)
+            ),
+            _ => false,
+        }
+    }
 }
+
+/// Consecutive refusal-like connect failures ([`ClientError::is_refusal_like`])
+/// after which the agent stops (with its backoff, a few minutes).
+pub const MAX_REFUSED_ATTEMPTS: u32 = 10;
 
 fn alert_text(alert: u8) -> &'static str {
     match alert {
@@ -105,7 +131,7 @@ fn alert_text(alert: u8) -> &'static str {
         43 => "unsupported certificate",
         44 => "certificate revoked: this device was revoked on the box; ask the operator to enroll it again",
         45 => "certificate expired: enroll the device again for a fresh bundle (or check the clocks)",
-        46 => "certificate unknown",
+        46 => "certificate superseded: the device was enrolled again and only its newest bundle is admitted; install that one (or issue a new one with `outpost enroll ID --force` on the box)",
         48 => "unknown CA: the bundle was issued by another box (or the box was re-initialised); enroll the device again",
         49 => "access denied: the certificate carries no outpost device id",
         116 => "a client certificate is required",
@@ -135,6 +161,18 @@ fn conn_error(e: quinn::ConnectionError, addr: SocketAddr) -> ClientError {
                 crate::device::close_code::REVOKED => format!("revoked: {reason}"),
                 crate::device::close_code::REPLACED => format!("replaced: {reason}"),
                 crate::device::close_code::SHUTDOWN => format!("box shutting down: {reason}"),
+                crate::device::close_code::IN_USE if reason.is_empty() => {
+                    "this bundle is in use elsewhere: another live device holds this id with it; give each device its own bundle (`outpost enroll ID` on the box)".into()
+                }
+                crate::device::close_code::IN_USE => reason,
+                crate::device::close_code::SUPERSEDED => format!(
+                    "{}; install the device's newest bundle (or issue one with `outpost enroll ID --force`)",
+                    if reason.is_empty() {
+                        "superseded: this device was enrolled again"
+                    } else {
+                        &reason
+                    }
+                ),
                 _ => format!("code {code}: {reason}"),
             };
             ClientError::Closed {
@@ -1036,6 +1074,7 @@ pub async fn run_agent(
     tokio::pin!(shutdown);
     // Logged once per change, not once per attempt.
     let mut was_down_logged = false;
+    let mut refused = 0u32;
     loop {
         let attempt = connect(&bundle, &agent.opts.connect);
         let conn = tokio::select! {
@@ -1048,7 +1087,15 @@ pub async fn run_agent(
                 tracing::error!(error = %e, "the box refuses this device; stopping");
                 return Err(e.into());
             }
+            Err(e) if e.is_refusal_like() && refused + 1 >= MAX_REFUSED_ATTEMPTS => {
+                tracing::error!(error = %e, attempts = refused + 1, "the box keeps refusing this device; stopping");
+                return Err(anyhow::anyhow!(
+                    "the box at {server} refused this device {} times in a row before admitting it (last: {e}); see the box's log, and if this bundle was revoked or replaced, install a new one (`outpost enroll ID --force` on the box)",
+                    refused + 1
+                ));
+            }
             Err(e) => {
+                refused = if e.is_refusal_like() { refused + 1 } else { 0 };
                 let delay = backoff.next_delay();
                 if !was_down_logged {
                     tracing::warn!(%server, error = %e, "cannot reach the box; reconnecting with backoff");
@@ -1063,6 +1110,7 @@ pub async fn run_agent(
             }
         };
         backoff.reset();
+        refused = 0;
         tracing::info!(%server, device = conn.device_id(), window = conn.window(), "connected to the box");
         let ended = agent.serve(&mut conn, &mut shutdown).await;
         match ended {
@@ -1142,6 +1190,55 @@ mod tests {
 
     const MAX: usize = 1 << 20;
     const T: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn the_agent_stops_after_refusals_it_cannot_read_instead_of_looping() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let id = crate::identity::Identity::init(dir.path(), &[]).unwrap();
+        let tls = id
+            .server_config(crate::identity::RevokedSet::new())
+            .unwrap();
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        // A box (or anything with its CA) that admits the handshake and
+        // then hangs up with a code the agent does not know, every time.
+        let admitted = Arc::new(AtomicU32::new(0));
+        let task = tokio::spawn({
+            let (server, admitted) = (server.clone(), admitted.clone());
+            async move {
+                while let Some(incoming) = server.accept().await {
+                    if let Ok(c) = incoming.await {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                        c.close(VarInt::from_u32(99), b"go away");
+                    }
+                }
+            }
+        });
+        let path = dir.path().join("d1.bundle");
+        id.issue_device("d1", &addr.to_string())
+            .unwrap()
+            .write(&path)
+            .unwrap();
+        let mut opts = AgentOptions::new(path, Handler::Echo);
+        opts.backoff_min = Duration::from_millis(1);
+        opts.backoff_max = Duration::from_millis(10);
+        let r = timeout(
+            Duration::from_secs(60),
+            run_agent(opts, std::future::pending()),
+        )
+        .await
+        .expect("the agent stops by itself");
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("refused this device 10 times"), "{e}");
+        assert_eq!(admitted.load(Ordering::SeqCst), MAX_REFUSED_ATTEMPTS);
+        task.abort();
+    }
 
     #[tokio::test]
     async fn exec_passes_the_payload_and_returns_stdout() {
@@ -1301,5 +1398,32 @@ mod tests {
             close_code: Some(2)
         }
         .is_permanent());
+        for code in [
+            crate::device::close_code::IN_USE,
+            crate::device::close_code::SUPERSEDED,
+        ] {
+            let e = ClientError::Closed {
+                what: String::new(),
+                close_code: Some(code.into()),
+            };
+            assert!(e.is_permanent(), "{code}");
+        }
+        let replaced = ClientError::Closed {
+            what: String::new(),
+            close_code: Some(crate::device::close_code::REPLACED.into()),
+        };
+        assert!(!replaced.is_permanent() && replaced.is_refusal_like());
+        // A box that is away or restarting is waited for, never given up on.
+        let shutdown = ClientError::Closed {
+            what: String::new(),
+            close_code: Some(crate::device::close_code::SHUTDOWN.into()),
+        };
+        assert!(!shutdown.is_refusal_like());
+        assert!(!ClientError::Timeout {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            secs: 1
+        }
+        .is_refusal_like());
+        assert!(ClientError::Lost("reset".into()).is_refusal_like());
     }
 }

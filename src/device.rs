@@ -44,6 +44,12 @@ pub mod close_code {
     pub const REPLACED: u32 = 3;
     /// The box is shutting down; reconnect later.
     pub const SHUTDOWN: u32 = 4;
+    /// This bundle is in use elsewhere: another live connection holds the
+    /// id and the two kept taking it from each other. Do not reconnect.
+    pub const IN_USE: u32 = 5;
+    /// The device was enrolled again: this certificate is no longer its
+    /// identity. Do not reconnect with it.
+    pub const SUPERSEDED: u32 = 6;
 }
 
 /// Telemetry a device sent (`DeviceFrame::Event`), handed to the shell.
@@ -134,6 +140,10 @@ pub struct LinkStats {
     pub acks: AtomicU64,
     pub events: AtomicU64,
     pub events_dropped: AtomicU64,
+    /// Bundles found in use on two live devices, and newcomers refused
+    /// for it.
+    pub shared_bundles_found: AtomicU64,
+    pub in_use_refused: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -143,6 +153,7 @@ fn bump(c: &AtomicU64) {
 struct Live {
     seq: u64,
     conn: quinn::Connection,
+    since: Instant,
 }
 
 struct Shared {
@@ -150,6 +161,12 @@ struct Shared {
     opts: LinkOptions,
     revoked: RevokedSet,
     live: Mutex<HashMap<DeviceId, Live>>,
+    /// Ids whose bundle two live devices share (see `contest`); only
+    /// touched under the `live` lock, so a verdict and the map agree.
+    contests: Mutex<crate::contest::Contests>,
+    refusals: Arc<crate::refusal::Refusals>,
+    /// Bumped each time a shared bundle is found (the monitor waits on it).
+    bundles_found: tokio::sync::watch::Sender<u64>,
     next_seq: AtomicU64,
     tasks: AtomicUsize,
     stats: LinkStats,
@@ -169,6 +186,7 @@ pub struct DeviceLink {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     accept: tokio::task::JoinHandle<()>,
+    summaries: tokio::task::JoinHandle<()>,
 }
 
 impl DeviceLink {
@@ -217,11 +235,20 @@ impl DeviceLink {
             }
         }
         .map_err(|source| LinkError::Bind { addr: bind, source })?;
+        let refusals = Arc::new(crate::refusal::Refusals::default());
+        revoked.set_refusal_log(refusals.clone());
+        let summaries = {
+            let r = refusals.clone();
+            tokio::spawn(async move { r.run().await })
+        };
         let shared = Arc::new(Shared {
             queue,
             opts,
             revoked,
             live: Mutex::new(HashMap::new()),
+            contests: Mutex::new(crate::contest::Contests::default()),
+            refusals,
+            bundles_found: tokio::sync::watch::channel(0).0,
             next_seq: AtomicU64::new(1),
             tasks: AtomicUsize::new(0),
             stats: LinkStats::default(),
@@ -231,6 +258,7 @@ impl DeviceLink {
             endpoint,
             shared,
             accept,
+            summaries,
         })
     }
 
@@ -282,6 +310,57 @@ impl DeviceLink {
         self.shared.revoked.remove(device);
     }
 
+    /// `device` was enrolled again with the certificate whose fingerprint
+    /// is `cert`: only that one is admitted from now on, and a live
+    /// connection (made with an earlier one, since the new bundle was not
+    /// out yet) is closed. Its shared-bundle flag ends with the old bundle.
+    pub fn supersede(&self, device: &str, cert: [u8; 32]) {
+        // Pinned before looking at the map, like `revoke`: a connection
+        // registering concurrently checks the pin after inserting itself.
+        self.shared.revoked.pin(device, Some(cert));
+        let live = self.shared.live().remove(device);
+        self.shared
+            .contests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear(device);
+        if let Some(l) = live {
+            tracing::info!(device, "closing the connection of a superseded certificate");
+            l.conn.close(
+                VarInt::from_u32(close_code::SUPERSEDED),
+                b"superseded: this device was enrolled again; only its newest bundle is admitted",
+            );
+        }
+    }
+
+    /// Changes each time a shared bundle is found.
+    pub fn bundles_found(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.bundles_found.subscribe()
+    }
+
+    /// Devices whose bundle is in use on more than one live device now (see
+    /// `contest`), with when that was found (ms since the epoch) and how
+    /// many newcomers were refused since.
+    pub fn shared_bundles(&self) -> Vec<crate::contest::SharedBundle> {
+        let now = Instant::now().into_std();
+        let wall = crate::now_millis();
+        let flagged = self
+            .shared
+            .contests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flagged(now);
+        flagged
+            .into_iter()
+            .map(|(device, f)| crate::contest::SharedBundle {
+                device,
+                since: wall
+                    .saturating_sub(now.saturating_duration_since(f.since).as_millis() as u64),
+                refused: f.refused,
+            })
+            .collect()
+    }
+
     /// The revoked set the link and its TLS verifier share.
     pub fn revoked(&self) -> &RevokedSet {
         &self.shared.revoked
@@ -308,6 +387,7 @@ impl DeviceLink {
     /// stop accepting, and wait briefly for the connections to wind down.
     pub async fn shutdown(&self) {
         self.accept.abort();
+        self.summaries.abort();
         self.endpoint
             .close(VarInt::from_u32(close_code::SHUTDOWN), b"box shutting down");
         let _ = timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
@@ -356,8 +436,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     }
 }
 
-/// The device id of a verified connection's peer certificate.
-fn peer_device_id(conn: &quinn::Connection) -> Result<DeviceId, String> {
+/// The device id of a verified connection's peer certificate, and the
+/// certificate's fingerprint.
+fn peer_device_id(conn: &quinn::Connection) -> Result<(DeviceId, [u8; 32]), String> {
     let any = conn
         .peer_identity()
         .ok_or("the device presented no certificate")?;
@@ -365,27 +446,38 @@ fn peer_device_id(conn: &quinn::Connection) -> Result<DeviceId, String> {
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .map_err(|_| "the peer identity is not an X.509 chain")?;
     let leaf = certs.first().ok_or("the device presented no certificate")?;
-    identity::device_id_from_cert(leaf).map_err(|e| e.to_string())
+    let id = identity::device_id_from_cert(leaf).map_err(|e| e.to_string())?;
+    Ok((id, identity::cert_fingerprint(leaf)))
 }
 
 async fn serve_connection(incoming: quinn::Incoming, shared: &Arc<Shared>) {
     let hello_timeout = shared.opts.hello_timeout;
+    let ip = incoming.remote_address().ip();
     let conn = match timeout(hello_timeout, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             // Refused certificates end here: rustls already sent the alert.
+            // A client retrying in a loop costs a summary line a minute.
             bump(&shared.stats.handshakes_failed);
-            tracing::info!(error = %e, "device handshake failed");
+            let what = e.to_string();
+            if shared.refusals.refused(Some(ip), None, &what) {
+                tracing::info!(error = %what, "device handshake failed (repeats from this address are summed up once a minute)");
+            }
             return;
         }
         Err(_) => {
             bump(&shared.stats.handshakes_failed);
-            tracing::info!("device handshake timed out");
+            if shared
+                .refusals
+                .refused(Some(ip), None, "handshake timed out")
+            {
+                tracing::info!("device handshake timed out (repeats from this address are summed up once a minute)");
+            }
             return;
         }
     };
     bump(&shared.stats.connections_accepted);
-    let device = match peer_device_id(&conn) {
+    let (device, cert) = match peer_device_id(&conn) {
         Ok(d) => d,
         Err(e) => {
             // Unreachable with our verifier, which refuses such certs.
@@ -394,7 +486,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: &Arc<Shared>) {
             return;
         }
     };
-    Session::run(conn, device.clone(), shared.clone())
+    Session::run(conn, device.clone(), cert, shared.clone())
         .instrument(tracing::info_span!("device", id = %device))
         .await;
 }
@@ -522,6 +614,8 @@ impl From<Fatal> for End {
 struct Session {
     conn: quinn::Connection,
     device: DeviceId,
+    /// Fingerprint of the certificate this connection was made with.
+    cert: [u8; 32],
     shared: Arc<Shared>,
     seq: u64,
     send: quinn::SendStream,
@@ -530,7 +624,7 @@ struct Session {
 }
 
 impl Session {
-    async fn run(conn: quinn::Connection, device: DeviceId, shared: Arc<Shared>) {
+    async fn run(conn: quinn::Connection, device: DeviceId, cert: [u8; 32], shared: Arc<Shared>) {
         let opts = &shared.opts;
         let (send, recv) = match timeout(opts.hello_timeout, conn.accept_bi()).await {
             Ok(Ok(s)) => s,
@@ -551,6 +645,7 @@ impl Session {
         let mut s = Session {
             conn,
             device,
+            cert,
             shared: shared.clone(),
             seq,
             send,
@@ -603,8 +698,8 @@ impl Session {
         self.minor = version.minor;
         // An empty list offers all the device is enrolled with.
         let offered = (!caps.is_empty()).then_some(caps);
-        if !self.register() {
-            return Fatal::new(ErrorCode::Revoked, "this device is revoked").into();
+        if let Err(f) = self.register() {
+            return f.into();
         }
         let mut session = match self
             .shared
@@ -925,15 +1020,49 @@ impl Session {
     }
 
     /// Record this connection as the device's live one, closing an older
-    /// one. False if the device is revoked.
-    fn register(&self) -> bool {
-        let old = self.shared.live().insert(
-            self.device.clone(),
-            Live {
-                seq: self.seq,
-                conn: self.conn.clone(),
-            },
-        );
+    /// one: a rebooted device's stale connection must not hold its id until
+    /// the idle timeout. Refused if the device is revoked, this certificate
+    /// is superseded, or the bundle is in use on another live device (see
+    /// `contest`).
+    fn register(&self) -> Result<(), Fatal> {
+        let now = Instant::now();
+        let old = {
+            let mut live = self.shared.live();
+            let holder = live.get(&self.device).map(|l| crate::contest::Holder {
+                age: now.saturating_duration_since(l.since),
+                open: l.conn.close_reason().is_none(),
+            });
+            let verdict = self
+                .shared
+                .contests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .arrive(&self.device, holder, now.into_std());
+            if let crate::contest::Verdict::Refuse { detected } = verdict {
+                drop(live);
+                bump(&self.shared.stats.in_use_refused);
+                if detected {
+                    bump(&self.shared.stats.shared_bundles_found);
+                    self.shared.bundles_found.send_modify(|n| *n += 1);
+                    tracing::warn!(
+                        "two live connections keep taking this device's id from each other: its bundle is in use on more than one device; refusing newcomers while one holds it (give each device its own bundle: `outpost enroll ID`)"
+                    );
+                }
+                return Err(Fatal {
+                    code: ErrorCode::Replaced,
+                    message: format!("this bundle is in use elsewhere: another live device holds `{}` with it; give each device its own bundle (`outpost enroll ID` on the box)", self.device),
+                    close: close_code::IN_USE,
+                });
+            }
+            live.insert(
+                self.device.clone(),
+                Live {
+                    seq: self.seq,
+                    conn: self.conn.clone(),
+                    since: now,
+                },
+            )
+        };
         if let Some(old) = old {
             tracing::info!("a new connection of this device replaces the old one");
             old.conn.close(
@@ -941,8 +1070,18 @@ impl Session {
                 b"replaced by a newer connection of this device",
             );
         }
-        // Checked after inserting: see `DeviceLink::revoke`.
-        !self.shared.revoked.contains(&self.device)
+        // Checked after inserting: see `DeviceLink::revoke` and `supersede`.
+        match self.shared.revoked.check(&self.device, &self.cert) {
+            Ok(()) => Ok(()),
+            Err(identity::Refusal::Revoked) => {
+                Err(Fatal::new(ErrorCode::Revoked, "this device is revoked"))
+            }
+            Err(identity::Refusal::Superseded) => Err(Fatal {
+                code: ErrorCode::Revoked,
+                message: "this certificate was superseded: the device was enrolled again and only its newest bundle is admitted".into(),
+                close: close_code::SUPERSEDED,
+            }),
+        }
     }
 
     fn unregister(&self) {
@@ -955,17 +1094,45 @@ impl Session {
     /// Send a fatal Error frame, give it a moment to arrive, then close.
     async fn fail(&mut self, f: Fatal) {
         bump(&self.shared.stats.protocol_errors);
-        tracing::warn!(code = %f.code, message = %f.message, "closing the device connection");
+        // Refusals that a client may retry in a loop are counted per address
+        // and device, not logged each.
+        let refusal = match (f.code, f.close) {
+            (_, close_code::IN_USE) => Some("bundle in use elsewhere of device"),
+            (_, close_code::SUPERSEDED) => Some("superseded certificate of device"),
+            (ErrorCode::Revoked, _) => Some("revoked device"),
+            (ErrorCode::NotEnrolled, _) => Some("not enrolled device"),
+            _ => None,
+        };
+        match refusal {
+            Some(what) => {
+                let ip = self.conn.remote_address().ip();
+                if self
+                    .shared
+                    .refusals
+                    .refused(Some(ip), Some(&self.device), what)
+                {
+                    tracing::info!(code = %f.code, message = %f.message, "refused the device (repeats are summed up once a minute)");
+                }
+            }
+            None => {
+                tracing::warn!(code = %f.code, message = %f.message, "closing the device connection")
+            }
+        }
         let frame = BoxFrame::Error {
             code: f.code,
             message: f.message.clone(),
         };
         let wait = Duration::from_secs(1);
-        if let Ok(Ok(())) = timeout(wait, self.write(&frame)).await {
-            let _ = self.send.finish();
-            // Resolves once the device has received everything, so the close
-            // below does not discard the Error frame in flight.
-            let _ = timeout(wait, self.send.stopped()).await;
+        // These two have no Error code of their own (the protocol's codes
+        // are fixed): the close code and its reason say it all.
+        let frame_first = !matches!(f.close, close_code::IN_USE | close_code::SUPERSEDED);
+        if frame_first {
+            if let Ok(Ok(())) = timeout(wait, self.write(&frame)).await {
+                let _ = self.send.finish();
+                // Resolves once the device has received everything, so the
+                // close below does not discard the Error frame in flight.
+                let _ = timeout(wait, self.send.stopped()).await;
+            }
         }
         let mut reason = f.message.into_bytes();
         reason.truncate(200);
@@ -991,6 +1158,7 @@ fn refusal(e: QueueError) -> BoxFrame {
         | QueueError::UnknownDependency(_)
         | QueueError::KeyReused { .. } => ErrorCode::BadRequest,
         QueueError::NotFound(_) => ErrorCode::NotFound,
+        QueueError::AlreadyEnrolled { .. } => ErrorCode::BadRequest,
         QueueError::ShuttingDown => ErrorCode::ShuttingDown,
         QueueError::InvalidTransition { .. }
         | QueueError::NotInFlight { .. }

@@ -94,6 +94,19 @@ pub enum IdentityError {
     },
     #[error("no CA in {dir}: run `outpost init --data-dir {}` first (or start `outpost serve`, which creates one)", .dir.parent().unwrap_or(.dir).display())]
     NotInitialised { dir: PathBuf },
+    #[error("{} is missing ({missing}) but this data dir holds a store ({}) whose devices were enrolled under it; a new CA would lock every one of them out, so none is created. Restore {} from a backup of this box and start again. Only if this box is truly new and holds nothing worth keeping, move {} aside (the next start then creates a new CA, and every device must be enrolled again)", .tls.display(), .db.display(), .tls.display(), .db.display())]
+    CaMissing {
+        tls: PathBuf,
+        db: PathBuf,
+        missing: String,
+    },
+    #[error("{} is not the CA of this box's store (its SHA-256 starts {found}, the store's CA {expected}): the devices enrolled in the store trust only theirs, so this one would lock every one of them out. Restore {} from a backup of this box and start again. Only if the store should start over under this CA, move {} aside (every device must then be enrolled again)", .tls.join(CA_CERT).display(), .tls.display(), .db.display())]
+    CaMismatch {
+        tls: PathBuf,
+        db: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("{path} is unusable: {detail}; restore it from a backup, or move {dir} aside and run `outpost init` again (every device must then be enrolled again)", dir = .path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
     Corrupt { path: PathBuf, detail: String },
     #[error("`{id}` is not a valid device id: {reason}")]
@@ -163,11 +176,42 @@ pub fn validate_device_id(id: &str) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// The set of revoked device ids, shared between the TLS verifier (refuses
-/// them at the handshake) and the device link (closes live connections).
-/// Cheap to clone; all clones share one set.
+/// SHA-256 of a certificate's DER: how the box names the one certificate
+/// that is a device's identity (its pin).
+pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Why the box refuses a device's certificate although its CA signed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `outpost revoke`.
+    Revoked,
+    /// The device was enrolled again since this certificate was issued: only
+    /// the certificate issued last is its identity.
+    Superseded,
+}
+
+/// Who may not connect, shared between the TLS verifier (refuses at the
+/// handshake) and the device link (closes live connections): the revoked
+/// ids, and per device the fingerprint of the one certificate that is its
+/// identity (the one issued last), so every earlier one is refused.
+/// Cheap to clone; all clones share one state, so a revocation or a new
+/// enrollment applies to the very next handshake.
 #[derive(Clone, Default)]
-pub struct RevokedSet(Arc<RwLock<HashSet<DeviceId>>>);
+pub struct RevokedSet(Arc<RwLock<Gate>>);
+
+#[derive(Default)]
+struct Gate {
+    revoked: HashSet<DeviceId>,
+    /// One entry per enrolled device with a known certificate: bounded by
+    /// the enrollments, like `revoked`.
+    pins: std::collections::HashMap<DeviceId, [u8; 32]>,
+    refusals: Option<Arc<crate::refusal::Refusals>>,
+}
 
 impl RevokedSet {
     /// An empty set.
@@ -177,35 +221,73 @@ impl RevokedSet {
 
     /// A set holding `ids` (the shell loads revoked devices from the store).
     pub fn from_ids(ids: impl IntoIterator<Item = DeviceId>) -> Self {
-        RevokedSet(Arc::new(RwLock::new(ids.into_iter().collect())))
+        let set = Self::new();
+        for id in ids {
+            set.insert(&id);
+        }
+        set
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Gate> {
+        // A poisoned lock only means a panic elsewhere mid-insert of a
+        // String; the sets themselves are still consistent.
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Gate> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Add `id`; true if it was not revoked before.
     pub fn insert(&self, id: &str) -> bool {
-        // A poisoned lock only means a panic elsewhere mid-insert of a
-        // String; the set itself is still consistent.
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string())
+        self.write().revoked.insert(id.to_string())
     }
 
     /// Re-admit `id` (after it is enrolled again).
     pub fn remove(&self, id: &str) -> bool {
-        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id)
+        self.write().revoked.remove(id)
     }
 
     /// Whether `id` is revoked.
     pub fn contains(&self, id: &str) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(id)
+        self.read().revoked.contains(id)
+    }
+
+    /// Admit only the certificate with fingerprint `fp` for `id` from now on
+    /// (`None`: any certificate of the CA, for a record from before pins).
+    pub fn pin(&self, id: &str, fp: Option<[u8; 32]>) {
+        let mut g = self.write();
+        match fp {
+            Some(fp) => g.pins.insert(id.to_string(), fp),
+            None => g.pins.remove(id),
+        };
+    }
+
+    /// Whether the certificate with fingerprint `fp` may speak for `id`.
+    pub fn check(&self, id: &str, fp: &[u8; 32]) -> Result<(), Refusal> {
+        let g = self.read();
+        if g.revoked.contains(id) {
+            return Err(Refusal::Revoked);
+        }
+        match g.pins.get(id) {
+            Some(pin) if pin != fp => Err(Refusal::Superseded),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where refusals at the handshake are counted and logged (the device
+    /// link sets it; without one they are logged each).
+    pub fn set_refusal_log(&self, log: Arc<crate::refusal::Refusals>) {
+        self.write().refusals = Some(log);
+    }
+
+    pub(crate) fn refusal_log(&self) -> Option<Arc<crate::refusal::Refusals>> {
+        self.read().refusals.clone()
     }
 
     /// How many ids are revoked.
     pub fn len(&self) -> usize {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.read().revoked.len()
     }
 
     /// Whether no id is revoked.
@@ -216,9 +298,32 @@ impl RevokedSet {
 
 impl fmt::Debug for RevokedSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RevokedSet({} ids)", self.len())
+        let g = self.read();
+        write!(
+            f,
+            "RevokedSet({} ids, {} pins)",
+            g.revoked.len(),
+            g.pins.len()
+        )
     }
 }
+
+/// The verifier's refusal of a superseded certificate, as the device reads
+/// it in the close reason (TLS alert 46, `certificate_unknown`).
+#[derive(Debug)]
+struct SupersededCert(DeviceId);
+
+impl fmt::Display for SupersededCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "this certificate of `{}` was superseded: the device was enrolled again and only its newest bundle is admitted",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for SupersededCert {}
 
 /// The box's CA and server certificate, loaded from the data dir.
 pub struct Identity {
@@ -569,12 +674,59 @@ impl Identity {
         d.join(CA_CERT).exists() && d.join(CA_KEY).exists()
     }
 
+    /// Refuse a data dir that holds a store but not both CA files: its
+    /// devices trust only the CA they were enrolled under, so minting a new
+    /// one would lock all of them out while the box looks healthy. Only a
+    /// data dir without a store may get a new CA. (`doctor` runs this too.)
+    pub fn check_ca_present(data_dir: &Path) -> Result<(), IdentityError> {
+        let dir = Self::tls_dir(data_dir);
+        let db = data_dir.join(crate::store::DB_DIR);
+        let missing: Vec<&str> = [CA_CERT, CA_KEY]
+            .into_iter()
+            .filter(|f| !dir.join(f).exists())
+            .collect();
+        // Both missing only: one of the two alone is named by `init` itself.
+        if missing.len() == 2 && db.exists() {
+            return Err(IdentityError::CaMissing {
+                tls: dir,
+                db,
+                missing: format!("no {CA_CERT} and no {CA_KEY}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Check this CA against the one `data_dir`'s store recorded (`None`:
+    /// nothing recorded yet, a store from before boxes kept it).
+    pub fn check_store_ca(
+        &self,
+        data_dir: &Path,
+        recorded: Option<[u8; 32]>,
+    ) -> Result<(), IdentityError> {
+        let ours = cert_fingerprint(&self.ca_cert_der);
+        match recorded {
+            Some(fp) if fp != ours => {
+                let hex = |b: &[u8; 32]| b[..8].iter().map(|x| format!("{x:02x}")).collect();
+                Err(IdentityError::CaMismatch {
+                    tls: self.dir.clone(),
+                    db: data_dir.join(crate::store::DB_DIR),
+                    expected: hex(&fp),
+                    found: hex(&ours),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Load the identity in `data_dir`, creating what is missing: the CA on
-    /// first start, and the server certificate (with `sans`, see
+    /// first start (only while the data dir holds no store), and the server certificate (with `sans`, see
     /// [`server_sans`]) whenever it is absent. An existing CA is never
     /// replaced, since that would orphan every enrolled device.
     pub fn init(data_dir: &Path, sans: &[String]) -> Result<Identity, IdentityError> {
         let dir = Self::tls_dir(data_dir);
+        // Checked before anything is created, so a refused start leaves the
+        // data dir as it found it.
+        Self::check_ca_present(data_dir)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         #[cfg(unix)]
         {
@@ -885,18 +1037,42 @@ impl ClientCertVerifier for DeviceCertVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = device_id_from_cert(end_entity).map_err(|e| {
-            tracing::warn!(error = %e, "refused a client certificate without a device id");
+            let what = "a certificate without a device id";
+            let first = self
+                .revoked
+                .refusal_log()
+                .is_none_or(|log| log.refused(None, None, what));
+            if first {
+                tracing::warn!(error = %e, "refused {what} (repeats are summed up once a minute)");
+            }
             rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             )
         })?;
-        if self.revoked.contains(&id) {
-            tracing::info!(device = %id, "refused a revoked device at the handshake");
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Revoked,
-            ));
+        let refusal = match self.revoked.check(&id, &cert_fingerprint(end_entity)) {
+            Ok(()) => return Ok(verified),
+            Err(r) => r,
+        };
+        let what = match refusal {
+            Refusal::Revoked => "revoked device",
+            Refusal::Superseded => "superseded certificate of device",
+        };
+        // The remote address is not known here; the link logs the failed
+        // handshake per address too (`device::serve_connection`).
+        match self.revoked.refusal_log() {
+            Some(log) => {
+                if log.refused(None, Some(&id), what) {
+                    tracing::info!(device = %id, "refused a {what} at the handshake (repeats are summed up once a minute)");
+                }
+            }
+            None => tracing::info!(device = %id, "refused a {what} at the handshake"),
         }
-        Ok(verified)
+        Err(rustls::Error::InvalidCertificate(match refusal {
+            Refusal::Revoked => rustls::CertificateError::Revoked,
+            Refusal::Superseded => {
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(SupersededCert(id))))
+            }
+        }))
     }
 
     fn verify_tls12_signature(
@@ -1385,6 +1561,61 @@ mod tests {
         anon.alpn_protocols = vec![ALPN.to_vec()];
         let e = handshake(anon, server()).unwrap_err();
         assert!(matches!(e, rustls::Error::NoCertificatesPresented), "{e:?}");
+    }
+
+    #[test]
+    fn only_the_certificate_issued_last_is_admitted_live() {
+        let (_d, id) = new_identity();
+        let gate = RevokedSet::new();
+        let cfg = id.server_config(gate.clone()).unwrap();
+        let old = id.issue_device("dev-1", "127.0.0.1:7443").unwrap();
+        // No pin (a record from before pins): any certificate of the CA.
+        handshake(old.client_config().unwrap(), cfg.clone()).unwrap();
+        let new = id.issue_device("dev-1", "127.0.0.1:7443").unwrap();
+        gate.pin("dev-1", Some(cert_fingerprint(&new.cert_der)));
+        let e = handshake(old.client_config().unwrap(), cfg.clone()).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))
+                    if o.to_string().contains("superseded")
+            ),
+            "{e:?}"
+        );
+        handshake(new.client_config().unwrap(), cfg.clone()).unwrap();
+        // Revoked, then re-admitted with the new pin: the old one stays out.
+        gate.insert("dev-1");
+        assert!(handshake(new.client_config().unwrap(), cfg.clone()).is_err());
+        gate.remove("dev-1");
+        handshake(new.client_config().unwrap(), cfg.clone()).unwrap();
+        assert!(handshake(old.client_config().unwrap(), cfg.clone()).is_err());
+        // Other ids are not affected by this pin.
+        let other = id.issue_device("dev-2", "127.0.0.1:7443").unwrap();
+        handshake(other.client_config().unwrap(), cfg).unwrap();
+    }
+
+    #[test]
+    fn no_new_ca_next_to_a_store_only_in_an_empty_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        Identity::init(dir.path(), &[]).unwrap();
+        std::fs::create_dir(dir.path().join(crate::store::DB_DIR)).unwrap();
+        let tls = Identity::tls_dir(dir.path());
+        std::fs::remove_dir_all(&tls).unwrap();
+        let e = Identity::init(dir.path(), &[]).unwrap_err();
+        assert!(matches!(e, IdentityError::CaMissing { .. }), "{e:?}");
+        let msg = e.to_string();
+        for want in ["ca.crt", "ca.key", "backup", "move", "db"] {
+            assert!(msg.contains(want), "{want} missing from: {msg}");
+        }
+        assert!(!tls.exists(), "a refused init leaves nothing behind");
+        // An empty tls/ is the same case.
+        std::fs::create_dir(&tls).unwrap();
+        assert!(matches!(
+            Identity::init(dir.path(), &[]),
+            Err(IdentityError::CaMissing { .. })
+        ));
+        std::fs::remove_dir_all(dir.path().join(crate::store::DB_DIR)).unwrap();
+        Identity::init(dir.path(), &[]).unwrap();
     }
 
     #[test]

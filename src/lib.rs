@@ -16,8 +16,10 @@ pub mod cli;
 pub mod client;
 pub mod command;
 pub mod config;
+pub mod contest;
 pub mod device;
 pub mod duration;
+pub mod enroll;
 pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -29,6 +31,7 @@ pub mod monitor;
 pub mod notify;
 pub mod proto;
 pub mod queue;
+pub mod refusal;
 pub mod relay;
 pub mod route;
 pub mod serve;

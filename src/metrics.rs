@@ -113,6 +113,18 @@ pub fn render(q: &QueueStats, link: Option<&LinkStats>) -> String {
             &one(get(&l.handshakes_failed)),
         );
         metric(
+            "outpost_link_shared_bundles_found_total",
+            "counter",
+            "Times a bundle was found in use on two live devices.",
+            &one(get(&l.shared_bundles_found)),
+        );
+        metric(
+            "outpost_link_in_use_refused_total",
+            "counter",
+            "Connections refused: their bundle is in use elsewhere.",
+            &one(get(&l.in_use_refused)),
+        );
+        metric(
             "outpost_link_protocol_errors_total",
             "counter",
             "Connections closed for a protocol error.",
@@ -194,6 +206,19 @@ mod tests {
         );
         assert!(t.contains("outpost_flush_seconds_count 3"), "{t}");
         assert!(t.contains("# TYPE outpost_flush_seconds histogram"));
+    }
+
+    #[test]
+    fn shared_bundles_are_counted() {
+        let l = LinkStats::default();
+        l.shared_bundles_found.store(2, Ordering::Relaxed);
+        l.in_use_refused.store(7, Ordering::Relaxed);
+        let t = render(&QueueStats::default(), Some(&l));
+        assert!(
+            t.contains("outpost_link_shared_bundles_found_total 2"),
+            "{t}"
+        );
+        assert!(t.contains("outpost_link_in_use_refused_total 7"), "{t}");
     }
 
     #[test]

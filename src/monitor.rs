@@ -56,6 +56,23 @@ pub struct MonitorOptions {
     pub data_dir: PathBuf,
     /// Report alert transitions upstream (the box has an uplink).
     pub upstream: bool,
+    /// Which devices' bundles are in use on more than one live device (the
+    /// device link knows), for `bundle_shared` rules.
+    pub shared_bundles: Option<SharedBundles>,
+}
+
+/// Where the monitor reads the shared-bundle flags, and a wakeup for when a
+/// new one is found.
+#[derive(Clone)]
+pub struct SharedBundles {
+    pub list: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    pub found: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for SharedBundles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedBundles")
+    }
 }
 
 /// A command as the page lists it: its latest lifecycle event.
@@ -381,6 +398,11 @@ async fn observe(
             })
             .collect(),
         outbox_oldest,
+        shared_bundles: o
+            .shared_bundles
+            .as_ref()
+            .map(|s| (s.list)())
+            .unwrap_or_default(),
         disk_bytes,
         max_disk: o.max_disk,
         uplink: uplink.as_ref().map(|u| {
@@ -412,6 +434,7 @@ async fn run(
         .any(|r| matches!(r.kind, crate::alert::Kind::DiskAbove(_)));
     let hooks = Arc::new(tokio::sync::Semaphore::new(HOOKS_AT_ONCE));
     let mut sessions = queue.sessions_watch();
+    let mut shared_found = o.shared_bundles.as_ref().map(|s| s.found.clone());
     let ticking = o.sample || !engine.is_empty();
     // The first sample at once, so a page opened soon after a start has a
     // point to draw; then on each minute.
@@ -471,6 +494,19 @@ async fn run(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = uplink_changed => {
+                owed |= !engine.is_empty();
+                continue;
+            }
+            // A shared bundle found: it comes with no session change.
+            _ = async {
+                let changed = match shared_found.as_mut() {
+                    Some(w) => w.changed().await.is_ok(),
+                    None => false,
+                };
+                if !changed {
+                    std::future::pending::<()>().await
+                }
+            } => {
                 owed |= !engine.is_empty();
                 continue;
             }

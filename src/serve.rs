@@ -110,6 +110,14 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     warn_if_reserve_exceeds_disk(&o.data_dir, o.limits.min_free_disk);
     let identity = Arc::new(Identity::init(&o.data_dir, &o.sans)?);
     let store = Store::open(&o.data_dir, &o.store)?;
+    // A CA other than the one the store's devices were enrolled under
+    // locks them all out as surely as a missing one.
+    let recorded = store.ca_fingerprint()?;
+    identity.check_store_ca(&o.data_dir, recorded)?;
+    if recorded.is_none() {
+        // A new store, or one from before boxes kept this: from now on.
+        store.set_ca_fingerprint(&crate::identity::cert_fingerprint(identity.ca_der()))?;
+    }
     let runs_store = store.clone();
     let queue = queue::open(
         store,
@@ -147,6 +155,11 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             .filter(|d| d.record.revoked)
             .map(|d| d.record.id.clone()),
     );
+    for d in &devices {
+        // A record from before pins has none: any certificate of the CA is
+        // admitted for it until it is next enrolled.
+        revoked.pin(&d.record.id, d.record.cert);
+    }
     let tls = identity.server_config(revoked.clone())?;
     let link = Arc::new(DeviceLink::start(
         o.listen,
@@ -184,6 +197,18 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             max_disk: o.limits.max_disk,
             data_dir: o.data_dir.clone(),
             upstream: o.upstream.is_some() || o.nats.is_some(),
+            shared_bundles: Some(crate::monitor::SharedBundles {
+                list: {
+                    let link = link.clone();
+                    Arc::new(move || {
+                        link.shared_bundles()
+                            .into_iter()
+                            .map(|b| b.device)
+                            .collect()
+                    })
+                },
+                found: link.bundles_found(),
+            }),
         },
     );
     let listener = admin::bind(&o.data_dir).await?;

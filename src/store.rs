@@ -67,6 +67,8 @@ const KEY_OUTBOX_NEXT: &[u8] = b"N";
 /// Live commands at a recent commit: sizes the replay's tables up front
 /// (growing a million-entry table step by step cost a quarter of a restart).
 const KEY_LIVE_HINT: &[u8] = b"L";
+/// Meta key: the fingerprint of the box's CA (`Store::ca_fingerprint`).
+const KEY_CA: &str = "ca";
 const MARKER_FILE: &str = "store-id";
 const WATERMARK_FILE: &str = "store-seq";
 /// How often a busy store refreshes `store-seq`.
@@ -105,6 +107,9 @@ pub enum StoreError {
     #[error("the disk holding {dir} is full: free space on it, then restart the box (the database cannot go on after a failed write); keep --min-free-disk high enough that this does not happen")]
     DiskFull { dir: PathBuf },
 }
+
+/// The database's directory under the data dir.
+pub const DB_DIR: &str = "db";
 
 /// Tuning for the embedded engine.
 #[derive(Clone, Debug)]
@@ -150,6 +155,15 @@ pub struct DeviceRecord {
     pub enrolled_at: Millis,
     pub revoked: bool,
     pub last_seen: Option<Millis>,
+    /// SHA-256 of the device certificate issued last: the only one the box
+    /// admits for this id. `None` for a record enrolled before the box kept
+    /// it (or one made in code without a certificate): any certificate of
+    /// this box's CA is then admitted for the id, as before, until the device
+    /// is next enrolled. Not part of the record's postcard layout (which the
+    /// outbox also carries upstream): the store keeps it after the record,
+    /// see [`encode_device`].
+    #[serde(skip)]
+    pub cert: Option<[u8; 32]>,
 }
 
 impl DeviceRecord {
@@ -163,8 +177,34 @@ impl DeviceRecord {
             enrolled_at: 0,
             revoked: false,
             last_seen: None,
+            cert: None,
         }
     }
+}
+
+/// What the store keeps after a device record's own postcard bytes. A
+/// record written before it existed simply ends there; a binary from
+/// before it reads the record and ignores the rest (postcard's `from_bytes`
+/// stops at the record's end). New fields go at the end of this struct.
+#[derive(Serialize, Deserialize, Default)]
+struct DeviceExtra {
+    cert: Option<[u8; 32]>,
+}
+
+/// A device record as the `devices` tree holds it.
+fn encode_device(rec: &DeviceRecord) -> Vec<u8> {
+    let mut v = encode(rec);
+    v.extend(encode(&DeviceExtra { cert: rec.cert }));
+    v
+}
+
+fn decode_device(b: &[u8]) -> Result<DeviceRecord, postcard::Error> {
+    let (mut rec, rest): (DeviceRecord, _) = postcard::take_from_bytes(b)?;
+    if !rest.is_empty() {
+        let extra: DeviceExtra = decode(rest)?;
+        rec.cert = extra.cert;
+    }
+    Ok(rec)
 }
 
 /// Bytes the files under `dir` occupy (the data dir's disk use).
@@ -333,7 +373,7 @@ impl Store {
             source,
         })?;
         opts.check()?;
-        let path = dir.join("db");
+        let path = dir.join(DB_DIR);
         remove_leftovers(dir, &path)?;
         let config = sled::Config::new()
             .path(&path)
@@ -368,6 +408,26 @@ impl Store {
         store.check_schema()?;
         store.check_evidence()?;
         Ok(store)
+    }
+
+    /// The fingerprint (SHA-256 of the DER) of the CA this store's devices
+    /// were enrolled under, once the box has recorded it.
+    pub fn ca_fingerprint(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        match self.meta.get(KEY_CA).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(v) => {
+                v.as_ref().try_into().map(Some).map_err(|_| {
+                    self.corrupt("the CA fingerprint record has the wrong length".into())
+                })
+            }
+        }
+    }
+
+    /// Record the CA this store belongs to, durably.
+    pub fn set_ca_fingerprint(&self, fp: &[u8; 32]) -> Result<(), StoreError> {
+        self.meta.insert(KEY_CA, fp).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// The seq of the last group committed (0 for a new database).
@@ -793,7 +853,7 @@ impl Store {
     /// Insert or replace a device record, durably.
     pub fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
         self.devices
-            .insert(rec.id.as_bytes(), encode(rec))
+            .insert(rec.id.as_bytes(), encode_device(rec))
             .map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(())
@@ -804,7 +864,7 @@ impl Store {
     /// connect.
     pub fn touch_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
         self.devices
-            .insert(rec.id.as_bytes(), encode(rec))
+            .insert(rec.id.as_bytes(), encode_device(rec))
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -814,7 +874,7 @@ impl Store {
             .iter()
             .map(|r| {
                 let (k, v) = r.map_err(|e| self.err(e))?;
-                decode(&v).map_err(|e| {
+                decode_device(&v).map_err(|e| {
                     self.corrupt(format!(
                         "device record {}: {e}",
                         String::from_utf8_lossy(&k)
@@ -1311,9 +1371,47 @@ mod tests {
             enrolled_at: 5,
             revoked: false,
             last_seen: None,
+            cert: Some([7; 32]),
         };
         s.put_device(&rec).unwrap();
         assert_eq!(s.devices().unwrap(), vec![rec]);
+    }
+
+    #[test]
+    fn a_device_record_from_before_the_certificate_pin_still_reads() {
+        // The layout of a record written before `cert` existed, and what a
+        // binary from then reads of a record written now.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Old {
+            id: String,
+            tags: Vec<String>,
+            caps: Vec<String>,
+            enrolled_at: u64,
+            revoked: bool,
+            last_seen: Option<u64>,
+        }
+        let old = Old {
+            id: "dev-1".into(),
+            tags: vec!["a".into()],
+            caps: vec![],
+            enrolled_at: 9,
+            revoked: true,
+            last_seen: Some(3),
+        };
+        let rec = decode_device(&encode(&old)).unwrap();
+        assert_eq!(
+            (rec.id.as_str(), rec.revoked, rec.cert),
+            ("dev-1", true, None)
+        );
+        let pinned = DeviceRecord {
+            cert: Some([1; 32]),
+            ..rec.clone()
+        };
+        let bytes = encode_device(&pinned);
+        assert_eq!(decode::<Old>(&bytes).unwrap(), old);
+        assert_eq!(decode_device(&bytes).unwrap(), pinned);
+        // The outbox carries the record without the pin, in the old layout.
+        assert_eq!(decode::<Old>(&encode(&pinned)).unwrap(), old);
     }
 }
 
@@ -1332,6 +1430,7 @@ mod damage_tests {
                 caps: vec![],
                 enrolled_at: seq,
                 revoked: false,
+                cert: None,
                 last_seen: None,
             })
             .unwrap();

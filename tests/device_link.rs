@@ -61,6 +61,7 @@ impl TestBox {
                 enrolled_at: outpost::now_millis(),
                 revoked: false,
                 last_seen: None,
+                cert: None,
             })
             .await
             .unwrap();

@@ -193,6 +193,7 @@ fn a_disk_that_fills_under_the_database_exits_for_a_restart_and_loses_nothing() 
             tags: vec![],
             caps: vec![],
             gateway: false,
+            force: false,
         };
         admin.call(&enroll).await.unwrap();
         let mut acked = Vec::new();

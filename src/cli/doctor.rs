@@ -101,6 +101,18 @@ pub async fn check_with(data_dir: &Path, reserve: Option<Reserve>) -> Vec<Findin
     }
 
     let tls = data_dir.join(TLS_DIR);
+    // A store without its CA: `serve` refuses to start (a new CA would lock
+    // out every enrolled device), and so does this check.
+    let ca_missing = crate::identity::Identity::check_ca_present(data_dir).err();
+    if let Some(e) = &ca_missing {
+        out.push(f(
+            "identity",
+            Status::Fail,
+            e.to_string(),
+            format!("restore {} from a backup of this box", tls.display()),
+        ));
+    }
+    let has_store = data_dir.join(crate::store::DB_DIR).exists();
     for key in [CA_KEY, SERVER_KEY] {
         let p = tls.join(key);
         match std::fs::metadata(&p) {
@@ -108,7 +120,11 @@ pub async fn check_with(data_dir: &Path, reserve: Option<Reserve>) -> Vec<Findin
                 "keys",
                 Status::Fail,
                 format!("{} is missing", p.display()),
-                "run `outpost init` to create the box's identity",
+                if key == CA_KEY && has_store {
+                    "restore it from a backup of this box (a new CA would lock out every enrolled device)"
+                } else {
+                    "run `outpost init` to create the box's identity"
+                },
             )),
             Ok(m) if m.permissions().mode() & 0o077 != 0 => out.push(f(
                 "keys",
@@ -190,8 +206,42 @@ pub async fn check_with(data_dir: &Path, reserve: Option<Reserve>) -> Vec<Findin
         ));
     } else {
         out.push(database(data_dir));
+        if ca_missing.is_none() {
+            if let Some(x) = store_ca(data_dir) {
+                out.push(x);
+            }
+        }
     }
     out
+}
+
+/// The CA against the one the store recorded (only with no box running:
+/// a running box checked it when it started).
+fn store_ca(dir: &Path) -> Option<Finding> {
+    let identity = crate::identity::Identity::load(dir).ok()?;
+    let store = Store::open(dir, &StoreOptions::default()).ok()?;
+    let recorded = store.ca_fingerprint().ok()?;
+    Some(match identity.check_store_ca(dir, recorded) {
+        Ok(()) => f(
+            "identity",
+            Status::Pass,
+            if recorded.is_some() {
+                "the CA is the one the store's devices were enrolled under"
+            } else {
+                "the store has not recorded its CA yet (the next start does)"
+            },
+            "",
+        ),
+        Err(e) => f(
+            "identity",
+            Status::Fail,
+            e.to_string(),
+            format!(
+                "restore {} from a backup of this box",
+                dir.join(TLS_DIR).display()
+            ),
+        ),
+    })
 }
 
 fn cert_expiry(path: &Path) -> Finding {

@@ -71,7 +71,9 @@ pub enum Cmd {
         /// --upstream-bundle.
         #[arg(long)]
         gateway: bool,
-        /// Replace an existing enrollment and an existing bundle file
+        /// Enroll an id that already exists (enrolled or revoked): issues a
+        /// new bundle, and every earlier bundle of the id is refused from
+        /// now on. Also lets `--out` replace an existing regular file.
         #[arg(long)]
         force: bool,
     },
@@ -539,6 +541,15 @@ async fn call(data_dir: &Path, req: AdminRequest) -> anyhow::Result<AdminRespons
     Ok(client(data_dir).await?.call(&req).await?)
 }
 
+/// A device's shared-bundle flag in `devices --json`: `null`, or when it was
+/// found and how many connections were refused since.
+fn shared_json(d: &crate::queue::core::DeviceView) -> Value {
+    match &d.shared_bundle {
+        None => Value::Null,
+        Some(b) => json!({"since": rfc3339(b.since), "refused": b.refused}),
+    }
+}
+
 fn parse_id(s: &str) -> anyhow::Result<CommandId> {
     Ok(s.parse::<CommandId>()?)
 }
@@ -586,6 +597,7 @@ async fn run(
                             tags,
                             caps,
                             gateway,
+                            force,
                         })
                         .await
                         .with_context(|| format!("{device} was not enrolled"))?;
@@ -595,7 +607,14 @@ async fn run(
                     (text, "via the running box".to_string())
                 }
                 Err(AdminError::NoBox { .. }) => {
-                    let b = enroll_offline(data_dir, file, file_path, &device, tags, caps, gateway)
+                    let req = crate::enroll::EnrollRequest {
+                        id: device.clone(),
+                        tags,
+                        caps,
+                        gateway,
+                        force,
+                    };
+                    let b = enroll_offline(data_dir, file, file_path, &req)
                         .await
                         .with_context(|| format!("{device} was not enrolled"))?;
                     (
@@ -679,7 +698,7 @@ async fn run(
                     .map(|(d, s)| {
                         json!({"id": d.record.id, "online": d.online, "tags": d.record.tags, "caps": d.record.caps,
                            "last_seen": d.record.last_seen.map(rfc3339), "queued": d.queued, "in_flight": d.in_flight,
-                           "revoked": d.record.revoked, "stats": s})
+                           "revoked": d.record.revoked, "shared_bundle": shared_json(d), "stats": s})
                     })
                     .collect();
                 crate::outln!("{}", Value::Array(v));
@@ -727,7 +746,7 @@ async fn run(
                     .map(|d| {
                         json!({"id": d.record.id, "online": d.online, "tags": d.record.tags, "caps": d.record.caps,
                            "last_seen": d.record.last_seen.map(rfc3339), "queued": d.queued, "in_flight": d.in_flight,
-                           "revoked": d.record.revoked})
+                           "revoked": d.record.revoked, "shared_bundle": shared_json(d)})
                     })
                     .collect();
                 crate::outln!("{}", Value::Array(v));
@@ -739,6 +758,14 @@ async fn run(
                             d.record.id.clone(),
                             if d.record.revoked {
                                 "revoked".into()
+                            } else if d.shared_bundle.is_some() {
+                                // Said first: the operator must act on it.
+                                if d.online {
+                                    "online, bundle shared!"
+                                } else {
+                                    "bundle shared!"
+                                }
+                                .into()
                             } else if d.online {
                                 "online".into()
                             } else {
@@ -787,6 +814,8 @@ async fn run(
                        "edges": s.edges,
                        "disk_bytes": s.disk_bytes, "max_disk": s.max_disk,
                        "listen": s.listen, "data_dir": s.data_dir,
+                       "shared_bundles": s.shared_bundles.iter().map(|b| json!({"device": b.device,
+                           "since": rfc3339(b.since), "refused": b.refused})).collect::<Vec<_>>(),
                        "alerts": s.alerts.iter().map(|a| json!({"name": a.name, "state": a.state,
                            "since": rfc3339(a.since), "detail": a.detail})).collect::<Vec<_>>()})
                 );
@@ -832,6 +861,16 @@ async fn run(
                                 .unwrap_or_default(),
                             e.queued,
                             e.handed
+                        ),
+                    ]);
+                }
+                for b in &s.shared_bundles {
+                    rows.push(vec![
+                        format!("bundle shared {}", b.device),
+                        format!(
+                            "in use on more than one live device since {}, {} connections refused; give each device its own bundle (`outpost enroll ID`; `--force` for this one)",
+                            ago(b.since),
+                            b.refused
                         ),
                     ]);
                 }
@@ -1092,10 +1131,7 @@ async fn enroll_offline(
     data_dir: &Path,
     file: &crate::config::FileConfig,
     file_path: Option<&Path>,
-    device: &str,
-    tags: Vec<String>,
-    caps: Vec<String>,
-    gateway: bool,
+    req: &crate::enroll::EnrollRequest,
 ) -> anyhow::Result<crate::identity::Bundle> {
     // Before the store: a data dir without an identity is not created.
     let identity = crate::identity::Identity::load(data_dir)?;
@@ -1121,11 +1157,12 @@ async fn enroll_offline(
         },
     )?;
     let advertise = crate::serve::advertise_for(c.listen, c.advertise.as_deref());
-    let r = crate::admin::enroll_device(&queue, &identity, &advertise, device, tags, caps, gateway)
-        .await;
+    // The box loads the new certificate's pin from the record at its next
+    // start: nothing is serving now that would need it live.
+    let r = crate::enroll::enroll(&queue, &identity, &advertise, req).await;
     // Durable before the store closes, either way.
     queue.shutdown().await;
-    Ok(r?)
+    Ok(r?.bundle)
 }
 
 fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve::ServeOptions {

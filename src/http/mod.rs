@@ -258,7 +258,7 @@ async fn status(State(st): State<St>) -> Response {
 
 /// Devices with their statistics, as the page and `/api/devices` give them.
 pub async fn devices_json(ctx: &AdminContext) -> Result<Value, crate::queue::QueueError> {
-    let ds = ctx.queue.devices().await?;
+    let ds = crate::admin::devices(ctx).await?;
     Ok(Value::Array(
         ds.iter()
             .map(|d| {
@@ -268,6 +268,7 @@ pub async fn devices_json(ctx: &AdminContext) -> Result<Value, crate::queue::Que
                     "enrolled_at": d.record.enrolled_at, "revoked": d.record.revoked,
                     "tags": d.record.tags, "caps": d.record.caps,
                     "queued": d.queued, "in_flight": d.in_flight, "stats": stats,
+                    "shared_bundle": d.shared_bundle,
                 })
             })
             .collect(),

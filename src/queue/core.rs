@@ -114,6 +114,11 @@ pub enum CoreRequest {
     Retry(CommandId),
     Stats,
     Enroll(DeviceRecord),
+    /// Enroll, refusing an existing id unless `force` (see `enroll`).
+    EnrollNew {
+        record: DeviceRecord,
+        force: bool,
+    },
     Revoke(DeviceId),
     Devices,
     /// Change an enrolled device's tags and capabilities.
@@ -256,6 +261,9 @@ pub struct DeviceView {
     pub in_flight: u64,
     /// For a gateway (a box below): how far its outbox is applied.
     pub sync: Option<EdgeSync>,
+    /// Its bundle is in use on more than one live device (the device link
+    /// knows; the queue leaves it `None` and the admin layer fills it in).
+    pub shared_bundle: Option<crate::contest::SharedBundle>,
 }
 
 /// A box below, as the hub sees its upstream sync.
@@ -1526,6 +1534,24 @@ impl QueueCore {
         Ok(self.view(id, &self.live[&id]))
     }
 
+    /// Enroll a device, refusing an id that already has a record (enrolled
+    /// or revoked) unless `force`: checked here, in the writer's round, so
+    /// two enrollments of one id cannot both pass.
+    pub fn enroll_new(
+        &mut self,
+        rec: DeviceRecord,
+        force: bool,
+        now: Millis,
+    ) -> Result<(), QueueError> {
+        let existing = self
+            .dev_index
+            .get(rec.id.as_str())
+            .and_then(|&d| self.devs[d as usize].record.as_ref());
+        crate::enroll::check_existing(&rec.id, existing, force)?;
+        self.enroll(rec, now);
+        Ok(())
+    }
+
     /// Add or update an enrolled device.
     pub fn enroll(&mut self, mut rec: DeviceRecord, now: Millis) {
         let d = self.dev(&rec.id);
@@ -1587,6 +1613,7 @@ impl QueueCore {
                     in_flight: d.in_flight.len() as u64 + d.handed,
                     record,
                     sync,
+                    shared_bundle: None,
                 })
             })
             .collect();
@@ -1598,6 +1625,7 @@ impl QueueCore {
             queued: 0,
             in_flight: 0,
             sync: None,
+            shared_bundle: None,
         }));
         v.sort_by(|a, b| a.record.id.cmp(&b.record.id));
         v

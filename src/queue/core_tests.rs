@@ -796,6 +796,36 @@ fn disk_budget_refuses_new_commands() {
 }
 
 #[test]
+fn enrolling_an_existing_id_is_refused_without_force_and_the_pin_survives_a_reopen() {
+    let mut h = H::with_devices(Limits::default(), 1);
+    let pinned = |n: u8| DeviceRecord {
+        cert: Some([n; 32]),
+        ..dev("d0")
+    };
+    let e = h.core.enroll_new(pinned(1), false, h.now).unwrap_err();
+    assert_eq!(
+        e,
+        QueueError::AlreadyEnrolled {
+            id: "d0".into(),
+            revoked: false
+        }
+    );
+    h.core.revoke("d0", h.now).unwrap();
+    let e = h.core.enroll_new(pinned(1), false, h.now).unwrap_err();
+    assert!(e.is_refusal() && e.to_string().contains("revoked"), "{e}");
+    h.core.enroll_new(pinned(2), true, h.now).unwrap();
+    h.core.enroll_new(pinned(3), false, h.now).unwrap_err();
+    h.round();
+    h.reopen();
+    let d = h.core.devices();
+    assert_eq!(
+        (d[0].record.revoked, d[0].record.cert),
+        (false, Some([2; 32]))
+    );
+    h.connect("d0");
+}
+
+#[test]
 fn revoked_devices_get_nothing_new_and_cannot_connect() {
     let mut h = H::with_devices(Limits::default(), 1);
     h.connect("d0");

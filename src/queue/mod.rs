@@ -63,6 +63,16 @@ pub enum QueueError {
         id: CommandId,
         what: String,
     },
+    #[error("{}", already_enrolled(.id, *.revoked))]
+    AlreadyEnrolled { id: DeviceId, revoked: bool },
+}
+
+fn already_enrolled(id: &str, revoked: bool) -> String {
+    if revoked {
+        format!("device `{id}` is already enrolled, and revoked; `outpost enroll {id} --force` re-admits it with a new bundle (its revoked bundle stays locked out)")
+    } else {
+        format!("device `{id}` is already enrolled; `outpost enroll {id} --force` issues a new bundle and locks out the old one (every copy of its current bundle stops working)")
+    }
 }
 
 /// What kind of failure a [`QueueError`] is: the one classification that
@@ -92,7 +102,8 @@ impl QueueError {
             | E::DiskFull { .. }
             | E::NoSpace { .. }
             | E::Forbidden { .. }
-            | E::KeyReused { .. } => ErrorClass::Refused,
+            | E::KeyReused { .. }
+            | E::AlreadyEnrolled { .. } => ErrorClass::Refused,
             E::ShuttingDown | E::Storage(_) => ErrorClass::Unavailable,
             E::InvalidTransition { .. }
             | E::NotInFlight { .. }
@@ -126,7 +137,8 @@ impl QueueError {
             | E::BadRequest(_)
             | E::NoRoute(_)
             | E::Forbidden { .. }
-            | E::KeyReused { .. } => false,
+            | E::KeyReused { .. }
+            | E::AlreadyEnrolled { .. } => false,
         }
     }
 }

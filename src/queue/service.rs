@@ -628,6 +628,9 @@ impl Writer {
                         core.enroll(rec, now);
                         Ok(CoreReply::Done)
                     }
+                    CoreRequest::EnrollNew { record, force } => core
+                        .enroll_new(record, force, now)
+                        .map(|()| CoreReply::Done),
                     CoreRequest::Revoke(dev) => core.revoke(&dev, now).map(CoreReply::Device),
                     CoreRequest::Devices => Ok(CoreReply::Devices(core.devices())),
                     CoreRequest::Relabel(r) => core.relabel(r, now).map(CoreReply::Device),
@@ -1037,6 +1040,14 @@ impl QueueHandle {
     /// Register (or re-admit) a device. Durable on return.
     pub async fn enroll(&self, record: DeviceRecord) -> Result<(), QueueError> {
         self.core(CoreRequest::Enroll(record)).await.map(|_| ())
+    }
+
+    /// Enroll a device, refusing an id that has a record (enrolled or
+    /// revoked) unless `force`. Durable on return.
+    pub async fn enroll_new(&self, record: DeviceRecord, force: bool) -> Result<(), QueueError> {
+        self.core(CoreRequest::EnrollNew { record, force })
+            .await
+            .map(|_| ())
     }
 
     /// Revoke a device: refused at its next connect, and its live session

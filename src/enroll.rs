@@ -10,8 +10,8 @@
 
 use crate::command::DeviceId;
 use crate::identity::{cert_fingerprint, Bundle, Identity, IdentityError};
+use crate::journal::DeviceRecord;
 use crate::queue::QueueError;
-use crate::store::DeviceRecord;
 
 /// What to enroll.
 #[derive(Clone, Debug)]
@@ -51,20 +51,7 @@ impl EnrollError {
     }
 }
 
-/// Refuse to enroll an id that has a record (`existing`) unless `force`.
-pub fn check_existing(
-    id: &str,
-    existing: Option<&DeviceRecord>,
-    force: bool,
-) -> Result<(), QueueError> {
-    match existing {
-        Some(rec) if !force => Err(QueueError::AlreadyEnrolled {
-            id: id.to_string(),
-            revoked: rec.revoked,
-        }),
-        _ => Ok(()),
-    }
-}
+pub use crate::queue::core::check_existing;
 
 /// Check the names, issue the device's certificate (its bundle names
 /// `server`) and build its record. Nothing is stored: the caller stores the

@@ -11,7 +11,6 @@
 //! result only ends the command of its own generation.
 
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, State};
-use crate::store::DeviceRecord;
 use serde::{Deserialize, Serialize};
 
 /// One journal entry.
@@ -198,4 +197,87 @@ impl UpItem {
             UpItem::State { .. } | UpItem::Seen { .. } | UpItem::Event { .. }
         )
     }
+}
+
+/// An enrolled device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    pub tags: Vec<String>,
+    pub caps: Vec<String>,
+    pub enrolled_at: Millis,
+    pub revoked: bool,
+    pub last_seen: Option<Millis>,
+    /// SHA-256 of the device certificate issued last: the only one the box
+    /// admits for this id. `None` for a record enrolled before the box kept
+    /// it (or one made in code without a certificate): any certificate of
+    /// this box's CA is then admitted for the id, as before, until the device
+    /// is next enrolled. Not part of the record's postcard layout (which the
+    /// outbox also carries upstream): the store keeps it after the record,
+    /// see `store::encode_device`.
+    #[serde(skip)]
+    pub cert: Option<[u8; 32]>,
+}
+
+impl DeviceRecord {
+    /// A newly enrolled device with no tags or capabilities (`enrolled_at`
+    /// 0: the queue stamps it on enrollment).
+    pub fn new(id: impl Into<DeviceId>) -> Self {
+        DeviceRecord {
+            id: id.into(),
+            tags: Vec::new(),
+            caps: Vec::new(),
+            enrolled_at: 0,
+            revoked: false,
+            last_seen: None,
+            cert: None,
+        }
+    }
+}
+
+/// One group commit: records to put and groups to drop, written as one
+/// atomic batch followed by one flush.
+#[derive(Debug, Default)]
+pub struct GroupWrite {
+    pub seq: u64,
+    pub journal: Vec<Entry>,
+    pub results: Vec<ResultRecord>,
+    /// Journal groups whose every command has finished or moved on.
+    pub drop_journal: Vec<u64>,
+    /// Result groups past retention.
+    pub drop_results: Vec<u64>,
+    /// Upstream outbox records of this group (same batch as the changes).
+    pub outbox: Vec<UpEntry>,
+    /// Outbox groups the upstream has acknowledged.
+    pub drop_outbox: Vec<u64>,
+    /// The outbox's next seq, when this group changed the outbox.
+    pub outbox_next: Option<u64>,
+    /// Hub side of upstream sync: per edge, the highest outbox seq applied
+    /// (in the batch of what applying it changed).
+    pub cursors: Vec<(crate::command::DeviceId, u64)>,
+    /// Cancels sent down to an edge and not yet confirmed: set or cleared.
+    pub cancel_marks: Vec<(crate::command::CommandId, bool)>,
+    /// How many commands were live, now and then: a capacity hint for the
+    /// next start (not a record; a stale or missing one only costs time).
+    pub live_hint: Option<u64>,
+}
+
+impl GroupWrite {
+    pub fn is_empty(&self) -> bool {
+        self.journal.is_empty()
+            && self.results.is_empty()
+            && self.drop_journal.is_empty()
+            && self.drop_results.is_empty()
+            && self.outbox.is_empty()
+            && self.drop_outbox.is_empty()
+            && self.cursors.is_empty()
+            && self.cancel_marks.is_empty()
+    }
+}
+
+/// A group read back at replay.
+#[derive(Debug)]
+pub enum Group {
+    Journal(u64, Vec<Entry>),
+    Results(u64, Vec<ResultRecord>),
 }

@@ -30,8 +30,8 @@ use super::{
 };
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, State};
 use crate::journal::{Broadcast, Child, ChildEnd, Enqueued, Entry, ResultRecord, UpEntry, UpItem};
+use crate::journal::{DeviceRecord, Group, GroupWrite};
 use crate::route::{check_name, Acl, Labels, Target};
-use crate::store::{DeviceRecord, Group, GroupWrite};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -601,6 +601,23 @@ impl JournalSource for &BTreeMap<u64, Vec<Entry>> {
 
     fn command(&mut self, seq: u64, id: CommandId) -> Option<Command> {
         self.get(&seq)?.iter().find_map(|e| e.command_for(id))
+    }
+}
+
+/// Refuse to enroll an id that has a record (`existing`) unless `force`:
+/// enrolling again issues a new certificate, and every earlier bundle of
+/// the id stops working.
+pub fn check_existing(
+    id: &str,
+    existing: Option<&DeviceRecord>,
+    force: bool,
+) -> Result<(), QueueError> {
+    match existing {
+        Some(rec) if !force => Err(QueueError::AlreadyEnrolled {
+            id: id.to_string(),
+            revoked: rec.revoked,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -1547,7 +1564,7 @@ impl QueueCore {
             .dev_index
             .get(rec.id.as_str())
             .and_then(|&d| self.devs[d as usize].record.as_ref());
-        crate::enroll::check_existing(&rec.id, existing, force)?;
+        check_existing(&rec.id, existing, force)?;
         self.enroll(rec, now);
         Ok(())
     }

@@ -248,7 +248,7 @@ mod tests {
     }
 
     fn device(id: &str) -> UpItem {
-        UpItem::Device(crate::store::DeviceRecord::new(id))
+        UpItem::Device(crate::journal::DeviceRecord::new(id))
     }
 
     #[test]

@@ -19,10 +19,10 @@
 
 use super::{Phase, QueueCore, Route};
 use crate::command::{CommandId, DeviceId, Millis, Outcome, State};
+use crate::journal::DeviceRecord;
 use crate::journal::{ResultRecord, UpEntry, UpItem};
 use crate::queue::{CommandView, QueueError};
 use crate::route::GATEWAY_TAG;
-use crate::store::DeviceRecord;
 
 /// What an edge last reported of a command the hub sent down.
 #[derive(Clone, Debug, PartialEq, Eq)]

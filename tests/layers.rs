@@ -1,0 +1,155 @@
+//! The layering, checked on the sources: the sans-IO engine imports no IO,
+//! no clock and no shell, and nothing below the CLI imports the CLI. A
+//! scan of the text (each file's code before its `mod tests`, comments
+//! left out), so it runs in milliseconds and names the line that broke it.
+
+use std::path::{Path, PathBuf};
+
+/// The engine: plain Rust types that take events and the time and return
+/// actions. The simulation runs them, so they may not reach the world.
+const ENGINE: &[&str] = &[
+    "src/command.rs",
+    "src/journal.rs",
+    "src/duration.rs",
+    "src/route.rs",
+    "src/alert.rs",
+    "src/contest.rs",
+    "src/queue/api.rs",
+    "src/queue/core.rs",
+    "src/queue/core/gateway.rs",
+    "src/queue/outbox.rs",
+    "src/upstream/cursor.rs",
+    "src/workflow/mod.rs",
+];
+
+/// What an engine file may not name: IO, the clock, async runtimes, and
+/// the shells above it.
+const NOT_IN_THE_ENGINE: &[&str] = &[
+    "tokio",
+    "sled",
+    "quinn",
+    "rustls",
+    "axum",
+    "async_nats",
+    "std::fs",
+    "std::net::UdpSocket",
+    "std::net::TcpStream",
+    "std::process",
+    "SystemTime",
+    "Instant::now",
+    "now_millis()",
+    "crate::store",
+    "crate::queue::service",
+    "QueueHandle",
+    "crate::device",
+    "crate::client",
+    "crate::admin",
+    "crate::serve",
+    "crate::identity",
+    "crate::http",
+    "crate::monitor",
+    "crate::upstream::nats",
+    "crate::workflow::runner",
+    "crate::cli",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file's code lines (number, text): before its unit tests, without
+/// comment lines.
+fn code(path: &Path) -> Vec<(usize, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let end = text.find("#[cfg(test)]\nmod tests").unwrap_or(text.len());
+    text[..end]
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim_start().starts_with("//"))
+        .map(|(i, l)| (i + 1, l.to_string()))
+        .collect()
+}
+
+/// Whether `line` names `path` as a whole path segment (`crate::cli` is
+/// not named by `crate::client`).
+fn names(line: &str, path: &str) -> bool {
+    line.match_indices(path).any(|(i, _)| {
+        let next = line[i + path.len()..].chars().next();
+        !next.is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn the_engine_imports_no_io_no_clock_and_no_shell() {
+    let mut broken = Vec::new();
+    for f in ENGINE {
+        for (n, line) in code(&root().join(f)) {
+            for bad in NOT_IN_THE_ENGINE {
+                if names(&line, bad) {
+                    broken.push(format!("{f}:{n}: `{bad}` in: {}", line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "the engine reaches out:\n{}",
+        broken.join("\n")
+    );
+}
+
+#[test]
+fn nothing_below_the_cli_imports_it() {
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let cli = root().join("src/cli");
+    let main = root().join("src/main.rs");
+    let mut broken = Vec::new();
+    let mut scanned = 0;
+    for f in files.iter().filter(|f| !f.starts_with(&cli) && **f != main) {
+        scanned += 1;
+        for (n, line) in code(f) {
+            if names(&line, "crate::cli") {
+                broken.push(format!("{}:{n}: {}", f.display(), line.trim()));
+            }
+        }
+    }
+    assert!(scanned > 30, "only {scanned} files scanned");
+    assert!(
+        broken.is_empty(),
+        "a lower layer imports the CLI:\n{}",
+        broken.join("\n")
+    );
+}
+
+#[test]
+fn the_scan_sees_what_it_forbids() {
+    // The check itself: a forbidden name on a code line is found, one in a
+    // comment or in the unit tests is not.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("x.rs");
+    std::fs::write(
+        &f,
+        "// tokio in a comment\nuse tokio::sync;\n#[cfg(test)]\nmod tests {\n    use sled;\n}\n",
+    )
+    .unwrap();
+    let hits: Vec<usize> = code(&f)
+        .into_iter()
+        .filter(|(_, l)| NOT_IN_THE_ENGINE.iter().any(|b| names(l, b)))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(hits, vec![2]);
+    assert!(names("use crate::cli::x;", "crate::cli"));
+    assert!(!names("use crate::client::x;", "crate::cli"));
+}

@@ -1035,7 +1035,7 @@ mod tests {
     use crate::command::{Command, CommandId, Priority, State};
     use crate::journal::Enqueued;
 
-    fn cmd(n: u64) -> Entry {
+    pub(super) fn cmd(n: u64) -> Entry {
         Entry::Enqueued(Enqueued {
             command: Command {
                 id: CommandId::new(n, n as u128),
@@ -1504,33 +1504,8 @@ mod damage_tests {
 mod leftover_tests {
     //! What an interrupted sled leaves behind in `db/` is cleaned up before
     //! the open, so the store comes back whole instead of "corrupt".
+    use super::tests::cmd;
     use super::*;
-    use crate::command::{Command, CommandId, Priority};
-    use crate::journal::Enqueued;
-
-    fn cmd(n: u64) -> Entry {
-        Entry::Enqueued(Enqueued {
-            command: Command {
-                id: CommandId::new(n, n as u128),
-                target: "dev-1".into(),
-                priority: Priority::Normal,
-                payload: vec![7; 100],
-                created_at: n,
-                expires_at: None,
-                max_attempts: 3,
-                key: None,
-                after: None,
-                not_before: None,
-                origin: "cli".into(),
-                signature: None,
-            },
-            device: "dev-1".into(),
-            order: n,
-            gen: 0,
-            attempts: 0,
-            not_before: None,
-        })
-    }
 
     fn snapshots(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir.join("db"))

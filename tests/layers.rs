@@ -104,7 +104,11 @@ fn the_engine_imports_no_io_no_clock_and_no_shell() {
     let mut core = Vec::new();
     rust_files(&root().join("src/queue/core"), &mut core);
     for f in &core {
-        let rel = f.strip_prefix(root()).unwrap().to_string_lossy().into_owned();
+        let rel = f
+            .strip_prefix(root())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         assert!(ENGINE.contains(&rel.as_str()), "{rel} is not in ENGINE");
     }
     let mut broken = Vec::new();

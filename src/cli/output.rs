@@ -1,0 +1,236 @@
+//! How the CLI shows things: tables with relative times for people,
+//! stable JSON for programs, errors with each cause once.
+
+use super::*;
+
+/// An error and its causes on one line, each cause once: typed errors
+/// often quote their source in their own text ("cannot read X: {source}")
+/// and also expose it as `source()`, which `{:#}` would print again
+/// ("…: No such file or directory: No such file or directory").
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(c.trim()) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
+}
+
+/// A device's shared-bundle flag in `devices --json`: `null`, or when it was
+/// found and how many connections were refused since.
+pub(super) fn shared_json(d: &crate::queue::core::DeviceView) -> Value {
+    match &d.shared_bundle {
+        None => Value::Null,
+        Some(b) => json!({"since": rfc3339(b.since), "refused": b.refused}),
+    }
+}
+
+pub(super) fn add_result(o: &mut Value, outcome: Option<&Outcome>) {
+    let m = o.as_object_mut().expect("an object");
+    match outcome {
+        Some(Outcome::Ok(b)) => match std::str::from_utf8(b) {
+            Ok(s) => {
+                m.insert("result".into(), json!(s));
+            }
+            Err(_) => {
+                m.insert("result".into(), Value::Null);
+                m.insert(
+                    "result_b64".into(),
+                    json!(base64::engine::general_purpose::STANDARD.encode(b)),
+                );
+            }
+        },
+        Some(Outcome::Failed { code, message }) => {
+            m.insert("result".into(), Value::Null);
+            m.insert("exit_code".into(), json!(code));
+            if m.get("error").is_none_or(Value::is_null) {
+                m.insert("error".into(), json!(message));
+            }
+        }
+        Some(Outcome::Rejected { reason }) => {
+            m.insert("result".into(), Value::Null);
+            if m.get("error").is_none_or(Value::is_null) {
+                m.insert("error".into(), json!(format!("rejected: {reason}")));
+            }
+        }
+        None => {
+            m.insert("result".into(), Value::Null);
+        }
+    }
+}
+
+/// The stable `--json` shape of one command.
+pub fn view_json(v: &CommandView) -> Value {
+    let mut o = json!({
+        "id": v.id.to_string(), "target": v.target, "device": v.device, "state": v.state.as_str(),
+        "priority": v.priority.as_str(), "attempts": v.attempts, "max_attempts": v.max_attempts,
+        "created_at": rfc3339(v.created_at), "finished_at": v.finished_at.map(rfc3339),
+        "origin": v.origin, "error": v.error,
+        "not_before": v.not_before.map(rfc3339), "expires_at": v.expires_at.map(rfc3339),
+        "after": v.after.map(|a| a.to_string()), "key": v.key,
+    });
+    add_result(&mut o, v.outcome.as_ref());
+    if let Some(s) = &v.summary {
+        o["summary"] = json!(s);
+        o["children"] = v
+            .children
+            .iter()
+            .map(|c| json!({"id": c.id.to_string(), "device": c.device, "state": c.state.as_str()}))
+            .collect();
+    }
+    o
+}
+
+pub(super) fn print_view(v: &CommandView, json: bool) {
+    if json {
+        crate::outln!("{}", view_json(v));
+        return;
+    }
+    let mut rows = vec![
+        vec!["id".to_string(), v.id.to_string()],
+        vec!["target".into(), v.target.clone()],
+    ];
+    if v.device != v.target {
+        rows.push(vec!["device".into(), v.device.clone()]);
+    }
+    rows.extend([
+        vec!["state".into(), v.state.to_string()],
+        vec!["priority".into(), v.priority.to_string()],
+        vec![
+            "attempts".into(),
+            format!("{} of {}", v.attempts, v.max_attempts),
+        ],
+        vec!["created".into(), ago(v.created_at)],
+    ]);
+    // Both say why a command has not run yet (or will never), so they are
+    // shown with the absolute time as well as the relative one.
+    if let Some(t) = v.not_before {
+        rows.push(vec![
+            "not before".into(),
+            format!("{} ({})", rfc3339(t), ago(t)),
+        ]);
+    }
+    if let Some(t) = v.expires_at {
+        rows.push(vec![
+            "expires".into(),
+            format!("{} ({})", rfc3339(t), ago(t)),
+        ]);
+    }
+    if let Some(a) = v.after {
+        rows.push(vec!["after".into(), a.to_string()]);
+    }
+    if let Some(k) = &v.key {
+        rows.push(vec!["key".into(), k.clone()]);
+    }
+    if let Some(s) = &v.summary {
+        rows.push(vec!["children".into(), s.clone()]);
+    }
+    if let Some(f) = v.finished_at {
+        rows.push(vec!["finished".into(), ago(f)]);
+    }
+    match &v.outcome {
+        Some(Outcome::Ok(b)) => rows.push(vec![
+            "result".into(),
+            String::from_utf8_lossy(b).trim_end().to_string(),
+        ]),
+        Some(Outcome::Failed { code, message }) => {
+            rows.push(vec!["failure".into(), format!("exit {code}: {message}")])
+        }
+        Some(Outcome::Rejected { reason }) => rows.push(vec!["rejected".into(), reason.clone()]),
+        None => {}
+    }
+    if let Some(e) = &v.error {
+        rows.push(vec!["error".into(), e.clone()]);
+    }
+    print_table(&["", ""], &rows);
+    if !v.children.is_empty() {
+        crate::outln!();
+        let rows: Vec<Vec<String>> = v
+            .children
+            .iter()
+            .map(|c| vec![c.device.clone(), c.state.to_string(), c.id.to_string()])
+            .collect();
+        print_table(&["DEVICE", "STATE", "CHILD"], &rows);
+    }
+}
+
+/// "3s ago", "2h ago", "in 5m".
+/// `connected to hub:7443 since 3m; outbox 12 (oldest 5s), last sync 2s ago`.
+pub(super) fn uplink_line(u: Option<&crate::admin::UplinkView>) -> String {
+    let Some(u) = u else {
+        return "none".into();
+    };
+    let mut line = format!("{} ({}) since {}", u.state, u.hub, ago(u.since));
+    line.push_str(&format!("; outbox {}", u.outbox_depth));
+    if u.outbox_depth > 0 {
+        line.push_str(&format!(
+            " (oldest {})",
+            humantime::format_duration(Duration::from_secs(u.lag_ms / 1000))
+        ));
+    }
+    match u.last_sync {
+        Some(t) => line.push_str(&format!(", last sync {}", ago(t))),
+        None => line.push_str(", never synced"),
+    }
+    if u.state != crate::upstream::UplinkState::Connected {
+        if let Some(e) = &u.last_error {
+            line.push_str(&format!("; {e}"));
+        }
+    }
+    line
+}
+
+pub fn ago(ms: u64) -> String {
+    let now = crate::now_millis();
+    let (d, future) = if ms > now {
+        (ms - now, true)
+    } else {
+        (now - ms, false)
+    };
+    let s = d / 1000;
+    let text = match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    };
+    if future {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+/// Print rows as aligned columns (headers skipped when all empty).
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let cols = headers.len();
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(cols) {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        crate::outln!("{}", s.trim_end());
+    };
+    if headers.iter().any(|h| !h.is_empty()) {
+        line(headers.to_vec());
+    }
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

@@ -110,6 +110,10 @@ pub enum StoreError {
     DiskFull { dir: PathBuf },
 }
 
+/// How long an open waits for sled's lock to be let go before calling the
+/// database held by another process.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The database's directory under the data dir.
 pub const DB_DIR: &str = "db";
 
@@ -305,16 +309,33 @@ impl Store {
         // its own bugs as well, and a message that says "corrupt" gets data
         // dirs thrown away.
         // Nothing touches `config` after a panic, so unwind safety holds.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
-            .map_err(|p| StoreError::Engine {
-                dir: dir.to_path_buf(),
-                detail: format!(
-                    "sled panicked while opening {}: {}",
-                    path.display(),
-                    panic_text(&p)
-                ),
-            })?
-            .map_err(|e| map_open_error(dir, e))?;
+        let open = || {
+            let config = config.clone();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+                .map_err(|p| StoreError::Engine {
+                    dir: dir.to_path_buf(),
+                    detail: format!(
+                        "sled panicked while opening {}: {}",
+                        path.display(),
+                        panic_text(&p)
+                    ),
+                })?
+                .map_err(|e| map_open_error(dir, e))
+        };
+        // sled lets go of its lock from its own threads a moment after the
+        // last handle is dropped, so an open right after a close (a restart,
+        // doctor or an offline enroll just after the box stopped) can find
+        // it still held. Try again for a bounded time before saying that
+        // another process holds the database.
+        let deadline = std::time::Instant::now() + LOCK_GRACE;
+        let db = loop {
+            match open() {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => break other?,
+            }
+        };
         let s = |e| map_err(dir, e);
         let store = Store {
             dir: dir.to_path_buf(),
@@ -1185,6 +1206,21 @@ mod tests {
         assert_eq!(s.outbox_next_seq().unwrap(), 4);
         // The outbox is not part of the queue's replay.
         assert_eq!(s.replay().count(), 1);
+    }
+
+    #[test]
+    fn an_open_waits_for_a_lock_let_go_a_moment_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        // The holder goes away while the second open is already waiting, as
+        // sled's threads let go of a dropped database.
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let second = Store::open(dir.path(), &StoreOptions::default());
+        closer.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[test]

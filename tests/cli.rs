@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+#[path = "common/run.rs"]
+mod run;
+use run::{json, ok, outpost, BIN};
 
 struct Box_ {
     dir: tempfile::TempDir,
@@ -23,31 +25,6 @@ impl Drop for Box_ {
         let _ = self.serve.kill();
         let _ = self.serve.wait();
     }
-}
-
-fn outpost(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("OUTPOST_DATA_DIR", dir)
-        .env("OUTPOST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run outpost")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn json(o: &Output) -> Value {
-    serde_json::from_str(ok(o).trim()).expect("--json prints JSON")
 }
 
 fn spawn_serve(dir: &Path) -> Child {

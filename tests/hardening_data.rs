@@ -6,37 +6,12 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
-
-fn outpost(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("OUTPOST_DATA_DIR", dir)
-        .env("OUTPOST_LOG", "warn")
-        // Never the machine's own /etc/outpost/outpost.toml.
-        .env("OUTPOST_CONFIG", "/dev/null")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run outpost")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+#[path = "common/run.rs"]
+mod run;
+use run::{ok, outpost, stderr, BIN};
 
 /// A box serving `dir` until dropped.
 struct Serving(Child);

@@ -8,11 +8,13 @@
 //! - refusals cost a bounded number of log lines, and a refused agent stops.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+#[path = "common/run.rs"]
+mod run;
+use run::{json, ok, outpost, text, BIN};
 
 struct Box_ {
     dir: tempfile::TempDir,
@@ -31,34 +33,6 @@ impl Drop for Box_ {
         }
         self.stop();
     }
-}
-
-fn outpost(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("OUTPOST_DATA_DIR", dir)
-        .env("OUTPOST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run outpost")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", text(o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn json(o: &Output) -> Value {
-    serde_json::from_str(ok(o).trim()).expect("--json prints JSON")
 }
 
 /// Poll `f` every 50 ms for at most `secs`.

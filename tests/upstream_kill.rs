@@ -6,38 +6,14 @@
 
 use outpost::relay::{Impairment, Relay};
 use outpost::store::{Group, Store, StoreOptions};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
-
-fn outpost(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("OUTPOST_DATA_DIR", dir)
-        .env("OUTPOST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run outpost")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn json(o: &Output) -> Value {
-    serde_json::from_str(ok(o).trim()).expect("--json prints JSON")
-}
+#[path = "common/run.rs"]
+mod run;
+use run::{json, ok, outpost, BIN};
 
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")

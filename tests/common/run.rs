@@ -1,0 +1,51 @@
+//! Running the real binary from a black-box test: one command against a
+//! data dir, its output checked. Shared by the test files that drive the
+//! CLI, so each does not carry its own copy.
+// Each test file uses what it needs of these.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+/// Run `outpost ARGS` on the box at `dir`, quietly and never with the
+/// machine's own `/etc/outpost/outpost.toml`.
+pub fn outpost(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("OUTPOST_DATA_DIR", dir)
+        .env("OUTPOST_LOG", "warn")
+        .env("OUTPOST_CONFIG", "/dev/null")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outpost")
+}
+
+/// The exit code and both streams, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Its stdout, once it has succeeded.
+pub fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", text(o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Its stdout as the JSON `--json` prints, once it has succeeded.
+pub fn json(o: &Output) -> Value {
+    serde_json::from_str(ok(o).trim()).expect("--json prints JSON")
+}
+
+/// Its stderr.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

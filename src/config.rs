@@ -42,9 +42,9 @@ impl ConfigError {
     /// error (2); a config file that is wrong or unreadable is an error (1).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ConfigError::Value { origin, .. } if origin == CLI_ORIGIN => 2,
-            ConfigError::Env(_) => 2,
-            _ => 1,
+            ConfigError::Value { origin, .. } if origin == CLI_ORIGIN => crate::exit::USAGE,
+            ConfigError::Env(_) => crate::exit::USAGE,
+            _ => crate::exit::ERROR,
         }
     }
 }

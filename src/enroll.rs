@@ -44,13 +44,6 @@ pub enum EnrollError {
     Queue(#[from] QueueError),
 }
 
-impl EnrollError {
-    /// A refusal by policy (exit 5), as opposed to a bad request.
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, EnrollError::Queue(e) if e.is_refusal())
-    }
-}
-
 pub use crate::queue::core::check_existing;
 
 /// Check the names, issue the device's certificate (its bundle names

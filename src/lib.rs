@@ -38,6 +38,7 @@ pub mod serve;
 pub mod sim;
 pub mod stdout;
 pub mod store;
+pub mod trust;
 pub mod upstream;
 pub mod workflow;
 

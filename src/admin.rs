@@ -80,10 +80,15 @@ pub enum AdminRequest {
     },
     /// Devices with their statistics (`devices --stats`).
     DeviceStats,
+    /// Add or remove an operator key (`trust add`, `trust remove`).
+    Trust(crate::trust::TrustEdit),
+    /// The trust set, with the box's name and whether it requires
+    /// signatures (`trust list`, and `send --sign` for the audience).
+    TrustList,
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 17;
+    const KNOWN_TAGS: u32 = 19;
 }
 
 /// The box's answer.
@@ -97,18 +102,35 @@ pub enum AdminResponse {
     Views(Vec<CommandView>),
     Status(StatusView),
     Devices(Vec<DeviceView>),
-    Bundle { text: String },
+    Bundle {
+        text: String,
+    },
     Device(DeviceRecord),
     Event(LifecycleEvent),
     TimedOut,
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
     Workflow(Box<crate::workflow::runner::RunView>),
     Workflows(Vec<crate::workflow::runner::RunView>),
     DeviceStats(Vec<(DeviceView, crate::monitor::DeviceStats)>),
+    /// The key a trust edit added or removed.
+    Trusted(crate::trust::TrustedKey),
+    Trust(TrustView),
 }
 
 impl Frame for AdminResponse {
-    const KNOWN_TAGS: u32 = 13;
+    const KNOWN_TAGS: u32 = 15;
+}
+
+/// `outpost trust list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustView {
+    /// The box's name: the audience signed commands must name.
+    pub name: String,
+    pub require_signed: bool,
+    pub set: crate::trust::TrustSet,
 }
 
 /// What kind of failure an error is; the CLI's exit code follows from it
@@ -391,6 +413,15 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                 ctx.link.revoke(&id);
             }
             r.map(AdminResponse::Device)
+        }
+        AdminRequest::Trust(edit) => q.edit_trust(edit).await.map(AdminResponse::Trusted),
+        AdminRequest::TrustList => {
+            let g = q.gate();
+            Ok(AdminResponse::Trust(TrustView {
+                name: g.name().to_string(),
+                require_signed: g.requires_signatures(),
+                set: (*g.set()).clone(),
+            }))
         }
         AdminRequest::Watch { .. } => Ok(AdminResponse::Error {
             kind: ErrorKind::BadRequest,

@@ -85,7 +85,9 @@ pub struct FileConfig {
     pub upstream: Option<String>,
     /// This box's bundle from the hub (`outpost enroll NAME --gateway`).
     pub upstream_bundle: Option<PathBuf>,
-    /// This edge's name under a NATS upstream (default: the hostname).
+    /// This box's name: the audience signed commands name, and its
+    /// subjects under a NATS upstream (default: the uplink bundle's id,
+    /// else the hostname).
     pub name: Option<String>,
     /// NATS credentials file (`.creds`).
     pub upstream_creds: Option<PathBuf>,
@@ -110,6 +112,8 @@ pub struct FileConfig {
     pub http_token_file: Option<PathBuf>,
     /// Retry and cancel from the dashboard.
     pub http_admin: Option<bool>,
+    /// Take only commands signed by a key in the trust set.
+    pub require_signed: Option<bool>,
     /// Alert rules (`[[alert]]` tables).
     #[serde(default)]
     pub alert: Vec<crate::alert::RuleConfig>,
@@ -279,8 +283,10 @@ pub struct ServeArgs {
     /// NAME --gateway --out FILE`) [default: <data-dir>/upstream.bundle]
     #[arg(long, env = "OUTPOST_UPSTREAM_BUNDLE")]
     pub upstream_bundle: Option<PathBuf>,
-    /// This edge's name under a NATS upstream: its subjects are
-    /// outpost.cmd.NAME.> and outpost.up.NAME.> [default: the hostname]
+    /// This box's name: the audience operator-signed commands must name,
+    /// and under a NATS upstream its subjects (outpost.cmd.NAME.> and
+    /// outpost.up.NAME.>) [default: the uplink bundle's id, else the
+    /// hostname]
     #[arg(long, env = "OUTPOST_NAME")]
     pub name: Option<String>,
     /// NATS credentials file, for --upstream nats://…
@@ -314,6 +320,11 @@ pub struct ServeArgs {
     /// [default: read-only]
     #[arg(long, env = "OUTPOST_HTTP_ADMIN")]
     pub http_admin: bool,
+    /// Take only commands signed by an operator key in the trust set
+    /// (`outpost trust add`); unsigned ones are refused at intake, and
+    /// devices enrolled from now on refuse them too [default: off]
+    #[arg(long, env = "OUTPOST_REQUIRE_SIGNED")]
+    pub require_signed: bool,
 }
 
 /// What `serve` runs with, every value settled.
@@ -338,6 +349,10 @@ pub struct ServeConfig {
     pub http_token: Option<String>,
     pub http_admin: bool,
     pub alerts: Vec<crate::alert::Rule>,
+    pub require_signed: bool,
+    /// The box's name, when given (`--name`): the audience of signed
+    /// commands. Unset: the uplink bundle's id, else the hostname.
+    pub name: Option<String>,
 }
 
 /// The NATS uplink's settings.
@@ -680,6 +695,8 @@ pub fn resolve(
         http,
         http_token,
         http_admin: args.http_admin || file.http_admin.unwrap_or(false),
+        require_signed: args.require_signed || file.require_signed.unwrap_or(false),
+        name: pick_str(&args.name, &file.name).map(|(n, _)| n),
         alerts,
         upstream,
         nats,

@@ -989,6 +989,25 @@ impl Session {
         session: &crate::queue::DeviceSession,
         acks: &mut FuturesUnordered<AckWait>,
     ) -> Option<BoxFrame> {
+        // A signer removed, or signatures required, since it was queued:
+        // it ends here, rejected with the reason, and never reaches the
+        // device.
+        let envelope = match &d {
+            Delivery::Command(c) => Some((c.id, c.signature.as_deref())),
+            Delivery::Forward(f) => Some((f.id, f.signature.as_deref())),
+            Delivery::Cancel(_) => None,
+        };
+        if let Some((id, env)) = envelope {
+            if let Some(why) = session.gate().at_delivery(env) {
+                reject(
+                    session,
+                    acks,
+                    id,
+                    format!("refused by the box at delivery: {why}"),
+                );
+                return None;
+            }
+        }
         Some(match d {
             Delivery::Command(c) => BoxFrame::Command {
                 id: c.id,
@@ -1147,7 +1166,7 @@ const MAX_ANSWERS: usize = 64;
 /// A queue refusal as the device sees it.
 fn refusal(e: QueueError) -> BoxFrame {
     let code = match &e {
-        QueueError::Forbidden { .. } => ErrorCode::Forbidden,
+        QueueError::Forbidden { .. } | QueueError::Untrusted(_) => ErrorCode::Forbidden,
         QueueError::NoRoute(_) | QueueError::UnknownDevice(_) | QueueError::Revoked(_) => {
             ErrorCode::NoRoute
         }

@@ -47,6 +47,11 @@ pub struct ServeOptions {
     /// (`outpost serve` under systemd: 75, to be restarted); `None`: keep
     /// running and refuse requests, saying why (tests, embedding).
     pub exit_on_store_failure: Option<i32>,
+    /// Take only commands signed by a trusted operator key.
+    pub require_signed: bool,
+    /// The box's name, the audience of signed commands (`None`: the
+    /// uplink bundle's id, else the NATS name, else the hostname).
+    pub name: Option<String>,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -71,8 +76,32 @@ impl ServeOptions {
             upstream: None,
             nats: None,
             exit_on_store_failure: None,
+            require_signed: false,
+            name: None,
         }
     }
+}
+
+/// The name the box answers to as the audience of signed commands: the
+/// one given, else its id at the hub above (so a hub's operator signs for
+/// `edge-1` as the hub knows it), else its NATS name, else the hostname.
+fn box_name(o: &ServeOptions) -> String {
+    if let Some(n) = &o.name {
+        return n.clone();
+    }
+    if let Some((u, _)) = &o.upstream {
+        if let Ok(text) = std::fs::read_to_string(&u.bundle) {
+            if let Ok(b) = crate::identity::Bundle::parse(&text, &u.bundle.display().to_string()) {
+                return b.id;
+            }
+        }
+    }
+    if let Some((n, _)) = &o.nats {
+        return n.name.clone();
+    }
+    crate::identity::hostname()
+        .and_then(|h| h.split('.').next().map(str::to_string))
+        .unwrap_or_else(|| "outpost".into())
 }
 
 /// A running box.
@@ -119,6 +148,11 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         store.set_ca_fingerprint(&crate::identity::cert_fingerprint(identity.ca_der()))?;
     }
     let runs_store = store.clone();
+    let gate = Arc::new(crate::trust::Gate::new(
+        box_name(&o),
+        o.require_signed,
+        store.trust()?,
+    ));
     let queue = queue::open(
         store,
         ServiceOptions {
@@ -130,6 +164,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
                 .map(|u| u.1)
                 .or(o.nats.as_ref().map(|n| n.1)),
             exit_on_store_failure: o.exit_on_store_failure,
+            gate,
             ..ServiceOptions::default()
         },
     )?;

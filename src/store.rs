@@ -71,6 +71,8 @@ const KEY_OUTBOX_NEXT: &[u8] = b"N";
 const KEY_LIVE_HINT: &[u8] = b"L";
 /// Meta key: the fingerprint of the box's CA (`Store::ca_fingerprint`).
 const KEY_CA: &str = "ca";
+/// The trust set (operator keys), postcard; absent: none trusted.
+const KEY_TRUST: &str = "trust";
 const MARKER_FILE: &str = "store-id";
 const WATERMARK_FILE: &str = "store-seq";
 /// How often a busy store refreshes `store-seq`.
@@ -366,6 +368,26 @@ impl Store {
     /// Record the CA this store belongs to, durably.
     pub fn set_ca_fingerprint(&self, fp: &[u8; 32]) -> Result<(), StoreError> {
         self.meta.insert(KEY_CA, fp).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The trust set, or an empty one for a store that has none.
+    pub fn trust(&self) -> Result<crate::trust::TrustSet, StoreError> {
+        match self.meta.get(KEY_TRUST).map_err(|e| self.err(e))? {
+            None => Ok(Default::default()),
+            Some(v) => postcard::from_bytes(&v)
+                .map_err(|e| self.corrupt(format!("the trust set record does not decode ({e})"))),
+        }
+    }
+
+    /// Replace the trust set, durably (rare: an admin's change).
+    pub fn put_trust(&self, set: &crate::trust::TrustSet) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(set)
+            .map_err(|e| self.corrupt(format!("the trust set does not encode ({e})")))?;
+        self.meta
+            .insert(KEY_TRUST, bytes)
+            .map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(())
     }

@@ -28,6 +28,8 @@ pub struct NatsArgs {
 
 /// `outpost fleet …`.
 #[derive(Debug, clap::Subcommand)]
+// Parsed once per process; the size of `send`'s flags costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 pub enum FleetCmd {
     /// Create the fleet's two streams (OUTPOST_CMD, OUTPOST_UP); safe to
     /// run again. Refuses if they exist with another config.

@@ -12,9 +12,12 @@ mod devices;
 pub mod doctor;
 pub mod enroll;
 pub mod fleet;
+mod key;
 mod output;
 mod send;
+mod sign;
 mod status;
+mod trust;
 mod workflow;
 
 use output::*;
@@ -151,6 +154,15 @@ pub enum Cmd {
     /// status.
     #[command(subcommand)]
     Fleet(fleet::FleetCmd),
+    /// Operator signing keys (OpenSSH ed25519): new, id.
+    #[command(subcommand)]
+    Key(key::KeyCmd),
+    /// The box's trusted operator keys: add, list, remove.
+    #[command(subcommand)]
+    Trust(trust::TrustCmd),
+    /// Sign a command without sending it: an envelope (base64) for the HTTP
+    /// API's envelope_b64 or a NATS Outpost-Envelope header.
+    Sign(sign::SignCmd),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -581,6 +593,9 @@ async fn run(
         }
         Cmd::Workflow(other) => workflow_cmd(other, data_dir).await,
         Cmd::Fleet(f) => fleet::run(f).await,
+        Cmd::Key(k) => key::run(k),
+        Cmd::Trust(t) => trust::run(t, data_dir).await,
+        Cmd::Sign(s) => sign::sign_cmd(s),
         Cmd::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut crate::stdout::Stdout)?;
             Ok(0)
@@ -609,6 +624,8 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     };
     o.alerts = c.alerts;
     o.acl = c.acl;
+    o.require_signed = c.require_signed;
+    o.name = c.name;
     // EX_TEMPFAIL: systemd's Restart=on-failure brings the box back on a
     // reopened database.
     o.exit_on_store_failure = Some(exit::TEMPFAIL);

@@ -42,6 +42,8 @@ pub struct SendArgs {
     pub wait: Option<crate::duration::DurationArg>,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub signing: super::sign::SignArgs,
 }
 
 /// `--priority`: clap lists the values in `--help` and in a typo's error.
@@ -59,13 +61,14 @@ pub(super) async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let req = SendRequest {
+    let mut req = SendRequest {
         target: a.target.clone(),
         payload,
         opts: send_options(&a)?,
         origin: "cli".into(),
         signature: None,
     };
+    super::sign::maybe_sign(&mut req, &a.signing, data_dir).await?;
     let mut c = client(data_dir).await?;
     let AdminResponse::Receipt(r) = c.call(&AdminRequest::Send(req)).await? else {
         bail!("unexpected answer")

@@ -51,6 +51,10 @@ pub enum QueueError {
     },
     #[error("{}", already_enrolled(.id, *.revoked))]
     AlreadyEnrolled { id: DeviceId, revoked: bool },
+    /// A signed command that does not verify, or an unsigned one where
+    /// signatures are required (the trust set's verdict, step named).
+    #[error("refused: {0}")]
+    Untrusted(crate::trust::Refusal),
 }
 
 fn already_enrolled(id: &str, revoked: bool) -> String {
@@ -89,7 +93,8 @@ impl QueueError {
             | E::NoSpace { .. }
             | E::Forbidden { .. }
             | E::KeyReused { .. }
-            | E::AlreadyEnrolled { .. } => ErrorClass::Refused,
+            | E::AlreadyEnrolled { .. }
+            | E::Untrusted(_) => ErrorClass::Refused,
             E::ShuttingDown | E::Storage(_) => ErrorClass::Unavailable,
             E::InvalidTransition { .. }
             | E::NotInFlight { .. }
@@ -124,7 +129,8 @@ impl QueueError {
             | E::NoRoute(_)
             | E::Forbidden { .. }
             | E::KeyReused { .. }
-            | E::AlreadyEnrolled { .. } => false,
+            | E::AlreadyEnrolled { .. }
+            | E::Untrusted(_) => false,
         }
     }
 }

@@ -117,6 +117,9 @@ pub fn default_reserve(total: u64) -> u64 {
 #[derive(Clone, Debug)]
 pub enum CoreRequest {
     Send(SendRequest),
+    /// Change the box's trust set (the writer applies it, stores it and
+    /// hands it to the gate: one at a time, so no edit is lost).
+    Trust(crate::trust::TrustEdit),
     Show(CommandId),
     List {
         device: DeviceId,
@@ -199,6 +202,8 @@ pub enum CoreReply {
     Cursor(u64),
     Outbox(Vec<UpEntry>),
     OutboxStats(OutboxStats),
+    /// The key a trust edit added or removed.
+    Trusted(crate::trust::TrustedKey),
 }
 
 fn unexpected<T>(what: &str) -> Result<T, QueueError> {
@@ -702,6 +707,23 @@ impl QueueCore {
                 self.limits.max_payload
             )));
         }
+        // A signed command's id and lifetime are the envelope's (its
+        // signature was checked at the gate, before the writer); a second
+        // intake of one id is a replay, refused while the box knows the id.
+        let signed = match &signature {
+            Some(env) => Some(
+                crate::trust::envelope::open(env)
+                    .map_err(|e| QueueError::Untrusted(e.into()))?
+                    .claims,
+            ),
+            None => None,
+        };
+        if let (None, Some(c)) = (id, &signed) {
+            if self.state_of(c.id).is_some() {
+                return Err(QueueError::Untrusted(crate::trust::Refusal::Replay(c.id)));
+            }
+        }
+        let id = id.or(signed.as_ref().map(|c| c.id));
         let route = self.route(&target)?;
         let o = self.origin(&origin);
         if let Some(k) = &opts.key {
@@ -733,6 +755,11 @@ impl QueueCore {
             .ttl_ms
             .or(self.limits.default_ttl_ms)
             .map(|t| now.saturating_add(t));
+        let expires_at = match (&signed, expires_at) {
+            (Some(c), Some(e)) => Some(e.min(c.expires_at)),
+            (Some(c), None) => Some(c.expires_at),
+            (None, e) => e,
+        };
         // An `after` already decided is settled now, so replay never needs a
         // dependency's record that retention may have dropped.
         let mut after = opts.after;

@@ -39,6 +39,9 @@ pub struct ServiceOptions {
     /// filled up under sled), exit the process with this code so the
     /// service manager restarts it; `None`: refuse requests, saying why.
     pub exit_on_store_failure: Option<i32>,
+    /// The box's trust gate: its name, whether signatures are required, and
+    /// whose count. Every intake through the handle passes it.
+    pub gate: Arc<crate::trust::Gate>,
 }
 
 impl Default for ServiceOptions {
@@ -50,6 +53,7 @@ impl Default for ServiceOptions {
             acl: crate::route::Acl::default(),
             outbox_max: None,
             exit_on_store_failure: None,
+            gate: Arc::default(),
         }
     }
 }
@@ -87,6 +91,11 @@ pub struct DeviceSession {
 }
 
 impl DeviceSession {
+    /// The box's trust gate, for the checks at delivery.
+    pub fn gate(&self) -> &Arc<crate::trust::Gate> {
+        self.handle.gate()
+    }
+
     /// Report a command's outcome. The report is queued at once, in call
     /// order; the returned future resolves once it is durable. It borrows
     /// nothing, so a link can keep many acks in flight (one flush then
@@ -156,12 +165,14 @@ pub struct QueueHandle {
     /// Bumped when a device connects or disconnects (the monitor's alert
     /// rules wake on it; nothing polls).
     sessions: tokio::sync::watch::Receiver<u64>,
+    gate: Arc<crate::trust::Gate>,
 }
 
 /// Open the store's queue: replay the journal into a core and start the
 /// writer thread.
 pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreError> {
     let core = rebuild(&store, &opts)?;
+    let gate = opts.gate.clone();
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
@@ -201,6 +212,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
             source,
         })?;
     Ok(QueueHandle {
+        gate,
         tx,
         events,
         outbox: outbox_rx,
@@ -614,6 +626,7 @@ impl Writer {
                 let core = &mut self.core;
                 let result = match req {
                     CoreRequest::Send(r) => core.send(r, now).map(CoreReply::Receipt),
+                    CoreRequest::Trust(edit) => self.edit_trust(&edit, now),
                     CoreRequest::Show(id) => {
                         // Resolved after the commit: its result may be in
                         // this very round.
@@ -819,6 +832,26 @@ impl Writer {
         }
     }
 
+    /// A trust edit: stored durably before the gate uses it, so a key
+    /// answered "added" survives a crash, and one answered "removed" never
+    /// comes back.
+    fn edit_trust(
+        &mut self,
+        edit: &crate::trust::TrustEdit,
+        now: Millis,
+    ) -> Result<CoreReply, QueueError> {
+        let gate = &self.opts.gate;
+        let mut set = (*gate.set()).clone();
+        let key = set
+            .apply(edit, now)
+            .map_err(|e| QueueError::BadRequest(e.to_string()))?;
+        self.store
+            .put_trust(&set)
+            .map_err(|e| QueueError::Storage(e.to_string()))?;
+        gate.replace(set);
+        Ok(CoreReply::Trusted(key))
+    }
+
     fn commit(&mut self, write: &GroupWrite, effects: &Effects) -> Result<(), StoreError> {
         for rec in &effects.device_touches {
             self.store.touch_device(rec)?;
@@ -1003,7 +1036,43 @@ impl QueueHandle {
 
     /// Enqueue durably. Returns once the command is on disk.
     pub async fn send(&self, req: SendRequest) -> Result<SendReceipt, QueueError> {
+        self.admit(None, &req)?;
         self.core(CoreRequest::Send(req)).await?.into_receipt()
+    }
+
+    /// The trust gate's verdict on a command at intake (see `trust::gate`):
+    /// checked here, in the caller's task, before the writer sees it.
+    fn admit(&self, id: Option<CommandId>, req: &SendRequest) -> Result<(), QueueError> {
+        let intake = crate::trust::Intake {
+            envelope: req.signature.as_deref(),
+            target: &req.target,
+            id,
+            payload: &req.payload,
+            priority: req.opts.priority,
+            not_before: req.opts.not_before,
+        };
+        self.gate
+            .admit(intake, crate::now_millis())
+            .map(|_| ())
+            .map_err(QueueError::Untrusted)
+    }
+
+    /// The box's trust gate.
+    pub fn gate(&self) -> &Arc<crate::trust::Gate> {
+        &self.gate
+    }
+
+    /// Add or remove an operator key; durable on return.
+    pub async fn edit_trust(
+        &self,
+        edit: crate::trust::TrustEdit,
+    ) -> Result<crate::trust::TrustedKey, QueueError> {
+        match self.core(CoreRequest::Trust(edit)).await? {
+            CoreReply::Trusted(k) => Ok(k),
+            _ => Err(QueueError::BadRequest(
+                "internal: unexpected reply, wanted a key".into(),
+            )),
+        }
     }
 
     pub async fn show(&self, id: CommandId) -> Result<CommandView, QueueError> {
@@ -1073,8 +1142,10 @@ impl QueueHandle {
         from: DeviceId,
         req: SendRequest,
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
-        let reply = self.queued(CoreRequest::DeviceSend { from, req });
-        async move { reply.await?.into_receipt() }
+        let reply = self
+            .admit(None, &req)
+            .map(|()| self.queued(CoreRequest::DeviceSend { from, req }));
+        async move { reply?.await?.into_receipt() }
     }
 
     /// A command forwarded from the hub above under its id (edge side):
@@ -1086,8 +1157,10 @@ impl QueueHandle {
         id: CommandId,
         req: SendRequest,
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
-        let reply = self.queued(CoreRequest::SendAs { id, req });
-        async move { reply.await?.into_receipt() }
+        let reply = self
+            .admit(Some(id), &req)
+            .map(|()| self.queued(CoreRequest::SendAs { id, req }));
+        async move { reply?.await?.into_receipt() }
     }
 
     /// Record the end of a command the box ran itself (see

@@ -61,7 +61,7 @@ pub struct Opened<'a> {
 }
 
 /// Why an envelope could not be read at all.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum Malformed {
     #[error("the envelope is {0} bytes, over the limit of {MAX_LEN}")]
     TooLarge(usize),

@@ -7,9 +7,11 @@ pub mod role;
 
 pub use role::{Denied, Grant, Pattern, Role, Verb};
 pub mod envelope;
+pub mod gate;
 pub mod key;
 pub mod set;
 
 pub use envelope::{Claims, Opened};
+pub use gate::{Gate, Intake};
 pub use key::{KeyId, OperatorKey, OperatorPublic};
-pub use set::{Presented, Refusal, Seat, TrustSet, TrustedKey, Verified};
+pub use set::{EditError, Presented, Refusal, Seat, TrustEdit, TrustSet, TrustedKey, Verified};

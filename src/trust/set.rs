@@ -35,7 +35,7 @@ pub struct TrustSet {
 
 /// Why a signed (or unsigned) command is refused. Each names the step of
 /// DESIGN §10's order that failed and what to do.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum Refusal {
     #[error("unsigned: this box requires commands signed by a trusted operator key (sign with `outpost send --sign KEY`, or the envelope_b64 field over HTTP)")]
     Unsigned,
@@ -61,7 +61,7 @@ pub enum Refusal {
     BadSignature(KeyId),
     #[error("the command's {field} is not the one signed (signed {signed}, got {got}): changed in flight")]
     Mismatch {
-        field: &'static str,
+        field: String,
         signed: String,
         got: String,
     },
@@ -119,6 +119,8 @@ pub struct Presented<'a> {
 /// A verified envelope's facts the caller keeps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
+    /// The signed command id (a broadcast child's own id differs).
+    pub id: CommandId,
     pub key_id: KeyId,
     pub signer: String,
     pub expires_at: Millis,
@@ -128,7 +130,54 @@ pub struct Verified {
 /// signature is never taken, a fresh one from a fast clock is.
 pub const SKEW_MS: Millis = 5 * 60 * 1000;
 
+/// A change to the trust set (an admin's `trust add` or `trust remove`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrustEdit {
+    Add {
+        /// The `.pub` line.
+        public: String,
+        name: Option<String>,
+        grant: Grant,
+    },
+    /// By key id (`SHA256:…`) or name.
+    Remove { key: String },
+}
+
+/// Why a trust edit was not made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum EditError {
+    #[error("{0}")]
+    BadKey(String),
+    #[error("no key `{0}` in the trust set (see `outpost trust list`)")]
+    NoSuchKey(String),
+    #[error("the name `{0}` is taken by another key; remove it first or pick another --name")]
+    NameTaken(String),
+}
+
 impl TrustSet {
+    /// Apply an edit; the key added or removed.
+    pub fn apply(&mut self, edit: &TrustEdit, now: Millis) -> Result<TrustedKey, EditError> {
+        match edit {
+            TrustEdit::Add {
+                public,
+                name,
+                grant,
+            } => {
+                let p = OperatorPublic::from_openssh(public)
+                    .map_err(|e| EditError::BadKey(e.to_string()))?;
+                let wanted = name.clone().unwrap_or_else(|| p.comment.clone());
+                if self.keys.iter().any(|k| k.name == wanted && k.id != p.id) {
+                    return Err(EditError::NameTaken(wanted));
+                }
+                self.add(&p, name.as_deref(), grant.clone(), now);
+                Ok(self.key(&p.id).cloned().expect("just added"))
+            }
+            TrustEdit::Remove { key } => self
+                .remove(key, now)
+                .ok_or_else(|| EditError::NoSuchKey(key.clone())),
+        }
+    }
+
     pub fn key(&self, id: &KeyId) -> Option<&TrustedKey> {
         self.keys.iter().find(|k| &k.id == id)
     }
@@ -209,10 +258,19 @@ impl TrustSet {
         if !super::key::verify(&k.public, o.signed, &o.signature) {
             return Err(Refusal::BadSignature(k.id));
         }
-        compare("id", c.id, cmd.id)?;
+        // A broadcast's children carry ids of their own (one per device):
+        // a device takes those on its box's word, and dedupes by the
+        // signed id, so a box cannot make it run twice under two ids.
+        let group = {
+            let last = c.target.rsplit('/').next().unwrap_or("");
+            last.starts_with("tag:") || last.starts_with("cap:")
+        };
+        if !(group && matches!(seat, Seat::Device { .. })) {
+            compare("id", c.id, cmd.id)?;
+        }
         if c.payload_sha256 != envelope::payload_digest(cmd.payload) {
             return Err(Refusal::Mismatch {
-                field: "payload",
+                field: "payload".into(),
                 signed: format!("sha256 {}", hex(&c.payload_sha256)),
                 got: format!("sha256 {}", hex(&envelope::payload_digest(cmd.payload))),
             });
@@ -223,7 +281,7 @@ impl TrustSet {
             Seat::Box { name, target } => {
                 if !relative(&c.target, target) {
                     return Err(Refusal::Mismatch {
-                        field: "target",
+                        field: "target".into(),
                         signed: c.target.clone(),
                         got: target.to_string(),
                     });
@@ -236,10 +294,9 @@ impl TrustSet {
             }
             Seat::Device { name, id } => {
                 let last = c.target.rsplit('/').next().unwrap_or("");
-                let routed = last.starts_with("tag:") || last.starts_with("cap:");
-                if last != id && !routed {
+                if last != id && !group {
                     return Err(Refusal::Mismatch {
-                        field: "target",
+                        field: "target".into(),
                         signed: c.target.clone(),
                         got: id.to_string(),
                     });
@@ -261,6 +318,7 @@ impl TrustSet {
             }
         }
         Ok(Verified {
+            id: c.id,
             key_id: k.id,
             signer: k.name.clone(),
             expires_at: c.expires_at,
@@ -293,7 +351,7 @@ fn compare<T: PartialEq + std::fmt::Display>(
         return Ok(());
     }
     Err(Refusal::Mismatch {
-        field,
+        field: field.into(),
         signed: signed.to_string(),
         got: got.to_string(),
     })
@@ -309,7 +367,7 @@ fn compare_opt(
         return Ok(());
     }
     Err(Refusal::Mismatch {
-        field,
+        field: field.into(),
         signed: show(signed),
         got: show(got),
     })

@@ -1,0 +1,200 @@
+//! Black-box tests of operator-signed commands (issue 23) at the box: the
+//! real binary, `serve --require-signed`, keys from `outpost key new`.
+//! Each bad command is refused at intake with its reason (exit 5); a
+//! removed key's undelivered commands end rejected, saying why.
+
+#[path = "common/run.rs"]
+mod run;
+use run::{json, ok, stderr, text};
+#[path = "common/cli_box.rs"]
+mod cli_box;
+use cli_box::{wait_for, Box_};
+
+fn key(b: &Box_, name: &str) -> String {
+    let dir = b.dir.path().join("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    ok(&b.run(&["key", "new", name, "--dir", dir.to_str().unwrap()]));
+    dir.join(name).to_str().unwrap().to_string()
+}
+
+fn trust(b: &Box_, key: &str, extra: &[&str]) {
+    let public = format!("{key}.pub");
+    let mut args = vec!["trust", "add", &public];
+    args.extend_from_slice(extra);
+    ok(&b.run(&args));
+}
+
+/// `outpost sign` with these flags: the envelope's base64.
+fn sign(b: &Box_, key: &str, target: &str, payload: &str, extra: &[&str]) -> String {
+    let mut args = vec!["sign", target, payload, "--key", key];
+    args.extend_from_slice(extra);
+    ok(&b.run(&args)).trim().to_string()
+}
+
+/// A refused send: exit 5, and the reason in stderr.
+fn refused(b: &Box_, args: &[&str], reason: &str) {
+    let o = b.run(args);
+    assert_eq!(o.status.code(), Some(5), "{:?}: {}", args, text(&o));
+    assert!(
+        stderr(&o).contains(reason),
+        "{:?}: want `{reason}` in\n{}",
+        args,
+        text(&o)
+    );
+}
+
+#[test]
+fn signed_commands_run_and_every_bad_one_is_refused_at_intake_with_its_reason() {
+    let mut b = Box_::start_with(&["--require-signed", "--name", "box-a"]);
+    let alice = key(&b, "alice");
+    trust(&b, &alice, &["--role", "operator"]);
+    ok(&b.enroll("dev-1", "dev-1", &[]));
+    ok(&b.enroll("dev-2", "dev-2", &[]));
+    b.agent("dev-1");
+
+    let list = json(&b.run(&["trust", "list", "--json"]));
+    assert_eq!(list["name"], "box-a", "{list}");
+    assert_eq!(list["require_signed"], true);
+    assert_eq!(list["keys"][0]["name"], "alice");
+    assert_eq!(list["keys"][0]["role"], "operator");
+
+    // Unsigned: refused, and nothing queued.
+    refused(&b, &["send", "dev-1", "ping"], "unsigned");
+
+    // Signed with a trusted key: taken and run (the audience asked of the box).
+    let r = json(&b.run(&[
+        "send", "dev-1", "ping", "--sign", &alice, "--wait", "20s", "--json",
+    ]));
+    assert_eq!(r["state"], "succeeded", "{r}");
+
+    // A key the box does not trust.
+    let mallory = key(&b, "mallory");
+    refused(
+        &b,
+        &["send", "dev-1", "ping", "--sign", &mallory],
+        "does not trust",
+    );
+
+    // One envelope: taken once; again is a replay; to another target, with
+    // another payload or for another box it is not what was signed.
+    let env = sign(&b, &alice, "dev-2", "reboot", &["--audience", "box-a"]);
+    let first = json(&b.run(&["send", "dev-2", "reboot", "--envelope", &env, "--json"]));
+    assert_eq!(first["state"], "queued", "{first}");
+    refused(
+        &b,
+        &["send", "dev-2", "reboot", "--envelope", &env],
+        "replay",
+    );
+    refused(
+        &b,
+        &["send", "dev-1", "reboot", "--envelope", &env],
+        "target is not the one signed",
+    );
+    refused(
+        &b,
+        &["send", "dev-2", "rm -rf /", "--envelope", &env],
+        "payload is not the one signed",
+    );
+    refused(
+        &b,
+        &[
+            "send",
+            "dev-2",
+            "reboot",
+            "--priority",
+            "high",
+            "--envelope",
+            &env,
+        ],
+        "priority is not the one signed",
+    );
+    let other_box = sign(&b, &alice, "dev-2", "x", &["--audience", "box-b"]);
+    refused(
+        &b,
+        &["send", "dev-2", "x", "--envelope", &other_box],
+        "signed for `box-b`, not for this box (`box-a`)",
+    );
+
+    // Expired: a signature good for one second, sent two seconds later.
+    let short = sign(
+        &b,
+        &alice,
+        "dev-1",
+        "late",
+        &["--audience", "box-a", "--expires", "1s"],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    refused(
+        &b,
+        &["send", "dev-1", "late", "--envelope", &short],
+        "expired",
+    );
+
+    // A forged envelope: a byte of the signed claims changed.
+    let forged = flip_a_claims_byte(&env);
+    refused(
+        &b,
+        &["send", "dev-2", "reboot", "--envelope", &forged],
+        "bad signature",
+    );
+
+    // Roles and targets bind a key.
+    let bob = key(&b, "bob");
+    trust(&b, &bob, &["--role", "operator", "--targets", "dev-9*"]);
+    refused(
+        &b,
+        &["send", "dev-1", "x", "--sign", &bob],
+        "may sign only for targets matching `dev-9*`",
+    );
+    let carol = key(&b, "carol");
+    trust(&b, &carol, &["--role", "viewer"]);
+    refused(
+        &b,
+        &["send", "dev-1", "x", "--sign", &carol],
+        "sending needs the operator role",
+    );
+    drop(b.agents.pop());
+}
+
+/// The envelope with one bit of its signed claims flipped (in the expiry,
+/// 40 bytes before the claims end: after it come only the audience and the
+/// key id), the signature left as it was.
+fn flip_a_claims_byte(b64: &str) -> String {
+    use base64::Engine as _;
+    let e = base64::engine::general_purpose::STANDARD;
+    let mut bytes = e.decode(b64).unwrap();
+    let at = bytes.len() - 64 - 1 - 40;
+    bytes[at] ^= 0x01;
+    e.encode(bytes)
+}
+
+#[test]
+fn a_removed_keys_undelivered_commands_end_rejected_saying_why() {
+    let mut b = Box_::start_with(&["--require-signed", "--name", "box-a"]);
+    let alice = key(&b, "alice");
+    trust(&b, &alice, &["--role", "operator"]);
+    ok(&b.enroll("dev-1", "dev-1", &[]));
+    // Queued while dev-1 is offline, then the key is removed.
+    let r = json(&b.run(&["send", "dev-1", "ping", "--sign", &alice, "--json"]));
+    let id = r["id"].as_str().unwrap().to_string();
+    ok(&b.run(&["trust", "remove", "alice"]));
+    let list = json(&b.run(&["trust", "list", "--json"]));
+    assert_eq!(list["keys"].as_array().unwrap().len(), 0, "{list}");
+    assert_eq!(list["removed"][0]["name"], "alice", "{list}");
+    // New commands it signs are refused at once…
+    refused(
+        &b,
+        &["send", "dev-1", "ping", "--sign", &alice],
+        "was removed from the trust set",
+    );
+    // …and the one queued ends rejected when its device comes, never run.
+    b.agent("dev-1");
+    let mut last = serde_json::Value::Null;
+    wait_for(20, "the queued command ends", || {
+        last = json(&b.run(&["show", &id, "--json"]));
+        last["state"] != "queued" && last["state"] != "delivered"
+    });
+    let shown = last.to_string();
+    assert!(shown.contains("removed from the trust set"), "{shown}");
+    assert!(!shown.contains("\"succeeded\""), "{shown}");
+}

@@ -480,3 +480,152 @@ when = { step = "flash", state = "succeeded" }
         hub_results.get(&flash_id)
     );
 }
+
+/// A signed request for `target` on the hub, meant for `audience`.
+fn signed(
+    key: &outpost::trust::OperatorKey,
+    target: &str,
+    payload: &str,
+    audience: &str,
+) -> SendRequest {
+    use outpost::trust::{envelope, Claims};
+    let now = outpost::now_millis();
+    let claims = Claims {
+        id: CommandId::new(now, rand::random()),
+        target: target.into(),
+        payload_sha256: envelope::payload_digest(payload.as_bytes()),
+        artifact: None,
+        priority: outpost::Priority::Normal,
+        not_before: None,
+        expires_at: now + 3_600_000,
+        audience: audience.into(),
+        key_id: key.public.id,
+    };
+    SendRequest {
+        target: target.into(),
+        payload: payload.as_bytes().to_vec(),
+        opts: SendOptions::default(),
+        origin: "cli".into(),
+        signature: Some(envelope::seal(&claims, key).unwrap()),
+    }
+}
+
+async fn trust(b: &RunningBox, key: &outpost::trust::OperatorKey) {
+    b.queue
+        .edit_trust(outpost::trust::TrustEdit::Add {
+            public: key.public.to_openssh(),
+            name: None,
+            grant: outpost::trust::Grant::new(outpost::trust::Role::Operator),
+        })
+        .await
+        .unwrap();
+}
+
+/// Replace `from` by `to` (same length) in every value of a stopped box's
+/// database: an attacker with the hub's disk.
+fn tamper(dir: &Path, from: &[u8], to: &[u8]) -> usize {
+    assert_eq!(from.len(), to.len());
+    let db = sled::open(dir.join("db")).unwrap();
+    let mut n = 0;
+    for name in db.tree_names() {
+        let t = db.open_tree(&name).unwrap();
+        for kv in t.iter() {
+            let (k, v) = kv.unwrap();
+            if let Some(at) = v.windows(from.len()).position(|w| w == from) {
+                let mut v = v.to_vec();
+                v[at..at + from.len()].copy_from_slice(to);
+                t.insert(k, v).unwrap();
+                n += 1;
+            }
+        }
+    }
+    db.flush().unwrap();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compromised_hub_cannot_forge_or_change_a_signed_command_the_edge_refuses_it() {
+    let w = world().await;
+    let alice = outpost::trust::OperatorKey::generate("alice").unwrap();
+    let mallory = outpost::trust::OperatorKey::generate("mallory").unwrap();
+    let mut o = options(&w.hub_dir, w.port);
+    o.require_signed = true;
+    o.name = Some("hub".into());
+    let h = serve::start(o).await.unwrap();
+    trust(&h, &alice).await;
+    let e = {
+        let mut o = options(&w.edge_dir, w.edge_port);
+        let mut u = UplinkOptions::new(w.bundle.clone(), Some(format!("127.0.0.1:{}", w.port)));
+        u.min_backoff = Duration::from_millis(50);
+        u.max_backoff = Duration::from_millis(300);
+        o.upstream = Some((u, 100_000));
+        o.require_signed = true;
+        serve::start(o).await.unwrap()
+    };
+    // The edge's name is its id at the hub: the audience the hub's
+    // operators sign for.
+    assert_eq!(e.queue.gate().name(), "e1");
+    trust(&e, &alice).await;
+    let dev = device(enroll(&e, "d0", false).await, w.runs.clone());
+
+    // A good signed command goes down and runs.
+    let good = h
+        .queue
+        .send(signed(&alice, "e1/d0", "good-1", "e1"))
+        .await
+        .unwrap()
+        .id;
+    let ended = all_end(&h.queue, &[good], "hub").await;
+    assert_eq!(ended[0].1, State::Succeeded, "{ended:?}");
+
+    // The hub is taken over: the attacker trusts their own key there and
+    // sends with it; the edge, with its own trust set, refuses.
+    trust(&h, &mallory).await;
+    let forged = h
+        .queue
+        .send(signed(&mallory, "e1/d0", "evil-1", "e1"))
+        .await
+        .unwrap()
+        .id;
+    let ended = all_end(&h.queue, &[forged], "hub").await;
+    let v = h.queue.show(forged).await.unwrap();
+    assert_ne!(ended[0].1, State::Succeeded, "{v:?}");
+    let why = format!("{v:?}");
+    assert!(why.contains("does not trust"), "{why}");
+
+    // The attacker changes a queued signed command's payload on the hub's
+    // disk; the edge refuses it as changed in flight.
+    e.stop().await;
+    let changed = h
+        .queue
+        .send(signed(&alice, "e1/d0", "reboot-2", "e1"))
+        .await
+        .unwrap()
+        .id;
+    h.stop().await;
+    assert!(
+        tamper(&w.hub_dir, b"reboot-2", b"reboot-X") > 0,
+        "the payload is on the hub's disk"
+    );
+    let mut o = options(&w.hub_dir, w.port);
+    o.name = Some("hub".into());
+    let h = serve::start(o).await.unwrap();
+    let e = {
+        let mut o = options(&w.edge_dir, w.edge_port);
+        let u = UplinkOptions::new(w.bundle.clone(), Some(format!("127.0.0.1:{}", w.port)));
+        o.upstream = Some((u, 100_000));
+        o.require_signed = true;
+        serve::start(o).await.unwrap()
+    };
+    all_end(&h.queue, &[changed], "hub").await;
+    let v = h.queue.show(changed).await.unwrap();
+    assert_ne!(v.state, State::Succeeded, "{v:?}");
+    let why = format!("{v:?}");
+    assert!(why.contains("payload is not the one signed"), "{why}");
+
+    dev.abort();
+    h.stop().await;
+    e.stop().await;
+    // The device ran the good command only.
+    w.check_device(&[good]);
+}

@@ -19,7 +19,8 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let base = std::env::var("OUTPOST_BENCH_DIR")
         .unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
-    for rate in [None, Some(5_000)] {
+    // The signed run beside the unsigned one, so their ratio is of one run.
+    for (rate, signed) in [(None, false), (None, true), (Some(5_000), false)] {
         let dir = tempfile::tempdir_in(&base).expect("temp dir");
         let o = LinkBenchOptions {
             devices: if full { 100 } else { 10 },
@@ -31,6 +32,7 @@ fn main() {
             payload: 100,
             producers: 64,
             rate,
+            signed,
         };
         let r = rt.block_on(link_bench(dir.path(), &o)).expect("W1 run");
         println!("{}", r.table());

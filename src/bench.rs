@@ -84,7 +84,17 @@ pub async fn queue_bench(dir: &Path, o: &QueueBenchOptions) -> anyhow::Result<Qu
     // Phase 1: durable enqueue with P producers (devices offline unless
     // `flow`).
     let started = Instant::now();
-    produce(&q, &devices, total, o.producers, o.payload, None, None).await?;
+    produce(
+        &q,
+        &devices,
+        total,
+        o.producers,
+        o.payload,
+        None,
+        None,
+        None,
+    )
+    .await?;
     let enqueue_s = started.elapsed().as_secs_f64();
 
     // Phase 2: every device acks what it receives (in a flow, this is the
@@ -125,7 +135,10 @@ pub async fn queue_bench(dir: &Path, o: &QueueBenchOptions) -> anyhow::Result<Qu
 /// i goes to `targets[i % targets.len()]`. With `rate`, sends are paced
 /// open-loop at that many per second in all; with `stamp`, each payload
 /// starts with the microseconds since `stamp` at the moment of sending (W1
-/// measures enqueue → receipt from it).
+/// measures enqueue → receipt from it). With `signed`, command i is the
+/// pre-signed payload and envelope i, and its send time goes to `sent[i]`
+/// (the payload cannot carry a stamp: it is signed before the run).
+#[allow(clippy::too_many_arguments)]
 async fn produce(
     q: &QueueHandle,
     targets: &[String],
@@ -134,12 +147,13 @@ async fn produce(
     payload_len: usize,
     rate: Option<u64>,
     stamp: Option<Instant>,
+    signed: Option<std::sync::Arc<Signed>>,
 ) -> anyhow::Result<Vec<u64>> {
     let producers = producers.max(1);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for p in 0..producers {
-        let (q, targets) = (q.clone(), targets.to_vec());
+        let (q, targets, signed) = (q.clone(), targets.to_vec(), signed.clone());
         tasks.spawn(async move {
             let mut accepted = Vec::with_capacity(total / producers + 1);
             for (k, i) in (p..total).step_by(producers).enumerate() {
@@ -152,17 +166,31 @@ async fn produce(
                         );
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let mut payload = vec![b'x'; payload_len];
-                if let (Some(t), Some(head)) = (stamp, payload.get_mut(..8)) {
-                    head.copy_from_slice(&(t.elapsed().as_micros() as u64).to_be_bytes());
-                }
+                let (payload, signature) = match &signed {
+                    Some(sg) => {
+                        if let Some(t) = stamp {
+                            sg.sent[i].store(
+                                t.elapsed().as_micros() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
+                        (sg.payloads[i].clone(), Some(sg.envelopes[i].clone()))
+                    }
+                    None => {
+                        let mut payload = vec![b'x'; payload_len];
+                        if let (Some(t), Some(head)) = (stamp, payload.get_mut(..8)) {
+                            head.copy_from_slice(&(t.elapsed().as_micros() as u64).to_be_bytes());
+                        }
+                        (payload, None)
+                    }
+                };
                 let asked = Instant::now();
                 q.send(SendRequest {
                     target: targets[i % targets.len()].clone(),
                     payload,
                     opts: SendOptions::default(),
                     origin: "bench".into(),
-                    signature: None,
+                    signature,
                 })
                 .await?;
                 accepted.push(asked.elapsed().as_micros() as u64);
@@ -290,7 +318,7 @@ pub async fn restart_bench(dir: &Path, n: usize, devices: usize) -> anyhow::Resu
         for d in &names {
             q.enroll(DeviceRecord::new(d.clone())).await?;
         }
-        produce(&q, &names, n, 64, 100, None, None).await?;
+        produce(&q, &names, n, 64, 100, None, None, None).await?;
         q.shutdown().await;
     }
     let rss_before = rss_bytes();
@@ -327,6 +355,80 @@ pub struct LinkBenchOptions {
     pub producers: usize,
     /// Offered load in commands/s (`None`: as fast as the box accepts).
     pub rate: Option<u64>,
+    /// The box requires signatures and every command is signed (pre-signed
+    /// before the run, so only the box's verification is measured).
+    pub signed: bool,
+}
+
+/// W1's pre-signed commands: payload i (its index first), envelope i, and
+/// when command i was sent (µs since the run's epoch).
+pub struct Signed {
+    payloads: Vec<Vec<u8>>,
+    envelopes: Vec<Vec<u8>>,
+    sent: Vec<std::sync::atomic::AtomicU64>,
+    /// Verifying one envelope at the gate, µs (one thread, mean of all).
+    verify_us: f64,
+}
+
+impl Signed {
+    fn make(
+        targets: &[String],
+        total: usize,
+        payload_len: usize,
+    ) -> anyhow::Result<(Signed, crate::trust::Gate)> {
+        use crate::trust::{envelope, Claims, Grant, OperatorKey, Role, TrustSet};
+        let key = OperatorKey::generate("bench")?;
+        let mut set = TrustSet::default();
+        let now = crate::now_millis();
+        set.add(&key.public, None, Grant::new(Role::Operator), now);
+        let gate = crate::trust::Gate::new("bench".into(), true, set);
+        let mut payloads = Vec::with_capacity(total);
+        let mut envelopes = Vec::with_capacity(total);
+        for i in 0..total {
+            let mut payload = vec![b'x'; payload_len.max(8)];
+            payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let claims = Claims {
+                id: crate::CommandId::new(now, rand::random()),
+                target: targets[i % targets.len()].clone(),
+                payload_sha256: envelope::payload_digest(&payload),
+                artifact: None,
+                priority: crate::Priority::Normal,
+                not_before: None,
+                expires_at: now + 3_600_000,
+                audience: "bench".into(),
+                key_id: key.public.id,
+            };
+            envelopes.push(envelope::seal(&claims, &key)?);
+            payloads.push(payload);
+        }
+        // The cost of the check alone, on this thread, over every command.
+        let t = Instant::now();
+        for i in 0..total {
+            let intake = crate::trust::Intake {
+                envelope: Some(&envelopes[i]),
+                target: &targets[i % targets.len()],
+                id: None,
+                payload: &payloads[i],
+                priority: crate::Priority::Normal,
+                not_before: None,
+            };
+            gate.admit(intake, now)
+                .map_err(|e| anyhow::anyhow!("a bench envelope does not verify: {e}"))?;
+        }
+        let verify_us = t.elapsed().as_secs_f64() * 1e6 / total.max(1) as f64;
+        let sent = (0..total)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        Ok((
+            Signed {
+                payloads,
+                envelopes,
+                sent,
+                verify_us,
+            },
+            gate,
+        ))
+    }
 }
 
 /// What one W1 run measured.
@@ -355,6 +457,10 @@ pub struct LinkBenchReport {
     pub peak_rss_bytes: u64,
     pub bytes_written_per_command: f64,
     pub data_dir_bytes_after: u64,
+    /// With `signed`: the box verified every command; one verification's
+    /// cost on one thread, µs.
+    pub signed: bool,
+    pub verify_us: Option<f64>,
 }
 
 impl LinkBenchReport {
@@ -374,7 +480,7 @@ impl LinkBenchReport {
              group commits        {:>12} ({:.1} enqueues and acks each, {:.3} ms mean write and flush)\n\
              peak RSS             {:>12.1} MiB (box and devices in one process)\n\
              written per command  {:>12.0} bytes\n\
-             data dir after       {:>12} bytes\n",
+             data dir after       {:>12} bytes\n{}",
             self.devices,
             self.commands,
             self.payload_bytes,
@@ -392,7 +498,13 @@ impl LinkBenchReport {
             self.commit_mean_us as f64 / 1000.0,
             self.peak_rss_bytes as f64 / (1024.0 * 1024.0),
             self.bytes_written_per_command,
-            self.data_dir_bytes_after
+            self.data_dir_bytes_after,
+            match self.verify_us {
+                Some(us) => format!(
+                    "signed               every command, verified at the box ({us:.1} µs each on one thread)\n"
+                ),
+                None => String::new(),
+            }
         )
     }
 }
@@ -404,9 +516,21 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
     use crate::identity::{Identity, RevokedSet};
 
     let identity = Identity::init(dir, &[])?;
+    let n = o.devices.max(1);
+    let names: Vec<String> = (0..n).map(|i| format!("w1-{i}")).collect();
+    let total = o.commands - o.commands % n;
+    let (signed, gate) = if o.signed {
+        let (s, g) = Signed::make(&names, total, o.payload.max(8))?;
+        (Some(std::sync::Arc::new(s)), std::sync::Arc::new(g))
+    } else {
+        (None, std::sync::Arc::default())
+    };
     let q = queue::open(
         Store::open(dir, &StoreOptions::default())?,
-        ServiceOptions::default(),
+        ServiceOptions {
+            gate,
+            ..ServiceOptions::default()
+        },
     )?;
     let revoked = RevokedSet::new();
     let link = DeviceLink::start(
@@ -417,8 +541,6 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
         LinkOptions::default(),
     )?;
     let addr = link.local_addr()?;
-    let n = o.devices.max(1);
-    let names: Vec<String> = (0..n).map(|i| format!("w1-{i}")).collect();
     let mut bundles = Vec::with_capacity(n);
     for d in &names {
         q.enroll(DeviceRecord::new(d.clone())).await?;
@@ -435,11 +557,11 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
     }
     let connect_s = started.elapsed().as_secs_f64();
 
-    let total = o.commands - o.commands % n;
     let per_device = total / n;
     let epoch = Instant::now();
     let mut devices = tokio::task::JoinSet::new();
     for mut c in conns {
+        let signed = signed.clone();
         devices.spawn(async move {
             let mut lat = Vec::with_capacity(per_device);
             let sender = c.sender();
@@ -447,11 +569,17 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
                 match c.next().await? {
                     Some(Received::Command(cmd)) => {
                         let now = epoch.elapsed().as_micros() as u64;
-                        let sent = cmd
+                        let head = cmd
                             .payload
                             .get(..8)
-                            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
-                            .unwrap_or(now);
+                            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+                        let sent = match (&signed, head) {
+                            (Some(sg), Some(i)) => {
+                                sg.sent[i as usize].load(std::sync::atomic::Ordering::Relaxed)
+                            }
+                            (None, Some(t)) => t,
+                            (_, None) => now,
+                        };
                         lat.push(now.saturating_sub(sent));
                         sender.ack(cmd.id, Outcome::Ok(Vec::new())).await?;
                     }
@@ -476,6 +604,7 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
         o.payload.max(8),
         o.rate,
         Some(epoch),
+        signed.clone(),
     )
     .await?;
     let mut lat = Vec::with_capacity(total);
@@ -522,6 +651,8 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
         peak_rss_bytes: peak_rss_bytes(),
         bytes_written_per_command: written as f64 / total.max(1) as f64,
         data_dir_bytes_after: dir_size(dir),
+        signed: o.signed,
+        verify_us: signed.map(|s| s.verify_us),
     })
 }
 

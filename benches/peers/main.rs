@@ -80,6 +80,7 @@ fn main() {
         payload: size.payload,
         producers: size.producers,
         rate: None,
+        signed: false,
     };
     let r = rt
         .block_on(outpost::bench::link_bench(dir.path(), &o))

@@ -215,6 +215,10 @@ pub struct BenchArgs {
     /// How long W3 stays idle.
     #[arg(long, default_value_t = 60)]
     pub idle_secs: u64,
+    /// W1, then W1 again with every command operator-signed and the box
+    /// requiring signatures; prints both and the ratio.
+    #[arg(long, conflicts_with_all = ["idle", "restart"])]
+    pub signed: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -532,6 +536,7 @@ async fn run(
                 payload: a.payload,
                 producers: a.producers,
                 rate: a.rate,
+                signed: false,
             };
             if !a.json {
                 eprintln!("running W1 in {} …", dir.path().display());
@@ -541,6 +546,28 @@ async fn run(
                 crate::outln!("{}", serde_json::to_string(&r)?);
             } else {
                 crate::out!("{}", r.table());
+            }
+            if a.signed {
+                // The same W1 again on a fresh box that requires signatures:
+                // the two figures come from one run, so their ratio holds.
+                let dir2 = tempfile::tempdir_in(dir.path())?;
+                if !a.json {
+                    eprintln!("running W1 signed in {} …", dir2.path().display());
+                }
+                let s = crate::bench::link_bench(
+                    dir2.path(),
+                    &crate::bench::LinkBenchOptions { signed: true, ..o },
+                )
+                .await?;
+                if a.json {
+                    crate::outln!("{}", serde_json::to_string(&s)?);
+                } else {
+                    crate::out!("{}", s.table());
+                    crate::outln!(
+                        "signed / unsigned    {:>12.1} % of the throughput",
+                        100.0 * s.throughput_per_s / r.throughput_per_s.max(1.0)
+                    );
+                }
             }
             Ok(0)
         }

@@ -113,6 +113,12 @@ pub struct FileConfig {
     /// Alert rules (`[[alert]]` tables).
     #[serde(default)]
     pub alert: Vec<crate::alert::RuleConfig>,
+    /// Roles on the admin socket by uid or user (`[[access]]` tables).
+    #[serde(default)]
+    pub access: Vec<crate::admin::access::AccessEntry>,
+    /// HTTP tokens with a role (`[[http_tokens]]` tables).
+    #[serde(default)]
+    pub http_tokens: Vec<crate::http::access::TokenEntry>,
 }
 
 /// A size written as a number of bytes or a string with a unit.
@@ -337,6 +343,9 @@ pub struct ServeConfig {
     pub http: Option<std::net::SocketAddr>,
     pub http_token: Option<String>,
     pub http_admin: bool,
+    /// HTTP tokens with a role, besides `http_token` (admin).
+    pub http_tokens: Vec<crate::http::access::HttpToken>,
+    pub access: crate::admin::access::Access,
     pub alerts: Vec<crate::alert::Rule>,
 }
 
@@ -676,7 +685,23 @@ pub fn resolve(
             why: e.to_string(),
         }
     })?;
+    let access =
+        crate::admin::access::Access::resolve(&file.access).map_err(|e| ConfigError::Value {
+            key: "access",
+            value: String::new(),
+            origin: f.clone(),
+            why: e.to_string(),
+        })?;
+    let http_tokens = crate::http::access::resolve_tokens(&file.http_tokens, http_token.as_deref())
+        .map_err(|e| ConfigError::Value {
+            key: "http_tokens",
+            value: String::new(),
+            origin: f.clone(),
+            why: e.to_string(),
+        })?;
     Ok(ServeConfig {
+        access,
+        http_tokens,
         http,
         http_token,
         http_admin: args.http_admin || file.http_admin.unwrap_or(false),

@@ -249,6 +249,10 @@ pub(super) fn admit(
             format!("no route {method} {path}; see the README's HTTP API"),
         ));
     };
+    caller
+        .grant
+        .check(&caller.who, verb, None)
+        .map_err(|d| denied(&d))?;
     // A form on another site cannot set this header (nor a bearer token),
     // so a cross-site POST from a browser on the box's network is refused.
     if verb != Verb::Read && !caller.bearer && headers.get("x-outpost").is_none() {
@@ -257,10 +261,7 @@ pub(super) fn admit(
             "missing the X-Outpost header (or Authorization: Bearer TOKEN)",
         ));
     }
-    caller
-        .grant
-        .check(&caller.who, verb, None)
-        .map_err(|d| denied(&d))
+    Ok(())
 }
 
 #[cfg(test)]

@@ -980,6 +980,47 @@ mod tests {
             c.http.is_some() && c.http_token.is_some(),
             "and the dashboard"
         );
+        assert_eq!(c.http_tokens.len(), 1, "and a role token");
+        assert!(c.access.grant(61001).is_ok(), "and a socket role");
+    }
+
+    #[test]
+    fn roles_come_from_the_file_and_a_bad_table_names_itself() {
+        let f = file(
+            "[[access]]\nuid = 4242\nrole = \"viewer\"\n\
+             [[http_tokens]]\nname = \"mes\"\ntoken = \"mes-0123456789abcdef\"\nrole = \"operator\"\ntargets = [\"tag:line-3\"]\n",
+        );
+        let c = resolve(&ServeArgs::default(), &f, None).unwrap();
+        assert_eq!(
+            c.access.grant(4242).unwrap().role,
+            crate::trust::Role::Viewer
+        );
+        assert!(c.access.grant(4243).is_err(), "default deny");
+        assert_eq!(c.http_tokens[0].name, "mes");
+        assert_eq!(c.http_tokens[0].grant.targets.len(), 1);
+        let bad = file("[[access]]\nuser = \"no-such-user-outpost\"\nrole = \"viewer\"\n");
+        let e = resolve(&ServeArgs::default(), &bad, Some(Path::new("/etc/o.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/o.toml") && e.contains("[[access]] #1") && e.contains("no user"),
+            "{e}"
+        );
+        let bad = file("[[http_tokens]]\ntoken = \"short\"\nrole = \"viewer\"\n");
+        let e = resolve(&ServeArgs::default(), &bad, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[[http_tokens]] #1") && e.contains("shorter"),
+            "{e}"
+        );
+        assert!(FileConfig::parse(
+            "[[access]]\nuid = 1\nrole = \"viewer\"\ngid = 3\n",
+            Path::new("x")
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("gid"));
     }
 
     #[test]

@@ -281,6 +281,11 @@ async fn every_http_route_under_every_role() {
             if cancelled { "cancelled" } else { "queued" }
         );
     }
+    // The page offers retry and cancel to whoever may use them.
+    for (token, acts) in [(VIEWER, false), (OPERATOR, true), (ADMIN, true)] {
+        let a = request(addr, "GET", "/api/status", Some(token), "").await;
+        assert_eq!(a.json()["admin"], acts, "{token}");
+    }
     // Without a token, or with a wrong one: 401, as before roles.
     let a = request(addr, "GET", "/api/status", None, "").await;
     assert_eq!(a.status, 401, "{}", a.body);

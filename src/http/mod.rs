@@ -238,12 +238,17 @@ async fn metrics(State(st): State<St>) -> Response {
     }
 }
 
-async fn status(State(st): State<St>) -> Response {
+async fn status(
+    State(st): State<St>,
+    axum::Extension(caller): axum::Extension<access::Caller>,
+) -> Response {
     match crate::admin::status_view(&st.ctx).await {
         Ok(s) => {
             let mut v = serde_json::to_value(&s).unwrap_or(Value::Null);
             if let Value::Object(o) = &mut v {
-                o.insert("admin".into(), st.opts.admin.into());
+                // The page shows retry and cancel to whoever may use them.
+                let acts = caller.grant.role.allows(crate::trust::Verb::Cancel);
+                o.insert("admin".into(), acts.into());
                 o.insert(
                     "uplink_state".into(),
                     s.uplink

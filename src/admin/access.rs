@@ -2,8 +2,10 @@
 //! by its uid (SO_PEERCRED, so the kernel vouches for it, not the client);
 //! the config's `[[access]]` tables map uids to a [`Grant`]. uid 0 and the
 //! uid the box runs as are always admin: both can read the store directly,
-//! so a lesser role for them would only look like a limit. Everyone else
-//! unmapped is refused (default deny).
+//! so a lesser role for them would only look like a limit (an entry for
+//! root is refused; one for the box's user, which only the running box
+//! knows, changes nothing). Everyone else unmapped is refused (default
+//! deny).
 //!
 //! Every request is classed here, in one exhaustive match
 //! ([`AdminRequest::verb`]), so a new request cannot be added without
@@ -44,12 +46,8 @@ pub enum AccessError {
     Value { n: usize, why: String },
     #[error("[[access]] #{n}: uid {uid} is mapped already by #{first}; one uid, one role")]
     Twice { n: usize, uid: u32, first: usize },
-    #[error("[[access]] #{n}: uid {uid} is {what} and always admin (it can read the store itself); remove this entry")]
-    Fixed {
-        n: usize,
-        uid: u32,
-        what: &'static str,
-    },
+    #[error("[[access]] #{n}: uid 0 is root and always admin (it can read the store itself); remove this entry")]
+    Root { n: usize },
 }
 
 /// A role and its target patterns as the config writes them (shared by
@@ -72,12 +70,11 @@ pub struct Access {
 impl Access {
     /// Check and resolve the tables (user names through `getpwnam_r`).
     pub fn resolve(entries: &[AccessEntry]) -> Result<Access, AccessError> {
-        Self::resolve_with(entries, box_uid(), uid_of)
+        Self::resolve_with(entries, uid_of)
     }
 
     fn resolve_with(
         entries: &[AccessEntry],
-        own: u32,
         lookup: impl Fn(&str) -> std::io::Result<Option<u32>>,
     ) -> Result<Access, AccessError> {
         let mut map = HashMap::new();
@@ -105,13 +102,8 @@ impl Access {
                     }
                 },
             };
-            if uid == 0 || uid == own {
-                let what = if uid == 0 {
-                    "root"
-                } else {
-                    "the box's own user"
-                };
-                return Err(AccessError::Fixed { n, uid, what });
+            if uid == 0 {
+                return Err(AccessError::Root { n });
             }
             let grant =
                 grant_of(&e.role, &e.targets).map_err(|why| AccessError::Value { n, why })?;
@@ -381,8 +373,9 @@ mod tests {
             &[
                 entry(Some(1001), None, "viewer", &[]),
                 entry(None, Some("tech"), "operator", &["tag:line-3"]),
+                // The box's own uid stays admin whatever an entry says.
+                entry(Some(999), None, "viewer", &[]),
             ],
-            999,
             lookup,
         )
         .unwrap();
@@ -404,7 +397,7 @@ mod tests {
 
     #[test]
     fn bad_tables_name_the_entry_and_the_fix() {
-        let r = |es: &[AccessEntry]| Access::resolve_with(es, 999, lookup).unwrap_err();
+        let r = |es: &[AccessEntry]| Access::resolve_with(es, lookup).unwrap_err();
         assert_eq!(
             r(&[entry(Some(1), Some("tech"), "viewer", &[])]),
             AccessError::Both { n: 1 }
@@ -433,14 +426,10 @@ mod tests {
                 first: 1
             }
         );
-        assert!(matches!(
+        assert_eq!(
             r(&[entry(Some(0), None, "viewer", &[])]),
-            AccessError::Fixed { uid: 0, .. }
-        ));
-        assert!(matches!(
-            r(&[entry(Some(999), None, "viewer", &[])]),
-            AccessError::Fixed { uid: 999, .. }
-        ));
+            AccessError::Root { n: 1 }
+        );
     }
 
     #[test]

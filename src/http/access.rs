@@ -131,6 +131,9 @@ pub struct Caller {
     pub grant: Grant,
     /// It sent `Authorization: Bearer`, which a cross-site form cannot.
     pub bearer: bool,
+    /// The origin its sends carry: `http`, or `http:NAME` for a token of
+    /// `[[http_tokens]]`.
+    pub origin: String,
 }
 
 /// The dashboard's caller (no token configured, or `--http-token`): admin
@@ -141,12 +144,14 @@ fn dashboard(opts: &HttpOptions, who: &str, bearer: bool) -> Caller {
             who: who.to_string(),
             grant: Grant::new(Role::Admin),
             bearer,
+            origin: "http".into(),
         }
     } else {
         Caller {
             who: format!("{who} (read-only: start the box with --http-admin to act from it)"),
             grant: Grant::new(Role::Viewer),
             bearer,
+            origin: "http".into(),
         }
     }
 }
@@ -194,6 +199,7 @@ pub(super) fn identify(
                     who: format!("token `{}`", t.name),
                     grant: t.grant.clone(),
                     bearer: from_header,
+                    origin: format!("http:{}", t.name),
                 });
             }
             "the token given does not match this box's; use the value of --http-token (or the first line of --http-token-file) on the box, or of one of its [[http_tokens]]"

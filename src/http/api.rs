@@ -246,8 +246,7 @@ pub(super) async fn send(
         Ok(v) => v,
         Err(e) => return bad_request(format!("`body`: not JSON ({e})")),
     };
-    let origin = format!("http:{}", caller.who);
-    let req = match parse_send(&v, crate::now_millis(), &origin) {
+    let req = match parse_send(&v, crate::now_millis(), &caller.origin) {
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };

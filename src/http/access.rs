@@ -219,7 +219,7 @@ pub fn verb_of(method: &Method, path: &str) -> Option<Verb> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method.as_str(), segs.as_slice()) {
         (
-            "GET",
+            "GET" | "HEAD",
             [""]
             | ["api", "status" | "devices" | "commands" | "workflows" | "alerts" | "history" | "events"]
             | ["api", "commands", _],
@@ -296,6 +296,7 @@ mod tests {
                 "{p}"
             );
         }
+        assert_eq!(verb_of(&Method::HEAD, "/"), Some(Verb::Read));
         assert_eq!(verb_of(&post, "/api/commands"), Some(Verb::Send));
         assert_eq!(verb_of(&post, "/api/commands/X/cancel"), Some(Verb::Cancel));
         assert_eq!(verb_of(&post, "/api/commands/X/retry"), Some(Verb::Retry));

@@ -1,7 +1,8 @@
 //! The admin API: how every CLI command talks to the running box.
 //!
 //! Transport: the Unix socket `<data-dir>/admin.sock` (mode 0660, so only
-//! the box's user and group may use it). Framing: the device protocol's —
+//! the box's user and group may use it); within that, the caller's uid
+//! decides what it may do (`access`). Framing: the device protocol's —
 //! a `u32` big-endian length, then a postcard body (`proto::read_frame`) —
 //! with a larger limit, since a command's payload travels inside. One
 //! request, one response; `Watch` answers with a stream of `Event`s until
@@ -25,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{UnixListener, UnixStream};
+
+pub mod access;
 
 /// File name of the admin socket inside the data dir.
 pub const SOCKET: &str = "admin.sock";
@@ -220,6 +223,8 @@ pub struct AdminContext {
     pub monitor: Option<crate::monitor::Monitor>,
     /// The disk budget, shown against the disk use.
     pub max_disk: Option<u64>,
+    /// Which uids may do what on the socket.
+    pub access: Arc<access::Access>,
 }
 
 /// Bind the admin socket in `data_dir`: remove a stale socket file (one
@@ -267,7 +272,12 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
 }
 
 async fn connection(mut stream: UnixStream, ctx: Arc<AdminContext>) -> Result<(), FrameError> {
+    let caller = access::Caller::of(&stream, &ctx.access);
     while let Some(req) = proto::read_frame::<AdminRequest, _>(&mut stream, MAX_FRAME).await? {
+        if let Err(refusal) = access::authorize(&ctx, &caller, &req).await {
+            proto::write_frame(&mut stream, &refusal, MAX_FRAME).await?;
+            continue;
+        }
         if let AdminRequest::Watch { device } = req {
             return watch(stream, &ctx, device).await;
         }

@@ -220,6 +220,53 @@ pub fn rfc3339(ms: Millis) -> String {
         .to_string()
 }
 
+/// A time as a sender writes it: `+DURATION` from `now`, or an RFC 3339
+/// time with its zone. The error names neither the flag nor the field:
+/// the caller prefixes whichever it reads. A time without a zone is refused: read as UTC it would be off by
+/// the site's offset, silently.
+pub fn parse_time(s: &str, now: Millis) -> Result<Millis, String> {
+    if let Some(d) = s.strip_prefix('+') {
+        let d = crate::duration::parse(d)?;
+        return Ok(now.saturating_add(d.as_millis() as u64));
+    }
+    let bad = |why: &str| {
+        format!("{why}; write an RFC 3339 time with its zone (2026-11-25T10:00:00Z, 2026-11-25T11:00:00+01:00) or +10m")
+    };
+    let t = s.trim();
+    let (local, offset_s): (&str, i64) = if let Some(l) = t.strip_suffix(['Z', 'z']) {
+        (l, 0)
+    } else {
+        // ±hh:mm after the seconds (a date's own `-` come before the `T`).
+        let tail = t
+            .rfind(['+', '-'])
+            .filter(|&i| t[..i].contains(['T', 't', ' ']));
+        let Some(i) = tail else {
+            return Err(bad("no time zone"));
+        };
+        let (l, z) = t.split_at(i);
+        let sign = if z.starts_with('-') { -1 } else { 1 };
+        let hm: Vec<&str> = z[1..].split(':').collect();
+        let (Some(h), Some(m), 2) = (
+            hm.first().and_then(|h| h.parse::<i64>().ok()),
+            hm.get(1).and_then(|m| m.parse::<i64>().ok()),
+            hm.len(),
+        ) else {
+            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
+        };
+        if h > 23 || m > 59 {
+            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
+        }
+        (l, sign * (h * 3600 + m * 60))
+    };
+    let at = humantime::parse_rfc3339_weak(local).map_err(|e| bad(&e.to_string()))?;
+    let utc_ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+        - offset_s * 1000;
+    Ok(utc_ms.max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

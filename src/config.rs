@@ -117,6 +117,12 @@ pub struct FileConfig {
     /// Alert rules (`[[alert]]` tables).
     #[serde(default)]
     pub alert: Vec<crate::alert::RuleConfig>,
+    /// Roles on the admin socket by uid or user (`[[access]]` tables).
+    #[serde(default)]
+    pub access: Vec<crate::admin::access::AccessEntry>,
+    /// HTTP tokens with a role (`[[http_tokens]]` tables).
+    #[serde(default)]
+    pub http_tokens: Vec<crate::http::access::TokenEntry>,
 }
 
 /// A size written as a number of bytes or a string with a unit.
@@ -348,6 +354,9 @@ pub struct ServeConfig {
     pub http: Option<std::net::SocketAddr>,
     pub http_token: Option<String>,
     pub http_admin: bool,
+    /// HTTP tokens with a role, besides `http_token` (admin).
+    pub http_tokens: Vec<crate::http::access::HttpToken>,
+    pub access: crate::admin::access::Access,
     pub alerts: Vec<crate::alert::Rule>,
     pub require_signed: bool,
     /// The box's name, when given (`--name`): the audience of signed
@@ -691,7 +700,23 @@ pub fn resolve(
             why: e.to_string(),
         }
     })?;
+    let access =
+        crate::admin::access::Access::resolve(&file.access).map_err(|e| ConfigError::Value {
+            key: "access",
+            value: String::new(),
+            origin: f.clone(),
+            why: e.to_string(),
+        })?;
+    let http_tokens = crate::http::access::resolve_tokens(&file.http_tokens, http_token.as_deref())
+        .map_err(|e| ConfigError::Value {
+            key: "http_tokens",
+            value: String::new(),
+            origin: f.clone(),
+            why: e.to_string(),
+        })?;
     Ok(ServeConfig {
+        access,
+        http_tokens,
         http,
         http_token,
         http_admin: args.http_admin || file.http_admin.unwrap_or(false),
@@ -972,6 +997,47 @@ mod tests {
             c.http.is_some() && c.http_token.is_some(),
             "and the dashboard"
         );
+        assert_eq!(c.http_tokens.len(), 1, "and a role token");
+        assert!(c.access.grant(61001).is_ok(), "and a socket role");
+    }
+
+    #[test]
+    fn roles_come_from_the_file_and_a_bad_table_names_itself() {
+        let f = file(
+            "[[access]]\nuid = 4242\nrole = \"viewer\"\n\
+             [[http_tokens]]\nname = \"mes\"\ntoken = \"mes-0123456789abcdef\"\nrole = \"operator\"\ntargets = [\"tag:line-3\"]\n",
+        );
+        let c = resolve(&ServeArgs::default(), &f, None).unwrap();
+        assert_eq!(
+            c.access.grant(4242).unwrap().role,
+            crate::trust::Role::Viewer
+        );
+        assert!(c.access.grant(4243).is_err(), "default deny");
+        assert_eq!(c.http_tokens[0].name, "mes");
+        assert_eq!(c.http_tokens[0].grant.targets.len(), 1);
+        let bad = file("[[access]]\nuser = \"no-such-user-outpost\"\nrole = \"viewer\"\n");
+        let e = resolve(&ServeArgs::default(), &bad, Some(Path::new("/etc/o.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/o.toml") && e.contains("[[access]] #1") && e.contains("no user"),
+            "{e}"
+        );
+        let bad = file("[[http_tokens]]\ntoken = \"short\"\nrole = \"viewer\"\n");
+        let e = resolve(&ServeArgs::default(), &bad, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[[http_tokens]] #1") && e.contains("shorter"),
+            "{e}"
+        );
+        assert!(FileConfig::parse(
+            "[[access]]\nuid = 1\nrole = \"viewer\"\ngid = 3\n",
+            Path::new("x")
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("gid"));
     }
 
     #[test]

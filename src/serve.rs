@@ -38,6 +38,9 @@ pub struct ServeOptions {
     pub alerts: Vec<crate::alert::Rule>,
     /// Device-to-device sends allowed (default: none).
     pub acl: crate::route::Acl,
+    /// Which uids may do what on the admin socket (default: root and the
+    /// box's own user, as admins).
+    pub access: crate::admin::access::Access,
     /// The uplink to a hub, and the outbox's telemetry bound (off when
     /// `None`).
     pub upstream: Option<(crate::upstream::UplinkOptions, u64)>,
@@ -73,6 +76,7 @@ impl ServeOptions {
             http_opts: Default::default(),
             alerts: Vec::new(),
             acl: crate::route::Acl::default(),
+            access: Default::default(),
             upstream: None,
             nats: None,
             exit_on_store_failure: None,
@@ -258,13 +262,16 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         workflows: Some(workflows.clone()),
         monitor: Some(monitor.clone()),
         max_disk: o.limits.max_disk,
+        access: Arc::new(o.access.clone()),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx.clone()));
+    let mut http_opts = o.http_opts.clone();
+    http_opts.max_payload.get_or_insert(o.limits.max_payload);
     let mut http_tasks = Vec::new();
     let mut http_addr = None;
     let mut metrics_addr = None;
     if let Some(addr) = o.http {
-        let (a, t) = crate::http::serve(addr, ctx.clone(), o.http_opts.clone(), true).await?;
+        let (a, t) = crate::http::serve(addr, ctx.clone(), http_opts.clone(), true).await?;
         http_addr = Some(a);
         http_tasks.push(t);
     }
@@ -272,7 +279,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         if Some(addr) == o.http {
             metrics_addr = http_addr;
         } else {
-            let (a, t) = crate::http::serve(addr, ctx.clone(), o.http_opts.clone(), false)
+            let (a, t) = crate::http::serve(addr, ctx.clone(), http_opts.clone(), false)
                 .await
                 .with_context(|| format!("cannot serve metrics on {addr}"))?;
             metrics_addr = Some(a);

@@ -648,7 +648,10 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.http_opts = crate::http::HttpOptions {
         token: c.http_token,
         admin: c.http_admin,
+        tokens: c.http_tokens,
+        max_payload: Some(o.limits.max_payload),
     };
+    o.access = c.access;
     o.alerts = c.alerts;
     o.acl = c.acl;
     o.require_signed = c.require_signed;

@@ -31,61 +31,8 @@ pub(super) fn shared_json(d: &crate::queue::core::DeviceView) -> Value {
     }
 }
 
-pub(super) fn add_result(o: &mut Value, outcome: Option<&Outcome>) {
-    let m = o.as_object_mut().expect("an object");
-    match outcome {
-        Some(Outcome::Ok(b)) => match std::str::from_utf8(b) {
-            Ok(s) => {
-                m.insert("result".into(), json!(s));
-            }
-            Err(_) => {
-                m.insert("result".into(), Value::Null);
-                m.insert(
-                    "result_b64".into(),
-                    json!(base64::engine::general_purpose::STANDARD.encode(b)),
-                );
-            }
-        },
-        Some(Outcome::Failed { code, message }) => {
-            m.insert("result".into(), Value::Null);
-            m.insert("exit_code".into(), json!(code));
-            if m.get("error").is_none_or(Value::is_null) {
-                m.insert("error".into(), json!(message));
-            }
-        }
-        Some(Outcome::Rejected { reason }) => {
-            m.insert("result".into(), Value::Null);
-            if m.get("error").is_none_or(Value::is_null) {
-                m.insert("error".into(), json!(format!("rejected: {reason}")));
-            }
-        }
-        None => {
-            m.insert("result".into(), Value::Null);
-        }
-    }
-}
-
-/// The stable `--json` shape of one command.
-pub fn view_json(v: &CommandView) -> Value {
-    let mut o = json!({
-        "id": v.id.to_string(), "target": v.target, "device": v.device, "state": v.state.as_str(),
-        "priority": v.priority.as_str(), "attempts": v.attempts, "max_attempts": v.max_attempts,
-        "created_at": rfc3339(v.created_at), "finished_at": v.finished_at.map(rfc3339),
-        "origin": v.origin, "error": v.error,
-        "not_before": v.not_before.map(rfc3339), "expires_at": v.expires_at.map(rfc3339),
-        "after": v.after.map(|a| a.to_string()), "key": v.key,
-    });
-    add_result(&mut o, v.outcome.as_ref());
-    if let Some(s) = &v.summary {
-        o["summary"] = json!(s);
-        o["children"] = v
-            .children
-            .iter()
-            .map(|c| json!({"id": c.id.to_string(), "device": c.device, "state": c.state.as_str()}))
-            .collect();
-    }
-    o
-}
+// One JSON shape for `show --json` and the HTTP API: see `queue::json`.
+pub use crate::queue::json::{add_result, view_json};
 
 pub(super) fn print_view(v: &CommandView, json: bool) {
     if json {

@@ -181,49 +181,9 @@ pub fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
 }
 
 /// `--not-before`: `+DURATION` from `now`, or an RFC 3339 time with its
-/// zone. A time without a zone is refused: read as UTC it would be off by
-/// the site's offset, silently.
+/// zone (`command::parse_time`, which the HTTP API reads too).
 pub fn parse_not_before(s: &str, now: u64) -> Result<u64, String> {
-    if let Some(d) = s.strip_prefix('+') {
-        let d = crate::duration::parse(d).map_err(|e| format!("--not-before {s}: {e}"))?;
-        return Ok(now.saturating_add(d.as_millis() as u64));
-    }
-    let bad = |why: &str| {
-        format!("--not-before {s}: {why}; write an RFC 3339 time with its zone (2026-11-25T10:00:00Z, 2026-11-25T11:00:00+01:00) or +10m")
-    };
-    let t = s.trim();
-    let (local, offset_s): (&str, i64) = if let Some(l) = t.strip_suffix(['Z', 'z']) {
-        (l, 0)
-    } else {
-        // ±hh:mm after the seconds (a date's own `-` come before the `T`).
-        let tail = t
-            .rfind(['+', '-'])
-            .filter(|&i| t[..i].contains(['T', 't', ' ']));
-        let Some(i) = tail else {
-            return Err(bad("no time zone"));
-        };
-        let (l, z) = t.split_at(i);
-        let sign = if z.starts_with('-') { -1 } else { 1 };
-        let hm: Vec<&str> = z[1..].split(':').collect();
-        let (Some(h), Some(m), 2) = (
-            hm.first().and_then(|h| h.parse::<i64>().ok()),
-            hm.get(1).and_then(|m| m.parse::<i64>().ok()),
-            hm.len(),
-        ) else {
-            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
-        };
-        if h > 23 || m > 59 {
-            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
-        }
-        (l, sign * (h * 3600 + m * 60))
-    };
-    let at = humantime::parse_rfc3339_weak(local).map_err(|e| bad(&e.to_string()))?;
-    let utc_ms = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-        - offset_s * 1000;
-    Ok(utc_ms.max(0) as u64)
+    crate::command::parse_time(s, now).map_err(|e| format!("--not-before {s}: {e}"))
 }
 
 /// A usage error found after parsing (exit 2), e.g. a flag's value that

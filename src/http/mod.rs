@@ -7,7 +7,9 @@
 //! they need `Authorization: Bearer TOKEN` (or `?token=`, since an
 //! `EventSource` cannot set headers). `/metrics` stays open, as it was
 //! before the dashboard, so existing scrapers keep working; it carries
-//! counters only. Acting (retry, cancel) needs `--http-admin`.
+//! counters only. Acting (retry, cancel) needs `--http-admin`. Tokens
+//! of the config's `[[http_tokens]]` carry a role of their own (`access`);
+//! programs send, show, cancel and retry commands through `api`.
 //!
 //! Nothing here runs between requests: every answer is read from the queue,
 //! the monitor or the runner when asked.
@@ -15,7 +17,7 @@
 use crate::admin::AdminContext;
 use crate::monitor::Update;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -26,6 +28,9 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+pub mod access;
+mod api;
 
 /// The dashboard: one hand-written file, embedded.
 pub const PAGE: &str = include_str!("dashboard.html");
@@ -42,6 +47,18 @@ pub struct HttpOptions {
     pub token: Option<String>,
     /// Retry and cancel from the page.
     pub admin: bool,
+    /// Tokens with a role (`[[http_tokens]]`).
+    pub tokens: Vec<access::HttpToken>,
+    /// The largest payload the queue takes (`None`: its default), which
+    /// bounds a send's body.
+    pub max_payload: Option<usize>,
+}
+
+impl HttpOptions {
+    /// Whether any token is configured, so every caller must give one.
+    pub fn has_tokens(&self) -> bool {
+        self.token.is_some() || !self.tokens.is_empty()
+    }
 }
 
 /// Why the listener cannot start.
@@ -88,7 +105,7 @@ pub async fn serve(
     opts: HttpOptions,
     dashboard: bool,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
-    let open = addr.ip().is_loopback() || opts.token.is_some();
+    let open = addr.ip().is_loopback() || opts.has_tokens();
     if dashboard {
         check(addr, &opts)?;
     }
@@ -114,7 +131,7 @@ pub async fn serve(
 
 /// The dashboard's rule: loopback, or a token.
 pub fn check(addr: SocketAddr, opts: &HttpOptions) -> Result<(), HttpError> {
-    if addr.ip().is_loopback() || opts.token.is_some() {
+    if addr.ip().is_loopback() || opts.has_tokens() {
         Ok(())
     } else {
         Err(HttpError::NotLoopback { addr })
@@ -122,17 +139,20 @@ pub fn check(addr: SocketAddr, opts: &HttpOptions) -> Result<(), HttpError> {
 }
 
 fn router(st: St) -> Router {
+    let body_limit = api::body_limit(&st.opts);
     let api = Router::new()
         .route("/", get(page))
         .route("/api/status", get(status))
         .route("/api/devices", get(devices))
-        .route("/api/commands", get(commands))
+        .route("/api/commands", get(commands).post(api::send))
+        .route("/api/commands/{id}", get(api::show))
         .route("/api/workflows", get(workflows))
         .route("/api/alerts", get(alerts))
         .route("/api/history", get(history))
         .route("/api/events", get(events))
         .route("/api/commands/{id}/{action}", post(act))
-        .layer(axum::middleware::from_fn_with_state(st.clone(), guard));
+        .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit));
     Router::new()
         .route("/metrics", get(metrics))
         .merge(api)
@@ -162,39 +182,21 @@ fn err(code: StatusCode, message: impl Into<String>) -> Response {
     (code, Json(json!({"error": message.into()}))).into_response()
 }
 
-async fn guard(State(st): State<St>, req: Request, next: Next) -> Response {
+async fn guard(State(st): State<St>, mut req: Request, next: Next) -> Response {
     if !st.api {
         return err(
             StatusCode::NOT_FOUND,
             "the dashboard is served only on loopback or with --http-token",
         );
     }
-    if let Some(want) = &st.opts.token {
-        let bearer = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_string());
-        let given = bearer.or_else(|| query_token(req.uri().query()));
-        // A wrong token and a missing one are told apart: the fix differs
-        // (check the token's value vs. send one at all).
-        let refusal = match given {
-            Some(g) if same(g.as_bytes(), want.as_bytes()) => None,
-            Some(_) => Some(
-                "the token given does not match this box's; use the value of --http-token (or the first line of --http-token-file) on the box",
-            ),
-            None => Some("a token is required: send Authorization: Bearer TOKEN or ?token=TOKEN"),
-        };
-        if let Some(why) = refusal {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(json!({ "error": why })),
-            )
-                .into_response();
-        }
+    let caller = match access::identify(&st.opts, req.headers(), req.uri().query()) {
+        Ok(c) => c,
+        Err(refusal) => return refusal,
+    };
+    if let Err(refusal) = access::admit(&caller, req.method(), req.uri().path(), req.headers()) {
+        return refusal;
     }
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
@@ -236,12 +238,17 @@ async fn metrics(State(st): State<St>) -> Response {
     }
 }
 
-async fn status(State(st): State<St>) -> Response {
+async fn status(
+    State(st): State<St>,
+    axum::Extension(caller): axum::Extension<access::Caller>,
+) -> Response {
     match crate::admin::status_view(&st.ctx).await {
         Ok(s) => {
             let mut v = serde_json::to_value(&s).unwrap_or(Value::Null);
             if let Value::Object(o) = &mut v {
-                o.insert("admin".into(), st.opts.admin.into());
+                // The page shows retry and cancel to whoever may use them.
+                let acts = caller.grant.role.allows(crate::trust::Verb::Cancel);
+                o.insert("admin".into(), acts.into());
                 o.insert(
                     "uplink_state".into(),
                     s.uplink
@@ -386,24 +393,21 @@ async fn events(State(st): State<St>) -> Response {
 
 async fn act(
     State(st): State<St>,
+    axum::Extension(caller): axum::Extension<access::Caller>,
     Path((id, action)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if !st.opts.admin {
-        return err(
-            StatusCode::FORBIDDEN,
-            "read-only dashboard: start the box with --http-admin to retry or cancel from it",
-        );
-    }
-    // A form on another site cannot set this header, so a cross-site POST
-    // from the browser of someone on the box's network is refused.
-    if headers.get("x-outpost").is_none() {
-        return err(StatusCode::FORBIDDEN, "missing the X-Outpost header");
-    }
+    // The role and the X-Outpost header were checked by the guard.
     let id: crate::CommandId = match id.parse() {
         Ok(id) => id,
         Err(e) => return err(StatusCode::BAD_REQUEST, format!("{e}")),
     };
+    let verb = match action.as_str() {
+        "retry" => crate::trust::Verb::Retry,
+        _ => crate::trust::Verb::Cancel,
+    };
+    if let Err(refusal) = api::may_act_on(&st.ctx, &caller, verb, id).await {
+        return refusal;
+    }
     let r = match action.as_str() {
         "retry" => st.ctx.queue.retry(id).await,
         "cancel" => st.ctx.queue.cancel(id).await,
@@ -419,15 +423,7 @@ async fn act(
             tracing::info!(command = %id, "{action} from the dashboard");
             Json(json!({"id": v.id.to_string(), "state": v.state.as_str()})).into_response()
         }
-        Err(e) => {
-            let code = match e.class() {
-                crate::queue::ErrorClass::NotFound => StatusCode::NOT_FOUND,
-                crate::queue::ErrorClass::Refused => StatusCode::CONFLICT,
-                crate::queue::ErrorClass::BadRequest => StatusCode::BAD_REQUEST,
-                crate::queue::ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            err(code, e.to_string())
-        }
+        Err(e) => api::queue_error(&e),
     }
 }
 

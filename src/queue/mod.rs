@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod core;
+pub mod json;
 pub mod outbox;
 pub mod service;
 

@@ -216,7 +216,10 @@ impl AdminRequest {
             | R::DeviceStats
             | R::Watch { .. }
             | R::WorkflowShow(_)
-            | R::WorkflowList => (Verb::Read, None),
+            | R::WorkflowList
+            // Read: `send --sign` asks it for the box's name.
+            | R::TrustList => (Verb::Read, None),
+            R::Trust(_) => (Verb::Trust, None),
             R::Enroll { .. } => (Verb::Enroll, None),
             R::Revoke(_) => (Verb::Revoke, None),
             R::Relabel(_) => (Verb::Tag, None),

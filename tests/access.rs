@@ -8,6 +8,7 @@
 //! No timed assertions: waits have generous deadlines that only stop a
 //! hang.
 
+use base64::Engine as _;
 use outpost::admin::access::{Access, AccessEntry};
 use outpost::client::{run_agent, AgentOptions, Handler};
 use outpost::http::access::{HttpToken, TokenEntry};
@@ -380,8 +381,9 @@ async fn an_http_send_is_durable_visible_and_delivered() {
     assert_eq!(again.json()["id"], id.to_string());
     assert_eq!(again.json()["duplicate"], true);
 
-    // Binary payloads and the envelope pass through as bytes.
-    let a = request(
+    // Binary payloads pass as bytes; an envelope is verified: bytes that
+    // are none are refused, a signed one is taken under its own id.
+    let bogus = request(
         addr,
         "POST",
         "/api/commands",
@@ -390,7 +392,42 @@ async fn an_http_send_is_durable_visible_and_delivered() {
             .to_string(),
     )
     .await;
+    assert_eq!(bogus.status, 409, "{}", bogus.body);
+    assert!(bogus.body.contains("envelope"), "{}", bogus.body);
+    let alice = outpost::trust::OperatorKey::generate("alice").unwrap();
+    t.b.queue
+        .edit_trust(outpost::trust::TrustEdit::Add {
+            public: alice.public.to_openssh(),
+            name: None,
+            grant: outpost::trust::Grant::new(outpost::trust::Role::Operator),
+        })
+        .await
+        .unwrap();
+    let now = outpost::now_millis();
+    let claims = outpost::trust::Claims {
+        id: CommandId::new(now, 9),
+        target: "away-1".into(),
+        payload_sha256: outpost::trust::envelope::payload_digest(&[0xff, 0]),
+        artifact: None,
+        priority: outpost::Priority::Normal,
+        not_before: None,
+        expires_at: now + 600_000,
+        audience: t.b.queue.gate().name().to_string(),
+        key_id: alice.public.id,
+    };
+    let env = outpost::trust::envelope::seal(&claims, &alice).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(env);
+    let a = request(
+        addr,
+        "POST",
+        "/api/commands",
+        Some(OPERATOR),
+        &json!({"target": "away-1", "payload_b64": "/wA=", "envelope_b64": b64, "ttl": 60})
+            .to_string(),
+    )
+    .await;
     assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.json()["id"], claims.id.to_string(), "{}", a.body);
     t.stop().await;
 }
 

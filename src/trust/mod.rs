@@ -6,10 +6,12 @@
 pub mod role;
 
 pub use role::{Denied, Grant, Pattern, Role, Verb};
+pub mod anchors;
 pub mod envelope;
 pub mod key;
 pub mod set;
 
+pub use anchors::{AnchorError, DeviceTrust};
 pub use envelope::{Claims, Opened};
 pub use key::{KeyId, OperatorKey, OperatorPublic};
 pub use set::{Presented, Refusal, Seat, TrustSet, TrustedKey, Verified};

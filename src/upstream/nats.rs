@@ -736,7 +736,7 @@ mod tests {
         use base64::Engine;
         let env = vec![1u8, 2, 3, 250];
         let b64 = base64::engine::general_purpose::STANDARD.encode(&env);
-        assert_eq!(envelope_of(Some(&b64)).unwrap(), Some(env));
+        assert_eq!(envelope_of(Some(&b64)).unwrap(), Some(env.clone()));
         assert_eq!(envelope_of(None).unwrap(), None);
         let mut h = HeaderMap::new();
         set_envelope(&mut h, &env);

@@ -406,8 +406,10 @@ async fn a_real_box_records_the_devices_refusal_as_final() {
         let queue = queue.clone();
         let payload = payload.to_vec();
         async move {
-            let mut opts = SendOptions::default();
-            opts.max_attempts = Some(5);
+            let opts = SendOptions {
+                max_attempts: Some(5),
+                ..SendOptions::default()
+            };
             let req = SendRequest {
                 target: "d1".into(),
                 payload,

@@ -310,6 +310,6 @@ mod tests {
             g.admit(c, NOW).unwrap();
         }
         let per = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-        println!("device verify: {per:.1} µs per signed command ({n} commands)");
+        crate::outln!("device verify: {per:.1} µs per signed command ({n} commands)");
     }
 }

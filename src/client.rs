@@ -23,6 +23,16 @@
 //! the id stays the same. The reference agent ([`run_agent`]) remembers
 //! recent ids and their outcomes, acks a repeat with the first outcome, and
 //! never runs a command twice.
+//!
+//! When the bundle carries trust anchors (`box =`, `trust =` lines), every
+//! command's envelope is verified here before it is yielded: a refused one
+//! is answered `Rejected` ("refused by the device …") by the library itself
+//! and never reaches the caller, so an embedder cannot run it by mistake.
+//! See [`Guard`].
+
+mod verify;
+
+pub use verify::{Admitted, Guard, SharedGuard, CLOCK_FLOOR, MAX_SEEN};
 
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use crate::identity::{self, Bundle, IdentityError};
@@ -217,6 +227,10 @@ pub struct ConnectOptions {
     pub agent: String,
     /// Sent in `Hello`.
     pub caps: Vec<String>,
+    /// The check of signed commands and its memory of signed ids; pass the
+    /// same one to every reconnect so that a replay is refused across
+    /// them. `None`: a new one from the bundle, for this connection only.
+    pub guard: Option<SharedGuard>,
 }
 
 impl Default for ConnectOptions {
@@ -229,6 +243,7 @@ impl Default for ConnectOptions {
             keep_alive: Duration::from_secs(10),
             agent: AGENT.to_string(),
             caps: Vec::new(),
+            guard: None,
         }
     }
 }
@@ -243,7 +258,15 @@ pub struct ReceivedCommand {
     pub attempt: u32,
     /// Absolute deadline (ms since the Unix epoch), if any.
     pub deadline: Option<Millis>,
+    /// The operator's envelope, when the command was signed.
     pub signature: Option<Vec<u8>>,
+    /// The signer, when the envelope was verified here (the bundle carries
+    /// trust anchors) and this is its first delivery.
+    pub verified: Option<crate::trust::Verified>,
+    /// A signed command this device already admitted, delivered again with
+    /// the same attempt (after a reconnect, or replayed): answer it with its
+    /// first outcome if you have it; never run it again.
+    pub seen_before: bool,
 }
 
 /// What [`DeviceConnection::next`] yields.
@@ -504,25 +527,26 @@ pub async fn connect_with(
         )));
     }
     let (tx, rx) = mpsc::channel(64);
-    let owed = Owed::default();
+    let sender = Sender {
+        send: Arc::new(Mutex::new(send)),
+        max_frame: opts.max_frame,
+        owed: Owed::default(),
+        box_minor: version.minor,
+    };
+    let guard = opts.guard.clone().unwrap_or_else(|| Guard::shared(bundle));
     let reader = tokio::spawn(read_loop(
         conn.clone(),
         recv,
         tx,
-        owed.clone(),
-        opts.max_frame,
+        sender.clone(),
+        guard,
         addr,
     ));
     Ok(DeviceConnection {
         _endpoint: None,
         conn,
         addr,
-        sender: Sender {
-            send: Arc::new(Mutex::new(send)),
-            max_frame: opts.max_frame,
-            owed,
-            box_minor: version.minor,
-        },
+        sender,
         rx,
         reader,
         device_id,
@@ -535,10 +559,11 @@ async fn read_loop(
     conn: quinn::Connection,
     mut recv: proto::FrameReader<quinn::RecvStream>,
     tx: mpsc::Sender<Result<Received, ClientError>>,
-    owed: Owed,
-    max: usize,
+    sender: Sender,
+    guard: SharedGuard,
     addr: SocketAddr,
 ) {
+    let (owed, max) = (sender.owed.clone(), sender.max_frame);
     loop {
         let item = match proto::read_frame::<BoxFrame, _>(&mut recv, max).await {
             Ok(Some(
@@ -563,14 +588,39 @@ async fn read_loop(
                 attempt,
                 deadline,
                 signature,
-            })) => Ok(Received::Command(ReceivedCommand {
-                id,
-                priority,
-                payload,
-                attempt,
-                deadline,
-                signature,
-            })),
+            })) => {
+                let mut cmd = ReceivedCommand {
+                    id,
+                    priority,
+                    payload,
+                    attempt,
+                    deadline,
+                    signature,
+                    verified: None,
+                    seen_before: false,
+                };
+                let verdict = {
+                    let mut g = guard.lock().expect("guard lock");
+                    g.admit(&cmd, crate::now_millis()).map_err(|e| {
+                        let outcome = g.refused(&e);
+                        (e, outcome)
+                    })
+                };
+                match verdict {
+                    Ok(Admitted::Unchecked) => {}
+                    Ok(Admitted::Signed(v)) => cmd.verified = Some(v),
+                    Ok(Admitted::Again) => cmd.seen_before = true,
+                    Err((e, outcome)) => {
+                        tracing::warn!(%id, step = e.step(), reason = %e, "refused a command the box delivered; it does not run");
+                        if let Err(e) = sender.ack(id, outcome).await {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                Ok(Received::Command(cmd))
+            }
             Ok(Some(BoxFrame::Cancel { id })) => Ok(Received::Cancel(id)),
             Ok(Some(BoxFrame::Forward(f))) => Ok(Received::Forward(f)),
             Ok(Some(BoxFrame::UpAck { seq })) => Ok(Received::UpAck(seq)),
@@ -941,6 +991,8 @@ const ACK_OVERHEAD: usize = 256;
 struct Agent {
     opts: AgentOptions,
     dedupe: Dedupe,
+    /// Also in `opts.connect.guard`: one for every connection.
+    guard: SharedGuard,
     running: HashMap<CommandId, AbortHandle>,
     tasks: JoinSet<(CommandId, u32, Outcome)>,
 }
@@ -978,6 +1030,14 @@ impl Agent {
                     // when it finishes.
                     tracing::info!(id = %cmd.id, "command delivered again while still running");
                     return None;
+                }
+                if cmd.seen_before {
+                    // Admitted before, its outcome no longer remembered (or
+                    // never produced: a restart between): running it again
+                    // is what a replayer wants.
+                    tracing::warn!(id = %cmd.id, "a signed command delivered again that already ran here; refusing it");
+                    let g = self.guard.lock().expect("guard lock");
+                    return Some((cmd.id, g.refused(&crate::trust::Refusal::Replay(cmd.id))));
                 }
                 tracing::debug!(id = %cmd.id, attempt = cmd.attempt, "command received");
                 self.start(cmd);
@@ -1065,7 +1125,17 @@ pub async fn run_agent(
         .clone()
         .unwrap_or_else(|| bundle.server.clone());
     let mut backoff = Backoff::new(opts.backoff_min, opts.backoff_max);
+    let mut opts = opts;
+    let guard = opts
+        .connect
+        .guard
+        .get_or_insert_with(|| Guard::shared(&bundle))
+        .clone();
+    if guard.lock().expect("guard lock").is_active() {
+        tracing::info!("the bundle carries trust anchors: commands are verified before they run");
+    }
     let mut agent = Agent {
+        guard,
         dedupe: Dedupe::new(opts.dedupe_capacity),
         running: HashMap::new(),
         tasks: JoinSet::new(),
@@ -1327,6 +1397,12 @@ mod tests {
         assert!(d.get(CommandId(7), 2).is_none(), "attempt 2 must run again");
     }
 
+    fn test_bundle() -> Bundle {
+        let dir = tempfile::tempdir().unwrap();
+        let id = crate::identity::Identity::init(dir.path(), &[]).unwrap();
+        id.issue_device("d1", "127.0.0.1:7443").unwrap()
+    }
+
     #[test]
     fn agent_runs_a_command_once_and_reacks_repeats() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1337,6 +1413,7 @@ mod tests {
             let mut a = Agent {
                 opts: AgentOptions::new("x".into(), Handler::Echo),
                 dedupe: Dedupe::new(10),
+                guard: Guard::shared(&test_bundle()),
                 running: HashMap::new(),
                 tasks: JoinSet::new(),
             };
@@ -1347,6 +1424,8 @@ mod tests {
                 attempt: 1,
                 deadline: None,
                 signature: None,
+                verified: None,
+                seen_before: false,
             };
             assert!(a.on_message(Received::Command(cmd.clone())).is_none());
             // Redelivered while running: not started again.

@@ -27,7 +27,7 @@
 //! which is private to the box and signs nothing but this box's server
 //! certificate and its devices (client-auth only), does not.
 
-use crate::command::DeviceId;
+use crate::command::{DeviceId, Millis};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
@@ -920,6 +920,7 @@ impl Identity {
             cert_der: cert.der().clone(),
             key_der: key.serialize_der(),
             ca_der: self.ca_cert_der.clone(),
+            trust: None,
         })
     }
 
@@ -1112,6 +1113,9 @@ pub struct Bundle {
     pub key_der: Vec<u8>,
     /// The box's CA certificate, DER.
     pub ca_der: CertificateDer<'static>,
+    /// Whose signed commands the device runs; `None` in a bundle from a box
+    /// that wrote none (the device runs what its box delivers).
+    pub trust: Option<crate::trust::DeviceTrust>,
 }
 
 impl fmt::Debug for Bundle {
@@ -1120,6 +1124,7 @@ impl fmt::Debug for Bundle {
         f.debug_struct("Bundle")
             .field("id", &self.id)
             .field("server", &self.server)
+            .field("trust", &self.trust)
             .finish_non_exhaustive()
     }
 }
@@ -1144,10 +1149,47 @@ impl Bundle {
             "{BUNDLE_HEADER}\n# Device credentials for outpost. Keep this file secret: it holds a private key.\nid = {}\nserver = {}\n",
             self.id, self.server
         );
+        if let Some(t) = &self.trust {
+            s.push_str(&t.to_lines());
+        }
         s.push_str(&pem_block("CERTIFICATE", &self.cert_der));
         s.push_str(&pem_block("PRIVATE KEY", &self.key_der));
         s.push_str(&pem_block("CERTIFICATE", &self.ca_der));
         s
+    }
+
+    /// Give the device its trust anchors: the box's name (the audience it
+    /// checks), the operator keys whose signatures count, and whether an
+    /// unsigned command is refused. The box's enroll calls this.
+    pub fn set_trust(
+        &mut self,
+        box_name: &str,
+        set: &crate::trust::TrustSet,
+        require_signed: bool,
+    ) -> Result<(), IdentityError> {
+        crate::trust::anchors::check_box_name(box_name).map_err(|e| IdentityError::Bundle {
+            source_name: format!("the bundle of `{}`", self.id),
+            detail: e.to_string(),
+        })?;
+        self.trust = Some(crate::trust::DeviceTrust {
+            box_name: box_name.to_string(),
+            require_signed,
+            set: crate::trust::TrustSet {
+                keys: set.keys.clone(),
+                removed: Vec::new(),
+            },
+        });
+        Ok(())
+    }
+
+    /// The earliest instant this device's clock can truly show: an hour
+    /// before its certificate was issued (the backdating). A clock behind it
+    /// is wrong for certain.
+    pub fn issued_floor(&self) -> Option<Millis> {
+        let (_, c) = x509_parser::parse_x509_certificate(&self.cert_der).ok()?;
+        u64::try_from(c.validity().not_before.timestamp())
+            .ok()
+            .map(|s| s * 1000)
     }
 
     /// Write the bundle to `path`, mode 0600 (it holds a private key).
@@ -1181,6 +1223,7 @@ impl Bundle {
             _ => return Err(bad(format!("the first line must be `{BUNDLE_HEADER}`"))),
         }
         let (mut id, mut server) = (None, None);
+        let mut trust = crate::trust::anchors::Reader::default();
         for line in lines {
             if line.starts_with('#') {
                 continue;
@@ -1191,6 +1234,7 @@ impl Bundle {
             match k.trim() {
                 "id" => id = Some(v.trim().to_string()),
                 "server" => server = Some(v.trim().to_string()),
+                k if trust.take(k, v.trim()).map_err(|e| bad(e.to_string()))? => {}
                 // Later v1 writers may add keys; readers skip what they do
                 // not know.
                 _ => {}
@@ -1198,6 +1242,7 @@ impl Bundle {
         }
         let id = id.ok_or_else(|| bad("no `id = …` line".into()))?;
         let server = server.ok_or_else(|| bad("no `server = host:port` line".into()))?;
+        let trust = trust.finish().map_err(|e| bad(e.to_string()))?;
         validate_server_addr(&server).map_err(|e| bad(e.to_string()))?;
         let mut certs = Vec::new();
         let mut keys = Vec::new();
@@ -1237,6 +1282,7 @@ impl Bundle {
             cert_der,
             key_der: keys.pop().unwrap_or_default(),
             ca_der,
+            trust,
         })
     }
 
@@ -1454,6 +1500,67 @@ mod tests {
         // Comments and unknown keys are skipped (forward compatible).
         let extra = text.replace("id = dev-1", "# note\nlabel = kiosk\nid = dev-1");
         assert_eq!(Bundle::parse(&extra, "x").unwrap().id, "dev-1");
+    }
+
+    #[test]
+    fn bundle_carries_trust_anchors_and_old_bundles_still_parse() {
+        use crate::trust::{key::OperatorKey, Grant, Role, TrustSet};
+        let (_dir, id) = new_identity();
+        let old = id.issue_device("dev-7", "box.example:7443").unwrap();
+        // A bundle from a box that writes no trust lines: none read.
+        assert!(Bundle::parse(&old.to_text(), "x").unwrap().trust.is_none());
+        let alice = OperatorKey::generate("alice").unwrap();
+        let mut set = TrustSet::default();
+        set.add(&alice.public, None, Grant::new(Role::Operator), 5);
+        set.remove("alice", 6);
+        set.add(&alice.public, Some("ops"), Grant::new(Role::Operator), 7);
+        let mut b = old.clone();
+        b.set_trust("edge-1", &set, true).unwrap();
+        assert!(b.set_trust("edge 1", &set, true).is_err());
+        let text = b.to_text();
+        // The new lines are `key = value` header lines before the PEM: a v1
+        // reader skips keys it does not know, so an older device still reads
+        // this bundle (it just verifies nothing).
+        let header = text.split("-----BEGIN").next().unwrap();
+        let added: Vec<&str> = header
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("id =") && !l.starts_with("server ="))
+            .collect();
+        assert_eq!(added.len(), 3, "{header}");
+        for l in &added {
+            let (k, _) = l.split_once(" = ").unwrap();
+            assert!(["box", "require-signed", "trust"].contains(&k), "{l}");
+        }
+        assert!(header
+            .contains("\nbox = edge-1\nrequire-signed = true\ntrust = operator * ssh-ed25519 "));
+        let back = Bundle::parse(&text, "x").unwrap();
+        let t = back.trust.unwrap();
+        assert_eq!(t.box_name, "edge-1");
+        assert!(t.require_signed);
+        assert_eq!(t.set.keys.len(), 1);
+        assert_eq!(t.set.keys[0].name, "ops");
+        assert_eq!(t.set.keys[0].id, alice.public.id);
+        assert_eq!(back.cert_der, b.cert_der);
+        // A damaged trust line refuses the bundle (a device must not run
+        // unverified what its operator meant to be verified).
+        let e = Bundle::parse(
+            &text.replace("trust = operator", "trust = boss"),
+            "/etc/d.bundle",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/d.bundle") && e.contains("unknown role"),
+            "{e}"
+        );
+        let e = Bundle::parse(&text.replace("box = edge-1\n", ""), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no `box = NAME`"), "{e}");
+        // The clock floor is the certificate's issue time (less the backdate).
+        let floor = b.issued_floor().unwrap();
+        let now = crate::now_millis();
+        assert!(floor <= now && floor > now - 2 * 3_600_000, "{floor} {now}");
     }
 
     #[test]

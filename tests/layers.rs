@@ -159,6 +159,43 @@ fn nothing_below_the_cli_imports_it() {
     );
 }
 
+/// The device library (and the trust code it verifies with) stays small
+/// enough to embed: no store, no box shells, no web or CLI crates.
+#[test]
+fn the_device_side_names_no_store_and_no_shell_of_the_box() {
+    let mut files = vec![root().join("src/client.rs")];
+    rust_files(&root().join("src/client"), &mut files);
+    rust_files(&root().join("src/trust"), &mut files);
+    let forbidden = [
+        "sled",
+        "axum",
+        "clap",
+        "crate::store",
+        "crate::queue",
+        "crate::admin",
+        "crate::serve",
+        "crate::http",
+        // crate::device is allowed: the close codes are shared with it.
+        "crate::cli",
+    ];
+    let mut broken = Vec::new();
+    for f in &files {
+        for (n, line) in code(f) {
+            for bad in forbidden {
+                if names(&line, bad) {
+                    broken.push(format!("{}:{n}: `{bad}` in: {}", f.display(), line.trim()));
+                }
+            }
+        }
+    }
+    assert!(files.len() >= 7, "{files:?}");
+    assert!(
+        broken.is_empty(),
+        "the device side reaches into the box:\n{}",
+        broken.join("\n")
+    );
+}
+
 #[test]
 fn the_scan_sees_what_it_forbids() {
     // The check itself: a forbidden name on a code line is found, one in a

@@ -560,3 +560,82 @@ async fn an_edge_killed_between_store_and_ack_or_publish_and_puback_has_no_dupli
     let runs = runs.lock().unwrap();
     assert_eq!(runs.executed.len(), ids.len(), "each command ran");
 }
+
+/// A signed command from the cluster: its envelope rides in the
+/// `Outpost-Envelope` header, the edge queues its bytes as received, and the
+/// device below verifies them against its bundle's trust anchors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_command_from_the_cluster_reaches_the_device_with_its_envelope() {
+    use base64::Engine;
+    use outpost::trust::envelope::{payload_digest, seal, Claims};
+    use outpost::trust::key::OperatorKey;
+    use outpost::trust::{Grant, Role, TrustSet};
+    let Some(bin) = nats_server() else { return };
+    let _one = ONE_CLUSTER.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(&bin, tmp.path());
+    let urls = cluster.urls();
+    init_streams(&urls);
+    let e = edge(&tmp.path().join("e1"), &urls, "e1").await;
+
+    let alice = OperatorKey::generate("alice").unwrap();
+    let mut set = TrustSet::default();
+    set.add(&alice.public, None, Grant::new(Role::Operator), 0);
+    let mut bundle = enroll(&e, "d1").await;
+    bundle.set_trust("e1", &set, true).unwrap();
+    let now = outpost::now_millis();
+    let claims = Claims {
+        id: CommandId::new(now, 1),
+        target: "d1".into(),
+        payload_sha256: payload_digest(b"signed"),
+        artifact: None,
+        priority: outpost::Priority::Normal,
+        not_before: None,
+        expires_at: now + 3_600_000,
+        audience: "e1".into(),
+        key_id: alice.public.id,
+    };
+    let env = seal(&claims, &alice).unwrap();
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let dev = tokio::spawn(async move {
+        let mut c = client::connect(&bundle, &ConnectOptions::default())
+            .await
+            .unwrap();
+        while let Ok(Some(m)) = c.next().await {
+            if let Received::Command(cmd) = m {
+                c.ack(cmd.id, Outcome::Ok(vec![])).await.unwrap();
+                let _ = tx.send(cmd).await;
+            }
+        }
+    });
+    let js = plain(&urls).await;
+    let mut h = async_nats::HeaderMap::new();
+    let id = claims.id.to_string();
+    h.insert("Outpost-Id", id.as_str());
+    h.insert("Nats-Msg-Id", id.as_str());
+    h.insert(
+        "Outpost-Envelope",
+        base64::engine::general_purpose::STANDARD
+            .encode(&env)
+            .as_str(),
+    );
+    js.publish_with_headers("outpost.cmd.e1.d1", h, "signed".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let cmd = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the signed command reaches the device")
+        .unwrap();
+    assert_eq!(cmd.id, claims.id);
+    assert_eq!(
+        cmd.signature.as_deref(),
+        Some(&env[..]),
+        "the bytes as signed"
+    );
+    assert_eq!(cmd.verified.unwrap().signer, "alice");
+    dev.abort();
+    e.stop().await;
+}

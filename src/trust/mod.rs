@@ -6,11 +6,13 @@
 pub mod role;
 
 pub use role::{Denied, Grant, Pattern, Role, Verb};
+pub mod anchors;
 pub mod envelope;
 pub mod gate;
 pub mod key;
 pub mod set;
 
+pub use anchors::{AnchorError, DeviceTrust};
 pub use envelope::{Claims, Opened};
 pub use gate::{Gate, Intake};
 pub use key::{KeyId, OperatorKey, OperatorPublic};

@@ -11,7 +11,9 @@
 //!   edge derives one from the stream sequence, so a redelivery is the same
 //!   command), `Outpost-Priority`, `Outpost-Ttl` (seconds),
 //!   `Outpost-Max-Attempts`, `Outpost-Key`, `Outpost-After`,
-//!   `Outpost-Not-Before` (unix milliseconds). Each edge has
+//!   `Outpost-Not-Before` (unix milliseconds), `Outpost-Envelope` (an
+//!   operator-signed envelope, standard base64: the edge queues its bytes
+//!   as received and every hop below verifies them). Each edge has
 //!   one durable pull consumer `edge-<edge>` filtered to its subjects; a
 //!   message is acked only once the command is durable in the edge's queue.
 //!   `outpost.cmd.<edge>.workflow` carries a whole workflow (TOML text).
@@ -516,6 +518,7 @@ fn command_of(
                 .map_err(|_| bad("Outpost-Not-Before (unix ms)", v))?,
         );
     }
+    let signature = envelope_of(header(m, "Outpost-Envelope")).map_err(|e| (id, e))?;
     Ok((
         id,
         SendRequest {
@@ -523,9 +526,29 @@ fn command_of(
             payload: m.payload.to_vec(),
             opts,
             origin: "nats".into(),
-            signature: None,
+            signature,
         },
     ))
+}
+
+/// The `Outpost-Envelope` header's bytes. Only decoded here: the edge's
+/// intake verifies them like any other signed command, and they travel on
+/// as received.
+fn envelope_of(v: Option<&str>) -> Result<Option<Vec<u8>>, String> {
+    use base64::Engine;
+    let Some(v) = v else { return Ok(None) };
+    let b = base64::engine::general_purpose::STANDARD
+        .decode(v.trim())
+        .map_err(|e| format!("Outpost-Envelope is not base64 ({e})"))?;
+    // Refused before it is queued: no envelope is this large.
+    if b.len() > crate::trust::envelope::MAX_LEN {
+        return Err(format!(
+            "Outpost-Envelope is {} bytes, over the limit of {}",
+            b.len(),
+            crate::trust::envelope::MAX_LEN
+        ));
+    }
+    Ok(Some(b))
 }
 
 /// An outbox record as a message: subject, headers, body.
@@ -696,9 +719,37 @@ pub fn command_headers(id: CommandId, opts: &SendOptions) -> HeaderMap {
     h
 }
 
+/// Put an operator's envelope on a command's headers (`fleet send` of a
+/// signed command): standard base64, as [`command_of`] reads it.
+pub fn set_envelope(h: &mut HeaderMap, envelope: &[u8]) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(envelope);
+    h.insert("Outpost-Envelope", b64.as_str());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_envelope_header_is_its_bytes_in_base64() {
+        use base64::Engine;
+        let env = vec![1u8, 2, 3, 250];
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&env);
+        assert_eq!(envelope_of(Some(&b64)).unwrap(), Some(env.clone()));
+        assert_eq!(envelope_of(None).unwrap(), None);
+        let mut h = HeaderMap::new();
+        set_envelope(&mut h, &env);
+        let v = h.get("Outpost-Envelope").unwrap().as_str();
+        assert_eq!(envelope_of(Some(v)).unwrap(), Some(env.clone()));
+        assert!(envelope_of(Some("not base64!"))
+            .unwrap_err()
+            .contains("Outpost-Envelope is not base64"));
+        let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 5000]);
+        assert!(envelope_of(Some(&big))
+            .unwrap_err()
+            .contains("over the limit"));
+    }
 
     #[test]
     fn urls_and_names_are_checked_with_the_way_out() {

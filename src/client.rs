@@ -296,6 +296,9 @@ pub struct Sender {
     max_frame: usize,
     owed: Owed,
     box_minor: u16,
+    /// Told each outcome, so a signed command that succeeded is never run
+    /// again under a later attempt, while one that failed may be retried.
+    guard: SharedGuard,
 }
 
 /// A command this device sent, as the box accepted it (durably).
@@ -325,6 +328,9 @@ impl Sender {
 
     /// Report a command's outcome.
     pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
+        if let Ok(mut g) = self.guard.lock() {
+            g.ended(id, &outcome);
+        }
         self.send(&DeviceFrame::Ack { id, outcome }).await
     }
 
@@ -527,13 +533,14 @@ pub async fn connect_with(
         )));
     }
     let (tx, rx) = mpsc::channel(64);
+    let guard = opts.guard.clone().unwrap_or_else(|| Guard::shared(bundle));
     let sender = Sender {
         send: Arc::new(Mutex::new(send)),
         max_frame: opts.max_frame,
         owed: Owed::default(),
         box_minor: version.minor,
+        guard: guard.clone(),
     };
-    let guard = opts.guard.clone().unwrap_or_else(|| Guard::shared(bundle));
     let reader = tokio::spawn(read_loop(
         conn.clone(),
         recv,

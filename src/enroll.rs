@@ -90,7 +90,16 @@ pub async fn enroll(
     server: &str,
     req: &EnrollRequest,
 ) -> Result<Enrolled, EnrollError> {
-    let e = prepare(identity, server, req)?;
+    let mut e = prepare(identity, server, req)?;
+    // The box's trust anchors go into the bundle, so the device checks
+    // signatures itself; a box with none trusted and none required gives
+    // the device nothing to check (as before).
+    let gate = queue.gate();
+    let set = gate.set();
+    if !set.keys.is_empty() || gate.requires_signatures() {
+        e.bundle
+            .set_trust(gate.name(), &set, gate.requires_signatures())?;
+    }
     queue.enroll_new(e.record.clone(), req.force).await?;
     Ok(e)
 }

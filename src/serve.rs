@@ -89,19 +89,21 @@ impl ServeOptions {
 /// The name the box answers to as the audience of signed commands: the
 /// one given, else its id at the hub above (so a hub's operator signs for
 /// `edge-1` as the hub knows it), else its NATS name, else the hostname.
-fn box_name(o: &ServeOptions) -> String {
-    if let Some(n) = &o.name {
-        return n.clone();
+pub fn box_name(
+    name: Option<&str>,
+    upstream_bundle: Option<&std::path::Path>,
+    nats: Option<&str>,
+) -> String {
+    if let Some(n) = name {
+        return n.to_string();
     }
-    if let Some((u, _)) = &o.upstream {
-        if let Ok(text) = std::fs::read_to_string(&u.bundle) {
-            if let Ok(b) = crate::identity::Bundle::parse(&text, &u.bundle.display().to_string()) {
-                return b.id;
-            }
+    if let Some(path) = upstream_bundle {
+        if let Ok(b) = crate::identity::Bundle::read(path) {
+            return b.id;
         }
     }
-    if let Some((n, _)) = &o.nats {
-        return n.name.clone();
+    if let Some(n) = nats {
+        return n.to_string();
     }
     crate::identity::hostname()
         .and_then(|h| h.split('.').next().map(str::to_string))
@@ -153,7 +155,11 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     }
     let runs_store = store.clone();
     let gate = Arc::new(crate::trust::Gate::new(
-        box_name(&o),
+        box_name(
+            o.name.as_deref(),
+            o.upstream.as_ref().map(|(u, _)| u.bundle.as_path()),
+            o.nats.as_ref().map(|(n, _)| n.name.as_str()),
+        ),
         o.require_signed,
         store.trust()?,
     ));

@@ -382,6 +382,14 @@ async fn a_real_box_records_the_devices_refusal_as_final() {
     let mut sopts = ServiceOptions::default();
     sopts.limits.backoff_base_ms = 10;
     sopts.limits.backoff_cap_ms = 50;
+    let o = ops();
+    // The box trusts alice too (it checks at intake); it does not require
+    // signatures, so the unsigned one reaches the device, which does.
+    sopts.gate = std::sync::Arc::new(outpost::trust::Gate::new(
+        "edge-1".into(),
+        false,
+        o.set.clone(),
+    ));
     let queue = queue::open(store, sopts).unwrap();
     let revoked = RevokedSet::new();
     let link = DeviceLink::start(
@@ -394,7 +402,6 @@ async fn a_real_box_records_the_devices_refusal_as_final() {
     .unwrap();
     let addr = link.local_addr().unwrap();
     queue.enroll(DeviceRecord::new("d1")).await.unwrap();
-    let o = ops();
     let mut b = identity.issue_device("d1", &addr.to_string()).unwrap();
     b.set_trust("edge-1", &o.set, true).unwrap();
     let path = dir.path().join("d1.bundle");

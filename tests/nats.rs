@@ -581,6 +581,15 @@ async fn a_signed_command_from_the_cluster_reaches_the_device_with_its_envelope(
     let alice = OperatorKey::generate("alice").unwrap();
     let mut set = TrustSet::default();
     set.add(&alice.public, None, Grant::new(Role::Operator), 0);
+    // The edge checks at intake with its own trust set.
+    e.queue
+        .edit_trust(outpost::trust::TrustEdit::Add {
+            public: alice.public.to_openssh(),
+            name: None,
+            grant: Grant::new(Role::Operator),
+        })
+        .await
+        .unwrap();
     let mut bundle = enroll(&e, "d1").await;
     bundle.set_trust("e1", &set, true).unwrap();
     let now = outpost::now_millis();

@@ -50,6 +50,15 @@ fn signed_commands_run_and_every_bad_one_is_refused_at_intake_with_its_reason() 
     trust(&b, &alice, &["--role", "operator"]);
     ok(&b.enroll("dev-1", "dev-1", &[]));
     ok(&b.enroll("dev-2", "dev-2", &[]));
+    // The bundle carries the box's name, its rule and the key: the device
+    // checks signatures itself.
+    let bundle = std::fs::read_to_string(b.bundle_path("dev-1")).unwrap();
+    assert!(bundle.contains("\nbox = box-a\n"), "{bundle}");
+    assert!(bundle.contains("\nrequire-signed = true\n"), "{bundle}");
+    assert!(
+        bundle.contains("\ntrust = operator * ssh-ed25519 "),
+        "{bundle}"
+    );
     b.agent("dev-1");
 
     let list = json(&b.run(&["trust", "list", "--json"]));

@@ -130,6 +130,7 @@ async fn enroll_offline(
             cache_bytes: c.cache_bytes,
         },
     )?;
+    let trust = store.trust()?;
     let queue = crate::queue::open(
         store,
         crate::queue::ServiceOptions {
@@ -140,6 +141,20 @@ async fn enroll_offline(
                 .as_ref()
                 .map(|u| u.outbox_max)
                 .or(c.nats.as_ref().map(|n| n.outbox_max)),
+            gate: std::sync::Arc::new(crate::trust::Gate::new(
+                crate::serve::box_name(
+                    c.name.as_deref(),
+                    Some(
+                        &c.upstream
+                            .as_ref()
+                            .and_then(|u| u.bundle.clone())
+                            .unwrap_or_else(|| data_dir.join(crate::serve::UPSTREAM_BUNDLE)),
+                    ),
+                    c.nats.as_ref().map(|n| n.name.as_str()),
+                ),
+                c.require_signed,
+                trust,
+            )),
             ..Default::default()
         },
     )?;

@@ -39,6 +39,8 @@ pub enum Admitted {
 struct Seen {
     attempt: u32,
     expires_at: Millis,
+    /// Its last attempt here succeeded: no later attempt may run it.
+    succeeded: bool,
 }
 
 /// The check and its memory of signed ids. Share one across reconnects
@@ -135,11 +137,18 @@ impl Guard {
             },
             clock,
         )?;
-        if let Some(s) = self.seen.get(&cmd.id) {
+        if let Some(s) = self.seen.get_mut(&cmd.id) {
             if s.attempt == cmd.attempt {
                 return Ok(Admitted::Again);
             }
-            return Err(Refusal::Replay(cmd.id));
+            // A later attempt is the box's retry of one that failed (or
+            // whose end this device never saw); after a success it can
+            // only be a replay.
+            if s.succeeded || cmd.attempt < s.attempt {
+                return Err(Refusal::Replay(cmd.id));
+            }
+            s.attempt = cmd.attempt;
+            return Ok(Admitted::Signed(verified));
         }
         self.remember(cmd.id, cmd.attempt, verified.expires_at, clock);
         Ok(Admitted::Signed(verified))
@@ -168,8 +177,16 @@ impl Guard {
             Seen {
                 attempt,
                 expires_at,
+                succeeded: false,
             },
         );
+    }
+
+    /// The device reported `outcome` for `id`.
+    pub fn ended(&mut self, id: CommandId, outcome: &Outcome) {
+        if let Some(s) = self.seen.get_mut(&id) {
+            s.succeeded |= outcome.is_ok();
+        }
     }
 
     /// The outcome that answers a refusal: `Rejected` (final at the box),
@@ -237,15 +254,29 @@ mod tests {
     }
 
     #[test]
-    fn a_signed_id_is_admitted_once_per_attempt_and_never_again() {
+    fn a_signed_id_runs_once_per_attempt_a_failed_one_may_be_retried_a_success_never() {
         let alice = OperatorKey::generate("alice").unwrap();
         let mut g = guard(&alice, true);
         let c = signed(&alice, 1, NOW + 60_000);
         assert!(matches!(g.admit(&c, NOW), Ok(Admitted::Signed(_))));
         assert_eq!(g.admit(&c, NOW), Ok(Admitted::Again));
+        // It failed: the box's next attempt runs.
+        g.ended(
+            c.id,
+            &Outcome::Failed {
+                code: 1,
+                message: "busy".into(),
+            },
+        );
         let mut retry = c.clone();
         retry.attempt = 2;
-        assert_eq!(g.admit(&retry, NOW).unwrap_err().step(), "replay");
+        assert!(matches!(g.admit(&retry, NOW), Ok(Admitted::Signed(_))));
+        // It succeeded: no later attempt, and no earlier one, runs it.
+        g.ended(c.id, &Outcome::Ok(Vec::new()));
+        let mut third = c.clone();
+        third.attempt = 3;
+        assert_eq!(g.admit(&third, NOW).unwrap_err().step(), "replay");
+        assert_eq!(g.admit(&c, NOW).unwrap_err().step(), "replay");
         let mut bare = c.clone();
         bare.signature = None;
         let e = g.admit(&bare, NOW).unwrap_err();
@@ -268,6 +299,7 @@ mod tests {
         assert!(matches!(g.admit(&old, 5_000), Ok(Admitted::Signed(_))));
         assert!(g.clock_noted);
         // ...once, still: replays are refused by id.
+        g.ended(old.id, &Outcome::Ok(Vec::new()));
         let mut again = old.clone();
         again.attempt = 2;
         assert_eq!(g.admit(&again, 5_000).unwrap_err().step(), "replay");

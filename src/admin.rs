@@ -80,10 +80,18 @@ pub enum AdminRequest {
     },
     /// Devices with their statistics (`devices --stats`).
     DeviceStats,
+    /// Audit entries at or after `since` (ms since the epoch), the newest
+    /// `limit` of them.
+    Audit {
+        since: Option<u64>,
+        limit: Option<u64>,
+    },
+    /// Walk the audit log's hash chain.
+    AuditVerify,
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 17;
+    const KNOWN_TAGS: u32 = 19;
 }
 
 /// The box's answer.
@@ -97,18 +105,29 @@ pub enum AdminResponse {
     Views(Vec<CommandView>),
     Status(StatusView),
     Devices(Vec<DeviceView>),
-    Bundle { text: String },
+    Bundle {
+        text: String,
+    },
     Device(DeviceRecord),
     Event(LifecycleEvent),
     TimedOut,
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
     Workflow(Box<crate::workflow::runner::RunView>),
     Workflows(Vec<crate::workflow::runner::RunView>),
     DeviceStats(Vec<(DeviceView, crate::monitor::DeviceStats)>),
+    Audit(Vec<crate::audit::View>),
+    /// `--verify`: intact (the summary), or the first bad seq and why.
+    AuditVerified {
+        intact: bool,
+        text: String,
+    },
 }
 
 impl Frame for AdminResponse {
-    const KNOWN_TAGS: u32 = 13;
+    const KNOWN_TAGS: u32 = 15;
 }
 
 /// What kind of failure an error is; the CLI's exit code follows from it
@@ -245,11 +264,12 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
 }
 
 async fn connection(mut stream: UnixStream, ctx: Arc<AdminContext>) -> Result<(), FrameError> {
+    let caller = crate::audit::request::Caller::socket(stream.peer_cred().ok().map(|c| c.uid()));
     while let Some(req) = proto::read_frame::<AdminRequest, _>(&mut stream, MAX_FRAME).await? {
         if let AdminRequest::Watch { device } = req {
             return watch(stream, &ctx, device).await;
         }
-        let resp = handle(&ctx, req).await;
+        let resp = audited(&ctx, &caller, req).await;
         proto::write_frame(&mut stream, &resp, MAX_FRAME).await?;
     }
     Ok(())
@@ -275,6 +295,22 @@ async fn watch(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// `handle`, and the request's audit entry once it has its answer (plain
+/// reads have none: `audit::request`). Role checks ask for
+/// `audit::request::verb(&req)`.
+async fn audited(
+    ctx: &AdminContext,
+    caller: &crate::audit::request::Caller,
+    req: AdminRequest,
+) -> AdminResponse {
+    let draft = crate::audit::request::draft(&req);
+    let resp = handle(ctx, req).await;
+    if let Some(d) = draft {
+        ctx.queue.audit(d.note(caller, &resp, crate::now_millis()));
+    }
+    resp
 }
 
 /// Workflow requests: the runner answers, or says it is not there.
@@ -392,6 +428,19 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
             }
             r.map(AdminResponse::Device)
         }
+        AdminRequest::Audit { since, limit } => {
+            q.audit_read(since, limit).await.map(AdminResponse::Audit)
+        }
+        AdminRequest::AuditVerify => q.audit_verify().await.map(|v| match v {
+            Ok(intact) => AdminResponse::AuditVerified {
+                intact: true,
+                text: intact.to_string(),
+            },
+            Err(broken) => AdminResponse::AuditVerified {
+                intact: false,
+                text: broken.to_string(),
+            },
+        }),
         AdminRequest::Watch { .. } => Ok(AdminResponse::Error {
             kind: ErrorKind::BadRequest,
             message: "watch is a stream; send it as the connection's only request".into(),

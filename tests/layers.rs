@@ -28,6 +28,7 @@ const ENGINE: &[&str] = &[
     "src/queue/outbox.rs",
     "src/upstream/cursor.rs",
     "src/workflow/mod.rs",
+    "src/audit/chain.rs",
 ];
 
 /// What an engine file may not name: IO, the clock, async runtimes, and

@@ -12,6 +12,7 @@
 //!   waiters. Nothing is answered "accepted" before its flush returned.
 
 pub mod api;
+pub mod audit;
 pub mod core;
 pub mod outbox;
 pub mod service;

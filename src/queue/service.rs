@@ -39,6 +39,8 @@ pub struct ServiceOptions {
     /// filled up under sled), exit the process with this code so the
     /// service manager restarts it; `None`: refuse requests, saying why.
     pub exit_on_store_failure: Option<i32>,
+    /// How much of the audit log is kept.
+    pub audit: crate::audit::Retention,
 }
 
 impl Default for ServiceOptions {
@@ -50,6 +52,7 @@ impl Default for ServiceOptions {
             acl: crate::route::Acl::default(),
             outbox_max: None,
             exit_on_store_failure: None,
+            audit: Default::default(),
         }
     }
 }
@@ -143,7 +146,18 @@ pub(crate) enum Msg {
         token: u64,
     },
     Shutdown(oneshot::Sender<()>),
+    /// An audit entry to write with a coming round.
+    Audit(crate::audit::Note),
+    AuditRead {
+        since: Option<u64>,
+        limit: Option<u64>,
+        reply: Reply<Vec<crate::audit::View>>,
+    },
+    AuditVerify(Reply<AuditVerdict>),
 }
+
+/// What a walk of the audit log found.
+pub type AuditVerdict = Result<crate::audit::Intact, crate::audit::Broken>;
 
 /// A cheap, cloneable handle to the queue service.
 #[derive(Clone)]
@@ -162,6 +176,7 @@ pub struct QueueHandle {
 /// writer thread.
 pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreError> {
     let core = rebuild(&store, &opts)?;
+    let audit = super::audit::AuditLog::load(&store, opts.audit)?;
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
@@ -184,6 +199,8 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         flush_sum: 0.0,
         broken: None,
         last_recovery: None,
+        audit,
+        audit_force: false,
     };
     std::thread::Builder::new()
         .name("outpost-writer".into())
@@ -463,6 +480,8 @@ enum Pending {
     Show(Reply<CoreReply>, CommandId),
     Unit(Reply<()>, Result<(), QueueError>),
     Token(Reply<u64>, Result<u64, QueueError>),
+    AuditRead(Reply<Vec<crate::audit::View>>, Option<u64>, Option<u64>),
+    AuditVerify(Reply<AuditVerdict>),
 }
 
 /// The wall clock as the core sees it, watched for jumps: the wall clock
@@ -518,6 +537,10 @@ struct Writer {
     broken: Option<String>,
     /// When the store was last reopened after a failure.
     last_recovery: Option<std::time::Instant>,
+    audit: super::audit::AuditLog,
+    /// The next round writes every waiting audit note (a reader waits, or
+    /// the writer stops).
+    audit_force: bool,
 }
 
 /// How often a broken store is reopened while requests keep coming.
@@ -536,15 +559,20 @@ impl Writer {
         loop {
             // Sleep until a request arrives or the core's next timer: an idle
             // box wakes for nothing.
-            let first = match self.core.next_deadline() {
-                Some(due) => {
-                    let wait = due.saturating_sub(crate::now_millis());
-                    match self.rx.recv_timeout(Duration::from_millis(wait.max(1))) {
-                        Ok(m) => Some(m),
-                        Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
-                    }
-                }
+            let core_wait = self
+                .core
+                .next_deadline()
+                .map(|due| Duration::from_millis(due.saturating_sub(crate::now_millis())));
+            let wait = match (core_wait, self.audit.due_in()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wait {
+                Some(wait) => match self.rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                    Ok(m) => Some(m),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
+                },
                 None => match self.rx.recv() {
                     Ok(m) => Some(m),
                     Err(_) => return None,
@@ -568,6 +596,9 @@ impl Writer {
                     Ok(m) => self.handle(m, now, &mut pending, &mut shutdown),
                     Err(_) => break,
                 }
+            }
+            if shutdown.is_some() {
+                self.audit_force = true;
             }
             self.round(now, pending);
             if let Some(done) = shutdown {
@@ -606,6 +637,13 @@ impl Writer {
                 Msg::Connect { reply, .. } => pending.push(Pending::Token(reply, Err(e))),
                 Msg::Disconnect { .. } => {}
                 Msg::Shutdown(done) => *shutdown = Some(done),
+                Msg::Audit(note) => self.audit.push(note),
+                Msg::AuditRead { reply, .. } => {
+                    let _ = reply.send(Err(e));
+                }
+                Msg::AuditVerify(reply) => {
+                    let _ = reply.send(Err(e));
+                }
             }
             return;
         }
@@ -705,6 +743,19 @@ impl Writer {
                 }
             }
             Msg::Shutdown(done) => *shutdown = Some(done),
+            Msg::Audit(note) => self.audit.push(note),
+            Msg::AuditRead {
+                since,
+                limit,
+                reply,
+            } => {
+                self.audit_force = true;
+                pending.push(Pending::AuditRead(reply, since, limit));
+            }
+            Msg::AuditVerify(reply) => {
+                self.audit_force = true;
+                pending.push(Pending::AuditVerify(reply));
+            }
         }
     }
 
@@ -779,11 +830,24 @@ impl Writer {
             );
         }
         let (write, effects) = (round.write, round.effects);
-        let committed = self.commit(&write, &effects);
+        let riding = !write.is_empty() || !effects.device_writes.is_empty();
+        let force = std::mem::take(&mut self.audit_force);
+        let audit = match self.audit.prepare(&self.store, riding, force, now) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("group commit failed: {e}; reloading the queue from disk");
+                self.fail_round(pending, e);
+                return;
+            }
+        };
+        let committed = self.commit(&write, &effects, audit.as_ref().map(|a| &a.0));
         if let Err(e) = committed {
             tracing::error!("group commit failed: {e}; reloading the queue from disk");
             self.fail_round(pending, e);
             return;
+        }
+        if let Some((w, tip)) = audit {
+            self.audit.committed(&self.store, &w, tip);
         }
         if !write.journal.is_empty() {
             let seq = write.seq;
@@ -819,7 +883,16 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, write: &GroupWrite, effects: &Effects) -> Result<(), StoreError> {
+    fn commit(
+        &mut self,
+        write: &GroupWrite,
+        effects: &Effects,
+        audit: Option<&crate::audit::Write>,
+    ) -> Result<(), StoreError> {
+        if let Some(a) = audit {
+            // Before the round's own batch: see `Store::audit_write`.
+            self.store.audit_write(a)?;
+        }
         for rec in &effects.device_touches {
             self.store.touch_device(rec)?;
         }
@@ -836,7 +909,7 @@ impl Writer {
                 .unwrap_or(super::FLUSH_BUCKETS_S.len());
             self.flush_buckets[i] += 1;
             self.flush_sum += s;
-        } else if !effects.device_writes.is_empty() {
+        } else if !effects.device_writes.is_empty() || audit.is_some() {
             self.store.flush()?;
         }
         Ok(())
@@ -862,6 +935,12 @@ impl Writer {
                     let _ = r.send(Err(err.clone()));
                 }
                 Pending::Token(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::AuditRead(r, ..) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::AuditVerify(r) => {
                     let _ = r.send(Err(err.clone()));
                 }
             }
@@ -893,6 +972,7 @@ impl Writer {
                     tracing::info!("the store is readable again; serving");
                 }
                 self.core = core;
+                self.audit.reload(&self.store);
             }
             Err(e) => {
                 if self.broken.is_none() {
@@ -983,6 +1063,16 @@ impl Writer {
             }
             Pending::Token(r, result) => {
                 let _ = r.send(result);
+            }
+            Pending::AuditRead(r, since, limit) => {
+                let views = super::audit::read(&self.store, since, limit)
+                    .map_err(|e| QueueError::Storage(e.to_string()));
+                let _ = r.send(views);
+            }
+            Pending::AuditVerify(r) => {
+                let verdict = super::audit::verify(&self.store)
+                    .map_err(|e| QueueError::Storage(e.to_string()));
+                let _ = r.send(verdict);
             }
         }
     }
@@ -1270,6 +1360,31 @@ impl QueueHandle {
     /// Lifecycle events from now on (for `watch`, `--wait`, metrics).
     pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
         self.events.subscribe()
+    }
+
+    /// Record an audit entry; it is written with a coming round (see
+    /// `queue::audit` for when).
+    pub fn audit(&self, note: crate::audit::Note) {
+        let _ = self.tx.send(Msg::Audit(note));
+    }
+
+    /// Audit entries at or after `since` (ms), the newest `limit`.
+    pub async fn audit_read(
+        &self,
+        since: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<Vec<crate::audit::View>, QueueError> {
+        self.call(|reply| Msg::AuditRead {
+            since,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Walk the audit log's chain.
+    pub async fn audit_verify(&self) -> Result<AuditVerdict, QueueError> {
+        self.call(Msg::AuditVerify).await
     }
 
     /// Finish the current group, stop the writer thread.

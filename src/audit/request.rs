@@ -1,0 +1,160 @@
+//! What each admin request records. Writes and security functions are
+//! audited; plain reads (status, show, devices, watch, …) are not: the
+//! dashboard polls them, and an entry per poll would wear the flash out
+//! while saying nothing about who changed what (IEC 62443 asks for access
+//! to security-relevant functions).
+
+use super::Note;
+use crate::admin::{AdminRequest, AdminResponse};
+use crate::trust::Verb;
+
+/// Who called and over what, as an entry names them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub who: String,
+    pub from: String,
+}
+
+impl Caller {
+    /// A caller on the admin socket, by its peer's uid.
+    pub fn socket(uid: Option<u32>) -> Caller {
+        Caller {
+            who: uid.map_or_else(|| "uid ?".into(), |u| format!("uid {u}")),
+            from: "socket".into(),
+        }
+    }
+}
+
+/// The verb each request needs (the role checks in `admin::handle` ask
+/// `trust::Role::allows` with it).
+pub fn verb(req: &AdminRequest) -> Verb {
+    use AdminRequest as R;
+    match req {
+        R::Send(_) | R::WorkflowRun { .. } => Verb::Send,
+        R::Cancel(_) | R::WorkflowCancel { .. } => Verb::Cancel,
+        R::Retry(_) => Verb::Retry,
+        R::Enroll { .. } => Verb::Enroll,
+        R::Revoke(_) => Verb::Revoke,
+        R::Relabel(_) => Verb::Tag,
+        R::Audit { .. } | R::AuditVerify => Verb::Audit,
+        R::Wait { .. }
+        | R::Show(_)
+        | R::List { .. }
+        | R::Status
+        | R::Devices
+        | R::Watch { .. }
+        | R::WorkflowShow(_)
+        | R::WorkflowList
+        | R::DeviceStats => Verb::Read,
+    }
+}
+
+/// An entry before its answer is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Draft {
+    pub what: &'static str,
+    pub target: String,
+    pub command: Option<String>,
+    pub payload_sha256: Option<super::Hash>,
+}
+
+/// The draft of `req`'s entry; `None` for a plain read.
+pub fn draft(req: &AdminRequest) -> Option<Draft> {
+    use AdminRequest as R;
+    let d = |what, target: String, command: Option<String>| Draft {
+        what,
+        target,
+        command,
+        payload_sha256: None,
+    };
+    Some(match req {
+        R::Send(s) => Draft {
+            payload_sha256: Some(super::sha256(&s.payload)),
+            ..d("send", s.target.clone(), None)
+        },
+        R::Cancel(id) => d("cancel", String::new(), Some(id.to_string())),
+        R::Retry(id) => d("retry", String::new(), Some(id.to_string())),
+        R::Enroll { id, .. } => d("enroll", id.clone(), None),
+        R::Revoke(id) => d("revoke", id.clone(), None),
+        R::Relabel(r) => d("relabel", r.device.clone(), None),
+        R::WorkflowRun { file, text, .. } => Draft {
+            payload_sha256: Some(super::sha256(text.as_bytes())),
+            ..d("workflow run", file.clone(), None)
+        },
+        R::WorkflowCancel { id, .. } => d("workflow cancel", String::new(), Some(id.to_string())),
+        R::Audit { .. } => d("audit", String::new(), None),
+        R::AuditVerify => d("audit verify", String::new(), None),
+        _ => return None,
+    })
+}
+
+impl Draft {
+    /// The entry, once `resp` answered the request.
+    pub fn note(self, caller: &Caller, resp: &AdminResponse, at: u64) -> Note {
+        let command = self.command.or(match resp {
+            AdminResponse::Receipt(r) => Some(r.id.to_string()),
+            AdminResponse::Workflow(v) => Some(v.id.to_string()),
+            _ => None,
+        });
+        let why = match resp {
+            AdminResponse::Error { message, .. } => Some(message.clone()),
+            _ => None,
+        };
+        Note {
+            at,
+            who: caller.who.clone(),
+            from: caller.from.clone(),
+            what: self.what.into(),
+            target: self.target,
+            command,
+            payload_sha256: self.payload_sha256,
+            allowed: why.is_none(),
+            why,
+        }
+    }
+}
+
+/// An intake decision made outside the admin socket (a device's send, a
+/// hub's forward): the same shape of entry.
+pub fn intake(
+    who: String,
+    from: &str,
+    target: &str,
+    payload: &[u8],
+    result: &Result<crate::queue::SendReceipt, crate::queue::QueueError>,
+    at: u64,
+) -> Note {
+    Note {
+        at,
+        who,
+        from: from.into(),
+        what: "send".into(),
+        target: target.into(),
+        command: result.as_ref().ok().map(|r| r.id.to_string()),
+        payload_sha256: Some(super::sha256(payload)),
+        allowed: result.is_ok(),
+        why: result.as_ref().err().map(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_drafted_and_plain_reads_are_not() {
+        assert!(draft(&AdminRequest::Status).is_none());
+        assert!(draft(&AdminRequest::Devices).is_none());
+        let d = draft(&AdminRequest::Revoke("dev-7".into())).unwrap();
+        let refused = AdminResponse::Error {
+            kind: crate::admin::ErrorKind::NotFound,
+            message: "no device".into(),
+        };
+        let n = d.note(&Caller::socket(Some(1000)), &refused, 5);
+        assert_eq!((n.who.as_str(), n.from.as_str()), ("uid 1000", "socket"));
+        assert_eq!((n.what.as_str(), n.target.as_str()), ("revoke", "dev-7"));
+        assert!(!n.allowed);
+        assert_eq!(n.why.as_deref(), Some("no device"));
+        assert_eq!(verb(&AdminRequest::AuditVerify), Verb::Audit);
+    }
+}

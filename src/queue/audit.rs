@@ -1,0 +1,195 @@
+//! The writer's part of the audit log: the chain's tip, the notes waiting
+//! for a round, and retention, over the store's audit tree.
+//!
+//! When an entry is written: the admin layer records a request once it has
+//! its answer, so an entry reaches the writer after the round that decided
+//! it. It is written with the writer's next round that writes anything —
+//! under load there always is one, so auditing adds no flush to intake —
+//! or, on a box with nothing else to write, `LINGER` later in a round of
+//! its own. Allowed and refused requests are treated alike: a refusal has
+//! no durable answer to wait for, and an allowed request's answer was
+//! already durable before its entry existed, so holding either for the
+//! next round costs nothing but a crash window of one round (≤ `LINGER`
+//! when idle). A reader of the log (`audit`, `--verify` on a running box)
+//! first has every waiting note written. An idle box writes nothing.
+
+use crate::audit::{self, Anchor, Note, Retention, Tip};
+use crate::store::{Store, StoreError};
+use std::time::{Duration, Instant};
+
+/// Longest a note waits for a round when nothing else is written.
+pub const LINGER: Duration = Duration::from_millis(200);
+/// Notes held at most before a round of their own is due at once.
+const MAX_PENDING: usize = 4096;
+
+pub(crate) struct AuditLog {
+    tip: Tip,
+    /// The first kept seq and its entry's time, for retention.
+    first: u64,
+    oldest_at: Option<u64>,
+    pending: Vec<Note>,
+    since: Option<Instant>,
+    retention: Retention,
+}
+
+impl AuditLog {
+    pub(crate) fn load(store: &Store, retention: Retention) -> Result<AuditLog, StoreError> {
+        let anchor = store.audit_anchor()?;
+        let last = store.audit_last()?;
+        let tip = Tip::after(last.as_ref().map(|(s, b)| (*s, &b[..])), anchor);
+        let first = store.audit_from(0).next().transpose()?;
+        Ok(AuditLog {
+            tip,
+            first: first.as_ref().map_or(tip.next, |f| f.0),
+            oldest_at: first.and_then(|(_, b)| audit::decode(&b).ok().map(|e| e.note.at)),
+            pending: Vec::new(),
+            since: None,
+            retention,
+        })
+    }
+
+    pub(crate) fn push(&mut self, note: Note) {
+        self.since.get_or_insert_with(Instant::now);
+        self.pending.push(note);
+    }
+
+    /// How long the writer may sleep before these notes are due.
+    pub(crate) fn due_in(&self) -> Option<Duration> {
+        if self.pending.len() >= MAX_PENDING {
+            return Some(Duration::ZERO);
+        }
+        self.since.map(|t| LINGER.saturating_sub(t.elapsed()))
+    }
+
+    /// What this round writes to the audit tree: every waiting note if the
+    /// round writes anyway (`riding`), a reader waits (`force`) or they
+    /// are due; and then at most a batch of retention's removals.
+    pub(crate) fn prepare(
+        &self,
+        store: &Store,
+        riding: bool,
+        force: bool,
+        now: u64,
+    ) -> Result<Option<(audit::Write, Tip)>, StoreError> {
+        let due = self.due_in().is_some_and(|d| d.is_zero());
+        if self.pending.is_empty() || !(riding || force || due) {
+            return Ok(None);
+        }
+        let mut tip = self.tip;
+        let entries: Vec<_> = self.pending.iter().map(|n| tip.seal(n.clone())).collect();
+        let mut w = audit::Write {
+            entries,
+            head: tip.next,
+            ..Default::default()
+        };
+        let count = tip.next - self.first;
+        let aged = self
+            .oldest_at
+            .is_some_and(|at| now.saturating_sub(at) > self.retention.max_age_ms);
+        if count > self.retention.keep || aged {
+            let oldest: Vec<_> = store
+                .audit_from(self.first)
+                .take(audit::chain::PRUNE_BATCH)
+                .collect::<Result<_, _>>()?;
+            if let Some((n, anchor)) = self.retention.cut(&oldest, count, now) {
+                w.remove = oldest[..n].iter().map(|(s, _)| *s).collect();
+                w.anchor = Some(anchor);
+            }
+        }
+        Ok(Some((w, tip)))
+    }
+
+    /// The round's write is durable: move the tip and the retention's start.
+    pub(crate) fn committed(&mut self, store: &Store, w: &audit::Write, tip: Tip) {
+        self.tip = tip;
+        self.pending.clear();
+        self.since = None;
+        if let Some(Anchor { seq, .. }) = w.anchor {
+            self.first = seq;
+            self.oldest_at = match store.audit_from(seq).next() {
+                Some(Ok((_, b))) => audit::decode(&b).ok().map(|e| e.note.at),
+                _ => None,
+            };
+        } else if self.oldest_at.is_none() {
+            self.oldest_at = w
+                .entries
+                .first()
+                .and_then(|(_, b)| audit::decode(b).ok())
+                .map(|e| e.note.at);
+        }
+    }
+
+    /// After a failed round: the tip from what is on disk; the notes stay
+    /// waiting for the next round.
+    pub(crate) fn reload(&mut self, store: &Store) {
+        match AuditLog::load(store, self.retention) {
+            Ok(fresh) => {
+                let pending = std::mem::take(&mut self.pending);
+                let since = self.since;
+                *self = AuditLog {
+                    pending,
+                    since,
+                    ..fresh
+                };
+            }
+            Err(e) => tracing::error!("re-reading the audit log's tip: {e}"),
+        }
+    }
+}
+
+/// Entries at or after `since` (ms), the newest `limit` of them, oldest
+/// first.
+pub fn read(
+    store: &Store,
+    since: Option<u64>,
+    limit: Option<u64>,
+) -> Result<Vec<audit::View>, StoreError> {
+    let mut out = std::collections::VecDeque::new();
+    for r in store.audit_from(0) {
+        let (seq, bytes) = r?;
+        // A damaged entry is shown as what it is, not skipped: `--verify`
+        // names the damage.
+        let view = match audit::decode(&bytes) {
+            Ok(e) => audit::View::from(e),
+            Err(d) => audit::View {
+                seq,
+                at: 0,
+                who: String::new(),
+                from: String::new(),
+                what: format!("(damaged: {d})"),
+                target: String::new(),
+                command: None,
+                payload_sha256: None,
+                allowed: false,
+                why: None,
+            },
+        };
+        if since.is_some_and(|s| view.at < s) {
+            continue;
+        }
+        out.push_back(view);
+        if limit.is_some_and(|l| out.len() as u64 > l) {
+            out.pop_front();
+        }
+    }
+    Ok(out.into())
+}
+
+/// Walk the whole log in the store.
+pub fn verify(store: &Store) -> Result<Result<audit::Intact, audit::Broken>, StoreError> {
+    let anchor = store.audit_anchor()?;
+    let head = store.audit_head()?;
+    let mut failed = None;
+    let stored = store.audit_from(0).map_while(|r| match r {
+        Ok(x) => Some(x),
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    });
+    let verdict = audit::verify(anchor, head, stored);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(verdict),
+    }
+}

@@ -79,6 +79,10 @@ pub struct FileConfig {
     pub cache: Option<SizeValue>,
     pub results_max: Option<usize>,
     pub results_max_age: Option<String>,
+    /// Audit entries kept, by count [default: 100000] and by age, a
+    /// duration [default: 90d].
+    pub audit_keep: Option<u64>,
+    pub audit_max_age: Option<String>,
     /// Prometheus metrics address, e.g. 127.0.0.1:9464 (off when absent).
     pub metrics: Option<String>,
     /// The hub above this box, `quic://HOST:PORT` (off when absent).
@@ -338,6 +342,7 @@ pub struct ServeConfig {
     pub http_token: Option<String>,
     pub http_admin: bool,
     pub alerts: Vec<crate::alert::Rule>,
+    pub audit: crate::audit::Retention,
 }
 
 /// The NATS uplink's settings.
@@ -676,7 +681,15 @@ pub fn resolve(
             why: e.to_string(),
         }
     })?;
+    let mut audit = crate::audit::Retention::default();
+    if let Some(n) = file.audit_keep {
+        audit.keep = n;
+    }
+    if let Some(v) = &file.audit_max_age {
+        audit.max_age_ms = duration("audit_max_age", v, &f)?.as_millis() as u64;
+    }
     Ok(ServeConfig {
+        audit,
         http,
         http_token,
         http_admin: args.http_admin || file.http_admin.unwrap_or(false),

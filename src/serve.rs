@@ -47,6 +47,8 @@ pub struct ServeOptions {
     /// (`outpost serve` under systemd: 75, to be restarted); `None`: keep
     /// running and refuse requests, saying why (tests, embedding).
     pub exit_on_store_failure: Option<i32>,
+    /// How much of the audit log is kept (`audit_keep`, `audit_max_age`).
+    pub audit: crate::audit::Retention,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -71,6 +73,7 @@ impl ServeOptions {
             upstream: None,
             nats: None,
             exit_on_store_failure: None,
+            audit: Default::default(),
         }
     }
 }
@@ -130,6 +133,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
                 .map(|u| u.1)
                 .or(o.nats.as_ref().map(|n| n.1)),
             exit_on_store_failure: o.exit_on_store_failure,
+            audit: o.audit,
             ..ServiceOptions::default()
         },
     )?;

@@ -114,29 +114,6 @@ impl Draft {
     }
 }
 
-/// An intake decision made outside the admin socket (a device's send, a
-/// hub's forward): the same shape of entry.
-pub fn intake(
-    who: String,
-    from: &str,
-    target: &str,
-    payload: &[u8],
-    result: &Result<crate::queue::SendReceipt, crate::queue::QueueError>,
-    at: u64,
-) -> Note {
-    Note {
-        at,
-        who,
-        from: from.into(),
-        what: "send".into(),
-        target: target.into(),
-        command: result.as_ref().ok().map(|r| r.id.to_string()),
-        payload_sha256: Some(super::sha256(payload)),
-        allowed: result.is_ok(),
-        why: result.as_ref().err().map(|e| e.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

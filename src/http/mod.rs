@@ -105,6 +105,7 @@ pub async fn serve(
         streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
     }));
     let task = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!("http listener on {local} stopped: {e}");
         }
@@ -384,11 +385,36 @@ async fn events(State(st): State<St>) -> Response {
         .into_response()
 }
 
+/// `act`, and its audit entry with the answer's status (its text, for a
+/// refusal): a dashboard retry or cancel is a write like the socket's.
 async fn act(
     State(st): State<St>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    let (target, what) = (id.clone(), action.clone());
+    let resp = act_on(st.clone(), id, action, headers).await;
+    let refused = !resp.status().is_success();
+    st.ctx.queue.audit(crate::audit::Note {
+        at: crate::now_millis(),
+        who: if st.opts.token.is_some() {
+            "http token".into()
+        } else {
+            "http loopback".into()
+        },
+        from: format!("http {peer}"),
+        what,
+        target: String::new(),
+        command: Some(target),
+        payload_sha256: None,
+        allowed: !refused,
+        why: refused.then(|| resp.status().to_string()),
+    });
+    resp
+}
+
+async fn act_on(st: St, id: String, action: String, headers: HeaderMap) -> Response {
     if !st.opts.admin {
         return err(
             StatusCode::FORBIDDEN,

@@ -732,7 +732,7 @@ impl Writer {
                         Ok(_) => Err(None),
                         Err(e) => Err(Some(e.to_string())),
                     };
-                    self.audit.push(crate::audit::Note {
+                    self.record(crate::audit::Note {
                         at: now,
                         who,
                         from: from.into(),
@@ -784,7 +784,7 @@ impl Writer {
                 }
             }
             Msg::Shutdown(done) => *shutdown = Some(done),
-            Msg::Audit(note) => self.audit.push(note),
+            Msg::Audit(note) => self.record(note),
             Msg::AuditRead {
                 since,
                 limit,
@@ -798,6 +798,13 @@ impl Writer {
                 pending.push(Pending::AuditVerify(reply));
             }
         }
+    }
+
+    /// An entry of this box's log: for its audit tree and, on an edge, for
+    /// the outbox, sealed into the same round.
+    fn record(&mut self, note: crate::audit::Note) {
+        self.core.audit_up(note.clone());
+        self.audit.push(note);
     }
 
     fn retry(&mut self, id: CommandId, now: Millis) -> Result<CoreReply, QueueError> {
@@ -870,7 +877,10 @@ impl Writer {
                 "ended commands whose payload could not be read back: `retry` cannot requeue them"
             );
         }
-        let (write, effects) = (round.write, round.effects);
+        let (write, mut effects) = (round.write, round.effects);
+        for note in effects.audit.drain(..) {
+            self.audit.push(note);
+        }
         let riding = !write.is_empty() || !effects.device_writes.is_empty();
         let force = std::mem::take(&mut self.audit_force);
         let audit = match self.audit.prepare(&self.store, riding, force, now) {

@@ -144,6 +144,25 @@ fn admin_requests_are_audited_and_verify_names_an_edited_and_a_removed_entry() {
     );
     stop(child);
 
+    // An enrollment on the stopped box is an entry too; the log reads
+    // offline.
+    let b2 = dir.join("dev-2.bundle");
+    ok(&outpost(
+        dir,
+        &["enroll", "dev-2", "--out", b2.to_str().unwrap()],
+    ));
+    let log = entries(dir);
+    let last = log.last().unwrap();
+    assert_eq!(
+        (&last["what"], &last["from"], &last["target"]),
+        (
+            &Value::from("enroll"),
+            &Value::from("offline"),
+            &Value::from("dev-2")
+        ),
+        "{log:?}"
+    );
+
     let verify =
         |d: &std::path::Path| outpost(d, &["audit", "--verify", "--data-dir", d.to_str().unwrap()]);
     let v = verify(dir);

@@ -13,6 +13,8 @@
 //! when idle). A reader of the log (`audit`, `--verify` on a running box)
 //! first has every waiting note written. An idle box writes nothing.
 
+use super::core::{CoreReply, CoreRequest};
+use super::QueueError;
 use crate::audit::{self, Anchor, Note, Retention, Tip};
 use crate::store::{Store, StoreError};
 use std::time::{Duration, Instant};
@@ -133,6 +135,55 @@ impl AuditLog {
                 };
             }
             Err(e) => tracing::error!("re-reading the audit log's tip: {e}"),
+        }
+    }
+}
+
+/// An intake request that does not come through the admin socket (that
+/// one records its own): who sent it, from where, its target and payload
+/// digest. A workflow's steps are not entries: the run's start is.
+pub(crate) struct Intake {
+    who: String,
+    from: &'static str,
+    target: String,
+    payload_sha256: audit::Hash,
+}
+
+pub(crate) fn intake_of(req: &CoreRequest) -> Option<Intake> {
+    let (who, from, r) = match req {
+        CoreRequest::DeviceSend { from, req } => (format!("device {from}"), "device link", req),
+        CoreRequest::SendAs { req, .. } if req.origin.starts_with("upstream") => {
+            ("hub".into(), "upstream", req)
+        }
+        CoreRequest::SendAs { req, .. } if req.origin == "nats" => ("nats".into(), "nats", req),
+        _ => return None,
+    };
+    Some(Intake {
+        who,
+        from,
+        target: r.target.clone(),
+        payload_sha256: audit::sha256(&r.payload),
+    })
+}
+
+impl Intake {
+    /// Its entry, once the round decided it.
+    pub(crate) fn note(self, result: &Result<CoreReply, QueueError>, now: u64) -> Note {
+        let (command, why) = match result {
+            Ok(CoreReply::Receipt(r)) => (Some(r.id.to_string()), None),
+            Ok(_) => (None, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Note {
+            at: now,
+            who: self.who,
+            from: self.from.into(),
+            what: "send".into(),
+            target: self.target,
+            command,
+            payload_sha256: Some(self.payload_sha256),
+            allowed: why.is_none(),
+            why,
         }
     }
 }

@@ -472,26 +472,6 @@ impl CachedGroup {
     }
 }
 
-/// Who sent an intake request that does not come through the admin socket
-/// (that one records its own), from where, its target and payload digest.
-/// A workflow's steps are not entries: the run's start is.
-fn intake_of(req: &CoreRequest) -> Option<(String, &'static str, String, crate::audit::Hash)> {
-    let (who, from, r) = match req {
-        CoreRequest::DeviceSend { from, req } => (format!("device {from}"), "device link", req),
-        CoreRequest::SendAs { req, .. } if req.origin.starts_with("upstream") => {
-            ("hub".into(), "upstream", req)
-        }
-        CoreRequest::SendAs { req, .. } if req.origin == "nats" => ("nats".into(), "nats", req),
-        _ => return None,
-    };
-    Some((
-        who,
-        from,
-        r.target.clone(),
-        crate::audit::sha256(&r.payload),
-    ))
-}
-
 /// A request answered once the round it joined is durable.
 // Short-lived (one round), and most are `Reply`: boxing buys nothing.
 #[allow(clippy::large_enum_variant)]
@@ -671,7 +651,7 @@ impl Writer {
             Msg::Core(req, reply) => {
                 // Intake from a device or a hub is decided here, so its entry
                 // joins this very round's batch.
-                let intake = intake_of(&req);
+                let intake = super::audit::intake_of(&req);
                 let core = &mut self.core;
                 let result = match req {
                     CoreRequest::Send(r) => core.send(r, now).map(CoreReply::Receipt),
@@ -726,23 +706,8 @@ impl Writer {
                         Ok(CoreReply::Done)
                     }
                 };
-                if let Some((who, from, target, payload_sha256)) = intake {
-                    let receipt = match &result {
-                        Ok(CoreReply::Receipt(r)) => Ok(r.clone()),
-                        Ok(_) => Err(None),
-                        Err(e) => Err(Some(e.to_string())),
-                    };
-                    self.record(crate::audit::Note {
-                        at: now,
-                        who,
-                        from: from.into(),
-                        what: "send".into(),
-                        target,
-                        command: receipt.as_ref().ok().map(|r| r.id.to_string()),
-                        payload_sha256: Some(payload_sha256),
-                        allowed: receipt.is_ok(),
-                        why: receipt.err().flatten(),
-                    });
+                if let Some(i) = intake {
+                    self.record(i.note(&result, now));
                 }
                 pending.push(Pending::Reply(reply, result));
             }

@@ -222,8 +222,13 @@ impl fmt::Display for Intact {
         match self.span {
             Some((a, b)) => write!(
                 f,
-                "{} entries, chain intact from seq {a} to {b}",
-                self.entries
+                "{} {}, chain intact from seq {a} to {b}",
+                self.entries,
+                if self.entries == 1 {
+                    "entry"
+                } else {
+                    "entries"
+                }
             ),
             None => write!(f, "0 entries, chain intact (empty)"),
         }

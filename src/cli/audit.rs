@@ -28,8 +28,17 @@ fn since(s: &str, now: u64) -> Result<u64, UsageError> {
     if let Ok(d) = crate::duration::parse(s) {
         return Ok(now.saturating_sub(d.as_millis() as u64));
     }
-    parse_not_before(s, now)
-        .map_err(|e| UsageError(e.replace("--not-before", "--since") + " (or a duration ago: 1h)"))
+    // A time is read as `--not-before` reads it; its `+10m` form (from now
+    // on) means nothing here.
+    match s.starts_with('+') {
+        false => parse_not_before(s, now).ok(),
+        true => None,
+    }
+    .ok_or_else(|| {
+        UsageError(format!(
+            "--since {s}: write an RFC 3339 time with its zone (2026-11-25T10:00:00Z) or a duration ago (1h, 7d)"
+        ))
+    })
 }
 
 pub(super) async fn run(a: AuditArgs, data_dir: &Path) -> anyhow::Result<i32> {

@@ -88,10 +88,18 @@ pub enum AdminRequest {
     /// The trust set, with the box's name and whether it requires
     /// signatures (`trust list`, and `send --sign` for the audience).
     TrustList,
+    /// Audit entries at or after `since` (ms since the epoch), the newest
+    /// `limit` of them.
+    Audit {
+        since: Option<u64>,
+        limit: Option<u64>,
+    },
+    /// Walk the audit log's hash chain.
+    AuditVerify,
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 19;
+    const KNOWN_TAGS: u32 = 21;
 }
 
 /// The box's answer.
@@ -121,10 +129,16 @@ pub enum AdminResponse {
     /// The key a trust edit added or removed.
     Trusted(crate::trust::TrustedKey),
     Trust(TrustView),
+    Audit(Vec<crate::audit::View>),
+    /// `--verify`: intact (the summary), or the first bad seq and why.
+    AuditVerified {
+        intact: bool,
+        text: String,
+    },
 }
 
 impl Frame for AdminResponse {
-    const KNOWN_TAGS: u32 = 15;
+    const KNOWN_TAGS: u32 = 17;
 }
 
 /// `outpost trust list`.
@@ -273,15 +287,20 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
 
 async fn connection(mut stream: UnixStream, ctx: Arc<AdminContext>) -> Result<(), FrameError> {
     let caller = access::Caller::of(&stream, &ctx.access);
+    let who = crate::audit::request::Caller::socket(stream.peer_cred().ok().map(|c| c.uid()));
     while let Some(req) = proto::read_frame::<AdminRequest, _>(&mut stream, MAX_FRAME).await? {
         if let Err(refusal) = access::authorize(&ctx, &caller, &req).await {
+            // A request refused for its role is audited as refused.
+            if let Some(d) = crate::audit::request::draft(&req) {
+                ctx.queue.audit(d.note(&who, &refusal, crate::now_millis()));
+            }
             proto::write_frame(&mut stream, &refusal, MAX_FRAME).await?;
             continue;
         }
         if let AdminRequest::Watch { device } = req {
             return watch(stream, &ctx, device).await;
         }
-        let resp = handle(&ctx, req).await;
+        let resp = audited(&ctx, &who, req).await;
         proto::write_frame(&mut stream, &resp, MAX_FRAME).await?;
     }
     Ok(())
@@ -307,6 +326,21 @@ async fn watch(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// `handle`, and the request's audit entry once it has its answer (plain
+/// reads have none: `audit::request`).
+async fn audited(
+    ctx: &AdminContext,
+    caller: &crate::audit::request::Caller,
+    req: AdminRequest,
+) -> AdminResponse {
+    let draft = crate::audit::request::draft(&req);
+    let resp = handle(ctx, req).await;
+    if let Some(d) = draft {
+        ctx.queue.audit(d.note(caller, &resp, crate::now_millis()));
+    }
+    resp
 }
 
 /// Workflow requests: the runner answers, or says it is not there.
@@ -433,6 +467,19 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                 set: (*g.set()).clone(),
             }))
         }
+        AdminRequest::Audit { since, limit } => {
+            q.audit_read(since, limit).await.map(AdminResponse::Audit)
+        }
+        AdminRequest::AuditVerify => q.audit_verify().await.map(|v| match v {
+            Ok(intact) => AdminResponse::AuditVerified {
+                intact: true,
+                text: intact.to_string(),
+            },
+            Err(broken) => AdminResponse::AuditVerified {
+                intact: false,
+                text: broken.to_string(),
+            },
+        }),
         AdminRequest::Watch { .. } => Ok(AdminResponse::Error {
             kind: ErrorKind::BadRequest,
             message: "watch is a stream; send it as the connection's only request".into(),

@@ -184,16 +184,32 @@ async fn produce(
                         (payload, None)
                     }
                 };
+                let target = targets[i % targets.len()].clone();
+                let digest = crate::audit::sha256(&payload);
                 let asked = Instant::now();
-                q.send(SendRequest {
-                    target: targets[i % targets.len()].clone(),
-                    payload,
-                    opts: SendOptions::default(),
-                    origin: "bench".into(),
-                    signature,
-                })
-                .await?;
+                let receipt = q
+                    .send(SendRequest {
+                        target: target.clone(),
+                        payload,
+                        opts: SendOptions::default(),
+                        origin: "bench".into(),
+                        signature,
+                    })
+                    .await?;
                 accepted.push(asked.elapsed().as_micros() as u64);
+                // Each send audited as the admin socket audits it, so W1
+                // counts what the log costs intake.
+                q.audit(crate::audit::Note {
+                    at: crate::now_millis(),
+                    who: "uid 0".into(),
+                    from: "socket".into(),
+                    what: "send".into(),
+                    target,
+                    command: Some(receipt.id.to_string()),
+                    payload_sha256: Some(digest),
+                    allowed: true,
+                    why: None,
+                });
             }
             anyhow::Ok(accepted)
         });

@@ -79,6 +79,10 @@ pub struct FileConfig {
     pub cache: Option<SizeValue>,
     pub results_max: Option<usize>,
     pub results_max_age: Option<String>,
+    /// Audit entries kept, by count [default: 100000] and by age, a
+    /// duration [default: 90d].
+    pub audit_keep: Option<u64>,
+    pub audit_max_age: Option<String>,
     /// Prometheus metrics address, e.g. 127.0.0.1:9464 (off when absent).
     pub metrics: Option<String>,
     /// The hub above this box, `quic://HOST:PORT` (off when absent).
@@ -362,6 +366,7 @@ pub struct ServeConfig {
     /// The box's name, when given (`--name`): the audience of signed
     /// commands. Unset: the uplink bundle's id, else the hostname.
     pub name: Option<String>,
+    pub audit: crate::audit::Retention,
 }
 
 /// The NATS uplink's settings.
@@ -714,9 +719,17 @@ pub fn resolve(
             origin: f.clone(),
             why: e.to_string(),
         })?;
+    let mut audit = crate::audit::Retention::default();
+    if let Some(n) = file.audit_keep {
+        audit.keep = n;
+    }
+    if let Some(v) = &file.audit_max_age {
+        audit.max_age_ms = duration("audit_max_age", v, &f)?.as_millis() as u64;
+    }
     Ok(ServeConfig {
         access,
         http_tokens,
+        audit,
         http,
         http_token,
         http_admin: args.http_admin || file.http_admin.unwrap_or(false),

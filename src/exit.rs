@@ -15,7 +15,8 @@ pub const NOT_FOUND: i32 = 3;
 pub const TIMED_OUT: i32 = 4;
 /// Refused by policy: queue full, unauthorised, revoked, a reused key.
 pub const REFUSED: i32 = 5;
-/// The command (or workflow) ended without success.
+/// The command (or workflow) ended without success; `audit --verify` found
+/// the chain broken.
 pub const UNSUCCESSFUL: i32 = 6;
 /// EX_TEMPFAIL: the box stopped on a store failure, for systemd's
 /// `Restart=on-failure` to bring it back on a reopened database; also the

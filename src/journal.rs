@@ -186,6 +186,9 @@ pub enum UpItem {
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
+    /// An entry of this box's audit log, for the hub's. Never skipped: it
+    /// is evidence.
+    Audit(crate::audit::chain::Note),
 }
 
 impl UpItem {

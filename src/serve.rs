@@ -55,6 +55,8 @@ pub struct ServeOptions {
     /// The box's name, the audience of signed commands (`None`: the
     /// uplink bundle's id, else the NATS name, else the hostname).
     pub name: Option<String>,
+    /// How much of the audit log is kept (`audit_keep`, `audit_max_age`).
+    pub audit: crate::audit::Retention,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -82,6 +84,7 @@ impl ServeOptions {
             exit_on_store_failure: None,
             require_signed: false,
             name: None,
+            audit: Default::default(),
         }
     }
 }
@@ -175,6 +178,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
                 .or(o.nats.as_ref().map(|n| n.1)),
             exit_on_store_failure: o.exit_on_store_failure,
             gate,
+            audit: o.audit,
             ..ServiceOptions::default()
         },
     )?;

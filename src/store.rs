@@ -73,6 +73,9 @@ const KEY_LIVE_HINT: &[u8] = b"L";
 const KEY_CA: &str = "ca";
 /// The trust set (operator keys), postcard; absent: none trusted.
 const KEY_TRUST: &str = "trust";
+/// Keys of the audit tree beside the 8-byte seqs.
+const AUDIT_ANCHOR: &[u8] = b"anchor";
+const AUDIT_HEAD: &[u8] = b"head";
 const MARKER_FILE: &str = "store-id";
 const WATERMARK_FILE: &str = "store-seq";
 /// How often a busy store refreshes `store-seq`.
@@ -206,6 +209,9 @@ pub struct Store {
     journal: sled::Tree,
     devices: sled::Tree,
     meta: sled::Tree,
+    /// The audit log: key = seq (u64 BE) → a stored `audit::Entry`, plus
+    /// the anchor and the head under keys of another length.
+    audit: sled::Tree,
     /// (last seq committed, when `store-seq` was last written).
     watermark: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
 }
@@ -344,6 +350,7 @@ impl Store {
             journal: db.open_tree("journal").map_err(s)?,
             devices: db.open_tree("devices").map_err(s)?,
             meta: db.open_tree("meta").map_err(s)?,
+            audit: db.open_tree("audit").map_err(s)?,
             db,
             watermark: Default::default(),
         };
@@ -587,6 +594,75 @@ impl Store {
         self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
         self.refresh_watermark(w.seq, false)
+    }
+
+    /// Apply a round's audit part, without a flush: the round's own commit
+    /// (or `flush`) that follows makes it durable. It goes first, so a crash
+    /// between the two batches can leave an entry for a round that never
+    /// became durable (nobody was answered) but never a durable round
+    /// without its entries. The anchor and the head ride in the same batch
+    /// as the entries and removals, so the three never disagree.
+    pub fn audit_write(&self, w: &crate::audit::Write) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (seq, bytes) in &w.entries {
+            batch.insert(&seq.to_be_bytes(), &bytes[..]);
+        }
+        for seq in &w.remove {
+            batch.remove(&seq.to_be_bytes());
+        }
+        if let Some(a) = w.anchor {
+            batch.insert(AUDIT_ANCHOR, a.encode());
+        }
+        batch.insert(AUDIT_HEAD, &w.head.to_be_bytes());
+        self.audit.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// Where the kept chain starts (the default while nothing was pruned).
+    pub fn audit_anchor(&self) -> Result<crate::audit::Anchor, StoreError> {
+        match self.audit.get(AUDIT_ANCHOR).map_err(|e| self.err(e))? {
+            None => Ok(Default::default()),
+            Some(v) => crate::audit::Anchor::decode(&v)
+                .ok_or_else(|| self.corrupt("the audit log's anchor does not decode".into())),
+        }
+    }
+
+    /// The next seq the writer recorded (`None`: nothing was ever audited).
+    pub fn audit_head(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .audit
+            .get(AUDIT_HEAD)
+            .map_err(|e| self.err(e))?
+            .map(|v| be_u64(&v)))
+    }
+
+    /// Stored audit entries from `seq` on, in seq order.
+    pub fn audit_from(
+        &self,
+        seq: u64,
+    ) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_ {
+        self.audit
+            .range(seq.to_be_bytes()..)
+            .filter(|r| r.as_ref().map_or(true, |(k, _)| k.len() == 8))
+            .map(|r| {
+                r.map(|(k, v)| (be_u64(&k), v.to_vec()))
+                    .map_err(|e| self.err(e))
+            })
+    }
+
+    /// The last stored audit entry.
+    pub fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let mut it = self
+            .audit
+            .range(..[0xffu8; 8])
+            .rev()
+            .filter(|r| r.as_ref().map_or(true, |(k, _)| k.len() == 8));
+        match it.next() {
+            None => Ok(None),
+            Some(r) => {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                Ok(Some((be_u64(&k), v.to_vec())))
+            }
+        }
     }
 
     /// Every group on disk, in commit order (journal before results within
@@ -1001,6 +1077,14 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .cloned()
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "panic".into())
+}
+
+fn be_u64(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if k.len() == 8 {
+        b.copy_from_slice(k);
+    }
+    u64::from_be_bytes(b)
 }
 
 fn seq_from_key(k: &[u8]) -> u64 {

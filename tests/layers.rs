@@ -29,11 +29,13 @@ const ENGINE: &[&str] = &[
     "src/upstream/cursor.rs",
     "src/workflow/mod.rs",
     "src/trust/mod.rs",
+    "src/trust/anchors.rs",
     "src/trust/envelope.rs",
     "src/trust/gate.rs",
     "src/trust/key.rs",
     "src/trust/role.rs",
     "src/trust/set.rs",
+    "src/audit/chain.rs",
 ];
 
 /// What an engine file may not name: IO, the clock, async runtimes, and

@@ -394,3 +394,51 @@ async fn device_to_device_under_the_acl() {
     cam_task.abort();
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_sends_are_audited_allowed_or_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = Acl::new(vec![AclRule {
+        from: vec!["s0".into()],
+        to: vec!["cam".into()],
+    }])
+    .unwrap();
+    let b = start(dir.path(), acl).await;
+    let s0 = b.enroll("s0", &[], &[]).await;
+    b.enroll("cam", &[], &[]).await;
+    let s0c = connect(b.addr, &s0, &[]).await;
+    let sent = s0c
+        .send_command("cam", b"snap".to_vec(), SendOptions::default())
+        .await
+        .unwrap();
+    assert!(s0c
+        .send_command("s0", b"x".to_vec(), SendOptions::default())
+        .await
+        .is_err());
+    let log = b.queue.audit_read(None, None).await.unwrap();
+    let seen: Vec<_> = log
+        .iter()
+        .map(|v| {
+            (
+                v.who.as_str(),
+                v.from.as_str(),
+                v.target.as_str(),
+                v.allowed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("device s0", "device link", "cam", true),
+            ("device s0", "device link", "s0", false),
+        ],
+        "{log:?}"
+    );
+    assert_eq!(log[0].command, Some(sent.id.to_string()));
+    assert!(
+        log[1].why.as_deref().unwrap().contains("no [[acl]] rule"),
+        "{log:?}"
+    );
+    b.stop().await;
+}

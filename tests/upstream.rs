@@ -629,3 +629,49 @@ async fn a_compromised_hub_cannot_forge_or_change_a_signed_command_the_edge_refu
     // The device ran the good command only.
     w.check_device(&[good]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edges_audit_entries_reach_the_hubs_log_under_the_edges_name_once() {
+    let w = world().await;
+    let h = hub(&w.hub_dir, w.port).await;
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let _dev = device(enroll(&e, "d0", false).await, w.runs.clone());
+    e.queue.audit(outpost::audit::Note {
+        at: outpost::now_millis(),
+        who: "uid 1000".into(),
+        from: "socket".into(),
+        what: "revoke".into(),
+        target: "d9".into(),
+        command: None,
+        payload_sha256: None,
+        allowed: false,
+        why: Some("no device `d9`".into()),
+    });
+    let id = send(&h.queue, "e1/d0", "x".into()).await;
+    all_end(&h.queue, &[id], "hub").await;
+    outbox_drained(&e).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let log = loop {
+        let log = h.queue.audit_read(None, None).await.unwrap();
+        if log.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seen: Vec<_> = log
+        .iter()
+        .map(|v| (v.who.as_str(), v.from.as_str(), v.what.as_str(), v.allowed))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("e1/uid 1000", "e1/socket", "revoke", false),
+            ("e1/hub", "e1/upstream", "send", true),
+        ],
+        "{log:?}"
+    );
+    assert_eq!(log[1].command, Some(id.to_string()));
+    assert_eq!(log[1].target, "d0");
+    e.stop().await;
+    h.stop().await;
+}

@@ -220,6 +220,7 @@ impl AdminRequest {
             // Read: `send --sign` asks it for the box's name.
             | R::TrustList => (Verb::Read, None),
             R::Trust(_) => (Verb::Trust, None),
+            R::Audit { .. } | R::AuditVerify => (Verb::Audit, None),
             R::Enroll { .. } => (Verb::Enroll, None),
             R::Revoke(_) => (Verb::Revoke, None),
             R::Relabel(_) => (Verb::Tag, None),

@@ -162,6 +162,21 @@ async fn enroll_offline(
     // The box loads the new certificate's pin from the record at its next
     // start: nothing is serving now that would need it live.
     let r = crate::enroll::enroll(&queue, &identity, &advertise, req).await;
+    // An enrollment with the box stopped is as much an entry as one through
+    // its socket; `shutdown` writes it.
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    queue.audit(crate::audit::Note {
+        at: crate::now_millis(),
+        who: format!("uid {uid}"),
+        from: "offline".into(),
+        what: "enroll".into(),
+        target: req.id.clone(),
+        command: None,
+        payload_sha256: None,
+        allowed: r.is_ok(),
+        why: r.as_ref().err().map(|e| e.to_string()),
+    });
     // Durable before the store closes, either way.
     queue.shutdown().await;
     Ok(r?.bundle)

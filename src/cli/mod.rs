@@ -7,6 +7,7 @@
 //! 1 error, 2 usage, 3 not found, 4 timed out, 5 refused, 6 the command
 //! ended without success.
 
+mod audit;
 pub mod demo;
 mod devices;
 pub mod doctor;
@@ -138,6 +139,9 @@ pub enum Cmd {
     },
     /// Run the reference device agent.
     Device(DeviceArgs),
+    /// The audit log: who did what, from where, allowed or refused; or
+    /// `--verify` its hash chain (on a stopped box's data dir too).
+    Audit(audit::AuditArgs),
     /// Check the data dir, keys, certificates, the box, disk and database.
     Doctor {
         #[arg(long)]
@@ -474,6 +478,7 @@ async fn run(
             Ok(0)
         }
         Cmd::Demo => demo::run().await,
+        Cmd::Audit(a) => audit::run(a, data_dir).await,
         Cmd::Doctor { json } => {
             // The reserve the box would run with, from the file and the
             // environment; only an explicit one can exceed the disk.
@@ -637,6 +642,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.advertise = c.advertise;
     o.link.window = c.limits.window;
     o.limits = c.limits;
+    o.audit = c.audit;
     if c.reserve_origin.is_none() {
         if let Ok((total, _)) = crate::store::fs_space_of(data_dir) {
             o.limits.min_free_disk = crate::queue::default_reserve(total);

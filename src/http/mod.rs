@@ -122,6 +122,7 @@ pub async fn serve(
         streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
     }));
     let task = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!("http listener on {local} stopped: {e}");
         }
@@ -391,11 +392,33 @@ async fn events(State(st): State<St>) -> Response {
         .into_response()
 }
 
+/// `act_on`, and its audit entry with the answer's status (its text, for
+/// a refusal): a dashboard retry or cancel is a write like the socket's.
 async fn act(
     State(st): State<St>,
     axum::Extension(caller): axum::Extension<access::Caller>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
+    let (target, what) = (id.clone(), action.clone());
+    let who = caller.who.clone();
+    let resp = act_on(st.clone(), caller, id, action).await;
+    let refused = !resp.status().is_success();
+    st.ctx.queue.audit(crate::audit::Note {
+        at: crate::now_millis(),
+        who,
+        from: format!("http {peer}"),
+        what,
+        target: String::new(),
+        command: Some(target),
+        payload_sha256: None,
+        allowed: !refused,
+        why: refused.then(|| resp.status().to_string()),
+    });
+    resp
+}
+
+async fn act_on(st: St, caller: access::Caller, id: String, action: String) -> Response {
     // The role and the X-Outpost header were checked by the guard.
     let id: crate::CommandId = match id.parse() {
         Ok(id) => id,

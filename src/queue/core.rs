@@ -314,6 +314,8 @@ pub struct Effects {
     pub device_writes: Vec<DeviceRecord>,
     /// Device records whose last-seen changed (written, not flushed alone).
     pub device_touches: Vec<DeviceRecord>,
+    /// Audit entries of the boxes below, for this box's log with the round.
+    pub audit: Vec<crate::audit::chain::Note>,
 }
 
 /// One command to hand to a connected device. The payload is in journal

@@ -10,8 +10,11 @@
 //!   batches every request that arrives while the previous flush runs into
 //!   one group commit (one sled batch, one flush), then answers all of the
 //!   waiters. Nothing is answered "accepted" before its flush returned.
+//! - [`audit`]: the writer's part of the audit log (the chain's tip, the
+//!   notes waiting for a round, retention).
 
 pub mod api;
+pub mod audit;
 pub mod core;
 pub mod json;
 pub mod outbox;

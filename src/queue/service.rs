@@ -42,6 +42,8 @@ pub struct ServiceOptions {
     /// The box's trust gate: its name, whether signatures are required, and
     /// whose count. Every intake through the handle passes it.
     pub gate: Arc<crate::trust::Gate>,
+    /// How much of the audit log is kept.
+    pub audit: crate::audit::Retention,
 }
 
 impl Default for ServiceOptions {
@@ -54,6 +56,7 @@ impl Default for ServiceOptions {
             outbox_max: None,
             exit_on_store_failure: None,
             gate: Arc::default(),
+            audit: Default::default(),
         }
     }
 }
@@ -152,7 +155,18 @@ pub(crate) enum Msg {
         token: u64,
     },
     Shutdown(oneshot::Sender<()>),
+    /// An audit entry to write with a coming round.
+    Audit(crate::audit::Note),
+    AuditRead {
+        since: Option<u64>,
+        limit: Option<u64>,
+        reply: Reply<Vec<crate::audit::View>>,
+    },
+    AuditVerify(Reply<AuditVerdict>),
 }
+
+/// What a walk of the audit log found.
+pub type AuditVerdict = Result<crate::audit::Intact, crate::audit::Broken>;
 
 /// A cheap, cloneable handle to the queue service.
 #[derive(Clone)]
@@ -173,6 +187,7 @@ pub struct QueueHandle {
 pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreError> {
     let core = rebuild(&store, &opts)?;
     let gate = opts.gate.clone();
+    let audit = super::audit::AuditLog::load(&store, opts.audit)?;
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
@@ -195,6 +210,8 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         flush_sum: 0.0,
         broken: None,
         last_recovery: None,
+        audit,
+        audit_force: false,
     };
     std::thread::Builder::new()
         .name("outpost-writer".into())
@@ -475,6 +492,8 @@ enum Pending {
     Show(Reply<CoreReply>, CommandId),
     Unit(Reply<()>, Result<(), QueueError>),
     Token(Reply<u64>, Result<u64, QueueError>),
+    AuditRead(Reply<Vec<crate::audit::View>>, Option<u64>, Option<u64>),
+    AuditVerify(Reply<AuditVerdict>),
 }
 
 /// The wall clock as the core sees it, watched for jumps: the wall clock
@@ -530,6 +549,10 @@ struct Writer {
     broken: Option<String>,
     /// When the store was last reopened after a failure.
     last_recovery: Option<std::time::Instant>,
+    audit: super::audit::AuditLog,
+    /// The next round writes every waiting audit note (a reader waits, or
+    /// the writer stops).
+    audit_force: bool,
 }
 
 /// How often a broken store is reopened while requests keep coming.
@@ -548,15 +571,20 @@ impl Writer {
         loop {
             // Sleep until a request arrives or the core's next timer: an idle
             // box wakes for nothing.
-            let first = match self.core.next_deadline() {
-                Some(due) => {
-                    let wait = due.saturating_sub(crate::now_millis());
-                    match self.rx.recv_timeout(Duration::from_millis(wait.max(1))) {
-                        Ok(m) => Some(m),
-                        Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
-                    }
-                }
+            let core_wait = self
+                .core
+                .next_deadline()
+                .map(|due| Duration::from_millis(due.saturating_sub(crate::now_millis())));
+            let wait = match (core_wait, self.audit.due_in()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wait {
+                Some(wait) => match self.rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                    Ok(m) => Some(m),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
+                },
                 None => match self.rx.recv() {
                     Ok(m) => Some(m),
                     Err(_) => return None,
@@ -580,6 +608,9 @@ impl Writer {
                     Ok(m) => self.handle(m, now, &mut pending, &mut shutdown),
                     Err(_) => break,
                 }
+            }
+            if shutdown.is_some() {
+                self.audit_force = true;
             }
             self.round(now, pending);
             if let Some(done) = shutdown {
@@ -618,11 +649,21 @@ impl Writer {
                 Msg::Connect { reply, .. } => pending.push(Pending::Token(reply, Err(e))),
                 Msg::Disconnect { .. } => {}
                 Msg::Shutdown(done) => *shutdown = Some(done),
+                Msg::Audit(note) => self.audit.push(note),
+                Msg::AuditRead { reply, .. } => {
+                    let _ = reply.send(Err(e));
+                }
+                Msg::AuditVerify(reply) => {
+                    let _ = reply.send(Err(e));
+                }
             }
             return;
         }
         match m {
             Msg::Core(req, reply) => {
+                // Intake from a device or a hub is decided here, so its entry
+                // joins this very round's batch.
+                let intake = super::audit::intake_of(&req);
                 let core = &mut self.core;
                 let result = match req {
                     CoreRequest::Send(r) => core.send(r, now).map(CoreReply::Receipt),
@@ -678,6 +719,9 @@ impl Writer {
                         Ok(CoreReply::Done)
                     }
                 };
+                if let Some(i) = intake {
+                    self.record(i.note(&result, now));
+                }
                 pending.push(Pending::Reply(reply, result));
             }
             Msg::Ack {
@@ -718,7 +762,27 @@ impl Writer {
                 }
             }
             Msg::Shutdown(done) => *shutdown = Some(done),
+            Msg::Audit(note) => self.record(note),
+            Msg::AuditRead {
+                since,
+                limit,
+                reply,
+            } => {
+                self.audit_force = true;
+                pending.push(Pending::AuditRead(reply, since, limit));
+            }
+            Msg::AuditVerify(reply) => {
+                self.audit_force = true;
+                pending.push(Pending::AuditVerify(reply));
+            }
         }
+    }
+
+    /// An entry of this box's log: for its audit tree and, on an edge, for
+    /// the outbox, sealed into the same round.
+    fn record(&mut self, note: crate::audit::Note) {
+        self.core.audit_up(note.clone());
+        self.audit.push(note);
     }
 
     fn retry(&mut self, id: CommandId, now: Millis) -> Result<CoreReply, QueueError> {
@@ -791,12 +855,28 @@ impl Writer {
                 "ended commands whose payload could not be read back: `retry` cannot requeue them"
             );
         }
-        let (write, effects) = (round.write, round.effects);
-        let committed = self.commit(&write, &effects);
+        let (write, mut effects) = (round.write, round.effects);
+        for note in effects.audit.drain(..) {
+            self.audit.push(note);
+        }
+        let riding = !write.is_empty() || !effects.device_writes.is_empty();
+        let force = std::mem::take(&mut self.audit_force);
+        let audit = match self.audit.prepare(&self.store, riding, force, now) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("group commit failed: {e}; reloading the queue from disk");
+                self.fail_round(pending, e);
+                return;
+            }
+        };
+        let committed = self.commit(&write, &effects, audit.as_ref().map(|a| &a.0));
         if let Err(e) = committed {
             tracing::error!("group commit failed: {e}; reloading the queue from disk");
             self.fail_round(pending, e);
             return;
+        }
+        if let Some((w, tip)) = audit {
+            self.audit.committed(&self.store, &w, tip);
         }
         if !write.journal.is_empty() {
             let seq = write.seq;
@@ -852,7 +932,16 @@ impl Writer {
         Ok(CoreReply::Trusted(key))
     }
 
-    fn commit(&mut self, write: &GroupWrite, effects: &Effects) -> Result<(), StoreError> {
+    fn commit(
+        &mut self,
+        write: &GroupWrite,
+        effects: &Effects,
+        audit: Option<&crate::audit::Write>,
+    ) -> Result<(), StoreError> {
+        if let Some(a) = audit {
+            // Before the round's own batch: see `Store::audit_write`.
+            self.store.audit_write(a)?;
+        }
         for rec in &effects.device_touches {
             self.store.touch_device(rec)?;
         }
@@ -869,7 +958,7 @@ impl Writer {
                 .unwrap_or(super::FLUSH_BUCKETS_S.len());
             self.flush_buckets[i] += 1;
             self.flush_sum += s;
-        } else if !effects.device_writes.is_empty() {
+        } else if !effects.device_writes.is_empty() || audit.is_some() {
             self.store.flush()?;
         }
         Ok(())
@@ -895,6 +984,12 @@ impl Writer {
                     let _ = r.send(Err(err.clone()));
                 }
                 Pending::Token(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::AuditRead(r, ..) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::AuditVerify(r) => {
                     let _ = r.send(Err(err.clone()));
                 }
             }
@@ -926,6 +1021,7 @@ impl Writer {
                     tracing::info!("the store is readable again; serving");
                 }
                 self.core = core;
+                self.audit.reload(&self.store);
             }
             Err(e) => {
                 if self.broken.is_none() {
@@ -1016,6 +1112,16 @@ impl Writer {
             }
             Pending::Token(r, result) => {
                 let _ = r.send(result);
+            }
+            Pending::AuditRead(r, since, limit) => {
+                let views = super::audit::read(&self.store, since, limit)
+                    .map_err(|e| QueueError::Storage(e.to_string()));
+                let _ = r.send(views);
+            }
+            Pending::AuditVerify(r) => {
+                let verdict = super::audit::verify(&self.store)
+                    .map_err(|e| QueueError::Storage(e.to_string()));
+                let _ = r.send(verdict);
             }
         }
     }
@@ -1343,6 +1449,31 @@ impl QueueHandle {
     /// Lifecycle events from now on (for `watch`, `--wait`, metrics).
     pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
         self.events.subscribe()
+    }
+
+    /// Record an audit entry; it is written with a coming round (see
+    /// `queue::audit` for when).
+    pub fn audit(&self, note: crate::audit::Note) {
+        let _ = self.tx.send(Msg::Audit(note));
+    }
+
+    /// Audit entries at or after `since` (ms), the newest `limit`.
+    pub async fn audit_read(
+        &self,
+        since: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<Vec<crate::audit::View>, QueueError> {
+        self.call(|reply| Msg::AuditRead {
+            since,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Walk the audit log's chain.
+    pub async fn audit_verify(&self) -> Result<AuditVerdict, QueueError> {
+        self.call(Msg::AuditVerify).await
     }
 
     /// Finish the current group, stop the writer thread.

@@ -617,6 +617,10 @@ pub fn up_message(edge: &str, e: &UpEntry) -> (String, HeaderMap, Vec<u8>) {
             h.insert("Outpost-At", at.to_string().as_str());
             ("event", payload.clone())
         }
+        UpItem::Audit(note) => {
+            h.insert("Outpost-At", note.at.to_string().as_str());
+            ("audit", serde_json::to_vec(note).unwrap_or_default())
+        }
     };
     let mut body = body;
     if body.len() > MAX_BODY {

@@ -219,7 +219,22 @@ impl QueueCore {
                     payload,
                 });
             }
+            UpItem::Audit(mut note) => {
+                // The edge's name on who and from: `edge-1/uid 1000` did it
+                // over `edge-1/socket`. Deduped with every other record by
+                // the edge's cursor; written in this round's batch.
+                note.who = below(edge, &note.who);
+                note.from = below(edge, &note.from);
+                self.outbox.push(UpItem::Audit(note.clone()));
+                self.effects.audit.push(note);
+            }
         }
+    }
+
+    /// An entry of this box's own audit log, to go upstream (a no-op
+    /// without an uplink).
+    pub fn audit_up(&mut self, note: crate::audit::chain::Note) {
+        self.outbox.push(UpItem::Audit(note));
     }
 
     /// A command ended on the edge. One the hub sent down ends here with

@@ -76,6 +76,24 @@ fn signed_commands_run_and_every_bad_one_is_refused_at_intake_with_its_reason() 
     ]));
     assert_eq!(r["state"], "succeeded", "{r}");
 
+    // Bulk: every line signed with the key, each its own command.
+    let lines = b.dir.path().join("lines.txt");
+    std::fs::write(&lines, "one\ntwo\n").unwrap();
+    let out = ok(&b.run(&[
+        "send",
+        "dev-2",
+        "--lines",
+        lines.to_str().unwrap(),
+        "--sign",
+        &alice,
+    ]));
+    assert_eq!(out.lines().count(), 2, "{out}");
+    refused(
+        &b,
+        &["send", "dev-2", "--lines", lines.to_str().unwrap()],
+        "unsigned",
+    );
+
     // A key the box does not trust.
     let mallory = key(&b, "mallory");
     refused(

@@ -312,7 +312,44 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
         Err(code) => return Ok(code),
     };
     let opts = super::send_options(&s)?;
-    let id = CommandId::new(crate::now_millis(), rand::random());
+    // Signed here (or elsewhere, `--envelope`): the envelope names the
+    // edge as its audience, and its id is the command's.
+    let mut req = crate::queue::SendRequest {
+        target: s.target.clone(),
+        payload,
+        opts: opts.clone(),
+        origin: "cli".into(),
+        signature: None,
+    };
+    let id = match (&s.signing.sign, &s.signing.envelope) {
+        (Some(path), _) => {
+            let key = super::sign::load_key(path)?;
+            let audience = s
+                .signing
+                .audience
+                .clone()
+                .unwrap_or_else(|| super::sign::default_audience(&s.target, edge));
+            let expires = s
+                .signing
+                .expires
+                .map_or(super::sign::DEFAULT_EXPIRY, |d| d.0);
+            super::sign::sign_request(&mut req, &key, expires, &audience, crate::now_millis())?
+        }
+        (None, Some(b64)) => {
+            use base64::Engine as _;
+            let env = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| super::UsageError(format!("--envelope is not base64 ({e})")))?;
+            let id = crate::trust::envelope::open(&env)
+                .map_err(|e| super::UsageError(format!("--envelope: {e}")))?
+                .claims
+                .id;
+            req.signature = Some(env);
+            id
+        }
+        (None, None) => CommandId::new(crate::now_millis(), rand::random()),
+    };
+    let payload = req.payload;
     let c = client(a).await?;
     let js = jetstream::new(c);
     // Listen before sending, so a fast result is not missed.
@@ -334,7 +371,10 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
         }
     };
     let subject = format!("outpost.cmd.{edge}.{target}");
-    let headers = nats::command_headers(id, &opts);
+    let mut headers = nats::command_headers(id, &opts);
+    if let Some(env) = &req.signature {
+        nats::set_envelope(&mut headers, env);
+    }
     js.publish_with_headers(subject.clone(), headers, payload.into())
         .await
         .with_context(|| format!("cannot publish to {subject}"))?

@@ -215,6 +215,31 @@ pub(super) async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> any
     if a.key.is_some() && lines.len() > 1 {
         bail!("--key with --lines would give every line the same idempotency key; drop --key");
     }
+    if a.signing.envelope.is_some() {
+        bail!("--envelope signs one command; with --lines use --sign KEY, which signs each line");
+    }
+    // Each line signed with the same key, audience and lifetime.
+    let signer = match &a.signing.sign {
+        Some(path) => {
+            let key = super::sign::load_key(path)?;
+            let audience = match &a.signing.audience {
+                Some(x) => x.clone(),
+                None => {
+                    let mut c = client(data_dir).await?;
+                    let AdminResponse::Trust(t) = c.call(&AdminRequest::TrustList).await? else {
+                        bail!("unexpected answer")
+                    };
+                    super::sign::default_audience(&a.target, &t.name)
+                }
+            };
+            let expires = a
+                .signing
+                .expires
+                .map_or(super::sign::DEFAULT_EXPIRY, |d| d.0);
+            Some(std::sync::Arc::new((key, audience, expires)))
+        }
+        None => None,
+    };
     let opts = send_options(&a)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(lines.len() as u64)
@@ -224,24 +249,35 @@ pub(super) async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> any
     let mut ids = vec![None; lines.len()];
     let mut tasks = tokio::task::JoinSet::new();
     for part in lines.chunks(lines.len().div_ceil(CONNECTIONS).max(1)) {
-        let (part, opts, target, dir, bar) = (
+        let (part, opts, target, dir, bar, signer) = (
             part.to_vec(),
             opts.clone(),
             a.target.clone(),
             data_dir.to_path_buf(),
             bar.clone(),
+            signer.clone(),
         );
         tasks.spawn(async move {
             let mut c = AdminClient::connect(&dir).await?;
             let mut out = Vec::with_capacity(part.len());
             for (n, line) in part {
-                let req = SendRequest {
+                let mut req = SendRequest {
                     target: target.clone(),
                     payload: line.into_bytes(),
                     opts: opts.clone(),
                     origin: "cli".into(),
                     signature: None,
                 };
+                if let Some(s) = &signer {
+                    let (key, audience, expires) = &**s;
+                    super::sign::sign_request(
+                        &mut req,
+                        key,
+                        *expires,
+                        audience,
+                        crate::now_millis(),
+                    )?;
+                }
                 match c.call(&AdminRequest::Send(req)).await? {
                     AdminResponse::Receipt(r) => out.push((n, r)),
                     other => {

@@ -645,6 +645,28 @@ async fn a_signed_command_from_the_cluster_reaches_the_device_with_its_envelope(
         "the bytes as signed"
     );
     assert_eq!(cmd.verified.unwrap().signer, "alice");
+
+    // The operator's way: `outpost fleet send --sign KEY` puts the envelope
+    // in the header (the edge is the audience), and the device verifies it.
+    let keyfile = tmp.path().join("alice");
+    std::fs::write(&keyfile, alice.to_openssh().unwrap()).unwrap();
+    let o = fleet(
+        &urls,
+        &[
+            "send",
+            "e1/d1",
+            "by-cli",
+            "--sign",
+            keyfile.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cmd = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the CLI-signed command reaches the device")
+        .unwrap();
+    assert_eq!(cmd.payload, b"by-cli");
+    assert_eq!(cmd.verified.unwrap().signer, "alice");
     dev.abort();
     e.stop().await;
 }

@@ -141,6 +141,19 @@ impl Frame for AdminResponse {
     const KNOWN_TAGS: u32 = 17;
 }
 
+impl AdminResponse {
+    /// `--verify`'s answer: the chain's summary, or its first break.
+    pub fn audit_verified<A: std::fmt::Display, B: std::fmt::Display>(
+        verdict: Result<A, B>,
+    ) -> AdminResponse {
+        let (intact, text) = match verdict {
+            Ok(a) => (true, a.to_string()),
+            Err(b) => (false, b.to_string()),
+        };
+        AdminResponse::AuditVerified { intact, text }
+    }
+}
+
 /// `outpost trust list`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustView {
@@ -470,16 +483,7 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
         AdminRequest::Audit { since, limit } => {
             q.audit_read(since, limit).await.map(AdminResponse::Audit)
         }
-        AdminRequest::AuditVerify => q.audit_verify().await.map(|v| match v {
-            Ok(intact) => AdminResponse::AuditVerified {
-                intact: true,
-                text: intact.to_string(),
-            },
-            Err(broken) => AdminResponse::AuditVerified {
-                intact: false,
-                text: broken.to_string(),
-            },
-        }),
+        AdminRequest::AuditVerify => q.audit_verify().await.map(AdminResponse::audit_verified),
         AdminRequest::Watch { .. } => Ok(AdminResponse::Error {
             kind: ErrorKind::BadRequest,
             message: "watch is a stream; send it as the connection's only request".into(),

@@ -90,16 +90,9 @@ fn offline(data_dir: &Path, req: &AdminRequest) -> anyhow::Result<AdminResponse>
     }
     let store = crate::store::Store::open(data_dir, &Default::default())?;
     Ok(match req {
-        AdminRequest::AuditVerify => match crate::queue::audit::verify(&store)? {
-            Ok(intact) => AdminResponse::AuditVerified {
-                intact: true,
-                text: intact.to_string(),
-            },
-            Err(broken) => AdminResponse::AuditVerified {
-                intact: false,
-                text: broken.to_string(),
-            },
-        },
+        AdminRequest::AuditVerify => {
+            AdminResponse::audit_verified(crate::queue::audit::verify(&store)?)
+        }
         AdminRequest::Audit { since, limit } => {
             AdminResponse::Audit(crate::queue::audit::read(&store, *since, *limit)?)
         }

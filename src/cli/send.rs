@@ -222,16 +222,7 @@ pub(super) async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> any
     let signer = match &a.signing.sign {
         Some(path) => {
             let key = super::sign::load_key(path)?;
-            let audience = match &a.signing.audience {
-                Some(x) => x.clone(),
-                None => {
-                    let mut c = client(data_dir).await?;
-                    let AdminResponse::Trust(t) = c.call(&AdminRequest::TrustList).await? else {
-                        bail!("unexpected answer")
-                    };
-                    super::sign::default_audience(&a.target, &t.name)
-                }
-            };
+            let audience = super::sign::audience(&a.signing, &a.target, data_dir).await?;
             let expires = a
                 .signing
                 .expires

@@ -83,19 +83,26 @@ pub(super) async fn maybe_sign(
         return Ok(());
     };
     let key = load_key(path)?;
-    let audience = match &a.audience {
-        Some(x) => x.clone(),
-        None => {
-            let mut c = client(data_dir).await?;
-            let AdminResponse::Trust(t) = c.call(&AdminRequest::TrustList).await? else {
-                bail!("unexpected answer")
-            };
-            default_audience(&req.target, &t.name)
-        }
-    };
+    let audience = audience(a, &req.target, data_dir).await?;
     let expires = a.expires.map_or(DEFAULT_EXPIRY, |d| d.0);
     sign_request(req, &key, expires, &audience, crate::now_millis())?;
     Ok(())
+}
+
+/// `--audience`, or the one `target` implies on the box (its name asked).
+pub(super) async fn audience(
+    a: &SignArgs,
+    target: &str,
+    data_dir: &Path,
+) -> anyhow::Result<String> {
+    if let Some(x) = &a.audience {
+        return Ok(x.clone());
+    }
+    let mut c = client(data_dir).await?;
+    let AdminResponse::Trust(t) = c.call(&AdminRequest::TrustList).await? else {
+        bail!("unexpected answer")
+    };
+    Ok(default_audience(target, &t.name))
 }
 
 /// `outpost sign`: an envelope on stdout, for a sender that is not the CLI.

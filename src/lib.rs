@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod alert;
+pub mod artifact;
 pub mod audit;
 pub mod bench;
 pub mod cli;

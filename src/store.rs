@@ -379,6 +379,13 @@ impl Store {
         Ok(())
     }
 
+    /// The artifact index's tree (`artifact::shelf`).
+    pub fn artifacts(&self) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(crate::artifact::shelf::TREE)
+            .map_err(|e| self.err(e))
+    }
+
     /// The trust set, or an empty one for a store that has none.
     pub fn trust(&self) -> Result<crate::trust::TrustSet, StoreError> {
         match self.meta.get(KEY_TRUST).map_err(|e| self.err(e))? {

@@ -36,6 +36,10 @@ const ENGINE: &[&str] = &[
     "src/trust/role.rs",
     "src/trust/set.rs",
     "src/audit/chain.rs",
+    "src/artifact/mod.rs",
+    "src/artifact/manifest.rs",
+    "src/artifact/chunker.rs",
+    "src/artifact/wire.rs",
 ];
 
 /// What an engine file may not name: IO, the clock, async runtimes, and

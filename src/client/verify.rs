@@ -100,7 +100,7 @@ impl Guard {
         let Some(trust) = &self.trust else {
             return Ok(Admitted::Unchecked);
         };
-        let Some(env) = &cmd.signature else {
+        let Some(env) = envelope::sealed(cmd.signature.as_deref()) else {
             if trust.require_signed {
                 return Err(Refusal::Unsigned);
             }

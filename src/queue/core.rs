@@ -712,7 +712,7 @@ impl QueueCore {
         // A signed command's id and lifetime are the envelope's (its
         // signature was checked at the gate, before the writer); a second
         // intake of one id is a replay, refused while the box knows the id.
-        let signed = match &signature {
+        let signed = match crate::trust::envelope::sealed(signature.as_deref()) {
             Some(env) => Some(
                 crate::trust::envelope::open(env)
                     .map_err(|e| QueueError::Untrusted(e.into()))?

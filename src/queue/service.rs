@@ -180,6 +180,7 @@ pub struct QueueHandle {
     /// rules wake on it; nothing polls).
     sessions: tokio::sync::watch::Receiver<u64>,
     gate: Arc<crate::trust::Gate>,
+    shelf: crate::artifact::shelf::Shelf,
 }
 
 /// Open the store's queue: replay the journal into a core and start the
@@ -187,6 +188,15 @@ pub struct QueueHandle {
 pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreError> {
     let core = rebuild(&store, &opts)?;
     let gate = opts.gate.clone();
+    let shelf = crate::artifact::shelf::Shelf::new(
+        store.artifacts()?,
+        Arc::new(
+            crate::artifact::chunks::ChunkStore::open(store.dir()).map_err(|e| StoreError::Io {
+                dir: store.dir().join(crate::artifact::chunks::DIR),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        ),
+    );
     let audit = super::audit::AuditLog::load(&store, opts.audit)?;
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -230,6 +240,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         })?;
     Ok(QueueHandle {
         gate,
+        shelf,
         tx,
         events,
         outbox: outbox_rx,
@@ -1166,6 +1177,11 @@ impl QueueHandle {
     /// The box's trust gate.
     pub fn gate(&self) -> &Arc<crate::trust::Gate> {
         &self.gate
+    }
+
+    /// The box's artifacts (manifests and chunks).
+    pub fn shelf(&self) -> &crate::artifact::shelf::Shelf {
+        &self.shelf
     }
 
     /// Add or remove an operator key; durable on return.

@@ -132,6 +132,52 @@ pub fn open(bytes: &[u8]) -> Result<Opened<'_>, Malformed> {
     })
 }
 
+/// The first byte of an *unsigned* envelope: what a command carries that
+/// nobody signed (today the artifact it references, issue 24). It shares
+/// the field a signed envelope travels in, so every hop (journal, results,
+/// `Forward`, the outbox, the NATS header) carries it unchanged; it
+/// authorises nothing, and wherever signatures are required it counts as
+/// no signature at all.
+pub const UNSIGNED: u8 = 2;
+
+#[derive(Serialize, Deserialize)]
+struct Unsigned {
+    version: u8,
+    artifact: Option<[u8; 32]>,
+}
+
+/// An unsigned envelope naming `artifact`.
+pub fn unsigned(artifact: Option<[u8; 32]>) -> Vec<u8> {
+    postcard::to_allocvec(&Unsigned {
+        version: UNSIGNED,
+        artifact,
+    })
+    .expect("an unsigned envelope encodes")
+}
+
+/// The signed envelope in a command's envelope field: `None` when there
+/// is none or it is unsigned. Anything else (a signed envelope, or bytes
+/// of an unknown version) is returned, to be verified or refused.
+pub fn sealed(envelope: Option<&[u8]>) -> Option<&[u8]> {
+    envelope.filter(|e| e.first() != Some(&UNSIGNED))
+}
+
+/// The artifact (manifest digest) an envelope names, signed or not.
+pub fn artifact(envelope: &[u8]) -> Result<Option<[u8; 32]>, Malformed> {
+    if envelope.first() == Some(&UNSIGNED) {
+        let (u, rest): (Unsigned, _) =
+            postcard::take_from_bytes(envelope).map_err(|e| Malformed::Bad(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(Malformed::Bad(format!(
+                "{} bytes after its end",
+                rest.len()
+            )));
+        }
+        return Ok(u.artifact);
+    }
+    Ok(open(envelope)?.claims.artifact)
+}
+
 /// SHA-256 of a payload, as the claims carry it.
 pub fn payload_digest(payload: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, payload);
@@ -194,5 +240,22 @@ mod tests {
             open(&vec![1; MAX_LEN + 1]),
             Err(Malformed::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn an_unsigned_envelope_names_its_artifact_and_never_passes_for_signed() {
+        let k = OperatorKey::generate("alice").unwrap();
+        let u = unsigned(Some([7; 32]));
+        assert_eq!(artifact(&u).unwrap(), Some([7; 32]));
+        assert_eq!(sealed(Some(&u)), None);
+        assert!(open(&u).is_err(), "an unsigned envelope is no signed one");
+        let mut c = claims(&k);
+        c.artifact = Some([9; 32]);
+        let env = seal(&c, &k).unwrap();
+        assert_eq!(sealed(Some(&env)), Some(&env[..]));
+        assert_eq!(artifact(&env).unwrap(), Some([9; 32]));
+        assert_eq!(sealed(None), None);
+        // Unknown versions are handed on, to be refused by name.
+        assert_eq!(sealed(Some(&[3u8][..])), Some(&[3u8][..]));
     }
 }

@@ -72,7 +72,7 @@ impl Gate {
     /// An envelope is verified even where signatures are optional: a bad
     /// one is refused, never taken as unsigned.
     pub fn admit(&self, c: Intake<'_>, now: Millis) -> Result<Option<Verified>, Refusal> {
-        let Some(env) = c.envelope else {
+        let Some(env) = envelope::sealed(c.envelope) else {
             return if self.require {
                 Err(Refusal::Unsigned)
             } else {
@@ -100,7 +100,7 @@ impl Gate {
     /// may have been removed since it was queued, or the box may have come
     /// to require signatures. Cheap: the signature was checked at intake.
     pub fn at_delivery(&self, envelope: Option<&[u8]>) -> Option<Refusal> {
-        let Some(env) = envelope else {
+        let Some(env) = envelope::sealed(envelope) else {
             return self.require.then_some(Refusal::Unsigned);
         };
         let key_id = match envelope::open(env) {

@@ -1,0 +1,234 @@
+//! The chunk store: one file per chunk, named by its SHA-256, under
+//! `<data-dir>/chunks/ab/abcd…` (256 fan-out folders keep directories
+//! small on an SD card's filesystem).
+//!
+//! A chunk counts only once it is durable: written to a temporary file,
+//! fsynced, renamed into place, and its folder fsynced (`sync`, once per
+//! batch of chunks, before the manifest that needs them is committed).
+//! A crash leaves at worst `*.tmp` files, which `open` removes. Chunks are
+//! content-addressed, so writing one twice is harmless and a reader checks
+//! what it read against the name.
+
+use super::manifest::Digest;
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Folder name inside the data dir.
+pub const DIR: &str = "chunks";
+
+/// Why a chunk could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {expected:?} does not match its bytes (they hash to {actual:?})")]
+    Mismatch { expected: Digest, actual: Digest },
+    #[error("chunk {0:?} is not in the chunk store")]
+    Missing(Digest),
+    #[error("chunk store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ChunkError {
+    /// Whether the disk is full (ENOSPC / EDQUOT).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, ChunkError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
+/// The store. Cheap to share (`Arc`); all methods take `&self`.
+pub struct ChunkStore {
+    root: PathBuf,
+    bytes: AtomicU64,
+    /// Fan-out folders written since the last `sync`.
+    dirty: Mutex<HashSet<u8>>,
+}
+
+impl ChunkStore {
+    /// Open (or create) the store under `data_dir`, removing what a crash
+    /// left half-written and counting the bytes held.
+    pub fn open(data_dir: &Path) -> Result<ChunkStore, ChunkError> {
+        let root = data_dir.join(DIR);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChunkError::Io { path, source }
+        };
+        fs::create_dir_all(&root).map_err(io(&root))?;
+        let mut bytes = 0;
+        for fan in fs::read_dir(&root).map_err(io(&root))? {
+            let fan = fan.map_err(io(&root))?.path();
+            if !fan.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(&fan).map_err(io(&fan))? {
+                let f = f.map_err(io(&fan))?;
+                let p = f.path();
+                if p.extension().is_some_and(|e| e == "tmp") {
+                    let _ = fs::remove_file(&p);
+                    continue;
+                }
+                bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        Ok(ChunkStore {
+            root,
+            bytes: AtomicU64::new(bytes),
+            dirty: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Where chunk `d` lives.
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// Bytes of all chunks held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn has(&self, d: &Digest) -> bool {
+        self.path(d).exists()
+    }
+
+    /// Store `bytes` as chunk `d` (checked against it). `Ok(false)`: it was
+    /// there already. Durable only after the next `sync`.
+    pub fn put(&self, d: &Digest, bytes: &[u8]) -> Result<bool, ChunkError> {
+        let actual = Digest::of(bytes);
+        if actual != *d {
+            return Err(ChunkError::Mismatch {
+                expected: *d,
+                actual,
+            });
+        }
+        let path = self.path(d);
+        if path.exists() {
+            return Ok(false);
+        }
+        let io = |source| ChunkError::Io {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().expect("a chunk path has a folder");
+        fs::create_dir_all(dir).map_err(io)?;
+        let tmp = path.with_extension("tmp");
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_data()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.dirty.lock().expect("chunk store lock").insert(d.0[0]);
+        Ok(true)
+    }
+
+    /// Make every `put` so far durable: fsync the folders their names
+    /// were written into (and the root, for new fan-out folders).
+    pub fn sync(&self) -> Result<(), ChunkError> {
+        let dirty: Vec<u8> = self
+            .dirty
+            .lock()
+            .expect("chunk store lock")
+            .drain()
+            .collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let sync_dir = |p: &Path| {
+            File::open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| ChunkError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })
+        };
+        for fan in dirty {
+            sync_dir(&self.root.join(format!("{fan:02x}")))?;
+        }
+        sync_dir(&self.root)
+    }
+
+    /// Chunk `d`'s bytes, checked against its name: a chunk damaged on
+    /// disk is `Mismatch`, never served.
+    pub fn get(&self, d: &Digest) -> Result<Vec<u8>, ChunkError> {
+        let path = self.path(d);
+        let mut buf = Vec::new();
+        match File::open(&path) {
+            Ok(mut f) => f.read_to_end(&mut buf).map_err(|source| ChunkError::Io {
+                path: path.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ChunkError::Missing(*d)),
+            Err(source) => return Err(ChunkError::Io { path, source }),
+        };
+        let actual = Digest::of(&buf);
+        if actual != *d {
+            return Err(ChunkError::Mismatch {
+                expected: *d,
+                actual,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Remove chunk `d` (no error if it is not there): its bytes freed.
+    pub fn remove(&self, d: &Digest) -> Result<u64, ChunkError> {
+        let path = self.path(d);
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(ChunkError::Io { path, source }),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(ChunkError::Io { path, source }),
+        }
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+        Ok(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_stored_once_checked_on_the_way_in_and_out_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path()).unwrap();
+        let d = Digest::of(b"hello");
+        assert!(s.put(&d, b"hello").unwrap());
+        assert!(!s.put(&d, b"hello").unwrap());
+        s.sync().unwrap();
+        assert_eq!(s.get(&d).unwrap(), b"hello");
+        assert_eq!(s.bytes(), 5);
+        let e = s.put(&Digest::of(b"x"), b"y").unwrap_err();
+        assert!(matches!(e, ChunkError::Mismatch { .. }), "{e}");
+        // Damage on disk is found on read, never served.
+        fs::write(s.path(&d), b"hellO").unwrap();
+        assert!(matches!(s.get(&d), Err(ChunkError::Mismatch { .. })));
+        // A reopen counts what is there and sweeps half-written files.
+        fs::write(s.path(&d).with_extension("tmp"), b"half").unwrap();
+        let s = ChunkStore::open(dir.path()).unwrap();
+        assert_eq!(s.bytes(), 5);
+        assert!(!s.path(&d).with_extension("tmp").exists());
+        assert_eq!(s.remove(&d).unwrap(), 5);
+        assert_eq!(s.bytes(), 0);
+        assert!(matches!(s.get(&d), Err(ChunkError::Missing(_))));
+        assert_eq!(s.remove(&d).unwrap(), 0);
+    }
+}

@@ -1,0 +1,18 @@
+//! Artifacts (issue 24, DESIGN §11): files a command carries — firmware,
+//! config bundles, models — stored once, moved in content-defined chunks,
+//! verified chunk by chunk and whole.
+//!
+//! `manifest` and `chunker` are engine (no IO: they take bytes or a
+//! `Read`); `wire` is the fetch protocol's frames; `chunks` (one file per
+//! chunk) and `shelf` (manifests and names in sled) are the box's store.
+//! A command names its artifact in its envelope (`trust::envelope`:
+//! the signed claims, or an unsigned envelope), so no record format
+//! changed for it.
+
+pub mod chunker;
+pub mod chunks;
+pub mod manifest;
+pub mod shelf;
+pub mod wire;
+
+pub use manifest::{ArtifactSpec, ChunkRef, Digest, Manifest, ManifestError};

@@ -96,10 +96,31 @@ pub enum AdminRequest {
     },
     /// Walk the audit log's hash chain.
     AuditVerify,
+    /// `artifact add`, step 1: which chunks of this manifest the box lacks
+    /// (answered `ArtifactLacks` with their indices).
+    ArtifactLacks {
+        #[serde(with = "serde_bytes")]
+        manifest: Vec<u8>,
+    },
+    /// `artifact add`, step 2: one chunk's bytes (named by their SHA-256).
+    ArtifactChunk {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// `artifact add`, step 3: the manifest, committed once every chunk it
+    /// names is durable; answered `Artifact`.
+    ArtifactCommit {
+        #[serde(with = "serde_bytes")]
+        manifest: Vec<u8>,
+    },
+    ArtifactList,
+    /// `name@version`, `name` (its newest) or `sha256:…`.
+    ArtifactShow(String),
+    ArtifactRemove(String),
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 21;
+    const KNOWN_TAGS: u32 = 27;
 }
 
 /// The box's answer.
@@ -135,10 +156,22 @@ pub enum AdminResponse {
         intact: bool,
         text: String,
     },
+    /// Indices of the manifest's chunks the box does not hold.
+    ArtifactLacks(Vec<u32>),
+    /// A chunk is durable (`new`: it was not held before).
+    ChunkStored {
+        new: bool,
+    },
+    Artifact(crate::artifact::shelf::ArtifactView),
+    Artifacts(Vec<crate::artifact::shelf::ArtifactView>),
+    ArtifactRemoved {
+        view: crate::artifact::shelf::ArtifactView,
+        freed: u64,
+    },
 }
 
 impl Frame for AdminResponse {
-    const KNOWN_TAGS: u32 = 17;
+    const KNOWN_TAGS: u32 = 21;
 }
 
 impl AdminResponse {
@@ -484,12 +517,88 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
             q.audit_read(since, limit).await.map(AdminResponse::Audit)
         }
         AdminRequest::AuditVerify => q.audit_verify().await.map(AdminResponse::audit_verified),
+        a @ (AdminRequest::ArtifactLacks { .. }
+        | AdminRequest::ArtifactChunk { .. }
+        | AdminRequest::ArtifactCommit { .. }
+        | AdminRequest::ArtifactList
+        | AdminRequest::ArtifactShow(_)) => artifact(q.shelf().clone(), a).await,
+        AdminRequest::ArtifactRemove(spec) => match crate::artifact::ArtifactSpec::parse(&spec) {
+            Ok(spec) => q
+                .remove_artifact(&spec)
+                .await
+                .map(|(view, freed)| AdminResponse::ArtifactRemoved { view, freed }),
+            Err(e) => Err(QueueError::BadRequest(e)),
+        },
         AdminRequest::Watch { .. } => Ok(AdminResponse::Error {
             kind: ErrorKind::BadRequest,
             message: "watch is a stream; send it as the connection's only request".into(),
         }),
     };
     r.unwrap_or_else(|e| error_of(&e))
+}
+
+/// The artifact requests that touch only the shelf: on a blocking thread,
+/// since they read and fsync files.
+async fn artifact(
+    shelf: crate::artifact::shelf::Shelf,
+    req: AdminRequest,
+) -> Result<AdminResponse, QueueError> {
+    use crate::artifact::{ArtifactSpec, Digest, Manifest};
+    use crate::queue::service::shelf_error;
+    tokio::task::spawn_blocking(move || match req {
+        AdminRequest::ArtifactLacks { manifest } => {
+            let m = Manifest::decode(&manifest).map_err(|e| QueueError::BadRequest(e.to_string()))?;
+            let mut seen = std::collections::HashSet::new();
+            Ok(AdminResponse::ArtifactLacks(
+                m.chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| seen.insert(c.sha256) && !shelf.chunks().has(&c.sha256))
+                    .map(|(i, _)| i as u32)
+                    .collect(),
+            ))
+        }
+        AdminRequest::ArtifactChunk { bytes } => {
+            if bytes.len() > crate::artifact::manifest::MAX_CHUNK as usize {
+                return Err(QueueError::BadRequest(format!(
+                    "a chunk of {} bytes is over the largest a chunker makes ({})",
+                    bytes.len(),
+                    crate::artifact::manifest::MAX_CHUNK
+                )));
+            }
+            let d = Digest::of(&bytes);
+            match shelf.chunks().put(&d, &bytes) {
+                Ok(new) => Ok(AdminResponse::ChunkStored { new }),
+                Err(e) if e.is_disk_full() => Err(QueueError::Storage(format!(
+                    "{e}: the disk holding the data dir is full; free space there and add the artifact again (the chunks stored so far are kept)"
+                ))),
+                Err(e) => Err(shelf_error(e.into())),
+            }
+        }
+        AdminRequest::ArtifactCommit { manifest } => {
+            let d = shelf
+                .commit(manifest, crate::now_millis())
+                .map_err(shelf_error)?;
+            shelf
+                .view(&d)
+                .map_err(shelf_error)?
+                .map(AdminResponse::Artifact)
+                .ok_or_else(|| QueueError::UnknownArtifact(d.to_string()))
+        }
+        AdminRequest::ArtifactList => shelf.list().map(AdminResponse::Artifacts).map_err(shelf_error),
+        AdminRequest::ArtifactShow(spec) => {
+            let spec = ArtifactSpec::parse(&spec).map_err(QueueError::BadRequest)?;
+            let d = shelf.resolve(&spec).map_err(shelf_error)?;
+            shelf
+                .view(&d)
+                .map_err(shelf_error)?
+                .map(AdminResponse::Artifact)
+                .ok_or_else(|| QueueError::UnknownArtifact(spec.to_string()))
+        }
+        _ => Err(QueueError::BadRequest("not an artifact request".into())),
+    })
+    .await
+    .unwrap_or_else(|e| Err(QueueError::Storage(format!("artifact task: {e}"))))
 }
 
 /// The queue's devices with what the device link knows of them.

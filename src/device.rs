@@ -1176,7 +1176,8 @@ fn refusal(e: QueueError) -> BoxFrame {
         QueueError::BadRequest(_)
         | QueueError::UnknownDependency(_)
         | QueueError::KeyReused { .. } => ErrorCode::BadRequest,
-        QueueError::NotFound(_) => ErrorCode::NotFound,
+        QueueError::NotFound(_) | QueueError::UnknownArtifact(_) => ErrorCode::NotFound,
+        QueueError::ArtifactInUse { .. } => ErrorCode::BadRequest,
         QueueError::AlreadyEnrolled { .. } => ErrorCode::BadRequest,
         QueueError::ShuttingDown => ErrorCode::ShuttingDown,
         QueueError::InvalidTransition { .. }

@@ -218,7 +218,14 @@ impl AdminRequest {
             | R::WorkflowShow(_)
             | R::WorkflowList
             // Read: `send --sign` asks it for the box's name.
-            | R::TrustList => (Verb::Read, None),
+            | R::TrustList
+            | R::ArtifactList
+            | R::ArtifactShow(_) => (Verb::Read, None),
+            // Adding a file is part of sending it; removing one is too.
+            R::ArtifactLacks { .. }
+            | R::ArtifactChunk { .. }
+            | R::ArtifactCommit { .. }
+            | R::ArtifactRemove(_) => (Verb::Send, None),
             R::Trust(_) => (Verb::Trust, None),
             R::Audit { .. } | R::AuditVerify => (Verb::Audit, None),
             R::Enroll { .. } => (Verb::Enroll, None),

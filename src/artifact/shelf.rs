@@ -4,7 +4,12 @@
 //! Tree `artifacts`:
 //! - `m` + digest (32 bytes) → a stored [`Record`] (the manifest's bytes
 //!   as first encoded, and when it was added);
-//! - `n` + name + `\0` + version → digest: how `fw@2.1` is found.
+//! - `n` + name + `\0` + version → digest: how `fw@2.1` is found;
+//! - `r` + digest + command id (16 bytes BE) → empty: a command that
+//!   names the artifact. Written before the command is queued, so it is
+//!   durable no later than the command (the writer's flush covers it);
+//!   `remove` asks the queue whether each is still live and sweeps the
+//!   rest.
 //!
 //! "Added" means durable: every chunk fsynced (`ChunkStore::sync`) before
 //! the manifest is inserted, and sled flushed after, so a manifest never
@@ -80,6 +85,14 @@ fn name_key(name: &str, version: &str) -> Vec<u8> {
     k.extend_from_slice(name.as_bytes());
     k.push(0);
     k.extend_from_slice(version.as_bytes());
+    k
+}
+
+fn ref_key(d: &Digest, id: crate::command::CommandId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(49);
+    k.push(b'r');
+    k.extend_from_slice(&d.0);
+    k.extend_from_slice(&id.0.to_be_bytes());
     k
 }
 
@@ -177,6 +190,34 @@ impl Shelf {
                 .map(|a| a.digest)
                 .ok_or_else(|| ShelfError::NotFound(name.clone())),
         }
+    }
+
+    /// Note that command `id` names artifact `d` (see the module doc).
+    pub fn reference(&self, d: &Digest, id: crate::command::CommandId) -> Result<(), ShelfError> {
+        self.tree
+            .insert(ref_key(d, id), &[][..])
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    /// The commands noted as naming `d`, live or not.
+    pub fn referrers(&self, d: &Digest) -> Result<Vec<crate::command::CommandId>, ShelfError> {
+        let mut prefix = vec![b'r'];
+        prefix.extend_from_slice(&d.0);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(store_err)?;
+            if let Ok(b) = <[u8; 16]>::try_from(&k[33..]) {
+                out.push(crate::command::CommandId(u128::from_be_bytes(b)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forget that `id` names `d` (it ended).
+    pub fn unreference(&self, d: &Digest, id: crate::command::CommandId) -> Result<(), ShelfError> {
+        self.tree.remove(ref_key(d, id)).map_err(store_err)?;
+        Ok(())
     }
 
     /// Every artifact, oldest first.

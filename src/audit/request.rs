@@ -66,6 +66,17 @@ pub fn draft(req: &AdminRequest) -> Option<Draft> {
             None,
         ),
         R::Trust(crate::trust::TrustEdit::Remove { key }) => d("trust remove", key.clone(), None),
+        R::ArtifactCommit { manifest } => Draft {
+            payload_sha256: Some(super::sha256(manifest)),
+            ..d(
+                "artifact add",
+                crate::artifact::Manifest::decode(manifest)
+                    .map(|m| m.label())
+                    .unwrap_or_default(),
+                None,
+            )
+        },
+        R::ArtifactRemove(spec) => d("artifact rm", spec.clone(), None),
         _ => return None,
     })
 }

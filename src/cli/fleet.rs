@@ -296,6 +296,9 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
     if s.lines.is_some() {
         bail!("--lines is for a box's own queue; publish one message per command to NATS instead");
     }
+    if s.artifact.is_some() {
+        bail!("--artifact names an artifact on a box; a fleet's artifacts (a JetStream object store) are not built yet: send it through the edge's own `outpost send --artifact`");
+    }
     let Some((edge, target)) = s.target.split_once('/') else {
         eprintln!(
             "error: `{}`: a fleet target is EDGE/TARGET, e.g. edge-1/dev-7 or edge-1/tag:line-3",

@@ -7,6 +7,7 @@
 //! 1 error, 2 usage, 3 not found, 4 timed out, 5 refused, 6 the command
 //! ended without success.
 
+mod artifact;
 mod audit;
 pub mod demo;
 mod devices;
@@ -164,6 +165,10 @@ pub enum Cmd {
     /// The box's trusted operator keys: add, list, remove.
     #[command(subcommand)]
     Trust(trust::TrustCmd),
+    /// Files for devices (firmware, config, models), stored once in
+    /// chunks: add, list, show, rm.
+    #[command(subcommand)]
+    Artifact(artifact::ArtifactCmd),
     /// Sign a command without sending it: an envelope (base64) for the HTTP
     /// API's envelope_b64 or a NATS Outpost-Envelope header.
     Sign(sign::SignCmd),
@@ -627,6 +632,7 @@ async fn run(
         Cmd::Fleet(f) => fleet::run(f).await,
         Cmd::Key(k) => key::run(k),
         Cmd::Trust(t) => trust::run(t, data_dir).await,
+        Cmd::Artifact(a) => artifact::run(a, data_dir).await,
         Cmd::Sign(s) => sign::sign_cmd(s),
         Cmd::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut crate::stdout::Stdout)?;

@@ -42,6 +42,11 @@ pub struct SendArgs {
     pub wait: Option<crate::duration::DurationArg>,
     #[arg(long)]
     pub json: bool,
+    /// A file for the device to fetch before it runs the command: an
+    /// artifact on this box, as name@version, name (its newest version)
+    /// or sha256:DIGEST (`outpost artifact add` puts it there).
+    #[arg(long, value_name = "ARTIFACT")]
+    pub artifact: Option<String>,
     #[command(flatten)]
     pub signing: super::sign::SignArgs,
 }
@@ -68,6 +73,9 @@ pub(super) async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
         origin: "cli".into(),
         signature: None,
     };
+    if let Some(spec) = &a.artifact {
+        req.signature = Some(super::artifact::reference(spec, data_dir).await?);
+    }
     super::sign::maybe_sign(&mut req, &a.signing, data_dir).await?;
     let mut c = client(data_dir).await?;
     let AdminResponse::Receipt(r) = c.call(&AdminRequest::Send(req)).await? else {
@@ -218,7 +226,12 @@ pub(super) async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> any
     if a.signing.envelope.is_some() {
         bail!("--envelope signs one command; with --lines use --sign KEY, which signs each line");
     }
-    // Each line signed with the same key, audience and lifetime.
+    // Each line names the same artifact (resolved once) ...
+    let reference = match &a.artifact {
+        Some(spec) => Some(super::artifact::reference(spec, data_dir).await?),
+        None => None,
+    };
+    // ... and is signed with the same key, audience and lifetime.
     let signer = match &a.signing.sign {
         Some(path) => {
             let key = super::sign::load_key(path)?;
@@ -240,13 +253,14 @@ pub(super) async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> any
     let mut ids = vec![None; lines.len()];
     let mut tasks = tokio::task::JoinSet::new();
     for part in lines.chunks(lines.len().div_ceil(CONNECTIONS).max(1)) {
-        let (part, opts, target, dir, bar, signer) = (
+        let (part, opts, target, dir, bar, signer, reference) = (
             part.to_vec(),
             opts.clone(),
             a.target.clone(),
             data_dir.to_path_buf(),
             bar.clone(),
             signer.clone(),
+            reference.clone(),
         );
         tasks.spawn(async move {
             let mut c = AdminClient::connect(&dir).await?;
@@ -257,7 +271,7 @@ pub(super) async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> any
                     payload: line.into_bytes(),
                     opts: opts.clone(),
                     origin: "cli".into(),
-                    signature: None,
+                    signature: reference.clone(),
                 };
                 if let Some(s) = &signer {
                     let (key, audience, expires) = &**s;

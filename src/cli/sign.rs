@@ -35,7 +35,8 @@ pub fn default_audience(target: &str, box_name: &str) -> String {
     parts.pop().unwrap_or(box_name).to_string()
 }
 
-/// Sign a request in place: its id becomes the envelope's.
+/// Sign a request in place: its id becomes the envelope's, and the
+/// artifact its unsigned envelope named (`send --artifact`) is signed too.
 pub fn sign_request(
     req: &mut SendRequest,
     key: &OperatorKey,
@@ -48,7 +49,10 @@ pub fn sign_request(
         id,
         target: req.target.clone(),
         payload_sha256: envelope::payload_digest(&req.payload),
-        artifact: None,
+        artifact: match req.signature.as_deref() {
+            Some(e) if envelope::sealed(Some(e)).is_none() => envelope::artifact(e)?,
+            _ => None,
+        },
         priority: req.opts.priority,
         not_before: req.opts.not_before,
         expires_at: now + expires.as_millis() as u64,

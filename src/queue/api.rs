@@ -55,6 +55,10 @@ pub enum QueueError {
     /// signatures are required (the trust set's verdict, step named).
     #[error("refused: {0}")]
     Untrusted(crate::trust::Refusal),
+    #[error("no artifact {0} on this box; `outpost artifact list` shows what it holds, `outpost artifact add FILE` adds one")]
+    UnknownArtifact(String),
+    #[error("artifact {artifact} is referenced by command {by}, which has not ended; wait for it, or cancel it first")]
+    ArtifactInUse { artifact: String, by: CommandId },
 }
 
 fn already_enrolled(id: &str, revoked: bool) -> String {
@@ -86,7 +90,9 @@ impl QueueError {
     pub fn class(&self) -> ErrorClass {
         use QueueError as E;
         match self {
-            E::NotFound(_) | E::UnknownDevice(_) | E::NoRoute(_) => ErrorClass::NotFound,
+            E::NotFound(_) | E::UnknownDevice(_) | E::NoRoute(_) | E::UnknownArtifact(_) => {
+                ErrorClass::NotFound
+            }
             E::Revoked(_)
             | E::QueueFull { .. }
             | E::DiskFull { .. }
@@ -94,6 +100,7 @@ impl QueueError {
             | E::Forbidden { .. }
             | E::KeyReused { .. }
             | E::AlreadyEnrolled { .. }
+            | E::ArtifactInUse { .. }
             | E::Untrusted(_) => ErrorClass::Refused,
             E::ShuttingDown | E::Storage(_) => ErrorClass::Unavailable,
             E::InvalidTransition { .. }
@@ -130,6 +137,8 @@ impl QueueError {
             | E::Forbidden { .. }
             | E::KeyReused { .. }
             | E::AlreadyEnrolled { .. }
+            | E::UnknownArtifact(_)
+            | E::ArtifactInUse { .. }
             | E::Untrusted(_) => false,
         }
     }

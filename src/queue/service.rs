@@ -183,6 +183,21 @@ pub struct QueueHandle {
     shelf: crate::artifact::shelf::Shelf,
 }
 
+/// A shelf error as the queue's: unknown names are `UnknownArtifact`, a
+/// full disk `NoSpace`-like storage refusal, the rest storage faults.
+pub fn shelf_error(e: crate::artifact::shelf::ShelfError) -> QueueError {
+    use crate::artifact::shelf::ShelfError as S;
+    match e {
+        S::NotFound(what) => QueueError::UnknownArtifact(what),
+        S::Manifest(_)
+        | S::MissingChunk { .. }
+        | S::Chunk(crate::artifact::chunks::ChunkError::Mismatch { .. }) => {
+            QueueError::BadRequest(e.to_string())
+        }
+        other => QueueError::Storage(other.to_string()),
+    }
+}
+
 /// Open the store's queue: replay the journal into a core and start the
 /// writer thread.
 pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreError> {
@@ -1154,7 +1169,75 @@ impl QueueHandle {
     /// Enqueue durably. Returns once the command is on disk.
     pub async fn send(&self, req: SendRequest) -> Result<SendReceipt, QueueError> {
         self.admit(None, &req)?;
+        if let Some(d) = self.artifact_of(&req)? {
+            // The reference is noted under the id before the command is
+            // queued, so it is on disk no later than the command.
+            let id = match crate::trust::envelope::sealed(req.signature.as_deref()) {
+                Some(env) => {
+                    crate::trust::envelope::open(env)
+                        .map_err(|e| QueueError::Untrusted(e.into()))?
+                        .claims
+                        .id
+                }
+                None => CommandId::new(crate::now_millis(), rand::random()),
+            };
+            self.shelf.reference(&d, id).map_err(shelf_error)?;
+            return self
+                .core(CoreRequest::SendAs { id, req })
+                .await?
+                .into_receipt();
+        }
         self.core(CoreRequest::Send(req)).await?.into_receipt()
+    }
+
+    /// The artifact a command's envelope names, which this box must hold.
+    fn artifact_of(
+        &self,
+        req: &SendRequest,
+    ) -> Result<Option<crate::artifact::Digest>, QueueError> {
+        let Some(env) = req.signature.as_deref() else {
+            return Ok(None);
+        };
+        let Some(d) = crate::trust::envelope::artifact(env)
+            .map_err(|e| QueueError::Untrusted(e.into()))?
+            .map(crate::artifact::Digest)
+        else {
+            return Ok(None);
+        };
+        match self.shelf.manifest_bytes(&d).map_err(shelf_error)? {
+            Some(_) => Ok(Some(d)),
+            None => Err(QueueError::UnknownArtifact(d.to_string())),
+        }
+    }
+
+    /// Remove an artifact no live command names (sweeping references of
+    /// commands that ended). Returns what was removed and the bytes freed.
+    pub async fn remove_artifact(
+        &self,
+        spec: &crate::artifact::ArtifactSpec,
+    ) -> Result<(crate::artifact::shelf::ArtifactView, u64), QueueError> {
+        let d = self.shelf.resolve(spec).map_err(shelf_error)?;
+        for id in self.shelf.referrers(&d).map_err(shelf_error)? {
+            match self.show(id).await {
+                Ok(v) if !v.state.is_final() => {
+                    return Err(QueueError::ArtifactInUse {
+                        artifact: spec.to_string(),
+                        by: id,
+                    })
+                }
+                Ok(_) | Err(QueueError::NotFound(_)) => {
+                    self.shelf.unreference(&d, id).map_err(shelf_error)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let view = self
+            .shelf
+            .view(&d)
+            .map_err(shelf_error)?
+            .ok_or_else(|| QueueError::UnknownArtifact(spec.to_string()))?;
+        let freed = self.shelf.remove(&d).map_err(shelf_error)?;
+        Ok((view, freed))
     }
 
     /// The trust gate's verdict on a command at intake (see `trust::gate`):
@@ -1266,7 +1349,8 @@ impl QueueHandle {
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
         let reply = self
             .admit(None, &req)
-            .map(|()| self.queued(CoreRequest::DeviceSend { from, req }));
+            .and_then(|()| self.artifact_of(&req))
+            .map(|_| self.queued(CoreRequest::DeviceSend { from, req }));
         async move { reply?.await?.into_receipt() }
     }
 
@@ -1281,6 +1365,10 @@ impl QueueHandle {
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
         let reply = self
             .admit(Some(id), &req)
+            .and_then(|()| match self.artifact_of(&req)? {
+                Some(d) => self.shelf.reference(&d, id).map_err(shelf_error),
+                None => Ok(()),
+            })
             .map(|()| self.queued(CoreRequest::SendAs { id, req }));
         async move { reply?.await?.into_receipt() }
     }

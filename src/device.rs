@@ -33,6 +33,8 @@ use tokio::time::{timeout, Instant};
 use tracing::Instrument;
 
 /// QUIC application close codes the box uses (the reason text says more).
+mod fetch;
+
 pub mod close_code {
     /// Normal end.
     pub const NORMAL: u32 = 0;
@@ -611,6 +613,15 @@ impl From<Fatal> for End {
     }
 }
 
+/// Aborts its task when dropped (the fetch acceptor ends with its session).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Session {
     conn: quinn::Connection,
     device: DeviceId,
@@ -621,6 +632,9 @@ struct Session {
     send: quinn::SendStream,
     /// The minor protocol version the device announced.
     minor: u16,
+    /// Artifacts named by commands delivered on this connection: the only
+    /// ones its fetch streams may read.
+    artifacts: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
 }
 
 impl Session {
@@ -650,6 +664,7 @@ impl Session {
             seq,
             send,
             minor: 0,
+            artifacts: Arc::default(),
         };
         let end = s.handshake_and_serve(proto::frame_reader(recv)).await;
         s.unregister();
@@ -727,6 +742,13 @@ impl Session {
             return End::Gone(e.to_string());
         }
         tracing::info!(%agent, %version, "device connected");
+        let _fetch = (self.minor >= proto::MINOR_ARTIFACT).then(|| {
+            AbortOnDrop(tokio::spawn(fetch::accept(
+                self.conn.clone(),
+                self.shared.queue.shelf().clone(),
+                self.artifacts.clone(),
+            )))
+        });
 
         // Deliveries are received (&mut) while acks are issued (&self) in
         // the same loop: take the receiver out of the session.
@@ -1006,6 +1028,25 @@ impl Session {
                     format!("refused by the box at delivery: {why}"),
                 );
                 return None;
+            }
+        }
+        if let Delivery::Command(c) = &d {
+            let named = c
+                .signature
+                .as_deref()
+                .and_then(|e| crate::trust::envelope::artifact(e).ok().flatten());
+            if let Some(a) = named {
+                if self.minor < proto::MINOR_ARTIFACT {
+                    let reason = format!(
+                        "the command carries an artifact, which needs protocol 1.{}; this device speaks {}.{}: upgrade the agent",
+                        proto::MINOR_ARTIFACT,
+                        proto::VERSION.major,
+                        self.minor
+                    );
+                    reject(session, acks, c.id, reason);
+                    return None;
+                }
+                self.artifacts.lock().unwrap().insert(a);
             }
         }
         Some(match d {

@@ -402,9 +402,9 @@ fn transport_config(opts: &LinkOptions) -> Result<quinn::TransportConfig, LinkEr
         .map_err(|_| LinkError::Options("idle_timeout is too large".into()))?;
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(Some(opts.keep_alive));
-    // One control stream per device; nothing else may be opened, so a
-    // device cannot make the box buffer many streams.
-    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    // One control stream per device plus at most a few fetch streams
+    // (1.3), so a device cannot make the box buffer many streams.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1 + fetch::MAX_FETCH_STREAMS as u32));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Frames are read incrementally, so the window need not hold a whole
     // max-size frame; small windows keep a flood's buffer small.

@@ -30,6 +30,7 @@
 //! and never reaches the caller, so an embedder cannot run it by mistake.
 //! See [`Guard`].
 
+pub mod fetch;
 mod verify;
 
 pub use verify::{Admitted, Guard, SharedGuard, CLOCK_FLOOR, MAX_SEEN};

@@ -33,6 +33,8 @@ use tokio::time::{timeout, Instant};
 use tracing::Instrument;
 
 /// QUIC application close codes the box uses (the reason text says more).
+mod fetch;
+
 pub mod close_code {
     /// Normal end.
     pub const NORMAL: u32 = 0;
@@ -400,9 +402,9 @@ fn transport_config(opts: &LinkOptions) -> Result<quinn::TransportConfig, LinkEr
         .map_err(|_| LinkError::Options("idle_timeout is too large".into()))?;
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(Some(opts.keep_alive));
-    // One control stream per device; nothing else may be opened, so a
-    // device cannot make the box buffer many streams.
-    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    // One control stream per device plus at most a few fetch streams
+    // (1.3), so a device cannot make the box buffer many streams.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1 + fetch::MAX_FETCH_STREAMS as u32));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Frames are read incrementally, so the window need not hold a whole
     // max-size frame; small windows keep a flood's buffer small.
@@ -611,6 +613,15 @@ impl From<Fatal> for End {
     }
 }
 
+/// Aborts its task when dropped (the fetch acceptor ends with its session).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Session {
     conn: quinn::Connection,
     device: DeviceId,
@@ -621,6 +632,9 @@ struct Session {
     send: quinn::SendStream,
     /// The minor protocol version the device announced.
     minor: u16,
+    /// Artifacts named by commands delivered on this connection: the only
+    /// ones its fetch streams may read.
+    artifacts: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
 }
 
 impl Session {
@@ -650,6 +664,7 @@ impl Session {
             seq,
             send,
             minor: 0,
+            artifacts: Arc::default(),
         };
         let end = s.handshake_and_serve(proto::frame_reader(recv)).await;
         s.unregister();
@@ -727,6 +742,13 @@ impl Session {
             return End::Gone(e.to_string());
         }
         tracing::info!(%agent, %version, "device connected");
+        let _fetch = (self.minor >= proto::MINOR_ARTIFACT).then(|| {
+            AbortOnDrop(tokio::spawn(fetch::accept(
+                self.conn.clone(),
+                self.shared.queue.shelf().clone(),
+                self.artifacts.clone(),
+            )))
+        });
 
         // Deliveries are received (&mut) while acks are issued (&self) in
         // the same loop: take the receiver out of the session.
@@ -1006,6 +1028,25 @@ impl Session {
                     format!("refused by the box at delivery: {why}"),
                 );
                 return None;
+            }
+        }
+        if let Delivery::Command(c) = &d {
+            let named = c
+                .signature
+                .as_deref()
+                .and_then(|e| crate::trust::envelope::artifact(e).ok().flatten());
+            if let Some(a) = named {
+                if self.minor < proto::MINOR_ARTIFACT {
+                    let reason = format!(
+                        "the command carries an artifact, which needs protocol 1.{}; this device speaks {}.{}: upgrade the agent",
+                        proto::MINOR_ARTIFACT,
+                        proto::VERSION.major,
+                        self.minor
+                    );
+                    reject(session, acks, c.id, reason);
+                    return None;
+                }
+                self.artifacts.lock().unwrap().insert(a);
             }
         }
         Some(match d {

@@ -33,7 +33,7 @@ impl fmt::Display for Version {
 }
 
 /// The protocol version this build speaks.
-pub const VERSION: Version = Version { major: 1, minor: 2 };
+pub const VERSION: Version = Version { major: 1, minor: 3 };
 
 /// The first minor version with device-to-device `Send` answered by
 /// `Sent`/`Refused`, and `Query`/`Status`.
@@ -42,6 +42,11 @@ pub const MINOR_SEND: u16 = 1;
 /// The first minor version with the gateway messages of upstream sync
 /// (`Up`/`Accepted` and `Forward`/`UpAck`): an edge box under a hub.
 pub const MINOR_GATEWAY: u16 = 2;
+
+/// The first minor version with artifact fetch streams (`artifact::wire`)
+/// beside the control stream; commands carrying an artifact go only to
+/// devices at this minor or later.
+pub const MINOR_ARTIFACT: u16 = 3;
 
 /// Default largest frame body, in bytes (DESIGN §3).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;

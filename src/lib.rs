@@ -20,6 +20,7 @@ pub mod command;
 pub mod config;
 pub mod contest;
 pub mod device;
+pub mod disk;
 pub mod duration;
 pub mod enroll;
 pub mod exit;

@@ -216,34 +216,7 @@ pub struct Store {
     watermark: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
 }
 
-/// (total, available) bytes of the filesystem holding `dir`.
-pub fn fs_space(dir: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let frsize = s.f_frsize as u64;
-    Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
-}
-
-/// [`fs_space`] of `dir`, or of its nearest existing ancestor when `dir`
-/// is not created yet (the filesystem it will be created on).
-pub fn fs_space_of(dir: &Path) -> std::io::Result<(u64, u64)> {
-    let mut at = dir;
-    loop {
-        match fs_space(at) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
-                Some(p) if !p.as_os_str().is_empty() => at = p,
-                _ => return fs_space(Path::new(".")),
-            },
-            r => return r,
-        }
-    }
-}
+pub use crate::disk::{fs_space, fs_space_of};
 
 fn key(kind: u8, seq: u64, chunk: u16) -> [u8; 11] {
     let mut k = [0u8; 11];

@@ -106,7 +106,7 @@ pub async fn fetch(
         .map(|&i| u64::from(manifest.chunks[i as usize].len))
         .sum();
     let need = need_missing + manifest.size;
-    let (_, avail) = crate::store::fs_space(dir)?;
+    let (_, avail) = crate::disk::fs_space(dir)?;
     if need > avail {
         return Err(FetchError::NoSpace { need, have: avail });
     }

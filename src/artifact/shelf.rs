@@ -57,6 +57,8 @@ pub enum ShelfError {
     Chunk(#[from] ChunkError),
     #[error("artifact store: {0}")]
     Store(String),
+    #[error("the box is shutting down; retry once it is back")]
+    Closed,
     #[error("{name} is stored damaged: {why}; add the file again with `outpost artifact add`")]
     Damaged { name: String, why: String },
 }
@@ -65,10 +67,12 @@ fn store_err(e: sled::Error) -> ShelfError {
     ShelfError::Store(e.to_string())
 }
 
-/// Manifests and chunks. Cheap to clone.
+/// Manifests and chunks. Cheap to clone; clones share one tree, which
+/// `close` lets go of, so the database closes with the writer (a handle
+/// kept by a caller must not hold the data dir's lock past shutdown).
 #[derive(Clone)]
 pub struct Shelf {
-    tree: sled::Tree,
+    slot: Arc<std::sync::RwLock<Option<sled::Tree>>>,
     chunks: Arc<ChunkStore>,
 }
 
@@ -98,7 +102,23 @@ fn ref_key(d: &Digest, id: crate::command::CommandId) -> Vec<u8> {
 
 impl Shelf {
     pub fn new(tree: sled::Tree, chunks: Arc<ChunkStore>) -> Shelf {
-        Shelf { tree, chunks }
+        Shelf {
+            slot: Arc::new(std::sync::RwLock::new(Some(tree))),
+            chunks,
+        }
+    }
+
+    /// Let go of the tree: every later call is `Closed`.
+    pub fn close(&self) {
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn tree(&self) -> Result<sled::Tree, ShelfError> {
+        self.slot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(ShelfError::Closed)
     }
 
     pub fn chunks(&self) -> &ChunkStore {
@@ -111,7 +131,7 @@ impl Shelf {
     }
 
     fn record(&self, d: &Digest) -> Result<Option<Record>, ShelfError> {
-        let Some(v) = self.tree.get(manifest_key(d)).map_err(store_err)? else {
+        let Some(v) = self.tree()?.get(manifest_key(d)).map_err(store_err)? else {
             return Ok(None);
         };
         let r: Record = postcard::from_bytes(&v).map_err(|e| ShelfError::Damaged {
@@ -154,8 +174,8 @@ impl Shelf {
             postcard::to_allocvec(&rec).expect("a record encodes"),
         );
         b.insert(name_key(&m.name, &m.version), &d.0[..]);
-        self.tree.apply_batch(b).map_err(store_err)?;
-        self.tree.flush().map_err(store_err)?;
+        self.tree()?.apply_batch(b).map_err(store_err)?;
+        self.tree()?.flush().map_err(store_err)?;
         Ok(d)
     }
 
@@ -170,7 +190,7 @@ impl Shelf {
             ArtifactSpec::Name {
                 name,
                 version: Some(v),
-            } => match self.tree.get(name_key(name, v)).map_err(store_err)? {
+            } => match self.tree()?.get(name_key(name, v)).map_err(store_err)? {
                 Some(d) => Ok(Digest(d.as_ref().try_into().map_err(|_| {
                     ShelfError::Damaged {
                         name: format!("{name}@{v}"),
@@ -194,7 +214,7 @@ impl Shelf {
 
     /// Note that command `id` names artifact `d` (see the module doc).
     pub fn reference(&self, d: &Digest, id: crate::command::CommandId) -> Result<(), ShelfError> {
-        self.tree
+        self.tree()?
             .insert(ref_key(d, id), &[][..])
             .map_err(store_err)?;
         Ok(())
@@ -205,7 +225,7 @@ impl Shelf {
         let mut prefix = vec![b'r'];
         prefix.extend_from_slice(&d.0);
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix) {
+        for kv in self.tree()?.scan_prefix(&prefix) {
             let (k, _) = kv.map_err(store_err)?;
             if let Ok(b) = <[u8; 16]>::try_from(&k[33..]) {
                 out.push(crate::command::CommandId(u128::from_be_bytes(b)));
@@ -216,14 +236,14 @@ impl Shelf {
 
     /// Forget that `id` names `d` (it ended).
     pub fn unreference(&self, d: &Digest, id: crate::command::CommandId) -> Result<(), ShelfError> {
-        self.tree.remove(ref_key(d, id)).map_err(store_err)?;
+        self.tree()?.remove(ref_key(d, id)).map_err(store_err)?;
         Ok(())
     }
 
     /// Every artifact, oldest first.
     pub fn list(&self) -> Result<Vec<ArtifactView>, ShelfError> {
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(b"m") {
+        for kv in self.tree()?.scan_prefix(b"m") {
             let (k, _) = kv.map_err(store_err)?;
             let d = Digest(k[1..].try_into().map_err(|_| ShelfError::Damaged {
                 name: "an artifact".into(),
@@ -265,19 +285,19 @@ impl Shelf {
         b.remove(manifest_key(d));
         // The name points here only if this is still the digest it names.
         if self
-            .tree
+            .tree()?
             .get(name_key(&m.name, &m.version))
             .map_err(store_err)?
             .is_some_and(|v| v.as_ref() == d.0)
         {
             b.remove(name_key(&m.name, &m.version));
         }
-        self.tree.apply_batch(b).map_err(store_err)?;
-        self.tree.flush().map_err(store_err)?;
+        self.tree()?.apply_batch(b).map_err(store_err)?;
+        self.tree()?.flush().map_err(store_err)?;
         // Chunks after the manifest: a crash between leaves unreferenced
         // chunks (swept by the next remove), never a manifest without them.
         let mut shared = std::collections::HashSet::new();
-        for kv in self.tree.scan_prefix(b"m") {
+        for kv in self.tree()?.scan_prefix(b"m") {
             let (k, _) = kv.map_err(store_err)?;
             let other = Digest(k[1..].try_into().expect("checked key length"));
             if let Some(o) = self.manifest(&other)? {

@@ -189,6 +189,7 @@ pub fn shelf_error(e: crate::artifact::shelf::ShelfError) -> QueueError {
     use crate::artifact::shelf::ShelfError as S;
     match e {
         S::NotFound(what) => QueueError::UnknownArtifact(what),
+        S::Closed => QueueError::ShuttingDown,
         S::Manifest(_)
         | S::MissingChunk { .. }
         | S::Chunk(crate::artifact::chunks::ChunkError::Mismatch { .. }) => {
@@ -238,10 +239,12 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         audit,
         audit_force: false,
     };
+    let closing = shelf.clone();
     std::thread::Builder::new()
         .name("outpost-writer".into())
         .spawn(move || {
             let done = writer.run();
+            closing.close();
             // Close the database before saying so: whoever waits on shutdown
             // may reopen the data dir at once (a restart, a test).
             drop(writer);

@@ -41,6 +41,20 @@ fn walk(p: &std::path::Path) -> usize {
         .unwrap_or(0)
 }
 
+/// `artifact add FILE --name N --version V --json`.
+fn add(b: &Box_, file: &std::path::Path, name: &str, version: &str) -> serde_json::Value {
+    json(&b.run(&[
+        "artifact",
+        "add",
+        file.to_str().unwrap(),
+        "--name",
+        name,
+        "--version",
+        version,
+        "--json",
+    ]))
+}
+
 #[test]
 fn files_are_stored_once_in_chunks_and_a_new_version_sends_only_what_changed() {
     let b = Box_::start();

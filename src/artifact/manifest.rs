@@ -42,7 +42,7 @@ impl Digest {
 
     /// The 64 hex digits, without the `sha256:` prefix (chunk file names).
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::audit::chain::hex(&self.0)
     }
 
     /// The first 12 hex digits: enough to tell artifacts apart in a table.

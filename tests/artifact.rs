@@ -67,16 +67,7 @@ fn files_are_stored_once_in_chunks_and_a_new_version_sends_only_what_changed() {
     std::fs::write(&f1, &v1).unwrap();
     std::fs::write(&f2, &v2).unwrap();
 
-    let a1 = json(&b.run(&[
-        "artifact",
-        "add",
-        f1.to_str().unwrap(),
-        "--name",
-        "fw",
-        "--version",
-        "2.1",
-        "--json",
-    ]));
+    let a1 = add(&b, &f1, "fw", "2.1");
     assert_eq!(a1["name"], "fw", "{a1}");
     assert_eq!(a1["size"], v1.len() as u64);
     assert_eq!(a1["sent"], v1.len() as u64, "the first add sends it all");
@@ -88,30 +79,12 @@ fn files_are_stored_once_in_chunks_and_a_new_version_sends_only_what_changed() {
     );
 
     // The same file again: nothing sent, the same artifact.
-    let again = json(&b.run(&[
-        "artifact",
-        "add",
-        f1.to_str().unwrap(),
-        "--name",
-        "fw",
-        "--version",
-        "2.1",
-        "--json",
-    ]));
+    let again = add(&b, &f1, "fw", "2.1");
     assert_eq!(again["sent"], 0, "{again}");
     assert_eq!(again["digest"], a1["digest"]);
 
     // v2.2: only the chunks around the change cross the socket.
-    let a2 = json(&b.run(&[
-        "artifact",
-        "add",
-        f2.to_str().unwrap(),
-        "--name",
-        "fw",
-        "--version",
-        "2.2",
-        "--json",
-    ]));
+    let a2 = add(&b, &f2, "fw", "2.2");
     let sent = a2["sent"].as_u64().unwrap();
     eprintln!(
         "v2.2 (1 % changed) sent {sent} of {} bytes ({:.1} %)",
@@ -173,16 +146,7 @@ fn a_command_names_its_artifact_and_an_artifact_a_live_command_names_cannot_be_r
     ok(&b.enroll("dev-1", "dev-1", &[]));
     let f = b.dir.path().join("cfg.tar");
     std::fs::write(&f, random(300_000, 3)).unwrap();
-    let a = json(&b.run(&[
-        "artifact",
-        "add",
-        f.to_str().unwrap(),
-        "--name",
-        "cfg",
-        "--version",
-        "7",
-        "--json",
-    ]));
+    let a = add(&b, &f, "cfg", "7");
     // dev-1 is offline: the command stays queued, naming cfg@7.
     let id = ok(&b.run(&["send", "dev-1", "apply", "--artifact", "cfg@7"]))
         .trim()

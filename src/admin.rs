@@ -549,14 +549,18 @@ async fn artifact(
         AdminRequest::ArtifactLacks { manifest } => {
             let m = Manifest::decode(&manifest).map_err(|e| QueueError::BadRequest(e.to_string()))?;
             let mut seen = std::collections::HashSet::new();
-            Ok(AdminResponse::ArtifactLacks(
-                m.chunks
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| seen.insert(c.sha256) && !shelf.chunks().has(&c.sha256))
-                    .map(|(i, _)| i as u32)
-                    .collect(),
-            ))
+            let lacks: Vec<u32> = m
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| seen.insert(c.sha256) && !shelf.chunks().has(&c.sha256))
+                .map(|(i, _)| i as u32)
+                .collect();
+            // The whole file against the budgets before a chunk is sent,
+            // so a refused add leaves nothing behind.
+            let need = lacks.iter().map(|&i| m.chunks[i as usize].len as u64).sum();
+            shelf.chunks().admit(need)?;
+            Ok(AdminResponse::ArtifactLacks(lacks))
         }
         AdminRequest::ArtifactChunk { bytes } => {
             if bytes.len() > crate::artifact::manifest::MAX_CHUNK as usize {

@@ -71,6 +71,10 @@ pub struct FileConfig {
     pub max_disk: Option<SizeValue>,
     /// Free space kept on the data dir's filesystem: a size.
     pub min_free_disk: Option<SizeValue>,
+    /// Bytes of artifact chunks the box keeps at most: a size.
+    pub max_artifact_disk: Option<SizeValue>,
+    /// How long an artifact no live command names is kept: a duration.
+    pub artifact_retention: Option<String>,
     /// A duration: `1s`, `500ms`, or a number of seconds.
     pub backoff_base: Option<String>,
     pub backoff_cap: Option<String>,
@@ -258,6 +262,18 @@ pub struct ServeArgs {
     /// smaller of 32MiB and 10% of that filesystem]
     #[arg(long, env = "OUTPOST_MIN_FREE_DISK", allow_negative_numbers = true)]
     pub min_free_disk: Option<String>,
+    /// Bytes of artifact chunks kept at most, e.g. 4GiB; they count
+    /// against --max-disk too [default: none]
+    #[arg(long, env = "OUTPOST_MAX_ARTIFACT_DISK", allow_negative_numbers = true)]
+    pub max_artifact_disk: Option<String>,
+    /// How long an artifact no live command names is kept before it is
+    /// removed, e.g. 7d, 12h [default: 7d]
+    #[arg(
+        long,
+        env = "OUTPOST_ARTIFACT_RETENTION",
+        allow_negative_numbers = true
+    )]
+    pub artifact_retention: Option<String>,
     /// First retry delay after a failure; a bare number is seconds [default: 1s]
     #[arg(long, env = "OUTPOST_BACKOFF_BASE", allow_negative_numbers = true)]
     pub backoff_base: Option<String>,
@@ -367,6 +383,25 @@ pub struct ServeConfig {
     /// commands. Unset: the uplink bundle's id, else the hostname.
     pub name: Option<String>,
     pub audit: crate::audit::Retention,
+    pub artifacts: ArtifactLimits,
+}
+
+/// What bounds the box's artifacts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArtifactLimits {
+    /// `max_artifact_disk` (`--max-disk` bounds them too, in `limits`).
+    pub max_bytes: Option<u64>,
+    /// `artifact_retention`.
+    pub retention_ms: u64,
+}
+
+impl Default for ArtifactLimits {
+    fn default() -> Self {
+        ArtifactLimits {
+            max_bytes: None,
+            retention_ms: crate::artifact::retention::DEFAULT_RETENTION_MS,
+        }
+    }
 }
 
 /// The NATS uplink's settings.
@@ -726,10 +761,22 @@ pub fn resolve(
     if let Some(v) = &file.audit_max_age {
         audit.max_age_ms = duration("audit_max_age", v, &f)?.as_millis() as u64;
     }
+    let mut artifacts = ArtifactLimits {
+        max_bytes: match (&args.max_artifact_disk, &file.max_artifact_disk) {
+            (Some(v), _) => Some(size("max_artifact_disk", v, cli)?),
+            (None, Some(v)) => Some(size_value("max_artifact_disk", v, &f)?),
+            (None, None) => None,
+        },
+        ..ArtifactLimits::default()
+    };
+    if let Some((v, o)) = pick_str(&args.artifact_retention, &file.artifact_retention) {
+        artifacts.retention_ms = duration("artifact_retention", &v, &o)?.as_millis() as u64;
+    }
     Ok(ServeConfig {
         access,
         http_tokens,
         audit,
+        artifacts,
         http,
         http_token,
         http_admin: args.http_admin || file.http_admin.unwrap_or(false),

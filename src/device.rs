@@ -1211,14 +1211,16 @@ fn refusal(e: QueueError) -> BoxFrame {
         QueueError::NoRoute(_) | QueueError::UnknownDevice(_) | QueueError::Revoked(_) => {
             ErrorCode::NoRoute
         }
-        QueueError::QueueFull { .. } | QueueError::DiskFull { .. } | QueueError::NoSpace { .. } => {
-            ErrorCode::Full
-        }
+        QueueError::QueueFull { .. }
+        | QueueError::DiskFull { .. }
+        | QueueError::NoSpace { .. }
+        | QueueError::ArtifactBudget(_) => ErrorCode::Full,
         QueueError::BadRequest(_)
         | QueueError::UnknownDependency(_)
         | QueueError::KeyReused { .. } => ErrorCode::BadRequest,
         QueueError::NotFound(_) | QueueError::UnknownArtifact(_) => ErrorCode::NotFound,
         QueueError::ArtifactInUse { .. } => ErrorCode::BadRequest,
+        QueueError::ArtifactRetiring(_) => ErrorCode::NotFound,
         QueueError::AlreadyEnrolled { .. } => ErrorCode::BadRequest,
         QueueError::ShuttingDown => ErrorCode::ShuttingDown,
         QueueError::InvalidTransition { .. }

@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub name: Option<String>,
     /// How much of the audit log is kept (`audit_keep`, `audit_max_age`).
     pub audit: crate::audit::Retention,
+    /// Artifacts' disk budget and retention.
+    pub artifacts: crate::config::ArtifactLimits,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -85,6 +87,7 @@ impl ServeOptions {
             require_signed: false,
             name: None,
             audit: Default::default(),
+            artifacts: Default::default(),
         }
     }
 }
@@ -128,6 +131,8 @@ pub struct RunningBox {
     pub http_addr: Option<SocketAddr>,
     /// Alerts, device statistics, the latest commands.
     pub monitor: crate::monitor::Monitor,
+    /// The artifact retention's timer.
+    collector: tokio::task::JoinHandle<()>,
     /// The uplink to the hub, when the box has one.
     pub uplink: Option<crate::upstream::Uplink>,
     /// The workflow runner.
@@ -179,6 +184,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
             exit_on_store_failure: o.exit_on_store_failure,
             gate,
             audit: o.audit,
+            artifact_disk: o.artifacts.max_bytes,
             ..ServiceOptions::default()
         },
     )?;
@@ -224,6 +230,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         ..Default::default()
     };
     let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store, retention)?;
+    let collector = crate::artifact::collect::start(queue.clone(), o.artifacts.retention_ms);
     let uplink = match (&o.upstream, &o.nats) {
         (Some((u, _)), _) => Some(crate::upstream::start(
             queue.clone(),
@@ -302,6 +309,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         metrics_addr,
         http_addr,
         monitor,
+        collector,
         http_tasks,
         queue,
         link,
@@ -364,6 +372,7 @@ impl RunningBox {
             t.abort();
         }
         self.monitor.stop();
+        self.collector.abort();
         let _ = std::fs::remove_file(&self.socket);
         drop(self.uplink);
         self.workflows.stop().await;

@@ -41,6 +41,17 @@ fn walk(p: &std::path::Path) -> usize {
         .unwrap_or(0)
 }
 
+/// The names `artifact list --json` prints (a JSON object per line).
+fn names(b: &Box_) -> Vec<String> {
+    ok(&b.run(&["artifact", "list", "--json"]))
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            v["name"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
 /// `artifact add FILE --name N --version V --json`.
 fn add(b: &Box_, file: &std::path::Path, name: &str, version: &str) -> serde_json::Value {
     json(&b.run(&[
@@ -220,4 +231,73 @@ fn a_signed_command_signs_the_artifact_it_names() {
     // The audit log has the add.
     let audit = ok(&b.run(&["audit", "--json"]));
     assert!(audit.contains("artifact add"), "{audit}");
+}
+
+#[test]
+fn an_artifact_over_its_budget_is_refused_before_it_is_stored() {
+    let b = Box_::start_with(&["--max-artifact-disk", "1MiB"]);
+    let big = b.dir.path().join("big.img");
+    std::fs::write(&big, random(1_500_000, 5)).unwrap();
+    let o = b.run(&[
+        "artifact",
+        "add",
+        big.to_str().unwrap(),
+        "--name",
+        "big",
+        "--version",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(5), "a refusal: {}", text(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("--max-artifact-disk") && e.contains("artifact rm"),
+        "says what to do: {e}"
+    );
+    assert_eq!(
+        names(&b),
+        Vec::<String>::new(),
+        "nothing half-added is listed"
+    );
+    assert_eq!(chunk_files(&b), 0, "no chunk was sent");
+    // What fits still goes in.
+    let small = b.dir.path().join("small.img");
+    std::fs::write(&small, random(200_000, 6)).unwrap();
+    ok(&b.run(&[
+        "artifact",
+        "add",
+        small.to_str().unwrap(),
+        "--name",
+        "small",
+        "--version",
+        "1",
+    ]));
+}
+
+#[test]
+fn an_artifact_no_live_command_names_is_removed_after_the_retention() {
+    let b = Box_::start_with(&["--artifact-retention", "2s"]);
+    ok(&b.enroll("dev-1", "dev-1", &[]));
+    let f = b.dir.path().join("a.bin");
+    std::fs::write(&f, random(100_000, 7)).unwrap();
+    add(&b, &f, "loose", "1");
+    std::fs::write(&f, random(100_000, 8)).unwrap();
+    add(&b, &f, "named", "1");
+    // dev-1 is offline: its command stays live and keeps named@1.
+    let id = ok(&b.run(&["send", "dev-1", "apply", "--artifact", "named@1"]))
+        .trim()
+        .to_string();
+    cli_box::wait_for(30, "the unnamed artifact to go", || names(&b) == ["named"]);
+    // Passes come every second; named@1 outlives several of them.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(names(&b), ["named"], "a live command keeps its artifact");
+    ok(&b.run(&["cancel", &id]));
+    cli_box::wait_for(30, "the artifact of the ended command to go", || {
+        names(&b).is_empty()
+    });
+    assert_eq!(chunk_files(&b), 0, "its chunks went with it");
+    let audit = text(&b.run(&["audit", "--json"]));
+    assert!(
+        audit.contains("artifact retention"),
+        "the removals are audited: {audit}"
+    );
 }

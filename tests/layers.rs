@@ -40,6 +40,8 @@ const ENGINE: &[&str] = &[
     "src/artifact/manifest.rs",
     "src/artifact/chunker.rs",
     "src/artifact/wire.rs",
+    "src/artifact/budget.rs",
+    "src/artifact/retention.rs",
 ];
 
 /// What an engine file may not name: IO, the clock, async runtimes, and

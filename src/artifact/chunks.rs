@@ -9,6 +9,7 @@
 //! content-addressed, so writing one twice is harmless and a reader checks
 //! what it read against the name.
 
+use super::budget::{Budget, OverBudget};
 use super::manifest::Digest;
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -27,6 +28,8 @@ pub enum ChunkError {
     Mismatch { expected: Digest, actual: Digest },
     #[error("chunk {0:?} is not in the chunk store")]
     Missing(Digest),
+    #[error(transparent)]
+    OverBudget(#[from] OverBudget),
     #[error("chunk store {path}: {source}")]
     Io {
         path: PathBuf,
@@ -47,6 +50,10 @@ impl ChunkError {
 pub struct ChunkStore {
     root: PathBuf,
     bytes: AtomicU64,
+    budget: Budget,
+    /// The queue's database size, as its writer last measured it (it
+    /// shares `--max-disk` with the chunks).
+    queue_bytes: AtomicU64,
     /// Fan-out folders written since the last `sync`.
     dirty: Mutex<HashSet<u8>>,
 }
@@ -80,8 +87,28 @@ impl ChunkStore {
         Ok(ChunkStore {
             root,
             bytes: AtomicU64::new(bytes),
+            budget: Budget::default(),
+            queue_bytes: AtomicU64::new(0),
             dirty: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Bound the store by `budget` (checked at each new chunk).
+    pub fn with_budget(mut self, budget: Budget) -> ChunkStore {
+        self.budget = budget;
+        self
+    }
+
+    /// The queue's database size, for the `--max-disk` check.
+    pub fn set_queue_bytes(&self, n: u64) {
+        self.queue_bytes.store(n, Ordering::Relaxed);
+    }
+
+    /// May `need` more bytes of chunks be stored? Asked for a whole file
+    /// before its first chunk is sent, so a refused add leaves nothing.
+    pub fn admit(&self, need: u64) -> Result<(), OverBudget> {
+        self.budget
+            .admit(self.bytes(), self.queue_bytes.load(Ordering::Relaxed), need)
     }
 
     /// Where chunk `d` lives.
@@ -113,6 +140,9 @@ impl ChunkStore {
         if path.exists() {
             return Ok(false);
         }
+        // Checked chunk by chunk, so two adds at once may pass a budget by
+        // a chunk each: a bound on the disk, not an exact quota.
+        self.admit(bytes.len() as u64)?;
         let io = |source| ChunkError::Io {
             path: path.clone(),
             source,
@@ -230,5 +260,36 @@ mod tests {
         assert_eq!(s.bytes(), 0);
         assert!(matches!(s.get(&d), Err(ChunkError::Missing(_))));
         assert_eq!(s.remove(&d).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_chunk_over_a_budget_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(dir.path()).unwrap().with_budget(Budget {
+            artifacts: Some(8),
+            total: Some(20),
+        });
+        let a = b"12345";
+        s.put(&Digest::of(a), a).unwrap();
+        let b = b"6789";
+        let e = s.put(&Digest::of(b), b).unwrap_err();
+        assert!(
+            matches!(e, ChunkError::OverBudget(OverBudget::Artifacts { .. })),
+            "{e}"
+        );
+        assert!(!s.has(&Digest::of(b)));
+        // A chunk already held costs nothing, so it is never refused.
+        assert!(!s.put(&Digest::of(a), a).unwrap());
+        // The queue's database counts against --max-disk.
+        s.set_queue_bytes(14);
+        let c = b"xyz";
+        let e = s.put(&Digest::of(c), c).unwrap_err();
+        assert!(
+            matches!(e, ChunkError::OverBudget(OverBudget::Total { .. })),
+            "{e}"
+        );
+        s.set_queue_bytes(0);
+        assert!(s.put(&Digest::of(c), c).unwrap());
+        assert_eq!(s.bytes(), 8);
     }
 }

@@ -2,16 +2,19 @@
 //! config bundles, models — stored once, moved in content-defined chunks,
 //! verified chunk by chunk and whole.
 //!
-//! `manifest` and `chunker` are engine (no IO: they take bytes or a
+//! `manifest`, `chunker`, `budget` and `retention` are engine (no IO: they take bytes or a
 //! `Read`); `wire` is the fetch protocol's frames; `chunks` (one file per
 //! chunk) and `shelf` (manifests and names in sled) are the box's store.
 //! A command names its artifact in its envelope (`trust::envelope`:
 //! the signed claims, or an unsigned envelope), so no record format
 //! changed for it.
 
+pub mod budget;
 pub mod chunker;
 pub mod chunks;
+pub mod collect;
 pub mod manifest;
+pub mod retention;
 pub mod shelf;
 pub mod wire;
 

@@ -5,11 +5,18 @@
 //! - `m` + digest (32 bytes) → a stored [`Record`] (the manifest's bytes
 //!   as first encoded, and when it was added);
 //! - `n` + name + `\0` + version → digest: how `fw@2.1` is found;
-//! - `r` + digest + command id (16 bytes BE) → empty: a command that
+//! - `r` + digest + command id (16 bytes BE) → when it was noted (ms, 8
+//!   bytes BE; empty in stores written before retention): a command that
 //!   names the artifact. Written before the command is queued, so it is
 //!   durable no later than the command (the writer's flush covers it);
-//!   `remove` asks the queue whether each is still live and sweeps the
-//!   rest.
+//!   removal asks the queue whether each is still live and sweeps the
+//!   rest;
+//! - `u` + digest → ms: when a retention pass first found no live command
+//!   naming it (`retention`).
+//!
+//! A sender checks, notes and queues under the read side of `intake`; a
+//! removal marks the artifact retiring under its write side, so no
+//! command can come to name an artifact while its referrers are checked.
 //!
 //! "Added" means durable: every chunk fsynced (`ChunkStore::sync`) before
 //! the manifest is inserted, and sled flushed after, so a manifest never
@@ -74,7 +81,13 @@ fn store_err(e: sled::Error) -> ShelfError {
 pub struct Shelf {
     slot: Arc<std::sync::RwLock<Option<sled::Tree>>>,
     chunks: Arc<ChunkStore>,
+    /// Artifacts being removed (see the module doc).
+    retiring: Arc<std::sync::RwLock<std::collections::HashSet<Digest>>>,
 }
+
+/// Held by a sender from "the artifact is here" until its command is
+/// queued with the writer.
+pub type Intake<'a> = std::sync::RwLockReadGuard<'a, std::collections::HashSet<Digest>>;
 
 fn manifest_key(d: &Digest) -> Vec<u8> {
     let mut k = Vec::with_capacity(33);
@@ -92,6 +105,17 @@ fn name_key(name: &str, version: &str) -> Vec<u8> {
     k
 }
 
+fn unneeded_key(d: &Digest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(b'u');
+    k.extend_from_slice(&d.0);
+    k
+}
+
+fn millis_of(v: &[u8]) -> Option<Millis> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}
+
 fn ref_key(d: &Digest, id: crate::command::CommandId) -> Vec<u8> {
     let mut k = Vec::with_capacity(49);
     k.push(b'r');
@@ -105,6 +129,7 @@ impl Shelf {
         Shelf {
             slot: Arc::new(std::sync::RwLock::new(Some(tree))),
             chunks,
+            retiring: Arc::default(),
         }
     }
 
@@ -123,6 +148,10 @@ impl Shelf {
 
     pub fn chunks(&self) -> &ChunkStore {
         &self.chunks
+    }
+
+    pub fn chunks_arc(&self) -> Arc<ChunkStore> {
+        self.chunks.clone()
     }
 
     /// The manifest bytes of `d`, exactly as stored (their SHA-256 is `d`).
@@ -212,26 +241,92 @@ impl Shelf {
         }
     }
 
-    /// Note that command `id` names artifact `d` (see the module doc).
-    pub fn reference(&self, d: &Digest, id: crate::command::CommandId) -> Result<(), ShelfError> {
+    /// The read side of the intake lock; `retiring(d)` on it says whether
+    /// `d` is being removed.
+    pub fn intake(&self) -> Intake<'_> {
+        self.retiring.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Mark `d` retiring and return its referrers, atomically with respect
+    /// to senders; `false` in the pair if another removal has it already.
+    pub fn retire(
+        &self,
+        d: &Digest,
+    ) -> Result<(bool, Vec<(crate::command::CommandId, Millis)>), ShelfError> {
+        let mut r = self.retiring.write().unwrap_or_else(|e| e.into_inner());
+        if !r.insert(*d) {
+            return Ok((false, Vec::new()));
+        }
+        match self.referrers(d) {
+            Ok(refs) => Ok((true, refs)),
+            Err(e) => {
+                r.remove(d);
+                Err(e)
+            }
+        }
+    }
+
+    /// End a `retire` (the artifact was removed, or is still needed).
+    pub fn unretire(&self, d: &Digest) {
+        self.retiring
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(d);
+    }
+
+    /// Note that command `id` names artifact `d` at `now` (see the module
+    /// doc).
+    pub fn reference(
+        &self,
+        d: &Digest,
+        id: crate::command::CommandId,
+        now: Millis,
+    ) -> Result<(), ShelfError> {
         self.tree()?
-            .insert(ref_key(d, id), &[][..])
+            .insert(ref_key(d, id), &now.to_be_bytes()[..])
             .map_err(store_err)?;
         Ok(())
     }
 
-    /// The commands noted as naming `d`, live or not.
-    pub fn referrers(&self, d: &Digest) -> Result<Vec<crate::command::CommandId>, ShelfError> {
+    /// The commands noted as naming `d`, live or not, with when.
+    pub fn referrers(
+        &self,
+        d: &Digest,
+    ) -> Result<Vec<(crate::command::CommandId, Millis)>, ShelfError> {
         let mut prefix = vec![b'r'];
         prefix.extend_from_slice(&d.0);
         let mut out = Vec::new();
         for kv in self.tree()?.scan_prefix(&prefix) {
-            let (k, _) = kv.map_err(store_err)?;
+            let (k, v) = kv.map_err(store_err)?;
             if let Ok(b) = <[u8; 16]>::try_from(&k[33..]) {
-                out.push(crate::command::CommandId(u128::from_be_bytes(b)));
+                out.push((
+                    crate::command::CommandId(u128::from_be_bytes(b)),
+                    millis_of(&v).unwrap_or(0),
+                ));
             }
         }
         Ok(out)
+    }
+
+    /// When a retention pass first found `d` unneeded, if it has.
+    pub fn unneeded_since(&self, d: &Digest) -> Result<Option<Millis>, ShelfError> {
+        Ok(self
+            .tree()?
+            .get(unneeded_key(d))
+            .map_err(store_err)?
+            .and_then(|v| millis_of(&v)))
+    }
+
+    /// Set (`Some`) or clear the "unneeded since" mark of `d`. Written
+    /// only when it changes, so an idle box writes nothing.
+    pub fn mark_unneeded(&self, d: &Digest, since: Option<Millis>) -> Result<(), ShelfError> {
+        let t = self.tree()?;
+        match since {
+            Some(at) => t.insert(unneeded_key(d), &at.to_be_bytes()[..]),
+            None => t.remove(unneeded_key(d)),
+        }
+        .map_err(store_err)?;
+        Ok(())
     }
 
     /// Forget that `id` names `d` (it ended).
@@ -283,6 +378,7 @@ impl Shelf {
         };
         let mut b = sled::Batch::default();
         b.remove(manifest_key(d));
+        b.remove(unneeded_key(d));
         // The name points here only if this is still the digest it names.
         if self
             .tree()?

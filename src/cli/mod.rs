@@ -649,6 +649,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.link.window = c.limits.window;
     o.limits = c.limits;
     o.audit = c.audit;
+    o.artifacts = c.artifacts;
     if c.reserve_origin.is_none() {
         if let Ok((total, _)) = crate::store::fs_space_of(data_dir) {
             o.limits.min_free_disk = crate::queue::default_reserve(total);

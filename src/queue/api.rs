@@ -59,6 +59,10 @@ pub enum QueueError {
     UnknownArtifact(String),
     #[error("artifact {artifact} is referenced by command {by}, which has not ended; wait for it, or cancel it first")]
     ArtifactInUse { artifact: String, by: CommandId },
+    #[error(transparent)]
+    ArtifactBudget(#[from] crate::artifact::budget::OverBudget),
+    #[error("artifact {0} is being removed; send again once `outpost artifact show` says whether it is still there")]
+    ArtifactRetiring(String),
 }
 
 fn already_enrolled(id: &str, revoked: bool) -> String {
@@ -101,6 +105,8 @@ impl QueueError {
             | E::KeyReused { .. }
             | E::AlreadyEnrolled { .. }
             | E::ArtifactInUse { .. }
+            | E::ArtifactBudget(_)
+            | E::ArtifactRetiring(_)
             | E::Untrusted(_) => ErrorClass::Refused,
             E::ShuttingDown | E::Storage(_) => ErrorClass::Unavailable,
             E::InvalidTransition { .. }
@@ -124,6 +130,8 @@ impl QueueError {
             E::QueueFull { .. }
             | E::DiskFull { .. }
             | E::NoSpace { .. }
+            | E::ArtifactBudget(_)
+            | E::ArtifactRetiring(_)
             | E::Storage(_)
             | E::ShuttingDown => true,
             E::NotFound(_)

@@ -44,6 +44,8 @@ pub struct ServiceOptions {
     pub gate: Arc<crate::trust::Gate>,
     /// How much of the audit log is kept.
     pub audit: crate::audit::Retention,
+    /// `--max-artifact-disk` (`limits.max_disk` bounds artifacts too).
+    pub artifact_disk: Option<u64>,
 }
 
 impl Default for ServiceOptions {
@@ -57,6 +59,7 @@ impl Default for ServiceOptions {
             exit_on_store_failure: None,
             gate: Arc::default(),
             audit: Default::default(),
+            artifact_disk: None,
         }
     }
 }
@@ -190,6 +193,9 @@ pub fn shelf_error(e: crate::artifact::shelf::ShelfError) -> QueueError {
     match e {
         S::NotFound(what) => QueueError::UnknownArtifact(what),
         S::Closed => QueueError::ShuttingDown,
+        S::Chunk(crate::artifact::chunks::ChunkError::OverBudget(o)) => {
+            QueueError::ArtifactBudget(o)
+        }
         S::Manifest(_)
         | S::MissingChunk { .. }
         | S::Chunk(crate::artifact::chunks::ChunkError::Mismatch { .. }) => {
@@ -197,6 +203,26 @@ pub fn shelf_error(e: crate::artifact::shelf::ShelfError) -> QueueError {
         }
         other => QueueError::Storage(other.to_string()),
     }
+}
+
+/// The artifact a command's envelope names, if any.
+fn named_artifact(req: &SendRequest) -> Result<Option<crate::artifact::Digest>, QueueError> {
+    let Some(env) = req.signature.as_deref() else {
+        return Ok(None);
+    };
+    crate::trust::envelope::artifact(env)
+        .map(|d| d.map(crate::artifact::Digest))
+        .map_err(|e| QueueError::Untrusted(e.into()))
+}
+
+/// What checking an artifact's referrers found (`QueueHandle::retire`).
+enum Retired {
+    /// Another removal is checking it.
+    Busy,
+    /// This live command names it.
+    Named(CommandId),
+    /// No live command names it; the newest time an ended one was noted.
+    Unneeded(Option<Millis>),
 }
 
 /// Open the store's queue: replay the journal into a core and start the
@@ -207,12 +233,18 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     let shelf = crate::artifact::shelf::Shelf::new(
         store.artifacts()?,
         Arc::new(
-            crate::artifact::chunks::ChunkStore::open(store.dir()).map_err(|e| StoreError::Io {
-                dir: store.dir().join(crate::artifact::chunks::DIR),
-                source: std::io::Error::other(e.to_string()),
-            })?,
+            crate::artifact::chunks::ChunkStore::open(store.dir())
+                .map_err(|e| StoreError::Io {
+                    dir: store.dir().join(crate::artifact::chunks::DIR),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+                .with_budget(crate::artifact::budget::Budget {
+                    artifacts: opts.artifact_disk,
+                    total: opts.limits.max_disk,
+                }),
         ),
     );
+    shelf.chunks().set_queue_bytes(store.size_on_disk());
     let audit = super::audit::AuditLog::load(&store, opts.audit)?;
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -238,6 +270,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
         last_recovery: None,
         audit,
         audit_force: false,
+        chunks: shelf.chunks_arc(),
     };
     let closing = shelf.clone();
     std::thread::Builder::new()
@@ -556,6 +589,8 @@ impl Clock {
 }
 
 struct Writer {
+    /// The chunk store, told the database's size for `--max-disk`.
+    chunks: Arc<crate::artifact::chunks::ChunkStore>,
     clock: Clock,
     outbox: tokio::sync::watch::Sender<u64>,
     sessions_changed: tokio::sync::watch::Sender<u64>,
@@ -921,7 +956,12 @@ impl Writer {
         }
         self.rounds += 1;
         if self.core.limits().max_disk.is_some() || self.rounds % 256 == 0 {
-            self.core.set_disk_usage(self.store.size_on_disk());
+            // Artifacts share --max-disk with the queue: each side checks
+            // the sum against it.
+            let queue = self.store.size_on_disk();
+            self.chunks.set_queue_bytes(queue);
+            self.core
+                .set_disk_usage(queue.saturating_add(self.chunks.bytes()));
         }
         // statfs each round is measurable at tens of thousands of rounds a
         // second; far from the reserve, a reading 100 ms old is as good.
@@ -1172,43 +1212,43 @@ impl QueueHandle {
     /// Enqueue durably. Returns once the command is on disk.
     pub async fn send(&self, req: SendRequest) -> Result<SendReceipt, QueueError> {
         self.admit(None, &req)?;
-        if let Some(d) = self.artifact_of(&req)? {
-            // The reference is noted under the id before the command is
-            // queued, so it is on disk no later than the command.
-            let id = match crate::trust::envelope::sealed(req.signature.as_deref()) {
-                Some(env) => {
-                    crate::trust::envelope::open(env)
-                        .map_err(|e| QueueError::Untrusted(e.into()))?
-                        .claims
-                        .id
-                }
-                None => CommandId::new(crate::now_millis(), rand::random()),
-            };
-            self.shelf.reference(&d, id).map_err(shelf_error)?;
-            return self
-                .core(CoreRequest::SendAs { id, req })
-                .await?
-                .into_receipt();
-        }
-        self.core(CoreRequest::Send(req)).await?.into_receipt()
+        let Some(d) = named_artifact(&req)? else {
+            return self.core(CoreRequest::Send(req)).await?.into_receipt();
+        };
+        // The reference is noted under the id before the command is queued,
+        // so it is on disk no later than the command; both under the
+        // intake lock, so no removal checks in between.
+        let id = match crate::trust::envelope::sealed(req.signature.as_deref()) {
+            Some(env) => {
+                crate::trust::envelope::open(env)
+                    .map_err(|e| QueueError::Untrusted(e.into()))?
+                    .claims
+                    .id
+            }
+            None => CommandId::new(crate::now_millis(), rand::random()),
+        };
+        let reply = {
+            let intake = self.shelf.intake();
+            self.held(&d, &intake)?;
+            self.shelf
+                .reference(&d, id, crate::now_millis())
+                .map_err(shelf_error)?;
+            self.queued(CoreRequest::SendAs { id, req })
+        };
+        reply.await?.into_receipt()
     }
 
-    /// The artifact a command's envelope names, which this box must hold.
-    fn artifact_of(
+    /// Whether the box holds artifact `d` and is not removing it.
+    fn held(
         &self,
-        req: &SendRequest,
-    ) -> Result<Option<crate::artifact::Digest>, QueueError> {
-        let Some(env) = req.signature.as_deref() else {
-            return Ok(None);
-        };
-        let Some(d) = crate::trust::envelope::artifact(env)
-            .map_err(|e| QueueError::Untrusted(e.into()))?
-            .map(crate::artifact::Digest)
-        else {
-            return Ok(None);
-        };
-        match self.shelf.manifest_bytes(&d).map_err(shelf_error)? {
-            Some(_) => Ok(Some(d)),
+        d: &crate::artifact::Digest,
+        intake: &crate::artifact::shelf::Intake<'_>,
+    ) -> Result<(), QueueError> {
+        if intake.contains(d) {
+            return Err(QueueError::ArtifactRetiring(d.to_string()));
+        }
+        match self.shelf.manifest_bytes(d).map_err(shelf_error)? {
+            Some(_) => Ok(()),
             None => Err(QueueError::UnknownArtifact(d.to_string())),
         }
     }
@@ -1220,27 +1260,106 @@ impl QueueHandle {
         spec: &crate::artifact::ArtifactSpec,
     ) -> Result<(crate::artifact::shelf::ArtifactView, u64), QueueError> {
         let d = self.shelf.resolve(spec).map_err(shelf_error)?;
-        for id in self.shelf.referrers(&d).map_err(shelf_error)? {
-            match self.show(id).await {
-                Ok(v) if !v.state.is_final() => {
-                    return Err(QueueError::ArtifactInUse {
-                        artifact: spec.to_string(),
-                        by: id,
-                    })
-                }
-                Ok(_) | Err(QueueError::NotFound(_)) => {
-                    self.shelf.unreference(&d, id).map_err(shelf_error)?
-                }
-                Err(e) => return Err(e),
+        match self.retire(&d).await? {
+            Retired::Busy => Err(QueueError::ArtifactRetiring(spec.to_string())),
+            Retired::Named(by) => {
+                self.shelf.unretire(&d);
+                Err(QueueError::ArtifactInUse {
+                    artifact: spec.to_string(),
+                    by,
+                })
+            }
+            Retired::Unneeded(_) => {
+                let removed = self.remove_retired(&d);
+                self.shelf.unretire(&d);
+                removed?.ok_or_else(|| QueueError::UnknownArtifact(spec.to_string()))
             }
         }
-        let view = self
-            .shelf
-            .view(&d)
-            .map_err(shelf_error)?
-            .ok_or_else(|| QueueError::UnknownArtifact(spec.to_string()))?;
-        let freed = self.shelf.remove(&d).map_err(shelf_error)?;
-        Ok((view, freed))
+    }
+
+    /// One retention pass (`artifact::retention`): marks artifacts newly
+    /// unneeded, removes those unneeded past `retention_ms`. Returns what
+    /// it removed and the bytes freed.
+    pub async fn collect_artifacts(
+        &self,
+        now: Millis,
+        retention_ms: u64,
+    ) -> Result<Vec<(crate::artifact::shelf::ArtifactView, u64)>, QueueError> {
+        use crate::artifact::retention::{verdict, Held, Verdict};
+        let mut removed = Vec::new();
+        for a in self.shelf.list().map_err(shelf_error)? {
+            let d = a.digest;
+            let (live, last_named) = match self.retire(&d).await? {
+                Retired::Busy => continue,
+                Retired::Named(_) => (true, None),
+                Retired::Unneeded(last) => (false, last),
+            };
+            let held = Held {
+                digest: d,
+                added_at: a.added_at,
+                last_named,
+                unneeded_since: self.shelf.unneeded_since(&d).map_err(shelf_error)?,
+                live,
+            };
+            let done = match verdict(&held, now, retention_ms) {
+                Verdict::Needed if held.unneeded_since.is_some() => {
+                    self.shelf.mark_unneeded(&d, None).map_err(shelf_error)
+                }
+                Verdict::Mark(at) => self.shelf.mark_unneeded(&d, Some(at)).map_err(shelf_error),
+                Verdict::Remove => self.remove_retired(&d).map(|r| removed.extend(r)),
+                Verdict::Needed | Verdict::Keep => Ok(()),
+            };
+            self.shelf.unretire(&d);
+            done?;
+        }
+        Ok(removed)
+    }
+
+    /// Mark `d` retiring and ask the queue about every command noted as
+    /// naming it; references of commands that ended are swept. The caller
+    /// must `unretire` unless the answer is `Busy`.
+    async fn retire(&self, d: &crate::artifact::Digest) -> Result<Retired, QueueError> {
+        let (fresh, refs) = self.shelf.retire(d).map_err(shelf_error)?;
+        if !fresh {
+            return Ok(Retired::Busy);
+        }
+        let answer = async {
+            // Every sender that noted a reference queued its command before
+            // `retire` took the lock, so these are answered after it.
+            let asks: Vec<_> = refs
+                .iter()
+                .map(|&(id, at)| (id, at, self.show_queued(id)))
+                .collect();
+            let mut last = None;
+            for (id, at, ask) in asks {
+                match ask.await {
+                    Ok(v) if !v.state.is_final() => return Ok(Retired::Named(id)),
+                    Ok(_) | Err(QueueError::NotFound(_)) => {
+                        last = last.max(Some(at));
+                        self.shelf.unreference(d, id).map_err(shelf_error)?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Retired::Unneeded(last))
+        }
+        .await;
+        if answer.is_err() {
+            self.shelf.unretire(d);
+        }
+        answer
+    }
+
+    /// Remove retired artifact `d`: what it was and the bytes freed.
+    fn remove_retired(
+        &self,
+        d: &crate::artifact::Digest,
+    ) -> Result<Option<(crate::artifact::shelf::ArtifactView, u64)>, QueueError> {
+        let Some(view) = self.shelf.view(d).map_err(shelf_error)? else {
+            return Ok(None);
+        };
+        let freed = self.shelf.remove(d).map_err(shelf_error)?;
+        Ok(Some((view, freed)))
     }
 
     /// The trust gate's verdict on a command at intake (see `trust::gate`):
@@ -1350,10 +1469,14 @@ impl QueueHandle {
         from: DeviceId,
         req: SendRequest,
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
-        let reply = self
-            .admit(None, &req)
-            .and_then(|()| self.artifact_of(&req))
-            .map(|_| self.queued(CoreRequest::DeviceSend { from, req }));
+        let reply = self.admit(None, &req).and_then(|()| {
+            let d = named_artifact(&req)?;
+            let intake = self.shelf.intake();
+            if let Some(d) = d {
+                self.held(&d, &intake)?;
+            }
+            Ok(self.queued(CoreRequest::DeviceSend { from, req }))
+        });
         async move { reply?.await?.into_receipt() }
     }
 
@@ -1366,13 +1489,17 @@ impl QueueHandle {
         id: CommandId,
         req: SendRequest,
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
-        let reply = self
-            .admit(Some(id), &req)
-            .and_then(|()| match self.artifact_of(&req)? {
-                Some(d) => self.shelf.reference(&d, id).map_err(shelf_error),
-                None => Ok(()),
-            })
-            .map(|()| self.queued(CoreRequest::SendAs { id, req }));
+        let reply = self.admit(Some(id), &req).and_then(|()| {
+            let d = named_artifact(&req)?;
+            let intake = self.shelf.intake();
+            if let Some(d) = d {
+                self.held(&d, &intake)?;
+                self.shelf
+                    .reference(&d, id, crate::now_millis())
+                    .map_err(shelf_error)?;
+            }
+            Ok(self.queued(CoreRequest::SendAs { id, req }))
+        });
         async move { reply?.await?.into_receipt() }
     }
 

@@ -1058,6 +1058,14 @@ mod tests {
             "and the dashboard"
         );
         assert_eq!(c.http_tokens.len(), 1, "and a role token");
+        assert_eq!(
+            c.artifacts,
+            ArtifactLimits {
+                max_bytes: Some(4 << 30),
+                retention_ms: 7 * 24 * 3600 * 1000
+            },
+            "and the artifacts' budget and retention"
+        );
         assert!(c.access.grant(61001).is_ok(), "and a socket role");
     }
 

@@ -301,3 +301,55 @@ fn an_artifact_no_live_command_names_is_removed_after_the_retention() {
         "the removals are audited: {audit}"
     );
 }
+
+#[test]
+fn a_workflow_step_carries_the_artifact_it_names_pinned_at_start() {
+    let b = Box_::start();
+    ok(&b.enroll("dev-1", "dev-1", &[]));
+    let f = b.dir.path().join("cfg.tar");
+    std::fs::write(&f, random(150_000, 9)).unwrap();
+    let a = add(&b, &f, "cfg", "1");
+    let wf = b.dir.path().join("wf.toml");
+    std::fs::write(
+        &wf,
+        "name = \"apply\"\n[steps.apply]\ntarget = \"dev-1\"\npayload = \"apply\"\nartifact = \"cfg\"\n",
+    )
+    .unwrap();
+    let run = ok(&b.run(&["workflow", "run", wf.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    let v = json(&b.run(&["workflow", "show", &run, "--json"]));
+    let step_cmd = v["steps"][0]["command"].as_str().unwrap().to_string();
+    // dev-1 is offline: the step's command is live and names cfg@1.
+    let o = b.run(&["artifact", "rm", a["digest"].as_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        stderr(&o).contains(&step_cmd),
+        "names the step's command: {}",
+        text(&o)
+    );
+
+    // A step naming what the box does not hold: the run is refused at
+    // start, saying which step and what to do.
+    std::fs::write(
+        &wf,
+        "name = \"apply\"\n[steps.apply]\ntarget = \"dev-1\"\npayload = \"apply\"\nartifact = \"fw@9\"\n",
+    )
+    .unwrap();
+    let o = b.run(&["workflow", "run", wf.to_str().unwrap()]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("step `apply`") && e.contains("fw@9") && e.contains("artifact add"),
+        "{e}"
+    );
+    // A malformed name is found by `workflow check`, with its line.
+    std::fs::write(
+        &wf,
+        "name = \"apply\"\n[steps.apply]\ntarget = \"dev-1\"\npayload = \"apply\"\nartifact = \"fw@\"\n",
+    )
+    .unwrap();
+    let o = b.run(&["workflow", "check", wf.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(stderr(&o).contains("wf.toml:5"), "{}", text(&o));
+}

@@ -76,6 +76,7 @@ struct StepSpec {
     needs: Vec<Spanned<String>>,
     when: Option<Spanned<WhenSpec>>,
     min_success: Option<Spanned<Quorum>>,
+    artifact: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +124,11 @@ pub struct Step {
     pub min_success: Option<MinSuccess>,
     /// The line of its `[steps.NAME]` table.
     pub line: usize,
+    /// The artifact its command carries (`fw@2.1`, `fw`, `sha256:…`);
+    /// the box pins it to a digest when the run starts, so every step
+    /// and every retry sends the same file.
+    #[serde(default)]
+    pub artifact: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -326,6 +332,11 @@ impl Workflow {
                     ))
                 }
             };
+            if let Some(a) = &s.artifact {
+                crate::artifact::ArtifactSpec::parse(a.get_ref()).map_err(|e| {
+                    step_err(at(a.span()), format!("artifact {:?}: {e}", a.get_ref()))
+                })?;
+            }
             let priority = match &s.priority {
                 None => Priority::Normal,
                 Some(p) => p.get_ref().parse().map_err(|_| {
@@ -403,6 +414,7 @@ impl Workflow {
                     when,
                     min_success,
                     line,
+                    artifact: s.artifact.as_ref().map(|a| a.get_ref().clone()),
                 },
                 s.when.as_ref().map(|w| at(w.span())),
             ));
@@ -667,6 +679,8 @@ pub enum Action {
         payload: Vec<u8>,
         opts: crate::SendOptions,
         key: String,
+        /// The step's artifact, as the run holds it.
+        artifact: Option<String>,
     },
     Cancel(crate::CommandId),
 }
@@ -896,6 +910,7 @@ impl Run {
                         ..Default::default()
                     },
                     key: format!("workflow:{}:{}", self.id, spec.name),
+                    artifact: spec.artifact.clone(),
                 });
             }
             if !progressed {

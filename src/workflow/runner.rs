@@ -311,7 +311,11 @@ impl Shell {
         let mut rest = Vec::new();
         for r in reqs {
             match r {
-                Req::Start(w, reply) => {
+                Req::Start(mut w, reply) => {
+                    if let Err(e) = self.pin_artifacts(&mut w) {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
                     let id = CommandId::new(crate::now_millis(), rand::random());
                     let (run, actions) = Run::start(id, *w, crate::now_millis());
                     self.runs.insert(id, run);
@@ -326,6 +330,12 @@ impl Shell {
                 } => {
                     let duplicate = self.runs.contains_key(&id);
                     if !duplicate {
+                        let mut spec = spec;
+                        // A hub's run naming an artifact this box lacks
+                        // starts anyway: that step fails, saying which.
+                        if let Err(e) = self.pin_artifacts(&mut spec) {
+                            tracing::warn!(run = %id, "{e}");
+                        }
                         let (mut run, actions) = Run::start(id, *spec, crate::now_millis());
                         run.origin = Some(origin);
                         self.runs.insert(id, run);
@@ -424,7 +434,31 @@ impl Shell {
                 ..Default::default()
             },
             key: format!("workflow:{id}:{step}"),
+            artifact: spec.artifact.clone(),
         })
+    }
+
+    /// Pin each step's artifact to the digest the box holds now, so the
+    /// run sends one file throughout (a newer `fw` added mid-run does not
+    /// change it). A name the box does not hold is an error at start.
+    fn pin_artifacts(&self, w: &mut super::Workflow) -> Result<(), String> {
+        for step in &mut w.steps {
+            if let Some(a) = &step.artifact {
+                let d = self
+                    .artifact_digest(a)
+                    .map_err(|e| format!("step `{}`: {e}", step.name))?;
+                step.artifact = Some(d.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn artifact_digest(&self, spec: &str) -> Result<crate::artifact::Digest, QueueError> {
+        let spec = crate::artifact::ArtifactSpec::parse(spec).map_err(QueueError::BadRequest)?;
+        self.queue
+            .shelf()
+            .resolve(&spec)
+            .map_err(crate::queue::service::shelf_error)
     }
 
     /// If step command `cmd` of run `id` has ended, feed its end to the run.
@@ -515,17 +549,27 @@ impl Shell {
                             payload,
                             opts,
                             key: _,
+                            artifact,
                         } => {
-                            let fut = self.queue.send_as(
-                                step_command_id(id, &step),
-                                SendRequest {
-                                    target,
-                                    payload,
-                                    opts,
-                                    origin: "workflow".into(),
-                                    signature: None,
-                                },
-                            );
+                            // The artifact rides in an unsigned envelope
+                            // (workflow steps are not signed).
+                            let signature = artifact
+                                .as_deref()
+                                .map(|a| self.artifact_digest(a))
+                                .transpose()
+                                .map(|d| d.map(|d| crate::trust::envelope::unsigned(Some(d.0))));
+                            let fut = signature.map(|signature| {
+                                self.queue.send_as(
+                                    step_command_id(id, &step),
+                                    SendRequest {
+                                        target,
+                                        payload,
+                                        opts,
+                                        origin: "workflow".into(),
+                                        signature,
+                                    },
+                                )
+                            });
                             sends.push((id, step, fut));
                         }
                         Action::Cancel(c) => cancels.push(self.queue.cancel_queued(c)),
@@ -536,7 +580,11 @@ impl Shell {
                 let _ = c.await;
             }
             for (id, step, fut) in sends {
-                match fut.await {
+                let sent = match fut {
+                    Ok(f) => f.await,
+                    Err(e) => Err(e),
+                };
+                match sent {
                     Ok(r) => {
                         if let Some(run) = self.runs.get_mut(&id) {
                             run.sent(&step, r.id);

@@ -677,7 +677,8 @@ pub enum Action {
         step: String,
         target: String,
         payload: Vec<u8>,
-        opts: crate::SendOptions,
+        /// Boxed: the variant is large beside `Cancel`.
+        opts: Box<crate::SendOptions>,
         key: String,
         /// The step's artifact, as the run holds it.
         artifact: Option<String>,
@@ -903,12 +904,12 @@ impl Run {
                     step: spec.name.clone(),
                     target: spec.target.clone(),
                     payload,
-                    opts: crate::SendOptions {
+                    opts: Box::new(crate::SendOptions {
                         priority: spec.priority,
                         ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
                         max_attempts: spec.max_attempts,
                         ..Default::default()
-                    },
+                    }),
                     key: format!("workflow:{}:{}", self.id, spec.name),
                     artifact: spec.artifact.clone(),
                 });

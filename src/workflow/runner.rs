@@ -427,12 +427,12 @@ impl Shell {
             step: step.to_string(),
             target: spec.target.clone(),
             payload,
-            opts: crate::SendOptions {
+            opts: Box::new(crate::SendOptions {
                 priority: spec.priority,
                 ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
                 max_attempts: spec.max_attempts,
                 ..Default::default()
-            },
+            }),
             key: format!("workflow:{id}:{step}"),
             artifact: spec.artifact.clone(),
         })
@@ -564,7 +564,7 @@ impl Shell {
                                     SendRequest {
                                         target,
                                         payload,
-                                        opts,
+                                        opts: *opts,
                                         origin: "workflow".into(),
                                         signature,
                                     },

@@ -138,6 +138,12 @@ impl ChunkStore {
         }
         let path = self.path(d);
         if path.exists() {
+            // Touched, so the orphan sweep (`Shelf::sweep`) does not take a
+            // chunk an add in progress counts on.
+            let _ = File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok(false);
         }
         // Checked chunk by chunk, so two adds at once may pass a budget by
@@ -212,6 +218,33 @@ impl ChunkStore {
             });
         }
         Ok(buf)
+    }
+
+    /// Every chunk held, with when its file was last written.
+    pub fn list(&self) -> Result<Vec<(Digest, std::time::SystemTime)>, ChunkError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ChunkError::Io { path, source }
+        };
+        let mut out = Vec::new();
+        for fan in fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let fan = fan.map_err(io(&self.root))?.path();
+            if !fan.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(&fan).map_err(io(&fan))? {
+                let f = f.map_err(io(&fan))?;
+                let Some(d) = f.file_name().to_str().and_then(Digest::parse) else {
+                    continue; // a *.tmp being written, or not ours
+                };
+                let at = f
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map_err(io(&f.path()))?;
+                out.push((d, at));
+            }
+        }
+        Ok(out)
     }
 
     /// Remove chunk `d` (no error if it is not there): its bytes freed.

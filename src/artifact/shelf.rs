@@ -81,6 +81,10 @@ fn store_err(e: sled::Error) -> ShelfError {
 pub struct Shelf {
     slot: Arc<std::sync::RwLock<Option<sled::Tree>>>,
     chunks: Arc<ChunkStore>,
+    /// Held by `commit`, `remove` and `sweep`, which each decide from
+    /// what the manifests name: a chunk one removes must not be one
+    /// another has just counted on.
+    edit: Arc<std::sync::Mutex<()>>,
     /// Artifacts being removed (see the module doc).
     retiring: Arc<std::sync::RwLock<std::collections::HashSet<Digest>>>,
 }
@@ -129,6 +133,7 @@ impl Shelf {
         Shelf {
             slot: Arc::new(std::sync::RwLock::new(Some(tree))),
             chunks,
+            edit: Arc::default(),
             retiring: Arc::default(),
         }
     }
@@ -183,6 +188,7 @@ impl Shelf {
     /// adding the same manifest twice is the same artifact.
     pub fn commit(&self, bytes: Vec<u8>, now: Millis) -> Result<Digest, ShelfError> {
         let m = Manifest::decode(&bytes)?;
+        let _edit = self.edit.lock().unwrap_or_else(|e| e.into_inner());
         for (index, c) in m.chunks.iter().enumerate() {
             if !self.chunks.has(&c.sha256) {
                 return Err(ShelfError::MissingChunk {
@@ -369,10 +375,43 @@ impl Shelf {
         }))
     }
 
+    /// Every chunk some manifest names.
+    fn named_chunks(&self) -> Result<std::collections::HashSet<Digest>, ShelfError> {
+        let mut named = std::collections::HashSet::new();
+        for kv in self.tree()?.scan_prefix(b"m") {
+            let (k, _) = kv.map_err(store_err)?;
+            let Ok(d) = <[u8; 32]>::try_from(&k[1..]) else {
+                continue;
+            };
+            if let Some(m) = self.manifest(&Digest(d))? {
+                named.extend(m.chunks.iter().map(|c| c.sha256));
+            }
+        }
+        Ok(named)
+    }
+
+    /// Remove the chunks no manifest names that were last written before
+    /// `before`: what an `add` cut short or a crash inside `remove` left.
+    /// Younger ones are kept, so an `add` run again sends only what had
+    /// not arrived. Returns the chunks and bytes freed.
+    pub fn sweep(&self, before: std::time::SystemTime) -> Result<(u64, u64), ShelfError> {
+        let _edit = self.edit.lock().unwrap_or_else(|e| e.into_inner());
+        let named = self.named_chunks()?;
+        let (mut n, mut freed) = (0, 0);
+        for (c, at) in self.chunks.list()? {
+            if at < before && !named.contains(&c) {
+                freed += self.chunks.remove(&c)?;
+                n += 1;
+            }
+        }
+        Ok((n, freed))
+    }
+
     /// Remove artifact `d` and the chunks no other artifact shares. The
     /// caller checked that no live command references it. Returns the
     /// bytes freed.
     pub fn remove(&self, d: &Digest) -> Result<u64, ShelfError> {
+        let _edit = self.edit.lock().unwrap_or_else(|e| e.into_inner());
         let Some(m) = self.manifest(d)? else {
             return Err(ShelfError::NotFound(d.to_string()));
         };
@@ -390,16 +429,10 @@ impl Shelf {
         }
         self.tree()?.apply_batch(b).map_err(store_err)?;
         self.tree()?.flush().map_err(store_err)?;
-        // Chunks after the manifest: a crash between leaves unreferenced
-        // chunks (swept by the next remove), never a manifest without them.
-        let mut shared = std::collections::HashSet::new();
-        for kv in self.tree()?.scan_prefix(b"m") {
-            let (k, _) = kv.map_err(store_err)?;
-            let other = Digest(k[1..].try_into().expect("checked key length"));
-            if let Some(o) = self.manifest(&other)? {
-                shared.extend(o.chunks.iter().map(|c| c.sha256));
-            }
-        }
+        // Chunks after the manifest: a crash between leaves chunks no
+        // manifest names (which `sweep` removes), never a manifest without
+        // them.
+        let mut shared = self.named_chunks()?;
         let mut freed = 0;
         for c in &m.chunks {
             if shared.insert(c.sha256) {
@@ -474,5 +507,22 @@ mod tests {
             "{e}"
         );
         assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_sweep_takes_old_chunks_no_manifest_names_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = shelf(dir.path());
+        let kept = add(&s, &[7u8; 50_000], "kept", "1", 1);
+        // An add cut short: its chunk is stored, its manifest never came.
+        let loose = b"half an add".to_vec();
+        s.chunks().put(&Digest::of(&loose), &loose).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        // Younger than the cut-off: kept, so the add can resume.
+        assert_eq!(s.sweep(std::time::UNIX_EPOCH).unwrap(), (0, 0));
+        assert_eq!(s.sweep(later).unwrap(), (1, loose.len() as u64));
+        assert!(!s.chunks().has(&Digest::of(&loose)));
+        let m = s.manifest(&kept).unwrap().unwrap();
+        assert!(m.chunks.iter().all(|c| s.chunks().has(&c.sha256)));
     }
 }

@@ -1312,6 +1312,17 @@ impl QueueHandle {
             self.shelf.unretire(&d);
             done?;
         }
+        let before = std::time::SystemTime::now()
+            .checked_sub(std::time::Duration::from_millis(retention_ms))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let (n, freed) = self.shelf.sweep(before).map_err(shelf_error)?;
+        if n > 0 {
+            tracing::info!(
+                chunks = n,
+                freed,
+                "removed chunks no artifact names (from adds cut short)"
+            );
+        }
         Ok(removed)
     }
 

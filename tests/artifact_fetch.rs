@@ -162,3 +162,72 @@ async fn three_devices_get_identical_files_and_a_new_version_moves_only_changes(
     b.link.shutdown().await;
     b.queue.shutdown().await;
 }
+
+/// A command a device sends naming an artifact holds it like an
+/// operator's: the artifact cannot be removed while the command is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sent_command_keeps_its_artifact_while_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store"), &StoreOptions::default()).unwrap();
+    let acl = outpost::route::Acl::new(vec![outpost::route::AclRule {
+        from: vec!["s0".into()],
+        to: vec!["d1".into()],
+    }])
+    .unwrap();
+    let queue = queue::open(
+        store,
+        ServiceOptions {
+            acl,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for id in ["s0", "d1"] {
+        queue
+            .enroll(DeviceRecord {
+                id: id.into(),
+                tags: vec![],
+                caps: vec![],
+                enrolled_at: outpost::now_millis(),
+                revoked: false,
+                last_seen: None,
+                cert: None,
+            })
+            .await
+            .unwrap();
+    }
+    let shelf = queue.shelf();
+    let m = chunk_all(&data(100_000, 4)[..], "cfg", "1", |c, b| {
+        shelf
+            .chunks()
+            .put(&c.sha256, b)
+            .map(|_| ())
+            .map_err(std::io::Error::other)
+    })
+    .unwrap();
+    let d = shelf.commit(m.encode(), outpost::now_millis()).unwrap();
+    let sent = queue
+        .device_send(
+            "s0".into(),
+            SendRequest {
+                target: "d1".into(),
+                payload: b"apply".to_vec(),
+                opts: SendOptions::default(),
+                origin: String::new(),
+                signature: Some(envelope::unsigned(Some(d.0))),
+            },
+        )
+        .await
+        .unwrap();
+    let spec = outpost::artifact::ArtifactSpec::Digest(d);
+    match queue.remove_artifact(&spec).await {
+        Err(queue::QueueError::ArtifactInUse { by, .. }) => assert_eq!(by, sent.id),
+        other => panic!("the live command holds it: {other:?}"),
+    }
+    queue.cancel_queued(sent.id).await.unwrap();
+    queue
+        .remove_artifact(&spec)
+        .await
+        .expect("removable once it ended");
+    queue.shutdown().await;
+}

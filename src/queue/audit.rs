@@ -151,7 +151,7 @@ pub(crate) struct Intake {
 
 pub(crate) fn intake_of(req: &CoreRequest) -> Option<Intake> {
     let (who, from, r) = match req {
-        CoreRequest::DeviceSend { from, req } => (format!("device {from}"), "device link", req),
+        CoreRequest::DeviceSend { from, req, .. } => (format!("device {from}"), "device link", req),
         CoreRequest::SendAs { req, .. } if req.origin.starts_with("upstream") => {
             ("hub".into(), "upstream", req)
         }

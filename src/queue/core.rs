@@ -141,6 +141,9 @@ pub enum CoreRequest {
     /// A device sends a command (checked against the ACL).
     DeviceSend {
         from: DeviceId,
+        /// Chosen by the shell when it must note the id first (a command
+        /// naming an artifact); `None`: a new one.
+        id: Option<CommandId>,
         req: SendRequest,
     },
     /// A command forwarded by the hub above, under the hub's id (edge side).
@@ -904,6 +907,17 @@ impl QueueCore {
     pub fn device_send(
         &mut self,
         from: &str,
+        req: SendRequest,
+        now: Millis,
+    ) -> Result<SendReceipt, QueueError> {
+        self.device_send_as(from, None, req, now)
+    }
+
+    /// `device_send` under an id the shell chose (or a new one).
+    pub fn device_send_as(
+        &mut self,
+        from: &str,
+        id: Option<CommandId>,
         mut req: SendRequest,
         now: Millis,
     ) -> Result<SendReceipt, QueueError> {
@@ -925,7 +939,7 @@ impl QueueCore {
             });
         }
         req.origin = from.to_string();
-        self.send(req, now)
+        self.send_as(id, req, now)
     }
 
     /// Fan a broadcast out: one journal entry holds the payload once and

@@ -215,6 +215,28 @@ fn named_artifact(req: &SendRequest) -> Result<Option<crate::artifact::Digest>, 
         .map_err(|e| QueueError::Untrusted(e.into()))
 }
 
+/// The id a command will have, known before it is queued so a reference
+/// can be noted under it: a signed command's is its envelope's (and the
+/// core takes it from there, refusing a replay), else a new one the core
+/// is given. Returns the id and what to queue it under.
+fn intake_id(req: &SendRequest) -> Result<(CommandId, Option<CommandId>), QueueError> {
+    Ok(
+        match crate::trust::envelope::sealed(req.signature.as_deref()) {
+            Some(env) => {
+                let id = crate::trust::envelope::open(env)
+                    .map_err(|e| QueueError::Untrusted(e.into()))?
+                    .claims
+                    .id;
+                (id, None)
+            }
+            None => {
+                let id = CommandId::new(crate::now_millis(), rand::random());
+                (id, Some(id))
+            }
+        },
+    )
+}
+
 /// What checking an artifact's referrers found (`QueueHandle::retire`).
 enum Retired {
     /// Another removal is checking it.
@@ -752,9 +774,9 @@ impl Writer {
                     CoreRequest::Revoke(dev) => core.revoke(&dev, now).map(CoreReply::Device),
                     CoreRequest::Devices => Ok(CoreReply::Devices(core.devices())),
                     CoreRequest::Relabel(r) => core.relabel(r, now).map(CoreReply::Device),
-                    CoreRequest::DeviceSend { from, req } => {
-                        core.device_send(&from, req, now).map(CoreReply::Receipt)
-                    }
+                    CoreRequest::DeviceSend { from, id, req } => core
+                        .device_send_as(&from, id, req, now)
+                        .map(CoreReply::Receipt),
                     CoreRequest::SendAs { id, req } => {
                         core.send_as(Some(id), req, now).map(CoreReply::Receipt)
                     }
@@ -1218,22 +1240,17 @@ impl QueueHandle {
         // The reference is noted under the id before the command is queued,
         // so it is on disk no later than the command; both under the
         // intake lock, so no removal checks in between.
-        let id = match crate::trust::envelope::sealed(req.signature.as_deref()) {
-            Some(env) => {
-                crate::trust::envelope::open(env)
-                    .map_err(|e| QueueError::Untrusted(e.into()))?
-                    .claims
-                    .id
-            }
-            None => CommandId::new(crate::now_millis(), rand::random()),
-        };
+        let (id, queue_as) = intake_id(&req)?;
         let reply = {
             let intake = self.shelf.intake();
             self.held(&d, &intake)?;
             self.shelf
                 .reference(&d, id, crate::now_millis())
                 .map_err(shelf_error)?;
-            self.queued(CoreRequest::SendAs { id, req })
+            match queue_as {
+                Some(id) => self.queued(CoreRequest::SendAs { id, req }),
+                None => self.queued(CoreRequest::Send(req)),
+            }
         };
         reply.await?.into_receipt()
     }
@@ -1481,12 +1498,24 @@ impl QueueHandle {
         req: SendRequest,
     ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
         let reply = self.admit(None, &req).and_then(|()| {
-            let d = named_artifact(&req)?;
+            let Some(d) = named_artifact(&req)? else {
+                return Ok(self.queued(CoreRequest::DeviceSend {
+                    from,
+                    id: None,
+                    req,
+                }));
+            };
+            let (id, queue_as) = intake_id(&req)?;
             let intake = self.shelf.intake();
-            if let Some(d) = d {
-                self.held(&d, &intake)?;
-            }
-            Ok(self.queued(CoreRequest::DeviceSend { from, req }))
+            self.held(&d, &intake)?;
+            self.shelf
+                .reference(&d, id, crate::now_millis())
+                .map_err(shelf_error)?;
+            Ok(self.queued(CoreRequest::DeviceSend {
+                from,
+                id: queue_as,
+                req,
+            }))
         });
         async move { reply?.await?.into_receipt() }
     }

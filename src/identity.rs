@@ -706,7 +706,7 @@ impl Identity {
         let ours = cert_fingerprint(&self.ca_cert_der);
         match recorded {
             Some(fp) if fp != ours => {
-                let hex = |b: &[u8; 32]| b[..8].iter().map(|x| format!("{x:02x}")).collect();
+                let hex = |b: &[u8; 32]| hex::encode(&b[..8]);
                 Err(IdentityError::CaMismatch {
                     tls: self.dir.clone(),
                     db: data_dir.join(crate::store::DB_DIR),

@@ -42,7 +42,7 @@ impl Digest {
 
     /// The 64 hex digits, without the `sha256:` prefix (chunk file names).
     pub fn hex(&self) -> String {
-        crate::audit::chain::hex(&self.0)
+        hex::encode(self.0)
     }
 
     /// The first 12 hex digits: enough to tell artifacts apart in a table.

@@ -90,10 +90,6 @@ pub fn sha256(b: &[u8]) -> Hash {
         .expect("SHA-256 is 32 bytes")
 }
 
-pub fn hex(h: &[u8]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The bytes an entry is stored as.
 pub fn encode(e: &Entry) -> Vec<u8> {
     let mut body = postcard::to_allocvec(e).expect("an audit entry always serialises");

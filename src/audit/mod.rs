@@ -10,7 +10,7 @@ pub mod chain;
 pub mod request;
 
 pub use chain::{
-    decode, hex, sha256, verify, Anchor, Broken, Entry, Hash, Intact, Note, Retention, Tip,
+    decode, sha256, verify, Anchor, Broken, Entry, Hash, Intact, Note, Retention, Tip,
 };
 
 use serde::{Deserialize, Serialize};
@@ -61,7 +61,7 @@ impl From<Entry> for View {
             what: n.what,
             target: n.target,
             command: n.command,
-            payload_sha256: n.payload_sha256.map(|h| hex(&h)),
+            payload_sha256: n.payload_sha256.map(hex::encode),
             allowed: n.allowed,
             why: n.why,
         }

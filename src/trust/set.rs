@@ -271,8 +271,11 @@ impl TrustSet {
         if c.payload_sha256 != envelope::payload_digest(cmd.payload) {
             return Err(Refusal::Mismatch {
                 field: "payload".into(),
-                signed: format!("sha256 {}", hex(&c.payload_sha256)),
-                got: format!("sha256 {}", hex(&envelope::payload_digest(cmd.payload))),
+                signed: format!("sha256 {}", hex::encode(c.payload_sha256)),
+                got: format!(
+                    "sha256 {}",
+                    hex::encode(envelope::payload_digest(cmd.payload))
+                ),
             });
         }
         compare("priority", c.priority, cmd.priority)?;
@@ -378,10 +381,6 @@ fn patterns(ps: &[Pattern]) -> String {
         .map(|p| format!("`{p}`"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

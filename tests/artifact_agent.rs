@@ -299,3 +299,68 @@ fn an_agent_killed_mid_fetch_resumes_and_refetches_at_most_a_chunk_per_kill() {
     );
     drop(relay);
 }
+
+#[test]
+fn show_reports_fetch_progress_with_a_rate_while_the_agent_fetches() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut b = Box_::start();
+    assert!(b.enroll("dev-5", "dev-5", &[]).status.success());
+    let size = 4 << 20;
+    add(&b, &random(size, 5), "fw", "9");
+    // 1 MB/s: about four seconds of fetch to watch.
+    let relay = rt
+        .block_on(outpost::relay::Relay::start_limited(
+            0,
+            b.listen.parse().unwrap(),
+            outpost::relay::Impairment {
+                delay: std::time::Duration::from_millis(5),
+                loss: 0.0,
+            },
+            1_000_000,
+        ))
+        .unwrap();
+    let server = relay.addr().to_string();
+    let dir = b.dir.path().join("dev-5-artifacts");
+    b.agent_with(
+        "dev-5",
+        &[
+            "--echo",
+            "--server",
+            &server,
+            "--artifact-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let id = send(&b, "dev-5", "fw@9");
+    let mut seen = Value::Null;
+    wait_for(30, "show reports progress with a rate", || {
+        seen = show(&b, &id);
+        seen["progress"]["rate_bps"].as_u64().is_some_and(|r| r > 0)
+    });
+    let p = &seen["progress"];
+    assert_eq!(p["artifact"], "fw@9", "{seen}");
+    assert_eq!(p["total"], size as u64, "{seen}");
+    let (bytes, percent) = (p["bytes"].as_u64().unwrap(), p["percent"].as_u64().unwrap());
+    assert!(
+        bytes <= size as u64 && percent == bytes * 100 / size as u64,
+        "{seen}"
+    );
+    let rate = p["rate_bps"].as_u64().unwrap();
+    assert!(
+        rate < 4_000_000,
+        "the path carries 1 MB/s, not {rate}: {seen}"
+    );
+    let human = ok(&b.run(&["show", &id]));
+    // Unless the fetch ended in between, people see the same.
+    if human.contains("delivered") {
+        assert!(
+            human.contains("fetching fw@9: ") && human.contains("/s)"),
+            "{human}"
+        );
+    }
+    eprintln!("{human}");
+    let v = ended(&b, &id, 60);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(v.get("progress").is_none(), "{v}");
+    drop(relay);
+}

@@ -1081,11 +1081,7 @@ impl Agent {
                 return Some((cmd.id, Outcome::Rejected { reason }));
             }
         };
-        let mut limit = self.opts.command_timeout;
-        if let Some(deadline) = cmd.deadline {
-            let left = deadline.saturating_sub(crate::now_millis());
-            limit = limit.min(Duration::from_millis(left.max(1)));
-        }
+        let command_timeout = self.opts.command_timeout;
         let max_out = self.opts.connect.max_frame.saturating_sub(ACK_OVERHEAD);
         let handler = self.opts.handler.clone();
         let (id, attempt) = (cmd.id, cmd.attempt);
@@ -1121,6 +1117,13 @@ impl Agent {
                     }
                 }
             };
+            // Taken after the fetch, so a slow fetch cannot stretch the
+            // handler past the command's deadline.
+            let mut limit = command_timeout;
+            if let Some(deadline) = cmd.deadline {
+                let left = deadline.saturating_sub(crate::now_millis());
+                limit = limit.min(Duration::from_millis(left.max(1)));
+            }
             let env = lease.as_ref().map(|l| l.env()).unwrap_or_default();
             let outcome = match handler {
                 Handler::Echo => Outcome::Ok(cmd.payload),

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -26,6 +27,7 @@ pub struct Impairment {
 pub struct Relay {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    cut: Arc<AtomicBool>,
 }
 
 impl Drop for Relay {
@@ -39,8 +41,9 @@ impl Relay {
     pub async fn start(port: u16, target: SocketAddr, imp: Impairment) -> std::io::Result<Relay> {
         let front = Arc::new(UdpSocket::bind(("127.0.0.1", port)).await?);
         let addr = front.local_addr()?;
-        let task = tokio::spawn(run(front, target, imp, None));
-        Ok(Relay { addr, task })
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(front, target, imp, None, cut.clone()));
+        Ok(Relay { addr, task, cut })
     }
 
     /// [`Relay::start`] with each direction also limited to `rate_bps`
@@ -54,13 +57,20 @@ impl Relay {
     ) -> std::io::Result<Relay> {
         let front = Arc::new(UdpSocket::bind(("127.0.0.1", port)).await?);
         let addr = front.local_addr()?;
-        let task = tokio::spawn(run(front, target, imp, Some(rate_bps.max(1))));
-        Ok(Relay { addr, task })
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(front, target, imp, Some(rate_bps.max(1)), cut.clone()));
+        Ok(Relay { addr, task, cut })
     }
 
     /// Where clients send.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Cut the path (every datagram dropped, both ways) or mend it: a
+    /// partition that the peers see only as silence.
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
     }
 }
 
@@ -74,6 +84,7 @@ fn pass(loss: f64) -> bool {
 fn lane(
     imp: Impairment,
     rate: Option<u64>,
+    cut: Arc<AtomicBool>,
     send: impl Fn(Vec<u8>) -> tokio::task::JoinHandle<()> + Send + 'static,
 ) -> tokio::sync::mpsc::UnboundedSender<Vec<u8>> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
@@ -87,7 +98,7 @@ fn lane(
     tokio::spawn(async move {
         let mut last = tokio::time::Instant::now();
         while let Some(data) = in_rx.recv().await {
-            if !pass(imp.loss) {
+            if cut.load(Ordering::Relaxed) || !pass(imp.loss) {
                 continue;
             }
             let mut due = tokio::time::Instant::now() + imp.delay;
@@ -104,7 +115,13 @@ fn lane(
     in_tx
 }
 
-async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment, rate: Option<u64>) {
+async fn run(
+    front: Arc<UdpSocket>,
+    target: SocketAddr,
+    imp: Impairment,
+    rate: Option<u64>,
+    cut: Arc<AtomicBool>,
+) {
     let mut backs: HashMap<SocketAddr, tokio::sync::mpsc::UnboundedSender<Vec<u8>>> =
         HashMap::new();
     let mut buf = vec![0u8; 65_536];
@@ -124,7 +141,7 @@ async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment, rate: O
                 let b = Arc::new(b);
                 // Replies from the target go back to this client.
                 let f = front.clone();
-                let down = lane(imp, rate, move |data| {
+                let down = lane(imp, rate, cut.clone(), move |data| {
                     let f = f.clone();
                     tokio::spawn(async move {
                         let _ = f.send_to(&data, client).await;
@@ -139,7 +156,7 @@ async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment, rate: O
                         }
                     }
                 });
-                let up = lane(imp, rate, move |data| {
+                let up = lane(imp, rate, cut.clone(), move |data| {
                     let b = b.clone();
                     tokio::spawn(async move {
                         let _ = b.send(&data).await;

@@ -364,3 +364,72 @@ fn show_reports_fetch_progress_with_a_rate_while_the_agent_fetches() {
     assert!(v.get("progress").is_none(), "{v}");
     drop(relay);
 }
+
+#[test]
+fn a_link_lost_mid_fetch_is_not_acked_and_the_fetch_resumes_after_the_reconnect() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut b = Box_::start();
+    assert!(b.enroll("dev-6", "dev-6", &[]).status.success());
+    let size = 3 << 20;
+    let data = random(size, 6);
+    add(&b, &data, "fw", "6");
+    let relay = rt
+        .block_on(outpost::relay::Relay::start_limited(
+            0,
+            b.listen.parse().unwrap(),
+            outpost::relay::Impairment {
+                delay: std::time::Duration::from_millis(5),
+                loss: 0.0,
+            },
+            1_000_000,
+        ))
+        .unwrap();
+    let server = relay.addr().to_string();
+    let dir = b.dir.path().join("dev-6-artifacts");
+    b.agent_with(
+        "dev-6",
+        &[
+            "--echo",
+            "--server",
+            &server,
+            "--artifact-dir",
+            dir.to_str().unwrap(),
+            "--idle-timeout",
+            "1s",
+        ],
+    );
+    let id = send(&b, "dev-6", "fw@6");
+    wait_for(30, "the fetch is under way", || {
+        cache_bytes(&dir) >= 512 * 1024
+    });
+    relay.set_cut(true);
+    wait_for(20, "the agent sees its fetch lose the link", || {
+        b.agent_log("dev-6", 0)
+            .contains("artifact fetch lost the link")
+    });
+    let v = show(&b, &id);
+    assert!(
+        v["state"] == "queued" || v["state"] == "delivered",
+        "not acked: {v}"
+    );
+    let kept = cache_bytes(&dir);
+    relay.set_cut(false);
+    let v = ended(&b, &id, 60);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(std::fs::read(dir.join("fw-6")).unwrap(), data);
+    let log = b.agent_log("dev-6", 0);
+    let verified = log
+        .lines()
+        .find(|l| l.contains("artifact verified"))
+        .unwrap_or_default();
+    let reused: u64 = verified
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("reused_bytes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        reused >= kept && kept > 0,
+        "the second fetch reused the {kept} cached bytes: {verified}"
+    );
+    drop(relay);
+}

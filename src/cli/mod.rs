@@ -497,6 +497,13 @@ async fn run(
             }
             o.max_artifact_disk = a.max_artifact_disk;
             let idle: std::time::Duration = a.idle_timeout.into();
+            if idle < std::time::Duration::from_millis(500) {
+                return Err(UsageError(format!(
+                    "--idle-timeout {} is too short to keep a link up; use 500ms or more (default 25s)",
+                    humantime::format_duration(idle)
+                ))
+                .into());
+            }
             o.connect.idle_timeout = idle;
             o.connect.keep_alive = o.connect.keep_alive.min(idle / 3);
             run_agent(o, shutdown_signal()).await?;

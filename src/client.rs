@@ -1103,11 +1103,29 @@ impl Agent {
                     };
                     *on.lock().expect("fetching lock") = Some(link.conn.stable_id());
                     let got = fetch_for(&store, &link, id, digest).await;
-                    *on.lock().expect("fetching lock") = None;
                     match got {
-                        Ok(lease) => Some(lease),
+                        Ok(lease) => {
+                            *on.lock().expect("fetching lock") = None;
+                            Some(lease)
+                        }
                         Err(e) => {
-                            let outcome = artifacts::failed(&e, digest, &store);
+                            let mut outcome = artifacts::failed(&e, digest, &store);
+                            if outcome.is_none() && link.conn.close_reason().is_none() {
+                                // Only the fetch stream broke: the box will
+                                // not deliver it again on this connection,
+                                // so it fails (and is retried as a new
+                                // attempt) rather than waiting forever.
+                                outcome = Some(Outcome::Failed {
+                                    code: -1,
+                                    message: format!("the fetch of artifact {digest} broke off: {e}"),
+                                });
+                            }
+                            if outcome.is_some() {
+                                *on.lock().expect("fetching lock") = None;
+                            }
+                            // Left set for a lost link: a redelivery on the
+                            // next connection, arriving before this run is
+                            // reaped, starts it again instead of waiting.
                             match &outcome {
                                 None => tracing::info!(%id, error = %e, "artifact fetch lost the link; waiting for the box to deliver the command again"),
                                 Some(_) => tracing::warn!(%id, error = %e, "artifact fetch failed; the command does not run"),

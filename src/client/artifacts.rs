@@ -286,3 +286,74 @@ pub async fn forward_progress(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::manifest::ChunkRef;
+
+    fn manifest(name: &str, chunks: &[&[u8]]) -> Manifest {
+        Manifest {
+            format: 1,
+            name: name.into(),
+            version: "1".into(),
+            size: chunks.iter().map(|c| c.len() as u64).sum(),
+            sha256: Digest([0; 32]),
+            chunks: chunks
+                .iter()
+                .map(|c| ChunkRef {
+                    sha256: Digest::of(c),
+                    len: c.len() as u32,
+                })
+                .collect(),
+        }
+    }
+
+    fn put(path: &Path, bytes: usize, age_s: u64) {
+        std::fs::write(path, vec![1u8; bytes]).unwrap();
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+            .unwrap();
+    }
+
+    #[test]
+    fn make_room_evicts_the_oldest_spares_leases_and_own_chunks_and_drops_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Artifacts::new(dir.path().to_path_buf(), 10_000);
+        let cache = dir.path().join("chunks");
+        std::fs::create_dir_all(&cache).unwrap();
+        let own: &[u8] = b"a chunk of the artifact being fetched";
+        put(&cache.join(Digest::of(own).hex()), 2_000, 500);
+        put(&cache.join("ff".repeat(32)), 2_000, 400);
+        put(&dir.path().join("old-1"), 2_000, 300);
+        put(&dir.path().join("used-1"), 2_000, 600);
+        put(&dir.path().join("new-1"), 1_000, 10);
+        put(&dir.path().join("x-1.part"), 500, 1);
+        put(&cache.join("ab.tmp"), 500, 1);
+        store
+            .in_use
+            .lock()
+            .unwrap()
+            .insert(dir.path().join("used-1"), 1);
+        // 9,000 kept + 3,000 new in 10,000: 2,000 must go, then the next
+        // oldest unprotected (the stranger chunk, 400 s) is enough.
+        store.make_room(&manifest("fw", &[own]), 3_000).unwrap();
+        let left = |p: &Path| p.exists();
+        assert!(
+            !left(&cache.join("ff".repeat(32))),
+            "the oldest free one went"
+        );
+        assert!(left(&dir.path().join("old-1")), "only as much as needed");
+        assert!(left(&cache.join(Digest::of(own).hex())), "own chunk kept");
+        assert!(left(&dir.path().join("used-1")), "leased file kept");
+        assert!(!left(&dir.path().join("x-1.part")) && !left(&cache.join("ab.tmp")));
+        // More than can ever be freed: refused, with the room there is.
+        let e = store.make_room(&manifest("fw", &[own]), 9_000).unwrap_err();
+        match e {
+            FetchError::OverBudget { need, room, budget } => {
+                assert_eq!((need, room, budget), (9_000, 6_000, 10_000))
+            }
+            other => panic!("{other}"),
+        }
+    }
+}

@@ -359,9 +359,17 @@ fn show_reports_fetch_progress_with_a_rate_while_the_agent_fetches() {
         );
     }
     eprintln!("{human}");
+    // The fetch runs in its command's task: another command goes by.
+    let ping = json(&b.run(&["send", "dev-5", "ping", "--wait", "20s", "--json"]));
+    assert_eq!(ping["state"], "succeeded", "{ping}");
     let v = ended(&b, &id, 60);
     assert_eq!(v["state"], "succeeded", "{v}");
     assert!(v.get("progress").is_none(), "{v}");
+    let ping = show(&b, ping["id"].as_str().unwrap());
+    assert!(
+        ping["finished_at"].as_str() < v["finished_at"].as_str(),
+        "the plain command ended first: {ping} {v}"
+    );
     drop(relay);
 }
 

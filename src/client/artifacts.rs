@@ -236,6 +236,13 @@ pub fn failed(e: &FetchError, digest: Digest, store: &Artifacts) -> Option<Outco
             code: -1,
             message: format!("artifact {digest} failed verification on the device: {why}; it did not run"),
         }),
+        // The disk filled up under the fetch (something else wrote): as
+        // above, nothing will change until someone frees space.
+        FetchError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => Some(Outcome::Rejected {
+            reason: format!(
+                "the disk holding {dir} filled up while artifact {digest} was fetched: {io}; free space there (the chunks fetched so far are kept) and send it again"
+            ),
+        }),
         FetchError::Io(io) => Some(Outcome::Failed {
             code: -1,
             message: format!("cannot store artifact {digest} in {dir}: {io}"),

@@ -30,6 +30,8 @@
 //! and never reaches the caller, so an embedder cannot run it by mistake.
 //! See [`Guard`].
 
+pub mod artifacts;
+pub mod evict;
 pub mod fetch;
 mod verify;
 
@@ -764,6 +766,11 @@ pub struct AgentOptions {
     /// ... doubled per failure up to this.
     pub backoff_max: Duration,
     pub connect: ConnectOptions,
+    /// Where artifacts named by commands are fetched to (see
+    /// [`artifacts::default_dir`]).
+    pub artifact_dir: PathBuf,
+    /// Most bytes the artifact dir may hold (files and chunk cache).
+    pub max_artifact_disk: u64,
 }
 
 impl AgentOptions {
@@ -771,13 +778,15 @@ impl AgentOptions {
     /// remembered, reconnect backoff 0.5 s → 30 s.
     pub fn new(bundle: PathBuf, handler: Handler) -> Self {
         AgentOptions {
-            bundle,
             handler,
             command_timeout: Duration::from_secs(60),
             dedupe_capacity: 10_000,
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             connect: ConnectOptions::default(),
+            artifact_dir: artifacts::default_dir(&bundle),
+            max_artifact_disk: artifacts::DEFAULT_BUDGET,
+            bundle,
         }
     }
 }
@@ -882,10 +891,22 @@ impl Backoff {
 /// killed and the command fails with code 124. Stdout over `max_out` bytes
 /// fails the command (it could not be sent back).
 pub async fn exec(cmd: &str, payload: Vec<u8>, limit: Duration, max_out: usize) -> Outcome {
+    exec_with(cmd, payload, limit, max_out, &[]).await
+}
+
+/// [`exec`] with extra environment variables (an artifact's path, …).
+pub async fn exec_with(
+    cmd: &str,
+    payload: Vec<u8>,
+    limit: Duration,
+    max_out: usize,
+    env: &[(String, String)],
+) -> Outcome {
     use std::process::Stdio;
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1001,28 +1022,143 @@ struct Agent {
     dedupe: Dedupe,
     /// Also in `opts.connect.guard`: one for every connection.
     guard: SharedGuard,
-    running: HashMap<CommandId, AbortHandle>,
-    tasks: JoinSet<(CommandId, u32, Outcome)>,
+    running: HashMap<CommandId, Running>,
+    /// `None` outcome: not to be acked (its artifact fetch lost the link).
+    tasks: JoinSet<Ended>,
+    /// The connection being served, for fetching artifacts on it.
+    link: Option<Link>,
+    artifacts: Arc<artifacts::Artifacts>,
+    /// Numbers runs, so a run superseded by a restart cannot end its
+    /// successor's entry.
+    runs: u64,
+}
+
+/// A command task's end: id, attempt, run, outcome.
+type Ended = (CommandId, u32, u64, Option<Outcome>);
+
+/// What artifact fetches need of the current connection.
+#[derive(Clone)]
+struct Link {
+    conn: quinn::Connection,
+    sender: Sender,
+}
+
+struct Running {
+    abort: AbortHandle,
+    run: u64,
+    /// The connection its artifact is being fetched on, while it is.
+    fetching_on: Arc<std::sync::Mutex<Option<usize>>>,
 }
 
 impl Agent {
-    fn start(&mut self, cmd: ReceivedCommand) {
-        let mut limit = self.opts.command_timeout;
-        if let Some(deadline) = cmd.deadline {
-            let left = deadline.saturating_sub(crate::now_millis());
-            limit = limit.min(Duration::from_millis(left.max(1)));
+    fn new(opts: AgentOptions, guard: SharedGuard) -> Self {
+        let artifacts =
+            artifacts::Artifacts::new(opts.artifact_dir.clone(), opts.max_artifact_disk);
+        Agent {
+            guard,
+            dedupe: Dedupe::new(opts.dedupe_capacity),
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+            link: None,
+            artifacts,
+            runs: 0,
+            opts,
         }
+    }
+
+    /// The start of a command's run; a `Rejected` ack instead when its
+    /// envelope cannot be read.
+    fn start(&mut self, cmd: ReceivedCommand) -> Option<(CommandId, Outcome)> {
+        let artifact = match cmd
+            .signature
+            .as_deref()
+            .map(crate::trust::envelope::artifact)
+        {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(d))) => Some(crate::artifact::Digest(d)),
+            Some(Err(e)) => {
+                let reason = format!("the command's envelope cannot be read on the device: {e}");
+                return Some((cmd.id, Outcome::Rejected { reason }));
+            }
+        };
+        let command_timeout = self.opts.command_timeout;
         let max_out = self.opts.connect.max_frame.saturating_sub(ACK_OVERHEAD);
         let handler = self.opts.handler.clone();
         let (id, attempt) = (cmd.id, cmd.attempt);
+        self.runs += 1;
+        let run = self.runs;
+        let fetching_on = Arc::new(std::sync::Mutex::new(None));
+        let (link, store, on) = (
+            self.link.clone(),
+            self.artifacts.clone(),
+            fetching_on.clone(),
+        );
         let h = self.tasks.spawn(async move {
+            let lease = match artifact {
+                None => None,
+                Some(digest) => {
+                    let Some(link) = link else {
+                        // Not connected: the box delivers it again.
+                        return (id, attempt, run, None);
+                    };
+                    *on.lock().expect("fetching lock") = Some(link.conn.stable_id());
+                    let got = fetch_for(&store, &link, id, digest).await;
+                    match got {
+                        Ok(lease) => {
+                            *on.lock().expect("fetching lock") = None;
+                            Some(lease)
+                        }
+                        Err(e) => {
+                            let mut outcome = artifacts::failed(&e, digest, &store);
+                            if outcome.is_none() && link.conn.close_reason().is_none() {
+                                // Only the fetch stream broke: the box will
+                                // not deliver it again on this connection,
+                                // so it fails (and is retried as a new
+                                // attempt) rather than waiting forever.
+                                outcome = Some(Outcome::Failed {
+                                    code: -1,
+                                    message: format!("the fetch of artifact {digest} broke off: {e}"),
+                                });
+                            }
+                            if outcome.is_some() {
+                                *on.lock().expect("fetching lock") = None;
+                            }
+                            // Left set for a lost link: a redelivery on the
+                            // next connection, arriving before this run is
+                            // reaped, starts it again instead of waiting.
+                            match &outcome {
+                                None => tracing::info!(%id, error = %e, "artifact fetch lost the link; waiting for the box to deliver the command again"),
+                                Some(_) => tracing::warn!(%id, error = %e, "artifact fetch failed; the command does not run"),
+                            }
+                            return (id, attempt, run, outcome);
+                        }
+                    }
+                }
+            };
+            // Taken after the fetch, so a slow fetch cannot stretch the
+            // handler past the command's deadline.
+            let mut limit = command_timeout;
+            if let Some(deadline) = cmd.deadline {
+                let left = deadline.saturating_sub(crate::now_millis());
+                limit = limit.min(Duration::from_millis(left.max(1)));
+            }
+            let env = lease.as_ref().map(|l| l.env()).unwrap_or_default();
             let outcome = match handler {
                 Handler::Echo => Outcome::Ok(cmd.payload),
-                Handler::Exec(c) => exec(&c, cmd.payload, limit, max_out).await,
+                Handler::Exec(c) => exec_with(&c, cmd.payload, limit, max_out, &env).await,
             };
-            (id, attempt, outcome)
+            drop(lease);
+            (id, attempt, run, Some(outcome))
         });
-        self.running.insert(id, h);
+        self.running.insert(
+            id,
+            Running {
+                abort: h,
+                run,
+                fetching_on,
+            },
+        );
+        None
     }
 
     /// Handle one message; an ack to send back, if any.
@@ -1033,11 +1169,24 @@ impl Agent {
                     tracing::info!(id = %cmd.id, attempt = cmd.attempt, "command delivered again; acking its earlier outcome");
                     return Some((cmd.id, o.clone()));
                 }
-                if self.running.contains_key(&cmd.id) {
-                    // Still running from before the reconnect: it is acked
-                    // when it finishes.
-                    tracing::info!(id = %cmd.id, "command delivered again while still running");
-                    return None;
+                if let Some(r) = self.running.get(&cmd.id) {
+                    let stale = {
+                        let on = *r.fetching_on.lock().expect("fetching lock");
+                        let now = self.link.as_ref().map(|l| l.conn.stable_id());
+                        on.is_some() && on != now
+                    };
+                    if !stale {
+                        // Still running from before the reconnect: it is
+                        // acked when it finishes.
+                        tracing::info!(id = %cmd.id, "command delivered again while still running");
+                        return None;
+                    }
+                    // Fetching on a connection that is gone: start over on
+                    // this one (the chunk cache keeps what arrived). Its
+                    // handler has not run, so this is not a second run.
+                    tracing::info!(id = %cmd.id, "command delivered again while fetching on the old connection; fetching on the new one");
+                    r.abort.abort();
+                    self.running.remove(&cmd.id);
                 }
                 if cmd.seen_before {
                     // Admitted before, its outcome no longer remembered (or
@@ -1048,13 +1197,12 @@ impl Agent {
                     return Some((cmd.id, g.refused(&crate::trust::Refusal::Replay(cmd.id))));
                 }
                 tracing::debug!(id = %cmd.id, attempt = cmd.attempt, "command received");
-                self.start(cmd);
-                None
+                self.start(cmd)
             }
             Received::Cancel(id) => {
-                if let Some(h) = self.running.remove(&id) {
+                if let Some(r) = self.running.remove(&id) {
                     tracing::info!(%id, "command cancelled by the box; stopping it");
-                    h.abort();
+                    r.abort.abort();
                 }
                 None
             }
@@ -1079,9 +1227,9 @@ impl Agent {
 
     fn finished(
         &mut self,
-        r: Result<(CommandId, u32, Outcome), tokio::task::JoinError>,
+        r: Result<Ended, tokio::task::JoinError>,
     ) -> Option<(CommandId, Outcome)> {
-        let (id, attempt, outcome) = match r {
+        let (id, attempt, run, outcome) = match r {
             Ok(x) => x,
             // Aborted by a Cancel: nothing to report.
             Err(e) if e.is_cancelled() => return None,
@@ -1090,7 +1238,10 @@ impl Agent {
                 return None;
             }
         };
-        self.running.remove(&id);
+        if self.running.get(&id).map(|r| r.run) == Some(run) {
+            self.running.remove(&id);
+        }
+        let outcome = outcome?;
         match &outcome {
             Outcome::Ok(_) => tracing::debug!(%id, "command succeeded"),
             o => tracing::info!(%id, outcome = ?o, "command did not succeed"),
@@ -1098,6 +1249,32 @@ impl Agent {
         self.dedupe.insert(id, attempt, outcome.clone());
         Some((id, outcome))
     }
+}
+
+/// Fetch the artifact command `id` names, reporting progress to the box
+/// while it runs.
+async fn fetch_for(
+    store: &Arc<artifacts::Artifacts>,
+    link: &Link,
+    id: CommandId,
+    digest: crate::artifact::Digest,
+) -> Result<artifacts::Lease, fetch::FetchError> {
+    let (tx, rx) = tokio::sync::watch::channel((0u64, 0u64));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let reporter = tokio::spawn(artifacts::forward_progress(
+        rx,
+        link.sender.clone(),
+        id,
+        stopped,
+    ));
+    let got = store.get(&link.conn, digest, Some(&tx)).await;
+    drop(stop);
+    // The last report goes out before the ack, on the same stream.
+    let _ = reporter.await;
+    if let Ok(l) = &got {
+        tracing::info!(%id, artifact = %l.path.display(), fetched_bytes = l.fetched_bytes, reused_bytes = l.reused_bytes, "artifact verified");
+    }
+    got
 }
 
 /// A future that resolves on SIGTERM or SIGINT.
@@ -1142,13 +1319,7 @@ pub async fn run_agent(
     if guard.lock().expect("guard lock").is_active() {
         tracing::info!("the bundle carries trust anchors: commands are verified before they run");
     }
-    let mut agent = Agent {
-        guard,
-        dedupe: Dedupe::new(opts.dedupe_capacity),
-        running: HashMap::new(),
-        tasks: JoinSet::new(),
-        opts,
-    };
+    let mut agent = Agent::new(opts, guard);
     tokio::pin!(shutdown);
     // Logged once per change, not once per attempt.
     let mut was_down_logged = false;
@@ -1217,6 +1388,20 @@ pub async fn run_agent(
 impl Agent {
     /// Serve one connection; `None` on shutdown, else why it ended.
     async fn serve(
+        &mut self,
+        conn: &mut DeviceConnection,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Option<ClientError> {
+        self.link = Some(Link {
+            conn: conn.connection().clone(),
+            sender: conn.sender(),
+        });
+        let ended = self.serve_link(conn, shutdown).await;
+        self.link = None;
+        ended
+    }
+
+    async fn serve_link(
         &mut self,
         conn: &mut DeviceConnection,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -1418,13 +1603,9 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let mut a = Agent {
-                opts: AgentOptions::new("x".into(), Handler::Echo),
-                dedupe: Dedupe::new(10),
-                guard: Guard::shared(&test_bundle()),
-                running: HashMap::new(),
-                tasks: JoinSet::new(),
-            };
+            let mut opts = AgentOptions::new("x".into(), Handler::Echo);
+            opts.dedupe_capacity = 10;
+            let mut a = Agent::new(opts, Guard::shared(&test_bundle()));
             let cmd = ReceivedCommand {
                 id: CommandId(1),
                 priority: Priority::Normal,

@@ -635,7 +635,14 @@ struct Session {
     /// Artifacts named by commands delivered on this connection: the only
     /// ones its fetch streams may read.
     artifacts: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
+    /// Delivered commands that name an artifact, and its label once
+    /// known: the ones whose `Progress` the box keeps (until the ack).
+    fetching: Mutex<HashMap<CommandId, Fetching>>,
 }
+
+/// The artifact a delivered command names, and its `name@version` once
+/// looked up.
+type Fetching = ([u8; 32], Option<String>);
 
 impl Session {
     async fn run(conn: quinn::Connection, device: DeviceId, cert: [u8; 32], shared: Arc<Shared>) {
@@ -665,9 +672,13 @@ impl Session {
             send,
             minor: 0,
             artifacts: Arc::default(),
+            fetching: Mutex::default(),
         };
         let end = s.handshake_and_serve(proto::frame_reader(recv)).await;
         s.unregister();
+        for id in s.fetching.lock().unwrap().keys() {
+            s.shared.queue.progress().clear(*id);
+        }
         match end {
             End::Fatal(f) => s.fail(f).await,
             End::Gone(why) => tracing::info!(reason = %why, "device disconnected"),
@@ -899,7 +910,11 @@ impl Session {
                         ).into();
                     }
                     match frame {
+                        DeviceFrame::Progress { id, bytes, total } => self.progress(id, bytes, total),
                         DeviceFrame::Ack { id, outcome } => {
+                            if self.fetching.lock().unwrap().remove(&id).is_some() {
+                                shared.queue.progress().clear(id);
+                            }
                             // Queued with the writer now, in arrival order;
                             // only the wait for durability runs aside, so
                             // one flush carries many acks.
@@ -984,6 +999,28 @@ impl Session {
         end
     }
 
+    /// A device's report on fetching the artifact of a command delivered
+    /// to it on this connection; any other is ignored (a device reports
+    /// only on its own deliveries).
+    fn progress(&self, id: CommandId, bytes: u64, total: u64) {
+        let mut f = self.fetching.lock().unwrap();
+        let Some((digest, label)) = f.get_mut(&id) else {
+            tracing::debug!(%id, "progress for a command not fetching on this connection; ignored");
+            return;
+        };
+        if label.is_none() {
+            let d = crate::artifact::Digest(*digest);
+            *label = match self.shared.queue.shelf().manifest(&d) {
+                Ok(Some(m)) => Some(format!("{}@{}", m.name, m.version)),
+                _ => Some(d.to_string()),
+            };
+        }
+        self.shared
+            .queue
+            .progress()
+            .report(id, label.clone(), bytes, total);
+    }
+
     fn event(&self, payload: Vec<u8>) {
         let stats = &self.shared.stats;
         bump(&stats.events);
@@ -1047,6 +1084,7 @@ impl Session {
                     return None;
                 }
                 self.artifacts.lock().unwrap().insert(a);
+                self.fetching.lock().unwrap().insert(c.id, (a, None));
             }
         }
         Some(match d {

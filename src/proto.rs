@@ -97,6 +97,14 @@ pub enum DeviceFrame {
     /// edge's queue (`duplicate`: it already was). Its end comes later, as
     /// an `Up` result.
     Accepted { id: CommandId, duplicate: bool },
+    /// Since 1.3: how far the fetch of the artifact a delivered command
+    /// names has got (`bytes` of `total` on the device). At most about
+    /// once a second, and once at the end; never answered.
+    Progress {
+        id: CommandId,
+        bytes: u64,
+        total: u64,
+    },
 }
 
 impl DeviceFrame {
@@ -111,6 +119,7 @@ impl DeviceFrame {
             DeviceFrame::Query { .. } => "Query",
             DeviceFrame::Up { .. } => "Up",
             DeviceFrame::Accepted { .. } => "Accepted",
+            DeviceFrame::Progress { .. } => "Progress",
         }
     }
 }
@@ -376,7 +385,7 @@ pub trait Frame: Serialize + DeserializeOwned {
 }
 
 impl Frame for DeviceFrame {
-    const KNOWN_TAGS: u32 = 8;
+    const KNOWN_TAGS: u32 = 9;
 }
 
 impl Frame for BoxFrame {
@@ -942,9 +951,9 @@ mod tests {
             assert_eq!(e.code(), Some(ErrorCode::Malformed), "{body:?}: {e}");
         }
         // A tag past the known ones: unknown message.
-        let e = decode::<DeviceFrame>(&[0x08]).unwrap_err();
+        let e = decode::<DeviceFrame>(&[0x09]).unwrap_err();
         assert!(
-            matches!(e, FrameError::UnknownMessage { tag: 8, known: 8 }),
+            matches!(e, FrameError::UnknownMessage { tag: 9, known: 9 }),
             "{e}"
         );
         let e = decode::<DeviceFrame>(&[0xc8, 0x01, 0x00]).unwrap_err();
@@ -953,6 +962,20 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.code(), Some(ErrorCode::UnknownMessage));
+    }
+
+    #[test]
+    fn progress_is_tag_8_and_three_varints() {
+        // Byte for byte as PROTOCOL.md §10 gives it: tag, id (u128
+        // varint), bytes, total.
+        let f = DeviceFrame::Progress {
+            id: CommandId(5),
+            bytes: 300,
+            total: 1000,
+        };
+        let bytes = encode(&f);
+        assert_eq!(&bytes[4..], &[0x08, 0x05, 0xac, 0x02, 0xe8, 0x07]);
+        assert_eq!(decode::<DeviceFrame>(&bytes[4..]).unwrap(), f);
     }
 
     #[test]

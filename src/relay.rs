@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -26,6 +27,7 @@ pub struct Impairment {
 pub struct Relay {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    cut: Arc<AtomicBool>,
 }
 
 impl Drop for Relay {
@@ -39,13 +41,36 @@ impl Relay {
     pub async fn start(port: u16, target: SocketAddr, imp: Impairment) -> std::io::Result<Relay> {
         let front = Arc::new(UdpSocket::bind(("127.0.0.1", port)).await?);
         let addr = front.local_addr()?;
-        let task = tokio::spawn(run(front, target, imp));
-        Ok(Relay { addr, task })
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(front, target, imp, None, cut.clone()));
+        Ok(Relay { addr, task, cut })
+    }
+
+    /// [`Relay::start`] with each direction also limited to `rate_bps`
+    /// bytes per second (a datagram leaves no sooner than the previous one
+    /// plus its own size at that rate), so a transfer takes a known time.
+    pub async fn start_limited(
+        port: u16,
+        target: SocketAddr,
+        imp: Impairment,
+        rate_bps: u64,
+    ) -> std::io::Result<Relay> {
+        let front = Arc::new(UdpSocket::bind(("127.0.0.1", port)).await?);
+        let addr = front.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(front, target, imp, Some(rate_bps.max(1)), cut.clone()));
+        Ok(Relay { addr, task, cut })
     }
 
     /// Where clients send.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Cut the path (every datagram dropped, both ways) or mend it: a
+    /// partition that the peers see only as silence.
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
     }
 }
 
@@ -58,6 +83,8 @@ fn pass(loss: f64) -> bool {
 /// them out of order, and QUIC reads reordering as loss.)
 fn lane(
     imp: Impairment,
+    rate: Option<u64>,
+    cut: Arc<AtomicBool>,
     send: impl Fn(Vec<u8>) -> tokio::task::JoinHandle<()> + Send + 'static,
 ) -> tokio::sync::mpsc::UnboundedSender<Vec<u8>> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
@@ -69,12 +96,18 @@ fn lane(
     });
     let (in_tx, mut in_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
+        let mut last = tokio::time::Instant::now();
         while let Some(data) = in_rx.recv().await {
-            if pass(imp.loss)
-                && tx
-                    .send((tokio::time::Instant::now() + imp.delay, data))
-                    .is_err()
-            {
+            if cut.load(Ordering::Relaxed) || !pass(imp.loss) {
+                continue;
+            }
+            let mut due = tokio::time::Instant::now() + imp.delay;
+            if let Some(r) = rate {
+                let wire = Duration::from_secs_f64(data.len() as f64 / r as f64);
+                due = due.max(last + wire);
+                last = due;
+            }
+            if tx.send((due, data)).is_err() {
                 return;
             }
         }
@@ -82,7 +115,13 @@ fn lane(
     in_tx
 }
 
-async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment) {
+async fn run(
+    front: Arc<UdpSocket>,
+    target: SocketAddr,
+    imp: Impairment,
+    rate: Option<u64>,
+    cut: Arc<AtomicBool>,
+) {
     let mut backs: HashMap<SocketAddr, tokio::sync::mpsc::UnboundedSender<Vec<u8>>> =
         HashMap::new();
     let mut buf = vec![0u8; 65_536];
@@ -102,7 +141,7 @@ async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment) {
                 let b = Arc::new(b);
                 // Replies from the target go back to this client.
                 let f = front.clone();
-                let down = lane(imp, move |data| {
+                let down = lane(imp, rate, cut.clone(), move |data| {
                     let f = f.clone();
                     tokio::spawn(async move {
                         let _ = f.send_to(&data, client).await;
@@ -117,7 +156,7 @@ async fn run(front: Arc<UdpSocket>, target: SocketAddr, imp: Impairment) {
                         }
                     }
                 });
-                let up = lane(imp, move |data| {
+                let up = lane(imp, rate, cut.clone(), move |data| {
                     let b = b.clone();
                     tokio::spawn(async move {
                         let _ = b.send(&data).await;

@@ -966,3 +966,54 @@ async fn mute_connections_and_a_device_that_never_reads_do_not_stall_honest_ones
     drop(lazy_raw);
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_1_3_device_gets_artifact_commands_rejected_with_upgrade_the_agent() {
+    use outpost::artifact::chunker::chunk_all;
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-old").await;
+    let shelf = b.queue.shelf();
+    let m = chunk_all(&[7u8; 5000][..], "fw", "1", |c, bytes| {
+        shelf
+            .chunks()
+            .put(&c.sha256, bytes)
+            .map(|_| ())
+            .map_err(std::io::Error::other)
+    })
+    .unwrap();
+    shelf.chunks().sync().unwrap();
+    let d = shelf.commit(m.encode(), outpost::now_millis()).unwrap();
+    let (mut old, first) = Raw::hello(b.addr, &bundle, Version { major: 1, minor: 2 }).await;
+    assert!(matches!(first, BoxFrame::Welcome { .. }), "{first:?}");
+    let id = b
+        .queue
+        .send(SendRequest {
+            target: "dev-old".into(),
+            payload: b"flash".to_vec(),
+            opts: SendOptions::default(),
+            origin: "test".into(),
+            signature: Some(outpost::trust::envelope::unsigned(Some(d.0))),
+        })
+        .await
+        .unwrap()
+        .id;
+    let v = b.wait_final(id).await;
+    match &v.outcome {
+        Some(Outcome::Rejected { reason }) => {
+            assert!(reason.contains("upgrade the agent"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // It never reached the device; the session goes on. A Progress for a
+    // command not fetching on this connection is ignored, not fatal.
+    old.write(&DeviceFrame::Progress {
+        id,
+        bytes: 1,
+        total: 2,
+    })
+    .await;
+    old.write(&DeviceFrame::Ping).await;
+    assert_eq!(old.read().await, Some(BoxFrame::Pong));
+    assert!(b.queue.show(id).await.unwrap().progress.is_none());
+    b.stop().await;
+}

@@ -251,6 +251,19 @@ pub struct DeviceArgs {
     /// seconds).
     #[arg(long, default_value = "60s", allow_negative_numbers = true)]
     pub timeout: crate::duration::DurationArg,
+    /// Where artifacts named by commands are fetched to and kept (default:
+    /// beside the bundle, `dev-7.bundle` → `dev-7.artifacts/`).
+    #[arg(long, env = "OUTPOST_ARTIFACT_DIR")]
+    pub artifact_dir: Option<PathBuf>,
+    /// Most disk the artifact dir may use, files and chunk cache together
+    /// (512MiB, 2GB); the least recently used are evicted to make room.
+    #[arg(long, env = "OUTPOST_MAX_ARTIFACT_DISK", default_value = "1GiB", value_parser = crate::config::parse_size)]
+    pub max_artifact_disk: u64,
+    /// The box is taken as gone after this much silence on the link
+    /// (keep-alives go at a third of it); shorter notices a dead path
+    /// sooner, at the cost of more keep-alive traffic.
+    #[arg(long, default_value = "25s")]
+    pub idle_timeout: crate::duration::DurationArg,
 }
 
 /// Where the box keeps its state when no --data-dir is given.
@@ -479,6 +492,20 @@ async fn run(
             let mut o = AgentOptions::new(a.bundle, handler);
             o.command_timeout = a.timeout.into();
             o.connect.server = a.server;
+            if let Some(d) = a.artifact_dir {
+                o.artifact_dir = d;
+            }
+            o.max_artifact_disk = a.max_artifact_disk;
+            let idle: std::time::Duration = a.idle_timeout.into();
+            if idle < std::time::Duration::from_millis(500) {
+                return Err(UsageError(format!(
+                    "--idle-timeout {} is too short to keep a link up; use 500ms or more (default 25s)",
+                    humantime::format_duration(idle)
+                ))
+                .into());
+            }
+            o.connect.idle_timeout = idle;
+            o.connect.keep_alive = o.connect.keep_alive.min(idle / 3);
             run_agent(o, shutdown_signal()).await?;
             Ok(0)
         }

@@ -78,6 +78,12 @@ pub(super) fn print_view(v: &CommandView, json: bool) {
     if let Some(s) = &v.summary {
         rows.push(vec!["children".into(), s.clone()]);
     }
+    if let Some(p) = &v.progress {
+        rows.push(vec![
+            "progress".into(),
+            crate::queue::json::progress_line(p),
+        ]);
+    }
     if let Some(f) = v.finished_at {
         rows.push(vec!["finished".into(), ago(f)]);
     }

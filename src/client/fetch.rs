@@ -26,6 +26,10 @@ pub struct Fetched {
 pub enum FetchError {
     #[error("not enough space for the artifact: need {need} bytes, {have} available")]
     NoSpace { need: u64, have: u64 },
+    /// The device's own budget for artifacts (`--max-artifact-disk`) is
+    /// too small even with every unused file and chunk evicted.
+    #[error("the artifact needs {need} bytes on the device but only {room} of its {budget}-byte artifact budget can be made free")]
+    OverBudget { need: u64, room: u64, budget: u64 },
     #[error("the box refused: {code:?}: {message}")]
     Refused {
         code: crate::proto::ErrorCode,
@@ -39,20 +43,48 @@ pub enum FetchError {
     Io(#[from] std::io::Error),
 }
 
+/// Called once the manifest is known and before any chunk is written, with
+/// the bytes the fetch will add to `dir`: makes room (or says why not).
+pub type MakeRoom<'a> = &'a (dyn Fn(&Manifest, u64) -> Result<(), FetchError> + Sync);
+
+/// How a fetch reports and budgets; the default does neither.
+#[derive(Default)]
+pub struct FetchOptions<'a> {
+    /// Told (bytes on disk, total bytes) as chunks arrive; a watch, so a
+    /// slow reader sees only the latest and the fetch never waits for it.
+    pub progress: Option<&'a tokio::sync::watch::Sender<(u64, u64)>>,
+    pub make_room: Option<MakeRoom<'a>>,
+}
+
 fn link(e: impl std::fmt::Display) -> FetchError {
     FetchError::Link(e.to_string())
 }
 
+/// `path` with `suffix` added to its file name (not replacing an
+/// "extension": `fw-2.1` and `fw-2.2` must not share `fw-2.part`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
+    let tmp = with_suffix(path, ".tmp");
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(d) = path.parent() {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        // A full disk must not leave half a chunk behind.
+        let _ = std::fs::remove_file(&tmp);
     }
-    Ok(())
+    r
 }
 
 async fn ask(send: &mut quinn::SendStream, req: FetchRequest) -> Result<(), FetchError> {
@@ -61,11 +93,49 @@ async fn ask(send: &mut quinn::SendStream, req: FetchRequest) -> Result<(), Fetc
         .map_err(link)
 }
 
+/// The path a verified artifact is kept at in `dir`.
+pub fn artifact_path(dir: &Path, m: &Manifest) -> PathBuf {
+    dir.join(format!("{}-{}", m.name, m.version))
+}
+
+/// Whether `path` holds exactly the file `m` describes.
+fn is_verified(path: &Path, m: &Manifest) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() != m.size {
+        return Ok(false);
+    }
+    let mut h = crate::artifact::manifest::Hasher::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish() == m.sha256)
+}
+
 /// Fetch `artifact` into `dir`; returns the verified file's path.
 pub async fn fetch(
     conn: &quinn::Connection,
     artifact: Digest,
     dir: &Path,
+) -> Result<Fetched, FetchError> {
+    fetch_with(conn, artifact, dir, &FetchOptions::default()).await
+}
+
+/// [`fetch`] with progress reports and a room check.
+pub async fn fetch_with(
+    conn: &quinn::Connection,
+    artifact: Digest,
+    dir: &Path,
+    opts: &FetchOptions<'_>,
 ) -> Result<Fetched, FetchError> {
     let cache = dir.join("chunks");
     std::fs::create_dir_all(&cache)?;
@@ -88,7 +158,24 @@ pub async fn fetch(
         )));
     }
     let manifest = Manifest::decode(&bytes).map_err(|e| FetchError::Corrupt(e.to_string()))?;
-    let final_path = dir.join(format!("{}-{}", manifest.name, manifest.version));
+    let final_path = artifact_path(dir, &manifest);
+    let report = |done: u64| {
+        if let Some(p) = opts.progress {
+            p.send_replace((done, manifest.size));
+        }
+    };
+    // Fetched and verified before: used as it is (a redelivery, or
+    // another command naming the same artifact).
+    if is_verified(&final_path, &manifest)? {
+        let _ = send.finish();
+        report(manifest.size);
+        return Ok(Fetched {
+            path: final_path,
+            reused_bytes: manifest.size,
+            manifest,
+            fetched_bytes: 0,
+        });
+    }
     let have = |d: &Digest| cache.join(d.hex()).exists();
     let missing: Vec<u32> = (0..manifest.chunks.len() as u32)
         .filter(|&i| !have(&manifest.chunks[i as usize].sha256))
@@ -106,74 +193,135 @@ pub async fn fetch(
         .map(|&i| u64::from(manifest.chunks[i as usize].len))
         .sum();
     let need = need_missing + manifest.size;
+    if let Some(make_room) = opts.make_room {
+        make_room(&manifest, need)?;
+    }
     let (_, avail) = crate::disk::fs_space(dir)?;
     if need > avail {
         return Err(FetchError::NoSpace { need, have: avail });
     }
+    report(reused_bytes);
     let mut todo = missing;
     let mut tries = 0;
-    while !todo.is_empty() {
-        tries += 1;
-        let mut again = Vec::new();
-        for batch in todo.chunks(MAX_ASK) {
-            ask(
-                &mut send,
-                FetchRequest::Chunks {
-                    artifact,
-                    chunks: batch.to_vec(),
-                },
-            )
-            .await?;
-            for _ in batch {
-                match crate::proto::read_frame::<FetchReply, _>(&mut recv, MAX_REPLY).await {
-                    Ok(Some(FetchReply::Chunk { index, bytes })) => {
-                        let Some(c) = manifest.chunks.get(index as usize) else {
-                            return Err(link(format!(
-                                "the box sent chunk {index}, not in the manifest"
-                            )));
-                        };
-                        if Digest::of(&bytes) != c.sha256 || bytes.len() as u64 != u64::from(c.len)
-                        {
-                            again.push(index);
-                            continue;
+    loop {
+        while !todo.is_empty() {
+            tries += 1;
+            let mut again = Vec::new();
+            for batch in todo.chunks(MAX_ASK) {
+                ask(
+                    &mut send,
+                    FetchRequest::Chunks {
+                        artifact,
+                        chunks: batch.to_vec(),
+                    },
+                )
+                .await?;
+                for _ in batch {
+                    match crate::proto::read_frame::<FetchReply, _>(&mut recv, MAX_REPLY).await {
+                        Ok(Some(FetchReply::Chunk { index, bytes })) => {
+                            let Some(c) = manifest.chunks.get(index as usize) else {
+                                return Err(link(format!(
+                                    "the box sent chunk {index}, not in the manifest"
+                                )));
+                            };
+                            if Digest::of(&bytes) != c.sha256
+                                || bytes.len() as u64 != u64::from(c.len)
+                            {
+                                again.push(index);
+                                continue;
+                            }
+                            tracing::debug!(index, bytes = bytes.len(), chunk = %c.sha256.hex(), "chunk received");
+                            // Durable before it counts: a kill after this
+                            // line never asks for this chunk again.
+                            write_durable(&cache.join(c.sha256.hex()), &bytes)?;
+                            fetched_bytes += bytes.len() as u64;
+                            report(reused_bytes + fetched_bytes);
                         }
-                        fetched_bytes += bytes.len() as u64;
-                        write_durable(&cache.join(c.sha256.hex()), &bytes)?;
+                        Ok(Some(FetchReply::Refused { code, message })) => {
+                            return Err(FetchError::Refused { code, message })
+                        }
+                        Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
+                        Ok(None) => return Err(link("the box closed the fetch stream")),
+                        Err(e) => return Err(link(e)),
                     }
-                    Ok(Some(FetchReply::Refused { code, message })) => {
-                        return Err(FetchError::Refused { code, message })
-                    }
-                    Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
-                    Ok(None) => return Err(link("the box closed the fetch stream")),
-                    Err(e) => return Err(link(e)),
                 }
             }
+            if !again.is_empty() && tries >= MAX_TRIES {
+                return Err(FetchError::Corrupt(format!(
+                    "{} chunks failed verification {MAX_TRIES} times",
+                    again.len()
+                )));
+            }
+            todo = again;
         }
-        if !again.is_empty() && tries >= MAX_TRIES {
-            return Err(FetchError::Corrupt(format!(
-                "{} chunks failed verification {MAX_TRIES} times",
-                again.len()
-            )));
+        // A cached chunk damaged on the device's disk is dropped and asked
+        // for again, within the same bound on tries.
+        match assemble(&manifest, &cache, &final_path)? {
+            Assembled::Done => break,
+            Assembled::Damaged(bad) if tries < MAX_TRIES => {
+                tracing::warn!(
+                    artifact = %artifact,
+                    chunks = bad.len(),
+                    "cached chunks failed verification; fetching them again"
+                );
+                todo = bad;
+            }
+            Assembled::Damaged(bad) => {
+                return Err(FetchError::Corrupt(format!(
+                    "{} cached chunks were damaged after {MAX_TRIES} tries",
+                    bad.len()
+                )))
+            }
         }
-        todo = again;
     }
     let _ = send.finish();
-    // Assemble, verify whole, make durable, then name it.
-    let tmp = final_path.with_extension("part");
-    let result = (|| -> Result<(), FetchError> {
+    report(manifest.size);
+    Ok(Fetched {
+        path: final_path,
+        manifest,
+        fetched_bytes,
+        reused_bytes,
+    })
+}
+
+enum Assembled {
+    Done,
+    /// Indices of cached chunks whose bytes no longer match (removed).
+    Damaged(Vec<u32>),
+}
+
+/// Assemble the file from the cache, verify it whole, make it durable,
+/// then name it. Nothing is left under a `.part` name on any path out.
+fn assemble(manifest: &Manifest, cache: &Path, final_path: &Path) -> Result<Assembled, FetchError> {
+    let tmp = with_suffix(final_path, ".part");
+    let result = (|| -> Result<Assembled, FetchError> {
         let mut f = std::fs::File::create(&tmp)?;
         let mut h = crate::artifact::manifest::Hasher::default();
-        for c in &manifest.chunks {
-            let b = std::fs::read(cache.join(c.sha256.hex()))?;
+        let mut damaged = Vec::new();
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            let path = cache.join(c.sha256.hex());
+            let b = match std::fs::read(&path) {
+                Ok(b) => b,
+                // Evicted, or dropped above as damaged (a chunk may repeat).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    damaged.push(i as u32);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if Digest::of(&b) != c.sha256 {
-                let _ = std::fs::remove_file(cache.join(c.sha256.hex()));
-                return Err(FetchError::Corrupt(format!(
-                    "cached chunk {} is damaged",
-                    c.sha256
-                )));
+                let _ = std::fs::remove_file(&path);
+                damaged.push(i as u32);
+                continue;
+            }
+            if !damaged.is_empty() {
+                continue;
             }
             h.update(&b);
             f.write_all(&b)?;
+        }
+        if !damaged.is_empty() {
+            return Ok(Assembled::Damaged(damaged));
         }
         if h.finish() != manifest.sha256 {
             return Err(FetchError::Corrupt(
@@ -181,18 +329,14 @@ pub async fn fetch(
             ));
         }
         f.sync_all()?;
-        std::fs::rename(&tmp, &final_path)?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
+        std::fs::rename(&tmp, final_path)?;
+        if let Some(d) = final_path.parent() {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+        Ok(Assembled::Done)
     })();
-    if let Err(e) = result {
+    if !matches!(result, Ok(Assembled::Done)) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
     }
-    Ok(Fetched {
-        path: final_path,
-        manifest,
-        fetched_bytes,
-        reused_bytes,
-    })
+    result
 }

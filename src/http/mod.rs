@@ -303,6 +303,21 @@ async fn commands(State(st): State<St>, Query(q): Query<Limit>) -> Response {
         .as_ref()
         .map(|m| m.recent(n))
         .unwrap_or_default();
+    // A delivered command still fetching its artifact shows how far, in
+    // its result column (from memory, like `show`).
+    let v: Vec<_> = v
+        .into_iter()
+        .map(|mut c| {
+            if c.state == "delivered" && c.result.is_none() {
+                let p =
+                    c.id.parse()
+                        .ok()
+                        .and_then(|id| st.ctx.queue.progress().get(id));
+                c.result = p.map(|p| crate::queue::json::progress_line(&p));
+            }
+            c
+        })
+        .collect();
     Json(v).into_response()
 }
 

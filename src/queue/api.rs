@@ -197,6 +197,22 @@ pub struct CommandView {
     pub children: Vec<ChildView>,
     /// For a broadcast: the aggregate, `12/14 succeeded, 1 failed, 1 queued`.
     pub summary: Option<String>,
+    /// While its device fetches the artifact it names: how far (from
+    /// memory, never stored).
+    pub progress: Option<Progress>,
+}
+
+/// How far a device has got fetching a command's artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `name@version`, when the box knows the artifact.
+    pub artifact: Option<String>,
+    pub bytes: u64,
+    pub total: u64,
+    /// 0..=100.
+    pub percent: u8,
+    /// Bytes per second, from the device's successive reports.
+    pub rate_bps: Option<u64>,
 }
 
 /// One child of a broadcast, as its parent's `show` lists it.
@@ -229,6 +245,7 @@ impl From<crate::journal::ResultRecord> for CommandView {
             error: r.error,
             summary: (!r.children.is_empty())
                 .then(|| super::core::summarize(r.children.iter().map(|c| c.state))),
+            progress: None,
             children: r
                 .children
                 .into_iter()

@@ -43,6 +43,16 @@ pub fn add_result(o: &mut Value, outcome: Option<&Outcome>) {
 }
 
 /// The stable `--json` shape of one command.
+/// `fetching fw@2.1: 37 % (1.2 MB/s)`, for people.
+pub fn progress_line(p: &super::Progress) -> String {
+    let what = p.artifact.as_deref().unwrap_or("the artifact");
+    let mut s = format!("fetching {what}: {} %", p.percent);
+    if let Some(r) = p.rate_bps {
+        s += &format!(" ({}/s)", indicatif::HumanBytes(r));
+    }
+    s
+}
+
 pub fn view_json(v: &CommandView) -> Value {
     let mut o = json!({
         "id": v.id.to_string(), "target": v.target, "device": v.device, "state": v.state.as_str(),
@@ -53,6 +63,12 @@ pub fn view_json(v: &CommandView) -> Value {
         "after": v.after.map(|a| a.to_string()), "key": v.key,
     });
     add_result(&mut o, v.outcome.as_ref());
+    if let Some(p) = &v.progress {
+        o["progress"] = json!({
+            "artifact": p.artifact, "bytes": p.bytes, "total": p.total,
+            "percent": p.percent, "rate_bps": p.rate_bps,
+        });
+    }
     if let Some(s) = &v.summary {
         o["summary"] = json!(s);
         o["children"] = v

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod core;
 pub mod json;
 pub mod outbox;
+pub mod progress;
 pub mod service;
 
 pub use self::core::{default_reserve, Limits, QueueCore, DEFAULT_MIN_FREE_DISK};

@@ -184,6 +184,7 @@ pub struct QueueHandle {
     sessions: tokio::sync::watch::Receiver<u64>,
     gate: Arc<crate::trust::Gate>,
     shelf: crate::artifact::shelf::Shelf,
+    progress: super::progress::Board,
 }
 
 /// A shelf error as the queue's: unknown names are `UnknownArtifact`, a
@@ -314,6 +315,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     Ok(QueueHandle {
         gate,
         shelf,
+        progress: super::progress::Board::default(),
         tx,
         events,
         outbox: outbox_rx,
@@ -1431,7 +1433,16 @@ impl QueueHandle {
     }
 
     pub async fn show(&self, id: CommandId) -> Result<CommandView, QueueError> {
-        self.core(CoreRequest::Show(id)).await?.into_view()
+        let mut v = self.core(CoreRequest::Show(id)).await?.into_view()?;
+        if !v.state.is_final() {
+            v.progress = self.progress.get(id);
+        }
+        Ok(v)
+    }
+
+    /// Artifact fetch progress of delivered commands (memory only).
+    pub fn progress(&self) -> &super::progress::Board {
+        &self.progress
     }
 
     /// A device's commands in delivery order (live ones), then its recent

@@ -838,5 +838,6 @@ fn placeholder(id: CommandId) -> crate::queue::CommandView {
         error: None,
         children: Vec::new(),
         summary: None,
+        progress: None,
     }
 }

@@ -152,6 +152,34 @@ impl Box_ {
         n
     }
 
+    /// Start `outpost device ARGS --bundle <file>` (ARGS: `--exec …` or
+    /// `--echo`, and any flags), logging at `info` to `<file>.<n>.log`.
+    /// Returns its index in `agents`.
+    pub fn agent_with(&mut self, file: &str, args: &[&str]) -> usize {
+        self.agent_logging(file, args, "info")
+    }
+
+    /// [`Box_::agent_with`] with this `OUTPOST_LOG` filter.
+    pub fn agent_logging(&mut self, file: &str, args: &[&str], filter: &str) -> usize {
+        let n = self.agents.len();
+        let log = std::fs::File::create(self.dir.path().join(format!("{file}.{n}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .arg("device")
+            .args(args)
+            .arg("--bundle")
+            .arg(self.bundle_path(file))
+            .env("OUTPOST_LOG", filter)
+            .env("NO_COLOR", "1")
+            .env_remove("OUTPOST_ARTIFACT_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents.push(child);
+        n
+    }
+
     pub fn agent_log(&self, file: &str, n: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{file}.{n}.log"))).unwrap_or_default()
     }

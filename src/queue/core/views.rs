@@ -52,6 +52,7 @@ impl QueueCore {
             },
             children: Vec::new(),
             summary: None,
+            progress: None,
         }
     }
 
@@ -92,6 +93,7 @@ impl QueueCore {
             outcome: None,
             error: None,
             summary: Some(summarize(children.iter().map(|c| c.state))),
+            progress: None,
             children,
         }
     }

@@ -93,6 +93,104 @@ async fn ask(send: &mut quinn::SendStream, req: FetchRequest) -> Result<(), Fetc
         .map_err(link)
 }
 
+/// One fetch stream (docs/PROTOCOL.md §10): the manifest, then chunks by
+/// index, each checked against the manifest before it is handed on. What
+/// a chunk is written to is the caller's: a device's cache here, an edge
+/// box's chunk store in `artifact::stage`.
+pub struct FetchStream {
+    send: quinn::SendStream,
+    recv: crate::proto::FrameReader<quinn::RecvStream>,
+    artifact: Digest,
+}
+
+impl FetchStream {
+    /// Open a stream and read `artifact`'s manifest: its bytes as the box
+    /// keeps them (their SHA-256 checked to be `artifact`) and decoded.
+    pub async fn open(
+        conn: &quinn::Connection,
+        artifact: Digest,
+    ) -> Result<(FetchStream, Vec<u8>, Manifest), FetchError> {
+        let (mut send, recv) = conn.open_bi().await.map_err(link)?;
+        let mut recv = crate::proto::frame_reader(recv);
+        ask(&mut send, FetchRequest::Manifest { artifact }).await?;
+        let bytes = match crate::proto::read_frame::<FetchReply, _>(&mut recv, MAX_REPLY).await {
+            Ok(Some(FetchReply::Manifest { bytes })) => bytes,
+            Ok(Some(FetchReply::Refused { code, message })) => {
+                return Err(FetchError::Refused { code, message })
+            }
+            Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
+            Ok(None) => return Err(link("the box closed the fetch stream")),
+            Err(e) => return Err(link(e)),
+        };
+        if Digest::of(&bytes) != artifact {
+            return Err(FetchError::Corrupt(format!(
+                "the manifest's SHA-256 is {}, not {artifact}",
+                Digest::of(&bytes)
+            )));
+        }
+        let manifest =
+            Manifest::decode(&bytes).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        let stream = FetchStream {
+            send,
+            recv,
+            artifact,
+        };
+        Ok((stream, bytes, manifest))
+    }
+
+    /// Ask for chunks `todo` of `manifest` (in batches the protocol
+    /// allows) and hand each verified one to `got`. Returns the indices
+    /// whose bytes did not match (to ask again).
+    pub async fn chunks(
+        &mut self,
+        manifest: &Manifest,
+        todo: &[u32],
+        mut got: impl FnMut(u32, &crate::artifact::ChunkRef, Vec<u8>) -> Result<(), FetchError>,
+    ) -> Result<Vec<u32>, FetchError> {
+        let mut again = Vec::new();
+        for batch in todo.chunks(MAX_ASK) {
+            ask(
+                &mut self.send,
+                FetchRequest::Chunks {
+                    artifact: self.artifact,
+                    chunks: batch.to_vec(),
+                },
+            )
+            .await?;
+            for _ in batch {
+                match crate::proto::read_frame::<FetchReply, _>(&mut self.recv, MAX_REPLY).await {
+                    Ok(Some(FetchReply::Chunk { index, bytes })) => {
+                        let Some(c) = manifest.chunks.get(index as usize) else {
+                            return Err(link(format!(
+                                "the box sent chunk {index}, not in the manifest"
+                            )));
+                        };
+                        if Digest::of(&bytes) != c.sha256 || bytes.len() as u64 != u64::from(c.len)
+                        {
+                            again.push(index);
+                            continue;
+                        }
+                        tracing::debug!(index, bytes = bytes.len(), chunk = %c.sha256.hex(), "chunk received");
+                        got(index, c, bytes)?;
+                    }
+                    Ok(Some(FetchReply::Refused { code, message })) => {
+                        return Err(FetchError::Refused { code, message })
+                    }
+                    Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
+                    Ok(None) => return Err(link("the box closed the fetch stream")),
+                    Err(e) => return Err(link(e)),
+                }
+            }
+        }
+        Ok(again)
+    }
+
+    /// Tell the box this fetch is done.
+    pub fn finish(mut self) {
+        let _ = self.send.finish();
+    }
+}
+
 /// The path a verified artifact is kept at in `dir`.
 pub fn artifact_path(dir: &Path, m: &Manifest) -> PathBuf {
     dir.join(format!("{}-{}", m.name, m.version))
@@ -139,25 +237,7 @@ pub async fn fetch_with(
 ) -> Result<Fetched, FetchError> {
     let cache = dir.join("chunks");
     std::fs::create_dir_all(&cache)?;
-    let (mut send, recv) = conn.open_bi().await.map_err(link)?;
-    let mut recv = crate::proto::frame_reader(recv);
-    ask(&mut send, FetchRequest::Manifest { artifact }).await?;
-    let bytes = match crate::proto::read_frame::<FetchReply, _>(&mut recv, MAX_REPLY).await {
-        Ok(Some(FetchReply::Manifest { bytes })) => bytes,
-        Ok(Some(FetchReply::Refused { code, message })) => {
-            return Err(FetchError::Refused { code, message })
-        }
-        Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
-        Ok(None) => return Err(link("the box closed the fetch stream")),
-        Err(e) => return Err(link(e)),
-    };
-    if Digest::of(&bytes) != artifact {
-        return Err(FetchError::Corrupt(format!(
-            "the manifest's SHA-256 is {}, not {artifact}",
-            Digest::of(&bytes)
-        )));
-    }
-    let manifest = Manifest::decode(&bytes).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+    let (mut stream, _, manifest) = FetchStream::open(conn, artifact).await?;
     let final_path = artifact_path(dir, &manifest);
     let report = |done: u64| {
         if let Some(p) = opts.progress {
@@ -167,7 +247,7 @@ pub async fn fetch_with(
     // Fetched and verified before: used as it is (a redelivery, or
     // another command naming the same artifact).
     if is_verified(&final_path, &manifest)? {
-        let _ = send.finish();
+        stream.finish();
         report(manifest.size);
         return Ok(Fetched {
             path: final_path,
@@ -206,46 +286,16 @@ pub async fn fetch_with(
     loop {
         while !todo.is_empty() {
             tries += 1;
-            let mut again = Vec::new();
-            for batch in todo.chunks(MAX_ASK) {
-                ask(
-                    &mut send,
-                    FetchRequest::Chunks {
-                        artifact,
-                        chunks: batch.to_vec(),
-                    },
-                )
+            let again = stream
+                .chunks(&manifest, &todo, |_, c, bytes| {
+                    // Durable before it counts: a kill after this line
+                    // never asks for this chunk again.
+                    write_durable(&cache.join(c.sha256.hex()), &bytes)?;
+                    fetched_bytes += bytes.len() as u64;
+                    report(reused_bytes + fetched_bytes);
+                    Ok(())
+                })
                 .await?;
-                for _ in batch {
-                    match crate::proto::read_frame::<FetchReply, _>(&mut recv, MAX_REPLY).await {
-                        Ok(Some(FetchReply::Chunk { index, bytes })) => {
-                            let Some(c) = manifest.chunks.get(index as usize) else {
-                                return Err(link(format!(
-                                    "the box sent chunk {index}, not in the manifest"
-                                )));
-                            };
-                            if Digest::of(&bytes) != c.sha256
-                                || bytes.len() as u64 != u64::from(c.len)
-                            {
-                                again.push(index);
-                                continue;
-                            }
-                            tracing::debug!(index, bytes = bytes.len(), chunk = %c.sha256.hex(), "chunk received");
-                            // Durable before it counts: a kill after this
-                            // line never asks for this chunk again.
-                            write_durable(&cache.join(c.sha256.hex()), &bytes)?;
-                            fetched_bytes += bytes.len() as u64;
-                            report(reused_bytes + fetched_bytes);
-                        }
-                        Ok(Some(FetchReply::Refused { code, message })) => {
-                            return Err(FetchError::Refused { code, message })
-                        }
-                        Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
-                        Ok(None) => return Err(link("the box closed the fetch stream")),
-                        Err(e) => return Err(link(e)),
-                    }
-                }
-            }
             if !again.is_empty() && tries >= MAX_TRIES {
                 return Err(FetchError::Corrupt(format!(
                     "{} chunks failed verification {MAX_TRIES} times",
@@ -274,7 +324,7 @@ pub async fn fetch_with(
             }
         }
     }
-    let _ = send.finish();
+    stream.finish();
     report(manifest.size);
     Ok(Fetched {
         path: final_path,

@@ -146,6 +146,10 @@ pub struct LinkStats {
     /// for it.
     pub shared_bundles_found: AtomicU64,
     pub in_use_refused: AtomicU64,
+    /// Artifact chunks served on fetch streams, and their bytes: what a
+    /// hub's uplink to its edges carries, counted here.
+    pub chunks_served: AtomicU64,
+    pub chunk_bytes_served: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -756,7 +760,7 @@ impl Session {
         let _fetch = (self.minor >= proto::MINOR_ARTIFACT).then(|| {
             AbortOnDrop(tokio::spawn(fetch::accept(
                 self.conn.clone(),
-                self.shared.queue.shelf().clone(),
+                self.shared.clone(),
                 self.artifacts.clone(),
             )))
         });
@@ -1085,6 +1089,27 @@ impl Session {
                 }
                 self.artifacts.lock().unwrap().insert(a);
                 self.fetching.lock().unwrap().insert(c.id, (a, None));
+            }
+        }
+        // A box below stages a forwarded command's artifact from here
+        // before it takes the command (`artifact::stage`).
+        if let Delivery::Forward(f) = &d {
+            let named = f
+                .signature
+                .as_deref()
+                .and_then(|e| crate::trust::envelope::artifact(e).ok().flatten());
+            if let Some(a) = named {
+                if self.minor < proto::MINOR_ARTIFACT {
+                    let reason = format!(
+                        "the command carries an artifact, which needs protocol 1.{}; the box below speaks {}.{}: upgrade it",
+                        proto::MINOR_ARTIFACT,
+                        proto::VERSION.major,
+                        self.minor
+                    );
+                    reject(session, acks, f.id, reason);
+                    return None;
+                }
+                self.artifacts.lock().unwrap().insert(a);
             }
         }
         Some(match d {

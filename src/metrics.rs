@@ -125,6 +125,18 @@ pub fn render(q: &QueueStats, link: Option<&LinkStats>) -> String {
             &one(get(&l.in_use_refused)),
         );
         metric(
+            "outpost_artifact_chunks_served_total",
+            "counter",
+            "Artifact chunks served on fetch streams (to devices and boxes below).",
+            &one(get(&l.chunks_served)),
+        );
+        metric(
+            "outpost_artifact_chunk_bytes_served_total",
+            "counter",
+            "Bytes of the artifact chunks served.",
+            &one(get(&l.chunk_bytes_served)),
+        );
+        metric(
             "outpost_link_protocol_errors_total",
             "counter",
             "Connections closed for a protocol error.",
@@ -213,12 +225,17 @@ mod tests {
         let l = LinkStats::default();
         l.shared_bundles_found.store(2, Ordering::Relaxed);
         l.in_use_refused.store(7, Ordering::Relaxed);
+        l.chunk_bytes_served.store(65536, Ordering::Relaxed);
         let t = render(&QueueStats::default(), Some(&l));
         assert!(
             t.contains("outpost_link_shared_bundles_found_total 2"),
             "{t}"
         );
         assert!(t.contains("outpost_link_in_use_refused_total 7"), "{t}");
+        assert!(
+            t.contains("outpost_artifact_chunk_bytes_served_total 65536"),
+            "{t}"
+        );
     }
 
     #[test]

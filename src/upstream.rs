@@ -33,7 +33,9 @@ use crate::queue::{QueueError, QueueHandle, SendRequest};
 use crate::workflow::runner::{Runner, WORKFLOW};
 use crate::workflow::Packed;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -57,6 +59,9 @@ pub struct UplinkOptions {
     pub max_frame: usize,
     /// Give up one attempt to connect after this.
     pub connect_timeout: Duration,
+    /// The hub is taken as gone after this silence (QUIC idle timeout);
+    /// keep-alives go at a third of it.
+    pub idle_timeout: Duration,
 }
 
 impl UplinkOptions {
@@ -70,6 +75,7 @@ impl UplinkOptions {
             max_backoff: Duration::from_secs(60),
             max_frame: crate::proto::DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(10),
+            idle_timeout: ConnectOptions::default().idle_timeout,
         }
     }
 }
@@ -255,6 +261,8 @@ async fn connect(opts: &UplinkOptions) -> Result<client::DeviceConnection, Sessi
         server: opts.server.clone(),
         max_frame: opts.max_frame,
         connect_timeout: opts.connect_timeout,
+        idle_timeout: opts.idle_timeout,
+        keep_alive: opts.idle_timeout / 3,
         agent: format!("outpost-edge/{}", env!("CARGO_PKG_VERSION")),
         ..ConnectOptions::default()
     };
@@ -309,7 +317,8 @@ async fn session(
     };
     let mut cursor = OutboxCursor::new(start, opts.max_unacked);
     let mut grown = queue.outbox_watch();
-    let mut taken: JoinSet<(crate::command::CommandId, Result<bool, QueueError>)> = JoinSet::new();
+    let mut taken: JoinSet<(crate::command::CommandId, Taken)> = JoinSet::new();
+    let staging = Staging::default();
     let frame_budget = opts.max_frame.saturating_sub(4096).max(1024);
     loop {
         if cursor.wants_read() {
@@ -337,14 +346,16 @@ async fn session(
             Some(done) = taken.join_next(), if !taken.is_empty() => {
                 let Ok((id, r)) = done else { continue };
                 let frame = match r {
-                    Ok(duplicate) => {
+                    Taken::Queued(Ok(duplicate)) => {
                         if !duplicate {
                             tx.send_modify(|s| s.forwarded_total += 1);
                         }
                         DeviceFrame::Accepted { id, duplicate }
                     }
-                    Err(QueueError::ShuttingDown) => return SessionEnd::Shutdown,
-                    Err(e) => DeviceFrame::Ack { id, outcome: refusal(e) },
+                    Taken::Queued(Err(QueueError::ShuttingDown)) => return SessionEnd::Shutdown,
+                    Taken::Queued(Err(e)) => DeviceFrame::Ack { id, outcome: refusal(e) },
+                    Taken::Ended(outcome) => DeviceFrame::Ack { id, outcome },
+                    Taken::Unanswered => continue,
                 };
                 if let Err(e) = sender.send(&frame).await {
                     return e.into();
@@ -372,15 +383,26 @@ async fn session(
                                     None => Err(QueueError::ShuttingDown),
                                 },
                             };
-                            (id, r)
+                            (id, Taken::Queued(r))
                         });
                     }
                     Received::Forward(f) => {
                         let id = f.id;
+                        if let Some(artifact) = staging.lacks(queue, &f) {
+                            // Staged from the hub first, off this loop, then
+                            // queued: the edge's devices never get a command
+                            // whose file is not whole and verified here.
+                            let (q, c, st) = (queue.clone(), conn.connection().clone(), staging.clone());
+                            taken.spawn(async move { (id, st.stage_then_queue(&q, &c, artifact, *f).await) });
+                            continue;
+                        }
                         // Handed to the writer now, in arrival order, so a
                         // Cancel that follows finds the command.
                         let fut = queue.send_as(id, request(*f));
-                        taken.spawn(async move { (id, fut.await.map(|r| r.duplicate)) });
+                        taken.spawn(async move { (id, Taken::Queued(fut.await.map(|r| r.duplicate))) });
+                    }
+                    Received::Cancel(id) if staging.cancel(id) => {
+                        tracing::info!(%id, "cancelled by the hub while its artifact was staging");
                     }
                     Received::Cancel(id) => {
                         let fut = queue.cancel_queued(id);
@@ -420,6 +442,96 @@ async fn session(
                         tracing::warn!(%code, %message, "the hub reported an error");
                     }
                 }
+            }
+        }
+    }
+}
+
+/// How the intake of a forwarded command ended.
+enum Taken {
+    /// Queued here (`true`: a duplicate).
+    Queued(Result<bool, QueueError>),
+    /// Ended before it was queued (its artifact could not be staged, or
+    /// the hub cancelled it meanwhile).
+    Ended(Outcome),
+    /// The uplink went away mid-staging: not answered, so the hub hands
+    /// it again on the next link and the staging resumes.
+    Unanswered,
+}
+
+/// Forwarded commands whose artifact is being staged from the hub.
+#[derive(Clone, Default)]
+struct Staging {
+    /// Command id → cancelled by the hub meanwhile.
+    commands: Arc<std::sync::Mutex<HashMap<crate::command::CommandId, bool>>>,
+    /// One staging per artifact at a time: a second command naming it
+    /// waits for the first, then finds it held.
+    artifacts:
+        Arc<tokio::sync::Mutex<HashMap<crate::artifact::Digest, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Staging {
+    /// The artifact `f` names that this box does not hold yet.
+    fn lacks(&self, queue: &QueueHandle, f: &Forward) -> Option<crate::artifact::Digest> {
+        let d = crate::trust::envelope::artifact(f.signature.as_deref()?)
+            .ok()
+            .flatten()
+            .map(crate::artifact::Digest)?;
+        match queue.shelf().manifest_bytes(&d) {
+            Ok(Some(_)) => None,
+            _ => Some(d),
+        }
+    }
+
+    /// Mark `id` cancelled if it is staging (then `true`).
+    fn cancel(&self, id: crate::command::CommandId) -> bool {
+        match self.commands.lock().unwrap().get_mut(&id) {
+            Some(c) => {
+                *c = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn stage_then_queue(
+        &self,
+        queue: &QueueHandle,
+        conn: &quinn::Connection,
+        artifact: crate::artifact::Digest,
+        f: Forward,
+    ) -> Taken {
+        let id = f.id;
+        self.commands.lock().unwrap().insert(id, false);
+        let lock = self
+            .artifacts
+            .lock()
+            .await
+            .entry(artifact)
+            .or_default()
+            .clone();
+        let staged = {
+            let _one = lock.lock().await;
+            crate::artifact::stage::stage(conn, artifact, queue.shelf()).await
+        };
+        let cancelled = self.commands.lock().unwrap().remove(&id).unwrap_or(false);
+        match staged {
+            Err(e) if e.is_link() => {
+                tracing::info!(%id, %artifact, error = %e, "the uplink dropped while staging; it resumes on the next link");
+                Taken::Unanswered
+            }
+            Err(e) => {
+                tracing::warn!(%id, %artifact, error = %e, "staging the artifact failed");
+                Taken::Ended(Outcome::Rejected {
+                    reason: format!("the edge could not stage artifact {artifact}: {e}"),
+                })
+            }
+            Ok(_) if cancelled => Taken::Ended(Outcome::Rejected {
+                reason: "cancelled by the hub before its artifact was staged".into(),
+            }),
+            Ok(s) => {
+                tracing::info!(%id, %artifact, fetched = s.fetched_bytes, reused = s.reused_bytes, "artifact staged from the hub");
+                Taken::Queued(queue.send_as(id, request(f)).await.map(|r| r.duplicate))
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod collect;
 pub mod manifest;
 pub mod retention;
 pub mod shelf;
+pub mod stage;
 pub mod wire;
 
 pub use manifest::{ArtifactSpec, ChunkRef, Digest, Manifest, ManifestError};

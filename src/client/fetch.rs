@@ -128,14 +128,55 @@ impl FetchStream {
                 Digest::of(&bytes)
             )));
         }
-        let manifest =
-            Manifest::decode(&bytes).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        let manifest = Manifest::decode(&bytes).map_err(|e| FetchError::Corrupt(e.to_string()))?;
         let stream = FetchStream {
             send,
             recv,
             artifact,
         };
         Ok((stream, bytes, manifest))
+    }
+
+    /// Ask for chunks `batch` (at most `MAX_ASK`) of the artifact; their
+    /// replies come in that order, read with `next_chunk`.
+    pub async fn ask(&mut self, batch: &[u32]) -> Result<(), FetchError> {
+        ask(
+            &mut self.send,
+            FetchRequest::Chunks {
+                artifact: self.artifact,
+                chunks: batch.to_vec(),
+            },
+        )
+        .await
+    }
+
+    /// The next chunk asked for: `Ok(Ok(bytes))` verified against
+    /// `manifest`, `Ok(Err(index))` when its bytes did not match (to ask
+    /// again).
+    pub async fn next_chunk(
+        &mut self,
+        manifest: &Manifest,
+    ) -> Result<Result<(u32, Vec<u8>), u32>, FetchError> {
+        match crate::proto::read_frame::<FetchReply, _>(&mut self.recv, MAX_REPLY).await {
+            Ok(Some(FetchReply::Chunk { index, bytes })) => {
+                let Some(c) = manifest.chunks.get(index as usize) else {
+                    return Err(link(format!(
+                        "the box sent chunk {index}, not in the manifest"
+                    )));
+                };
+                if Digest::of(&bytes) != c.sha256 || bytes.len() as u64 != u64::from(c.len) {
+                    return Ok(Err(index));
+                }
+                tracing::debug!(index, bytes = bytes.len(), chunk = %c.sha256.hex(), "chunk received");
+                Ok(Ok((index, bytes)))
+            }
+            Ok(Some(FetchReply::Refused { code, message })) => {
+                Err(FetchError::Refused { code, message })
+            }
+            Ok(Some(other)) => Err(link(format!("unexpected reply {other:?}"))),
+            Ok(None) => Err(link("the box closed the fetch stream")),
+            Err(e) => Err(link(e)),
+        }
     }
 
     /// Ask for chunks `todo` of `manifest` (in batches the protocol
@@ -149,36 +190,11 @@ impl FetchStream {
     ) -> Result<Vec<u32>, FetchError> {
         let mut again = Vec::new();
         for batch in todo.chunks(MAX_ASK) {
-            ask(
-                &mut self.send,
-                FetchRequest::Chunks {
-                    artifact: self.artifact,
-                    chunks: batch.to_vec(),
-                },
-            )
-            .await?;
+            self.ask(batch).await?;
             for _ in batch {
-                match crate::proto::read_frame::<FetchReply, _>(&mut self.recv, MAX_REPLY).await {
-                    Ok(Some(FetchReply::Chunk { index, bytes })) => {
-                        let Some(c) = manifest.chunks.get(index as usize) else {
-                            return Err(link(format!(
-                                "the box sent chunk {index}, not in the manifest"
-                            )));
-                        };
-                        if Digest::of(&bytes) != c.sha256 || bytes.len() as u64 != u64::from(c.len)
-                        {
-                            again.push(index);
-                            continue;
-                        }
-                        tracing::debug!(index, bytes = bytes.len(), chunk = %c.sha256.hex(), "chunk received");
-                        got(index, c, bytes)?;
-                    }
-                    Ok(Some(FetchReply::Refused { code, message })) => {
-                        return Err(FetchError::Refused { code, message })
-                    }
-                    Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
-                    Ok(None) => return Err(link("the box closed the fetch stream")),
-                    Err(e) => return Err(link(e)),
+                match self.next_chunk(manifest).await? {
+                    Ok((index, bytes)) => got(index, &manifest.chunks[index as usize], bytes)?,
+                    Err(index) => again.push(index),
                 }
             }
         }

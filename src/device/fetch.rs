@@ -8,6 +8,7 @@ use crate::artifact::wire::{FetchReply, FetchRequest, MAX_ASK};
 use crate::artifact::{Digest, Manifest};
 use crate::proto::{self, ErrorCode};
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -27,7 +28,7 @@ pub(crate) type Allowed = Arc<Mutex<HashSet<[u8; 32]>>>;
 
 /// Accept fetch streams until the connection ends (or this task is
 /// aborted, which ends the streams it serves).
-pub(crate) async fn accept(conn: quinn::Connection, shelf: Shelf, allowed: Allowed) {
+pub(crate) async fn accept(conn: quinn::Connection, shared: Arc<super::Shared>, allowed: Allowed) {
     let permits = Arc::new(Semaphore::new(MAX_FETCH_STREAMS));
     let mut tasks = JoinSet::new();
     loop {
@@ -42,9 +43,10 @@ pub(crate) async fn accept(conn: quinn::Connection, shelf: Shelf, allowed: Allow
             // Reap finished streams so the set stays small.
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        let (shelf, allowed) = (shelf.clone(), allowed.clone());
+        let (shared, allowed) = (shared.clone(), allowed.clone());
         tasks.spawn(async move {
-            if let Err(e) = serve(send, recv, &shelf, &allowed).await {
+            let shelf = shared.queue.shelf();
+            if let Err(e) = serve(send, recv, shelf, &allowed, &shared.stats).await {
                 tracing::debug!(error = %e, "fetch stream ended");
             }
             drop(permit);
@@ -64,6 +66,7 @@ async fn serve(
     recv: quinn::RecvStream,
     shelf: &Shelf,
     allowed: &Allowed,
+    stats: &super::LinkStats,
 ) -> Result<(), proto::FrameError> {
     let mut recv = proto::frame_reader(recv);
     // The manifest of the artifact last asked about, kept decoded so a
@@ -149,6 +152,12 @@ async fn serve(
                         }
                     };
                     proto::write_frame(&mut send, &r, MAX_REPLY).await?;
+                    if let FetchReply::Chunk { bytes, .. } = &r {
+                        stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .chunk_bytes_served
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }
                 }
             }
         }

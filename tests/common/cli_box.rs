@@ -4,7 +4,7 @@
 // Each test file uses what it needs of these.
 #![allow(dead_code)]
 
-use super::run::{json, outpost, BIN};
+use super::run::{json, outpost, Proc, BIN};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -15,18 +15,16 @@ pub struct Box_ {
     /// Where it listens: port 0 at first, then the port it got, so a
     /// restart keeps the address the bundles name.
     pub listen: String,
-    pub serve: Option<Child>,
-    pub agents: Vec<Child>,
+    pub serve: Option<Proc>,
+    pub agents: Vec<Proc>,
     /// Extra `serve` flags, kept for a restart.
     pub extra: Vec<String>,
 }
 
 impl Drop for Box_ {
     fn drop(&mut self) {
-        for a in &mut self.agents {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
+        // Agents first (each a `Proc`, killed as it goes), then the box.
+        self.agents.clear();
         self.stop();
     }
 }
@@ -78,7 +76,7 @@ impl Box_ {
         b
     }
 
-    pub fn spawn_serve(&self) -> Child {
+    pub fn spawn_serve(&self) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -94,6 +92,7 @@ impl Box_ {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
+            .map(Proc)
             .expect("start serve")
     }
 
@@ -148,7 +147,7 @@ impl Box_ {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.agents.push(child);
+        self.agents.push(Proc(child));
         n
     }
 
@@ -176,7 +175,7 @@ impl Box_ {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.agents.push(child);
+        self.agents.push(Proc(child));
         n
     }
 

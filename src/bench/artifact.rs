@@ -444,6 +444,22 @@ pub fn nginx_config(root: &Path, port: u16, as_root: bool) -> String {
     )
 }
 
+/// SIGKILL would reach the master only and leave its workers running:
+/// SIGTERM lets the master stop them, then wait for it (bounded).
+async fn stop_nginx(server: &mut tokio::process::Child) {
+    if let Some(pid) = server.id() {
+        // SAFETY: kill has no memory preconditions; pid is our own child,
+        // not yet reaped, so it cannot name another process.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .is_err()
+    {
+        let _ = server.kill().await;
+    }
+}
+
 async fn nginx_side(
     dir: &Path,
     source: &Path,
@@ -503,55 +519,60 @@ async fn nginx_side(
         .arg(root.join("error.log"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
+    // Whatever fails below, nginx is stopped before the error goes up.
+    let ran = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if let Some(st) = server.try_wait()? {
+                let log = std::fs::read_to_string(root.join("error.log")).unwrap_or_default();
+                anyhow::bail!("nginx exited ({st}): {}", log.trim());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "nginx did not listen in 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Some(st) = server.try_wait()? {
-            let log = std::fs::read_to_string(root.join("error.log")).unwrap_or_default();
-            anyhow::bail!("nginx exited ({st}): {}", log.trim());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "nginx did not listen in 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
-    let url = format!("https://127.0.0.1:{port}/f");
-    let started = Instant::now();
-    let mut clients = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let file = out.join(format!("c{i}"));
-        let (curl, url) = (curl.clone(), url.clone());
-        clients.spawn(async move {
-            let t = Instant::now();
-            let o = tokio::process::Command::new(curl)
-                .args(["-skS", "--fail", "--tlsv1.3", "--max-time", "1200", "-o"])
-                .arg(&file)
-                .arg(&url)
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .output()
-                .await?;
-            anyhow::ensure!(
-                o.status.success(),
-                "curl: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            anyhow::Ok((file, t.elapsed().as_secs_f64()))
-        });
+        let url = format!("https://127.0.0.1:{port}/f");
+        let started = Instant::now();
+        let mut clients = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let file = out.join(format!("c{i}"));
+            let (curl, url) = (curl.clone(), url.clone());
+            clients.spawn(async move {
+                let t = Instant::now();
+                let o = tokio::process::Command::new(curl)
+                    .args(["-skS", "--fail", "--tlsv1.3", "--max-time", "1200", "-o"])
+                    .arg(&file)
+                    .arg(&url)
+                    .stdin(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .output()
+                    .await?;
+                anyhow::ensure!(
+                    o.status.success(),
+                    "curl: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                anyhow::Ok((file, t.elapsed().as_secs_f64()))
+            });
+        }
+        let mut got = Vec::with_capacity(n);
+        while let Some(r) = clients.join_next().await {
+            got.push(r??);
+        }
+        anyhow::Ok((got, started.elapsed().as_secs_f64()))
     }
-    let mut got = Vec::with_capacity(n);
-    while let Some(r) = clients.join_next().await {
-        got.push(r??);
-    }
-    let wall_s = started.elapsed().as_secs_f64();
-    let _ = server.kill().await;
+    .await;
+    stop_nginx(&mut server).await;
+    let (got, wall_s) = ran?;
     let mut verified = true;
     for (path, _) in &got {
         let p = path.clone();

@@ -8,6 +8,8 @@
 //! bytes the process wrote to storage per command over its whole life
 //! (enqueue → deliver → ack → dropped), read from `/proc/self/io`.
 
+pub mod artifact;
+
 use crate::command::{Outcome, SendOptions};
 use crate::queue::{self, Delivery, QueueHandle, SendRequest, ServiceOptions};
 use crate::store::{dir_size, DeviceRecord, Store, StoreOptions};

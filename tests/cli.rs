@@ -374,6 +374,35 @@ fn bench_smoke_run_prints_its_figures() {
 }
 
 #[test]
+fn artifact_bench_smoke_run_checks_every_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = outpost(
+        dir.path(),
+        &[
+            "bench",
+            "--artifact",
+            "1MiB",
+            "--devices",
+            "2",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&ok(&o).into_bytes()).unwrap();
+    assert_eq!(v["size_bytes"], 1 << 20);
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(v["box_peak_rss_bytes"].as_u64().unwrap() > 0, "{v}");
+    // nginx is not required: without it the comparison says why it was
+    // skipped; with it, its copies are checked too.
+    match v["nginx"]["status"].as_str().unwrap() {
+        "ran" => assert_eq!(v["nginx"]["verified"], true, "{v}"),
+        "skipped" => assert!(v["nginx"]["reason"].as_str().is_some(), "{v}"),
+        other => panic!("nginx status {other}: {v}"),
+    }
+}
+
+#[test]
 fn the_config_file_supplies_what_flags_and_env_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

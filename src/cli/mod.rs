@@ -228,6 +228,12 @@ pub struct BenchArgs {
     /// requiring signatures; prints both and the ratio.
     #[arg(long, conflicts_with_all = ["idle", "restart"])]
     pub signed: bool,
+    /// Instead of W1: a random file of this size (64MiB, 256MiB) added to a
+    /// box (its own process) and fetched by --devices devices at once; in
+    /// the same run, served by nginx over HTTPS to as many curl clients.
+    #[arg(long, value_name = "SIZE", value_parser = crate::config::parse_size,
+          conflicts_with_all = ["idle", "restart", "signed"])]
+    pub artifact: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -550,6 +556,24 @@ async fn run(
                     );
                 }
                 let r = crate::bench::restart_bench(dir.path(), n, a.devices).await?;
+                if a.json {
+                    crate::outln!("{}", serde_json::to_string(&r)?);
+                } else {
+                    crate::out!("{}", r.table());
+                }
+                return Ok(0);
+            }
+            if let Some(size) = a.artifact {
+                let exe = std::env::current_exe().context("finding the outpost binary")?;
+                if !a.json {
+                    eprintln!(
+                        "artifact bench: {size} bytes to {} devices in {} …",
+                        a.devices,
+                        dir.path().display()
+                    );
+                }
+                let r = crate::bench::artifact::artifact_bench(&exe, dir.path(), size, a.devices)
+                    .await?;
                 if a.json {
                     crate::outln!("{}", serde_json::to_string(&r)?);
                 } else {

@@ -68,6 +68,16 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Run file work (reads, writes, fsyncs) on the blocking pool, off the
+/// runtime's workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FetchError> + Send + 'static,
+) -> Result<T, FetchError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FetchError::Io(std::io::Error::other(e)))?
+}
+
 fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = with_suffix(path, ".tmp");
     let r = (|| {
@@ -179,28 +189,6 @@ impl FetchStream {
         }
     }
 
-    /// Ask for chunks `todo` of `manifest` (in batches the protocol
-    /// allows) and hand each verified one to `got`. Returns the indices
-    /// whose bytes did not match (to ask again).
-    pub async fn chunks(
-        &mut self,
-        manifest: &Manifest,
-        todo: &[u32],
-        mut got: impl FnMut(u32, &crate::artifact::ChunkRef, Vec<u8>) -> Result<(), FetchError>,
-    ) -> Result<Vec<u32>, FetchError> {
-        let mut again = Vec::new();
-        for batch in todo.chunks(MAX_ASK) {
-            self.ask(batch).await?;
-            for _ in batch {
-                match self.next_chunk(manifest).await? {
-                    Ok((index, bytes)) => got(index, &manifest.chunks[index as usize], bytes)?,
-                    Err(index) => again.push(index),
-                }
-            }
-        }
-        Ok(again)
-    }
-
     /// Tell the box this fetch is done.
     pub fn finish(mut self) {
         let _ = self.send.finish();
@@ -262,7 +250,8 @@ pub async fn fetch_with(
     };
     // Fetched and verified before: used as it is (a redelivery, or
     // another command naming the same artifact).
-    if is_verified(&final_path, &manifest)? {
+    let (m, p) = (manifest.clone(), final_path.clone());
+    if blocking(move || Ok(is_verified(&p, &m)?)).await? {
         stream.finish();
         report(manifest.size);
         return Ok(Fetched {
@@ -302,16 +291,28 @@ pub async fn fetch_with(
     loop {
         while !todo.is_empty() {
             tries += 1;
-            let again = stream
-                .chunks(&manifest, &todo, |_, c, bytes| {
-                    // Durable before it counts: a kill after this line
-                    // never asks for this chunk again.
-                    write_durable(&cache.join(c.sha256.hex()), &bytes)?;
-                    fetched_bytes += bytes.len() as u64;
+            let mut again = Vec::new();
+            for batch in todo.chunks(MAX_ASK) {
+                stream.ask(batch).await?;
+                for _ in batch {
+                    let (index, bytes) = match stream.next_chunk(&manifest).await? {
+                        Ok(c) => c,
+                        Err(index) => {
+                            again.push(index);
+                            continue;
+                        }
+                    };
+                    let path = cache.join(manifest.chunks[index as usize].sha256.hex());
+                    let n = bytes.len() as u64;
+                    // Durable before it counts: a kill after this never
+                    // asks for this chunk again. On the blocking pool: an
+                    // fsync on the runtime's few workers stalls every
+                    // connection's packets (20 fetches on 2 workers crawled).
+                    blocking(move || Ok(write_durable(&path, &bytes)?)).await?;
+                    fetched_bytes += n;
                     report(reused_bytes + fetched_bytes);
-                    Ok(())
-                })
-                .await?;
+                }
+            }
             if !again.is_empty() && tries >= MAX_TRIES {
                 return Err(FetchError::Corrupt(format!(
                     "{} chunks failed verification {MAX_TRIES} times",
@@ -322,7 +323,8 @@ pub async fn fetch_with(
         }
         // A cached chunk damaged on the device's disk is dropped and asked
         // for again, within the same bound on tries.
-        match assemble(&manifest, &cache, &final_path)? {
+        let (m, c, p) = (manifest.clone(), cache.clone(), final_path.clone());
+        match blocking(move || assemble(&m, &c, &p)).await? {
             Assembled::Done => break,
             Assembled::Damaged(bad) if tries < MAX_TRIES => {
                 tracing::warn!(

@@ -233,38 +233,19 @@ pub fn parse_time(s: &str, now: Millis) -> Result<Millis, String> {
         format!("{why}; write an RFC 3339 time with its zone (2026-11-25T10:00:00Z, 2026-11-25T11:00:00+01:00) or +10m")
     };
     let t = s.trim();
-    let (local, offset_s): (&str, i64) = if let Some(l) = t.strip_suffix(['Z', 'z']) {
-        (l, 0)
-    } else {
-        // ±hh:mm after the seconds (a date's own `-` come before the `T`).
-        let tail = t
-            .rfind(['+', '-'])
-            .filter(|&i| t[..i].contains(['T', 't', ' ']));
-        let Some(i) = tail else {
-            return Err(bad("no time zone"));
-        };
-        let (l, z) = t.split_at(i);
-        let sign = if z.starts_with('-') { -1 } else { 1 };
-        let hm: Vec<&str> = z[1..].split(':').collect();
-        let (Some(h), Some(m), 2) = (
-            hm.first().and_then(|h| h.parse::<i64>().ok()),
-            hm.get(1).and_then(|m| m.parse::<i64>().ok()),
-            hm.len(),
-        ) else {
-            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
-        };
-        if h > 23 || m > 59 {
-            return Err(bad(&format!("`{z}` is not a zone offset (±hh:mm)")));
-        }
-        (l, sign * (h * 3600 + m * 60))
-    };
-    let at = humantime::parse_rfc3339_weak(local).map_err(|e| bad(&e.to_string()))?;
-    let utc_ms = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-        - offset_s * 1000;
-    Ok(utc_ms.max(0) as u64)
+    let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            // A time without its zone is the usual slip: say so plainly.
+            let zoned = t.ends_with(['Z', 'z'])
+                || t.rfind(['+', '-'])
+                    .is_some_and(|i| t[..i].contains(['T', 't', ' ']));
+            bad(&if zoned {
+                e.to_string()
+            } else {
+                "no time zone".into()
+            })
+        })?;
+    Ok((at.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
 }
 
 #[cfg(test)]

@@ -82,30 +82,27 @@ pub async fn stage(
     while !todo.is_empty() {
         tries += 1;
         let mut again = Vec::new();
-        for batch in todo.chunks(crate::artifact::wire::MAX_ASK) {
-            stream.ask(batch).await?;
-            for _ in batch {
-                let (index, bytes) = match stream.next_chunk(&manifest).await? {
-                    Ok(c) => c,
-                    Err(index) => {
-                        again.push(index);
-                        continue;
-                    }
-                };
-                // Durable before the next is read: a drop resumes after the
-                // last chunk that arrived. (The box streams the rest of the
-                // batch meanwhile, within QUIC's flow control.)
-                let (s, d) = (shelf.clone(), manifest.chunks[index as usize].sha256);
-                let n = bytes.len() as u64;
-                tokio::task::spawn_blocking(move || s.chunks().put(&d, &bytes))
-                    .await
-                    .map_err(store)?
-                    .map_err(|e| match e {
-                        super::chunks::ChunkError::OverBudget(o) => StageError::Budget(o),
-                        e => store(e),
-                    })?;
-                fetched_bytes += n;
-            }
+        stream.begin(&todo).await?;
+        while let Some(next) = stream.next(&manifest).await? {
+            let (index, bytes) = match next {
+                Ok(c) => c,
+                Err(index) => {
+                    again.push(index);
+                    continue;
+                }
+            };
+            // Durable before the next is read: a drop resumes after the
+            // last chunk that arrived.
+            let (s, d) = (shelf.clone(), manifest.chunks[index as usize].sha256);
+            let n = bytes.len() as u64;
+            tokio::task::spawn_blocking(move || s.chunks().put(&d, &bytes))
+                .await
+                .map_err(store)?
+                .map_err(|e| match e {
+                    super::chunks::ChunkError::OverBudget(o) => StageError::Budget(o),
+                    e => store(e),
+                })?;
+            fetched_bytes += n;
         }
         if !again.is_empty() && tries >= MAX_TRIES {
             return Err(StageError::Fetch(FetchError::Corrupt(format!(

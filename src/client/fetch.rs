@@ -111,6 +111,10 @@ pub struct FetchStream {
     send: quinn::SendStream,
     recv: crate::proto::FrameReader<quinn::RecvStream>,
     artifact: Digest,
+    /// Batches `begin` planned and not yet read (the front one asked).
+    plan: std::collections::VecDeque<Vec<u32>>,
+    /// Replies still to read of the batch being read.
+    left: usize,
 }
 
 impl FetchStream {
@@ -143,6 +147,8 @@ impl FetchStream {
             send,
             recv,
             artifact,
+            plan: Default::default(),
+            left: 0,
         };
         Ok((stream, bytes, manifest))
     }
@@ -187,6 +193,40 @@ impl FetchStream {
             Ok(None) => Err(link("the box closed the fetch stream")),
             Err(e) => Err(link(e)),
         }
+    }
+
+    /// Start fetching chunks `todo`; read them with `next`. Batches are
+    /// asked one ahead of the one being read, so the box never idles a
+    /// round trip between batches.
+    pub async fn begin(&mut self, todo: &[u32]) -> Result<(), FetchError> {
+        self.plan = todo.chunks(MAX_ASK).map(<[u32]>::to_vec).collect();
+        self.left = 0;
+        if let Some(first) = self.plan.front() {
+            let first = first.clone();
+            self.ask(&first).await?;
+        }
+        Ok(())
+    }
+
+    /// The next chunk of those `begin` asked for: `None` when all came,
+    /// else as `next_chunk`.
+    pub async fn next(
+        &mut self,
+        manifest: &Manifest,
+    ) -> Result<Option<Result<(u32, Vec<u8>), u32>>, FetchError> {
+        if self.left == 0 {
+            // The front batch was asked already; it is the one read now.
+            let Some(current) = self.plan.pop_front() else {
+                return Ok(None);
+            };
+            self.left = current.len();
+            if let Some(following) = self.plan.front() {
+                let following = following.clone();
+                self.ask(&following).await?;
+            }
+        }
+        self.left -= 1;
+        self.next_chunk(manifest).await.map(Some)
     }
 
     /// Tell the box this fetch is done.
@@ -292,26 +332,24 @@ pub async fn fetch_with(
         while !todo.is_empty() {
             tries += 1;
             let mut again = Vec::new();
-            for batch in todo.chunks(MAX_ASK) {
-                stream.ask(batch).await?;
-                for _ in batch {
-                    let (index, bytes) = match stream.next_chunk(&manifest).await? {
-                        Ok(c) => c,
-                        Err(index) => {
-                            again.push(index);
-                            continue;
-                        }
-                    };
-                    let path = cache.join(manifest.chunks[index as usize].sha256.hex());
-                    let n = bytes.len() as u64;
-                    // Durable before it counts: a kill after this never
-                    // asks for this chunk again. On the blocking pool: an
-                    // fsync on the runtime's few workers stalls every
-                    // connection's packets (20 fetches on 2 workers crawled).
-                    blocking(move || Ok(write_durable(&path, &bytes)?)).await?;
-                    fetched_bytes += n;
-                    report(reused_bytes + fetched_bytes);
-                }
+            stream.begin(&todo).await?;
+            while let Some(next) = stream.next(&manifest).await? {
+                let (index, bytes) = match next {
+                    Ok(c) => c,
+                    Err(index) => {
+                        again.push(index);
+                        continue;
+                    }
+                };
+                let path = cache.join(manifest.chunks[index as usize].sha256.hex());
+                let n = bytes.len() as u64;
+                // Durable before it counts: a kill after this never asks
+                // for this chunk again. On the blocking pool: an fsync on
+                // the runtime's few workers stalls every connection's
+                // packets (20 fetches on 2 workers crawled).
+                blocking(move || Ok(write_durable(&path, &bytes)?)).await?;
+                fetched_bytes += n;
+                report(reused_bytes + fetched_bytes);
             }
             if !again.is_empty() && tries >= MAX_TRIES {
                 return Err(FetchError::Corrupt(format!(

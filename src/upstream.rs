@@ -386,6 +386,14 @@ async fn session(
                             (id, Taken::Queued(r))
                         });
                     }
+                    Received::Forward(f) if f.target == STAGE => {
+                        // `artifact push`: stage it here ahead of any
+                        // command; the staging's end is this command's
+                        // result, carried up by the outbox.
+                        let id = f.id;
+                        let (q, c, st) = (queue.clone(), conn.connection().clone(), staging.clone());
+                        taken.spawn(async move { (id, st.stage_ahead(&q, &c, *f).await) });
+                    }
                     Received::Forward(f) => {
                         let id = f.id;
                         if let Some(artifact) = staging.lacks(queue, &f) {
@@ -447,6 +455,10 @@ async fn session(
     }
 }
 
+/// The reserved target of `outpost artifact push EDGE ARTIFACT` on the
+/// hub (`EDGE/artifact`): a Forward to it stages its artifact here.
+pub const STAGE: &str = "artifact";
+
 /// How the intake of a forwarded command ended.
 enum Taken {
     /// Queued here (`true`: a duplicate).
@@ -501,7 +513,72 @@ impl Staging {
         artifact: crate::artifact::Digest,
         f: Forward,
     ) -> Taken {
-        let id = f.id;
+        match self.staged(queue, conn, artifact, f.id).await {
+            Ok(_) => Taken::Queued(queue.send_as(f.id, request(f)).await.map(|r| r.duplicate)),
+            Err(t) => t,
+        }
+    }
+
+    /// `artifact push`: stage the artifact `f` names, then record the end
+    /// as `f`'s result (durable, in the outbox) before it is accepted; a
+    /// second hand-over after a crash finds it staged and its result kept.
+    async fn stage_ahead(
+        &self,
+        queue: &QueueHandle,
+        conn: &quinn::Connection,
+        f: Forward,
+    ) -> Taken {
+        let named = f
+            .signature
+            .as_deref()
+            .and_then(|e| crate::trust::envelope::artifact(e).ok().flatten());
+        let Some(artifact) = named.map(crate::artifact::Digest) else {
+            return Taken::Ended(Outcome::Rejected {
+                reason: format!("`{STAGE}` stages an artifact, and this command names none: use `outpost artifact push EDGE ARTIFACT`"),
+            });
+        };
+        let now = crate::now_millis();
+        let s = match self.staged(queue, conn, artifact, f.id).await {
+            Ok(s) => s,
+            Err(t) => return t,
+        };
+        let outcome = Outcome::Ok(
+            format!(
+                "staged {artifact}: {} bytes fetched, {} already here",
+                s.fetched_bytes, s.reused_bytes
+            )
+            .into_bytes(),
+        );
+        let rec = crate::journal::ResultRecord {
+            id: f.id,
+            gen: 0,
+            device: STAGE.into(),
+            target: STAGE.into(),
+            priority: f.priority,
+            state: crate::State::Succeeded,
+            outcome: Some(outcome),
+            error: None,
+            attempts: 1,
+            max_attempts: 1,
+            created_at: now,
+            finished_at: crate::now_millis(),
+            origin: format!("upstream/{}", f.origin),
+            key: None,
+            command: None,
+            children: Vec::new(),
+        };
+        Taken::Queued(queue.record_finished(rec).await.map(|()| false))
+    }
+
+    /// Stage `artifact` for command `id`; `Err` is how the command ends
+    /// instead (or that it is not answered, the link having gone).
+    async fn staged(
+        &self,
+        queue: &QueueHandle,
+        conn: &quinn::Connection,
+        artifact: crate::artifact::Digest,
+        id: crate::command::CommandId,
+    ) -> Result<crate::artifact::stage::Staged, Taken> {
         self.commands.lock().unwrap().insert(id, false);
         let lock = self
             .artifacts
@@ -518,20 +595,20 @@ impl Staging {
         match staged {
             Err(e) if e.is_link() => {
                 tracing::info!(%id, %artifact, error = %e, "the uplink dropped while staging; it resumes on the next link");
-                Taken::Unanswered
+                Err(Taken::Unanswered)
             }
             Err(e) => {
                 tracing::warn!(%id, %artifact, error = %e, "staging the artifact failed");
-                Taken::Ended(Outcome::Rejected {
+                Err(Taken::Ended(Outcome::Rejected {
                     reason: format!("the edge could not stage artifact {artifact}: {e}"),
-                })
+                }))
             }
-            Ok(_) if cancelled => Taken::Ended(Outcome::Rejected {
+            Ok(_) if cancelled => Err(Taken::Ended(Outcome::Rejected {
                 reason: "cancelled by the hub before its artifact was staged".into(),
-            }),
+            })),
             Ok(s) => {
                 tracing::info!(%id, %artifact, fetched = s.fetched_bytes, reused = s.reused_bytes, "artifact staged from the hub");
-                Taken::Queued(queue.send_as(id, request(f)).await.map(|r| r.duplicate))
+                Ok(s)
             }
         }
     }

@@ -5,6 +5,9 @@
 //! command only once the artifact is whole there, and its devices fetch
 //! from the edge, getting byte-identical files.
 
+#[path = "common/run.rs"]
+mod run;
+
 use outpost::artifact::{chunker::chunk_all, Digest};
 use outpost::client::fetch::fetch;
 use outpost::client::{self, ConnectOptions, Received};
@@ -266,6 +269,91 @@ async fn an_uplink_cut_mid_staging_resumes_without_resending_what_arrived() {
     let got = std::fs::read(dev_dir.path().join("d0").join("fw-2.1")).unwrap();
     assert_eq!(Digest::of(&got), Digest::of(&data));
     eprintln!("staged {arrived} of {unique} bytes before the cut; {resent} after it");
+    dev.abort();
+    edge.stop().await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_pushed_to_an_edge_is_staged_ahead_of_any_command() {
+    let (hub_dir, edge_dir, dev_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let hub = serve::start(options(hub_dir.path())).await.unwrap();
+    let edge = edge_under(&hub, edge_dir.path(), hub.addr).await;
+    let data = random(2 << 20, 27);
+    let artifact = shelve(&hub, &data);
+    let unique = unique_bytes(&hub, &artifact);
+    // The operator's command on the hub, as the binary runs it.
+    let dir = hub_dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        run::outpost(
+            &dir,
+            &[
+                "artifact", "push", "edge-1", "fw@2.1", "--wait", "60s", "--json",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let v = run::json(&out);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(
+        v["result"].as_str().unwrap_or_default().contains("staged"),
+        "{v}"
+    );
+    assert!(
+        edge.queue
+            .shelf()
+            .manifest_bytes(&artifact)
+            .unwrap()
+            .is_some(),
+        "the edge holds it before any command names it"
+    );
+    assert_eq!(
+        hub.link.stats().chunk_bytes_served.load(Ordering::Relaxed),
+        unique
+    );
+    // A command for a device under the edge moves nothing more over the
+    // uplink.
+    let b = enroll(&edge, "d0", &[]).await;
+    let dev = device(b, dev_dir.path().join("d0"));
+    let id = send_naming(&hub, "edge-1/d0", artifact).await;
+    succeeds(&hub, id).await;
+    assert_eq!(
+        hub.link.stats().chunk_bytes_served.load(Ordering::Relaxed),
+        unique,
+        "staged once"
+    );
+    // A push that names no artifact says what to do.
+    let bare = hub
+        .queue
+        .send(SendRequest {
+            target: "edge-1/artifact".into(),
+            payload: b"stage".to_vec(),
+            opts: SendOptions::default(),
+            origin: "test".into(),
+            signature: None,
+        })
+        .await
+        .unwrap()
+        .id;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let v = loop {
+        let v = hub.queue.show(bare).await.unwrap();
+        if v.state.is_final() {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(v.state, State::Failed, "{v:?}");
+    assert!(
+        matches!(&v.outcome, Some(Outcome::Rejected { reason }) if reason.contains("artifact push")),
+        "says what to do: {v:?}"
+    );
     dev.abort();
     edge.stop().await;
     hub.stop().await;

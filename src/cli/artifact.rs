@@ -1,5 +1,6 @@
-//! `outpost artifact add | list | show | rm`: files for devices, stored
-//! once on the box in content-defined chunks (issue 24).
+//! `outpost artifact add | list | show | rm | push`: files for devices,
+//! stored once on the box in content-defined chunks (issue 24), and staged
+//! on edges below ahead of any command (issue 25).
 //!
 //! `add` reads the file twice, never whole: once to chunk and hash it (the
 //! manifest), then to send only the chunks the box lacks. A second
@@ -49,6 +50,22 @@ pub enum ArtifactCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Stage an artifact on an edge below this hub, ahead of any command:
+    /// the edge fetches the chunks it lacks while the link is up. Prints
+    /// the staging's command id; it ends `succeeded` once the edge holds
+    /// the file whole.
+    Push {
+        /// The edge, by the id this hub enrolled it under.
+        edge: String,
+        /// name@version, name (its newest) or sha256:DIGEST.
+        artifact: String,
+        /// Wait for the staging to end (default 10m) and exit 0 only if it
+        /// succeeded. TIMEOUT: 90s, 10m, or a number of seconds.
+        #[arg(long, num_args = 0..=1, default_missing_value = "10m", value_name = "TIMEOUT", allow_negative_numbers = true)]
+        wait: Option<crate::duration::DurationArg>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(super) async fn run(cmd: ArtifactCmd, data_dir: &Path) -> anyhow::Result<i32> {
@@ -88,6 +105,23 @@ pub(super) async fn run(cmd: ArtifactCmd, data_dir: &Path) -> anyhow::Result<i32
                 .collect();
             print_table(&["ARTIFACT", "SIZE", "CHUNKS", "DIGEST", "ADDED"], &rows);
             Ok(0)
+        }
+        ArtifactCmd::Push {
+            edge,
+            artifact,
+            wait,
+            json,
+        } => {
+            crate::route::check_name(&edge, "edge")
+                .map_err(|e| UsageError(format!("{edge}: {e}")))?;
+            let req = SendRequest {
+                target: format!("{edge}/{}", crate::upstream::STAGE),
+                payload: b"stage".to_vec(),
+                opts: SendOptions::default(),
+                origin: "cli".into(),
+                signature: Some(reference(&artifact, data_dir).await?),
+            };
+            super::send::deliver(req, wait, json, data_dir).await
         }
         ArtifactCmd::Show { artifact, json } => {
             let mut c = client(data_dir).await?;

@@ -77,12 +77,23 @@ pub(super) async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
         req.signature = Some(super::artifact::reference(spec, data_dir).await?);
     }
     super::sign::maybe_sign(&mut req, &a.signing, data_dir).await?;
+    deliver(req, a.wait, a.json, data_dir).await
+}
+
+/// Send `req`, print its id (or, with `wait`, its end) and return the exit
+/// code: `send`'s tail, shared with `artifact push`.
+pub(super) async fn deliver(
+    req: SendRequest,
+    wait: Option<crate::duration::DurationArg>,
+    json: bool,
+    data_dir: &Path,
+) -> anyhow::Result<i32> {
     let mut c = client(data_dir).await?;
     let AdminResponse::Receipt(r) = c.call(&AdminRequest::Send(req)).await? else {
         bail!("unexpected answer")
     };
-    let Some(timeout) = a.wait else {
-        if a.json {
+    let Some(timeout) = wait else {
+        if json {
             crate::outln!(
                 "{}",
                 json!({"id": r.id.to_string(), "state": r.state.as_str(), "duplicate": r.duplicate})
@@ -101,7 +112,7 @@ pub(super) async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
         .await?;
     match resp {
         AdminResponse::View(v) => {
-            if a.json {
+            if json {
                 let mut o = json!({"id": v.id.to_string(), "state": v.state.as_str(), "attempts": v.attempts, "error": v.error});
                 add_result(&mut o, v.outcome.as_ref());
                 if let Some(s) = &v.summary {
@@ -118,7 +129,7 @@ pub(super) async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
             })
         }
         AdminResponse::TimedOut => {
-            if a.json {
+            if json {
                 crate::outln!("{}", json!({"id": r.id.to_string(), "state": "timeout"}));
             }
             eprintln!(

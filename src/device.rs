@@ -971,6 +971,9 @@ impl Session {
                             break Fatal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into();
                         }
                         DeviceFrame::Accepted { id, .. } => {
+                            if self.fetching.lock().unwrap().remove(&id).is_some() {
+                                shared.queue.progress().clear(id);
+                            }
                             // Like an ack: a stray one counts as a bad ack.
                             await_ack(&mut acks, id, shared.queue.handed(self.device.clone(), id));
                         }
@@ -1110,6 +1113,9 @@ impl Session {
                     return None;
                 }
                 self.artifacts.lock().unwrap().insert(a);
+                // The box below reports its staging's progress under the
+                // Forward's id, as a device does for a command.
+                self.fetching.lock().unwrap().insert(f.id, (a, None));
             }
         }
         Some(match d {

@@ -391,8 +391,8 @@ async fn session(
                         // command; the staging's end is this command's
                         // result, carried up by the outbox.
                         let id = f.id;
-                        let (q, c, st) = (queue.clone(), conn.connection().clone(), staging.clone());
-                        taken.spawn(async move { (id, st.stage_ahead(&q, &c, *f).await) });
+                        let (q, c, st, up) = (queue.clone(), conn.connection().clone(), staging.clone(), conn.sender());
+                        taken.spawn(async move { (id, st.stage_ahead(&q, &c, up, *f).await) });
                     }
                     Received::Forward(f) => {
                         let id = f.id;
@@ -400,8 +400,8 @@ async fn session(
                             // Staged from the hub first, off this loop, then
                             // queued: the edge's devices never get a command
                             // whose file is not whole and verified here.
-                            let (q, c, st) = (queue.clone(), conn.connection().clone(), staging.clone());
-                            taken.spawn(async move { (id, st.stage_then_queue(&q, &c, artifact, *f).await) });
+                            let (q, c, st, up) = (queue.clone(), conn.connection().clone(), staging.clone(), conn.sender());
+                            taken.spawn(async move { (id, st.stage_then_queue(&q, &c, up, artifact, *f).await) });
                             continue;
                         }
                         // Handed to the writer now, in arrival order, so a
@@ -510,10 +510,11 @@ impl Staging {
         &self,
         queue: &QueueHandle,
         conn: &quinn::Connection,
+        up: client::Sender,
         artifact: crate::artifact::Digest,
         f: Forward,
     ) -> Taken {
-        match self.staged(queue, conn, artifact, f.id).await {
+        match self.staged(queue, conn, up, artifact, f.id).await {
             Ok(_) => Taken::Queued(queue.send_as(f.id, request(f)).await.map(|r| r.duplicate)),
             Err(t) => t,
         }
@@ -526,6 +527,7 @@ impl Staging {
         &self,
         queue: &QueueHandle,
         conn: &quinn::Connection,
+        up: client::Sender,
         f: Forward,
     ) -> Taken {
         let named = f
@@ -538,7 +540,7 @@ impl Staging {
             });
         };
         let now = crate::now_millis();
-        let s = match self.staged(queue, conn, artifact, f.id).await {
+        let s = match self.staged(queue, conn, up, artifact, f.id).await {
             Ok(s) => s,
             Err(t) => return t,
         };
@@ -576,6 +578,7 @@ impl Staging {
         &self,
         queue: &QueueHandle,
         conn: &quinn::Connection,
+        up: client::Sender,
         artifact: crate::artifact::Digest,
         id: crate::command::CommandId,
     ) -> Result<crate::artifact::stage::Staged, Taken> {
@@ -589,7 +592,17 @@ impl Staging {
             .clone();
         let staged = {
             let _one = lock.lock().await;
-            crate::artifact::stage::stage(conn, artifact, queue.shelf()).await
+            // Progress goes up under the command's id, as a device's does
+            // (`show ID` on the hub: "fetching fw@2.1: 37 % …").
+            let (tx, rx) = watch::channel((0, 0));
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let reporter = tokio::spawn(crate::client::artifacts::forward_progress(
+                rx, up, id, stopped,
+            ));
+            let r = crate::artifact::stage::stage(conn, artifact, queue.shelf(), Some(&tx)).await;
+            let _ = stop.send(());
+            let _ = reporter.await;
+            r
         };
         let cancelled = self.commands.lock().unwrap().remove(&id).unwrap_or(false);
         match staged {

@@ -245,6 +245,20 @@ async fn an_uplink_cut_mid_staging_resumes_without_resending_what_arrived() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The edge reports its staging up: `show` on the hub says how far.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let p = loop {
+        if let Some(p) = hub.queue.show(id).await.unwrap().progress {
+            break p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress on the hub"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(p.artifact.as_deref(), Some("fw@2.1"), "{p:?}");
+    assert_eq!(p.total, data.len() as u64, "{p:?}");
     relay.set_cut(true);
     // The edge takes the hub as gone after its 2 s idle timeout; nothing
     // moves meanwhile.

@@ -51,6 +51,7 @@ pub async fn stage(
     conn: &quinn::Connection,
     artifact: Digest,
     shelf: &Shelf,
+    progress: Option<&tokio::sync::watch::Sender<(u64, u64)>>,
 ) -> Result<Staged, StageError> {
     if shelf.manifest_bytes(&artifact).map_err(store)?.is_some() {
         return Ok(Staged {
@@ -77,6 +78,12 @@ pub async fn stage(
         .map(|&i| u64::from(manifest.chunks[i as usize].len))
         .sum();
     shelf.chunks().admit(need)?;
+    let report = |done: u64| {
+        if let Some(p) = progress {
+            p.send_replace((done, manifest.size));
+        }
+    };
+    report(reused_bytes);
     let mut fetched_bytes = 0;
     let mut tries = 0;
     while !todo.is_empty() {
@@ -103,6 +110,7 @@ pub async fn stage(
                     e => store(e),
                 })?;
             fetched_bytes += n;
+            report(reused_bytes + fetched_bytes);
         }
         if !again.is_empty() && tries >= MAX_TRIES {
             return Err(StageError::Fetch(FetchError::Corrupt(format!(

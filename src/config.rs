@@ -75,6 +75,8 @@ pub struct FileConfig {
     pub max_artifact_disk: Option<SizeValue>,
     /// How long an artifact no live command names is kept: a duration.
     pub artifact_retention: Option<String>,
+    /// Artifact bytes a second this edge draws from its hub: a size.
+    pub uplink_rate: Option<SizeValue>,
     /// A duration: `1s`, `500ms`, or a number of seconds.
     pub backoff_base: Option<String>,
     pub backoff_cap: Option<String>,
@@ -274,6 +276,11 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub artifact_retention: Option<String>,
+    /// Artifact bytes a second this edge draws from its hub while it
+    /// stages, e.g. 1MiB (for 1 MiB/s); commands and results are not
+    /// counted and never wait for it [default: no limit]
+    #[arg(long, env = "OUTPOST_UPLINK_RATE", allow_negative_numbers = true)]
+    pub uplink_rate: Option<String>,
     /// First retry delay after a failure; a bare number is seconds [default: 1s]
     #[arg(long, env = "OUTPOST_BACKOFF_BASE", allow_negative_numbers = true)]
     pub backoff_base: Option<String>,
@@ -393,6 +400,8 @@ pub struct ArtifactLimits {
     pub max_bytes: Option<u64>,
     /// `artifact_retention`.
     pub retention_ms: u64,
+    /// `uplink_rate`: artifact bytes/s drawn from the hub.
+    pub uplink_rate: Option<u64>,
 }
 
 impl Default for ArtifactLimits {
@@ -400,6 +409,7 @@ impl Default for ArtifactLimits {
         ArtifactLimits {
             max_bytes: None,
             retention_ms: crate::artifact::retention::DEFAULT_RETENTION_MS,
+            uplink_rate: None,
         }
     }
 }
@@ -767,8 +777,21 @@ pub fn resolve(
             (None, Some(v)) => Some(size_value("max_artifact_disk", v, &f)?),
             (None, None) => None,
         },
+        uplink_rate: match (&args.uplink_rate, &file.uplink_rate) {
+            (Some(v), _) => Some(size("uplink_rate", v, cli)?),
+            (None, Some(v)) => Some(size_value("uplink_rate", v, &f)?),
+            (None, None) => None,
+        },
         ..ArtifactLimits::default()
     };
+    if artifacts.uplink_rate == Some(0) {
+        return Err(ConfigError::Value {
+            key: "uplink_rate",
+            value: "0".into(),
+            origin: cli.to_string(),
+            why: "must be at least 1 byte a second; leave it unset for no limit".into(),
+        });
+    }
     if let Some((v, o)) = pick_str(&args.artifact_retention, &file.artifact_retention) {
         artifacts.retention_ms = duration("artifact_retention", &v, &o)?.as_millis() as u64;
     }
@@ -1062,7 +1085,8 @@ mod tests {
             c.artifacts,
             ArtifactLimits {
                 max_bytes: Some(4 << 30),
-                retention_ms: 7 * 24 * 3600 * 1000
+                retention_ms: 7 * 24 * 3600 * 1000,
+                uplink_rate: Some(1 << 20),
             },
             "and the artifacts' budget and retention"
         );

@@ -62,6 +62,8 @@ pub struct UplinkOptions {
     /// The hub is taken as gone after this silence (QUIC idle timeout);
     /// keep-alives go at a third of it.
     pub idle_timeout: Duration,
+    /// Artifact bytes a second drawn from the hub (`--uplink-rate`).
+    pub artifact_rate: Option<u64>,
 }
 
 impl UplinkOptions {
@@ -76,6 +78,7 @@ impl UplinkOptions {
             max_frame: crate::proto::DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: ConnectOptions::default().idle_timeout,
+            artifact_rate: None,
         }
     }
 }
@@ -318,7 +321,12 @@ async fn session(
     let mut cursor = OutboxCursor::new(start, opts.max_unacked);
     let mut grown = queue.outbox_watch();
     let mut taken: JoinSet<(crate::command::CommandId, Taken)> = JoinSet::new();
-    let staging = Staging::default();
+    let staging = Staging {
+        budget: opts
+            .artifact_rate
+            .map(|r| Arc::new(crate::artifact::stage::UplinkBudget::new(r))),
+        ..Staging::default()
+    };
     let frame_budget = opts.max_frame.saturating_sub(4096).max(1024);
     loop {
         if cursor.wants_read() {
@@ -480,6 +488,8 @@ struct Staging {
     /// waits for the first, then finds it held.
     artifacts:
         Arc<tokio::sync::Mutex<HashMap<crate::artifact::Digest, Arc<tokio::sync::Mutex<()>>>>>,
+    /// `--uplink-rate`, shared by every staging.
+    budget: Option<Arc<crate::artifact::stage::UplinkBudget>>,
 }
 
 impl Staging {
@@ -599,7 +609,14 @@ impl Staging {
             let reporter = tokio::spawn(crate::client::artifacts::forward_progress(
                 rx, up, id, stopped,
             ));
-            let r = crate::artifact::stage::stage(conn, artifact, queue.shelf(), Some(&tx)).await;
+            let r = crate::artifact::stage::stage(
+                conn,
+                artifact,
+                queue.shelf(),
+                Some(&tx),
+                self.budget.as_deref(),
+            )
+            .await;
             let _ = stop.send(());
             let _ = reporter.await;
             r

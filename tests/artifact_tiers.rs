@@ -93,6 +93,16 @@ fn shelve(b: &RunningBox, data: &[u8]) -> Digest {
 /// An edge `edge-1` under `hub`, its uplink to `via` (the hub, or a relay
 /// in front of it).
 async fn edge_under(hub: &RunningBox, dir: &Path, via: SocketAddr) -> RunningBox {
+    edge_paced(hub, dir, via, None).await
+}
+
+/// [`edge_under`] with an uplink budget for artifact bytes.
+async fn edge_paced(
+    hub: &RunningBox,
+    dir: &Path,
+    via: SocketAddr,
+    rate: Option<u64>,
+) -> RunningBox {
     let mut gw = DeviceRecord::new("edge-1");
     gw.tags.push(outpost::route::GATEWAY_TAG.into());
     hub.queue.enroll(gw).await.unwrap();
@@ -110,6 +120,7 @@ async fn edge_under(hub: &RunningBox, dir: &Path, via: SocketAddr) -> RunningBox
     u.min_backoff = Duration::from_millis(50);
     u.max_backoff = Duration::from_millis(300);
     u.idle_timeout = Duration::from_secs(2);
+    u.artifact_rate = rate;
     o.upstream = Some((u, 100_000));
     serve::start(o).await.unwrap()
 }
@@ -367,6 +378,61 @@ async fn an_artifact_pushed_to_an_edge_is_staged_ahead_of_any_command() {
     assert!(
         matches!(&v.outcome, Some(Outcome::Rejected { reason }) if reason.contains("artifact push")),
         "says what to do: {v:?}"
+    );
+    dev.abort();
+    edge.stop().await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_keeps_to_the_uplink_budget_and_commands_do_not_wait_for_it() {
+    let (hub_dir, edge_dir, dev_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let hub = serve::start(options(hub_dir.path())).await.unwrap();
+    let rate = 1 << 20;
+    let edge = edge_paced(&hub, edge_dir.path(), hub.addr, Some(rate)).await;
+    let b = enroll(&edge, "d0", &[]).await;
+    let dev = device(b, dev_dir.path().join("d0"));
+    let size = 3 << 20;
+    let artifact = shelve(&hub, &random(size, 28));
+    let started = tokio::time::Instant::now();
+    let push = send_naming(&hub, "edge-1/artifact", artifact).await;
+    // While it stages, a plain command goes down and back at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ping = hub
+        .queue
+        .send(SendRequest {
+            target: "edge-1/d0".into(),
+            payload: b"ping".to_vec(),
+            opts: SendOptions::default(),
+            origin: "test".into(),
+            signature: None,
+        })
+        .await
+        .unwrap()
+        .id;
+    succeeds(&hub, ping).await;
+    assert!(
+        !hub.queue.show(push).await.unwrap().state.is_final(),
+        "the command did not wait for the staging"
+    );
+    succeeds(&hub, push).await;
+    let took = started.elapsed();
+    // The pacer lets a quarter second's worth (or a chunk) go at once, the
+    // rest at the rate: it cannot be faster than that, however fast the
+    // machine (a lower bound, not a timing assertion).
+    let burst = (rate / 4).max(256 * 1024);
+    let least = Duration::from_secs_f64((size as u64 - burst) as f64 / rate as f64);
+    assert!(
+        took >= least,
+        "{took:?} for {size} bytes at {rate} B/s (at least {least:?})"
+    );
+    eprintln!(
+        "staged {size} bytes in {took:?}: {:.0} B/s against a budget of {rate}",
+        size as f64 / took.as_secs_f64()
     );
     dev.abort();
     edge.stop().await;

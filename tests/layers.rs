@@ -42,6 +42,7 @@ const ENGINE: &[&str] = &[
     "src/artifact/wire.rs",
     "src/artifact/budget.rs",
     "src/artifact/retention.rs",
+    "src/artifact/pace.rs",
 ];
 
 /// What an engine file may not name: IO, the clock, async runtimes, and

@@ -2,7 +2,7 @@
 //! config bundles, models — stored once, moved in content-defined chunks,
 //! verified chunk by chunk and whole.
 //!
-//! `manifest`, `chunker`, `budget` and `retention` are engine (no IO: they take bytes or a
+//! `manifest`, `chunker`, `budget`, `retention` and `pace` are engine (no IO: they take bytes or a
 //! `Read`); `wire` is the fetch protocol's frames; `chunks` (one file per
 //! chunk) and `shelf` (manifests and names in sled) are the box's store.
 //! A command names its artifact in its envelope (`trust::envelope`:
@@ -14,6 +14,7 @@ pub mod chunker;
 pub mod chunks;
 pub mod collect;
 pub mod manifest;
+pub mod pace;
 pub mod retention;
 pub mod shelf;
 pub mod stage;

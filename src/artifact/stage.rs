@@ -36,6 +36,34 @@ fn store(e: impl std::fmt::Display) -> StageError {
     StageError::Store(e.to_string())
 }
 
+/// `--uplink-rate`: the pace of every staging of this box together (a
+/// shell around `pace::Pacer`, which holds the arithmetic).
+pub struct UplinkBudget {
+    pacer: std::sync::Mutex<super::pace::Pacer>,
+    start: std::time::Instant,
+}
+
+impl UplinkBudget {
+    pub fn new(rate: u64) -> UplinkBudget {
+        UplinkBudget {
+            pacer: std::sync::Mutex::new(super::pace::Pacer::new(rate)),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// `bytes` were read: wait until the budget allows more.
+    pub async fn spend(&self, bytes: u64) {
+        let wait = self
+            .pacer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spend(self.start.elapsed(), bytes);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 /// What a staging moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Staged {
@@ -52,6 +80,7 @@ pub async fn stage(
     artifact: Digest,
     shelf: &Shelf,
     progress: Option<&tokio::sync::watch::Sender<(u64, u64)>>,
+    budget: Option<&UplinkBudget>,
 ) -> Result<Staged, StageError> {
     if shelf.manifest_bytes(&artifact).map_err(store)?.is_some() {
         return Ok(Staged {
@@ -111,6 +140,9 @@ pub async fn stage(
                 })?;
             fetched_bytes += n;
             report(reused_bytes + fetched_bytes);
+            if let Some(b) = budget {
+                b.spend(n).await;
+            }
         }
         if !again.is_empty() && tries >= MAX_TRIES {
             return Err(StageError::Fetch(FetchError::Corrupt(format!(

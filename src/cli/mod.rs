@@ -729,6 +729,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
             .unwrap_or_else(|| data_dir.join(crate::serve::UPSTREAM_BUNDLE));
         let mut opts = crate::upstream::UplinkOptions::new(bundle, Some(u.server));
         opts.max_frame = o.link.max_frame;
+        opts.artifact_rate = c.artifacts.uplink_rate;
         (opts, u.outbox_max)
     });
     o.nats = c.nats.map(|n| {

@@ -17,6 +17,9 @@ use tokio::task::JoinSet;
 /// (unread) until one ends.
 pub const MAX_FETCH_STREAMS: usize = 4;
 
+/// Send priority of fetch streams (the control stream keeps quinn's 0).
+pub const FETCH_PRIORITY: i32 = -1;
+
 /// Largest request frame a device may send on a fetch stream.
 const MAX_REQUEST: usize = 64 * 1024;
 
@@ -68,6 +71,10 @@ async fn serve(
     allowed: &Allowed,
     stats: &super::LinkStats,
 ) -> Result<(), proto::FrameError> {
+    // Below the control stream (priority 0): quinn sends a higher
+    // priority's data first, so a command, an ack or a cancel never waits
+    // behind artifact bytes on the same connection.
+    let _ = send.set_priority(FETCH_PRIORITY);
     let mut recv = proto::frame_reader(recv);
     // The manifest of the artifact last asked about, kept decoded so a
     // run of Chunks requests does not read it again each time.

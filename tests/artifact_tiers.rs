@@ -352,6 +352,25 @@ async fn an_artifact_pushed_to_an_edge_is_staged_ahead_of_any_command() {
         unique,
         "staged once"
     );
+    // Pushed again: nothing crosses, and the result says it was there.
+    let dir = hub_dir.path().to_path_buf();
+    let again = tokio::task::spawn_blocking(move || {
+        run::outpost(
+            &dir,
+            &[
+                "artifact", "push", "edge-1", "fw@2.1", "--wait", "60s", "--json",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let v = run::json(&again);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let want = format!("0 bytes fetched, {} already here", data.len());
+    assert!(
+        v["result"].as_str().unwrap_or_default().ends_with(&want),
+        "{v}"
+    );
     // A push that names no artifact says what to do.
     let bare = hub
         .queue

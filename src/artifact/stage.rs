@@ -82,10 +82,11 @@ pub async fn stage(
     progress: Option<&tokio::sync::watch::Sender<(u64, u64)>>,
     budget: Option<&UplinkBudget>,
 ) -> Result<Staged, StageError> {
-    if shelf.manifest_bytes(&artifact).map_err(store)?.is_some() {
+    // Held already (staged before, or added here): nothing crosses.
+    if let Some(m) = shelf.manifest(&artifact).map_err(store)? {
         return Ok(Staged {
             fetched_bytes: 0,
-            reused_bytes: 0,
+            reused_bytes: m.size,
         });
     }
     let (mut stream, bytes, manifest) = FetchStream::open(conn, artifact).await?;

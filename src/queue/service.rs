@@ -244,8 +244,8 @@ enum Retired {
     Busy,
     /// This live command names it.
     Named(CommandId),
-    /// No live command names it; the newest time an ended one was noted.
-    Unneeded(Option<Millis>),
+    /// No live command names it (the references of ended ones swept).
+    Unneeded,
 }
 
 /// Open the store's queue: replay the journal into a core and start the
@@ -1288,7 +1288,7 @@ impl QueueHandle {
                     by,
                 })
             }
-            Retired::Unneeded(_) => {
+            Retired::Unneeded => {
                 let removed = self.remove_retired(&d);
                 self.shelf.unretire(&d);
                 removed?.ok_or_else(|| QueueError::UnknownArtifact(spec.to_string()))
@@ -1308,11 +1308,9 @@ impl QueueHandle {
         let mut removed = Vec::new();
         for a in self.shelf.list().map_err(shelf_error)? {
             let d = a.digest;
-            let (live, last_named) = match self.retire(&d).await? {
-                Retired::Busy => continue,
-                Retired::Named(_) => (true, None),
-                Retired::Unneeded(last) => (false, last),
-            };
+            // A first look without the intake lock, so a pass that removes
+            // nothing never holds up (or refuses) a sender.
+            let (live, last_named) = self.named(&d).await?;
             let held = Held {
                 digest: d,
                 added_at: a.added_at,
@@ -1320,16 +1318,27 @@ impl QueueHandle {
                 unneeded_since: self.shelf.unneeded_since(&d).map_err(shelf_error)?,
                 live,
             };
-            let done = match verdict(&held, now, retention_ms) {
+            match verdict(&held, now, retention_ms) {
                 Verdict::Needed if held.unneeded_since.is_some() => {
-                    self.shelf.mark_unneeded(&d, None).map_err(shelf_error)
+                    self.shelf.mark_unneeded(&d, None).map_err(shelf_error)?
                 }
-                Verdict::Mark(at) => self.shelf.mark_unneeded(&d, Some(at)).map_err(shelf_error),
-                Verdict::Remove => self.remove_retired(&d).map(|r| removed.extend(r)),
-                Verdict::Needed | Verdict::Keep => Ok(()),
-            };
-            self.shelf.unretire(&d);
-            done?;
+                Verdict::Mark(at) => self
+                    .shelf
+                    .mark_unneeded(&d, Some(at))
+                    .map_err(shelf_error)?,
+                Verdict::Needed | Verdict::Keep => {}
+                // Checked again under the lock (sweeping what ended), so no
+                // command comes to name it between the check and the removal.
+                Verdict::Remove => match self.retire(&d).await? {
+                    Retired::Busy => {}
+                    Retired::Named(_) => self.shelf.unretire(&d),
+                    Retired::Unneeded => {
+                        let r = self.remove_retired(&d);
+                        self.shelf.unretire(&d);
+                        removed.extend(r?);
+                    }
+                },
+            }
         }
         let before = std::time::SystemTime::now()
             .checked_sub(std::time::Duration::from_millis(retention_ms))
@@ -1345,6 +1354,23 @@ impl QueueHandle {
         Ok(removed)
     }
 
+    /// Whether a live command names `d`, and the newest time an ended one
+    /// was noted as naming it (references are left as they are).
+    async fn named(
+        &self,
+        d: &crate::artifact::Digest,
+    ) -> Result<(bool, Option<Millis>), QueueError> {
+        let mut last = None;
+        for (id, at) in self.shelf.referrers(d).map_err(shelf_error)? {
+            match self.show(id).await {
+                Ok(v) if !v.state.is_final() => return Ok((true, None)),
+                Ok(_) | Err(QueueError::NotFound(_)) => last = last.max(Some(at)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((false, last))
+    }
+
     /// Mark `d` retiring and ask the queue about every command noted as
     /// naming it; references of commands that ended are swept. The caller
     /// must `unretire` unless the answer is `Busy`.
@@ -1358,20 +1384,18 @@ impl QueueHandle {
             // `retire` took the lock, so these are answered after it.
             let asks: Vec<_> = refs
                 .iter()
-                .map(|&(id, at)| (id, at, self.show_queued(id)))
+                .map(|&(id, _)| (id, self.show_queued(id)))
                 .collect();
-            let mut last = None;
-            for (id, at, ask) in asks {
+            for (id, ask) in asks {
                 match ask.await {
                     Ok(v) if !v.state.is_final() => return Ok(Retired::Named(id)),
                     Ok(_) | Err(QueueError::NotFound(_)) => {
-                        last = last.max(Some(at));
                         self.shelf.unreference(d, id).map_err(shelf_error)?
                     }
                     Err(e) => return Err(e),
                 }
             }
-            Ok(Retired::Unneeded(last))
+            Ok(Retired::Unneeded)
         }
         .await;
         if answer.is_err() {

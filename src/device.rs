@@ -1074,49 +1074,29 @@ impl Session {
                 return None;
             }
         }
-        if let Delivery::Command(c) = &d {
-            let named = c
-                .signature
-                .as_deref()
-                .and_then(|e| crate::trust::envelope::artifact(e).ok().flatten());
-            if let Some(a) = named {
-                if self.minor < proto::MINOR_ARTIFACT {
-                    let reason = format!(
-                        "the command carries an artifact, which needs protocol 1.{}; this device speaks {}.{}: upgrade the agent",
-                        proto::MINOR_ARTIFACT,
-                        proto::VERSION.major,
-                        self.minor
-                    );
-                    reject(session, acks, c.id, reason);
-                    return None;
-                }
-                self.artifacts.lock().unwrap().insert(a);
-                self.fetching.lock().unwrap().insert(c.id, (a, None));
+        // A command naming an artifact lets this connection fetch it; a
+        // box below stages a Forward's the same way (`artifact::stage`),
+        // reporting progress under the Forward's id as a device does.
+        let named = envelope.and_then(|(id, env)| {
+            Some((id, crate::trust::envelope::artifact(env?).ok().flatten()?))
+        });
+        if let Some((id, a)) = named {
+            if self.minor < proto::MINOR_ARTIFACT {
+                let (who, what) = match &d {
+                    Delivery::Forward(_) => ("the box below", "upgrade it"),
+                    _ => ("this device", "upgrade the agent"),
+                };
+                let reason = format!(
+                    "the command carries an artifact, which needs protocol 1.{}; {who} speaks {}.{}: {what}",
+                    proto::MINOR_ARTIFACT,
+                    proto::VERSION.major,
+                    self.minor
+                );
+                reject(session, acks, id, reason);
+                return None;
             }
-        }
-        // A box below stages a forwarded command's artifact from here
-        // before it takes the command (`artifact::stage`).
-        if let Delivery::Forward(f) = &d {
-            let named = f
-                .signature
-                .as_deref()
-                .and_then(|e| crate::trust::envelope::artifact(e).ok().flatten());
-            if let Some(a) = named {
-                if self.minor < proto::MINOR_ARTIFACT {
-                    let reason = format!(
-                        "the command carries an artifact, which needs protocol 1.{}; the box below speaks {}.{}: upgrade it",
-                        proto::MINOR_ARTIFACT,
-                        proto::VERSION.major,
-                        self.minor
-                    );
-                    reject(session, acks, f.id, reason);
-                    return None;
-                }
-                self.artifacts.lock().unwrap().insert(a);
-                // The box below reports its staging's progress under the
-                // Forward's id, as a device does for a command.
-                self.fetching.lock().unwrap().insert(f.id, (a, None));
-            }
+            self.artifacts.lock().unwrap().insert(a);
+            self.fetching.lock().unwrap().insert(id, (a, None));
         }
         Some(match d {
             Delivery::Command(c) => BoxFrame::Command {

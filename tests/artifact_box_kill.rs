@@ -20,25 +20,7 @@ use tokio::time::timeout;
 const SIZE: usize = 8 << 20;
 
 fn cached_bytes(dir: &std::path::Path) -> u64 {
-    fn walk(p: &std::path::Path) -> u64 {
-        std::fs::read_dir(p)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| {
-                        let p = e.path();
-                        if p.is_dir() {
-                            walk(&p)
-                        } else if p.extension().is_some_and(|x| x == "tmp") {
-                            0
-                        } else {
-                            e.metadata().map(|m| m.len()).unwrap_or(0)
-                        }
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-    walk(&dir.join("chunks"))
+    run::stored_bytes(&dir.join("chunks"))
 }
 
 /// Connect through `relay` and wait for the command naming the artifact.

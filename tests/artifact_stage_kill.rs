@@ -16,25 +16,7 @@ use std::time::Duration;
 const SIZE: usize = 8 << 20;
 
 fn chunk_bytes(b: &Box_) -> u64 {
-    fn walk(p: &std::path::Path) -> u64 {
-        std::fs::read_dir(p)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| {
-                        let p = e.path();
-                        if p.is_dir() {
-                            walk(&p)
-                        } else if p.extension().is_some_and(|x| x == "tmp") {
-                            0
-                        } else {
-                            e.metadata().map(|m| m.len()).unwrap_or(0)
-                        }
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-    walk(&b.dir.path().join("chunks"))
+    run::stored_bytes(&b.dir.path().join("chunks"))
 }
 
 #[test]

@@ -74,3 +74,24 @@ pub fn json(o: &Output) -> Value {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Bytes of the files under `dir`, recursively, leaving out `*.tmp` files
+/// (a chunk being written): what a chunk store or cache holds.
+pub fn stored_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stored_bytes(&p)
+                    } else if p.extension().is_some_and(|x| x == "tmp") {
+                        0
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

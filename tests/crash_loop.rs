@@ -22,13 +22,9 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 const DEVICES: usize = 3;
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "common/run.rs"]
+mod run;
+use run::free_port;
 
 fn serve(dir: &Path, port: u16) -> Child {
     let listen = format!("127.0.0.1:{port}");

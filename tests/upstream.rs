@@ -19,13 +19,9 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "common/run.rs"]
+mod run;
+use run::free_port;
 
 fn options(dir: &Path, port: u16) -> ServeOptions {
     let mut o = ServeOptions::new(dir.to_path_buf());

@@ -15,13 +15,7 @@ use std::time::{Duration, Instant};
 mod run;
 use run::{json, ok, outpost, BIN};
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use run::free_port;
 
 struct Procs(Vec<Child>);
 

@@ -95,3 +95,21 @@ pub fn stored_bytes(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A free UDP port on loopback for a box that must come back on the same
+/// address after a restart. Taken below the kernel's ephemeral range
+/// (`ip_local_port_range`, 32768 and up by default): a port the kernel
+/// handed out for `:0` goes back to that pool when the box stops, and a
+/// client socket bound meanwhile by another test could take it, so the
+/// restart found it in use.
+pub fn free_port() -> u16 {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(20_000..32_000);
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port in 20000..32000 on 127.0.0.1");
+}

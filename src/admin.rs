@@ -81,6 +81,18 @@ pub enum AdminRequest {
         id: CommandId,
         compensate: bool,
     },
+    /// Start a rollout: its plan as JSON, read by the CLI from a file or
+    /// flags (the box checks it again).
+    RolloutStart {
+        plan: Vec<u8>,
+    },
+    RolloutShow(CommandId),
+    RolloutList,
+    /// Pause, resume or abort a rollout.
+    RolloutVerb {
+        id: CommandId,
+        verb: crate::rollout::runner::Verb,
+    },
     /// Devices with their statistics (`devices --stats`).
     DeviceStats,
     /// Add or remove an operator key (`trust add`, `trust remove`).
@@ -146,6 +158,8 @@ pub enum AdminResponse {
     },
     Workflow(Box<crate::workflow::runner::RunView>),
     Workflows(Vec<crate::workflow::runner::RunView>),
+    Rollout(Box<crate::rollout::runner::RolloutView>),
+    Rollouts(Vec<crate::rollout::runner::RolloutView>),
     DeviceStats(Vec<(DeviceView, crate::monitor::DeviceStats)>),
     /// The key a trust edit added or removed.
     Trusted(crate::trust::TrustedKey),
@@ -279,6 +293,8 @@ pub struct AdminContext {
     pub uplink: Option<tokio::sync::watch::Receiver<crate::upstream::UplinkStatus>>,
     /// The workflow runner.
     pub workflows: Option<crate::workflow::runner::Runner>,
+    /// The rollout runner.
+    pub rollouts: Option<crate::rollout::runner::RolloutRunner>,
     /// Alerts, device statistics and the latest commands.
     pub monitor: Option<crate::monitor::Monitor>,
     /// The disk budget, shown against the disk use.
@@ -445,9 +461,61 @@ async fn workflow(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
     }
 }
 
+/// Rollout requests: the runner answers, or says it is not there.
+async fn rollout(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
+    let Some(r) = &ctx.rollouts else {
+        return AdminResponse::Error {
+            kind: ErrorKind::Unavailable,
+            message: "this box runs no rollouts".into(),
+        };
+    };
+    let not_found = |id: CommandId| AdminResponse::Error {
+        kind: ErrorKind::NotFound,
+        message: format!("no rollout {id} (`outpost rollout list` shows those the box keeps)"),
+    };
+    let bad = |message: String| AdminResponse::Error {
+        kind: ErrorKind::BadRequest,
+        message,
+    };
+    match req {
+        AdminRequest::RolloutStart { plan } => {
+            let plan = match serde_json::from_slice::<crate::rollout::Plan>(&plan) {
+                Ok(p) => p,
+                Err(e) => {
+                    return bad(format!(
+                        "the rollout's plan does not decode ({e}); is the CLI the box's version?"
+                    ))
+                }
+            };
+            match r.start_rollout(plan).await {
+                Ok(v) => AdminResponse::Rollout(Box::new(v)),
+                Err(message) => bad(message),
+            }
+        }
+        AdminRequest::RolloutShow(id) => match r.show(id).await {
+            Some(v) => AdminResponse::Rollout(Box::new(v)),
+            None => not_found(id),
+        },
+        AdminRequest::RolloutList => AdminResponse::Rollouts(r.list().await),
+        AdminRequest::RolloutVerb { id, verb } => match r.verb(id, verb).await {
+            Some(Ok(v)) => AdminResponse::Rollout(Box::new(v)),
+            Some(Err(message)) => AdminResponse::Error {
+                kind: ErrorKind::Refused,
+                message,
+            },
+            None => not_found(id),
+        },
+        _ => bad("not a rollout request".into()),
+    }
+}
+
 async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
     let q = &ctx.queue;
     let r = match req {
+        r @ (AdminRequest::RolloutStart { .. }
+        | AdminRequest::RolloutShow(_)
+        | AdminRequest::RolloutList
+        | AdminRequest::RolloutVerb { .. }) => return rollout(ctx, r).await,
         w @ (AdminRequest::WorkflowRun { .. }
         | AdminRequest::WorkflowShow(_)
         | AdminRequest::WorkflowList

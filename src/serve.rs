@@ -137,6 +137,8 @@ pub struct RunningBox {
     pub uplink: Option<crate::upstream::Uplink>,
     /// The workflow runner.
     pub workflows: crate::workflow::runner::Runner,
+    /// The rollout runner.
+    pub rollouts: crate::rollout::runner::RolloutRunner,
     admin: tokio::task::JoinHandle<()>,
     http_tasks: Vec<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
@@ -229,6 +231,8 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         max_age_ms: o.limits.results_max_age_ms,
         ..Default::default()
     };
+    let rollouts =
+        crate::rollout::runner::RolloutRunner::start(queue.clone(), runs_store.clone(), retention)?;
     let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store, retention)?;
     let collector = crate::artifact::collect::start(queue.clone(), o.artifacts.retention_ms);
     let uplink = match (&o.upstream, &o.nats) {
@@ -277,6 +281,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         started: Instant::now(),
         uplink: uplink.as_ref().map(|u| u.watch()),
         workflows: Some(workflows.clone()),
+        rollouts: Some(rollouts.clone()),
         monitor: Some(monitor.clone()),
         max_disk: o.limits.max_disk,
         access: Arc::new(o.access.clone()),
@@ -305,6 +310,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     }
     Ok(RunningBox {
         workflows,
+        rollouts,
         uplink,
         metrics_addr,
         http_addr,
@@ -376,6 +382,7 @@ impl RunningBox {
         let _ = std::fs::remove_file(&self.socket);
         drop(self.uplink);
         self.workflows.stop().await;
+        self.rollouts.stop().await;
         self.link.shutdown().await;
         self.queue.shutdown().await;
     }

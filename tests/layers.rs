@@ -28,6 +28,8 @@ const ENGINE: &[&str] = &[
     "src/queue/outbox.rs",
     "src/upstream/cursor.rs",
     "src/workflow/mod.rs",
+    "src/rollout/mod.rs",
+    "src/rollout/plan.rs",
     "src/trust/mod.rs",
     "src/trust/anchors.rs",
     "src/trust/envelope.rs",
@@ -73,6 +75,8 @@ const NOT_IN_THE_ENGINE: &[&str] = &[
     "crate::monitor",
     "crate::upstream::nats",
     "crate::workflow::runner",
+    "crate::rollout::runner",
+    "crate::jobs",
     "crate::cli",
 ];
 

@@ -205,8 +205,10 @@ impl AdminRequest {
         use AdminRequest as R;
         match self {
             R::Send(s) => (Verb::Send, Some(&s.target)),
-            R::WorkflowRun { .. } => (Verb::Send, None),
-            R::Cancel(_) | R::WorkflowCancel { .. } => (Verb::Cancel, None),
+            R::WorkflowRun { .. } | R::RolloutStart { .. } => (Verb::Send, None),
+            // Pausing or resuming a rollout changes what is sent, as a
+            // cancel does.
+            R::Cancel(_) | R::WorkflowCancel { .. } | R::RolloutVerb { .. } => (Verb::Cancel, None),
             R::Retry(_) => (Verb::Retry, None),
             R::Wait { .. }
             | R::Show(_)
@@ -217,6 +219,8 @@ impl AdminRequest {
             | R::Watch { .. }
             | R::WorkflowShow(_)
             | R::WorkflowList
+            | R::RolloutShow(_)
+            | R::RolloutList
             // Read: `send --sign` asks it for the box's name.
             | R::TrustList
             | R::ArtifactList
@@ -298,6 +302,19 @@ async fn looked_up_targets(
             Ok(run
                 .map(|r| r.steps.into_iter().map(|s| s.target).collect())
                 .unwrap_or_default())
+        }
+        AdminRequest::RolloutStart { plan } => {
+            // A plan that does not decode is refused by the start itself.
+            Ok(serde_json::from_slice::<crate::rollout::Plan>(plan)
+                .map(|p| p.target)
+                .unwrap_or_default())
+        }
+        AdminRequest::RolloutVerb { id, .. } => {
+            let r = match &ctx.rollouts {
+                Some(r) => r.show(*id).await,
+                None => None,
+            };
+            Ok(r.map(|r| r.target).unwrap_or_default())
         }
         _ => Ok(Vec::new()),
     }

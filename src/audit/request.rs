@@ -57,6 +57,17 @@ pub fn draft(req: &AdminRequest) -> Option<Draft> {
             ..d("workflow run", file.clone(), None)
         },
         R::WorkflowCancel { id, .. } => d("workflow cancel", String::new(), Some(id.to_string())),
+        R::RolloutStart { plan } => Draft {
+            payload_sha256: Some(super::sha256(plan)),
+            ..d(
+                "rollout start",
+                serde_json::from_slice::<crate::rollout::Plan>(plan)
+                    .map(|p| p.target.join(","))
+                    .unwrap_or_default(),
+                None,
+            )
+        },
+        R::RolloutVerb { id, verb } => d(verb.audit_name(), String::new(), Some(id.to_string())),
         R::Audit { .. } => d("audit", String::new(), None),
         R::AuditVerify => d("audit verify", String::new(), None),
         R::Trust(crate::trust::TrustEdit::Add { public, name, .. }) => d(
@@ -87,6 +98,7 @@ impl Draft {
         let command = self.command.or(match resp {
             AdminResponse::Receipt(r) => Some(r.id.to_string()),
             AdminResponse::Workflow(v) => Some(v.id.to_string()),
+            AdminResponse::Rollout(v) => Some(v.id.to_string()),
             _ => None,
         });
         let why = match resp {

@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod fleet;
 mod key;
 mod output;
+mod rollout;
 mod send;
 mod sign;
 mod status;
@@ -155,6 +156,10 @@ pub enum Cmd {
     /// Multi-step workflows (a TOML file of steps, needs and conditions).
     #[command(subcommand)]
     Workflow(WorkflowCmd),
+    /// A change to many devices in stages, at a rate, stopping itself when
+    /// failures rise: start, show, list, pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
     /// A fleet of edges under a NATS JetStream cluster: init, send, watch,
     /// status.
     #[command(subcommand)]
@@ -680,6 +685,7 @@ async fn run(
             Ok(0)
         }
         Cmd::Workflow(other) => workflow_cmd(other, data_dir).await,
+        Cmd::Rollout(r) => rollout::run(r, data_dir).await,
         Cmd::Fleet(f) => fleet::run(f).await,
         Cmd::Key(k) => key::run(k),
         Cmd::Trust(t) => trust::run(t, data_dir).await,

@@ -486,41 +486,73 @@ fn condition(w: &WhenSpec) -> Result<Condition, String> {
             ))
         }
     };
-    let mut results = Vec::new();
-    if let Some(v) = &w.result_equals {
-        results.push(ResultMatch::Equals(v.clone()));
+    let result = ResultSpec {
+        result_equals: w.result_equals.clone(),
+        result_contains: w.result_contains.clone(),
+        result_regex: w.result_regex.clone(),
+        json_pointer: w.json_pointer.clone(),
+        equals: w.equals.clone(),
     }
-    if let Some(v) = &w.result_contains {
-        results.push(ResultMatch::Contains(v.clone()));
-    }
-    if let Some(v) = &w.result_regex {
-        regex_lite::Regex::new(v).map_err(|e| format!("when.result_regex {v:?}: {e}"))?;
-        results.push(ResultMatch::Regex(v.clone()));
-    }
-    match (&w.json_pointer, &w.equals) {
-        (Some(p), Some(v)) => {
-            if !(p.is_empty() || p.starts_with('/')) {
-                return Err(format!(
-                    "when.json_pointer {p:?}: a JSON pointer starts with / (e.g. /status)"
-                ));
-            }
-            let equals = serde_json::to_value(v).map_err(|e| e.to_string())?;
-            results.push(ResultMatch::Json {
-                pointer: p.clone(),
-                equals,
-            });
-        }
-        (None, None) => {}
-        _ => return Err("when.json_pointer and when.equals go together".into()),
-    }
-    if results.len() > 1 {
-        return Err("give one result condition (result_equals, result_contains, result_regex or json_pointer + equals)".into());
-    }
+    .check("when.")?;
     Ok(Condition {
         step: w.step.clone(),
         state,
-        result: results.pop(),
+        result,
     })
+}
+
+/// A condition on a command's result as a file writes it (a workflow's
+/// `when`, a rollout's `success`): at most one of the ways to match.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultSpec {
+    pub result_equals: Option<String>,
+    pub result_contains: Option<String>,
+    pub result_regex: Option<String>,
+    pub json_pointer: Option<String>,
+    pub equals: Option<toml::Value>,
+}
+
+impl ResultSpec {
+    /// The condition, or what is wrong with it (`prefix` names where it
+    /// sits, e.g. `when.`).
+    pub fn check(&self, prefix: &str) -> Result<Option<ResultMatch>, String> {
+        let mut results = Vec::new();
+        if let Some(v) = &self.result_equals {
+            results.push(ResultMatch::Equals(v.clone()));
+        }
+        if let Some(v) = &self.result_contains {
+            results.push(ResultMatch::Contains(v.clone()));
+        }
+        if let Some(v) = &self.result_regex {
+            regex_lite::Regex::new(v).map_err(|e| format!("{prefix}result_regex {v:?}: {e}"))?;
+            results.push(ResultMatch::Regex(v.clone()));
+        }
+        match (&self.json_pointer, &self.equals) {
+            (Some(p), Some(v)) => {
+                if !(p.is_empty() || p.starts_with('/')) {
+                    return Err(format!(
+                        "{prefix}json_pointer {p:?}: a JSON pointer starts with / (e.g. /status)"
+                    ));
+                }
+                let equals = serde_json::to_value(v).map_err(|e| e.to_string())?;
+                results.push(ResultMatch::Json {
+                    pointer: p.clone(),
+                    equals,
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(format!(
+                    "{prefix}json_pointer and {prefix}equals go together"
+                ))
+            }
+        }
+        if results.len() > 1 {
+            return Err(format!("give one result condition ({prefix}result_equals, {prefix}result_contains, {prefix}result_regex or {prefix}json_pointer + {prefix}equals)"));
+        }
+        Ok(results.pop())
+    }
 }
 
 /// An order in which every step comes after what it needs (ties by name),
@@ -965,14 +997,19 @@ impl Run {
             return false;
         }
         let text = st.result.as_deref().unwrap_or("");
-        match &c.result {
-            None => true,
-            Some(ResultMatch::Equals(v)) => text == v,
-            Some(ResultMatch::Contains(v)) => text.contains(v.as_str()),
-            Some(ResultMatch::Regex(r)) => {
-                regex_lite::Regex::new(r).is_ok_and(|re| re.is_match(text))
-            }
-            Some(ResultMatch::Json { pointer, equals }) => {
+        c.result.as_ref().is_none_or(|r| r.matches(text))
+    }
+}
+
+impl ResultMatch {
+    /// Whether a command's result text meets this condition (a result
+    /// that is not JSON fails a JSON condition).
+    pub fn matches(&self, text: &str) -> bool {
+        match self {
+            ResultMatch::Equals(v) => text == v,
+            ResultMatch::Contains(v) => text.contains(v.as_str()),
+            ResultMatch::Regex(r) => regex_lite::Regex::new(r).is_ok_and(|re| re.is_match(text)),
+            ResultMatch::Json { pointer, equals } => {
                 serde_json::from_str::<serde_json::Value>(text)
                     .ok()
                     .and_then(|v| v.pointer(pointer).cloned())
@@ -1009,11 +1046,21 @@ impl Retention {
         runs: impl IntoIterator<Item = &'a Run>,
         now: crate::Millis,
     ) -> (Vec<crate::CommandId>, Option<crate::Millis>) {
-        let mut ended: Vec<(crate::Millis, crate::CommandId)> = runs
+        let ended = runs
             .into_iter()
             .filter(|r| r.state != RunState::Running && (r.origin.is_none() || r.reported))
             .map(|r| (r.finished_at.unwrap_or(r.started_at), r.id))
             .collect();
+        self.due(ended, now)
+    }
+
+    /// The same over anything kept until it ends (rollouts too): `ended`
+    /// holds (when it ended, its id) for each one that may go.
+    pub fn due(
+        &self,
+        mut ended: Vec<(crate::Millis, crate::CommandId)>,
+        now: crate::Millis,
+    ) -> (Vec<crate::CommandId>, Option<crate::Millis>) {
         // Newest first: the count keeps those.
         ended.sort_unstable_by(|a, b| b.cmp(a));
         let mut gone = Vec::new();

@@ -111,15 +111,7 @@ impl Runner {
         store: Store,
         retention: super::Retention,
     ) -> Result<Runner, crate::store::StoreError> {
-        let mut runs = BTreeMap::new();
-        for rec in store.workflows()? {
-            match serde_json::from_slice::<Run>(&rec) {
-                Ok(r) => {
-                    runs.insert(r.id, r);
-                }
-                Err(e) => tracing::error!("a workflow record does not decode ({e}); skipped"),
-            }
-        }
+        let runs = crate::jobs::load(store.workflows()?, "workflow", |r: &Run| r.id);
         let (tx, rx) = mpsc::unbounded_channel();
         let events = queue.subscribe();
         let shell = Shell {
@@ -135,9 +127,7 @@ impl Runner {
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Req) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).ok()?;
-        rx.await.ok()
+        crate::jobs::ask(&self.tx, make).await
     }
 
     pub async fn run(&self, w: Workflow) -> Result<RunView, String> {
@@ -220,15 +210,7 @@ impl Shell {
                 .filter_map(|r| r.deadline)
                 .chain(self.prune_at)
                 .min();
-            let sleep = async {
-                match next {
-                    Some(t) => {
-                        let wait = t.saturating_sub(crate::now_millis());
-                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            let sleep = crate::jobs::sleep_until(next);
             tokio::select! {
                 req = rx.recv() => match req {
                     None => return,
@@ -254,13 +236,7 @@ impl Shell {
                 },
                 ev = events.recv() => match ev {
                     Ok(ev) => {
-                        let mut evs = vec![ev];
-                        while evs.len() < BATCH {
-                            match events.try_recv() {
-                                Ok(ev) => evs.push(ev),
-                                Err(_) => break,
-                            }
-                        }
+                        let evs = crate::jobs::batch(ev, &mut events, BATCH);
                         let mut known = Vec::new();
                         let mut look_up = Vec::new();
                         for ev in evs.iter().filter(|ev| ev.state.is_final()) {
@@ -454,11 +430,7 @@ impl Shell {
     }
 
     fn artifact_digest(&self, spec: &str) -> Result<crate::artifact::Digest, QueueError> {
-        let spec = crate::artifact::ArtifactSpec::parse(spec).map_err(QueueError::BadRequest)?;
-        self.queue
-            .shelf()
-            .resolve(&spec)
-            .map_err(crate::queue::service::shelf_error)
+        artifact_digest(&self.queue, spec)
     }
 
     /// If step command `cmd` of run `id` has ended, feed its end to the run.
@@ -551,13 +523,7 @@ impl Shell {
                             key: _,
                             artifact,
                         } => {
-                            // The artifact rides in an unsigned envelope
-                            // (workflow steps are not signed).
-                            let signature = artifact
-                                .as_deref()
-                                .map(|a| self.artifact_digest(a))
-                                .transpose()
-                                .map(|d| d.map(|d| crate::trust::envelope::unsigned(Some(d.0))));
+                            let signature = artifact_envelope(&self.queue, artifact.as_deref());
                             let fut = signature.map(|signature| {
                                 self.queue.send_as(
                                     step_command_id(id, &step),
@@ -691,20 +657,36 @@ impl Shell {
     }
 
     fn persist(&self, ids: &[CommandId], durable: bool) {
-        let mut records = Vec::with_capacity(ids.len());
-        for id in ids {
-            let Some(run) = self.runs.get(id) else {
-                continue;
-            };
-            match serde_json::to_vec(run) {
-                Ok(rec) => records.push((*id, rec)),
-                Err(e) => tracing::error!(run = %id, error = %e, "cannot encode a workflow run"),
-            }
-        }
+        let records = crate::jobs::encode(&self.runs, ids, "workflow run");
         if let Err(e) = self.store.put_workflows(&records, durable) {
             tracing::error!(error = %e, "cannot write workflow runs");
         }
     }
+}
+
+/// The digest of the artifact `spec` names on this box's shelf.
+pub(crate) fn artifact_digest(
+    queue: &QueueHandle,
+    spec: &str,
+) -> Result<crate::artifact::Digest, QueueError> {
+    let spec = crate::artifact::ArtifactSpec::parse(spec).map_err(QueueError::BadRequest)?;
+    queue
+        .shelf()
+        .resolve(&spec)
+        .map_err(crate::queue::service::shelf_error)
+}
+
+/// The envelope a command the box sends itself (a workflow step, a
+/// rollout's device) carries its artifact in: unsigned, since the box
+/// holds no operator's key.
+pub(crate) fn artifact_envelope(
+    queue: &QueueHandle,
+    artifact: Option<&str>,
+) -> Result<Option<Vec<u8>>, QueueError> {
+    artifact
+        .map(|a| artifact_digest(queue, a))
+        .transpose()
+        .map(|d| d.map(|d| crate::trust::envelope::unsigned(Some(d.0))))
 }
 
 /// A handed-down run's end as the result of its command: the run as
@@ -744,7 +726,7 @@ fn result_of(run: &Run) -> crate::journal::ResultRecord {
     }
 }
 
-fn text(outcome: Option<&Outcome>, error: Option<&String>) -> Option<Vec<u8>> {
+pub(crate) fn text(outcome: Option<&Outcome>, error: Option<&String>) -> Option<Vec<u8>> {
     match outcome {
         Some(Outcome::Ok(b)) => Some(b.clone()),
         Some(Outcome::Failed { message, .. }) => Some(message.clone().into_bytes()),

@@ -1,0 +1,679 @@
+//! The async shell that runs rollouts on the box: it owns the [`Rollout`]s,
+//! resolves a plan's target to devices, sends each device its command
+//! through the queue under an id derived from (rollout, device), feeds the
+//! engine the devices' presence, their commands' deliveries and ends, and
+//! the time, and writes each rollout to the store after every change.
+//!
+//! A restart reloads the rollouts and picks them up: a device whose command
+//! was sent is found by its command; one whose send was not recorded yet is
+//! sent again under the same id, which the queue answers as a duplicate, so
+//! no device gets a rollout twice.
+
+use super::{Action, End, Plan, Rollout, RolloutState};
+use crate::command::{CommandId, Millis, Outcome, State};
+use crate::queue::{QueueError, QueueHandle, SendRequest};
+use crate::store::Store;
+use crate::workflow::runner::{artifact_digest, artifact_envelope, step_command_id, text};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Events handled together.
+const BATCH: usize = 256;
+
+/// A rollout as `rollout show` gives it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub id: CommandId,
+    pub name: String,
+    pub state: String,
+    pub target: Vec<String>,
+    pub reason: Option<String>,
+    pub tripped: Option<String>,
+    pub started_at: Millis,
+    pub finished_at: Option<Millis>,
+    /// Devices by state (every state, zeros too).
+    pub counts: Vec<(String, usize)>,
+    /// Devices a minute now (`None`: no limit).
+    pub rate: Option<f64>,
+    pub canary: usize,
+    pub devices: Vec<DeviceView>,
+}
+
+/// One device of a rollout, for `rollout show`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub device: String,
+    pub state: String,
+    pub command: Option<CommandId>,
+    pub result: Option<String>,
+    pub rollback: Option<CommandId>,
+    pub rollback_state: Option<String>,
+}
+
+impl RolloutView {
+    /// As `rollout show --json` prints it (the contract of issue 26).
+    pub fn json(&self) -> serde_json::Value {
+        let time = crate::command::rfc3339;
+        let counts: serde_json::Map<String, serde_json::Value> = self
+            .counts
+            .iter()
+            .map(|(k, v)| (k.clone(), (*v).into()))
+            .collect();
+        let devices: Vec<serde_json::Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                serde_json::json!({"device": d.device, "state": d.state,
+                    "command": d.command.map(|c| c.to_string()), "result": d.result,
+                    "rollback": d.rollback.map(|c| c.to_string()), "rollback_state": d.rollback_state})
+            })
+            .collect();
+        serde_json::json!({"id": self.id.to_string(), "name": self.name, "state": self.state,
+            "target": self.target, "reason": self.reason, "tripped": self.tripped,
+            "started_at": time(self.started_at), "finished_at": self.finished_at.map(time),
+            "counts": counts, "rate_per_minute": self.rate, "canary": self.canary,
+            "devices": devices})
+    }
+
+    /// How many devices are in `state`.
+    pub fn count(&self, state: &str) -> usize {
+        self.counts
+            .iter()
+            .find(|(k, _)| k == state)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+impl From<&Rollout> for RolloutView {
+    fn from(r: &Rollout) -> Self {
+        let counts = r.counts();
+        RolloutView {
+            id: r.id,
+            name: r.plan.name.clone(),
+            state: r.state.as_str().into(),
+            target: r.plan.target.clone(),
+            reason: r.reason.clone(),
+            tripped: r.tripped.clone(),
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            counts: super::DeviceState::ALL
+                .iter()
+                .zip(counts)
+                .map(|(s, n)| (s.as_str().to_string(), n))
+                .collect(),
+            rate: r.rate_now(),
+            canary: r.canary,
+            devices: r
+                .devices
+                .iter()
+                .map(|d| DeviceView {
+                    device: d.device.clone(),
+                    state: d.state.as_str().into(),
+                    command: d.command,
+                    result: d.result.clone(),
+                    rollback: d.rollback,
+                    rollback_state: d
+                        .rollback
+                        .map(|_| d.rollback_end.map_or("sent", State::as_str).to_string()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What an operator asks of one rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verb {
+    Pause,
+    Resume,
+    Abort,
+}
+
+impl Verb {
+    /// The audit log's name for it.
+    pub fn audit_name(self) -> &'static str {
+        match self {
+            Verb::Pause => "rollout pause",
+            Verb::Resume => "rollout resume",
+            Verb::Abort => "rollout abort",
+        }
+    }
+}
+
+enum Req {
+    Start(Box<Plan>, oneshot::Sender<Result<RolloutView, String>>),
+    Show(CommandId, oneshot::Sender<Option<RolloutView>>),
+    List(oneshot::Sender<Vec<RolloutView>>),
+    Verb(
+        CommandId,
+        Verb,
+        oneshot::Sender<Option<Result<RolloutView, String>>>,
+    ),
+    Stop(oneshot::Sender<()>),
+}
+
+/// A handle to the rollout runner.
+#[derive(Clone)]
+pub struct RolloutRunner {
+    tx: mpsc::UnboundedSender<Req>,
+}
+
+impl RolloutRunner {
+    /// Load the rollouts the store holds and start running them.
+    pub fn start(
+        queue: QueueHandle,
+        store: Store,
+        retention: crate::workflow::Retention,
+    ) -> Result<RolloutRunner, crate::store::StoreError> {
+        let rollouts = crate::jobs::load(store.rollouts()?, "rollout", |r: &Rollout| r.id);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = queue.subscribe();
+        let sessions = queue.sessions_watch();
+        let shell = Shell {
+            queue,
+            store,
+            rollouts,
+            by_cmd: HashMap::new(),
+            online: BTreeSet::new(),
+            retention,
+            prune_at: Some(0),
+        };
+        tokio::spawn(shell.run(rx, events, sessions));
+        Ok(RolloutRunner { tx })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Req) -> Option<T> {
+        crate::jobs::ask(&self.tx, make).await
+    }
+
+    /// Start a rollout (durable on return).
+    pub async fn start_rollout(&self, plan: Plan) -> Result<RolloutView, String> {
+        self.ask(|r| Req::Start(Box::new(plan), r))
+            .await
+            .unwrap_or_else(|| Err("the rollout runner stopped".into()))
+    }
+
+    pub async fn show(&self, id: CommandId) -> Option<RolloutView> {
+        self.ask(|r| Req::Show(id, r)).await.flatten()
+    }
+
+    pub async fn list(&self) -> Vec<RolloutView> {
+        self.ask(Req::List).await.unwrap_or_default()
+    }
+
+    /// Pause, resume or abort (durable on return). `None`: no such rollout.
+    pub async fn verb(&self, id: CommandId, verb: Verb) -> Option<Result<RolloutView, String>> {
+        self.ask(|r| Req::Verb(id, verb, r)).await.flatten()
+    }
+
+    /// Stop (the box is stopping): returns once the store is let go.
+    pub async fn stop(&self) {
+        self.ask(Req::Stop).await;
+    }
+}
+
+struct Shell {
+    queue: QueueHandle,
+    store: Store,
+    rollouts: BTreeMap<CommandId, Rollout>,
+    /// Device command (or rollback) → its rollout.
+    by_cmd: HashMap<CommandId, CommandId>,
+    online: BTreeSet<String>,
+    retention: crate::workflow::Retention,
+    /// When ended rollouts are next due for pruning (`Some(0)`: look now).
+    prune_at: Option<Millis>,
+}
+
+impl Shell {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Req>,
+        mut events: broadcast::Receiver<crate::queue::LifecycleEvent>,
+        mut sessions: watch::Receiver<u64>,
+    ) {
+        self.online = self.online_now().await;
+        let ids: Vec<CommandId> = self.rollouts.keys().copied().collect();
+        for id in ids {
+            self.resume(id).await;
+        }
+        loop {
+            let now = crate::now_millis();
+            if self.prune_at.is_some_and(|t| t <= now) {
+                self.prune(now);
+            }
+            let next = self
+                .rollouts
+                .values()
+                .filter_map(Rollout::next_wake)
+                .chain(self.prune_at)
+                .min();
+            let sleep = crate::jobs::sleep_until(next);
+            tokio::select! {
+                req = rx.recv() => match req {
+                    None => return,
+                    Some(Req::Stop(done)) => {
+                        drop(self);
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(r) => self.request(r).await,
+                },
+                ev = events.recv() => match ev {
+                    Ok(ev) => {
+                        let evs = crate::jobs::batch(ev, &mut events, BATCH);
+                        self.events(evs).await;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let ids: Vec<CommandId> = self.rollouts.keys().copied().collect();
+                        for id in ids {
+                            self.resume(id).await;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                changed = sessions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.online = self.online_now().await;
+                    let online = self.online.clone();
+                    self.each(|r, now| r.presence(online.clone(), now)).await;
+                }
+                () = sleep => {
+                    self.each(Rollout::tick).await;
+                }
+            }
+        }
+    }
+
+    /// The devices connected now (an empty set if the queue cannot say).
+    async fn online_now(&self) -> BTreeSet<String> {
+        match self.queue.devices().await {
+            Ok(ds) => ds
+                .into_iter()
+                .filter(|d| d.online)
+                .map(|d| d.record.id.to_string())
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list devices for the rollouts");
+                BTreeSet::new()
+            }
+        }
+    }
+
+    /// Apply `f` to every rollout not ended, and carry out what it asks.
+    async fn each(&mut self, f: impl Fn(&mut Rollout, Millis) -> Vec<Action>) {
+        let now = crate::now_millis();
+        let mut batch = Vec::new();
+        for (id, r) in self.rollouts.iter_mut() {
+            // An ended rollout still times out devices that took it.
+            let before = (r.state, r.counts());
+            let actions = f(r, now);
+            if !actions.is_empty() || before != (r.state, r.counts()) {
+                batch.push((*id, actions));
+            }
+        }
+        if !batch.is_empty() {
+            self.act(batch, false).await;
+        }
+    }
+
+    async fn events(&mut self, evs: Vec<crate::queue::LifecycleEvent>) {
+        let now = crate::now_millis();
+        let mut batch: Vec<(CommandId, Vec<Action>)> = Vec::new();
+        for ev in evs {
+            let Some(&rid) = self.by_cmd.get(&ev.id) else {
+                continue;
+            };
+            let Some(r) = self.rollouts.get_mut(&rid) else {
+                continue;
+            };
+            if ev.state.is_final() {
+                self.by_cmd.remove(&ev.id);
+                let end = End {
+                    state: ev.state,
+                    rejected: matches!(ev.outcome, Some(Outcome::Rejected { .. })),
+                    result: text(ev.outcome.as_ref(), ev.error.as_ref())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned()),
+                };
+                batch.push((rid, r.ended(ev.id, end, now)));
+            } else if matches!(ev.state, State::Delivered { .. }) {
+                r.taken(ev.id, now);
+                batch.push((rid, Vec::new()));
+            }
+        }
+        if !batch.is_empty() {
+            self.act(batch, false).await;
+        }
+    }
+
+    async fn request(&mut self, r: Req) {
+        match r {
+            Req::Start(plan, reply) => {
+                let _ = reply.send(self.start(*plan).await);
+            }
+            Req::Show(id, reply) => {
+                let _ = reply.send(self.rollouts.get(&id).map(RolloutView::from));
+            }
+            Req::List(reply) => {
+                let _ = reply.send(
+                    self.rollouts
+                        .values()
+                        .rev()
+                        .map(RolloutView::from)
+                        .collect(),
+                );
+            }
+            Req::Verb(id, verb, reply) => {
+                let now = crate::now_millis();
+                let Some(r) = self.rollouts.get_mut(&id) else {
+                    let _ = reply.send(None);
+                    return;
+                };
+                let done = match verb {
+                    Verb::Pause => r.pause(now),
+                    Verb::Resume => r.resume(now),
+                    Verb::Abort => r.abort(now),
+                };
+                match done {
+                    Ok(actions) => {
+                        self.act(vec![(id, actions)], true).await;
+                        let _ =
+                            reply.send(self.rollouts.get(&id).map(|r| Ok(RolloutView::from(r))));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Some(Err(e.to_string())));
+                    }
+                }
+            }
+            Req::Stop(_) => unreachable!("handled in `run`"),
+        }
+    }
+
+    async fn start(&mut self, mut plan: Plan) -> Result<RolloutView, String> {
+        plan.check()?;
+        // Pinned: one file throughout, whatever is added mid-rollout.
+        if let Some(a) = &plan.artifact {
+            let d = artifact_digest(&self.queue, a).map_err(|e| e.to_string())?;
+            plan.artifact = Some(d.to_string());
+        }
+        let devices = self.resolve(&plan.target).await?;
+        let now = crate::now_millis();
+        let id = CommandId::new(now, rand::random());
+        let (r, actions) = Rollout::start(id, plan, devices, self.online.clone(), now);
+        self.rollouts.insert(id, r);
+        self.act(vec![(id, actions)], true).await;
+        Ok(RolloutView::from(&self.rollouts[&id]))
+    }
+
+    /// The devices a plan's targets name, in order, each once: enrolled
+    /// and not revoked (a named device that is not is an error).
+    async fn resolve(&self, targets: &[String]) -> Result<Vec<String>, String> {
+        let all = self.queue.devices().await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for t in targets {
+            let mut matched: Vec<String> = match crate::route::Target::parse(t) {
+                Ok(crate::route::Target::Device(d)) => {
+                    match all.iter().find(|v| v.record.id.as_str() == d) {
+                        Some(v) if !v.record.revoked => vec![d.to_string()],
+                        Some(_) => return Err(format!("device {d} is revoked; take it out of the target")),
+                        None => return Err(format!("no device {d} is enrolled on this box (`outpost devices` lists them)")),
+                    }
+                }
+                Ok(crate::route::Target::Tag(tag)) => all
+                    .iter()
+                    .filter(|v| !v.record.revoked && v.record.tags.iter().any(|x| x == tag))
+                    .map(|v| v.record.id.to_string())
+                    .collect(),
+                Ok(crate::route::Target::Cap(cap)) => all
+                    .iter()
+                    .filter(|v| !v.record.revoked && v.record.caps.iter().any(|x| x == cap))
+                    .map(|v| v.record.id.to_string())
+                    .collect(),
+                Ok(crate::route::Target::Edge { .. }) => {
+                    return Err(format!("target `{t}`: a rollout through a box below is not built yet; start it on that box"))
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            matched.sort();
+            out.extend(matched.into_iter().filter(|d| seen.insert(d.clone())));
+        }
+        if out.is_empty() {
+            return Err(format!(
+                "the target {} matches no enrolled device",
+                targets.join(", ")
+            ));
+        }
+        if out.len() > super::plan::MAX_DEVICES {
+            return Err(format!(
+                "the target matches {} devices; a rollout spans at most {}: split it",
+                out.len(),
+                super::plan::MAX_DEVICES
+            ));
+        }
+        Ok(out)
+    }
+
+    /// After a restart or a lag: re-attach each outstanding command, and
+    /// feed in what happened to it while no one listened.
+    async fn resume(&mut self, id: CommandId) {
+        let Some(r) = self.rollouts.get_mut(&id) else {
+            return;
+        };
+        r.online = self.online.clone();
+        let outstanding = r.outstanding();
+        let mut resend = Vec::new();
+        let mut look = Vec::new();
+        for (step, cmd) in outstanding {
+            match cmd {
+                Some(c) => {
+                    self.by_cmd.insert(c, id);
+                    look.push(c);
+                }
+                None => resend.push(step),
+            }
+        }
+        let mut actions: Vec<Action> = resend
+            .into_iter()
+            .map(|step| Action::Send {
+                device: step.strip_prefix("rollback/").unwrap_or(&step).to_string(),
+                rollback: step.starts_with("rollback/"),
+                step,
+            })
+            .collect();
+        // Time passed while the box was down: timeouts, the rate.
+        if let Some(r) = self.rollouts.get_mut(&id) {
+            actions.extend(r.tick(crate::now_millis()));
+        }
+        self.act(vec![(id, actions)], false).await;
+        self.check(look).await;
+    }
+
+    /// Look up these commands and feed in those that ended or were taken
+    /// (one that ended before the runner listened: a restart, a fast
+    /// device, a duplicate).
+    async fn check(&mut self, cmds: Vec<CommandId>) {
+        if cmds.is_empty() {
+            return;
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for c in cmds {
+            let q = self.queue.clone();
+            set.spawn(async move { (c, q.show(c).await) });
+        }
+        let mut evs = Vec::new();
+        while let Some(r) = set.join_next().await {
+            let Ok((c, v)) = r else { continue };
+            let ev = match v {
+                Ok(v) => crate::queue::LifecycleEvent {
+                    id: c,
+                    device: v.device.as_str().into(),
+                    state: v.state,
+                    at: v.finished_at.unwrap_or(v.created_at),
+                    attempts: v.attempts,
+                    outcome: v.outcome,
+                    error: v.error,
+                },
+                // Past retention: it ended long ago, its result gone.
+                Err(QueueError::NotFound(_)) => crate::queue::LifecycleEvent {
+                    id: c,
+                    device: "".into(),
+                    state: State::Expired,
+                    at: 0,
+                    attempts: 0,
+                    outcome: None,
+                    error: Some("its result is past retention".into()),
+                },
+                Err(e) => {
+                    tracing::warn!(%c, error = %e, "cannot look up a rollout's command");
+                    continue;
+                }
+            };
+            if ev.state != State::Queued {
+                evs.push(ev);
+            }
+        }
+        if !evs.is_empty() {
+            Box::pin(self.events(evs)).await;
+        }
+    }
+
+    /// Carry out rollouts' actions: every send is handed to the queue
+    /// before any is awaited (one group commit), then the rollouts are
+    /// written in one batch, after their sends: a crash in between sends
+    /// again under the same ids, which the queue answers as duplicates.
+    /// Only an operator's request is flushed before it returns; the rest
+    /// rides the queue's next group commit.
+    async fn act(&mut self, mut batch: Vec<(CommandId, Vec<Action>)>, durable: bool) {
+        let mut touched = Vec::new();
+        let mut followups = Vec::new();
+        while !batch.is_empty() {
+            let mut sends = Vec::new();
+            let mut cancels = Vec::new();
+            for (id, actions) in batch.drain(..) {
+                touched.push(id);
+                let Some(r) = self.rollouts.get(&id) else {
+                    continue;
+                };
+                for a in actions {
+                    match a {
+                        Action::Send {
+                            step,
+                            device,
+                            rollback,
+                        } => {
+                            let (payload, artifact) = if rollback {
+                                (r.plan.on_abort.clone().unwrap_or_default(), None)
+                            } else {
+                                (r.plan.payload.clone(), r.plan.artifact.as_deref())
+                            };
+                            let cmd = step_command_id(id, &step);
+                            let fut = artifact_envelope(&self.queue, artifact).map(|signature| {
+                                self.queue.send_as(
+                                    cmd,
+                                    SendRequest {
+                                        target: device,
+                                        payload,
+                                        opts: crate::SendOptions {
+                                            priority: r.plan.priority,
+                                            // A rollback is worth a retry;
+                                            // the change gets the plan's.
+                                            max_attempts: Some(if rollback {
+                                                r.plan.max_attempts.max(3)
+                                            } else {
+                                                r.plan.max_attempts
+                                            }),
+                                            ..Default::default()
+                                        },
+                                        origin: "rollout".into(),
+                                        signature,
+                                    },
+                                )
+                            });
+                            sends.push((id, step, cmd, fut));
+                        }
+                        Action::Cancel(c) => cancels.push(self.queue.cancel_queued(c)),
+                    }
+                }
+            }
+            for c in cancels {
+                let _ = c.await;
+            }
+            for (id, step, cmd, fut) in sends {
+                let sent = match fut {
+                    Ok(f) => f.await,
+                    Err(e) => Err(e),
+                };
+                let Some(r) = self.rollouts.get_mut(&id) else {
+                    continue;
+                };
+                r.sent(&step, cmd);
+                match sent {
+                    Ok(receipt) => {
+                        self.by_cmd.insert(receipt.id, id);
+                        followups.push(receipt.id);
+                    }
+                    Err(e) => {
+                        // Refused (revoked, full, no such artifact): that
+                        // device failed, which the rules count.
+                        tracing::warn!(rollout = %id, %step, error = %e, "a rollout's command could not be sent");
+                        let more = r.ended(
+                            cmd,
+                            End {
+                                state: State::Failed,
+                                rejected: false,
+                                result: Some(e.to_string()),
+                            },
+                            crate::now_millis(),
+                        );
+                        batch.push((id, more));
+                    }
+                }
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        self.persist(&touched, durable);
+        self.prune_at = Some(0);
+        followups.retain(|c| self.by_cmd.contains_key(c));
+        self.check(followups).await;
+    }
+
+    fn persist(&self, ids: &[CommandId], durable: bool) {
+        let records = crate::jobs::encode(&self.rollouts, ids, "rollout");
+        if let Err(e) = self.store.put_rollouts(&records, durable) {
+            tracing::error!(error = %e, "cannot write rollouts");
+        }
+    }
+
+    /// Forget ended rollouts the retention no longer keeps (one still
+    /// waiting on a device's end or a rollback stays).
+    fn prune(&mut self, now: Millis) {
+        let ended = self
+            .rollouts
+            .values()
+            .filter(|r| r.state.ended() && r.outstanding().is_empty())
+            .map(|r| (r.finished_at.unwrap_or(r.started_at), r.id))
+            .collect();
+        let (gone, next) = self.retention.due(ended, now);
+        self.prune_at = next;
+        if gone.is_empty() {
+            return;
+        }
+        for id in &gone {
+            self.rollouts.remove(id);
+        }
+        let gone_set: std::collections::HashSet<&CommandId> = gone.iter().collect();
+        self.by_cmd.retain(|_, r| !gone_set.contains(r));
+        if let Err(e) = self.store.delete_rollouts(&gone) {
+            tracing::warn!(error = %e, "cannot delete ended rollouts' records");
+        }
+    }
+}
+
+/// Whether a rollout view is over (for `--wait`).
+pub fn is_over(v: &RolloutView) -> bool {
+    v.state == RolloutState::Completed.as_str() || v.state == RolloutState::Aborted.as_str()
+}

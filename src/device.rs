@@ -392,10 +392,12 @@ impl DeviceLink {
     /// Close every connection (devices see `SHUTDOWN` and reconnect later),
     /// stop accepting, and wait briefly for the connections to wind down.
     pub async fn shutdown(&self) {
-        self.accept.abort();
-        self.summaries.abort();
+        // Close first, so every device is told why; then the connections'
+        // tasks go with the accept loop.
         self.endpoint
             .close(VarInt::from_u32(close_code::SHUTDOWN), b"box shutting down");
+        self.accept.abort();
+        self.summaries.abort();
         let _ = timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
     }
 }
@@ -419,7 +421,13 @@ fn transport_config(opts: &LinkOptions) -> Result<quinn::TransportConfig, LinkEr
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    // The connections' tasks live in this set, so aborting the loop at
+    // shutdown aborts them too: a detached one could outlive the box,
+    // holding its port and its store (a restart in the same process found
+    // both taken).
+    let mut conns = tokio::task::JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
+        while conns.try_join_next().is_some() {}
         if shared.tasks.load(Ordering::Relaxed) >= shared.opts.max_connections {
             bump(&shared.stats.connections_refused);
             tracing::warn!(
@@ -432,7 +440,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         }
         shared.tasks.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let remote = incoming.remote_address();
             serve_connection(incoming, &shared)
                 .instrument(tracing::info_span!("device_link", %remote))

@@ -81,3 +81,93 @@ pub async fn ask<R, T>(
     tx.send(make(reply)).ok()?;
     rx.await.ok()
 }
+
+/// The end of a job a hub handed down (a workflow run, a rollout), as the
+/// result of the command that carried it: the outbox takes it up, so the
+/// hub learns it when the link returns. `span`: (created, finished).
+pub fn end_record(
+    id: CommandId,
+    runner: &str,
+    origin: String,
+    state: crate::State,
+    outcome: crate::command::Outcome,
+    span: (Millis, Millis),
+) -> crate::journal::ResultRecord {
+    crate::journal::ResultRecord {
+        id,
+        gen: 0,
+        device: runner.into(),
+        target: runner.into(),
+        priority: crate::Priority::Normal,
+        state,
+        outcome: Some(outcome),
+        error: None,
+        attempts: 1,
+        max_attempts: 1,
+        created_at: span.0,
+        finished_at: span.1,
+        origin,
+        key: None,
+        command: None,
+        children: Vec::new(),
+    }
+}
+
+/// The box's job runners, handed to its uplinks: a hub hands down whole
+/// jobs (`edge-1/workflow`, `edge-1/rollout`), which this box runs itself,
+/// with or without its uplink.
+#[derive(Clone)]
+pub struct Runners {
+    pub workflows: crate::workflow::runner::Runner,
+    pub rollouts: crate::rollout::runner::RolloutRunner,
+}
+
+impl Runners {
+    /// Whether a hub's command for `target` is a job for a runner here.
+    pub fn is_job(target: &str) -> bool {
+        target == crate::workflow::runner::WORKFLOW || target == crate::rollout::ROLLOUT
+    }
+
+    /// Start the job a hub handed down as command `id` (durable on return;
+    /// a second hand-over of the same id is a duplicate, started once):
+    /// `Ok(duplicate)`. A job that does not decode or cannot start is a
+    /// `BadRequest`, which the hub gets as the command's refusal.
+    pub async fn hand_down(
+        self,
+        target: &str,
+        id: CommandId,
+        payload: Vec<u8>,
+        origin: String,
+    ) -> Result<bool, crate::queue::QueueError> {
+        use crate::queue::QueueError;
+        if target == crate::rollout::ROLLOUT {
+            let plan = serde_json::from_slice::<crate::rollout::Plan>(&payload).map_err(|e| {
+                QueueError::BadRequest(format!(
+                    "the rollout's plan does not decode ({e}); is this box older than its hub?"
+                ))
+            })?;
+            return match self.rollouts.start_as(id, plan, origin).await {
+                Some(Ok(duplicate)) => Ok(duplicate),
+                Some(Err(e)) => Err(QueueError::BadRequest(e)),
+                None => Err(QueueError::ShuttingDown),
+            };
+        }
+        let spec = crate::workflow::Packed::from_bytes(&payload)
+            .and_then(|p| p.unpack())
+            .map_err(|e| QueueError::BadRequest(e.to_string()))?;
+        match self.workflows.run_as(id, spec, origin).await {
+            Some((_, duplicate)) => Ok(duplicate),
+            None => Err(QueueError::ShuttingDown),
+        }
+    }
+
+    /// A hub's cancel of a job it handed down: the workflow is cancelled
+    /// or the rollout aborted. What it stopped, if anything.
+    pub async fn cancel(&self, id: CommandId) -> Option<&'static str> {
+        if self.workflows.cancel(id, false).await.is_some() {
+            return Some("workflow");
+        }
+        let verb = crate::rollout::runner::Verb::Abort;
+        self.rollouts.verb(id, verb).await.map(|_| "rollout")
+    }
+}

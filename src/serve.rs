@@ -235,15 +235,15 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         crate::rollout::runner::RolloutRunner::start(queue.clone(), runs_store.clone(), retention)?;
     let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store, retention)?;
     let collector = crate::artifact::collect::start(queue.clone(), o.artifacts.retention_ms);
+    let runners = crate::jobs::Runners {
+        workflows: workflows.clone(),
+        rollouts: rollouts.clone(),
+    };
     let uplink = match (&o.upstream, &o.nats) {
-        (Some((u, _)), _) => Some(crate::upstream::start(
-            queue.clone(),
-            workflows.clone(),
-            u.clone(),
-        )),
+        (Some((u, _)), _) => Some(crate::upstream::start(queue.clone(), runners, u.clone())),
         (None, Some((n, _))) => Some(crate::upstream::nats::start(
             queue.clone(),
-            workflows.clone(),
+            runners,
             n.clone(),
         )),
         (None, None) => None,

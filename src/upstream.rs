@@ -27,11 +27,10 @@ pub use cursor::OutboxCursor;
 use crate::client::{self, Backoff, ClientError, ConnectOptions, Received};
 use crate::command::{Millis, Outcome, SendOptions};
 use crate::identity::Bundle;
+use crate::jobs::Runners;
 use crate::journal::{UpEntry, UpItem};
 use crate::proto::{DeviceFrame, Forward};
 use crate::queue::{QueueError, QueueHandle, SendRequest};
-use crate::workflow::runner::{Runner, WORKFLOW};
-use crate::workflow::Packed;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -179,7 +178,7 @@ impl Uplink {
 
 /// Start the uplink. It reads the bundle at each attempt, so a bundle put
 /// in place later is picked up without a restart.
-pub fn start(queue: QueueHandle, workflows: Runner, opts: UplinkOptions) -> Uplink {
+pub fn start(queue: QueueHandle, workflows: Runners, opts: UplinkOptions) -> Uplink {
     let hub = opts.server.clone().unwrap_or_default();
     let (tx, rx) = watch::channel(UplinkStatus {
         state: UplinkState::Connecting,
@@ -205,7 +204,7 @@ fn set_state(tx: &watch::Sender<UplinkStatus>, state: UplinkState, error: Option
 
 async fn run(
     queue: QueueHandle,
-    workflows: Runner,
+    workflows: Runners,
     opts: UplinkOptions,
     tx: watch::Sender<UplinkStatus>,
 ) {
@@ -308,7 +307,7 @@ impl From<QueueError> for SessionEnd {
 /// One connected session: stream the outbox, take forwarded commands.
 async fn session(
     queue: &QueueHandle,
-    workflows: &Runner,
+    workflows: &Runners,
     opts: &UplinkOptions,
     mut conn: client::DeviceConnection,
     tx: &watch::Sender<UplinkStatus>,
@@ -376,21 +375,23 @@ async fn session(
                     Err(e) => return e.into(),
                 };
                 match m {
-                    Received::Forward(f) if f.target == WORKFLOW => {
-                        // A whole workflow for this box to run: durable in
-                        // the runner before it is accepted; its end comes
-                        // back up as this command's result.
-                        let (id, w) = (f.id, workflows.clone());
+                    Received::Forward(f) if Runners::is_job(&f.target) => {
+                        // A whole job (a workflow, a rollout) for this box
+                        // to run: durable in its runner before it is
+                        // accepted; its end comes back up as this
+                        // command's result. A rollout's artifact is staged
+                        // here first, so its devices fetch from this box.
+                        let (id, jobs) = (f.id, workflows.clone());
                         let origin = format!("upstream/{}", f.origin);
+                        let lacks = staging.lacks(queue, &f);
+                        let (q, c, st, up) = (queue.clone(), conn.connection().clone(), staging.clone(), conn.sender());
                         taken.spawn(async move {
-                            let spec = Packed::from_bytes(&f.payload).and_then(|p| p.unpack());
-                            let r = match spec {
-                                Err(e) => Err(QueueError::BadRequest(e.to_string())),
-                                Ok(spec) => match w.run_as(id, spec, origin).await {
-                                    Some((_, duplicate)) => Ok(duplicate),
-                                    None => Err(QueueError::ShuttingDown),
-                                },
-                            };
+                            if let Some(artifact) = lacks {
+                                if let Err(t) = st.staged(&q, &c, up, artifact, id).await {
+                                    return (id, t);
+                                }
+                            }
+                            let r = jobs.hand_down(&f.target, id, f.payload, origin).await;
                             (id, Taken::Queued(r))
                         });
                     }
@@ -426,9 +427,10 @@ async fn session(
                         tokio::spawn(async move {
                             match fut.await {
                                 Ok(_) => tracing::info!(%id, "cancelled by the hub"),
-                                Err(QueueError::NotFound(_)) if w.cancel(id, false).await.is_some() => {
-                                    tracing::info!(%id, "workflow cancelled by the hub")
-                                }
+                                Err(QueueError::NotFound(_)) => match w.cancel(id).await {
+                                    Some(what) => tracing::info!(%id, "{what} cancelled by the hub"),
+                                    None => tracing::info!(%id, "the hub's cancel found nothing to cancel"),
+                                },
                                 Err(e) => tracing::info!(%id, error = %e, "the hub's cancel found nothing to cancel"),
                             }
                         });

@@ -477,6 +477,196 @@ when = { step = "flash", state = "succeeded" }
     );
 }
 
+/// A device for rollouts: it runs each command once and answers failed if
+/// `fails`, noting in `ran` each command it ran.
+fn rollout_device(
+    bundle: Bundle,
+    fails: bool,
+    ran: Arc<Mutex<Vec<(String, CommandId)>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let me = bundle.id.clone();
+        loop {
+            if let Ok(mut c) = client::connect(&bundle, &ConnectOptions::default()).await {
+                while let Ok(Some(m)) = c.next().await {
+                    if let Received::Command(cmd) = m {
+                        {
+                            let mut r = ran.lock().unwrap();
+                            if !r.iter().any(|(_, id)| *id == cmd.id) {
+                                r.push((me.to_string(), cmd.id));
+                            }
+                        }
+                        let outcome = if fails {
+                            Outcome::Failed {
+                                code: 1,
+                                message: "flash failed".into(),
+                            }
+                        } else {
+                            Outcome::Ok(b"ok".to_vec())
+                        };
+                        if c.ack(cmd.id, outcome).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_handed_to_an_edge_cut_off_from_its_hub_aborts_there_and_the_hub_learns_it() {
+    let w = world().await;
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let mut bundles = Vec::new();
+    for i in 0..6 {
+        let id = format!("d{i}");
+        let mut rec = DeviceRecord::new(id.as_str());
+        rec.tags.push("line".into());
+        e.queue.enroll(rec).await.unwrap();
+        bundles.push(e.identity.issue_device(&id, &e.advertise).unwrap());
+    }
+    let h = hub(&w.hub_dir, w.port).await;
+    // Wait for the edge's uplink: the hub starts only edges that are there.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !h
+        .queue
+        .devices()
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.record.id.as_str() == "e1" && d.online)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One device at a time on the edge; any failure over 30 % once three
+    // finished aborts it there; an edge that aborts fails the hub's.
+    let rule = |percent, min| outpost::rollout::AbortRule {
+        on: outpost::rollout::FailKind::Any,
+        percent,
+        min,
+    };
+    let plan = outpost::rollout::Plan {
+        name: "fw".into(),
+        target: vec!["e1/tag:line".into()],
+        payload: b"flash".to_vec(),
+        artifact: None,
+        priority: outpost::Priority::Normal,
+        max_attempts: 1,
+        canary: None,
+        rate: None,
+        parallel: Some(1),
+        abort: vec![rule(30, 3)],
+        timeout: None,
+        success: None,
+        on_abort: None,
+        edges: Some(outpost::rollout::EdgePlan {
+            abort: vec![rule(50, 1)],
+            ..Default::default()
+        }),
+    };
+    let hv = h.rollouts.start_rollout(plan).await.unwrap();
+    assert_eq!(
+        hv.devices.len(),
+        1,
+        "the hub's rollout has one edge: {hv:?}"
+    );
+
+    // The edge takes it, then loses its hub; its devices come only now.
+    let ev = loop {
+        if let Some(v) = e.rollouts.list().await.into_iter().next() {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge never took the rollout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    h.stop().await;
+    assert_eq!(ev.target, vec!["tag:line"], "{ev:?}");
+    // They connect one by one, so the order they start in is known (a
+    // rollout starts the devices that are online).
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let mut devs = Vec::new();
+    for (i, b) in bundles.into_iter().enumerate() {
+        let id = b.id.clone();
+        devs.push(rollout_device(b, i == 1 || i == 2, ran.clone()));
+        while !e
+            .queue
+            .devices()
+            .await
+            .unwrap()
+            .iter()
+            .any(|d| d.record.id == id && d.online)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} never connected"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let ev = loop {
+        let v = e.rollouts.show(ev.id).await.unwrap();
+        if v.state == "aborted" {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge's rollout did not abort: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(ev.count("failed"), 2, "{ev:?}");
+    assert_eq!(ev.count("succeeded"), 1, "{ev:?}");
+    assert_eq!(ev.count("cancelled"), 3, "{ev:?}");
+    let who: Vec<String> = ran.lock().unwrap().iter().map(|(d, _)| d.clone()).collect();
+    assert_eq!(
+        who,
+        ["d0", "d1", "d2"],
+        "no device beyond the three started got it"
+    );
+
+    // The hub returns and learns the edge's abort, as its edge's end.
+    // In one process the stopped hub's UDP socket can stay bound for a
+    // while (~20 s here: quinn keeps it while a closed connection drains),
+    // which a restarted process never meets; wait for it, bounded.
+    let t0 = std::time::Instant::now();
+    while std::net::UdpSocket::bind(("127.0.0.1", w.port)).is_err() {
+        assert!(t0.elapsed() < WAIT, "the hub's port was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h = hub(&w.hub_dir, w.port).await;
+    let hv = loop {
+        let v = h.rollouts.show(hv.id).await.unwrap();
+        if v.state == "aborted" {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hub never learnt it: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(hv.devices[0].device, "e1");
+    assert_eq!(hv.devices[0].state, "failed", "{hv:?}");
+    let r: serde_json::Value =
+        serde_json::from_str(hv.devices[0].result.as_deref().unwrap()).unwrap();
+    assert_eq!(r["state"], "aborted", "the edge's own view came up: {r}");
+    assert_eq!(r["counts"]["cancelled"], 3, "{r}");
+    for d in devs {
+        d.abort();
+    }
+    h.stop().await;
+    e.stop().await;
+}
+
 /// A signed request for `target` on the hub, meant for `audience`.
 fn signed(
     key: &outpost::trust::OperatorKey,

@@ -70,6 +70,23 @@ pub struct StartArgs {
     /// The most devices a minute an exponential rate reaches.
     #[arg(long, requires = "rate", value_name = "N")]
     pub rate_max: Option<u32>,
+    /// At most N devices started and not finished at once.
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<u32>,
+    /// Through boxes below (edge-1/…): at most this many edges a minute.
+    #[arg(long, value_parser = Rate::parse, value_name = "N/min")]
+    pub edge_rate: Option<Rate>,
+    /// Through boxes below: edges running at once [default 1].
+    #[arg(long, value_name = "N")]
+    pub edge_parallel: Option<u32>,
+    /// Through boxes below: abort when this share of the finished edges
+    /// aborted their own rollout.
+    #[arg(long, value_parser = percent, value_name = "PCT")]
+    pub edge_abort_failed: Option<u32>,
+    /// Through boxes below: the edge rule applies once this many edges
+    /// have finished.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub edge_abort_min: u32,
     /// Abort when this share of the finished devices failed.
     #[arg(long, value_parser = percent, value_name = "PCT")]
     pub abort_failed: Option<u32>,
@@ -139,6 +156,34 @@ impl StartArgs {
             || self.on_abort.is_some()
             || self.priority.is_some()
             || self.max_attempts.is_some()
+            || self.parallel.is_some()
+            || self.edge_rate.is_some()
+            || self.edge_parallel.is_some()
+            || self.edge_abort_failed.is_some()
+    }
+
+    /// The edge flags, as a plan's `edges` (`None` if none was given).
+    fn edge_plan(&self) -> Option<crate::rollout::EdgePlan> {
+        if self.edge_rate.is_none()
+            && self.edge_parallel.is_none()
+            && self.edge_abort_failed.is_none()
+        {
+            return None;
+        }
+        Some(crate::rollout::EdgePlan {
+            rate: self.edge_rate.clone(),
+            parallel: self.edge_parallel,
+            abort: self
+                .edge_abort_failed
+                .map(|percent| AbortRule {
+                    on: FailKind::Any,
+                    percent,
+                    min: self.edge_abort_min,
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })
     }
 
     /// The plan these arguments give, or a usage error.
@@ -205,6 +250,7 @@ impl StartArgs {
                 wait: self.canary_wait.map(Duration::from),
             }),
             rate,
+            parallel: self.parallel,
             abort,
             timeout: self.timeout.map(Duration::from),
             success: self
@@ -212,6 +258,7 @@ impl StartArgs {
                 .clone()
                 .map(crate::workflow::ResultMatch::Contains),
             on_abort: self.on_abort.clone().map(String::into_bytes),
+            edges: self.edge_plan(),
         };
         plan.check()?;
         Ok(plan)

@@ -39,7 +39,15 @@
 pub mod plan;
 pub mod runner;
 
-pub use plan::{AbortRule, Canary, FailKind, Plan, PlanError, Rate, Size};
+pub use plan::{AbortRule, Canary, EdgePlan, FailKind, Plan, PlanError, Rate, Size, Split};
+
+/// The target a hub hands a rollout to (`edge-1/rollout`): the edge's
+/// rollout runner, not a device.
+pub const ROLLOUT: &str = "rollout";
+
+fn runner_target() -> &'static str {
+    ROLLOUT
+}
 
 use crate::command::{CommandId, Millis, State};
 use crate::workflow::ResultMatch;
@@ -218,6 +226,16 @@ pub struct Rollout {
     /// Devices online now: the shell's view, fed in; not kept.
     #[serde(skip)]
     pub online: BTreeSet<String>,
+    /// Through boxes below: each edge's plan (its "devices" are edges).
+    #[serde(default)]
+    pub edges: Vec<(String, Plan)>,
+    /// Who handed it down (`upstream/…`): a hub, which sent it as command
+    /// `id` and learns its end as that command's result.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// That end is recorded.
+    #[serde(default)]
+    pub reported: bool,
 }
 
 /// Why an operator's request does not apply.
@@ -266,6 +284,9 @@ impl Rollout {
             tripped: None,
             last_start: None,
             online,
+            edges: Vec::new(),
+            origin: None,
+            reported: false,
         };
         let actions = r.advance(now);
         (r, actions)
@@ -445,9 +466,12 @@ impl Rollout {
         self.devices.iter().filter(|d| f(d.state)).count()
     }
 
-    /// Whether the canary lets one more device start.
+    /// Whether the canary and the plan's parallelism let one more device
+    /// start.
     fn may_start(&self) -> bool {
-        self.canary_done || self.count(|s| s != DeviceState::Waiting) < self.canary
+        let running = self.count(|s| matches!(s, DeviceState::Sent | DeviceState::Running));
+        (self.canary_done || self.count(|s| s != DeviceState::Waiting) < self.canary)
+            && self.plan.parallel.is_none_or(|p| running < p as usize)
     }
 
     /// The next device to start: the first waiting one that is online.
@@ -568,6 +592,10 @@ impl Rollout {
     fn stop(&mut self, reason: String, tripped: Option<String>, now: Millis) -> Vec<Action> {
         let mut actions = Vec::new();
         let rollback = self.plan.on_abort.is_some();
+        // Through boxes below, an edge mid-rollout is stopped (it aborts
+        // its own rollout, which rolls back its devices), and an edge whose
+        // rollout aborted on its own has rolled back already.
+        let through = !self.edges.is_empty();
         for d in &mut self.devices {
             match d.state {
                 DeviceState::Waiting => d.state = DeviceState::Cancelled,
@@ -577,6 +605,12 @@ impl Rollout {
                         actions.push(Action::Cancel(c));
                     }
                 }
+                DeviceState::Running if through => {
+                    if let Some(c) = d.command {
+                        actions.push(Action::Cancel(c));
+                    }
+                }
+                DeviceState::Failed | DeviceState::TimedOut if through => {}
                 DeviceState::Running
                 | DeviceState::Succeeded
                 | DeviceState::Failed

@@ -222,12 +222,42 @@ pub struct Plan {
     pub max_attempts: u32,
     pub canary: Option<Canary>,
     pub rate: Option<Rate>,
+    /// At most this many devices started and not finished at once.
+    #[serde(default)]
+    pub parallel: Option<u32>,
     pub abort: Vec<AbortRule>,
     /// Per device, from when it takes the command.
     pub timeout: Option<Duration>,
     pub success: Option<ResultMatch>,
     /// The rollback's payload, sent on abort to the devices that took it.
     pub on_abort: Option<Vec<u8>>,
+    /// For targets through boxes below (`edge-1/tag:…`): how the edges are
+    /// taken, each edge running the rest of the plan over its devices.
+    #[serde(default)]
+    pub edges: Option<EdgePlan>,
+}
+
+/// How a rollout through boxes below takes its edges: each edge is one
+/// "device" of the hub's rollout, which hands it the plan and counts it
+/// as succeeded when its own rollout completes, failed when it aborts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgePlan {
+    pub canary: Option<Canary>,
+    pub rate: Option<Rate>,
+    /// Edges running at once [default 1: edge by edge].
+    pub parallel: Option<u32>,
+    pub abort: Vec<AbortRule>,
+    /// Per edge, from when it takes the plan.
+    pub timeout: Option<Duration>,
+}
+
+/// A plan through boxes below, split: the hub's own plan over the edges,
+/// and for each edge the plan it runs over its devices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split {
+    pub hub: Plan,
+    /// (edge, its plan), in the order the targets name them.
+    pub edges: Vec<(String, Plan)>,
 }
 
 /// The file as written.
@@ -246,8 +276,21 @@ struct FileSpec {
     on_abort: Option<PayloadSpec>,
     canary: Option<CanarySpec>,
     rate: Option<RateSpec>,
+    parallel: Option<u32>,
     #[serde(default)]
     abort: Vec<AbortSpec>,
+    edges: Option<EdgeSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EdgeSpec {
+    canary: Option<CanarySpec>,
+    rate: Option<RateSpec>,
+    parallel: Option<u32>,
+    #[serde(default)]
+    abort: Vec<AbortSpec>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,35 +376,50 @@ impl Plan {
             v.map(|v| crate::duration::parse(&v).map_err(|e| err(format!("{key}: {e}"))))
                 .transpose()
         };
-        let canary = match spec.canary {
-            Some(c) => Some(Canary {
+        let canary_of = |c: Option<CanarySpec>, key: &str| -> Result<Option<Canary>, PlanError> {
+            let Some(c) = c else { return Ok(None) };
+            Ok(Some(Canary {
                 size: match c.size {
                     SizeSpec::Count(n) => Size::parse(&n.to_string()),
                     SizeSpec::Text(t) => Size::parse(&t),
                 }
-                .map_err(|e| err(format!("canary.size: {e}")))?,
-                wait: duration("canary.wait", c.wait)?,
+                .map_err(|e| err(format!("{key}canary.size: {e}")))?,
+                wait: duration(&format!("{key}canary.wait"), c.wait)?,
+            }))
+        };
+        let rate_of = |r: Option<RateSpec>| {
+            r.map(|r| Rate {
+                per_minute: r.per_minute,
+                factor: r.factor,
+                every: r.every.unwrap_or(1),
+                max_per_minute: r.max_per_minute,
+            })
+        };
+        let abort_of = |a: Vec<AbortSpec>| {
+            a.into_iter()
+                .map(|a| {
+                    Ok(AbortRule {
+                        on: FailKind::parse(&a.on)?,
+                        percent: a.percent,
+                        min: a.min,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(err)
+        };
+        let canary = canary_of(spec.canary, "")?;
+        let rate = rate_of(spec.rate);
+        let abort = abort_of(spec.abort)?;
+        let edges = match spec.edges {
+            Some(e) => Some(EdgePlan {
+                canary: canary_of(e.canary, "edges.")?,
+                rate: rate_of(e.rate),
+                parallel: e.parallel,
+                abort: abort_of(e.abort)?,
+                timeout: duration("edges.timeout", e.timeout)?,
             }),
             None => None,
         };
-        let rate = spec.rate.map(|r| Rate {
-            per_minute: r.per_minute,
-            factor: r.factor,
-            every: r.every.unwrap_or(1),
-            max_per_minute: r.max_per_minute,
-        });
-        let abort = spec
-            .abort
-            .into_iter()
-            .map(|a| {
-                Ok(AbortRule {
-                    on: FailKind::parse(&a.on)?,
-                    percent: a.percent,
-                    min: a.min,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(err)?;
         let priority = match spec.priority {
             Some(p) => p
                 .parse::<Priority>()
@@ -380,6 +438,7 @@ impl Plan {
             max_attempts: spec.max_attempts.unwrap_or(1),
             canary,
             rate,
+            parallel: spec.parallel,
             abort,
             timeout: duration("timeout", spec.timeout)?,
             success: spec
@@ -389,6 +448,7 @@ impl Plan {
                 .map_err(err)?
                 .flatten(),
             on_abort,
+            edges,
         };
         plan.check().map_err(err)?;
         Ok(plan)
@@ -403,16 +463,27 @@ impl Plan {
         if self.target.is_empty() {
             return Err("target: name the devices (a device id, tag:…, cap:…, or a list)".into());
         }
+        let mut through = 0;
         for t in &self.target {
             match crate::route::Target::parse(t) {
-                Ok(crate::route::Target::Edge { .. }) => {
-                    return Err(format!(
-                        "target `{t}`: a rollout through a box below is not built yet; start it on that box"
-                    ))
+                Ok(crate::route::Target::Edge { rest, .. }) => {
+                    through += 1;
+                    if rest == super::runner_target() {
+                        return Err(format!("target `{t}`: name the devices below the edge (edge-1/tag:line-3), not its runner"));
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => return Err(format!("target: {e}")),
             }
+        }
+        if through > 0 && through < self.target.len() {
+            return Err("target: give devices on this box or devices through boxes below (edge-1/…), not both in one rollout".into());
+        }
+        if through == 0 && self.edges.is_some() {
+            return Err("edges: only for targets through boxes below (edge-1/tag:…)".into());
+        }
+        if self.parallel == Some(0) || self.edges.as_ref().is_some_and(|e| e.parallel == Some(0)) {
+            return Err("parallel: at least 1".into());
         }
         if self.payload.is_empty() && self.artifact.is_none() {
             return Err(
@@ -431,7 +502,11 @@ impl Plan {
                 MAX_PAYLOAD / 1024
             ));
         }
-        if let Some(r) = &self.rate {
+        for r in self
+            .rate
+            .iter()
+            .chain(self.edges.iter().flat_map(|e| e.rate.iter()))
+        {
             if r.per_minute == 0 {
                 return Err("rate.per_minute: at least 1 device a minute".into());
             }
@@ -447,7 +522,11 @@ impl Plan {
                 return Err("rate.max_per_minute is below rate.per_minute".into());
             }
         }
-        for a in &self.abort {
+        for a in self
+            .abort
+            .iter()
+            .chain(self.edges.iter().flat_map(|e| e.abort.iter()))
+        {
             if a.percent > 100 {
                 return Err(format!(
                     "abort.percent {}: a share from 0 to 100",
@@ -462,6 +541,62 @@ impl Plan {
             return Err("timeout: give a time above 0 (e.g. 10m), or leave it out".into());
         }
         Ok(())
+    }
+}
+
+impl Plan {
+    /// Whether the targets are through boxes below.
+    pub fn through_edges(&self) -> bool {
+        self.target.iter().any(|t| {
+            matches!(
+                crate::route::Target::parse(t),
+                Ok(crate::route::Target::Edge { .. })
+            )
+        })
+    }
+
+    /// Split a plan through boxes below into the hub's plan over the
+    /// edges and each edge's plan over its devices (`None`: the targets
+    /// are on this box). The hub's plan takes `edges` (edge by edge unless
+    /// it says otherwise) and succeeds on an edge's completion, so it has
+    /// no result condition of its own; each edge's plan is this one, with
+    /// the targets below that edge.
+    pub fn split(&self) -> Option<Split> {
+        if !self.through_edges() {
+            return None;
+        }
+        let mut edges: Vec<(String, Plan)> = Vec::new();
+        for t in &self.target {
+            let Ok(crate::route::Target::Edge { edge, rest }) = crate::route::Target::parse(t)
+            else {
+                continue;
+            };
+            match edges.iter_mut().find(|(e, _)| e == edge) {
+                Some((_, p)) => p.target.push(rest.to_string()),
+                None => edges.push((
+                    edge.to_string(),
+                    Plan {
+                        target: vec![rest.to_string()],
+                        edges: None,
+                        ..self.clone()
+                    },
+                )),
+            }
+        }
+        let e = self.edges.clone().unwrap_or_default();
+        let hub = Plan {
+            target: self.target.clone(),
+            canary: e.canary,
+            rate: e.rate,
+            parallel: Some(e.parallel.unwrap_or(1)),
+            abort: e.abort,
+            timeout: e.timeout,
+            success: None,
+            // An edge's own rollout retries nothing either.
+            max_attempts: 1,
+            ..self.clone()
+        };
+        Some(Split { hub, edges })
     }
 }
 

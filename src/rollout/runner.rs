@@ -150,6 +150,13 @@ enum Req {
         Verb,
         oneshot::Sender<Option<Result<RolloutView, String>>>,
     ),
+    /// A rollout a hub handed down as command `id`: Ok(duplicate).
+    StartAs {
+        id: CommandId,
+        plan: Box<Plan>,
+        origin: String,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
     Stop(oneshot::Sender<()>),
 }
 
@@ -192,6 +199,25 @@ impl RolloutRunner {
         self.ask(|r| Req::Start(Box::new(plan), r))
             .await
             .unwrap_or_else(|| Err("the rollout runner stopped".into()))
+    }
+
+    /// Start the rollout a hub handed down as command `id` (durable on
+    /// return; a second hand-over of the same id is a duplicate, started
+    /// once). Its end is recorded as the result of command `id`, which the
+    /// outbox carries up. `None`: the runner has stopped.
+    pub async fn start_as(
+        &self,
+        id: CommandId,
+        plan: Plan,
+        origin: String,
+    ) -> Option<Result<bool, String>> {
+        self.ask(|reply| Req::StartAs {
+            id,
+            plan: Box::new(plan),
+            origin,
+            reply,
+        })
+        .await
     }
 
     pub async fn show(&self, id: CommandId) -> Option<RolloutView> {
@@ -351,7 +377,23 @@ impl Shell {
     async fn request(&mut self, r: Req) {
         match r {
             Req::Start(plan, reply) => {
-                let _ = reply.send(self.start(*plan).await);
+                let now = crate::now_millis();
+                let id = CommandId::new(now, rand::random());
+                let r = self.start(id, *plan, None).await;
+                let _ = reply.send(r.map(|()| RolloutView::from(&self.rollouts[&id])));
+            }
+            Req::StartAs {
+                id,
+                plan,
+                origin,
+                reply,
+            } => {
+                let r = if self.rollouts.contains_key(&id) {
+                    Ok(true)
+                } else {
+                    self.start(id, *plan, Some(origin)).await.map(|()| false)
+                };
+                let _ = reply.send(r);
             }
             Req::Show(id, reply) => {
                 let _ = reply.send(self.rollouts.get(&id).map(RolloutView::from));
@@ -391,20 +433,57 @@ impl Shell {
         }
     }
 
-    async fn start(&mut self, mut plan: Plan) -> Result<RolloutView, String> {
+    /// Start rollout `id` (durable on return); `origin`: the hub that
+    /// handed it down.
+    async fn start(
+        &mut self,
+        id: CommandId,
+        mut plan: Plan,
+        origin: Option<String>,
+    ) -> Result<(), String> {
         plan.check()?;
         // Pinned: one file throughout, whatever is added mid-rollout.
         if let Some(a) = &plan.artifact {
-            let d = artifact_digest(&self.queue, a).map_err(|e| e.to_string())?;
+            let d = artifact_digest(&self.queue, a).map_err(|e| match origin {
+                Some(_) => format!(
+                    "{e}; stage it here first (`outpost artifact push EDGE {a}` on the hub)"
+                ),
+                None => e.to_string(),
+            })?;
             plan.artifact = Some(d.to_string());
         }
-        let devices = self.resolve(&plan.target).await?;
+        let (plan, edges) = match plan.split() {
+            Some(split) => (split.hub, split.edges),
+            None => (plan, Vec::new()),
+        };
+        let devices = if edges.is_empty() {
+            self.resolve(&plan.target).await?
+        } else {
+            self.resolve_edges(&edges).await?
+        };
         let now = crate::now_millis();
-        let id = CommandId::new(now, rand::random());
-        let (r, actions) = Rollout::start(id, plan, devices, self.online.clone(), now);
+        let (mut r, actions) = Rollout::start(id, plan, devices, self.online.clone(), now);
+        r.edges = edges;
+        r.origin = origin;
         self.rollouts.insert(id, r);
         self.act(vec![(id, actions)], true).await;
-        Ok(RolloutView::from(&self.rollouts[&id]))
+        Ok(())
+    }
+
+    /// The edges a plan through boxes below names: each enrolled here as a
+    /// gateway and not revoked.
+    async fn resolve_edges(&self, edges: &[(String, Plan)]) -> Result<Vec<String>, String> {
+        let all = self.queue.devices().await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for (edge, _) in edges {
+            match all.iter().find(|v| v.record.id.as_str() == edge) {
+                Some(v) if v.record.revoked => return Err(format!("edge {edge} is revoked; take it out of the target")),
+                Some(v) if v.record.tags.iter().any(|t| t == crate::route::GATEWAY_TAG) => out.push(edge.clone()),
+                Some(_) => return Err(format!("{edge} is a device, not a box below (enrolled with --gateway); target its devices as {edge} or tag:…")),
+                None => return Err(format!("no box below named {edge} is enrolled here (`outpost devices` lists them)")),
+            }
+        }
+        Ok(out)
     }
 
     /// The devices a plan's targets name, in order, each once: enrolled
@@ -487,6 +566,7 @@ impl Shell {
         if let Some(r) = self.rollouts.get_mut(&id) {
             actions.extend(r.tick(crate::now_millis()));
         }
+        // `act` also reports an end a crash kept from the hub.
         self.act(vec![(id, actions)], false).await;
         self.check(look).await;
     }
@@ -564,10 +644,10 @@ impl Shell {
                             device,
                             rollback,
                         } => {
-                            let (payload, artifact) = if rollback {
-                                (r.plan.on_abort.clone().unwrap_or_default(), None)
-                            } else {
-                                (r.plan.payload.clone(), r.plan.artifact.as_deref())
+                            let Some((device, payload, artifact)) =
+                                what_to_send(r, &device, rollback)
+                            else {
+                                continue;
                             };
                             let cmd = step_command_id(id, &step);
                             let fut = artifact_envelope(&self.queue, artifact).map(|signature| {
@@ -637,8 +717,60 @@ impl Shell {
         touched.dedup();
         self.persist(&touched, durable);
         self.prune_at = Some(0);
+        self.report(&touched).await;
         followups.retain(|c| self.by_cmd.contains_key(c));
         self.check(followups).await;
+    }
+
+    /// Record the end of each ended rollout a hub handed down as the
+    /// result of its command, so the outbox carries it up (after the
+    /// rollout's record: a crash in between reports again at restart, and
+    /// the queue keeps the first).
+    async fn report(&mut self, ids: &[CommandId]) {
+        let mut done = Vec::new();
+        for id in ids {
+            let Some(r) = self.rollouts.get(id) else {
+                continue;
+            };
+            if !r.state.ended() || r.reported || r.origin.is_none() {
+                continue;
+            }
+            let view = RolloutView::from(r).json().to_string();
+            let (state, outcome) = if r.state == RolloutState::Completed {
+                (State::Succeeded, Outcome::Ok(view.into_bytes()))
+            } else {
+                (
+                    State::Failed,
+                    Outcome::Failed {
+                        code: 1,
+                        message: view,
+                    },
+                )
+            };
+            let rec = crate::jobs::end_record(
+                *id,
+                super::ROLLOUT,
+                r.origin.clone().unwrap_or_default(),
+                state,
+                outcome,
+                (
+                    r.started_at,
+                    r.finished_at.unwrap_or_else(crate::now_millis),
+                ),
+            );
+            match self.queue.record_finished(rec).await {
+                Ok(()) => done.push(*id),
+                Err(e) => {
+                    tracing::warn!(rollout = %id, error = %e, "cannot record a handed-down rollout's end; retried at restart")
+                }
+            }
+        }
+        for id in &done {
+            if let Some(r) = self.rollouts.get_mut(id) {
+                r.reported = true;
+            }
+        }
+        self.persist(&done, false);
     }
 
     fn persist(&self, ids: &[CommandId], durable: bool) {
@@ -655,6 +787,7 @@ impl Shell {
             .rollouts
             .values()
             .filter(|r| r.state.ended() && r.outstanding().is_empty())
+            .filter(|r| r.origin.is_none() || r.reported)
             .map(|r| (r.finished_at.unwrap_or(r.started_at), r.id))
             .collect();
         let (gone, next) = self.retention.due(ended, now);
@@ -670,6 +803,39 @@ impl Shell {
         if let Err(e) = self.store.delete_rollouts(&gone) {
             tracing::warn!(error = %e, "cannot delete ended rollouts' records");
         }
+    }
+}
+
+/// What a device's send is: (target, payload, artifact). Through boxes
+/// below, an edge's command is its plan, for its runner (`edge/rollout`),
+/// carrying the artifact so the edge stages it before it starts; its
+/// rollback goes to the devices below it that its plan named (`None`:
+/// nothing to send).
+fn what_to_send<'a>(
+    r: &'a Rollout,
+    device: &str,
+    rollback: bool,
+) -> Option<(String, Vec<u8>, Option<&'a str>)> {
+    let plan = r.edges.iter().find(|(e, _)| e == device).map(|(_, p)| p);
+    match (plan, rollback) {
+        (None, false) => Some((
+            device.to_string(),
+            r.plan.payload.clone(),
+            r.plan.artifact.as_deref(),
+        )),
+        (None, true) => Some((device.to_string(), r.plan.on_abort.clone()?, None)),
+        (Some(p), false) => Some((
+            format!("{device}/{}", super::ROLLOUT),
+            serde_json::to_vec(p).ok()?,
+            r.plan.artifact.as_deref(),
+        )),
+        // One command for the edge's devices: its plan's first target
+        // (a plan through an edge names one target below it, as a rule).
+        (Some(p), true) => Some((
+            format!("{device}/{}", p.target.first()?),
+            r.plan.on_abort.clone()?,
+            None,
+        )),
     }
 }
 

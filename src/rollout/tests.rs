@@ -16,10 +16,12 @@ fn plan() -> Plan {
         max_attempts: 1,
         canary: None,
         rate: None,
+        parallel: None,
         abort: Vec::new(),
         timeout: None,
         success: None,
         on_abort: None,
+        edges: None,
     }
 }
 

@@ -26,10 +26,9 @@
 
 use super::{keep_up, set_state, OutboxCursor, SessionEnd, Uplink, UplinkState, UplinkStatus};
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::jobs::Runners;
 use crate::journal::{ResultRecord, UpEntry, UpItem};
 use crate::queue::{QueueError, QueueHandle, SendRequest};
-use crate::workflow::runner::{Runner, WORKFLOW};
-use crate::workflow::Packed;
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
@@ -195,7 +194,7 @@ fn crash_point(point: &str) {
 }
 
 /// Start the uplink to the cluster.
-pub fn start(queue: QueueHandle, workflows: Runner, opts: NatsOptions) -> Uplink {
+pub fn start(queue: QueueHandle, workflows: Runners, opts: NatsOptions) -> Uplink {
     let (tx, rx) = watch::channel(UplinkStatus {
         state: UplinkState::Connecting,
         hub: opts.urls.clone(),
@@ -208,7 +207,7 @@ pub fn start(queue: QueueHandle, workflows: Runner, opts: NatsOptions) -> Uplink
 
 async fn run(
     queue: QueueHandle,
-    workflows: Runner,
+    workflows: Runners,
     opts: NatsOptions,
     tx: watch::Sender<UplinkStatus>,
 ) {
@@ -236,7 +235,7 @@ fn missing(stream: &str, e: impl std::fmt::Display) -> SessionEnd {
 
 async fn session(
     queue: &QueueHandle,
-    workflows: &Runner,
+    workflows: &Runners,
     opts: &NatsOptions,
     client: &async_nats::Client,
     mut lost: mpsc::UnboundedReceiver<()>,
@@ -352,7 +351,7 @@ async fn session(
 /// ack waits in `taken`. `Ok(true)`: a new command.
 fn take(
     queue: &QueueHandle,
-    workflows: &Runner,
+    workflows: &Runners,
     edge: &str,
     m: jetstream::Message,
     taken: &mut JoinSet<Result<bool, String>>,
@@ -374,22 +373,23 @@ fn take(
                 Ok(false)
             });
         }
-        Ok((id, req)) if req.target == WORKFLOW => {
+        Ok((id, req)) if Runners::is_job(&req.target) => {
             taken.spawn(async move {
-                let spec = Packed::from_bytes(&req.payload).and_then(|p| p.unpack());
-                let new = match spec {
+                let target = req.target.clone();
+                let new = match workflows
+                    .hand_down(&target, id, req.payload, req.origin)
+                    .await
+                {
+                    Ok(duplicate) => !duplicate,
+                    Err(QueueError::ShuttingDown) => return Err("the box is stopping".into()),
                     Err(e) => {
-                        let rec = rejected(id, WORKFLOW, &e.to_string());
+                        let rec = rejected(id, &target, &e.to_string());
                         queue
                             .record_finished(rec)
                             .await
                             .map_err(|e| e.to_string())?;
                         false
                     }
-                    Ok(spec) => match workflows.run_as(id, spec, req.origin).await {
-                        Some((_, duplicate)) => !duplicate,
-                        None => return Err("the box is stopping".into()),
-                    },
                 };
                 m.double_ack()
                     .await

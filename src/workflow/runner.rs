@@ -705,25 +705,17 @@ fn result_of(run: &Run) -> crate::journal::ResultRecord {
             },
         ),
     };
-    let origin = run.origin.clone().unwrap_or_default();
-    crate::journal::ResultRecord {
-        id: run.id,
-        gen: 0,
-        device: WORKFLOW.into(),
-        target: WORKFLOW.into(),
-        priority: crate::Priority::Normal,
+    crate::jobs::end_record(
+        run.id,
+        WORKFLOW,
+        run.origin.clone().unwrap_or_default(),
         state,
-        outcome: Some(outcome),
-        error: None,
-        attempts: 1,
-        max_attempts: 1,
-        created_at: run.started_at,
-        finished_at: run.finished_at.unwrap_or_else(crate::now_millis),
-        origin,
-        key: None,
-        command: None,
-        children: Vec::new(),
-    }
+        outcome,
+        (
+            run.started_at,
+            run.finished_at.unwrap_or_else(crate::now_millis),
+        ),
+    )
 }
 
 pub(crate) fn text(outcome: Option<&Outcome>, error: Option<&String>) -> Option<Vec<u8>> {

@@ -252,6 +252,7 @@ async fn every_json_endpoint_answers_and_the_event_stream_carries_a_finished_com
     );
 
     assert_eq!(get_json(addr, "/api/workflows").await, Value::Array(vec![]));
+    assert_eq!(get_json(addr, "/api/rollouts").await, Value::Array(vec![]));
     let a = get_json(addr, "/api/alerts").await;
     assert_eq!(a["alerts"], Value::Array(vec![]));
     let h = get_json(addr, "/api/history").await;
@@ -265,6 +266,37 @@ async fn every_json_endpoint_answers_and_the_event_stream_carries_a_finished_com
     assert!(m.contains("outpost_acked_total 2"), "{m}");
     let (status, _) = request(addr, "GET", "/nope", &[]).await;
     assert_eq!(status, 404);
+
+    // A rollout shows with its progress.
+    let plan = outpost::rollout::Plan {
+        name: "fw".into(),
+        target: vec!["tag:line-1".into()],
+        payload: b"go".to_vec(),
+        artifact: None,
+        priority: outpost::Priority::Normal,
+        max_attempts: 1,
+        canary: None,
+        rate: None,
+        parallel: None,
+        abort: Vec::new(),
+        timeout: None,
+        success: None,
+        on_abort: None,
+        edges: None,
+    };
+    let r = t.b.rollouts.start_rollout(plan).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let rs = loop {
+        let rs = get_json(addr, "/api/rollouts").await;
+        if rs[0]["state"] == "completed" {
+            break rs;
+        }
+        assert!(t0.elapsed() < DEADLINE, "{rs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rs[0]["id"], r.id.to_string());
+    assert_eq!(rs[0]["counts"]["succeeded"], 2, "{rs}");
+    assert_eq!(rs[0]["devices"].as_array().unwrap().len(), 2);
     t.stop().await;
 }
 

@@ -221,7 +221,7 @@ pub fn verb_of(method: &Method, path: &str) -> Option<Verb> {
         (
             "GET" | "HEAD",
             [""]
-            | ["api", "status" | "devices" | "commands" | "workflows" | "alerts" | "history" | "events"]
+            | ["api", "status" | "devices" | "commands" | "workflows" | "rollouts" | "alerts" | "history" | "events"]
             | ["api", "commands", _],
         ) => Some(Verb::Read),
         ("POST", ["api", "commands"]) => Some(Verb::Send),
@@ -285,6 +285,7 @@ mod tests {
             "/api/commands",
             "/api/commands/01J9ZQ3M8E5V6X7Y8Z9A0B1C2D",
             "/api/workflows",
+            "/api/rollouts",
             "/api/alerts",
             "/api/history",
             "/api/events",

@@ -148,6 +148,7 @@ fn router(st: St) -> Router {
         .route("/api/commands", get(commands).post(api::send))
         .route("/api/commands/{id}", get(api::show))
         .route("/api/workflows", get(workflows))
+        .route("/api/rollouts", get(rollouts))
         .route("/api/alerts", get(alerts))
         .route("/api/history", get(history))
         .route("/api/events", get(events))
@@ -318,6 +319,15 @@ async fn commands(State(st): State<St>, Query(q): Query<Limit>) -> Response {
             c
         })
         .collect();
+    Json(v).into_response()
+}
+
+/// Rollouts as `rollout list --json` prints them (progress by counts).
+async fn rollouts(State(st): State<St>) -> Response {
+    let Some(r) = &st.ctx.rollouts else {
+        return Json(json!([])).into_response();
+    };
+    let v: Vec<Value> = r.list().await.iter().map(|v| v.json()).collect();
     Json(v).into_response()
 }
 

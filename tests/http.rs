@@ -624,11 +624,16 @@ async fn a_real_browser_sees_a_command_finish_without_a_reload() {
             port,
             "POST",
             &format!("{s}/execute/sync"),
-            Some(script("return document.getElementById('live').textContent + '|' + document.getElementById('devices').textContent")),
+            Some(script("return document.getElementById('live').textContent + '|' + document.getElementById('devices').textContent + '|' + document.getElementById('rollouts').textContent")),
         )
         .await;
         let text = v["value"].as_str().unwrap_or("").to_string();
-        if text.starts_with("live|") && text.contains("cam-1") && text.contains("cam-2") {
+        // Every list drew (the rollouts' says it has none).
+        if text.starts_with("live|")
+            && text.contains("cam-1")
+            && text.contains("cam-2")
+            && text.contains("no rollout")
+        {
             break;
         }
         assert!(t0.elapsed() < DEADLINE, "the page never went live: {text}");

@@ -377,6 +377,16 @@ mod tests {
             (R::Watch { device: None }, Verb::Read),
             (R::WorkflowShow(id), Verb::Read),
             (R::WorkflowList, Verb::Read),
+            (R::RolloutStart { plan: vec![] }, Verb::Send),
+            (R::RolloutShow(id), Verb::Read),
+            (R::RolloutList, Verb::Read),
+            (
+                R::RolloutVerb {
+                    id,
+                    verb: crate::rollout::runner::Verb::Pause,
+                },
+                Verb::Cancel,
+            ),
             (
                 R::Enroll {
                     id: "d".into(),

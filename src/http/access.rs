@@ -221,7 +221,8 @@ pub fn verb_of(method: &Method, path: &str) -> Option<Verb> {
         (
             "GET" | "HEAD",
             [""]
-            | ["api", "status" | "devices" | "commands" | "workflows" | "rollouts" | "alerts" | "history" | "events"]
+            | ["api", "status" | "devices" | "commands" | "workflows" | "rollouts" | "alerts" | "history"
+            | "events"]
             | ["api", "commands", _],
         ) => Some(Verb::Read),
         ("POST", ["api", "commands"]) => Some(Verb::Send),

@@ -771,6 +771,11 @@ pub struct AgentOptions {
     pub artifact_dir: PathBuf,
     /// Most bytes the artifact dir may hold (files and chunk cache).
     pub max_artifact_disk: u64,
+    /// A health check (`sh -c`), run after each connect and after each
+    /// command that succeeded, reported as a [`HealthReport`] event.
+    ///
+    /// [`HealthReport`]: crate::command::HealthReport
+    pub health: Option<String>,
 }
 
 impl AgentOptions {
@@ -786,6 +791,7 @@ impl AgentOptions {
             connect: ConnectOptions::default(),
             artifact_dir: artifacts::default_dir(&bundle),
             max_artifact_disk: artifacts::DEFAULT_BUDGET,
+            health: None,
             bundle,
         }
     }
@@ -1396,6 +1402,8 @@ impl Agent {
             conn: conn.connection().clone(),
             sender: conn.sender(),
         });
+        // Connected (after a restart, perhaps one a change caused).
+        self.report_health(None);
         let ended = self.serve_link(conn, shutdown).await;
         self.link = None;
         ended
@@ -1417,13 +1425,46 @@ impl Agent {
                 },
             };
             if let Some((id, outcome)) = ack {
+                let ok = matches!(outcome, Outcome::Ok(_));
                 if let Err(e) = conn.ack(id, outcome).await {
                     // The outcome is remembered: the box redelivers the
                     // command after the reconnect and gets it then.
                     return Some(e);
                 }
+                if ok {
+                    self.report_health(Some(id));
+                }
             }
         }
+    }
+
+    /// Run the health check, off the loop, and send its verdict (after the
+    /// ack, on the same stream, so the box has the command's end first or
+    /// knows which command the report follows).
+    fn report_health(&self, command: Option<CommandId>) {
+        let (Some(check), Some(link)) = (self.opts.health.clone(), &self.link) else {
+            return;
+        };
+        let sender = link.sender.clone();
+        let limit = self.opts.command_timeout;
+        tokio::spawn(async move {
+            let (healthy, detail) = match exec(&check, Vec::new(), limit, STDERR_TAIL).await {
+                Outcome::Ok(out) => (true, String::from_utf8_lossy(&out).trim().to_string()),
+                Outcome::Failed { message, .. } => (false, message),
+                Outcome::Rejected { reason } => (false, reason),
+            };
+            let report = crate::command::HealthReport {
+                healthy,
+                command,
+                detail,
+            };
+            let frame = DeviceFrame::Event {
+                payload: report.to_payload(),
+            };
+            if let Err(e) = sender.send(&frame).await {
+                tracing::warn!(error = %e, "cannot send the health report; the next connect sends one");
+            }
+        });
     }
 
     /// Sleep `delay` while still recording outcomes of running commands;

@@ -248,6 +248,51 @@ pub fn parse_time(s: &str, now: Millis) -> Result<Millis, String> {
     Ok((at.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
 }
 
+/// A device's report of its own health (an event, `DeviceFrame::Event`):
+/// the reference agent's `--health CMD` sends one after it connects and
+/// after each command that succeeded, naming that command. A rollout
+/// whose plan asks for it counts a device as succeeded only once a report
+/// after its command says healthy. The payload is JSON, so a device in any
+/// language can send it: `{"outpost": "health", "healthy": true,
+/// "command": "01J…" | null, "detail": "…"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub healthy: bool,
+    /// The command it follows, when it follows one.
+    pub command: Option<CommandId>,
+    pub detail: String,
+}
+
+impl HealthReport {
+    /// The event's payload.
+    pub fn to_payload(&self) -> Vec<u8> {
+        serde_json::json!({"outpost": "health", "healthy": self.healthy,
+            "command": self.command.map(|c| c.to_string()), "detail": self.detail})
+        .to_string()
+        .into_bytes()
+    }
+
+    /// A health report, if this event's payload is one.
+    pub fn from_payload(payload: &[u8]) -> Option<HealthReport> {
+        let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        if v.get("outpost")?.as_str()? != "health" {
+            return None;
+        }
+        Some(HealthReport {
+            healthy: v.get("healthy")?.as_bool()?,
+            command: v
+                .get("command")
+                .and_then(|c| c.as_str())
+                .and_then(|c| c.parse().ok()),
+            detail: v
+                .get("detail")
+                .and_then(|d| d.as_str())
+                .unwrap_or("")
+                .to_string(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +321,19 @@ mod tests {
             .parse::<Priority>()
             .unwrap_err()
             .contains("high, normal or low"));
+    }
+
+    #[test]
+    fn a_health_report_round_trips_and_other_events_are_not_one() {
+        let r = HealthReport {
+            healthy: true,
+            command: Some(CommandId::new(5, 6)),
+            detail: "fw 2.1 up".into(),
+        };
+        assert_eq!(HealthReport::from_payload(&r.to_payload()), Some(r));
+        assert_eq!(HealthReport::from_payload(b"temp=21"), None);
+        assert_eq!(HealthReport::from_payload(br#"{"outpost":"alert"}"#), None);
+        let bare = HealthReport::from_payload(br#"{"outpost":"health","healthy":false}"#).unwrap();
+        assert!(!bare.healthy && bare.command.is_none());
     }
 }

@@ -194,13 +194,22 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     if link_opts.reset_key.is_none() {
         link_opts.reset_key = Some(identity.reset_key()?);
     }
-    if (o.upstream.is_some() || o.nats.is_some()) && link_opts.events.is_none() {
-        // Device events go up with everything else.
+    // Devices' health reports, for the rollouts that wait on them.
+    let (health_tx, health_rx) = tokio::sync::broadcast::channel(1024);
+    if link_opts.events.is_none() {
+        // Device events go up with everything else (on an edge); health
+        // reports also go to the rollout runner.
+        let up = o.upstream.is_some() || o.nats.is_some();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::device::DeviceEvent>(1024);
         let q = queue.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                q.device_event(ev.device, ev.payload, ev.at);
+                if let Some(h) = crate::command::HealthReport::from_payload(&ev.payload) {
+                    let _ = health_tx.send((ev.device.to_string(), h));
+                }
+                if up {
+                    q.device_event(ev.device, ev.payload, ev.at);
+                }
             }
         });
         link_opts.events = Some(tx);
@@ -231,8 +240,12 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         max_age_ms: o.limits.results_max_age_ms,
         ..Default::default()
     };
-    let rollouts =
-        crate::rollout::runner::RolloutRunner::start(queue.clone(), runs_store.clone(), retention)?;
+    let rollouts = crate::rollout::runner::RolloutRunner::start(
+        queue.clone(),
+        runs_store.clone(),
+        retention,
+        health_rx,
+    )?;
     let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store, retention)?;
     let collector = crate::artifact::collect::start(queue.clone(), o.artifacts.retention_ms);
     let runners = crate::jobs::Runners {

@@ -281,6 +281,7 @@ async fn every_json_endpoint_answers_and_the_event_stream_carries_a_finished_com
         abort: Vec::new(),
         timeout: None,
         success: None,
+        health: None,
         on_abort: None,
         edges: None,
     };

@@ -255,11 +255,11 @@ fn a_canary_pauses_until_resumed_and_mistakes_are_usage_errors() {
                 "rollout",
                 "start",
                 "--target",
-                "edge-1/tag:x",
+                "edge-1/tag:x,dev-1",
                 "--payload",
                 "x",
             ],
-            "box below",
+            "not both",
         ),
     ] {
         let o = b.run(&args);
@@ -281,6 +281,75 @@ fn a_canary_pauses_until_resumed_and_mistakes_are_usage_errors() {
         "{}",
         text(&o)
     );
+    let o = b.run(&[
+        "rollout",
+        "start",
+        "--target",
+        "edge-1/tag:x",
+        "--payload",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("no box below named edge-1"),
+        "{}",
+        text(&o)
+    );
     let o = b.run(&["rollout", "show", "00000000000000000000000000"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+}
+
+#[test]
+fn with_health_within_a_device_succeeds_only_once_its_agent_reports_healthy() {
+    let mut b = Box_::start();
+    for (i, check) in [
+        "echo fw 2.1 up",
+        "echo fw 2.1 up",
+        "echo no link >&2; exit 1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let id = format!("h{i}");
+        let o = b.enroll(&id, &id, &["--tag", "fleet"]);
+        assert!(o.status.success(), "{}", text(&o));
+        b.agent_with(&id, &["--echo", "--health", check]);
+    }
+    wait_for(60, "every device connected", || {
+        let ds = json(&b.run(&["devices", "--json"]));
+        ds.as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["online"] == true)
+            .count()
+            == 3
+    });
+    let o = b.run(&[
+        "rollout",
+        "start",
+        "--target",
+        "tag:fleet",
+        "--payload",
+        "flash",
+        "--health-within",
+        "30s",
+        "--wait",
+        "90s",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "it completed: {}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["counts"]["succeeded"], 2, "{v}");
+    assert_eq!(v["counts"]["failed"], 1, "{v}");
+    let sick = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "h2")
+        .unwrap();
+    assert_eq!(sick["state"], "failed", "{sick}");
+    assert!(
+        sick["result"].as_str().unwrap().contains("no link"),
+        "the report's detail is the result: {sick}"
+    );
 }

@@ -564,6 +564,7 @@ async fn a_rollout_handed_to_an_edge_cut_off_from_its_hub_aborts_there_and_the_h
         abort: vec![rule(30, 3)],
         timeout: None,
         success: None,
+        health: None,
         on_abort: None,
         edges: Some(outpost::rollout::EdgePlan {
             abort: vec![rule(50, 1)],

@@ -275,6 +275,11 @@ pub struct DeviceArgs {
     /// sooner, at the cost of more keep-alive traffic.
     #[arg(long, default_value = "25s")]
     pub idle_timeout: crate::duration::DurationArg,
+    /// A health check (`sh -c`), run after connecting and after each
+    /// command that succeeded; its exit status goes to the box as this
+    /// device's health (a rollout's `--health-within` waits for it).
+    #[arg(long, value_name = "CMD")]
+    pub health: Option<String>,
 }
 
 /// Where the box keeps its state when no --data-dir is given.
@@ -507,6 +512,7 @@ async fn run(
                 o.artifact_dir = d;
             }
             o.max_artifact_disk = a.max_artifact_disk;
+            o.health = a.health;
             let idle: std::time::Duration = a.idle_timeout.into();
             if idle < std::time::Duration::from_millis(500) {
                 return Err(UsageError(format!(

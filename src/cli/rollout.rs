@@ -108,6 +108,10 @@ pub struct StartArgs {
     /// Success is a result containing this text (else any success).
     #[arg(long, value_name = "TEXT")]
     pub success_contains: Option<String>,
+    /// After its command succeeded, a device must report healthy (the
+    /// agent's --health) within this long, or it is timed_out.
+    #[arg(long, value_name = "D")]
+    pub health_within: Option<crate::duration::DurationArg>,
     /// The rollback's payload, sent on abort to the devices that took it.
     #[arg(long, value_name = "PAYLOAD")]
     pub on_abort: Option<String>,
@@ -156,6 +160,7 @@ impl StartArgs {
             || self.on_abort.is_some()
             || self.priority.is_some()
             || self.max_attempts.is_some()
+            || self.health_within.is_some()
             || self.parallel.is_some()
             || self.edge_rate.is_some()
             || self.edge_parallel.is_some()
@@ -257,6 +262,7 @@ impl StartArgs {
                 .success_contains
                 .clone()
                 .map(crate::workflow::ResultMatch::Contains),
+            health: self.health_within.map(Duration::from),
             on_abort: self.on_abort.clone().map(String::into_bytes),
             edges: self.edge_plan(),
         };

@@ -34,7 +34,9 @@
 //! - A per-device timeout starts when the device takes its command; a
 //!   device past it is `timed_out` (its command cancelled).
 //! - Success is the device's confirmation: the command succeeded and, if
-//!   the plan has a `success` condition, its result meets it.
+//!   the plan has a `success` condition, its result meets it; with
+//!   `health`, a health report after the command must then say healthy
+//!   within that time (`verifying` meanwhile; no report is `timed_out`).
 
 pub mod plan;
 pub mod runner;
@@ -92,6 +94,8 @@ pub enum DeviceState {
     Sent,
     /// The device took its command: its timeout runs.
     Running,
+    /// Its command succeeded; the plan waits for its health report.
+    Verifying,
     Succeeded,
     Failed,
     Rejected,
@@ -107,6 +111,7 @@ impl DeviceState {
             DeviceState::Waiting => "waiting",
             DeviceState::Sent => "sent",
             DeviceState::Running => "running",
+            DeviceState::Verifying => "verifying",
             DeviceState::Succeeded => "succeeded",
             DeviceState::Failed => "failed",
             DeviceState::Rejected => "rejected",
@@ -116,10 +121,11 @@ impl DeviceState {
     }
 
     /// Every state, in the order `rollout show` counts them.
-    pub const ALL: [DeviceState; 8] = [
+    pub const ALL: [DeviceState; 9] = [
         DeviceState::Waiting,
         DeviceState::Sent,
         DeviceState::Running,
+        DeviceState::Verifying,
         DeviceState::Succeeded,
         DeviceState::Failed,
         DeviceState::Rejected,
@@ -171,6 +177,13 @@ pub struct DeviceRun {
     /// yet).
     pub rollback: Option<CommandId>,
     pub rollback_end: Option<State>,
+    /// Verifying: the report must come by then.
+    #[serde(default)]
+    pub verify_by: Option<Millis>,
+    /// A report naming its command that came before the command's end
+    /// (the box hears of the two on separate paths).
+    #[serde(default)]
+    pub early_health: Option<bool>,
 }
 
 /// How a device's command ended, as the shell reports it.
@@ -275,6 +288,8 @@ impl Rollout {
                     result: None,
                     rollback: None,
                     rollback_end: None,
+                    verify_by: None,
+                    early_health: None,
                 })
                 .collect(),
             canary,
@@ -348,6 +363,7 @@ impl Rollout {
             return Vec::new();
         }
         let success = self.plan.success.clone();
+        let health = self.plan.health;
         let Some(d) = self.devices.iter_mut().find(|d| d.command == Some(id)) else {
             return Vec::new();
         };
@@ -378,6 +394,57 @@ impl Rollout {
             ));
         } else {
             d.result = end.result;
+        }
+        if let (DeviceState::Succeeded, Some(within)) = (d.state, health) {
+            match d.early_health.take() {
+                Some(true) => {}
+                Some(false) => d.state = DeviceState::Failed,
+                None => {
+                    d.state = DeviceState::Verifying;
+                    d.verify_by = Some(now.saturating_add(within.as_millis() as u64));
+                }
+            }
+        }
+        self.advance(now)
+    }
+
+    /// A device reported its health. It settles a device that waits for
+    /// one (`verifying`); a report naming the device's command that comes
+    /// before the command's end is kept for it.
+    pub fn health(
+        &mut self,
+        device: &str,
+        report: &crate::command::HealthReport,
+        now: Millis,
+    ) -> Vec<Action> {
+        if self.plan.health.is_none() {
+            return Vec::new();
+        }
+        let Some(d) = self.devices.iter_mut().find(|d| d.device == device) else {
+            return Vec::new();
+        };
+        match d.state {
+            DeviceState::Verifying => {
+                d.state = if report.healthy {
+                    DeviceState::Succeeded
+                } else {
+                    DeviceState::Failed
+                };
+                d.verify_by = None;
+                if !report.healthy {
+                    d.result = Some(format!("unhealthy after the change: {}", report.detail));
+                }
+            }
+            DeviceState::Sent | DeviceState::Running
+                if report.command.is_some() && report.command == d.command =>
+            {
+                d.early_health = Some(report.healthy);
+                if !report.healthy {
+                    d.result = Some(format!("unhealthy after the change: {}", report.detail));
+                }
+                return Vec::new();
+            }
+            _ => return Vec::new(),
         }
         self.advance(now)
     }
@@ -420,8 +487,8 @@ impl Rollout {
     }
 
     /// Counts of devices by state, in [`DeviceState::ALL`]'s order.
-    pub fn counts(&self) -> [usize; 8] {
-        let mut c = [0; 8];
+    pub fn counts(&self) -> [usize; 9] {
+        let mut c = [0; 9];
         for d in &self.devices {
             c[DeviceState::ALL
                 .iter()
@@ -450,6 +517,11 @@ impl Rollout {
                 }
             }
         }
+        for d in &self.devices {
+            if let (DeviceState::Verifying, Some(t)) = (d.state, d.verify_by) {
+                at(t);
+            }
+        }
         if self.state == RolloutState::Running {
             if let Some(t) = self.resume_at {
                 at(t);
@@ -469,7 +541,12 @@ impl Rollout {
     /// Whether the canary and the plan's parallelism let one more device
     /// start.
     fn may_start(&self) -> bool {
-        let running = self.count(|s| matches!(s, DeviceState::Sent | DeviceState::Running));
+        let running = self.count(|s| {
+            matches!(
+                s,
+                DeviceState::Sent | DeviceState::Running | DeviceState::Verifying
+            )
+        });
         (self.canary_done || self.count(|s| s != DeviceState::Waiting) < self.canary)
             && self.plan.parallel.is_none_or(|p| running < p as usize)
     }
@@ -508,6 +585,18 @@ impl Rollout {
                             actions.push(Action::Cancel(c));
                         }
                     }
+                }
+            }
+        }
+        for d in &mut self.devices {
+            if let (DeviceState::Verifying, Some(t)) = (d.state, d.verify_by) {
+                if now >= t {
+                    d.state = DeviceState::TimedOut;
+                    d.verify_by = None;
+                    d.result = Some(format!(
+                        "{} (no healthy report within the plan's health time)",
+                        d.result.take().unwrap_or_default()
+                    ));
                 }
             }
         }
@@ -612,6 +701,7 @@ impl Rollout {
                 }
                 DeviceState::Failed | DeviceState::TimedOut if through => {}
                 DeviceState::Running
+                | DeviceState::Verifying
                 | DeviceState::Succeeded
                 | DeviceState::Failed
                 | DeviceState::TimedOut

@@ -11,6 +11,7 @@
 //! timeout = "10m"                  # per device, from when it takes it
 //! max_attempts = 1                 # the default: a failure is final
 //! success = { result_contains = "ok" }
+//! health = "5m"                    # then a healthy report within 5 min
 //! on_abort = { payload = "rollback" }
 //! [canary]
 //! size = 2                         # or "10%"
@@ -229,6 +230,10 @@ pub struct Plan {
     /// Per device, from when it takes the command.
     pub timeout: Option<Duration>,
     pub success: Option<ResultMatch>,
+    /// After its command succeeded, a device must report healthy
+    /// (`command::HealthReport`) within this time.
+    #[serde(default)]
+    pub health: Option<Duration>,
     /// The rollback's payload, sent on abort to the devices that took it.
     pub on_abort: Option<Vec<u8>>,
     /// For targets through boxes below (`edge-1/tag:…`): how the edges are
@@ -273,6 +278,7 @@ struct FileSpec {
     max_attempts: Option<u32>,
     timeout: Option<String>,
     success: Option<ResultSpec>,
+    health: Option<String>,
     on_abort: Option<PayloadSpec>,
     canary: Option<CanarySpec>,
     rate: Option<RateSpec>,
@@ -447,6 +453,7 @@ impl Plan {
                 .transpose()
                 .map_err(err)?
                 .flatten(),
+            health: duration("health", spec.health)?,
             on_abort,
             edges,
         };
@@ -592,6 +599,7 @@ impl Plan {
             abort: e.abort,
             timeout: e.timeout,
             success: None,
+            health: None,
             // An edge's own rollout retries nothing either.
             max_attempts: 1,
             ..self.clone()
@@ -671,7 +679,9 @@ mod tests {
         for (text, want) in [
             ("target = \"dev-1\"", "nothing to send"),
             ("payload = \"x\"", "target"),
-            ("target = \"e/dev-1\"\npayload = \"x\"", "box below"),
+            ("target = [\"e/dev-1\", \"dev-2\"]\npayload = \"x\"", "not both"),
+            ("target = \"e/rollout\"\npayload = \"x\"", "not its runner"),
+            ("target = \"dev-2\"\npayload = \"x\"\n[edges]\nparallel = 2", "edges: only"),
             ("target = \"tag:\"\npayload = \"x\"", "target"),
             ("target = \"d\"\npayload = \"x\"\n[canary]\nsize = \"0%\"", "canary.size"),
             ("target = \"d\"\npayload = \"x\"\n[canary]\nsize = 1\nwait = \"soon\"", "canary.wait"),

@@ -172,6 +172,7 @@ impl RolloutRunner {
         queue: QueueHandle,
         store: Store,
         retention: crate::workflow::Retention,
+        health: broadcast::Receiver<(String, crate::command::HealthReport)>,
     ) -> Result<RolloutRunner, crate::store::StoreError> {
         let rollouts = crate::jobs::load(store.rollouts()?, "rollout", |r: &Rollout| r.id);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -186,7 +187,7 @@ impl RolloutRunner {
             retention,
             prune_at: Some(0),
         };
-        tokio::spawn(shell.run(rx, events, sessions));
+        tokio::spawn(shell.run(rx, events, sessions, health));
         Ok(RolloutRunner { tx })
     }
 
@@ -257,7 +258,9 @@ impl Shell {
         mut rx: mpsc::UnboundedReceiver<Req>,
         mut events: broadcast::Receiver<crate::queue::LifecycleEvent>,
         mut sessions: watch::Receiver<u64>,
+        mut health: broadcast::Receiver<(String, crate::command::HealthReport)>,
     ) {
+        let mut health_open = true;
         self.online = self.online_now().await;
         let ids: Vec<CommandId> = self.rollouts.keys().copied().collect();
         for id in ids {
@@ -297,6 +300,26 @@ impl Shell {
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
+                },
+                h = health.recv(), if health_open => match h {
+                    Ok(first) => {
+                        let reports = crate::jobs::batch(first, &mut health, BATCH);
+                        self.each(|r, now| {
+                            let mut actions = Vec::new();
+                            for (device, report) in &reports {
+                                actions.extend(r.health(device, report, now));
+                            }
+                            actions
+                        })
+                        .await;
+                    }
+                    // A lost report leaves its device verifying until its
+                    // time runs out: timed_out, never a false success.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(lost = n, "rollouts missed device health reports");
+                    }
+                    // No more reports (the link is gone): the arm sleeps.
+                    Err(broadcast::error::RecvError::Closed) => health_open = false,
                 },
                 changed = sessions.changed() => {
                     if changed.is_err() {

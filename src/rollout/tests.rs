@@ -20,6 +20,7 @@ fn plan() -> Plan {
         abort: Vec::new(),
         timeout: None,
         success: None,
+        health: None,
         on_abort: None,
         edges: None,
     }
@@ -527,4 +528,62 @@ fn a_rollout_reloaded_from_its_record_goes_on_where_it_was() {
             rollback: false
         }
     );
+}
+
+#[test]
+fn with_a_health_time_success_waits_for_a_healthy_report_after_the_command() {
+    use crate::command::HealthReport;
+    let mut p = plan();
+    p.health = Some(Duration::from_secs(300));
+    p.abort = vec![AbortRule {
+        on: FailKind::TimedOut,
+        percent: 100,
+        min: 4,
+    }];
+    let mut h = H::new(p, 4, 4);
+    let report = |healthy, command| HealthReport {
+        healthy,
+        command,
+        detail: "fw 2.1".into(),
+    };
+    // A report before the command ended, naming no command: not this
+    // change's verdict.
+    let a = h.r.health("d00", &report(true, None), 0);
+    h.act(a);
+    h.end("d00", State::Succeeded, "flashed");
+    assert_eq!(h.state("d00"), DeviceState::Verifying);
+    assert_eq!(h.r.next_wake(), Some(300_000));
+    h.now = 10_000;
+    let a = h.r.health("d00", &report(true, None), h.now);
+    h.act(a);
+    assert_eq!(h.state("d00"), DeviceState::Succeeded);
+    // Unhealthy after the change: failed, saying why.
+    h.end("d01", State::Succeeded, "flashed");
+    let a = h.r.health("d01", &report(false, None), h.now);
+    h.act(a);
+    assert_eq!(h.state("d01"), DeviceState::Failed);
+    assert!(h.r.devices[1]
+        .result
+        .as_deref()
+        .unwrap()
+        .contains("unhealthy"));
+    // A report naming the command, come before its end, is kept for it.
+    let c = h.cmd("d02");
+    let a = h.r.health("d02", &report(true, Some(c)), h.now);
+    h.act(a);
+    assert_eq!(h.state("d02"), DeviceState::Sent);
+    h.end("d02", State::Succeeded, "flashed");
+    assert_eq!(h.state("d02"), DeviceState::Succeeded);
+    // No report at all: timed out at the health time.
+    h.end("d03", State::Succeeded, "flashed");
+    h.at(10_000 + 299_999);
+    assert_eq!(h.state("d03"), DeviceState::Verifying);
+    assert_eq!(
+        h.r.state,
+        RolloutState::Running,
+        "verifying is not finished"
+    );
+    h.at(10_000 + 300_000);
+    assert_eq!(h.state("d03"), DeviceState::TimedOut);
+    assert_eq!(h.r.state, RolloutState::Completed);
 }

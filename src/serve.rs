@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub audit: crate::audit::Retention,
     /// Artifacts' disk budget and retention.
     pub artifacts: crate::config::ArtifactLimits,
+    /// The config file the box was started with: a backup carries it.
+    pub config_file: Option<PathBuf>,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -88,6 +90,7 @@ impl ServeOptions {
             name: None,
             audit: Default::default(),
             artifacts: Default::default(),
+            config_file: None,
         }
     }
 }
@@ -280,6 +283,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         monitor: Some(monitor.clone()),
         max_disk: o.limits.max_disk,
         access: Arc::new(o.access.clone()),
+        config_file: o.config_file.clone(),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx.clone()));
     let mut http_opts = o.http_opts.clone();

@@ -231,6 +231,8 @@ pub struct StatusView {
     pub alerts: Vec<crate::alert::AlertView>,
     /// Devices whose bundle is in use on more than one live device.
     pub shared_bundles: Vec<crate::contest::SharedBundle>,
+    /// Scheduled backups: the newest and the last failure, when on.
+    pub backup: Option<crate::backup::schedule::LastBackup>,
 }
 
 /// A box below, as `status` on its hub shows it.
@@ -295,6 +297,8 @@ pub struct AdminContext {
     pub access: Arc<access::Access>,
     /// The config file the box was started with (a backup carries it).
     pub config_file: Option<PathBuf>,
+    /// The scheduled backups' state, when the box takes them.
+    pub backups: Option<crate::backup::schedule::Board>,
 }
 
 /// Bind the admin socket in `data_dir`: remove a stale socket file (one
@@ -405,10 +409,7 @@ async fn watch(
 /// walked, so a reader that stalls must not hold the box for long.
 const BACKUP_STALL: Duration = Duration::from_secs(30);
 
-/// Stream a snapshot to the caller: the writer's walk of the store (the
-/// queue waits for it), then the files, read while artifact edits wait
-/// (`Shelf::hold_edits`), so every chunk a manifest of the snapshot names
-/// is in it.
+/// Stream a snapshot (`backup::produce`) to the caller.
 async fn backup(
     stream: &mut UnixStream,
     ctx: &AdminContext,
@@ -418,23 +419,7 @@ async fn backup(
     let data_dir = ctx.data_dir.clone();
     let config = ctx.config_file.clone();
     let job = tokio::task::spawn_blocking(move || {
-        let shelf = queue.shelf().clone();
-        let _edits = shelf.hold_edits();
-        let mut info = queue
-            .snapshot_blocking(tx.clone())
-            .map_err(|e| e.to_string())?;
-        let mut send = |p: Vec<u8>| tx.blocking_send(p).is_ok();
-        let mut out = crate::backup::Pieces::new(&mut send);
-        info.files = crate::backup::snapshot_files(&data_dir, config.as_deref(), &mut out)
-            .map_err(|e| e.to_string())?;
-        out.push(&crate::backup::Record::End {
-            trees: info.trees,
-            keys: info.keys,
-            files: info.files,
-        })
-        .and_then(|()| out.flush())
-        .map_err(|e| e.to_string())?;
-        Ok::<_, String>(info)
+        crate::backup::produce(&queue, &data_dir, config.as_deref(), tx).map_err(|e| e.to_string())
     });
     while let Some(piece) = rx.recv().await {
         let frame = AdminResponse::BackupPiece(piece);
@@ -725,6 +710,10 @@ pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
         })
         .collect();
     Ok(StatusView {
+        backup: ctx
+            .backups
+            .as_ref()
+            .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         edges,
         shared_bundles: ctx.link.shared_bundles(),
         max_disk: ctx.max_disk,

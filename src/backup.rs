@@ -26,6 +26,8 @@
 //! counts. The records name trees and keys, not sled's files, so a restore
 //! writes a fresh database with the engine of the binary that restores.
 
+pub mod schedule;
+
 use crate::store::{Exported, Import, Store, StoreError, StoreOptions};
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -177,6 +179,8 @@ pub enum BackupError {
     Store(#[from] StoreError),
     #[error("the snapshot stopped: {0}")]
     Stopped(String),
+    #[error("the box is shutting down; take the backup once it is back")]
+    ShuttingDown,
 }
 
 impl BackupError {
@@ -338,6 +342,69 @@ pub fn snapshot_files(
     }
     out.flush()?;
     Ok(n)
+}
+
+/// Produce a snapshot's whole record stream into `pieces`: the writer's
+/// walk of the store (the queue waits for it), then the files, read while
+/// artifact edits wait (`Shelf::hold_edits`), so every chunk a manifest of
+/// the snapshot names is in it; then the end record. Blocking: run it off
+/// the async runtime, with a reader draining `pieces`.
+pub fn produce(
+    queue: &crate::queue::QueueHandle,
+    data_dir: &Path,
+    config: Option<&Path>,
+    pieces: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<SnapshotInfo, BackupError> {
+    let shelf = queue.shelf().clone();
+    let _edits = shelf.hold_edits();
+    let mut info = queue
+        .snapshot_blocking(pieces.clone())
+        .map_err(|e| match e {
+            crate::queue::QueueError::ShuttingDown => BackupError::ShuttingDown,
+            e => BackupError::Stopped(e.to_string()),
+        })?;
+    let mut send = |p: Vec<u8>| pieces.blocking_send(p).is_ok();
+    let mut out = Pieces::new(&mut send);
+    info.files = snapshot_files(data_dir, config, &mut out)?;
+    out.push(&Record::End {
+        trees: info.trees,
+        keys: info.keys,
+        files: info.files,
+    })?;
+    out.flush()?;
+    Ok(info)
+}
+
+/// Take a backup of the box this process runs into `out` (scheduled
+/// backups). Blocking, as `produce`.
+pub fn take(
+    queue: &crate::queue::QueueHandle,
+    data_dir: &Path,
+    config: Option<&Path>,
+    out: &Path,
+    encrypt: Option<&Encrypt>,
+) -> Result<Header, BackupError> {
+    let mut file = BackupFile::create(out, encrypt)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    std::thread::scope(|s| {
+        let producer = s.spawn(move || produce(queue, data_dir, config, tx));
+        let mut failed = None;
+        while let Some(p) = rx.blocking_recv() {
+            if let Err(e) = file.write(&p) {
+                failed = Some(e);
+                break;
+            }
+        }
+        // Dropping the receiver stops the producer at its next piece.
+        drop(rx);
+        let info = producer
+            .join()
+            .map_err(|_| BackupError::Stopped("the snapshot thread panicked".into()))?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        file.finish(&info?)
+    })
 }
 
 /// How to encrypt a backup.

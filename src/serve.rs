@@ -61,6 +61,8 @@ pub struct ServeOptions {
     pub artifacts: crate::config::ArtifactLimits,
     /// The config file the box was started with: a backup carries it.
     pub config_file: Option<PathBuf>,
+    /// Scheduled backups (off when `None`).
+    pub backup: Option<crate::backup::schedule::Schedule>,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -91,6 +93,7 @@ impl ServeOptions {
             audit: Default::default(),
             artifacts: Default::default(),
             config_file: None,
+            backup: None,
         }
     }
 }
@@ -136,6 +139,8 @@ pub struct RunningBox {
     pub monitor: crate::monitor::Monitor,
     /// The artifact retention's timer.
     collector: tokio::task::JoinHandle<()>,
+    /// The scheduled backups' timer, when asked.
+    backups: Option<tokio::task::JoinHandle<()>>,
     /// The uplink to the hub, when the box has one.
     pub uplink: Option<crate::upstream::Uplink>,
     /// The workflow runner.
@@ -234,6 +239,16 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
     };
     let workflows = crate::workflow::runner::Runner::start(queue.clone(), runs_store, retention)?;
     let collector = crate::artifact::collect::start(queue.clone(), o.artifacts.retention_ms);
+    // A scheduled backup keeps the free-space reserve on its disk too.
+    let backups = o.backup.clone().map(|s| {
+        crate::backup::schedule::start(
+            queue.clone(),
+            o.data_dir.clone(),
+            o.config_file.clone(),
+            s,
+            o.limits.min_free_disk,
+        )
+    });
     let uplink = match (&o.upstream, &o.nats) {
         (Some((u, _)), _) => Some(crate::upstream::start(
             queue.clone(),
@@ -284,6 +299,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         max_disk: o.limits.max_disk,
         access: Arc::new(o.access.clone()),
         config_file: o.config_file.clone(),
+        backups: backups.as_ref().map(|b| b.0.clone()),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx.clone()));
     let mut http_opts = o.http_opts.clone();
@@ -314,6 +330,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         http_addr,
         monitor,
         collector,
+        backups: backups.map(|b| b.1),
         http_tasks,
         queue,
         link,
@@ -377,6 +394,9 @@ impl RunningBox {
         }
         self.monitor.stop();
         self.collector.abort();
+        if let Some(b) = &self.backups {
+            b.abort();
+        }
         let _ = std::fs::remove_file(&self.socket);
         drop(self.uplink);
         self.workflows.stop().await;

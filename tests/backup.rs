@@ -297,3 +297,66 @@ fn damaged_backups_full_dirs_and_wrong_keys_are_refused_before_anything_is_writt
     let v = json(&c.run(&["show", &id, "--json"]));
     assert_eq!(v["state"], "queued", "{v}");
 }
+
+#[test]
+fn scheduled_backups_rotate_keeping_n_and_status_shows_the_newest() {
+    let backups = tempfile::tempdir().unwrap();
+    let b = Box_::start_with(&[
+        "--backup-every",
+        "1s",
+        "--backup-dir",
+        backups.path().to_str().unwrap(),
+        "--backup-keep",
+        "2",
+    ]);
+    ok(&b.enroll("dev-1", "dev-1", &[]));
+    let id = send(b.dir.path(), "dev-1", "scheduled");
+    wait_for(60, "four scheduled backups are written", || {
+        b.log().matches("scheduled backup written").count() >= 4
+    });
+    let files: Vec<_> = std::fs::read_dir(backups.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let s = json(&b.run(&["status", "--json"]));
+    assert!(s["backup"]["age_s"].as_u64().unwrap() < 30, "{s}");
+    assert!(s["backup"]["error"].is_null(), "{s}");
+    assert!(ok(&b.run(&["status"])).contains("last backup"));
+
+    // The newest holds the command sent before it.
+    let newest = s["backup"]["file"].as_str().unwrap().to_string();
+    let target = tempfile::tempdir().unwrap();
+    ok(&outpost(target.path(), &["restore", &newest]));
+    let c = box_at(target, "127.0.0.1:0");
+    let v = json(&c.run(&["show", &id, "--json"]));
+    assert_eq!(v["state"], "queued", "{v}");
+}
+
+#[test]
+fn a_schedule_without_a_dir_or_with_keep_0_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = outpost(
+        dir.path(),
+        &["serve", "--listen", "127.0.0.1:0", "--backup-every", "1h"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(stderr(&o).contains("--backup-dir"), "{}", text(&o));
+    let o = outpost(
+        dir.path(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backup-every",
+            "1h",
+            "--backup-dir",
+            "/tmp",
+            "--backup-keep",
+            "0",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(stderr(&o).contains("backup_keep"), "{}", text(&o));
+}

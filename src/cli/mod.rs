@@ -733,6 +733,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.acl = c.acl;
     o.require_signed = c.require_signed;
     o.name = c.name;
+    o.backup = c.backup;
     // EX_TEMPFAIL: systemd's Restart=on-failure brings the box back on a
     // reopened database.
     o.exit_on_store_failure = Some(exit::TEMPFAIL);

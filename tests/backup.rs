@@ -324,6 +324,25 @@ fn scheduled_backups_rotate_keeping_n_and_status_shows_the_newest() {
     assert!(s["backup"]["age_s"].as_u64().unwrap() < 30, "{s}");
     assert!(s["backup"]["error"].is_null(), "{s}");
     assert!(ok(&b.run(&["status"])).contains("last backup"));
+    // doctor reads the schedule from the environment (or the config file).
+    let d = std::process::Command::new(run::BIN)
+        .args(["doctor", "--json"])
+        .env("OUTPOST_DATA_DIR", b.dir.path())
+        .env("OUTPOST_CONFIG", "/dev/null")
+        .env("OUTPOST_BACKUP_EVERY", "1h")
+        .env("OUTPOST_BACKUP_DIR", backups.path())
+        .output()
+        .unwrap();
+    let findings: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
+    let f = findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "backup")
+        .cloned()
+        .unwrap();
+    assert_eq!(f["status"], "pass", "{f}");
+    assert!(f["detail"].as_str().unwrap().contains("old"), "{f}");
 
     // The newest holds the command sent before it.
     let newest = s["backup"]["file"].as_str().unwrap().to_string();

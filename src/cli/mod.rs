@@ -533,18 +533,23 @@ async fn run(
         Cmd::Doctor { json } => {
             // The reserve the box would run with, from the file and the
             // environment; only an explicit one can exceed the disk.
-            let (reserve, bad_config) = match crate::config::resolve_without_flags(file, file_path)
-            {
-                Ok(c) => (
-                    c.reserve_origin.map(|origin| doctor::Reserve {
-                        bytes: c.limits.min_free_disk,
-                        origin,
-                    }),
-                    None,
-                ),
-                Err(e) => (None, Some(e)),
-            };
+            let (reserve, schedule, bad_config) =
+                match crate::config::resolve_without_flags(file, file_path) {
+                    Ok(c) => (
+                        c.reserve_origin.map(|origin| doctor::Reserve {
+                            bytes: c.limits.min_free_disk,
+                            origin,
+                        }),
+                        c.backup,
+                        None,
+                    ),
+                    Err(e) => (None, None, Some(e)),
+                };
             let mut findings = doctor::check_with(data_dir, reserve).await;
+            findings.push(doctor::backup_finding(
+                schedule.as_ref(),
+                crate::now_millis(),
+            ));
             if let Some(e) = bad_config {
                 findings.push(doctor::Finding {
                     check: "config",

@@ -51,6 +51,11 @@ pub const PIECE_BYTES: usize = 256 * 1024;
 /// that encrypts, which on a fast one asks 256 MiB or more of the small
 /// box that must decrypt it.
 const SCRYPT_LOG_N: u8 = 16;
+/// How far a restore moves an edge's outbox seqs ahead: beyond any the
+/// dead box can have sent its hub since the backup (2^32 records), so the
+/// hub takes the restored box's new records instead of dropping them as
+/// seqs it has seen.
+const OUTBOX_SKIP: u64 = 1 << 32;
 /// Where a restore puts the config file the backup carried (it never
 /// writes outside the data dir).
 pub const RESTORED_CONFIG: &str = "outpost.toml.restored";
@@ -826,6 +831,7 @@ pub fn restore(
         // Open and replay it where it is: a store that does not open is
         // never moved into place.
         let store = Store::open(&stage, opts)?;
+        store.skip_outbox_seqs(OUTBOX_SKIP)?;
         let mut groups = 0;
         for g in store.replay() {
             g?;

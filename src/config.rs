@@ -1169,6 +1169,15 @@ mod tests {
             "and the artifacts' budget and retention"
         );
         assert!(c.access.grant(61001).is_ok(), "and a socket role");
+        assert_eq!(
+            c.backup,
+            Some(crate::backup::schedule::Schedule {
+                every: Duration::from_secs(6 * 3600),
+                dir: "/mnt/backup/outpost".into(),
+                keep: 3,
+            }),
+            "and scheduled backups"
+        );
     }
 
     #[test]

@@ -708,6 +708,28 @@ impl Store {
         }
     }
 
+    /// Move the outbox's next seq `by` ahead, durably (a restore: the dead
+    /// box may have sent its hub records past the backup's seq, and the
+    /// hub drops any seq at or below what it has applied as a duplicate;
+    /// it needs no seq to follow the one before).
+    pub fn skip_outbox_seqs(&self, by: u64) -> Result<(), StoreError> {
+        if self
+            .journal
+            .get(KEY_OUTBOX_NEXT)
+            .map_err(|e| self.err(e))?
+            .is_none()
+        {
+            // Nothing ever went up: no hub holds a seq of this box.
+            return Ok(());
+        }
+        let next = self.outbox_next_seq()?.saturating_add(by);
+        self.journal
+            .insert(KEY_OUTBOX_NEXT, &next.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Per edge below this hub, the highest outbox seq applied.
     pub fn cursors(&self) -> Result<Vec<(crate::command::DeviceId, u64)>, StoreError> {
         self.journal
@@ -1366,6 +1388,22 @@ mod tests {
         assert_eq!(order, vec![('J', 2), ('R', 2), ('J', 3), ('R', 3)]);
         assert!(s.read_journal(1).unwrap().is_none());
         assert_eq!(s.read_journal(2).unwrap().unwrap(), vec![cmd(2)]);
+    }
+
+    #[test]
+    fn a_restore_moves_the_outbox_seqs_ahead_only_of_a_box_that_sent_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        s.skip_outbox_seqs(100).unwrap();
+        assert_eq!(s.outbox_next_seq().unwrap(), 1);
+        s.commit(&GroupWrite {
+            seq: 1,
+            outbox_next: Some(7),
+            ..Default::default()
+        })
+        .unwrap();
+        s.skip_outbox_seqs(100).unwrap();
+        assert_eq!(s.outbox_next_seq().unwrap(), 107);
     }
 
     #[test]

@@ -129,10 +129,14 @@ pub enum AdminRequest {
     /// `name@version`, `name` (its newest) or `sha256:…`.
     ArtifactShow(String),
     ArtifactRemove(String),
+    /// A consistent snapshot of the box (`outpost backup`), answered with
+    /// `BackupPiece`s of the record stream, then `BackupDone`; the
+    /// connection's only request.
+    Backup,
 }
 
 impl Frame for AdminRequest {
-    const KNOWN_TAGS: u32 = 27;
+    const KNOWN_TAGS: u32 = 28;
 }
 
 /// The box's answer.
@@ -182,10 +186,14 @@ pub enum AdminResponse {
         view: crate::artifact::shelf::ArtifactView,
         freed: u64,
     },
+    /// Part of a backup's record stream (`backup::Record`s).
+    BackupPiece(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The backup's stream is complete: what it holds.
+    BackupDone(crate::backup::SnapshotInfo),
 }
 
 impl Frame for AdminResponse {
-    const KNOWN_TAGS: u32 = 21;
+    const KNOWN_TAGS: u32 = 23;
 }
 
 impl AdminResponse {
@@ -237,6 +245,8 @@ pub struct StatusView {
     pub alerts: Vec<crate::alert::AlertView>,
     /// Devices whose bundle is in use on more than one live device.
     pub shared_bundles: Vec<crate::contest::SharedBundle>,
+    /// Scheduled backups: the newest and the last failure, when on.
+    pub backup: Option<crate::backup::schedule::LastBackup>,
 }
 
 /// A box below, as `status` on its hub shows it.
@@ -301,6 +311,10 @@ pub struct AdminContext {
     pub max_disk: Option<u64>,
     /// Which uids may do what on the socket.
     pub access: Arc<access::Access>,
+    /// The config file the box was started with (a backup carries it).
+    pub config_file: Option<PathBuf>,
+    /// The scheduled backups' state, when the box takes them.
+    pub backups: Option<crate::backup::schedule::Board>,
 }
 
 /// Bind the admin socket in `data_dir`: remove a stale socket file (one
@@ -362,6 +376,22 @@ async fn connection(mut stream: UnixStream, ctx: Arc<AdminContext>) -> Result<()
         if let AdminRequest::Watch { device } = req {
             return watch(stream, &ctx, device).await;
         }
+        if let AdminRequest::Backup = req {
+            let r = backup(&mut stream, &ctx).await;
+            let resp = match &r {
+                Ok(info) => AdminResponse::BackupDone(info.clone()),
+                Err(message) => AdminResponse::Error {
+                    kind: ErrorKind::Unavailable,
+                    message: message.clone(),
+                },
+            };
+            if let Some(d) = crate::audit::request::draft(&AdminRequest::Backup) {
+                ctx.queue.audit(d.note(&who, &resp, crate::now_millis()));
+            }
+            // The reader may be gone (that is why it failed): best effort.
+            let _ = proto::write_frame(&mut stream, &resp, MAX_FRAME).await;
+            return Ok(());
+        }
         let resp = audited(&ctx, &who, req).await;
         proto::write_frame(&mut stream, &resp, MAX_FRAME).await?;
     }
@@ -388,6 +418,49 @@ async fn watch(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// How long a backup waits for its reader to take a piece before giving up:
+/// the writer (and with it the whole queue) waits while the store is
+/// walked, so a reader that stalls must not hold the box for long.
+const BACKUP_STALL: Duration = Duration::from_secs(30);
+
+/// Stream a snapshot (`backup::produce`) to the caller.
+async fn backup(
+    stream: &mut UnixStream,
+    ctx: &AdminContext,
+) -> Result<crate::backup::SnapshotInfo, String> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let queue = ctx.queue.clone();
+    let data_dir = ctx.data_dir.clone();
+    let config = ctx.config_file.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        crate::backup::produce(&queue, &data_dir, config.as_deref(), tx).map_err(|e| e.to_string())
+    });
+    while let Some(piece) = rx.recv().await {
+        let frame = AdminResponse::BackupPiece(piece);
+        match tokio::time::timeout(BACKUP_STALL, proto::write_frame(stream, &frame, MAX_FRAME))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                drop(rx);
+                let _ = job.await;
+                return Err(format!("the backup's reader went away: {e}"));
+            }
+            Err(_) => {
+                // Dropping the receiver stops the walk at its next piece.
+                drop(rx);
+                let _ = job.await;
+                return Err(format!(
+                    "the backup's reader took no data for {} s; the backup was stopped",
+                    BACKUP_STALL.as_secs()
+                ));
+            }
+        }
+    }
+    job.await
+        .map_err(|e| format!("the backup task failed: {e}"))?
 }
 
 /// `handle`, and the request's audit entry once it has its answer (plain
@@ -597,9 +670,10 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                 .map(|(view, freed)| AdminResponse::ArtifactRemoved { view, freed }),
             Err(e) => Err(QueueError::BadRequest(e)),
         },
-        AdminRequest::Watch { .. } => Ok(AdminResponse::Error {
+        AdminRequest::Watch { .. } | AdminRequest::Backup => Ok(AdminResponse::Error {
             kind: ErrorKind::BadRequest,
-            message: "watch is a stream; send it as the connection's only request".into(),
+            message: "watch and backup are streams; send one as the connection's only request"
+                .into(),
         }),
     };
     r.unwrap_or_else(|e| error_of(&e))
@@ -704,6 +778,10 @@ pub async fn status_view(ctx: &AdminContext) -> Result<StatusView, QueueError> {
         })
         .collect();
     Ok(StatusView {
+        backup: ctx
+            .backups
+            .as_ref()
+            .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         edges,
         shared_bundles: ctx.link.shared_bundles(),
         max_disk: ctx.max_disk,
@@ -843,6 +921,13 @@ impl AdminClient {
             }
             other => Ok(other),
         }
+    }
+
+    /// Send a request whose answers are a stream (`Backup`): read them
+    /// with `next`.
+    pub async fn request(&mut self, req: &AdminRequest) -> Result<(), AdminError> {
+        proto::write_frame(&mut self.stream, req, MAX_FRAME).await?;
+        Ok(())
     }
 
     /// Start a watch stream.

@@ -89,6 +89,10 @@ pub struct FileConfig {
     /// duration [default: 90d].
     pub audit_keep: Option<u64>,
     pub audit_max_age: Option<String>,
+    /// Scheduled backups: how often (a duration), where, how many kept.
+    pub backup_every: Option<String>,
+    pub backup_dir: Option<PathBuf>,
+    pub backup_keep: Option<usize>,
     /// Prometheus metrics address, e.g. 127.0.0.1:9464 (off when absent).
     pub metrics: Option<String>,
     /// The hub above this box, `quic://HOST:PORT` (off when absent).
@@ -322,6 +326,16 @@ pub struct ServeArgs {
     /// hostname]
     #[arg(long, env = "OUTPOST_NAME")]
     pub name: Option<String>,
+    /// Take a backup this often (e.g. 6h, 1d) into --backup-dir; what a
+    /// restore cannot bring back is at most this old [default: off]
+    #[arg(long, env = "OUTPOST_BACKUP_EVERY", allow_negative_numbers = true)]
+    pub backup_every: Option<String>,
+    /// Where scheduled backups go (another disk than the data dir's, best)
+    #[arg(long, env = "OUTPOST_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Scheduled backups kept, the oldest removed first [default: 3]
+    #[arg(long, env = "OUTPOST_BACKUP_KEEP")]
+    pub backup_keep: Option<usize>,
     /// NATS credentials file, for --upstream nats://…
     #[arg(long, env = "OUTPOST_UPSTREAM_CREDS")]
     pub upstream_creds: Option<PathBuf>,
@@ -391,6 +405,8 @@ pub struct ServeConfig {
     pub name: Option<String>,
     pub audit: crate::audit::Retention,
     pub artifacts: ArtifactLimits,
+    /// Scheduled backups, when asked.
+    pub backup: Option<crate::backup::schedule::Schedule>,
 }
 
 /// What bounds the box's artifacts.
@@ -436,6 +452,66 @@ pub struct Upstream {
 
 /// Default bound of the outbox's telemetry.
 pub const DEFAULT_OUTBOX_MAX: u64 = 100_000;
+
+/// `--backup-every`, `--backup-dir`, `--backup-keep` (flags beat the file).
+fn backup_schedule(
+    args: &ServeArgs,
+    file: &FileConfig,
+    cli: &str,
+    f: &str,
+) -> Result<Option<crate::backup::schedule::Schedule>, ConfigError> {
+    let picked = match (&args.backup_every, &file.backup_every) {
+        (Some(v), _) => Some((v.clone(), cli.to_string())),
+        (None, Some(v)) => Some((v.clone(), f.to_string())),
+        (None, None) => None,
+    };
+    let Some((v, o)) = picked else {
+        if args.backup_dir.is_some() || args.backup_keep.is_some() {
+            return Err(ConfigError::Value {
+                key: "backup_every",
+                value: String::new(),
+                origin: cli.to_string(),
+                why: "--backup-dir and --backup-keep need --backup-every (how often)".into(),
+            });
+        }
+        return Ok(None);
+    };
+    let every = duration("backup_every", &v, &o)?;
+    if every < Duration::from_secs(1) {
+        return Err(ConfigError::Value {
+            key: "backup_every",
+            value: v,
+            origin: o,
+            why: "must be at least 1s (each backup pauses the queue while it reads the store)"
+                .into(),
+        });
+    }
+    let dir = match (&args.backup_dir, &file.backup_dir) {
+        (Some(d), _) | (None, Some(d)) => d.clone(),
+        (None, None) => {
+            return Err(ConfigError::Value {
+                key: "backup_dir",
+                value: String::new(),
+                origin: o,
+                why: "scheduled backups need a --backup-dir (backup_dir in the config file), best on another disk than the data dir".into(),
+            })
+        }
+    };
+    let (keep, origin) = match (args.backup_keep, file.backup_keep) {
+        (Some(k), _) => (k, cli.to_string()),
+        (None, Some(k)) => (k, f.to_string()),
+        (None, None) => (crate::backup::schedule::DEFAULT_KEEP, String::new()),
+    };
+    if keep == 0 {
+        return Err(ConfigError::Value {
+            key: "backup_keep",
+            value: "0".into(),
+            origin,
+            why: "keep at least 1 backup".into(),
+        });
+    }
+    Ok(Some(crate::backup::schedule::Schedule { every, dir, keep }))
+}
 
 fn duration(key: &'static str, v: &str, origin: &str) -> Result<Duration, ConfigError> {
     crate::duration::parse(v.trim()).map_err(|e| ConfigError::Value {
@@ -795,7 +871,9 @@ pub fn resolve(
     if let Some((v, o)) = pick_str(&args.artifact_retention, &file.artifact_retention) {
         artifacts.retention_ms = duration("artifact_retention", &v, &o)?.as_millis() as u64;
     }
+    let backup = backup_schedule(args, file, cli, &f)?;
     Ok(ServeConfig {
+        backup,
         access,
         http_tokens,
         audit,
@@ -1091,6 +1169,15 @@ mod tests {
             "and the artifacts' budget and retention"
         );
         assert!(c.access.grant(61001).is_ok(), "and a socket role");
+        assert_eq!(
+            c.backup,
+            Some(crate::backup::schedule::Schedule {
+                every: Duration::from_secs(6 * 3600),
+                dir: "/mnt/backup/outpost".into(),
+                keep: 3,
+            }),
+            "and scheduled backups"
+        );
     }
 
     #[test]

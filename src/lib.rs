@@ -13,6 +13,7 @@ pub mod admin;
 pub mod alert;
 pub mod artifact;
 pub mod audit;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -59,6 +59,10 @@ pub struct ServeOptions {
     pub audit: crate::audit::Retention,
     /// Artifacts' disk budget and retention.
     pub artifacts: crate::config::ArtifactLimits,
+    /// The config file the box was started with: a backup carries it.
+    pub config_file: Option<PathBuf>,
+    /// Scheduled backups (off when `None`).
+    pub backup: Option<crate::backup::schedule::Schedule>,
 }
 
 /// Where the uplink's bundle is looked for when none is named.
@@ -88,6 +92,8 @@ impl ServeOptions {
             name: None,
             audit: Default::default(),
             artifacts: Default::default(),
+            config_file: None,
+            backup: None,
         }
     }
 }
@@ -133,6 +139,8 @@ pub struct RunningBox {
     pub monitor: crate::monitor::Monitor,
     /// The artifact retention's timer.
     collector: tokio::task::JoinHandle<()>,
+    /// The scheduled backups' timer, when asked.
+    backups: Option<tokio::task::JoinHandle<()>>,
     /// The uplink to the hub, when the box has one.
     pub uplink: Option<crate::upstream::Uplink>,
     /// The workflow runner.
@@ -252,6 +260,16 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         workflows: workflows.clone(),
         rollouts: rollouts.clone(),
     };
+    // A scheduled backup keeps the free-space reserve on its disk too.
+    let backups = o.backup.clone().map(|s| {
+        crate::backup::schedule::start(
+            queue.clone(),
+            o.data_dir.clone(),
+            o.config_file.clone(),
+            s,
+            o.limits.min_free_disk,
+        )
+    });
     let uplink = match (&o.upstream, &o.nats) {
         (Some((u, _)), _) => Some(crate::upstream::start(queue.clone(), runners, u.clone())),
         (None, Some((n, _))) => Some(crate::upstream::nats::start(
@@ -298,6 +316,8 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         monitor: Some(monitor.clone()),
         max_disk: o.limits.max_disk,
         access: Arc::new(o.access.clone()),
+        config_file: o.config_file.clone(),
+        backups: backups.as_ref().map(|b| b.0.clone()),
     });
     let admin = tokio::spawn(admin::serve(listener, ctx.clone()));
     let mut http_opts = o.http_opts.clone();
@@ -329,6 +349,7 @@ pub async fn start(o: ServeOptions) -> anyhow::Result<RunningBox> {
         http_addr,
         monitor,
         collector,
+        backups: backups.map(|b| b.1),
         http_tasks,
         queue,
         link,
@@ -392,6 +413,9 @@ impl RunningBox {
         }
         self.monitor.stop();
         self.collector.abort();
+        if let Some(b) = &self.backups {
+            b.abort();
+        }
         let _ = std::fs::remove_file(&self.socket);
         drop(self.uplink);
         self.workflows.stop().await;

@@ -233,6 +233,8 @@ impl AdminRequest {
             R::Trust(_) => (Verb::Trust, None),
             R::Audit { .. } | R::AuditVerify => (Verb::Audit, None),
             R::Enroll { .. } => (Verb::Enroll, None),
+            // It holds the CA key: whoever has it can mint devices.
+            R::Backup => (Verb::Config, None),
             R::Revoke(_) => (Verb::Revoke, None),
             R::Relabel(_) => (Verb::Tag, None),
         }

@@ -138,6 +138,14 @@ impl Shelf {
         }
     }
 
+    /// Hold off commits, removals and sweeps (a backup copying the chunk
+    /// files the manifests it took name). Never taken on the writer
+    /// thread, which none of them waits for, so a backup waiting for the
+    /// writer while holding it cannot deadlock.
+    pub fn hold_edits(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.edit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Let go of the tree: every later call is `Closed`.
     pub fn close(&self) {
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;

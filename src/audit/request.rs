@@ -88,6 +88,7 @@ pub fn draft(req: &AdminRequest) -> Option<Draft> {
             )
         },
         R::ArtifactRemove(spec) => d("artifact rm", spec.clone(), None),
+        R::Backup => d("backup", String::new(), None),
         _ => return None,
     })
 }

@@ -457,6 +457,46 @@ pub fn report(findings: &[Finding], json: bool) -> i32 {
     i32::from(findings.iter().any(|x| x.status == Status::Fail))
 }
 
+/// The scheduled backups: the newest one's age against the schedule.
+pub fn backup_finding(s: Option<&crate::backup::schedule::Schedule>, now: u64) -> Finding {
+    let Some(s) = s else {
+        return f(
+            "backup",
+            Status::Pass,
+            "no scheduled backups (backup_every unset): a dead box's replacement gets only what `outpost backup` last wrote",
+            "",
+        );
+    };
+    let every = humantime::format_duration(s.every);
+    match crate::backup::schedule::list(&s.dir).pop() {
+        None => f(
+            "backup",
+            Status::Warn,
+            format!("no backup yet in {} (one every {every})", s.dir.display()),
+            "start the box (it takes the first at once), and see `outpost status` for why one failed",
+        ),
+        Some((at, path)) => {
+            let age = std::time::Duration::from_millis(now.saturating_sub(at));
+            let shown = humantime::format_duration(std::time::Duration::from_secs(age.as_secs()));
+            if age > 2 * s.every {
+                f(
+                    "backup",
+                    Status::Warn,
+                    format!("the newest backup, {}, is {shown} old (one every {every})", path.display()),
+                    "`outpost status` shows why the last one failed (a full disk, a stopped box); a restore would lose everything since",
+                )
+            } else {
+                f(
+                    "backup",
+                    Status::Pass,
+                    format!("the newest backup, {}, is {shown} old (one every {every})", path.display()),
+                    "",
+                )
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 
 mod artifact;
 mod audit;
+mod backup;
 pub mod demo;
 mod devices;
 pub mod doctor;
@@ -16,6 +17,7 @@ pub mod enroll;
 pub mod fleet;
 mod key;
 mod output;
+mod restore;
 mod rollout;
 mod send;
 mod sign;
@@ -144,6 +146,11 @@ pub enum Cmd {
     /// The audit log: who did what, from where, allowed or refused; or
     /// `--verify` its hash chain (on a stopped box's data dir too).
     Audit(audit::AuditArgs),
+    /// Write a consistent snapshot of the running box (store, keys, device
+    /// records, trust set, config) to one file.
+    Backup(backup::BackupArgs),
+    /// Restore a backup onto a stopped box's empty data dir.
+    Restore(restore::RestoreArgs),
     /// Check the data dir, keys, certificates, the box, disk and database.
     Doctor {
         #[arg(long)]
@@ -328,10 +335,12 @@ pub fn main() -> i32 {
                 match (
                     e.downcast_ref::<AdminError>(),
                     e.downcast_ref::<crate::config::ConfigError>(),
+                    e.downcast_ref::<crate::backup::BackupError>(),
                 ) {
-                    (Some(a), _) => a.exit_code(),
-                    (None, Some(c)) => c.exit_code(),
-                    (None, None) => exit::ERROR,
+                    (Some(a), _, _) => a.exit_code(),
+                    (None, Some(c), _) => c.exit_code(),
+                    (None, None, Some(b)) => b.exit_code(),
+                    (None, None, None) => exit::ERROR,
                 }
             };
             eprintln!("error: {}", render_error(&e));
@@ -361,7 +370,9 @@ async fn run(
     match cmd {
         Cmd::Serve(a) => {
             let c = crate::config::resolve(&a, file, file_path)?;
-            crate::serve::run(serve_options(c, data_dir)).await?;
+            let mut o = serve_options(c, data_dir);
+            o.config_file = file_path.map(Path::to_path_buf);
+            crate::serve::run(o).await?;
             Ok(0)
         }
         Cmd::Init { san } => {
@@ -528,21 +539,28 @@ async fn run(
         }
         Cmd::Demo => demo::run().await,
         Cmd::Audit(a) => audit::run(a, data_dir).await,
+        Cmd::Backup(a) => backup::run(a, data_dir).await,
+        Cmd::Restore(a) => restore::run(a, data_dir),
         Cmd::Doctor { json } => {
             // The reserve the box would run with, from the file and the
             // environment; only an explicit one can exceed the disk.
-            let (reserve, bad_config) = match crate::config::resolve_without_flags(file, file_path)
-            {
-                Ok(c) => (
-                    c.reserve_origin.map(|origin| doctor::Reserve {
-                        bytes: c.limits.min_free_disk,
-                        origin,
-                    }),
-                    None,
-                ),
-                Err(e) => (None, Some(e)),
-            };
+            let (reserve, schedule, bad_config) =
+                match crate::config::resolve_without_flags(file, file_path) {
+                    Ok(c) => (
+                        c.reserve_origin.map(|origin| doctor::Reserve {
+                            bytes: c.limits.min_free_disk,
+                            origin,
+                        }),
+                        c.backup,
+                        None,
+                    ),
+                    Err(e) => (None, None, Some(e)),
+                };
             let mut findings = doctor::check_with(data_dir, reserve).await;
+            findings.push(doctor::backup_finding(
+                schedule.as_ref(),
+                crate::now_millis(),
+            ));
             if let Some(e) = bad_config {
                 findings.push(doctor::Finding {
                     check: "config",
@@ -732,6 +750,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.acl = c.acl;
     o.require_signed = c.require_signed;
     o.name = c.name;
+    o.backup = c.backup;
     // EX_TEMPFAIL: systemd's Restart=on-failure brings the box back on a
     // reopened database.
     o.exit_on_store_failure = Some(exit::TEMPFAIL);

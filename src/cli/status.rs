@@ -20,6 +20,10 @@ pub(super) async fn run(json: bool, data_dir: &Path) -> anyhow::Result<i32> {
                "lag_ms": u.map_or(0, |u| u.lag_ms),
                "upstream": u,
                "edges": s.edges,
+               "backup": s.backup.as_ref().map(|b| json!({"dir": b.dir, "last": b.at.map(rfc3339),
+                   "age_s": b.at.map(|t| crate::now_millis().saturating_sub(t) / 1000),
+                   "file": b.file, "bytes": b.bytes, "error": b.error,
+                   "error_at": b.error_at.map(rfc3339)})),
                "disk_bytes": s.disk_bytes, "max_disk": s.max_disk,
                "listen": s.listen, "data_dir": s.data_dir,
                "shared_bundles": s.shared_bundles.iter().map(|b| json!({"device": b.device,
@@ -57,6 +61,9 @@ pub(super) async fn run(json: bool, data_dir: &Path) -> anyhow::Result<i32> {
             vec!["uplink".into(), uplink_line(s.uplink.as_ref())],
         ];
         let mut rows = rows;
+        if let Some(b) = &s.backup {
+            rows.push(vec!["last backup".into(), backup_line(b)]);
+        }
         for e in &s.edges {
             rows.push(vec![
                 format!("edge {}", e.name),
@@ -102,4 +109,16 @@ pub(super) async fn run(json: bool, data_dir: &Path) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The scheduled backups in one line: the newest, and what went wrong since.
+fn backup_line(b: &crate::backup::schedule::LastBackup) -> String {
+    let mut line = match (&b.at, &b.file) {
+        (Some(at), Some(f)) => format!("{} ({f}, {} bytes)", ago(*at), b.bytes),
+        _ => format!("none yet in {}", b.dir),
+    };
+    if let (Some(e), Some(at)) = (&b.error, b.error_at) {
+        line.push_str(&format!("; the last attempt, {}, failed: {e}", ago(at)));
+    }
+    line
 }

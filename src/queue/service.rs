@@ -166,6 +166,15 @@ pub(crate) enum Msg {
         reply: Reply<Vec<crate::audit::View>>,
     },
     AuditVerify(Reply<AuditVerdict>),
+    /// Stream every tree of the store, as of the round this joins, into
+    /// `pieces` (`backup::snapshot_trees`).
+    Backup(Box<BackupJob>),
+}
+
+/// A snapshot asked of the writer.
+pub(crate) struct BackupJob {
+    pieces: mpsc::Sender<Vec<u8>>,
+    reply: Reply<crate::backup::SnapshotInfo>,
 }
 
 /// What a walk of the audit log found.
@@ -580,6 +589,7 @@ enum Pending {
     Token(Reply<u64>, Result<u64, QueueError>),
     AuditRead(Reply<Vec<crate::audit::View>>, Option<u64>, Option<u64>),
     AuditVerify(Reply<AuditVerdict>),
+    Backup(Box<BackupJob>),
 }
 
 /// The wall clock as the core sees it, watched for jumps: the wall clock
@@ -744,6 +754,9 @@ impl Writer {
                 Msg::AuditVerify(reply) => {
                     let _ = reply.send(Err(e));
                 }
+                Msg::Backup(job) => {
+                    let _ = job.reply.send(Err(e));
+                }
             }
             return;
         }
@@ -863,6 +876,9 @@ impl Writer {
                 self.audit_force = true;
                 pending.push(Pending::AuditVerify(reply));
             }
+            // Answered after this round's commit, before the next round:
+            // the snapshot is the state of exactly one committed group.
+            Msg::Backup(job) => pending.push(Pending::Backup(job)),
         }
     }
 
@@ -1085,6 +1101,9 @@ impl Writer {
                 Pending::AuditVerify(r) => {
                     let _ = r.send(Err(err.clone()));
                 }
+                Pending::Backup(job) => {
+                    let _ = job.reply.send(Err(err.clone()));
+                }
             }
         }
         if let Some(code) = self.opts.exit_on_store_failure {
@@ -1215,6 +1234,27 @@ impl Writer {
                 let verdict = super::audit::verify(&self.store)
                     .map_err(|e| QueueError::Storage(e.to_string()));
                 let _ = r.send(verdict);
+            }
+            Pending::Backup(job) => {
+                // The queue waits meanwhile: sled's iterators are no
+                // snapshot, so nothing may commit until the walk is done.
+                // The reader is bounded by a timeout per piece (the admin
+                // side), so a stalled reader cannot hold the box for long.
+                let t = std::time::Instant::now();
+                let BackupJob { pieces, reply } = *job;
+                let mut send = |p: Vec<u8>| pieces.blocking_send(p).is_ok();
+                let mut out = crate::backup::Pieces::new(&mut send);
+                let r = crate::backup::snapshot_trees(&self.store, self.opts.gate.name(), &mut out)
+                    .map_err(|e| QueueError::Storage(e.to_string()));
+                if let Ok(i) = &r {
+                    tracing::info!(
+                        last_group = i.last_group,
+                        keys = i.keys,
+                        ms = t.elapsed().as_millis() as u64,
+                        "backup: the store's snapshot is taken; the queue goes on"
+                    );
+                }
+                let _ = reply.send(r);
             }
         }
     }
@@ -1783,6 +1823,21 @@ impl QueueHandle {
     /// Walk the audit log's chain.
     pub async fn audit_verify(&self) -> Result<AuditVerdict, QueueError> {
         self.call(Msg::AuditVerify).await
+    }
+
+    /// Stream a snapshot of every tree of the store into `pieces`, as of
+    /// the next round's commit (`backup::snapshot_trees`). Blocking: call
+    /// it off the async runtime (the writer fills `pieces` while this
+    /// waits for its answer).
+    pub fn snapshot_blocking(
+        &self,
+        pieces: mpsc::Sender<Vec<u8>>,
+    ) -> Result<crate::backup::SnapshotInfo, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Backup(Box::new(BackupJob { pieces, reply })))
+            .map_err(|_| QueueError::ShuttingDown)?;
+        rx.blocking_recv().map_err(|_| QueueError::ShuttingDown)?
     }
 
     /// Finish the current group, stop the writer thread.

@@ -139,6 +139,17 @@ pub(super) fn uplink_line(u: Option<&crate::admin::UplinkView>) -> String {
     line
 }
 
+/// A result as a table cell: one line, at most 40 characters.
+pub(super) fn result_cell(result: Option<&str>) -> String {
+    let r = result.unwrap_or_default();
+    let r = if r.chars().count() > 40 {
+        r.chars().take(39).collect::<String>() + "…"
+    } else {
+        r.to_string()
+    };
+    r.replace('\n', " ")
+}
+
 pub fn ago(ms: u64) -> String {
     let now = crate::now_millis();
     let (d, future) = if ms > now {

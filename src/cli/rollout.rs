@@ -298,14 +298,10 @@ pub(super) fn print_rollout(v: &RolloutView) {
         .devices
         .iter()
         .map(|d| {
-            let mut r = d.result.clone().unwrap_or_default();
-            if r.chars().count() > 40 {
-                r = r.chars().take(39).collect::<String>() + "…";
-            }
             vec![
                 d.device.clone(),
                 d.state.clone(),
-                r.replace('\n', " "),
+                result_cell(d.result.as_deref()),
                 d.rollback_state.clone().unwrap_or_default(),
             ]
         })

@@ -54,15 +54,11 @@ pub(super) fn print_workflow(v: &crate::workflow::runner::RunView) {
         .steps
         .iter()
         .map(|s| {
-            let mut r = s.result.clone().unwrap_or_default();
-            if r.chars().count() > 40 {
-                r = r.chars().take(39).collect::<String>() + "…";
-            }
             vec![
                 s.name.clone(),
                 s.state.clone(),
                 s.target.clone(),
-                r.replace('\n', " "),
+                result_cell(s.result.as_deref()),
             ]
         })
         .collect();

@@ -47,10 +47,6 @@ pub use plan::{AbortRule, Canary, EdgePlan, FailKind, Plan, PlanError, Rate, Siz
 /// rollout runner, not a device.
 pub const ROLLOUT: &str = "rollout";
 
-fn runner_target() -> &'static str {
-    ROLLOUT
-}
-
 use crate::command::{CommandId, Millis, State};
 use crate::workflow::ResultMatch;
 use serde::{Deserialize, Serialize};

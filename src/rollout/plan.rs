@@ -475,7 +475,7 @@ impl Plan {
             match crate::route::Target::parse(t) {
                 Ok(crate::route::Target::Edge { rest, .. }) => {
                     through += 1;
-                    if rest == super::runner_target() {
+                    if rest == super::ROLLOUT {
                         return Err(format!("target `{t}`: name the devices below the edge (edge-1/tag:line-3), not its runner"));
                     }
                 }

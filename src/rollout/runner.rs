@@ -325,9 +325,21 @@ impl Shell {
                     if changed.is_err() {
                         return;
                     }
-                    self.online = self.online_now().await;
-                    let online = self.online.clone();
-                    self.each(|r, now| r.presence(online.clone(), now)).await;
+                    // Every connect and disconnect lands here: the device
+                    // list is read only while a rollout can still start a
+                    // device (a start reads it afresh).
+                    if self.rollouts.values().any(|r| !r.state.ended()) {
+                        self.online = self.online_now().await;
+                        let online = &self.online.clone();
+                        self.each(|r, now| {
+                            if r.state.ended() {
+                                Vec::new()
+                            } else {
+                                r.presence(online.clone(), now)
+                            }
+                        })
+                        .await;
+                    }
                 }
                 () = sleep => {
                     self.each(Rollout::tick).await;
@@ -351,7 +363,8 @@ impl Shell {
         }
     }
 
-    /// Apply `f` to every rollout not ended, and carry out what it asks.
+    /// Apply `f` to every rollout (an ended one may still time out devices
+    /// that took it), and carry out what it asks.
     async fn each(&mut self, f: impl Fn(&mut Rollout, Millis) -> Vec<Action>) {
         let now = crate::now_millis();
         let mut batch = Vec::new();
@@ -484,6 +497,8 @@ impl Shell {
         } else {
             self.resolve_edges(&edges).await?
         };
+        // Read now: presence is not followed while no rollout runs.
+        self.online = self.online_now().await;
         let now = crate::now_millis();
         let (mut r, actions) = Rollout::start(id, plan, devices, self.online.clone(), now);
         r.edges = edges;

@@ -388,7 +388,9 @@ impl Rollout {
                 "{} (does not meet the rollout's success condition)",
                 end.result.unwrap_or_default()
             ));
-        } else {
+        } else if !(d.state == DeviceState::Succeeded && d.early_health == Some(false)) {
+            // An unhealthy report that came before the end already holds
+            // the verdict's reason; the command's own output is not it.
             d.result = end.result;
         }
         if let (DeviceState::Succeeded, Some(within)) = (d.state, health) {

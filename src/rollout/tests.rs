@@ -574,6 +574,7 @@ fn with_a_health_time_success_waits_for_a_healthy_report_after_the_command() {
     assert_eq!(h.state("d02"), DeviceState::Sent);
     h.end("d02", State::Succeeded, "flashed");
     assert_eq!(h.state("d02"), DeviceState::Succeeded);
+    assert_eq!(h.r.devices[2].result.as_deref(), Some("flashed"));
     // No report at all: timed out at the health time.
     h.end("d03", State::Succeeded, "flashed");
     h.at(10_000 + 299_999);
@@ -586,4 +587,24 @@ fn with_a_health_time_success_waits_for_a_healthy_report_after_the_command() {
     h.at(10_000 + 300_000);
     assert_eq!(h.state("d03"), DeviceState::TimedOut);
     assert_eq!(h.r.state, RolloutState::Completed);
+}
+
+#[test]
+fn an_unhealthy_report_before_the_end_fails_the_device_with_its_detail() {
+    use crate::command::HealthReport;
+    let mut p = plan();
+    p.health = Some(Duration::from_secs(300));
+    let mut h = H::new(p, 1, 1);
+    let c = h.cmd("d00");
+    let report = HealthReport {
+        healthy: false,
+        command: Some(c),
+        detail: "no link".into(),
+    };
+    let a = h.r.health("d00", &report, 0);
+    h.act(a);
+    h.end("d00", State::Succeeded, "flashed");
+    assert_eq!(h.state("d00"), DeviceState::Failed);
+    let result = h.r.devices[0].result.as_deref().unwrap();
+    assert!(result.contains("no link"), "{result}");
 }

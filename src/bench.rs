@@ -599,7 +599,9 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
                             (_, None) => now,
                         };
                         lat.push(now.saturating_sub(sent));
-                        sender.ack(cmd.id, Outcome::Ok(Vec::new())).await?;
+                        sender
+                            .ack_attempt(cmd.id, cmd.attempt, Outcome::Ok(Vec::new()))
+                            .await?;
                     }
                     Some(_) => {}
                     None => anyhow::bail!("the box closed a device connection"),

@@ -13,7 +13,7 @@
 //! let mut conn = connect(&bundle, &ConnectOptions::default()).await?;
 //! while let Some(msg) = conn.next().await? {
 //!     if let Received::Command(cmd) = msg {
-//!         conn.ack(cmd.id, Outcome::Ok(cmd.payload)).await?;
+//!         conn.ack_attempt(cmd.id, cmd.attempt, Outcome::Ok(cmd.payload)).await?;
 //!     }
 //! }
 //! # Ok(()) }
@@ -329,12 +329,39 @@ impl Sender {
         Ok(())
     }
 
-    /// Report a command's outcome.
+    /// Report a command's outcome, naming no attempt: it ends whichever
+    /// attempt the box has in flight, so a late answer to an earlier
+    /// delivery can end a later one. Prefer [`ack_attempt`](Self::ack_attempt).
     pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
         if let Ok(mut g) = self.guard.lock() {
             g.ended(id, &outcome);
         }
         self.send(&DeviceFrame::Ack { id, outcome }).await
+    }
+
+    /// Report the outcome of one delivery: `attempt` is the
+    /// [`ReceivedCommand::attempt`] it answers. The box ends the command
+    /// only if that attempt is still the one in flight. To a box before
+    /// protocol 1.4 it goes as a plain `Ack`.
+    pub async fn ack_attempt(
+        &self,
+        id: CommandId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<(), ClientError> {
+        if let Ok(mut g) = self.guard.lock() {
+            g.ended(id, &outcome);
+        }
+        let frame = if self.box_minor >= proto::MINOR_ACK_ATTEMPT {
+            DeviceFrame::AckAttempt {
+                id,
+                attempt,
+                outcome,
+            }
+        } else {
+            DeviceFrame::Ack { id, outcome }
+        };
+        self.send(&frame).await
     }
 
     /// Send a command to another target (`dev-8`, `tag:…`, `cap:…`)
@@ -622,7 +649,7 @@ async fn read_loop(
                     Ok(Admitted::Again) => cmd.seen_before = true,
                     Err((e, outcome)) => {
                         tracing::warn!(%id, step = e.step(), reason = %e, "refused a command the box delivered; it does not run");
-                        if let Err(e) = sender.ack(id, outcome).await {
+                        if let Err(e) = sender.ack_attempt(id, attempt, outcome).await {
                             let _ = tx.send(Err(e)).await;
                             return;
                         }
@@ -677,9 +704,19 @@ impl DeviceConnection {
         }
     }
 
-    /// Report a command's outcome.
+    /// Report a command's outcome, naming no attempt (see [`Sender::ack`]).
     pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
         self.sender.ack(id, outcome).await
+    }
+
+    /// Report the outcome of one delivery (see [`Sender::ack_attempt`]).
+    pub async fn ack_attempt(
+        &self,
+        id: CommandId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<(), ClientError> {
+        self.sender.ack_attempt(id, attempt, outcome).await
     }
 
     /// Send telemetry to the box.
@@ -1052,6 +1089,10 @@ struct Link {
 struct Running {
     abort: AbortHandle,
     run: u64,
+    /// The attempt its ack answers: the latest delivery's, since a
+    /// redelivery while it runs (after a reconnect) moves the box on to a
+    /// new attempt and an ack of the old one would be stale.
+    attempt: u32,
     /// The connection its artifact is being fetched on, while it is.
     fetching_on: Arc<std::sync::Mutex<Option<usize>>>,
 }
@@ -1074,7 +1115,7 @@ impl Agent {
 
     /// The start of a command's run; a `Rejected` ack instead when its
     /// envelope cannot be read.
-    fn start(&mut self, cmd: ReceivedCommand) -> Option<(CommandId, Outcome)> {
+    fn start(&mut self, cmd: ReceivedCommand) -> Option<(CommandId, u32, Outcome)> {
         let artifact = match cmd
             .signature
             .as_deref()
@@ -1084,7 +1125,7 @@ impl Agent {
             Some(Ok(Some(d))) => Some(crate::artifact::Digest(d)),
             Some(Err(e)) => {
                 let reason = format!("the command's envelope cannot be read on the device: {e}");
-                return Some((cmd.id, Outcome::Rejected { reason }));
+                return Some((cmd.id, cmd.attempt, Outcome::Rejected { reason }));
             }
         };
         let command_timeout = self.opts.command_timeout;
@@ -1161,21 +1202,23 @@ impl Agent {
             Running {
                 abort: h,
                 run,
+                attempt,
                 fetching_on,
             },
         );
         None
     }
 
-    /// Handle one message; an ack to send back, if any.
-    fn on_message(&mut self, m: Received) -> Option<(CommandId, Outcome)> {
+    /// Handle one message; an ack to send back (id, attempt, outcome), if any.
+    fn on_message(&mut self, m: Received) -> Option<(CommandId, u32, Outcome)> {
         match m {
             Received::Command(cmd) => {
                 if let Some(o) = self.dedupe.get(cmd.id, cmd.attempt) {
                     tracing::info!(id = %cmd.id, attempt = cmd.attempt, "command delivered again; acking its earlier outcome");
-                    return Some((cmd.id, o.clone()));
+                    return Some((cmd.id, cmd.attempt, o.clone()));
                 }
-                if let Some(r) = self.running.get(&cmd.id) {
+                if let Some(r) = self.running.get_mut(&cmd.id) {
+                    r.attempt = cmd.attempt;
                     let stale = {
                         let on = *r.fetching_on.lock().expect("fetching lock");
                         let now = self.link.as_ref().map(|l| l.conn.stable_id());
@@ -1200,7 +1243,11 @@ impl Agent {
                     // is what a replayer wants.
                     tracing::warn!(id = %cmd.id, "a signed command delivered again that already ran here; refusing it");
                     let g = self.guard.lock().expect("guard lock");
-                    return Some((cmd.id, g.refused(&crate::trust::Refusal::Replay(cmd.id))));
+                    return Some((
+                        cmd.id,
+                        cmd.attempt,
+                        g.refused(&crate::trust::Refusal::Replay(cmd.id)),
+                    ));
                 }
                 tracing::debug!(id = %cmd.id, attempt = cmd.attempt, "command received");
                 self.start(cmd)
@@ -1221,6 +1268,7 @@ impl Agent {
                 tracing::warn!(id = %f.id, "the box forwarded a command to this device as if it were a box below it; rejecting it");
                 Some((
                     f.id,
+                    1,
                     Outcome::Rejected {
                         reason: "this is a device agent, not a box: it cannot route commands"
                             .into(),
@@ -1234,7 +1282,7 @@ impl Agent {
     fn finished(
         &mut self,
         r: Result<Ended, tokio::task::JoinError>,
-    ) -> Option<(CommandId, Outcome)> {
+    ) -> Option<(CommandId, u32, Outcome)> {
         let (id, attempt, run, outcome) = match r {
             Ok(x) => x,
             // Aborted by a Cancel: nothing to report.
@@ -1244,8 +1292,11 @@ impl Agent {
                 return None;
             }
         };
+        let mut attempt = attempt;
         if self.running.get(&id).map(|r| r.run) == Some(run) {
-            self.running.remove(&id);
+            if let Some(r) = self.running.remove(&id) {
+                attempt = r.attempt;
+            }
         }
         let outcome = outcome?;
         match &outcome {
@@ -1253,7 +1304,7 @@ impl Agent {
             o => tracing::info!(%id, outcome = ?o, "command did not succeed"),
         }
         self.dedupe.insert(id, attempt, outcome.clone());
-        Some((id, outcome))
+        Some((id, attempt, outcome))
     }
 }
 
@@ -1424,9 +1475,9 @@ impl Agent {
                     Err(e) => return Some(e),
                 },
             };
-            if let Some((id, outcome)) = ack {
+            if let Some((id, attempt, outcome)) = ack {
                 let ok = matches!(outcome, Outcome::Ok(_));
-                if let Err(e) = conn.ack(id, outcome).await {
+                if let Err(e) = conn.ack_attempt(id, attempt, outcome).await {
                     // The outcome is remembered: the box redelivers the
                     // command after the reconnect and gets it then.
                     return Some(e);
@@ -1658,17 +1709,20 @@ mod tests {
                 seen_before: false,
             };
             assert!(a.on_message(Received::Command(cmd.clone())).is_none());
-            // Redelivered while running: not started again.
+            // Redelivered while running (a reconnect: the box moved on to
+            // attempt 2): not started again, and its ack answers attempt 2,
+            // since the box would drop an ack of attempt 1 as stale.
+            let cmd = ReceivedCommand { attempt: 2, ..cmd };
             assert!(a.on_message(Received::Command(cmd.clone())).is_none());
             assert_eq!(a.tasks.len(), 1);
             let done = a.tasks.join_next().await.unwrap();
             assert_eq!(
                 a.finished(done),
-                Some((CommandId(1), Outcome::Ok(b"p".to_vec())))
+                Some((CommandId(1), 2, Outcome::Ok(b"p".to_vec())))
             );
             // Redelivered after it finished: the same outcome, no new run.
             let again = a.on_message(Received::Command(cmd));
-            assert_eq!(again, Some((CommandId(1), Outcome::Ok(b"p".to_vec()))));
+            assert_eq!(again, Some((CommandId(1), 2, Outcome::Ok(b"p".to_vec()))));
             assert!(a.tasks.is_empty());
         });
     }

@@ -833,6 +833,9 @@ impl Session {
                 Some((id, res)) = acks.next(), if !acks.is_empty() => {
                     match res {
                         Ok(()) => bump(&shared.stats.acks),
+                        // A late answer to an earlier delivery: harmless,
+                        // the device answers the current attempt as well.
+                        Err(e @ QueueError::StaleAttempt { .. }) => tracing::debug!(%id, "{e}"),
                         Err(QueueError::NotInFlight { .. }) => {
                             bad_acks += 1;
                             tracing::warn!(%id, "device acked a command that is not in flight on it");
@@ -923,15 +926,8 @@ impl Session {
                     }
                     match frame {
                         DeviceFrame::Progress { id, bytes, total } => self.progress(id, bytes, total),
-                        DeviceFrame::Ack { id, outcome } => {
-                            if self.fetching.lock().unwrap().remove(&id).is_some() {
-                                shared.queue.progress().clear(id);
-                            }
-                            // Queued with the writer now, in arrival order;
-                            // only the wait for durability runs aside, so
-                            // one flush carries many acks.
-                            await_ack(&mut acks, id, session.ack(id, outcome));
-                        }
+                        DeviceFrame::Ack { id, outcome } => self.ack(session, &mut acks, id, None, outcome),
+                        DeviceFrame::AckAttempt { id, attempt, outcome } => self.ack(session, &mut acks, id, Some(attempt), outcome),
                         DeviceFrame::Ping => {
                             if let Err(e) = self.write(&BoxFrame::Pong).await {
                                 break End::Gone(e.to_string());
@@ -1012,6 +1008,23 @@ impl Session {
         })
         .await;
         end
+    }
+
+    /// A device's ack, with the attempt it answers when it names one. It
+    /// is queued with the writer now, in arrival order; only the wait for
+    /// durability runs aside, so one flush carries many acks.
+    fn ack(
+        &self,
+        session: &crate::queue::DeviceSession,
+        acks: &mut FuturesUnordered<AckWait>,
+        id: CommandId,
+        attempt: Option<u32>,
+        outcome: Outcome,
+    ) {
+        if self.fetching.lock().unwrap().remove(&id).is_some() {
+            self.shared.queue.progress().clear(id);
+        }
+        await_ack(acks, id, session.ack_attempt(id, attempt, outcome));
     }
 
     /// A device's report on fetching the artifact of a command delivered
@@ -1282,6 +1295,7 @@ fn refusal(e: QueueError) -> BoxFrame {
         QueueError::ShuttingDown => ErrorCode::ShuttingDown,
         QueueError::InvalidTransition { .. }
         | QueueError::NotInFlight { .. }
+        | QueueError::StaleAttempt { .. }
         | QueueError::Storage(_) => ErrorCode::Internal,
     };
     BoxFrame::Refused {

@@ -33,7 +33,7 @@ impl fmt::Display for Version {
 }
 
 /// The protocol version this build speaks.
-pub const VERSION: Version = Version { major: 1, minor: 3 };
+pub const VERSION: Version = Version { major: 1, minor: 4 };
 
 /// The first minor version with device-to-device `Send` answered by
 /// `Sent`/`Refused`, and `Query`/`Status`.
@@ -47,6 +47,12 @@ pub const MINOR_GATEWAY: u16 = 2;
 /// beside the control stream; commands carrying an artifact go only to
 /// devices at this minor or later.
 pub const MINOR_ARTIFACT: u16 = 3;
+
+/// The first minor version with `AckAttempt`: an ack that names the attempt
+/// it answers, so a late ack of an earlier attempt cannot end a later one.
+/// A device sends it only to a box at this minor or later; a box takes the
+/// plain `Ack` of an older device as before.
+pub const MINOR_ACK_ATTEMPT: u16 = 4;
 
 /// Default largest frame body, in bytes (DESIGN §3).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
@@ -105,6 +111,14 @@ pub enum DeviceFrame {
         bytes: u64,
         total: u64,
     },
+    /// Since 1.4: the outcome of one attempt of a delivered command (the
+    /// `attempt` of the `Command` it answers). Only the attempt in flight
+    /// ends the command; an earlier attempt's is dropped as stale.
+    AckAttempt {
+        id: CommandId,
+        attempt: u32,
+        outcome: Outcome,
+    },
 }
 
 impl DeviceFrame {
@@ -120,6 +134,7 @@ impl DeviceFrame {
             DeviceFrame::Up { .. } => "Up",
             DeviceFrame::Accepted { .. } => "Accepted",
             DeviceFrame::Progress { .. } => "Progress",
+            DeviceFrame::AckAttempt { .. } => "AckAttempt",
         }
     }
 }
@@ -385,7 +400,7 @@ pub trait Frame: Serialize + DeserializeOwned {
 }
 
 impl Frame for DeviceFrame {
-    const KNOWN_TAGS: u32 = 9;
+    const KNOWN_TAGS: u32 = 10;
 }
 
 impl Frame for BoxFrame {
@@ -617,6 +632,14 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
             dev(DeviceFrame::Ack {
                 id,
                 outcome: Outcome::Rejected { reason: "x".into() },
+            }),
+        ),
+        (
+            "AckAttempt{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, attempt: 2, outcome: Ok(\"ok\")}",
+            dev(DeviceFrame::AckAttempt {
+                id,
+                attempt: 2,
+                outcome: Outcome::Ok(b"ok".to_vec()),
             }),
         ),
         ("Cancel{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A}", bx(BoxFrame::Cancel { id })),
@@ -951,9 +974,9 @@ mod tests {
             assert_eq!(e.code(), Some(ErrorCode::Malformed), "{body:?}: {e}");
         }
         // A tag past the known ones: unknown message.
-        let e = decode::<DeviceFrame>(&[0x09]).unwrap_err();
+        let e = decode::<DeviceFrame>(&[0x0a]).unwrap_err();
         assert!(
-            matches!(e, FrameError::UnknownMessage { tag: 9, known: 9 }),
+            matches!(e, FrameError::UnknownMessage { tag: 10, known: 10 }),
             "{e}"
         );
         let e = decode::<DeviceFrame>(&[0xc8, 0x01, 0x00]).unwrap_err();
@@ -975,6 +998,19 @@ mod tests {
         };
         let bytes = encode(&f);
         assert_eq!(&bytes[4..], &[0x08, 0x05, 0xac, 0x02, 0xe8, 0x07]);
+        assert_eq!(decode::<DeviceFrame>(&bytes[4..]).unwrap(), f);
+    }
+
+    #[test]
+    fn ack_attempt_is_tag_9_and_names_its_attempt() {
+        // PROTOCOL.md §4: tag, id (u128 varint), attempt, outcome.
+        let f = DeviceFrame::AckAttempt {
+            id: CommandId(5),
+            attempt: 2,
+            outcome: Outcome::Ok(b"ok".to_vec()),
+        };
+        let bytes = encode(&f);
+        assert_eq!(&bytes[4..], &[0x09, 0x05, 0x02, 0x00, 0x02, b'o', b'k']);
         assert_eq!(decode::<DeviceFrame>(&bytes[4..]).unwrap(), f);
     }
 

@@ -679,6 +679,59 @@ async fn an_ack_for_another_devices_command_is_refused_but_not_fatal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_naming_an_earlier_attempt_does_not_end_the_current_one() {
+    let b = start_box(LinkOptions::default()).await;
+    let bundle = b.enroll("dev-a").await;
+    let mut a = Raw::welcomed(b.addr, &bundle).await;
+    let id = b.send("dev-a", b"job").await;
+    let failed = Outcome::Failed {
+        code: 1,
+        message: "first try".into(),
+    };
+    match a.read().await {
+        Some(BoxFrame::Command { attempt: 1, .. }) => {}
+        f => panic!("{f:?}"),
+    }
+    a.write(&DeviceFrame::AckAttempt {
+        id,
+        attempt: 1,
+        outcome: failed.clone(),
+    })
+    .await;
+    // Retried after the (short) backoff as attempt 2.
+    match a.read().await {
+        Some(BoxFrame::Command { attempt: 2, .. }) => {}
+        f => panic!("{f:?}"),
+    }
+    // A late copy of attempt 1's answer: dropped quietly, not fatal, and
+    // attempt 2 stays in flight.
+    a.write(&DeviceFrame::AckAttempt {
+        id,
+        attempt: 1,
+        outcome: failed,
+    })
+    .await;
+    a.write(&DeviceFrame::Ping).await;
+    assert_eq!(a.read().await, Some(BoxFrame::Pong));
+    assert_eq!(
+        b.queue.show(id).await.unwrap().state,
+        State::Delivered { attempt: 2 }
+    );
+    a.write(&DeviceFrame::AckAttempt {
+        id,
+        attempt: 2,
+        outcome: Outcome::Ok(b"second try".to_vec()),
+    })
+    .await;
+    let v = b.wait_final(id).await;
+    assert_eq!(
+        (v.state, v.outcome),
+        (State::Succeeded, Some(Outcome::Ok(b"second try".to_vec())))
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_device_is_closed_and_others_stay_served() {
     let b = start_box(LinkOptions {
         frame_rate: 500,

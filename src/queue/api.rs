@@ -29,6 +29,12 @@ pub enum QueueError {
         "command {id} is not in flight on device `{device}` (stale, duplicate or foreign ack)"
     )]
     NotInFlight { id: CommandId, device: DeviceId },
+    #[error("the ack of command {id} answers attempt {acked}, but attempt {current} is in flight: a late answer to an earlier delivery, ignored (the device answers the current one too)")]
+    StaleAttempt {
+        id: CommandId,
+        acked: u32,
+        current: u32,
+    },
     #[error("`after` names command {0}, which the box does not know")]
     UnknownDependency(CommandId),
     #[error("bad request: {0}")]
@@ -111,6 +117,7 @@ impl QueueError {
             E::ShuttingDown | E::Storage(_) => ErrorClass::Unavailable,
             E::InvalidTransition { .. }
             | E::NotInFlight { .. }
+            | E::StaleAttempt { .. }
             | E::UnknownDependency(_)
             | E::BadRequest(_) => ErrorClass::BadRequest,
         }
@@ -139,6 +146,7 @@ impl QueueError {
             | E::Revoked(_)
             | E::InvalidTransition { .. }
             | E::NotInFlight { .. }
+            | E::StaleAttempt { .. }
             | E::UnknownDependency(_)
             | E::BadRequest(_)
             | E::NoRoute(_)

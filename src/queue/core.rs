@@ -1296,12 +1296,29 @@ impl QueueCore {
         }
     }
 
-    /// A device reports an outcome. Only the device the command is in
-    /// flight on may report it.
+    /// A device reports an outcome, naming no attempt (a device before
+    /// protocol 1.4, or an edge refusing a forward): it ends whatever
+    /// attempt is in flight. Only the device the command is in flight on
+    /// may report it.
     pub fn ack(
         &mut self,
         device: &str,
         id: CommandId,
+        outcome: Outcome,
+        now: Millis,
+    ) -> Result<(), QueueError> {
+        self.ack_attempt(device, id, None, outcome, now)
+    }
+
+    /// A device reports the outcome of one attempt. An ack of an attempt
+    /// other than the one in flight is stale (a late answer to a delivery
+    /// the box has since requeued) and changes nothing: ending the later
+    /// attempt with it would turn a retry that succeeded into a failure.
+    pub fn ack_attempt(
+        &mut self,
+        device: &str,
+        id: CommandId,
+        acked: Option<u32>,
         outcome: Outcome,
         now: Millis,
     ) -> Result<(), QueueError> {
@@ -1316,6 +1333,13 @@ impl QueueCore {
         };
         if on != d {
             return Err(not_in_flight());
+        }
+        if let Some(acked) = acked.filter(|&a| a != attempt) {
+            return Err(QueueError::StaleAttempt {
+                id,
+                acked,
+                current: attempt,
+            });
         }
         let max_attempts = l.max_attempts;
         self.stats.acked_total += 1;

@@ -434,6 +434,49 @@ fn failures_back_off_then_go_dead_and_retry_revives() {
 }
 
 #[test]
+fn an_ack_of_an_earlier_attempt_does_not_end_the_one_in_flight() {
+    let mut h = H::with_devices(Limits::default(), 1);
+    let id = h.send_prio("d0", Priority::Normal);
+    h.connect("d0");
+    assert_eq!(h.state(id), Some(State::Delivered { attempt: 1 }));
+    // Attempt 1 fails; after its backoff, attempt 2 is delivered.
+    let failed = Outcome::Failed {
+        code: 1,
+        message: "old".into(),
+    };
+    h.core
+        .ack_attempt("d0", id, Some(1), failed.clone(), h.now)
+        .unwrap();
+    h.round();
+    h.advance(600_000);
+    let Some(State::Delivered { attempt: current }) = h.state(id) else {
+        panic!("redelivered: {:?}", h.state(id));
+    };
+    assert_eq!(current, 2);
+    // A second copy of attempt 1's failure arrives late: it changes nothing
+    // (it used to end attempt 2 with attempt 1's outcome).
+    let late = h.core.ack_attempt("d0", id, Some(1), failed, h.now);
+    assert_eq!(
+        late,
+        Err(QueueError::StaleAttempt {
+            id,
+            acked: 1,
+            current
+        })
+    );
+    h.round();
+    assert_eq!(h.state(id), Some(State::Delivered { attempt: current }));
+    assert_eq!(h.core.stats().acked_total, 1, "a stale ack is not counted");
+    // The current attempt's own ack ends it.
+    h.core
+        .ack_attempt("d0", id, Some(current), ok(), h.now)
+        .unwrap();
+    h.round();
+    assert_eq!(h.state(id), Some(State::Succeeded));
+    h.check();
+}
+
+#[test]
 fn rejected_is_failed_without_retry() {
     let mut h = H::with_devices(Limits::default(), 1);
     let id = h.send_prio("d0", Priority::Normal);

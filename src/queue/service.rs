@@ -111,11 +111,24 @@ impl DeviceSession {
         id: CommandId,
         outcome: Outcome,
     ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        self.ack_attempt(id, None, outcome)
+    }
+
+    /// [`ack`](Self::ack) of one attempt (`AckAttempt`, protocol 1.4): a
+    /// stale attempt's ack is refused with `StaleAttempt` and changes
+    /// nothing.
+    pub fn ack_attempt(
+        &self,
+        id: CommandId,
+        attempt: Option<u32>,
+        outcome: Outcome,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let sent = self.handle.tx.send(Msg::Ack {
             device: self.device.clone(),
             token: self.token,
             id,
+            attempt,
             outcome,
             reply,
         });
@@ -143,6 +156,7 @@ pub(crate) enum Msg {
         device: DeviceId,
         token: u64,
         id: CommandId,
+        attempt: Option<u32>,
         outcome: Outcome,
         reply: Reply<()>,
     },
@@ -829,11 +843,12 @@ impl Writer {
                 device,
                 token,
                 id,
+                attempt,
                 outcome,
                 reply,
             } => {
                 let result = if self.sessions.get(&device).map(|s| s.0) == Some(token) {
-                    self.core.ack(&device, id, outcome, now)
+                    self.core.ack_attempt(&device, id, attempt, outcome, now)
                 } else {
                     // An ack on a replaced session: the command went back to
                     // the queue when that session ended.

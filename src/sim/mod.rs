@@ -154,9 +154,11 @@ enum Msg {
     },
     /// Box → device, hub → edge.
     Cancel(CommandId),
-    /// Device → box; edge → hub for a forward it refused.
+    /// Device → box (naming the attempt it answers, as `AckAttempt`);
+    /// edge → hub for a forward it refused (no attempt).
     Ack {
         id: CommandId,
+        attempt: Option<u32>,
         outcome: Outcome,
     },
     Forward(Box<Forward>),
@@ -607,11 +609,12 @@ impl World {
         }
         let epoch = link.epoch;
         let lost = self.faults && self.rng.chance(5);
-        // No duplicate device frames unless asked: `Ack` names no attempt,
-        // so a second copy of an ack, or the agent's answer to a second copy
-        // of a command, ends a later attempt with an earlier one's outcome
-        // (seeds 10161, 20175). QUIC never repeats a frame within a stream,
-        // so the real link does not produce these copies.
+        // No duplicate device frames unless asked: QUIC never repeats a
+        // frame within a stream, so the real link does not produce these
+        // copies. With them (`--dup-device-frames`), a copied ack reaches
+        // the box after a later attempt is in flight; it names its attempt
+        // (`AckAttempt`), so the box drops it as stale (seeds 10161, 20175
+        // ended the later attempt with it while acks named none).
         let dup_ok =
             self.dup_device_frames || !matches!(msg, Msg::Ack { .. } | Msg::Command { .. });
         let copies = if self.faults && dup_ok && self.rng.chance(5) {
@@ -739,7 +742,15 @@ impl World {
         let (node, link) = (dev.node, dev.link);
         if let Some(Some(o)) = dev.seen.get(&(id, attempt)) {
             let outcome = o.clone();
-            self.send(link, true, Msg::Ack { id, outcome });
+            self.send(
+                link,
+                true,
+                Msg::Ack {
+                    id,
+                    attempt: Some(attempt),
+                    outcome,
+                },
+            );
             return;
         }
         let sent = self.sent.get(&id).cloned();
@@ -800,16 +811,31 @@ impl World {
         self.ev(node, "run", id.0, || {
             format!("{id} on {name} attempt {attempt}: {outcome:?}")
         });
-        self.send(link, true, Msg::Ack { id, outcome });
+        self.send(
+            link,
+            true,
+            Msg::Ack {
+                id,
+                attempt: Some(attempt),
+                outcome,
+            },
+        );
     }
 
     fn at_box(&mut self, n: usize, l: usize, msg: Msg) {
-        let Msg::Ack { id, outcome } = msg else {
+        let Msg::Ack {
+            id,
+            attempt,
+            outcome,
+        } = msg
+        else {
             return;
         };
         let now = self.node_now(n);
         let name = self.links[l].name.clone();
-        let _ = self.nodes[n].core.ack(&name, id, outcome, now);
+        let _ = self.nodes[n]
+            .core
+            .ack_attempt(&name, id, attempt, outcome, now);
         self.round(n);
     }
 
@@ -836,6 +862,7 @@ impl World {
                         self.ev(e, "refused", id.0, || format!("{id}: {err}"));
                         Msg::Ack {
                             id,
+                            attempt: None,
                             outcome: crate::upstream::refusal(err),
                         }
                     }
@@ -866,7 +893,7 @@ impl World {
                 let _ = self.nodes[n].core.handed(&edge, id, now);
                 self.round(n);
             }
-            Msg::Ack { id, outcome } => {
+            Msg::Ack { id, outcome, .. } => {
                 let _ = self.nodes[n].core.ack(&edge, id, outcome, now);
                 self.round(n);
             }

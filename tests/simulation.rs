@@ -70,16 +70,15 @@ fn regression_seeds() {
     }
 }
 
-/// Known bug, not fixed yet: an edge's operator retries a command the hub
-/// sent down after it ended Dead or Failed; it runs again on the edge and
-/// succeeds, but the hub ignores the edge's newer result ("the hub's own
-/// record stands", `gateway::remote_result`) and keeps showing Dead. The
-/// hub needs to tell an end it decided itself (expired, cancelled) from a
-/// newer end the edge reports after its own retry. Seed 5 shows it:
+/// Was a known bug: an edge's operator retries a command the hub sent
+/// down after it ended Dead or Failed; it runs again on the edge and
+/// succeeds, and the hub ignored the edge's newer end ("the hub's own
+/// record stands") and kept showing Dead. The hub now takes a newer end
+/// from below after a Dead or Failed one (the ends a retry may follow),
+/// and keeps the ends it decides itself (Expired, Cancelled).
 /// `cargo run --example simulate -- --seed 5 --steps 3000 --retry-forwarded --trace`.
 #[test]
-#[ignore = "known bug: the hub keeps Dead after an edge-side retry succeeded"]
-fn an_edge_retry_of_a_hub_command_is_not_seen_by_the_hub() {
+fn an_edge_retry_of_a_hub_command_reaches_the_hub() {
     let cfg = Config {
         retry_forwarded: true,
         ..Config::default()

@@ -2273,6 +2273,65 @@ fn a_retry_of_what_an_edge_ran_is_refused_with_the_way_out() {
 }
 
 #[test]
+fn the_hub_learns_the_end_of_an_edge_side_retry_but_keeps_an_end_it_decided() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    take(&mut edge, id, "d0");
+    hub.core.handed("e1", id, hub.now).unwrap();
+    hub.round();
+    edge.connect("d0");
+    let no = Outcome::Rejected {
+        reason: "not now".into(),
+    };
+    edge.ack("d0", id, no).unwrap();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(hub.state(id), Some(State::Failed));
+    // The edge's operator retries it there; it succeeds.
+    edge.core
+        .retry(edge.disk.result(id).unwrap(), edge.now)
+        .unwrap();
+    edge.round();
+    edge.ack("d0", id, Outcome::Ok(b"second".to_vec())).unwrap();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(
+        hub.state(id),
+        Some(State::Succeeded),
+        "the hub showed the end the retry followed"
+    );
+    assert_eq!(
+        hub.disk.result(id).unwrap().outcome,
+        Some(Outcome::Ok(b"second".to_vec()))
+    );
+    hub.reopen();
+    assert_eq!(hub.state(id), Some(State::Succeeded), "and after a restart");
+
+    // An end the hub decided itself (its ttl ran out while the edge held
+    // the command) stands against a later end from below.
+    let late = hub
+        .send(
+            "e1/d0",
+            SendOptions {
+                ttl_ms: Some(1_000),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id;
+    hub.connect("e1");
+    take(&mut edge, late, "d0");
+    hub.core.handed("e1", late, hub.now).unwrap();
+    hub.round();
+    hub.advance(2_000);
+    assert_eq!(hub.state(late), Some(State::Expired));
+    edge.ack("d0", late, Outcome::Ok(b"too late".to_vec()))
+        .unwrap();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(hub.state(late), Some(State::Expired));
+}
+
+#[test]
 fn check_invariants_names_what_a_corrupted_state_broke() {
     let mut h = H::with_devices(Limits::default(), 2);
     let a = h.send_prio("d0", Priority::Normal);

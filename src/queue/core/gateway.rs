@@ -239,7 +239,8 @@ impl QueueCore {
 
     /// A command ended on the edge. One the hub sent down ends here with
     /// the edge's outcome; one the edge had from elsewhere is recorded so
-    /// `show` finds it on the hub too.
+    /// `show` finds it on the hub too; a later end after an edge-side
+    /// retry replaces the end it followed.
     fn remote_result(&mut self, gw: u32, rec: ResultRecord, now: Millis) {
         let id = rec.id;
         self.remote.remove(&id);
@@ -256,10 +257,22 @@ impl QueueCore {
             self.stats.up_results_total += 1;
             return;
         }
-        if self.is_live(id) || self.results.contains_key(&id) {
-            // Ended here first (expired, or a retry under way): the hub's
-            // own record stands.
+        if self.is_live(id) {
+            // A retry under way here: the hub's own run decides.
             return;
+        }
+        if let Some(&(_, ended)) = self.results.get(&id) {
+            // Dead and Failed are the ends an operator may retry; an edge's
+            // operator did, and it ended again, differently: the newer end
+            // is the truth (the hub showed Dead while the retry had
+            // succeeded, simulation seed 5). The hub itself ends a command
+            // it handed down only as Expired or Cancelled, and never as
+            // Dead or Failed (a forward the edge refused was never run
+            // there, so no end of the edge's follows it): those stand.
+            let retried_below = matches!(ended, State::Dead | State::Failed) && rec.state != ended;
+            if !retried_below {
+                return;
+            }
         }
         self.stats.up_results_total += 1;
         self.record_result(

@@ -205,7 +205,13 @@ fn a_disk_that_fills_under_the_database_exits_for_a_restart_and_loses_nothing() 
                 origin: "test".into(),
                 signature: None,
             });
-            match admin.call(&req).await {
+            // Bounded: a box whose store stalls on the full disk must exit
+            // by itself (the stall watch, after two of its periods), and
+            // this call then fails.
+            let answer = tokio::time::timeout(Duration::from_secs(90), admin.call(&req))
+                .await
+                .expect("the box neither answered nor exited in 90 s");
+            match answer {
                 Ok(AdminResponse::Receipt(r)) => acked.push(r.id.to_string()),
                 _ => break,
             }
@@ -289,12 +295,19 @@ fn a_disk_that_fills_under_the_database_exits_for_a_restart_and_loses_nothing() 
         .iter()
         .map(|v| v["id"].as_str().unwrap())
         .collect();
-    for id in &acked {
-        assert!(
-            ids.contains(id.as_str()),
-            "{id} was acknowledged and is gone"
-        );
-    }
+    let gone: Vec<String> = acked
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| !ids.contains(id.as_str()))
+        .map(|(i, id)| format!("#{i} {id}"))
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "{} of {} acknowledged commands are gone after the restart ({} listed): {gone:?}",
+        gone.len(),
+        acked.len(),
+        ids.len()
+    );
     eprintln!(
         "{} acknowledged before the disk filled; exit 75; all {} there after the restart",
         acked.len(),

@@ -20,6 +20,7 @@ pub mod json;
 pub mod outbox;
 pub mod progress;
 pub mod service;
+mod stall;
 
 pub use self::core::{default_reserve, Limits, QueueCore, DEFAULT_MIN_FREE_DISK};
 pub use api::*;

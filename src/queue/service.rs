@@ -296,7 +296,27 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
     let (sessions_tx, sessions_rx) = tokio::sync::watch::channel(0u64);
+    let stall = Arc::new(super::stall::Mark::default());
+    let watch = match opts.exit_on_store_failure {
+        Some(code) => {
+            let dir = store.dir().to_path_buf();
+            let at = dir.clone();
+            Some(
+                super::stall::Watch::exit_on_stall(
+                    stall.clone(),
+                    dir.clone(),
+                    opts.limits.min_free_disk,
+                    code,
+                    move || crate::disk::fs_space(&at).ok().map(|(_, free)| free),
+                )
+                .map_err(|source| StoreError::Io { dir, source })?,
+            )
+        }
+        None => None,
+    };
     let mut writer = Writer {
+        stall,
+        _watch: watch,
         clock: Clock::new(),
         outbox: outbox_tx,
         sessions_changed: sessions_tx,
@@ -637,6 +657,10 @@ impl Clock {
 }
 
 struct Writer {
+    /// Marks each commit for the stall watch (see `stall.rs`).
+    stall: Arc<super::stall::Mark>,
+    /// Stops with the writer.
+    _watch: Option<super::stall::Watch>,
     /// The chunk store, told the database's size for `--max-disk`.
     chunks: Arc<crate::artifact::chunks::ChunkStore>,
     clock: Clock,
@@ -1057,6 +1081,18 @@ impl Writer {
     }
 
     fn commit(
+        &mut self,
+        write: &GroupWrite,
+        effects: &Effects,
+        audit: Option<&crate::audit::Write>,
+    ) -> Result<(), StoreError> {
+        self.stall.begin();
+        let r = self.write_and_flush(write, effects, audit);
+        self.stall.end();
+        r
+    }
+
+    fn write_and_flush(
         &mut self,
         write: &GroupWrite,
         effects: &Effects,

@@ -514,6 +514,13 @@ pub struct QueueCore {
     /// ids; checked against `Live::requeue_group` when used).
     requeue_holders: HashMap<u64, Vec<CommandId>>,
     unpinned: Vec<u64>,
+    /// Groups found unpinned at the last seal, dropped at the next one: a
+    /// group is removed only in a round after the one that made it
+    /// unneeded (a relocation's copy, a result's payload) is durable, so a
+    /// batch the store tears on a failed write can never drop a group
+    /// whose replacement it lost (seen on a full disk: an acknowledged
+    /// command relocated and gone).
+    unpinned_before: Vec<u64>,
     open_seq: u64,
     next_order: u64,
     journal: Vec<Entry>,
@@ -595,6 +602,7 @@ impl QueueCore {
             pins: BTreeMap::new(),
             requeue_holders: HashMap::new(),
             unpinned: Vec::new(),
+            unpinned_before: Vec::new(),
             open_seq: 1,
             next_order: 1,
             journal: Vec::new(),

@@ -329,6 +329,11 @@ fn send_deliver_ack_succeeds_and_frees_the_journal() {
     assert_eq!(r.outcome, Some(ok()));
     assert_eq!(r.attempts, 1);
     assert!(
+        !h.disk.journal.is_empty(),
+        "kept until a round after the one that ended it is durable"
+    );
+    h.round();
+    assert!(
         h.disk.journal.is_empty(),
         "finished command's group is dropped"
     );
@@ -1236,6 +1241,11 @@ fn broadcast_to_fifty_with_five_offline_and_a_restart() {
         State::Failed
     );
     assert!(h.core.parents.is_empty() && h.core.live.is_empty());
+    assert!(
+        !h.disk.journal.is_empty(),
+        "kept until a round after the one that ended it is durable"
+    );
+    h.round();
     assert!(
         h.disk.journal.is_empty(),
         "the broadcast's group is dropped"

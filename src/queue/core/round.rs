@@ -99,7 +99,11 @@ impl QueueCore {
     pub fn seal(&mut self, now: Millis) -> Sealed {
         self.retain_results(now);
         let seq = self.open_seq;
-        let mut drop_journal: Vec<u64> = std::mem::take(&mut self.unpinned)
+        let ready = std::mem::replace(
+            &mut self.unpinned_before,
+            std::mem::take(&mut self.unpinned),
+        );
+        let mut drop_journal: Vec<u64> = ready
             .into_iter()
             .filter(|s| self.pins.get(s) == Some(&0))
             .collect();

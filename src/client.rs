@@ -333,10 +333,7 @@ impl Sender {
     /// attempt the box has in flight, so a late answer to an earlier
     /// delivery can end a later one. Prefer [`ack_attempt`](Self::ack_attempt).
     pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
-        if let Ok(mut g) = self.guard.lock() {
-            g.ended(id, &outcome);
-        }
-        self.send(&DeviceFrame::Ack { id, outcome }).await
+        self.ack_with(id, None, outcome).await
     }
 
     /// Report the outcome of one delivery: `attempt` is the
@@ -349,17 +346,29 @@ impl Sender {
         attempt: u32,
         outcome: Outcome,
     ) -> Result<(), ClientError> {
+        self.ack_with(id, Some(attempt), outcome).await
+    }
+
+    /// `AckAttempt` when an attempt is named and the box knows the frame,
+    /// else the plain `Ack`.
+    async fn ack_with(
+        &self,
+        id: CommandId,
+        attempt: Option<u32>,
+        outcome: Outcome,
+    ) -> Result<(), ClientError> {
         if let Ok(mut g) = self.guard.lock() {
             g.ended(id, &outcome);
         }
-        let frame = if self.box_minor >= proto::MINOR_ACK_ATTEMPT {
-            DeviceFrame::AckAttempt {
-                id,
-                attempt,
-                outcome,
+        let frame = match attempt {
+            Some(attempt) if self.box_minor >= proto::MINOR_ACK_ATTEMPT => {
+                DeviceFrame::AckAttempt {
+                    id,
+                    attempt,
+                    outcome,
+                }
             }
-        } else {
-            DeviceFrame::Ack { id, outcome }
+            _ => DeviceFrame::Ack { id, outcome },
         };
         self.send(&frame).await
     }
@@ -1115,7 +1124,7 @@ impl Agent {
 
     /// The start of a command's run; a `Rejected` ack instead when its
     /// envelope cannot be read.
-    fn start(&mut self, cmd: ReceivedCommand) -> Option<(CommandId, u32, Outcome)> {
+    fn start(&mut self, cmd: ReceivedCommand) -> Option<(CommandId, Option<u32>, Outcome)> {
         let artifact = match cmd
             .signature
             .as_deref()
@@ -1125,7 +1134,7 @@ impl Agent {
             Some(Ok(Some(d))) => Some(crate::artifact::Digest(d)),
             Some(Err(e)) => {
                 let reason = format!("the command's envelope cannot be read on the device: {e}");
-                return Some((cmd.id, cmd.attempt, Outcome::Rejected { reason }));
+                return Some((cmd.id, Some(cmd.attempt), Outcome::Rejected { reason }));
             }
         };
         let command_timeout = self.opts.command_timeout;
@@ -1210,12 +1219,12 @@ impl Agent {
     }
 
     /// Handle one message; an ack to send back (id, attempt, outcome), if any.
-    fn on_message(&mut self, m: Received) -> Option<(CommandId, u32, Outcome)> {
+    fn on_message(&mut self, m: Received) -> Option<(CommandId, Option<u32>, Outcome)> {
         match m {
             Received::Command(cmd) => {
                 if let Some(o) = self.dedupe.get(cmd.id, cmd.attempt) {
                     tracing::info!(id = %cmd.id, attempt = cmd.attempt, "command delivered again; acking its earlier outcome");
-                    return Some((cmd.id, cmd.attempt, o.clone()));
+                    return Some((cmd.id, Some(cmd.attempt), o.clone()));
                 }
                 if let Some(r) = self.running.get_mut(&cmd.id) {
                     r.attempt = cmd.attempt;
@@ -1245,7 +1254,7 @@ impl Agent {
                     let g = self.guard.lock().expect("guard lock");
                     return Some((
                         cmd.id,
-                        cmd.attempt,
+                        Some(cmd.attempt),
                         g.refused(&crate::trust::Refusal::Replay(cmd.id)),
                     ));
                 }
@@ -1266,9 +1275,10 @@ impl Agent {
             Received::Forward(f) => {
                 // Only a gateway is sent these; a device agent cannot route.
                 tracing::warn!(id = %f.id, "the box forwarded a command to this device as if it were a box below it; rejecting it");
+                // A forward has no attempt of its own: a plain `Ack`.
                 Some((
                     f.id,
-                    1,
+                    None,
                     Outcome::Rejected {
                         reason: "this is a device agent, not a box: it cannot route commands"
                             .into(),
@@ -1282,7 +1292,7 @@ impl Agent {
     fn finished(
         &mut self,
         r: Result<Ended, tokio::task::JoinError>,
-    ) -> Option<(CommandId, u32, Outcome)> {
+    ) -> Option<(CommandId, Option<u32>, Outcome)> {
         let (id, attempt, run, outcome) = match r {
             Ok(x) => x,
             // Aborted by a Cancel: nothing to report.
@@ -1304,7 +1314,7 @@ impl Agent {
             o => tracing::info!(%id, outcome = ?o, "command did not succeed"),
         }
         self.dedupe.insert(id, attempt, outcome.clone());
-        Some((id, attempt, outcome))
+        Some((id, Some(attempt), outcome))
     }
 }
 
@@ -1477,7 +1487,7 @@ impl Agent {
             };
             if let Some((id, attempt, outcome)) = ack {
                 let ok = matches!(outcome, Outcome::Ok(_));
-                if let Err(e) = conn.ack_attempt(id, attempt, outcome).await {
+                if let Err(e) = conn.sender.ack_with(id, attempt, outcome).await {
                     // The outcome is remembered: the box redelivers the
                     // command after the reconnect and gets it then.
                     return Some(e);
@@ -1718,11 +1728,14 @@ mod tests {
             let done = a.tasks.join_next().await.unwrap();
             assert_eq!(
                 a.finished(done),
-                Some((CommandId(1), 2, Outcome::Ok(b"p".to_vec())))
+                Some((CommandId(1), Some(2), Outcome::Ok(b"p".to_vec())))
             );
             // Redelivered after it finished: the same outcome, no new run.
             let again = a.on_message(Received::Command(cmd));
-            assert_eq!(again, Some((CommandId(1), 2, Outcome::Ok(b"p".to_vec()))));
+            assert_eq!(
+                again,
+                Some((CommandId(1), Some(2), Outcome::Ok(b"p".to_vec())))
+            );
             assert!(a.tasks.is_empty());
         });
     }

@@ -66,9 +66,10 @@ pub struct Config {
     /// Faults while the workload runs (crashes, partitions, disk errors,
     /// message loss, clock jumps). Off: a fault-free run, for comparison.
     pub faults: bool,
-    /// Let an edge's operator retry commands the hub sent down. Off by
-    /// default: the hub then keeps the end it had (a known bug, see
-    /// `tests/simulation.rs::an_edge_retry_of_a_hub_command_is_not_seen_by_the_hub`).
+    /// Let an edge's operator retry commands the hub sent down (off by
+    /// default, so the default seeds keep their runs; the hub learns the
+    /// retry's end, see
+    /// `tests/simulation.rs::an_edge_retry_of_a_hub_command_reaches_the_hub`).
     pub retry_forwarded: bool,
     /// Duplicate `Command` and `Ack` frames within a connection too (QUIC
     /// never does; `AckAttempt` makes a copied ack harmless, see
@@ -750,15 +751,7 @@ impl World {
         let (node, link) = (dev.node, dev.link);
         if let Some(Some(o)) = dev.seen.get(&(id, attempt)) {
             let outcome = o.clone();
-            self.send(
-                link,
-                true,
-                Msg::Ack {
-                    id,
-                    attempt: Some(attempt),
-                    outcome,
-                },
-            );
+            self.answer(link, id, attempt, outcome);
             return;
         }
         let sent = self.sent.get(&id).cloned();
@@ -819,15 +812,17 @@ impl World {
         self.ev(node, "run", id.0, || {
             format!("{id} on {name} attempt {attempt}: {outcome:?}")
         });
-        self.send(
-            link,
-            true,
-            Msg::Ack {
-                id,
-                attempt: Some(attempt),
-                outcome,
-            },
-        );
+        self.answer(link, id, attempt, outcome);
+    }
+
+    /// The device's ack, naming the attempt it answers (`AckAttempt`).
+    fn answer(&mut self, link: usize, id: CommandId, attempt: u32, outcome: Outcome) {
+        let msg = Msg::Ack {
+            id,
+            attempt: Some(attempt),
+            outcome,
+        };
+        self.send(link, true, msg);
     }
 
     fn at_box(&mut self, n: usize, l: usize, msg: Msg) {

@@ -300,14 +300,12 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     let watch = match opts.exit_on_store_failure {
         Some(code) => {
             let dir = store.dir().to_path_buf();
-            let at = dir.clone();
             Some(
                 super::stall::Watch::exit_on_stall(
                     stall.clone(),
                     dir.clone(),
                     opts.limits.min_free_disk,
                     code,
-                    move || crate::disk::fs_space(&at).ok().map(|(_, free)| free),
                 )
                 .map_err(|source| StoreError::Io { dir, source })?,
             )

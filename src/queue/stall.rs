@@ -58,15 +58,15 @@ pub struct Watch {
 
 impl Watch {
     /// Watch the writer's commits on the store in `dir`; on sled's stall,
-    /// exit the process with `code`. `free` reads the free bytes there.
+    /// exit the process with `code`.
     pub fn exit_on_stall(
         mark: Arc<Mark>,
         dir: PathBuf,
         reserve: u64,
         code: i32,
-        free: impl Fn() -> Option<u64> + Send + 'static,
     ) -> std::io::Result<Watch> {
         let shown = dir.display().to_string();
+        let free = move || crate::disk::fs_space(&dir).ok().map(|(_, free)| free);
         Watch::start(mark, PERIOD, reserve, free, move |free| {
             tracing::error!(
                 dir = %shown, free,

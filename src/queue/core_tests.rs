@@ -2258,13 +2258,12 @@ fn a_command_ended_by_its_edge_in_the_round_that_delivered_it_is_not_delivered()
     hub.check();
 }
 
-#[test]
-fn a_retry_of_what_an_edge_ran_is_refused_with_the_way_out() {
-    let mut hub = hub();
-    let mut edge = with_outbox(1000, 1);
+/// A command the hub sent down to `e1/d0` that the device there rejected:
+/// Failed on the edge and, once the outbox went up, on the hub.
+fn failed_below(hub: &mut H, edge: &mut H) -> CommandId {
     hub.connect("e1");
     let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
-    take(&mut edge, id, "d0");
+    take(edge, id, "d0");
     hub.core.handed("e1", id, hub.now).unwrap();
     hub.round();
     edge.connect("d0");
@@ -2272,8 +2271,16 @@ fn a_retry_of_what_an_edge_ran_is_refused_with_the_way_out() {
         reason: "no".into(),
     };
     edge.ack("d0", id, no).unwrap();
-    up(&mut hub, outbox_of(&edge));
+    up(hub, outbox_of(edge));
     assert_eq!(hub.state(id), Some(State::Failed));
+    id
+}
+
+#[test]
+fn a_retry_of_what_an_edge_ran_is_refused_with_the_way_out() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    let id = failed_below(&mut hub, &mut edge);
     let e = hub
         .core
         .retry(hub.disk.result(id).unwrap(), hub.now)
@@ -2286,18 +2293,7 @@ fn a_retry_of_what_an_edge_ran_is_refused_with_the_way_out() {
 fn the_hub_learns_the_end_of_an_edge_side_retry_but_keeps_an_end_it_decided() {
     let mut hub = hub();
     let mut edge = with_outbox(1000, 1);
-    hub.connect("e1");
-    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
-    take(&mut edge, id, "d0");
-    hub.core.handed("e1", id, hub.now).unwrap();
-    hub.round();
-    edge.connect("d0");
-    let no = Outcome::Rejected {
-        reason: "not now".into(),
-    };
-    edge.ack("d0", id, no).unwrap();
-    up(&mut hub, outbox_of(&edge));
-    assert_eq!(hub.state(id), Some(State::Failed));
+    let id = failed_below(&mut hub, &mut edge);
     // The edge's operator retries it there; it succeeds.
     edge.core
         .retry(edge.disk.result(id).unwrap(), edge.now)

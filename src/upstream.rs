@@ -30,6 +30,7 @@ use crate::identity::Bundle;
 use crate::jobs::Runners;
 use crate::journal::{UpEntry, UpItem};
 use crate::proto::{DeviceFrame, Forward};
+use crate::queue::core::FROM_UPSTREAM;
 use crate::queue::{QueueError, QueueHandle, SendRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -576,7 +577,7 @@ impl Staging {
             max_attempts: 1,
             created_at: now,
             finished_at: crate::now_millis(),
-            origin: format!("upstream/{}", f.origin),
+            origin: format!("{FROM_UPSTREAM}{}", f.origin),
             key: None,
             command: None,
             children: Vec::new(),
@@ -659,7 +660,7 @@ pub(crate) fn request(f: Forward) -> SendRequest {
             after: f.after,
             not_before: f.not_before,
         },
-        origin: format!("upstream/{}", f.origin),
+        origin: format!("{FROM_UPSTREAM}{}", f.origin),
         signature: f.signature,
     }
 }

@@ -298,8 +298,9 @@ pub struct QueueStats {
     /// then the count above the last bucket.
     pub flush_buckets: Vec<u64>,
     pub flush_seconds_sum: f64,
-    /// Hub side of upstream sync: outbox records applied, skipped as
-    /// already applied, and of those results recorded.
+    /// Hub side of upstream sync: outbox records applied, skipped (already
+    /// applied, or late news of a command that already ended here), and of
+    /// those results recorded.
     pub up_applied_total: u64,
     pub up_duplicates_total: u64,
     pub up_results_total: u64,

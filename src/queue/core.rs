@@ -24,6 +24,7 @@
 mod delivery;
 mod ends;
 mod gateway;
+pub use gateway::FROM_UPSTREAM;
 mod invariants;
 mod keys;
 mod replay;

@@ -33,6 +33,9 @@ pub(super) struct Remote {
     pub attempts: u32,
 }
 
+/// The origin an edge gives a command its hub sent down (`upstream/cli`).
+pub const FROM_UPSTREAM: &str = "upstream/";
+
 fn below(edge: &str, name: &str) -> String {
     format!("{edge}/{name}")
 }
@@ -273,6 +276,16 @@ impl QueueCore {
             if !retried_below {
                 return;
             }
+        } else if rec.origin.starts_with(FROM_UPSTREAM) && rec.gen == 0 {
+            // This box sent it down and ended it (itself, or with an end
+            // from below), and retention has since dropped that end: the
+            // edge's late report of the first run is of a command already
+            // ended here, not one of the edge's own to record afresh (that
+            // walked `show` and every watcher from Expired to Succeeded;
+            // found by the simulation once it ran with retention). A later
+            // generation is an edge-side retry's end: news, as above.
+            self.stats.up_duplicates_total += 1;
+            return;
         }
         self.stats.up_results_total += 1;
         self.record_result(

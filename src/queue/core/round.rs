@@ -179,6 +179,14 @@ impl QueueCore {
                 Entry::Requeued { .. } => continue,
             };
             let id = e.command.id;
+            // A dependency decided since: the copy says so, or its replay
+            // would look for the dependency's result, which retention may
+            // drop once this copy is the older journal group's successor
+            // (the dependent ended Dead after a restart; simulation).
+            // `after` is not among the signed claims.
+            if e.command.after.is_some_and(|d| !self.is_live(d)) {
+                e.command.after = None;
+            }
             let Some(l) = self.live.get_mut(&id) else {
                 continue;
             };
@@ -231,6 +239,10 @@ impl QueueCore {
     /// brings a finished child back).
     pub(super) fn relocate_broadcast(&mut self, seq: u64, mut b: Broadcast) {
         let pid = b.command.id;
+        // As for a single command: a decided dependency is written decided.
+        if b.command.after.is_some_and(|d| !self.is_live(d)) {
+            b.command.after = None;
+        }
         let Some(p) = self.parents.get_mut(&pid) else {
             return;
         };

@@ -26,6 +26,7 @@ use crate::queue::{LifecycleEvent, SendRequest};
 use crate::route::GATEWAY_TAG;
 use crate::store::DeviceRecord;
 use disk::{Batch, SimDisk};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// splitmix64: tiny, fast, and the same on every platform and run.
@@ -53,6 +54,38 @@ impl Rng {
     }
     fn pick<T: Copy>(&mut self, xs: &[T]) -> Option<T> {
         (!xs.is_empty()).then(|| xs[self.below(xs.len() as u64) as usize])
+    }
+    /// One of the last `k`: an operator acts on what they sent lately, and
+    /// a pick over a long run's whole history is nearly always long ended.
+    fn pick_recent<T: Copy>(&mut self, xs: &[T], k: usize) -> Option<T> {
+        self.pick(&xs[xs.len().saturating_sub(k)..])
+    }
+}
+
+/// A set with a uniform, seeded pick in O(1): the order is the insertion
+/// order as changed by removals, so it is the same on every run.
+#[derive(Debug, Default)]
+struct PickSet {
+    items: Vec<CommandId>,
+    at: FxHashMap<CommandId, usize>,
+}
+
+impl PickSet {
+    fn insert(&mut self, id: CommandId) {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.at.entry(id) {
+            v.insert(self.items.len());
+            self.items.push(id);
+        }
+    }
+    fn remove(&mut self, id: CommandId) {
+        let Some(i) = self.at.remove(&id) else { return };
+        self.items.swap_remove(i);
+        if let Some(moved) = self.items.get(i) {
+            self.at.insert(*moved, i);
+        }
+    }
+    fn pick(&self, rng: &mut Rng) -> Option<CommandId> {
+        rng.pick(&self.items)
     }
 }
 
@@ -131,10 +164,14 @@ const OUTBOX_MAX: u64 = 32;
 /// Clock steps above this are seen as jumps, as `service::Clock` does.
 const JUMP_MS: i64 = 2_000;
 const MAX_VIOLATIONS: usize = 20;
+/// Cancels and dependencies pick among a box's last this many sends.
+const RECENT: usize = 64;
 
 fn limits() -> Limits {
     // Small numbers, so that backoff, dead letters, relocation and retention
-    // all happen within a few thousand steps.
+    // all happen within a few thousand steps. Retention also keeps what a
+    // box holds (and so the cost of a restart's replay) bounded over a run
+    // of any length, as on a real box.
     Limits {
         window: 4,
         backoff_base_ms: 100,
@@ -142,6 +179,8 @@ fn limits() -> Limits {
         default_max_attempts: 3,
         relocate_lag: 8,
         relocate_max_pins: 4,
+        results_max: 256,
+        results_max_age_ms: 20_000,
         ..Limits::default()
     }
 }
@@ -213,10 +252,21 @@ struct Node {
     boots: u64,
     /// Commands this box's operators know (sent and acknowledged).
     ids: Vec<CommandId>,
+    /// Acknowledged sends with no result on disk yet: what a restart must
+    /// find.
+    open: FxHashSet<CommandId>,
     /// Result records flushed to disk, per (id, generation).
-    results: BTreeMap<(CommandId, u32), u32>,
+    results: FxHashMap<(CommandId, u32), u32>,
+    /// The state of the last result flushed per command.
+    ended: FxHashMap<CommandId, State>,
+    /// Commands whose result records retention dropped: the box may not
+    /// know them any more.
+    pruned: FxHashSet<CommandId>,
     /// Last published state per command.
-    states: BTreeMap<CommandId, State>,
+    states: FxHashMap<CommandId, State>,
+    /// Commands last seen failed or dead that this box's operator may
+    /// retry.
+    retryable: PickSet,
     uplink: Option<usize>,
     /// Uplink session: highest outbox seq sent and acknowledged.
     sent: u64,
@@ -343,8 +393,12 @@ impl World {
             skew: 0,
             boots: 1,
             ids: Vec::new(),
-            results: BTreeMap::new(),
-            states: BTreeMap::new(),
+            open: FxHashSet::default(),
+            results: FxHashMap::default(),
+            ended: FxHashMap::default(),
+            pruned: FxHashSet::default(),
+            states: FxHashMap::default(),
+            retryable: PickSet::default(),
             uplink: None,
             sent: 0,
             acked: 0,
@@ -471,6 +525,7 @@ impl World {
             match self.nodes[n].disk.flush() {
                 Ok(done) => self.flushed(n, done),
                 Err(_) => {
+                    self.note_pruned(n);
                     self.report.counts.disk_faults += 1;
                     self.ev(n, "flush-failed", 0, String::new);
                     self.crash(n);
@@ -492,20 +547,36 @@ impl World {
     /// at most once on a box.
     fn flushed(&mut self, n: usize, done: Vec<Batch>) {
         let mut twice = Vec::new();
+        let node = &mut self.nodes[n];
         for b in &done {
             for r in b.group.iter().flat_map(|g| &g.results) {
-                let c = self.nodes[n].results.entry((r.id, r.gen)).or_insert(0);
+                let c = node.results.entry((r.id, r.gen)).or_insert(0);
                 *c += 1;
                 if *c > 1 {
                     twice.push((r.id, r.gen, r.state));
                 }
+                node.ended.insert(r.id, r.state);
+                node.open.remove(&r.id);
             }
         }
+        self.note_pruned(n);
         for (id, gen, state) in twice {
             self.violation(
                 n,
                 format!("result of {id} (gen {gen}, {state:?}) recorded twice"),
             );
+        }
+    }
+
+    /// Result records that left the disk for good (a torn flush's
+    /// removals count too): the box may forget those commands.
+    fn note_pruned(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        for id in node.disk.take_pruned() {
+            // A newer record (a retry's) may still be on disk; only the
+            // box's lookup can tell, so the mark just allows NotFound.
+            node.pruned.insert(id);
+            node.retryable.remove(id);
         }
     }
 
@@ -567,11 +638,22 @@ impl World {
     /// end after the end it followed.
     fn lifecycle(&mut self, n: usize, ev: LifecycleEvent) {
         let prev = self.nodes[n].states.insert(ev.id, ev.state);
+        let mine = self.retry_forwarded || self.sent.get(&ev.id).is_some_and(|s| s.node == n);
+        if mine && matches!(ev.state, State::Failed | State::Dead) {
+            self.nodes[n].retryable.insert(ev.id);
+        } else {
+            self.nodes[n].retryable.remove(ev.id);
+        }
         if let Some(p) = prev {
+            // A retry below reaches the hub as whatever state of it the
+            // edge's outbox still held (telemetry is compacted).
             let retried = matches!(p, State::Failed | State::Dead)
-                && (ev.state == State::Queued
-                    || (ev.state.is_final() && self.retried_below.contains(&ev.id)));
-            if p.is_final() && !retried {
+                && (ev.state == State::Queued || self.retried_below.contains(&ev.id));
+            // A hub that has dropped a command's end (retention) takes a
+            // late state report of it from below as news: published, not
+            // recorded (a known limit, see ARCHITECTURE.md).
+            let forgotten = self.nodes[n].pruned.contains(&ev.id);
+            if p.is_final() && !retried && !forgotten {
                 self.violation(n, format!("{}: {p:?} → {:?}", ev.id, ev.state));
             }
         }
@@ -967,12 +1049,13 @@ impl World {
         node.up = true;
         node.boots += 1;
         self.ev(n, "restart", 0, String::new);
-        let lost: Vec<CommandId> = self.nodes[n]
-            .ids
+        let mut lost: Vec<CommandId> = self.nodes[n]
+            .open
             .iter()
             .copied()
             .filter(|id| matches!(self.nodes[n].core.lookup(*id), Lookup::NotFound))
             .collect();
+        lost.sort();
         for id in lost {
             self.violation(n, format!("acknowledged send {id} lost by the restart"));
         }
@@ -1020,7 +1103,7 @@ impl World {
         let key = r.chance(100).then(|| format!("k{}", r.below(8)));
         let after = if r.chance(80) {
             let ids = &self.nodes[n].ids;
-            self.rng.pick(ids)
+            self.rng.pick_recent(ids, RECENT)
         } else {
             None
         };
@@ -1064,7 +1147,12 @@ impl World {
                         index: self.send_index,
                     },
                 );
-                self.nodes[n].ids.push(rc.id);
+                let node = &mut self.nodes[n];
+                node.ids.push(rc.id);
+                // It may have ended in its own round (a failed dependency).
+                if !node.ended.contains_key(&rc.id) {
+                    node.open.insert(rc.id);
+                }
                 self.report.counts.sends_acked += 1;
                 self.ev(n, "send", rc.id.0, || format!("{} → {target}", rc.id));
             }
@@ -1077,7 +1165,7 @@ impl World {
     }
 
     fn op_cancel(&mut self, n: usize) {
-        let Some(id) = self.rng.pick(&self.nodes[n].ids) else {
+        let Some(id) = self.rng.pick_recent(&self.nodes[n].ids, RECENT) else {
             return;
         };
         let now = self.node_now(n);
@@ -1092,16 +1180,7 @@ impl World {
     fn op_retry(&mut self, n: usize) {
         // Among the commands last seen failed or dead: a random known id is
         // rarely one, and a refused retry tests little.
-        let ended: Vec<CommandId> = self.nodes[n]
-            .states
-            .iter()
-            .filter(|(_, s)| matches!(s, State::Failed | State::Dead))
-            .filter(|(id, _)| {
-                self.retry_forwarded || self.sent.get(id).is_some_and(|s| s.node == n)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        let Some(id) = self.rng.pick(&ended) else {
+        let Some(id) = self.nodes[n].retryable.pick(&mut self.rng) else {
             return;
         };
         let Lookup::Finished { seq, .. } = self.nodes[n].core.lookup(id) else {
@@ -1343,11 +1422,15 @@ impl World {
         let sent: Vec<(CommandId, Sent)> =
             self.sent.iter().map(|(id, s)| (*id, s.clone())).collect();
         for (id, s) in sent {
-            let state = match self.nodes[s.node].core.lookup(id) {
-                Lookup::NotFound => {
-                    self.violation(s.node, format!("acknowledged send {id} lost"));
-                    continue;
-                }
+            let node = &self.nodes[s.node];
+            let state = match node.core.lookup(id) {
+                Lookup::NotFound => match node.ended.get(&id) {
+                    Some(&state) if node.pruned.contains(&id) => state,
+                    _ => {
+                        self.violation(s.node, format!("acknowledged send {id} lost"));
+                        continue;
+                    }
+                },
                 Lookup::Live(v) => {
                     let disk = self.on_disk(s.node, id);
                     self.violation(
@@ -1358,7 +1441,7 @@ impl World {
                 }
                 Lookup::Finished { state, .. } => state,
             };
-            if !self.nodes[s.node].results.keys().any(|(x, _)| *x == id) {
+            if !self.nodes[s.node].ended.contains_key(&id) {
                 self.violation(
                     s.node,
                     format!("{id} ended {state:?} with no result on disk"),

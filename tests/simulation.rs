@@ -102,3 +102,34 @@ fn a_copied_ack_of_an_earlier_attempt_is_dropped_as_stale() {
     };
     assert_clean(10161, 5_000, &cfg);
 }
+
+/// Issue 28's CI sweep: two million steps across 400 seeds, a quarter each
+/// with edge-side retries, copied device frames and no faults. Bounded in
+/// count; about a minute in a debug build here (the cost of a step does not
+/// grow with the run any more).
+#[test]
+fn two_million_steps_across_seeds_keep_every_invariant() {
+    let started = std::time::Instant::now();
+    let (mut steps, mut acked) = (0u64, 0u64);
+    for seed in 1_000..1_400u64 {
+        let cfg = Config {
+            retry_forwarded: seed % 4 == 1,
+            dup_device_frames: seed % 4 == 2,
+            faults: seed % 4 != 3,
+            ..Config::default()
+        };
+        let r = assert_clean(seed, 5_000, &cfg);
+        steps += r.steps;
+        acked += r.counts.sends_acked;
+    }
+    assert_eq!(steps, 2_000_000);
+    assert!(
+        acked > 100_000,
+        "the workload ran: {acked} sends acknowledged"
+    );
+    let s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{steps} steps in {s:.1} s: {:.0} steps/s (debug build)",
+        steps as f64 / s
+    );
+}

@@ -75,7 +75,8 @@ pub struct Limits {
     pub results_max: usize,
     pub results_max_age_ms: u64,
     /// A journal group this many groups behind the head, with at most
-    /// `relocate_max_pins` live commands left, is re-journalled.
+    /// `relocate_max_pins` live commands left, is re-journalled (with k
+    /// times as many, k times as far behind; see `relocation_candidate`).
     pub relocate_lag: u64,
     pub relocate_max_pins: u32,
     /// Largest payload accepted.

@@ -921,6 +921,52 @@ fn a_straggler_pins_no_more_than_its_own_group() {
 }
 
 #[test]
+fn a_group_with_more_stragglers_than_the_limit_still_moves_so_retention_works() {
+    let limits = Limits {
+        relocate_lag: 8,
+        relocate_max_pins: 4,
+        results_max: 10,
+        ..Limits::default()
+    };
+    let mut h = H::with_devices(limits, 2);
+    // Five for d0, which never connects, in one group: one more than a
+    // cheap move.
+    let stuck: Vec<CommandId> = (0..5)
+        .map(|i| {
+            let req = SendRequest {
+                target: "d0".into(),
+                payload: vec![i],
+                opts: SendOptions::default(),
+                origin: "cli".into(),
+                signature: None,
+            };
+            h.core.send(req, h.now).unwrap().id
+        })
+        .collect();
+    h.round();
+    h.connect("d1");
+    for _ in 0..200 {
+        let id = h.send_prio("d1", Priority::Normal);
+        h.ack("d1", id, ok()).unwrap();
+        h.check();
+    }
+    assert!(
+        h.core.results.len() <= 11,
+        "results stay within their retention: {} kept",
+        h.core.results.len()
+    );
+    assert!(h.disk.journal.len() <= 3, "{} groups", h.disk.journal.len());
+    h.reopen();
+    h.connect("d0");
+    let mut got = h.ids("d0");
+    got.sort();
+    let mut want = stuck.clone();
+    want.sort();
+    assert_eq!(got, want);
+    h.check();
+}
+
+#[test]
 fn results_are_kept_within_retention_and_never_contradict_the_journal() {
     let limits = Limits {
         results_max: 10,

@@ -35,6 +35,10 @@ impl JournalSource for &BTreeMap<u64, Vec<Entry>> {
     }
 }
 
+/// A pinned group moves in one batch only while it holds at most this
+/// many times `relocate_max_pins` live commands (1,024 by default).
+pub const RELOCATE_MAX_BATCHES: u32 = 64;
+
 /// Debug builds check the invariants after every round up to this many
 /// live commands.
 const DEBUG_CHECK_LIVE: usize = 1_000;
@@ -158,11 +162,22 @@ impl QueueCore {
     }
 
     /// The oldest journal group worth re-journalling, if any: far behind
-    /// the head and pinned by only a few commands.
+    /// the head for the commands still pinning it. A group with a few
+    /// stragglers moves once `relocate_lag` groups behind; one with k times
+    /// `relocate_max_pins` waits k times as long, so the copies cost at
+    /// most `relocate_max_pins / relocate_lag` commands per group however
+    /// the stragglers come. Without that, five long-lived commands (a
+    /// backlog for an offline edge) held the oldest group for good, and
+    /// with it every result behind it past its retention (the simulation
+    /// found results growing without bound). A group of more than
+    /// [`RELOCATE_MAX_BATCHES`] times the limit stays put: one batch
+    /// copying it would be too big for a small box.
     pub fn relocation_candidate(&self) -> Option<u64> {
         let (&seq, &pins) = self.pins.iter().find(|(_, &n)| n > 0)?;
-        (self.open_seq.saturating_sub(seq) > self.limits.relocate_lag
-            && pins <= self.limits.relocate_max_pins)
+        let max = self.limits.relocate_max_pins.max(1);
+        let batches = pins.div_ceil(max);
+        (batches <= RELOCATE_MAX_BATCHES
+            && self.open_seq.saturating_sub(seq) > self.limits.relocate_lag * batches as u64)
             .then_some(seq)
     }
 

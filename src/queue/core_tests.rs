@@ -2427,56 +2427,6 @@ fn the_hub_learns_the_end_of_an_edge_side_retry_but_keeps_an_end_it_decided() {
 }
 
 #[test]
-fn a_late_end_from_below_of_a_command_the_hub_ended_and_forgot_is_not_recorded_afresh() {
-    let mut hub = H::with_records(
-        Limits {
-            window: 2,
-            results_max: 1,
-            ..Limits::default()
-        },
-        vec![labelled("e1", &[crate::route::GATEWAY_TAG], &[]), dev("d9")],
-    );
-    let mut edge = with_outbox(1000, 1);
-    let late = hub
-        .send(
-            "e1/d0",
-            SendOptions {
-                ttl_ms: Some(1_000),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .id;
-    hub.connect("e1");
-    take(&mut edge, late, "d0");
-    hub.core.handed("e1", late, hub.now).unwrap();
-    hub.round();
-    hub.advance(2_000);
-    assert_eq!(hub.state(late), Some(State::Expired));
-    // Later ends on the hub: retention drops the expired one.
-    hub.connect("d9");
-    for _ in 0..3 {
-        let id = hub.send_prio("d9", Priority::Normal);
-        hub.ack("d9", id, ok()).unwrap();
-    }
-    assert_eq!(hub.state(late), None, "retention dropped it");
-    edge.connect("d0");
-    edge.ack("d0", late, Outcome::Ok(b"too late".to_vec()))
-        .unwrap();
-    // A command of the edge's own is recorded on the hub as before.
-    let own = edge.send_prio("d0", Priority::Normal);
-    edge.ack("d0", own, ok()).unwrap();
-    up(&mut hub, outbox_of(&edge));
-    assert_eq!(
-        hub.state(late),
-        None,
-        "the hub's own forgotten command is not brought back as the edge's"
-    );
-    assert!(hub.disk.result(late).is_none());
-    assert_eq!(hub.state(own), Some(State::Succeeded));
-}
-
-#[test]
 fn check_invariants_names_what_a_corrupted_state_broke() {
     let mut h = H::with_devices(Limits::default(), 2);
     let a = h.send_prio("d0", Priority::Normal);

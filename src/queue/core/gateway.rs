@@ -276,17 +276,13 @@ impl QueueCore {
             if !retried_below {
                 return;
             }
-        } else if rec.origin.starts_with(FROM_UPSTREAM) && rec.gen == 0 {
-            // This box sent it down and ended it (itself, or with an end
-            // from below), and retention has since dropped that end: the
-            // edge's late report of the first run is of a command already
-            // ended here, not one of the edge's own to record afresh (that
-            // walked `show` and every watcher from Expired to Succeeded;
-            // found by the simulation once it ran with retention). A later
-            // generation is an edge-side retry's end: news, as above.
-            self.stats.up_duplicates_total += 1;
-            return;
         }
+        // No record here: a command of the edge's own (or a child of a
+        // broadcast it fanned out), recorded so `show` finds it on the hub.
+        // One this box sent down, ended, and has since dropped by
+        // retention looks the same and is recorded again (a known limit:
+        // an edge-minted child carries the same `upstream/` origin, so the
+        // origin cannot tell them apart).
         self.stats.up_results_total += 1;
         self.record_result(
             ResultRecord {

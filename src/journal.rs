@@ -189,6 +189,15 @@ pub enum UpItem {
     /// An entry of this box's audit log, for the hub's. Never skipped: it
     /// is evidence.
     Audit(crate::audit::chain::Note),
+    /// A device connected (`online`) or went away at `at`: what `Seen`
+    /// says, and whether it is there now, so the hub can show the devices
+    /// below as online. Telemetry-like; sent as `Seen` to a hub before
+    /// protocol 1.5 (`proto::MINOR_PRESENCE`).
+    Presence {
+        device: DeviceId,
+        online: bool,
+        at: Millis,
+    },
 }
 
 impl UpItem {
@@ -197,7 +206,10 @@ impl UpItem {
     pub fn is_telemetry(&self) -> bool {
         matches!(
             self,
-            UpItem::State { .. } | UpItem::Seen { .. } | UpItem::Event { .. }
+            UpItem::State { .. }
+                | UpItem::Seen { .. }
+                | UpItem::Presence { .. }
+                | UpItem::Event { .. }
         )
     }
 }

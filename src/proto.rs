@@ -33,7 +33,7 @@ impl fmt::Display for Version {
 }
 
 /// The protocol version this build speaks.
-pub const VERSION: Version = Version { major: 1, minor: 4 };
+pub const VERSION: Version = Version { major: 1, minor: 5 };
 
 /// The first minor version with device-to-device `Send` answered by
 /// `Sent`/`Refused`, and `Query`/`Status`.
@@ -53,6 +53,11 @@ pub const MINOR_ARTIFACT: u16 = 3;
 /// A device sends it only to a box at this minor or later; a box takes the
 /// plain `Ack` of an older device as before.
 pub const MINOR_ACK_ATTEMPT: u16 = 4;
+
+/// The first minor version whose hub reads `UpItem::Presence` in `Up`
+/// (devices below an edge shown online). An edge sends an older hub a
+/// `Seen` in its place, under the same seq.
+pub const MINOR_PRESENCE: u16 = 5;
 
 /// Default largest frame body, in bytes (DESIGN §3).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;

@@ -314,6 +314,10 @@ async fn session(
     tx: &watch::Sender<UplinkStatus>,
 ) -> SessionEnd {
     let sender = conn.sender();
+    let hub_minor = conn.server_version().minor;
+    if let Err(e) = queue.presence_snapshot().await {
+        return e.into();
+    }
     let start = match queue.outbox_stats().await {
         Ok(s) => s.acked,
         Err(e) => return e.into(),
@@ -336,7 +340,7 @@ async fn session(
                 Err(e) => return e.into(),
             };
             let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
-            for frame in frames(entries, frame_budget) {
+            for frame in frames(for_hub(entries, hub_minor), frame_budget) {
                 if let Err(e) = sender.send(&DeviceFrame::Up { entries: frame }).await {
                     return e.into();
                 }
@@ -681,6 +685,23 @@ pub(crate) fn refusal(e: QueueError) -> Outcome {
     }
 }
 
+/// Records as a hub speaking protocol 1.`minor` reads them: one before
+/// `Presence` gets the `Seen` it implies, under the same seq (a record
+/// left out would leave its seq unacknowledged for good).
+fn for_hub(mut entries: Vec<UpEntry>, minor: u16) -> Vec<UpEntry> {
+    if minor < crate::proto::MINOR_PRESENCE {
+        for e in &mut entries {
+            if let UpItem::Presence { device, at, .. } = &e.item {
+                e.item = UpItem::Seen {
+                    device: device.clone(),
+                    at: *at,
+                };
+            }
+        }
+    }
+    entries
+}
+
 /// Split records into frames under `budget` bytes. A record too large for
 /// any frame (a huge result or event) is cut down, saying so, rather than
 /// block the stream forever.
@@ -753,6 +774,33 @@ fn shrink(e: &mut UpEntry, keep: usize) {
 mod tests {
     use super::*;
     use crate::command::CommandId;
+
+    #[test]
+    fn a_hub_before_presence_gets_seen_under_the_same_seq() {
+        let entries = vec![UpEntry {
+            seq: 7,
+            item: UpItem::Presence {
+                device: "d0".into(),
+                online: true,
+                at: 42,
+            },
+        }];
+        let old = for_hub(entries.clone(), crate::proto::MINOR_PRESENCE - 1);
+        assert_eq!(
+            old,
+            vec![UpEntry {
+                seq: 7,
+                item: UpItem::Seen {
+                    device: "d0".into(),
+                    at: 42
+                }
+            }]
+        );
+        assert_eq!(
+            for_hub(entries.clone(), crate::proto::MINOR_PRESENCE),
+            entries
+        );
+    }
 
     #[test]
     fn urls_parse_or_say_what_is_expected() {

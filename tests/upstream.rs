@@ -300,8 +300,8 @@ async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_do
     assert_eq!(v.outcome, Some(Outcome::Ok(b"down-0".to_vec())));
     let devices = h.queue.devices().await.unwrap();
     assert!(
-        devices.iter().any(|d| d.record.id == "e1/d0"),
-        "{devices:?}"
+        devices.iter().any(|d| d.record.id == "e1/d0" && d.online),
+        "the edge's device shows online on the hub: {devices:?}"
     );
     outbox_drained(&e).await;
 

@@ -171,6 +171,8 @@ pub enum CoreRequest {
     },
     /// The hub stored every outbox record up to this seq (edge side).
     UpAck(u64),
+    /// A new uplink session: report every device's presence again.
+    PresenceSnapshot,
     /// Outbox records after a seq, at most this many (edge side).
     OutboxRead {
         after: u64,
@@ -550,6 +552,10 @@ pub struct QueueCore {
     remote: FxHashMap<CommandId, Remote>,
     /// Devices of the boxes below, as `edge-1/dev-7`.
     remote_devices: BTreeMap<DeviceId, DeviceRecord>,
+    /// Whether each device below is connected to its box, as that box last
+    /// said (`UpItem::Presence`). In memory: after a restart they show
+    /// offline until their box reports them again.
+    remote_online: FxHashMap<DeviceId, bool>,
     /// Per edge: the highest outbox seq applied.
     cursors: HashMap<DeviceId, u64>,
     /// When each edge's outbox records last came, for `status`.
@@ -622,6 +628,7 @@ impl QueueCore {
             outbox: Outbox::off(),
             remote: FxHashMap::default(),
             remote_devices: BTreeMap::new(),
+            remote_online: FxHashMap::default(),
             cursors: HashMap::new(),
             last_up: HashMap::new(),
             cursor_writes: Vec::new(),
@@ -644,6 +651,26 @@ impl QueueCore {
     /// The upstream has stored every outbox entry up to `seq`.
     pub fn up_ack(&mut self, seq: u64) {
         self.outbox.ack(seq);
+    }
+
+    /// A new uplink session: the presence of every device seen so far,
+    /// so the hub forgets no departure this box could not report (it
+    /// crashed while a device left) and relearns what a restart of its
+    /// own lost.
+    pub fn presence_snapshot(&mut self) {
+        for d in 0..self.devs.len() {
+            let dev = &self.devs[d];
+            let Some(rec) = dev.record.as_ref() else {
+                continue;
+            };
+            let Some(at) = rec.last_seen else { continue };
+            let item = UpItem::Presence {
+                device: rec.id.clone(),
+                online: dev.session.is_some(),
+                at,
+            };
+            self.outbox.push(item);
+        }
     }
 
     /// The outbox groups holding entries after `seq`, oldest first.

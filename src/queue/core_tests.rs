@@ -1806,7 +1806,7 @@ fn the_outbox_reports_each_change_in_the_batch_of_the_change() {
     ));
     assert!(items
         .iter()
-        .any(|x| matches!(&x.2, UpItem::Seen { device, .. } if device == "d0")));
+        .any(|x| matches!(&x.2, UpItem::Presence { device, online: true, .. } if device == "d0")));
     // Acknowledged up to the end: every group goes in the next batch.
     h.core.up_ack(*seqs.last().unwrap());
     h.round();
@@ -2424,6 +2424,65 @@ fn the_hub_learns_the_end_of_an_edge_side_retry_but_keeps_an_end_it_decided() {
         .unwrap();
     up(&mut hub, outbox_of(&edge));
     assert_eq!(hub.state(late), Some(State::Expired));
+}
+
+#[test]
+fn the_hub_shows_a_device_below_online_while_its_edge_says_so_and_is_connected() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    let online = |hub: &H| {
+        hub.core
+            .devices()
+            .into_iter()
+            .find(|v| v.record.id == "e1/d0")
+            .map(|v| v.online)
+    };
+    hub.connect("e1");
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(online(&hub), Some(false), "enrolled below, never connected");
+    edge.connect("d0");
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(online(&hub), Some(true));
+    hub.disconnect("e1");
+    assert_eq!(
+        online(&hub),
+        Some(false),
+        "its edge is gone: not known to be there"
+    );
+    hub.connect("e1");
+    assert_eq!(online(&hub), Some(true));
+    edge.disconnect("d0");
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(online(&hub), Some(false));
+    let seen = hub
+        .core
+        .devices()
+        .into_iter()
+        .find(|v| v.record.id == "e1/d0");
+    assert_eq!(seen.unwrap().record.last_seen, Some(edge.now));
+
+    // The edge crashes while d0 is connected: no departure is written, so
+    // the hub still shows it; the next uplink session's snapshot corrects
+    // that, and one after a hub restart restores what the hub lost.
+    edge.connect("d0");
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(online(&hub), Some(true));
+    edge.reopen();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(online(&hub), Some(true), "no departure was reported");
+    edge.core.presence_snapshot();
+    edge.round();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(online(&hub), Some(false), "the snapshot says it is gone");
+    edge.connect("d0");
+    up(&mut hub, outbox_of(&edge));
+    hub.reopen();
+    hub.connect("e1");
+    assert_eq!(online(&hub), Some(false), "a restarted hub knows nothing");
+    edge.core.presence_snapshot();
+    edge.round();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(online(&hub), Some(true));
 }
 
 #[test]

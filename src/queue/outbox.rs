@@ -126,7 +126,10 @@ impl Outbox {
         if item.is_telemetry() && self.full() {
             let key = match &item {
                 UpItem::State { device, .. } => (device.clone(), 0),
-                UpItem::Seen { device, .. } => (device.clone(), 1),
+                // The latest presence stands for every earlier one.
+                UpItem::Seen { device, .. } | UpItem::Presence { device, .. } => {
+                    (device.clone(), 1)
+                }
                 UpItem::Event { device, .. } => (device.clone(), 2),
                 _ => unreachable!("only telemetry is held"),
             };

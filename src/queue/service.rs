@@ -849,6 +849,10 @@ impl Writer {
                         core.up_ack(seq);
                         Ok(CoreReply::Done)
                     }
+                    CoreRequest::PresenceSnapshot => {
+                        core.presence_snapshot();
+                        Ok(CoreReply::Done)
+                    }
                     CoreRequest::OutboxRead { after, max } => self.read_outbox(after, max),
                     CoreRequest::OutboxStats => Ok(CoreReply::OutboxStats(core.outbox_stats())),
                     CoreRequest::Finished(rec) => {
@@ -1723,6 +1727,12 @@ impl QueueHandle {
     /// are deleted with the next group.
     pub async fn up_ack(&self, seq: u64) -> Result<(), QueueError> {
         self.core(CoreRequest::UpAck(seq)).await.map(|_| ())
+    }
+
+    /// A new uplink session (edge side): every device's presence goes up
+    /// again.
+    pub async fn presence_snapshot(&self) -> Result<(), QueueError> {
+        self.core(CoreRequest::PresenceSnapshot).await.map(|_| ())
     }
 
     /// Outbox records after `after` (about `max` at most), oldest first.

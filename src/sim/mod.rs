@@ -799,7 +799,11 @@ impl World {
         }
         if self.round(n) {
             if let Peer::Edge(e) = self.links[l].peer {
-                self.pump(e);
+                // As the uplink does at each session's start.
+                self.nodes[e].core.presence_snapshot();
+                if self.round(e) {
+                    self.pump(e);
+                }
             }
         }
     }
@@ -1424,6 +1428,20 @@ impl World {
             self.violation(0, format!("did not settle: {}", busy.join("; ")));
         }
         self.check();
+        // Everything is connected again: the hub shows every device below
+        // an edge online (presence through crashes of either box).
+        let views = self.nodes[0].core.devices();
+        for d in 0..self.devices.len() {
+            let e = self.devices[d].node;
+            if !self.nodes[e].edge {
+                continue;
+            }
+            let id = format!("{}/{}", self.nodes[e].name, self.devices[d].name);
+            let online = views.iter().find(|v| v.record.id == id).map(|v| v.online);
+            if online != Some(true) {
+                self.violation(0, format!("{id} connected but shown {online:?} on the hub"));
+            }
+        }
         let sent: Vec<(CommandId, Sent)> =
             self.sent.iter().map(|(id, s)| (*id, s.clone())).collect();
         for (id, s) in sent {

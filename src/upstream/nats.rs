@@ -608,6 +608,12 @@ pub fn up_message(edge: &str, e: &UpEntry) -> (String, HeaderMap, Vec<u8>) {
             h.insert("Outpost-Seen-At", at.to_string().as_str());
             ("device", Vec::new())
         }
+        UpItem::Presence { device, online, at } => {
+            h.insert("Outpost-Device", device.as_str());
+            h.insert("Outpost-Seen-At", at.to_string().as_str());
+            h.insert("Outpost-Online", if *online { "true" } else { "false" });
+            ("device", Vec::new())
+        }
         UpItem::Event {
             device,
             at,

@@ -191,12 +191,19 @@ impl QueueCore {
         self.touch(d, now);
     }
 
+    /// A device connected or went away: its last sight, for the store and
+    /// the hub.
     pub(super) fn touch(&mut self, d: u32, now: Millis) {
+        let online = self.devs[d as usize].session.is_some();
         if let Some(rec) = self.devs[d as usize].record.as_mut() {
             rec.last_seen = Some(now);
             self.effects.device_touches.push(rec.clone());
             let device = rec.id.clone();
-            self.outbox.push(UpItem::Seen { device, at: now });
+            self.outbox.push(UpItem::Presence {
+                device,
+                online,
+                at: now,
+            });
         }
     }
 

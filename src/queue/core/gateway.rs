@@ -204,11 +204,14 @@ impl QueueCore {
             }
             UpItem::Seen { device, at } => {
                 let device = below(edge, &device);
-                if let Some(rec) = self.remote_devices.get_mut(&device) {
-                    rec.last_seen = Some(at);
-                    self.effects.device_touches.push(rec.clone());
-                }
+                self.seen_below(&device, at);
                 self.outbox.push(UpItem::Seen { device, at });
+            }
+            UpItem::Presence { device, online, at } => {
+                let device = below(edge, &device);
+                self.seen_below(&device, at);
+                self.remote_online.insert(device.clone(), online);
+                self.outbox.push(UpItem::Presence { device, online, at });
             }
             UpItem::Event {
                 device,
@@ -232,6 +235,24 @@ impl QueueCore {
                 self.effects.audit.push(note);
             }
         }
+    }
+
+    fn seen_below(&mut self, device: &str, at: Millis) {
+        if let Some(rec) = self.remote_devices.get_mut(device) {
+            rec.last_seen = Some(at);
+            self.effects.device_touches.push(rec.clone());
+        }
+    }
+
+    /// Whether a device below is there now, as far as this box knows: its
+    /// box said it connected and has not said it left, and that box is
+    /// connected here (the first segment of `edge-1/dev-7` is the gateway).
+    pub(super) fn online_below(&self, device: &str) -> bool {
+        let gateway_up = device
+            .split_once('/')
+            .and_then(|(gw, _)| self.dev_index.get(gw))
+            .is_some_and(|&d| self.devs[d as usize].session.is_some());
+        gateway_up && self.remote_online.get(device) == Some(&true)
     }
 
     /// An entry of this box's own audit log, to go upstream (a no-op

@@ -193,7 +193,7 @@ impl QueueCore {
         // queues are those boxes' own).
         v.extend(self.remote_devices.values().map(|r| DeviceView {
             record: r.clone(),
-            online: false,
+            online: self.online_below(&r.id),
             queued: 0,
             in_flight: 0,
             sync: None,

@@ -6,14 +6,16 @@
 //! ```
 //!
 //! A seed that finds a violation prints it and makes the exit code 1; its
-//! `--seed N --trace` run shows every event that led there.
+//! `--seed N --trace` run shows every event that led there, and
+//! `--shrink` cuts it down to a short tape of choices that still fails,
+//! printed as a test to paste into `tests/simulation.rs`.
 
 use outpost::sim::{run, Config};
 use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--dup-device-frames] [--edges E] [--devices D]"
+        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--dup-device-frames] [--edges E] [--devices D] [--shrink] [--shrink-runs N]"
     );
     std::process::exit(2)
 }
@@ -22,6 +24,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let (mut seeds, mut steps) = (0..1u64, 5_000u64);
     let mut cfg = Config::default();
+    let mut shrink_runs: Option<u64> = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
@@ -42,6 +45,10 @@ fn main() {
             "--no-faults" => cfg.faults = false,
             "--retry-forwarded" => cfg.retry_forwarded = true,
             "--dup-device-frames" => cfg.dup_device_frames = true,
+            "--shrink" => shrink_runs = Some(2_000),
+            "--shrink-runs" => {
+                shrink_runs = Some(val().parse().unwrap_or_else(|_| usage()));
+            }
             _ => usage(),
         }
     }
@@ -66,6 +73,9 @@ fn main() {
             for v in &r.violations {
                 println!("  {v}");
             }
+            if let Some(budget) = shrink_runs {
+                shrink_seed(seed, steps, &cfg, budget);
+            }
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -75,5 +85,26 @@ fn main() {
     );
     if failed > 0 {
         std::process::exit(1);
+    }
+}
+
+fn shrink_seed(seed: u64, steps: u64, cfg: &Config, budget: u64) {
+    let (_, tape) = outpost::sim::run_recorded(seed, steps, cfg);
+    let full = tape.len();
+    match outpost::sim::shrink::shrink(tape, cfg, budget) {
+        Some(s) => {
+            println!(
+                "seed {seed}: shrunk from {full} choices to {} in {} runs:\n",
+                s.tape.len(),
+                s.runs
+            );
+            println!(
+                "{}",
+                outpost::sim::shrink::as_test(&format!("shrunk_seed_{seed}"), &s, cfg)
+            );
+        }
+        None => println!(
+            "seed {seed}: its tape does not fail when replayed (a replay settles with the simplest choices, and this failure is in the seeded settling); replay it with --trace instead"
+        ),
     }
 }

@@ -16,6 +16,8 @@
 //! a violation is a string naming the step, the node and the command.
 
 pub mod disk;
+pub mod rng;
+pub mod shrink;
 
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use crate::journal::{Entry, UpEntry};
@@ -26,41 +28,9 @@ use crate::queue::{LifecycleEvent, SendRequest};
 use crate::route::GATEWAY_TAG;
 use crate::store::DeviceRecord;
 use disk::{Batch, SimDisk};
+pub use rng::Rng;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// splitmix64: tiny, fast, and the same on every platform and run.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-    /// True with probability `per_mille / 1000`.
-    pub fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> Option<T> {
-        (!xs.is_empty()).then(|| xs[self.below(xs.len() as u64) as usize])
-    }
-    /// One of the last `k`: an operator acts on what they sent lately, and
-    /// a pick over a long run's whole history is nearly always long ended.
-    fn pick_recent<T: Copy>(&mut self, xs: &[T], k: usize) -> Option<T> {
-        self.pick(&xs[xs.len().saturating_sub(k)..])
-    }
-}
 
 /// A set with a uniform, seeded pick in O(1): the order is the insertion
 /// order as changed by removals, so it is the same on every run.
@@ -135,6 +105,9 @@ pub struct Report {
     pub hash: u64,
     pub violations: Vec<String>,
     pub trace: Vec<String>,
+    /// Replaying a tape: where in it each step began (the shrinker cuts
+    /// whole steps).
+    pub step_starts: Vec<usize>,
     pub counts: Counts,
 }
 
@@ -329,8 +302,14 @@ pub struct World {
 
 impl World {
     pub fn new(seed: u64, cfg: &Config) -> Self {
+        World::with_rng(seed, Rng::new(seed), cfg)
+    }
+
+    /// A world whose choices come from `rng` (recording or replaying a
+    /// tape); `seed` only names it in the report.
+    pub fn with_rng(seed: u64, rng: Rng, cfg: &Config) -> Self {
         let mut w = World {
-            rng: Rng::new(seed),
+            rng,
             now: T0,
             step: 0,
             nodes: Vec::new(),
@@ -1270,6 +1249,9 @@ impl World {
 
     /// One step of the world: time passes a little, then one random action.
     pub fn step(&mut self) {
+        if let Some(at) = self.rng.position() {
+            self.report.step_starts.push(at);
+        }
         self.step += 1;
         self.now += self.rng.below(20);
         self.settle_time();
@@ -1529,7 +1511,17 @@ impl World {
 /// Run one seed: `steps` random steps, then settle and check the end.
 pub fn run(seed: u64, steps: u64, cfg: &Config) -> Report {
     let mut w = World::new(seed, cfg);
+    drive(&mut w, steps);
+    w.into_report(steps)
+}
+
+/// Steps (at most `steps`, and while a replayed tape lasts) until the
+/// first violation, then settle and check the end.
+fn drive(w: &mut World, steps: u64) {
     for _ in 0..steps {
+        if w.rng.exhausted() {
+            break;
+        }
         w.step();
         if !w.report.violations.is_empty() {
             break;
@@ -1539,6 +1531,35 @@ pub fn run(seed: u64, steps: u64, cfg: &Config) -> Report {
         w.settle();
         w.check_end();
     }
+}
+
+/// `run`, keeping the tape of every choice the steps made (what settling
+/// draws is left off: a replay settles with the simplest choices).
+pub fn run_recorded(seed: u64, steps: u64, cfg: &Config) -> (Report, Vec<u64>) {
+    let mut w = World::with_rng(seed, Rng::recording(seed), cfg);
+    let mut stepped = 0;
+    for _ in 0..steps {
+        w.step();
+        stepped += 1;
+        if !w.report.violations.is_empty() {
+            break;
+        }
+    }
+    let rng = std::mem::replace(&mut w.rng, Rng::new(0));
+    let tape = rng.into_tape();
+    w.rng = Rng::replaying(Vec::new());
+    if w.report.violations.is_empty() {
+        w.settle();
+        w.check_end();
+    }
+    (w.into_report(stepped), tape)
+}
+
+/// Replay a tape of choices: steps while it lasts, then settle.
+pub fn run_tape(tape: &[u64], cfg: &Config) -> Report {
+    let mut w = World::with_rng(0, Rng::replaying(tape.to_vec()), cfg);
+    drive(&mut w, tape.len() as u64);
+    let steps = w.step;
     w.into_report(steps)
 }
 

@@ -191,6 +191,16 @@ impl H {
         r
     }
 
+    /// `n` commands to `d` (connected), each acked Ok, the invariants
+    /// checked after each: traffic that moves the journal head on.
+    fn traffic(&mut self, d: &str, n: usize) {
+        for _ in 0..n {
+            let id = self.send_prio(d, Priority::Normal);
+            self.ack(d, id, ok()).unwrap();
+            self.check();
+        }
+    }
+
     fn advance(&mut self, ms: u64) {
         self.now += ms;
         self.core.tick(self.now);
@@ -904,11 +914,7 @@ fn a_straggler_pins_no_more_than_its_own_group() {
     let mut h = H::with_devices(limits, 2);
     let stuck = h.send_prio("d0", Priority::Normal); // d0 never connects
     h.connect("d1");
-    for _ in 0..200 {
-        let id = h.send_prio("d1", Priority::Normal);
-        h.ack("d1", id, ok()).unwrap();
-        h.check();
-    }
+    h.traffic("d1", 200);
     assert!(
         h.disk.journal.len() <= 3,
         "journal stays bounded: {} groups",
@@ -945,11 +951,7 @@ fn a_group_with_more_stragglers_than_the_limit_still_moves_so_retention_works() 
         .collect();
     h.round();
     h.connect("d1");
-    for _ in 0..200 {
-        let id = h.send_prio("d1", Priority::Normal);
-        h.ack("d1", id, ok()).unwrap();
-        h.check();
-    }
+    h.traffic("d1", 200);
     assert!(
         h.core.results.len() <= 11,
         "results stay within their retention: {} kept",
@@ -974,10 +976,7 @@ fn results_are_kept_within_retention_and_never_contradict_the_journal() {
     };
     let mut h = H::with_devices(limits, 1);
     h.connect("d0");
-    for _ in 0..50 {
-        let id = h.send_prio("d0", Priority::Normal);
-        h.ack("d0", id, ok()).unwrap();
-    }
+    h.traffic("d0", 50);
     assert!(h.core.results.len() <= 11, "{}", h.core.results.len());
     h.check();
     h.reopen();
@@ -1014,11 +1013,7 @@ fn a_relocated_dependent_keeps_its_decided_dependency_after_retention() {
         .id;
     h.ack("d0", dep, ok()).unwrap();
     h.connect("d2");
-    for _ in 0..40 {
-        let id = h.send_prio("d2", Priority::Normal);
-        h.ack("d2", id, ok()).unwrap();
-        h.check();
-    }
+    h.traffic("d2", 40);
     assert!(
         !h.core.results.contains_key(&dep),
         "retention dropped the dependency's result"
@@ -1679,10 +1674,7 @@ fn a_broadcast_is_relocated_whole_and_never_resurrects_a_child() {
     h.ack_all("d1", fail());
     // Traffic moves the head on; the broadcast's group is relocated.
     h.connect("other");
-    for _ in 0..8 {
-        let id = h.send_prio("other", Priority::Normal);
-        h.ack("other", id, ok()).unwrap();
-    }
+    h.traffic("other", 8);
     assert_ne!(h.core.parents[&pid].group, 0);
     h.check();
     h.reopen();
@@ -2498,10 +2490,7 @@ fn a_wiped_edges_new_outbox_is_not_skipped_by_the_hubs_old_cursor() {
     let mut hub = hub();
     let mut old = with_outbox(1000, 1);
     old.connect("d0");
-    for _ in 0..5 {
-        let id = old.send_prio("d0", Priority::Normal);
-        old.ack("d0", id, ok()).unwrap();
-    }
+    old.traffic("d0", 5);
     hub.connect("e1");
     up(&mut hub, outbox_of(&old));
     // Wiped: a fresh store under the same name.

@@ -30,7 +30,6 @@ use crate::identity::Bundle;
 use crate::jobs::Runners;
 use crate::journal::{UpEntry, UpItem};
 use crate::proto::{DeviceFrame, Forward};
-use crate::queue::core::FROM_UPSTREAM;
 use crate::queue::{QueueError, QueueHandle, SendRequest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -39,6 +38,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+/// The origin this box gives a command its hub sent down (`upstream/cli`).
+pub const FROM_UPSTREAM: &str = "upstream/";
 
 /// How to reach the hub, and how hard to push.
 #[derive(Clone, Debug)]

@@ -24,7 +24,6 @@
 mod delivery;
 mod ends;
 mod gateway;
-pub use gateway::FROM_UPSTREAM;
 mod invariants;
 mod keys;
 mod replay;

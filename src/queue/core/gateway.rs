@@ -33,9 +33,6 @@ pub(super) struct Remote {
     pub attempts: u32,
 }
 
-/// The origin an edge gives a command its hub sent down (`upstream/cli`).
-pub const FROM_UPSTREAM: &str = "upstream/";
-
 fn below(edge: &str, name: &str) -> String {
     format!("{edge}/{name}")
 }

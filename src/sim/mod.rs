@@ -1511,13 +1511,14 @@ impl World {
 /// Run one seed: `steps` random steps, then settle and check the end.
 pub fn run(seed: u64, steps: u64, cfg: &Config) -> Report {
     let mut w = World::new(seed, cfg);
-    drive(&mut w, steps);
+    walk(&mut w, steps);
+    finish(&mut w);
     w.into_report(steps)
 }
 
-/// Steps (at most `steps`, and while a replayed tape lasts) until the
-/// first violation, then settle and check the end.
-fn drive(w: &mut World, steps: u64) {
+/// At most `steps` steps, while a replayed tape lasts, until the first
+/// violation.
+fn walk(w: &mut World, steps: u64) {
     for _ in 0..steps {
         if w.rng.exhausted() {
             break;
@@ -1527,6 +1528,10 @@ fn drive(w: &mut World, steps: u64) {
             break;
         }
     }
+}
+
+/// Settle and check the end, unless a step already found a violation.
+fn finish(w: &mut World) {
     if w.report.violations.is_empty() {
         w.settle();
         w.check_end();
@@ -1534,31 +1539,22 @@ fn drive(w: &mut World, steps: u64) {
 }
 
 /// `run`, keeping the tape of every choice the steps made (what settling
-/// draws is left off: a replay settles with the simplest choices).
+/// draws is left off: the run settles, as a replay does, with the simplest
+/// choices).
 pub fn run_recorded(seed: u64, steps: u64, cfg: &Config) -> (Report, Vec<u64>) {
     let mut w = World::with_rng(seed, Rng::recording(seed), cfg);
-    let mut stepped = 0;
-    for _ in 0..steps {
-        w.step();
-        stepped += 1;
-        if !w.report.violations.is_empty() {
-            break;
-        }
-    }
-    let rng = std::mem::replace(&mut w.rng, Rng::new(0));
-    let tape = rng.into_tape();
-    w.rng = Rng::replaying(Vec::new());
-    if w.report.violations.is_empty() {
-        w.settle();
-        w.check_end();
-    }
+    walk(&mut w, steps);
+    let tape = std::mem::replace(&mut w.rng, Rng::replaying(Vec::new())).into_tape();
+    finish(&mut w);
+    let stepped = w.step;
     (w.into_report(stepped), tape)
 }
 
 /// Replay a tape of choices: steps while it lasts, then settle.
 pub fn run_tape(tape: &[u64], cfg: &Config) -> Report {
     let mut w = World::with_rng(0, Rng::replaying(tape.to_vec()), cfg);
-    drive(&mut w, tape.len() as u64);
+    walk(&mut w, tape.len() as u64);
+    finish(&mut w);
     let steps = w.step;
     w.into_report(steps)
 }

@@ -81,7 +81,7 @@ pub fn shrink_with(
         }
         // Draws made smaller: zero (the first option), else halved.
         for i in 0..st.best.len() {
-            if i >= st.best.len() || st.best[i] == 0 {
+            if st.best[i] == 0 {
                 continue;
             }
             let mut cand = st.best.clone();

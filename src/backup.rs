@@ -52,9 +52,11 @@ pub const PIECE_BYTES: usize = 256 * 1024;
 /// box that must decrypt it.
 const SCRYPT_LOG_N: u8 = 16;
 /// How far a restore moves an edge's outbox seqs ahead: beyond any the
-/// dead box can have sent its hub since the backup (2^32 records), so the
-/// hub takes the restored box's new records instead of dropping them as
-/// seqs it has seen.
+/// dead box can have sent its hub since the backup (2^32 records), so a hub
+/// older than protocol 1.6 takes the restored box's new records instead of
+/// dropping them as seqs it has seen. A 1.6 hub needs no skip: the restore
+/// also renews the uplink epoch, and the hub applies a new epoch's outbox
+/// from its start and sends again what it had handed to the dead box.
 const OUTBOX_SKIP: u64 = 1 << 32;
 /// Where a restore puts the config file the backup carried (it never
 /// writes outside the data dir).
@@ -832,6 +834,7 @@ pub fn restore(
         // never moved into place.
         let store = Store::open(&stage, opts)?;
         store.skip_outbox_seqs(OUTBOX_SKIP)?;
+        store.renew_uplink_epoch()?;
         let mut groups = 0;
         for g in store.replay() {
             g?;

@@ -981,6 +981,11 @@ impl Session {
                             // Like an ack: a stray one counts as a bad ack.
                             await_ack(&mut acks, id, shared.queue.handed(self.device.clone(), id));
                         }
+                        DeviceFrame::UpFrom { epoch } => {
+                            // Queued ahead of the `Up`s after it; an error
+                            // (not a gateway) comes back on its first `Up`.
+                            drop(shared.queue.up_from(self.device.clone(), epoch));
+                        }
                         DeviceFrame::Up { entries } => {
                             // Answered in order with the other answers; an
                             // error is not fatal (the edge retries later).

@@ -252,6 +252,19 @@ impl DeviceRecord {
 
 /// One group commit: records to put and groups to drop, written as one
 /// atomic batch followed by one flush.
+/// Hub side of upstream sync: how far a box below has been applied.
+///
+/// `seq` counts in the outbox of one database of that box, named by
+/// `epoch` (its `UpFrom`, since protocol 1.6): a box whose data dir was
+/// wiped, or restored from a backup, starts a new outbox under a new epoch,
+/// and a cursor of the old one must not skip its records. Epoch 0: not yet
+/// known (a cursor written before 1.6, or an edge older than 1.6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct GroupWrite {
     pub seq: u64,
@@ -269,7 +282,7 @@ pub struct GroupWrite {
     pub outbox_next: Option<u64>,
     /// Hub side of upstream sync: per edge, the highest outbox seq applied
     /// (in the batch of what applying it changed).
-    pub cursors: Vec<(crate::command::DeviceId, u64)>,
+    pub cursors: Vec<(crate::command::DeviceId, Cursor)>,
     /// Cancels sent down to an edge and not yet confirmed: set or cleared.
     pub cancel_marks: Vec<(crate::command::CommandId, bool)>,
     /// How many commands were live, now and then: a capacity hint for the

@@ -33,7 +33,7 @@ impl fmt::Display for Version {
 }
 
 /// The protocol version this build speaks.
-pub const VERSION: Version = Version { major: 1, minor: 5 };
+pub const VERSION: Version = Version { major: 1, minor: 6 };
 
 /// The first minor version with device-to-device `Send` answered by
 /// `Sent`/`Refused`, and `Query`/`Status`.
@@ -58,6 +58,12 @@ pub const MINOR_ACK_ATTEMPT: u16 = 4;
 /// (devices below an edge shown online). An edge sends an older hub a
 /// `Seen` in its place, under the same seq.
 pub const MINOR_PRESENCE: u16 = 5;
+
+/// The first minor version with `UpFrom`: an edge names the database its
+/// outbox seqs count in before its first `Up`, so a hub whose cursor came
+/// from an earlier database of that edge (wiped, restored) starts again
+/// instead of skipping the new records. Sent only to a hub at this minor.
+pub const MINOR_EPOCH: u16 = 6;
 
 /// Default largest frame body, in bytes (DESIGN §3).
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
@@ -124,6 +130,11 @@ pub enum DeviceFrame {
         attempt: u32,
         outcome: Outcome,
     },
+    /// Gateway only (since 1.6), before its first `Up` of a session: the
+    /// epoch of the edge's database, which its outbox seqs count in. Never
+    /// answered; a hub whose cursor names another epoch applies this
+    /// outbox from its start and forwards again what it had handed down.
+    UpFrom { epoch: u64 },
 }
 
 impl DeviceFrame {
@@ -140,6 +151,7 @@ impl DeviceFrame {
             DeviceFrame::Accepted { .. } => "Accepted",
             DeviceFrame::Progress { .. } => "Progress",
             DeviceFrame::AckAttempt { .. } => "AckAttempt",
+            DeviceFrame::UpFrom { .. } => "UpFrom",
         }
     }
 }
@@ -713,6 +725,10 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
             bx(BoxFrame::UpAck { seq: 300 }),
         ),
         (
+            "UpFrom{epoch: 300}",
+            dev(DeviceFrame::UpFrom { epoch: 300 }),
+        ),
+        (
             "Forward{id: 01JAX4ZJ4G8Q3R5T7V9W1Y2Z3A, target: \"d-1\", priority: Normal, payload: \"x\", ttl_ms: Some(1000), max_attempts: 3, after: None, not_before: None, origin: \"cli\", signature: None}",
             bx(BoxFrame::Forward(Box::new(Forward {
                 id,
@@ -1016,6 +1032,15 @@ mod tests {
         };
         let bytes = encode(&f);
         assert_eq!(&bytes[4..], &[0x09, 0x05, 0x02, 0x00, 0x02, b'o', b'k']);
+        assert_eq!(decode::<DeviceFrame>(&bytes[4..]).unwrap(), f);
+    }
+
+    #[test]
+    fn up_from_is_tag_10_and_carries_the_epoch() {
+        // PROTOCOL.md §4: tag, epoch (u64 varint).
+        let f = DeviceFrame::UpFrom { epoch: 300 };
+        let bytes = encode(&f);
+        assert_eq!(&bytes[4..], &[0x0a, 0xac, 0x02]);
         assert_eq!(decode::<DeviceFrame>(&bytes[4..]).unwrap(), f);
     }
 

@@ -10,7 +10,8 @@
 //!   large as concurrency makes it. Both kinds share one tree so one sled
 //!   batch, which is atomic, carries a whole group (batches are per tree).
 //! - tree `devices`: device id → `DeviceRecord` (postcard).
-//! - tree `meta`: `schema` → u32 BE, `instance` → u64 BE.
+//! - tree `meta`: `schema` → u32 BE, `instance` → u64 BE, `uplink-epoch` →
+//!   u64 BE (names this database's outbox to a hub; a restore renews it).
 //! - key `S` in tree `journal`: the seq of the last group committed, written
 //!   in every group's batch.
 //! - key `L` in tree `journal`: how many commands were live at a recent
@@ -44,7 +45,8 @@ const KIND_JOURNAL: u8 = b'J';
 const KIND_RESULTS: u8 = b'R';
 /// Upstream outbox records (`UpEntry`s), keyed by the group that wrote them.
 const KIND_OUTBOX: u8 = b'O';
-/// Hub side of upstream sync: `U` + edge id → highest outbox seq applied.
+/// Hub side of upstream sync: `U` + edge id → the edge's outbox epoch and the
+/// highest seq of it applied (u64 BE each; the seq alone before 1.6).
 const KIND_CURSOR: u8 = b'U';
 /// `X` + command id (16 bytes BE): a cancel sent down, not yet confirmed.
 const KIND_CANCEL: u8 = b'X';
@@ -73,6 +75,8 @@ const KEY_LIVE_HINT: &[u8] = b"L";
 const KEY_CA: &str = "ca";
 /// The trust set (operator keys), postcard; absent: none trusted.
 const KEY_TRUST: &str = "trust";
+/// Names this database's outbox to the hub above (`UpFrom`, protocol 1.6).
+const KEY_UPLINK_EPOCH: &str = "uplink-epoch";
 /// Keys of the audit tree beside the 8-byte seqs.
 const AUDIT_ANCHOR: &[u8] = b"anchor";
 const AUDIT_HEAD: &[u8] = b"head";
@@ -379,6 +383,32 @@ impl Store {
         Ok(())
     }
 
+    /// The epoch this box's outbox counts in, for the hub above (`UpFrom`):
+    /// minted the first time it is asked for, then kept. A hub whose cursor
+    /// for this box names another epoch knows the box's database is new
+    /// (wiped, or restored) and applies its outbox from the start.
+    pub fn uplink_epoch(&self) -> Result<u64, StoreError> {
+        if let Some(v) = self.meta.get(KEY_UPLINK_EPOCH).map_err(|e| self.err(e))? {
+            if v.len() != 8 {
+                return Err(self.corrupt("the uplink epoch record has the wrong length".into()));
+            }
+            return Ok(be_u64(&v));
+        }
+        self.renew_uplink_epoch()
+    }
+
+    /// A new uplink epoch, durably (a restore: the hub must not take the
+    /// restored outbox for the one it has applied, nor count on the
+    /// commands it handed to the dead box after the backup).
+    pub fn renew_uplink_epoch(&self) -> Result<u64, StoreError> {
+        let epoch: u64 = rand::random::<u64>() | 1;
+        self.meta
+            .insert(KEY_UPLINK_EPOCH, &epoch.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(epoch)
+    }
+
     /// The seq of the last group committed (0 for a new database).
     pub fn last_seq(&self) -> u64 {
         self.watermark.lock().map(|w| w.0).unwrap_or(0)
@@ -556,8 +586,11 @@ impl Store {
         if let Some(n) = w.outbox_next {
             batch.insert(KEY_OUTBOX_NEXT, &n.to_be_bytes());
         }
-        for (edge, seq) in &w.cursors {
-            batch.insert(cursor_key(edge), &seq.to_be_bytes());
+        for (edge, c) in &w.cursors {
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&c.epoch.to_be_bytes());
+            v[8..].copy_from_slice(&c.seq.to_be_bytes());
+            batch.insert(cursor_key(edge), &v);
         }
         for &(id, set) in &w.cancel_marks {
             let k = cancel_key(id);
@@ -730,17 +763,32 @@ impl Store {
         Ok(())
     }
 
-    /// Per edge below this hub, the highest outbox seq applied.
-    pub fn cursors(&self) -> Result<Vec<(crate::command::DeviceId, u64)>, StoreError> {
+    /// Per edge below this hub, the highest outbox seq applied and the
+    /// epoch it counts in. A cursor written before protocol 1.6 is the seq
+    /// alone (8 bytes): its epoch is not known (0).
+    pub fn cursors(
+        &self,
+    ) -> Result<Vec<(crate::command::DeviceId, crate::journal::Cursor)>, StoreError> {
         self.journal
             .scan_prefix([KIND_CURSOR])
             .map(|r| {
                 let (k, v) = r.map_err(|e| self.err(e))?;
                 let edge = String::from_utf8_lossy(&k[1..]).into_owned();
-                let seq = v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
-                    self.corrupt(format!("the sync cursor of `{edge}` has the wrong length"))
-                })?;
-                Ok((edge, seq))
+                let cursor = match v.len() {
+                    8 => crate::journal::Cursor {
+                        epoch: 0,
+                        seq: be_u64(&v),
+                    },
+                    16 => crate::journal::Cursor {
+                        epoch: be_u64(&v[..8]),
+                        seq: be_u64(&v[8..]),
+                    },
+                    _ => {
+                        return Err(self
+                            .corrupt(format!("the sync cursor of `{edge}` has the wrong length")))
+                    }
+                };
+                Ok((edge, cursor))
             })
             .collect()
     }
@@ -1390,6 +1438,43 @@ mod tests {
         // A hint of the wrong length reads as unknown, not as an error.
         s.journal.insert(KEY_LIVE_HINT, &[1u8, 2, 3][..]).unwrap();
         assert_eq!(s.live_hint(), 0);
+    }
+
+    #[test]
+    fn cursors_keep_their_epoch_and_one_written_before_epochs_reads_as_unknown() {
+        use crate::journal::Cursor;
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            s.commit(&GroupWrite {
+                seq: 1,
+                cursors: vec![("e1".into(), Cursor { epoch: 9, seq: 41 })],
+                ..Default::default()
+            })
+            .unwrap();
+            // As a build before 1.6 wrote it: the seq alone.
+            s.journal
+                .insert(cursor_key("e2"), &7u64.to_be_bytes())
+                .unwrap();
+            s.uplink_epoch().unwrap()
+        };
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut c = s.cursors().unwrap();
+        c.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            c,
+            [
+                ("e1".to_string(), Cursor { epoch: 9, seq: 41 }),
+                ("e2".to_string(), Cursor { epoch: 0, seq: 7 }),
+            ]
+        );
+        assert_eq!(s.uplink_epoch().unwrap(), epoch, "kept across opens");
+        let renewed = s.renew_uplink_epoch().unwrap();
+        assert_ne!(renewed, epoch);
+        assert_eq!(s.uplink_epoch().unwrap(), renewed);
+        s.journal.insert(cursor_key("e3"), &[1u8, 2][..]).unwrap();
+        let e = s.cursors().unwrap_err().to_string();
+        assert!(e.contains("`e3`") && e.contains("wrong length"), "{e}");
     }
 
     #[test]

@@ -317,6 +317,13 @@ async fn session(
 ) -> SessionEnd {
     let sender = conn.sender();
     let hub_minor = conn.server_version().minor;
+    if hub_minor >= crate::proto::MINOR_EPOCH {
+        // Before any `Up`: the seqs that follow count in this database.
+        let epoch = queue.uplink_epoch();
+        if let Err(e) = sender.send(&DeviceFrame::UpFrom { epoch }).await {
+            return e.into();
+        }
+    }
     if let Err(e) = queue.presence_snapshot().await {
         return e.into();
     }

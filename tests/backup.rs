@@ -130,6 +130,18 @@ fn a_box_restored_from_a_backup_taken_under_load_keeps_every_acknowledged_comman
         &["restore", file.to_str().unwrap(), "--json"],
     ));
     assert_eq!(r["header"]["last_group"], h["last_group"], "{r}");
+    // A hub above must not take the restored outbox for the dead box's:
+    // the restore names a new uplink epoch (`UpFrom`).
+    let epoch = |d: &Path| {
+        outpost::store::Store::open(d, &outpost::store::StoreOptions::default())
+            .and_then(|s| s.uplink_epoch())
+            .unwrap()
+    };
+    assert_ne!(
+        epoch(target.path()),
+        epoch(a.dir.path()),
+        "a new uplink epoch"
+    );
     let mut b = box_at(target, &listen);
 
     let queued = queued_ids(&b, "dev-1");

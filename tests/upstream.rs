@@ -862,3 +862,87 @@ async fn an_edges_audit_entries_reach_the_hubs_log_under_the_edges_name_once() {
     e.stop().await;
     h.stop().await;
 }
+
+/// An edge whose data dir is wiped and set up again under the same bundle
+/// (a replaced SD card, `rm -rf` by mistake) starts its outbox again at seq
+/// 1, below the hub's cursor for it. The `UpFrom` epoch tells the hub it is
+/// a new database: what the new box reports reaches the hub, and the
+/// commands the hub had handed to the old one go down again and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_edge_set_up_again_reports_its_new_results_and_gets_the_old_ones_commands_again() {
+    let w = world().await;
+    let h = hub(&w.hub_dir, w.port).await;
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let dev = device(enroll(&e, "d0", false).await, w.runs.clone());
+    let mut old = Vec::new();
+    for i in 0..20 {
+        old.push(send(&e.queue, "d0", format!("old-{i}")).await);
+    }
+    all_end(&h.queue, &old, "hub, before the wipe").await;
+    outbox_drained(&e).await;
+    // Commands the old box takes but never runs: its device is away.
+    dev.abort();
+    let _ = dev.await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while e.queue.devices().await.unwrap().iter().any(|d| d.online) {
+        assert!(tokio::time::Instant::now() < deadline, "d0 stays online");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(send(&h.queue, "e1/d0", format!("held-{i}")).await);
+    }
+    for &id in &held {
+        while e.queue.show(id).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the edge never took {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Let the hub take the edge's `Accepted`s.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    e.stop().await;
+    std::fs::remove_dir_all(&w.edge_dir).unwrap();
+
+    // Set up again: d0 enrolled before the uplink starts, so nothing the
+    // hub sends down meets a box that does not know d0 yet.
+    let fresh = serve::start(options(&w.edge_dir, w.edge_port))
+        .await
+        .unwrap();
+    let bundle = enroll(&fresh, "d0", false).await;
+    fresh.stop().await;
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let runs: Arc<Mutex<Runs>> = Arc::default();
+    let dev = device(bundle, runs.clone());
+    let mut new = Vec::new();
+    for i in 0..5 {
+        new.push(send(&e.queue, "d0", format!("new-{i}")).await);
+    }
+    let both: Vec<CommandId> = held.iter().chain(&new).copied().collect();
+    let ended = all_end(&h.queue, &both, "hub, after the wipe").await;
+    for (id, state, device) in &ended {
+        assert_eq!(
+            (state, device.as_str()),
+            (&State::Succeeded, "e1/d0"),
+            "{id}"
+        );
+    }
+    outbox_drained(&e).await;
+    dev.abort();
+    e.stop().await;
+    h.stop().await;
+    let r = runs.lock().unwrap();
+    for id in &both {
+        assert_eq!(r.executed.get(id), Some(&1), "{id} ran once on the new box");
+    }
+    let hub = results_on_disk(&w.hub_dir);
+    for id in old.iter().chain(&both) {
+        assert_eq!(
+            hub.get(id).map(Vec::len),
+            Some(1),
+            "{id} recorded once on the hub"
+        );
+    }
+}

@@ -42,7 +42,7 @@ use super::{
 };
 use crate::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, State};
 use crate::journal::{Broadcast, Child, ChildEnd, Enqueued, Entry, ResultRecord, UpEntry, UpItem};
-use crate::journal::{DeviceRecord, Group, GroupWrite};
+use crate::journal::{Cursor, DeviceRecord, Group, GroupWrite};
 use crate::route::{check_name, Acl, Labels, Target};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -167,6 +167,11 @@ pub enum CoreRequest {
     Up {
         edge: DeviceId,
         entries: Vec<UpEntry>,
+    },
+    /// The database a gateway's outbox seqs count in (hub side, `UpFrom`).
+    UpFrom {
+        edge: DeviceId,
+        epoch: u64,
     },
     /// The hub stored every outbox record up to this seq (edge side).
     UpAck(u64),
@@ -555,11 +560,11 @@ pub struct QueueCore {
     /// said (`UpItem::Presence`). In memory: after a restart they show
     /// offline until their box reports them again.
     remote_online: FxHashMap<DeviceId, bool>,
-    /// Per edge: the highest outbox seq applied.
-    cursors: HashMap<DeviceId, u64>,
+    /// Per edge: the highest outbox seq applied, in the epoch it counts in.
+    cursors: HashMap<DeviceId, Cursor>,
     /// When each edge's outbox records last came, for `status`.
     last_up: HashMap<DeviceId, Millis>,
-    cursor_writes: Vec<(DeviceId, u64)>,
+    cursor_writes: Vec<(DeviceId, Cursor)>,
     /// Commands held by an edge whose cancel it has not confirmed.
     cancelling: FxHashSet<CommandId>,
     cancel_marks: Vec<(CommandId, bool)>,

@@ -13,7 +13,7 @@ struct MemDisk {
     outbox: BTreeMap<u64, Vec<UpEntry>>,
     outbox_next: Option<u64>,
     devices: BTreeMap<String, DeviceRecord>,
-    cursors: BTreeMap<String, u64>,
+    cursors: BTreeMap<String, crate::journal::Cursor>,
     cancel_marks: BTreeSet<CommandId>,
 }
 
@@ -2477,34 +2477,124 @@ fn the_hub_shows_a_device_below_online_while_its_edge_says_so_and_is_connected()
     assert_eq!(online(&hub), Some(true));
 }
 
-/// Known bug (found this stop, not fixed): an edge whose data dir was
-/// wiped comes back with its old bundle and an outbox that starts again at
-/// seq 1; the hub's cursor for it is far ahead, so it skips the new
-/// records as already applied, and its `UpAck` lets the edge delete them:
-/// their results never reach the hub. The fix wants the edge's store
-/// instance id on the uplink, the cursor kept per instance, and what the
-/// old instance held requeued (issue 28's "wiped edge" gap).
+/// A hub's cursor counts in one database of the edge (`UpFrom`): an edge
+/// whose data dir was wiped comes back with its old bundle and an outbox
+/// that starts again at seq 1, far below the cursor. Without the epoch the
+/// hub skipped the new records as applied, and its `UpAck` let the edge
+/// delete them: their results never reached the hub.
 #[test]
-#[ignore = "known bug: a wiped edge's outbox restarts below the hub's cursor"]
 fn a_wiped_edges_new_outbox_is_not_skipped_by_the_hubs_old_cursor() {
     let mut hub = hub();
     let mut old = with_outbox(1000, 1);
     old.connect("d0");
     old.traffic("d0", 5);
     hub.connect("e1");
-    up(&mut hub, outbox_of(&old));
-    // Wiped: a fresh store under the same name.
+    assert_eq!(hub.core.up_from("e1", 0xa1, hub.now), Ok(None));
+    let cursor = up(&mut hub, outbox_of(&old));
+    assert!(cursor > 3);
+    // Wiped: a fresh store under the same name, with a new epoch.
     let mut fresh = with_outbox(1000, 1);
     fresh.now += 60_000; // its own ids, not the old store's
     fresh.connect("d0");
     let id = fresh.send_prio("d0", Priority::Normal);
     fresh.ack("d0", id, ok()).unwrap();
-    up(&mut hub, outbox_of(&fresh));
+    let entries = outbox_of(&fresh);
+    assert!(
+        entries.last().unwrap().seq < cursor,
+        "the new outbox starts below the cursor"
+    );
+    hub.disconnect("e1");
+    hub.connect("e1");
+    assert_eq!(hub.core.up_from("e1", 0xb2, hub.now), Ok(Some(0)));
+    hub.round();
+    assert_eq!(up(&mut hub, entries.clone()), entries.last().unwrap().seq);
     assert_eq!(
         hub.state(id),
         Some(State::Succeeded),
         "the hub took the new result"
     );
+    // The reset cursor is durable: after a hub restart the same epoch is
+    // not reset again, and what was applied is not applied twice.
+    hub.reopen();
+    hub.connect("e1");
+    assert_eq!(hub.core.up_from("e1", 0xb2, hub.now), Ok(None));
+    let applied = hub.core.stats().up_applied_total;
+    up(&mut hub, entries);
+    assert_eq!(hub.core.stats().up_applied_total, applied, "all duplicates");
+}
+
+/// An edge of the same database keeps its cursor across sessions; a
+/// cursor of unknown epoch (written before 1.6) is adopted, not reset: the
+/// box upgraded, its database did not change.
+#[test]
+fn the_same_epoch_or_a_cursor_from_before_epochs_keeps_the_cursor() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    edge.connect("d0");
+    edge.traffic("d0", 3);
+    hub.connect("e1");
+    // No `UpFrom`: an edge older than 1.6.
+    let cursor = up(&mut hub, outbox_of(&edge));
+    assert_eq!(hub.disk.cursors["e1"].epoch, 0);
+    assert_eq!(hub.core.up_from("e1", 7, hub.now), Ok(None));
+    hub.round();
+    assert_eq!(
+        hub.disk.cursors["e1"],
+        crate::journal::Cursor {
+            epoch: 7,
+            seq: cursor
+        },
+        "adopted, durably"
+    );
+    assert_eq!(hub.core.up_from("e1", 7, hub.now), Ok(None));
+    let dups = hub.core.stats().up_duplicates_total;
+    up(&mut hub, outbox_of(&edge));
+    assert!(hub.core.stats().up_duplicates_total > dups, "still skipped");
+}
+
+/// What the hub had handed to the edge's old database is gone with it:
+/// under a new epoch those commands go down again (the new database takes
+/// them; a restored one dedupes those it has), and one whose cancel the old
+/// database never confirmed ends cancelled instead of waiting for a box
+/// that no longer holds it.
+#[test]
+fn a_new_epoch_forwards_again_what_the_old_database_held() {
+    let mut hub = hub();
+    let mut old = with_outbox(1000, 1);
+    hub.connect("e1");
+    assert_eq!(hub.core.up_from("e1", 1, hub.now), Ok(None));
+    let ids: Vec<CommandId> = (0..2)
+        .map(|_| hub.send("e1/d0", SendOptions::default()).unwrap().id)
+        .collect();
+    for &id in &ids {
+        take(&mut old, id, "d0");
+        hub.core.handed("e1", id, hub.now).unwrap();
+        hub.round();
+    }
+    hub.core.cancel(ids[1], hub.now).unwrap();
+    hub.round();
+    hub.check();
+    // Wiped; the gateway reconnects under a new epoch.
+    hub.disconnect("e1");
+    hub.delivered.clear();
+    hub.connect("e1");
+    assert!(hub.ids("e1").is_empty(), "handed: not forwarded at connect");
+    assert_eq!(hub.core.up_from("e1", 2, hub.now), Ok(Some(2)));
+    hub.round();
+    hub.check();
+    assert_eq!(hub.ids("e1"), ids[..1], "forwarded again");
+    assert_eq!(hub.state(ids[1]), Some(State::Cancelled));
+    let mut fresh = with_outbox(1000, 1);
+    assert!(
+        !take(&mut fresh, ids[0], "d0").duplicate,
+        "new to the new box"
+    );
+    hub.core.handed("e1", ids[0], hub.now).unwrap();
+    hub.round();
+    fresh.connect("d0");
+    fresh.ack("d0", ids[0], ok()).unwrap();
+    up(&mut hub, outbox_of(&fresh));
+    assert_eq!(hub.state(ids[0]), Some(State::Succeeded));
 }
 
 #[test]

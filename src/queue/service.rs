@@ -208,6 +208,8 @@ pub struct QueueHandle {
     gate: Arc<crate::trust::Gate>,
     shelf: crate::artifact::shelf::Shelf,
     progress: super::progress::Board,
+    /// Names this database's outbox to the hub above (`UpFrom`).
+    uplink_epoch: u64,
 }
 
 /// A shelf error as the queue's: unknown names are `UnknownArtifact`, a
@@ -292,6 +294,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     );
     shelf.chunks().set_queue_bytes(store.size_on_disk());
     let audit = super::audit::AuditLog::load(&store, opts.audit)?;
+    let uplink_epoch = store.uplink_epoch()?;
     let (tx, rx) = std_mpsc::channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
@@ -354,6 +357,7 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
             source,
         })?;
     Ok(QueueHandle {
+        uplink_epoch,
         gate,
         shelf,
         progress: super::progress::Board::default(),
@@ -483,7 +487,7 @@ pub(crate) struct ReplayOutbox {
 pub(crate) fn replay_start(
     core: &mut QueueCore,
     devices: impl IntoIterator<Item = DeviceRecord>,
-    cursors: impl IntoIterator<Item = (DeviceId, u64)>,
+    cursors: impl IntoIterator<Item = (DeviceId, crate::journal::Cursor)>,
     cancel_marks: impl IntoIterator<Item = CommandId>,
     outbox: Option<ReplayOutbox>,
     now: Millis,
@@ -491,8 +495,8 @@ pub(crate) fn replay_start(
     for d in devices {
         core.replay_device(d);
     }
-    for (edge, seq) in cursors {
-        core.replay_cursor(edge, seq);
+    for (edge, cursor) in cursors {
+        core.replay_cursor(edge, cursor);
     }
     for id in cancel_marks {
         core.replay_cancelling(id);
@@ -848,6 +852,19 @@ impl Writer {
                     CoreRequest::UpAck(seq) => {
                         core.up_ack(seq);
                         Ok(CoreReply::Done)
+                    }
+                    CoreRequest::UpFrom { edge, epoch } => {
+                        core.up_from(&edge, epoch, now).map(|again| {
+                            if let Some(n) = again {
+                                tracing::warn!(
+                                    %edge,
+                                    epoch = format_args!("{epoch:016x}"),
+                                    forwarded_again = n,
+                                    "this edge came back with a new database (wiped or restored): its outbox is applied from the start, and the commands handed to its old database go down again"
+                                );
+                            }
+                            CoreReply::Done
+                        })
                     }
                     CoreRequest::PresenceSnapshot => {
                         core.presence_snapshot();
@@ -1709,6 +1726,17 @@ impl QueueHandle {
         async move { reply.await?.into_cursor() }
     }
 
+    /// The database a gateway's outbox counts in (`UpFrom`), queued in
+    /// call order, before the `Up`s that follow it.
+    pub fn up_from(
+        &self,
+        edge: DeviceId,
+        epoch: u64,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::UpFrom { edge, epoch });
+        async move { reply.await.map(|_| ()) }
+    }
+
     /// Telemetry a device sent, for the upstream (fire and forget: an
     /// event is not acknowledged to its device).
     pub fn device_event(&self, device: DeviceId, payload: Vec<u8>, at: Millis) {
@@ -1750,6 +1778,11 @@ impl QueueHandle {
         self.core(CoreRequest::OutboxStats)
             .await?
             .into_outbox_stats()
+    }
+
+    /// The epoch this box's outbox counts in (`Store::uplink_epoch`).
+    pub fn uplink_epoch(&self) -> u64 {
+        self.uplink_epoch
     }
 
     /// Changes whenever the outbox grew (its value: the next seq).

@@ -12,7 +12,7 @@
 //! length of the run (issue 28: 28k steps/s over 20k steps, 1.7k over 200k).
 
 use crate::command::{CommandId, DeviceId};
-use crate::journal::{Entry, ResultRecord, UpEntry};
+use crate::journal::{Cursor, Entry, ResultRecord, UpEntry};
 use crate::store::{DeviceRecord, Group, GroupWrite};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,7 +24,7 @@ pub struct Image {
     pub outbox: BTreeMap<u64, Vec<UpEntry>>,
     pub outbox_next: Option<u64>,
     pub devices: BTreeMap<DeviceId, DeviceRecord>,
-    pub cursors: BTreeMap<DeviceId, u64>,
+    pub cursors: BTreeMap<DeviceId, Cursor>,
     pub cancel_marks: BTreeSet<CommandId>,
     pub last_seq: u64,
 }
@@ -37,7 +37,7 @@ enum Undo {
     Outbox(u64, Option<Vec<UpEntry>>),
     OutboxNext(Option<u64>),
     Device(DeviceId, Option<DeviceRecord>),
-    Cursor(DeviceId, Option<u64>),
+    Cursor(DeviceId, Option<Cursor>),
     Mark(CommandId, bool),
     LastSeq(u64),
 }
@@ -254,7 +254,7 @@ mod tests {
         Batch {
             group: Some(GroupWrite {
                 seq,
-                cursors: vec![("e".into(), seq)],
+                cursors: vec![("e".into(), Cursor { epoch: 1, seq })],
                 journal: vec![Entry::Requeued {
                     id: CommandId(seq as u128),
                     gen: 1,
@@ -273,9 +273,9 @@ mod tests {
         d.write(group(1)).unwrap();
         d.flush().unwrap();
         d.write(group(2)).unwrap();
-        assert_eq!(d.view().cursors["e"], 2, "reads see unflushed writes");
+        assert_eq!(d.view().cursors["e"].seq, 2, "reads see unflushed writes");
         d.crash();
-        assert_eq!(d.view().cursors["e"], 1);
+        assert_eq!(d.view().cursors["e"].seq, 1);
         assert_eq!(d.view().last_seq, 1);
     }
 
@@ -304,6 +304,6 @@ mod tests {
             d.view().journal.is_empty(),
             "the removal stayed, group 3 is not there"
         );
-        assert_eq!(d.view().cursors["e"], 2, "the inserts did not");
+        assert_eq!(d.view().cursors["e"].seq, 2, "the inserts did not");
     }
 }

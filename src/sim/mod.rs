@@ -246,6 +246,9 @@ struct Node {
     acked: u64,
     /// Arm: crash after the next write, before its flush.
     crash_mid_commit: bool,
+    /// Its database's uplink epoch (`UpFrom`): kept across restarts, as
+    /// the store keeps it.
+    db_epoch: u64,
 }
 
 struct Device {
@@ -382,6 +385,7 @@ impl World {
             sent: 0,
             acked: 0,
             crash_mid_commit: false,
+            db_epoch: seed | 1,
         });
         self.nodes.len() - 1
     }
@@ -765,6 +769,13 @@ impl World {
         let Ok(session) = self.nodes[n].core.connect(&name, 0, now) else {
             return;
         };
+        if let Peer::Edge(e) = self.links[l].peer {
+            // As the uplink sends a 1.6 hub before its first `Up`; the
+            // edge's database never changes here, so nothing goes again.
+            let epoch = self.nodes[e].db_epoch;
+            let again = self.nodes[n].core.up_from(&name, epoch, now);
+            assert!(matches!(again, Ok(None)), "the hub said {again:?}");
+        }
         let link = &mut self.links[l];
         link.connected = true;
         link.epoch += 1;

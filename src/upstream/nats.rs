@@ -18,8 +18,10 @@
 //!   message is acked only once the command is durable in the edge's queue.
 //!   `outpost.cmd.<edge>.workflow` carries a whole workflow (TOML text).
 //! - up, stream `OUTPOST_UP`: `outpost.up.<edge>.<kind>`, kind `state`,
-//!   `result`, `event` or `device`; headers `Nats-Msg-Id: <edge>:<seq>`
-//!   (JetStream drops a duplicate within its window), `Outpost-Id`,
+//!   `result`, `event` or `device`; headers `Nats-Msg-Id:
+//!   <edge>:<epoch>:<seq>` (JetStream drops a duplicate within its window;
+//!   the epoch, hex, names the edge's database, so a wiped edge's new seq 1
+//!   is not taken for its old one), `Outpost-Epoch`, `Outpost-Id`,
 //!   `Outpost-State`, `Outpost-Device`, `Outpost-Seq`. A result's body is
 //!   the result bytes. An outbox record is deleted only after its PubAck,
 //!   and only with every record before it.
@@ -292,7 +294,7 @@ async fn session(
             };
             let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
             for e in &entries {
-                let (subject, headers, body) = up_message(&opts.name, e);
+                let (subject, headers, body) = up_message(&opts.name, queue.uplink_epoch(), e);
                 let ack = match js.publish_with_headers(subject, headers, body.into()).await {
                     Ok(a) => a,
                     Err(e) => return SessionEnd::Link(format!("cannot publish: {e}")),
@@ -552,9 +554,11 @@ fn envelope_of(v: Option<&str>) -> Result<Option<Vec<u8>>, String> {
 }
 
 /// An outbox record as a message: subject, headers, body.
-pub fn up_message(edge: &str, e: &UpEntry) -> (String, HeaderMap, Vec<u8>) {
+pub fn up_message(edge: &str, epoch: u64, e: &UpEntry) -> (String, HeaderMap, Vec<u8>) {
     let mut h = HeaderMap::new();
-    h.insert("Nats-Msg-Id", format!("{edge}:{}", e.seq).as_str());
+    let epoch = format!("{epoch:016x}");
+    h.insert("Nats-Msg-Id", format!("{edge}:{epoch}:{}", e.seq).as_str());
+    h.insert("Outpost-Epoch", epoch.as_str());
     h.insert("Outpost-Seq", e.seq.to_string().as_str());
     let (kind, body) = match &e.item {
         UpItem::State {
@@ -798,19 +802,25 @@ mod tests {
         };
         let (s, h, b) = up_message(
             "e1",
+            0xab,
             &UpEntry {
                 seq: 9,
                 item: UpItem::Result(rec),
             },
         );
         assert_eq!(s, "outpost.up.e1.result");
-        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "e1:9");
+        assert_eq!(
+            h.get("Nats-Msg-Id").unwrap().as_str(),
+            "e1:00000000000000ab:9"
+        );
+        assert_eq!(h.get("Outpost-Epoch").unwrap().as_str(), "00000000000000ab");
         assert_eq!(h.get("Outpost-Id").unwrap().as_str(), id.to_string());
         assert_eq!(h.get("Outpost-State").unwrap().as_str(), "succeeded");
         assert_eq!(h.get("Outpost-Device").unwrap().as_str(), "dev-7");
         assert_eq!(b, b"42");
         let (s, _, b) = up_message(
             "e1",
+            0xab,
             &UpEntry {
                 seq: 10,
                 item: UpItem::Event {

@@ -11,7 +11,12 @@
 //!
 //! Outbox records are applied once: the hub keeps a cursor per edge (the
 //! highest seq applied), written in the same batch as what the records
-//! changed, and skips any record at or below it.
+//! changed, and skips any record at or below it. The seqs count in one
+//! database of the edge, named by its epoch (`UpFrom`): an edge wiped or
+//! restored comes back under a new epoch, and its outbox is applied from
+//! the start, not skipped as seqs the old database already sent. What the
+//! hub had handed to the old database is forwarded again: the new one
+//! takes what it lacks and dedupes what it has.
 //!
 //! A cancel of a command the edge already holds cannot end it here: the
 //! edge may be running it. It is marked (durably) and sent down at every
@@ -20,7 +25,7 @@
 use super::{Phase, QueueCore, Route};
 use crate::command::{CommandId, DeviceId, Millis, Outcome, State};
 use crate::journal::DeviceRecord;
-use crate::journal::{ResultRecord, UpEntry, UpItem};
+use crate::journal::{Cursor, ResultRecord, UpEntry, UpItem};
 use crate::queue::{CommandView, QueueError};
 use crate::route::GATEWAY_TAG;
 
@@ -51,6 +56,21 @@ impl QueueCore {
             )));
         }
         Ok(Route::Device(d))
+    }
+
+    /// `edge`'s index, if it is enrolled as a gateway (only a gateway may
+    /// speak for a box below).
+    fn gateway_of(&self, edge: &str) -> Result<u32, QueueError> {
+        let d = self.enrolled(edge)?;
+        if !self.is_gateway(d) {
+            return Err(QueueError::Forbidden {
+                device: edge.to_string(),
+                target:
+                    "upstream sync (only a device enrolled with --gateway may send outbox records)"
+                        .into(),
+            });
+        }
+        Ok(d)
     }
 
     pub(super) fn is_gateway(&self, d: u32) -> bool {
@@ -94,37 +114,81 @@ impl QueueCore {
         entries: Vec<UpEntry>,
         now: Millis,
     ) -> Result<u64, QueueError> {
-        let d = self.enrolled(edge)?;
-        if !self.is_gateway(d) {
-            return Err(QueueError::Forbidden {
-                device: edge.to_string(),
-                target:
-                    "upstream sync (only a device enrolled with --gateway may send outbox records)"
-                        .into(),
-            });
-        }
-        let mut cursor = self.cursors.get(edge).copied().unwrap_or(0);
-        let before = cursor;
+        let d = self.gateway_of(edge)?;
+        let mut cursor = self.cursors.get(edge).copied().unwrap_or_default();
+        let before = cursor.seq;
         self.last_up.insert(edge.to_string(), now);
         for e in entries {
-            if e.seq <= cursor {
+            if e.seq <= cursor.seq {
                 self.stats.up_duplicates_total += 1;
                 continue;
             }
-            cursor = e.seq;
+            cursor.seq = e.seq;
             self.apply_up(edge, d, e.item, now);
             self.stats.up_applied_total += 1;
         }
-        if cursor != before {
+        if cursor.seq != before {
             self.cursors.insert(edge.to_string(), cursor);
             self.cursor_writes.push((edge.to_string(), cursor));
         }
-        Ok(cursor)
+        Ok(cursor.seq)
+    }
+
+    /// The edge `edge` says its outbox seqs count in database `epoch`
+    /// (`UpFrom`, before its first `Up` of a session). A cursor of another
+    /// epoch belonged to a database the edge no longer has: the cursor
+    /// starts again at 0, and the commands handed to that database go back
+    /// in the gateway's queue to be forwarded again. A cursor of unknown
+    /// epoch (written before 1.6) is taken as this one's. Returns, when the
+    /// cursor started again, how many commands go down again.
+    pub fn up_from(
+        &mut self,
+        edge: &str,
+        epoch: u64,
+        now: Millis,
+    ) -> Result<Option<usize>, QueueError> {
+        let d = self.gateway_of(edge)?;
+        let old = self.cursors.get(edge).copied();
+        let fresh = Cursor { epoch, seq: 0 };
+        let cursor = match old {
+            Some(c) if c.epoch == epoch => return Ok(None),
+            Some(c) if c.epoch == 0 => Cursor { epoch, seq: c.seq },
+            _ => fresh,
+        };
+        self.cursors.insert(edge.to_string(), cursor);
+        self.cursor_writes.push((edge.to_string(), cursor));
+        if old.is_none_or(|c| c.epoch == 0) {
+            return Ok(None);
+        }
+        let mut handed: Vec<CommandId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.device == d && matches!(l.phase, Phase::Handed { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        handed.sort_unstable();
+        for &id in &handed {
+            if self.cancelling.contains(&id) {
+                // The operator wanted it gone, and the database it was
+                // handed to is: there is nothing left to cancel.
+                let msg = format!("cancelled: `{edge}` lost it with its old database");
+                self.finish(id, State::Cancelled, None, Some(msg), now);
+                continue;
+            }
+            self.devs[d as usize].handed -= 1;
+            self.remote.remove(&id);
+            let l = self.live.get_mut(&id).expect("listed live");
+            l.phase = Phase::Waiting;
+            self.event(id, State::Queued, now, None, None);
+            self.place(id, now);
+        }
+        self.pump(d, now);
+        Ok(Some(handed.len()))
     }
 
     /// A cursor as the store kept it.
-    pub fn replay_cursor(&mut self, edge: DeviceId, seq: u64) {
-        self.cursors.insert(edge, seq);
+    pub fn replay_cursor(&mut self, edge: DeviceId, cursor: Cursor) {
+        self.cursors.insert(edge, cursor);
     }
 
     /// A cancel the edge has not yet confirmed, as the store kept it.

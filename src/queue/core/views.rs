@@ -176,7 +176,7 @@ impl QueueCore {
                     .iter()
                     .any(|t| t == crate::route::GATEWAY_TAG)
                     .then(|| EdgeSync {
-                        cursor: self.cursors.get(&record.id).copied().unwrap_or(0),
+                        cursor: self.cursors.get(&record.id).map_or(0, |c| c.seq),
                         last_up: self.last_up.get(&record.id).copied(),
                     });
                 Some(DeviceView {

@@ -33,6 +33,27 @@ fn twenty_seeds_under_faults_keep_every_invariant() {
     assert!(crashes > 100, "the faults happen: {crashes} crashes");
 }
 
+/// Relabelling, device-to-device sends through the ACL and revocation run
+/// in every default world (issue 28), with their checks: the box refuses
+/// exactly what the rule and its durable labels refuse, a restart brings
+/// back the labels last made durable, and a revoked device is delivered
+/// nothing until it is enrolled again.
+#[test]
+fn relabels_device_sends_and_revocations_happen_and_keep_their_invariants() {
+    let cfg = Config::default();
+    let (mut relabels, mut sends, mut revocations) = (0, 0, 0);
+    for seed in 200..215 {
+        let r = assert_clean(seed, STEPS, &cfg);
+        relabels += r.counts.relabels;
+        sends += r.counts.device_sends;
+        revocations += r.counts.revocations;
+    }
+    assert!(
+        relabels > 100 && sends > 50 && revocations > 20,
+        "relabels {relabels}, device sends {sends}, revocations {revocations}"
+    );
+}
+
 #[test]
 fn a_seed_replays_bit_for_bit() {
     let cfg = Config::default();

@@ -22,10 +22,10 @@ pub mod shrink;
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use crate::journal::{Entry, UpEntry};
 use crate::proto::Forward;
-use crate::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore};
+use crate::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore, Relabel};
 use crate::queue::service::{forward_of, replay_start, strip_payloads, ReplayOutbox};
 use crate::queue::{LifecycleEvent, SendRequest};
-use crate::route::GATEWAY_TAG;
+use crate::route::{Acl, AclRule, GATEWAY_TAG};
 use crate::store::DeviceRecord;
 use disk::{Batch, SimDisk};
 pub use rng::Rng;
@@ -123,6 +123,9 @@ pub struct Counts {
     pub clock_jumps: u64,
     pub cancels: u64,
     pub retries: u64,
+    pub relabels: u64,
+    pub device_sends: u64,
+    pub revocations: u64,
     pub settle_steps: u64,
 }
 
@@ -139,6 +142,15 @@ const JUMP_MS: i64 = 2_000;
 const MAX_VIOLATIONS: usize = 20;
 /// Cancels and dependencies pick among a box's last this many sends.
 const RECENT: usize = 64;
+
+/// Devices on `line-a` may send to those on `line-b`.
+fn acl() -> Acl {
+    Acl::new(vec![AclRule {
+        from: vec!["tag:line-a".into()],
+        to: vec!["tag:line-b".into()],
+    }])
+    .expect("a valid rule")
+}
 
 fn limits() -> Limits {
     // Small numbers, so that backoff, dead letters, relocation and retention
@@ -262,6 +274,10 @@ struct Device {
     runs: BTreeMap<CommandId, (u32, u32)>,
     /// Per (origin box, priority): the highest send index first delivered.
     fifo: BTreeMap<(usize, Priority), u64>,
+    /// Its labels and standing as its box has them durably: tagged
+    /// `line-a` (else `line-b`), revoked.
+    line_a: bool,
+    revoked: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -362,6 +378,7 @@ impl World {
     fn add_node(&mut self, name: String, edge: bool) -> usize {
         let seed = self.rng.next_u64();
         let mut core = QueueCore::new(limits(), seed);
+        core.set_acl(acl());
         if edge {
             core.enable_outbox(OUTBOX_MAX);
         }
@@ -408,6 +425,8 @@ impl World {
             seen: BTreeMap::new(),
             runs: BTreeMap::new(),
             fifo: BTreeMap::new(),
+            line_a: m % 2 == 0,
+            revoked: false,
         });
     }
 
@@ -607,6 +626,12 @@ impl World {
             );
             return;
         };
+        if let Peer::Device(x) = self.links[l].peer {
+            if self.devices[x].revoked {
+                self.violation(n, format!("{} delivered to revoked {}", d.id, d.device));
+                return;
+            }
+        }
         let msg = match forward_of(&d, c, now) {
             Ok(f) => Msg::Forward(Box::new(f)),
             Err(_) => Msg::Command {
@@ -1021,6 +1046,7 @@ impl World {
         let node = &mut self.nodes[n];
         let image = node.disk.view();
         let mut core = QueueCore::new(limits(), seed);
+        core.set_acl(acl());
         let outbox = node.edge.then(|| ReplayOutbox {
             max: OUTBOX_MAX,
             next_seq: image.outbox_next.unwrap_or(1),
@@ -1058,7 +1084,38 @@ impl World {
         for id in lost {
             self.violation(n, format!("acknowledged send {id} lost by the restart"));
         }
+        self.check_labels(n);
         self.round(n);
+    }
+
+    /// After a restart: every device's labels and standing are what its
+    /// box last made durable, no older (a lost relabel or revocation) and
+    /// no newer (one that was never acknowledged).
+    fn check_labels(&mut self, n: usize) {
+        let views = self.nodes[n].core.devices();
+        let mut wrong = Vec::new();
+        for d in self.devices.iter().filter(|d| d.node == n) {
+            let Some(v) = views.iter().find(|v| v.record.id == d.name) else {
+                wrong.push(format!("{} is not enrolled after the restart", d.name));
+                continue;
+            };
+            let tag = if d.line_a { "line-a" } else { "line-b" };
+            let tags_ok = v
+                .record
+                .tags
+                .iter()
+                .filter(|t| t.starts_with("line-"))
+                .eq([tag]);
+            if !tags_ok || v.record.revoked != d.revoked {
+                wrong.push(format!(
+                    "{} came back with tags {:?}, revoked {}; it was made durable with [{tag}], revoked {}",
+                    d.name, v.record.tags, v.record.revoked, d.revoked
+                ));
+            }
+        }
+        for w in wrong {
+            self.violation(n, w);
+        }
     }
 
     // ----- the workload --------------------------------------------------
@@ -1134,32 +1191,207 @@ impl World {
         }
         match r {
             Ok(rc) if !rc.duplicate => {
-                self.send_index += 1;
-                self.sent.insert(
-                    rc.id,
-                    Sent {
-                        node: n,
-                        device,
-                        plain,
-                        pool,
-                        priority,
-                        index: self.send_index,
-                    },
-                );
-                let node = &mut self.nodes[n];
-                node.ids.push(rc.id);
-                // It may have ended in its own round (a failed dependency).
-                if !node.ended.contains_key(&rc.id) {
-                    node.open.insert(rc.id);
-                }
-                self.report.counts.sends_acked += 1;
-                self.ev(n, "send", rc.id.0, || format!("{} → {target}", rc.id));
+                let sent = Sent {
+                    node: n,
+                    device,
+                    plain,
+                    pool,
+                    priority,
+                    index: 0,
+                };
+                self.note_sent(rc.id, sent, &target);
             }
             Ok(_) => {}
             Err(e) => {
                 self.report.counts.sends_refused += 1;
                 self.ev(n, "send-refused", 0, || format!("{target}: {e}"));
             }
+        }
+    }
+
+    /// An acknowledged send: what the checks hold the boxes to.
+    fn note_sent(&mut self, id: CommandId, mut sent: Sent, target: &str) {
+        let n = sent.node;
+        self.send_index += 1;
+        sent.index = self.send_index;
+        self.sent.insert(id, sent);
+        let node = &mut self.nodes[n];
+        node.ids.push(id);
+        // It may have ended in its own round (a failed dependency).
+        if !node.ended.contains_key(&id) {
+            node.open.insert(id);
+        }
+        self.report.counts.sends_acked += 1;
+        self.ev(n, "send", id.0, || format!("{id} → {target}"));
+    }
+
+    fn local_devices(&self, n: usize) -> Vec<usize> {
+        (0..self.devices.len())
+            .filter(|&d| self.devices[d].node == n)
+            .collect()
+    }
+
+    /// `outpost relabel`: a device moves to the other line.
+    fn op_relabel(&mut self, n: usize) {
+        let Some(d) = self.rng.pick(&self.local_devices(n)) else {
+            return;
+        };
+        let (name, line_a, revoked) = {
+            let dev = &self.devices[d];
+            (dev.name.clone(), dev.line_a, dev.revoked)
+        };
+        let (from, to) = if line_a {
+            ("line-a", "line-b")
+        } else {
+            ("line-b", "line-a")
+        };
+        let now = self.node_now(n);
+        let r = self.nodes[n].core.relabel(
+            Relabel {
+                device: name.clone(),
+                add_tags: vec![to.into()],
+                remove_tags: vec![from.into()],
+                add_caps: vec![],
+                remove_caps: vec![],
+            },
+            now,
+        );
+        if !self.round(n) {
+            return;
+        }
+        match r {
+            Ok(rec) if !revoked && rec.tags.iter().any(|t| t == to) => {
+                self.devices[d].line_a = !line_a;
+                self.report.counts.relabels += 1;
+                self.ev(n, "relabel", d as u128, || format!("{name} → {to}"));
+            }
+            Err(_) if revoked => {}
+            other => self.violation(
+                n,
+                format!("relabel of {name} (revoked {revoked}) to {to} gave {other:?}"),
+            ),
+        }
+    }
+
+    /// A device sends another a command, through its box's ACL: devices
+    /// on `line-a` may address those on `line-b`, nobody else anyone. The
+    /// box must refuse what the rule and the labels it holds refuse, and
+    /// take the rest as any acknowledged send.
+    fn op_device_send(&mut self, n: usize) {
+        let local = self.local_devices(n);
+        let (Some(s), Some(t)) = (self.rng.pick(&local), self.rng.pick(&local)) else {
+            return;
+        };
+        let (from, to) = (self.devices[s].name.clone(), self.devices[t].name.clone());
+        let allowed = self.devices[s].line_a && !self.devices[t].line_a;
+        let expect_ok = allowed && !self.devices[s].revoked && !self.devices[t].revoked;
+        let now = self.node_now(n);
+        let req = SendRequest {
+            target: to.clone(),
+            payload: format!("d{}", self.step).into_bytes(),
+            opts: SendOptions::default(),
+            origin: String::new(),
+            signature: None,
+        };
+        let r = self.nodes[n].core.device_send(&from, req, now);
+        if !self.round(n) {
+            return;
+        }
+        match r {
+            Ok(rc) if expect_ok => {
+                let sent = Sent {
+                    node: n,
+                    device: Some(t),
+                    plain: true,
+                    pool: false,
+                    priority: Priority::Normal,
+                    index: 0,
+                };
+                self.report.counts.device_sends += 1;
+                self.note_sent(rc.id, sent, &format!("{from} → {to}"));
+            }
+            Err(_) if !expect_ok => {
+                self.report.counts.sends_refused += 1;
+                self.ev(n, "device-send-refused", 0, || format!("{from} → {to}"));
+            }
+            other => self.violation(
+                n,
+                format!(
+                    "{from} (line-a {}, revoked {}) → {to} (line-a {}, revoked {}): the ACL {} it, the box said {other:?}",
+                    self.devices[s].line_a,
+                    self.devices[s].revoked,
+                    self.devices[t].line_a,
+                    self.devices[t].revoked,
+                    if expect_ok { "allows" } else { "refuses" }
+                ),
+            ),
+        }
+    }
+
+    /// `outpost revoke`: the device is cut off and gets nothing more
+    /// until it is enrolled again.
+    fn op_revoke(&mut self, n: usize) {
+        let Some(d) = self.rng.pick(&self.local_devices(n)) else {
+            return;
+        };
+        if self.devices[d].revoked {
+            return;
+        }
+        let name = self.devices[d].name.clone();
+        let now = self.node_now(n);
+        let r = self.nodes[n].core.revoke(&name, now);
+        if !self.round(n) {
+            return;
+        }
+        match r {
+            Ok(rec) if rec.revoked => {
+                self.devices[d].revoked = true;
+                self.report.counts.revocations += 1;
+                self.ev(n, "revoke", d as u128, || name);
+                // Its box closed the session; the device sees it drop.
+                let l = self.devices[d].link;
+                self.drop_link(l);
+            }
+            other => self.violation(n, format!("revoke of {name} gave {other:?}")),
+        }
+    }
+
+    fn op_reenroll(&mut self, n: usize) {
+        let revoked: Vec<usize> = self
+            .local_devices(n)
+            .into_iter()
+            .filter(|&d| self.devices[d].revoked)
+            .collect();
+        if let Some(d) = self.rng.pick(&revoked) {
+            self.reenroll(d);
+        }
+    }
+
+    /// `outpost enroll --force` of a revoked id: the same labels, in again.
+    fn reenroll(&mut self, d: usize) {
+        let n = self.devices[d].node;
+        let name = self.devices[d].name.clone();
+        let mut rec = DeviceRecord::new(name.clone());
+        rec.tags.push(
+            if self.devices[d].line_a {
+                "line-a"
+            } else {
+                "line-b"
+            }
+            .into(),
+        );
+        if name
+            .trim_start_matches("dev-")
+            .parse::<usize>()
+            .is_ok_and(|m| m % 3 == 0)
+        {
+            rec.caps.push("cam".into());
+        }
+        let now = self.node_now(n);
+        self.nodes[n].core.enroll(rec, now);
+        if self.round(n) {
+            self.devices[d].revoked = false;
+            self.ev(n, "enroll", d as u128, || name);
         }
     }
 
@@ -1299,6 +1531,10 @@ impl World {
             590..=594 if faults => self.nodes[n].crash_mid_commit = true,
             595..=599 if faults => self.op_clock(n),
             600..=629 => self.op_event(),
+            630..=639 => self.op_relabel(n),
+            640..=689 => self.op_device_send(n),
+            690..=691 => self.op_revoke(n),
+            692..=696 => self.op_reenroll(n),
             _ => {}
         }
         if self.step % 128 == 0 {
@@ -1330,6 +1566,14 @@ impl World {
             self.report.counts.settle_steps += 1;
             self.step += 1;
             self.settle_time();
+            // A revoked device's commands wait for it: enrolled again, it
+            // takes them.
+            for d in 0..self.devices.len() {
+                let n = self.devices[d].node;
+                if self.devices[d].revoked && self.nodes[n].up {
+                    self.reenroll(d);
+                }
+            }
             for l in 0..self.links.len() {
                 self.connect(l);
             }

@@ -126,6 +126,7 @@ pub struct Counts {
     pub relabels: u64,
     pub device_sends: u64,
     pub revocations: u64,
+    pub rebuilds: u64,
     pub settle_steps: u64,
 }
 
@@ -514,7 +515,11 @@ impl World {
             if node.disk.write(batch).is_err() {
                 self.report.counts.disk_faults += 1;
                 self.ev(n, "write-failed", 0, String::new);
-                self.crash(n);
+                if self.rng.chance(500) {
+                    self.rebuild_in_place(n);
+                } else {
+                    self.crash(n);
+                }
                 return false;
             }
             if flush && std::mem::take(&mut self.nodes[n].crash_mid_commit) {
@@ -1036,6 +1041,22 @@ impl World {
                 self.drop_link(l);
             }
         }
+    }
+
+    /// What the writer does after a failed commit when it may not exit (an
+    /// embedded queue, `fail_round`): nobody is told "accepted", every
+    /// session is dropped, and the core is rebuilt from what the disk holds,
+    /// in place: no downtime, and nothing rolled back (the failed write kept
+    /// nothing; what was written before stays readable).
+    fn rebuild_in_place(&mut self, n: usize) {
+        self.report.counts.rebuilds += 1;
+        self.ev(n, "rebuild", 0, String::new);
+        for l in 0..self.links.len() {
+            if self.links[l].node == n || self.links[l].peer == Peer::Edge(n) {
+                self.drop_link(l);
+            }
+        }
+        self.restart(n);
     }
 
     /// A fresh core from what the disk kept, in the order `service::rebuild`

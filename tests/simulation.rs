@@ -20,11 +20,12 @@ fn assert_clean(seed: u64, steps: u64, cfg: &Config) -> outpost::sim::Report {
 #[test]
 fn twenty_seeds_under_faults_keep_every_invariant() {
     let cfg = Config::default();
-    let (mut crashes, mut rebuilds) = (0, 0);
+    let (mut crashes, mut rebuilds, mut wipes) = (0, 0, 0);
     for seed in 100..120 {
         let r = assert_clean(seed, STEPS, &cfg);
         crashes += r.counts.crashes;
         rebuilds += r.counts.rebuilds;
+        wipes += r.counts.wipes;
         assert!(
             r.counts.sends_acked > 0 && r.counts.runs > 0,
             "{:?}",
@@ -35,6 +36,10 @@ fn twenty_seeds_under_faults_keep_every_invariant() {
     // Half the failed writes rebuild the queue in place, as an embedded
     // queue's writer does, instead of crashing the box.
     assert!(rebuilds > 10, "{rebuilds} rebuilds in place");
+    // Edges wiped and set up again under their old bundle: the hub takes
+    // the new database's outbox from its start (`UpFrom`) and sends down
+    // again what the old one held; without that, most seeds fail.
+    assert!(wipes > 10, "{wipes} edges wiped");
 }
 
 /// Relabelling, device-to-device sends through the ACL and revocation run

@@ -127,6 +127,7 @@ pub struct Counts {
     pub device_sends: u64,
     pub revocations: u64,
     pub rebuilds: u64,
+    pub wipes: u64,
     pub settle_steps: u64,
 }
 
@@ -143,6 +144,21 @@ const JUMP_MS: i64 = 2_000;
 const MAX_VIOLATIONS: usize = 20;
 /// Cancels and dependencies pick among a box's last this many sends.
 const RECENT: usize = 64;
+
+/// `dev-M`'s record: on `line-a` or `line-b`, every third with a camera.
+fn device_record(name: &str, line_a: bool) -> DeviceRecord {
+    let mut rec = DeviceRecord::new(name.to_string());
+    rec.tags
+        .push(if line_a { "line-a" } else { "line-b" }.into());
+    let m = name
+        .trim_start_matches("dev-")
+        .parse::<usize>()
+        .unwrap_or(1);
+    if m % 3 == 0 {
+        rec.caps.push("cam".into());
+    }
+    rec
+}
 
 /// Devices on `line-a` may send to those on `line-b`.
 fn acl() -> Acl {
@@ -262,6 +278,9 @@ struct Node {
     /// Its database's uplink epoch (`UpFrom`): kept across restarts, as
     /// the store keeps it.
     db_epoch: u64,
+    /// Wiped, and the hub has not yet durably taken its new epoch: the hub
+    /// may start its cursor again (and must not otherwise).
+    wiped: bool,
 }
 
 struct Device {
@@ -291,6 +310,9 @@ struct Sent {
     pool: bool,
     priority: Priority,
     index: u64,
+    /// Its device's box was wiped while it was there: a run the wipe
+    /// took the record of may be followed by a refusal on the new box.
+    wiped: bool,
 }
 
 pub struct World {
@@ -404,18 +426,14 @@ impl World {
             acked: 0,
             crash_mid_commit: false,
             db_epoch: seed | 1,
+            wiped: false,
         });
         self.nodes.len() - 1
     }
 
     fn add_device(&mut self, n: usize, m: usize) {
         let name = format!("dev-{m}");
-        let mut rec = DeviceRecord::new(name.clone());
-        rec.tags
-            .push(if m % 2 == 0 { "line-a" } else { "line-b" }.into());
-        if m % 3 == 0 {
-            rec.caps.push("cam".into());
-        }
+        let rec = device_record(&name, m % 2 == 0);
         self.nodes[n].core.enroll(rec, T0);
         let d = self.devices.len();
         let link = self.add_link(n, name.clone(), Peer::Device(d));
@@ -800,11 +818,35 @@ impl World {
             return;
         };
         if let Peer::Edge(e) = self.links[l].peer {
-            // As the uplink sends a 1.6 hub before its first `Up`; the
-            // edge's database never changes here, so nothing goes again.
+            // As the uplink sends a 1.6 hub before its first `Up`. Only a
+            // wiped edge comes back with another database.
             let epoch = self.nodes[e].db_epoch;
             let again = self.nodes[n].core.up_from(&name, epoch, now);
-            assert!(matches!(again, Ok(None)), "the hub said {again:?}");
+            // Wiped until the hub has durably moved to the new epoch (its
+            // crash before that flush makes it start again once more).
+            let moved = self.nodes[n]
+                .disk
+                .view()
+                .cursors
+                .get(&name)
+                .map(|c| c.epoch);
+            if moved == Some(epoch) {
+                self.nodes[e].wiped = false;
+            }
+            let wiped = self.nodes[e].wiped;
+            match again {
+                Ok(Some(k)) if wiped => {
+                    self.ev(n, "up-from-new", k as u128, || format!("{name}: {k} again"));
+                }
+                Ok(Some(_)) => {
+                    self.violation(
+                        n,
+                        format!("{name}'s cursor started again, its database did not change"),
+                    );
+                }
+                Ok(None) => {}
+                Err(err) => self.violation(n, format!("UpFrom of {name} refused: {err}")),
+            }
         }
         let link = &mut self.links[l];
         link.connected = true;
@@ -1043,6 +1085,60 @@ impl World {
         }
     }
 
+    /// An edge's data dir wiped and set up again under its old bundle: a
+    /// new database (a new uplink epoch), its devices enrolled again. What
+    /// only the edge held goes with it (its own operators' sends); what the
+    /// hub had handed down must come down again and end once, the
+    /// result of each on the hub exactly once.
+    fn op_wipe(&mut self, e: usize) {
+        if !self.nodes[e].edge {
+            return;
+        }
+        for l in 0..self.links.len() {
+            if self.links[l].node == e || self.links[l].peer == Peer::Edge(e) {
+                self.drop_link(l);
+            }
+        }
+        let seed = self.rng.next_u64();
+        let now = self.node_now(e);
+        let mut core = QueueCore::new(limits(), seed);
+        core.set_acl(acl());
+        core.enable_outbox(OUTBOX_MAX);
+        let local = self.local_devices(e);
+        for &d in &local {
+            let dev = &mut self.devices[d];
+            dev.revoked = false;
+            core.enroll(device_record(&dev.name, dev.line_a), now);
+        }
+        let node = &mut self.nodes[e];
+        node.core = core;
+        node.disk = SimDisk::default();
+        node.db_epoch = seed | 1;
+        node.wiped = true;
+        node.boots += 1;
+        node.ids.clear();
+        node.open.clear();
+        node.results.clear();
+        node.ended.clear();
+        node.pruned.clear();
+        node.states.clear();
+        node.retryable = PickSet::default();
+        node.sent = 0;
+        node.acked = 0;
+        node.crash_mid_commit = false;
+        self.sent.retain(|_, s| s.node != e);
+        // What comes down again arrives after newer commands: no FIFO.
+        for s in self.sent.values_mut() {
+            if s.device.is_some_and(|d| self.devices[d].node == e) {
+                s.plain = false;
+                s.wiped = true;
+            }
+        }
+        self.report.counts.wipes += 1;
+        self.ev(e, "wipe", 0, String::new);
+        self.round(e);
+    }
+
     /// What the writer does after a failed commit when it may not exit (an
     /// embedded queue, `fail_round`): nobody is told "accepted", every
     /// session is dropped, and the core is rebuilt from what the disk holds,
@@ -1219,6 +1315,7 @@ impl World {
                     pool,
                     priority,
                     index: 0,
+                    wiped: false,
                 };
                 self.note_sent(rc.id, sent, &target);
             }
@@ -1327,6 +1424,7 @@ impl World {
                     pool: false,
                     priority: Priority::Normal,
                     index: 0,
+                    wiped: false,
                 };
                 self.report.counts.device_sends += 1;
                 self.note_sent(rc.id, sent, &format!("{from} → {to}"));
@@ -1392,22 +1490,7 @@ impl World {
     fn reenroll(&mut self, d: usize) {
         let n = self.devices[d].node;
         let name = self.devices[d].name.clone();
-        let mut rec = DeviceRecord::new(name.clone());
-        rec.tags.push(
-            if self.devices[d].line_a {
-                "line-a"
-            } else {
-                "line-b"
-            }
-            .into(),
-        );
-        if name
-            .trim_start_matches("dev-")
-            .parse::<usize>()
-            .is_ok_and(|m| m % 3 == 0)
-        {
-            rec.caps.push("cam".into());
-        }
+        let rec = device_record(&name, self.devices[d].line_a);
         let now = self.node_now(n);
         self.nodes[n].core.enroll(rec, now);
         if self.round(n) {
@@ -1556,6 +1639,7 @@ impl World {
             640..=689 => self.op_device_send(n),
             690..=691 => self.op_revoke(n),
             692..=696 => self.op_reenroll(n),
+            697 if faults => self.op_wipe(n),
             _ => {}
         }
         if self.step % 128 == 0 {
@@ -1732,7 +1816,7 @@ impl World {
             let (ok, _) = self.devices[d].runs.get(&id).copied().unwrap_or((0, 0));
             let bad = match state {
                 State::Succeeded => ok != 1,
-                State::Failed | State::Dead => ok != 0,
+                State::Failed | State::Dead if !s.wiped => ok != 0,
                 _ => ok > 1,
             };
             if bad {

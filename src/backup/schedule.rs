@@ -266,6 +266,67 @@ mod tests {
         assert_eq!(list(d.path()).len(), 1);
     }
 
+    /// A run against a real queue: each writes a backup that reads back,
+    /// the dir keeps the newest `keep`; a run without room makes room from
+    /// the oldest, never removes the newest, and says what it lacked.
+    #[test]
+    fn a_run_keeps_the_newest_n_and_a_run_without_room_says_what_it_lacks() {
+        let data = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::Store::open(data.path(), &crate::store::StoreOptions::default()).unwrap();
+        let q = crate::queue::open(store, crate::queue::ServiceOptions::default()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut rec = crate::store::DeviceRecord::new("d1");
+        rec.tags.push("t".into());
+        rt.block_on(q.enroll(rec)).unwrap();
+        rt.block_on(q.send(crate::queue::SendRequest {
+            target: "d1".into(),
+            payload: b"x".to_vec(),
+            opts: crate::SendOptions::default(),
+            origin: "cli".into(),
+            signature: None,
+        }))
+        .unwrap();
+        let s = Schedule {
+            every: Duration::from_secs(3600),
+            dir: data.path().join("backups"),
+            keep: 2,
+        };
+        let mut written = Vec::new();
+        for _ in 0..3 {
+            let (path, header) = run_once(&q, data.path(), None, &s, 0).unwrap();
+            assert!(header.body_bytes > 0, "{header:?}");
+            written.push(path);
+            // Names carry the millisecond: one per run.
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        let kept: Vec<PathBuf> = list(&s.dir).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(kept, written[1..], "the newest two");
+        // The newest holds the queued command's group.
+        let checked = super::super::verify(&kept[1]).unwrap();
+        assert!(checked.last_group > 0, "{checked:?}");
+
+        let e = run_once(&q, data.path(), None, &s, u64::MAX / 4).unwrap_err();
+        let SkipError::NoRoom { dir, need, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(dir, &s.dir.display().to_string());
+        assert!(*need > 1024 * 1024, "{need}");
+        assert!(e.to_string().contains("--backup-dir"), "{e}");
+        let left: Vec<PathBuf> = list(&s.dir).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(left, written[2..], "the newest stays, the oldest made room");
+        assert_eq!(
+            board_of(&s.dir)
+                .file
+                .as_deref()
+                .map(Path::new)
+                .and_then(Path::file_name),
+            written[2].file_name()
+        );
+    }
+
     #[test]
     fn the_first_backup_is_due_a_period_after_the_newest_found() {
         let h = Duration::from_secs(3600);

@@ -160,6 +160,13 @@ fn device_record(name: &str, line_a: bool) -> DeviceRecord {
     rec
 }
 
+/// A box's core as the world configures every one, new or restarted.
+fn fresh_core(seed: u64) -> QueueCore {
+    let mut core = QueueCore::new(limits(), seed);
+    core.set_acl(acl());
+    core
+}
+
 /// Devices on `line-a` may send to those on `line-b`.
 fn acl() -> Acl {
     Acl::new(vec![AclRule {
@@ -400,8 +407,7 @@ impl World {
 
     fn add_node(&mut self, name: String, edge: bool) -> usize {
         let seed = self.rng.next_u64();
-        let mut core = QueueCore::new(limits(), seed);
-        core.set_acl(acl());
+        let mut core = fresh_core(seed);
         if edge {
             core.enable_outbox(OUTBOX_MAX);
         }
@@ -784,6 +790,16 @@ impl World {
         self.ev(node, "link-down", l as u128, || name);
     }
 
+    /// Every link of box `n` drops: its devices' and its uplink, from
+    /// either end.
+    fn drop_links_of(&mut self, n: usize) {
+        for l in 0..self.links.len() {
+            if self.links[l].node == n || self.links[l].peer == Peer::Edge(n) {
+                self.drop_link(l);
+            }
+        }
+    }
+
     fn apply_drops(&mut self) {
         for (l, session, boot) in std::mem::take(&mut self.drops) {
             let n = self.links[l].node;
@@ -1078,11 +1094,7 @@ impl World {
         node.down_until = self.now + 10 + self.rng.below(2_000);
         self.report.counts.crashes += 1;
         self.ev(n, "crash", 0, String::new);
-        for l in 0..self.links.len() {
-            if self.links[l].node == n || self.links[l].peer == Peer::Edge(n) {
-                self.drop_link(l);
-            }
-        }
+        self.drop_links_of(n);
     }
 
     /// An edge's data dir wiped and set up again under its old bundle: a
@@ -1094,15 +1106,10 @@ impl World {
         if !self.nodes[e].edge {
             return;
         }
-        for l in 0..self.links.len() {
-            if self.links[l].node == e || self.links[l].peer == Peer::Edge(e) {
-                self.drop_link(l);
-            }
-        }
+        self.drop_links_of(e);
         let seed = self.rng.next_u64();
         let now = self.node_now(e);
-        let mut core = QueueCore::new(limits(), seed);
-        core.set_acl(acl());
+        let mut core = fresh_core(seed);
         core.enable_outbox(OUTBOX_MAX);
         let local = self.local_devices(e);
         for &d in &local {
@@ -1147,11 +1154,7 @@ impl World {
     fn rebuild_in_place(&mut self, n: usize) {
         self.report.counts.rebuilds += 1;
         self.ev(n, "rebuild", 0, String::new);
-        for l in 0..self.links.len() {
-            if self.links[l].node == n || self.links[l].peer == Peer::Edge(n) {
-                self.drop_link(l);
-            }
-        }
+        self.drop_links_of(n);
         self.restart(n);
     }
 
@@ -1162,8 +1165,7 @@ impl World {
         let seed = self.rng.next_u64();
         let node = &mut self.nodes[n];
         let image = node.disk.view();
-        let mut core = QueueCore::new(limits(), seed);
-        core.set_acl(acl());
+        let mut core = fresh_core(seed);
         let outbox = node.edge.then(|| ReplayOutbox {
             max: OUTBOX_MAX,
             next_seq: image.outbox_next.unwrap_or(1),

@@ -148,16 +148,16 @@ impl QueueCore {
         now: Millis,
     ) -> Result<Option<usize>, QueueError> {
         let d = self.gateway_of(edge)?;
-        let old = self.cursors.get(edge).copied();
-        let fresh = Cursor { epoch, seq: 0 };
-        let cursor = match old {
+        // (the cursor to keep, whether the old database's are lost)
+        let (cursor, lost) = match self.cursors.get(edge).copied() {
             Some(c) if c.epoch == epoch => return Ok(None),
-            Some(c) if c.epoch == 0 => Cursor { epoch, seq: c.seq },
-            _ => fresh,
+            Some(c) if c.epoch == 0 => (Cursor { epoch, seq: c.seq }, false),
+            None => (Cursor { epoch, seq: 0 }, false),
+            Some(_) => (Cursor { epoch, seq: 0 }, true),
         };
         self.cursors.insert(edge.to_string(), cursor);
         self.cursor_writes.push((edge.to_string(), cursor));
-        if old.is_none_or(|c| c.epoch == 0) {
+        if !lost {
             return Ok(None);
         }
         let mut handed: Vec<CommandId> = self

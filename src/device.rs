@@ -791,8 +791,10 @@ impl Session {
         let shared = self.shared.clone();
         let opts = &shared.opts;
         // Reading is not cancel-safe inside select!, so a small task reads
-        // and hands over whole frames through a bounded channel.
-        let (ftx, mut frx) = mpsc::channel::<Result<DeviceFrame, FrameError>>(16);
+        // and hands over whole frames through a bounded channel. Boxed: the
+        // channel allocates 32 slots up front, for every connected device,
+        // and a frame inline made that 5 KiB each (issue 29).
+        let (ftx, mut frx) = mpsc::channel::<Box<Result<DeviceFrame, FrameError>>>(16);
         let max = opts.max_frame;
         let reader = tokio::spawn(async move {
             loop {
@@ -803,7 +805,7 @@ impl Session {
                     Ok(None) => break,
                     Err(e) => Err(e),
                 };
-                if ftx.send(item).await.is_err() || stop {
+                if ftx.send(Box::new(item)).await.is_err() || stop {
                     break;
                 }
             }
@@ -912,7 +914,7 @@ impl Session {
                     }
                 }
                 f = frx.recv(), if acks.len() < ack_limit && answers.len() < MAX_ANSWERS => {
-                    let frame = match f {
+                    let frame = match f.map(|f| *f) {
                         None => break End::Gone("device closed its control stream".into()),
                         Some(Err(e)) => break frame_error(e),
                         Some(Ok(frame)) => frame,

@@ -536,15 +536,85 @@ pub async fn read_frame<T: Frame, R: AsyncRead + Unpin>(
     decode(&buf).map(Some)
 }
 
+/// Bytes a [`FrameReader`] reads from its transport at once.
+const READ_AHEAD: usize = 16 * 1024;
+
 /// A frame stream read through a buffer: one read of the transport
 /// usually yields several frames, so a burst costs one poll of the QUIC
 /// connection rather than two or three per frame.
-pub type FrameReader<R> = tokio::io::BufReader<R>;
+///
+/// The buffer exists only while bytes flow: a read that finds it empty and
+/// the transport with nothing to give drops it. An idle device then costs
+/// the box no read buffer; a `BufReader`'s 16 KiB, held for good, was a
+/// quarter of the memory each idle connected device took (issue 29).
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    filled: usize,
+}
 
-/// Wrap `r` for reading frames (16 KiB of buffer: bounded, whatever a peer
-/// sends).
+/// Wrap `r` for reading frames (at most 16 KiB of buffer, and none while
+/// the peer is quiet).
 pub fn frame_reader<R: AsyncRead>(r: R) -> FrameReader<R> {
-    tokio::io::BufReader::with_capacity(16 * 1024, r)
+    FrameReader {
+        inner: r,
+        buf: None,
+        pos: 0,
+        filled: 0,
+    }
+}
+
+impl<R> FrameReader<R> {
+    /// Bytes of buffer this reader holds now (0 while the peer is quiet).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for FrameReader<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(buf) = this.buf.as_ref().filter(|_| this.pos < this.filled) {
+            let n = out.remaining().min(this.filled - this.pos);
+            out.put_slice(&buf[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        // Empty. A read as large as the buffer (a big frame's body) goes
+        // straight through, without a copy.
+        if out.remaining() >= READ_AHEAD {
+            this.buf = None;
+            return std::pin::Pin::new(&mut this.inner).poll_read(cx, out);
+        }
+        let buf = this
+            .buf
+            .get_or_insert_with(|| vec![0; READ_AHEAD].into_boxed_slice());
+        let mut into = tokio::io::ReadBuf::new(buf);
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut into) {
+            Poll::Ready(Ok(())) => {
+                let got = into.filled().len();
+                let n = out.remaining().min(got);
+                out.put_slice(&buf[..n]);
+                (this.pos, this.filled) = (n, got);
+                if got == 0 {
+                    this.buf = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => {
+                // Quiet (or failed): give the buffer back until bytes come.
+                this.buf = None;
+                (this.pos, this.filled) = (0, 0);
+                other
+            }
+        }
+    }
 }
 
 /// Append one encoded frame to `out`; refuses (appending nothing) a frame
@@ -965,6 +1035,59 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_holds_no_buffer_while_its_peer_is_quiet_and_loses_no_byte() {
+        let refused = |n: usize| BoxFrame::Refused {
+            code: ErrorCode::Internal,
+            message: "x".repeat(n),
+        };
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let mut r = frame_reader(r);
+        assert_eq!(r.buffer_capacity(), 0, "no buffer before any byte");
+        let mut two = Vec::new();
+        encode_into(&BoxFrame::Pong, 1 << 20, &mut two).unwrap();
+        encode_into(&refused(10), 1 << 20, &mut two).unwrap();
+        w.write_all(&two).await.unwrap();
+        async fn read(
+            r: &mut FrameReader<tokio::io::DuplexStream>,
+        ) -> Result<Result<Option<BoxFrame>, FrameError>, tokio::time::error::Elapsed> {
+            let f = read_frame::<BoxFrame, _>(r, 1 << 20);
+            tokio::time::timeout(std::time::Duration::from_millis(50), f).await
+        }
+        assert_eq!(read(&mut r).await.unwrap().unwrap(), Some(BoxFrame::Pong));
+        assert_eq!(
+            r.buffer_capacity(),
+            READ_AHEAD,
+            "the second frame waits in the buffer"
+        );
+        assert_eq!(read(&mut r).await.unwrap().unwrap(), Some(refused(10)));
+        assert!(read(&mut r).await.is_err(), "nothing more was sent");
+        assert_eq!(r.buffer_capacity(), 0, "quiet: the buffer is given back");
+
+        // A frame that arrives a few bytes at a time, and one larger than
+        // the buffer, read whole after their pauses.
+        let mut slow = Vec::new();
+        encode_into(&refused(100), 1 << 20, &mut slow).unwrap();
+        encode_into(&refused(3 * READ_AHEAD), 1 << 20, &mut slow).unwrap();
+        let writer = tokio::spawn(async move {
+            for part in slow.chunks(7) {
+                w.write_all(part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            w
+        });
+        for want in [refused(100), refused(3 * READ_AHEAD)] {
+            let got = read_frame::<BoxFrame, _>(&mut r, 1 << 20).await.unwrap();
+            assert_eq!(got, Some(want));
+        }
+        drop(writer.await.unwrap());
+        assert_eq!(
+            read_frame::<BoxFrame, _>(&mut r, 1 << 20).await.unwrap(),
+            None
+        );
+        assert_eq!(r.buffer_capacity(), 0, "the end of the stream frees it too");
     }
 
     #[tokio::test]

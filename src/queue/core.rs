@@ -26,6 +26,7 @@ mod ends;
 mod gateway;
 mod invariants;
 mod keys;
+mod live;
 mod replay;
 mod round;
 mod routing;
@@ -372,17 +373,45 @@ struct Live {
     created_at: Millis,
     expires_at: Option<Millis>,
     not_before: Option<Millis>,
-    // Boxed: a dependency or a parent is rare, and an inline `u128` would
-    // double the handle (and its 16-byte alignment pad every field), which
-    // every queued command pays for in RAM and in replay time.
-    after: Option<Box<CommandId>>,
     phase: Phase,
+    origin: u32,
+    /// What few commands have, in one box: every queued command pays for
+    /// the handle in RAM and in replay time (issue 29).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a live command's handle that most commands lack.
+#[derive(Clone, Debug, Default)]
+struct Rare {
+    /// A dependency still undecided.
+    after: Option<CommandId>,
     /// Only when it differs from the device id.
     target: Option<Box<str>>,
-    origin: u32,
     key: Option<Box<str>>,
     /// The broadcast this command is a child of.
-    parent: Option<Box<CommandId>>,
+    parent: Option<CommandId>,
+}
+
+impl Rare {
+    /// Boxed, or nothing when there is nothing to hold.
+    fn boxed(
+        after: Option<CommandId>,
+        target: Option<Box<str>>,
+        key: Option<Box<str>>,
+        parent: Option<CommandId>,
+    ) -> Option<Box<Rare>> {
+        let r = Rare {
+            after,
+            target,
+            key,
+            parent,
+        };
+        (!r.is_empty()).then(|| Box::new(r))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.after.is_none() && self.target.is_none() && self.key.is_none() && self.parent.is_none()
+    }
 }
 
 impl Live {
@@ -401,13 +430,36 @@ impl Live {
             created_at: p.created_at,
             expires_at: p.expires_at,
             not_before: p.not_before,
-            after: p.after.map(Box::new),
             phase: Phase::Ready,
-            target: Some(p.target.as_str().into()),
             origin,
-            key: None,
-            parent: Some(Box::new(p.id)),
+            rare: Rare::boxed(p.after, Some(p.target.as_str().into()), None, Some(p.id)),
         }
+    }
+
+    fn after(&self) -> Option<CommandId> {
+        self.rare.as_ref().and_then(|r| r.after)
+    }
+
+    /// Its dependency is decided: forget it (and the box, if that was all).
+    fn clear_after(&mut self) {
+        if let Some(r) = self.rare.as_mut() {
+            r.after = None;
+            if r.is_empty() {
+                self.rare = None;
+            }
+        }
+    }
+
+    fn target(&self) -> Option<&str> {
+        self.rare.as_ref().and_then(|r| r.target.as_deref())
+    }
+
+    fn key(&self) -> Option<&str> {
+        self.rare.as_ref().and_then(|r| r.key.as_deref())
+    }
+
+    fn parent(&self) -> Option<CommandId> {
+        self.rare.as_ref().and_then(|r| r.parent)
     }
 }
 
@@ -499,7 +551,7 @@ enum Route {
 pub struct QueueCore {
     limits: Limits,
     rng: u64,
-    live: FxHashMap<CommandId, Live>,
+    live: live::LiveTable,
     devs: Vec<Dev>,
     // FxHash: looked up once per command at replay; the names are enrolled
     // devices and origins, not chosen by an unauthenticated peer.
@@ -598,7 +650,7 @@ impl QueueCore {
         QueueCore {
             limits,
             rng: seed | 1,
-            live: FxHashMap::default(),
+            live: live::LiveTable::default(),
             devs: Vec::new(),
             dev_index: FxHashMap::default(),
             origins: Vec::new(),
@@ -916,12 +968,14 @@ impl QueueCore {
             created_at: now,
             expires_at,
             not_before: command.not_before,
-            after: after.map(Box::new),
             phase: Phase::Ready,
-            target: (target != self.devs[device as usize].id).then(|| target.into()),
             origin: o,
-            key: command.key.as_deref().map(Into::into),
-            parent: None,
+            rare: Rare::boxed(
+                after,
+                (target != self.devs[device as usize].id).then(|| target.into()),
+                command.key.as_deref().map(Into::into),
+                None,
+            ),
         };
         let entry = Enqueued {
             device: self.devs[device as usize].id.clone(),
@@ -1194,13 +1248,15 @@ impl QueueCore {
             created_at: command.created_at,
             expires_at: command.expires_at.filter(|&e| e > now),
             not_before: None,
-            after: None,
             phase: Phase::Ready,
-            target: (command.target != self.devs[device as usize].id)
-                .then(|| command.target.as_str().into()),
             origin: o,
-            key: command.key.as_deref().map(Into::into),
-            parent: None,
+            rare: Rare::boxed(
+                None,
+                (command.target != self.devs[device as usize].id)
+                    .then(|| command.target.as_str().into()),
+                command.key.as_deref().map(Into::into),
+                None,
+            ),
         };
         // An operator retry outlives the original ttl.
         command.expires_at = live.expires_at;
@@ -1532,7 +1588,7 @@ impl QueueCore {
                     && !matches!(l.phase, Phase::InFlight { .. } | Phase::Handed { .. })
             })
             .min_by_key(|(_, l)| (l.priority, std::cmp::Reverse(l.order)))
-            .map(|(id, _)| *id);
+            .map(|(id, _)| id);
         match victim {
             Some(v) => {
                 let msg = format!("shed for a {priority}-priority command (queue at its bound)");

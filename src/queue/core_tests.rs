@@ -255,19 +255,19 @@ impl H {
             panic!("{e}");
         }
         // What must also be on the disk.
-        for (id, l) in &c.live {
+        for (id, l) in c.live.iter() {
             assert!(
                 self.disk
                     .journal
                     .get(&l.group)
-                    .is_some_and(|g| g.iter().any(|e| e.enqueues(*id, l.gen))),
+                    .is_some_and(|g| g.iter().any(|e| e.enqueues(id, l.gen))),
                 "{id}: its journal group {} is not on disk",
                 l.group
             );
             if let Some(rg) = l.requeue_group {
                 assert!(
                     self.disk.journal.get(&rg).is_some_and(|g| g.iter().any(
-                        |e| matches!(e, Entry::Requeued { id: x, gen, attempts, .. } if x == id && *gen == l.gen && *attempts == l.attempts)
+                        |e| matches!(e, Entry::Requeued { id: x, gen, attempts, .. } if *x == id && *gen == l.gen && *attempts == l.attempts)
                     )),
                     "{id}: its latest requeue (group {rg}) is not on disk"
                 );

@@ -20,7 +20,7 @@ impl QueueCore {
     /// Put a live, not-in-flight command where it belongs: ready, waiting
     /// for a time, or blocked on its dependency.
     pub(super) fn place(&mut self, id: CommandId, now: Millis) {
-        let after = self.live[&id].after.as_deref().copied();
+        let after = self.live[&id].after();
         if let Some(dep) = after {
             let succeeded =
                 !self.is_live(dep) && matches!(self.results.get(&dep), Some((_, State::Succeeded)));
@@ -36,7 +36,7 @@ impl QueueCore {
             }
         }
         let l = self.live.get_mut(&id).expect("placing a live command");
-        l.after = None;
+        l.clear_after();
         match l.not_before {
             Some(t) if t > now => {
                 l.phase = Phase::Waiting;

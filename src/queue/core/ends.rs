@@ -41,7 +41,7 @@ impl QueueCore {
         if let Some(e) = l.expires_at {
             self.expiries.remove(&(e, id));
         }
-        if let Some(dep) = l.after.as_deref().copied() {
+        if let Some(dep) = l.after() {
             if let Some(v) = self.blocked.get_mut(&dep) {
                 v.retain(|x| *x != id);
             }
@@ -61,8 +61,7 @@ impl QueueCore {
             id,
             gen: l.gen,
             target: l
-                .target
-                .as_deref()
+                .target()
                 .map(str::to_string)
                 .unwrap_or_else(|| self.devs[l.device as usize].id.clone()),
             device,
@@ -79,7 +78,7 @@ impl QueueCore {
                 .get(l.origin as usize)
                 .cloned()
                 .unwrap_or_else(|| ORIGIN_UNKNOWN.into()),
-            key: l.key.as_deref().map(str::to_string),
+            key: l.key().map(str::to_string),
             // The shell fills the payload in from the journal before writing
             // (the core does not hold payloads).
             command: keep_command.then(|| Command {
@@ -105,7 +104,7 @@ impl QueueCore {
         if self.blocked.contains_key(&id) {
             self.dependency_done(id, state == State::Succeeded, now);
         }
-        if let Some(pid) = l.parent.as_deref().copied() {
+        if let Some(pid) = l.parent() {
             self.child_done(pid, id, state, now);
         }
         self.pump(l.device, now);
@@ -227,7 +226,7 @@ impl QueueCore {
                 continue;
             };
             if ok {
-                l.after = None;
+                l.clear_after();
                 self.place(id, now);
                 let d = self.live[&id].device;
                 self.pump(d, now);

@@ -164,7 +164,7 @@ impl QueueCore {
             .live
             .iter()
             .filter(|(_, l)| l.device == d && matches!(l.phase, Phase::Handed { .. }))
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         handed.sort_unstable();
         for &id in &handed {

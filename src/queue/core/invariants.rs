@@ -17,7 +17,8 @@ impl QueueCore {
             };
         }
         let mut per_device = vec![0u64; self.devs.len()];
-        for (id, l) in &self.live {
+        for (id, l) in self.live.iter() {
+            let id = &id;
             ensure!(
                 !self.results.contains_key(id),
                 "{id} is both live and finished"
@@ -62,7 +63,7 @@ impl QueueCore {
                     );
                 }
             }
-            if let Some(&pid) = l.parent.as_deref() {
+            if let Some(pid) = l.parent() {
                 let Some(p) = self.parents.get(&pid) else {
                     return Err(format!("{id}: its parent {pid} is gone"));
                 };

@@ -102,12 +102,14 @@ impl QueueCore {
             created_at: e.command.created_at,
             expires_at: e.command.expires_at,
             not_before: e.not_before,
-            after: e.command.after.map(Box::new),
             phase: Phase::Ready,
-            target: (e.command.target != e.device).then(|| e.command.target.into()),
             origin,
-            key: e.command.key.map(Into::into),
-            parent: None,
+            rare: Rare::boxed(
+                e.command.after,
+                (e.command.target != e.device).then(|| e.command.target.into()),
+                e.command.key.map(Into::into),
+                None,
+            ),
         };
         self.live.insert(id, live);
     }
@@ -188,6 +190,7 @@ impl QueueCore {
         let mut ready: FxHashMap<(u32, usize), Vec<(u64, CommandId)>> = FxHashMap::default();
         let mut others: Vec<(u64, CommandId)> = Vec::new();
         for (id, l) in self.live.iter_mut() {
+            let id = &id;
             *pins.entry(l.group).or_insert(0) += 1;
             if let Some(rg) = l.requeue_group {
                 *pins.entry(rg).or_insert(0) += 1;
@@ -197,7 +200,7 @@ impl QueueCore {
             if let Some(exp) = l.expires_at {
                 self.expiries.insert((exp, *id));
             }
-            if l.after.is_none() && l.not_before.is_none_or(|t| t <= now) {
+            if l.after().is_none() && l.not_before.is_none_or(|t| t <= now) {
                 l.phase = Phase::Ready;
                 ready
                     .entry((l.device, l.priority.rank()))
@@ -247,11 +250,7 @@ impl QueueCore {
                 if p.ends[i].is_some() {
                     continue;
                 }
-                if self
-                    .live
-                    .get(&cid)
-                    .is_some_and(|l| l.parent.as_deref() == Some(&pid))
-                {
+                if self.live.get(&cid).is_some_and(|l| l.parent() == Some(pid)) {
                     p.open += 1;
                 } else {
                     p.ends[i] = Some(self.results.get(&cid).map_or(State::Cancelled, |r| r.1));

@@ -271,7 +271,7 @@ impl QueueCore {
             let Some(l) = self.live.get_mut(&c.id) else {
                 continue;
             };
-            if l.parent.as_deref() != Some(&pid) || l.group != seq {
+            if l.parent() != Some(pid) || l.group != seq {
                 continue;
             }
             l.group = self.open_seq;

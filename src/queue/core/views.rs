@@ -22,8 +22,7 @@ impl QueueCore {
         CommandView {
             id,
             target: l
-                .target
-                .as_deref()
+                .target()
                 .map(str::to_string)
                 .unwrap_or_else(|| self.devs[l.device as usize].id.clone()),
             device,
@@ -35,18 +34,17 @@ impl QueueCore {
             finished_at: None,
             expires_at: l.expires_at,
             not_before: l.not_before,
-            after: l.after.as_deref().copied(),
+            after: l.after(),
             origin: self
                 .origins
                 .get(l.origin as usize)
                 .cloned()
                 .unwrap_or_default(),
-            key: l.key.as_deref().map(str::to_string),
+            key: l.key().map(str::to_string),
             outcome: None,
             error: match l.phase {
                 Phase::Blocked => l
-                    .after
-                    .as_deref()
+                    .after()
                     .map(|a| format!("waiting for command {a} to succeed")),
                 _ => None,
             },
@@ -111,7 +109,7 @@ impl QueueCore {
             self.live
                 .iter()
                 .filter(|(_, l)| l.device == d && matches!(l.phase, Phase::InFlight { .. }))
-                .map(|(id, l)| (l.priority.rank(), l.order, *id))
+                .map(|(id, l)| (l.priority.rank(), l.order, id))
                 .collect()
         } else {
             let mut v: Vec<_> = dev
@@ -124,7 +122,7 @@ impl QueueCore {
                     self.live
                         .iter()
                         .filter(|(_, l)| l.device == d && matches!(l.phase, Phase::Handed { .. }))
-                        .map(|(id, l)| (l.priority.rank(), l.order, *id)),
+                        .map(|(id, l)| (l.priority.rank(), l.order, id)),
                 );
             }
             v
@@ -141,7 +139,7 @@ impl QueueCore {
             .live
             .iter()
             .filter(|(_, l)| l.device == d && matches!(l.phase, Phase::Waiting | Phase::Blocked))
-            .map(|(id, l)| (l.priority.rank(), l.order, *id))
+            .map(|(id, l)| (l.priority.rank(), l.order, id))
             .collect();
         rest.sort_unstable();
         out.extend(

@@ -42,7 +42,12 @@ fn main() {
     if n > 0 {
         let dir = tempfile::tempdir_in(&base).expect("temp dir");
         let r = rt
-            .block_on(restart_bench(dir.path(), n, 100))
+            .block_on(restart_bench(
+                std::path::Path::new(env!("CARGO_BIN_EXE_outpost")),
+                dir.path(),
+                n,
+                100,
+            ))
             .expect("restart bench");
         println!(
             "restart: {} queued commands, open → first delivery {:.3} s, {:.0} B RSS per queued command, data dir {} bytes",

@@ -82,6 +82,11 @@ const AUDIT_ANCHOR: &[u8] = b"anchor";
 const AUDIT_HEAD: &[u8] = b"head";
 const MARKER_FILE: &str = "store-id";
 const WATERMARK_FILE: &str = "store-seq";
+
+/// Whether `dir` holds a box's store (its instance marker is there).
+pub fn is_store(dir: &Path) -> bool {
+    dir.join(MARKER_FILE).is_file()
+}
 /// How often a busy store refreshes `store-seq`.
 const WATERMARK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -519,6 +519,35 @@ fn idle_bench_measures_the_box_from_outside() {
 }
 
 #[test]
+fn restart_bench_reopens_the_filled_box_in_a_process_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = outpost(
+        dir.path(),
+        &["bench", "--restart", "3000", "--devices", "3", "--json"],
+    );
+    let v: Value = serde_json::from_slice(&ok(&o).into_bytes()).unwrap();
+    assert_eq!(v["queued"], 3000);
+    // The reopened process holds the backlog's handles: its RSS grew.
+    assert!(v["rss_bytes_per_queued"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["open_to_first_delivery_s"].as_f64().unwrap() > 0.0, "{v}");
+    // The hidden child refuses a dir that holds no box, and creates none.
+    let nowhere = dir.path().join("no-box");
+    let e = outpost(
+        dir.path(),
+        &["bench", "--reopen", nowhere.to_str().unwrap()],
+    );
+    assert_ne!(e.status.code(), Some(0), "{e:?}");
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("holds no box"),
+        "{e:?}"
+    );
+    assert!(
+        !nowhere.exists(),
+        "the child made a store where there was none"
+    );
+}
+
+#[test]
 fn tag_broadcast_wait_show_and_cancel_from_the_cli() {
     let mut b = start_box();
     b.device("e1", &["--echo"]);

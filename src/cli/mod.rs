@@ -233,6 +233,10 @@ pub struct BenchArgs {
     /// stop it, and time a restart from open to its first delivery.
     #[arg(long, value_name = "QUEUED")]
     pub restart: Option<usize>,
+    /// W2's restart, in a process of its own (run by `--restart`): open
+    /// the box in DIR, wait for its first delivery, print JSON.
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub reopen: Option<std::path::PathBuf>,
     /// How long W3 stays idle.
     #[arg(long, default_value_t = 60)]
     pub idle_secs: u64,
@@ -572,6 +576,11 @@ async fn run(
             Ok(doctor::report(&findings, json))
         }
         Cmd::Bench(a) => {
+            if let Some(d) = &a.reopen {
+                let r = crate::bench::reopen(d).await?;
+                crate::outln!("{}", serde_json::to_string(&r)?);
+                return Ok(0);
+            }
             let dir = match &a.dir {
                 Some(d) => tempfile::tempdir_in(d),
                 None => tempfile::tempdir(),
@@ -584,7 +593,8 @@ async fn run(
                         dir.path().display()
                     );
                 }
-                let r = crate::bench::restart_bench(dir.path(), n, a.devices).await?;
+                let exe = std::env::current_exe().context("finding the outpost binary")?;
+                let r = crate::bench::restart_bench(&exe, dir.path(), n, a.devices).await?;
                 if a.json {
                     crate::outln!("{}", serde_json::to_string(&r)?);
                 } else {

@@ -282,8 +282,11 @@ pub struct RestartReport {
     pub queued: usize,
     /// Open the store, replay, and hand the first command to a device.
     pub open_to_first_delivery_s: f64,
-    /// Resident memory growth from before the open to after it.
+    /// Resident memory growth from before the open to a second after the
+    /// first delivery (what the box holds while the backlog waits).
     pub rss_bytes_per_queued: f64,
+    /// The peak of the same (the open's transient buffers included).
+    pub peak_rss_bytes_per_queued: f64,
     pub data_dir_bytes: u64,
 }
 
@@ -293,11 +296,13 @@ impl RestartReport {
         format!(
             "W2: restart with {} commands queued\n\
              open → first delivery {:>10.3} s (open the store, replay, serve)\n\
-             memory per queued    {:>10.1} bytes (RSS growth over the open)\n\
+             memory per queued    {:>10.1} bytes (RSS growth over the open, settled)\n\
+             peak per queued      {:>10.1} bytes (during the open)\n\
              data dir             {:>10} bytes\n",
             self.queued,
             self.open_to_first_delivery_s,
             self.rss_bytes_per_queued,
+            self.peak_rss_bytes_per_queued,
             self.data_dir_bytes
         )
     }
@@ -364,6 +369,7 @@ pub async fn restart_bench(
         queued: n,
         open_to_first_delivery_s: r.open_to_first_delivery_s,
         rss_bytes_per_queued: r.rss_after.saturating_sub(r.rss_before) as f64 / n.max(1) as f64,
+        peak_rss_bytes_per_queued: r.rss_peak.saturating_sub(r.rss_before) as f64 / n.max(1) as f64,
         data_dir_bytes: dir_size(dir),
     })
 }
@@ -374,6 +380,7 @@ pub struct Reopened {
     pub open_to_first_delivery_s: f64,
     pub rss_before: u64,
     pub rss_after: u64,
+    pub rss_peak: u64,
 }
 
 /// W2's second half: open the box in `dir` and wait for the first delivery
@@ -398,6 +405,8 @@ pub async fn reopen(dir: &Path) -> anyhow::Result<Reopened> {
         matches!(first, Some(Delivery::Command(_))),
         "no delivery after restart"
     );
+    // Settled: what the open freed has had time to go back to the system.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let rss_after = rss_bytes();
     drop(s);
     q.shutdown().await;
@@ -405,6 +414,7 @@ pub async fn reopen(dir: &Path) -> anyhow::Result<Reopened> {
         open_to_first_delivery_s: elapsed,
         rss_before,
         rss_after,
+        rss_peak: peak_rss_bytes(),
     })
 }
 

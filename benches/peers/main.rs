@@ -68,12 +68,63 @@ fn main() {
         producers: env("OUTPOST_PEERS_PRODUCERS", if full { 64 } else { 8 }),
         payload: env("OUTPOST_PEERS_PAYLOAD", 100).max(16),
     };
+    // The second W1 shape: this many sends outstanding at once (0: skip;
+    // the smoke run under `cargo test` keeps to one shape).
+    let outstanding = env("OUTPOST_PEERS_OUTSTANDING", if full { 256 } else { 0 });
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let base = std::env::var("OUTPOST_BENCH_DIR")
         .unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
-    let mut rows = Vec::new();
+    let nats = nats_servers();
+    if nats.is_empty() {
+        println!("peers: nats-server not installed: JetStream skipped (benches/peers/run.sh installs it)");
+    }
+    let mut shapes = vec![size];
+    if outstanding > 0 && outstanding != size.producers {
+        shapes.push(Size {
+            producers: outstanding,
+            ..size
+        });
+    }
+    for shape in shapes {
+        let rows = run_shape(&rt, &base, shape, full, &nats);
+        print_table(shape, &rows);
+    }
+}
 
-    let dir = tempfile::tempdir_in(&base).expect("temp dir");
+/// Every nats-server to measure, one per version: Debian's on the PATH and
+/// any named in OUTPOST_PEERS_NATS (paths, `:`-separated; run.sh puts a
+/// current one there, for `sync_interval: always`, which Debian's 2.9 lacks).
+fn nats_servers() -> Vec<(String, String)> {
+    let mut bins: Vec<String> = which("nats-server").into_iter().collect();
+    if let Ok(extra) = std::env::var("OUTPOST_PEERS_NATS") {
+        bins.extend(
+            extra
+                .split(':')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string),
+        );
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for b in bins {
+        let v = nats_version(&b);
+        if v.is_empty() {
+            println!("peers: {b} does not run: skipped");
+        } else if !out.iter().any(|(_, seen)| *seen == v) {
+            out.push((b, v));
+        }
+    }
+    out
+}
+
+fn run_shape(
+    rt: &tokio::runtime::Runtime,
+    base: &str,
+    size: Size,
+    full: bool,
+    nats: &[(String, String)],
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let dir = tempfile::tempdir_in(base).expect("temp dir");
     let o = outpost::bench::LinkBenchOptions {
         devices: size.devices,
         commands: size.commands,
@@ -95,21 +146,22 @@ fn main() {
         rss: r.peak_rss_bytes,
         written_per_msg: r.bytes_written_per_command,
     });
-
-    match which("nats-server") {
-        None => println!("peers: nats-server not installed: JetStream skipped (benches/peers/run.sh installs it)"),
-        Some(bin) => {
-            let always = nats_has_sync_always(&bin);
-            for sync_always in [false, true] {
-                if sync_always && !always {
-                    println!("peers: {} has no `sync_interval: always` (needs 2.10+): that row is skipped", nats_version(&bin));
-                    continue;
+    for (bin, version) in nats {
+        let always = nats_has_sync_always(bin);
+        for sync_always in [false, true] {
+            if sync_always && !always {
+                println!("peers: {version} has no `sync_interval: always` (needs 2.10+): that row is skipped");
+                continue;
+            }
+            let dir = tempfile::tempdir_in(base).expect("temp dir");
+            match rt.block_on(jetstream(bin, dir.path(), size, sync_always)) {
+                Ok(mut row) => {
+                    let v = short_version(version);
+                    row.system =
+                        format!("JetStream {v}{}", if sync_always { " always" } else { "" });
+                    rows.push(row)
                 }
-                let dir = tempfile::tempdir_in(&base).expect("temp dir");
-                match rt.block_on(jetstream(&bin, dir.path(), size, sync_always)) {
-                    Ok(row) => rows.push(row),
-                    Err(e) => failed(full, "JetStream", e),
-                }
+                Err(e) => failed(full, "JetStream", e),
             }
         }
     }
@@ -118,14 +170,19 @@ fn main() {
             println!("peers: mosquitto not installed: skipped (benches/peers/run.sh installs it)")
         }
         Some(bin) => {
-            let dir = tempfile::tempdir_in(&base).expect("temp dir");
+            let dir = tempfile::tempdir_in(base).expect("temp dir");
             match rt.block_on(mosquitto(&bin, dir.path(), size)) {
                 Ok(row) => rows.push(row),
                 Err(e) => failed(full, "Mosquitto", e),
             }
         }
     }
-    print_table(size, &rows);
+    rows
+}
+
+/// `nats-server: v2.15.1` → `2.15.1`.
+fn short_version(v: &str) -> &str {
+    v.rsplit(' ').next().unwrap_or(v).trim_start_matches('v')
 }
 
 /// A full run reports a peer that failed and goes on; the smoke run in the
@@ -140,7 +197,7 @@ fn failed(full: bool, peer: &str, e: anyhow::Error) {
 
 fn print_table(s: Size, rows: &[Row]) {
     println!(
-        "\nW1: {} devices, {} commands of {} B, {} producers each waiting for the durable ack",
+        "\nW1: {} devices, {} commands of {} B, {} sends outstanding (each producer waits for its durable ack)",
         s.devices, s.commands, s.payload, s.producers
     );
     println!(
@@ -383,7 +440,7 @@ async fn jetstream(bin: &str, dir: &Path, s: Size, sync_always: bool) -> anyhow:
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (p50, p99, p999) = tally.quantiles();
     Ok(Row {
-        system: format!("JetStream{}", if sync_always { " (always)" } else { "" }),
+        system: "JetStream".into(),
         durability: if sync_always {
             "file storage, fsync every write (sync_interval: always)".into()
         } else {

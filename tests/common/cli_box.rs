@@ -104,8 +104,7 @@ impl Box_ {
 
     pub fn stop(&mut self) {
         if let Some(mut s) = self.serve.take() {
-            let _ = s.kill();
-            let _ = s.wait();
+            s.stop();
         }
     }
 

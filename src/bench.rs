@@ -9,6 +9,7 @@
 //! (enqueue → deliver → ack → dropped), read from `/proc/self/io`.
 
 pub mod artifact;
+pub mod process;
 
 use crate::command::{Outcome, SendOptions};
 use crate::queue::{self, Delivery, QueueHandle, SendRequest, ServiceOptions};
@@ -803,65 +804,30 @@ fn proc_cpu_seconds(pid: u32) -> f64 {
 
 /// Run W3 with the `outpost` binary at `exe`, its data in `dir`.
 pub async fn idle_bench(exe: &Path, dir: &Path, n: usize, secs: u64) -> anyhow::Result<IdleReport> {
-    use crate::admin::{AdminClient, AdminRequest, AdminResponse};
     use crate::client::{self, ConnectOptions};
-    use crate::identity::Bundle;
     use std::time::Duration;
 
-    let mut child = tokio::process::Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("OUTPOST_DATA_DIR", dir)
-        .env("OUTPOST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child
-        .id()
-        .ok_or_else(|| anyhow::anyhow!("the box exited at once"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut admin = loop {
-        match AdminClient::connect(dir).await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => anyhow::bail!("the box did not start: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let AdminResponse::Status(status) = admin.call(&AdminRequest::Status).await? else {
-        anyhow::bail!("unexpected status answer")
-    };
-    let addr: std::net::SocketAddr = status.listen.parse()?;
-    let rss_base = proc_field(pid, "status", "VmRSS:") * 1024;
+    let mut b = process::BoxProcess::start(exe, dir).await?;
+    let rss_base = b.rss();
     let mut bundles = Vec::with_capacity(n);
     for i in 0..n {
-        let req = AdminRequest::Enroll {
-            id: format!("idle-{i}"),
-            tags: vec![],
-            caps: vec![],
-            gateway: false,
-            force: false,
-        };
-        let AdminResponse::Bundle { text } = admin.call(&req).await? else {
-            anyhow::bail!("unexpected enroll answer")
-        };
-        bundles.push(Bundle::parse(&text, "the enroll answer")?);
+        bundles.push(b.enroll(&format!("idle-{i}")).await?);
     }
-    let endpoint = client::client_endpoint(addr)?;
+    let endpoint = client::client_endpoint(b.addr)?;
     let opts = ConnectOptions::default();
     let mut conns = Vec::with_capacity(n);
-    let rss_enrolled = proc_field(pid, "status", "VmRSS:") * 1024;
-    for b in &bundles {
-        conns.push(client::connect_with(&endpoint, addr, b, &opts).await?);
+    let rss_enrolled = b.rss();
+    for bundle in &bundles {
+        conns.push(client::connect_with(&endpoint, b.addr, bundle, &opts).await?);
     }
     // Let connection set-up settle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_connected = proc_field(pid, "status", "VmRSS:") * 1024;
-    let (cpu0, w0) = (proc_cpu_seconds(pid), proc_field(pid, "io", "write_bytes:"));
+    let rss_connected = b.rss();
+    let (cpu0, w0) = (b.cpu_seconds(), b.written());
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (cpu1, w1) = (proc_cpu_seconds(pid), proc_field(pid, "io", "write_bytes:"));
+    let (cpu1, w1) = (b.cpu_seconds(), b.written());
     drop(conns);
-    let _ = child.kill().await;
+    b.kill().await;
     Ok(IdleReport {
         devices: n,
         rss_base_bytes: rss_base,

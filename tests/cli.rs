@@ -519,6 +519,39 @@ fn idle_bench_measures_the_box_from_outside() {
 }
 
 #[test]
+fn box_process_bench_reports_the_boxs_own_cpu_rss_and_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = outpost(
+        dir.path(),
+        &[
+            "bench",
+            "--box-process",
+            "--devices",
+            "3",
+            "--commands",
+            "90",
+            "--producers",
+            "4",
+            "--json",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&ok(&o).into_bytes()).unwrap();
+    assert_eq!(v["commands"], 90);
+    assert_eq!(v["producers"], 4);
+    assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    // Measured on the box's PID: it did work and wrote to its store.
+    assert!(v["box_cpu_us_per_command"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["box_peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{v}");
+    assert!(
+        v["box_bytes_written_per_command"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    // W1's other variants do not combine with it.
+    let e = outpost(dir.path(), &["bench", "--box-process", "--idle", "3"]);
+    assert_eq!(e.status.code(), Some(2), "{e:?}");
+}
+
+#[test]
 fn restart_bench_reopens_the_filled_box_in_a_process_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let o = outpost(

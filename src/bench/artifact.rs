@@ -195,9 +195,8 @@ pub async fn artifact_bench(
 }
 
 async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<ArtifactReport> {
-    use crate::admin::{AdminClient, AdminRequest, AdminResponse};
+    use crate::admin::{AdminRequest, AdminResponse};
     use crate::client::{self, ConnectOptions, Received};
-    use crate::identity::Bundle;
 
     let source = dir.join("source.bin");
     let want = {
@@ -207,31 +206,9 @@ async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<Arti
 
     let box_dir = dir.join("box");
     std::fs::create_dir_all(&box_dir)?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("OUTPOST_DATA_DIR", &box_dir)
-        .env("OUTPOST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child
-        .id()
-        .ok_or_else(|| anyhow::anyhow!("the box exited at once"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut admin = loop {
-        match AdminClient::connect(&box_dir).await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => anyhow::bail!("the box did not start: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let AdminResponse::Status(status) = admin.call(&AdminRequest::Status).await? else {
-        anyhow::bail!("unexpected status answer")
-    };
-    let addr: std::net::SocketAddr = status.listen.parse()?;
-    let rss_start = proc_field(pid, "status", "VmRSS:") * 1024;
+    let mut b = super::process::BoxProcess::start(exe, &box_dir).await?;
+    let (pid, addr) = (b.pid, b.addr);
+    let rss_start = b.rss();
 
     // The add goes through the CLI, as an operator's would.
     let cpu0 = proc_cpu_seconds(pid);
@@ -250,7 +227,8 @@ async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<Arti
         "outpost artifact add failed: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    let AdminResponse::Artifact(view) = admin
+    let AdminResponse::Artifact(view) = b
+        .admin
         .call(&AdminRequest::ArtifactShow("bench@1".into()))
         .await?
     else {
@@ -272,17 +250,7 @@ async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<Arti
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("art-{i}");
-        let req = AdminRequest::Enroll {
-            id: id.clone(),
-            tags: vec![],
-            caps: vec![],
-            gateway: false,
-            force: false,
-        };
-        let AdminResponse::Bundle { text } = admin.call(&req).await? else {
-            anyhow::bail!("unexpected enroll answer")
-        };
-        let bundle = Bundle::parse(&text, "the enroll answer")?;
+        let bundle = b.enroll(&id).await?;
         conns.push((id, client::connect(&bundle, &copts).await?));
     }
     for (id, c) in &mut conns {
@@ -293,7 +261,7 @@ async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<Arti
             origin: "bench".into(),
             signature: Some(crate::trust::envelope::unsigned(Some(view.digest.0))),
         };
-        let AdminResponse::Receipt(_) = admin.call(&AdminRequest::Send(req)).await? else {
+        let AdminResponse::Receipt(_) = b.admin.call(&AdminRequest::Send(req)).await? else {
             anyhow::bail!("unexpected send answer")
         };
         let wait = Instant::now() + Duration::from_secs(30);
@@ -348,8 +316,7 @@ async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<Arti
     let samples = sampler.await?;
     let peak = proc_field(pid, "status", "VmHWM:") * 1024;
     drop(conns);
-    drop(admin);
-    let _ = child.kill().await;
+    b.kill().await;
 
     let mut verified = true;
     for (path, _) in &got {

@@ -237,6 +237,11 @@ pub struct BenchArgs {
     /// the box in DIR, wait for its first delivery, print JSON.
     #[arg(long, value_name = "DIR", hide = true)]
     pub reopen: Option<std::path::PathBuf>,
+    /// W1 with the box as its own process: producers send through its
+    /// admin socket, and the box's CPU per command, RSS and writes are
+    /// reported apart from the devices'.
+    #[arg(long, conflicts_with_all = ["idle", "restart", "signed", "rate", "artifact"])]
+    pub box_process: bool,
     /// How long W3 stays idle.
     #[arg(long, default_value_t = 60)]
     pub idle_secs: u64,
@@ -613,6 +618,24 @@ async fn run(
                 }
                 let r = crate::bench::artifact::artifact_bench(&exe, dir.path(), size, a.devices)
                     .await?;
+                if a.json {
+                    crate::outln!("{}", serde_json::to_string(&r)?);
+                } else {
+                    crate::out!("{}", r.table());
+                }
+                return Ok(0);
+            }
+            if a.box_process {
+                let exe = std::env::current_exe().context("finding the outpost binary")?;
+                let r = crate::bench::process::box_w1(
+                    &exe,
+                    dir.path(),
+                    a.devices,
+                    a.commands,
+                    a.payload,
+                    a.producers,
+                )
+                .await?;
                 if a.json {
                     crate::outln!("{}", serde_json::to_string(&r)?);
                 } else {

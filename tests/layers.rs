@@ -21,6 +21,7 @@ const ENGINE: &[&str] = &[
     "src/queue/core/gateway.rs",
     "src/queue/core/invariants.rs",
     "src/queue/core/keys.rs",
+    "src/queue/core/live.rs",
     "src/queue/core/replay.rs",
     "src/queue/core/round.rs",
     "src/queue/core/routing.rs",

@@ -848,6 +848,28 @@ fn a_workflow_runs_on_the_box_survives_kill_9_and_shows_every_step() {
         .find(|s| s["name"] == "flash")
         .unwrap();
     assert_eq!(flash["target"], "tag:t1");
+    // The human views: a row per step with its state and target, and the
+    // list's count of steps done.
+    let shown = ok(&b.run(&["workflow", "show", &id]));
+    assert!(
+        shown.starts_with(&format!("{id} reflash — succeeded")),
+        "{shown}"
+    );
+    let row = |name: &str| {
+        shown
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {shown}"))
+            .to_string()
+    };
+    assert!(
+        row("flash").contains("succeeded") && row("flash").contains("tag:t1"),
+        "{shown}"
+    );
+    assert!(row("skipped").contains("skipped"), "{shown}");
+    let list = ok(&b.run(&["workflow", "list"]));
+    let line = list.lines().find(|l| l.starts_with(&id)).expect("its row");
+    assert!(line.contains("succeeded") && line.contains("5/5"), "{list}");
     // `run --wait` of a run whose first step cannot be routed: failed, exit 6.
     let bad = b.dir.path().join("bad.toml");
     std::fs::write(

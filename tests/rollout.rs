@@ -12,7 +12,7 @@ mod run;
 mod cli_box;
 
 use cli_box::{wait_for, Box_};
-use run::{json, text};
+use run::{json, ok, text};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -139,6 +139,38 @@ fn a_fifth_of_sixty_failing_aborts_after_the_minimum_and_no_one_else_gets_it() {
     // list and the dashboard's view of it agree.
     let l = json(&b.run(&["rollout", "list", "--json"]));
     assert_eq!(l[0]["id"], v["id"]);
+
+    // What an operator reads without --json says the same: the state and
+    // why, the rule that tripped, a row per device, and the list's counts.
+    let id = v["id"].as_str().unwrap();
+    let shown = ok(&b.run(&["rollout", "show", id]));
+    let head = shown.lines().next().unwrap();
+    assert!(head.starts_with(id) && head.contains("aborted"), "{shown}");
+    assert!(shown.contains("tripped: "), "{shown}");
+    assert!(
+        shown.contains("DEVICE") && shown.contains("ROLLBACK"),
+        "{shown}"
+    );
+    assert_eq!(
+        shown
+            .lines()
+            .filter(|l| l.starts_with('d') && l[1..].starts_with(|c: char| c.is_ascii_digit()))
+            .count(),
+        60,
+        "a row per device: {shown}"
+    );
+    let list = ok(&b.run(&["rollout", "list"]));
+    let row = list.lines().find(|l| l.starts_with(id)).expect("its row");
+    let failed = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| ["failed", "rejected", "timed_out"].contains(&d["state"].as_str().unwrap()))
+        .count();
+    assert!(
+        row.contains("aborted") && row.contains(&format!(" {failed} ")),
+        "{list}"
+    );
 }
 
 #[test]

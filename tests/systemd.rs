@@ -1,5 +1,6 @@
 //! systemd integration: the real binary, run the way systemd runs it, tells
-//! a notify socket the test owns that it is ready, and pings the watchdog.
+//! a notify socket the test owns that it is ready, pings the watchdog, and
+//! on SIGTERM says it is stopping and exits 0.
 //! Also checks the unit file carries the settings DESIGN §9 requires.
 
 use std::os::unix::net::UnixDatagram;
@@ -36,8 +37,36 @@ fn serve_sends_ready_and_watchdog_to_notify_socket() {
     }
     // Ready means serving: the admin socket exists by then.
     let admin_ready = data.join("admin.sock").exists();
-    let _ = child.kill();
-    let _ = child.wait();
+    // `systemctl stop`: SIGTERM; the box says it is stopping and exits 0.
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    };
+    while let Ok(n) = sock.recv(&mut buf) {
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM: not a clean exit within 30 s: {status:?}"
+    );
+    assert!(
+        seen.contains("STOPPING=1"),
+        "no STOPPING=1 after SIGTERM; got: {seen:?}"
+    );
     assert!(
         seen.contains("READY=1"),
         "no READY=1 within 30 s; got: {seen:?}"

@@ -22,8 +22,7 @@ impl Drop for Box_ {
             let _ = d.kill();
             let _ = d.wait();
         }
-        let _ = self.serve.kill();
-        let _ = self.serve.wait();
+        run::stop(&mut self.serve);
     }
 }
 
@@ -577,6 +576,77 @@ fn restart_bench_reopens_the_filled_box_in_a_process_of_its_own() {
     assert!(
         !nowhere.exists(),
         "the child made a store where there was none"
+    );
+}
+
+#[test]
+fn watch_streams_a_devices_lifecycle_events_and_only_that_devices() {
+    use std::io::BufRead;
+    let mut b = start_box();
+    b.device("w1", &["--echo"]);
+    b.device("w2", &["--echo"]);
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--device", "w1", "--json"])
+        .env("OUTPOST_DATA_DIR", b.dir.path())
+        .env("OUTPOST_CONFIG", "/dev/null")
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The watch subscribes on its own time: send until one of w1's
+    // commands is seen to its end, a command to w2 beside each.
+    let mut lines: Vec<Value> = Vec::new();
+    let mut ended = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ended.is_none() && Instant::now() < deadline {
+        let id = ok(&b.run(&["send", "w1", "hello-w1"])).trim().to_string();
+        ok(&b.run(&["send", "w2", "hello-w2"]));
+        let until = Instant::now() + Duration::from_secs(3);
+        while let Ok(l) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            let done = v["id"] == id.as_str() && v["state"] == "succeeded";
+            lines.push(v);
+            if done {
+                ended = Some(id.clone());
+                break;
+            }
+        }
+    }
+    // The box stops: the watch ends with it, cleanly.
+    run::stop(&mut b.serve);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        match watch.try_wait().unwrap() {
+            Some(st) => break Some(st),
+            None if Instant::now() > deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(exited.is_some(), "watch outlived the box");
+    let id = ended.unwrap_or_else(|| panic!("no end of a w1 command was watched: {lines:?}"));
+    let end = lines
+        .iter()
+        .find(|v| v["id"] == id.as_str() && v["state"] == "succeeded")
+        .unwrap();
+    assert_eq!(end["device"], "w1");
+    assert_eq!(end["result"], "hello-w1", "the echo's result: {end}");
+    assert!(end["at"].as_str().unwrap().ends_with('Z'), "{end}");
+    assert!(
+        lines.iter().all(|v| v["device"] == "w1"),
+        "only w1's events: {lines:?}"
     );
 }
 

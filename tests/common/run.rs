@@ -27,29 +27,34 @@ impl std::ops::DerefMut for Proc {
 }
 
 impl Proc {
-    /// Stop it as systemd would: SIGTERM, then SIGKILL if it has not gone
-    /// within 10 s. A box that exits on its own writes its coverage
-    /// profile (under cargo-llvm-cov), and its shutdown path is exercised by
-    /// every test that starts one; a test that means a crash kills it first.
+    /// Stop it as systemd would (see [`stop`]).
     pub fn stop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            // SAFETY: kill(2) on the PID of a child this Proc owns and has
-            // not reaped, so the PID cannot have been reused.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while std::time::Instant::now() < deadline {
-                if matches!(self.0.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        stop(&mut self.0);
     }
+}
+
+/// Stop `child` as systemd would: SIGTERM, then SIGKILL if it has not gone
+/// within 10 s. A box that exits on its own writes its coverage profile
+/// (under cargo-llvm-cov), and its shutdown path is exercised by every test
+/// that starts one; a test that means a crash kills it first.
+pub fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on the PID of a child we own and have not
+        // reaped, so the PID cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Proc {

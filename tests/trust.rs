@@ -225,3 +225,67 @@ fn a_removed_keys_undelivered_commands_end_rejected_saying_why() {
     assert!(shown.contains("removed from the trust set"), "{shown}");
     assert!(!shown.contains("\"succeeded\""), "{shown}");
 }
+
+#[test]
+fn key_ids_and_the_trust_list_read_the_same_in_text_as_in_json() {
+    let b = Box_::start_with(&["--name", "box-k"]);
+    // No key yet: the list says how to add one.
+    let empty = ok(&b.run(&["trust", "list"]));
+    assert!(
+        empty.starts_with("box box-k: signatures optional"),
+        "{empty}"
+    );
+    assert!(empty.contains("outpost trust add"), "{empty}");
+    let carol = key(&b, "carol");
+    // The id from either half of the pair is the same, and the one the
+    // box lists once the key is trusted.
+    let from_private = ok(&b.run(&["key", "id", &carol])).trim().to_string();
+    let from_public = ok(&b.run(&["key", "id", &format!("{carol}.pub")]))
+        .trim()
+        .to_string();
+    assert_eq!(from_private, from_public);
+    trust(
+        &b,
+        &carol,
+        &["--role", "operator", "--targets", "tag:line-3"],
+    );
+    let list = json(&b.run(&["trust", "list", "--json"]));
+    assert_eq!(list["keys"][0]["id"], from_public.as_str(), "{list}");
+    let text_list = ok(&b.run(&["trust", "list"]));
+    let row = text_list
+        .lines()
+        .find(|l| l.starts_with("carol"))
+        .unwrap_or_else(|| panic!("no row for carol: {text_list}"));
+    assert!(row.contains(&from_public), "{text_list}");
+    assert!(
+        row.contains("operator") && row.contains("tag:line-3"),
+        "{text_list}"
+    );
+    // A name that cannot be a file name is a usage error, and no key is
+    // written for it.
+    let dir = b.dir.path().join("keys");
+    let o = b.run(&["key", "new", "../evil", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        stderr(&o).contains("cannot be a key's file name"),
+        "{}",
+        text(&o)
+    );
+    assert!(!b.dir.path().join("evil").exists());
+    // `--json` names both files and the id.
+    let v = json(&b.run(&[
+        "key",
+        "new",
+        "dave",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["private"], dir.join("dave").to_str().unwrap(), "{v}");
+    assert!(
+        std::path::Path::new(v["public"].as_str().unwrap()).exists(),
+        "{v}"
+    );
+    let id = ok(&b.run(&["key", "id", v["public"].as_str().unwrap()]));
+    assert_eq!(v["id"], id.trim());
+}

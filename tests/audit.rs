@@ -163,6 +163,27 @@ fn admin_requests_are_audited_and_verify_names_an_edited_and_a_removed_entry() {
         "{log:?}"
     );
 
+    // --since: a duration ago keeps everything this test wrote; a time in
+    // the future keeps nothing; a time in the past, with its zone, all.
+    let count = |since: &str| {
+        ok(&outpost(dir, &["audit", "--since", since, "--json"]))
+            .lines()
+            .count()
+    };
+    let all = entries(dir).len();
+    assert!(count("1h") >= all, "the log's last hour holds all {all}");
+    assert_eq!(count("2099-01-01T00:00:00Z"), 0);
+    assert!(count("2020-01-01T00:00:00Z") >= all);
+    for bad in ["yesterday", "+1h", "2026-01-01T00:00:00"] {
+        let o = outpost(dir, &["audit", "--since", bad]);
+        assert_eq!(o.status.code(), Some(2), "--since {bad}: {}", text(&o));
+        assert!(
+            stderr(&o).contains("RFC 3339"),
+            "--since {bad}: {}",
+            text(&o)
+        );
+    }
+
     let verify =
         |d: &std::path::Path| outpost(d, &["audit", "--verify", "--data-dir", d.to_str().unwrap()]);
     let v = verify(dir);

@@ -651,6 +651,62 @@ fn watch_streams_a_devices_lifecycle_events_and_only_that_devices() {
 }
 
 #[test]
+fn send_wait_prints_what_the_device_answered_or_why_it_failed() {
+    let mut b = start_box();
+    b.device("e1", &["--echo"]);
+    b.device("bad", &["--exec", "echo broken >&2; exit 3"]);
+    // The device's result is what `send --wait` prints, and exit 0.
+    let o = b.run(&["send", "e1", "hello there", "--wait", "20s"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello there\n");
+    // The payload from stdin (`-`), and from a file, byte for byte.
+    let mut child = Command::new(BIN)
+        .args(["send", "e1", "-", "--wait", "20s"])
+        .env("OUTPOST_DATA_DIR", b.dir.path())
+        .env("OUTPOST_CONFIG", "/dev/null")
+        .env("OUTPOST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"from stdin\n").unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from stdin\n");
+    let file = b.dir.path().join("payload.txt");
+    std::fs::write(&file, "from a file").unwrap();
+    let o = b.run(&[
+        "send",
+        "e1",
+        "--file",
+        file.to_str().unwrap(),
+        "--wait",
+        "20s",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from a file\n", "{o:?}");
+    // A failed command: exit 6, and its exit code and message on stderr.
+    let o = b.run(&["send", "bad", "x", "--wait", "20s", "--max-attempts", "1"]);
+    assert_eq!(o.status.code(), Some(6), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("exit code 3") && err.contains("broken"),
+        "{err}"
+    );
+    // A payload file that is not there: a clear error, nothing sent.
+    let o = b.run(&["send", "e1", "--file", "/nonexistent/p.bin"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot read the payload file"),
+        "{o:?}"
+    );
+}
+
+#[test]
 fn tag_broadcast_wait_show_and_cancel_from_the_cli() {
     let mut b = start_box();
     b.device("e1", &["--echo"]);

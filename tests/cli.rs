@@ -1454,3 +1454,66 @@ fn finished_workflow_runs_are_pruned_after_the_retention_and_stay_gone() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn doctor_names_a_fresh_a_world_writable_and_a_non_directory_data_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let finding = |dir: &Path, check: &str| -> (i32, Value) {
+        let o = outpost(dir, &["doctor", "--json"]);
+        let all: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+        let f = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == check)
+            .cloned()
+            .unwrap_or_else(|| panic!("no `{check}` finding: {all}"));
+        (o.status.code().unwrap(), f)
+    };
+    // A dir no box has used yet: no identity is a failure that names
+    // `outpost init`; no database yet only a warning.
+    let fresh = tmp.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    let (code, f) = finding(&fresh, "keys");
+    assert_eq!((code, f["status"].as_str()), (1, Some("fail")), "{f}");
+    assert!(f["fix"].as_str().unwrap().contains("outpost init"), "{f}");
+    let (_, f) = finding(&fresh, "database");
+    assert_eq!(f["status"], "warn", "{f}");
+    assert!(
+        f["detail"].as_str().unwrap().contains("no database yet"),
+        "{f}"
+    );
+    assert!(f["fix"].as_str().unwrap().contains("outpost serve"), "{f}");
+    // World-writable: a failure, and the chmod that fixes it.
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, f) = finding(&fresh, "data dir");
+    assert_eq!((code, f["status"].as_str()), (1, Some("fail")), "{f}");
+    assert!(
+        f["detail"]
+            .as_str()
+            .unwrap()
+            .contains("world-writable (mode 777)"),
+        "{f}"
+    );
+    assert_eq!(f["fix"], format!("chmod o-w {}", fresh.display()));
+    // A fifo where the dir should be: named as such, and left alone.
+    let fifo = tmp.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (code, f) = finding(&fifo, "data dir");
+    assert_eq!((code, f["status"].as_str()), (1, Some("fail")), "{f}");
+    assert!(
+        f["detail"]
+            .as_str()
+            .unwrap()
+            .contains("is not a directory (a fifo)"),
+        "{f}"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata(&fifo).unwrap().file_type().is_fifo(),
+        "left a fifo"
+    );
+}

@@ -324,6 +324,64 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_fetch_rejects_what_a_retry_cannot_fix_and_fails_what_it_may() {
+        use crate::proto::ErrorCode;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Artifacts::new(dir.path().to_path_buf(), 1000);
+        let d = Digest([7; 32]);
+        let refused = |code| FetchError::Refused {
+            code,
+            message: "m".into(),
+        };
+        let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+        // (error, rejected: no retry will help, a phrase the operator reads)
+        let cases = [
+            (
+                FetchError::NoSpace { need: 9, have: 1 },
+                true,
+                "free space there",
+            ),
+            (
+                FetchError::OverBudget {
+                    need: 9,
+                    room: 1,
+                    budget: 5,
+                },
+                true,
+                "raise --max-artifact-disk",
+            ),
+            (refused(ErrorCode::Forbidden), true, "refused to serve"),
+            (refused(ErrorCode::NotFound), true, "refused to serve"),
+            (refused(ErrorCode::Internal), false, "could not serve"),
+            (
+                FetchError::Corrupt("bad chunk".into()),
+                false,
+                "it did not run",
+            ),
+            (FetchError::Io(full), true, "chunks fetched so far are kept"),
+            (
+                FetchError::Io(std::io::Error::other("EIO")),
+                false,
+                "cannot store artifact",
+            ),
+        ];
+        for (e, rejected, says) in cases {
+            let text = match failed(&e, d, &store) {
+                Some(Outcome::Rejected { reason }) if rejected => reason,
+                Some(Outcome::Failed { message, .. }) if !rejected => message,
+                other => panic!("{e}: {other:?}"),
+            };
+            assert!(
+                text.contains(says) && text.contains(&d.to_string()),
+                "{e}: {text}"
+            );
+        }
+        // A lost link ends nothing: the box delivers the command again and
+        // the fetch resumes.
+        assert_eq!(failed(&FetchError::Link("gone".into()), d, &store), None);
+    }
+
+    #[test]
     fn make_room_evicts_the_oldest_spares_leases_and_own_chunks_and_drops_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let store = Artifacts::new(dir.path().to_path_buf(), 10_000);

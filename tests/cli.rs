@@ -1517,3 +1517,69 @@ fn doctor_names_a_fresh_a_world_writable_and_a_non_directory_data_dir() {
         "left a fifo"
     );
 }
+
+#[test]
+fn a_cancelled_workflow_cancels_its_running_step_and_compensates_only_when_asked() {
+    let mut b = start_box();
+    b.enroll("away"); // never connects: its step stays running
+    b.device("fixer", &["--echo"]);
+    let wf = b.dir.path().join("wf.toml");
+    std::fs::write(
+        &wf,
+        "name = \"patch\"\non_failure = [\"undo\"]\n[steps.apply]\ntarget = \"away\"\npayload = \"apply\"\n[steps.after]\ntarget = \"fixer\"\npayload = \"after\"\nneeds = [\"apply\"]\n[steps.undo]\ntarget = \"fixer\"\npayload = \"undo\"\n",
+    )
+    .unwrap();
+    let step = |v: &Value, name: &str| -> Value {
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no step {name}: {v}"))
+    };
+    let wait_end = |id: &str| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = json(&b.run(&["workflow", "show", id, "--json"]));
+            let undo = step(&v, "undo")["state"].clone();
+            if v["state"] != "running" && undo != "running" && undo != "pending" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "the run did not end: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for compensate in [false, true] {
+        let id = ok(&b.run(&["workflow", "run", wf.to_str().unwrap()]))
+            .trim()
+            .to_string();
+        let v = json(&b.run(&["workflow", "show", &id, "--json"]));
+        assert_eq!(step(&v, "apply")["state"], "running", "{v}");
+        let apply_cmd = step(&v, "apply")["command"].as_str().unwrap().to_string();
+        let mut args = vec!["workflow", "cancel", id.as_str()];
+        if compensate {
+            args.push("--compensate");
+        }
+        let said = ok(&b.run(&args));
+        assert!(said.starts_with(&id), "{said}");
+        let v = wait_end(&id);
+        assert_eq!(v["state"], "cancelled", "{v}");
+        assert_eq!(step(&v, "apply")["state"], "cancelled", "{v}");
+        assert_eq!(
+            step(&v, "after")["state"],
+            "cancelled",
+            "never started: {v}"
+        );
+        let undo = step(&v, "undo");
+        if compensate {
+            assert_eq!(undo["state"], "succeeded", "{v}");
+            assert_eq!(undo["result"], "undo", "{v}");
+        } else {
+            assert_eq!(undo["state"], "skipped", "{v}");
+        }
+        // The running step's command was cancelled on the box too.
+        let c = json(&b.run(&["show", &apply_cmd, "--json"]));
+        assert_eq!(c["state"], "cancelled", "{c}");
+    }
+}

@@ -328,6 +328,31 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     let o = fleet(&urls, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["edges"][0]["edge"], "e1", "{v}");
+    // The same without --json: a line per stream, one per edge.
+    let o = fleet(&urls, &["status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.lines().any(|l| l.starts_with("edge e1 ")), "{text}");
+    assert!(text.contains("3 replicas, leader "), "{text}");
+    // `fleet send --wait`: the result as the edge reports it, exit 0.
+    let o = {
+        let urls = urls.clone();
+        tokio::task::spawn_blocking(move || {
+            fleet(&urls, &["send", "e1/d1", "via-fleet", "--wait", "60s"])
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let mut lines = out.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(first.ends_with(" succeeded"), "{out}");
+    assert_eq!(lines.next(), Some("via-fleet"), "{out}");
     let o = fleet(
         &urls,
         &[
@@ -343,8 +368,8 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     e.stop().await;
     assert_eq!(
         runs.lock().unwrap().executed.len(),
-        3,
-        "hello and two steps"
+        4,
+        "hello, two steps and the fleet send"
     );
 }
 

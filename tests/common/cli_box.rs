@@ -23,9 +23,12 @@ pub struct Box_ {
 
 impl Drop for Box_ {
     fn drop(&mut self) {
-        // Agents first (each a `Proc`, killed as it goes), then the box.
+        // Agents first (each a `Proc`, stopped as it goes), then the box,
+        // as systemd stops it: it writes its coverage profile on the way.
         self.agents.clear();
-        self.stop();
+        if let Some(mut s) = self.serve.take() {
+            s.stop();
+        }
     }
 }
 
@@ -102,9 +105,12 @@ impl Box_ {
         });
     }
 
+    /// kill -9 the box: no shutdown at all, as a crash or a power cut
+    /// (the tests that restart a box mean exactly that).
     pub fn stop(&mut self) {
         if let Some(mut s) = self.serve.take() {
-            s.stop();
+            let _ = s.kill();
+            let _ = s.wait();
         }
     }
 

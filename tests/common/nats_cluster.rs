@@ -36,21 +36,37 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Start the three nodes. A port picked free can be taken before the
+    /// node binds it (by anything else on the machine: another test run's
+    /// cluster): a node that exits at once is retried, the cluster on fresh
+    /// ports, three times before it fails with the node's own words.
     pub fn start(bin: &str, dir: &Path) -> Cluster {
-        let mut c = Cluster {
-            bin: bin.into(),
-            dir: dir.to_path_buf(),
-            ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
-            cluster_ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
-            nodes: [None, None, None],
-        };
-        for i in 0..3 {
-            c.start_node(i);
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut c = Cluster {
+                bin: bin.into(),
+                dir: dir.to_path_buf(),
+                ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
+                cluster_ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
+                nodes: [None, None, None],
+            };
+            match (0..3).try_for_each(|i| c.try_start_node(i)) {
+                Ok(()) => return c,
+                Err(e) => last = e, // dropping `c` kills what started
+            }
         }
-        c
+        panic!("the NATS cluster did not start: {last}");
     }
 
+    /// Start (or restart) node `i` on its ports.
+    #[allow(dead_code)] // tests/nats.rs restarts nodes; benches/nats.rs does not
     pub fn start_node(&mut self, i: usize) {
+        if let Err(e) = self.try_start_node(i) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_start_node(&mut self, i: usize) -> Result<(), String> {
         let routes: Vec<String> = self
             .cluster_ports
             .iter()
@@ -68,19 +84,35 @@ impl Cluster {
             ),
         )
         .unwrap();
-        let child = Command::new(&self.bin)
+        let log = self.dir.join(format!("n{i}.log"));
+        let mut child = Command::new(&self.bin)
             .args(["-c", conf.to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start nats-server");
+        let said = || {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            t.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_err() {
-            assert!(Instant::now() < deadline, "nats-server n{i} did not listen");
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!("nats-server n{i} exited ({st}): {}", said()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "nats-server n{i} did not listen within 20 s: {}",
+                    said()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         self.nodes[i] = Some(child);
+        Ok(())
     }
 
     /// SIGKILL one node (by the PID we started).

@@ -585,7 +585,7 @@ impl LinkBenchReport {
 
 /// Run W1 in `dir`.
 pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<LinkBenchReport> {
-    use crate::client::{self, ConnectOptions, Received};
+    use crate::client::{self, ConnectOptions};
     use crate::device::{DeviceLink, LinkOptions};
     use crate::identity::{Identity, RevokedSet};
 
@@ -633,39 +633,7 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
 
     let per_device = total / n;
     let epoch = Instant::now();
-    let mut devices = tokio::task::JoinSet::new();
-    for mut c in conns {
-        let signed = signed.clone();
-        devices.spawn(async move {
-            let mut lat = Vec::with_capacity(per_device);
-            let sender = c.sender();
-            while lat.len() < per_device {
-                match c.next().await? {
-                    Some(Received::Command(cmd)) => {
-                        let now = epoch.elapsed().as_micros() as u64;
-                        let head = cmd
-                            .payload
-                            .get(..8)
-                            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
-                        let sent = match (&signed, head) {
-                            (Some(sg), Some(i)) => {
-                                sg.sent[i as usize].load(std::sync::atomic::Ordering::Relaxed)
-                            }
-                            (None, Some(t)) => t,
-                            (_, None) => now,
-                        };
-                        lat.push(now.saturating_sub(sent));
-                        sender
-                            .ack_attempt(cmd.id, cmd.attempt, Outcome::Ok(Vec::new()))
-                            .await?;
-                    }
-                    Some(_) => {}
-                    None => anyhow::bail!("the box closed a device connection"),
-                }
-            }
-            anyhow::Ok((c, lat))
-        });
-    }
+    let mut devices = receive_and_ack(conns, per_device, epoch, signed.clone());
 
     let written_before = process_write_bytes();
     let before = q.stats().await?;
@@ -730,6 +698,56 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
         signed: o.signed,
         verify_us: signed.map(|s| s.verify_us),
     })
+}
+
+/// What a W1 device hands back: its connection, kept open until the run
+/// is measured, and each command's send → receipt latency (µs).
+type Receipts = (crate::client::DeviceConnection, Vec<u64>);
+
+/// W1's devices: each takes `per_device` commands and acks each at once.
+/// The send time is the payload's first 8 bytes, or for a signed run the
+/// index into `signed`'s send times.
+fn receive_and_ack(
+    conns: Vec<crate::client::DeviceConnection>,
+    per_device: usize,
+    epoch: Instant,
+    signed: Option<std::sync::Arc<Signed>>,
+) -> tokio::task::JoinSet<anyhow::Result<Receipts>> {
+    use crate::client::Received;
+    let mut devices = tokio::task::JoinSet::new();
+    for mut c in conns {
+        let signed = signed.clone();
+        devices.spawn(async move {
+            let mut lat = Vec::with_capacity(per_device);
+            let sender = c.sender();
+            while lat.len() < per_device {
+                match c.next().await? {
+                    Some(Received::Command(cmd)) => {
+                        let now = epoch.elapsed().as_micros() as u64;
+                        let head = cmd
+                            .payload
+                            .get(..8)
+                            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+                        let sent = match (&signed, head) {
+                            (Some(sg), Some(i)) => {
+                                sg.sent[i as usize].load(std::sync::atomic::Ordering::Relaxed)
+                            }
+                            (None, Some(t)) => t,
+                            (_, None) => now,
+                        };
+                        lat.push(now.saturating_sub(sent));
+                        sender
+                            .ack_attempt(cmd.id, cmd.attempt, Outcome::Ok(Vec::new()))
+                            .await?;
+                    }
+                    Some(_) => {}
+                    None => anyhow::bail!("the box closed a device connection"),
+                }
+            }
+            anyhow::Ok((c, lat))
+        });
+    }
+    devices
 }
 
 /// The `p` quantile of sorted `v` (0 when empty).

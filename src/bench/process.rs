@@ -150,8 +150,7 @@ pub async fn box_w1(
     payload: usize,
     producers: usize,
 ) -> anyhow::Result<BoxW1Report> {
-    use crate::client::{self, ConnectOptions, Received};
-    use crate::command::Outcome;
+    use crate::client::{self, ConnectOptions};
 
     let mut b = BoxProcess::start(exe, dir).await?;
     let n = devices.max(1);
@@ -170,31 +169,7 @@ pub async fn box_w1(
     let per_device = total / n;
     let payload = payload.max(8);
     let epoch = Instant::now();
-    let mut receivers = tokio::task::JoinSet::new();
-    for mut c in conns {
-        receivers.spawn(async move {
-            let mut lat = Vec::with_capacity(per_device);
-            let sender = c.sender();
-            while lat.len() < per_device {
-                match c.next().await? {
-                    Some(Received::Command(cmd)) => {
-                        let now = epoch.elapsed().as_micros() as u64;
-                        let sent = cmd
-                            .payload
-                            .get(..8)
-                            .map_or(now, |h| u64::from_be_bytes(h.try_into().expect("8 bytes")));
-                        lat.push(now.saturating_sub(sent));
-                        sender
-                            .ack_attempt(cmd.id, cmd.attempt, Outcome::Ok(Vec::new()))
-                            .await?;
-                    }
-                    Some(_) => {}
-                    None => anyhow::bail!("the box closed a device connection"),
-                }
-            }
-            anyhow::Ok((c, lat))
-        });
-    }
+    let mut receivers = super::receive_and_ack(conns, per_device, epoch, None);
 
     let (cpu0, w0, rss0) = (b.cpu_seconds(), b.written(), b.rss());
     let started = Instant::now();

@@ -600,11 +600,7 @@ async fn run(
                 }
                 let exe = std::env::current_exe().context("finding the outpost binary")?;
                 let r = crate::bench::restart_bench(&exe, dir.path(), n, a.devices).await?;
-                if a.json {
-                    crate::outln!("{}", serde_json::to_string(&r)?);
-                } else {
-                    crate::out!("{}", r.table());
-                }
+                print_bench(a.json, &r, || r.table())?;
                 return Ok(0);
             }
             if let Some(size) = a.artifact {
@@ -618,11 +614,7 @@ async fn run(
                 }
                 let r = crate::bench::artifact::artifact_bench(&exe, dir.path(), size, a.devices)
                     .await?;
-                if a.json {
-                    crate::outln!("{}", serde_json::to_string(&r)?);
-                } else {
-                    crate::out!("{}", r.table());
-                }
+                print_bench(a.json, &r, || r.table())?;
                 return Ok(0);
             }
             if a.box_process {
@@ -636,21 +628,13 @@ async fn run(
                     a.producers,
                 )
                 .await?;
-                if a.json {
-                    crate::outln!("{}", serde_json::to_string(&r)?);
-                } else {
-                    crate::out!("{}", r.table());
-                }
+                print_bench(a.json, &r, || r.table())?;
                 return Ok(0);
             }
             if let Some(n) = a.idle {
                 let exe = std::env::current_exe().context("finding the outpost binary")?;
                 let r = crate::bench::idle_bench(&exe, dir.path(), n, a.idle_secs).await?;
-                if a.json {
-                    crate::outln!("{}", serde_json::to_string(&r)?);
-                } else {
-                    crate::out!("{}", r.table());
-                }
+                print_bench(a.json, &r, || r.table())?;
                 return Ok(0);
             }
             let o = crate::bench::LinkBenchOptions {
@@ -665,11 +649,7 @@ async fn run(
                 eprintln!("running W1 in {} …", dir.path().display());
             }
             let r = crate::bench::link_bench(dir.path(), &o).await?;
-            if a.json {
-                crate::outln!("{}", serde_json::to_string(&r)?);
-            } else {
-                crate::out!("{}", r.table());
-            }
+            print_bench(a.json, &r, || r.table())?;
             if a.signed {
                 // The same W1 again on a fresh box that requires signatures:
                 // the two figures come from one run, so their ratio holds.
@@ -807,6 +787,20 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
 }
 
 pub use crate::command::rfc3339;
+
+/// A bench's report: JSON with `--json`, else its table.
+fn print_bench(
+    json: bool,
+    r: &impl serde::Serialize,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        crate::outln!("{}", serde_json::to_string(r)?);
+    } else {
+        crate::out!("{}", table());
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

@@ -585,12 +585,7 @@ fn watch_streams_a_devices_lifecycle_events_and_only_that_devices() {
     let mut b = start_box();
     b.device("w1", &["--echo"]);
     b.device("w2", &["--echo"]);
-    let mut watch = Command::new(BIN)
-        .args(["watch", "--device", "w1", "--json"])
-        .env("OUTPOST_DATA_DIR", b.dir.path())
-        .env("OUTPOST_CONFIG", "/dev/null")
-        .env("OUTPOST_LOG", "warn")
-        .stdin(Stdio::null())
+    let mut watch = run::command(b.dir.path(), &["watch", "--device", "w1", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -660,11 +655,7 @@ fn send_wait_prints_what_the_device_answered_or_why_it_failed() {
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hello there\n");
     // The payload from stdin (`-`), and from a file, byte for byte.
-    let mut child = Command::new(BIN)
-        .args(["send", "e1", "-", "--wait", "20s"])
-        .env("OUTPOST_DATA_DIR", b.dir.path())
-        .env("OUTPOST_CONFIG", "/dev/null")
-        .env("OUTPOST_LOG", "warn")
+    let mut child = run::command(b.dir.path(), &["send", "e1", "-", "--wait", "20s"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -66,17 +66,22 @@ impl Drop for Proc {
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 
-/// Run `outpost ARGS` on the box at `dir`, quietly and never with the
-/// machine's own `/etc/outpost/outpost.toml`.
-pub fn outpost(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
+/// `outpost ARGS` on the box at `dir`, quietly and never with the
+/// machine's own `/etc/outpost/outpost.toml`, stdin closed: for a test that
+/// streams its output or writes its stdin (set them before spawning).
+pub fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
         .env("OUTPOST_DATA_DIR", dir)
         .env("OUTPOST_LOG", "warn")
         .env("OUTPOST_CONFIG", "/dev/null")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run outpost")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Run `outpost ARGS` on the box at `dir` (see [`command`]).
+pub fn outpost(dir: &Path, args: &[&str]) -> Output {
+    command(dir, args).output().expect("run outpost")
 }
 
 /// The exit code and both streams, for assertion messages.

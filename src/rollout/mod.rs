@@ -336,6 +336,36 @@ impl Rollout {
         out
     }
 
+    /// After a restart: the commands to look up (sent, their end not seen
+    /// yet), whose state the shell feeds back through [`taken`](Self::taken)
+    /// and [`ended`](Self::ended), and the sends to repeat (started, their
+    /// id not recorded: the same id again, which the queue answers as a
+    /// duplicate if it has it).
+    pub fn reattach(&self) -> (Vec<CommandId>, Vec<Action>) {
+        let mut look = Vec::new();
+        let mut resend = Vec::new();
+        for (step, cmd) in self.outstanding() {
+            match cmd {
+                Some(c) => look.push(c),
+                None => resend.push(Action::Send {
+                    device: step.strip_prefix("rollback/").unwrap_or(&step).to_string(),
+                    rollback: step.starts_with("rollback/"),
+                    step,
+                }),
+            }
+        }
+        // A command the abort cancelled may have reached its device
+        // before the cancel did: what became of it may not have been
+        // heard before the restart.
+        look.extend(
+            self.devices
+                .iter()
+                .filter(|d| d.state == DeviceState::Cancelled && d.rollback.is_none())
+                .filter_map(|d| d.command),
+        );
+        (look, resend)
+    }
+
     /// The devices connected now (the whole set).
     pub fn presence(&mut self, online: BTreeSet<String>, now: Millis) -> Vec<Action> {
         self.online = online;
@@ -343,9 +373,11 @@ impl Rollout {
     }
 
     /// The device took command `id` (it was delivered): its timeout starts.
+    /// A command the abort cancelled that reached its device first is
+    /// running all the same (and is rolled back once it ends).
     pub fn taken(&mut self, id: CommandId, now: Millis) {
         if let Some(d) = self.devices.iter_mut().find(|d| d.command == Some(id)) {
-            if d.state == DeviceState::Sent {
+            if matches!(d.state, DeviceState::Sent | DeviceState::Cancelled) {
                 d.state = DeviceState::Running;
                 d.taken_at = Some(now);
             }
@@ -363,8 +395,14 @@ impl Rollout {
         let Some(d) = self.devices.iter_mut().find(|d| d.command == Some(id)) else {
             return Vec::new();
         };
-        if !matches!(d.state, DeviceState::Sent | DeviceState::Running) {
-            return Vec::new();
+        // Cancelled: the abort cancelled it, and the device may have run
+        // it first: only the device's own answer says so (a cancel that
+        // won, or an end past retention, leaves it cancelled).
+        let answered = matches!(end.state, State::Succeeded | State::Failed | State::Dead);
+        match d.state {
+            DeviceState::Sent | DeviceState::Running => {}
+            DeviceState::Cancelled if answered => {}
+            _ => return Vec::new(),
         }
         d.state = match end.state {
             State::Succeeded => {
@@ -599,6 +637,7 @@ impl Rollout {
             }
         }
         if self.state.ended() {
+            actions.extend(self.rollbacks_due());
             return actions;
         }
         // The canary is over once all it started has ended (only canary
@@ -678,7 +717,6 @@ impl Rollout {
     /// the rollback goes to every device that took the command.
     fn stop(&mut self, reason: String, tripped: Option<String>, now: Millis) -> Vec<Action> {
         let mut actions = Vec::new();
-        let rollback = self.plan.on_abort.is_some();
         // Through boxes below, an edge mid-rollout is stopped (it aborts
         // its own rollout, which rolls back its devices), and an edge whose
         // rollout aborted on its own has rolled back already.
@@ -697,20 +735,6 @@ impl Rollout {
                         actions.push(Action::Cancel(c));
                     }
                 }
-                DeviceState::Failed | DeviceState::TimedOut if through => {}
-                DeviceState::Running
-                | DeviceState::Verifying
-                | DeviceState::Succeeded
-                | DeviceState::Failed
-                | DeviceState::TimedOut
-                    if rollback && d.rollback.is_none() =>
-                {
-                    actions.push(Action::Send {
-                        step: rollback_step(&d.device),
-                        device: d.device.clone(),
-                        rollback: true,
-                    });
-                }
                 _ => {}
             }
         }
@@ -719,7 +743,34 @@ impl Rollout {
         self.resume_at = None;
         self.reason = Some(reason);
         self.tripped = tripped;
+        actions.extend(self.rollbacks_due());
         actions
+    }
+
+    /// An aborted rollout's rollbacks not sent yet: one to every device
+    /// that took the change, including one that took it, ended or timed
+    /// out after the abort. Through boxes below, only to an edge whose
+    /// rollout completed: one that failed or was stopped has rolled back
+    /// its own devices.
+    fn rollbacks_due(&self) -> Vec<Action> {
+        if self.state != RolloutState::Aborted || self.plan.on_abort.is_none() {
+            return Vec::new();
+        }
+        let through = !self.edges.is_empty();
+        self.devices
+            .iter()
+            .filter(|d| d.rollback.is_none())
+            .filter(|d| match d.state {
+                DeviceState::Verifying | DeviceState::Succeeded => true,
+                DeviceState::Running | DeviceState::Failed | DeviceState::TimedOut => !through,
+                _ => false,
+            })
+            .map(|d| Action::Send {
+                step: rollback_step(&d.device),
+                device: d.device.clone(),
+                rollback: true,
+            })
+            .collect()
     }
 }
 

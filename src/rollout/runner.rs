@@ -393,16 +393,9 @@ impl Shell {
             };
             if ev.state.is_final() {
                 self.by_cmd.remove(&ev.id);
-                let end = End {
-                    state: ev.state,
-                    rejected: matches!(ev.outcome, Some(Outcome::Rejected { .. })),
-                    result: text(ev.outcome.as_ref(), ev.error.as_ref())
-                        .map(|b| String::from_utf8_lossy(&b).into_owned()),
-                };
-                batch.push((rid, r.ended(ev.id, end, now)));
-            } else if matches!(ev.state, State::Delivered { .. }) {
-                r.taken(ev.id, now);
-                batch.push((rid, Vec::new()));
+            }
+            if let Some(actions) = feed(r, &ev, now) {
+                batch.push((rid, actions));
             }
         }
         if !batch.is_empty() {
@@ -524,53 +517,9 @@ impl Shell {
         Ok(out)
     }
 
-    /// The devices a plan's targets name, in order, each once: enrolled
-    /// and not revoked (a named device that is not is an error).
     async fn resolve(&self, targets: &[String]) -> Result<Vec<String>, String> {
         let all = self.queue.devices().await.map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        let mut seen = BTreeSet::new();
-        for t in targets {
-            let mut matched: Vec<String> = match crate::route::Target::parse(t) {
-                Ok(crate::route::Target::Device(d)) => {
-                    match all.iter().find(|v| v.record.id.as_str() == d) {
-                        Some(v) if !v.record.revoked => vec![d.to_string()],
-                        Some(_) => return Err(format!("device {d} is revoked; take it out of the target")),
-                        None => return Err(format!("no device {d} is enrolled on this box (`outpost devices` lists them)")),
-                    }
-                }
-                Ok(crate::route::Target::Tag(tag)) => all
-                    .iter()
-                    .filter(|v| !v.record.revoked && v.record.tags.iter().any(|x| x == tag))
-                    .map(|v| v.record.id.to_string())
-                    .collect(),
-                Ok(crate::route::Target::Cap(cap)) => all
-                    .iter()
-                    .filter(|v| !v.record.revoked && v.record.caps.iter().any(|x| x == cap))
-                    .map(|v| v.record.id.to_string())
-                    .collect(),
-                Ok(crate::route::Target::Edge { .. }) => {
-                    return Err(format!("target `{t}`: a rollout through a box below is not built yet; start it on that box"))
-                }
-                Err(e) => return Err(e.to_string()),
-            };
-            matched.sort();
-            out.extend(matched.into_iter().filter(|d| seen.insert(d.clone())));
-        }
-        if out.is_empty() {
-            return Err(format!(
-                "the target {} matches no enrolled device",
-                targets.join(", ")
-            ));
-        }
-        if out.len() > super::plan::MAX_DEVICES {
-            return Err(format!(
-                "the target matches {} devices; a rollout spans at most {}: split it",
-                out.len(),
-                super::plan::MAX_DEVICES
-            ));
-        }
-        Ok(out)
+        resolve(targets, &all)
     }
 
     /// After a restart or a lag: re-attach each outstanding command, and
@@ -580,26 +529,10 @@ impl Shell {
             return;
         };
         r.online = self.online.clone();
-        let outstanding = r.outstanding();
-        let mut resend = Vec::new();
-        let mut look = Vec::new();
-        for (step, cmd) in outstanding {
-            match cmd {
-                Some(c) => {
-                    self.by_cmd.insert(c, id);
-                    look.push(c);
-                }
-                None => resend.push(step),
-            }
+        let (look, mut actions) = r.reattach();
+        for c in &look {
+            self.by_cmd.insert(*c, id);
         }
-        let mut actions: Vec<Action> = resend
-            .into_iter()
-            .map(|step| Action::Send {
-                device: step.strip_prefix("rollback/").unwrap_or(&step).to_string(),
-                rollback: step.starts_with("rollback/"),
-                step,
-            })
-            .collect();
         // Time passed while the box was down: timeouts, the rate.
         if let Some(r) = self.rollouts.get_mut(&id) {
             actions.extend(r.tick(crate::now_millis()));
@@ -658,10 +591,17 @@ impl Shell {
         }
     }
 
-    /// Carry out rollouts' actions: every send is handed to the queue
-    /// before any is awaited (one group commit), then the rollouts are
-    /// written in one batch, after their sends: a crash in between sends
+    /// Carry out rollouts' actions. The rollouts are written first, as
+    /// the engine left them (a started device `sent`, its id not yet
+    /// recorded), so the record rides the same group commit as the sends
+    /// and cancels that follow: no device ever holds a command its
+    /// rollout's durable record does not know of (the simulation found
+    /// that hole: a crash between the sends' commit and a record written
+    /// after them left a start that never returned, or an abort, with
+    /// devices changed behind it). A restart sends the recorded starts
     /// again under the same ids, which the queue answers as duplicates.
+    /// Every send is handed to the queue before any is awaited (one group
+    /// commit); the rollouts are written again with their commands' ids.
     /// Only an operator's request is flushed before it returns; the rest
     /// rides the queue's next group commit.
     async fn act(&mut self, mut batch: Vec<(CommandId, Vec<Action>)>, durable: bool) {
@@ -670,6 +610,8 @@ impl Shell {
         while !batch.is_empty() {
             let mut sends = Vec::new();
             let mut cancels = Vec::new();
+            let ahead: Vec<CommandId> = batch.iter().map(|(id, _)| *id).collect();
+            self.persist(&ahead, false);
             for (id, actions) in batch.drain(..) {
                 touched.push(id);
                 let Some(r) = self.rollouts.get(&id) else {
@@ -682,33 +624,12 @@ impl Shell {
                             device,
                             rollback,
                         } => {
-                            let Some((device, payload, artifact)) =
-                                what_to_send(r, &device, rollback)
+                            let Some((cmd, req, artifact)) = request(r, &step, &device, rollback)
                             else {
                                 continue;
                             };
-                            let cmd = step_command_id(id, &step);
                             let fut = artifact_envelope(&self.queue, artifact).map(|signature| {
-                                self.queue.send_as(
-                                    cmd,
-                                    SendRequest {
-                                        target: device,
-                                        payload,
-                                        opts: crate::SendOptions {
-                                            priority: r.plan.priority,
-                                            // A rollback is worth a retry;
-                                            // the change gets the plan's.
-                                            max_attempts: Some(if rollback {
-                                                r.plan.max_attempts.max(3)
-                                            } else {
-                                                r.plan.max_attempts
-                                            }),
-                                            ..Default::default()
-                                        },
-                                        origin: "rollout".into(),
-                                        signature,
-                                    },
-                                )
+                                self.queue.send_as(cmd, SendRequest { signature, ..req })
                             });
                             sends.push((id, step, cmd, fut));
                         }
@@ -842,6 +763,117 @@ impl Shell {
             tracing::warn!(error = %e, "cannot delete ended rollouts' records");
         }
     }
+}
+
+/// The devices a plan's targets name (from the box's devices `all`), in order, each once: enrolled
+/// and not revoked (a named device that is not is an error).
+pub fn resolve(
+    targets: &[String],
+    all: &[crate::queue::core::DeviceView],
+) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for t in targets {
+        let mut matched: Vec<String> = match crate::route::Target::parse(t) {
+            Ok(crate::route::Target::Device(d)) => {
+                match all.iter().find(|v| v.record.id.as_str() == d) {
+                    Some(v) if !v.record.revoked => vec![d.to_string()],
+                    Some(_) => return Err(format!("device {d} is revoked; take it out of the target")),
+                    None => return Err(format!("no device {d} is enrolled on this box (`outpost devices` lists them)")),
+                }
+            }
+            Ok(crate::route::Target::Tag(tag)) => all
+                .iter()
+                .filter(|v| !v.record.revoked && v.record.tags.iter().any(|x| x == tag))
+                .map(|v| v.record.id.to_string())
+                .collect(),
+            Ok(crate::route::Target::Cap(cap)) => all
+                .iter()
+                .filter(|v| !v.record.revoked && v.record.caps.iter().any(|x| x == cap))
+                .map(|v| v.record.id.to_string())
+                .collect(),
+            Ok(crate::route::Target::Edge { .. }) => {
+                return Err(format!("target `{t}`: a rollout through a box below is not built yet; start it on that box"))
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        matched.sort();
+        out.extend(matched.into_iter().filter(|d| seen.insert(d.clone())));
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "the target {} matches no enrolled device",
+            targets.join(", ")
+        ));
+    }
+    if out.len() > super::plan::MAX_DEVICES {
+        return Err(format!(
+            "the target matches {} devices; a rollout spans at most {}: split it",
+            out.len(),
+            super::plan::MAX_DEVICES
+        ));
+    }
+    Ok(out)
+}
+
+/// Feed a rollout what became of one of its commands: taken (delivered
+/// at least once: a delivery heard of only through the attempt count of
+/// its end, as after a restart, counts too) or ended. `None`: nothing
+/// the rollout follows.
+pub fn feed(
+    r: &mut Rollout,
+    ev: &crate::queue::LifecycleEvent,
+    now: Millis,
+) -> Option<Vec<Action>> {
+    let delivered = matches!(ev.state, State::Delivered { .. });
+    if delivered || (ev.state.is_final() && ev.attempts > 0) {
+        r.taken(ev.id, now);
+    }
+    if ev.state.is_final() {
+        Some(r.ended(ev.id, end_of(ev), now))
+    } else {
+        delivered.then(Vec::new)
+    }
+}
+
+/// How a rollout's command ended, from its lifecycle event.
+pub fn end_of(ev: &crate::queue::LifecycleEvent) -> End {
+    End {
+        state: ev.state,
+        rejected: matches!(ev.outcome, Some(Outcome::Rejected { .. })),
+        result: text(ev.outcome.as_ref(), ev.error.as_ref())
+            .map(|b| String::from_utf8_lossy(&b).into_owned()),
+    }
+}
+
+/// The send of `step` (a device's command, or its rollback) as the queue
+/// takes it: its id, derived from (rollout, step) so a send repeated after
+/// a crash is the same command; the request, unsigned; and the artifact
+/// whose envelope signs it (`None`: nothing to send).
+pub fn request<'a>(
+    r: &'a Rollout,
+    step: &str,
+    device: &str,
+    rollback: bool,
+) -> Option<(CommandId, SendRequest, Option<&'a str>)> {
+    let (target, payload, artifact) = what_to_send(r, device, rollback)?;
+    let req = SendRequest {
+        target,
+        payload,
+        opts: crate::SendOptions {
+            priority: r.plan.priority,
+            // A rollback is worth a retry; the change gets the plan's.
+            max_attempts: Some(if rollback {
+                r.plan.max_attempts.max(3)
+            } else {
+                r.plan.max_attempts
+            }),
+            ..Default::default()
+        },
+        origin: "rollout".into(),
+        signature: None,
+    };
+    Some((step_command_id(r.id, step), req, artifact))
 }
 
 /// What a device's send is: (target, payload, artifact). Through boxes

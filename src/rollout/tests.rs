@@ -608,3 +608,97 @@ fn an_unhealthy_report_before_the_end_fails_the_device_with_its_detail() {
     let result = h.r.devices[0].result.as_deref().unwrap();
     assert!(result.contains("no link"), "{result}");
 }
+
+/// A plan that aborts once half the finished devices failed (of `on`'s
+/// kind), with a rollback.
+fn undoing(on: FailKind) -> Plan {
+    let mut p = plan();
+    p.abort = vec![AbortRule {
+        on,
+        percent: 50,
+        min: 1,
+    }];
+    p.on_abort = Some(b"undo".to_vec());
+    p
+}
+
+/// Found by the simulation: the abort cancels a command it believes
+/// untaken, but the device had it already. When its end says it ran, the
+/// device is counted as what it did and gets its rollback.
+#[test]
+fn a_command_the_abort_cancelled_that_ran_first_is_counted_and_rolled_back() {
+    let p = undoing(FailKind::Any);
+    let mut h = H::new(p, 2, 2);
+    h.end("d00", State::Failed, "x");
+    assert_eq!(h.r.state, RolloutState::Aborted);
+    assert_eq!(h.state("d01"), DeviceState::Cancelled);
+    assert!(
+        !h.sent.contains_key("rollback/d01"),
+        "not known to have run"
+    );
+    // The cancel lost the race: the device took it and it succeeded.
+    h.end("d01", State::Succeeded, "done");
+    assert_eq!(h.state("d01"), DeviceState::Succeeded);
+    assert!(
+        h.sent.contains_key("rollback/d01"),
+        "a device that ran it is rolled back"
+    );
+    // A cancel that won leaves a device cancelled, with no rollback.
+    let p = undoing(FailKind::Any);
+    let mut h = H::new(p, 2, 2);
+    h.end("d00", State::Failed, "x");
+    let c = h.cmd("d01");
+    let a = h.r.ended(
+        c,
+        End {
+            state: State::Cancelled,
+            rejected: false,
+            result: None,
+        },
+        h.now,
+    );
+    h.act(a);
+    assert_eq!(h.state("d01"), DeviceState::Cancelled);
+    assert!(!h.sent.contains_key("rollback/d01"));
+    // After a restart the cancelled command is looked up again: what
+    // became of it may not have been heard.
+    let mut p = undoing(FailKind::Any);
+    p.on_abort = None;
+    let mut h2 = H::new(p, 2, 2);
+    h2.end("d00", State::Failed, "x");
+    let (look, resend) = h2.r.reattach();
+    assert!(look.contains(&h2.cmd("d01")), "{look:?}");
+    assert!(resend.is_empty());
+}
+
+/// A device that times out after the abort (it was running then) is
+/// rolled back too, not only those finished when the rule tripped.
+#[test]
+fn a_device_that_times_out_after_the_abort_gets_its_rollback() {
+    let mut p = undoing(FailKind::Failed);
+    p.timeout = Some(Duration::from_secs(30));
+    let mut h = H::new(p, 2, 2);
+    h.take("d01");
+    // d01 is running; an immediate rollback goes to it at the abort.
+    h.end("d00", State::Failed, "x");
+    assert_eq!(h.r.state, RolloutState::Aborted);
+    assert!(h.sent.contains_key("rollback/d00"));
+    assert!(h.sent.contains_key("rollback/d01"));
+    // Without a rollback sent at the abort (a record reloaded from before
+    // it was), the timeout sends it.
+    let mut p = undoing(FailKind::Failed);
+    p.timeout = Some(Duration::from_secs(30));
+    let mut h = H::new(p, 3, 3);
+    h.take("d02");
+    let a = h.r.abort(h.now).unwrap();
+    let undo: Vec<&Action> = a
+        .iter()
+        .filter(|x| matches!(x, Action::Send { rollback: true, .. }))
+        .collect();
+    assert_eq!(undo.len(), 1, "only the running device: {a:?}");
+    // Dropped (as a crash before its send would): the next tick sends it.
+    assert!(h.r.devices[2].rollback.is_none());
+    h.at(31_000);
+    assert_eq!(h.state("d02"), DeviceState::TimedOut);
+    assert!(h.sent.contains_key("rollback/d02"), "{:?}", h.sent.keys());
+}

@@ -17,6 +17,7 @@
 
 pub mod disk;
 pub mod rng;
+mod rollouts;
 pub mod shrink;
 
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
@@ -78,6 +79,9 @@ pub struct Config {
     /// never does; `AckAttempt` makes a copied ack harmless, see
     /// `tests/simulation.rs::a_copied_ack_of_an_earlier_attempt_is_dropped_as_stale`).
     pub dup_device_frames: bool,
+    /// Operators start, pause, resume and abort rollouts over a box's
+    /// devices (`sim/rollouts.rs`).
+    pub rollouts: bool,
     /// Keep a human-readable trace (the hash is kept either way).
     pub trace: bool,
 }
@@ -91,6 +95,7 @@ impl Default for Config {
             faults: true,
             retry_forwarded: false,
             dup_device_frames: false,
+            rollouts: true,
             trace: false,
         }
     }
@@ -128,6 +133,12 @@ pub struct Counts {
     pub revocations: u64,
     pub rebuilds: u64,
     pub wipes: u64,
+    pub rollouts: u64,
+    /// Rollouts that ended so, seen after settling.
+    pub rollouts_completed: u64,
+    pub rollouts_aborted: u64,
+    /// Rollbacks sent by aborted rollouts.
+    pub rollbacks: u64,
     pub settle_steps: u64,
 }
 
@@ -320,6 +331,8 @@ struct Sent {
     /// Its device's box was wiped while it was there: a run the wipe
     /// took the record of may be followed by a refusal on the new box.
     wiped: bool,
+    /// A rollout's: its rollout owns it (no operator retries it).
+    rollout: bool,
 }
 
 pub struct World {
@@ -347,6 +360,14 @@ pub struct World {
     /// Commands an edge's operator retried: the hub may see a Dead or
     /// Failed end of one followed by the end of that retry.
     retried_below: BTreeSet<CommandId>,
+    rollouts_on: bool,
+    rollouts: Vec<rollouts::SimRollout>,
+    /// The rollouts the per-step loops look at (not retired).
+    rollouts_active: Vec<usize>,
+    /// Rollout commands: the rollout (index) that sent them.
+    rollout_owned: FxHashMap<CommandId, usize>,
+    /// Lifecycle events of rollout commands, for their runner: (box, event).
+    rollout_events: Vec<(usize, LifecycleEvent)>,
 }
 
 impl World {
@@ -381,6 +402,11 @@ impl World {
             retry_forwarded: cfg.retry_forwarded,
             dup_device_frames: cfg.dup_device_frames,
             retried_below: BTreeSet::new(),
+            rollouts_on: cfg.rollouts,
+            rollouts: Vec::new(),
+            rollouts_active: Vec::new(),
+            rollout_owned: FxHashMap::default(),
+            rollout_events: Vec::new(),
         };
         let hub = w.add_node("hub".into(), false);
         for m in 0..cfg.hub_devices {
@@ -596,6 +622,7 @@ impl World {
             }
         }
         self.note_pruned(n);
+        self.rollouts_flushed(n);
         for (id, gen, state) in twice {
             self.violation(
                 n,
@@ -680,7 +707,13 @@ impl World {
     /// end after the end it followed.
     fn lifecycle(&mut self, n: usize, ev: LifecycleEvent) {
         let prev = self.nodes[n].states.insert(ev.id, ev.state);
-        let mine = self.retry_forwarded || self.sent.get(&ev.id).is_some_and(|s| s.node == n);
+        if self.rollout_owned.contains_key(&ev.id) {
+            self.rollout_events.push((n, ev.clone()));
+        }
+        let mine = match self.sent.get(&ev.id) {
+            Some(s) => !s.rollout && (self.retry_forwarded || s.node == n),
+            None => self.retry_forwarded,
+        };
         if mine && matches!(ev.state, State::Failed | State::Dead) {
             self.nodes[n].retryable.insert(ev.id);
         } else {
@@ -1095,6 +1128,7 @@ impl World {
         self.report.counts.crashes += 1;
         self.ev(n, "crash", 0, String::new);
         self.drop_links_of(n);
+        self.rollouts_crashed(n);
     }
 
     /// An edge's data dir wiped and set up again under its old bundle: a
@@ -1142,6 +1176,7 @@ impl World {
             }
         }
         self.report.counts.wipes += 1;
+        self.rollouts_wiped(e);
         self.ev(e, "wipe", 0, String::new);
         self.round(e);
     }
@@ -1318,6 +1353,7 @@ impl World {
                     priority,
                     index: 0,
                     wiped: false,
+                    rollout: false,
                 };
                 self.note_sent(rc.id, sent, &target);
             }
@@ -1427,6 +1463,7 @@ impl World {
                     priority: Priority::Normal,
                     index: 0,
                     wiped: false,
+                    rollout: false,
                 };
                 self.report.counts.device_sends += 1;
                 self.note_sent(rc.id, sent, &format!("{from} → {to}"));
@@ -1642,8 +1679,11 @@ impl World {
             690..=691 => self.op_revoke(n),
             692..=696 => self.op_reenroll(n),
             697 if faults => self.op_wipe(n),
+            698..=701 if self.rollouts_on => self.op_rollout_start(n),
+            702..=704 if self.rollouts_on => self.op_rollout_verb(n),
             _ => {}
         }
+        self.drive_rollouts();
         if self.step % 128 == 0 {
             self.check();
         }
@@ -1685,6 +1725,8 @@ impl World {
                 self.connect(l);
             }
             self.settle_time();
+            self.settle_rollouts();
+            self.drive_rollouts();
             if self.quiet() {
                 break;
             }
@@ -1696,7 +1738,10 @@ impl World {
                     Some((d as i64 - self.nodes[n].skew).max(0) as Millis)
                 })
                 .min();
-            let next = [next_msg, next_timer].into_iter().flatten().min();
+            let next = [next_msg, next_timer, self.rollouts_next_wake()]
+                .into_iter()
+                .flatten()
+                .min();
             self.now = next.unwrap_or(self.now + 100).max(self.now + 1);
         }
     }
@@ -1704,6 +1749,7 @@ impl World {
     fn quiet(&self) -> bool {
         self.net.is_empty()
             && self.drops.is_empty()
+            && self.rollouts_quiet()
             && self.links.iter().all(|l| l.connected)
             && self.nodes.iter().all(|n| {
                 let s = n.core.stats();
@@ -1714,6 +1760,7 @@ impl World {
     /// Invariants that hold at every step: no acknowledged send unknown to
     /// its box, bounded queues and outboxes.
     pub fn check(&mut self) {
+        self.check_rollouts();
         for n in self.up_nodes() {
             let stats = self.nodes[n].core.stats();
             if stats.queued + stats.in_flight > limits().max_queued {
@@ -1772,6 +1819,7 @@ impl World {
             self.violation(0, format!("did not settle: {}", busy.join("; ")));
         }
         self.check();
+        self.check_rollouts_end();
         // Everything is connected again: the hub shows every device below
         // an edge online (presence through crashes of either box).
         let views = self.nodes[0].core.devices();

@@ -146,6 +146,7 @@ pub fn as_test(name: &str, s: &Shrunk, cfg: &Config) -> String {
         (!cfg.faults, "faults: false"),
         (cfg.retry_forwarded, "retry_forwarded: true"),
         (cfg.dup_device_frames, "dup_device_frames: true"),
+        (!cfg.rollouts, "rollouts: false"),
     ] {
         if on {
             flags.push_str(&format!("        {field},\n"));

@@ -201,6 +201,22 @@ impl QueueCore {
         v
     }
 
+    /// The ids of the devices [`devices`](Self::devices) shows online,
+    /// without building their views (the simulation asks every step).
+    pub fn online(&self) -> std::collections::BTreeSet<String> {
+        let own = self
+            .devs
+            .iter()
+            .filter(|d| d.session.is_some())
+            .filter_map(|d| d.record.as_ref().map(|r| r.id.to_string()));
+        let below = self
+            .remote_devices
+            .values()
+            .filter(|r| self.online_below(&r.id))
+            .map(|r| r.id.to_string());
+        own.chain(below).collect()
+    }
+
     pub fn stats(&self) -> QueueStats {
         let in_flight: u64 = self
             .devs

@@ -416,3 +416,194 @@ async fn verb(data_dir: &Path, id: &str, verb: Verb) -> anyhow::Result<i32> {
     crate::outln!("{} {}", v.id, v.state);
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `outpost rollout start ARGS` as the CLI parses it.
+    fn start(args: &[&str]) -> StartArgs {
+        let mut argv = vec!["outpost", "rollout", "start"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().cmd {
+            Cmd::Rollout(RolloutCmd::Start(a)) => *a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_flags_are_the_plan() {
+        let p = start(&[
+            "--target",
+            "tag:cam,dev-9",
+            "--payload",
+            "flash",
+            "--canary",
+            "10%",
+            "--canary-wait",
+            "5m",
+            "--rate",
+            "2/s",
+            "--rate-factor",
+            "2",
+            "--rate-every",
+            "5",
+            "--rate-max",
+            "600",
+            "--abort-failed",
+            "20%",
+            "--abort-timed-out",
+            "50",
+            "--abort-min",
+            "4",
+            "--timeout",
+            "10m",
+            "--success-contains",
+            "ok",
+            "--on-abort",
+            "undo",
+            "--max-attempts",
+            "2",
+            "--parallel",
+            "8",
+        ])
+        .plan()
+        .unwrap();
+        assert_eq!(p.name, "rollout");
+        assert_eq!(p.target, vec!["tag:cam", "dev-9"]);
+        assert_eq!(p.payload, b"flash");
+        let c = p.canary.unwrap();
+        assert_eq!(
+            (c.size, c.wait),
+            (Size::Percent(10), Some(Duration::from_secs(300)))
+        );
+        let r = p.rate.unwrap();
+        assert_eq!(
+            (r.per_minute, r.factor, r.every, r.max_per_minute),
+            (120, Some(2.0), 5, Some(600))
+        );
+        assert_eq!(
+            p.abort,
+            vec![
+                AbortRule {
+                    on: FailKind::Failed,
+                    percent: 20,
+                    min: 4
+                },
+                AbortRule {
+                    on: FailKind::TimedOut,
+                    percent: 50,
+                    min: 4
+                },
+            ]
+        );
+        assert_eq!(p.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(p.on_abort.as_deref(), Some(&b"undo"[..]));
+        assert_eq!((p.max_attempts, p.parallel), (2, Some(8)));
+        assert!(p.edges.is_none());
+        // The artifact names it when no --name does.
+        let p = start(&["--target", "tag:cam", "--artifact", "fw@2"])
+            .plan()
+            .unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.artifact.as_deref()),
+            ("fw@2", Some("fw@2"))
+        );
+    }
+
+    #[test]
+    fn edge_flags_give_the_plan_through_boxes_below() {
+        let p = start(&[
+            "--target",
+            "edge-1/tag:cam",
+            "--payload",
+            "x",
+            "--edge-rate",
+            "1/min",
+            "--edge-parallel",
+            "2",
+            "--edge-abort-failed",
+            "50",
+            "--edge-abort-min",
+            "2",
+        ])
+        .plan()
+        .unwrap();
+        let e = p.edges.unwrap();
+        assert_eq!(e.rate.map(|r| r.per_minute), Some(1));
+        assert_eq!(e.parallel, Some(2));
+        assert_eq!(
+            e.abort,
+            vec![AbortRule {
+                on: FailKind::Any,
+                percent: 50,
+                min: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn a_plan_file_is_read_with_its_payload_file_and_never_mixed_with_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fw.bin"), b"image").unwrap();
+        let file = dir.path().join("plan.toml");
+        std::fs::write(
+            &file,
+            "name = \"fw\"\ntarget = [\"tag:cam\"]\npayload_file = \"fw.bin\"\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let p = start(&[f]).plan().unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.payload.as_slice()),
+            ("fw", &b"image"[..])
+        );
+        // Every plan flag is refused next to a file, each naming the file.
+        for flag in [
+            &["--target", "dev-1"][..],
+            &["--payload", "x"],
+            &["--name", "n"],
+            &["--canary", "1"],
+            &["--rate", "1/min"],
+            &["--abort-any", "5"],
+            &["--timeout", "1m"],
+            &["--on-abort", "u"],
+            &["--max-attempts", "2"],
+            &["--edge-parallel", "1"],
+        ] {
+            let mut args = vec![f];
+            args.extend_from_slice(flag);
+            let e = start(&args).plan().unwrap_err();
+            assert!(e.contains("not both") && e.contains(f), "{flag:?}: {e}");
+        }
+        let gone = dir.path().join("gone.toml");
+        let e = start(&[gone.to_str().unwrap()]).plan().unwrap_err();
+        assert!(
+            e.starts_with("cannot read ") && e.contains("gone.toml"),
+            "{e}"
+        );
+        let e = start(&[
+            "--target",
+            "dev-1",
+            "--payload-file",
+            gone.to_str().unwrap(),
+        ])
+        .plan()
+        .unwrap_err();
+        assert!(
+            e.starts_with("cannot read ") && e.contains("gone.toml"),
+            "{e}"
+        );
+        let e = start(&["--payload", "x"]).plan().unwrap_err();
+        assert!(e.contains("--target"), "{e}");
+    }
+
+    #[test]
+    fn a_share_is_a_percent_from_0_to_100() {
+        assert_eq!(percent("20%"), Ok(20));
+        assert_eq!(percent(" 0 "), Ok(0));
+        assert!(percent("101").unwrap_err().contains("0 to 100"));
+        assert!(percent("lots").is_err());
+    }
+}

@@ -807,8 +807,22 @@ impl Run {
         let Some(i) = self.steps.iter().position(|s| s.command == Some(id)) else {
             return Vec::new();
         };
-        if self.steps[i].state != StepState::Running {
-            return Vec::new();
+        match self.steps[i].state {
+            StepState::Running => {}
+            // Cancelled by a stop while its command was out: a device that
+            // had it first ran it, and its answer says what it did (the
+            // stop goes on either way).
+            StepState::Cancelled
+                if matches!(
+                    e.state,
+                    crate::State::Succeeded | crate::State::Failed | crate::State::Dead
+                ) => {}
+            // The cancel won: its end is known (a restart need not look).
+            StepState::Cancelled => {
+                self.steps[i].end.get_or_insert(e.state);
+                return Vec::new();
+            }
+            _ => return Vec::new(),
         }
         let spec = &self.spec.steps[i];
         let ok = match (spec.min_success, e.children) {
@@ -1324,6 +1338,38 @@ payload = "start-previous-firmware"
             states.contains(&("resume", StepState::Succeeded)),
             "{states:?}"
         );
+    }
+
+    #[test]
+    fn a_step_the_cancel_raced_is_counted_as_its_device_answered_and_looked_up_after_a_restart() {
+        // Found by the simulation: a cancel marks a running step cancelled;
+        // its device may have run it first, and its end said so too late.
+        let text = "name = \"p\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\n[steps.b]\ntarget = \"d\"\npayload = \"y\"\n";
+        let w = Workflow::parse(text, "p").unwrap();
+        let (mut run, _) = Run::start(crate::CommandId(1), w, 0);
+        run.sent("a", crate::CommandId(2));
+        run.sent("b", crate::CommandId(3));
+        run.cancel(false, 5);
+        let (look, resend) = runner::reattach(&run);
+        assert_eq!(look, vec![crate::CommandId(2), crate::CommandId(3)]);
+        assert!(resend.is_empty(), "a cancelled run sends nothing again");
+        run.step_ended(
+            crate::CommandId(2),
+            ended(crate::State::Succeeded, "done"),
+            6,
+        );
+        let a = &run.steps[0];
+        assert_eq!(
+            (a.state, a.result.as_deref()),
+            (StepState::Succeeded, Some("done"))
+        );
+        // The cancel that won leaves it cancelled, its end now known.
+        run.step_ended(crate::CommandId(3), ended(crate::State::Cancelled, ""), 6);
+        assert_eq!(run.steps[1].state, StepState::Cancelled);
+        assert_eq!(run.steps[1].end, Some(crate::State::Cancelled));
+        assert_eq!(run.state, RunState::Cancelled);
+        // Nothing left to look up.
+        assert_eq!(runner::reattach(&run), (Vec::new(), Vec::new()));
     }
 
     #[test]

@@ -368,50 +368,14 @@ impl Shell {
         let Some(run) = self.runs.get(&id) else {
             return;
         };
-        if run.state != RunState::Running {
-            return;
+        let (look, resend) = reattach(run);
+        for c in look {
+            self.by_cmd.insert(c, id);
+            self.check_step(c).await;
         }
-        let steps: Vec<(String, Option<CommandId>)> = run
-            .steps
-            .iter()
-            .filter(|s| s.state == super::StepState::Running)
-            .map(|s| (s.name.clone(), s.command))
-            .collect();
-        for (step, cmd) in steps {
-            match cmd {
-                Some(c) => {
-                    self.by_cmd.insert(c, id);
-                    self.check_step(c).await;
-                }
-                None => {
-                    if let Some(a) = self.resend(id, &step) {
-                        self.act(vec![(id, vec![a])], false).await;
-                    }
-                }
-            }
+        if !resend.is_empty() {
+            self.act(vec![(id, resend)], false).await;
         }
-    }
-
-    fn resend(&self, id: CommandId, step: &str) -> Option<Action> {
-        let run = self.runs.get(&id)?;
-        let spec = run.spec.steps.iter().find(|s| s.name == step)?;
-        let payload = match &spec.payload {
-            super::Payload::Inline(b) => b.clone(),
-            super::Payload::File(_) => Vec::new(),
-        };
-        Some(Action::Send {
-            step: step.to_string(),
-            target: spec.target.clone(),
-            payload,
-            opts: Box::new(crate::SendOptions {
-                priority: spec.priority,
-                ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
-                max_attempts: spec.max_attempts,
-                ..Default::default()
-            }),
-            key: format!("workflow:{id}:{step}"),
-            artifact: spec.artifact.clone(),
-        })
     }
 
     /// Pin each step's artifact to the digest the box holds now, so the
@@ -479,27 +443,20 @@ impl Shell {
     /// on one device); a group step's result gathers its children, so it
     /// is looked up.
     fn end_of(&self, ev: &crate::queue::LifecycleEvent) -> Option<Ended> {
-        let run = self.runs.get(self.by_cmd.get(&ev.id)?)?;
-        let step = run.step_of(ev.id)?;
-        let spec = run.spec.steps.iter().find(|s| s.name == step)?;
-        if !matches!(
-            crate::route::Target::parse(&spec.target),
-            Ok(crate::route::Target::Device(_))
-        ) {
-            return None;
-        }
-        Some(Ended {
-            state: ev.state,
-            result: text(ev.outcome.as_ref(), ev.error.as_ref()),
-            children: None,
-        })
+        event_end(self.runs.get(self.by_cmd.get(&ev.id)?)?, ev)
     }
 
-    /// Carry out runs' actions together: every send is handed to the
-    /// queue before any is awaited (so they share one group commit), then
-    /// the runs are written in one batch. No run is written before its
-    /// sends: a crash in between replays the same sends under the same
-    /// derived ids, which the queue answers as duplicates.
+    /// Carry out runs' actions together: the runs are written first, as
+    /// the engine left them (a started step `running`, its command id not
+    /// yet recorded), so each record rides the group commit of the sends
+    /// that follow; every send is handed to the queue before any is
+    /// awaited (so they share that commit); then the runs are written
+    /// again with their commands' ids. A restart sends a recorded step
+    /// again under the same derived id, which the queue answers as a
+    /// duplicate. (Written after the sends, as it was, a crash between
+    /// their commit and the record left a start that never returned with
+    /// its first steps sent behind it: the class the rollout simulation
+    /// found in `rollout::runner::act`.)
     ///
     /// Only a start or a cancel is flushed before it returns (it is
     /// answered to someone). A step's progress need not be: a run's
@@ -511,30 +468,19 @@ impl Shell {
         while !batch.is_empty() {
             let mut sends = Vec::new();
             let mut cancels = Vec::new();
+            let ahead: Vec<CommandId> = batch.iter().map(|(id, _)| *id).collect();
+            self.persist(&ahead, false);
             for (id, actions) in batch.drain(..) {
                 touched.push(id);
                 for a in actions {
                     match a {
-                        Action::Send {
-                            step,
-                            target,
-                            payload,
-                            opts,
-                            key: _,
-                            artifact,
-                        } => {
+                        send @ Action::Send { .. } => {
+                            let Some((step, cmd, req, artifact)) = request(id, send) else {
+                                continue;
+                            };
                             let signature = artifact_envelope(&self.queue, artifact.as_deref());
                             let fut = signature.map(|signature| {
-                                self.queue.send_as(
-                                    step_command_id(id, &step),
-                                    SendRequest {
-                                        target,
-                                        payload,
-                                        opts: *opts,
-                                        origin: "workflow".into(),
-                                        signature,
-                                    },
-                                )
+                                self.queue.send_as(cmd, SendRequest { signature, ..req })
                             });
                             sends.push((id, step, fut));
                         }
@@ -662,6 +608,95 @@ impl Shell {
             tracing::error!(error = %e, "cannot write workflow runs");
         }
     }
+}
+
+/// After a restart: the step commands to look up (sent, their end not
+/// heard) and the sends to repeat (a step recorded running before its
+/// command's id was: the same derived id again, which the queue answers
+/// as a duplicate if it has it). A step a stop cancelled while its command
+/// was out is looked up too, in a run of any state: its device may have
+/// run it first, and a crash may have lost what the runner heard of it.
+pub fn reattach(run: &Run) -> (Vec<CommandId>, Vec<Action>) {
+    let (mut look, mut resend) = (Vec::new(), Vec::new());
+    for (i, st) in run.steps.iter().enumerate() {
+        if st.state == super::StepState::Cancelled && st.end.is_none() {
+            look.extend(st.command);
+        }
+        if st.state != super::StepState::Running || run.state != RunState::Running {
+            continue;
+        }
+        match st.command {
+            Some(c) => look.push(c),
+            None => {
+                let spec = &run.spec.steps[i];
+                resend.push(Action::Send {
+                    step: st.name.clone(),
+                    target: spec.target.clone(),
+                    payload: match &spec.payload {
+                        super::Payload::Inline(b) => b.clone(),
+                        super::Payload::File(_) => Vec::new(),
+                    },
+                    opts: Box::new(crate::SendOptions {
+                        priority: spec.priority,
+                        ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
+                        max_attempts: spec.max_attempts,
+                        ..Default::default()
+                    }),
+                    key: format!("workflow:{}:{}", run.id, st.name),
+                    artifact: spec.artifact.clone(),
+                });
+            }
+        }
+    }
+    (look, resend)
+}
+
+/// A send of run `id`'s as the queue takes it: (step, its derived command
+/// id, the request unsigned, the artifact whose envelope signs it).
+/// `None` for a cancel.
+pub fn request(
+    id: CommandId,
+    a: Action,
+) -> Option<(String, CommandId, SendRequest, Option<String>)> {
+    let Action::Send {
+        step,
+        target,
+        payload,
+        opts,
+        key: _,
+        artifact,
+    } = a
+    else {
+        return None;
+    };
+    let cmd = step_command_id(id, &step);
+    let req = SendRequest {
+        target,
+        payload,
+        opts: *opts,
+        origin: "workflow".into(),
+        signature: None,
+    };
+    Some((step, cmd, req, artifact))
+}
+
+/// A final lifecycle event's end, when it says all there is to say (a
+/// step on one device); a group step's result gathers its children, so it
+/// is looked up (`None`).
+pub fn event_end(run: &Run, ev: &crate::queue::LifecycleEvent) -> Option<Ended> {
+    let step = run.step_of(ev.id)?;
+    let spec = run.spec.steps.iter().find(|s| s.name == step)?;
+    if !matches!(
+        crate::route::Target::parse(&spec.target),
+        Ok(crate::route::Target::Device(_))
+    ) {
+        return None;
+    }
+    Some(Ended {
+        state: ev.state,
+        result: text(ev.outcome.as_ref(), ev.error.as_ref()),
+        children: None,
+    })
 }
 
 /// The digest of the artifact `spec` names on this box's shelf.

@@ -16,9 +16,11 @@
 //! a violation is a string naming the step, the node and the command.
 
 pub mod disk;
+mod record;
 pub mod rng;
 mod rollouts;
 pub mod shrink;
+mod workflows;
 
 use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
 use crate::journal::{Entry, UpEntry};
@@ -82,6 +84,8 @@ pub struct Config {
     /// Operators start, pause, resume and abort rollouts over a box's
     /// devices (`sim/rollouts.rs`).
     pub rollouts: bool,
+    /// Operators run and cancel workflows (`sim/workflows.rs`).
+    pub workflows: bool,
     /// Keep a human-readable trace (the hash is kept either way).
     pub trace: bool,
 }
@@ -96,6 +100,7 @@ impl Default for Config {
             retry_forwarded: false,
             dup_device_frames: false,
             rollouts: true,
+            workflows: true,
             trace: false,
         }
     }
@@ -139,6 +144,10 @@ pub struct Counts {
     pub rollouts_aborted: u64,
     /// Rollbacks sent by aborted rollouts.
     pub rollbacks: u64,
+    pub workflows: u64,
+    /// Runs that ended so, seen after settling (failed: any other end).
+    pub workflows_succeeded: u64,
+    pub workflows_failed: u64,
     pub settle_steps: u64,
 }
 
@@ -331,8 +340,9 @@ struct Sent {
     /// Its device's box was wiped while it was there: a run the wipe
     /// took the record of may be followed by a refusal on the new box.
     wiped: bool,
-    /// A rollout's: its rollout owns it (no operator retries it).
-    rollout: bool,
+    /// A rollout's or a workflow run's: its runner owns it (no
+    /// operator retries it).
+    job: bool,
 }
 
 pub struct World {
@@ -368,6 +378,11 @@ pub struct World {
     rollout_owned: FxHashMap<CommandId, usize>,
     /// Lifecycle events of rollout commands, for their runner: (box, event).
     rollout_events: Vec<(usize, LifecycleEvent)>,
+    workflows_on: bool,
+    runs: Vec<workflows::SimRun>,
+    runs_active: Vec<usize>,
+    run_owned: FxHashMap<CommandId, usize>,
+    run_events: Vec<(usize, LifecycleEvent)>,
 }
 
 impl World {
@@ -407,6 +422,11 @@ impl World {
             rollouts_active: Vec::new(),
             rollout_owned: FxHashMap::default(),
             rollout_events: Vec::new(),
+            workflows_on: cfg.workflows,
+            runs: Vec::new(),
+            runs_active: Vec::new(),
+            run_owned: FxHashMap::default(),
+            run_events: Vec::new(),
         };
         let hub = w.add_node("hub".into(), false);
         for m in 0..cfg.hub_devices {
@@ -623,6 +643,7 @@ impl World {
         }
         self.note_pruned(n);
         self.rollouts_flushed(n);
+        self.workflows_flushed(n);
         for (id, gen, state) in twice {
             self.violation(
                 n,
@@ -710,8 +731,9 @@ impl World {
         if self.rollout_owned.contains_key(&ev.id) {
             self.rollout_events.push((n, ev.clone()));
         }
+        self.workflow_event(n, &ev);
         let mine = match self.sent.get(&ev.id) {
-            Some(s) => !s.rollout && (self.retry_forwarded || s.node == n),
+            Some(s) => !s.job && (self.retry_forwarded || s.node == n),
             None => self.retry_forwarded,
         };
         if mine && matches!(ev.state, State::Failed | State::Dead) {
@@ -1129,6 +1151,7 @@ impl World {
         self.ev(n, "crash", 0, String::new);
         self.drop_links_of(n);
         self.rollouts_crashed(n);
+        self.workflows_crashed(n);
     }
 
     /// An edge's data dir wiped and set up again under its old bundle: a
@@ -1177,6 +1200,7 @@ impl World {
         }
         self.report.counts.wipes += 1;
         self.rollouts_wiped(e);
+        self.workflows_wiped(e);
         self.ev(e, "wipe", 0, String::new);
         self.round(e);
     }
@@ -1353,7 +1377,7 @@ impl World {
                     priority,
                     index: 0,
                     wiped: false,
-                    rollout: false,
+                    job: false,
                 };
                 self.note_sent(rc.id, sent, &target);
             }
@@ -1463,7 +1487,7 @@ impl World {
                     priority: Priority::Normal,
                     index: 0,
                     wiped: false,
-                    rollout: false,
+                    job: false,
                 };
                 self.report.counts.device_sends += 1;
                 self.note_sent(rc.id, sent, &format!("{from} → {to}"));
@@ -1681,9 +1705,12 @@ impl World {
             697 if faults => self.op_wipe(n),
             698..=701 if self.rollouts_on => self.op_rollout_start(n),
             702..=704 if self.rollouts_on => self.op_rollout_verb(n),
+            705..=708 if self.workflows_on => self.op_workflow_start(n),
+            709 if self.workflows_on => self.op_workflow_cancel(n),
             _ => {}
         }
         self.drive_rollouts();
+        self.drive_workflows();
         if self.step % 128 == 0 {
             self.check();
         }
@@ -1727,6 +1754,7 @@ impl World {
             self.settle_time();
             self.settle_rollouts();
             self.drive_rollouts();
+            self.drive_workflows();
             if self.quiet() {
                 break;
             }
@@ -1738,10 +1766,15 @@ impl World {
                     Some((d as i64 - self.nodes[n].skew).max(0) as Millis)
                 })
                 .min();
-            let next = [next_msg, next_timer, self.rollouts_next_wake()]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                next_msg,
+                next_timer,
+                self.rollouts_next_wake(),
+                self.workflows_next_wake(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             self.now = next.unwrap_or(self.now + 100).max(self.now + 1);
         }
     }
@@ -1750,6 +1783,7 @@ impl World {
         self.net.is_empty()
             && self.drops.is_empty()
             && self.rollouts_quiet()
+            && self.workflows_quiet()
             && self.links.iter().all(|l| l.connected)
             && self.nodes.iter().all(|n| {
                 let s = n.core.stats();
@@ -1820,6 +1854,7 @@ impl World {
         }
         self.check();
         self.check_rollouts_end();
+        self.check_workflows_end();
         // Everything is connected again: the hub shows every device below
         // an edge online (presence through crashes of either box).
         let views = self.nodes[0].core.devices();

@@ -13,6 +13,7 @@
 //! What is checked, at every step and after settling, is on
 //! [`World::check_rollouts`] and [`World::check_rollouts_end`].
 
+use super::record::Record;
 use super::{Sent, World};
 use crate::command::{CommandId, Millis, Outcome, State};
 use crate::queue::core::Lookup;
@@ -33,10 +34,8 @@ const MAX_ACTIVE: usize = 2;
 pub(super) struct SimRollout {
     pub(super) node: usize,
     pub(super) live: Rollout,
-    /// The record the store holds for good (`None`: not written yet).
-    durable: Option<Rollout>,
-    /// Written, not flushed yet: durable at the box's next flush.
-    pending: Option<Rollout>,
+    /// Its record in the box's store.
+    record: Record<Rollout>,
     /// Its box crashed: the runner reloads it at the restart.
     resume: bool,
     /// Gone with its box's database (a wipe), or its start was never
@@ -82,8 +81,7 @@ impl World {
         self.rollouts.push(SimRollout {
             node: n,
             live,
-            durable: None,
-            pending: None,
+            record: Record::new(),
             resume: false,
             gone: false,
             online,
@@ -239,7 +237,7 @@ impl World {
             let done = r.gone
                 || (r.live.state.ended()
                     && r.live.outstanding().is_empty()
-                    && r.pending.is_none()
+                    && r.record.settled()
                     && !r.resume);
             r.retired = done;
             !done
@@ -334,7 +332,8 @@ impl World {
             }
             let now = self.node_now(n);
             // Written ahead of its sends: the record rides their commit.
-            self.rollouts[i].pending = Some(self.rollouts[i].live.clone());
+            let r = &mut self.rollouts[i];
+            r.record.write(&r.live, false);
             let mut sends = Vec::new();
             for a in actions.drain(..) {
                 let r = &self.rollouts[i].live;
@@ -393,7 +392,7 @@ impl World {
                                 priority,
                                 index: 0,
                                 wiped: false,
-                                rollout: true,
+                                job: true,
                             };
                             self.note_sent(rc.id, s, &target);
                         }
@@ -418,19 +417,13 @@ impl World {
             return;
         }
         let r = &mut self.rollouts[i];
-        let snapshot = r.live.clone();
-        if durable {
-            r.durable = Some(snapshot);
-            r.pending = None;
-        } else {
-            r.pending = Some(snapshot);
-        }
+        r.record.write(&r.live, durable);
         self.rollout_check(i, followups);
     }
 
     /// The device box `n` names `name`: its own, or one below an edge
     /// (`edge-1/dev-0`).
-    fn device_named(&self, n: usize, name: &str) -> Option<usize> {
+    pub(super) fn device_named(&self, n: usize, name: &str) -> Option<usize> {
         let (node, dev) = match name.split_once('/') {
             Some((edge, dev)) => (self.nodes.iter().position(|x| x.name == edge)?, dev),
             None => (n, name),
@@ -445,9 +438,7 @@ impl World {
         for &i in &self.rollouts_active {
             let r = &mut self.rollouts[i];
             if r.node == n {
-                if let Some(p) = r.pending.take() {
-                    r.durable = Some(p);
-                }
+                r.record.flushed();
             }
         }
     }
@@ -478,11 +469,10 @@ impl World {
                 self.rollouts_active.push(i);
             }
             let r = &mut self.rollouts[i];
-            r.pending = None;
-            match &r.durable {
+            match r.record.crashed() {
                 Some(d) => {
-                    r.live = d.clone();
                     r.last = d.state;
+                    r.live = d;
                     r.resume = true;
                 }
                 None => r.gone = true,
@@ -651,14 +641,14 @@ impl World {
                 let node = &self.nodes[r.node];
                 let end = match node.core.lookup(cmd) {
                     Lookup::Finished { state, .. } => Some(state),
-                    Lookup::NotFound => node.ended.get(&cmd).copied(),
-                    Lookup::Live(_) => None,
+                    // Forgotten past retention: so may the rollout have.
+                    Lookup::NotFound | Lookup::Live(_) => None,
                 };
                 let ran = matches!(end, Some(State::Succeeded | State::Failed | State::Dead));
                 if r.gone {
                     // A wiped box's rollouts went with it; one whose start
                     // never returned must have changed nothing.
-                    if got && r.durable.is_none() {
+                    if got && !r.record.ever_durable() {
                         found.push((
                             r.node,
                             format!(

@@ -147,6 +147,7 @@ pub fn as_test(name: &str, s: &Shrunk, cfg: &Config) -> String {
         (cfg.retry_forwarded, "retry_forwarded: true"),
         (cfg.dup_device_frames, "dup_device_frames: true"),
         (!cfg.rollouts, "rollouts: false"),
+        (!cfg.workflows, "workflows: false"),
     ] {
         if on {
             flags.push_str(&format!("        {field},\n"));

@@ -1,0 +1,550 @@
+//! Workflows in the simulation (issue 28): the real [`Run`] engine on each
+//! box, driven the way `workflow::runner` drives it, over the box's real
+//! queue core, through crashes, lost links, operators' cancels and clock
+//! jumps. As with rollouts (`sim/rollouts.rs`), what the shell decides is
+//! the runner's own functions ([`reattach`], [`request`], [`event_end`],
+//! [`step_command_id`]); what is modelled is the order of its writes (the
+//! run's record ahead of its sends and again after them, each durable at
+//! the next flush; a start or a cancel flushed before it returns) and a
+//! kill -9 between the sends' commit and the record.
+//!
+//! Steps target single devices (a box's own, or one below an edge from
+//! the hub), chained by `needs`, some gated by `when`, with compensation
+//! (`on_failure`) and a timeout. Checked as it happens: no step's command
+//! is sent while a step it needs still has a command out on the box.
+//! After settling: every run ended; a step counted succeeded, failed or
+//! cancelled agrees with its command's end on the box; a succeeded run
+//! sent no compensation step; a failed or timed-out run with compensation
+//! sent it; a start that never returned sent nothing.
+
+use super::record::Record;
+use super::{Sent, World};
+use crate::command::{CommandId, Millis, State};
+use crate::queue::core::Lookup;
+use crate::queue::LifecycleEvent;
+use crate::workflow::runner::{event_end, reattach, request, step_command_id, text};
+use crate::workflow::{Action, Ended, Run, RunState, StepState, Workflow};
+
+/// Runs started on one box at once, at most.
+const MAX_ACTIVE: usize = 2;
+
+/// One run on one box, as its runner holds it and as its store does.
+pub(super) struct SimRun {
+    node: usize,
+    live: Run,
+    record: Record<Run>,
+    /// Its box crashed: the runner reloads it at the restart.
+    resume: bool,
+    /// Gone with its box's database (a wipe), or its start never durable.
+    gone: bool,
+    /// Ended with nothing out and its record durable: off the per-step
+    /// loops until something of it moves again.
+    retired: bool,
+}
+
+impl World {
+    /// An operator's `workflow run` on box `n`: a random workflow over some
+    /// of its devices.
+    pub(super) fn op_workflow_start(&mut self, n: usize) {
+        let active = self
+            .runs_active
+            .iter()
+            .filter(|&&i| self.runs[i].node == n && !self.runs[i].gone)
+            .count();
+        if active >= MAX_ACTIVE {
+            return;
+        }
+        let text = self.random_workflow(n);
+        let spec = match Workflow::parse(&text, "sim.toml") {
+            Ok(w) => w,
+            Err(e) => {
+                self.violation(n, format!("a generated workflow is refused: {e:?}\n{text}"));
+                return;
+            }
+        };
+        let now = self.node_now(n);
+        let id = CommandId::new(now, self.rng.next_u64() as u128 | 1 << 65);
+        let (live, actions) = Run::start(id, spec, now);
+        let i = self.runs.len();
+        self.runs.push(SimRun {
+            node: n,
+            live,
+            record: Record::new(),
+            resume: false,
+            gone: false,
+            retired: false,
+        });
+        self.runs_active.push(i);
+        self.report.counts.workflows += 1;
+        self.ev(n, "workflow-start", id.0, || format!("{id}"));
+        self.run_act(i, actions, true);
+    }
+
+    /// A workflow file: 2 to 4 main steps in a chain or a fan-out, some
+    /// gated by a `when`, maybe a compensation step and a timeout.
+    fn random_workflow(&mut self, n: usize) -> String {
+        let names = self.targets_of(n);
+        let r = &mut self.rng;
+        let mut t = String::from("name = \"sim\"\n");
+        if r.chance(300) {
+            t += &format!("timeout = \"{}ms\"\n", 2_000 + r.below(20_000));
+        }
+        let comp = r.chance(500);
+        if comp {
+            t += "on_failure = [\"undo\"]\n";
+        }
+        let steps = 2 + r.below(3) as usize;
+        for s in 0..steps {
+            let target = &names[r.below(names.len() as u64) as usize];
+            t += &format!("[steps.s{s}]\ntarget = \"{target}\"\npayload = \"s{s}\"\n");
+            if r.chance(300) {
+                t += &format!("max_attempts = {}\n", 1 + r.below(3));
+            }
+            if s > 0 {
+                // Needs the step before it, or the first (a fan-out).
+                let need = if r.chance(500) { s - 1 } else { 0 };
+                t += &format!("needs = [\"s{need}\"]\n");
+                if r.chance(250) {
+                    let state = ["succeeded", "failed", "any"][r.below(3) as usize];
+                    t += &format!("when = {{ step = \"s{need}\", state = \"{state}\" }}\n");
+                }
+            }
+        }
+        if comp {
+            let target = &names[r.below(names.len() as u64) as usize];
+            t += &format!("[steps.undo]\ntarget = \"{target}\"\npayload = \"undo\"\n");
+        }
+        t
+    }
+
+    /// Devices box `n` may name in a step: its own, and from the hub those
+    /// below the edges.
+    fn targets_of(&self, n: usize) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter_map(|d| {
+                if d.node == n {
+                    Some(d.name.clone())
+                } else if n == 0 && self.nodes[d.node].edge {
+                    Some(format!("{}/{}", self.nodes[d.node].name, d.name))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// An operator's `workflow cancel [--compensate]` of a run on box `n`.
+    pub(super) fn op_workflow_cancel(&mut self, n: usize) {
+        let mine: Vec<usize> = self
+            .runs_active
+            .iter()
+            .copied()
+            .filter(|&i| self.runs[i].node == n && !self.runs[i].gone)
+            .collect();
+        let Some(i) = self.rng.pick(&mine) else {
+            return;
+        };
+        let compensate = self.rng.chance(500);
+        let now = self.node_now(n);
+        if self.runs[i].live.state != RunState::Running {
+            return;
+        }
+        let actions = self.runs[i].live.cancel(compensate, now);
+        let id = self.runs[i].live.id;
+        self.ev(n, "workflow-cancel", id.0, || {
+            format!("{id} compensate {compensate}")
+        });
+        self.run_act(i, actions, true);
+    }
+
+    /// What the runner does between requests: reload after a restart,
+    /// feed the queue's events and the time.
+    pub(super) fn drive_workflows(&mut self) {
+        if self.runs_active.is_empty() && self.run_events.is_empty() {
+            return;
+        }
+        for i in self.runs_active.clone() {
+            let r = &self.runs[i];
+            if r.resume && !r.gone && self.nodes[r.node].up {
+                self.runs[i].resume = false;
+                self.run_resume(i);
+            }
+        }
+        for _ in 0..8 {
+            let evs = std::mem::take(&mut self.run_events);
+            if evs.is_empty() {
+                break;
+            }
+            for (n, ev) in evs {
+                let Some(&i) = self.run_owned.get(&ev.id) else {
+                    continue;
+                };
+                let r = &self.runs[i];
+                if r.node != n || r.gone || !self.nodes[n].up || !ev.state.is_final() {
+                    continue;
+                }
+                match event_end(&r.live, &ev) {
+                    Some(e) => self.run_feed(i, ev.id, e),
+                    None => self.run_check(i, vec![ev.id]),
+                }
+            }
+        }
+        for i in self.runs_active.clone() {
+            let (n, gone) = (self.runs[i].node, self.runs[i].gone);
+            if gone || !self.nodes[n].up {
+                continue;
+            }
+            let now = self.node_now(n);
+            let due = self.runs[i]
+                .live
+                .deadline
+                .is_some_and(|d| d <= now && self.runs[i].live.state == RunState::Running);
+            if due {
+                let actions = self.runs[i].live.tick(now);
+                self.run_act(i, actions, false);
+            }
+        }
+        let runs = &mut self.runs;
+        self.runs_active.retain(|&i| {
+            let r = &mut runs[i];
+            let done =
+                r.gone || (r.live.state != RunState::Running && r.record.settled() && !r.resume);
+            r.retired = done;
+            !done
+        });
+    }
+
+    fn run_feed(&mut self, i: usize, cmd: CommandId, e: Ended) {
+        let now = self.node_now(self.runs[i].node);
+        let actions = self.runs[i].live.step_ended(cmd, e, now);
+        self.run_act(i, actions, false);
+    }
+
+    /// Look these step commands up and feed in those that ended (as the
+    /// runner's `ends`, for steps on one device).
+    fn run_check(&mut self, i: usize, cmds: Vec<CommandId>) {
+        let n = self.runs[i].node;
+        for c in cmds {
+            if self.runs[i].gone || !self.nodes[n].up {
+                return;
+            }
+            let e = match self.nodes[n].core.lookup(c) {
+                Lookup::Live(_) => continue,
+                Lookup::Finished { seq, state } => {
+                    let rec = self.nodes[n].disk.view().result(seq, c);
+                    let result = rec.and_then(|r| text(r.outcome.as_ref(), r.error.as_ref()));
+                    Ended {
+                        state,
+                        result,
+                        children: None,
+                    }
+                }
+                Lookup::NotFound => Ended {
+                    state: State::Expired,
+                    result: Some(b"its result is past retention".to_vec()),
+                    children: None,
+                },
+            };
+            self.run_feed(i, c, e);
+        }
+    }
+
+    /// The box restarted: the runner reloads the run and picks it up.
+    fn run_resume(&mut self, i: usize) {
+        let (look, resend) = reattach(&self.runs[i].live);
+        self.run_act(i, resend, false);
+        self.run_check(i, look);
+    }
+
+    /// Carry out a run's actions as `runner::act` does.
+    fn run_act(&mut self, i: usize, mut actions: Vec<Action>, durable: bool) {
+        let n = self.runs[i].node;
+        if std::mem::take(&mut self.runs[i].retired) {
+            self.runs_active.push(i);
+        }
+        let mut followups = Vec::new();
+        while !actions.is_empty() {
+            if self.runs[i].gone || !self.nodes[n].up {
+                return;
+            }
+            let now = self.node_now(n);
+            let r = &mut self.runs[i];
+            r.record.write(&r.live, false);
+            let id = r.live.id;
+            let mut sends = Vec::new();
+            for a in actions.drain(..) {
+                if let Action::Cancel(c) = a {
+                    let _ = self.nodes[n].core.cancel(c, now);
+                    continue;
+                }
+                let Some((step, cmd, req, _)) = request(id, a) else {
+                    continue;
+                };
+                self.check_needs(i, &step);
+                self.run_owned.insert(cmd, i);
+                let (target, priority) = (req.target.clone(), req.opts.priority);
+                let sent = self.nodes[n].core.send_as(Some(cmd), req, now);
+                sends.push((step, cmd, target, priority, sent));
+            }
+            let committed = self.round(n);
+            if !self.nodes[n].up || self.runs[i].gone {
+                return;
+            }
+            let now = self.node_now(n);
+            for (step, cmd, target, priority, sent) in sends {
+                self.ev(n, "workflow-send", cmd.0, || {
+                    format!("{id} {step} as {cmd}: {sent:?}")
+                });
+                let sent = if committed {
+                    sent
+                } else {
+                    Err(crate::queue::QueueError::Storage(
+                        "the commit failed".into(),
+                    ))
+                };
+                match sent {
+                    Ok(rc) => {
+                        self.runs[i].live.sent(&step, rc.id);
+                        if !rc.duplicate {
+                            let s = Sent {
+                                node: n,
+                                device: self.device_named(n, &target),
+                                plain: true,
+                                pool: false,
+                                priority,
+                                index: 0,
+                                wiped: false,
+                                job: true,
+                            };
+                            self.note_sent(rc.id, s, &target);
+                        }
+                        followups.push(cmd);
+                    }
+                    Err(e) => {
+                        let r = &mut self.runs[i].live;
+                        r.sent(&step, cmd);
+                        let end = Ended {
+                            state: State::Failed,
+                            result: Some(e.to_string().into_bytes()),
+                            children: None,
+                        };
+                        actions.extend(r.step_ended(cmd, end, now));
+                    }
+                }
+            }
+        }
+        if self.faults && self.rng.chance(20) {
+            self.ev(n, "crash-before-workflow-record", 0, String::new);
+            self.crash(n);
+            return;
+        }
+        let r = &mut self.runs[i];
+        r.record.write(&r.live, durable);
+        self.run_check(i, followups);
+    }
+
+    /// A step is sent only once no step it needs has a command out on the
+    /// box (the box's word, not the run's).
+    fn check_needs(&mut self, i: usize, step: &str) {
+        let r = &self.runs[i];
+        let Some(spec) = r.live.spec.steps.iter().find(|s| s.name == step) else {
+            return;
+        };
+        let node = &self.nodes[r.node];
+        let mut out = Vec::new();
+        for need in &spec.needs {
+            let c = step_command_id(r.live.id, need);
+            if let Lookup::Live(v) = node.core.lookup(c) {
+                out.push(format!("{need} ({c} {:?})", v.state));
+            }
+        }
+        if !out.is_empty() {
+            let (n, id) = (r.node, r.live.id);
+            self.violation(
+                n,
+                format!("run {id}: step {step} sent while {} is out", out.join(", ")),
+            );
+        }
+    }
+
+    /// Box `n` flushed.
+    pub(super) fn workflows_flushed(&mut self, n: usize) {
+        for &i in &self.runs_active {
+            if self.runs[i].node == n {
+                self.runs[i].record.flushed();
+            }
+        }
+    }
+
+    /// Box `n` crashed: its runs come back as last durable (a run within
+    /// the results' retention after its end is reloaded too).
+    pub(super) fn workflows_crashed(&mut self, n: usize) {
+        self.run_events.retain(|(m, _)| *m != n);
+        let now = self.node_now(n);
+        let keep = super::limits().results_max_age_ms;
+        for i in 0..self.runs.len() {
+            let r = &mut self.runs[i];
+            if r.node != n || r.gone {
+                continue;
+            }
+            if r.retired {
+                if r.live
+                    .finished_at
+                    .is_some_and(|t| t.saturating_add(keep) < now)
+                {
+                    continue;
+                }
+                r.retired = false;
+                self.runs_active.push(i);
+            }
+            let r = &mut self.runs[i];
+            match r.record.crashed() {
+                Some(d) => {
+                    r.live = d;
+                    r.resume = true;
+                }
+                None => r.gone = true,
+            }
+        }
+    }
+
+    /// Box `n`'s database was wiped: its runs went with it.
+    pub(super) fn workflows_wiped(&mut self, n: usize) {
+        self.run_events.retain(|(m, _)| *m != n);
+        for r in self.runs.iter_mut().filter(|r| r.node == n) {
+            r.gone = true;
+        }
+    }
+
+    /// The earliest a run's timeout falls due (world clock).
+    pub(super) fn workflows_next_wake(&self) -> Option<Millis> {
+        self.runs_active
+            .iter()
+            .map(|&i| &self.runs[i])
+            .filter(|r| !r.gone && self.nodes[r.node].up && r.live.state == RunState::Running)
+            .filter_map(|r| {
+                let t = r.live.deadline?;
+                Some((t as i64 - self.nodes[r.node].skew).max(0) as Millis)
+            })
+            .min()
+    }
+
+    /// Nothing left for a run to do.
+    pub(super) fn workflows_quiet(&self) -> bool {
+        self.run_events.is_empty()
+            && self.runs_active.iter().all(|&i| {
+                let r = &self.runs[i];
+                r.gone || (r.live.state != RunState::Running && !r.resume)
+            })
+    }
+
+    /// After settling: what each run says is what its box did.
+    pub(super) fn check_workflows_end(&mut self) {
+        let mut found = Vec::new();
+        for r in &self.runs {
+            let run = &r.live;
+            let c = &mut self.report.counts;
+            match run.state {
+                _ if r.gone => {}
+                RunState::Succeeded => c.workflows_succeeded += 1,
+                RunState::Running => {}
+                _ => c.workflows_failed += 1,
+            }
+            let node = &self.nodes[r.node];
+            // What the box says of a command now (`None`: it has
+            // forgotten it, past retention, and so may the run have).
+            let end_of = |c: CommandId| match node.core.lookup(c) {
+                Lookup::Finished { state, .. } => Some(state),
+                Lookup::NotFound => None,
+                Lookup::Live(v) => Some(v.state),
+            };
+            let exists = |c: CommandId| {
+                !matches!(node.core.lookup(c), Lookup::NotFound) || node.ended.contains_key(&c)
+            };
+            if r.gone {
+                if !r.record.ever_durable() {
+                    for st in &run.steps {
+                        let c = step_command_id(run.id, &st.name);
+                        if exists(c) || self.sent.contains_key(&c) {
+                            found.push((
+                                r.node,
+                                format!(
+                                    "run {}'s start never returned, yet step {} was sent",
+                                    run.id, st.name
+                                ),
+                            ));
+                        }
+                    }
+                }
+                continue;
+            }
+            if run.state == RunState::Running {
+                found.push((
+                    r.node,
+                    format!("run {} did not end: {:?}", run.id, run.steps),
+                ));
+                continue;
+            }
+            for st in &run.steps {
+                let c = step_command_id(run.id, &st.name);
+                let end = end_of(c);
+                let ran = matches!(end, Some(State::Succeeded | State::Failed | State::Dead));
+                let bad = match st.state {
+                    StepState::Succeeded => {
+                        !exists(c) || end.is_some_and(|e| e != State::Succeeded)
+                    }
+                    StepState::Failed => end == Some(State::Succeeded),
+                    StepState::Cancelled => ran,
+                    StepState::Pending | StepState::Running => true,
+                    StepState::Skipped => exists(c),
+                };
+                if bad {
+                    found.push((
+                        r.node,
+                        format!(
+                            "run {} ({}): step {} is {} but its command is {end:?}",
+                            run.id,
+                            run.state.as_str(),
+                            st.name,
+                            st.state.as_str()
+                        ),
+                    ));
+                }
+            }
+            for comp in &run.spec.on_failure {
+                // Started: on the box, or refused there (failed, no command).
+                let refused = run
+                    .steps
+                    .iter()
+                    .any(|s| s.name == *comp && s.state == StepState::Failed);
+                let sent = exists(step_command_id(run.id, comp)) || refused;
+                let want = match run.state {
+                    RunState::Succeeded => Some(false),
+                    RunState::Failed | RunState::TimedOut => Some(true),
+                    _ => None,
+                };
+                if want.is_some_and(|w| w != sent) {
+                    found.push((
+                        r.node,
+                        format!(
+                            "run {} {}: its compensation step {comp} was sent: {sent}",
+                            run.id,
+                            run.state.as_str()
+                        ),
+                    ));
+                }
+            }
+        }
+        for (n, f) in found {
+            self.violation(n, f);
+        }
+    }
+
+    /// A lifecycle event, for the run that owns the command.
+    pub(super) fn workflow_event(&mut self, n: usize, ev: &LifecycleEvent) {
+        if self.run_owned.contains_key(&ev.id) {
+            self.run_events.push((n, ev.clone()));
+        }
+    }
+}

@@ -6,7 +6,7 @@
 
 use crate::command::{CommandId, Millis};
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Decode the records a store holds, keyed by `id`; a record that does
@@ -169,5 +169,93 @@ impl Runners {
         }
         let verb = crate::rollout::runner::Verb::Abort;
         self.rollouts.verb(id, verb).await.map(|_| "rollout")
+    }
+}
+
+/// Sends the box could not answer ([`crate::QueueError::is_unsure`]), as
+/// (job, step): each is made again after a backoff under its derived id
+/// (a duplicate if the first was taken), while its job still wants it.
+/// The job records the id at once, so a cancel or an abort in between
+/// cancels it by that id. The wait doubles from a second to a minute while
+/// sends keep failing, so a broken disk costs an attempt a minute, never a
+/// busy loop.
+#[derive(Debug, Default)]
+pub struct Retry {
+    sends: BTreeSet<(CommandId, String)>,
+    at: Option<Millis>,
+    delay: Millis,
+}
+
+impl Retry {
+    const FIRST: Millis = 1_000;
+    const MAX: Millis = 60_000;
+
+    /// Job `id`'s send `step` is to be made again.
+    pub fn add(&mut self, id: CommandId, step: &str, now: Millis) {
+        self.sends.insert((id, step.to_string()));
+        if self.at.is_none() {
+            self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
+            self.at = Some(now.saturating_add(self.delay));
+        }
+    }
+
+    /// A send was answered: the next failure waits the shortest again.
+    pub fn answered(&mut self) {
+        if self.sends.is_empty() {
+            self.delay = 0;
+        }
+    }
+
+    /// When the next retry is due.
+    pub fn next_wake(&self) -> Option<Millis> {
+        self.at
+    }
+
+    /// The sends to make again now (none before their time).
+    pub fn due(&mut self, now: Millis) -> Vec<(CommandId, String)> {
+        match self.at {
+            Some(t) if t <= now => {
+                self.at = None;
+                std::mem::take(&mut self.sends).into_iter().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_waits_longer_while_sends_keep_failing_and_the_shortest_once_one_is_answered() {
+        let (a, b) = (CommandId::new(1, 1), CommandId::new(1, 2));
+        let (sa, sb) = ((a, "s0".to_string()), (b, "dev-1".to_string()));
+        let mut r = Retry::default();
+        assert_eq!(r.next_wake(), None);
+        r.add(a, "s0", 0);
+        r.add(b, "dev-1", 10);
+        assert_eq!(r.next_wake(), Some(1_000), "the first wait is a second");
+        assert!(r.due(999).is_empty(), "nothing before its time");
+        assert_eq!(r.due(1_000), vec![sa.clone(), sb]);
+        assert_eq!(r.next_wake(), None);
+        // Failing again: 2 s, then 4 s ... capped at a minute.
+        r.add(a, "s0", 1_000);
+        assert_eq!(r.next_wake(), Some(3_000));
+        let mut now = 3_000;
+        for _ in 0..10 {
+            assert_eq!(r.due(now), vec![sa.clone()]);
+            r.add(a, "s0", now);
+            now = r.next_wake().unwrap();
+        }
+        assert_eq!(r.due(now), vec![sa.clone()]);
+        r.add(a, "s0", now);
+        assert_eq!(r.next_wake(), Some(now + 60_000), "capped at a minute");
+        // Answered while a retry is pending keeps the backoff; once none is, it resets.
+        r.answered();
+        assert_eq!(r.due(now + 60_000), vec![sa.clone()]);
+        r.answered();
+        r.add(b, "dev-1", now);
+        assert_eq!(r.next_wake(), Some(now + 1_000));
     }
 }

@@ -128,6 +128,16 @@ impl QueueError {
         self.class() == ErrorClass::Refused
     }
 
+    /// Whether the box could not say if it took the request: its store
+    /// failed under the write (the batch may have reached the disk, as a
+    /// duplicate resent after a restart always has), or it is stopping.
+    /// A sender that named its command's id sends it again under that id
+    /// rather than take the command as refused (the workflow runner once
+    /// failed a step whose command then ran: the simulation found it).
+    pub fn is_unsure(&self) -> bool {
+        self.class() == ErrorClass::Unavailable
+    }
+
     /// Whether the same request may be taken later: the box is full, short
     /// of space, its store failed, or it is stopping. An uplink hands such
     /// a command back to be retried; any other error is final.

@@ -207,6 +207,17 @@ pub enum Action {
     Cancel(CommandId),
 }
 
+impl Action {
+    /// The send that step `step` names (a device, or `rollback/DEVICE`).
+    fn send_of(step: String) -> Action {
+        Action::Send {
+            device: step.strip_prefix("rollback/").unwrap_or(&step).to_string(),
+            rollback: step.starts_with("rollback/"),
+            step,
+        }
+    }
+}
+
 /// The step name of a device's rollback; `/` never occurs in a device id.
 fn rollback_step(device: &str) -> String {
     format!("rollback/{device}")
@@ -347,11 +358,7 @@ impl Rollout {
         for (step, cmd) in self.outstanding() {
             match cmd {
                 Some(c) => look.push(c),
-                None => resend.push(Action::Send {
-                    device: step.strip_prefix("rollback/").unwrap_or(&step).to_string(),
-                    rollback: step.starts_with("rollback/"),
-                    step,
-                }),
+                None => resend.push(Action::send_of(step)),
             }
         }
         // A command the abort cancelled may have reached its device
@@ -364,6 +371,17 @@ impl Rollout {
                 .filter_map(|d| d.command),
         );
         (look, resend)
+    }
+
+    /// The send of `step` again, while it is still out: one the box could
+    /// not say it took (`QueueError::is_unsure`), repeated under the same
+    /// id. `None` once it ended or the rollout stopped it (an abort
+    /// cancels it by its id instead).
+    pub fn resend(&self, step: &str) -> Option<Action> {
+        self.outstanding()
+            .into_iter()
+            .any(|(s, _)| s == step)
+            .then(|| Action::send_of(step.to_string()))
     }
 
     /// The devices connected now (the whole set).

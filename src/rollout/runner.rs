@@ -186,6 +186,7 @@ impl RolloutRunner {
             online: BTreeSet::new(),
             retention,
             prune_at: Some(0),
+            retry: Default::default(),
         };
         tokio::spawn(shell.run(rx, events, sessions, health));
         Ok(RolloutRunner { tx })
@@ -250,6 +251,8 @@ struct Shell {
     retention: crate::workflow::Retention,
     /// When ended rollouts are next due for pruning (`Some(0)`: look now).
     prune_at: Option<Millis>,
+    /// Rollouts with a send the box could not answer.
+    retry: crate::jobs::Retry,
 }
 
 impl Shell {
@@ -276,6 +279,7 @@ impl Shell {
                 .values()
                 .filter_map(Rollout::next_wake)
                 .chain(self.prune_at)
+                .chain(self.retry.next_wake())
                 .min();
             let sleep = crate::jobs::sleep_until(next);
             tokio::select! {
@@ -342,6 +346,15 @@ impl Shell {
                     }
                 }
                 () = sleep => {
+                    let again: Vec<_> = self
+                        .retry
+                        .due(crate::now_millis())
+                        .into_iter()
+                        .filter_map(|(id, step)| Some((id, vec![self.rollouts.get(&id)?.resend(&step)?])))
+                        .collect();
+                    if !again.is_empty() {
+                        self.act(again, false).await;
+                    }
                     self.each(Rollout::tick).await;
                 }
             }
@@ -648,13 +661,24 @@ impl Shell {
                 let Some(r) = self.rollouts.get_mut(&id) else {
                     continue;
                 };
-                r.sent(&step, cmd);
                 match sent {
                     Ok(receipt) => {
+                        r.sent(&step, cmd);
                         self.by_cmd.insert(receipt.id, id);
                         followups.push(receipt.id);
+                        self.retry.answered();
+                    }
+                    Err(e) if e.is_unsure() => {
+                        // Taken or not, the box cannot say: the device is
+                        // sent under its derived id (an abort meanwhile
+                        // cancels that id), and it is sent again under it.
+                        tracing::warn!(rollout = %id, %step, error = %e, "the box could not say whether a rollout's command was queued; sending it again under the same id shortly");
+                        r.sent(&step, cmd);
+                        self.by_cmd.insert(cmd, id);
+                        self.retry.add(id, &step, crate::now_millis());
                     }
                     Err(e) => {
+                        r.sent(&step, cmd);
                         // Refused (revoked, full, no such artifact): that
                         // device failed, which the rules count.
                         tracing::warn!(rollout = %id, %step, error = %e, "a rollout's command could not be sent");

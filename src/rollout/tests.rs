@@ -702,3 +702,33 @@ fn a_device_that_times_out_after_the_abort_gets_its_rollback() {
     assert_eq!(h.state("d02"), DeviceState::TimedOut);
     assert!(h.sent.contains_key("rollback/d02"), "{:?}", h.sent.keys());
 }
+
+/// A send the box could not answer is made again while its device is
+/// still out, and not once the rollout stopped it: an abort cancels it by
+/// the id it was sent under instead.
+#[test]
+fn an_unanswered_send_is_made_again_only_while_its_device_is_out() {
+    let p = undoing(FailKind::Any);
+    let mut h = H::new(p, 2, 2);
+    assert_eq!(
+        h.r.resend("d01"),
+        Some(Action::Send {
+            step: "d01".into(),
+            device: "d01".into(),
+            rollback: false
+        })
+    );
+    assert_eq!(h.r.resend("nobody"), None, "not one of its devices");
+    h.end("d00", State::Failed, "x");
+    assert_eq!(h.r.state, RolloutState::Aborted);
+    assert!(
+        h.cancelled.contains(&h.cmd("d01")),
+        "the abort cancels it by its id"
+    );
+    assert_eq!(h.r.resend("d01"), None, "stopped: never sent again");
+    // The failed device's rollback is out, so it may be made again.
+    assert!(matches!(
+        h.r.resend("rollback/d00"),
+        Some(Action::Send { rollback: true, .. })
+    ));
+}

@@ -1373,6 +1373,25 @@ payload = "start-previous-firmware"
     }
 
     #[test]
+    fn an_unanswered_step_send_is_made_again_only_while_the_run_waits_on_it() {
+        // Found by the simulation: a send in a round whose write failed
+        // was failed though the box held it; it is now made again.
+        let text = "name = \"p\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\npriority = \"high\"\n[steps.b]\ntarget = \"d\"\npayload = \"y\"\nneeds = [\"a\"]\n";
+        let w = Workflow::parse(text, "p").unwrap();
+        let (mut run, first) = Run::start(crate::CommandId(1), w, 0);
+        run.sent("a", crate::CommandId(2));
+        assert_eq!(
+            runner::resend(&run, "a"),
+            first.into_iter().next(),
+            "the same send"
+        );
+        assert_eq!(runner::resend(&run, "b"), None, "not started");
+        assert_eq!(runner::resend(&run, "zz"), None, "no such step");
+        run.cancel(false, 5);
+        assert_eq!(runner::resend(&run, "a"), None, "the run stopped");
+    }
+
+    #[test]
     fn fan_out_fan_in_quorum_timeout_and_cancel() {
         let text = "name = \"p\"\ntimeout = \"1m\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\n[steps.b]\ntarget = \"tag:cam\"\npayload = \"x\"\nneeds = [\"a\"]\nmin_success = \"50%\"\n[steps.c]\ntarget = \"d2\"\npayload = \"x\"\nneeds = [\"a\"]\n[steps.d]\ntarget = \"d\"\npayload = \"x\"\nneeds = [\"b\", \"c\"]\n";
         let w = Workflow::parse(text, "p").unwrap();

@@ -121,6 +121,7 @@ impl Runner {
             by_cmd: HashMap::new(),
             retention,
             prune_at: Some(0),
+            retry: Default::default(),
         };
         tokio::spawn(shell.run(rx, events));
         Ok(Runner { tx })
@@ -184,6 +185,8 @@ struct Shell {
     /// When finished runs are next due for pruning; `Some(0)` once a run
     /// may have ended (pruned at the next turn of the loop).
     prune_at: Option<crate::Millis>,
+    /// Runs with a step whose send the box could not answer.
+    retry: crate::jobs::Retry,
 }
 
 impl Shell {
@@ -209,6 +212,7 @@ impl Shell {
                 .filter(|r| r.state == RunState::Running)
                 .filter_map(|r| r.deadline)
                 .chain(self.prune_at)
+                .chain(self.retry.next_wake())
                 .min();
             let sleep = crate::jobs::sleep_until(next);
             tokio::select! {
@@ -266,6 +270,15 @@ impl Shell {
                 },
                 () = sleep => {
                     let now = crate::now_millis();
+                    let again: Vec<_> = self
+                        .retry
+                        .due(now)
+                        .into_iter()
+                        .filter_map(|(id, step)| Some((id, vec![resend(self.runs.get(&id)?, &step)?])))
+                        .collect();
+                    if !again.is_empty() {
+                        self.act(again, false).await;
+                    }
                     let ids: Vec<CommandId> = self.runs.keys().copied().collect();
                     for id in ids {
                         let actions = self.runs.get_mut(&id).map(|r| r.tick(now)).unwrap_or_default();
@@ -503,6 +516,19 @@ impl Shell {
                         }
                         self.by_cmd.insert(r.id, id);
                         followups.push(r.id);
+                        self.retry.answered();
+                    }
+                    Err(e) if e.is_unsure() => {
+                        // Taken or not, the box cannot say: the step is
+                        // running under its derived id (a cancel meanwhile
+                        // cancels that id) and is sent again under it.
+                        tracing::warn!(run = %id, %step, error = %e, "the box could not say whether a workflow step was queued; sending it again under the same id shortly");
+                        let cmd = step_command_id(id, &step);
+                        if let Some(run) = self.runs.get_mut(&id) {
+                            run.sent(&step, cmd);
+                        }
+                        self.by_cmd.insert(cmd, id);
+                        self.retry.add(id, &step, crate::now_millis());
                     }
                     Err(e) => {
                         // Refused (no route, full): the step fails.
@@ -627,28 +653,43 @@ pub fn reattach(run: &Run) -> (Vec<CommandId>, Vec<Action>) {
         }
         match st.command {
             Some(c) => look.push(c),
-            None => {
-                let spec = &run.spec.steps[i];
-                resend.push(Action::Send {
-                    step: st.name.clone(),
-                    target: spec.target.clone(),
-                    payload: match &spec.payload {
-                        super::Payload::Inline(b) => b.clone(),
-                        super::Payload::File(_) => Vec::new(),
-                    },
-                    opts: Box::new(crate::SendOptions {
-                        priority: spec.priority,
-                        ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
-                        max_attempts: spec.max_attempts,
-                        ..Default::default()
-                    }),
-                    key: format!("workflow:{}:{}", run.id, st.name),
-                    artifact: spec.artifact.clone(),
-                });
-            }
+            None => resend.push(send_of(run, i)),
         }
     }
     (look, resend)
+}
+
+/// Step `step`'s send again, while the run still waits on it: one the box
+/// could not say it took (`QueueError::is_unsure`), repeated under the
+/// same id. `None` once it ended or the run stopped (a cancel cancels it
+/// by its id instead).
+pub fn resend(run: &Run, step: &str) -> Option<Action> {
+    if run.state != RunState::Running {
+        return None;
+    }
+    let i = run.steps.iter().position(|s| s.name == step)?;
+    (run.steps[i].state == super::StepState::Running).then(|| send_of(run, i))
+}
+
+/// The send of step `i` as the engine first made it.
+fn send_of(run: &Run, i: usize) -> Action {
+    let (st, spec) = (&run.steps[i], &run.spec.steps[i]);
+    Action::Send {
+        step: st.name.clone(),
+        target: spec.target.clone(),
+        payload: match &spec.payload {
+            super::Payload::Inline(b) => b.clone(),
+            super::Payload::File(_) => Vec::new(),
+        },
+        opts: Box::new(crate::SendOptions {
+            priority: spec.priority,
+            ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
+            max_attempts: spec.max_attempts,
+            ..Default::default()
+        }),
+        key: format!("workflow:{}:{}", run.id, st.name),
+        artifact: spec.artifact.clone(),
+    }
 }
 
 /// A send of run `id`'s as the queue takes it: (step, its derived command

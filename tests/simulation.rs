@@ -151,6 +151,11 @@ fn regression_seeds() {
     for seed in [1, 2, 10, 11, 53] {
         assert_clean(seed, STEPS, &cfg);
     }
+    // 1529: a workflow step sent again after a restart, in a round whose
+    // write failed (the store rebuilt in place), was failed though the box
+    // held it and its device ran it. An unsure send is now sent again
+    // under its id (`QueueError::is_unsure`, `jobs::Retry`).
+    assert_clean(1529, 5_000, &cfg);
 }
 
 /// Was a known bug: an edge's operator retries a command the hub sent

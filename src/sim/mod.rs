@@ -139,13 +139,14 @@ pub struct Counts {
     pub rebuilds: u64,
     pub wipes: u64,
     pub rollouts: u64,
-    /// Rollouts that ended so, seen after settling.
+    /// Rollouts that ended so, seen after settling or when a wipe took them.
     pub rollouts_completed: u64,
     pub rollouts_aborted: u64,
     /// Rollbacks sent by aborted rollouts.
     pub rollbacks: u64,
     pub workflows: u64,
-    /// Runs that ended so, seen after settling (failed: any other end).
+    /// Runs that ended so, seen after settling or when a wipe took them
+    /// (failed: any other end).
     pub workflows_succeeded: u64,
     pub workflows_failed: u64,
     pub settle_steps: u64,

@@ -38,6 +38,9 @@ pub(super) struct SimRollout {
     record: Record<Rollout>,
     /// Its box crashed: the runner reloads it at the restart.
     resume: bool,
+    /// Sends the box could not answer, to make again (the runner's
+    /// `jobs::Retry`; lost in a crash, as the runner's is).
+    retry: Vec<String>,
     /// Gone with its box's database (a wipe), or its start was never
     /// durable.
     pub(super) gone: bool,
@@ -83,6 +86,7 @@ impl World {
             live,
             record: Record::new(),
             resume: false,
+            retry: Vec::new(),
             gone: false,
             online,
             last: RolloutState::Running,
@@ -162,6 +166,13 @@ impl World {
         let Some(i) = self.rng.pick(&mine) else {
             return;
         };
+        // The runner reloads its rollouts before it serves any request.
+        if std::mem::take(&mut self.rollouts[i].resume) {
+            self.rollout_resume(i);
+        }
+        if self.rollouts[i].gone || !self.nodes[n].up {
+            return;
+        }
         let now = self.node_now(n);
         let verb = self.rng.below(3);
         self.refresh_presence(i);
@@ -190,6 +201,12 @@ impl World {
             if r.resume && !r.gone && self.nodes[r.node].up {
                 self.rollouts[i].resume = false;
                 self.rollout_resume(i);
+            }
+            let r = &mut self.rollouts[i];
+            if !r.retry.is_empty() && !r.gone && self.nodes[r.node].up {
+                let again = std::mem::take(&mut r.retry);
+                let actions = again.iter().filter_map(|s| r.live.resend(s)).collect();
+                self.rollout_act(i, actions, false);
             }
         }
         // Bounded: each pass only handles what the previous one caused.
@@ -368,7 +385,6 @@ impl World {
             }
             let now = self.node_now(n);
             for (step, cmd, target, priority, sent) in sends {
-                self.rollouts[i].live.sent(&step, cmd);
                 let rid = self.rollouts[i].live.id;
                 self.ev(n, "rollout-send", cmd.0, || {
                     format!("{rid} {step} as {cmd}: {sent:?}")
@@ -382,6 +398,7 @@ impl World {
                 };
                 match sent {
                     Ok(rc) => {
+                        self.rollouts[i].live.sent(&step, cmd);
                         if !rc.duplicate {
                             let device = self.device_named(n, &target);
                             let s = Sent {
@@ -398,7 +415,13 @@ impl World {
                         }
                         followups.push(cmd);
                     }
+                    // As the runner: under its id, sent again later.
+                    Err(e) if e.is_unsure() => {
+                        self.rollouts[i].live.sent(&step, cmd);
+                        self.rollouts[i].retry.push(step);
+                    }
                     Err(e) => {
+                        self.rollouts[i].live.sent(&step, cmd);
                         let end = End {
                             state: State::Failed,
                             rejected: false,
@@ -474,6 +497,7 @@ impl World {
                     r.last = d.state;
                     r.live = d;
                     r.resume = true;
+                    r.retry.clear();
                 }
                 None => r.gone = true,
             }
@@ -483,7 +507,14 @@ impl World {
     /// Box `n`'s database was wiped: its rollouts went with it.
     pub(super) fn rollouts_wiped(&mut self, n: usize) {
         self.rollout_events.retain(|(m, _)| *m != n);
-        for r in self.rollouts.iter_mut().filter(|r| r.node == n) {
+        let c = &mut self.report.counts;
+        for r in self.rollouts.iter_mut().filter(|r| r.node == n && !r.gone) {
+            // Counted here, as the end checks will not see it.
+            match r.live.state {
+                RolloutState::Completed => c.rollouts_completed += 1,
+                RolloutState::Aborted => c.rollouts_aborted += 1,
+                _ => {}
+            }
             r.gone = true;
         }
     }

@@ -22,7 +22,7 @@ use super::{Sent, World};
 use crate::command::{CommandId, Millis, State};
 use crate::queue::core::Lookup;
 use crate::queue::LifecycleEvent;
-use crate::workflow::runner::{event_end, reattach, request, step_command_id, text};
+use crate::workflow::runner::{event_end, reattach, request, resend, step_command_id, text};
 use crate::workflow::{Action, Ended, Run, RunState, StepState, Workflow};
 
 /// Runs started on one box at once, at most.
@@ -35,6 +35,9 @@ pub(super) struct SimRun {
     record: Record<Run>,
     /// Its box crashed: the runner reloads it at the restart.
     resume: bool,
+    /// Steps whose send the box could not answer, to send again (the
+    /// runner's `jobs::Retry`; lost in a crash, as the runner's is).
+    retry: Vec<String>,
     /// Gone with its box's database (a wipe), or its start never durable.
     gone: bool,
     /// Ended with nothing out and its record durable: off the per-step
@@ -71,6 +74,7 @@ impl World {
             live,
             record: Record::new(),
             resume: false,
+            retry: Vec::new(),
             gone: false,
             retired: false,
         });
@@ -146,6 +150,13 @@ impl World {
             return;
         };
         let compensate = self.rng.chance(500);
+        // The runner reloads its runs before it serves any request.
+        if std::mem::take(&mut self.runs[i].resume) {
+            self.run_resume(i);
+        }
+        if self.runs[i].gone || !self.nodes[n].up {
+            return;
+        }
         let now = self.node_now(n);
         if self.runs[i].live.state != RunState::Running {
             return;
@@ -169,6 +180,12 @@ impl World {
             if r.resume && !r.gone && self.nodes[r.node].up {
                 self.runs[i].resume = false;
                 self.run_resume(i);
+            }
+            let r = &mut self.runs[i];
+            if !r.retry.is_empty() && !r.gone && self.nodes[r.node].up {
+                let again = std::mem::take(&mut r.retry);
+                let actions = again.iter().filter_map(|s| resend(&r.live, s)).collect();
+                self.run_act(i, actions, false);
             }
         }
         for _ in 0..8 {
@@ -321,6 +338,11 @@ impl World {
                         }
                         followups.push(cmd);
                     }
+                    // As the runner: under its id, sent again later.
+                    Err(e) if e.is_unsure() => {
+                        self.runs[i].live.sent(&step, cmd);
+                        self.runs[i].retry.push(step);
+                    }
                     Err(e) => {
                         let r = &mut self.runs[i].live;
                         r.sent(&step, cmd);
@@ -403,6 +425,7 @@ impl World {
                 Some(d) => {
                     r.live = d;
                     r.resume = true;
+                    r.retry.clear();
                 }
                 None => r.gone = true,
             }
@@ -412,7 +435,14 @@ impl World {
     /// Box `n`'s database was wiped: its runs went with it.
     pub(super) fn workflows_wiped(&mut self, n: usize) {
         self.run_events.retain(|(m, _)| *m != n);
-        for r in self.runs.iter_mut().filter(|r| r.node == n) {
+        let c = &mut self.report.counts;
+        for r in self.runs.iter_mut().filter(|r| r.node == n && !r.gone) {
+            // Counted here, as the end checks will not see it.
+            match r.live.state {
+                RunState::Succeeded => c.workflows_succeeded += 1,
+                RunState::Running => {}
+                _ => c.workflows_failed += 1,
+            }
             r.gone = true;
         }
     }

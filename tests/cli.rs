@@ -849,6 +849,22 @@ fn workflow_check_names_the_step_and_line_and_exits_2() {
         out.contains("w: ok, 2 steps: a → b") && out.contains("on failure: undo"),
         "{out}"
     );
+    // --json: the steps in dependency order, each with its line.
+    let v: serde_json::Value = serde_json::from_str(&ok(&outpost(
+        tmp.path(),
+        &["workflow", "check", good.to_str().unwrap(), "--json"],
+    )))
+    .unwrap();
+    assert_eq!(v["name"], "w", "{v}");
+    assert_eq!(v["on_failure"], serde_json::json!(["undo"]), "{v}");
+    assert!(v["timeout_s"].is_null(), "{v}");
+    let steps = v["steps"].as_array().unwrap();
+    let b = steps.iter().find(|s| s["name"] == "b").unwrap();
+    assert_eq!(
+        (b["target"].as_str(), b["needs"].clone(), b["line"].as_u64()),
+        (Some("tag:t"), serde_json::json!(["a"]), Some(6)),
+        "{v}"
+    );
     let bad = tmp.path().join("bad.toml");
     std::fs::write(
         &bad,
@@ -1283,6 +1299,21 @@ fn durations_read_a_bare_number_as_seconds_and_refuse_negatives() {
     // --help says so.
     let help = ok(&b.run(&["send", "--help"]));
     assert!(help.contains("number of seconds"), "{help}");
+    // A duration that parses but cannot work says what can.
+    let o = b.run(&[
+        "device",
+        "--bundle",
+        "b",
+        "--echo",
+        "--idle-timeout",
+        "100ms",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--idle-timeout 100ms is too short to keep a link up; use 500ms or more"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -732,3 +732,62 @@ fn an_unanswered_send_is_made_again_only_while_its_device_is_out() {
         Some(Action::Send { rollback: true, .. })
     ));
 }
+
+/// What a plan's targets name on the box: enrolled, not revoked, each
+/// once, in order; every target that cannot be started says why.
+#[test]
+fn a_plan_target_resolves_to_each_enrolled_device_once_or_says_why_not() {
+    use crate::queue::core::DeviceView;
+    let view = |id: &str, tags: &[&str], caps: &[&str], revoked: bool| {
+        let mut record = crate::journal::DeviceRecord::new(id);
+        record.tags = tags.iter().map(|t| t.to_string()).collect();
+        record.caps = caps.iter().map(|t| t.to_string()).collect();
+        record.revoked = revoked;
+        DeviceView {
+            record,
+            online: false,
+            queued: 0,
+            in_flight: 0,
+            sync: None,
+            shared_bundle: None,
+        }
+    };
+    let all = vec![
+        view("b", &["t"], &[], false),
+        view("a", &["t"], &["gpu"], false),
+        view("c", &["t"], &["gpu"], true),
+        view("old", &[], &[], true),
+    ];
+    let t = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let resolve = |xs: &[&str]| runner::resolve(&t(xs), &all);
+    assert_eq!(
+        resolve(&["tag:t", "cap:gpu", "b"]),
+        Ok(t(&["a", "b"])),
+        "sorted within a target, each once, revoked left out"
+    );
+    let err = |xs: &[&str]| resolve(xs).unwrap_err();
+    assert!(
+        err(&["old"]).contains("device old is revoked; take it out"),
+        "{}",
+        err(&["old"])
+    );
+    assert!(err(&["ghost"]).contains("no device ghost is enrolled on this box (`outpost devices`"));
+    assert!(
+        err(&["edge-1/tag:t"]).contains("start it on that box"),
+        "{}",
+        err(&["edge-1/tag:t"])
+    );
+    assert!(err(&["tag:none"]).contains("the target tag:none matches no enrolled device"));
+    assert!(err(&["tag:"]).contains("tag"), "{}", err(&["tag:"]));
+    let many: Vec<DeviceView> = (0..=plan::MAX_DEVICES)
+        .map(|i| view(&format!("d{i}"), &["big"], &[], false))
+        .collect();
+    let e = runner::resolve(&t(&["tag:big"]), &many).unwrap_err();
+    assert!(
+        e.contains(&format!(
+            "a rollout spans at most {}: split it",
+            plan::MAX_DEVICES
+        )),
+        "{e}"
+    );
+}

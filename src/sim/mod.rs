@@ -2020,6 +2020,45 @@ mod tests {
     }
 
     #[test]
+    fn a_traced_run_names_each_kind_of_event_with_its_step_time_and_box() {
+        let cfg = Config {
+            trace: true,
+            ..Config::default()
+        };
+        let r = run(11, 3_000, &cfg);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(
+            r.hash,
+            run(11, 3_000, &Config::default()).hash,
+            "the trace changes nothing"
+        );
+        for what in [
+            " crash ",
+            " restart ",
+            " deliver ",
+            " state ",
+            " workflow-start ",
+            " workflow-send ",
+            " rollout-start ",
+            " rollout-send ",
+        ] {
+            assert!(
+                r.trace.iter().any(|l| l.contains(what)),
+                "no `{what}` in the trace"
+            );
+        }
+        // Each line: the step, the world's time, the box.
+        let l = r
+            .trace
+            .iter()
+            .find(|l| l.contains(" rollout-start "))
+            .unwrap();
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert!(f[0].parse::<u64>().is_ok() && f[1].starts_with("t="), "{l}");
+        assert!(f[2] == "hub" || f[2].starts_with("edge-"), "{l}");
+    }
+
+    #[test]
     fn sim_runs_commands_end_to_end_without_faults() {
         let cfg = Config {
             faults: false,

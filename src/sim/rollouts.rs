@@ -782,3 +782,77 @@ fn event(
         error,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{walk, Config, World};
+    use super::*;
+
+    /// A world walked and settled clean, with a rollout that has a device
+    /// its box knows ran the change: (the world, that rollout, device).
+    fn settled() -> (World, usize, usize) {
+        for seed in 300..330 {
+            let mut w = World::new(seed, &Config::default());
+            walk(&mut w, 3_000);
+            w.settle();
+            if !w.report.violations.is_empty() {
+                continue;
+            }
+            for (i, r) in w.rollouts.iter().enumerate() {
+                if r.gone {
+                    continue;
+                }
+                let node = &w.nodes[r.node];
+                let ran = r.live.devices.iter().position(|d| {
+                    d.state == DeviceState::Succeeded
+                        && matches!(
+                            node.core.lookup(step_command_id(r.live.id, &d.device)),
+                            Lookup::Finished {
+                                state: State::Succeeded,
+                                ..
+                            }
+                        )
+                });
+                if let Some(d) = ran {
+                    return (w, i, d);
+                }
+            }
+        }
+        panic!("no seed in 300..330 settles a rollout with a device known to have succeeded");
+    }
+
+    fn caught(w: &mut World, what: &str) {
+        w.report.violations.clear();
+        w.check_rollouts_end();
+        assert!(
+            w.report.violations.iter().any(|v| v.contains(what)),
+            "expected `{what}`: {:?}",
+            w.report.violations
+        );
+    }
+
+    #[test]
+    fn the_end_check_catches_a_device_counted_as_it_did_not_fare() {
+        let (mut w, i, d) = settled();
+        w.check_rollouts_end();
+        assert!(w.report.violations.is_empty(), "{:?}", w.report.violations);
+        fn dev(w: &mut World, i: usize, d: usize) -> &mut crate::rollout::DeviceRun {
+            &mut w.rollouts[i].live.devices[d]
+        }
+        dev(&mut w, i, d).state = DeviceState::Cancelled;
+        caught(
+            &mut w,
+            "is counted cancelled but its command ended Some(Succeeded)",
+        );
+        dev(&mut w, i, d).state = DeviceState::Running;
+        caught(&mut w, "is left unfinished");
+        dev(&mut w, i, d).state = DeviceState::Failed;
+        dev(&mut w, i, d).started_at = None;
+        caught(&mut w, "counted failed and never started");
+        // Its start lost in a crash, yet the device got its change.
+        dev(&mut w, i, d).state = DeviceState::Succeeded;
+        w.rollouts[i].gone = true;
+        w.rollouts[i].record = Record::new();
+        caught(&mut w, "start never returned, yet");
+    }
+}

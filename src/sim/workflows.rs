@@ -578,3 +578,96 @@ impl World {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{walk, Config, World};
+    use super::*;
+
+    /// A world walked and settled clean, with at least one run that
+    /// ended with a step its box ran: the checks then see a tampered run.
+    fn settled() -> World {
+        for seed in 320..340 {
+            let mut w = World::new(seed, &Config::default());
+            walk(&mut w, 3_000);
+            w.settle();
+            if w.report.violations.is_empty() && ran(&w).is_some() {
+                return w;
+            }
+        }
+        panic!("no seed in 320..340 ends a workflow with a step its box has succeeded");
+    }
+
+    /// An ended run's step that its box has as succeeded: (run, step).
+    fn ran(w: &World) -> Option<(usize, usize)> {
+        w.runs.iter().enumerate().find_map(|(i, r)| {
+            if r.gone || r.live.state == RunState::Running {
+                return None;
+            }
+            let core = &w.nodes[r.node].core;
+            let s = r.live.steps.iter().position(|s| {
+                s.state == StepState::Succeeded
+                    && matches!(
+                        core.lookup(step_command_id(r.live.id, &s.name)),
+                        Lookup::Finished {
+                            state: State::Succeeded,
+                            ..
+                        }
+                    )
+            })?;
+            Some((i, s))
+        })
+    }
+
+    #[test]
+    fn the_end_check_catches_a_run_whose_step_says_what_its_box_did_not() {
+        let mut w = settled();
+        w.check_workflows_end();
+        assert!(w.report.violations.is_empty(), "{:?}", w.report.violations);
+        // The run's word against the box's: a step it ran, called failed.
+        let (i, s) = ran(&w).unwrap();
+        w.runs[i].live.steps[s].state = StepState::Failed;
+        w.check_workflows_end();
+        assert!(
+            w.report
+                .violations
+                .iter()
+                .any(|v| v.contains("is failed but its command is Some(Succeeded)")),
+            "{:?}",
+            w.report.violations
+        );
+    }
+
+    #[test]
+    fn the_end_check_catches_a_run_that_never_ended_and_a_start_that_sent_behind_a_lost_record() {
+        let mut w = settled();
+        let i = w
+            .runs
+            .iter()
+            .position(|r| !r.gone && r.live.steps.iter().any(|s| s.command.is_some()))
+            .unwrap();
+        w.runs[i].live.state = RunState::Running;
+        w.check_workflows_end();
+        assert!(
+            w.report
+                .violations
+                .iter()
+                .any(|v| v.contains("did not end")),
+            "{:?}",
+            w.report.violations
+        );
+        // Its start lost in a crash, yet its steps are on the box.
+        w.report.violations.clear();
+        w.runs[i].gone = true;
+        w.runs[i].record = Record::new();
+        w.check_workflows_end();
+        assert!(
+            w.report
+                .violations
+                .iter()
+                .any(|v| v.contains("start never returned, yet step")),
+            "{:?}",
+            w.report.violations
+        );
+    }
+}

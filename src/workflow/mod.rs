@@ -1373,6 +1373,80 @@ payload = "start-previous-firmware"
     }
 
     #[test]
+    fn every_other_mistake_is_named_with_its_line_and_what_to_write() {
+        const A: &str = "[steps.a]\ntarget = \"d\"\npayload = \"p\"\n";
+        let b = |extra: &str| {
+            format!("name = \"x\"\n{A}[steps.b]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"a\"]\n{extra}")
+        };
+        // (file, words the message must hold, its line; 0: the file's)
+        let cases: Vec<(String, &str, usize)> = vec![
+            (format!("name = \"\"\n{A}"), "needs a name", 1),
+            ("name = \"x\"\n[steps]\n".into(), "has no steps; add [steps.NAME]", 1),
+            (format!("name = \"x\"\ntimeout = \"soon\"\n{A}"), "(write e.g. 30m)", 2),
+            (format!("name = \"x\"\n{A}payload_file = \"f.bin\"\n"), "give payload or payload_file, not both", 5),
+            (format!("name = \"x\"\n{A}priority = \"urgent\"\n"), "use high, normal or low", 5),
+            (format!("name = \"x\"\n{A}ttl = \"forever\"\n"), "step `a`: ttl \"forever\"", 5),
+            (format!("name = \"x\"\n{A}needs = [\"a\"]\n"), "it needs itself", 5),
+            (
+                format!("name = \"x\"\non_failure = [\"a\"]\n{A}[steps.b]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"a\"]\n"),
+                "runs only on failure (on_failure)",
+                9,
+            ),
+            (
+                format!("name = \"x\"\n{A}[steps.b]\ntarget = \"tag:cam\"\npayload = \"p\"\nmin_success = \"most\"\n"),
+                "write a count (3) or a percentage",
+                8,
+            ),
+            (b("when = { step = \"a\", state = \"done\" }\n"), "use succeeded, failed or any", 9),
+            (b("when = { step = \"a\", json_pointer = \"status\", equals = \"ok\" }\n"), "starts with / (e.g. /status)", 9),
+            (b("when = { step = \"a\", json_pointer = \"/status\" }\n"), "when.json_pointer and when.equals go together", 9),
+        ];
+        for (text, words, line) in cases {
+            let e = fails(&text);
+            assert!(e.message.contains(words), "`{words}` not in: {e}\n{text}");
+            assert_eq!(e.line, line, "{e}\n{text}");
+            assert!(
+                e.to_string().starts_with("w.toml:"),
+                "the file is named: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_handed_down_workflow_that_does_not_decode_or_lacks_a_file_says_so() {
+        let e = Packed::from_bytes(&[PACKED_MAGIC, &[0xff, 0xff][..]].concat()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a packed workflow that does not decode"),
+            "{e}"
+        );
+        let e = Packed::from_bytes(&[0xc3, 0x28]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "workflow: the payload is neither a packed workflow nor TOML text"
+        );
+        // Plain TOML is taken as it is (what a NATS client publishes).
+        let p = Packed::from_bytes(b"name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n")
+            .unwrap();
+        assert_eq!(p.unpack().unwrap().name, "x");
+        // A payload_file the hub did not pack with it.
+        let p = Packed {
+            file: "w.toml".into(),
+            text: "name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload_file = \"fw.bin\"\n".into(),
+            payloads: Vec::new(),
+        };
+        let e = Packed::from_bytes(&p.to_bytes())
+            .unwrap()
+            .unpack()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("step `a`: payload_file fw.bin was not sent with the workflow"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn an_unanswered_step_send_is_made_again_only_while_the_run_waits_on_it() {
         // Found by the simulation: a send in a round whose write failed
         // was failed though the box held it; it is now made again.

@@ -1605,3 +1605,56 @@ fn a_cancelled_workflow_cancels_its_running_step_and_compensates_only_when_asked
         assert_eq!(c["state"], "cancelled", "{c}");
     }
 }
+
+/// Flags that parse but cannot go together are usage errors (exit 2),
+/// each naming the flag and what to do, before anything is sent or any
+/// cluster is dialled (the NATS address is one nothing listens on).
+#[test]
+fn flags_that_cannot_go_together_exit_2_naming_the_flag_before_anything_is_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = tmp.path().join("lines.txt");
+    std::fs::write(&lines, "a\nb\n").unwrap();
+    let l = lines.to_str().unwrap();
+    let nats = "nats://127.0.0.1:1";
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["send", "tag:t", "--lines", l, "--key", "k"],
+            "--key with --lines",
+        ),
+        (
+            &["send", "tag:t", "--lines", l, "--envelope", "AAAA"],
+            "--envelope signs one command",
+        ),
+        (
+            &["fleet", "send", "--nats", nats, "e1/d1", "--lines", l],
+            "--lines is for a box's own queue",
+        ),
+        (
+            &[
+                "fleet",
+                "send",
+                "--nats",
+                nats,
+                "e1/d1",
+                "x",
+                "--artifact",
+                "fw",
+            ],
+            "--artifact names an artifact on a box",
+        ),
+        (
+            &["fleet", "init", "--nats", nats, "--replicas", "2"],
+            "--replicas 2: use 1, 3 or 5",
+        ),
+        (
+            &["fleet", "send", "--nats", nats, "d1", "x"],
+            "a fleet target is EDGE/TARGET",
+        ),
+    ];
+    for (args, words) in cases {
+        let o = outpost(tmp.path(), args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(words), "{args:?}: `{words}` not in {err}");
+    }
+}

@@ -114,7 +114,10 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
     match cmd {
         FleetCmd::Init { nats: a, replicas } => {
             if ![1, 3, 5].contains(&replicas) {
-                bail!("--replicas {replicas}: use 1, 3 or 5 (JetStream wants an odd count)");
+                return Err(super::UsageError(format!(
+                    "--replicas {replicas}: use 1, 3 or 5 (JetStream wants an odd count)"
+                ))
+                .into());
             }
             let c = client(&a).await?;
             // A cluster that has just started elects its JetStream leader
@@ -294,10 +297,14 @@ fn print_up(m: &jetstream::Message, json: bool) {
 
 async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
     if s.lines.is_some() {
-        bail!("--lines is for a box's own queue; publish one message per command to NATS instead");
+        return Err(super::UsageError(
+            "--lines is for a box's own queue; publish one message per command to NATS instead"
+                .into(),
+        )
+        .into());
     }
     if s.artifact.is_some() {
-        bail!("--artifact names an artifact on a box; a fleet's artifacts (a JetStream object store) are not built yet: send it through the edge's own `outpost send --artifact`");
+        return Err(super::UsageError("--artifact names an artifact on a box; a fleet's artifacts (a JetStream object store) are not built yet: send it through the edge's own `outpost send --artifact`".into()).into());
     }
     let Some((edge, target)) = s.target.split_once('/') else {
         eprintln!(

@@ -232,10 +232,17 @@ pub(super) async fn send_lines(a: SendArgs, path: &Path, data_dir: &Path) -> any
         .enumerate()
         .collect();
     if a.key.is_some() && lines.len() > 1 {
-        bail!("--key with --lines would give every line the same idempotency key; drop --key");
+        return Err(UsageError(
+            "--key with --lines would give every line the same idempotency key; drop --key".into(),
+        )
+        .into());
     }
     if a.signing.envelope.is_some() {
-        bail!("--envelope signs one command; with --lines use --sign KEY, which signs each line");
+        return Err(UsageError(
+            "--envelope signs one command; with --lines use --sign KEY, which signs each line"
+                .into(),
+        )
+        .into());
     }
     // Each line names the same artifact (resolved once) ...
     let reference = match &a.artifact {

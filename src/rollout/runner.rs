@@ -580,7 +580,7 @@ impl Shell {
                     outcome: v.outcome,
                     error: v.error,
                 },
-                // Past retention: it ended long ago, its result gone.
+                // Past retention, or never taken (`jobs::UNKNOWN_TO_THE_BOX`).
                 Err(QueueError::NotFound(_)) => crate::queue::LifecycleEvent {
                     id: c,
                     device: "".into(),
@@ -588,7 +588,7 @@ impl Shell {
                     at: 0,
                     attempts: 0,
                     outcome: None,
-                    error: Some("its result is past retention".into()),
+                    error: Some(crate::jobs::UNKNOWN_TO_THE_BOX.into()),
                 },
                 Err(e) => {
                     tracing::warn!(%c, error = %e, "cannot look up a rollout's command");

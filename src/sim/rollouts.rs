@@ -324,7 +324,7 @@ impl World {
                     State::Expired,
                     0,
                     None,
-                    Some("its result is past retention".into()),
+                    Some(crate::jobs::UNKNOWN_TO_THE_BOX.into()),
                 ),
             };
             if ev.state != State::Queued {

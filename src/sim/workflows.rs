@@ -259,7 +259,7 @@ impl World {
                 }
                 Lookup::NotFound => Ended {
                     state: State::Expired,
-                    result: Some(b"its result is past retention".to_vec()),
+                    result: Some(crate::jobs::UNKNOWN_TO_THE_BOX.as_bytes().to_vec()),
                     children: None,
                 },
             };

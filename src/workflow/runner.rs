@@ -809,10 +809,10 @@ async fn ended(queue: &QueueHandle, cmd: CommandId) -> Option<Ended> {
     let v = match queue.show(cmd).await {
         Ok(v) => v,
         Err(QueueError::NotFound(_)) => {
-            // Past retention: it ended long ago; its result is gone.
+            // Past retention, or never taken (`jobs::UNKNOWN_TO_THE_BOX`).
             crate::queue::CommandView {
                 state: crate::State::Expired,
-                error: Some("its result is past retention".into()),
+                error: Some(crate::jobs::UNKNOWN_TO_THE_BOX.into()),
                 ..placeholder(cmd)
             }
         }

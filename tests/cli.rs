@@ -501,7 +501,8 @@ fn bulk_send_queues_one_command_per_line() {
         "--key",
         "k",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    // Flags that cannot go together: a usage error.
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
 }
 
 #[test]
@@ -1657,4 +1658,55 @@ fn flags_that_cannot_go_together_exit_2_naming_the_flag_before_anything_is_sent(
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(words), "{args:?}: `{words}` not in {err}");
     }
+}
+
+/// A run or rollout id the box does not hold is not found (exit 3) for
+/// every verb, named, and a malformed id is a usage error (exit 2).
+#[test]
+fn an_unknown_run_or_rollout_is_not_found_for_every_verb() {
+    let b = start_box();
+    let id = "01J9ZQ3M8E5V6X7Y8Z9A0B1C2D";
+    for args in [
+        &["workflow", "show", id][..],
+        &["workflow", "show", id, "--json"],
+        &["workflow", "cancel", id],
+        &["workflow", "cancel", id, "--compensate"],
+        &["rollout", "show", id],
+        &["rollout", "pause", id],
+        &["rollout", "resume", id],
+        &["rollout", "abort", id],
+    ] {
+        let o = b.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {err}");
+        assert!(err.contains(id), "{args:?} names the id: {err}");
+    }
+    for args in [
+        // Every subcommand that takes an id (they share one parser).
+        &["workflow", "show", "nope"][..],
+        &["workflow", "cancel", "nope"],
+        &["rollout", "show", "nope"],
+        &["rollout", "abort", "nope"],
+        &["show", "nope"],
+        &["cancel", "nope"],
+        &["retry", "nope"],
+        &["send", "d1", "x", "--after", "nope"],
+    ] {
+        let o = b.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("`nope` is not a command id (expected a 26-character ULID"),
+            "{args:?}: {err}"
+        );
+    }
+    // Empty lists say so, and --json is an empty array.
+    assert_eq!(
+        json(&b.run(&["workflow", "list", "--json"])),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        json(&b.run(&["rollout", "list", "--json"])),
+        serde_json::json!([])
+    );
 }

@@ -366,8 +366,11 @@ async fn call(data_dir: &Path, req: AdminRequest) -> anyhow::Result<AdminRespons
     Ok(client(data_dir).await?.call(&req).await?)
 }
 
+/// A command, run or rollout id from the command line: a malformed one is
+/// a usage error (exit 2), for every subcommand that takes one.
 fn parse_id(s: &str) -> anyhow::Result<CommandId> {
-    Ok(s.parse::<CommandId>()?)
+    s.parse::<CommandId>()
+        .map_err(|e| UsageError(e.to_string()).into())
 }
 
 async fn run(

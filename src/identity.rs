@@ -1428,6 +1428,49 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_ca_or_server_certificate_is_named_at_init_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        Identity::init(dir.path(), &[]).unwrap();
+        let tls = Identity::tls_dir(dir.path());
+        let srv = tls.join(SERVER_CERT);
+        let good = std::fs::read_to_string(&srv).unwrap();
+        // (what the file holds, what the error must say)
+        let cases = [
+            ("not pem at all\n".to_string(), "no certificate in it"),
+            (
+                "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".to_string(),
+                "bad PEM",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_string(),
+                "not an X.509 certificate",
+            ),
+        ];
+        for (text, words) in cases {
+            std::fs::write(&srv, &text).unwrap();
+            let e = Identity::init(dir.path(), &[]).unwrap_err().to_string();
+            assert!(e.contains(words) && e.contains(SERVER_CERT), "{words}: {e}");
+        }
+        // A new --san reissues a good certificate; an unchanged one keeps it.
+        std::fs::write(&srv, &good).unwrap();
+        Identity::init(dir.path(), &[]).unwrap();
+        assert_eq!(std::fs::read_to_string(&srv).unwrap(), good);
+        Identity::init(dir.path(), &["box.example".into()]).unwrap();
+        assert_ne!(
+            std::fs::read_to_string(&srv).unwrap(),
+            good,
+            "reissued for the new name"
+        );
+        // The CA certificate gone while its key is there: named, not remade.
+        std::fs::remove_file(tls.join(CA_CERT)).unwrap();
+        let e = Identity::init(dir.path(), &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("the CA certificate is missing while its key exists"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bundle_round_trips_through_text_and_names_the_device() {
         let (dir, id) = new_identity();
         let b = id.issue_device("dev-7", "box.example:7443").unwrap();

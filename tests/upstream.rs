@@ -946,3 +946,75 @@ async fn a_wiped_edge_set_up_again_reports_its_new_results_and_gets_the_old_ones
         );
     }
 }
+
+/// A command the hub handed down is cancelled from the hub: the cancel is
+/// asked of the edge, kept on the hub's disk until the edge confirms (the
+/// hub restarts in between, with the edge away), and the edge's device
+/// never runs it. The command ends Cancelled on both boxes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_cancel_of_a_handed_down_command_reaches_the_edge_across_a_hub_restart() {
+    let w = world().await;
+    let h = hub(&w.hub_dir, w.port).await;
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    // d0 is enrolled on the edge but not connected: the command waits there.
+    let d0 = enroll(&e, "d0", false).await;
+    let id = send(&h.queue, "e1/d0", "not-yet".into()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while e.queue.show(id).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never handed down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The edge goes away; the hub's cancel must wait for it.
+    e.stop().await;
+    let v = h.queue.cancel(id).await.unwrap();
+    assert!(!v.state.is_final(), "the edge holds it: {v:?}");
+    assert!(
+        v.error
+            .as_deref()
+            .is_some_and(|m| m.contains("cancel sent to `e1`")),
+        "{v:?}"
+    );
+    h.stop().await;
+    assert!(
+        Store::open(&w.hub_dir, &StoreOptions::default())
+            .unwrap()
+            .cancel_marks()
+            .unwrap()
+            .contains(&id),
+        "the pending cancel is on the hub's disk"
+    );
+    // Both come back; the hub asks again at the edge's connect, and only
+    // then does the device connect.
+    let h = hub(&w.hub_dir, w.port).await;
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let ended = all_end(&h.queue, &[id], "hub").await;
+    assert_eq!(ended[0].1, State::Cancelled, "{ended:?}");
+    assert_eq!(e.queue.show(id).await.unwrap().state, State::Cancelled);
+    let dev = device(d0, w.runs.clone());
+    let marker = send(&e.queue, "d0", "after".into()).await;
+    all_end(&e.queue, &[marker], "edge").await;
+    assert!(
+        !w.runs.lock().unwrap().deliveries.contains_key(&id),
+        "the device never got the cancelled command"
+    );
+    dev.abort();
+    outbox_drained(&e).await;
+    e.stop().await;
+    h.stop().await;
+    assert!(
+        Store::open(&w.hub_dir, &StoreOptions::default())
+            .unwrap()
+            .cancel_marks()
+            .unwrap()
+            .is_empty(),
+        "the mark went with the command"
+    );
+    let hub_results = results_on_disk(&w.hub_dir);
+    assert_eq!(
+        hub_results
+            .get(&id)
+            .map(|v| v.iter().map(|r| r.0).collect::<Vec<_>>()),
+        Some(vec![State::Cancelled]),
+        "ended once on the hub"
+    );
+}

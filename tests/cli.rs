@@ -1423,7 +1423,7 @@ fn config_and_listener_errors_name_their_origin_and_the_fix() {
 }
 
 #[test]
-fn finished_workflow_runs_are_pruned_after_the_retention_and_stay_gone() {
+fn finished_workflow_runs_and_rollouts_are_pruned_after_the_retention_and_stay_gone() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("outpost.toml");
     // A bare number: seconds.
@@ -1451,31 +1451,59 @@ fn finished_workflow_runs_are_pruned_after_the_retention_and_stay_gone() {
     ]));
     assert_eq!(v["state"], "succeeded", "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    assert_eq!(
-        json(&b.run(&["workflow", "list", "--json"]))
+    // A rollout follows the same retention.
+    let r = json(&b.run(&[
+        "rollout",
+        "start",
+        "--target",
+        "echo-1",
+        "--payload",
+        "p",
+        "--wait",
+        "20s",
+        "--json",
+    ]));
+    assert_eq!(r["state"], "completed", "{r}");
+    let rid = r["id"].as_str().unwrap().to_string();
+    for what in ["workflow", "rollout"] {
+        assert_eq!(
+            json(&b.run(&[what, "list", "--json"]))
+                .as_array()
+                .unwrap()
+                .len(),
+            1,
+            "{what}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for what in ["workflow", "rollout"] {
+        while !json(&b.run(&[what, "list", "--json"]))
             .as_array()
             .unwrap()
-            .len(),
-        1
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !json(&b.run(&["workflow", "list", "--json"]))
-        .as_array()
-        .unwrap()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "the run outlived its retention");
-        std::thread::sleep(Duration::from_millis(200));
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the {what} outlived its retention"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     assert_eq!(b.run(&["workflow", "show", &id]).status.code(), Some(3));
+    assert_eq!(b.run(&["rollout", "show", &rid]).status.code(), Some(3));
     // Gone from the store too: a restart does not bring it back.
     let _ = b.serve.kill();
     let _ = b.serve.wait();
     b.serve = spawn_serve_with(b.dir.path(), Some(&config));
-    assert!(json(&b.run(&["workflow", "list", "--json"]))
-        .as_array()
-        .unwrap()
-        .is_empty());
+    for what in ["workflow", "rollout"] {
+        assert!(
+            json(&b.run(&[what, "list", "--json"]))
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{what} came back after the restart"
+        );
+    }
 }
 
 #[test]

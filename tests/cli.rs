@@ -1738,3 +1738,50 @@ fn an_unknown_run_or_rollout_is_not_found_for_every_verb() {
         serde_json::json!([])
     );
 }
+
+/// The artifact commands as a technician reads them: an empty shelf says
+/// how to fill it, a file added with no flags is named by its file and
+/// versioned by its mtime, `show` and `rm` speak plainly, and a directory
+/// is a usage error.
+#[test]
+fn artifact_commands_read_plainly_without_json() {
+    let b = start_box();
+    let out = ok(&b.run(&["artifact", "list"]));
+    assert!(
+        out.contains("no artifacts; `outpost artifact add FILE` adds one"),
+        "{out}"
+    );
+    let o = b.run(&["artifact", "add", b.dir.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("is not a file"), "{err}");
+    let fw = b.dir.path().join("fw.bin");
+    std::fs::write(&fw, vec![7u8; 300_000]).unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&fw)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    ok(&b.run(&["artifact", "add", fw.to_str().unwrap()]));
+    // 1,796,000,000 s is 2026-11-30T00:53:20Z.
+    let shown = ok(&b.run(&["artifact", "show", "fw.bin"]));
+    assert!(
+        shown.contains("artifact  fw.bin@20261130.005320"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("size      ") && shown.contains("chunks"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("sha256    ") && shown.contains("added     "),
+        "{shown}"
+    );
+    let out = ok(&b.run(&["artifact", "rm", "fw.bin"]));
+    assert!(out.contains("removed fw.bin@20261130.005320 ("), "{out}");
+    assert!(out.contains("freed)"), "{out}");
+    let out = ok(&b.run(&["artifact", "list"]));
+    assert!(out.contains("no artifacts"), "{out}");
+}

@@ -910,6 +910,74 @@ mod tests {
     }
 
     #[test]
+    fn each_value_that_cannot_work_names_its_key_where_it_came_from_and_what_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty-token");
+        std::fs::write(&empty, "\n").unwrap();
+        let missing = dir.path().join("no-such-token");
+        // (the file, what the error must hold)
+        let cases = [
+            (
+                "backup_every = \"500ms\"".to_string(),
+                "backup_every = \"500ms\" in /etc/outpost/outpost.toml: must be at least 1s",
+            ),
+            (
+                "http = \"nonsense\"".into(),
+                "http = \"nonsense\" in /etc/outpost/outpost.toml: not an address; write host:port",
+            ),
+            (
+                format!(
+                    "http = \"127.0.0.1:8080\"\nhttp_token_file = {:?}",
+                    missing.display().to_string()
+                ),
+                "cannot read it",
+            ),
+            (
+                format!(
+                    "http = \"127.0.0.1:8080\"\nhttp_token_file = {:?}",
+                    empty.display().to_string()
+                ),
+                "is empty; a token needs at least 16 characters",
+            ),
+            (
+                "uplink_rate = 0".into(),
+                "must be at least 1 byte a second; leave it unset for no limit",
+            ),
+            ("cache = 1.5".into(), "is not a whole number of bytes"),
+            ("upstream = \"nats://\"".into(), "upstream = \"nats://\""),
+            (
+                "upstream = \"nats://127.0.0.1:4222\"\nname = \"a.b\"".into(),
+                "name = \"a.b\"",
+            ),
+        ];
+        for (text, words) in cases {
+            let e = FileConfig::parse(&text, Path::new("/etc/outpost/outpost.toml"))
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    resolve(
+                        &ServeArgs::default(),
+                        &f,
+                        Some(Path::new("/etc/outpost/outpost.toml")),
+                    )
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+                })
+                .unwrap_err();
+            assert!(e.contains(words), "`{words}` not in: {e}\n{text}");
+        }
+        // A flag that needs another names both.
+        let args = ServeArgs {
+            backup_keep: Some(3),
+            ..Default::default()
+        };
+        let e = resolve(&args, &file(""), None).unwrap_err().to_string();
+        assert!(
+            e.contains("--backup-dir and --backup-keep need --backup-every"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         let f = file("window = 8\nmax_queued = 500\nbackoff_base = \"2s\"\nmax_disk = \"1GiB\"\nlisten = \"127.0.0.1:9000\"");
         let args = ServeArgs {

@@ -1018,3 +1018,74 @@ async fn a_hub_cancel_of_a_handed_down_command_reaches_the_edge_across_a_hub_res
         "ended once on the hub"
     );
 }
+
+/// The hub cancels a workflow it handed to an edge: the edge cancels the
+/// run (its running step's command with it, before the device, offline,
+/// ever gets it), and the run's end comes up as the command's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_cancel_of_a_handed_down_workflow_cancels_the_run_on_the_edge() {
+    let w = world().await;
+    let h = hub(&w.hub_dir, w.port).await;
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let d0 = enroll(&e, "d0", false).await;
+    let id = h
+        .queue
+        .send(SendRequest {
+            target: "e1/workflow".into(),
+            payload: b"name = \"long\"\n[steps.a]\ntarget = \"d0\"\npayload = \"a\"\n[steps.b]\ntarget = \"d0\"\npayload = \"b\"\nneeds = [\"a\"]\n".to_vec(),
+            opts: SendOptions::default(),
+            origin: "cli".into(),
+            signature: None,
+        })
+        .await
+        .unwrap()
+        .id;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let step = loop {
+        if let Some(c) = e
+            .workflows
+            .show(id)
+            .await
+            .and_then(|v| v.steps.first().and_then(|s| s.command))
+        {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge never sent step a"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    h.queue.cancel(id).await.unwrap();
+    let ended = all_end(&h.queue, &[id], "hub").await;
+    assert_eq!(ended[0].1, State::Cancelled, "{ended:?}");
+    let run = e.workflows.show(id).await.unwrap();
+    assert_eq!(run.state, "cancelled", "{run:?}");
+    assert_eq!(
+        run.steps
+            .iter()
+            .map(|s| s.state.as_str())
+            .collect::<Vec<_>>(),
+        ["cancelled", "cancelled"],
+        "{run:?}"
+    );
+    assert_eq!(e.queue.show(step).await.unwrap().state, State::Cancelled);
+    // The device comes: it never gets either step.
+    let dev = device(d0, w.runs.clone());
+    let marker = send(&e.queue, "d0", "after".into()).await;
+    all_end(&e.queue, &[marker], "edge").await;
+    assert_eq!(
+        w.runs
+            .lock()
+            .unwrap()
+            .deliveries
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![marker],
+        "only the marker ran"
+    );
+    dev.abort();
+    e.stop().await;
+    h.stop().await;
+}

@@ -964,6 +964,10 @@ async fn a_hub_cancel_of_a_handed_down_command_reaches_the_edge_across_a_hub_res
         assert!(tokio::time::Instant::now() < deadline, "never handed down");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The edge's word that it holds it (its answer, and the state it
+    // sends up after) has reached the hub: a drop before that puts the
+    // command back in the hub's queue, where a cancel is the hub's alone.
+    outbox_drained(&e).await;
     // The edge goes away; the hub's cancel must wait for it.
     e.stop().await;
     let v = h.queue.cancel(id).await.unwrap();

@@ -137,12 +137,20 @@ pub fn stored_bytes(dir: &Path) -> u64 {
 /// handed out for `:0` goes back to that pool when the box stops, and a
 /// client socket bound meanwhile by another test could take it, so the
 /// restart found it in use.
+/// Never the same port twice in one test process: two tests could draw
+/// the same free port and keep it for their boxes' restarts, and the
+/// second to restart found it taken (in `tests/upstream.rs`, nine tests
+/// drawing two ports each from 12,000, about one run in eighty; the
+/// likely cause of a hub that once failed to start there).
 pub fn free_port() -> u16 {
     use rand::Rng;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = rand::thread_rng();
     for _ in 0..1000 {
         let port = rng.gen_range(20_000..32_000);
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }

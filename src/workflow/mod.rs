@@ -845,6 +845,30 @@ impl Run {
         self.advance(now)
     }
 
+    /// The send of step `i`: the one the engine makes when the step
+    /// starts, and the one a shell repeats under the same id
+    /// (`runner::reattach`, `runner::resend`).
+    pub fn send_of(&self, i: usize) -> Action {
+        let spec = &self.spec.steps[i];
+        Action::Send {
+            step: spec.name.clone(),
+            target: spec.target.clone(),
+            payload: match &spec.payload {
+                Payload::Inline(b) => b.clone(),
+                // Read at start by the shell; an unread file is empty.
+                Payload::File(_) => Vec::new(),
+            },
+            opts: Box::new(crate::SendOptions {
+                priority: spec.priority,
+                ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
+                max_attempts: spec.max_attempts,
+                ..Default::default()
+            }),
+            key: format!("workflow:{}:{}", self.id, spec.name),
+            artifact: spec.artifact.clone(),
+        }
+    }
+
     /// Let time pass: the workflow timeout.
     pub fn tick(&mut self, now: crate::Millis) -> Vec<Action> {
         if self.state != RunState::Running || self.compensating {
@@ -941,24 +965,7 @@ impl Run {
                     continue;
                 }
                 self.steps[i].state = StepState::Running;
-                let payload = match &spec.payload {
-                    Payload::Inline(b) => b.clone(),
-                    // Read at start by the shell; an unread file is empty.
-                    Payload::File(_) => Vec::new(),
-                };
-                actions.push(Action::Send {
-                    step: spec.name.clone(),
-                    target: spec.target.clone(),
-                    payload,
-                    opts: Box::new(crate::SendOptions {
-                        priority: spec.priority,
-                        ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
-                        max_attempts: spec.max_attempts,
-                        ..Default::default()
-                    }),
-                    key: format!("workflow:{}:{}", self.id, spec.name),
-                    artifact: spec.artifact.clone(),
-                });
+                actions.push(self.send_of(i));
             }
             if !progressed {
                 break;

@@ -653,7 +653,7 @@ pub fn reattach(run: &Run) -> (Vec<CommandId>, Vec<Action>) {
         }
         match st.command {
             Some(c) => look.push(c),
-            None => resend.push(send_of(run, i)),
+            None => resend.push(run.send_of(i)),
         }
     }
     (look, resend)
@@ -668,28 +668,7 @@ pub fn resend(run: &Run, step: &str) -> Option<Action> {
         return None;
     }
     let i = run.steps.iter().position(|s| s.name == step)?;
-    (run.steps[i].state == super::StepState::Running).then(|| send_of(run, i))
-}
-
-/// The send of step `i` as the engine first made it.
-fn send_of(run: &Run, i: usize) -> Action {
-    let (st, spec) = (&run.steps[i], &run.spec.steps[i]);
-    Action::Send {
-        step: st.name.clone(),
-        target: spec.target.clone(),
-        payload: match &spec.payload {
-            super::Payload::Inline(b) => b.clone(),
-            super::Payload::File(_) => Vec::new(),
-        },
-        opts: Box::new(crate::SendOptions {
-            priority: spec.priority,
-            ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
-            max_attempts: spec.max_attempts,
-            ..Default::default()
-        }),
-        key: format!("workflow:{}:{}", run.id, st.name),
-        artifact: spec.artifact.clone(),
-    }
+    (run.steps[i].state == super::StepState::Running).then(|| run.send_of(i))
 }
 
 /// A send of run `id`'s as the queue takes it: (step, its derived command

@@ -947,6 +947,17 @@ async fn a_wiped_edge_set_up_again_reports_its_new_results_and_gets_the_old_ones
     }
 }
 
+/// Device `d0` of edge `e` connects at last and is sent a marker: once
+/// the marker ended, the commands it was ever given, and the marker.
+async fn device_comes(w: &World, e: &RunningBox, d0: Bundle) -> (CommandId, Vec<CommandId>) {
+    let dev = device(d0, w.runs.clone());
+    let marker = send(&e.queue, "d0", "after".into()).await;
+    all_end(&e.queue, &[marker], "edge").await;
+    dev.abort();
+    let got = w.runs.lock().unwrap().deliveries.keys().copied().collect();
+    (marker, got)
+}
+
 /// A command the hub handed down is cancelled from the hub: the cancel is
 /// asked of the edge, kept on the hub's disk until the edge confirms (the
 /// hub restarts in between, with the edge away), and the edge's device
@@ -994,14 +1005,11 @@ async fn a_hub_cancel_of_a_handed_down_command_reaches_the_edge_across_a_hub_res
     let ended = all_end(&h.queue, &[id], "hub").await;
     assert_eq!(ended[0].1, State::Cancelled, "{ended:?}");
     assert_eq!(e.queue.show(id).await.unwrap().state, State::Cancelled);
-    let dev = device(d0, w.runs.clone());
-    let marker = send(&e.queue, "d0", "after".into()).await;
-    all_end(&e.queue, &[marker], "edge").await;
+    let (_, got) = device_comes(&w, &e, d0).await;
     assert!(
-        !w.runs.lock().unwrap().deliveries.contains_key(&id),
+        !got.contains(&id),
         "the device never got the cancelled command"
     );
-    dev.abort();
     outbox_drained(&e).await;
     e.stop().await;
     h.stop().await;
@@ -1075,21 +1083,8 @@ async fn a_hub_cancel_of_a_handed_down_workflow_cancels_the_run_on_the_edge() {
     );
     assert_eq!(e.queue.show(step).await.unwrap().state, State::Cancelled);
     // The device comes: it never gets either step.
-    let dev = device(d0, w.runs.clone());
-    let marker = send(&e.queue, "d0", "after".into()).await;
-    all_end(&e.queue, &[marker], "edge").await;
-    assert_eq!(
-        w.runs
-            .lock()
-            .unwrap()
-            .deliveries
-            .keys()
-            .copied()
-            .collect::<Vec<_>>(),
-        vec![marker],
-        "only the marker ran"
-    );
-    dev.abort();
+    let (marker, got) = device_comes(&w, &e, d0).await;
+    assert_eq!(got, vec![marker], "only the marker ran");
     e.stop().await;
     h.stop().await;
 }

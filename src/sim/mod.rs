@@ -2005,6 +2005,22 @@ pub fn run_tape(tape: &[u64], cfg: &Config) -> Report {
     w.into_report(steps)
 }
 
+/// For the tests of the end checks (`sim::rollouts::tests`,
+/// `sim::workflows::tests`): run `check` afresh on a tampered world and
+/// find the violation that says `what`.
+#[cfg(test)]
+impl World {
+    fn caught(&mut self, check: fn(&mut World), what: &str) {
+        self.report.violations.clear();
+        check(self);
+        assert!(
+            self.report.violations.iter().any(|v| v.contains(what)),
+            "expected `{what}`: {:?}",
+            self.report.violations
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

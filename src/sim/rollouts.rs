@@ -821,16 +821,6 @@ mod tests {
         panic!("no seed in 300..330 settles a rollout with a device known to have succeeded");
     }
 
-    fn caught(w: &mut World, what: &str) {
-        w.report.violations.clear();
-        w.check_rollouts_end();
-        assert!(
-            w.report.violations.iter().any(|v| v.contains(what)),
-            "expected `{what}`: {:?}",
-            w.report.violations
-        );
-    }
-
     #[test]
     fn the_end_check_catches_a_device_counted_as_it_did_not_fare() {
         let (mut w, i, d) = settled();
@@ -840,19 +830,22 @@ mod tests {
             &mut w.rollouts[i].live.devices[d]
         }
         dev(&mut w, i, d).state = DeviceState::Cancelled;
-        caught(
-            &mut w,
+        w.caught(
+            World::check_rollouts_end,
             "is counted cancelled but its command ended Some(Succeeded)",
         );
         dev(&mut w, i, d).state = DeviceState::Running;
-        caught(&mut w, "is left unfinished");
+        w.caught(World::check_rollouts_end, "is left unfinished");
         dev(&mut w, i, d).state = DeviceState::Failed;
         dev(&mut w, i, d).started_at = None;
-        caught(&mut w, "counted failed and never started");
+        w.caught(
+            World::check_rollouts_end,
+            "counted failed and never started",
+        );
         // Its start lost in a crash, yet the device got its change.
         dev(&mut w, i, d).state = DeviceState::Succeeded;
         w.rollouts[i].gone = true;
         w.rollouts[i].record = Record::new();
-        caught(&mut w, "start never returned, yet");
+        w.caught(World::check_rollouts_end, "start never returned, yet");
     }
 }

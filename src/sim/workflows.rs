@@ -627,14 +627,9 @@ mod tests {
         // The run's word against the box's: a step it ran, called failed.
         let (i, s) = ran(&w).unwrap();
         w.runs[i].live.steps[s].state = StepState::Failed;
-        w.check_workflows_end();
-        assert!(
-            w.report
-                .violations
-                .iter()
-                .any(|v| v.contains("is failed but its command is Some(Succeeded)")),
-            "{:?}",
-            w.report.violations
+        w.caught(
+            World::check_workflows_end,
+            "is failed but its command is Some(Succeeded)",
         );
     }
 
@@ -647,27 +642,10 @@ mod tests {
             .position(|r| !r.gone && r.live.steps.iter().any(|s| s.command.is_some()))
             .unwrap();
         w.runs[i].live.state = RunState::Running;
-        w.check_workflows_end();
-        assert!(
-            w.report
-                .violations
-                .iter()
-                .any(|v| v.contains("did not end")),
-            "{:?}",
-            w.report.violations
-        );
+        w.caught(World::check_workflows_end, "did not end");
         // Its start lost in a crash, yet its steps are on the box.
-        w.report.violations.clear();
         w.runs[i].gone = true;
         w.runs[i].record = Record::new();
-        w.check_workflows_end();
-        assert!(
-            w.report
-                .violations
-                .iter()
-                .any(|v| v.contains("start never returned, yet step")),
-            "{:?}",
-            w.report.violations
-        );
+        w.caught(World::check_workflows_end, "start never returned, yet step");
     }
 }

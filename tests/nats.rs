@@ -405,6 +405,28 @@ async fn a_nats_node_killed_mid_stream_loses_nothing() {
     assert_eq!(runs.executed.len(), ids.len(), "each ran, once");
 }
 
+/// A node that is not there (it failed to start, it is switched off):
+/// `fleet init --replicas 3` waits as long as `--wait` says, then names
+/// what is missing, not JetStream's config; with the node back, it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_init_with_a_node_missing_says_which_and_works_once_it_is_back() {
+    let Some(bin) = nats_server() else { return };
+    let _one = ONE_CLUSTER.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_some(&bin, tmp.path(), 2);
+    let urls = cluster.urls();
+    let o = fleet(&urls, &["init", "--replicas", "3", "--wait", "2s"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("fewer than 3 JetStream servers are in the cluster"),
+        "{err}"
+    );
+    assert!(!err.contains("is JetStream enabled"), "{err}");
+    cluster.start_node(2);
+    init_streams(&urls);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_nats_node_down_the_edge_works_on_and_drains_once_when_they_return() {
     let Some(bin) = nats_server() else { return };

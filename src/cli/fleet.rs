@@ -39,6 +39,10 @@ pub enum FleetCmd {
         /// Copies of each stream in the cluster (1, 3 or 5).
         #[arg(long, default_value_t = 1)]
         replicas: usize,
+        /// How long to keep asking a cluster that is still forming
+        /// (electing its leader, gathering its peers).
+        #[arg(long, default_value = "60s", allow_negative_numbers = true)]
+        wait: crate::duration::DurationArg,
     },
     /// Send a command to EDGE/TARGET (EDGE/dev-7, EDGE/tag:line-3,
     /// EDGE/cap:camera, EDGE/workflow FILE).
@@ -109,10 +113,26 @@ async fn client(a: &NatsArgs) -> anyhow::Result<async_nats::Client> {
     nats::connect(&o, None).await.map_err(anyhow::Error::msg)
 }
 
+/// What to do when `fleet init` still fails after its minute of asking.
+fn init_hint(err: &str, replicas: usize) -> String {
+    if err.contains("no suitable peers") {
+        format!(
+            "fewer than {replicas} JetStream servers are in the cluster: start the missing ones \
+             (their logs say why one stopped), or ask for fewer with --replicas"
+        )
+    } else {
+        "is JetStream enabled on the servers (`jetstream {}` in their config)?".into()
+    }
+}
+
 /// Run a fleet command; the process's exit code.
 pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
     match cmd {
-        FleetCmd::Init { nats: a, replicas } => {
+        FleetCmd::Init {
+            nats: a,
+            replicas,
+            wait,
+        } => {
             if ![1, 3, 5].contains(&replicas) {
                 return Err(super::UsageError(format!(
                     "--replicas {replicas}: use 1, 3 or 5 (JetStream wants an odd count)"
@@ -123,7 +143,7 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
             // A cluster that has just started elects its JetStream leader
             // and gathers its peers first ("no suitable peers for
             // placement"): ask again for a while before giving up.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let deadline = tokio::time::Instant::now() + Duration::from(wait);
             loop {
                 match nats::init(&c, replicas).await {
                     Ok(said) => {
@@ -137,7 +157,7 @@ pub async fn run(cmd: FleetCmd) -> anyhow::Result<i32> {
                         return Ok(1);
                     }
                     Err(e) if tokio::time::Instant::now() >= deadline => {
-                        eprintln!("error: {e}; is JetStream enabled on the servers (`jetstream {{}}` in their config)?");
+                        eprintln!("error: {e}; {}", init_hint(&e, replicas));
                         return Ok(1);
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free ports: each listener is held until all are drawn, so
+/// the kernel cannot hand out one port twice.
+fn free_tcp_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 pub fn nats_server() -> Option<String> {
@@ -41,16 +42,23 @@ impl Cluster {
     /// cluster): a node that exits at once is retried, the cluster on fresh
     /// ports, three times before it fails with the node's own words.
     pub fn start(bin: &str, dir: &Path) -> Cluster {
+        Self::start_some(bin, dir, 3)
+    }
+
+    /// Start the first `up` of the three nodes; the others stay down
+    /// until [`Cluster::start_node`].
+    pub fn start_some(bin: &str, dir: &Path, up: usize) -> Cluster {
         let mut last = String::new();
         for _ in 0..3 {
+            let p = free_tcp_ports::<6>();
             let mut c = Cluster {
                 bin: bin.into(),
                 dir: dir.to_path_buf(),
-                ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
-                cluster_ports: [free_tcp_port(), free_tcp_port(), free_tcp_port()],
+                ports: [p[0], p[1], p[2]],
+                cluster_ports: [p[3], p[4], p[5]],
                 nodes: [None, None, None],
             };
-            match (0..3).try_for_each(|i| c.try_start_node(i)) {
+            match (0..up).try_for_each(|i| c.try_start_node(i)) {
                 Ok(()) => return c,
                 Err(e) => last = e, // dropping `c` kills what started
             }
@@ -96,16 +104,30 @@ impl Cluster {
             let t = std::fs::read_to_string(&log).unwrap_or_default();
             t.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
         };
+        // A node is up when its last listener, the route port, is: it
+        // opens the client port and says "ready" first, and a route port
+        // taken meanwhile ends it a moment later (fatal), leaving a
+        // two-node cluster where no R3 stream can be placed.
+        let routes_open = format!(
+            "Listening for route connections on 127.0.0.1:{}",
+            self.cluster_ports[i]
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_err() {
+        loop {
             if let Ok(Some(st)) = child.try_wait() {
                 return Err(format!("nats-server n{i} exited ({st}): {}", said()));
+            }
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            if log_text.contains(&routes_open)
+                && std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_ok()
+            {
+                break;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!(
-                    "nats-server n{i} did not listen within 20 s: {}",
+                    "nats-server n{i} did not open its ports within 20 s: {}",
                     said()
                 ));
             }

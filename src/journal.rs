@@ -150,6 +150,38 @@ pub struct ResultRecord {
     pub children: Vec<ChildEnd>,
 }
 
+impl ResultRecord {
+    /// The end a box records for command `id` when its hub cancels one the
+    /// box never got (the forward was lost with a link, or is still on its
+    /// way): `cancelled`, with no device, since none had it. Kept like any
+    /// end, so a late forward of `id` is a duplicate and does not run.
+    pub fn cancelled_unseen(id: CommandId, now: Millis) -> ResultRecord {
+        ResultRecord {
+            id,
+            gen: 0,
+            device: DeviceId::new(),
+            target: String::new(),
+            priority: Priority::Normal,
+            state: State::Cancelled,
+            outcome: None,
+            error: Some("cancelled by the hub before this box had it".into()),
+            attempts: 0,
+            max_attempts: 0,
+            created_at: now,
+            finished_at: now,
+            origin: "upstream".into(),
+            key: None,
+            command: None,
+            children: Vec::new(),
+        }
+    }
+
+    /// Whether this is a [`ResultRecord::cancelled_unseen`] end.
+    pub fn never_held(&self) -> bool {
+        self.device.is_empty()
+    }
+}
+
 /// One record of the upstream outbox (DESIGN §7): what the hub learns of
 /// this box, written in the same batch as the change it reports, under a
 /// monotonic `seq` the hub acks and dedupes by.

@@ -20,6 +20,8 @@
 //! uplink sleeps on the queue's outbox watch and on the connection.
 
 mod cursor;
+mod intake;
+mod lanes;
 pub mod nats;
 
 pub use cursor::OutboxCursor;
@@ -31,13 +33,11 @@ use crate::jobs::Runners;
 use crate::journal::{UpEntry, UpItem};
 use crate::proto::{DeviceFrame, Forward};
 use crate::queue::{QueueError, QueueHandle, SendRequest};
+use intake::{FromHub, Intake, Staging, Taken};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 /// The origin this box gives a command its hub sent down (`upstream/cli`).
 pub const FROM_UPSTREAM: &str = "upstream/";
@@ -333,12 +333,15 @@ async fn session(
     };
     let mut cursor = OutboxCursor::new(start, opts.max_unacked);
     let mut grown = queue.outbox_watch();
-    let mut taken: JoinSet<(crate::command::CommandId, Taken)> = JoinSet::new();
-    let staging = Staging {
-        budget: opts
-            .artifact_rate
-            .map(|r| Arc::new(crate::artifact::stage::UplinkBudget::new(r))),
-        ..Staging::default()
+    let mut takes: intake::Takes = Default::default();
+    let mut lanes = lanes::Lanes::default();
+    let staging = Staging::new(opts.artifact_rate);
+    let intake = Intake {
+        queue: queue.clone(),
+        jobs: workflows.clone(),
+        staging: staging.clone(),
+        conn: conn.connection().clone(),
+        up: conn.sender(),
     };
     let frame_budget = opts.max_frame.saturating_sub(4096).max(1024);
     loop {
@@ -364,22 +367,26 @@ async fn session(
                 }
                 cursor.grown();
             }
-            Some(done) = taken.join_next(), if !taken.is_empty() => {
-                let Ok((id, r)) = done else { continue };
+            Some((id, r)) = takes.next(), if !takes.is_empty() => {
                 let frame = match r {
-                    Taken::Queued(Ok(duplicate)) => {
+                    Some(Taken::Queued(Ok(duplicate))) => {
                         if !duplicate {
                             tx.send_modify(|s| s.forwarded_total += 1);
                         }
-                        DeviceFrame::Accepted { id, duplicate }
+                        Some(DeviceFrame::Accepted { id, duplicate })
                     }
-                    Taken::Queued(Err(QueueError::ShuttingDown)) => return SessionEnd::Shutdown,
-                    Taken::Queued(Err(e)) => DeviceFrame::Ack { id, outcome: refusal(e) },
-                    Taken::Ended(outcome) => DeviceFrame::Ack { id, outcome },
-                    Taken::Unanswered => continue,
+                    Some(Taken::Queued(Err(QueueError::ShuttingDown))) => return SessionEnd::Shutdown,
+                    Some(Taken::Queued(Err(e))) => Some(DeviceFrame::Ack { id, outcome: refusal(e) }),
+                    Some(Taken::Ended(outcome)) => Some(DeviceFrame::Ack { id, outcome }),
+                    Some(Taken::Unanswered | Taken::Cancel) | None => None,
                 };
-                if let Err(e) = sender.send(&frame).await {
-                    return e.into();
+                if let Some(frame) = frame {
+                    if let Err(e) = sender.send(&frame).await {
+                        return e.into();
+                    }
+                }
+                if let Some(next) = lanes.done(id) {
+                    intake.take(next, &mut takes);
                 }
             }
             m = conn.next() => {
@@ -389,65 +396,20 @@ async fn session(
                     Err(e) => return e.into(),
                 };
                 match m {
-                    Received::Forward(f) if Runners::is_job(&f.target) => {
-                        // A whole job (a workflow, a rollout) for this box
-                        // to run: durable in its runner before it is
-                        // accepted; its end comes back up as this
-                        // command's result. A rollout's artifact is staged
-                        // here first, so its devices fetch from this box.
-                        let (id, jobs) = (f.id, workflows.clone());
-                        let origin = format!("upstream/{}", f.origin);
-                        let lacks = staging.lacks(queue, &f);
-                        let (q, c, st, up) = (queue.clone(), conn.connection().clone(), staging.clone(), conn.sender());
-                        taken.spawn(async move {
-                            if let Some(artifact) = lacks {
-                                if let Err(t) = st.staged(&q, &c, up, artifact, id).await {
-                                    return (id, t);
-                                }
-                            }
-                            let r = jobs.hand_down(&f.target, id, f.payload, origin).await;
-                            (id, Taken::Queued(r))
-                        });
-                    }
-                    Received::Forward(f) if f.target == STAGE => {
-                        // `artifact push`: stage it here ahead of any
-                        // command; the staging's end is this command's
-                        // result, carried up by the outbox.
-                        let id = f.id;
-                        let (q, c, st, up) = (queue.clone(), conn.connection().clone(), staging.clone(), conn.sender());
-                        taken.spawn(async move { (id, st.stage_ahead(&q, &c, up, *f).await) });
-                    }
-                    Received::Forward(f) => {
-                        let id = f.id;
-                        if let Some(artifact) = staging.lacks(queue, &f) {
-                            // Staged from the hub first, off this loop, then
-                            // queued: the edge's devices never get a command
-                            // whose file is not whole and verified here.
-                            let (q, c, st, up) = (queue.clone(), conn.connection().clone(), staging.clone(), conn.sender());
-                            taken.spawn(async move { (id, st.stage_then_queue(&q, &c, up, artifact, *f).await) });
-                            continue;
-                        }
-                        // Handed to the writer now, in arrival order, so a
-                        // Cancel that follows finds the command.
-                        let fut = queue.send_as(id, request(*f));
-                        taken.spawn(async move { (id, Taken::Queued(fut.await.map(|r| r.duplicate))) });
-                    }
+                    // Signalled at once to a staging under way, which ends
+                    // the command itself (and answers for it).
                     Received::Cancel(id) if staging.cancel(id) => {
                         tracing::info!(%id, "cancelled by the hub while its artifact was staging");
                     }
                     Received::Cancel(id) => {
-                        let fut = queue.cancel_queued(id);
-                        let w = workflows.clone();
-                        tokio::spawn(async move {
-                            match fut.await {
-                                Ok(_) => tracing::info!(%id, "cancelled by the hub"),
-                                Err(QueueError::NotFound(_)) => match w.cancel(id).await {
-                                    Some(what) => tracing::info!(%id, "{what} cancelled by the hub"),
-                                    None => tracing::info!(%id, "the hub's cancel found nothing to cancel"),
-                                },
-                                Err(e) => tracing::info!(%id, error = %e, "the hub's cancel found nothing to cancel"),
-                            }
-                        });
+                        if let Some(m) = lanes.arrive(id, FromHub::Cancel(id)) {
+                            intake.take(m, &mut takes);
+                        }
+                    }
+                    Received::Forward(f) => {
+                        if let Some(m) = lanes.arrive(f.id, FromHub::Forward(f)) {
+                            intake.take(m, &mut takes);
+                        }
                     }
                     Received::UpAck(seq) => {
                         if let Some(n) = cursor.ack_through(seq) {
@@ -482,183 +444,6 @@ async fn session(
 /// The reserved target of `outpost artifact push EDGE ARTIFACT` on the
 /// hub (`EDGE/artifact`): a Forward to it stages its artifact here.
 pub const STAGE: &str = "artifact";
-
-/// How the intake of a forwarded command ended.
-enum Taken {
-    /// Queued here (`true`: a duplicate).
-    Queued(Result<bool, QueueError>),
-    /// Ended before it was queued (its artifact could not be staged, or
-    /// the hub cancelled it meanwhile).
-    Ended(Outcome),
-    /// The uplink went away mid-staging: not answered, so the hub hands
-    /// it again on the next link and the staging resumes.
-    Unanswered,
-}
-
-/// Forwarded commands whose artifact is being staged from the hub.
-#[derive(Clone, Default)]
-struct Staging {
-    /// Command id → cancelled by the hub meanwhile.
-    commands: Arc<std::sync::Mutex<HashMap<crate::command::CommandId, bool>>>,
-    /// One staging per artifact at a time: a second command naming it
-    /// waits for the first, then finds it held.
-    artifacts:
-        Arc<tokio::sync::Mutex<HashMap<crate::artifact::Digest, Arc<tokio::sync::Mutex<()>>>>>,
-    /// `--uplink-rate`, shared by every staging.
-    budget: Option<Arc<crate::artifact::stage::UplinkBudget>>,
-}
-
-impl Staging {
-    /// The artifact `f` names that this box does not hold yet.
-    fn lacks(&self, queue: &QueueHandle, f: &Forward) -> Option<crate::artifact::Digest> {
-        let d = crate::trust::envelope::artifact(f.signature.as_deref()?)
-            .ok()
-            .flatten()
-            .map(crate::artifact::Digest)?;
-        match queue.shelf().manifest_bytes(&d) {
-            Ok(Some(_)) => None,
-            _ => Some(d),
-        }
-    }
-
-    /// Mark `id` cancelled if it is staging (then `true`).
-    fn cancel(&self, id: crate::command::CommandId) -> bool {
-        match self.commands.lock().unwrap().get_mut(&id) {
-            Some(c) => {
-                *c = true;
-                true
-            }
-            None => false,
-        }
-    }
-
-    async fn stage_then_queue(
-        &self,
-        queue: &QueueHandle,
-        conn: &quinn::Connection,
-        up: client::Sender,
-        artifact: crate::artifact::Digest,
-        f: Forward,
-    ) -> Taken {
-        match self.staged(queue, conn, up, artifact, f.id).await {
-            Ok(_) => Taken::Queued(queue.send_as(f.id, request(f)).await.map(|r| r.duplicate)),
-            Err(t) => t,
-        }
-    }
-
-    /// `artifact push`: stage the artifact `f` names, then record the end
-    /// as `f`'s result (durable, in the outbox) before it is accepted; a
-    /// second hand-over after a crash finds it staged and its result kept.
-    async fn stage_ahead(
-        &self,
-        queue: &QueueHandle,
-        conn: &quinn::Connection,
-        up: client::Sender,
-        f: Forward,
-    ) -> Taken {
-        let named = f
-            .signature
-            .as_deref()
-            .and_then(|e| crate::trust::envelope::artifact(e).ok().flatten());
-        let Some(artifact) = named.map(crate::artifact::Digest) else {
-            return Taken::Ended(Outcome::Rejected {
-                reason: format!("`{STAGE}` stages an artifact, and this command names none: use `outpost artifact push EDGE ARTIFACT`"),
-            });
-        };
-        let now = crate::now_millis();
-        let s = match self.staged(queue, conn, up, artifact, f.id).await {
-            Ok(s) => s,
-            Err(t) => return t,
-        };
-        let outcome = Outcome::Ok(
-            format!(
-                "staged {artifact}: {} bytes fetched, {} already here",
-                s.fetched_bytes, s.reused_bytes
-            )
-            .into_bytes(),
-        );
-        let rec = crate::journal::ResultRecord {
-            id: f.id,
-            gen: 0,
-            device: STAGE.into(),
-            target: STAGE.into(),
-            priority: f.priority,
-            state: crate::State::Succeeded,
-            outcome: Some(outcome),
-            error: None,
-            attempts: 1,
-            max_attempts: 1,
-            created_at: now,
-            finished_at: crate::now_millis(),
-            origin: format!("{FROM_UPSTREAM}{}", f.origin),
-            key: None,
-            command: None,
-            children: Vec::new(),
-        };
-        Taken::Queued(queue.record_finished(rec).await.map(|()| false))
-    }
-
-    /// Stage `artifact` for command `id`; `Err` is how the command ends
-    /// instead (or that it is not answered, the link having gone).
-    async fn staged(
-        &self,
-        queue: &QueueHandle,
-        conn: &quinn::Connection,
-        up: client::Sender,
-        artifact: crate::artifact::Digest,
-        id: crate::command::CommandId,
-    ) -> Result<crate::artifact::stage::Staged, Taken> {
-        self.commands.lock().unwrap().insert(id, false);
-        let lock = self
-            .artifacts
-            .lock()
-            .await
-            .entry(artifact)
-            .or_default()
-            .clone();
-        let staged = {
-            let _one = lock.lock().await;
-            // Progress goes up under the command's id, as a device's does
-            // (`show ID` on the hub: "fetching fw@2.1: 37 % …").
-            let (tx, rx) = watch::channel((0, 0));
-            let (stop, stopped) = tokio::sync::oneshot::channel();
-            let reporter = tokio::spawn(crate::client::artifacts::forward_progress(
-                rx, up, id, stopped,
-            ));
-            let r = crate::artifact::stage::stage(
-                conn,
-                artifact,
-                queue.shelf(),
-                Some(&tx),
-                self.budget.as_deref(),
-            )
-            .await;
-            let _ = stop.send(());
-            let _ = reporter.await;
-            r
-        };
-        let cancelled = self.commands.lock().unwrap().remove(&id).unwrap_or(false);
-        match staged {
-            Err(e) if e.is_link() => {
-                tracing::info!(%id, %artifact, error = %e, "the uplink dropped while staging; it resumes on the next link");
-                Err(Taken::Unanswered)
-            }
-            Err(e) => {
-                tracing::warn!(%id, %artifact, error = %e, "staging the artifact failed");
-                Err(Taken::Ended(Outcome::Rejected {
-                    reason: format!("the edge could not stage artifact {artifact}: {e}"),
-                }))
-            }
-            Ok(_) if cancelled => Err(Taken::Ended(Outcome::Rejected {
-                reason: "cancelled by the hub before its artifact was staged".into(),
-            })),
-            Ok(s) => {
-                tracing::info!(%id, %artifact, fetched = s.fetched_bytes, reused = s.reused_bytes, "artifact staged from the hub");
-                Ok(s)
-            }
-        }
-    }
-}
 
 /// The edge's request for a forwarded command.
 pub(crate) fn request(f: Forward) -> SendRequest {

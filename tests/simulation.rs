@@ -148,6 +148,9 @@ fn regression_seeds() {
     // in the same round reached the shell as a delivery with no record.
     // 1, 2, 53: a hub retry of a command its edge had ended was forwarded
     // under the same id, deduped by the edge, and never ended.
+    // 1 (again): a hub's cancel of a command put back in its queue by a
+    // link lost before the edge's `Accepted` ended it `cancelled` on the
+    // hub while the edge ran it (the cancel is now the edge's to decide).
     for seed in [1, 2, 10, 11, 53] {
         assert_clean(seed, STEPS, &cfg);
     }

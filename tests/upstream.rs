@@ -1031,6 +1031,51 @@ async fn a_hub_cancel_of_a_handed_down_command_reaches_the_edge_across_a_hub_res
     );
 }
 
+/// A hub restarted cannot know whether it forwarded a command before (it
+/// does not journal forwarding, and a link lost before the edge's
+/// `Accepted` leaves the edge holding one the hub has in its queue): its
+/// cancel is the edge's to decide. The edge, which never got this one,
+/// takes the cancel (and the forward the hub sends at the same connect,
+/// in either order) without running it, and the command ends Cancelled on
+/// both boxes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_cancel_after_a_restart_is_decided_by_the_edge_which_never_runs_it() {
+    let w = world().await;
+    // d0 is enrolled on the edge first (with the hub away), so the forward
+    // has a device to queue for whichever frame comes first.
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let d0 = enroll(&e, "d0", false).await;
+    e.stop().await;
+    let h = hub(&w.hub_dir, w.port).await;
+    let id = send(&h.queue, "e1/d0", "never".into()).await;
+    h.stop().await;
+    let h = hub(&w.hub_dir, w.port).await;
+    let v = h.queue.cancel(id).await.unwrap();
+    assert!(!v.state.is_final(), "the edge may hold it: {v:?}");
+    let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
+    let ended = all_end(&h.queue, &[id], "hub").await;
+    assert_eq!(ended[0].1, State::Cancelled, "{ended:?}");
+    assert_eq!(e.queue.show(id).await.unwrap().state, State::Cancelled);
+    let (_, got) = device_comes(&w, &e, d0).await;
+    assert!(!got.contains(&id), "the device never got it");
+    outbox_drained(&e).await;
+    e.stop().await;
+    h.stop().await;
+    let on_hub = results_on_disk(&w.hub_dir);
+    assert_eq!(
+        on_hub
+            .get(&id)
+            .map(|v| v.iter().map(|r| r.0).collect::<Vec<_>>()),
+        Some(vec![State::Cancelled]),
+        "ended once on the hub"
+    );
+    assert_eq!(
+        results_on_disk(&w.edge_dir).get(&id).map(Vec::len),
+        Some(1),
+        "ended once on the edge"
+    );
+}
+
 /// The hub cancels a workflow it handed to an edge: the edge cancels the
 /// run (its running step's command with it, before the device, offline,
 /// ever gets it), and the run's end comes up as the command's end.

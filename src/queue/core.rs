@@ -128,6 +128,9 @@ pub enum CoreRequest {
         include_finished: bool,
     },
     Cancel(CommandId),
+    /// The hub above cancels a command it sent down (edge side; see
+    /// `QueueCore::cancel_from_hub`).
+    HubCancel(CommandId),
     Retry(CommandId),
     Stats,
     Enroll(DeviceRecord),
@@ -620,6 +623,11 @@ pub struct QueueCore {
     /// Commands held by an edge whose cancel it has not confirmed.
     cancelling: FxHashSet<CommandId>,
     cancel_marks: Vec<(CommandId, bool)>,
+    /// Commands for a gateway that its box may hold though they wait here:
+    /// forwarded since this start (a link lost before the edge's
+    /// `Accepted` puts one back in the queue the edge has stored), or
+    /// queued before it (unknown). A cancel of one is the edge's to decide.
+    maybe_held: FxHashSet<CommandId>,
 }
 
 /// Refuse to enroll an id that has a record (`existing`) unless `force`:
@@ -690,6 +698,7 @@ impl QueueCore {
             cursor_writes: Vec::new(),
             cancelling: FxHashSet::default(),
             cancel_marks: Vec::new(),
+            maybe_held: FxHashSet::default(),
         }
     }
 
@@ -1152,6 +1161,26 @@ impl QueueCore {
             error: Some("cancelled by operator".into()),
             ..view
         })
+    }
+
+    /// The hub above cancels `id` (edge side). A command here is cancelled
+    /// as by an operator. One this box has never had — its forward was
+    /// lost with a link before the hub heard `Accepted`, or is still on
+    /// its way — gets a `cancelled` end, which goes up to end it on the
+    /// hub, and which makes a late forward of it a duplicate that does not
+    /// run. One that ended here already is left be (its end went up).
+    pub fn cancel_from_hub(
+        &mut self,
+        id: CommandId,
+        now: Millis,
+    ) -> Result<CommandView, QueueError> {
+        if self.state_of(id).is_some() {
+            return self.cancel(id, now);
+        }
+        let rec = ResultRecord::cancelled_unseen(id, now);
+        let view = CommandView::from(rec.clone());
+        self.record_result(rec, now);
+        Ok(view)
     }
 
     /// Put a Dead or Failed command back in the queue with fresh attempts.

@@ -2070,6 +2070,119 @@ fn a_cancel_of_what_the_edge_holds_waits_for_the_edge_across_restarts() {
     assert!(hub.cancels.is_empty());
 }
 
+/// A link lost after the edge stored a forward and before its `Accepted`
+/// reached the hub puts the command back in the hub's queue while the edge
+/// holds it: a cancel then is the edge's to decide, or the hub would end it
+/// `cancelled` while the edge ran it.
+#[test]
+fn a_cancel_after_a_forward_whose_accepted_was_lost_is_decided_by_the_edge() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    assert_eq!(hub.ids("e1"), vec![id], "forwarded");
+    take(&mut edge, id, "d0");
+    hub.disconnect("e1");
+    assert_eq!(
+        hub.state(id),
+        Some(State::Queued),
+        "back in the hub's queue"
+    );
+    let v = hub.core.cancel(id, hub.now).unwrap();
+    hub.round();
+    assert!(!v.state.is_final(), "the edge may hold it: {v:?}");
+    assert!(hub.disk.cancel_marks.contains(&id), "marked durably");
+    // At the next link the cancel goes down again, and the edge cancels
+    // the command it holds before its device has it.
+    hub.cancels.clear();
+    hub.connect("e1");
+    assert_eq!(hub.cancels, vec![("e1".to_string(), id)]);
+    let v = edge.core.cancel_from_hub(id, edge.now).unwrap();
+    edge.round();
+    assert_eq!(v.state, State::Cancelled);
+    edge.connect("d0");
+    assert!(edge.ids("d0").is_empty(), "the device never gets it");
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(hub.state(id), Some(State::Cancelled));
+    assert_eq!(hub.disk.result(id).unwrap().device, "e1/d0");
+    assert!(hub.disk.cancel_marks.is_empty());
+}
+
+/// The forward was lost with the link, and the hub cancels: the edge, which
+/// never had the command, answers with a `cancelled` end of its own, which
+/// ends it on the hub and makes the forward that follows a duplicate.
+#[test]
+fn a_cancel_of_a_forward_the_edge_never_got_ends_there_and_its_late_forward_does_not_run() {
+    let mut hub = hub();
+    let mut edge = with_outbox(1000, 1);
+    hub.connect("e1");
+    let id = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    hub.disconnect("e1");
+    hub.core.cancel(id, hub.now).unwrap();
+    hub.round();
+    assert_eq!(hub.state(id), Some(State::Queued));
+    hub.connect("e1");
+    assert_eq!(
+        hub.ids("e1"),
+        vec![id, id],
+        "forwarded again, for an edge before this fix"
+    );
+    // The cancel is taken first, then the forward.
+    let v = edge.core.cancel_from_hub(id, edge.now).unwrap();
+    edge.round();
+    assert_eq!(v.state, State::Cancelled);
+    let again = take(&mut edge, id, "d0");
+    assert!(again.duplicate, "the late forward is a duplicate");
+    edge.connect("d0");
+    assert!(edge.ids("d0").is_empty(), "and does not run");
+    // A second cancel (sent at every connect until the end comes) changes
+    // nothing.
+    assert!(edge.core.cancel_from_hub(id, edge.now).is_err());
+    edge.round();
+    hub.core.handed("e1", id, hub.now).unwrap();
+    hub.round();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(hub.state(id), Some(State::Cancelled));
+    let r = hub.disk.result(id).unwrap();
+    assert_eq!(
+        r.device, "e1",
+        "the hub keeps its own device for an end the edge had none for"
+    );
+    assert_eq!(results_for(&hub, id), 1);
+}
+
+/// What the hub has never forwarded it cancels at once; after a restart it
+/// cannot know (forwarding is not journalled), so the edge decides.
+#[test]
+fn a_gateway_command_never_forwarded_cancels_at_once_but_not_after_a_restart() {
+    let mut hub = hub();
+    let first = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    let v = hub.core.cancel(first, hub.now).unwrap();
+    hub.round();
+    assert_eq!(v.state, State::Cancelled, "the edge cannot have it");
+    assert_eq!(hub.state(first), Some(State::Cancelled));
+    let second = hub.send("e1/d0", SendOptions::default()).unwrap().id;
+    hub.reopen();
+    let v = hub.core.cancel(second, hub.now).unwrap();
+    hub.round();
+    assert!(
+        !v.state.is_final(),
+        "forwarded before the restart, maybe: {v:?}"
+    );
+    hub.connect("e1");
+    assert!(hub.cancels.contains(&("e1".to_string(), second)));
+    // An end of the edge's for a command the hub no longer has is nothing.
+    let mut edge = with_outbox(1000, 1);
+    edge.core.cancel_from_hub(first, edge.now).unwrap();
+    edge.round();
+    up(&mut hub, outbox_of(&edge));
+    assert_eq!(
+        hub.disk.result(first).unwrap().error.as_deref(),
+        Some("cancelled by operator")
+    );
+    assert_eq!(results_for(&hub, first), 1);
+}
+
 #[test]
 fn targets_through_a_box_need_a_gateway_and_only_a_gateway_reports_upward() {
     let mut hub = hub();

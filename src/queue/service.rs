@@ -817,6 +817,7 @@ impl Writer {
                     }
                     CoreRequest::List { device, .. } => core.list(&device).map(CoreReply::Views),
                     CoreRequest::Cancel(id) => core.cancel(id, now).map(CoreReply::View),
+                    CoreRequest::HubCancel(id) => core.cancel_from_hub(id, now).map(CoreReply::View),
                     CoreRequest::Retry(id) => self.retry(id, now),
                     CoreRequest::Stats => Ok(CoreReply::Stats(QueueStats::default())),
                     CoreRequest::Enroll(rec) => {
@@ -1702,6 +1703,16 @@ impl QueueHandle {
         id: CommandId,
     ) -> impl std::future::Future<Output = Result<CommandView, QueueError>> + Send + 'static {
         let reply = self.queued(CoreRequest::Cancel(id));
+        async move { reply.await?.into_view() }
+    }
+
+    /// The hub's cancel (`QueueCore::cancel_from_hub`), queued with the
+    /// writer at once, in call order; durable on return.
+    pub fn cancel_from_hub(
+        &self,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<CommandView, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::HubCancel(id));
         async move { reply.await?.into_view() }
     }
 

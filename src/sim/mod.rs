@@ -1098,7 +1098,7 @@ impl World {
                 self.send(l, true, reply);
             }
             Msg::Cancel(id) => {
-                let _ = self.nodes[e].core.cancel(id, now);
+                let _ = self.nodes[e].core.cancel_from_hub(id, now);
                 self.round(e);
             }
             Msg::UpAck(seq) => {
@@ -1899,6 +1899,22 @@ impl World {
                 );
             }
             let Some(d) = s.device else { continue };
+            // A command the hub sent down ends alike on both boxes: the
+            // hub says cancelled only if its edge did not run it (a cancel
+            // in the window before the edge's `Accepted` used to be the
+            // hub's alone).
+            let below = self.devices[d].node;
+            if below != s.node && state == State::Cancelled {
+                if let Some(State::Succeeded) = self.nodes[below].ended.get(&id) {
+                    self.violation(
+                        s.node,
+                        format!(
+                            "{id} ended Cancelled on the hub but Succeeded on {}",
+                            self.nodes[below].name
+                        ),
+                    );
+                }
+            }
             let (ok, _) = self.devices[d].runs.get(&id).copied().unwrap_or((0, 0));
             let bad = match state {
                 State::Succeeded => ok != 1,

@@ -117,6 +117,10 @@ impl QueueCore {
         let attempt = l.attempts + 1;
         l.phase = Phase::InFlight { attempt, on };
         dev.in_flight.insert(id);
+        let gateway = |r: &DeviceRecord| r.tags.iter().any(|t| t == crate::route::GATEWAY_TAG);
+        if dev.record.as_ref().is_some_and(gateway) {
+            self.maybe_held.insert(id);
+        }
         self.stats.delivered_total += 1;
         self.effects.deliveries.push(DeliverEffect {
             device: dev.id.clone(),

@@ -29,6 +29,9 @@ impl QueueCore {
         if self.cancelling.remove(&id) {
             self.cancel_marks.push((id, false));
         }
+        if !self.maybe_held.is_empty() {
+            self.maybe_held.remove(&id);
+        }
         // The device it ran on (for a pool command, the one chosen for it).
         let ran_on = on.unwrap_or(l.device);
         let device = self.devs[ran_on as usize].id.clone();

@@ -196,6 +196,18 @@ impl QueueCore {
         self.cancelling.insert(id);
     }
 
+    /// After replay: what waits for a gateway may have been forwarded
+    /// before this start (handing over is not journalled).
+    pub(super) fn held_before_start(&mut self) {
+        let held: Vec<CommandId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| self.is_gateway(l.device))
+            .map(|(id, _)| id)
+            .collect();
+        self.maybe_held.extend(held);
+    }
+
     /// After replay: marks of commands that are gone are cleared.
     pub(super) fn settle_cancelling(&mut self) {
         let gone: Vec<CommandId> = self
@@ -250,8 +262,12 @@ impl QueueCore {
                 });
             }
             UpItem::Result(mut rec) => {
-                rec.device = below(edge, &rec.device);
-                rec.target = below(edge, &rec.target);
+                // An edge's end of a command it never got (a cancel that
+                // came first) names no device: the hub keeps its own.
+                if !rec.never_held() {
+                    rec.device = below(edge, &rec.device);
+                    rec.target = below(edge, &rec.target);
+                }
                 for c in &mut rec.children {
                     c.device = below(edge, &c.device);
                 }
@@ -334,7 +350,9 @@ impl QueueCore {
             // The edge already decided: no cancel goes back down.
             self.finish_quietly(id, rec.state, outcome, rec.error.clone(), now);
             if let Some(r) = self.finished.last_mut().filter(|r| r.id == id) {
-                r.device = rec.device;
+                if !rec.never_held() {
+                    r.device = rec.device;
+                }
                 r.attempts = rec.attempts;
                 r.children = rec.children;
                 r.finished_at = rec.finished_at;
@@ -342,8 +360,10 @@ impl QueueCore {
             self.stats.up_results_total += 1;
             return;
         }
-        if self.is_live(id) {
-            // A retry under way here: the hub's own run decides.
+        if self.is_live(id) || rec.never_held() {
+            // A retry under way here: the hub's own run decides. (Or the
+            // edge's end of a cancel for a command it never got, which
+            // has nothing to tell once the command is not live here.)
             return;
         }
         if let Some(&(_, ended)) = self.results.get(&id) {
@@ -354,7 +374,11 @@ impl QueueCore {
             // it handed down only as Expired or Cancelled, and never as
             // Dead or Failed (a forward the edge refused was never run
             // there, so no end of the edge's follows it): those stand.
-            let retried_below = matches!(ended, State::Dead | State::Failed) && rec.state != ended;
+            // (A cancel's end for a command the edge never got names no
+            // device, and never replaces one.)
+            let retried_below = matches!(ended, State::Dead | State::Failed)
+                && rec.state != ended
+                && !rec.never_held();
             if !retried_below {
                 return;
             }
@@ -397,13 +421,16 @@ impl QueueCore {
         self.finish(id, state, outcome, error, now);
     }
 
-    /// Cancel a command that the edge holds (forwarded or handed): ask the
-    /// edge, now and at every connect, until it reports the end.
+    /// Cancel a command that the edge holds or may hold (forwarded,
+    /// handed, or put back in the queue after a forward): ask the edge,
+    /// now and at every connect, until it reports the end. An edge that
+    /// never got it answers with a `cancelled` end of its own, which also
+    /// keeps a late forward of it from running there.
     pub(super) fn cancel_remote(&mut self, id: CommandId) -> Option<CommandView> {
         let l = self.live.get(&id)?;
-        if !matches!(l.phase, Phase::InFlight { .. } | Phase::Handed { .. })
-            || !self.is_gateway(l.device)
-        {
+        let below = matches!(l.phase, Phase::InFlight { .. } | Phase::Handed { .. })
+            || self.maybe_held.contains(&id);
+        if !below || !self.is_gateway(l.device) {
             return None;
         }
         let gw = self.devs[l.device as usize].id.clone();

@@ -261,6 +261,7 @@ impl QueueCore {
         }
         self.effects = Effects::default();
         self.settle_cancelling();
+        self.held_before_start();
         self.tick(now);
     }
 

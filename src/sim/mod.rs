@@ -16,6 +16,7 @@
 //! a violation is a string naming the step, the node and the command.
 
 pub mod disk;
+mod job;
 mod record;
 pub mod rng;
 mod rollouts;
@@ -372,18 +373,9 @@ pub struct World {
     /// Failed end of one followed by the end of that retry.
     retried_below: BTreeSet<CommandId>,
     rollouts_on: bool,
-    rollouts: Vec<rollouts::SimRollout>,
-    /// The rollouts the per-step loops look at (not retired).
-    rollouts_active: Vec<usize>,
-    /// Rollout commands: the rollout (index) that sent them.
-    rollout_owned: FxHashMap<CommandId, usize>,
-    /// Lifecycle events of rollout commands, for their runner: (box, event).
-    rollout_events: Vec<(usize, LifecycleEvent)>,
+    rollouts: job::Jobs<crate::rollout::Rollout, rollouts::Seen>,
     workflows_on: bool,
-    runs: Vec<workflows::SimRun>,
-    runs_active: Vec<usize>,
-    run_owned: FxHashMap<CommandId, usize>,
-    run_events: Vec<(usize, LifecycleEvent)>,
+    runs: job::Jobs<crate::workflow::Run>,
 }
 
 impl World {
@@ -419,15 +411,9 @@ impl World {
             dup_device_frames: cfg.dup_device_frames,
             retried_below: BTreeSet::new(),
             rollouts_on: cfg.rollouts,
-            rollouts: Vec::new(),
-            rollouts_active: Vec::new(),
-            rollout_owned: FxHashMap::default(),
-            rollout_events: Vec::new(),
+            rollouts: Default::default(),
             workflows_on: cfg.workflows,
-            runs: Vec::new(),
-            runs_active: Vec::new(),
-            run_owned: FxHashMap::default(),
-            run_events: Vec::new(),
+            runs: Default::default(),
         };
         let hub = w.add_node("hub".into(), false);
         for m in 0..cfg.hub_devices {
@@ -729,8 +715,8 @@ impl World {
     /// end after the end it followed.
     fn lifecycle(&mut self, n: usize, ev: LifecycleEvent) {
         let prev = self.nodes[n].states.insert(ev.id, ev.state);
-        if self.rollout_owned.contains_key(&ev.id) {
-            self.rollout_events.push((n, ev.clone()));
+        if self.rollouts.owned.contains_key(&ev.id) {
+            self.rollouts.events.push((n, ev.clone()));
         }
         self.workflow_event(n, &ev);
         let mine = match self.sent.get(&ev.id) {

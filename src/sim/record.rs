@@ -1,8 +1,8 @@
 //! A runner's record of one job (a rollout, a workflow run) as its box's
 //! store holds it: the runners write it unflushed, so it is durable at the
 //! box's next flush (an operator's request flushes it before answering),
-//! and a crash brings back the last durable one. Shared by
-//! `sim/rollouts.rs` and `sim/workflows.rs`.
+//! and a crash brings back the last durable one. Kept for each job in
+//! `sim/job.rs`.
 
 #[derive(Debug)]
 pub(super) struct Record<T> {

@@ -13,7 +13,7 @@
 //! What is checked, at every step and after settling, is on
 //! [`World::check_rollouts`] and [`World::check_rollouts_end`].
 
-use super::record::Record;
+use super::job::Job;
 use super::{Sent, World};
 use crate::command::{CommandId, Millis, Outcome, State};
 use crate::queue::core::Lookup;
@@ -30,26 +30,11 @@ use std::time::Duration;
 /// cost).
 const MAX_ACTIVE: usize = 2;
 
-/// One rollout on one box, as its runner holds it and as its store does.
-pub(super) struct SimRollout {
-    pub(super) node: usize,
-    pub(super) live: Rollout,
-    /// Its record in the box's store.
-    record: Record<Rollout>,
-    /// Its box crashed: the runner reloads it at the restart.
-    resume: bool,
-    /// Sends the box could not answer, to make again (the runner's
-    /// `jobs::Retry`; lost in a crash, as the runner's is).
-    retry: Vec<String>,
-    /// Gone with its box's database (a wipe), or its start was never
-    /// durable.
-    pub(super) gone: bool,
+/// What the simulation keeps of a rollout besides what every job has
+/// ([`Job`]).
+pub(super) struct Seen {
     /// The devices online as last fed to it.
     online: BTreeSet<String>,
-    /// Ended with nothing outstanding and its record durable: off the
-    /// per-step loops (`World::rollouts_active`) until something of it
-    /// moves again, so a step costs the same however long the run.
-    retired: bool,
     /// Its state when last looked at (a rule's trip is checked when it
     /// happens: later ends may take the rule back under its threshold).
     last: RolloutState,
@@ -80,19 +65,11 @@ impl World {
         let online = self.nodes[n].core.online();
         let id = CommandId::new(now, self.rng.next_u64() as u128 | 1 << 64);
         let (live, actions) = Rollout::start(id, plan, devices, online.clone(), now);
-        let i = self.rollouts.len();
-        self.rollouts.push(SimRollout {
-            node: n,
-            live,
-            record: Record::new(),
-            resume: false,
-            retry: Vec::new(),
-            gone: false,
+        let seen = Seen {
             online,
             last: RolloutState::Running,
-            retired: false,
-        });
-        self.rollouts_active.push(i);
+        };
+        let i = self.rollouts.push(Job::new(n, live, seen));
         self.report.counts.rollouts += 1;
         let over = self.rollouts[i].live.devices.len();
         self.ev(n, "rollout-start", id.0, || {
@@ -193,10 +170,10 @@ impl World {
     /// restart, feed the queue's events, the devices' presence and the
     /// time, and carry out what the engine asks.
     pub(super) fn drive_rollouts(&mut self) {
-        if self.rollouts_active.is_empty() && self.rollout_events.is_empty() {
+        if self.rollouts.active.is_empty() && self.rollouts.events.is_empty() {
             return;
         }
-        for i in self.rollouts_active.clone() {
+        for i in self.rollouts.active.clone() {
             let r = &self.rollouts[i];
             if r.resume && !r.gone && self.nodes[r.node].up {
                 self.rollouts[i].resume = false;
@@ -211,7 +188,7 @@ impl World {
         }
         // Bounded: each pass only handles what the previous one caused.
         for _ in 0..8 {
-            let evs = std::mem::take(&mut self.rollout_events);
+            let evs = std::mem::take(&mut self.rollouts.events);
             if evs.is_empty() {
                 break;
             }
@@ -221,7 +198,7 @@ impl World {
                 }
             }
         }
-        for i in self.rollouts_active.clone() {
+        for i in self.rollouts.active.clone() {
             let (n, gone) = (self.rollouts[i].node, self.rollouts[i].gone);
             if gone || !self.nodes[n].up {
                 continue;
@@ -235,8 +212,8 @@ impl World {
             let waiting = live.devices.iter().any(|d| d.state == DeviceState::Waiting);
             if live.state == RolloutState::Running && waiting {
                 let online = self.nodes[n].core.online();
-                if online != self.rollouts[i].online {
-                    self.rollouts[i].online = online.clone();
+                if online != self.rollouts[i].extra.online {
+                    self.rollouts[i].extra.online = online.clone();
                     actions.extend(self.rollouts[i].live.presence(online, now));
                 }
             }
@@ -248,16 +225,12 @@ impl World {
                 self.rollout_act(i, actions, false);
             }
         }
-        let rollouts = &mut self.rollouts;
-        self.rollouts_active.retain(|&i| {
-            let r = &mut rollouts[i];
-            let done = r.gone
+        self.rollouts.retire(|r| {
+            r.gone
                 || (r.live.state.ended()
                     && r.live.outstanding().is_empty()
                     && r.record.settled()
-                    && !r.resume);
-            r.retired = done;
-            !done
+                    && !r.resume)
         });
     }
 
@@ -266,13 +239,13 @@ impl World {
     fn refresh_presence(&mut self, i: usize) {
         let online = self.nodes[self.rollouts[i].node].core.online();
         let r = &mut self.rollouts[i];
-        r.online = online.clone();
+        r.extra.online = online.clone();
         r.live.online = online;
     }
 
     /// The rollout on box `n` that owns command `id`.
     fn owner(&self, n: usize, id: CommandId) -> Option<usize> {
-        let &i = self.rollout_owned.get(&id)?;
+        let &i = self.rollouts.owned.get(&id)?;
         let r = &self.rollouts[i];
         (r.node == n && !r.gone && self.nodes[n].up).then_some(i)
     }
@@ -338,9 +311,7 @@ impl World {
     /// operator's request, else at the next flush).
     fn rollout_act(&mut self, i: usize, mut actions: Vec<Action>, durable: bool) {
         let n = self.rollouts[i].node;
-        if std::mem::take(&mut self.rollouts[i].retired) {
-            self.rollouts_active.push(i);
-        }
+        self.rollouts.wake(i);
         self.check_trip(i);
         let mut followups = Vec::new();
         while !actions.is_empty() {
@@ -363,7 +334,7 @@ impl World {
                         let Some((cmd, req, _)) = request(r, &step, &device, rollback) else {
                             continue;
                         };
-                        self.rollout_owned.insert(cmd, i);
+                        self.rollouts.owned.insert(cmd, i);
                         let target = req.target.clone();
                         let priority = req.opts.priority;
                         let sent = self.nodes[n].core.send_as(Some(cmd), req, now);
@@ -458,70 +429,30 @@ impl World {
 
     /// Box `n` flushed: what its runner wrote before is durable.
     pub(super) fn rollouts_flushed(&mut self, n: usize) {
-        for &i in &self.rollouts_active {
-            let r = &mut self.rollouts[i];
-            if r.node == n {
-                r.record.flushed();
-            }
-        }
+        self.rollouts.flushed(n);
     }
 
-    /// Box `n` crashed: its runner is gone; what comes back is the last
-    /// durable record (none: the start never returned, and nothing of it
-    /// is left).
-    /// A retired rollout whose end is within the results' retention is
-    /// reloaded too (the runner keeps it that long), so a command it
-    /// cancelled is looked up again.
+    /// Box `n` crashed: its rollouts come back as last durable.
     pub(super) fn rollouts_crashed(&mut self, n: usize) {
-        self.rollout_events.retain(|(m, _)| *m != n);
         let now = self.node_now(n);
         let keep = super::limits().results_max_age_ms;
-        for i in 0..self.rollouts.len() {
-            let r = &mut self.rollouts[i];
-            if r.node != n || r.gone {
-                continue;
-            }
-            if r.retired {
-                if r.live
-                    .finished_at
-                    .is_some_and(|t| t.saturating_add(keep) < now)
-                {
-                    continue;
-                }
-                r.retired = false;
-                self.rollouts_active.push(i);
-            }
-            let r = &mut self.rollouts[i];
-            match r.record.crashed() {
-                Some(d) => {
-                    r.last = d.state;
-                    r.live = d;
-                    r.resume = true;
-                    r.retry.clear();
-                }
-                None => r.gone = true,
-            }
-        }
+        self.rollouts
+            .crashed(n, now, keep, |r| r.extra.last = r.live.state);
     }
 
     /// Box `n`'s database was wiped: its rollouts went with it.
     pub(super) fn rollouts_wiped(&mut self, n: usize) {
-        self.rollout_events.retain(|(m, _)| *m != n);
         let c = &mut self.report.counts;
-        for r in self.rollouts.iter_mut().filter(|r| r.node == n && !r.gone) {
-            // Counted here, as the end checks will not see it.
-            match r.live.state {
-                RolloutState::Completed => c.rollouts_completed += 1,
-                RolloutState::Aborted => c.rollouts_aborted += 1,
-                _ => {}
-            }
-            r.gone = true;
-        }
+        self.rollouts.wiped(n, |r| match r.state {
+            RolloutState::Completed => c.rollouts_completed += 1,
+            RolloutState::Aborted => c.rollouts_aborted += 1,
+            _ => {}
+        });
     }
 
     /// Settling: an operator resumes what waits for one.
     pub(super) fn settle_rollouts(&mut self) {
-        for i in self.rollouts_active.clone() {
+        for i in self.rollouts.active.clone() {
             let (n, gone) = (self.rollouts[i].node, self.rollouts[i].gone);
             if gone || !self.nodes[n].up || self.rollouts[i].live.state != RolloutState::Paused {
                 continue;
@@ -536,7 +467,8 @@ impl World {
 
     /// The earliest a rollout needs the time (world clock).
     pub(super) fn rollouts_next_wake(&self) -> Option<Millis> {
-        self.rollouts_active
+        self.rollouts
+            .active
             .iter()
             .map(|&i| &self.rollouts[i])
             .filter(|r| !r.gone && self.nodes[r.node].up)
@@ -549,8 +481,8 @@ impl World {
 
     /// Nothing left for a rollout to do.
     pub(super) fn rollouts_quiet(&self) -> bool {
-        self.rollout_events.is_empty()
-            && self.rollouts_active.iter().all(|&i| {
+        self.rollouts.events.is_empty()
+            && self.rollouts.active.iter().all(|&i| {
                 let r = &self.rollouts[i];
                 r.gone || (r.live.state.ended() && r.live.outstanding().is_empty() && !r.resume)
             })
@@ -559,8 +491,8 @@ impl World {
     /// When a rollout aborts on a rule: the rule holds then.
     fn check_trip(&mut self, i: usize) {
         let r = &mut self.rollouts[i];
-        let (was, now) = (r.last, r.live.state);
-        r.last = now;
+        let (was, now) = (r.extra.last, r.live.state);
+        r.extra.last = now;
         if was == RolloutState::Aborted || now != RolloutState::Aborted {
             return;
         }
@@ -597,7 +529,7 @@ impl World {
         let picked: Vec<usize> = if all {
             (0..self.rollouts.len()).collect()
         } else {
-            self.rollouts_active.clone()
+            self.rollouts.active.clone()
         };
         for r in picked.iter().map(|&i| &self.rollouts[i]) {
             if r.gone {
@@ -646,7 +578,7 @@ impl World {
     pub(super) fn check_rollouts_end(&mut self) {
         self.check_rollouts_in(true);
         let mut found = Vec::new();
-        for r in &self.rollouts {
+        for r in self.rollouts.iter() {
             let live = &r.live;
             let c = &mut self.report.counts;
             match live.state {
@@ -845,7 +777,7 @@ mod tests {
         // Its start lost in a crash, yet the device got its change.
         dev(&mut w, i, d).state = DeviceState::Succeeded;
         w.rollouts[i].gone = true;
-        w.rollouts[i].record = Record::new();
+        w.rollouts[i].record = crate::sim::record::Record::new();
         w.caught(World::check_rollouts_end, "start never returned, yet");
     }
 }

@@ -17,7 +17,7 @@
 //! sent no compensation step; a failed or timed-out run with compensation
 //! sent it; a start that never returned sent nothing.
 
-use super::record::Record;
+use super::job::Job;
 use super::{Sent, World};
 use crate::command::{CommandId, Millis, State};
 use crate::queue::core::Lookup;
@@ -28,32 +28,11 @@ use crate::workflow::{Action, Ended, Run, RunState, StepState, Workflow};
 /// Runs started on one box at once, at most.
 const MAX_ACTIVE: usize = 2;
 
-/// One run on one box, as its runner holds it and as its store does.
-pub(super) struct SimRun {
-    node: usize,
-    live: Run,
-    record: Record<Run>,
-    /// Its box crashed: the runner reloads it at the restart.
-    resume: bool,
-    /// Steps whose send the box could not answer, to send again (the
-    /// runner's `jobs::Retry`; lost in a crash, as the runner's is).
-    retry: Vec<String>,
-    /// Gone with its box's database (a wipe), or its start never durable.
-    gone: bool,
-    /// Ended with nothing out and its record durable: off the per-step
-    /// loops until something of it moves again.
-    retired: bool,
-}
-
 impl World {
     /// An operator's `workflow run` on box `n`: a random workflow over some
     /// of its devices.
     pub(super) fn op_workflow_start(&mut self, n: usize) {
-        let active = self
-            .runs_active
-            .iter()
-            .filter(|&&i| self.runs[i].node == n && !self.runs[i].gone)
-            .count();
+        let active = self.runs.active_on(n).count();
         if active >= MAX_ACTIVE {
             return;
         }
@@ -68,17 +47,7 @@ impl World {
         let now = self.node_now(n);
         let id = CommandId::new(now, self.rng.next_u64() as u128 | 1 << 65);
         let (live, actions) = Run::start(id, spec, now);
-        let i = self.runs.len();
-        self.runs.push(SimRun {
-            node: n,
-            live,
-            record: Record::new(),
-            resume: false,
-            retry: Vec::new(),
-            gone: false,
-            retired: false,
-        });
-        self.runs_active.push(i);
+        let i = self.runs.push(Job::new(n, live, ()));
         self.report.counts.workflows += 1;
         self.ev(n, "workflow-start", id.0, || format!("{id}"));
         self.run_act(i, actions, true);
@@ -140,12 +109,7 @@ impl World {
 
     /// An operator's `workflow cancel [--compensate]` of a run on box `n`.
     pub(super) fn op_workflow_cancel(&mut self, n: usize) {
-        let mine: Vec<usize> = self
-            .runs_active
-            .iter()
-            .copied()
-            .filter(|&i| self.runs[i].node == n && !self.runs[i].gone)
-            .collect();
+        let mine: Vec<usize> = self.runs.active_on(n).collect();
         let Some(i) = self.rng.pick(&mine) else {
             return;
         };
@@ -172,10 +136,10 @@ impl World {
     /// What the runner does between requests: reload after a restart,
     /// feed the queue's events and the time.
     pub(super) fn drive_workflows(&mut self) {
-        if self.runs_active.is_empty() && self.run_events.is_empty() {
+        if self.runs.active.is_empty() && self.runs.events.is_empty() {
             return;
         }
-        for i in self.runs_active.clone() {
+        for i in self.runs.active.clone() {
             let r = &self.runs[i];
             if r.resume && !r.gone && self.nodes[r.node].up {
                 self.runs[i].resume = false;
@@ -189,12 +153,12 @@ impl World {
             }
         }
         for _ in 0..8 {
-            let evs = std::mem::take(&mut self.run_events);
+            let evs = std::mem::take(&mut self.runs.events);
             if evs.is_empty() {
                 break;
             }
             for (n, ev) in evs {
-                let Some(&i) = self.run_owned.get(&ev.id) else {
+                let Some(&i) = self.runs.owned.get(&ev.id) else {
                     continue;
                 };
                 let r = &self.runs[i];
@@ -207,7 +171,7 @@ impl World {
                 }
             }
         }
-        for i in self.runs_active.clone() {
+        for i in self.runs.active.clone() {
             let (n, gone) = (self.runs[i].node, self.runs[i].gone);
             if gone || !self.nodes[n].up {
                 continue;
@@ -222,13 +186,8 @@ impl World {
                 self.run_act(i, actions, false);
             }
         }
-        let runs = &mut self.runs;
-        self.runs_active.retain(|&i| {
-            let r = &mut runs[i];
-            let done =
-                r.gone || (r.live.state != RunState::Running && r.record.settled() && !r.resume);
-            r.retired = done;
-            !done
+        self.runs.retire(|r| {
+            r.gone || (r.live.state != RunState::Running && r.record.settled() && !r.resume)
         });
     }
 
@@ -277,9 +236,7 @@ impl World {
     /// Carry out a run's actions as `runner::act` does.
     fn run_act(&mut self, i: usize, mut actions: Vec<Action>, durable: bool) {
         let n = self.runs[i].node;
-        if std::mem::take(&mut self.runs[i].retired) {
-            self.runs_active.push(i);
-        }
+        self.runs.wake(i);
         let mut followups = Vec::new();
         while !actions.is_empty() {
             if self.runs[i].gone || !self.nodes[n].up {
@@ -299,7 +256,7 @@ impl World {
                     continue;
                 };
                 self.check_needs(i, &step);
-                self.run_owned.insert(cmd, i);
+                self.runs.owned.insert(cmd, i);
                 let (target, priority) = (req.target.clone(), req.opts.priority);
                 let sent = self.nodes[n].core.send_as(Some(cmd), req, now);
                 sends.push((step, cmd, target, priority, sent));
@@ -392,64 +349,30 @@ impl World {
 
     /// Box `n` flushed.
     pub(super) fn workflows_flushed(&mut self, n: usize) {
-        for &i in &self.runs_active {
-            if self.runs[i].node == n {
-                self.runs[i].record.flushed();
-            }
-        }
+        self.runs.flushed(n);
     }
 
-    /// Box `n` crashed: its runs come back as last durable (a run within
-    /// the results' retention after its end is reloaded too).
+    /// Box `n` crashed: its runs come back as last durable.
     pub(super) fn workflows_crashed(&mut self, n: usize) {
-        self.run_events.retain(|(m, _)| *m != n);
         let now = self.node_now(n);
         let keep = super::limits().results_max_age_ms;
-        for i in 0..self.runs.len() {
-            let r = &mut self.runs[i];
-            if r.node != n || r.gone {
-                continue;
-            }
-            if r.retired {
-                if r.live
-                    .finished_at
-                    .is_some_and(|t| t.saturating_add(keep) < now)
-                {
-                    continue;
-                }
-                r.retired = false;
-                self.runs_active.push(i);
-            }
-            let r = &mut self.runs[i];
-            match r.record.crashed() {
-                Some(d) => {
-                    r.live = d;
-                    r.resume = true;
-                    r.retry.clear();
-                }
-                None => r.gone = true,
-            }
-        }
+        self.runs.crashed(n, now, keep, |_| {});
     }
 
     /// Box `n`'s database was wiped: its runs went with it.
     pub(super) fn workflows_wiped(&mut self, n: usize) {
-        self.run_events.retain(|(m, _)| *m != n);
         let c = &mut self.report.counts;
-        for r in self.runs.iter_mut().filter(|r| r.node == n && !r.gone) {
-            // Counted here, as the end checks will not see it.
-            match r.live.state {
-                RunState::Succeeded => c.workflows_succeeded += 1,
-                RunState::Running => {}
-                _ => c.workflows_failed += 1,
-            }
-            r.gone = true;
-        }
+        self.runs.wiped(n, |r| match r.state {
+            RunState::Succeeded => c.workflows_succeeded += 1,
+            RunState::Running => {}
+            _ => c.workflows_failed += 1,
+        });
     }
 
     /// The earliest a run's timeout falls due (world clock).
     pub(super) fn workflows_next_wake(&self) -> Option<Millis> {
-        self.runs_active
+        self.runs
+            .active
             .iter()
             .map(|&i| &self.runs[i])
             .filter(|r| !r.gone && self.nodes[r.node].up && r.live.state == RunState::Running)
@@ -462,8 +385,8 @@ impl World {
 
     /// Nothing left for a run to do.
     pub(super) fn workflows_quiet(&self) -> bool {
-        self.run_events.is_empty()
-            && self.runs_active.iter().all(|&i| {
+        self.runs.events.is_empty()
+            && self.runs.active.iter().all(|&i| {
                 let r = &self.runs[i];
                 r.gone || (r.live.state != RunState::Running && !r.resume)
             })
@@ -472,7 +395,7 @@ impl World {
     /// After settling: what each run says is what its box did.
     pub(super) fn check_workflows_end(&mut self) {
         let mut found = Vec::new();
-        for r in &self.runs {
+        for r in self.runs.iter() {
             let run = &r.live;
             let c = &mut self.report.counts;
             match run.state {
@@ -573,8 +496,8 @@ impl World {
 
     /// A lifecycle event, for the run that owns the command.
     pub(super) fn workflow_event(&mut self, n: usize, ev: &LifecycleEvent) {
-        if self.run_owned.contains_key(&ev.id) {
-            self.run_events.push((n, ev.clone()));
+        if self.runs.owned.contains_key(&ev.id) {
+            self.runs.events.push((n, ev.clone()));
         }
     }
 }
@@ -645,7 +568,7 @@ mod tests {
         w.caught(World::check_workflows_end, "did not end");
         // Its start lost in a crash, yet its steps are on the box.
         w.runs[i].gone = true;
-        w.runs[i].record = Record::new();
+        w.runs[i].record = crate::sim::record::Record::new();
         w.caught(World::check_workflows_end, "start never returned, yet step");
     }
 }

@@ -166,7 +166,8 @@ fn regression_seeds() {
 /// succeeds, and the hub ignored the edge's newer end ("the hub's own
 /// record stands") and kept showing Dead. The hub now takes a newer end
 /// from below after a Dead or Failed one (the ends a retry may follow),
-/// and keeps the ends it decides itself (Expired, Cancelled).
+/// and keeps the Cancelled it decides itself (an Expired of its own clock
+/// gives way to what the edge did too).
 /// `cargo run --example simulate -- --seed 5 --steps 3000 --retry-forwarded --trace`.
 #[test]
 fn an_edge_retry_of_a_hub_command_reaches_the_hub() {

@@ -345,6 +345,8 @@ struct Sent {
     /// A rollout's or a workflow run's: its runner owns it (no
     /// operator retries it).
     job: bool,
+    /// Its target is through a box below (`edge-1/…`).
+    below: bool,
 }
 
 pub struct World {
@@ -611,6 +613,7 @@ impl World {
     /// at most once on a box.
     fn flushed(&mut self, n: usize, done: Vec<Batch>) {
         let mut twice = Vec::new();
+        let sent = &self.sent;
         let node = &mut self.nodes[n];
         for b in &done {
             for r in b.group.iter().flat_map(|g| &g.results) {
@@ -621,7 +624,12 @@ impl World {
                 // `gateway::remote_result`. A resurrection would also run
                 // it again on its device, which the end checks catch.
                 let forgotten = !node.edge && node.pruned.contains(&r.id);
-                if *c > 1 && !forgotten {
+                // And it takes what its edge did over an Expired of its
+                // own clock.
+                let relearned = node.ended.get(&r.id) == Some(&State::Expired)
+                    && r.state != State::Expired
+                    && sent_below(sent, n, r.id);
+                if *c > 1 && !forgotten && !relearned {
                     twice.push((r.id, r.gen, r.state));
                 }
                 node.ended.insert(r.id, r.state);
@@ -737,7 +745,11 @@ impl World {
             // late report of it from below as news (a known limit, see
             // ARCHITECTURE.md).
             let forgotten = self.nodes[n].pruned.contains(&ev.id);
-            if p.is_final() && !retried && !forgotten {
+            // A hub learns what its edge did after an Expired of its own
+            // clock (`gateway::remote_result`).
+            let relearned =
+                p == State::Expired && ev.state.is_final() && sent_below(&self.sent, n, ev.id);
+            if p.is_final() && !retried && !forgotten && !relearned {
                 self.violation(n, format!("{}: {p:?} → {:?}", ev.id, ev.state));
             }
         }
@@ -1365,6 +1377,7 @@ impl World {
                     index: 0,
                     wiped: false,
                     job: false,
+                    below: target.contains('/'),
                 };
                 self.note_sent(rc.id, sent, &target);
             }
@@ -1475,6 +1488,7 @@ impl World {
                     index: 0,
                     wiped: false,
                     job: false,
+                    below: false,
                 };
                 self.report.counts.device_sends += 1;
                 self.note_sent(rc.id, sent, &format!("{from} → {to}"));
@@ -1890,12 +1904,12 @@ impl World {
             // in the window before the edge's `Accepted` used to be the
             // hub's alone).
             let below = self.devices[d].node;
-            if below != s.node && state == State::Cancelled {
+            if below != s.node && matches!(state, State::Cancelled | State::Expired) {
                 if let Some(State::Succeeded) = self.nodes[below].ended.get(&id) {
                     self.violation(
                         s.node,
                         format!(
-                            "{id} ended Cancelled on the hub but Succeeded on {}",
+                            "{id} ended {state:?} on the hub but Succeeded on {}",
                             self.nodes[below].name
                         ),
                     );
@@ -1954,6 +1968,11 @@ impl World {
         self.report.steps = steps;
         self.report
     }
+}
+
+/// Whether command `id` was sent on box `n` through a box below it.
+fn sent_below(sent: &BTreeMap<CommandId, Sent>, n: usize, id: CommandId) -> bool {
+    sent.get(&id).is_some_and(|s| s.node == n && s.below)
 }
 
 /// Run one seed: `steps` random steps, then settle and check the end.

@@ -290,6 +290,7 @@ impl World {
                                 index: 0,
                                 wiped: false,
                                 job: true,
+                                below: target.contains('/'),
                             };
                             self.note_sent(rc.id, s, &target);
                         }

@@ -373,10 +373,14 @@ impl QueueCore {
             // succeeded, simulation seed 5). The hub itself ends a command
             // it handed down only as Expired or Cancelled, and never as
             // Dead or Failed (a forward the edge refused was never run
-            // there, so no end of the edge's follows it): those stand.
-            // (A cancel's end for a command the edge never got names no
-            // device, and never replaces one.)
-            let retried_below = matches!(ended, State::Dead | State::Failed)
+            // there, so no end of the edge's follows it). A Cancelled
+            // stands: the hub decides it only for a command the edge
+            // cannot hold. An Expired is the hub's clock, and the edge,
+            // which got what was left of the ttl when the forward came,
+            // may have run the command at the end of it, offline: what the
+            // edge did is the truth. (A cancel's end for a command the
+            // edge never got names no device, and never replaces one.)
+            let retried_below = matches!(ended, State::Dead | State::Failed | State::Expired)
                 && rec.state != ended
                 && !rec.never_held();
             if !retried_below {

@@ -111,14 +111,14 @@ impl QueueCore {
 
     /// Put a ready command in flight on connected device `on`.
     pub(super) fn deliver(&mut self, id: CommandId, on: u32, now: Millis) {
+        let gateway = self.is_gateway(on);
         let dev = &mut self.devs[on as usize];
         let session = dev.session.expect("delivering to a connected device").0;
         let l = self.live.get_mut(&id).expect("ready commands are live");
         let attempt = l.attempts + 1;
         l.phase = Phase::InFlight { attempt, on };
         dev.in_flight.insert(id);
-        let gateway = |r: &DeviceRecord| r.tags.iter().any(|t| t == crate::route::GATEWAY_TAG);
-        if dev.record.as_ref().is_some_and(gateway) {
+        if gateway {
             self.maybe_held.insert(id);
         }
         self.stats.delivered_total += 1;

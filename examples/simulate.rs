@@ -15,7 +15,7 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--dup-device-frames] [--no-rollouts] [--no-workflows] [--edges E] [--devices D] [--shrink] [--shrink-runs N]"
+        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--dup-device-frames] [--no-rollouts] [--no-workflows] [--edges E] [--devices D] [--sub-edges S] [--shrink] [--shrink-runs N]"
     );
     std::process::exit(2)
 }
@@ -41,6 +41,7 @@ fn main() {
             "--steps" => steps = val().parse().unwrap_or_else(|_| usage()),
             "--edges" => cfg.edges = val().parse().unwrap_or_else(|_| usage()),
             "--devices" => cfg.devices_per_edge = val().parse().unwrap_or_else(|_| usage()),
+            "--sub-edges" => cfg.sub_edges = val().parse().unwrap_or_else(|_| usage()),
             "--trace" => cfg.trace = true,
             "--no-faults" => cfg.faults = false,
             "--retry-forwarded" => cfg.retry_forwarded = true,

@@ -195,10 +195,29 @@ fn a_copied_ack_of_an_earlier_attempt_is_dropped_as_stale() {
     assert_clean(10161, 5_000, &cfg);
 }
 
+/// A hub above a hub (issue 28): `edge-1` is the hub of two boxes with
+/// devices of their own, and every check holds on every tier (each hub
+/// shows every device below it online, however deep; a command that
+/// succeeded names its device by the whole path on every box above). Found:
+/// the middle box amended its record of an end from below after the outbox
+/// had copied it, so the top showed `edge-1/sub-1` as the device
+/// (`core_tests::a_middle_box_passes_up_the_device_and_children_its_edge_reported`).
+#[test]
+fn a_hub_above_a_hub_keeps_every_invariant_on_every_tier() {
+    let cfg = Config {
+        sub_edges: 2,
+        ..Config::default()
+    };
+    for seed in [0, 7, 30, 34] {
+        let r = assert_clean(seed, STEPS, &cfg);
+        assert!(r.counts.runs > 0 && r.counts.crashes > 0, "{:?}", r.counts);
+    }
+}
+
 /// Issue 28's CI sweep: two million steps across 400 seeds, a quarter each
-/// with edge-side retries, copied device frames and no faults. Bounded in
-/// count; about a minute in a debug build here (the cost of a step does not
-/// grow with the run any more).
+/// with edge-side retries, copied device frames and no faults, and a third
+/// of all with a middle tier. Bounded in count; about a minute in a debug
+/// build here (the cost of a step does not grow with the run any more).
 #[test]
 fn two_million_steps_across_seeds_keep_every_invariant() {
     let started = std::time::Instant::now();
@@ -208,6 +227,7 @@ fn two_million_steps_across_seeds_keep_every_invariant() {
             retry_forwarded: seed % 4 == 1,
             dup_device_frames: seed % 4 == 2,
             faults: seed % 4 != 3,
+            sub_edges: if seed % 3 == 0 { 2 } else { 0 },
             ..Config::default()
         };
         let r = assert_clean(seed, 5_000, &cfg);

@@ -1133,3 +1133,167 @@ async fn a_hub_cancel_of_a_handed_down_workflow_cancels_the_run_on_the_edge() {
     e.stop().await;
     h.stop().await;
 }
+
+/// A hub above a hub (issue 28): top → `m1` → `e1` → `d0`, and `d1` on
+/// `m1` itself. Commands from the top to `m1/e1/d0` cross two uplinks,
+/// with both links dropped mid-stream and the middle box restarted; each
+/// runs once on its device and ends once on every box it passed, naming
+/// its device by the whole path. A cancel from the top of a command the
+/// bottom box holds is decided there and ends Cancelled on all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_above_a_hub_carries_commands_down_two_tiers_and_results_up_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (top_dir, mid_dir, low_dir) = (
+        tmp.path().join("top"),
+        tmp.path().join("mid"),
+        tmp.path().join("low"),
+    );
+    let (top_port, mid_port, low_port) = (free_port(), free_port(), free_port());
+    let top = hub(&top_dir, top_port).await;
+    let m1 = tmp.path().join("m1.bundle");
+    enroll(&top, "m1", true).await.write(&m1).unwrap();
+    let mut mid = edge(&mid_dir, mid_port, top_port, &m1).await;
+    let e1 = tmp.path().join("e1.bundle");
+    enroll(&mid, "e1", true).await.write(&e1).unwrap();
+    let low = edge(&low_dir, low_port, mid_port, &e1).await;
+    let (runs0, runs1) = (Arc::<Mutex<Runs>>::default(), Arc::<Mutex<Runs>>::default());
+    let dev0 = device(enroll(&low, "d0", false).await, runs0.clone());
+    let dev1 = device(enroll(&mid, "d1", false).await, runs1.clone());
+
+    let (mut deep, mut near, mut own) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3 {
+        for i in 0..60 {
+            deep.push(send(&top.queue, "m1/e1/d0", format!("deep-{round}-{i}")).await);
+            if i % 2 == 0 {
+                near.push(send(&top.queue, "m1/d1", format!("near-{round}-{i}")).await);
+                own.push(send(&mid.queue, "e1/d0", format!("own-{round}-{i}")).await);
+            }
+            if i % 25 == 10 {
+                top.link.disconnect("m1");
+                mid.link.disconnect("e1");
+            }
+        }
+        if round == 1 {
+            // The middle box restarts with records in flight both ways.
+            mid.stop().await;
+            mid = edge(&mid_dir, mid_port, top_port, &m1).await;
+        }
+    }
+    let ended = all_end(&top.queue, &deep, "top").await;
+    let wrong = ended
+        .iter()
+        .find(|(_, s, d)| *s != State::Succeeded || d != "m1/e1/d0");
+    assert!(wrong.is_none(), "{wrong:?}");
+    let ended = all_end(&top.queue, &near, "top").await;
+    let wrong = ended
+        .iter()
+        .find(|(_, s, d)| *s != State::Succeeded || d != "m1/d1");
+    assert!(wrong.is_none(), "{wrong:?}");
+    let ended = all_end(&mid.queue, &own, "mid").await;
+    let wrong = ended
+        .iter()
+        .find(|(_, s, d)| *s != State::Succeeded || d != "e1/d0");
+    assert!(wrong.is_none(), "{wrong:?}");
+    let v = top.queue.show(deep[0]).await.unwrap();
+    assert_eq!(v.outcome, Some(Outcome::Ok(b"deep-0-0".to_vec())));
+    // A broadcast two tiers down names its children by the whole path,
+    // and the top sees the devices of both boxes below it online.
+    low.queue
+        .relabel(outpost::queue::core::Relabel {
+            device: "d0".into(),
+            add_tags: vec!["line".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let b = send(&top.queue, "m1/e1/tag:line", "all".into()).await;
+    let ended = all_end(&top.queue, &[b], "top").await;
+    assert_eq!(ended[0].1, State::Succeeded, "{ended:?}");
+    let v = top.queue.show(b).await.unwrap();
+    let children: Vec<_> = v.children.iter().map(|c| c.device.as_str()).collect();
+    assert_eq!(children, ["m1/e1/d0"], "{v:?}");
+    deep.push(v.children[0].id);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let devices = top.queue.devices().await.unwrap();
+        let online = |id: &str| devices.iter().any(|d| d.record.id == id && d.online);
+        if online("m1/e1/d0") && online("m1/d1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the devices below show online on the top: {devices:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A cancel from the top of a command the bottom box holds for a
+    // device that is away.
+    let dx = enroll(&low, "dx", false).await;
+    let id = send(&top.queue, "m1/e1/dx", "never".into()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while low.queue.show(id).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never handed down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    outbox_drained(&low).await;
+    outbox_drained(&mid).await;
+    let v = top.queue.cancel(id).await.unwrap();
+    assert!(!v.state.is_final(), "a box below holds it: {v:?}");
+    let ended = all_end(&top.queue, &[id], "top").await;
+    assert_eq!(ended[0].1, State::Cancelled, "{ended:?}");
+    for (name, q) in [("mid", &mid.queue), ("low", &low.queue)] {
+        let s = q.show(id).await.unwrap().state;
+        assert_eq!(s, State::Cancelled, "on {name}");
+    }
+    let dev = device(dx, Arc::default());
+    let marker = send(&low.queue, "dx", "after".into()).await;
+    all_end(&low.queue, &[marker], "low").await;
+    dev.abort();
+
+    outbox_drained(&low).await;
+    outbox_drained(&mid).await;
+    dev0.abort();
+    dev1.abort();
+    low.stop().await;
+    mid.stop().await;
+    top.stop().await;
+    for (runs, ids) in [
+        (&runs0, deep.iter().chain(&own)),
+        (&runs1, near.iter().chain(&[])),
+    ] {
+        let r = runs.lock().unwrap();
+        let ids: Vec<_> = ids.collect();
+        for id in &ids {
+            assert_eq!(r.executed.get(id), Some(&1), "{id} ran once");
+        }
+        assert_eq!(r.executed.len(), ids.len(), "nothing else ran");
+    }
+    let (on_top, on_mid, on_low) = (
+        results_on_disk(&top_dir),
+        results_on_disk(&mid_dir),
+        results_on_disk(&low_dir),
+    );
+    let once = |on: &HashMap<CommandId, Vec<(State, String)>>, id: &CommandId, box_: &str| {
+        assert_eq!(
+            on.get(id).map(Vec::len),
+            Some(1),
+            "{id} ended once on {box_}: {:?}",
+            on.get(id)
+        );
+    };
+    for id in deep.iter().chain(&[id]) {
+        once(&on_top, id, "top");
+        once(&on_mid, id, "mid");
+        once(&on_low, id, "low");
+    }
+    for id in &near {
+        once(&on_top, id, "top");
+        once(&on_mid, id, "mid");
+    }
+    for id in &own {
+        once(&on_mid, id, "mid");
+        once(&on_low, id, "low");
+        assert!(!on_top.contains_key(id) || on_top[id].len() == 1, "{id}");
+    }
+}

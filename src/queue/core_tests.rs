@@ -2772,3 +2772,60 @@ fn check_invariants_names_what_a_corrupted_state_broke() {
     c.results.remove(&a);
     assert_eq!(c.check_invariants(), Ok(()));
 }
+
+/// A box in the middle tier (a hub with an uplink of its own) passes up
+/// the end its edge reported as it records it: naming the device below by
+/// its path, with the edge's attempts and children. It used to amend its
+/// record after the outbox had copied it, so the top hub showed the
+/// gateway's name (`m1/e1`) as the device, and no children.
+#[test]
+fn a_middle_box_passes_up_the_device_and_children_its_edge_reported() {
+    let mut mid = hub();
+    mid.outbox = Some(1000);
+    mid.core.enable_outbox(1000);
+    let mut low = with_outbox(1000, 0);
+    // Both cores are seeded alike: another clock keeps the children's ids
+    // apart from the middle box's.
+    low.advance(5);
+    for d in ["d0", "d1"] {
+        low.core.enroll(labelled(d, &["line"], &[]), low.now);
+    }
+    low.round();
+    mid.connect("e1");
+    let direct = mid.send("e1/d0", SendOptions::default()).unwrap().id;
+    let all = mid.send("e1/tag:line", SendOptions::default()).unwrap().id;
+    take(&mut low, direct, "d0");
+    take(&mut low, all, "tag:line");
+    for id in [direct, all] {
+        mid.core.handed("e1", id, mid.now).unwrap();
+    }
+    mid.round();
+    low.connect("d0");
+    low.connect("d1");
+    low.ack("d0", direct, ok()).unwrap();
+    for c in low.view(all).children {
+        low.ack(&c.device, c.id, ok()).unwrap();
+    }
+    up(&mut mid, outbox_of(&low));
+    let passed_up = |id: CommandId| {
+        up_items(&mid)
+            .into_iter()
+            .find_map(|(_, _, i)| match i {
+                UpItem::Result(r) if r.id == id => Some(r),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{id}'s end is in the middle box's outbox"))
+    };
+    let r = passed_up(direct);
+    assert_eq!((r.state, r.device.as_str()), (State::Succeeded, "e1/d0"));
+    assert_eq!(r.attempts, 1);
+    let r = passed_up(all);
+    assert_eq!(r.state, State::Succeeded);
+    let children: Vec<_> = r.children.iter().map(|c| c.device.as_str()).collect();
+    assert_eq!(children, ["e1/d0", "e1/d1"], "{r:?}");
+    assert_eq!(
+        mid.disk.result(direct).unwrap().device,
+        "e1/d0",
+        "and on its disk"
+    );
+}

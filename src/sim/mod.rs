@@ -87,6 +87,10 @@ pub struct Config {
     pub rollouts: bool,
     /// Operators run and cancel workflows (`sim/workflows.rs`).
     pub workflows: bool,
+    /// Boxes below `edge-1`, each with `devices_per_edge` devices of its
+    /// own: a hub above a hub (`edge-1/sub-1/dev-0` from the top). Off by
+    /// default, so the default seeds keep their runs.
+    pub sub_edges: usize,
     /// Keep a human-readable trace (the hash is kept either way).
     pub trace: bool,
 }
@@ -102,6 +106,7 @@ impl Default for Config {
             dup_device_frames: false,
             rollouts: true,
             workflows: true,
+            sub_edges: 0,
             trace: false,
         }
     }
@@ -345,8 +350,12 @@ struct Sent {
     /// A rollout's or a workflow run's: its runner owns it (no
     /// operator retries it).
     job: bool,
-    /// Its target is through a box below (`edge-1/…`).
-    below: bool,
+    /// The boxes whose record of it may follow an Expired of their own
+    /// clock with what the box below did (one bit per node): those that
+    /// hand it down on its way to its target's box (the sender and each
+    /// box between), and the boxes above the sender, whose record mirrors
+    /// the sender's. Empty for a target of the sender's own devices.
+    via: u64,
 }
 
 pub struct World {
@@ -433,6 +442,20 @@ impl World {
                 w.add_device(n, m);
             }
         }
+        // The middle tier: `edge-1` is the hub of these, as the hub is its.
+        let subs = if cfg.edges > 0 { cfg.sub_edges } else { 0 };
+        for s in 1..=subs {
+            let name = format!("sub-{s}");
+            let mut rec = DeviceRecord::new(name.clone());
+            rec.tags.push(GATEWAY_TAG.into());
+            w.nodes[1].core.enroll(rec, T0);
+            let n = w.add_node(name.clone(), true);
+            let l = w.add_link(1, name, Peer::Edge(n));
+            w.nodes[n].uplink = Some(l);
+            for m in 0..cfg.devices_per_edge {
+                w.add_device(n, m);
+            }
+        }
         for n in 0..w.nodes.len() {
             // Enrollment is set-up, not under test: no faults yet.
             w.round(n);
@@ -505,6 +528,67 @@ impl World {
             last_at: [0; 2],
         });
         l
+    }
+
+    /// The box whose uplink `n` is on.
+    fn parent(&self, n: usize) -> Option<usize> {
+        self.nodes[n].uplink.map(|l| self.links[l].node)
+    }
+
+    /// How box `top` names box `n` in a target (`edge-1/sub-1`; empty for
+    /// itself), if `n` is `top` or below it.
+    fn path_from(&self, top: usize, n: usize) -> Option<String> {
+        let mut names = Vec::new();
+        let mut at = n;
+        while at != top {
+            names.push(self.nodes[at].name.as_str());
+            at = self.parent(at)?;
+        }
+        names.reverse();
+        Some(names.join("/"))
+    }
+
+    /// The boxes below `n`, at any depth, in the order they were made.
+    fn below_of(&self, n: usize) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&x| x != n && self.path_from(n, x).is_some())
+            .collect()
+    }
+
+    /// Whether `n` is a hub to any box (it forwards and takes `Up`s).
+    fn is_hub(&self, n: usize) -> bool {
+        self.links
+            .iter()
+            .any(|l| l.node == n && matches!(l.peer, Peer::Edge(_)))
+    }
+
+    /// The box `path` (`edge-1/sub-1`) names, seen from `from`.
+    fn node_at(&self, from: usize, path: &str) -> Option<usize> {
+        let mut at = from;
+        for name in path.split('/') {
+            let &l = self.link_of.get(&(at, name.to_string()))?;
+            let Peer::Edge(e) = self.links[l].peer else {
+                return None;
+            };
+            at = e;
+        }
+        Some(at)
+    }
+
+    /// The box a target sent on `n` names devices of (`edge-1/sub-1/dev-0`
+    /// names `sub-1`'s), and `Sent::via` of a command sent so.
+    fn target_box(&self, n: usize, target: &str) -> (usize, u64) {
+        let to = target
+            .rsplit_once('/')
+            .and_then(|(path, _)| self.node_at(n, path))
+            .unwrap_or(n);
+        let mut via = 0;
+        let mut at = to;
+        while let Some(p) = self.parent(at).filter(|_| to != n) {
+            via |= 1 << p;
+            at = p;
+        }
+        (to, via)
     }
 
     fn node_now(&self, n: usize) -> Millis {
@@ -613,6 +697,7 @@ impl World {
     /// at most once on a box.
     fn flushed(&mut self, n: usize, done: Vec<Batch>) {
         let mut twice = Vec::new();
+        let hub = self.is_hub(n);
         let sent = &self.sent;
         let node = &mut self.nodes[n];
         for b in &done {
@@ -623,7 +708,7 @@ impl World {
                 // ended and forgot (retention) again: the known limit in
                 // `gateway::remote_result`. A resurrection would also run
                 // it again on its device, which the end checks catch.
-                let forgotten = !node.edge && node.pruned.contains(&r.id);
+                let forgotten = hub && node.pruned.contains(&r.id);
                 // And it takes what its edge did over an Expired of its
                 // own clock.
                 let relearned = node.ended.get(&r.id) == Some(&State::Expired)
@@ -1159,7 +1244,10 @@ impl World {
     /// hub had handed down must come down again and end once, the
     /// result of each on the hub exactly once.
     fn op_wipe(&mut self, e: usize) {
-        if !self.nodes[e].edge {
+        // Not a box in the middle tier: its boxes below would have to be
+        // enrolled again, and what they reported to it only is gone with
+        // it (not simulated).
+        if !self.nodes[e].edge || self.is_hub(e) {
             return;
         }
         self.drop_links_of(e);
@@ -1299,13 +1387,17 @@ impl World {
 
     fn op_send(&mut self, n: usize) {
         let now = self.node_now(n);
-        let edges = self.nodes.iter().filter(|x| x.edge).count() as u64;
-        let hub_local = !self.nodes[n].edge && self.devices.iter().any(|d| d.node == n);
-        let (prefix, edge) = if self.nodes[n].edge || (hub_local && self.rng.chance(200)) {
+        // A hub sends most to the boxes below it; a box in the middle
+        // tier, half to its own devices.
+        let below = self.below_of(n);
+        let local = self.devices.iter().any(|d| d.node == n);
+        let share = if self.nodes[n].edge { 500 } else { 200 };
+        let (prefix, edge) = if below.is_empty() || (local && self.rng.chance(share)) {
             (String::new(), n)
         } else {
-            let e = 1 + self.rng.below(edges) as usize;
-            (format!("{}/", self.nodes[e].name), e)
+            let e = below[self.rng.below(below.len() as u64) as usize];
+            let path = self.path_from(n, e).unwrap_or_default();
+            (format!("{path}/"), e)
         };
         let devices = self
             .devices
@@ -1377,7 +1469,7 @@ impl World {
                     index: 0,
                     wiped: false,
                     job: false,
-                    below: target.contains('/'),
+                    via: self.target_box(n, &target).1,
                 };
                 self.note_sent(rc.id, sent, &target);
             }
@@ -1488,7 +1580,7 @@ impl World {
                     index: 0,
                     wiped: false,
                     job: false,
-                    below: false,
+                    via: 0,
                 };
                 self.report.counts.device_sends += 1;
                 self.note_sent(rc.id, sent, &format!("{from} → {to}"));
@@ -1856,18 +1948,23 @@ impl World {
         self.check();
         self.check_rollouts_end();
         self.check_workflows_end();
-        // Everything is connected again: the hub shows every device below
-        // an edge online (presence through crashes of either box).
-        let views = self.nodes[0].core.devices();
-        for d in 0..self.devices.len() {
-            let e = self.devices[d].node;
-            if !self.nodes[e].edge {
-                continue;
-            }
-            let id = format!("{}/{}", self.nodes[e].name, self.devices[d].name);
-            let online = views.iter().find(|v| v.record.id == id).map(|v| v.online);
-            if online != Some(true) {
-                self.violation(0, format!("{id} connected but shown {online:?} on the hub"));
+        // Everything is connected again: every hub shows every device
+        // below it online, however deep (presence through crashes of any
+        // box on the way).
+        let hubs: Vec<usize> = (0..self.nodes.len()).filter(|&h| self.is_hub(h)).collect();
+        for h in hubs {
+            let views = self.nodes[h].core.devices();
+            for d in 0..self.devices.len() {
+                let path = match self.path_from(h, self.devices[d].node) {
+                    Some(p) if !p.is_empty() => p,
+                    _ => continue,
+                };
+                let id = format!("{path}/{}", self.devices[d].name);
+                let online = views.iter().find(|v| v.record.id == id).map(|v| v.online);
+                if online != Some(true) {
+                    let name = self.nodes[h].name.clone();
+                    self.violation(h, format!("{id} connected but shown {online:?} on {name}"));
+                }
             }
         }
         let sent: Vec<(CommandId, Sent)> =
@@ -1890,7 +1987,10 @@ impl World {
                     );
                     continue;
                 }
-                Lookup::Finished { state, .. } => state,
+                Lookup::Finished { state, seq } => {
+                    self.check_ran_on(&s, id, seq, state);
+                    state
+                }
             };
             if !self.nodes[s.node].ended.contains_key(&id) {
                 self.violation(
@@ -1933,6 +2033,28 @@ impl World {
         }
     }
 
+    /// A command that succeeded on a device names it, on its box and on
+    /// every box above by the whole path (`edge-1/sub-1/dev-0`), so `show`
+    /// anywhere says where it ran.
+    fn check_ran_on(&mut self, s: &Sent, id: CommandId, seq: u64, state: State) {
+        let Some(d) = s.device.filter(|_| state == State::Succeeded) else {
+            return;
+        };
+        let dev = &self.devices[d];
+        let want = match self.path_from(s.node, dev.node).as_deref() {
+            Some("") | None => dev.name.clone(),
+            Some(path) => format!("{path}/{}", dev.name),
+        };
+        let image = self.nodes[s.node].disk.view();
+        let got = image.result(seq, id).map(|r| r.device.clone());
+        if got.as_ref().is_some_and(|g| *g != want) {
+            self.violation(
+                s.node,
+                format!("{id} succeeded on {want} but its result names {got:?}"),
+            );
+        }
+    }
+
     /// Where a command is on a box's disk, for a violation's message.
     fn on_disk(&self, n: usize, id: CommandId) -> String {
         let image = self.nodes[n].disk.view();
@@ -1970,9 +2092,9 @@ impl World {
     }
 }
 
-/// Whether command `id` was sent on box `n` through a box below it.
+/// Whether box `n` handed command `id` down to a box below it.
 fn sent_below(sent: &BTreeMap<CommandId, Sent>, n: usize, id: CommandId) -> bool {
-    sent.get(&id).is_some_and(|s| s.node == n && s.below)
+    sent.get(&id).is_some_and(|s| s.via & (1 << n) != 0)
 }
 
 /// Run one seed: `steps` random steps, then settle and check the end.

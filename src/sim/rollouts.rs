@@ -381,7 +381,7 @@ impl World {
                                 index: 0,
                                 wiped: false,
                                 job: true,
-                                below: target.contains('/'),
+                                via: self.target_box(n, &target).1,
                             };
                             self.note_sent(rc.id, s, &target);
                         }
@@ -417,10 +417,10 @@ impl World {
     }
 
     /// The device box `n` names `name`: its own, or one below an edge
-    /// (`edge-1/dev-0`).
+    /// (`edge-1/dev-0`, `edge-1/sub-1/dev-0`).
     pub(super) fn device_named(&self, n: usize, name: &str) -> Option<usize> {
-        let (node, dev) = match name.split_once('/') {
-            Some((edge, dev)) => (self.nodes.iter().position(|x| x.name == edge)?, dev),
+        let (node, dev) = match name.rsplit_once('/') {
+            Some((path, dev)) => (self.node_at(n, path)?, dev),
             None => (n, name),
         };
         self.devices

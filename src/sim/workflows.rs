@@ -90,19 +90,14 @@ impl World {
         t
     }
 
-    /// Devices box `n` may name in a step: its own, and from the hub those
-    /// below the edges.
+    /// Devices box `n` may name in a step: its own, and those of the
+    /// boxes below it (`edge-1/dev-0`).
     fn targets_of(&self, n: usize) -> Vec<String> {
         self.devices
             .iter()
-            .filter_map(|d| {
-                if d.node == n {
-                    Some(d.name.clone())
-                } else if n == 0 && self.nodes[d.node].edge {
-                    Some(format!("{}/{}", self.nodes[d.node].name, d.name))
-                } else {
-                    None
-                }
+            .filter_map(|d| match self.path_from(n, d.node)?.as_str() {
+                "" => Some(d.name.clone()),
+                path => Some(format!("{path}/{}", d.name)),
             })
             .collect()
     }
@@ -290,7 +285,7 @@ impl World {
                                 index: 0,
                                 wiped: false,
                                 job: true,
-                                below: target.contains('/'),
+                                via: self.target_box(n, &target).1,
                             };
                             self.note_sent(rc.id, s, &target);
                         }

@@ -15,6 +15,23 @@ impl QueueCore {
         error: Option<String>,
         now: Millis,
     ) {
+        self.finish_as(id, state, outcome, error, now, |_| {});
+    }
+
+    /// `finish`, with the record amended before it is recorded: the end a
+    /// box below reported names its own device, attempts and children. The
+    /// record is copied to the outbox and published as it is recorded, so
+    /// a change made after would reach neither (a middle box sent its hub
+    /// the gateway's name for the device, and no children).
+    pub(super) fn finish_as(
+        &mut self,
+        id: CommandId,
+        state: State,
+        outcome: Option<Outcome>,
+        error: Option<String>,
+        now: Millis,
+        amend: impl FnOnce(&mut ResultRecord),
+    ) {
         let on = self.release(id);
         let Some(l) = self.live.remove(&id) else {
             return;
@@ -60,7 +77,7 @@ impl QueueCore {
             _ => l.attempts,
         };
         let keep_command = matches!(state, State::Dead | State::Failed);
-        let record = ResultRecord {
+        let mut record = ResultRecord {
             id,
             gen: l.gen,
             target: l
@@ -100,6 +117,7 @@ impl QueueCore {
             }),
             children: Vec::new(),
         };
+        amend(&mut record);
         if keep_command {
             self.payload_from.push((self.finished.len(), l.group));
         }

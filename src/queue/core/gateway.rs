@@ -346,17 +346,16 @@ impl QueueCore {
         let id = rec.id;
         self.remote.remove(&id);
         if self.live.get(&id).is_some_and(|l| l.device == gw) {
-            let outcome = rec.outcome.clone();
+            let (state, outcome, error) = (rec.state, rec.outcome.clone(), rec.error.clone());
             // The edge already decided: no cancel goes back down.
-            self.finish_quietly(id, rec.state, outcome, rec.error.clone(), now);
-            if let Some(r) = self.finished.last_mut().filter(|r| r.id == id) {
+            self.finish_quietly(id, state, outcome, error, now, |r| {
                 if !rec.never_held() {
                     r.device = rec.device;
                 }
                 r.attempts = rec.attempts;
                 r.children = rec.children;
                 r.finished_at = rec.finished_at;
-            }
+            });
             self.stats.up_results_total += 1;
             return;
         }
@@ -412,6 +411,7 @@ impl QueueCore {
         outcome: Option<Outcome>,
         error: Option<String>,
         now: Millis,
+        amend: impl FnOnce(&mut ResultRecord),
     ) {
         // `finish` tells the device to stop a command in flight that ends
         // without an outcome; this one ended on the device.
@@ -422,7 +422,7 @@ impl QueueCore {
             self.release(id);
             self.live.get_mut(&id).expect("checked").phase = Phase::Waiting;
         }
-        self.finish(id, state, outcome, error, now);
+        self.finish_as(id, state, outcome, error, now, amend);
     }
 
     /// Cancel a command that the edge holds or may hold (forwarded,

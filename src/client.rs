@@ -105,7 +105,7 @@ impl ClientError {
                 ErrorCode::Revoked | ErrorCode::NotEnrolled | ErrorCode::UnsupportedVersion
             ),
             ClientError::Closed { close_code, .. } => {
-                use crate::device::close_code as cc;
+                use crate::proto::close_code as cc;
                 matches!(
                     close_code.map(|c| c as u32),
                     Some(cc::REVOKED | cc::IN_USE | cc::SUPERSEDED)
@@ -127,7 +127,7 @@ impl ClientError {
             }
             ClientError::Closed { close_code, .. } => !matches!(
                 close_code.map(|c| c as u32),
-                None | Some(crate::device::close_code::SHUTDOWN)
+                None | Some(crate::proto::close_code::SHUTDOWN)
             ),
             _ => false,
         }
@@ -171,14 +171,14 @@ fn conn_error(e: quinn::ConnectionError, addr: SocketAddr) -> ClientError {
             let code = a.error_code.into_inner();
             let reason = String::from_utf8_lossy(&a.reason).into_owned();
             let what = match code as u32 {
-                crate::device::close_code::REVOKED => format!("revoked: {reason}"),
-                crate::device::close_code::REPLACED => format!("replaced: {reason}"),
-                crate::device::close_code::SHUTDOWN => format!("box shutting down: {reason}"),
-                crate::device::close_code::IN_USE if reason.is_empty() => {
+                crate::proto::close_code::REVOKED => format!("revoked: {reason}"),
+                crate::proto::close_code::REPLACED => format!("replaced: {reason}"),
+                crate::proto::close_code::SHUTDOWN => format!("box shutting down: {reason}"),
+                crate::proto::close_code::IN_USE if reason.is_empty() => {
                     "this bundle is in use elsewhere: another live device holds this id with it; give each device its own bundle (`outpost enroll ID` on the box)".into()
                 }
-                crate::device::close_code::IN_USE => reason,
-                crate::device::close_code::SUPERSEDED => format!(
+                crate::proto::close_code::IN_USE => reason,
+                crate::proto::close_code::SUPERSEDED => format!(
                     "{}; install the device's newest bundle (or issue one with `outpost enroll ID --force`)",
                     if reason.is_empty() {
                         "superseded: this device was enrolled again"
@@ -1775,8 +1775,8 @@ mod tests {
         }
         .is_permanent());
         for code in [
-            crate::device::close_code::IN_USE,
-            crate::device::close_code::SUPERSEDED,
+            crate::proto::close_code::IN_USE,
+            crate::proto::close_code::SUPERSEDED,
         ] {
             let e = ClientError::Closed {
                 what: String::new(),
@@ -1786,13 +1786,13 @@ mod tests {
         }
         let replaced = ClientError::Closed {
             what: String::new(),
-            close_code: Some(crate::device::close_code::REPLACED.into()),
+            close_code: Some(crate::proto::close_code::REPLACED.into()),
         };
         assert!(!replaced.is_permanent() && replaced.is_refusal_like());
         // A box that is away or restarting is waited for, never given up on.
         let shutdown = ClientError::Closed {
             what: String::new(),
-            close_code: Some(crate::device::close_code::SHUTDOWN.into()),
+            close_code: Some(crate::proto::close_code::SHUTDOWN.into()),
         };
         assert!(!shutdown.is_refusal_like());
         assert!(!ClientError::Timeout {

@@ -32,27 +32,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tracing::Instrument;
 
-/// QUIC application close codes the box uses (the reason text says more).
 mod fetch;
 
-pub mod close_code {
-    /// Normal end.
-    pub const NORMAL: u32 = 0;
-    /// After a fatal `Error` frame (see its code).
-    pub const PROTOCOL: u32 = 1;
-    /// The device was revoked.
-    pub const REVOKED: u32 = 2;
-    /// Another connection of the same device took over.
-    pub const REPLACED: u32 = 3;
-    /// The box is shutting down; reconnect later.
-    pub const SHUTDOWN: u32 = 4;
-    /// This bundle is in use elsewhere: another live connection holds the
-    /// id and the two kept taking it from each other. Do not reconnect.
-    pub const IN_USE: u32 = 5;
-    /// The device was enrolled again: this certificate is no longer its
-    /// identity. Do not reconnect with it.
-    pub const SUPERSEDED: u32 = 6;
-}
+// The QUIC close codes are the wire's: the device library reads them too.
+pub use crate::proto::close_code;
 
 /// Telemetry a device sent (`DeviceFrame::Event`), handed to the shell.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -432,6 +432,7 @@ pub fn hostname() -> Option<String> {
     ok.then(|| name.to_string())
 }
 
+#[cfg(feature = "box")]
 fn to_san(name: &str) -> Result<SanType, IdentityError> {
     let bad = |detail: String| IdentityError::BadSan {
         name: name.to_string(),
@@ -622,6 +623,7 @@ fn load_key(path: &Path) -> Result<KeyPair, IdentityError> {
     })
 }
 
+#[cfg(feature = "box")]
 /// Whether the certificate at `path` names every one of `names` (so a new
 /// `--san` makes `init` reissue the server certificate; devices verify the
 /// fixed [`SERVER_NAME`], so they are unaffected).
@@ -674,6 +676,7 @@ impl Identity {
         d.join(CA_CERT).exists() && d.join(CA_KEY).exists()
     }
 
+    #[cfg(feature = "box")]
     /// Refuse a data dir that holds a store but not both CA files: its
     /// devices trust only the CA they were enrolled under, so minting a new
     /// one would lock all of them out while the box looks healthy. Only a
@@ -696,6 +699,7 @@ impl Identity {
         Ok(())
     }
 
+    #[cfg(feature = "box")]
     /// Check this CA against the one `data_dir`'s store recorded (`None`:
     /// nothing recorded yet, a store from before boxes kept it).
     pub fn check_store_ca(
@@ -718,6 +722,7 @@ impl Identity {
         }
     }
 
+    #[cfg(feature = "box")]
     /// Load the identity in `data_dir`, creating what is missing: the CA on
     /// first start (only while the data dir holds no store), and the server certificate (with `sans`, see
     /// [`server_sans`]) whenever it is absent. An existing CA is never

@@ -9,43 +9,68 @@
 // Every write to stdout goes through `stdout` (a closed pipe ends quietly).
 #![warn(clippy::print_stdout)]
 
+#[cfg(feature = "box")]
 pub mod admin;
+#[cfg(feature = "box")]
 pub mod alert;
 pub mod artifact;
 pub mod audit;
+#[cfg(feature = "box")]
 pub mod backup;
+#[cfg(feature = "box")]
 pub mod bench;
+#[cfg(feature = "box")]
 pub mod cli;
 pub mod client;
 pub mod command;
+#[cfg(feature = "box")]
 pub mod config;
+#[cfg(feature = "box")]
 pub mod contest;
+#[cfg(feature = "box")]
 pub mod device;
 pub mod disk;
 pub mod duration;
+#[cfg(feature = "box")]
 pub mod enroll;
+#[cfg(feature = "box")]
 pub mod exit;
 #[doc(hidden)]
+#[cfg(feature = "box")]
 pub mod fuzzing;
+#[cfg(feature = "box")]
 pub mod http;
 pub mod identity;
+#[cfg(feature = "box")]
 pub mod jobs;
 pub mod journal;
+#[cfg(feature = "box")]
 pub mod metrics;
+#[cfg(feature = "box")]
 pub mod monitor;
+#[cfg(feature = "box")]
 pub mod notify;
 pub mod proto;
+#[cfg(feature = "box")]
 pub mod queue;
 pub mod refusal;
+#[cfg(feature = "box")]
 pub mod relay;
+#[cfg(feature = "box")]
 pub mod rollout;
+#[cfg(feature = "box")]
 pub mod route;
+#[cfg(feature = "box")]
 pub mod serve;
+#[cfg(feature = "box")]
 pub mod sim;
 pub mod stdout;
+#[cfg(feature = "box")]
 pub mod store;
 pub mod trust;
+#[cfg(feature = "box")]
 pub mod upstream;
+#[cfg(feature = "box")]
 pub mod workflow;
 
 pub use command::{Command, CommandId, DeviceId, Millis, Outcome, Priority, SendOptions, State};

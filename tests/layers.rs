@@ -189,7 +189,8 @@ fn the_device_side_names_no_store_and_no_shell_of_the_box() {
         "crate::admin",
         "crate::serve",
         "crate::http",
-        // crate::device is allowed: the close codes are shared with it.
+        // The close codes are the wire's (`proto::close_code`).
+        "crate::device",
         "crate::cli",
     ];
     let mut broken = Vec::new();
@@ -208,6 +209,68 @@ fn the_device_side_names_no_store_and_no_shell_of_the_box() {
         "the device side reaches into the box:\n{}",
         broken.join("\n")
     );
+}
+
+/// Issue 22: the device library is the crate without its `box` feature,
+/// and what it pulls in has none of the box's big dependencies (`.ci/run`
+/// builds it so, with `examples/device.rs`). `cargo tree` reads only the
+/// lockfile and the manifests, offline.
+#[test]
+fn the_device_library_builds_without_the_boxs_dependencies() {
+    let tree = |features: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO"))
+            .current_dir(root())
+            .args([
+                "tree",
+                "--offline",
+                "--locked",
+                "-e",
+                "normal",
+                "--prefix",
+                "none",
+            ])
+            .args(features)
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "cargo tree: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).expect("utf-8");
+        let mut crates: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        crates.sort();
+        crates.dedup();
+        crates
+    };
+    let device = tree(&["--no-default-features"]);
+    let full = tree(&[]);
+    let the_box = [
+        "sled",
+        "axum",
+        "async-nats",
+        "clap",
+        "hyper",
+        "tracing-subscriber",
+        "toml",
+        "age",
+    ];
+    for name in the_box {
+        assert!(
+            full.iter().any(|c| c == name),
+            "the box has {name}: {full:?}"
+        );
+        assert!(
+            !device.iter().any(|c| c == name),
+            "the device library pulls in {name}"
+        );
+    }
+    for name in ["quinn", "rustls", "tokio", "postcard"] {
+        assert!(device.iter().any(|c| c == name), "{name}: {device:?}");
+    }
 }
 
 #[test]

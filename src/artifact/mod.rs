@@ -9,14 +9,22 @@
 //! the signed claims, or an unsigned envelope), so no record format
 //! changed for it.
 
+#[cfg(feature = "box")]
 pub mod budget;
+#[cfg(feature = "box")]
 pub mod chunker;
+#[cfg(feature = "box")]
 pub mod chunks;
+#[cfg(feature = "box")]
 pub mod collect;
 pub mod manifest;
+#[cfg(feature = "box")]
 pub mod pace;
+#[cfg(feature = "box")]
 pub mod retention;
+#[cfg(feature = "box")]
 pub mod shelf;
+#[cfg(feature = "box")]
 pub mod stage;
 pub mod wire;
 

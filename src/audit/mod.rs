@@ -7,6 +7,7 @@
 //! with its rounds; the store keeps the bytes in a tree of their own.
 
 pub mod chain;
+#[cfg(feature = "box")]
 pub mod request;
 
 pub use chain::{

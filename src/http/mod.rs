@@ -219,18 +219,14 @@ async fn page() -> impl IntoResponse {
 async fn metrics(State(st): State<St>) -> Response {
     match st.ctx.queue.stats().await {
         Ok(q) => {
-            let mut text = crate::metrics::render(&q, Some(st.ctx.link.stats()));
-            if let Some(m) = &st.ctx.monitor {
-                crate::metrics::render_alerts(&mut text, &m.alert_gauges());
-            }
-            (
-                [(
-                    header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )],
-                text,
-            )
-                .into_response()
+            let alerts = st
+                .ctx
+                .monitor
+                .as_ref()
+                .map(|m| m.alert_gauges())
+                .unwrap_or_default();
+            let text = crate::metrics::render(&q, Some(st.ctx.link.stats()), &alerts);
+            ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -64,6 +64,22 @@ pub fn check_name(text: &str, what: &'static str) -> Result<(), NameError> {
 }
 
 impl<'a> Target<'a> {
+    /// What the box at the end of the path resolves: `edge-1/sub-1/tag:x`
+    /// is `tag:x` on `sub-1`, however many boxes it passes (a check of one
+    /// level, `rest` alone, took `sub-1/tag:x` for a device). Anything
+    /// else is itself.
+    pub fn last(self) -> Target<'a> {
+        let mut t = self;
+        while let Target::Edge { rest, .. } = t {
+            match Target::parse(rest) {
+                Ok(next) => t = next,
+                // `parse` checked every level already.
+                Err(_) => break,
+            }
+        }
+        t
+    }
+
     /// Parse `dev-7`, `tag:T`, `cap:C` or `edge/…`.
     pub fn parse(text: &'a str) -> Result<Self, NameError> {
         if let Some((edge, rest)) = text.split_once('/') {
@@ -193,6 +209,15 @@ mod tests {
                 rest: "tag:x"
             })
         );
+        for (text, last) in [
+            ("edge-1/tag:x", Target::Tag("x")),
+            ("edge-1/sub-1/tag:x", Target::Tag("x")),
+            ("a/b/c/cap:cam", Target::Cap("cam")),
+            ("edge-1/sub-1/dev-0", Target::Device("dev-0")),
+            ("dev-0", Target::Device("dev-0")),
+        ] {
+            assert_eq!(Target::parse(text).unwrap().last(), last, "{text}");
+        }
         for bad in [
             "", "tag:", "cap:", "foo:bar", "a b", "tag:a:b", "e/", "/d", "*",
         ] {

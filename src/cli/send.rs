@@ -150,8 +150,11 @@ pub(super) async fn deliver(
 /// edge), the workflow file packed with its payload files, checked here
 /// first. `Err(exit code)` once the error is printed.
 pub fn send_payload(a: &SendArgs, target: &str) -> anyhow::Result<Result<Vec<u8>, i32>> {
+    // For the runner of the box at the end of the path, however deep.
     let to_workflow = match crate::route::Target::parse(target) {
-        Ok(crate::route::Target::Edge { rest, .. }) => rest == crate::workflow::runner::WORKFLOW,
+        Ok(t @ crate::route::Target::Edge { .. }) => {
+            t.last() == crate::route::Target::Device(crate::workflow::runner::WORKFLOW)
+        }
         _ => false,
     };
     Ok(Ok(match (&a.file, a.payload.as_deref()) {

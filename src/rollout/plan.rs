@@ -473,9 +473,9 @@ impl Plan {
         let mut through = 0;
         for t in &self.target {
             match crate::route::Target::parse(t) {
-                Ok(crate::route::Target::Edge { rest, .. }) => {
+                Ok(edge @ crate::route::Target::Edge { .. }) => {
                     through += 1;
-                    if rest == super::ROLLOUT {
+                    if edge.last() == crate::route::Target::Device(super::ROLLOUT) {
                         return Err(format!("target `{t}`: name the devices below the edge (edge-1/tag:line-3), not its runner"));
                     }
                 }

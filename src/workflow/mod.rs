@@ -376,9 +376,7 @@ impl Workflow {
             let min_success = match &s.min_success {
                 None => None,
                 Some(q) => {
-                    if !matches!(parsed, Target::Tag(_) | Target::Cap(_))
-                        && !matches!(parsed, Target::Edge { rest, .. } if rest.starts_with("tag:") || rest.starts_with("cap:"))
-                    {
+                    if !matches!(parsed.last(), Target::Tag(_) | Target::Cap(_)) {
                         return Err(step_err(
                             at(q.span()),
                             "min_success applies to a tag: or cap: target".into(),
@@ -1404,10 +1402,26 @@ payload = "start-previous-firmware"
                 "write a count (3) or a percentage",
                 8,
             ),
+            (
+                format!("name = \"x\"\n{A}[steps.b]\ntarget = \"edge-1/sub-1/dev-0\"\npayload = \"p\"\nmin_success = 1\n"),
+                "min_success applies to a tag: or cap: target",
+                8,
+            ),
             (b("when = { step = \"a\", state = \"done\" }\n"), "use succeeded, failed or any", 9),
             (b("when = { step = \"a\", json_pointer = \"status\", equals = \"ok\" }\n"), "starts with / (e.g. /status)", 9),
             (b("when = { step = \"a\", json_pointer = \"/status\" }\n"), "when.json_pointer and when.equals go together", 9),
         ];
+        // A quorum on a tag two boxes down is the tag's, as one box down
+        // (it was refused: one level of the path was looked at).
+        for target in [
+            "edge-1/tag:cam",
+            "edge-1/sub-1/tag:cam",
+            "edge-1/sub-1/cap:cam",
+        ] {
+            let text = format!("name = \"x\"\n[steps.b]\ntarget = \"{target}\"\npayload = \"p\"\nmin_success = \"50%\"\n");
+            let w = Workflow::parse(&text, "w.toml").unwrap_or_else(|e| panic!("{target}: {e}"));
+            assert_eq!(w.steps[0].min_success, Some(MinSuccess::Percent(50)));
+        }
         for (text, words, line) in cases {
             let e = fails(&text);
             assert!(e.message.contains(words), "`{words}` not in: {e}\n{text}");

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--dup-device-frames] [--no-rollouts] [--no-workflows] [--edges E] [--devices D] [--sub-edges S] [--shrink] [--shrink-runs N]"
+        "usage: simulate (--seed N | --seeds A..B) [--steps M] [--trace] [--no-faults] [--retry-forwarded] [--dup-device-frames] [--no-rollouts] [--no-workflows] [--workflow-groups] [--edges E] [--devices D] [--sub-edges S] [--shrink] [--shrink-runs N]"
     );
     std::process::exit(2)
 }
@@ -48,6 +48,7 @@ fn main() {
             "--dup-device-frames" => cfg.dup_device_frames = true,
             "--no-rollouts" => cfg.rollouts = false,
             "--no-workflows" => cfg.workflows = false,
+            "--workflow-groups" => cfg.workflow_groups = true,
             "--shrink" => shrink_runs = Some(2_000),
             "--shrink-runs" => {
                 shrink_runs = Some(val().parse().unwrap_or_else(|_| usage()));

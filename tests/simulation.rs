@@ -215,8 +215,8 @@ fn a_hub_above_a_hub_keeps_every_invariant_on_every_tier() {
 }
 
 /// Issue 28's CI sweep: two million steps across 400 seeds, a quarter each
-/// with edge-side retries, copied device frames and no faults, and a third
-/// of all with a middle tier. Bounded in count; about a minute in a debug
+/// with edge-side retries, copied device frames and no faults, a third of
+/// all with a middle tier and another third with workflow steps on tags. Bounded in count; about a minute in a debug
 /// build here (the cost of a step does not grow with the run any more).
 #[test]
 fn two_million_steps_across_seeds_keep_every_invariant() {
@@ -228,6 +228,7 @@ fn two_million_steps_across_seeds_keep_every_invariant() {
             dup_device_frames: seed % 4 == 2,
             faults: seed % 4 != 3,
             sub_edges: if seed % 3 == 0 { 2 } else { 0 },
+            workflow_groups: seed % 3 == 1,
             ..Config::default()
         };
         let r = assert_clean(seed, 5_000, &cfg);

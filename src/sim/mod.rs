@@ -87,6 +87,10 @@ pub struct Config {
     pub rollouts: bool,
     /// Operators run and cancel workflows (`sim/workflows.rs`).
     pub workflows: bool,
+    /// Some workflow steps go to a tag (a broadcast, some with a
+    /// `min_success` quorum). Off by default, so the default seeds keep
+    /// their runs.
+    pub workflow_groups: bool,
     /// Boxes below `edge-1`, each with `devices_per_edge` devices of its
     /// own: a hub above a hub (`edge-1/sub-1/dev-0` from the top). Off by
     /// default, so the default seeds keep their runs.
@@ -106,6 +110,7 @@ impl Default for Config {
             dup_device_frames: false,
             rollouts: true,
             workflows: true,
+            workflow_groups: false,
             sub_edges: 0,
             trace: false,
         }
@@ -155,6 +160,8 @@ pub struct Counts {
     /// (failed: any other end).
     pub workflows_succeeded: u64,
     pub workflows_failed: u64,
+    /// Workflow steps on a tag sent (and taken) by their box.
+    pub workflow_group_steps: u64,
     pub settle_steps: u64,
 }
 
@@ -386,6 +393,7 @@ pub struct World {
     rollouts_on: bool,
     rollouts: job::Jobs<crate::rollout::Rollout, rollouts::Seen>,
     workflows_on: bool,
+    workflow_groups: bool,
     runs: job::Jobs<crate::workflow::Run>,
 }
 
@@ -424,6 +432,7 @@ impl World {
             rollouts_on: cfg.rollouts,
             rollouts: Default::default(),
             workflows_on: cfg.workflows,
+            workflow_groups: cfg.workflow_groups,
             runs: Default::default(),
         };
         let hub = w.add_node("hub".into(), false);

@@ -22,8 +22,10 @@ use super::{Sent, World};
 use crate::command::{CommandId, Millis, State};
 use crate::queue::core::Lookup;
 use crate::queue::LifecycleEvent;
-use crate::workflow::runner::{event_end, reattach, request, resend, step_command_id, text};
-use crate::workflow::{Action, Ended, Run, RunState, StepState, Workflow};
+use crate::workflow::runner::{
+    ended_from, event_end, reattach, request, resend, step_command_id, text,
+};
+use crate::workflow::{Action, Ended, MinSuccess, Run, RunState, StepState, Workflow};
 
 /// Runs started on one box at once, at most.
 const MAX_ACTIVE: usize = 2;
@@ -67,9 +69,26 @@ impl World {
             t += "on_failure = [\"undo\"]\n";
         }
         let steps = 2 + r.below(3) as usize;
+        let groups = if self.workflow_groups {
+            self.tag_targets_of(n)
+        } else {
+            Vec::new()
+        };
+        let r = &mut self.rng;
         for s in 0..steps {
-            let target = &names[r.below(names.len() as u64) as usize];
-            t += &format!("[steps.s{s}]\ntarget = \"{target}\"\npayload = \"s{s}\"\n");
+            // A step on a tag (a broadcast), sometimes with a quorum.
+            if !groups.is_empty() && r.chance(300) {
+                let target = &groups[r.below(groups.len() as u64) as usize];
+                t += &format!("[steps.s{s}]\ntarget = \"{target}\"\npayload = \"s{s}\"\n");
+                match r.below(3) {
+                    0 => t += &format!("min_success = \"{}%\"\n", 25 * (1 + r.below(4))),
+                    1 => t += &format!("min_success = {}\n", 1 + r.below(3)),
+                    _ => {}
+                }
+            } else {
+                let target = &names[r.below(names.len() as u64) as usize];
+                t += &format!("[steps.s{s}]\ntarget = \"{target}\"\npayload = \"s{s}\"\n");
+            }
             if r.chance(300) {
                 t += &format!("max_attempts = {}\n", 1 + r.below(3));
             }
@@ -88,6 +107,27 @@ impl World {
             t += &format!("[steps.undo]\ntarget = \"{target}\"\npayload = \"undo\"\n");
         }
         t
+    }
+
+    /// The tags box `n` may name in a step: its devices' lines, and
+    /// those of the boxes below it (`edge-1/tag:line-a`).
+    fn tag_targets_of(&self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for m in 0..self.nodes.len() {
+            if !self.devices.iter().any(|d| d.node == m) {
+                continue;
+            }
+            let Some(path) = self.path_from(n, m) else {
+                continue;
+            };
+            for tag in ["tag:line-a", "tag:line-b"] {
+                out.push(match path.as_str() {
+                    "" => tag.to_string(),
+                    p => format!("{p}/{tag}"),
+                });
+            }
+        }
+        out
     }
 
     /// Devices box `n` may name in a step: its own, and those of the
@@ -203,12 +243,32 @@ impl World {
             let e = match self.nodes[n].core.lookup(c) {
                 Lookup::Live(_) => continue,
                 Lookup::Finished { seq, state } => {
-                    let rec = self.nodes[n].disk.view().result(seq, c);
-                    let result = rec.and_then(|r| text(r.outcome.as_ref(), r.error.as_ref()));
-                    Ended {
-                        state,
-                        result,
-                        children: None,
+                    let node = &self.nodes[n];
+                    let image = node.disk.view();
+                    let Some(rec) = image.result(seq, c) else {
+                        self.violation(
+                            n,
+                            format!("step command {c} ended {state:?} with no record"),
+                        );
+                        continue;
+                    };
+                    let v = crate::queue::CommandView::from(rec.clone());
+                    // A broadcast's children, each read back as the runner
+                    // asks the queue for it.
+                    let texts: Vec<Vec<u8>> = v
+                        .children
+                        .iter()
+                        .map(|ch| match node.core.lookup(ch.id) {
+                            Lookup::Finished { seq, .. } => image
+                                .result(seq, ch.id)
+                                .and_then(|r| text(r.outcome.as_ref(), r.error.as_ref()))
+                                .unwrap_or_default(),
+                            _ => Vec::new(),
+                        })
+                        .collect();
+                    match ended_from(&v, &texts) {
+                        Some(e) => e,
+                        None => continue,
                     }
                 }
                 Lookup::NotFound => Ended {
@@ -276,10 +336,14 @@ impl World {
                     Ok(rc) => {
                         self.runs[i].live.sent(&step, rc.id);
                         if !rc.duplicate {
+                            if target.contains("tag:") {
+                                self.report.counts.workflow_group_steps += 1;
+                            }
+                            let device = self.device_named(n, &target);
                             let s = Sent {
                                 node: n,
-                                device: self.device_named(n, &target),
-                                plain: true,
+                                device,
+                                plain: device.is_some(),
                                 pool: false,
                                 priority,
                                 index: 0,
@@ -435,24 +499,58 @@ impl World {
                 ));
                 continue;
             }
-            for st in &run.steps {
+            for (k, st) in run.steps.iter().enumerate() {
                 let c = step_command_id(run.id, &st.name);
                 let end = end_of(c);
                 let ran = matches!(end, Some(State::Succeeded | State::Failed | State::Dead));
+                // A broadcast step with a quorum: whether it held, counted
+                // from the children's ends in the box's record.
+                let quorum = run.spec.steps[k].min_success;
+                let held = quorum.and_then(|q| {
+                    let Lookup::Finished { seq, .. } = node.core.lookup(c) else {
+                        return None;
+                    };
+                    let image = node.disk.view();
+                    let rec = image.result(seq, c)?;
+                    let total = rec.children.len() as u32;
+                    let ok = rec
+                        .children
+                        .iter()
+                        .filter(|ch| ch.state == State::Succeeded)
+                        .count() as u32;
+                    (total > 0).then_some(match q {
+                        MinSuccess::Percent(p) => ok * 100 >= p * total,
+                        MinSuccess::Count(n) => ok >= n,
+                    })
+                });
                 let bad = match st.state {
                     StepState::Succeeded => {
-                        !exists(c) || end.is_some_and(|e| e != State::Succeeded)
+                        !exists(c)
+                            || match held {
+                                Some(h) => !h,
+                                None => end.is_some_and(|e| e != State::Succeeded),
+                            }
                     }
-                    StepState::Failed => end == Some(State::Succeeded),
+                    StepState::Failed => match held {
+                        Some(h) => h,
+                        None => end == Some(State::Succeeded),
+                    },
                     StepState::Cancelled => ran,
                     StepState::Pending | StepState::Running => true,
                     StepState::Skipped => exists(c),
                 };
                 if bad {
+                    let quorum = match held {
+                        Some(h) => format!(
+                            ", and its min_success {quorum:?} {} by its children's ends",
+                            if h { "held" } else { "did not hold" }
+                        ),
+                        None => String::new(),
+                    };
                     found.push((
                         r.node,
                         format!(
-                            "run {} ({}): step {} is {} but its command is {end:?}",
+                            "run {} ({}): step {} is {} but its command is {end:?}{quorum}",
                             run.id,
                             run.state.as_str(),
                             st.name,
@@ -550,6 +648,42 @@ mod tests {
             World::check_workflows_end,
             "is failed but its command is Some(Succeeded)",
         );
+    }
+
+    /// A broadcast step with a quorum, judged by its children's ends on
+    /// the box: one the run called succeeded, called failed, is caught.
+    #[test]
+    fn the_end_check_judges_a_tag_steps_quorum_by_its_childrens_ends() {
+        let cfg = Config {
+            workflow_groups: true,
+            ..Config::default()
+        };
+        let found = (0..40).find_map(|seed| {
+            let mut w = World::new(seed, &cfg);
+            walk(&mut w, 3_000);
+            w.settle();
+            if !w.report.violations.is_empty() {
+                return None;
+            }
+            let (i, s) = w.runs.iter().enumerate().find_map(|(i, r)| {
+                let s = r.live.steps.iter().enumerate().position(|(k, st)| {
+                    st.state == StepState::Succeeded
+                        && r.live.spec.steps[k].min_success.is_some()
+                        && matches!(
+                            w.nodes[r.node]
+                                .core
+                                .lookup(step_command_id(r.live.id, &st.name)),
+                            Lookup::Finished { .. }
+                        )
+                })?;
+                (!r.gone && r.live.state != RunState::Running).then_some((i, s))
+            })?;
+            Some((w, i, s))
+        });
+        let (mut w, i, s) = found.expect("a seed in 0..40 ends a quorum step its box knows");
+        assert!(w.report.counts.workflow_group_steps > 0);
+        w.runs[i].live.steps[s].state = StepState::Failed;
+        w.caught(World::check_workflows_end, "min_success");
     }
 
     #[test]

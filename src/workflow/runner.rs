@@ -803,19 +803,34 @@ async fn ended(queue: &QueueHandle, cmd: CommandId) -> Option<Ended> {
     if !v.state.is_final() {
         return None;
     }
+    // A broadcast's children, each looked up for its result.
+    let mut texts = Vec::with_capacity(v.children.len());
+    for c in &v.children {
+        texts.push(match queue.show(c.id).await {
+            Ok(cv) => text(cv.outcome.as_ref(), cv.error.as_ref()).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        });
+    }
+    ended_from(&v, &texts)
+}
+
+/// How a step's command ended, from the box's view of it (`None`: not
+/// yet). A broadcast's result is each child's (`child_results`, in the
+/// order of `v.children`), one line per device, and its children that
+/// succeeded are counted for the step's `min_success`. The runner and the
+/// simulation both call this.
+pub fn ended_from(v: &crate::queue::CommandView, child_results: &[Vec<u8>]) -> Option<Ended> {
+    if !v.state.is_final() {
+        return None;
+    }
     let result = if v.children.is_empty() {
         text(v.outcome.as_ref(), v.error.as_ref())
     } else {
-        // A broadcast's result: each child's, one line per device.
         let mut out = Vec::new();
-        for c in &v.children {
-            let r = match queue.show(c.id).await {
-                Ok(cv) => text(cv.outcome.as_ref(), cv.error.as_ref()).unwrap_or_default(),
-                Err(_) => Vec::new(),
-            };
+        for (i, c) in v.children.iter().enumerate() {
             out.extend_from_slice(c.device.as_bytes());
             out.extend_from_slice(b": ");
-            out.extend_from_slice(&r);
+            out.extend_from_slice(child_results.get(i).map_or(&[][..], Vec::as_slice));
             out.push(b'\n');
         }
         Some(out)

@@ -141,54 +141,56 @@ impl Collector for Scrape {
                 ("dead", q.dead),
             ],
         )?;
-        counter(
-            &mut e,
-            "outpost_enqueued",
-            "Commands accepted (durably).",
-            q.enqueued_total,
-        )?;
-        counter(
-            &mut e,
-            "outpost_delivered",
-            "Deliveries to devices.",
-            q.delivered_total,
-        )?;
-        counter(
-            &mut e,
-            "outpost_acked",
-            "Outcomes reported by devices.",
-            q.acked_total,
-        )?;
-        counter(
-            &mut e,
-            "outpost_group_commits",
-            "Group commits (one sled batch and flush each).",
-            q.group_commits_total,
-        )?;
-        gauge(
-            &mut e,
-            "outpost_devices_online",
-            "Devices connected now.",
-            q.devices_online,
-        )?;
-        gauge(
-            &mut e,
-            "outpost_journal_groups",
-            "Journal groups on disk.",
-            q.journal_groups,
-        )?;
-        gauge(
-            &mut e,
-            "outpost_results_kept",
-            "Finished results kept for show.",
-            q.results_kept,
-        )?;
-        gauge(
-            &mut e,
-            "outpost_uplink_up",
-            "1 when the upstream link is up (no uplink yet: 0).",
-            0,
-        )?;
+        let counters = [
+            (
+                "outpost_enqueued",
+                "Commands accepted (durably).",
+                q.enqueued_total,
+            ),
+            (
+                "outpost_delivered",
+                "Deliveries to devices.",
+                q.delivered_total,
+            ),
+            (
+                "outpost_acked",
+                "Outcomes reported by devices.",
+                q.acked_total,
+            ),
+            (
+                "outpost_group_commits",
+                "Group commits (one sled batch and flush each).",
+                q.group_commits_total,
+            ),
+        ];
+        for (name, help, v) in counters {
+            counter(&mut e, name, help, v)?;
+        }
+        let plain = [
+            (
+                "outpost_devices_online",
+                "Devices connected now.",
+                q.devices_online,
+            ),
+            (
+                "outpost_journal_groups",
+                "Journal groups on disk.",
+                q.journal_groups,
+            ),
+            (
+                "outpost_results_kept",
+                "Finished results kept for show.",
+                q.results_kept,
+            ),
+            (
+                "outpost_uplink_up",
+                "1 when the upstream link is up (no uplink yet: 0).",
+                0,
+            ),
+        ];
+        for (name, help, v) in plain {
+            gauge(&mut e, name, help, v)?;
+        }
         // Per bucket, the last one past the largest bound (+Inf); the
         // crate writes them cumulative.
         let n = |i: usize| q.flush_buckets.get(i).copied().unwrap_or(0);

@@ -35,6 +35,6 @@ fn main() {
             signed,
         };
         let r = rt.block_on(link_bench(dir.path(), &o)).expect("W1 run");
-        println!("{}", r.table());
+        outpost::outln!("{}", r.table());
     }
 }

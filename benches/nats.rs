@@ -105,12 +105,12 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        println!("outbox catch-up into a 3-node JetStream cluster (R3, file storage), {per_edge} records per edge");
-        println!("| edges | records | entries/s | per edge/s |");
-        println!("|-------|---------|-----------|------------|");
+        outpost::outln!("outbox catch-up into a 3-node JetStream cluster (R3, file storage), {per_edge} records per edge");
+        outpost::outln!("| edges | records | entries/s | per edge/s |");
+        outpost::outln!("|-------|---------|-----------|------------|");
         for &n in counts {
             let rate = round(tmp.path(), &urls, n, per_edge).await?;
-            println!(
+            outpost::outln!(
                 "| {n:>5} | {:>7} | {rate:>9.0} | {:>10.0} |",
                 n as u64 * per_edge,
                 rate / n as f64

@@ -32,7 +32,7 @@ fn main() {
             flow,
         };
         let r = rt.block_on(queue_bench(dir.path(), &o)).expect("bench run");
-        println!("{}", r.table());
+        outpost::outln!("{}", r.table());
     }
     // W2: restart with a large backlog (OUTPOST_BENCH_RESTART, default 1M).
     let n: usize = std::env::var("OUTPOST_BENCH_RESTART")
@@ -49,7 +49,7 @@ fn main() {
                 100,
             ))
             .expect("restart bench");
-        println!(
+        outpost::outln!(
             "restart: {} queued commands, open → first delivery {:.3} s, {:.0} B RSS per queued command, data dir {} bytes",
             r.queued, r.open_to_first_delivery_s, r.rss_bytes_per_queued, r.data_dir_bytes
         );

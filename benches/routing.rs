@@ -19,10 +19,14 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let samples = if full { 100_000 } else { 2_000 };
     let broadcasts = if full { 200 } else { 5 };
-    println!("routing in the core, {DEVICES} connected devices");
-    println!(
+    outpost::outln!("routing in the core, {DEVICES} connected devices");
+    outpost::outln!(
         "{:<34} {:>9} {:>9} {:>9} {:>9}",
-        "decision", "p50 µs", "p99 µs", "p99.9 µs", "max µs"
+        "decision",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "max µs"
     );
     for (name, target) in [
         ("direct (d0042)", "d0042"),
@@ -38,7 +42,7 @@ fn main() {
         }
         lat.sort_unstable();
         let us = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
-        println!(
+        outpost::outln!(
             "{name:<34} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             us(0.5),
             us(0.99),
@@ -55,7 +59,7 @@ fn main() {
         settle(&mut core);
     }
     let per = total.as_secs_f64() / broadcasts as f64;
-    println!(
+    outpost::outln!(
         "broadcast (tag:all, {DEVICES} children): {:.2} ms per broadcast, {:.0} children fanned out per second",
         per * 1e3,
         DEVICES as f64 / per

@@ -206,11 +206,13 @@ fn main() -> anyhow::Result<()> {
     let base = std::env::var("OUTPOST_BENCH_DIR")
         .unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
     let rt = tokio::runtime::Runtime::new()?;
-    println!("upstream catch-up: an edge's outbox streamed to its hub once the hub is back");
-    println!("(queued: state records of commands for an offline device; ran: commands run on");
-    println!("the edge, three records each, and the hub stores every result)");
-    println!("| path                   | backlog |  records |  backlog fill | connect    |  catch-up   |   records/s  |");
-    println!("|------------------------|---------|----------|---------------|------------|-------------|--------------|");
+    outpost::outln!("upstream catch-up: an edge's outbox streamed to its hub once the hub is back");
+    outpost::outln!(
+        "(queued: state records of commands for an offline device; ran: commands run on"
+    );
+    outpost::outln!("the edge, three records each, and the hub stores every result)");
+    outpost::outln!("| path                   | backlog |  records |  backlog fill | connect    |  catch-up   |   records/s  |");
+    outpost::outln!("|------------------------|---------|----------|---------------|------------|-------------|--------------|");
     // OUTPOST_BENCH_RTT_MS=0,10,50: the paths to run (0: plain loopback).
     let rtts: Vec<Option<Duration>> = std::env::var("OUTPOST_BENCH_RTT_MS")
         .unwrap_or_else(|_| "0,50".into())
@@ -220,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     for rtt in rtts {
         for mix in [Mix::Queued, Mix::Ran] {
-            println!("{}", rt.block_on(run(Path::new(&base), records, rtt, mix))?);
+            outpost::outln!("{}", rt.block_on(run(Path::new(&base), records, rtt, mix))?);
         }
     }
     Ok(())

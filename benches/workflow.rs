@@ -107,23 +107,27 @@ async fn run(base: &std::path::Path, workflows: usize, devices: usize) -> anyhow
     }
     b.stop().await;
     let n = (workflows * steps) as f64;
-    println!("{workflows} concurrent {steps}-step workflows over {devices} devices");
-    println!("| run                         | wall time | per second       | per step (chain)   |");
-    println!("|-----------------------------|-----------|------------------|--------------------|");
-    println!(
+    outpost::outln!("{workflows} concurrent {steps}-step workflows over {devices} devices");
+    outpost::outln!(
+        "| run                         | wall time | per second       | per step (chain)   |"
+    );
+    outpost::outln!(
+        "|-----------------------------|-----------|------------------|--------------------|"
+    );
+    outpost::outln!(
         "| plain commands, chained     | {:>7.2} s | {:>8.0} commands | {:>10.2} ms      |",
         plain.as_secs_f64(),
         n / plain.as_secs_f64(),
         plain.as_secs_f64() * 1e3 / steps as f64
     );
-    println!(
+    outpost::outln!(
         "| workflows (start: {:>5.2} s)  | {:>7.2} s | {:>8.1} workflows | {:>10.2} ms      |",
         started.as_secs_f64(),
         total.as_secs_f64(),
         workflows as f64 / total.as_secs_f64(),
         total.as_secs_f64() * 1e3 / steps as f64
     );
-    println!(
+    outpost::outln!(
         "extra per step over a plain command: {:.2} ms",
         (total.as_secs_f64() - plain.as_secs_f64()) * 1e3 / steps as f64
     );

@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         t.await??;
     }
     let s = t.elapsed().as_secs_f64();
-    println!(
+    outpost::outln!(
         "{n} commands of {bytes} bytes in {s:.1} s ({:.0}/s)",
         n as f64 / s
     );

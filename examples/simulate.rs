@@ -62,20 +62,20 @@ fn main() {
     for seed in seeds {
         let r = run(seed, steps, &cfg);
         for line in &r.trace {
-            println!("{line}");
+            outpost::outln!("{line}");
         }
         total += r.steps;
         settle += r.counts.settle_steps;
         n += 1;
         if r.violations.is_empty() {
             if n == 1 || cfg.trace {
-                println!("seed {seed}: ok, hash {:016x}, {:?}", r.hash, r.counts);
+                outpost::outln!("seed {seed}: ok, hash {:016x}, {:?}", r.hash, r.counts);
             }
         } else {
             failed += 1;
-            println!("seed {seed}: {} violation(s)", r.violations.len());
+            outpost::outln!("seed {seed}: {} violation(s)", r.violations.len());
             for v in &r.violations {
-                println!("  {v}");
+                outpost::outln!("  {v}");
             }
             if let Some(budget) = shrink_runs {
                 shrink_seed(seed, steps, &cfg, budget);
@@ -83,7 +83,7 @@ fn main() {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    outpost::outln!(
         "{n} seeds, {total} steps (+{settle} settling) in {secs:.1} s: {:.0} steps/s; {failed} seed(s) with violations",
         total as f64 / secs.max(1e-9)
     );
@@ -97,17 +97,17 @@ fn shrink_seed(seed: u64, steps: u64, cfg: &Config, budget: u64) {
     let full = tape.len();
     match outpost::sim::shrink::shrink(tape, cfg, budget) {
         Some(s) => {
-            println!(
+            outpost::outln!(
                 "seed {seed}: shrunk from {full} choices to {} in {} runs:\n",
                 s.tape.len(),
                 s.runs
             );
-            println!(
+            outpost::outln!(
                 "{}",
                 outpost::sim::shrink::as_test(&format!("shrunk_seed_{seed}"), &s, cfg)
             );
         }
-        None => println!(
+        None => outpost::outln!(
             "seed {seed}: its tape does not fail when replayed (a replay settles with the simplest choices, and this failure is in the seeded settling); replay it with --trace instead"
         ),
     }

@@ -76,7 +76,7 @@ fn main() {
         .unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").to_string());
     let nats = nats_servers();
     if nats.is_empty() {
-        println!("peers: nats-server not installed: JetStream skipped (benches/peers/run.sh installs it)");
+        outpost::outln!("peers: nats-server not installed: JetStream skipped (benches/peers/run.sh installs it)");
     }
     let mut shapes = vec![size];
     if outstanding > 0 && outstanding != size.producers {
@@ -108,7 +108,7 @@ fn nats_servers() -> Vec<(String, String)> {
     for b in bins {
         let v = nats_version(&b);
         if v.is_empty() {
-            println!("peers: {b} does not run: skipped");
+            outpost::outln!("peers: {b} does not run: skipped");
         } else if !out.iter().any(|(_, seen)| *seen == v) {
             out.push((b, v));
         }
@@ -150,7 +150,7 @@ fn run_shape(
         let always = nats_has_sync_always(bin);
         for sync_always in [false, true] {
             if sync_always && !always {
-                println!("peers: {version} has no `sync_interval: always` (needs 2.10+): that row is skipped");
+                outpost::outln!("peers: {version} has no `sync_interval: always` (needs 2.10+): that row is skipped");
                 continue;
             }
             let dir = tempfile::tempdir_in(base).expect("temp dir");
@@ -167,7 +167,9 @@ fn run_shape(
     }
     match which("mosquitto") {
         None => {
-            println!("peers: mosquitto not installed: skipped (benches/peers/run.sh installs it)")
+            outpost::outln!(
+                "peers: mosquitto not installed: skipped (benches/peers/run.sh installs it)"
+            )
         }
         Some(bin) => {
             let dir = tempfile::tempdir_in(base).expect("temp dir");
@@ -189,24 +191,31 @@ fn short_version(v: &str) -> &str {
 /// test suite fails, so the harness cannot rot unnoticed.
 fn failed(full: bool, peer: &str, e: anyhow::Error) {
     if full {
-        println!("peers: {peer} run failed: {e:#}");
+        outpost::outln!("peers: {peer} run failed: {e:#}");
     } else {
         panic!("peers: {peer} smoke run failed: {e:#}");
     }
 }
 
 fn print_table(s: Size, rows: &[Row]) {
-    println!(
+    outpost::outln!(
         "\nW1: {} devices, {} commands of {} B, {} sends outstanding (each producer waits for its durable ack)",
         s.devices, s.commands, s.payload, s.producers
     );
-    println!(
+    outpost::outln!(
         "{:<22} {:>10} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10}  durability",
-        "system", "msgs/s", "p50 ms", "p99 ms", "p99.9 ms", "RSS MiB", "B written", "outpost ×"
+        "system",
+        "msgs/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "RSS MiB",
+        "B written",
+        "outpost ×"
     );
     let ours = rows.first().map(|r| r.per_s).unwrap_or(0.0);
     for r in rows {
-        println!(
+        outpost::outln!(
             "{:<22} {:>10.0} {:>9.3} {:>9.3} {:>10.3} {:>9.1} {:>10.0} {:>10.2}  {}",
             r.system,
             r.per_s,
@@ -219,7 +228,7 @@ fn print_table(s: Size, rows: &[Row]) {
             r.durability
         );
     }
-    println!("(RSS: outpost's process holds the box and the {} device clients; a peer's is its server alone. Bytes written: per message, whole life, from /proc/<pid>/io.)", s.devices);
+    outpost::outln!("(RSS: outpost's process holds the box and the {} device clients; a peer's is its server alone. Bytes written: per message, whole life, from /proc/<pid>/io.)", s.devices);
 }
 
 fn which(bin: &str) -> Option<String> {

@@ -584,9 +584,9 @@ impl World {
         Some(at)
     }
 
-    /// The box a target sent on `n` names devices of (`edge-1/sub-1/dev-0`
-    /// names `sub-1`'s), and `Sent::via` of a command sent so.
-    fn target_box(&self, n: usize, target: &str) -> (usize, u64) {
+    /// `Sent::via` of a command sent on `n` to `target`, whose path names
+    /// the box of its devices (`edge-1/sub-1/dev-0`: `sub-1`'s).
+    fn via(&self, n: usize, target: &str) -> u64 {
         let to = target
             .rsplit_once('/')
             .and_then(|(path, _)| self.node_at(n, path))
@@ -597,7 +597,7 @@ impl World {
             via |= 1 << p;
             at = p;
         }
-        (to, via)
+        via
     }
 
     fn node_now(&self, n: usize) -> Millis {
@@ -1478,7 +1478,7 @@ impl World {
                     index: 0,
                     wiped: false,
                     job: false,
-                    via: self.target_box(n, &target).1,
+                    via: self.via(n, &target),
                 };
                 self.note_sent(rc.id, sent, &target);
             }

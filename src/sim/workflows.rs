@@ -349,7 +349,7 @@ impl World {
                                 index: 0,
                                 wiped: false,
                                 job: true,
-                                via: self.target_box(n, &target).1,
+                                via: self.via(n, &target),
                             };
                             self.note_sent(rc.id, s, &target);
                         }

@@ -8,8 +8,8 @@
 #[path = "../tests/common/nats_cluster.rs"]
 mod nats_cluster;
 
-use outpost::serve::{self, RunningBox, ServeOptions};
-use outpost::upstream::nats::NatsOptions;
+use outpost::shell::serve::{self, RunningBox, ServeOptions};
+use outpost::shell::upstream::nats::NatsOptions;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
         let c = async_nats::connect(servers).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match outpost::upstream::nats::init(&c, 3).await {
+            match outpost::shell::upstream::nats::init(&c, 3).await {
                 Ok(_) => break,
                 Err(e) => {
                     anyhow::ensure!(Instant::now() < deadline, "fleet init: {e}");

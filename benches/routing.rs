@@ -7,8 +7,8 @@
 //! - broadcast (`tag:all`, 1,000 children): time per broadcast and children
 //!   fanned out per second.
 
-use outpost::queue::{Limits, QueueCore, SendRequest};
-use outpost::store::DeviceRecord;
+use outpost::shell::queue::{Limits, QueueCore, SendRequest};
+use outpost::shell::store::DeviceRecord;
 use outpost::{Outcome, SendOptions};
 use std::time::{Duration, Instant};
 

@@ -6,11 +6,11 @@
 //! acknowledged), over plain loopback and through a relay adding 25 ms each
 //! way (50 ms round trips). Prints figures; asserts nothing.
 
-use outpost::queue::SendRequest;
-use outpost::relay::{Impairment, Relay};
-use outpost::serve::{self, ServeOptions};
-use outpost::store::DeviceRecord;
-use outpost::upstream::UplinkOptions;
+use outpost::bench::relay::{Impairment, Relay};
+use outpost::shell::queue::SendRequest;
+use outpost::shell::serve::{self, ServeOptions};
+use outpost::shell::store::DeviceRecord;
+use outpost::shell::upstream::UplinkOptions;
 use outpost::SendOptions;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -53,7 +53,7 @@ async fn run(
     let hub_dir = tmp.path().join("hub");
     let hub = serve::start(options(&hub_dir, port)).await?;
     let mut rec = DeviceRecord::new("e1");
-    rec.tags.push(outpost::route::GATEWAY_TAG.into());
+    rec.tags.push(outpost::engine::route::GATEWAY_TAG.into());
     hub.queue.enroll(rec).await?;
     let bundle = tmp.path().join("e1.bundle");
     hub.identity
@@ -97,10 +97,10 @@ async fn run(
         Mix::Ran => {
             edge.queue.enroll(DeviceRecord::new("d0")).await?;
             let bundle = edge.identity.issue_device("d0", &edge.advertise)?;
-            let mut c = outpost::client::connect(&bundle, &Default::default()).await?;
+            let mut c = outpost::device::connect(&bundle, &Default::default()).await?;
             Some(tokio::spawn(async move {
                 while let Ok(Some(m)) = c.next().await {
-                    if let outpost::client::Received::Command(cmd) = m {
+                    if let outpost::device::Received::Command(cmd) = m {
                         let ok = outpost::Outcome::Ok(b"ok".to_vec());
                         if c.ack(cmd.id, ok).await.is_err() {
                             return;
@@ -134,7 +134,7 @@ async fn run(
                 })
                 .await?;
             }
-            Ok::<(), outpost::queue::QueueError>(())
+            Ok::<(), outpost::shell::queue::QueueError>(())
         }));
     }
     for t in tasks {
@@ -160,7 +160,7 @@ async fn run(
     let mut status = edge.uplink.as_ref().expect("uplink").watch();
     let t = Instant::now();
     status
-        .wait_for(|s| s.state == outpost::upstream::UplinkState::Connected)
+        .wait_for(|s| s.state == outpost::shell::upstream::UplinkState::Connected)
         .await?;
     let connect = t.elapsed();
     let t = Instant::now();

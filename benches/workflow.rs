@@ -4,11 +4,11 @@
 //! extra time per step a workflow adds over a plain command (sent, run,
 //! acked, next one sent). Asserts nothing.
 
-use outpost::client::{self, ConnectOptions, Received};
-use outpost::queue::SendRequest;
-use outpost::serve::{self, ServeOptions};
-use outpost::store::DeviceRecord;
-use outpost::workflow::Workflow;
+use outpost::device::{self, ConnectOptions, Received};
+use outpost::engine::workflow::Workflow;
+use outpost::shell::queue::SendRequest;
+use outpost::shell::serve::{self, ServeOptions};
+use outpost::shell::store::DeviceRecord;
 use outpost::{Outcome, SendOptions};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ async fn run(base: &std::path::Path, workflows: usize, devices: usize) -> anyhow
         let id = format!("d{d}");
         b.queue.enroll(DeviceRecord::new(id.as_str())).await?;
         let bundle = b.identity.issue_device(&id, &b.advertise)?;
-        let mut c = client::connect(&bundle, &ConnectOptions::default()).await?;
+        let mut c = device::connect(&bundle, &ConnectOptions::default()).await?;
         agents.push(tokio::spawn(async move {
             while let Ok(Some(m)) = c.next().await {
                 if let Received::Command(cmd) = m {
@@ -68,7 +68,7 @@ async fn run(base: &std::path::Path, workflows: usize, devices: usize) -> anyhow
                     .await?;
                 q.wait(r.id, Duration::from_secs(120)).await?;
             }
-            Ok::<(), outpost::queue::QueueError>(())
+            Ok::<(), outpost::shell::queue::QueueError>(())
         }));
     }
     for t in tasks {

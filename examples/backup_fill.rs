@@ -4,8 +4,8 @@
 //!
 //! `cargo run --example backup_fill -- DATA_DIR DEVICE N [BYTES]`
 
-use outpost::admin::{AdminClient, AdminRequest};
-use outpost::queue::SendRequest;
+use outpost::shell::admin::{AdminClient, AdminRequest};
+use outpost::shell::queue::SendRequest;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -9,7 +9,7 @@
 //! keeps its memory of what ran on disk; `outpost device` is the full
 //! reference agent.
 
-use outpost::client::{connect, Backoff, ConnectOptions, Dedupe, Received};
+use outpost::device::{connect, Backoff, ConnectOptions, Dedupe, Received};
 use outpost::identity::Bundle;
 use outpost::Outcome;
 use std::time::Duration;
@@ -46,7 +46,7 @@ async fn serve(
     bundle: &Bundle,
     done: &mut Dedupe,
     backoff: &mut Backoff,
-) -> Result<(), outpost::client::ClientError> {
+) -> Result<(), outpost::device::ClientError> {
     let mut conn = connect(bundle, &ConnectOptions::default()).await?;
     backoff.reset();
     eprintln!(

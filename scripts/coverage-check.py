@@ -4,7 +4,7 @@
 Reads the summary that `cargo llvm-cov report --json --summary-only` wrote,
 prints the coverage of every file of the library under src/ (the engine's
 files marked), then the library's and the engine's totals. The engine is
-the list `ENGINE` in tests/layers.rs, the one the layering test guards.
+the folder `ENGINE` in tests/layers.rs, the one the layering test guards.
 Exits 1, naming the figure, when a total falls below its floor.
 """
 import json
@@ -25,10 +25,10 @@ def floors(path):
 
 def engine_files(layers):
     text = Path(layers).read_text()
-    block = re.search(r"const ENGINE: &\[&str\] = &\[(.*?)\];", text, re.S)
-    if not block:
-        sys.exit(f"{layers}: no `const ENGINE` list to read the engine's files from")
-    return set(re.findall(r'"(src/[^"]+)"', block.group(1)))
+    folder = re.search(r'const ENGINE: &str = "(src/[^"]+)";', text)
+    if not folder:
+        sys.exit(f"{layers}: no `const ENGINE` folder to read the engine's files from")
+    return {p.as_posix() for p in Path(folder.group(1)).rglob("*.rs")}
 
 
 def main():

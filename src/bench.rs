@@ -10,10 +10,11 @@
 
 pub mod artifact;
 pub mod process;
+pub mod relay;
 
-use crate::command::{Outcome, SendOptions};
-use crate::queue::{self, Delivery, QueueHandle, SendRequest, ServiceOptions};
-use crate::store::{dir_size, DeviceRecord, Store, StoreOptions};
+use crate::engine::command::{Outcome, SendOptions};
+use crate::shell::queue::{self, Delivery, QueueHandle, SendRequest, ServiceOptions};
+use crate::shell::store::{dir_size, DeviceRecord, Store, StoreOptions};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -188,7 +189,7 @@ async fn produce(
                     }
                 };
                 let target = targets[i % targets.len()].clone();
-                let digest = crate::audit::sha256(&payload);
+                let digest = crate::engine::audit::sha256(&payload);
                 let asked = Instant::now();
                 let receipt = q
                     .send(SendRequest {
@@ -202,7 +203,7 @@ async fn produce(
                 accepted.push(asked.elapsed().as_micros() as u64);
                 // Each send audited as the admin socket audits it, so W1
                 // counts what the log costs intake.
-                q.audit(crate::audit::Note {
+                q.audit(crate::engine::audit::Note {
                     at: crate::now_millis(),
                     who: "uid 0".into(),
                     from: "socket".into(),
@@ -389,7 +390,7 @@ pub struct Reopened {
 pub async fn reopen(dir: &Path) -> anyhow::Result<Reopened> {
     // Only a box W2 filled: opening creates a store, and this one must not.
     anyhow::ensure!(
-        crate::store::is_store(dir),
+        crate::shell::store::is_store(dir),
         "{} holds no box; `outpost bench --restart N` fills one and reopens it",
         dir.display()
     );
@@ -449,13 +450,13 @@ impl Signed {
         targets: &[String],
         total: usize,
         payload_len: usize,
-    ) -> anyhow::Result<(Signed, crate::trust::Gate)> {
-        use crate::trust::{envelope, Claims, Grant, OperatorKey, Role, TrustSet};
+    ) -> anyhow::Result<(Signed, crate::engine::trust::Gate)> {
+        use crate::engine::trust::{envelope, Claims, Grant, OperatorKey, Role, TrustSet};
         let key = OperatorKey::generate("bench")?;
         let mut set = TrustSet::default();
         let now = crate::now_millis();
         set.add(&key.public, None, Grant::new(Role::Operator), now);
-        let gate = crate::trust::Gate::new("bench".into(), true, set);
+        let gate = crate::engine::trust::Gate::new("bench".into(), true, set);
         let mut payloads = Vec::with_capacity(total);
         let mut envelopes = Vec::with_capacity(total);
         for i in 0..total {
@@ -478,7 +479,7 @@ impl Signed {
         // The cost of the check alone, on this thread, over every command.
         let t = Instant::now();
         for i in 0..total {
-            let intake = crate::trust::Intake {
+            let intake = crate::engine::trust::Intake {
                 envelope: Some(&envelopes[i]),
                 target: &targets[i % targets.len()],
                 id: None,
@@ -585,9 +586,9 @@ impl LinkBenchReport {
 
 /// Run W1 in `dir`.
 pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<LinkBenchReport> {
-    use crate::client::{self, ConnectOptions};
-    use crate::device::{DeviceLink, LinkOptions};
+    use crate::device::{self, ConnectOptions};
     use crate::identity::{Identity, RevokedSet};
+    use crate::shell::link::{DeviceLink, LinkOptions};
 
     let identity = Identity::init(dir, &[])?;
     let n = o.devices.max(1);
@@ -622,12 +623,12 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
     }
 
     // Connect every device over one client endpoint.
-    let endpoint = client::client_endpoint(addr)?;
+    let endpoint = device::client_endpoint(addr)?;
     let copts = ConnectOptions::default();
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for b in &bundles {
-        conns.push(client::connect_with(&endpoint, addr, b, &copts).await?);
+        conns.push(device::connect_with(&endpoint, addr, b, &copts).await?);
     }
     let connect_s = started.elapsed().as_secs_f64();
 
@@ -702,18 +703,18 @@ pub async fn link_bench(dir: &Path, o: &LinkBenchOptions) -> anyhow::Result<Link
 
 /// What a W1 device hands back: its connection, kept open until the run
 /// is measured, and each command's send → receipt latency (µs).
-type Receipts = (crate::client::DeviceConnection, Vec<u64>);
+type Receipts = (crate::device::DeviceConnection, Vec<u64>);
 
 /// W1's devices: each takes `per_device` commands and acks each at once.
 /// The send time is the payload's first 8 bytes, or for a signed run the
 /// index into `signed`'s send times.
 fn receive_and_ack(
-    conns: Vec<crate::client::DeviceConnection>,
+    conns: Vec<crate::device::DeviceConnection>,
     per_device: usize,
     epoch: Instant,
     signed: Option<std::sync::Arc<Signed>>,
 ) -> tokio::task::JoinSet<anyhow::Result<Receipts>> {
-    use crate::client::Received;
+    use crate::device::Received;
     let mut devices = tokio::task::JoinSet::new();
     for mut c in conns {
         let signed = signed.clone();
@@ -822,7 +823,7 @@ fn proc_cpu_seconds(pid: u32) -> f64 {
 
 /// Run W3 with the `outpost` binary at `exe`, its data in `dir`.
 pub async fn idle_bench(exe: &Path, dir: &Path, n: usize, secs: u64) -> anyhow::Result<IdleReport> {
-    use crate::client::{self, ConnectOptions};
+    use crate::device::{self, ConnectOptions};
     use std::time::Duration;
 
     let mut b = process::BoxProcess::start(exe, dir).await?;
@@ -831,12 +832,12 @@ pub async fn idle_bench(exe: &Path, dir: &Path, n: usize, secs: u64) -> anyhow::
     for i in 0..n {
         bundles.push(b.enroll(&format!("idle-{i}")).await?);
     }
-    let endpoint = client::client_endpoint(b.addr)?;
+    let endpoint = device::client_endpoint(b.addr)?;
     let opts = ConnectOptions::default();
     let mut conns = Vec::with_capacity(n);
     let rss_enrolled = b.rss();
     for bundle in &bundles {
-        conns.push(client::connect_with(&endpoint, b.addr, bundle, &opts).await?);
+        conns.push(device::connect_with(&endpoint, b.addr, bundle, &opts).await?);
     }
     // Let connection set-up settle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;

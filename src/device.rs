@@ -1,1302 +1,843 @@
-//! The box side of the device link: a QUIC listener that admits devices by
-//! their certificates and bridges each one's control stream to the queue.
+//! `outpost::device`: the device side of the link, as a library, and the
+//! reference agent behind `outpost device`.
 //!
-//! Per connection: the TLS handshake has already verified the certificate
-//! chain and refused revoked ids (`identity`); the device id is read from the
-//! verified certificate, never from a frame. The device opens the control
-//! stream and says `Hello`; the box checks the version, attaches the device
-//! to the queue (`QueueHandle::connect`) and answers `Welcome`. Then one task
-//! per device forwards deliveries as `Command`/`Cancel` frames and handles
-//! the device's frames.
+//! Embedding a device:
 //!
-//! Every buffer is bounded: frames are read through a small channel, the
-//! acks in flight per device are capped, a device that floods is closed with
-//! `TooManyFrames`, and a device that stops reading only stalls its own task
-//! (QUIC flow control pushes back on it).
+//! ```no_run
+//! # async fn demo() -> Result<(), outpost::device::ClientError> {
+//! use outpost::device::{connect, ConnectOptions, Received};
+//! use outpost::identity::Bundle;
+//! use outpost::Outcome;
+//!
+//! let bundle = Bundle::read("dev-7.bundle".as_ref())?;
+//! let mut conn = connect(&bundle, &ConnectOptions::default()).await?;
+//! while let Some(msg) = conn.next().await? {
+//!     if let Received::Command(cmd) = msg {
+//!         conn.ack_attempt(cmd.id, cmd.attempt, Outcome::Ok(cmd.payload)).await?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! A command may arrive more than once (after a reconnect, or a box crash);
+//! the id stays the same. The reference agent ([`run_agent`]) remembers
+//! recent ids and their outcomes, acks a repeat with the first outcome, and
+//! never runs a command twice.
+//!
+//! When the bundle carries trust anchors (`box =`, `trust =` lines), every
+//! command's envelope is verified here before it is yielded: a refused one
+//! is answered `Rejected` ("refused by the device …") by the library itself
+//! and never reaches the caller, so an embedder cannot run it by mistake.
+//! See [`Guard`].
 
-use crate::command::{CommandId, DeviceId, Millis, Outcome};
-use crate::identity::{self, RevokedSet};
-use crate::proto::{
-    self, BoxFrame, DeviceFrame, ErrorCode, FrameError, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, VERSION,
+mod agent;
+pub mod artifacts;
+pub mod evict;
+pub mod fetch;
+mod verify;
+
+pub use agent::{
+    exec, exec_with, run_agent, shutdown_signal, AgentOptions, Backoff, Dedupe, Handler,
 };
-use crate::queue::{Delivery, QueueError, QueueHandle, SendRequest};
-use futures_util::stream::{FuturesUnordered, StreamExt};
+pub use verify::{Admitted, Guard, SharedGuard, CLOCK_FLOOR, MAX_SEEN};
+
+use crate::engine::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::identity::{self, Bundle, IdentityError};
+use crate::proto::{self, BoxFrame, DeviceFrame, ErrorCode, FrameError, Version};
+use lru::LruCache;
 use quinn::VarInt;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::{timeout, Instant};
-use tracing::Instrument;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::timeout;
 
-mod fetch;
+/// The agent string sent in `Hello` by default.
+pub const AGENT: &str = concat!("outpost-agent/", env!("CARGO_PKG_VERSION"));
 
-// The QUIC close codes are the wire's: the device library reads them too.
-pub use crate::proto::close_code;
-
-/// Telemetry a device sent (`DeviceFrame::Event`), handed to the shell.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceEvent {
-    pub device: DeviceId,
-    pub payload: Vec<u8>,
-    /// When the box received it.
-    pub at: Millis,
+/// Why connecting or talking to the box failed. Each message says what to
+/// do; [`ClientError::is_permanent`] tells whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Bundle(#[from] IdentityError),
+    #[error("cannot resolve the box address `{addr}`: {detail}; check the `server =` line of the bundle or pass --server HOST:PORT")]
+    Resolve { addr: String, detail: String },
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("the box refused this device at the TLS handshake: {0}")]
+    Refused(String),
+    #[error("TLS with the box failed: {0}")]
+    Tls(String),
+    #[error("no answer from the box at {addr} within {secs} s; is `outpost serve` running there and UDP open?")]
+    Timeout { addr: SocketAddr, secs: u64 },
+    #[error("the box at {addr} stopped answering (QUIC idle timeout); the link is retried")]
+    Silent { addr: SocketAddr },
+    #[error("the box ended the connection: {code}: {message}")]
+    Rejected { code: ErrorCode, message: String },
+    #[error("the box closed the connection ({what})")]
+    Closed {
+        what: String,
+        close_code: Option<u64>,
+    },
+    #[error("the connection to the box was lost: {0}")]
+    Lost(String),
+    #[error("the box broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the box refused the request: {code}: {message}")]
+    SendRefused { code: ErrorCode, message: String },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
 }
 
-/// How the device link runs.
+impl ClientError {
+    /// True when reconnecting cannot help without an operator: the device is
+    /// revoked, its certificate is refused or expired, it is not enrolled,
+    /// or the versions are incompatible.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::Bundle(_) | ClientError::Refused(_) => true,
+            ClientError::Tls(_) => true,
+            ClientError::Rejected { code, .. } => matches!(
+                code,
+                ErrorCode::Revoked | ErrorCode::NotEnrolled | ErrorCode::UnsupportedVersion
+            ),
+            ClientError::Closed { close_code, .. } => {
+                use crate::proto::close_code as cc;
+                matches!(
+                    close_code.map(|c| c as u32),
+                    Some(cc::REVOKED | cc::IN_USE | cc::SUPERSEDED)
+                )
+            }
+            _ => false,
+        }
+    }
+
+    /// True for a failure after the box answered but before it admitted
+    /// the device, with no definite reason: what a refusal looks like when
+    /// the close reason is lost in the race (see PROTOCOL.md §1). The agent
+    /// retries these a bounded number of times only.
+    pub fn is_refusal_like(&self) -> bool {
+        match self {
+            ClientError::Lost(_) | ClientError::Frame(_) | ClientError::Protocol(_) => true,
+            ClientError::Rejected { code, .. } => {
+                !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Internal)
+            }
+            ClientError::Closed { close_code, .. } => !matches!(
+                close_code.map(|c| c as u32),
+                None | Some(crate::proto::close_code::SHUTDOWN)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Consecutive refusal-like connect failures ([`ClientError::is_refusal_like`])
+/// after which the agent stops (with its backoff, a few minutes).
+pub const MAX_REFUSED_ATTEMPTS: u32 = 10;
+
+fn alert_text(alert: u8) -> &'static str {
+    match alert {
+        42 => "bad certificate",
+        43 => "unsupported certificate",
+        44 => "certificate revoked: this device was revoked on the box; ask the operator to enroll it again",
+        45 => "certificate expired: enroll the device again for a fresh bundle (or check the clocks)",
+        46 => "certificate superseded: the device was enrolled again and only its newest bundle is admitted; install that one (or issue a new one with `outpost enroll ID --force` on the box)",
+        48 => "unknown CA: the bundle was issued by another box (or the box was re-initialised); enroll the device again",
+        49 => "access denied: the certificate carries no outpost device id",
+        116 => "a client certificate is required",
+        120 => "the server does not speak the outpost/1 protocol",
+        _ => "TLS alert",
+    }
+}
+
+/// Turn a quinn connection error into a [`ClientError`] that says what
+/// happened in outpost terms.
+fn conn_error(e: quinn::ConnectionError, addr: SocketAddr) -> ClientError {
+    use quinn::ConnectionError as C;
+    match e {
+        C::ConnectionClosed(c) => {
+            let code = u64::from(c.error_code);
+            if (0x100..0x200).contains(&code) {
+                let alert = (code - 0x100) as u8;
+                ClientError::Refused(format!("{} (TLS alert {alert})", alert_text(alert)))
+            } else {
+                ClientError::Lost(c.to_string())
+            }
+        }
+        C::ApplicationClosed(a) => {
+            let code = a.error_code.into_inner();
+            let reason = String::from_utf8_lossy(&a.reason).into_owned();
+            let what = match code as u32 {
+                crate::proto::close_code::REVOKED => format!("revoked: {reason}"),
+                crate::proto::close_code::REPLACED => format!("replaced: {reason}"),
+                crate::proto::close_code::SHUTDOWN => format!("box shutting down: {reason}"),
+                crate::proto::close_code::IN_USE if reason.is_empty() => {
+                    "this bundle is in use elsewhere: another live device holds this id with it; give each device its own bundle (`outpost enroll ID` on the box)".into()
+                }
+                crate::proto::close_code::IN_USE => reason,
+                crate::proto::close_code::SUPERSEDED => format!(
+                    "{}; install the device's newest bundle (or issue one with `outpost enroll ID --force`)",
+                    if reason.is_empty() {
+                        "superseded: this device was enrolled again"
+                    } else {
+                        &reason
+                    }
+                ),
+                _ => format!("code {code}: {reason}"),
+            };
+            ClientError::Closed {
+                what,
+                close_code: Some(code),
+            }
+        }
+        C::TransportError(t) => {
+            let code = u64::from(t.code);
+            if (0x100..0x200).contains(&code) {
+                ClientError::Tls(format!(
+                    "{}; the bundle's CA does not match the box (is `server =` the right box?)",
+                    t.reason
+                ))
+            } else {
+                ClientError::Lost(t.to_string())
+            }
+        }
+        C::TimedOut => ClientError::Silent { addr },
+        C::LocallyClosed => ClientError::Closed {
+            what: "closed locally".into(),
+            close_code: None,
+        },
+        other => ClientError::Lost(other.to_string()),
+    }
+}
+
+/// How to reach the box.
 #[derive(Clone, Debug)]
-pub struct LinkOptions {
-    /// Largest frame body accepted or sent.
+pub struct ConnectOptions {
+    /// Connect here instead of the bundle's `server =` address.
+    pub server: Option<String>,
+    /// Largest frame accepted or sent.
     pub max_frame: usize,
-    /// Unacked commands in flight per device, announced in `Welcome`.
-    pub window: u32,
-    /// A silent connection is dropped after this long (≤ 30 s so a dead
-    /// device's commands go back to the queue promptly).
+    /// Give up connecting (handshake + Welcome) after this.
+    pub connect_timeout: Duration,
+    /// QUIC idle timeout; the box is considered gone after this silence.
     pub idle_timeout: Duration,
-    /// QUIC keep-alive, well inside `idle_timeout`.
+    /// QUIC keep-alive interval.
     pub keep_alive: Duration,
-    /// Handshake, control stream and `Hello` must arrive within this.
-    pub hello_timeout: Duration,
-    /// Connections beyond this are refused at once.
-    pub max_connections: usize,
-    /// Sustained frames per second one device may send...
-    pub frame_rate: u32,
-    /// ... and the burst above it; beyond, the device is closed with
-    /// `TooManyFrames`.
-    pub frame_burst: u32,
-    /// Acks for commands not in flight tolerated per connection before it is
-    /// closed as abusive.
-    pub max_bad_acks: u32,
-    /// Where device events go; `None` logs and counts them. A full channel
-    /// drops the event (counted) rather than stall the device.
-    pub events: Option<mpsc::Sender<DeviceEvent>>,
-    /// The QUIC stateless-reset key (`None`: a random one per start). A
-    /// key kept across restarts lets a restarted box reset the connections
-    /// of its previous run at their next packet.
-    pub reset_key: Option<[u8; 32]>,
+    /// Sent in `Hello`.
+    pub agent: String,
+    /// Sent in `Hello`.
+    pub caps: Vec<String>,
+    /// The check of signed commands and its memory of signed ids; pass the
+    /// same one to every reconnect so that a replay is refused across
+    /// them. `None`: a new one from the bundle, for this connection only.
+    pub guard: Option<SharedGuard>,
 }
 
-impl Default for LinkOptions {
+impl Default for ConnectOptions {
     fn default() -> Self {
-        LinkOptions {
-            max_frame: DEFAULT_MAX_FRAME,
-            window: DEFAULT_WINDOW,
+        ConnectOptions {
+            server: None,
+            max_frame: proto::DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(25),
             keep_alive: Duration::from_secs(10),
-            hello_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
-            frame_rate: 5_000,
-            frame_burst: 10_000,
-            max_bad_acks: 64,
-            events: None,
-            reset_key: None,
+            agent: AGENT.to_string(),
+            caps: Vec::new(),
+            guard: None,
         }
     }
 }
 
-/// Why the link could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    #[error("cannot listen on {addr}: {source}; is another outpost (or anything) using this UDP port? pick another with --listen")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the TLS configuration cannot be used for QUIC: {0}")]
-    Tls(String),
-    #[error("bad link option: {0}")]
-    Options(String),
+/// A command received from the box.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedCommand {
+    pub id: CommandId,
+    pub priority: Priority,
+    pub payload: Vec<u8>,
+    /// 1-based delivery attempt.
+    pub attempt: u32,
+    /// Absolute deadline (ms since the Unix epoch), if any.
+    pub deadline: Option<Millis>,
+    /// The operator's envelope, when the command was signed.
+    pub signature: Option<Vec<u8>>,
+    /// The signer, when the envelope was verified here (the bundle carries
+    /// trust anchors) and this is its first delivery.
+    pub verified: Option<crate::engine::trust::Verified>,
+    /// A signed command this device already admitted, delivered again with
+    /// the same attempt (after a reconnect, or replayed): answer it with its
+    /// first outcome if you have it; never run it again.
+    pub seen_before: bool,
 }
 
-/// Counters of the link, for `status` and metrics.
-#[derive(Debug, Default)]
-pub struct LinkStats {
-    pub connections_accepted: AtomicU64,
-    pub handshakes_failed: AtomicU64,
-    pub connections_refused: AtomicU64,
-    pub protocol_errors: AtomicU64,
-    pub frames_in: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub commands_sent: AtomicU64,
-    pub acks: AtomicU64,
-    pub events: AtomicU64,
-    pub events_dropped: AtomicU64,
-    /// Bundles found in use on two live devices, and newcomers refused
-    /// for it.
-    pub shared_bundles_found: AtomicU64,
-    pub in_use_refused: AtomicU64,
-    /// Artifact chunks served on fetch streams, and their bytes: what a
-    /// hub's uplink to its edges carries, counted here.
-    pub chunks_served: AtomicU64,
-    pub chunk_bytes_served: AtomicU64,
+/// What [`DeviceConnection::next`] yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Run this and ack it.
+    Command(ReceivedCommand),
+    /// Stop this command if it is still running; do not ack it.
+    Cancel(CommandId),
+    /// A non-fatal error from the box (e.g. `NotYourCommand`).
+    Error { code: ErrorCode, message: String },
+    /// To a gateway (an edge box): a command for a target below it.
+    Forward(Box<proto::Forward>),
+    /// To a gateway: the hub stored its outbox up to this seq.
+    UpAck(u64),
 }
 
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+/// Answers the box owes this device, oldest first (it answers `Send` and
+/// `Query` in order).
+type Owed = Arc<std::sync::Mutex<VecDeque<oneshot::Sender<BoxFrame>>>>;
+
+/// A cloneable handle that writes frames to the box, so acks can be sent
+/// from any task.
+#[derive(Clone)]
+pub struct Sender {
+    send: Arc<Mutex<quinn::SendStream>>,
+    max_frame: usize,
+    owed: Owed,
+    box_minor: u16,
+    /// Told each outcome, so a signed command that succeeded is never run
+    /// again under a later attempt, while one that failed may be retried.
+    guard: SharedGuard,
 }
 
-struct Live {
-    seq: u64,
-    conn: quinn::Connection,
-    since: Instant,
+/// A command this device sent, as the box accepted it (durably).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    pub id: CommandId,
+    /// Its idempotency key matched an earlier command, whose id this is.
+    pub duplicate: bool,
 }
 
-struct Shared {
-    queue: QueueHandle,
-    opts: LinkOptions,
-    revoked: RevokedSet,
-    live: Mutex<HashMap<DeviceId, Live>>,
-    /// Ids whose bundle two live devices share (see `contest`); only
-    /// touched under the `live` lock, so a verdict and the map agree.
-    contests: Mutex<crate::contest::Contests>,
-    refusals: Arc<crate::refusal::Refusals>,
-    /// Bumped each time a shared bundle is found (the monitor waits on it).
-    bundles_found: tokio::sync::watch::Sender<u64>,
-    next_seq: AtomicU64,
-    tasks: AtomicUsize,
-    stats: LinkStats,
+/// Where a command this device sent stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandStatus {
+    pub id: CommandId,
+    pub state: State,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
 }
 
-impl Shared {
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Live>> {
-        // The map holds plain handles; a panic elsewhere cannot leave it
-        // half-updated.
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The running device link. Dropping it does not stop it; call
-/// [`DeviceLink::shutdown`].
-pub struct DeviceLink {
-    endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
-    accept: tokio::task::JoinHandle<()>,
-    summaries: tokio::task::JoinHandle<()>,
-}
-
-impl DeviceLink {
-    /// Listen on `bind` and serve devices. `tls` comes from
-    /// `Identity::server_config(revoked.clone())`; `revoked` must be that
-    /// same set, so that [`DeviceLink::revoke`] also refuses the next
-    /// handshake. Call within a tokio runtime.
-    pub fn start(
-        bind: SocketAddr,
-        tls: rustls::ServerConfig,
-        revoked: RevokedSet,
-        queue: QueueHandle,
-        opts: LinkOptions,
-    ) -> Result<DeviceLink, LinkError> {
-        if opts.window == 0 || opts.max_frame < 64 || opts.frame_rate == 0 {
-            return Err(LinkError::Options(
-                "window and frame_rate must be positive and max_frame at least 64 bytes".into(),
-            ));
-        }
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| LinkError::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport_config(&opts)?));
-        server.max_incoming(opts.max_connections.clamp(1, 1 << 20));
-        let endpoint = match opts.reset_key {
-            None => quinn::Endpoint::server(server, bind),
-            Some(key) => {
-                // The box's kept key: see `Identity::reset_key`.
-                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
-                // The connection ids must validate across runs too (quinn
-                // drops a packet whose id its generator did not make).
-                let tag = ring::hmac::sign(&key, b"outpost connection ids");
-                let cid_key = u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
-                let mut config = quinn::EndpointConfig::new(Arc::new(key));
-                config.cid_generator(move || {
-                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-                });
-                std::net::UdpSocket::bind(bind).and_then(|socket| {
-                    quinn::Endpoint::new(
-                        config,
-                        Some(server),
-                        socket,
-                        Arc::new(quinn::TokioRuntime),
-                    )
-                })
-            }
-        }
-        .map_err(|source| LinkError::Bind { addr: bind, source })?;
-        let refusals = Arc::new(crate::refusal::Refusals::default());
-        revoked.set_refusal_log(refusals.clone());
-        let summaries = {
-            let r = refusals.clone();
-            tokio::spawn(async move { r.run().await })
-        };
-        let shared = Arc::new(Shared {
-            queue,
-            opts,
-            revoked,
-            live: Mutex::new(HashMap::new()),
-            contests: Mutex::new(crate::contest::Contests::default()),
-            refusals,
-            bundles_found: tokio::sync::watch::channel(0).0,
-            next_seq: AtomicU64::new(1),
-            tasks: AtomicUsize::new(0),
-            stats: LinkStats::default(),
-        });
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
-        Ok(DeviceLink {
-            endpoint,
-            shared,
-            accept,
-            summaries,
-        })
-    }
-
-    /// The address actually bound (port 0 resolved).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
-    }
-
-    /// The QUIC endpoint.
-    pub fn endpoint(&self) -> &quinn::Endpoint {
-        &self.endpoint
-    }
-
-    /// Revoke `device`: its next handshake is refused and its live
-    /// connection, if any, is closed now. (The shell also records the
-    /// revocation in the queue.)
-    pub fn revoke(&self, device: &str) {
-        // Insert before looking at the map: a connection registering
-        // concurrently checks the set after inserting itself (see
-        // `register`), so one of the two sides always sees the other.
-        self.shared.revoked.insert(device);
-        let live = self.shared.live().remove(device);
-        if let Some(l) = live {
-            tracing::info!(device, "closing the connection of a revoked device");
-            l.conn
-                .close(VarInt::from_u32(close_code::REVOKED), b"device revoked");
-        }
-    }
-
-    /// Close `device`'s live connection without revoking it (it may
-    /// reconnect at once; its commands in flight are delivered again).
-    /// True if it was connected.
-    pub fn disconnect(&self, device: &str) -> bool {
-        let live = self.shared.live().remove(device);
-        match live {
-            Some(l) => {
-                l.conn.close(
-                    VarInt::from_u32(close_code::NORMAL),
-                    b"disconnected by the box",
-                );
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Admit a previously revoked device again (after it is re-enrolled).
-    pub fn readmit(&self, device: &str) {
-        self.shared.revoked.remove(device);
-    }
-
-    /// `device` was enrolled again with the certificate whose fingerprint
-    /// is `cert`: only that one is admitted from now on, and a live
-    /// connection (made with an earlier one, since the new bundle was not
-    /// out yet) is closed. Its shared-bundle flag ends with the old bundle.
-    pub fn supersede(&self, device: &str, cert: [u8; 32]) {
-        // Pinned before looking at the map, like `revoke`: a connection
-        // registering concurrently checks the pin after inserting itself.
-        self.shared.revoked.pin(device, Some(cert));
-        let live = self.shared.live().remove(device);
-        self.shared
-            .contests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear(device);
-        if let Some(l) = live {
-            tracing::info!(device, "closing the connection of a superseded certificate");
-            l.conn.close(
-                VarInt::from_u32(close_code::SUPERSEDED),
-                b"superseded: this device was enrolled again; only its newest bundle is admitted",
-            );
-        }
-    }
-
-    /// Changes each time a shared bundle is found.
-    pub fn bundles_found(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.shared.bundles_found.subscribe()
-    }
-
-    /// Devices whose bundle is in use on more than one live device now (see
-    /// `contest`), with when that was found (ms since the epoch) and how
-    /// many newcomers were refused since.
-    pub fn shared_bundles(&self) -> Vec<crate::contest::SharedBundle> {
-        let now = Instant::now().into_std();
-        let wall = crate::now_millis();
-        let flagged = self
-            .shared
-            .contests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .flagged(now);
-        flagged
-            .into_iter()
-            .map(|(device, f)| crate::contest::SharedBundle {
-                device,
-                since: wall
-                    .saturating_sub(now.saturating_duration_since(f.since).as_millis() as u64),
-                refused: f.refused,
-            })
-            .collect()
-    }
-
-    /// The revoked set the link and its TLS verifier share.
-    pub fn revoked(&self) -> &RevokedSet {
-        &self.shared.revoked
-    }
-
-    /// Whether `device` has a live connection.
-    pub fn is_connected(&self, device: &str) -> bool {
-        self.shared.live().contains_key(device)
-    }
-
-    /// Ids of the devices connected now.
-    pub fn connected(&self) -> Vec<DeviceId> {
-        let mut v: Vec<_> = self.shared.live().keys().cloned().collect();
-        v.sort();
-        v
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> &LinkStats {
-        &self.shared.stats
-    }
-
-    /// Close every connection (devices see `SHUTDOWN` and reconnect later),
-    /// stop accepting, and wait briefly for the connections to wind down.
-    pub async fn shutdown(&self) {
-        // Close first, so every device is told why; then the connections'
-        // tasks go with the accept loop.
-        self.endpoint
-            .close(VarInt::from_u32(close_code::SHUTDOWN), b"box shutting down");
-        self.accept.abort();
-        self.summaries.abort();
-        let _ = timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
-    }
-}
-
-fn transport_config(opts: &LinkOptions) -> Result<quinn::TransportConfig, LinkError> {
-    let mut t = quinn::TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(opts.idle_timeout)
-        .map_err(|_| LinkError::Options("idle_timeout is too large".into()))?;
-    t.max_idle_timeout(Some(idle));
-    t.keep_alive_interval(Some(opts.keep_alive));
-    // One control stream per device plus at most a few fetch streams
-    // (1.3), so a device cannot make the box buffer many streams.
-    t.max_concurrent_bidi_streams(VarInt::from_u32(1 + fetch::MAX_FETCH_STREAMS as u32));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    // Frames are read incrementally, so the window need not hold a whole
-    // max-size frame; small windows keep a flood's buffer small.
-    t.stream_receive_window(VarInt::from_u32(256 * 1024));
-    t.receive_window(VarInt::from_u32(512 * 1024));
-    t.send_window(2 * 1024 * 1024);
-    Ok(t)
-}
-
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    // The connections' tasks live in this set, so aborting the loop at
-    // shutdown aborts them too: a detached one could outlive the box,
-    // holding its port and its store (a restart in the same process found
-    // both taken).
-    let mut conns = tokio::task::JoinSet::new();
-    while let Some(incoming) = endpoint.accept().await {
-        while conns.try_join_next().is_some() {}
-        if shared.tasks.load(Ordering::Relaxed) >= shared.opts.max_connections {
-            bump(&shared.stats.connections_refused);
-            tracing::warn!(
-                remote = %incoming.remote_address(),
-                limit = shared.opts.max_connections,
-                "refusing a connection: too many devices connected"
-            );
-            incoming.refuse();
-            continue;
-        }
-        shared.tasks.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        conns.spawn(async move {
-            let remote = incoming.remote_address();
-            serve_connection(incoming, &shared)
-                .instrument(tracing::info_span!("device_link", %remote))
-                .await;
-            shared.tasks.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-}
-
-/// The device id of a verified connection's peer certificate, and the
-/// certificate's fingerprint.
-fn peer_device_id(conn: &quinn::Connection) -> Result<(DeviceId, [u8; 32]), String> {
-    let any = conn
-        .peer_identity()
-        .ok_or("the device presented no certificate")?;
-    let certs = any
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map_err(|_| "the peer identity is not an X.509 chain")?;
-    let leaf = certs.first().ok_or("the device presented no certificate")?;
-    let id = identity::device_id_from_cert(leaf).map_err(|e| e.to_string())?;
-    Ok((id, identity::cert_fingerprint(leaf)))
-}
-
-async fn serve_connection(incoming: quinn::Incoming, shared: &Arc<Shared>) {
-    let hello_timeout = shared.opts.hello_timeout;
-    let ip = incoming.remote_address().ip();
-    let conn = match timeout(hello_timeout, incoming).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            // Refused certificates end here: rustls already sent the alert.
-            // A client retrying in a loop costs a summary line a minute.
-            bump(&shared.stats.handshakes_failed);
-            let what = e.to_string();
-            if shared.refusals.refused(Some(ip), None, &what) {
-                tracing::info!(error = %what, "device handshake failed (repeats from this address are summed up once a minute)");
-            }
-            return;
-        }
-        Err(_) => {
-            bump(&shared.stats.handshakes_failed);
-            if shared
-                .refusals
-                .refused(Some(ip), None, "handshake timed out")
-            {
-                tracing::info!("device handshake timed out (repeats from this address are summed up once a minute)");
-            }
-            return;
-        }
-    };
-    bump(&shared.stats.connections_accepted);
-    let (device, cert) = match peer_device_id(&conn) {
-        Ok(d) => d,
-        Err(e) => {
-            // Unreachable with our verifier, which refuses such certs.
-            tracing::warn!(error = %e, "closing a connection without a device id");
-            conn.close(VarInt::from_u32(close_code::PROTOCOL), b"no device id");
-            return;
-        }
-    };
-    Session::run(conn, device.clone(), cert, shared.clone())
-        .instrument(tracing::info_span!("device", id = %device))
-        .await;
-}
-
-/// An ack on its way to the disk: resolves once its group commit is done.
-type AckWait = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (CommandId, Result<(), QueueError>)> + Send>,
->;
-
-/// Deliveries written to a device in one go at most, and the bytes after
-/// which a batch goes out whatever its count (big payloads must not make
-/// a small box buffer the whole window at once). A batch never waits for
-/// more to arrive.
-const MAX_DELIVERY_BATCH: usize = 256;
-const MAX_DELIVERY_BATCH_BYTES: usize = 256 * 1024;
-
-/// Wait, in the session loop, for the group commit that records `id`.
-fn await_ack(
-    acks: &mut FuturesUnordered<AckWait>,
-    id: CommandId,
-    done: impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static,
-) {
-    acks.push(Box::pin(async move { (id, done.await) }));
-}
-
-/// End a command that can never be delivered on this link with the reason,
-/// rather than hold it in flight or retry it forever.
-fn reject(
-    session: &crate::queue::DeviceSession,
-    acks: &mut FuturesUnordered<AckWait>,
-    id: CommandId,
-    reason: String,
-) {
-    await_ack(acks, id, session.ack(id, Outcome::Rejected { reason }));
-}
-
-/// A command too big for the link.
-fn reject_oversized(
-    frame: &BoxFrame,
-    len: u64,
-    max: usize,
-    session: &crate::queue::DeviceSession,
-    acks: &mut FuturesUnordered<AckWait>,
-) {
-    let id = match frame {
-        BoxFrame::Command { id, .. } => *id,
-        BoxFrame::Forward(f) => f.id,
-        _ => return,
-    };
-    tracing::warn!(%id, len, max, "command payload over the frame limit; rejecting it");
-    let reason =
-        format!("payload of {len} bytes is over the device link's frame limit of {max} bytes");
-    reject(session, acks, id, reason);
-}
-
-/// Token bucket limiting one device's frame rate.
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-    rate: f64,
-    burst: f64,
-}
-
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Bucket {
-            tokens: burst,
-            last: Instant::now(),
-            rate: f64::from(rate),
-            burst,
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Why a session ended early: the code and text to send before closing.
-struct Fatal {
-    code: ErrorCode,
-    message: String,
-    close: u32,
-}
-
-impl Fatal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let close = match code {
-            ErrorCode::Revoked => close_code::REVOKED,
-            ErrorCode::Replaced => close_code::REPLACED,
-            ErrorCode::ShuttingDown => close_code::SHUTDOWN,
-            _ => close_code::PROTOCOL,
-        };
-        Fatal {
-            code,
-            message: message.into(),
-            close,
-        }
-    }
-}
-
-/// The end of a session: fatal (tell the device), or the connection is
-/// already gone.
-enum End {
-    Fatal(Fatal),
-    Gone(String),
-}
-
-impl From<Fatal> for End {
-    fn from(f: Fatal) -> Self {
-        End::Fatal(f)
-    }
-}
-
-/// Aborts its task when dropped (the fetch acceptor ends with its session).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-struct Session {
-    conn: quinn::Connection,
-    device: DeviceId,
-    /// Fingerprint of the certificate this connection was made with.
-    cert: [u8; 32],
-    shared: Arc<Shared>,
-    seq: u64,
-    send: quinn::SendStream,
-    /// The minor protocol version the device announced.
-    minor: u16,
-    /// Artifacts named by commands delivered on this connection: the only
-    /// ones its fetch streams may read.
-    artifacts: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
-    /// Delivered commands that name an artifact, and its label once
-    /// known: the ones whose `Progress` the box keeps (until the ack).
-    fetching: Mutex<HashMap<CommandId, Fetching>>,
-}
-
-/// The artifact a delivered command names, and its `name@version` once
-/// looked up.
-type Fetching = ([u8; 32], Option<String>);
-
-impl Session {
-    async fn run(conn: quinn::Connection, device: DeviceId, cert: [u8; 32], shared: Arc<Shared>) {
-        let opts = &shared.opts;
-        let (send, recv) = match timeout(opts.hello_timeout, conn.accept_bi()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "device left before opening its control stream");
-                return;
-            }
-            Err(_) => {
-                tracing::info!("device opened no control stream in time; closing");
-                conn.close(
-                    VarInt::from_u32(close_code::PROTOCOL),
-                    b"no control stream opened",
-                );
-                return;
-            }
-        };
-        let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
-        let mut s = Session {
-            conn,
-            device,
-            cert,
-            shared: shared.clone(),
-            seq,
-            send,
-            minor: 0,
-            artifacts: Arc::default(),
-            fetching: Mutex::default(),
-        };
-        let end = s.handshake_and_serve(proto::frame_reader(recv)).await;
-        s.unregister();
-        for id in s.fetching.lock().unwrap().keys() {
-            s.shared.queue.progress().clear(*id);
-        }
-        match end {
-            End::Fatal(f) => s.fail(f).await,
-            End::Gone(why) => tracing::info!(reason = %why, "device disconnected"),
-        }
-    }
-
-    async fn handshake_and_serve(
-        &mut self,
-        mut recv: proto::FrameReader<quinn::RecvStream>,
-    ) -> End {
-        let opts = &self.shared.opts;
-        let hello = timeout(
-            opts.hello_timeout,
-            proto::read_frame::<DeviceFrame, _>(&mut recv, opts.max_frame),
-        )
-        .await;
-        let (version, agent, caps) = match hello {
-            Ok(Ok(Some(DeviceFrame::Hello {
-                version,
-                agent,
-                caps,
-            }))) => (version, agent, caps),
-            Ok(Ok(Some(other))) => {
-                return Fatal::new(
-                    ErrorCode::ProtocolViolation,
-                    format!("the first frame must be Hello, not {}", other.name()),
-                )
-                .into()
-            }
-            Ok(Ok(None)) => return End::Gone("closed its stream before Hello".into()),
-            Ok(Err(e)) => return frame_error(e),
-            Err(_) => {
-                return Fatal::new(
-                    ErrorCode::ProtocolViolation,
-                    format!("no Hello within {:?}", opts.hello_timeout),
-                )
-                .into()
-            }
-        };
-        if let Err(msg) = proto::check_version(version) {
-            return Fatal::new(ErrorCode::UnsupportedVersion, msg).into();
-        }
-        self.minor = version.minor;
-        // An empty list offers all the device is enrolled with.
-        let offered = (!caps.is_empty()).then_some(caps);
-        if let Err(f) = self.register() {
-            return f.into();
-        }
-        let mut session = match self
-            .shared
-            .queue
-            .connect_offering(self.device.clone(), opts.window, offered)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                let code = match e {
-                    QueueError::Revoked(_) => ErrorCode::Revoked,
-                    QueueError::UnknownDevice(_) => ErrorCode::NotEnrolled,
-                    QueueError::ShuttingDown => ErrorCode::ShuttingDown,
-                    _ => ErrorCode::Internal,
-                };
-                return Fatal::new(code, e.to_string()).into();
-            }
-        };
-        let welcome = BoxFrame::Welcome {
-            version: VERSION,
-            device_id: self.device.clone(),
-            window: opts.window,
-        };
-        if let Err(e) = self.write(&welcome).await {
-            return End::Gone(e.to_string());
-        }
-        tracing::info!(%agent, %version, "device connected");
-        let _fetch = (self.minor >= proto::MINOR_ARTIFACT).then(|| {
-            AbortOnDrop(tokio::spawn(fetch::accept(
-                self.conn.clone(),
-                self.shared.clone(),
-                self.artifacts.clone(),
-            )))
-        });
-
-        // Deliveries are received (&mut) while acks are issued (&self) in
-        // the same loop: take the receiver out of the session.
-        let (_, placeholder) = mpsc::unbounded_channel();
-        let mut rx = std::mem::replace(&mut session.rx, placeholder);
-        let end = self.serve(recv, &mut rx, &session).await;
-        drop(rx);
-        end
-    }
-
-    async fn serve(
-        &mut self,
-        mut stream: proto::FrameReader<quinn::RecvStream>,
-        rx: &mut mpsc::UnboundedReceiver<Delivery>,
-        session: &crate::queue::DeviceSession,
-    ) -> End {
-        let shared = self.shared.clone();
-        let opts = &shared.opts;
-        // Reading is not cancel-safe inside select!, so a small task reads
-        // and hands over whole frames through a bounded channel. Boxed: the
-        // channel allocates 32 slots up front, for every connected device,
-        // and a frame inline made that 5 KiB each (issue 29).
-        let (ftx, mut frx) = mpsc::channel::<Box<Result<DeviceFrame, FrameError>>>(16);
-        let max = opts.max_frame;
-        let reader = tokio::spawn(async move {
-            loop {
-                let r = proto::read_frame::<DeviceFrame, _>(&mut stream, max).await;
-                let stop = !matches!(r, Ok(Some(_)));
-                let item = match r {
-                    Ok(Some(f)) => Ok(f),
-                    Ok(None) => break,
-                    Err(e) => Err(e),
-                };
-                if ftx.send(Box::new(item)).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        // Acks wait for their group commit here, polled by this loop: no
-        // task per ack.
-        let mut acks: FuturesUnordered<AckWait> = FuturesUnordered::new();
-        // Acks beyond the window can only be duplicates or bogus: cap them so
-        // a device cannot pile up work in the queue.
-        let ack_limit = opts.window as usize + 16;
-        let mut bucket = Bucket::new(opts.frame_rate, opts.frame_burst);
-        let mut bad_acks = 0u32;
-        // Answers to Send and Query, in the order they were asked.
-        let mut answers: VecDeque<JoinHandle<BoxFrame>> = VecDeque::new();
-        let end = loop {
-            tokio::select! {
-                answer = async { answers.front_mut().expect("checked").await }, if !answers.is_empty() => {
-                    answers.pop_front();
-                    let frame = answer.unwrap_or_else(|e| BoxFrame::Refused {
-                        code: ErrorCode::Internal,
-                        message: format!("the box failed to answer: {e}"),
-                    });
-                    if let Err(e) = self.write(&frame).await {
-                        break End::Gone(e.to_string());
-                    }
-                }
-                Some((id, res)) = acks.next(), if !acks.is_empty() => {
-                    match res {
-                        Ok(()) => bump(&shared.stats.acks),
-                        // A late answer to an earlier delivery: harmless,
-                        // the device answers the current attempt as well.
-                        Err(e @ QueueError::StaleAttempt { .. }) => tracing::debug!(%id, "{e}"),
-                        Err(QueueError::NotInFlight { .. }) => {
-                            bad_acks += 1;
-                            tracing::warn!(%id, "device acked a command that is not in flight on it");
-                            if bad_acks > opts.max_bad_acks {
-                                break Fatal::new(
-                                    ErrorCode::TooManyFrames,
-                                    format!("more than {} acks for commands not in flight on this device", opts.max_bad_acks),
-                                ).into();
-                            }
-                            let f = BoxFrame::Error {
-                                code: ErrorCode::NotYourCommand,
-                                message: format!("command {id} is not in flight on this device (stale, duplicate or foreign ack); ignored"),
-                            };
-                            if let Err(e) = self.write(&f).await {
-                                break End::Gone(e.to_string());
-                            }
-                        }
-                        Err(QueueError::ShuttingDown) => {
-                            break Fatal::new(ErrorCode::ShuttingDown, "the box is shutting down; reconnect later").into();
-                        }
-                        Err(e) => {
-                            tracing::error!(%id, error = %e, "the queue failed to record an ack");
-                            break Fatal::new(ErrorCode::Internal, format!("the box could not record the ack of {id}: {e}")).into();
-                        }
-                    }
-                }
-                d = rx.recv() => {
-                    // Whatever else is ready goes out in the same write, so
-                    // a burst costs one wakeup of the connection, not one
-                    // per command.
-                    let mut out = Vec::new();
-                    let (mut next, mut sent, mut frames, mut end) = (d, 0u64, 0u64, None);
-                    for _ in 0..MAX_DELIVERY_BATCH {
-                        let Some(d) = next else {
-                            end = Some(if shared.revoked.contains(&self.device) {
-                                Fatal::new(ErrorCode::Revoked, "this device was revoked")
-                            } else {
-                                Fatal::new(ErrorCode::ShuttingDown, "the queue ended this session; reconnect later")
-                            }.into());
-                            break;
-                        };
-                        if let Some(frame) = self.delivery_frame(d, session, &mut acks) {
-                            let is_command = matches!(frame, BoxFrame::Command { .. } | BoxFrame::Forward(_));
-                            match proto::encode_into(&frame, opts.max_frame, &mut out) {
-                                Ok(()) => {
-                                    sent += u64::from(is_command);
-                                    frames += 1;
-                                }
-                                Err(FrameError::TooLarge { len, max }) => reject_oversized(&frame, len, max, session, &mut acks),
-                                Err(e) => {
-                                    end = Some(End::Gone(e.to_string()));
-                                    break;
-                                }
-                            }
-                        }
-                        if out.len() >= MAX_DELIVERY_BATCH_BYTES {
-                            break;
-                        }
-                        match rx.try_recv() {
-                            Ok(d) => next = Some(d),
-                            // Empty, or closed: the next recv() says which.
-                            Err(_) => break,
-                        }
-                    }
-                    if !out.is_empty() {
-                        if let Err(e) = self.send.write_all(&out).await {
-                            break End::Gone(e.to_string());
-                        }
-                        shared.stats.commands_sent.fetch_add(sent, Ordering::Relaxed);
-                        shared.stats.frames_out.fetch_add(frames, Ordering::Relaxed);
-                    }
-                    if let Some(end) = end {
-                        break end;
-                    }
-                }
-                f = frx.recv(), if acks.len() < ack_limit && answers.len() < MAX_ANSWERS => {
-                    let frame = match f.map(|f| *f) {
-                        None => break End::Gone("device closed its control stream".into()),
-                        Some(Err(e)) => break frame_error(e),
-                        Some(Ok(frame)) => frame,
-                    };
-                    bump(&shared.stats.frames_in);
-                    if !bucket.take() {
-                        break Fatal::new(
-                            ErrorCode::TooManyFrames,
-                            format!("more than {} frames per second (burst {}); slow down", opts.frame_rate, opts.frame_burst),
-                        ).into();
-                    }
-                    match frame {
-                        DeviceFrame::Progress { id, bytes, total } => self.progress(id, bytes, total),
-                        DeviceFrame::Ack { id, outcome } => self.ack(session, &mut acks, id, None, outcome),
-                        DeviceFrame::AckAttempt { id, attempt, outcome } => self.ack(session, &mut acks, id, Some(attempt), outcome),
-                        DeviceFrame::Ping => {
-                            if let Err(e) = self.write(&BoxFrame::Pong).await {
-                                break End::Gone(e.to_string());
-                            }
-                        }
-                        DeviceFrame::Event { payload } => self.event(payload),
-                        DeviceFrame::Send { .. } | DeviceFrame::Query { .. } if self.minor < proto::MINOR_SEND => {
-                            let f = BoxFrame::Error {
-                                code: ErrorCode::Unsupported,
-                                message: format!("{} needs protocol 1.{} or later; this device announced {}.{}", frame.name(), proto::MINOR_SEND, proto::VERSION.major, self.minor),
-                            };
-                            if let Err(e) = self.write(&f).await {
-                                break End::Gone(e.to_string());
-                            }
-                        }
-                        DeviceFrame::Send { to, payload, opts } => {
-                            // Handed to the writer now, so a device's sends
-                            // are enqueued in the order it sent them.
-                            let from = self.device.clone();
-                            let req = SendRequest { target: to, payload, opts, origin: from.clone(), signature: None };
-                            let sent = shared.queue.device_send(from, req);
-                            answers.push_back(tokio::spawn(async move {
-                                match sent.await {
-                                    Ok(r) => BoxFrame::Sent { id: r.id, duplicate: r.duplicate },
-                                    Err(e) => refusal(e),
-                                }
-                            }));
-                        }
-                        DeviceFrame::Query { id } => {
-                            let from = self.device.clone();
-                            let shown = shared.queue.show_queued(id);
-                            answers.push_back(tokio::spawn(async move {
-                                match shown.await {
-                                    // A device sees only what it sent itself.
-                                    Ok(v) if v.origin == from => BoxFrame::Status { id, state: v.state, outcome: v.outcome, error: v.error },
-                                    Ok(_) | Err(QueueError::NotFound(_)) => BoxFrame::Refused {
-                                        code: ErrorCode::NotFound,
-                                        message: format!("no command {id} sent by this device (or its result is past retention)"),
-                                    },
-                                    Err(e) => refusal(e),
-                                }
-                            }));
-                        }
-                        DeviceFrame::Hello { .. } => {
-                            break Fatal::new(ErrorCode::ProtocolViolation, "Hello sent twice").into();
-                        }
-                        DeviceFrame::Accepted { id, .. } => {
-                            if self.fetching.lock().unwrap().remove(&id).is_some() {
-                                shared.queue.progress().clear(id);
-                            }
-                            // Like an ack: a stray one counts as a bad ack.
-                            await_ack(&mut acks, id, shared.queue.handed(self.device.clone(), id));
-                        }
-                        DeviceFrame::UpFrom { epoch } => {
-                            // Queued ahead of the `Up`s after it; an error
-                            // (not a gateway) comes back on its first `Up`.
-                            drop(shared.queue.up_from(self.device.clone(), epoch));
-                        }
-                        DeviceFrame::Up { entries } => {
-                            // Answered in order with the other answers; an
-                            // error is not fatal (the edge retries later).
-                            let applied = shared.queue.up(self.device.clone(), entries);
-                            answers.push_back(tokio::spawn(async move {
-                                match applied.await {
-                                    Ok(seq) => BoxFrame::UpAck { seq },
-                                    Err(e) => match refusal(e) {
-                                        BoxFrame::Refused { code, message } => BoxFrame::Error { code, message },
-                                        other => other,
-                                    },
-                                }
-                            }));
-                        }
-                    }
-                }
-            }
-        };
-        drop(frx);
-        reader.abort();
-        // Let acks already handed to the queue finish, so an outcome the
-        // device sent just before leaving is not redelivered needlessly.
-        let _ = timeout(Duration::from_secs(2), async {
-            while acks.next().await.is_some() {}
-        })
-        .await;
-        end
-    }
-
-    /// A device's ack, with the attempt it answers when it names one. It
-    /// is queued with the writer now, in arrival order; only the wait for
-    /// durability runs aside, so one flush carries many acks.
-    fn ack(
-        &self,
-        session: &crate::queue::DeviceSession,
-        acks: &mut FuturesUnordered<AckWait>,
-        id: CommandId,
-        attempt: Option<u32>,
-        outcome: Outcome,
-    ) {
-        if self.fetching.lock().unwrap().remove(&id).is_some() {
-            self.shared.queue.progress().clear(id);
-        }
-        await_ack(acks, id, session.ack_attempt(id, attempt, outcome));
-    }
-
-    /// A device's report on fetching the artifact of a command delivered
-    /// to it on this connection; any other is ignored (a device reports
-    /// only on its own deliveries).
-    fn progress(&self, id: CommandId, bytes: u64, total: u64) {
-        let mut f = self.fetching.lock().unwrap();
-        let Some((digest, label)) = f.get_mut(&id) else {
-            tracing::debug!(%id, "progress for a command not fetching on this connection; ignored");
-            return;
-        };
-        if label.is_none() {
-            let d = crate::artifact::Digest(*digest);
-            *label = match self.shared.queue.shelf().manifest(&d) {
-                Ok(Some(m)) => Some(format!("{}@{}", m.name, m.version)),
-                _ => Some(d.to_string()),
-            };
-        }
-        self.shared
-            .queue
-            .progress()
-            .report(id, label.clone(), bytes, total);
-    }
-
-    fn event(&self, payload: Vec<u8>) {
-        let stats = &self.shared.stats;
-        bump(&stats.events);
-        match &self.shared.opts.events {
-            Some(tx) => {
-                let ev = DeviceEvent {
-                    device: self.device.clone(),
-                    payload,
-                    at: crate::now_millis(),
-                };
-                if tx.try_send(ev).is_err() {
-                    bump(&stats.events_dropped);
-                    tracing::debug!("device event dropped: the event consumer is behind");
-                }
-            }
-            None => tracing::debug!(bytes = payload.len(), "device event"),
-        }
-    }
-
-    /// The frame that carries a delivery, or `None` when it was ended here
-    /// instead (a forward to an edge too old to take it).
-    fn delivery_frame(
-        &self,
-        d: Delivery,
-        session: &crate::queue::DeviceSession,
-        acks: &mut FuturesUnordered<AckWait>,
-    ) -> Option<BoxFrame> {
-        // A signer removed, or signatures required, since it was queued:
-        // it ends here, rejected with the reason, and never reaches the
-        // device.
-        let envelope = match &d {
-            Delivery::Command(c) => Some((c.id, c.signature.as_deref())),
-            Delivery::Forward(f) => Some((f.id, f.signature.as_deref())),
-            Delivery::Cancel(_) => None,
-        };
-        if let Some((id, env)) = envelope {
-            if let Some(why) = session.gate().at_delivery(env) {
-                reject(
-                    session,
-                    acks,
-                    id,
-                    format!("refused by the box at delivery: {why}"),
-                );
-                return None;
-            }
-        }
-        // A command naming an artifact lets this connection fetch it; a
-        // box below stages a Forward's the same way (`artifact::stage`),
-        // reporting progress under the Forward's id as a device does.
-        let named = envelope.and_then(|(id, env)| {
-            Some((id, crate::trust::envelope::artifact(env?).ok().flatten()?))
-        });
-        if let Some((id, a)) = named {
-            if self.minor < proto::MINOR_ARTIFACT {
-                let (who, what) = match &d {
-                    Delivery::Forward(_) => ("the box below", "upgrade it"),
-                    _ => ("this device", "upgrade the agent"),
-                };
-                let reason = format!(
-                    "the command carries an artifact, which needs protocol 1.{}; {who} speaks {}.{}: {what}",
-                    proto::MINOR_ARTIFACT,
-                    proto::VERSION.major,
-                    self.minor
-                );
-                reject(session, acks, id, reason);
-                return None;
-            }
-            self.artifacts.lock().unwrap().insert(a);
-            self.fetching.lock().unwrap().insert(id, (a, None));
-        }
-        Some(match d {
-            Delivery::Command(c) => BoxFrame::Command {
-                id: c.id,
-                priority: c.priority,
-                payload: c.payload,
-                attempt: c.attempt,
-                deadline: c.deadline,
-                signature: c.signature,
-            },
-            Delivery::Cancel(id) => BoxFrame::Cancel { id },
-            Delivery::Forward(f) if self.minor < proto::MINOR_GATEWAY => {
-                let reason = format!(
-                    "the box below speaks protocol {}.{}; forwarding needs 1.{} (upgrade it)",
-                    proto::VERSION.major,
-                    self.minor,
-                    proto::MINOR_GATEWAY
-                );
-                reject(session, acks, f.id, reason);
-                return None;
-            }
-            Delivery::Forward(f) => BoxFrame::Forward(f),
-        })
-    }
-
-    async fn write(&mut self, frame: &BoxFrame) -> Result<(), FrameError> {
-        proto::write_frame(&mut self.send, frame, self.shared.opts.max_frame).await?;
-        bump(&self.shared.stats.frames_out);
+impl Sender {
+    /// Send one frame.
+    pub async fn send(&self, frame: &DeviceFrame) -> Result<(), ClientError> {
+        let mut s = self.send.lock().await;
+        proto::write_frame(&mut *s, frame, self.max_frame).await?;
         Ok(())
     }
 
-    /// Record this connection as the device's live one, closing an older
-    /// one: a rebooted device's stale connection must not hold its id until
-    /// the idle timeout. Refused if the device is revoked, this certificate
-    /// is superseded, or the bundle is in use on another live device (see
-    /// `contest`).
-    fn register(&self) -> Result<(), Fatal> {
-        let now = Instant::now();
-        let old = {
-            let mut live = self.shared.live();
-            let holder = live.get(&self.device).map(|l| crate::contest::Holder {
-                age: now.saturating_duration_since(l.since),
-                open: l.conn.close_reason().is_none(),
-            });
-            let verdict = self
-                .shared
-                .contests
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .arrive(&self.device, holder, now.into_std());
-            if let crate::contest::Verdict::Refuse { detected } = verdict {
-                drop(live);
-                bump(&self.shared.stats.in_use_refused);
-                if detected {
-                    bump(&self.shared.stats.shared_bundles_found);
-                    self.shared.bundles_found.send_modify(|n| *n += 1);
-                    tracing::warn!(
-                        "two live connections keep taking this device's id from each other: its bundle is in use on more than one device; refusing newcomers while one holds it (give each device its own bundle: `outpost enroll ID`)"
-                    );
-                }
-                return Err(Fatal {
-                    code: ErrorCode::Replaced,
-                    message: format!("this bundle is in use elsewhere: another live device holds `{}` with it; give each device its own bundle (`outpost enroll ID` on the box)", self.device),
-                    close: close_code::IN_USE,
-                });
-            }
-            live.insert(
-                self.device.clone(),
-                Live {
-                    seq: self.seq,
-                    conn: self.conn.clone(),
-                    since: now,
-                },
-            )
-        };
-        if let Some(old) = old {
-            tracing::info!("a new connection of this device replaces the old one");
-            old.conn.close(
-                VarInt::from_u32(close_code::REPLACED),
-                b"replaced by a newer connection of this device",
-            );
+    /// Report a command's outcome, naming no attempt: it ends whichever
+    /// attempt the box has in flight, so a late answer to an earlier
+    /// delivery can end a later one. Prefer [`ack_attempt`](Self::ack_attempt).
+    pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
+        self.ack_with(id, None, outcome).await
+    }
+
+    /// Report the outcome of one delivery: `attempt` is the
+    /// [`ReceivedCommand::attempt`] it answers. The box ends the command
+    /// only if that attempt is still the one in flight. To a box before
+    /// protocol 1.4 it goes as a plain `Ack`.
+    pub async fn ack_attempt(
+        &self,
+        id: CommandId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<(), ClientError> {
+        self.ack_with(id, Some(attempt), outcome).await
+    }
+
+    /// `AckAttempt` when an attempt is named and the box knows the frame,
+    /// else the plain `Ack`.
+    async fn ack_with(
+        &self,
+        id: CommandId,
+        attempt: Option<u32>,
+        outcome: Outcome,
+    ) -> Result<(), ClientError> {
+        if let Ok(mut g) = self.guard.lock() {
+            g.ended(id, &outcome);
         }
-        // Checked after inserting: see `DeviceLink::revoke` and `supersede`.
-        match self.shared.revoked.check(&self.device, &self.cert) {
-            Ok(()) => Ok(()),
-            Err(identity::Refusal::Revoked) => {
-                Err(Fatal::new(ErrorCode::Revoked, "this device is revoked"))
+        let frame = match attempt {
+            Some(attempt) if self.box_minor >= proto::MINOR_ACK_ATTEMPT => {
+                DeviceFrame::AckAttempt {
+                    id,
+                    attempt,
+                    outcome,
+                }
             }
-            Err(identity::Refusal::Superseded) => Err(Fatal {
-                code: ErrorCode::Revoked,
-                message: "this certificate was superseded: the device was enrolled again and only its newest bundle is admitted".into(),
-                close: close_code::SUPERSEDED,
+            _ => DeviceFrame::Ack { id, outcome },
+        };
+        self.send(&frame).await
+    }
+
+    /// Send a command to another target (`dev-8`, `tag:…`, `cap:…`)
+    /// through the box. Returns once the box holds it durably; the box's
+    /// ACL decides whether this device may address the target.
+    pub async fn send_command(
+        &self,
+        to: &str,
+        payload: Vec<u8>,
+        opts: SendOptions,
+    ) -> Result<Sent, ClientError> {
+        let frame = DeviceFrame::Send {
+            to: to.to_string(),
+            payload,
+            opts,
+        };
+        match self.ask(&frame).await? {
+            BoxFrame::Sent { id, duplicate } => Ok(Sent { id, duplicate }),
+            other => Err(answer_error(other)),
+        }
+    }
+
+    /// The state of a command this device sent.
+    pub async fn query(&self, id: CommandId) -> Result<CommandStatus, ClientError> {
+        match self.ask(&DeviceFrame::Query { id }).await? {
+            BoxFrame::Status {
+                id,
+                state,
+                outcome,
+                error,
+            } => Ok(CommandStatus {
+                id,
+                state,
+                outcome,
+                error,
             }),
+            other => Err(answer_error(other)),
         }
     }
 
-    fn unregister(&self) {
-        let mut live = self.shared.live();
-        if live.get(&self.device).map(|l| l.seq) == Some(self.seq) {
-            live.remove(&self.device);
+    async fn ask(&self, frame: &DeviceFrame) -> Result<BoxFrame, ClientError> {
+        if self.box_minor < proto::MINOR_SEND {
+            return Err(ClientError::Protocol(format!(
+                "the box speaks protocol 1.{}; {} needs 1.{} (upgrade the box)",
+                self.box_minor,
+                frame.name(),
+                proto::MINOR_SEND
+            )));
         }
+        let (tx, rx) = oneshot::channel();
+        {
+            // Owed in the order written: both under the stream's lock.
+            let mut s = self.send.lock().await;
+            self.owed.lock().expect("owed lock").push_back(tx);
+            if let Err(e) = proto::write_frame(&mut *s, frame, self.max_frame).await {
+                self.owed.lock().expect("owed lock").pop_back();
+                return Err(e.into());
+            }
+        }
+        rx.await
+            .map_err(|_| ClientError::Lost("the connection ended before the box answered".into()))
     }
+}
 
-    /// Send a fatal Error frame, give it a moment to arrive, then close.
-    async fn fail(&mut self, f: Fatal) {
-        bump(&self.shared.stats.protocol_errors);
-        // Refusals that a client may retry in a loop are counted per address
-        // and device, not logged each.
-        let refusal = match (f.code, f.close) {
-            (_, close_code::IN_USE) => Some("bundle in use elsewhere of device"),
-            (_, close_code::SUPERSEDED) => Some("superseded certificate of device"),
-            (ErrorCode::Revoked, _) => Some("revoked device"),
-            (ErrorCode::NotEnrolled, _) => Some("not enrolled device"),
-            _ => None,
+fn answer_error(f: BoxFrame) -> ClientError {
+    match f {
+        BoxFrame::Refused { code, message } => ClientError::SendRefused { code, message },
+        other => ClientError::Protocol(format!("unexpected answer {}", other.name())),
+    }
+}
+
+/// A connected, welcomed device session.
+pub struct DeviceConnection {
+    // Kept alive for as long as the connection: dropping the endpoint would
+    // close its socket.
+    _endpoint: Option<quinn::Endpoint>,
+    conn: quinn::Connection,
+    addr: SocketAddr,
+    sender: Sender,
+    rx: mpsc::Receiver<Result<Received, ClientError>>,
+    reader: tokio::task::JoinHandle<()>,
+    device_id: String,
+    window: u32,
+    version: Version,
+}
+
+impl Drop for DeviceConnection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Resolve `host:port`.
+async fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
+    let bad = |detail: String| ClientError::Resolve {
+        addr: addr.to_string(),
+        detail,
+    };
+    identity::split_host_port(addr).ok_or_else(|| bad("expected host:port".into()))?;
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    it.next()
+        .ok_or_else(|| bad("the name has no addresses".into()))
+}
+
+fn transport(opts: &ConnectOptions) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(opts.idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(Some(opts.keep_alive));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+/// A client endpoint for `server` (matching its address family). Share one
+/// between many connections with [`connect_with`].
+pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+    let bind: SocketAddr = if server.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind).map_err(ClientError::Socket)
+}
+
+/// Connect to the box named by the bundle (or `opts.server`), say `Hello`
+/// and wait for `Welcome`.
+pub async fn connect(
+    bundle: &Bundle,
+    opts: &ConnectOptions,
+) -> Result<DeviceConnection, ClientError> {
+    let addr = resolve(opts.server.as_deref().unwrap_or(&bundle.server)).await?;
+    let endpoint = client_endpoint(addr)?;
+    let mut c = connect_with(&endpoint, addr, bundle, opts).await?;
+    c._endpoint = Some(endpoint);
+    Ok(c)
+}
+
+/// [`connect`] over an existing endpoint to a resolved address.
+pub async fn connect_with(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    bundle: &Bundle,
+    opts: &ConnectOptions,
+) -> Result<DeviceConnection, ClientError> {
+    let tls = bundle.client_config()?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport(opts)));
+    let secs = opts.connect_timeout.as_secs().max(1);
+    let fut = async {
+        let connecting = endpoint
+            .connect_with(cfg, addr, identity::SERVER_NAME)
+            .map_err(|e| ClientError::Lost(e.to_string()))?;
+        let conn = connecting.await.map_err(|e| conn_error(e, addr))?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| conn_error(e, addr))?;
+        let mut recv = proto::frame_reader(recv);
+        let hello = DeviceFrame::Hello {
+            version: proto::VERSION,
+            agent: opts.agent.clone(),
+            caps: opts.caps.clone(),
         };
-        match refusal {
-            Some(what) => {
-                let ip = self.conn.remote_address().ip();
-                if self
-                    .shared
-                    .refusals
-                    .refused(Some(ip), Some(&self.device), what)
-                {
-                    tracing::info!(code = %f.code, message = %f.message, "refused the device (repeats are summed up once a minute)");
+        let lost = |conn: &quinn::Connection, e: FrameError| match conn.close_reason() {
+            Some(r) => conn_error(r, addr),
+            None => ClientError::Frame(e),
+        };
+        if let Err(e) = proto::write_frame(&mut send, &hello, opts.max_frame).await {
+            return Err(lost(&conn, e));
+        }
+        let first = proto::read_frame::<BoxFrame, _>(&mut recv, opts.max_frame).await;
+        match first {
+            Ok(Some(BoxFrame::Welcome {
+                version,
+                device_id,
+                window,
+            })) => Ok((conn, send, recv, version, device_id, window)),
+            Ok(Some(BoxFrame::Error { code, message })) => {
+                Err(ClientError::Rejected { code, message })
+            }
+            Ok(Some(other)) => Err(ClientError::Protocol(format!(
+                "expected Welcome, got {}",
+                other.name()
+            ))),
+            Ok(None) => Err(conn_error(conn.closed().await, addr)),
+            Err(e) => Err(lost(&conn, e)),
+        }
+    };
+    let (conn, send, recv, version, device_id, window) = timeout(opts.connect_timeout, fut)
+        .await
+        .map_err(|_| ClientError::Timeout { addr, secs })??;
+    if version.major != proto::VERSION.major {
+        return Err(ClientError::Protocol(format!(
+            "the box speaks protocol {version}, this device {}",
+            proto::VERSION
+        )));
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let guard = opts.guard.clone().unwrap_or_else(|| Guard::shared(bundle));
+    let sender = Sender {
+        send: Arc::new(Mutex::new(send)),
+        max_frame: opts.max_frame,
+        owed: Owed::default(),
+        box_minor: version.minor,
+        guard: guard.clone(),
+    };
+    let reader = tokio::spawn(read_loop(
+        conn.clone(),
+        recv,
+        tx,
+        sender.clone(),
+        guard,
+        addr,
+    ));
+    Ok(DeviceConnection {
+        _endpoint: None,
+        conn,
+        addr,
+        sender,
+        rx,
+        reader,
+        device_id,
+        window,
+        version,
+    })
+}
+
+async fn read_loop(
+    conn: quinn::Connection,
+    mut recv: proto::FrameReader<quinn::RecvStream>,
+    tx: mpsc::Sender<Result<Received, ClientError>>,
+    sender: Sender,
+    guard: SharedGuard,
+    addr: SocketAddr,
+) {
+    let (owed, max) = (sender.owed.clone(), sender.max_frame);
+    loop {
+        let item = match proto::read_frame::<BoxFrame, _>(&mut recv, max).await {
+            Ok(Some(
+                f @ (BoxFrame::Sent { .. } | BoxFrame::Refused { .. } | BoxFrame::Status { .. }),
+            )) => {
+                let waiter = owed.lock().expect("owed lock").pop_front();
+                match waiter {
+                    Some(w) => {
+                        let _ = w.send(f);
+                        continue;
+                    }
+                    None => Err(ClientError::Protocol(format!(
+                        "{} without a Send or Query to answer",
+                        f.name()
+                    ))),
                 }
             }
-            None => {
-                tracing::warn!(code = %f.code, message = %f.message, "closing the device connection")
+            Ok(Some(BoxFrame::Command {
+                id,
+                priority,
+                payload,
+                attempt,
+                deadline,
+                signature,
+            })) => {
+                let mut cmd = ReceivedCommand {
+                    id,
+                    priority,
+                    payload,
+                    attempt,
+                    deadline,
+                    signature,
+                    verified: None,
+                    seen_before: false,
+                };
+                let verdict = {
+                    let mut g = guard.lock().expect("guard lock");
+                    g.admit(&cmd, crate::now_millis()).map_err(|e| {
+                        let outcome = g.refused(&e);
+                        (e, outcome)
+                    })
+                };
+                match verdict {
+                    Ok(Admitted::Unchecked) => {}
+                    Ok(Admitted::Signed(v)) => cmd.verified = Some(v),
+                    Ok(Admitted::Again) => cmd.seen_before = true,
+                    Err((e, outcome)) => {
+                        tracing::warn!(%id, step = e.step(), reason = %e, "refused a command the box delivered; it does not run");
+                        if let Err(e) = sender.ack_attempt(id, attempt, outcome).await {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                Ok(Received::Command(cmd))
             }
-        }
-        let frame = BoxFrame::Error {
-            code: f.code,
-            message: f.message.clone(),
+            Ok(Some(BoxFrame::Cancel { id })) => Ok(Received::Cancel(id)),
+            Ok(Some(BoxFrame::Forward(f))) => Ok(Received::Forward(f)),
+            Ok(Some(BoxFrame::UpAck { seq })) => Ok(Received::UpAck(seq)),
+            Ok(Some(BoxFrame::Pong)) => continue,
+            Ok(Some(BoxFrame::Error { code, message })) if !code.is_fatal() => {
+                Ok(Received::Error { code, message })
+            }
+            Ok(Some(BoxFrame::Error { code, message })) => {
+                Err(ClientError::Rejected { code, message })
+            }
+            Ok(Some(BoxFrame::Welcome { .. })) => {
+                Err(ClientError::Protocol("Welcome sent twice".into()))
+            }
+            Ok(None) => {
+                // The box finished its side: the connection close tells why.
+                let e = timeout(Duration::from_secs(2), conn.closed())
+                    .await
+                    .map(|e| conn_error(e, addr))
+                    .unwrap_or_else(|_| {
+                        ClientError::Protocol("the box closed the control stream".into())
+                    });
+                Err(e)
+            }
+            Err(e) => Err(match conn.close_reason() {
+                Some(r) => conn_error(r, addr),
+                None => ClientError::Frame(e),
+            }),
         };
-        let wait = Duration::from_secs(1);
-        // These two have no Error code of their own (the protocol's codes
-        // are fixed): the close code and its reason say it all.
-        let frame_first = !matches!(f.close, close_code::IN_USE | close_code::SUPERSEDED);
-        if frame_first {
-            if let Ok(Ok(())) = timeout(wait, self.write(&frame)).await {
-                let _ = self.send.finish();
-                // Resolves once the device has received everything, so the
-                // close below does not discard the Error frame in flight.
-                let _ = timeout(wait, self.send.stopped()).await;
-            }
+        let stop = item.is_err();
+        if tx.send(item).await.is_err() || stop {
+            return;
         }
-        let mut reason = f.message.into_bytes();
-        reason.truncate(200);
-        self.conn.close(VarInt::from_u32(f.close), &reason);
     }
 }
 
-/// Answers to Send/Query a device may have outstanding before the box stops
-/// reading its frames (backpressure, not an error).
-const MAX_ANSWERS: usize = 64;
-
-/// A queue refusal as the device sees it.
-fn refusal(e: QueueError) -> BoxFrame {
-    let code = match &e {
-        QueueError::Forbidden { .. } | QueueError::Untrusted(_) => ErrorCode::Forbidden,
-        QueueError::NoRoute(_) | QueueError::UnknownDevice(_) | QueueError::Revoked(_) => {
-            ErrorCode::NoRoute
+impl DeviceConnection {
+    /// The next message from the box; `Err` once the connection has ended
+    /// (the error says why). Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<Received>, ClientError> {
+        match self.rx.recv().await {
+            Some(Ok(m)) => Ok(Some(m)),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
         }
-        QueueError::QueueFull { .. }
-        | QueueError::DiskFull { .. }
-        | QueueError::NoSpace { .. }
-        | QueueError::ArtifactBudget(_) => ErrorCode::Full,
-        QueueError::BadRequest(_)
-        | QueueError::UnknownDependency(_)
-        | QueueError::KeyReused { .. } => ErrorCode::BadRequest,
-        QueueError::NotFound(_) | QueueError::UnknownArtifact(_) => ErrorCode::NotFound,
-        QueueError::ArtifactInUse { .. } => ErrorCode::BadRequest,
-        QueueError::ArtifactRetiring(_) => ErrorCode::NotFound,
-        QueueError::AlreadyEnrolled { .. } => ErrorCode::BadRequest,
-        QueueError::ShuttingDown => ErrorCode::ShuttingDown,
-        QueueError::InvalidTransition { .. }
-        | QueueError::NotInFlight { .. }
-        | QueueError::StaleAttempt { .. }
-        | QueueError::Storage(_) => ErrorCode::Internal,
-    };
-    BoxFrame::Refused {
-        code,
-        message: e.to_string(),
+    }
+
+    /// Report a command's outcome, naming no attempt (see [`Sender::ack`]).
+    pub async fn ack(&self, id: CommandId, outcome: Outcome) -> Result<(), ClientError> {
+        self.sender.ack(id, outcome).await
+    }
+
+    /// Report the outcome of one delivery (see [`Sender::ack_attempt`]).
+    pub async fn ack_attempt(
+        &self,
+        id: CommandId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<(), ClientError> {
+        self.sender.ack_attempt(id, attempt, outcome).await
+    }
+
+    /// Send telemetry to the box.
+    pub async fn event(&self, payload: Vec<u8>) -> Result<(), ClientError> {
+        self.sender.send(&DeviceFrame::Event { payload }).await
+    }
+
+    /// Send a command to another target through the box (see
+    /// [`Sender::send_command`]).
+    pub async fn send_command(
+        &self,
+        to: &str,
+        payload: Vec<u8>,
+        opts: SendOptions,
+    ) -> Result<Sent, ClientError> {
+        self.sender.send_command(to, payload, opts).await
+    }
+
+    /// The state of a command this device sent.
+    pub async fn query(&self, id: CommandId) -> Result<CommandStatus, ClientError> {
+        self.sender.query(id).await
+    }
+
+    /// A handle for sending frames from other tasks.
+    pub fn sender(&self) -> Sender {
+        self.sender.clone()
+    }
+
+    /// The id the box knows this device by (from its certificate).
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// Unacked commands the box will have in flight at most.
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// The box's protocol version.
+    pub fn server_version(&self) -> Version {
+        self.version
+    }
+
+    /// The box's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The underlying QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Close the connection (commands in flight go back to the box's queue).
+    pub fn close(&self) {
+        self.conn.close(VarInt::from_u32(0), b"device leaving");
     }
 }
 
-fn frame_error(e: FrameError) -> End {
-    match e.code() {
-        Some(code) => Fatal::new(code, e.to_string()).into(),
-        None => End::Gone(e.to_string()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_errors_are_told_apart() {
+        assert!(ClientError::Refused("x".into()).is_permanent());
+        assert!(ClientError::Rejected {
+            code: ErrorCode::Revoked,
+            message: String::new()
+        }
+        .is_permanent());
+        assert!(!ClientError::Rejected {
+            code: ErrorCode::ShuttingDown,
+            message: String::new()
+        }
+        .is_permanent());
+        assert!(!ClientError::Lost("x".into()).is_permanent());
+        assert!(ClientError::Closed {
+            what: "revoked".into(),
+            close_code: Some(2)
+        }
+        .is_permanent());
+        for code in [
+            crate::proto::close_code::IN_USE,
+            crate::proto::close_code::SUPERSEDED,
+        ] {
+            let e = ClientError::Closed {
+                what: String::new(),
+                close_code: Some(code.into()),
+            };
+            assert!(e.is_permanent(), "{code}");
+        }
+        let replaced = ClientError::Closed {
+            what: String::new(),
+            close_code: Some(crate::proto::close_code::REPLACED.into()),
+        };
+        assert!(!replaced.is_permanent() && replaced.is_refusal_like());
+        // A box that is away or restarting is waited for, never given up on.
+        let shutdown = ClientError::Closed {
+            what: String::new(),
+            close_code: Some(crate::proto::close_code::SHUTDOWN.into()),
+        };
+        assert!(!shutdown.is_refusal_like());
+        assert!(!ClientError::Timeout {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            secs: 1
+        }
+        .is_refusal_like());
+        assert!(ClientError::Lost("reset".into()).is_refusal_like());
     }
 }

@@ -1,7 +1,7 @@
 //! The process exit codes (DESIGN §8), in one place: the CLI returns them,
 //! scripts and systemd read them.
 
-use crate::queue::ErrorClass;
+use crate::shell::queue::ErrorClass;
 
 /// Success.
 pub const OK: i32 = 0;

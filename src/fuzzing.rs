@@ -3,8 +3,8 @@
 //! same code. Each takes arbitrary bytes and panics only on a real bug:
 //! a decoder that panics, or a frame that does not survive a round trip.
 
-use crate::admin::AdminRequest;
 use crate::proto::{self, BoxFrame, DeviceFrame, Frame};
+use crate::shell::admin::AdminRequest;
 use std::path::Path;
 
 /// A frame body as a device would send it to the box.
@@ -32,8 +32,9 @@ pub fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(f) = crate::config::FileConfig::parse(text, Path::new("fuzz.toml")) {
-        let _ = crate::config::resolve(&crate::config::ServeArgs::default(), &f, None);
+    if let Ok(f) = crate::shell::config::FileConfig::parse(text, Path::new("fuzz.toml")) {
+        let _ =
+            crate::shell::config::resolve(&crate::shell::config::ServeArgs::default(), &f, None);
     }
 }
 

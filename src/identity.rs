@@ -27,7 +27,7 @@
 //! which is private to the box and signs nothing but this box's server
 //! certificate and its devices (client-auth only), does not.
 
-use crate::command::{DeviceId, Millis};
+use crate::engine::command::{DeviceId, Millis};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
@@ -683,7 +683,7 @@ impl Identity {
     /// data dir without a store may get a new CA. (`doctor` runs this too.)
     pub fn check_ca_present(data_dir: &Path) -> Result<(), IdentityError> {
         let dir = Self::tls_dir(data_dir);
-        let db = data_dir.join(crate::store::DB_DIR);
+        let db = data_dir.join(crate::shell::store::DB_DIR);
         let missing: Vec<&str> = [CA_CERT, CA_KEY]
             .into_iter()
             .filter(|f| !dir.join(f).exists())
@@ -713,7 +713,7 @@ impl Identity {
                 let hex = |b: &[u8; 32]| hex::encode(&b[..8]);
                 Err(IdentityError::CaMismatch {
                     tls: self.dir.clone(),
-                    db: data_dir.join(crate::store::DB_DIR),
+                    db: data_dir.join(crate::shell::store::DB_DIR),
                     expected: hex(&fp),
                     found: hex(&ours),
                 })
@@ -1120,7 +1120,7 @@ pub struct Bundle {
     pub ca_der: CertificateDer<'static>,
     /// Whose signed commands the device runs; `None` in a bundle from a box
     /// that wrote none (the device runs what its box delivers).
-    pub trust: Option<crate::trust::DeviceTrust>,
+    pub trust: Option<crate::engine::trust::DeviceTrust>,
 }
 
 impl fmt::Debug for Bundle {
@@ -1169,17 +1169,19 @@ impl Bundle {
     pub fn set_trust(
         &mut self,
         box_name: &str,
-        set: &crate::trust::TrustSet,
+        set: &crate::engine::trust::TrustSet,
         require_signed: bool,
     ) -> Result<(), IdentityError> {
-        crate::trust::anchors::check_box_name(box_name).map_err(|e| IdentityError::Bundle {
-            source_name: format!("the bundle of `{}`", self.id),
-            detail: e.to_string(),
+        crate::engine::trust::anchors::check_box_name(box_name).map_err(|e| {
+            IdentityError::Bundle {
+                source_name: format!("the bundle of `{}`", self.id),
+                detail: e.to_string(),
+            }
         })?;
-        self.trust = Some(crate::trust::DeviceTrust {
+        self.trust = Some(crate::engine::trust::DeviceTrust {
             box_name: box_name.to_string(),
             require_signed,
-            set: crate::trust::TrustSet {
+            set: crate::engine::trust::TrustSet {
                 keys: set.keys.clone(),
                 removed: Vec::new(),
             },
@@ -1228,7 +1230,7 @@ impl Bundle {
             _ => return Err(bad(format!("the first line must be `{BUNDLE_HEADER}`"))),
         }
         let (mut id, mut server) = (None, None);
-        let mut trust = crate::trust::anchors::Reader::default();
+        let mut trust = crate::engine::trust::anchors::Reader::default();
         for line in lines {
             if line.starts_with('#') {
                 continue;
@@ -1552,7 +1554,7 @@ mod tests {
 
     #[test]
     fn bundle_carries_trust_anchors_and_old_bundles_still_parse() {
-        use crate::trust::{key::OperatorKey, Grant, Role, TrustSet};
+        use crate::engine::trust::{key::OperatorKey, Grant, Role, TrustSet};
         let (_dir, id) = new_identity();
         let old = id.issue_device("dev-7", "box.example:7443").unwrap();
         // A bundle from a box that writes no trust lines: none read.
@@ -1753,7 +1755,7 @@ mod tests {
     fn no_new_ca_next_to_a_store_only_in_an_empty_data_dir() {
         let dir = tempfile::tempdir().unwrap();
         Identity::init(dir.path(), &[]).unwrap();
-        std::fs::create_dir(dir.path().join(crate::store::DB_DIR)).unwrap();
+        std::fs::create_dir(dir.path().join(crate::shell::store::DB_DIR)).unwrap();
         let tls = Identity::tls_dir(dir.path());
         std::fs::remove_dir_all(&tls).unwrap();
         let e = Identity::init(dir.path(), &[]).unwrap_err();
@@ -1769,7 +1771,7 @@ mod tests {
             Identity::init(dir.path(), &[]),
             Err(IdentityError::CaMissing { .. })
         ));
-        std::fs::remove_dir_all(dir.path().join(crate::store::DB_DIR)).unwrap();
+        std::fs::remove_dir_all(dir.path().join(crate::shell::store::DB_DIR)).unwrap();
         Identity::init(dir.path(), &[]).unwrap();
     }
 

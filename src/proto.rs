@@ -12,8 +12,8 @@
 //! a side sends a newer variant only when the peer announced a minor that
 //! knows it. Unknown tags are answered with `Error{UnknownMessage}`.
 
-use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
-use crate::journal::UpEntry;
+use crate::engine::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::engine::journal::UpEntry;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -838,7 +838,7 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
             dev(DeviceFrame::Up {
                 entries: vec![UpEntry {
                     seq: 7,
-                    item: crate::journal::UpItem::Seen {
+                    item: crate::engine::journal::UpItem::Seen {
                         device: "d-1".into(),
                         at: 1,
                     },

@@ -9,13 +9,13 @@
 //! hang.
 
 use base64::Engine as _;
-use outpost::admin::access::{Access, AccessEntry};
-use outpost::client::{run_agent, AgentOptions, Handler};
-use outpost::http::access::{HttpToken, TokenEntry};
-use outpost::queue::SendRequest;
-use outpost::serve::{self, RunningBox, ServeOptions};
-use outpost::store::DeviceRecord;
-use outpost::trust::{Role, Verb};
+use outpost::device::{run_agent, AgentOptions, Handler};
+use outpost::engine::trust::{Role, Verb};
+use outpost::shell::admin::access::{Access, AccessEntry};
+use outpost::shell::http::access::{HttpToken, TokenEntry};
+use outpost::shell::queue::SendRequest;
+use outpost::shell::serve::{self, RunningBox, ServeOptions};
+use outpost::shell::store::DeviceRecord;
 use outpost::{CommandId, SendOptions};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -51,7 +51,7 @@ fn tokens() -> Vec<HttpToken> {
         role: role.into(),
         targets: targets.iter().map(|t| t.to_string()).collect(),
     };
-    outpost::http::access::resolve_tokens(
+    outpost::shell::http::access::resolve_tokens(
         &[
             e("view", VIEWER, "viewer", &[]),
             e("mes", OPERATOR, "operator", &[]),
@@ -394,20 +394,20 @@ async fn an_http_send_is_durable_visible_and_delivered() {
     .await;
     assert_eq!(bogus.status, 409, "{}", bogus.body);
     assert!(bogus.body.contains("envelope"), "{}", bogus.body);
-    let alice = outpost::trust::OperatorKey::generate("alice").unwrap();
+    let alice = outpost::engine::trust::OperatorKey::generate("alice").unwrap();
     t.b.queue
-        .edit_trust(outpost::trust::TrustEdit::Add {
+        .edit_trust(outpost::engine::trust::TrustEdit::Add {
             public: alice.public.to_openssh(),
             name: None,
-            grant: outpost::trust::Grant::new(outpost::trust::Role::Operator),
+            grant: outpost::engine::trust::Grant::new(outpost::engine::trust::Role::Operator),
         })
         .await
         .unwrap();
     let now = outpost::now_millis();
-    let claims = outpost::trust::Claims {
+    let claims = outpost::engine::trust::Claims {
         id: CommandId::new(now, 9),
         target: "away-1".into(),
-        payload_sha256: outpost::trust::envelope::payload_digest(&[0xff, 0]),
+        payload_sha256: outpost::engine::trust::envelope::payload_digest(&[0xff, 0]),
         artifact: None,
         priority: outpost::Priority::Normal,
         not_before: None,
@@ -415,7 +415,7 @@ async fn an_http_send_is_durable_visible_and_delivered() {
         audience: t.b.queue.gate().name().to_string(),
         key_id: alice.public.id,
     };
-    let env = outpost::trust::envelope::seal(&claims, &alice).unwrap();
+    let env = outpost::engine::trust::envelope::seal(&claims, &alice).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(env);
     let a = request(
         addr,

@@ -23,7 +23,7 @@ fn random(n: usize, seed: u64) -> Vec<u8> {
 }
 
 fn sha_hex(b: &[u8]) -> String {
-    outpost::artifact::Digest::of(b).hex()
+    outpost::engine::artifact::Digest::of(b).hex()
 }
 
 fn add(b: &Box_, bytes: &[u8], name: &str, version: &str) -> Value {
@@ -215,10 +215,10 @@ fn an_agent_killed_mid_fetch_resumes_and_refetches_at_most_a_chunk_per_kill() {
     add(&b, &data, "img", "3");
     // A 4 MB/s path, so the fetch takes a few seconds to cut into.
     let relay = rt
-        .block_on(outpost::relay::Relay::start_limited(
+        .block_on(outpost::bench::relay::Relay::start_limited(
             0,
             b.listen.parse().unwrap(),
-            outpost::relay::Impairment {
+            outpost::bench::relay::Impairment {
                 delay: std::time::Duration::from_millis(5),
                 loss: 0.0,
             },
@@ -236,7 +236,7 @@ fn an_agent_killed_mid_fetch_resumes_and_refetches_at_most_a_chunk_per_kill() {
         "--idle-timeout",
         "1s",
     ];
-    let log = "info,outpost::client::fetch=debug";
+    let log = "info,outpost::device::fetch=debug";
     let id = send(&b, "dev-4", "img@3");
     let mut rng = rand::rngs::StdRng::seed_from_u64(44);
     let mut kills = 0;
@@ -309,10 +309,10 @@ fn show_reports_fetch_progress_with_a_rate_while_the_agent_fetches() {
     add(&b, &random(size, 5), "fw", "9");
     // 1 MB/s: about four seconds of fetch to watch.
     let relay = rt
-        .block_on(outpost::relay::Relay::start_limited(
+        .block_on(outpost::bench::relay::Relay::start_limited(
             0,
             b.listen.parse().unwrap(),
-            outpost::relay::Impairment {
+            outpost::bench::relay::Impairment {
                 delay: std::time::Duration::from_millis(5),
                 loss: 0.0,
             },
@@ -382,10 +382,10 @@ fn a_link_lost_mid_fetch_is_not_acked_and_the_fetch_resumes_after_the_reconnect(
     let data = random(size, 6);
     add(&b, &data, "fw", "6");
     let relay = rt
-        .block_on(outpost::relay::Relay::start_limited(
+        .block_on(outpost::bench::relay::Relay::start_limited(
             0,
             b.listen.parse().unwrap(),
-            outpost::relay::Impairment {
+            outpost::bench::relay::Impairment {
                 delay: std::time::Duration::from_millis(5),
                 loss: 0.0,
             },

@@ -9,10 +9,10 @@ use run::{json, ok};
 #[path = "common/cli_box.rs"]
 mod cli_box;
 use cli_box::Box_;
-use outpost::artifact::Digest;
-use outpost::client::fetch::{fetch, FetchError};
-use outpost::client::{self, ConnectOptions, Received};
-use outpost::relay::{Impairment, Relay};
+use outpost::bench::relay::{Impairment, Relay};
+use outpost::device::fetch::{fetch, FetchError};
+use outpost::device::{self, ConnectOptions, Received};
+use outpost::engine::artifact::Digest;
 use rand::{RngCore, SeedableRng};
 use std::time::{Duration, Instant};
 use tokio::time::timeout;
@@ -27,7 +27,7 @@ fn cached_bytes(dir: &std::path::Path) -> u64 {
 async fn connect_and_receive(
     bundle: &outpost::identity::Bundle,
     relay: &Relay,
-) -> client::DeviceConnection {
+) -> device::DeviceConnection {
     // A box killed -9 says nothing: the device learns it by the silence.
     let opts = ConnectOptions {
         server: Some(relay.addr().to_string()),
@@ -37,7 +37,7 @@ async fn connect_and_receive(
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut conn = loop {
-        match client::connect(bundle, &opts).await {
+        match device::connect(bundle, &opts).await {
             Ok(c) => break c,
             Err(e) => {
                 assert!(Instant::now() < deadline, "the box did not come back: {e}");

@@ -2,15 +2,15 @@
 //! byte-identical files, a new version moves only changed chunks, and an
 //! artifact not delivered to a device is refused.
 
-use outpost::artifact::{chunker::chunk_all, Digest};
-use outpost::client::fetch::{fetch, FetchError};
-use outpost::client::{self, ConnectOptions, Received};
-use outpost::device::{DeviceLink, LinkOptions};
+use outpost::device::fetch::{fetch, FetchError};
+use outpost::device::{self, ConnectOptions, Received};
+use outpost::engine::artifact::{chunker::chunk_all, Digest};
+use outpost::engine::trust::envelope;
 use outpost::identity::{Identity, RevokedSet};
 use outpost::proto::ErrorCode;
-use outpost::queue::{self, QueueHandle, SendRequest, ServiceOptions};
-use outpost::store::{DeviceRecord, Store, StoreOptions};
-use outpost::trust::envelope;
+use outpost::shell::link::{DeviceLink, LinkOptions};
+use outpost::shell::queue::{self, QueueHandle, SendRequest, ServiceOptions};
+use outpost::shell::store::{DeviceRecord, Store, StoreOptions};
 use outpost::SendOptions;
 use rand::{RngCore, SeedableRng};
 use std::time::Duration;
@@ -48,7 +48,7 @@ async fn start_box() -> TestBox {
 }
 
 impl TestBox {
-    async fn connect(&self, id: &str) -> client::DeviceConnection {
+    async fn connect(&self, id: &str) -> device::DeviceConnection {
         self.queue
             .enroll(DeviceRecord {
                 id: id.into(),
@@ -63,7 +63,7 @@ impl TestBox {
             .unwrap();
         let addr = self.link.local_addr().unwrap().to_string();
         let bundle = self.identity.issue_device(id, &addr).unwrap();
-        client::connect(&bundle, &ConnectOptions::default())
+        device::connect(&bundle, &ConnectOptions::default())
             .await
             .unwrap()
     }
@@ -83,7 +83,7 @@ impl TestBox {
     }
 
     /// Sends a command naming `artifact` and waits for it on `conn`.
-    async fn deliver(&self, conn: &mut client::DeviceConnection, target: &str, artifact: Digest) {
+    async fn deliver(&self, conn: &mut device::DeviceConnection, target: &str, artifact: Digest) {
         self.queue
             .send(SendRequest {
                 target: target.into(),
@@ -169,7 +169,7 @@ async fn three_devices_get_identical_files_and_a_new_version_moves_only_changes(
 async fn a_device_sent_command_keeps_its_artifact_while_live() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store"), &StoreOptions::default()).unwrap();
-    let acl = outpost::route::Acl::new(vec![outpost::route::AclRule {
+    let acl = outpost::engine::route::Acl::new(vec![outpost::engine::route::AclRule {
         from: vec!["s0".into()],
         to: vec!["d1".into()],
     }])
@@ -219,7 +219,7 @@ async fn a_device_sent_command_keeps_its_artifact_while_live() {
         )
         .await
         .unwrap();
-    let spec = outpost::artifact::ArtifactSpec::Digest(d);
+    let spec = outpost::engine::artifact::ArtifactSpec::Digest(d);
     match queue.remove_artifact(&spec).await {
         Err(queue::QueueError::ArtifactInUse { by, .. }) => assert_eq!(by, sent.id),
         other => panic!("the live command holds it: {other:?}"),

@@ -9,7 +9,7 @@ use run::{json, ok, text};
 #[path = "common/cli_box.rs"]
 mod cli_box;
 use cli_box::{wait_for, Box_};
-use outpost::relay::{Impairment, Relay};
+use outpost::bench::relay::{Impairment, Relay};
 use rand::{RngCore, SeedableRng};
 use std::time::Duration;
 

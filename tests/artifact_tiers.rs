@@ -8,14 +8,14 @@
 #[path = "common/run.rs"]
 mod run;
 
-use outpost::artifact::{chunker::chunk_all, Digest};
-use outpost::client::fetch::fetch;
-use outpost::client::{self, ConnectOptions, Received};
+use outpost::device::fetch::fetch;
+use outpost::device::{self, ConnectOptions, Received};
+use outpost::engine::artifact::{chunker::chunk_all, Digest};
 use outpost::identity::Bundle;
-use outpost::queue::SendRequest;
-use outpost::serve::{self, RunningBox, ServeOptions};
-use outpost::store::DeviceRecord;
-use outpost::upstream::UplinkOptions;
+use outpost::shell::queue::SendRequest;
+use outpost::shell::serve::{self, RunningBox, ServeOptions};
+use outpost::shell::store::DeviceRecord;
+use outpost::shell::upstream::UplinkOptions;
 use outpost::{Outcome, SendOptions, State};
 use rand::{RngCore, SeedableRng};
 use std::net::SocketAddr;
@@ -46,12 +46,12 @@ async fn enroll(b: &RunningBox, id: &str, tags: &[&str]) -> Bundle {
 fn device(bundle: Bundle, dir: std::path::PathBuf) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            if let Ok(mut c) = client::connect(&bundle, &ConnectOptions::default()).await {
+            if let Ok(mut c) = device::connect(&bundle, &ConnectOptions::default()).await {
                 while let Ok(Some(Received::Command(cmd))) = c.next().await {
                     let named = cmd
                         .signature
                         .as_deref()
-                        .and_then(|e| outpost::trust::envelope::artifact(e).ok().flatten());
+                        .and_then(|e| outpost::engine::trust::envelope::artifact(e).ok().flatten());
                     let outcome = match named {
                         None => Outcome::Ok(b"no artifact".to_vec()),
                         Some(d) => match fetch(c.connection(), Digest(d), &dir).await {
@@ -104,7 +104,7 @@ async fn edge_paced(
     rate: Option<u64>,
 ) -> RunningBox {
     let mut gw = DeviceRecord::new("edge-1");
-    gw.tags.push(outpost::route::GATEWAY_TAG.into());
+    gw.tags.push(outpost::engine::route::GATEWAY_TAG.into());
     hub.queue.enroll(gw).await.unwrap();
     let bundle = dir.join("upstream.bundle");
     std::fs::write(
@@ -142,7 +142,7 @@ async fn send_naming(b: &RunningBox, target: &str, artifact: Digest) -> outpost:
             payload: b"flash".to_vec(),
             opts: SendOptions::default(),
             origin: "test".into(),
-            signature: Some(outpost::trust::envelope::unsigned(Some(artifact.0))),
+            signature: Some(outpost::engine::trust::envelope::unsigned(Some(artifact.0))),
         })
         .await
         .unwrap()
@@ -229,10 +229,10 @@ async fn an_uplink_cut_mid_staging_resumes_without_resending_what_arrived() {
     );
     let hub = serve::start(options(hub_dir.path())).await.unwrap();
     // A thin uplink (4 MB/s), so the cut lands mid-staging.
-    let relay = outpost::relay::Relay::start_limited(
+    let relay = outpost::bench::relay::Relay::start_limited(
         0,
         hub.addr,
-        outpost::relay::Impairment {
+        outpost::bench::relay::Impairment {
             delay: Duration::from_millis(5),
             loss: 0.0,
         },

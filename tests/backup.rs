@@ -133,7 +133,7 @@ fn a_box_restored_from_a_backup_taken_under_load_keeps_every_acknowledged_comman
     // A hub above must not take the restored outbox for the dead box's:
     // the restore names a new uplink epoch (`UpFrom`).
     let epoch = |d: &Path| {
-        outpost::store::Store::open(d, &outpost::store::StoreOptions::default())
+        outpost::shell::store::Store::open(d, &outpost::shell::store::StoreOptions::default())
             .and_then(|s| s.uplink_epoch())
             .unwrap()
     };

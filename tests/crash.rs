@@ -3,8 +3,8 @@
 //! instants, reopens the store, and checks that every printed id is there.
 //! Guards invariant 1 (no acknowledged command is ever lost).
 
-use outpost::queue::{self, QueueError, SendRequest, ServiceOptions};
-use outpost::store::{DeviceRecord, Store, StoreOptions};
+use outpost::shell::queue::{self, QueueError, SendRequest, ServiceOptions};
+use outpost::shell::store::{DeviceRecord, Store, StoreOptions};
 use outpost::{CommandId, SendOptions};
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};

@@ -9,9 +9,9 @@
 //! CI runs 20 kills; `OUTPOST_CRASH_KILLS=200 cargo test --release --test
 //! crash_loop -- --nocapture` is the long run.
 
-use outpost::admin::{AdminClient, AdminRequest, AdminResponse};
-use outpost::queue::SendRequest;
-use outpost::store::{Group, Store, StoreOptions};
+use outpost::shell::admin::{AdminClient, AdminRequest, AdminResponse};
+use outpost::shell::queue::SendRequest;
+use outpost::shell::store::{Group, Store, StoreOptions};
 use outpost::SendOptions;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -1,12 +1,12 @@
 //! The device link end to end over loopback QUIC: enrolment, delivery and
 //! acks, redelivery, every refused input, and many devices at once.
 
-use outpost::client::{self, AgentOptions, ClientError, ConnectOptions, Handler, Received};
-use outpost::device::{close_code, DeviceLink, LinkOptions};
+use outpost::device::{self, AgentOptions, ClientError, ConnectOptions, Handler, Received};
 use outpost::identity::{Bundle, Identity, RevokedSet, Validity, SERVER_NAME};
 use outpost::proto::{self, BoxFrame, DeviceFrame, ErrorCode, Version, VERSION};
-use outpost::queue::{self, QueueHandle, SendRequest, ServiceOptions};
-use outpost::store::{DeviceRecord, Store, StoreOptions};
+use outpost::shell::link::{close_code, DeviceLink, LinkOptions};
+use outpost::shell::queue::{self, QueueHandle, SendRequest, ServiceOptions};
+use outpost::shell::store::{DeviceRecord, Store, StoreOptions};
 use outpost::{CommandId, Outcome, SendOptions, State};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -90,7 +90,7 @@ impl TestBox {
     }
 
     /// Polls until the command reaches a final state (bounded).
-    async fn wait_final(&self, id: CommandId) -> outpost::queue::CommandView {
+    async fn wait_final(&self, id: CommandId) -> outpost::shell::queue::CommandView {
         for _ in 0..400 {
             let v = self.queue.show(id).await.unwrap();
             if v.state.is_final() {
@@ -119,7 +119,7 @@ async fn raw_connect(
     addr: SocketAddr,
     tls: rustls::ClientConfig,
 ) -> Result<Raw, quinn::ConnectionError> {
-    let endpoint = client::client_endpoint(addr).unwrap();
+    let endpoint = device::client_endpoint(addr).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let conn = endpoint
@@ -198,7 +198,7 @@ async fn enroll_connect_deliver_ack() {
     let path = b.dir.path().join("dev-1.bundle");
     bundle.write(&path).unwrap();
     let bundle = Bundle::read(&path).unwrap();
-    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+    let mut conn = device::connect(&bundle, &ConnectOptions::default())
         .await
         .unwrap();
     assert_eq!(conn.device_id(), "dev-1");
@@ -240,7 +240,7 @@ async fn a_backlog_arrives_in_order_and_an_oversized_command_is_rejected_not_ret
     for i in 40..80u32 {
         ids.push(b.send("dev-1", format!("cmd-{i}").as_bytes()).await);
     }
-    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+    let mut conn = device::connect(&bundle, &ConnectOptions::default())
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -278,7 +278,7 @@ async fn the_reference_agent_runs_exec_and_reports_failures() {
     let mut opts = AgentOptions::new(path, Handler::Exec(script.into()));
     opts.backoff_min = Duration::from_millis(50);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(client::run_agent(opts, async {
+    let agent = tokio::spawn(device::run_agent(opts, async {
         let _ = stop_rx.await;
     }));
     let ok = b.send("dev-x", b"one\n").await;
@@ -361,7 +361,7 @@ async fn redelivery_after_a_cut_is_deduped_by_the_agent() {
     // Long enough that the second command finishes while disconnected.
     opts.backoff_min = Duration::from_millis(2500);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(client::run_agent(opts, async {
+    let agent = tokio::spawn(device::run_agent(opts, async {
         let _ = stop_rx.await;
     }));
 
@@ -412,13 +412,13 @@ async fn certificates_of_another_ca_expired_or_absent_are_refused() {
     let other = Identity::init(other_dir.path(), &[]).unwrap();
     let mut foreign = other.issue_device("dev-1", &b.addr.to_string()).unwrap();
     foreign.ca_der = b.identity.ca_der().clone();
-    let e = client::connect(&foreign, &opts).await.err().unwrap();
+    let e = device::connect(&foreign, &opts).await.err().unwrap();
     assert!(is_refused(&e, "unknown CA"), "{e}");
     assert!(e.is_permanent());
 
     // The whole foreign bundle: the device refuses the box.
     let foreign = other.issue_device("dev-1", &b.addr.to_string()).unwrap();
-    let e = client::connect(&foreign, &opts).await.err().unwrap();
+    let e = device::connect(&foreign, &opts).await.err().unwrap();
     assert!(matches!(e, ClientError::Tls(_)), "{e}");
 
     // Expired.
@@ -434,7 +434,7 @@ async fn certificates_of_another_ca_expired_or_absent_are_refused() {
             },
         )
         .unwrap();
-    let e = client::connect(&expired, &opts).await.err().unwrap();
+    let e = device::connect(&expired, &opts).await.err().unwrap();
     assert!(is_refused(&e, "expired"), "{e}");
 
     // No client certificate at all.
@@ -481,7 +481,7 @@ async fn certificates_of_another_ca_expired_or_absent_are_refused() {
 async fn revoke_closes_the_live_connection_and_refuses_the_next() {
     let b = start_box(LinkOptions::default()).await;
     let bundle = b.enroll("dev-v").await;
-    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+    let mut conn = device::connect(&bundle, &ConnectOptions::default())
         .await
         .unwrap();
     b.link.revoke("dev-v");
@@ -492,14 +492,14 @@ async fn revoke_closes_the_live_connection_and_refuses_the_next() {
         .unwrap();
     assert!(e.is_permanent(), "{e}");
     assert!(e.to_string().contains("revoked"), "{e}");
-    let e = client::connect(&bundle, &ConnectOptions::default())
+    let e = device::connect(&bundle, &ConnectOptions::default())
         .await
         .err()
         .unwrap();
     assert!(is_refused(&e, "revoked"), "{e}");
     // Re-admitted, it connects again.
     b.link.readmit("dev-v");
-    client::connect(&bundle, &ConnectOptions::default())
+    device::connect(&bundle, &ConnectOptions::default())
         .await
         .unwrap();
     b.stop().await;
@@ -509,10 +509,10 @@ async fn revoke_closes_the_live_connection_and_refuses_the_next() {
 async fn a_second_connection_replaces_the_first() {
     let b = start_box(LinkOptions::default()).await;
     let bundle = b.enroll("dev-2").await;
-    let mut first = client::connect(&bundle, &ConnectOptions::default())
+    let mut first = device::connect(&bundle, &ConnectOptions::default())
         .await
         .unwrap();
-    let _second = client::connect(&bundle, &ConnectOptions::default())
+    let _second = device::connect(&bundle, &ConnectOptions::default())
         .await
         .unwrap();
     let e = timeout(WAIT, first.next()).await.unwrap().err().unwrap();
@@ -741,7 +741,7 @@ async fn a_flooding_device_is_closed_and_others_stay_served() {
     .await;
     let bf = b.enroll("flood").await;
     let bg = b.enroll("good").await;
-    let mut good = client::connect(&bg, &ConnectOptions::default())
+    let mut good = device::connect(&bg, &ConnectOptions::default())
         .await
         .unwrap();
     let mut flood = Raw::welcomed(b.addr, &bf).await;
@@ -797,7 +797,7 @@ async fn two_hundred_devices_at_once() {
     let all = async {
         let mut set = tokio::task::JoinSet::new();
         for bundle in bundles {
-            set.spawn(async move { client::connect(&bundle, &ConnectOptions::default()).await });
+            set.spawn(async move { device::connect(&bundle, &ConnectOptions::default()).await });
         }
         let mut conns = Vec::new();
         while let Some(r) = set.join_next().await {
@@ -854,7 +854,7 @@ async fn a_silent_device_is_dropped_and_its_command_requeued() {
             .build()
             .unwrap();
         let got = rt.block_on(async {
-            let mut conn = client::connect(&dead, &ConnectOptions::default())
+            let mut conn = device::connect(&dead, &ConnectOptions::default())
                 .await
                 .unwrap();
             let got = matches!(conn.next().await, Ok(Some(Received::Command(_))));
@@ -876,7 +876,7 @@ async fn a_silent_device_is_dropped_and_its_command_requeued() {
     }
     assert!(gone, "the silent device was not dropped in 20 s");
     // Back to the queue: the device's next connection gets it again.
-    let mut conn = client::connect(&bundle, &ConnectOptions::default())
+    let mut conn = device::connect(&bundle, &ConnectOptions::default())
         .await
         .unwrap();
     match timeout(WAIT, conn.next()).await.unwrap().unwrap() {
@@ -908,9 +908,9 @@ async fn rss_per_idle_device() {
     for i in 0..N {
         bundles.push(b.enroll(&format!("idle-{i}")).await);
     }
-    let endpoint = client::client_endpoint(b.addr).unwrap();
+    let endpoint = device::client_endpoint(b.addr).unwrap();
     // Warm up allocators and the queue with one device first.
-    let first = client::connect_with(&endpoint, b.addr, &bundles[0], &ConnectOptions::default())
+    let first = device::connect_with(&endpoint, b.addr, &bundles[0], &ConnectOptions::default())
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -919,7 +919,7 @@ async fn rss_per_idle_device() {
     let mut conns = vec![first];
     for bundle in &bundles[1..] {
         conns.push(
-            client::connect_with(&endpoint, b.addr, bundle, &ConnectOptions::default())
+            device::connect_with(&endpoint, b.addr, bundle, &ConnectOptions::default())
                 .await
                 .unwrap(),
         );
@@ -953,11 +953,11 @@ async fn mute_connections_and_a_device_that_never_reads_do_not_stall_honest_ones
     let honest = b.enroll("honest").await;
     let lazy = b.enroll("lazy").await;
     let mute = b.enroll("mute").await;
-    let mut dev = client::connect(&honest, &ConnectOptions::default())
+    let mut dev = device::connect(&honest, &ConnectOptions::default())
         .await
         .unwrap();
     // Enqueue → receipt on the honest device, n times.
-    async fn probe(b: &TestBox, dev: &mut client::DeviceConnection, n: u8) -> Vec<Duration> {
+    async fn probe(b: &TestBox, dev: &mut device::DeviceConnection, n: u8) -> Vec<Duration> {
         let mut lat = Vec::new();
         for i in 0..n {
             let t = std::time::Instant::now();
@@ -981,7 +981,7 @@ async fn mute_connections_and_a_device_that_never_reads_do_not_stall_honest_ones
         b.send("lazy", &[7u8; 20_000]).await;
     }
     // 300 connections that complete TLS and then say nothing.
-    let endpoint = client::client_endpoint(b.addr).unwrap();
+    let endpoint = device::client_endpoint(b.addr).unwrap();
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(mute.client_config().unwrap()).unwrap();
     let cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -1022,7 +1022,7 @@ async fn mute_connections_and_a_device_that_never_reads_do_not_stall_honest_ones
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pre_1_3_device_gets_artifact_commands_rejected_with_upgrade_the_agent() {
-    use outpost::artifact::chunker::chunk_all;
+    use outpost::engine::artifact::chunker::chunk_all;
     let b = start_box(LinkOptions::default()).await;
     let bundle = b.enroll("dev-old").await;
     let shelf = b.queue.shelf();
@@ -1045,7 +1045,7 @@ async fn a_pre_1_3_device_gets_artifact_commands_rejected_with_upgrade_the_agent
             payload: b"flash".to_vec(),
             opts: SendOptions::default(),
             origin: "test".into(),
-            signature: Some(outpost::trust::envelope::unsigned(Some(d.0))),
+            signature: Some(outpost::engine::trust::envelope::unsigned(Some(d.0))),
         })
         .await
         .unwrap()

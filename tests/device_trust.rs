@@ -4,16 +4,16 @@
 //! with its reason, answers `Rejected`, and never runs it. And with a real
 //! box, a refusal is final: the box does not retry it.
 
-use outpost::client::{self, AgentOptions, ConnectOptions, Handler, Received};
-use outpost::command::Millis;
-use outpost::device::{DeviceLink, LinkOptions};
+use outpost::device::{self, AgentOptions, ConnectOptions, Handler, Received};
+use outpost::engine::command::Millis;
+use outpost::engine::trust::envelope::{self, payload_digest, seal, Claims};
+use outpost::engine::trust::key::OperatorKey;
+use outpost::engine::trust::{Grant, Role, TrustSet};
 use outpost::identity::{Bundle, Identity, RevokedSet};
 use outpost::proto::{self, BoxFrame, DeviceFrame, VERSION};
-use outpost::queue::{self, SendRequest, ServiceOptions};
-use outpost::store::{DeviceRecord, Store, StoreOptions};
-use outpost::trust::envelope::{self, payload_digest, seal, Claims};
-use outpost::trust::key::OperatorKey;
-use outpost::trust::{Grant, Role, TrustSet};
+use outpost::shell::link::{DeviceLink, LinkOptions};
+use outpost::shell::queue::{self, SendRequest, ServiceOptions};
+use outpost::shell::store::{DeviceRecord, Store, StoreOptions};
 use outpost::{CommandId, Outcome, Priority, SendOptions, State};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -259,7 +259,7 @@ fn agent(path: PathBuf, runs: &Path, dedupe: usize) -> tokio::task::JoinHandle<(
     opts.backoff_min = Duration::from_millis(10);
     opts.backoff_max = Duration::from_millis(50);
     tokio::spawn(async move {
-        client::run_agent(opts, std::future::pending())
+        device::run_agent(opts, std::future::pending())
             .await
             .unwrap()
     })
@@ -330,7 +330,7 @@ async fn the_library_answers_refusals_itself_and_yields_only_verified_commands()
     let o = ops();
     let (bundle, _) = fb.bundle("d1", &o.set, false);
     let dev = tokio::spawn(async move {
-        let mut c = client::connect(&bundle, &ConnectOptions::default())
+        let mut c = device::connect(&bundle, &ConnectOptions::default())
             .await
             .unwrap();
         let mut got = Vec::new();
@@ -387,7 +387,7 @@ async fn a_real_box_records_the_devices_refusal_as_final() {
     let o = ops();
     // The box trusts alice too (it checks at intake); it does not require
     // signatures, so the unsigned one reaches the device, which does.
-    sopts.gate = std::sync::Arc::new(outpost::trust::Gate::new(
+    sopts.gate = std::sync::Arc::new(outpost::engine::trust::Gate::new(
         "edge-1".into(),
         false,
         o.set.clone(),

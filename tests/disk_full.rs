@@ -4,10 +4,10 @@
 //! acknowledged; nothing accepted is lost, nothing panics, and once the
 //! device has worked the backlog off the box takes commands again by itself.
 
-use outpost::client::{self, ConnectOptions, Received};
-use outpost::queue::{QueueError, SendRequest};
-use outpost::serve::{self, ServeOptions};
-use outpost::store::DeviceRecord;
+use outpost::device::{self, ConnectOptions, Received};
+use outpost::shell::queue::{QueueError, SendRequest};
+use outpost::shell::serve::{self, ServeOptions};
+use outpost::shell::store::DeviceRecord;
 use outpost::{CommandId, Outcome, SendOptions, State};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,7 +36,7 @@ impl Drop for Tmpfs {
     }
 }
 
-async fn send(q: &outpost::queue::QueueHandle, i: usize) -> Result<CommandId, QueueError> {
+async fn send(q: &outpost::shell::queue::QueueHandle, i: usize) -> Result<CommandId, QueueError> {
     q.send(SendRequest {
         target: "d0".into(),
         payload: vec![(i % 251) as u8; 16 * 1024],
@@ -88,7 +88,7 @@ async fn a_full_disk_refuses_new_commands_keeps_delivering_and_recovers() {
     // The device comes and works the backlog off; senders keep trying.
     let dev = tokio::spawn(async move {
         loop {
-            if let Ok(mut c) = client::connect(&bundle, &ConnectOptions::default()).await {
+            if let Ok(mut c) = device::connect(&bundle, &ConnectOptions::default()).await {
                 while let Ok(Some(m)) = c.next().await {
                     if let Received::Command(cmd) = m {
                         if c.ack(cmd.id, Outcome::Ok(vec![])).await.is_err() {
@@ -177,7 +177,7 @@ fn a_disk_that_fills_under_the_database_exits_for_a_restart_and_loses_nothing() 
     let mut b = serve();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let acked: Vec<String> = rt.block_on(async {
-        use outpost::admin::{AdminClient, AdminRequest, AdminResponse};
+        use outpost::shell::admin::{AdminClient, AdminRequest, AdminResponse};
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut admin = loop {
             match AdminClient::connect(&dir).await {

@@ -4,11 +4,11 @@
 //! the seed inputs (the protocol's examples, admin requests, the example
 //! config) before replaying.
 
-use outpost::admin::AdminRequest;
-use outpost::command::{CommandId, SendOptions};
+use outpost::engine::command::{CommandId, SendOptions};
 use outpost::fuzzing;
 use outpost::proto;
-use outpost::queue::SendRequest;
+use outpost::shell::admin::AdminRequest;
+use outpost::shell::queue::SendRequest;
 use std::path::{Path, PathBuf};
 
 type Check = fn(&[u8]);

@@ -7,10 +7,10 @@
 //! No timed assertions: waits have generous deadlines that only stop a
 //! hang.
 
-use outpost::client::{run_agent, AgentOptions, Handler};
-use outpost::queue::SendRequest;
-use outpost::serve::{self, RunningBox, ServeOptions};
-use outpost::store::DeviceRecord;
+use outpost::device::{run_agent, AgentOptions, Handler};
+use outpost::shell::queue::SendRequest;
+use outpost::shell::serve::{self, RunningBox, ServeOptions};
+use outpost::shell::store::DeviceRecord;
 use outpost::{CommandId, SendOptions};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -268,7 +268,7 @@ async fn every_json_endpoint_answers_and_the_event_stream_carries_a_finished_com
     assert_eq!(status, 404);
 
     // A rollout shows with its progress.
-    let plan = outpost::rollout::Plan {
+    let plan = outpost::engine::rollout::Plan {
         name: "fw".into(),
         target: vec!["tag:line-1".into()],
         payload: b"go".to_vec(),
@@ -391,7 +391,7 @@ async fn acting_needs_http_admin_and_the_header() {
 async fn a_dead_command_fires_an_alert_in_status_metrics_and_the_hook() {
     let dir = tempfile::tempdir().unwrap();
     let hook_out = dir.path().join("hook.json");
-    let rules = outpost::alert::check_rules(
+    let rules = outpost::engine::alert::check_rules(
         &toml::from_str::<Rules>(&format!(
             "[[alert]]\nname = \"dead\"\nkind = \"dead_above\"\nvalue = 0\nexec = \"cat > {}\"\n\
              [[alert]]\nname = \"backlog\"\nkind = \"queue_depth_above\"\nvalue = 1000\nfor = \"5m\"\n",
@@ -459,7 +459,7 @@ async fn a_dead_command_fires_an_alert_in_status_metrics_and_the_hook() {
 
 #[derive(serde::Deserialize)]
 struct Rules {
-    alert: Vec<outpost::alert::RuleConfig>,
+    alert: Vec<outpost::engine::alert::RuleConfig>,
 }
 
 // ----- the browser ------------------------------------------------------
@@ -564,7 +564,7 @@ async fn a_real_browser_sees_a_command_finish_without_a_reload() {
         .await;
     t.device("cam-2", Handler::Echo).await;
     let http = t.http();
-    println!("page weight: {} bytes", outpost::http::PAGE.len());
+    println!("page weight: {} bytes", outpost::shell::http::PAGE.len());
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -721,7 +721,7 @@ async fn a_real_browser_sees_a_command_finish_without_a_reload() {
 #[tokio::test]
 async fn on_an_edge_an_alert_goes_into_the_outbox_as_an_event_of_outpost_box() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = outpost::alert::check_rules(
+    let rules = outpost::engine::alert::check_rules(
         &toml::from_str::<Rules>(
             "[[alert]]\nname = \"hub-away\"\nkind = \"uplink_down_longer_than\"\nvalue = \"0s\"\n",
         )
@@ -735,7 +735,7 @@ async fn on_an_edge_an_alert_goes_into_the_outbox_as_an_event_of_outpost_box() {
         // A hub that is not there (no bundle, a closed port): the uplink
         // stays down and the outbox keeps what goes up.
         o.upstream = Some((
-            outpost::upstream::UplinkOptions::new(
+            outpost::shell::upstream::UplinkOptions::new(
                 dir.path().join("missing.bundle"),
                 Some("127.0.0.1:9".into()),
             ),
@@ -747,9 +747,9 @@ async fn on_an_edge_an_alert_goes_into_the_outbox_as_an_event_of_outpost_box() {
     let payload = loop {
         let records = t.b.queue.outbox_read(0, 1000).await.unwrap();
         let found = records.iter().find_map(|r| match &r.item {
-            outpost::journal::UpItem::Event {
+            outpost::engine::journal::UpItem::Event {
                 device, payload, ..
-            } if device == outpost::monitor::BOX_DEVICE => Some(payload.clone()),
+            } if device == outpost::shell::monitor::BOX_DEVICE => Some(payload.clone()),
             _ => None,
         });
         if let Some(p) = found {
@@ -769,7 +769,7 @@ async fn on_an_edge_an_alert_goes_into_the_outbox_as_an_event_of_outpost_box() {
 
 #[tokio::test]
 async fn a_device_that_goes_away_fires_its_offline_rule_at_the_deadline() {
-    let rules = outpost::alert::check_rules(
+    let rules = outpost::engine::alert::check_rules(
         &toml::from_str::<Rules>(
             "[[alert]]\nname = \"gone\"\nkind = \"device_offline_longer_than\"\nvalue = \"1s\"\n",
         )
@@ -805,7 +805,7 @@ async fn event_streams_are_bounded() {
     let t = start(|_| {}).await;
     let addr = t.http();
     let mut open = Vec::new();
-    for _ in 0..outpost::http::MAX_STREAMS {
+    for _ in 0..outpost::shell::http::MAX_STREAMS {
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
             .await

@@ -6,12 +6,12 @@
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use outpost::client::{self, ConnectOptions, Received};
+use outpost::device::{self, ConnectOptions, Received};
 use outpost::identity::Bundle;
-use outpost::queue::SendRequest;
-use outpost::serve::{self, RunningBox, ServeOptions};
-use outpost::store::DeviceRecord;
-use outpost::upstream::nats::NatsOptions;
+use outpost::shell::queue::SendRequest;
+use outpost::shell::serve::{self, RunningBox, ServeOptions};
+use outpost::shell::store::DeviceRecord;
+use outpost::shell::upstream::nats::NatsOptions;
 use outpost::{CommandId, Outcome, SendOptions};
 use std::collections::HashMap;
 use std::path::Path;
@@ -69,7 +69,7 @@ struct Runs {
 fn device(bundle: Bundle, runs: Arc<Mutex<Runs>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            if let Ok(mut c) = client::connect(&bundle, &ConnectOptions::default()).await {
+            if let Ok(mut c) = device::connect(&bundle, &ConnectOptions::default()).await {
                 while let Ok(Some(m)) = c.next().await {
                     if let Received::Command(cmd) = m {
                         {
@@ -248,7 +248,7 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     .clone();
     assert_ne!(
         st.state,
-        outpost::upstream::UplinkState::Connected,
+        outpost::shell::upstream::UplinkState::Connected,
         "{st:?}"
     );
     init_streams(&urls);
@@ -320,7 +320,7 @@ async fn a_plain_nats_client_sends_and_reads_the_result_once_and_fleet_init_is_i
     let st = e.uplink.as_ref().unwrap().status();
     assert_eq!(
         st.state,
-        outpost::upstream::UplinkState::Connected,
+        outpost::shell::upstream::UplinkState::Connected,
         "{st:?}"
     );
 
@@ -440,7 +440,7 @@ async fn with_every_nats_node_down_the_edge_works_on_and_drains_once_when_they_r
     let mut status = e.uplink.as_ref().unwrap().watch();
     tokio::time::timeout(
         WAIT,
-        status.wait_for(|s| s.state == outpost::upstream::UplinkState::Connected),
+        status.wait_for(|s| s.state == outpost::shell::upstream::UplinkState::Connected),
     )
     .await
     .unwrap()
@@ -450,7 +450,7 @@ async fn with_every_nats_node_down_the_edge_works_on_and_drains_once_when_they_r
     }
     tokio::time::timeout(
         WAIT,
-        status.wait_for(|s| s.state != outpost::upstream::UplinkState::Connected),
+        status.wait_for(|s| s.state != outpost::shell::upstream::UplinkState::Connected),
     )
     .await
     .expect("the edge sees the cluster gone")
@@ -614,9 +614,9 @@ async fn an_edge_killed_between_store_and_ack_or_publish_and_puback_has_no_dupli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_command_from_the_cluster_reaches_the_device_with_its_envelope() {
     use base64::Engine;
-    use outpost::trust::envelope::{payload_digest, seal, Claims};
-    use outpost::trust::key::OperatorKey;
-    use outpost::trust::{Grant, Role, TrustSet};
+    use outpost::engine::trust::envelope::{payload_digest, seal, Claims};
+    use outpost::engine::trust::key::OperatorKey;
+    use outpost::engine::trust::{Grant, Role, TrustSet};
     let Some(bin) = nats_server() else { return };
     let _one = ONE_CLUSTER.lock().await;
     let tmp = tempfile::tempdir().unwrap();
@@ -630,7 +630,7 @@ async fn a_signed_command_from_the_cluster_reaches_the_device_with_its_envelope(
     set.add(&alice.public, None, Grant::new(Role::Operator), 0);
     // The edge checks at intake with its own trust set.
     e.queue
-        .edit_trust(outpost::trust::TrustEdit::Add {
+        .edit_trust(outpost::engine::trust::TrustEdit::Add {
             public: alice.public.to_openssh(),
             name: None,
             grant: Grant::new(Role::Operator),
@@ -655,7 +655,7 @@ async fn a_signed_command_from_the_cluster_reaches_the_device_with_its_envelope(
 
     let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     let dev = tokio::spawn(async move {
-        let mut c = client::connect(&bundle, &ConnectOptions::default())
+        let mut c = device::connect(&bundle, &ConnectOptions::default())
             .await
             .unwrap();
         while let Ok(Some(m)) = c.next().await {

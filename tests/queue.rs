@@ -1,10 +1,10 @@
 //! The queue service over a real sled store: the group-commit writer, the
 //! device session API, restarts, and payloads read back from the journal.
 
-use outpost::queue::{
+use outpost::shell::queue::{
     self, Delivery, DeviceSession, QueueError, QueueHandle, SendRequest, ServiceOptions,
 };
-use outpost::store::{DeviceRecord, Store, StoreOptions};
+use outpost::shell::store::{DeviceRecord, Store, StoreOptions};
 use outpost::{CommandId, Outcome, Priority, SendOptions, State};
 use std::path::Path;
 use std::time::Duration;
@@ -28,7 +28,7 @@ fn req(target: &str, payload: &str, opts: SendOptions) -> SendRequest {
     }
 }
 
-async fn next_command(s: &mut DeviceSession) -> outpost::queue::DeliveredCommand {
+async fn next_command(s: &mut DeviceSession) -> outpost::shell::queue::DeliveredCommand {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), s.rx.recv()).await {
             Ok(Some(Delivery::Command(c))) => return c,

@@ -2,13 +2,13 @@
 //! devices with five offline and a box restart in the middle, any-capable
 //! balance and failover, and device-to-device sends under the ACL.
 
-use outpost::client::{self, ClientError, ConnectOptions, DeviceConnection, Received};
-use outpost::device::{DeviceLink, LinkOptions};
+use outpost::device::{self, ClientError, ConnectOptions, DeviceConnection, Received};
+use outpost::engine::route::{Acl, AclRule};
 use outpost::identity::{Bundle, Identity, RevokedSet};
 use outpost::proto::ErrorCode;
-use outpost::queue::{self, CommandView, QueueHandle, SendRequest, ServiceOptions};
-use outpost::route::{Acl, AclRule};
-use outpost::store::{DeviceRecord, Store, StoreOptions};
+use outpost::shell::link::{DeviceLink, LinkOptions};
+use outpost::shell::queue::{self, CommandView, QueueHandle, SendRequest, ServiceOptions};
+use outpost::shell::store::{DeviceRecord, Store, StoreOptions};
 use outpost::{CommandId, Outcome, SendOptions, State};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -131,7 +131,7 @@ async fn connect(addr: SocketAddr, bundle: &Bundle, caps: &[&str]) -> DeviceConn
         caps: caps.iter().map(|c| c.to_string()).collect(),
         ..ConnectOptions::default()
     };
-    client::connect(bundle, &opts).await.unwrap()
+    device::connect(bundle, &opts).await.unwrap()
 }
 
 /// A device that logs what it receives and answers per `b`.
@@ -354,7 +354,7 @@ async fn device_to_device_under_the_acl() {
     b.wait_final(direct.id).await;
 
     // Refused, each with its code; the connection stays up.
-    let refused = |r: Result<client::Sent, ClientError>| match r {
+    let refused = |r: Result<device::Sent, ClientError>| match r {
         Err(ClientError::SendRefused { code, .. }) => code,
         other => panic!("expected a refusal, got {other:?}"),
     };

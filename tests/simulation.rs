@@ -138,7 +138,7 @@ fn without_faults_every_command_ends_once() {
 }
 
 /// Seeds that found bugs, kept as they were found. The world changes with
-/// the code, so each bug also has a unit test in `queue::core::tests`.
+/// the code, so each bug also has a unit test in `engine::queue::core::tests`.
 #[test]
 fn regression_seeds() {
     let cfg = Config::default();

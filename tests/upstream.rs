@@ -4,12 +4,12 @@
 //! exactly once (counted in the hub's store) and the edge ran every command
 //! exactly once (counted in the edge's store, and by the device).
 
-use outpost::client::{self, ConnectOptions, Received};
+use outpost::device::{self, ConnectOptions, Received};
 use outpost::identity::Bundle;
-use outpost::queue::{QueueHandle, SendRequest};
-use outpost::serve::{self, RunningBox, ServeOptions};
-use outpost::store::{DeviceRecord, Group, Store, StoreOptions};
-use outpost::upstream::UplinkOptions;
+use outpost::shell::queue::{QueueHandle, SendRequest};
+use outpost::shell::serve::{self, RunningBox, ServeOptions};
+use outpost::shell::store::{DeviceRecord, Group, Store, StoreOptions};
+use outpost::shell::upstream::UplinkOptions;
 use outpost::{CommandId, Outcome, SendOptions, State};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,7 +52,7 @@ async fn edge(dir: &Path, port: u16, hub_port: u16, bundle: &Path) -> RunningBox
 async fn enroll(b: &RunningBox, id: &str, gateway: bool) -> Bundle {
     let mut rec = DeviceRecord::new(id);
     if gateway {
-        rec.tags.push(outpost::route::GATEWAY_TAG.into());
+        rec.tags.push(outpost::engine::route::GATEWAY_TAG.into());
     }
     b.queue.enroll(rec).await.unwrap();
     b.identity.issue_device(id, &b.advertise).unwrap()
@@ -69,7 +69,7 @@ struct Runs {
 fn device(bundle: Bundle, runs: Arc<Mutex<Runs>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            if let Ok(mut c) = client::connect(&bundle, &ConnectOptions::default()).await {
+            if let Ok(mut c) = device::connect(&bundle, &ConnectOptions::default()).await {
                 while let Ok(Some(m)) = c.next().await {
                     if let Received::Command(cmd) = m {
                         {
@@ -244,7 +244,7 @@ async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_do
         .clone();
     assert_ne!(
         st.state,
-        outpost::upstream::UplinkState::Connected,
+        outpost::shell::upstream::UplinkState::Connected,
         "{st:?}"
     );
     let depth = e.queue.outbox_stats().await.unwrap().depth;
@@ -260,7 +260,7 @@ async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_do
     );
     outbox_drained(&e).await;
     let st = e.uplink.as_ref().unwrap().status();
-    assert_eq!(st.state, outpost::upstream::UplinkState::Connected);
+    assert_eq!(st.state, outpost::shell::upstream::UplinkState::Connected);
     assert!(st.last_sync.is_some() && st.synced_total >= 300, "{st:?}");
 
     let mut down = Vec::new();
@@ -277,7 +277,7 @@ async fn an_edge_offline_for_its_whole_backlog_catches_up_then_takes_commands_do
     );
     // A broadcast and an any-capable target on the edge, from the hub.
     e.queue
-        .relabel(outpost::queue::core::Relabel {
+        .relabel(outpost::engine::queue::core::Relabel {
             device: "d0".into(),
             add_tags: vec!["line".into()],
             add_caps: vec!["cam".into()],
@@ -390,7 +390,7 @@ when = { step = "flash", state = "succeeded" }
 "#,
     )
     .unwrap();
-    let packed = outpost::workflow::Packed::read(&file).unwrap();
+    let packed = outpost::engine::workflow::Packed::read(&file).unwrap();
 
     // The edge has its device, then goes away: the hub keeps the
     // workflow for it.
@@ -487,7 +487,7 @@ fn rollout_device(
     tokio::spawn(async move {
         let me = bundle.id.clone();
         loop {
-            if let Ok(mut c) = client::connect(&bundle, &ConnectOptions::default()).await {
+            if let Ok(mut c) = device::connect(&bundle, &ConnectOptions::default()).await {
                 while let Ok(Some(m)) = c.next().await {
                     if let Received::Command(cmd) = m {
                         {
@@ -546,12 +546,12 @@ async fn a_rollout_handed_to_an_edge_cut_off_from_its_hub_aborts_there_and_the_h
     }
     // One device at a time on the edge; any failure over 30 % once three
     // finished aborts it there; an edge that aborts fails the hub's.
-    let rule = |percent, min| outpost::rollout::AbortRule {
-        on: outpost::rollout::FailKind::Any,
+    let rule = |percent, min| outpost::engine::rollout::AbortRule {
+        on: outpost::engine::rollout::FailKind::Any,
         percent,
         min,
     };
-    let plan = outpost::rollout::Plan {
+    let plan = outpost::engine::rollout::Plan {
         name: "fw".into(),
         target: vec!["e1/tag:line".into()],
         payload: b"flash".to_vec(),
@@ -566,7 +566,7 @@ async fn a_rollout_handed_to_an_edge_cut_off_from_its_hub_aborts_there_and_the_h
         success: None,
         health: None,
         on_abort: None,
-        edges: Some(outpost::rollout::EdgePlan {
+        edges: Some(outpost::engine::rollout::EdgePlan {
             abort: vec![rule(50, 1)],
             ..Default::default()
         }),
@@ -670,12 +670,12 @@ async fn a_rollout_handed_to_an_edge_cut_off_from_its_hub_aborts_there_and_the_h
 
 /// A signed request for `target` on the hub, meant for `audience`.
 fn signed(
-    key: &outpost::trust::OperatorKey,
+    key: &outpost::engine::trust::OperatorKey,
     target: &str,
     payload: &str,
     audience: &str,
 ) -> SendRequest {
-    use outpost::trust::{envelope, Claims};
+    use outpost::engine::trust::{envelope, Claims};
     let now = outpost::now_millis();
     let claims = Claims {
         id: CommandId::new(now, rand::random()),
@@ -697,12 +697,12 @@ fn signed(
     }
 }
 
-async fn trust(b: &RunningBox, key: &outpost::trust::OperatorKey) {
+async fn trust(b: &RunningBox, key: &outpost::engine::trust::OperatorKey) {
     b.queue
-        .edit_trust(outpost::trust::TrustEdit::Add {
+        .edit_trust(outpost::engine::trust::TrustEdit::Add {
             public: key.public.to_openssh(),
             name: None,
-            grant: outpost::trust::Grant::new(outpost::trust::Role::Operator),
+            grant: outpost::engine::trust::Grant::new(outpost::engine::trust::Role::Operator),
         })
         .await
         .unwrap();
@@ -733,8 +733,8 @@ fn tamper(dir: &Path, from: &[u8], to: &[u8]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compromised_hub_cannot_forge_or_change_a_signed_command_the_edge_refuses_it() {
     let w = world().await;
-    let alice = outpost::trust::OperatorKey::generate("alice").unwrap();
-    let mallory = outpost::trust::OperatorKey::generate("mallory").unwrap();
+    let alice = outpost::engine::trust::OperatorKey::generate("alice").unwrap();
+    let mallory = outpost::engine::trust::OperatorKey::generate("mallory").unwrap();
     let mut o = options(&w.hub_dir, w.port);
     o.require_signed = true;
     o.name = Some("hub".into());
@@ -823,7 +823,7 @@ async fn an_edges_audit_entries_reach_the_hubs_log_under_the_edges_name_once() {
     let h = hub(&w.hub_dir, w.port).await;
     let e = edge(&w.edge_dir, w.edge_port, w.port, &w.bundle).await;
     let _dev = device(enroll(&e, "d0", false).await, w.runs.clone());
-    e.queue.audit(outpost::audit::Note {
+    e.queue.audit(outpost::engine::audit::Note {
         at: outpost::now_millis(),
         who: "uid 1000".into(),
         from: "socket".into(),
@@ -1199,7 +1199,7 @@ async fn a_hub_above_a_hub_carries_commands_down_two_tiers_and_results_up_once()
     // A broadcast two tiers down names its children by the whole path,
     // and the top sees the devices of both boxes below it online.
     low.queue
-        .relabel(outpost::queue::core::Relabel {
+        .relabel(outpost::engine::queue::core::Relabel {
             device: "d0".into(),
             add_tags: vec!["line".into()],
             ..Default::default()

@@ -4,8 +4,8 @@
 //! ways. At the end every command ended `succeeded` on the hub, each result
 //! is in the hub's store once, and the device ran each payload once.
 
-use outpost::relay::{Impairment, Relay};
-use outpost::store::{Group, Store, StoreOptions};
+use outpost::bench::relay::{Impairment, Relay};
+use outpost::shell::store::{Group, Store, StoreOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -348,9 +348,9 @@ fn a_box_restarted_after_kill_9_resets_the_connections_of_its_previous_run() {
     let bundle = outpost::identity::Bundle::read(&file).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = rt
-        .block_on(outpost::client::connect(
+        .block_on(outpost::device::connect(
             &bundle,
-            &outpost::client::ConnectOptions::default(),
+            &outpost::device::ConnectOptions::default(),
         ))
         .unwrap();
     b.kill().unwrap(); // SIGKILL: no CONNECTION_CLOSE reaches the device

@@ -8,8 +8,8 @@
 //! the same machine as the server, and so share its cores.
 
 use super::{proc_cpu_seconds, proc_field};
-use crate::artifact::manifest::Hasher;
-use crate::artifact::Digest;
+use crate::engine::artifact::manifest::Hasher;
+use crate::engine::artifact::Digest;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -195,8 +195,8 @@ pub async fn artifact_bench(
 }
 
 async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<ArtifactReport> {
-    use crate::admin::{AdminRequest, AdminResponse};
-    use crate::client::{self, ConnectOptions, Received};
+    use crate::device::{self, ConnectOptions, Received};
+    use crate::shell::admin::{AdminRequest, AdminResponse};
 
     let source = dir.join("source.bin");
     let want = {
@@ -251,15 +251,17 @@ async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<Arti
     for i in 0..n {
         let id = format!("art-{i}");
         let bundle = b.enroll(&id).await?;
-        conns.push((id, client::connect(&bundle, &copts).await?));
+        conns.push((id, device::connect(&bundle, &copts).await?));
     }
     for (id, c) in &mut conns {
-        let req = crate::queue::SendRequest {
+        let req = crate::shell::queue::SendRequest {
             target: id.clone(),
             payload: b"install".to_vec(),
             opts: crate::SendOptions::default(),
             origin: "bench".into(),
-            signature: Some(crate::trust::envelope::unsigned(Some(view.digest.0))),
+            signature: Some(crate::engine::trust::envelope::unsigned(Some(
+                view.digest.0,
+            ))),
         };
         let AdminResponse::Receipt(_) = b.admin.call(&AdminRequest::Send(req)).await? else {
             anyhow::bail!("unexpected send answer")
@@ -302,7 +304,7 @@ async fn run(exe: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<Arti
         fetches.spawn(async move {
             std::fs::create_dir_all(&into)?;
             let t = Instant::now();
-            let f = crate::client::fetch::fetch(&conn, digest, &into).await?;
+            let f = crate::device::fetch::fetch(&conn, digest, &into).await?;
             anyhow::Ok((f.path, t.elapsed().as_secs_f64()))
         });
     }

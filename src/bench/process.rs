@@ -3,8 +3,8 @@
 //! its CPU, RSS and writes are then the box's alone, not the clients'.
 
 use super::{percentile, proc_cpu_seconds, proc_field};
-use crate::admin::{AdminClient, AdminRequest, AdminResponse};
 use crate::identity::Bundle;
+use crate::shell::admin::{AdminClient, AdminRequest, AdminResponse};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -150,7 +150,7 @@ pub async fn box_w1(
     payload: usize,
     producers: usize,
 ) -> anyhow::Result<BoxW1Report> {
-    use crate::client::{self, ConnectOptions};
+    use crate::device::{self, ConnectOptions};
 
     let mut b = BoxProcess::start(exe, dir).await?;
     let n = devices.max(1);
@@ -159,11 +159,11 @@ pub async fn box_w1(
     for d in &names {
         bundles.push(b.enroll(d).await?);
     }
-    let endpoint = client::client_endpoint(b.addr)?;
+    let endpoint = device::client_endpoint(b.addr)?;
     let copts = ConnectOptions::default();
     let mut conns = Vec::with_capacity(n);
     for bundle in &bundles {
-        conns.push(client::connect_with(&endpoint, b.addr, bundle, &copts).await?);
+        conns.push(device::connect_with(&endpoint, b.addr, bundle, &copts).await?);
     }
     let total = commands - commands % n;
     let per_device = total / n;
@@ -182,7 +182,7 @@ pub async fn box_w1(
             for i in (p..total).step_by(producers) {
                 let mut body = vec![b'x'; payload];
                 body[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
-                let req = crate::queue::SendRequest {
+                let req = crate::shell::queue::SendRequest {
                     target: names[i % names.len()].clone(),
                     payload: body,
                     opts: crate::SendOptions::default(),

@@ -8,9 +8,9 @@
 //! cut short sends, when run again, only what did not arrive.
 
 use super::*;
-use crate::artifact::chunker::Chunker;
-use crate::artifact::shelf::ArtifactView;
-use crate::artifact::{Digest, Manifest};
+use crate::engine::artifact::chunker::Chunker;
+use crate::engine::artifact::{Digest, Manifest};
+use crate::shell::artifact::shelf::ArtifactView;
 use std::io::IsTerminal;
 
 #[derive(Debug, clap::Subcommand)]
@@ -62,7 +62,7 @@ pub enum ArtifactCmd {
         /// Wait for the staging to end (default 10m) and exit 0 only if it
         /// succeeded. TIMEOUT: 90s, 10m, or a number of seconds.
         #[arg(long, num_args = 0..=1, default_missing_value = "10m", value_name = "TIMEOUT", allow_negative_numbers = true)]
-        wait: Option<crate::duration::DurationArg>,
+        wait: Option<crate::engine::duration::DurationArg>,
         #[arg(long)]
         json: bool,
     },
@@ -112,10 +112,10 @@ pub(super) async fn run(cmd: ArtifactCmd, data_dir: &Path) -> anyhow::Result<i32
             wait,
             json,
         } => {
-            crate::route::check_name(&edge, "edge")
+            crate::engine::route::check_name(&edge, "edge")
                 .map_err(|e| UsageError(format!("{edge}: {e}")))?;
             let req = SendRequest {
-                target: format!("{edge}/{}", crate::upstream::STAGE),
+                target: format!("{edge}/{}", crate::shell::upstream::STAGE),
                 payload: b"stage".to_vec(),
                 opts: SendOptions::default(),
                 origin: "cli".into(),
@@ -159,13 +159,13 @@ pub(super) async fn run(cmd: ArtifactCmd, data_dir: &Path) -> anyhow::Result<i32
 /// The unsigned envelope naming `spec` as the box resolves it, for a
 /// command that carries the artifact (`send --artifact`).
 pub(super) async fn reference(spec: &str, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
-    crate::artifact::ArtifactSpec::parse(spec)
+    crate::engine::artifact::ArtifactSpec::parse(spec)
         .map_err(|e| UsageError(format!("--artifact: {e}")))?;
     let mut c = client(data_dir).await?;
     let AdminResponse::Artifact(a) = c.call(&AdminRequest::ArtifactShow(spec.into())).await? else {
         bail!("unexpected answer")
     };
-    Ok(crate::trust::envelope::unsigned(Some(a.digest.0)))
+    Ok(crate::engine::trust::envelope::unsigned(Some(a.digest.0)))
 }
 
 fn print_view(a: &ArtifactView, json: bool) {
@@ -177,7 +177,7 @@ fn print_view(a: &ArtifactView, json: bool) {
     crate::outln!("digest    {}", a.digest);
     crate::outln!("size      {} in {} chunks", size(a.size), a.chunks);
     crate::outln!("sha256    {}", a.sha256.hex());
-    crate::outln!("added     {}", crate::command::rfc3339(a.added_at));
+    crate::outln!("added     {}", crate::engine::command::rfc3339(a.added_at));
 }
 
 fn view_json(a: &ArtifactView) -> Value {
@@ -188,7 +188,7 @@ fn view_json(a: &ArtifactView) -> Value {
         "size": a.size,
         "sha256": a.sha256.hex(),
         "chunks": a.chunks,
-        "added_at": crate::command::rfc3339(a.added_at),
+        "added_at": crate::engine::command::rfc3339(a.added_at),
     })
 }
 
@@ -228,7 +228,8 @@ async fn add(
             .to_string()
     });
     for (what, v) in [("--name", &name), ("--version", &version)] {
-        crate::artifact::manifest::check_label(v).map_err(|e| UsageError(format!("{what} {e}")))?;
+        crate::engine::artifact::manifest::check_label(v)
+            .map_err(|e| UsageError(format!("{what} {e}")))?;
     }
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(meta.len() * 2).with_style(

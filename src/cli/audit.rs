@@ -3,7 +3,7 @@
 //! box's data dir themselves (an auditor checking a box's log offline).
 
 use super::*;
-use crate::audit::View;
+use crate::engine::audit::View;
 
 #[derive(Debug, clap::Args)]
 pub struct AuditArgs {
@@ -25,7 +25,7 @@ pub struct AuditArgs {
 
 /// `--since`: a duration ago, or a time.
 fn since(s: &str, now: u64) -> Result<u64, UsageError> {
-    if let Ok(d) = crate::duration::parse(s) {
+    if let Ok(d) = crate::engine::duration::parse(s) {
         return Ok(now.saturating_sub(d.as_millis() as u64));
     }
     // A time is read as `--not-before` reads it; its `+10m` form (from now
@@ -82,19 +82,19 @@ pub(super) async fn run(a: AuditArgs, data_dir: &Path) -> anyhow::Result<i32> {
 /// A stopped box: its store, opened here (sled's lock refuses this while a
 /// box holds it), answers as the box would.
 fn offline(data_dir: &Path, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
-    if !data_dir.join(crate::store::DB_DIR).exists() {
+    if !data_dir.join(crate::shell::store::DB_DIR).exists() {
         bail!(
             "no box is running at {} and it holds no database — pass --data-dir (or OUTPOST_DATA_DIR) for the box you mean",
             data_dir.display()
         );
     }
-    let store = crate::store::Store::open(data_dir, &Default::default())?;
+    let store = crate::shell::store::Store::open(data_dir, &Default::default())?;
     Ok(match req {
         AdminRequest::AuditVerify => {
-            AdminResponse::audit_verified(crate::queue::audit::verify(&store)?)
+            AdminResponse::audit_verified(crate::shell::queue::audit::verify(&store)?)
         }
         AdminRequest::Audit { since, limit } => {
-            AdminResponse::Audit(crate::queue::audit::read(&store, *since, *limit)?)
+            AdminResponse::Audit(crate::shell::queue::audit::read(&store, *since, *limit)?)
         }
         _ => bail!("not an audit request"),
     })

@@ -1,8 +1,8 @@
 //! `outpost backup`: a consistent snapshot of the running box, streamed
-//! over the admin socket into one file (`crate::backup` has the format).
+//! over the admin socket into one file (`crate::shell::backup` has the format).
 
 use super::*;
-use crate::backup::{BackupFile, Encrypt, Header};
+use crate::shell::backup::{BackupFile, Encrypt, Header};
 
 /// `outpost backup`.
 #[derive(Debug, clap::Args)]
@@ -69,7 +69,7 @@ pub(super) async fn run(a: BackupArgs, data_dir: &Path) -> anyhow::Result<i32> {
 
 /// A backup's header for people.
 pub(super) fn print_header(h: &Header, path: &Path, took: Option<Duration>) {
-    let bytes = crate::backup::HEADER_BYTES as u64 + h.body_bytes + 32;
+    let bytes = crate::shell::backup::HEADER_BYTES as u64 + h.body_bytes + 32;
     crate::outln!(
         "backup of {} (store {}) up to group {} written to {}",
         h.box_name,
@@ -78,8 +78,11 @@ pub(super) fn print_header(h: &Header, path: &Path, took: Option<Duration>) {
         path.display()
     );
     let mut rows = vec![
-        vec!["taken".into(), crate::command::rfc3339(h.created_ms)],
-        vec!["size".into(), crate::config::show_size(bytes)],
+        vec![
+            "taken".into(),
+            crate::engine::command::rfc3339(h.created_ms),
+        ],
+        vec!["size".into(), crate::shell::config::show_size(bytes)],
         vec![
             "holds".into(),
             format!("{} trees, {} keys, {} files", h.trees, h.keys, h.files),

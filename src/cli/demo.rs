@@ -4,11 +4,11 @@
 //! overtakes the queue — and a table of how they ended. Everything lives in
 //! a temp dir that is removed at the end.
 
-use crate::client::{run_agent, AgentOptions, Handler};
-use crate::command::{Outcome, Priority, SendOptions, State};
-use crate::queue::{LifecycleEvent, SendRequest};
-use crate::serve::{start, ServeOptions};
-use crate::store::DeviceRecord;
+use crate::device::{run_agent, AgentOptions, Handler};
+use crate::engine::command::{Outcome, Priority, SendOptions, State};
+use crate::shell::queue::{LifecycleEvent, SendRequest};
+use crate::shell::serve::{start, ServeOptions};
+use crate::shell::store::DeviceRecord;
 use anyhow::Context;
 use std::time::Duration;
 

@@ -6,9 +6,9 @@
 //! socket, free disk, and the database itself (a full replay of every group,
 //! only when no box holds it open).
 
-use crate::admin::{AdminClient, AdminRequest, AdminResponse};
 use crate::identity::{CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, TLS_DIR};
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::shell::admin::{AdminClient, AdminRequest, AdminResponse};
+use crate::shell::store::{Store, StoreError, StoreOptions};
 use serde::Serialize;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -112,7 +112,7 @@ pub async fn check_with(data_dir: &Path, reserve: Option<Reserve>) -> Vec<Findin
             format!("restore {} from a backup of this box", tls.display()),
         ));
     }
-    let has_store = data_dir.join(crate::store::DB_DIR).exists();
+    let has_store = data_dir.join(crate::shell::store::DB_DIR).exists();
     for key in [CA_KEY, SERVER_KEY] {
         let p = tls.join(key);
         match std::fs::metadata(&p) {
@@ -301,7 +301,7 @@ fn cert_expiry(path: &Path) -> Finding {
 }
 
 fn disk(dir: &Path) -> Finding {
-    let (total, free) = match crate::store::fs_space(dir) {
+    let (total, free) = match crate::shell::store::fs_space(dir) {
         Ok((t, f)) => (t as u128, f as u128),
         Err(e) => return f("disk", Status::Warn, format!("statvfs failed: {e}"), ""),
     };
@@ -353,9 +353,9 @@ fn file_kind(m: &std::fs::Metadata) -> &'static str {
 
 /// A reserve the filesystem can never leave free refuses every send.
 fn reserve_check(dir: &Path, r: &Reserve) -> Option<Finding> {
-    use crate::config::show_size;
-    let (total, _) = crate::store::fs_space(dir).ok()?;
-    if !crate::serve::reserve_exceeds_disk(r.bytes, total) {
+    use crate::shell::config::show_size;
+    let (total, _) = crate::shell::store::fs_space(dir).ok()?;
+    if !crate::shell::serve::reserve_exceeds_disk(r.bytes, total) {
         return None;
     }
     Some(f(
@@ -371,7 +371,7 @@ fn reserve_check(dir: &Path, r: &Reserve) -> Option<Finding> {
         format!(
             "lower --min-free-disk (OUTPOST_MIN_FREE_DISK, or min_free_disk in the config file) below {}, or leave it unset for the smaller of 32 MiB and 10 % of the disk ({})",
             show_size(total),
-            show_size(crate::queue::default_reserve(total))
+            show_size(crate::shell::queue::default_reserve(total))
         ),
     ))
 }
@@ -458,7 +458,7 @@ pub fn report(findings: &[Finding], json: bool) -> i32 {
 }
 
 /// The scheduled backups: the newest one's age against the schedule.
-pub fn backup_finding(s: Option<&crate::backup::schedule::Schedule>, now: u64) -> Finding {
+pub fn backup_finding(s: Option<&crate::shell::backup::schedule::Schedule>, now: u64) -> Finding {
     let Some(s) = s else {
         return f(
             "backup",
@@ -468,7 +468,7 @@ pub fn backup_finding(s: Option<&crate::backup::schedule::Schedule>, now: u64) -
         );
     };
     let every = humantime::format_duration(s.every);
-    match crate::backup::schedule::list(&s.dir).pop() {
+    match crate::shell::backup::schedule::list(&s.dir).pop() {
         None => f(
             "backup",
             Status::Warn,

@@ -32,7 +32,7 @@ pub struct EnrollArgs {
 pub(super) async fn run(
     a: EnrollArgs,
     data_dir: &Path,
-    file: &crate::config::FileConfig,
+    file: &crate::shell::config::FileConfig,
     file_path: Option<&Path>,
 ) -> anyhow::Result<i32> {
     let EnrollArgs {
@@ -67,7 +67,7 @@ pub(super) async fn run(
             (text, "via the running box".to_string())
         }
         Err(AdminError::NoBox { .. }) => {
-            let req = crate::enroll::EnrollRequest {
+            let req = crate::shell::enroll::EnrollRequest {
                 id: device.clone(),
                 tags,
                 caps,
@@ -116,24 +116,24 @@ pub(super) async fn run(
 /// enrollment the box does, with the settings it would start with.
 async fn enroll_offline(
     data_dir: &Path,
-    file: &crate::config::FileConfig,
+    file: &crate::shell::config::FileConfig,
     file_path: Option<&Path>,
-    req: &crate::enroll::EnrollRequest,
+    req: &crate::shell::enroll::EnrollRequest,
 ) -> anyhow::Result<crate::identity::Bundle> {
     // Before the store: a data dir without an identity is not created.
     let identity = crate::identity::Identity::load(data_dir)?;
-    let c = crate::config::resolve_without_flags(file, file_path)?;
+    let c = crate::shell::config::resolve_without_flags(file, file_path)?;
     // sled's lock refuses this while a box holds the database.
-    let store = crate::store::Store::open(
+    let store = crate::shell::store::Store::open(
         data_dir,
-        &crate::store::StoreOptions {
+        &crate::shell::store::StoreOptions {
             cache_bytes: c.cache_bytes,
         },
     )?;
     let trust = store.trust()?;
-    let queue = crate::queue::open(
+    let queue = crate::shell::queue::open(
         store,
-        crate::queue::ServiceOptions {
+        crate::shell::queue::ServiceOptions {
             limits: c.limits.clone(),
             acl: c.acl.clone(),
             outbox_max: c
@@ -141,14 +141,14 @@ async fn enroll_offline(
                 .as_ref()
                 .map(|u| u.outbox_max)
                 .or(c.nats.as_ref().map(|n| n.outbox_max)),
-            gate: std::sync::Arc::new(crate::trust::Gate::new(
-                crate::serve::box_name(
+            gate: std::sync::Arc::new(crate::engine::trust::Gate::new(
+                crate::shell::serve::box_name(
                     c.name.as_deref(),
                     Some(
                         &c.upstream
                             .as_ref()
                             .and_then(|u| u.bundle.clone())
-                            .unwrap_or_else(|| data_dir.join(crate::serve::UPSTREAM_BUNDLE)),
+                            .unwrap_or_else(|| data_dir.join(crate::shell::serve::UPSTREAM_BUNDLE)),
                     ),
                     c.nats.as_ref().map(|n| n.name.as_str()),
                 ),
@@ -158,15 +158,15 @@ async fn enroll_offline(
             ..Default::default()
         },
     )?;
-    let advertise = crate::serve::advertise_for(c.listen, c.advertise.as_deref());
+    let advertise = crate::shell::serve::advertise_for(c.listen, c.advertise.as_deref());
     // The box loads the new certificate's pin from the record at its next
     // start: nothing is serving now that would need it live.
-    let r = crate::enroll::enroll(&queue, &identity, &advertise, req).await;
+    let r = crate::shell::enroll::enroll(&queue, &identity, &advertise, req).await;
     // An enrollment with the box stopped is as much an entry as one through
     // its socket; `shutdown` writes it.
     // SAFETY: getuid(2) cannot fail and touches no memory.
     let uid = unsafe { libc::getuid() };
-    queue.audit(crate::audit::Note {
+    queue.audit(crate::engine::audit::Note {
         at: crate::now_millis(),
         who: format!("uid {uid}"),
         from: "offline".into(),

@@ -4,8 +4,8 @@
 //! commands only save typing.
 
 use super::SendArgs;
-use crate::command::CommandId;
-use crate::upstream::nats::{self, NatsOptions, CMD_STREAM, UP_STREAM};
+use crate::engine::command::CommandId;
+use crate::shell::upstream::nats::{self, NatsOptions, CMD_STREAM, UP_STREAM};
 use anyhow::{bail, Context};
 use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
@@ -42,7 +42,7 @@ pub enum FleetCmd {
         /// How long to keep asking a cluster that is still forming
         /// (electing its leader, gathering its peers).
         #[arg(long, default_value = "60s", allow_negative_numbers = true)]
-        wait: crate::duration::DurationArg,
+        wait: crate::engine::duration::DurationArg,
     },
     /// Send a command to EDGE/TARGET (EDGE/dev-7, EDGE/tag:line-3,
     /// EDGE/cap:camera, EDGE/workflow FILE).
@@ -70,7 +70,7 @@ pub enum FleetCmd {
         max: Option<u64>,
         /// Stop when nothing came for this long.
         #[arg(long, allow_negative_numbers = true)]
-        idle: Option<crate::duration::DurationArg>,
+        idle: Option<crate::engine::duration::DurationArg>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -344,7 +344,7 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
     let opts = super::send_options(&s)?;
     // Signed here (or elsewhere, `--envelope`): the envelope names the
     // edge as its audience, and its id is the command's.
-    let mut req = crate::queue::SendRequest {
+    let mut req = crate::shell::queue::SendRequest {
         target: s.target.clone(),
         payload,
         opts: opts.clone(),
@@ -370,7 +370,7 @@ async fn fleet_send(a: &NatsArgs, s: SendArgs) -> anyhow::Result<i32> {
             let env = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
                 .map_err(|e| super::UsageError(format!("--envelope is not base64 ({e})")))?;
-            let id = crate::trust::envelope::open(&env)
+            let id = crate::engine::trust::envelope::open(&env)
                 .map_err(|e| super::UsageError(format!("--envelope: {e}")))?
                 .claims
                 .id;

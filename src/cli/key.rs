@@ -3,7 +3,7 @@
 //! `ssh-keygen -t ed25519 -N ''` writes: either may be used.
 
 use super::*;
-use crate::trust::OperatorKey;
+use crate::engine::trust::OperatorKey;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 
@@ -71,7 +71,7 @@ pub(super) fn run(cmd: KeyCmd) -> anyhow::Result<i32> {
             let id = if text.trim_start().starts_with("-----BEGIN") {
                 OperatorKey::from_openssh(&text)?.public.id
             } else {
-                crate::trust::OperatorPublic::from_openssh(&text)?.id
+                crate::engine::trust::OperatorPublic::from_openssh(&text)?.id
             };
             crate::outln!("{id}");
             Ok(0)

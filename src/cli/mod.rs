@@ -32,10 +32,10 @@ pub use send::{parse_not_before, send_options, send_payload, SendArgs, UsageErro
 use workflow::workflow_cmd;
 pub use workflow::WorkflowCmd;
 
-use crate::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
-use crate::command::{CommandId, Outcome, Priority, SendOptions, State};
-use crate::queue::core::Relabel;
-use crate::queue::{CommandView, SendRequest};
+use crate::engine::command::{CommandId, Outcome, Priority, SendOptions, State};
+use crate::engine::queue::core::Relabel;
+use crate::shell::admin::{AdminClient, AdminError, AdminRequest, AdminResponse};
+use crate::shell::queue::{CommandView, SendRequest};
 use anyhow::{bail, Context};
 use base64::Engine as _;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -68,7 +68,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the box: QUIC listener for devices, the store, the admin socket.
-    Serve(crate::config::ServeArgs),
+    Serve(crate::shell::config::ServeArgs),
     /// Create the data dir and the box's CA and server certificate.
     Init {
         /// Extra name or address for the server certificate (repeatable).
@@ -252,7 +252,7 @@ pub struct BenchArgs {
     /// Instead of W1: a random file of this size (64MiB, 256MiB) added to a
     /// box (its own process) and fetched by --devices devices at once; in
     /// the same run, served by nginx over HTTPS to as many curl clients.
-    #[arg(long, value_name = "SIZE", value_parser = crate::config::parse_size,
+    #[arg(long, value_name = "SIZE", value_parser = crate::shell::config::parse_size,
           conflicts_with_all = ["idle", "restart", "signed"])]
     pub artifact: Option<u64>,
     #[arg(long)]
@@ -277,20 +277,20 @@ pub struct DeviceArgs {
     /// Kill a command still running after this (90s, 10m, or a number of
     /// seconds).
     #[arg(long, default_value = "60s", allow_negative_numbers = true)]
-    pub timeout: crate::duration::DurationArg,
+    pub timeout: crate::engine::duration::DurationArg,
     /// Where artifacts named by commands are fetched to and kept (default:
     /// beside the bundle, `dev-7.bundle` → `dev-7.artifacts/`).
     #[arg(long, env = "OUTPOST_ARTIFACT_DIR")]
     pub artifact_dir: Option<PathBuf>,
     /// Most disk the artifact dir may use, files and chunk cache together
     /// (512MiB, 2GB); the least recently used are evicted to make room.
-    #[arg(long, env = "OUTPOST_MAX_ARTIFACT_DISK", default_value = "1GiB", value_parser = crate::config::parse_size)]
+    #[arg(long, env = "OUTPOST_MAX_ARTIFACT_DISK", default_value = "1GiB", value_parser = crate::shell::config::parse_size)]
     pub max_artifact_disk: u64,
     /// The box is taken as gone after this much silence on the link
     /// (keep-alives go at a third of it); shorter notices a dead path
     /// sooner, at the cost of more keep-alive traffic.
     #[arg(long, default_value = "25s")]
-    pub idle_timeout: crate::duration::DurationArg,
+    pub idle_timeout: crate::engine::duration::DurationArg,
     /// A health check (`sh -c`), run after connecting and after each
     /// command that succeeded; its exit status goes to the box as this
     /// device's health (a rollout's `--health-within` waits for it).
@@ -316,7 +316,7 @@ pub fn default_data_dir() -> PathBuf {
 /// Parse the command line, run, and return the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let (file, file_path) = match crate::config::FileConfig::load(cli.config.as_deref()) {
+    let (file, file_path) = match crate::shell::config::FileConfig::load(cli.config.as_deref()) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
@@ -343,8 +343,8 @@ pub fn main() -> i32 {
             } else {
                 match (
                     e.downcast_ref::<AdminError>(),
-                    e.downcast_ref::<crate::config::ConfigError>(),
-                    e.downcast_ref::<crate::backup::BackupError>(),
+                    e.downcast_ref::<crate::shell::config::ConfigError>(),
+                    e.downcast_ref::<crate::shell::backup::BackupError>(),
                 ) {
                     (Some(a), _, _) => a.exit_code(),
                     (None, Some(c), _) => c.exit_code(),
@@ -376,15 +376,15 @@ fn parse_id(s: &str) -> anyhow::Result<CommandId> {
 async fn run(
     cmd: Cmd,
     data_dir: &Path,
-    file: &crate::config::FileConfig,
+    file: &crate::shell::config::FileConfig,
     file_path: Option<&Path>,
 ) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Serve(a) => {
-            let c = crate::config::resolve(&a, file, file_path)?;
+            let c = crate::shell::config::resolve(&a, file, file_path)?;
             let mut o = serve_options(c, data_dir);
             o.config_file = file_path.map(Path::to_path_buf);
-            crate::serve::run(o).await?;
+            crate::shell::serve::run(o).await?;
             Ok(0)
         }
         Cmd::Init { san } => {
@@ -523,7 +523,7 @@ async fn run(
             Ok(0)
         }
         Cmd::Device(a) => {
-            use crate::client::{run_agent, shutdown_signal, AgentOptions, Handler};
+            use crate::device::{run_agent, shutdown_signal, AgentOptions, Handler};
             let handler = match a.exec {
                 Some(c) => Handler::Exec(c),
                 None => Handler::Echo,
@@ -557,7 +557,7 @@ async fn run(
             // The reserve the box would run with, from the file and the
             // environment; only an explicit one can exceed the disk.
             let (reserve, schedule, bad_config) =
-                match crate::config::resolve_without_flags(file, file_path) {
+                match crate::shell::config::resolve_without_flags(file, file_path) {
                     Ok(c) => (
                         c.reserve_origin.map(|origin| doctor::Reserve {
                             bytes: c.limits.min_free_disk,
@@ -687,7 +687,7 @@ async fn run(
             Ok(0)
         }
         Cmd::Workflow(WorkflowCmd::Check { file, json }) => {
-            let w = match crate::workflow::Workflow::load(&file) {
+            let w = match crate::engine::workflow::Workflow::load(&file) {
                 Ok(w) => w,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -738,8 +738,11 @@ async fn run(
     }
 }
 
-fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve::ServeOptions {
-    let mut o = crate::serve::ServeOptions::new(data_dir.to_path_buf());
+fn serve_options(
+    c: crate::shell::config::ServeConfig,
+    data_dir: &Path,
+) -> crate::shell::serve::ServeOptions {
+    let mut o = crate::shell::serve::ServeOptions::new(data_dir.to_path_buf());
     o.listen = c.listen;
     o.sans = c.sans;
     o.advertise = c.advertise;
@@ -748,14 +751,14 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.audit = c.audit;
     o.artifacts = c.artifacts;
     if c.reserve_origin.is_none() {
-        if let Ok((total, _)) = crate::store::fs_space_of(data_dir) {
-            o.limits.min_free_disk = crate::queue::default_reserve(total);
+        if let Ok((total, _)) = crate::shell::store::fs_space_of(data_dir) {
+            o.limits.min_free_disk = crate::shell::queue::default_reserve(total);
         }
     }
     o.store.cache_bytes = c.cache_bytes;
     o.metrics = c.metrics;
     o.http = c.http;
-    o.http_opts = crate::http::HttpOptions {
+    o.http_opts = crate::shell::http::HttpOptions {
         token: c.http_token,
         admin: c.http_admin,
         tokens: c.http_tokens,
@@ -773,14 +776,14 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o.upstream = c.upstream.map(|u| {
         let bundle = u
             .bundle
-            .unwrap_or_else(|| data_dir.join(crate::serve::UPSTREAM_BUNDLE));
-        let mut opts = crate::upstream::UplinkOptions::new(bundle, Some(u.server));
+            .unwrap_or_else(|| data_dir.join(crate::shell::serve::UPSTREAM_BUNDLE));
+        let mut opts = crate::shell::upstream::UplinkOptions::new(bundle, Some(u.server));
         opts.max_frame = o.link.max_frame;
         opts.artifact_rate = c.artifacts.uplink_rate;
         (opts, u.outbox_max)
     });
     o.nats = c.nats.map(|n| {
-        let mut opts = crate::upstream::nats::NatsOptions::new(n.urls, n.name);
+        let mut opts = crate::shell::upstream::nats::NatsOptions::new(n.urls, n.name);
         opts.creds = n.creds;
         opts.ca = n.ca;
         opts.client_cert = n.client_cert;
@@ -789,7 +792,7 @@ fn serve_options(c: crate::config::ServeConfig, data_dir: &Path) -> crate::serve
     o
 }
 
-pub use crate::command::rfc3339;
+pub use crate::engine::command::rfc3339;
 
 /// A bench's report: JSON with `--json`, else its table.
 fn print_bench(
@@ -817,7 +820,7 @@ mod tests {
     #[test]
     fn an_error_chain_names_each_cause_once() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
-        let e = anyhow::Error::new(crate::config::ConfigError::Read {
+        let e = anyhow::Error::new(crate::shell::config::ConfigError::Read {
             path: "/x.toml".into(),
             source: io,
         })

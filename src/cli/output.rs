@@ -24,7 +24,7 @@ pub fn render_error(e: &anyhow::Error) -> String {
 
 /// A device's shared-bundle flag in `devices --json`: `null`, or when it was
 /// found and how many connections were refused since.
-pub(super) fn shared_json(d: &crate::queue::core::DeviceView) -> Value {
+pub(super) fn shared_json(d: &crate::engine::queue::core::DeviceView) -> Value {
     match &d.shared_bundle {
         None => Value::Null,
         Some(b) => json!({"since": rfc3339(b.since), "refused": b.refused}),
@@ -32,7 +32,7 @@ pub(super) fn shared_json(d: &crate::queue::core::DeviceView) -> Value {
 }
 
 // One JSON shape for `show --json` and the HTTP API: see `queue::json`.
-pub use crate::queue::json::{add_result, view_json};
+pub use crate::shell::queue::json::{add_result, view_json};
 
 pub(super) fn print_view(v: &CommandView, json: bool) {
     if json {
@@ -81,7 +81,7 @@ pub(super) fn print_view(v: &CommandView, json: bool) {
     if let Some(p) = &v.progress {
         rows.push(vec![
             "progress".into(),
-            crate::queue::json::progress_line(p),
+            crate::shell::queue::json::progress_line(p),
         ]);
     }
     if let Some(f) = v.finished_at {
@@ -115,7 +115,7 @@ pub(super) fn print_view(v: &CommandView, json: bool) {
 
 /// "3s ago", "2h ago", "in 5m".
 /// `connected to hub:7443 since 3m; outbox 12 (oldest 5s), last sync 2s ago`.
-pub(super) fn uplink_line(u: Option<&crate::admin::UplinkView>) -> String {
+pub(super) fn uplink_line(u: Option<&crate::shell::admin::UplinkView>) -> String {
     let Some(u) = u else {
         return "none".into();
     };
@@ -131,7 +131,7 @@ pub(super) fn uplink_line(u: Option<&crate::admin::UplinkView>) -> String {
         Some(t) => line.push_str(&format!(", last sync {}", ago(t))),
         None => line.push_str(", never synced"),
     }
-    if u.state != crate::upstream::UplinkState::Connected {
+    if u.state != crate::shell::upstream::UplinkState::Connected {
         if let Some(e) = &u.last_error {
             line.push_str(&format!("; {e}"));
         }

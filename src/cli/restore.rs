@@ -1,7 +1,7 @@
 //! `outpost restore`: a backup onto a stopped box's empty data dir.
 
 use super::*;
-use crate::backup::Decrypt;
+use crate::shell::backup::Decrypt;
 
 /// `outpost restore`.
 #[derive(Debug, clap::Args)]
@@ -32,8 +32,8 @@ pub(super) fn run(a: RestoreArgs, data_dir: &Path) -> anyhow::Result<i32> {
         )),
         (None, None) => None,
     };
-    let opts = crate::store::StoreOptions::default();
-    let r = crate::backup::restore(&a.file, data_dir, a.force, key.as_ref(), &opts)?;
+    let opts = crate::shell::store::StoreOptions::default();
+    let r = crate::shell::backup::restore(&a.file, data_dir, a.force, key.as_ref(), &opts)?;
     if a.json {
         crate::outln!(
             "{}",
@@ -48,7 +48,7 @@ pub(super) fn run(a: RestoreArgs, data_dir: &Path) -> anyhow::Result<i32> {
         h.box_name,
         h.box_id,
         h.last_group,
-        crate::command::rfc3339(h.created_ms),
+        crate::engine::command::rfc3339(h.created_ms),
         data_dir.display()
     );
     if let Some(aside) = &r.moved_aside {
@@ -63,7 +63,7 @@ pub(super) fn run(a: RestoreArgs, data_dir: &Path) -> anyhow::Result<i32> {
     crate::outln!(
         "start the box with `outpost serve --data-dir {}`: devices reconnect with their bundles; what was acknowledged after {} is not in this backup",
         data_dir.display(),
-        crate::command::rfc3339(h.created_ms)
+        crate::engine::command::rfc3339(h.created_ms)
     );
     Ok(0)
 }

@@ -1,8 +1,8 @@
 //! `outpost rollout …`: start, show, list, pause, resume, abort.
 
 use super::*;
-use crate::rollout::runner::{RolloutView, Verb};
-use crate::rollout::{AbortRule, Canary, FailKind, Plan, Rate, Size};
+use crate::engine::rollout::{AbortRule, Canary, FailKind, Plan, Rate, Size};
+use crate::shell::rollout::{RolloutView, Verb};
 
 /// `outpost rollout …`.
 #[derive(Debug, clap::Subcommand)]
@@ -57,7 +57,7 @@ pub struct StartArgs {
     pub canary: Option<Size>,
     /// After the canary, go on by itself after this long.
     #[arg(long, requires = "canary", value_name = "D")]
-    pub canary_wait: Option<crate::duration::DurationArg>,
+    pub canary_wait: Option<crate::engine::duration::DurationArg>,
     /// At most this many devices a minute: 10/min, 1/s, 600/h.
     #[arg(long, value_parser = Rate::parse, value_name = "N/min")]
     pub rate: Option<Rate>,
@@ -104,14 +104,14 @@ pub struct StartArgs {
     pub abort_min: u32,
     /// Per device, from when it takes the command: later is timed_out.
     #[arg(long, value_name = "D")]
-    pub timeout: Option<crate::duration::DurationArg>,
+    pub timeout: Option<crate::engine::duration::DurationArg>,
     /// Success is a result containing this text (else any success).
     #[arg(long, value_name = "TEXT")]
     pub success_contains: Option<String>,
     /// After its command succeeded, a device must report healthy (the
     /// agent's --health) within this long, or it is timed_out.
     #[arg(long, value_name = "D")]
-    pub health_within: Option<crate::duration::DurationArg>,
+    pub health_within: Option<crate::engine::duration::DurationArg>,
     /// The rollback's payload, sent on abort to the devices that took it.
     #[arg(long, value_name = "PAYLOAD")]
     pub on_abort: Option<String>,
@@ -123,7 +123,7 @@ pub struct StartArgs {
     /// Wait for the end (without a value, however long it takes): exit 0
     /// if it completed, 6 if it aborted, 4 if TIMEOUT came first.
     #[arg(long, num_args = 0..=1, value_name = "TIMEOUT")]
-    pub wait: Option<Option<crate::duration::DurationArg>>,
+    pub wait: Option<Option<crate::engine::duration::DurationArg>>,
     #[arg(long)]
     pub json: bool,
 }
@@ -168,14 +168,14 @@ impl StartArgs {
     }
 
     /// The edge flags, as a plan's `edges` (`None` if none was given).
-    fn edge_plan(&self) -> Option<crate::rollout::EdgePlan> {
+    fn edge_plan(&self) -> Option<crate::engine::rollout::EdgePlan> {
         if self.edge_rate.is_none()
             && self.edge_parallel.is_none()
             && self.edge_abort_failed.is_none()
         {
             return None;
         }
-        Some(crate::rollout::EdgePlan {
+        Some(crate::engine::rollout::EdgePlan {
             rate: self.edge_rate.clone(),
             parallel: self.edge_parallel,
             abort: self
@@ -261,7 +261,7 @@ impl StartArgs {
             success: self
                 .success_contains
                 .clone()
-                .map(crate::workflow::ResultMatch::Contains),
+                .map(crate::engine::workflow::ResultMatch::Contains),
             health: self.health_within.map(Duration::from),
             on_abort: self.on_abort.clone().map(String::into_bytes),
             edges: self.edge_plan(),
@@ -347,7 +347,7 @@ pub(super) async fn run(cmd: RolloutCmd, data_dir: &Path) -> anyhow::Result<i32>
                 return Ok(0);
             };
             let deadline = limit.map(|t| std::time::Instant::now() + Duration::from(t));
-            while !crate::rollout::runner::is_over(&v) {
+            while !crate::shell::rollout::is_over(&v) {
                 if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                     print(&v, args.json);
                     return Ok(exit::TIMED_OUT);

@@ -23,7 +23,7 @@ pub struct SendArgs {
     pub priority: Priority,
     /// Time to live: 30s, 10m, 2h, or a number of seconds.
     #[arg(long, allow_negative_numbers = true)]
-    pub ttl: Option<crate::duration::DurationArg>,
+    pub ttl: Option<crate::engine::duration::DurationArg>,
     #[arg(long)]
     pub max_attempts: Option<u32>,
     /// Idempotency key: the same key returns the first command's id.
@@ -39,7 +39,7 @@ pub struct SendArgs {
     /// Wait for the end state (default 60s), and print the result.
     /// TIMEOUT: 90s, 10m, or a number of seconds.
     #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_name = "TIMEOUT", allow_negative_numbers = true)]
-    pub wait: Option<crate::duration::DurationArg>,
+    pub wait: Option<crate::engine::duration::DurationArg>,
     #[arg(long)]
     pub json: bool,
     /// A file for the device to fetch before it runs the command: an
@@ -84,7 +84,7 @@ pub(super) async fn send(a: SendArgs, data_dir: &Path) -> anyhow::Result<i32> {
 /// code: `send`'s tail, shared with `artifact push`.
 pub(super) async fn deliver(
     req: SendRequest,
-    wait: Option<crate::duration::DurationArg>,
+    wait: Option<crate::engine::duration::DurationArg>,
     json: bool,
     data_dir: &Path,
 ) -> anyhow::Result<i32> {
@@ -151,9 +151,9 @@ pub(super) async fn deliver(
 /// first. `Err(exit code)` once the error is printed.
 pub fn send_payload(a: &SendArgs, target: &str) -> anyhow::Result<Result<Vec<u8>, i32>> {
     // For the runner of the box at the end of the path, however deep.
-    let to_workflow = match crate::route::Target::parse(target) {
-        Ok(t @ crate::route::Target::Edge { .. }) => {
-            t.last() == crate::route::Target::Device(crate::workflow::runner::WORKFLOW)
+    let to_workflow = match crate::engine::route::Target::parse(target) {
+        Ok(t @ crate::engine::route::Target::Edge { .. }) => {
+            t.last() == crate::engine::route::Target::Device(crate::shell::workflow::WORKFLOW)
         }
         _ => false,
     };
@@ -165,7 +165,7 @@ pub fn send_payload(a: &SendArgs, target: &str) -> anyhow::Result<Result<Vec<u8>
                 eprintln!("error: `{target}` needs the workflow file: outpost send {target} FILE");
                 return Ok(Err(exit::USAGE));
             };
-            match crate::workflow::Packed::read(&path) {
+            match crate::engine::workflow::Packed::read(&path) {
                 Ok(p) => p.to_bytes(),
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -205,7 +205,7 @@ pub fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
 /// `--not-before`: `+DURATION` from `now`, or an RFC 3339 time with its
 /// zone (`command::parse_time`, which the HTTP API reads too).
 pub fn parse_not_before(s: &str, now: u64) -> Result<u64, String> {
-    crate::command::parse_time(s, now).map_err(|e| format!("--not-before {s}: {e}"))
+    crate::engine::command::parse_time(s, now).map_err(|e| format!("--not-before {s}: {e}"))
 }
 
 /// A usage error found after parsing (exit 2), e.g. a flag's value that

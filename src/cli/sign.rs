@@ -3,7 +3,7 @@
 //! `envelope_b64`, a NATS header).
 
 use super::*;
-use crate::trust::{envelope, Claims, OperatorKey};
+use crate::engine::trust::{envelope, Claims, OperatorKey};
 
 /// How long a signature is good for unless `--expires` says.
 pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(3600);
@@ -17,7 +17,7 @@ pub struct SignArgs {
     pub sign: Option<PathBuf>,
     /// How long the signature is good for: 30m, 2h, or seconds [default: 1h]
     #[arg(long, value_name = "DURATION", requires = "sign")]
-    pub expires: Option<crate::duration::DurationArg>,
+    pub expires: Option<crate::engine::duration::DurationArg>,
     /// The box the command is meant for [default: for `edge-1/…` the edge,
     /// else the box's name]
     #[arg(long, requires = "sign")]
@@ -130,7 +130,7 @@ pub struct SignCmd {
     pub audience: String,
     /// How long the signature is good for [default: 1h]
     #[arg(long, value_name = "DURATION")]
-    pub expires: Option<crate::duration::DurationArg>,
+    pub expires: Option<crate::engine::duration::DurationArg>,
     #[arg(long)]
     pub json: bool,
 }

@@ -112,7 +112,7 @@ pub(super) async fn run(json: bool, data_dir: &Path) -> anyhow::Result<i32> {
 }
 
 /// The scheduled backups in one line: the newest, and what went wrong since.
-fn backup_line(b: &crate::backup::schedule::LastBackup) -> String {
+fn backup_line(b: &crate::shell::backup::schedule::LastBackup) -> String {
     let mut line = match (&b.at, &b.file) {
         (Some(at), Some(f)) => format!("{} ({f}, {} bytes)", ago(*at), b.bytes),
         _ => format!("none yet in {}", b.dir),

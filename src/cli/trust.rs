@@ -1,7 +1,7 @@
 //! `outpost trust add | list | remove`: the box's operator keys.
 
 use super::*;
-use crate::trust::{Grant, Pattern, Role, TrustEdit};
+use crate::engine::trust::{Grant, Pattern, Role, TrustEdit};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum TrustCmd {
@@ -97,7 +97,7 @@ pub(super) async fn run(cmd: TrustCmd, data_dir: &Path) -> anyhow::Result<i32> {
                             "id": k.id.to_string(),
                             "role": k.grant.role.as_str(),
                             "targets": k.grant.targets.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
-                            "added_at": crate::command::rfc3339(k.added_at),
+                            "added_at": crate::engine::command::rfc3339(k.added_at),
                         })
                     })
                     .collect();
@@ -105,7 +105,7 @@ pub(super) async fn run(cmd: TrustCmd, data_dir: &Path) -> anyhow::Result<i32> {
                     .set
                     .removed
                     .iter()
-                    .map(|r| json!({"name": r.name, "id": r.id.to_string(), "removed_at": crate::command::rfc3339(r.removed_at)}))
+                    .map(|r| json!({"name": r.name, "id": r.id.to_string(), "removed_at": crate::engine::command::rfc3339(r.removed_at)}))
                     .collect();
                 crate::outln!(
                     "{}",

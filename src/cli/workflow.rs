@@ -20,7 +20,7 @@ pub enum WorkflowCmd {
         /// Wait for the end (default 10m); exit 0 only if it succeeded.
         /// TIMEOUT: 90s, 10m, 1h, or a number of seconds.
         #[arg(long, num_args = 0..=1, default_missing_value = "10m", value_name = "TIMEOUT", allow_negative_numbers = true)]
-        wait: Option<crate::duration::DurationArg>,
+        wait: Option<crate::engine::duration::DurationArg>,
         #[arg(long)]
         json: bool,
     },
@@ -44,11 +44,11 @@ pub enum WorkflowCmd {
     },
 }
 
-pub(super) fn workflow_json(v: &crate::workflow::runner::RunView) -> Value {
+pub(super) fn workflow_json(v: &crate::shell::workflow::RunView) -> Value {
     v.json()
 }
 
-pub(super) fn print_workflow(v: &crate::workflow::runner::RunView) {
+pub(super) fn print_workflow(v: &crate::shell::workflow::RunView) {
     crate::outln!("{} {} — {}", v.id, v.name, v.state);
     let rows: Vec<Vec<String>> = v
         .steps
@@ -66,7 +66,7 @@ pub(super) fn print_workflow(v: &crate::workflow::runner::RunView) {
 }
 
 pub(super) async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::Result<i32> {
-    let shown = |r: AdminResponse| -> anyhow::Result<crate::workflow::runner::RunView> {
+    let shown = |r: AdminResponse| -> anyhow::Result<crate::shell::workflow::RunView> {
         match r {
             AdminResponse::Workflow(v) => Ok(*v),
             other => bail!("unexpected answer from the box: {other:?}"),
@@ -75,7 +75,7 @@ pub(super) async fn workflow_cmd(cmd: WorkflowCmd, data_dir: &Path) -> anyhow::R
     match cmd {
         WorkflowCmd::Check { .. } => unreachable!("handled without a box"),
         WorkflowCmd::Run { file, wait, json } => {
-            let p = match crate::workflow::Packed::read(&file) {
+            let p = match crate::engine::workflow::Packed::read(&file) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("error: {e}");

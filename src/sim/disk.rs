@@ -11,9 +11,9 @@
 //! Copying a durable image on every crash made a step's cost grow with the
 //! length of the run (issue 28: 28k steps/s over 20k steps, 1.7k over 200k).
 
-use crate::command::{CommandId, DeviceId};
-use crate::journal::{Cursor, Entry, ResultRecord, UpEntry};
-use crate::store::{DeviceRecord, Group, GroupWrite};
+use crate::engine::command::{CommandId, DeviceId};
+use crate::engine::journal::{Cursor, Entry, ResultRecord, UpEntry};
+use crate::shell::store::{DeviceRecord, Group, GroupWrite};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Everything the store keeps that replay reads back.

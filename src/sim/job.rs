@@ -5,8 +5,8 @@
 //! per-step loops look at.
 
 use super::record::Record;
-use crate::command::{CommandId, Millis};
-use crate::queue::LifecycleEvent;
+use crate::engine::command::{CommandId, Millis};
+use crate::engine::queue::LifecycleEvent;
 use rustc_hash::FxHashMap;
 use std::ops::{Index, IndexMut};
 
@@ -16,13 +16,13 @@ pub(super) trait Kept: Clone {
     fn finished_at(&self) -> Option<Millis>;
 }
 
-impl Kept for crate::rollout::Rollout {
+impl Kept for crate::engine::rollout::Rollout {
     fn finished_at(&self) -> Option<Millis> {
         self.finished_at
     }
 }
 
-impl Kept for crate::workflow::Run {
+impl Kept for crate::engine::workflow::Run {
     fn finished_at(&self) -> Option<Millis> {
         self.finished_at
     }

@@ -3,7 +3,7 @@
 //! simulator and TigerBeetle's VOPR.
 //!
 //! Every box is the real sans-IO [`QueueCore`] driven in rounds the way
-//! `queue::service` drives it (tick, relocate, seal, write one batch, flush,
+//! `shell::queue::service` drives it (tick, relocate, seal, write one batch, flush,
 //! and only then act on the effects), over a [`SimDisk`] that keeps written
 //! and flushed batches apart. Links are per-connection FIFO queues of
 //! messages with seeded delays; a lost message kills its connection (QUIC
@@ -23,14 +23,14 @@ mod rollouts;
 pub mod shrink;
 mod workflows;
 
-use crate::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
-use crate::journal::{Entry, UpEntry};
+use crate::engine::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::engine::journal::{Entry, UpEntry};
+use crate::engine::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore, Relabel};
+use crate::engine::queue::{LifecycleEvent, SendRequest};
+use crate::engine::route::{Acl, AclRule, GATEWAY_TAG};
 use crate::proto::Forward;
-use crate::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore, Relabel};
-use crate::queue::service::{forward_of, replay_start, strip_payloads, ReplayOutbox};
-use crate::queue::{LifecycleEvent, SendRequest};
-use crate::route::{Acl, AclRule, GATEWAY_TAG};
-use crate::store::DeviceRecord;
+use crate::shell::queue::service::{forward_of, replay_start, strip_payloads, ReplayOutbox};
+use crate::shell::store::DeviceRecord;
 use disk::{Batch, SimDisk};
 pub use rng::Rng;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -391,10 +391,10 @@ pub struct World {
     /// Failed end of one followed by the end of that retry.
     retried_below: BTreeSet<CommandId>,
     rollouts_on: bool,
-    rollouts: job::Jobs<crate::rollout::Rollout, rollouts::Seen>,
+    rollouts: job::Jobs<crate::engine::rollout::Rollout, rollouts::Seen>,
     workflows_on: bool,
     workflow_groups: bool,
-    runs: job::Jobs<crate::workflow::Run>,
+    runs: job::Jobs<crate::engine::workflow::Run>,
 }
 
 impl World {
@@ -1159,7 +1159,7 @@ impl World {
         self.round(n);
     }
 
-    /// The edge's uplink (`upstream.rs`): takes forwards under the hub's id
+    /// The edge's uplink (`shell::upstream`): takes forwards under the hub's id
     /// and answers only once durable, applies cancels and acks.
     fn at_edge(&mut self, e: usize, msg: Msg) {
         let now = self.node_now(e);
@@ -1167,9 +1167,10 @@ impl World {
         match msg {
             Msg::Forward(f) => {
                 let id = f.id;
-                let r = self.nodes[e]
-                    .core
-                    .send_as(Some(id), crate::upstream::request(*f), now);
+                let r =
+                    self.nodes[e]
+                        .core
+                        .send_as(Some(id), crate::shell::upstream::request(*f), now);
                 if !self.round(e) {
                     return;
                 }
@@ -1183,7 +1184,7 @@ impl World {
                         Msg::Ack {
                             id,
                             attempt: None,
-                            outcome: crate::upstream::refusal(err),
+                            outcome: crate::shell::upstream::refusal(err),
                         }
                     }
                 };

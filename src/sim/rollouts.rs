@@ -1,5 +1,5 @@
 //! Rollouts in the simulation (issue 28): the real [`Rollout`] engine on
-//! each box, driven the way `rollout::runner` drives it, over the box's
+//! each box, driven the way `shell::rollout` drives it, over the box's
 //! real queue core, through crashes, lost links, cancels and clock jumps.
 //!
 //! The shell's parts that decide anything are the runner's own functions
@@ -15,14 +15,15 @@
 
 use super::job::Job;
 use super::{Sent, World};
-use crate::command::{CommandId, Millis, Outcome, State};
-use crate::queue::core::Lookup;
-use crate::queue::LifecycleEvent;
-use crate::rollout::runner::{feed, request, resolve};
-use crate::rollout::{
+use crate::engine::command::{CommandId, Millis, Outcome, State};
+use crate::engine::queue::core::Lookup;
+use crate::engine::queue::LifecycleEvent;
+use crate::engine::rollout::plan::resolve;
+use crate::engine::rollout::{
     AbortRule, Action, Canary, DeviceState, End, FailKind, Plan, Rate, Rollout, RolloutState, Size,
 };
-use crate::workflow::runner::step_command_id;
+use crate::shell::rollout::{feed, request};
+use crate::shell::workflow::step_command_id;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -121,7 +122,7 @@ impl World {
             target,
             payload: b"change".to_vec(),
             artifact: None,
-            priority: crate::command::Priority::Normal,
+            priority: crate::engine::command::Priority::Normal,
             max_attempts,
             canary,
             rate,
@@ -297,7 +298,7 @@ impl World {
                     State::Expired,
                     0,
                     None,
-                    Some(crate::jobs::UNKNOWN_TO_THE_BOX.into()),
+                    Some(crate::shell::jobs::UNKNOWN_TO_THE_BOX.into()),
                 ),
             };
             if ev.state != State::Queued {
@@ -363,7 +364,7 @@ impl World {
                 let sent = if committed {
                     sent
                 } else {
-                    Err(crate::queue::QueueError::Storage(
+                    Err(crate::engine::queue::QueueError::Storage(
                         "the commit failed".into(),
                     ))
                 };
@@ -759,7 +760,7 @@ mod tests {
         let (mut w, i, d) = settled();
         w.check_rollouts_end();
         assert!(w.report.violations.is_empty(), "{:?}", w.report.violations);
-        fn dev(w: &mut World, i: usize, d: usize) -> &mut crate::rollout::DeviceRun {
+        fn dev(w: &mut World, i: usize, d: usize) -> &mut crate::engine::rollout::DeviceRun {
             &mut w.rollouts[i].live.devices[d]
         }
         dev(&mut w, i, d).state = DeviceState::Cancelled;

@@ -1,5 +1,5 @@
 //! Workflows in the simulation (issue 28): the real [`Run`] engine on each
-//! box, driven the way `workflow::runner` drives it, over the box's real
+//! box, driven the way `shell::workflow` drives it, over the box's real
 //! queue core, through crashes, lost links, operators' cancels and clock
 //! jumps. As with rollouts (`sim/rollouts.rs`), what the shell decides is
 //! the runner's own functions ([`reattach`], [`request`], [`event_end`],
@@ -19,13 +19,11 @@
 
 use super::job::Job;
 use super::{Sent, World};
-use crate::command::{CommandId, Millis, State};
-use crate::queue::core::Lookup;
-use crate::queue::LifecycleEvent;
-use crate::workflow::runner::{
-    ended_from, event_end, reattach, request, resend, step_command_id, text,
-};
-use crate::workflow::{Action, Ended, MinSuccess, Run, RunState, StepState, Workflow};
+use crate::engine::command::{CommandId, Millis, State};
+use crate::engine::queue::core::Lookup;
+use crate::engine::queue::LifecycleEvent;
+use crate::engine::workflow::{Action, Ended, MinSuccess, Run, RunState, StepState, Workflow};
+use crate::shell::workflow::{ended_from, event_end, request, step_command_id, text};
 
 /// Runs started on one box at once, at most.
 const MAX_ACTIVE: usize = 2;
@@ -183,7 +181,7 @@ impl World {
             let r = &mut self.runs[i];
             if !r.retry.is_empty() && !r.gone && self.nodes[r.node].up {
                 let again = std::mem::take(&mut r.retry);
-                let actions = again.iter().filter_map(|s| resend(&r.live, s)).collect();
+                let actions = again.iter().filter_map(|s| r.live.resend(s)).collect();
                 self.run_act(i, actions, false);
             }
         }
@@ -252,7 +250,7 @@ impl World {
                         );
                         continue;
                     };
-                    let v = crate::queue::CommandView::from(rec.clone());
+                    let v = crate::engine::queue::CommandView::from(rec.clone());
                     // A broadcast's children, each read back as the runner
                     // asks the queue for it.
                     let texts: Vec<Vec<u8>> = v
@@ -273,7 +271,7 @@ impl World {
                 }
                 Lookup::NotFound => Ended {
                     state: State::Expired,
-                    result: Some(crate::jobs::UNKNOWN_TO_THE_BOX.as_bytes().to_vec()),
+                    result: Some(crate::shell::jobs::UNKNOWN_TO_THE_BOX.as_bytes().to_vec()),
                     children: None,
                 },
             };
@@ -283,7 +281,7 @@ impl World {
 
     /// The box restarted: the runner reloads the run and picks it up.
     fn run_resume(&mut self, i: usize) {
-        let (look, resend) = reattach(&self.runs[i].live);
+        let (look, resend) = self.runs[i].live.reattach();
         self.run_act(i, resend, false);
         self.run_check(i, look);
     }
@@ -328,7 +326,7 @@ impl World {
                 let sent = if committed {
                     sent
                 } else {
-                    Err(crate::queue::QueueError::Storage(
+                    Err(crate::engine::queue::QueueError::Storage(
                         "the commit failed".into(),
                     ))
                 };

@@ -1,0 +1,1585 @@
+//! Workflows (issue 14): named steps, each a command, ordered by `needs`,
+//! gated by `when` conditions on earlier steps, with compensation steps
+//! (`on_failure`) and a timeout. This module reads and checks the TOML file:
+//! every mistake is a clear error naming the step and its line, found
+//! before anything runs.
+//!
+//! ```toml
+//! name = "reflash-line-3"
+//! timeout = "30m"
+//! on_failure = ["resume"]           # run only if the workflow fails
+//! [steps.stop]
+//! target = "plc-1"
+//! payload = "stop"
+//! [steps.flash]
+//! target = "tag:camera"
+//! payload_file = "fw.bin"
+//! needs = ["stop"]
+//! min_success = "100%"
+//! [steps.restart]
+//! target = "plc-1"
+//! payload = "start"
+//! needs = ["flash"]
+//! when = { step = "flash", state = "succeeded", result_contains = "ok" }
+//! [steps.resume]
+//! target = "plc-1"
+//! payload = "start-previous-firmware"
+//! ```
+
+use crate::engine::command::{CommandId, Priority};
+use crate::engine::route::Target;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use toml::Spanned;
+
+/// Why a workflow file is refused. The message names the step and the line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct WorkflowError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for WorkflowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.file, self.message),
+            n => write!(f, "{}:{n}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for WorkflowError {}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    name: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    on_failure: Vec<Spanned<String>>,
+    steps: BTreeMap<Spanned<String>, Spanned<StepSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepSpec {
+    target: Spanned<String>,
+    payload: Option<String>,
+    payload_file: Option<Spanned<String>>,
+    priority: Option<Spanned<String>>,
+    ttl: Option<Spanned<String>>,
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    needs: Vec<Spanned<String>>,
+    when: Option<Spanned<WhenSpec>>,
+    min_success: Option<Spanned<Quorum>>,
+    artifact: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Quorum {
+    Count(u32),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WhenSpec {
+    step: String,
+    state: Option<String>,
+    result_equals: Option<String>,
+    result_contains: Option<String>,
+    result_regex: Option<String>,
+    json_pointer: Option<String>,
+    equals: Option<toml::Value>,
+}
+
+/// A checked workflow, ready to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Workflow {
+    pub name: String,
+    pub timeout: Option<Duration>,
+    /// Steps in an order that respects `needs` (ties by name).
+    pub steps: Vec<Step>,
+    /// Compensation steps, run (in this order, honouring their own
+    /// `needs`) only if the workflow fails.
+    pub on_failure: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub target: String,
+    pub payload: Payload,
+    pub priority: Priority,
+    pub ttl: Option<Duration>,
+    pub max_attempts: Option<u32>,
+    pub needs: Vec<String>,
+    pub when: Option<Condition>,
+    /// For a `tag:`/`cap:` step: how many of its children must succeed.
+    pub min_success: Option<MinSuccess>,
+    /// The line of its `[steps.NAME]` table.
+    pub line: usize,
+    /// The artifact its command carries (`fw@2.1`, `fw`, `sha256:…`);
+    /// the box pins it to a digest when the run starts, so every step
+    /// and every retry sends the same file.
+    #[serde(default)]
+    pub artifact: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Payload {
+    Inline(Vec<u8>),
+    /// Read when the workflow is started (relative to the file's dir).
+    File(std::path::PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MinSuccess {
+    Percent(u32),
+    Count(u32),
+}
+
+/// `when`: run the step only if an earlier step ended so.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    pub step: String,
+    pub state: StateMatch,
+    pub result: Option<ResultMatch>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateMatch {
+    Succeeded,
+    Failed,
+    /// Any end state.
+    Any,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ResultMatch {
+    Equals(String),
+    Contains(String),
+    Regex(String),
+    /// A JSON pointer into the result, compared to a value.
+    Json {
+        pointer: String,
+        equals: serde_json::Value,
+    },
+}
+
+/// Line (1-based) of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Starts a packed workflow, so that TOML text is never mistaken for one.
+const PACKED_MAGIC: &[u8] = b"outpost-workflow/1\n";
+
+/// A workflow as it travels (to the box's admin socket, down to an edge):
+/// its text, checked again where it lands, and the payload files it names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Packed {
+    /// Names the workflow in errors.
+    pub file: String,
+    pub text: String,
+    /// `payload_file` name → its bytes.
+    pub payloads: Vec<(String, Vec<u8>)>,
+}
+
+impl Packed {
+    /// The checked workflow, every payload inline.
+    pub fn unpack(&self) -> Result<Workflow, WorkflowError> {
+        let mut spec = Workflow::parse(&self.text, &self.file)?;
+        for step in &mut spec.steps {
+            if let Payload::File(f) = &step.payload {
+                let name = f.display().to_string();
+                match self.payloads.iter().find(|(n, _)| *n == name) {
+                    Some((_, b)) => step.payload = Payload::Inline(b.clone()),
+                    None => {
+                        return Err(WorkflowError {
+                            file: self.file.clone(),
+                            line: 0,
+                            message: format!(
+                                "step `{}`: payload_file {name} was not sent with the workflow",
+                                step.name
+                            ),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    /// As a command's payload (`send edge-1/workflow FILE`): a magic
+    /// prefix, then postcard.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = PACKED_MAGIC.to_vec();
+        b.extend(postcard::to_allocvec(self).unwrap_or_default());
+        b
+    }
+
+    /// From a command's payload: the packed form, or plain TOML text (what
+    /// a NATS client publishes to `outpost.cmd.EDGE.workflow`).
+    pub fn from_bytes(b: &[u8]) -> Result<Packed, WorkflowError> {
+        if let Some(body) = b.strip_prefix(PACKED_MAGIC) {
+            return postcard::from_bytes::<Packed>(body).map_err(|e| WorkflowError {
+                file: "workflow".into(),
+                line: 0,
+                message: format!("a packed workflow that does not decode: {e}"),
+            });
+        }
+        match std::str::from_utf8(b) {
+            Ok(text) => Ok(Packed {
+                file: "workflow".into(),
+                text: text.to_string(),
+                payloads: Vec::new(),
+            }),
+            Err(_) => Err(WorkflowError {
+                file: "workflow".into(),
+                line: 0,
+                message: "the payload is neither a packed workflow nor TOML text".into(),
+            }),
+        }
+    }
+}
+
+impl Workflow {
+    /// Parse and check workflow text (`file` names it in errors).
+    pub fn parse(text: &str, file: &str) -> Result<Workflow, WorkflowError> {
+        let err = |line: usize, message: String| WorkflowError {
+            file: file.to_string(),
+            line,
+            message,
+        };
+        let spec: FileSpec = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |s| line_of(text, s.start));
+            err(line, format!("not a valid workflow: {}", e.message()))
+        })?;
+        let at = |s: std::ops::Range<usize>| line_of(text, s.start);
+        if spec.name.get_ref().trim().is_empty() {
+            return Err(err(
+                at(spec.name.span()),
+                "the workflow needs a name".into(),
+            ));
+        }
+        if spec.steps.is_empty() {
+            return Err(err(
+                1,
+                "the workflow has no steps; add [steps.NAME] tables".into(),
+            ));
+        }
+        let timeout = match &spec.timeout {
+            None => None,
+            Some(t) => Some(crate::engine::duration::parse(t.get_ref()).map_err(|e| {
+                err(
+                    at(t.span()),
+                    format!("timeout {:?}: {e} (write e.g. 30m)", t.get_ref()),
+                )
+            })?),
+        };
+        let names: BTreeSet<&str> = spec.steps.keys().map(|k| k.get_ref().as_str()).collect();
+        let comp: BTreeSet<&str> = spec
+            .on_failure
+            .iter()
+            .map(|s| s.get_ref().as_str())
+            .collect();
+        for s in &spec.on_failure {
+            if !names.contains(s.get_ref().as_str()) {
+                return Err(err(
+                    at(s.span()),
+                    format!("on_failure names `{}`, which is not a step", s.get_ref()),
+                ));
+            }
+        }
+        let mut steps = Vec::new();
+        for (k, v) in &spec.steps {
+            let name = k.get_ref().clone();
+            let line = at(k.span());
+            let step_err = |line: usize, m: String| err(line, format!("step `{name}`: {m}"));
+            let s = v.get_ref();
+            crate::engine::route::check_name(&name, "step name")
+                .map_err(|e| step_err(line, e.to_string()))?;
+            let target = s.target.get_ref();
+            let parsed = Target::parse(target).map_err(|e| {
+                step_err(
+                    at(s.target.span()),
+                    format!("{e}; a target is dev-7, tag:NAME, cap:NAME or EDGE/…"),
+                )
+            })?;
+            let payload = match (&s.payload, &s.payload_file) {
+                (Some(p), None) => Payload::Inline(p.clone().into_bytes()),
+                (None, Some(f)) => Payload::File(f.get_ref().into()),
+                (Some(_), Some(f)) => {
+                    return Err(step_err(
+                        at(f.span()),
+                        "give payload or payload_file, not both".into(),
+                    ))
+                }
+                (None, None) => {
+                    return Err(step_err(
+                        line,
+                        "it needs a payload or a payload_file".into(),
+                    ))
+                }
+            };
+            if let Some(a) = &s.artifact {
+                crate::engine::artifact::ArtifactSpec::parse(a.get_ref()).map_err(|e| {
+                    step_err(at(a.span()), format!("artifact {:?}: {e}", a.get_ref()))
+                })?;
+            }
+            let priority = match &s.priority {
+                None => Priority::Normal,
+                Some(p) => p.get_ref().parse().map_err(|_| {
+                    step_err(
+                        at(p.span()),
+                        format!("priority {:?}: use high, normal or low", p.get_ref()),
+                    )
+                })?,
+            };
+            let ttl =
+                match &s.ttl {
+                    None => None,
+                    Some(t) => Some(crate::engine::duration::parse(t.get_ref()).map_err(|e| {
+                        step_err(at(t.span()), format!("ttl {:?}: {e}", t.get_ref()))
+                    })?),
+                };
+            let mut needs = Vec::new();
+            for n in &s.needs {
+                let n_name = n.get_ref();
+                if !names.contains(n_name.as_str()) {
+                    return Err(step_err(
+                        at(n.span()),
+                        format!("it needs `{n_name}`, which is not a step"),
+                    ));
+                }
+                if n_name == &name {
+                    return Err(step_err(at(n.span()), "it needs itself".into()));
+                }
+                if comp.contains(n_name.as_str()) && !comp.contains(name.as_str()) {
+                    return Err(step_err(
+                        at(n.span()),
+                        format!("it needs `{n_name}`, which runs only on failure (on_failure)"),
+                    ));
+                }
+                needs.push(n_name.clone());
+            }
+            let min_success = match &s.min_success {
+                None => None,
+                Some(q) => {
+                    if !matches!(parsed.last(), Target::Tag(_) | Target::Cap(_)) {
+                        return Err(step_err(
+                            at(q.span()),
+                            "min_success applies to a tag: or cap: target".into(),
+                        ));
+                    }
+                    Some(match q.get_ref() {
+                        Quorum::Count(n) => MinSuccess::Count(*n),
+                        Quorum::Text(t) => match t.strip_suffix('%').map(|p| p.trim().parse::<u32>()) {
+                            Some(Ok(p)) if p <= 100 => MinSuccess::Percent(p),
+                            _ => {
+                                return Err(step_err(
+                                    at(q.span()),
+                                    format!("min_success {t:?}: write a count (3) or a percentage (\"90%\")"),
+                                ))
+                            }
+                        },
+                    })
+                }
+            };
+            let when = match &s.when {
+                None => None,
+                Some(w) => Some(condition(w.get_ref()).map_err(|m| step_err(at(w.span()), m))?),
+            };
+            steps.push((
+                Step {
+                    name: name.clone(),
+                    target: target.clone(),
+                    payload,
+                    priority,
+                    ttl,
+                    max_attempts: s.max_attempts,
+                    needs,
+                    when,
+                    min_success,
+                    line,
+                    artifact: s.artifact.as_ref().map(|a| a.get_ref().clone()),
+                },
+                s.when.as_ref().map(|w| at(w.span())),
+            ));
+        }
+        let order =
+            topo_order(&steps.iter().map(|(s, _)| s).collect::<Vec<_>>()).map_err(|cycle| {
+                let first = steps
+                    .iter()
+                    .find(|(s, _)| s.name == cycle[0])
+                    .map_or(0, |(s, _)| s.line);
+                err(
+                    first,
+                    format!(
+                        "steps {} form a cycle; remove one of the needs",
+                        cycle.join(" → ")
+                    ),
+                )
+            })?;
+        // A condition may only look at a step that has ended by then: one
+        // upstream of it.
+        for (s, when_line) in &steps {
+            if let Some(c) = &s.when {
+                if !upstream(&steps.iter().map(|(s, _)| s).collect::<Vec<_>>(), &s.name)
+                    .contains(&c.step)
+                {
+                    let known = names.contains(c.step.as_str());
+                    return Err(err(
+                        when_line.unwrap_or(s.line),
+                        if known {
+                            format!("step `{}`: its condition is on `{}`, which is not upstream of it; add `{}` to its needs", s.name, c.step, c.step)
+                        } else {
+                            format!(
+                                "step `{}`: its condition is on `{}`, which is not a step",
+                                s.name, c.step
+                            )
+                        },
+                    ));
+                }
+            }
+        }
+        let mut by_name: BTreeMap<String, Step> = steps
+            .into_iter()
+            .map(|(s, _)| (s.name.clone(), s))
+            .collect();
+        Ok(Workflow {
+            name: spec.name.into_inner(),
+            timeout,
+            steps: order
+                .into_iter()
+                .filter_map(|n| by_name.remove(&n))
+                .collect(),
+            on_failure: spec
+                .on_failure
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
+        })
+    }
+}
+
+fn condition(w: &WhenSpec) -> Result<Condition, String> {
+    let state = match w.state.as_deref() {
+        None | Some("succeeded") => StateMatch::Succeeded,
+        Some("failed") => StateMatch::Failed,
+        Some("any") | Some("ended") => StateMatch::Any,
+        Some(other) => {
+            return Err(format!(
+                "when.state {other:?}: use succeeded, failed or any"
+            ))
+        }
+    };
+    let result = ResultSpec {
+        result_equals: w.result_equals.clone(),
+        result_contains: w.result_contains.clone(),
+        result_regex: w.result_regex.clone(),
+        json_pointer: w.json_pointer.clone(),
+        equals: w.equals.clone(),
+    }
+    .check("when.")?;
+    Ok(Condition {
+        step: w.step.clone(),
+        state,
+        result,
+    })
+}
+
+/// A condition on a command's result as a file writes it (a workflow's
+/// `when`, a rollout's `success`): at most one of the ways to match.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultSpec {
+    pub result_equals: Option<String>,
+    pub result_contains: Option<String>,
+    pub result_regex: Option<String>,
+    pub json_pointer: Option<String>,
+    pub equals: Option<toml::Value>,
+}
+
+impl ResultSpec {
+    /// The condition, or what is wrong with it (`prefix` names where it
+    /// sits, e.g. `when.`).
+    pub fn check(&self, prefix: &str) -> Result<Option<ResultMatch>, String> {
+        let mut results = Vec::new();
+        if let Some(v) = &self.result_equals {
+            results.push(ResultMatch::Equals(v.clone()));
+        }
+        if let Some(v) = &self.result_contains {
+            results.push(ResultMatch::Contains(v.clone()));
+        }
+        if let Some(v) = &self.result_regex {
+            regex_lite::Regex::new(v).map_err(|e| format!("{prefix}result_regex {v:?}: {e}"))?;
+            results.push(ResultMatch::Regex(v.clone()));
+        }
+        match (&self.json_pointer, &self.equals) {
+            (Some(p), Some(v)) => {
+                if !(p.is_empty() || p.starts_with('/')) {
+                    return Err(format!(
+                        "{prefix}json_pointer {p:?}: a JSON pointer starts with / (e.g. /status)"
+                    ));
+                }
+                let equals = serde_json::to_value(v).map_err(|e| e.to_string())?;
+                results.push(ResultMatch::Json {
+                    pointer: p.clone(),
+                    equals,
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(format!(
+                    "{prefix}json_pointer and {prefix}equals go together"
+                ))
+            }
+        }
+        if results.len() > 1 {
+            return Err(format!("give one result condition ({prefix}result_equals, {prefix}result_contains, {prefix}result_regex or {prefix}json_pointer + {prefix}equals)"));
+        }
+        Ok(results.pop())
+    }
+}
+
+/// An order in which every step comes after what it needs (ties by name),
+/// or the steps of a cycle.
+fn topo_order(steps: &[&Step]) -> Result<Vec<String>, Vec<String>> {
+    let needs: BTreeMap<&str, &[String]> = steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.needs.as_slice()))
+        .collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut state: BTreeMap<&str, u8> = BTreeMap::new(); // 1 visiting, 2 done
+    fn visit<'a>(
+        n: &'a str,
+        needs: &BTreeMap<&'a str, &'a [String]>,
+        state: &mut BTreeMap<&'a str, u8>,
+        path: &mut Vec<&'a str>,
+        done: &mut Vec<String>,
+    ) -> Result<(), Vec<String>> {
+        match state.get(n) {
+            Some(2) => return Ok(()),
+            Some(1) => {
+                let from = path.iter().position(|p| *p == n).unwrap_or(0);
+                let mut cycle: Vec<String> = path[from..].iter().map(|s| s.to_string()).collect();
+                cycle.push(n.to_string());
+                return Err(cycle);
+            }
+            _ => {}
+        }
+        state.insert(n, 1);
+        path.push(n);
+        for m in needs.get(n).copied().unwrap_or(&[]) {
+            visit(m, needs, state, path, done)?;
+        }
+        path.pop();
+        state.insert(n, 2);
+        done.push(n.to_string());
+        Ok(())
+    }
+    for s in steps {
+        visit(&s.name, &needs, &mut state, &mut Vec::new(), &mut done)?;
+    }
+    Ok(done)
+}
+
+/// Every step `name` needs, directly or not.
+fn upstream(steps: &[&Step], name: &str) -> BTreeSet<String> {
+    let needs: BTreeMap<&str, &[String]> = steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.needs.as_slice()))
+        .collect();
+    let mut out = BTreeSet::new();
+    let mut todo: Vec<&str> = needs
+        .get(name)
+        .map(|n| n.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    while let Some(n) = todo.pop() {
+        if out.insert(n.to_string()) {
+            todo.extend(
+                needs
+                    .get(n)
+                    .into_iter()
+                    .flat_map(|v| v.iter().map(String::as_str)),
+            );
+        }
+    }
+    out
+}
+
+// ----- running: the sans-IO engine -------------------------------------------
+
+/// A workflow's state (`workflow show`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// A step's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepState {
+    /// Waiting for what it needs.
+    Pending,
+    /// Its command is out.
+    Running,
+    Succeeded,
+    Failed,
+    /// Its `when` was false, or what it needs failed.
+    Skipped,
+    Cancelled,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
+            StepState::Cancelled => "cancelled",
+        }
+    }
+
+    fn ended(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Running)
+    }
+}
+
+/// One step of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRun {
+    pub name: String,
+    pub state: StepState,
+    pub command: Option<crate::CommandId>,
+    /// The command's end state and result text (or error), once ended.
+    pub end: Option<crate::State>,
+    pub result: Option<String>,
+}
+
+/// How a step's command ended, as the shell reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ended {
+    pub state: crate::State,
+    /// The result bytes (`Ok`), or the failure text.
+    pub result: Option<Vec<u8>>,
+    /// For a broadcast: (children succeeded, children in all).
+    pub children: Option<(u32, u32)>,
+}
+
+/// What the engine asks the shell to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send this step's command (with `key` as its idempotency key, so a
+    /// send repeated after a crash is the same command).
+    Send {
+        step: String,
+        target: String,
+        payload: Vec<u8>,
+        /// Boxed: the variant is large beside `Cancel`.
+        opts: Box<crate::SendOptions>,
+        key: String,
+        /// The step's artifact, as the run holds it.
+        artifact: Option<String>,
+    },
+    Cancel(crate::CommandId),
+}
+
+/// One run of a workflow: plain data, persisted whole after each change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: crate::CommandId,
+    pub spec: Workflow,
+    pub state: RunState,
+    pub started_at: crate::Millis,
+    pub finished_at: Option<crate::Millis>,
+    pub deadline: Option<crate::Millis>,
+    pub steps: Vec<StepRun>,
+    /// The main steps ended badly: the `on_failure` steps run.
+    pub compensating: bool,
+    /// What the run ends as once compensation is done.
+    pending_end: Option<RunState>,
+    /// Who handed the run down (`upstream/...`): a hub, which sent it as
+    /// command `id` and learns its end as that command's result.
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// That end is recorded (so it is not recorded again).
+    #[serde(default)]
+    pub reported: bool,
+}
+
+impl Run {
+    /// After a restart: the step commands to look up (sent, their end not
+    /// heard) and the sends to repeat (a step recorded running before its
+    /// command's id was: the same derived id again, which the queue answers
+    /// as a duplicate if it has it). A step a stop cancelled while its command
+    /// was out is looked up too, in a run of any state: its device may have
+    /// run it first, and a crash may have lost what the runner heard of it.
+    pub fn reattach(&self) -> (Vec<CommandId>, Vec<Action>) {
+        let run = self;
+        let (mut look, mut resend) = (Vec::new(), Vec::new());
+        for (i, st) in run.steps.iter().enumerate() {
+            if st.state == StepState::Cancelled && st.end.is_none() {
+                look.extend(st.command);
+            }
+            if st.state != StepState::Running || run.state != RunState::Running {
+                continue;
+            }
+            match st.command {
+                Some(c) => look.push(c),
+                None => resend.push(run.send_of(i)),
+            }
+        }
+        (look, resend)
+    }
+
+    /// Step `step`'s send again, while the run still waits on it: one the box
+    /// could not say it took (`QueueError::is_unsure`), repeated under the
+    /// same id. `None` once it ended or the run stopped (a cancel cancels it
+    /// by its id instead).
+    pub fn resend(&self, step: &str) -> Option<Action> {
+        let run = self;
+        if run.state != RunState::Running {
+            return None;
+        }
+        let i = run.steps.iter().position(|s| s.name == step)?;
+        (run.steps[i].state == StepState::Running).then(|| run.send_of(i))
+    }
+
+    /// Start a run (payload files already read into the spec).
+    pub fn start(id: crate::CommandId, spec: Workflow, now: crate::Millis) -> (Run, Vec<Action>) {
+        let steps = spec
+            .steps
+            .iter()
+            .map(|s| StepRun {
+                name: s.name.clone(),
+                state: StepState::Pending,
+                command: None,
+                end: None,
+                result: None,
+            })
+            .collect();
+        let mut run = Run {
+            id,
+            deadline: spec
+                .timeout
+                .map(|t| now.saturating_add(t.as_millis() as u64)),
+            spec,
+            state: RunState::Running,
+            started_at: now,
+            finished_at: None,
+            steps,
+            compensating: false,
+            pending_end: None,
+            origin: None,
+            reported: false,
+        };
+        let actions = run.advance(now);
+        (run, actions)
+    }
+
+    fn idx(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    fn is_comp(&self, name: &str) -> bool {
+        self.spec.on_failure.iter().any(|n| n == name)
+    }
+
+    /// The shell sent step `step` as command `id`.
+    pub fn sent(&mut self, step: &str, id: crate::CommandId) {
+        if let Some(i) = self.idx(step) {
+            self.steps[i].command = Some(id);
+        }
+    }
+
+    /// The step whose command is `id`, if it is this run's.
+    pub fn step_of(&self, id: crate::CommandId) -> Option<&str> {
+        self.steps
+            .iter()
+            .find(|s| s.command == Some(id))
+            .map(|s| s.name.as_str())
+    }
+
+    /// A step's command ended.
+    pub fn step_ended(
+        &mut self,
+        id: crate::CommandId,
+        e: Ended,
+        now: crate::Millis,
+    ) -> Vec<Action> {
+        let Some(i) = self.steps.iter().position(|s| s.command == Some(id)) else {
+            return Vec::new();
+        };
+        match self.steps[i].state {
+            StepState::Running => {}
+            // Cancelled by a stop while its command was out: a device that
+            // had it first ran it, and its answer says what it did (the
+            // stop goes on either way).
+            StepState::Cancelled
+                if matches!(
+                    e.state,
+                    crate::State::Succeeded | crate::State::Failed | crate::State::Dead
+                ) => {}
+            // The cancel won: its end is known (a restart need not look).
+            StepState::Cancelled => {
+                self.steps[i].end.get_or_insert(e.state);
+                return Vec::new();
+            }
+            _ => return Vec::new(),
+        }
+        let spec = &self.spec.steps[i];
+        let ok = match (spec.min_success, e.children) {
+            (Some(q), Some((succ, total))) => match q {
+                MinSuccess::Percent(p) => total > 0 && succ * 100 >= p * total,
+                MinSuccess::Count(n) => succ >= n,
+            },
+            _ => e.state == crate::State::Succeeded,
+        };
+        let st = &mut self.steps[i];
+        st.state = if ok {
+            StepState::Succeeded
+        } else if e.state == crate::State::Cancelled {
+            StepState::Cancelled
+        } else {
+            StepState::Failed
+        };
+        st.end = Some(e.state);
+        st.result = e.result.map(|b| String::from_utf8_lossy(&b).into_owned());
+        self.advance(now)
+    }
+
+    /// The send of step `i`: the one the engine makes when the step
+    /// starts, and the one a shell repeats under the same id
+    /// (`Run::reattach`, `Run::resend`).
+    pub fn send_of(&self, i: usize) -> Action {
+        let spec = &self.spec.steps[i];
+        Action::Send {
+            step: spec.name.clone(),
+            target: spec.target.clone(),
+            payload: match &spec.payload {
+                Payload::Inline(b) => b.clone(),
+                // Read at start by the shell; an unread file is empty.
+                Payload::File(_) => Vec::new(),
+            },
+            opts: Box::new(crate::SendOptions {
+                priority: spec.priority,
+                ttl_ms: spec.ttl.map(|t| t.as_millis() as u64),
+                max_attempts: spec.max_attempts,
+                ..Default::default()
+            }),
+            key: format!("workflow:{}:{}", self.id, spec.name),
+            artifact: spec.artifact.clone(),
+        }
+    }
+
+    /// Let time pass: the workflow timeout.
+    pub fn tick(&mut self, now: crate::Millis) -> Vec<Action> {
+        if self.state != RunState::Running || self.compensating {
+            return Vec::new();
+        }
+        match self.deadline {
+            Some(d) if now >= d => self.stop(RunState::TimedOut, true, now),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Cancel the run: what runs is cancelled, what waits never starts;
+    /// the `on_failure` steps run if `compensate`.
+    pub fn cancel(&mut self, compensate: bool, now: crate::Millis) -> Vec<Action> {
+        if self.state != RunState::Running {
+            return Vec::new();
+        }
+        self.stop(RunState::Cancelled, compensate, now)
+    }
+
+    fn stop(&mut self, end: RunState, compensate: bool, now: crate::Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for st in &mut self.steps {
+            match st.state {
+                StepState::Running => {
+                    if let Some(c) = st.command {
+                        actions.push(Action::Cancel(c));
+                    }
+                    st.state = StepState::Cancelled;
+                }
+                StepState::Pending if !self.spec.on_failure.contains(&st.name) => {
+                    st.state = StepState::Cancelled;
+                }
+                _ => {}
+            }
+        }
+        if compensate && !self.spec.on_failure.is_empty() {
+            self.compensating = true;
+            self.pending_end = Some(end);
+            actions.extend(self.advance(now));
+        } else {
+            self.finish(end, now);
+        }
+        actions
+    }
+
+    fn finish(&mut self, end: RunState, now: crate::Millis) {
+        self.state = end;
+        self.finished_at = Some(now);
+        // Compensation steps that never ran are skipped.
+        for st in &mut self.steps {
+            if st.state == StepState::Pending {
+                st.state = StepState::Skipped;
+            }
+        }
+    }
+
+    /// Start what is ready; settle the run when nothing more can happen.
+    fn advance(&mut self, now: crate::Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.state != RunState::Running {
+            return actions;
+        }
+        loop {
+            let mut progressed = false;
+            for i in 0..self.steps.len() {
+                if self.steps[i].state != StepState::Pending {
+                    continue;
+                }
+                let spec = self.spec.steps[i].clone();
+                // Compensation steps wait for compensation; main steps do
+                // not start once it has begun.
+                if self.is_comp(&spec.name) != self.compensating {
+                    continue;
+                }
+                let needs: Vec<StepState> = spec
+                    .needs
+                    .iter()
+                    .filter_map(|n| self.idx(n).map(|j| self.steps[j].state))
+                    .collect();
+                if !needs.iter().all(|s| s.ended()) {
+                    continue;
+                }
+                progressed = true;
+                let blocked = needs
+                    .iter()
+                    .any(|s| matches!(s, StepState::Failed | StepState::Cancelled));
+                let go = match &spec.when {
+                    Some(c) => self.holds(c),
+                    None => !blocked,
+                };
+                if !go {
+                    self.steps[i].state = StepState::Skipped;
+                    continue;
+                }
+                self.steps[i].state = StepState::Running;
+                actions.push(self.send_of(i));
+            }
+            if !progressed {
+                break;
+            }
+        }
+        let group: Vec<&StepRun> = self
+            .steps
+            .iter()
+            .filter(|s| self.is_comp(&s.name) == self.compensating)
+            .collect();
+        if group.iter().all(|s| s.state.ended()) {
+            if self.compensating {
+                let end = self.pending_end.unwrap_or(RunState::Failed);
+                self.finish(end, now);
+            } else {
+                let failed = group
+                    .iter()
+                    .any(|s| matches!(s.state, StepState::Failed | StepState::Cancelled));
+                if failed && !self.spec.on_failure.is_empty() {
+                    self.compensating = true;
+                    self.pending_end = Some(RunState::Failed);
+                    actions.extend(self.advance(now));
+                } else {
+                    self.finish(
+                        if failed {
+                            RunState::Failed
+                        } else {
+                            RunState::Succeeded
+                        },
+                        now,
+                    );
+                }
+            }
+        }
+        actions
+    }
+
+    /// Whether a `when` condition holds, on the step it names (ended).
+    fn holds(&self, c: &Condition) -> bool {
+        let Some(j) = self.idx(&c.step) else {
+            return false;
+        };
+        let st = &self.steps[j];
+        let state_ok = match c.state {
+            StateMatch::Succeeded => st.state == StepState::Succeeded,
+            StateMatch::Failed => st.state == StepState::Failed,
+            StateMatch::Any => st.state.ended(),
+        };
+        if !state_ok {
+            return false;
+        }
+        let text = st.result.as_deref().unwrap_or("");
+        c.result.as_ref().is_none_or(|r| r.matches(text))
+    }
+}
+
+impl ResultMatch {
+    /// Whether a command's result text meets this condition (a result
+    /// that is not JSON fails a JSON condition).
+    pub fn matches(&self, text: &str) -> bool {
+        match self {
+            ResultMatch::Equals(v) => text == v,
+            ResultMatch::Contains(v) => text.contains(v.as_str()),
+            ResultMatch::Regex(r) => regex_lite::Regex::new(r).is_ok_and(|re| re.is_match(text)),
+            ResultMatch::Json { pointer, equals } => {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.pointer(pointer).cloned())
+                    .is_some_and(|v| &v == equals)
+            }
+        }
+    }
+}
+
+/// How long finished runs are kept for `workflow show` and `list`: the
+/// newest `max_runs` that ended within `max_age_ms`. Without a bound every
+/// run stayed in the store and in memory for ever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub max_runs: usize,
+    pub max_age_ms: crate::Millis,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_runs: 1_000,
+            max_age_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl Retention {
+    /// Which finished runs to delete now, and when the next one will be due
+    /// (so the shell sleeps until then, never polls). A running run is never
+    /// pruned, nor one whose end a hub has not been told yet.
+    pub fn prune<'a>(
+        &self,
+        runs: impl IntoIterator<Item = &'a Run>,
+        now: crate::Millis,
+    ) -> (Vec<crate::CommandId>, Option<crate::Millis>) {
+        let ended = runs
+            .into_iter()
+            .filter(|r| r.state != RunState::Running && (r.origin.is_none() || r.reported))
+            .map(|r| (r.finished_at.unwrap_or(r.started_at), r.id))
+            .collect();
+        self.due(ended, now)
+    }
+
+    /// The same over anything kept until it ends (rollouts too): `ended`
+    /// holds (when it ended, its id) for each one that may go.
+    pub fn due(
+        &self,
+        mut ended: Vec<(crate::Millis, crate::CommandId)>,
+        now: crate::Millis,
+    ) -> (Vec<crate::CommandId>, Option<crate::Millis>) {
+        // Newest first: the count keeps those.
+        ended.sort_unstable_by(|a, b| b.cmp(a));
+        let mut gone = Vec::new();
+        let mut next = None;
+        for (i, &(at, id)) in ended.iter().enumerate() {
+            let due = at.saturating_add(self.max_age_ms);
+            if i >= self.max_runs || due <= now {
+                gone.push(id);
+            } else {
+                next = Some(next.map_or(due, |n: crate::Millis| n.min(due)));
+            }
+        }
+        (gone, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFLASH: &str = r#"name = "reflash-line-3"
+timeout = "30m"
+on_failure = ["resume"]           # run only if the workflow fails
+[steps.stop]
+target = "plc-1"
+payload = "stop"
+[steps.flash]
+target = "tag:camera"
+payload_file = "fw.bin"
+needs = ["stop"]
+min_success = "100%"
+[steps.verify]
+target = "tag:camera"
+payload = "verify"
+needs = ["flash"]
+[steps.restart]
+target = "plc-1"
+payload = "start"
+needs = ["verify"]
+when = { step = "verify", state = "succeeded", result_contains = "ok" }
+[steps.resume]
+target = "plc-1"
+payload = "start-previous-firmware"
+"#;
+
+    #[test]
+    fn the_contract_example_parses_in_dependency_order() {
+        let w = Workflow::parse(REFLASH, "reflash.toml").unwrap();
+        assert_eq!(w.name, "reflash-line-3");
+        assert_eq!(w.timeout, Some(Duration::from_secs(1800)));
+        let order: Vec<&str> = w.steps.iter().map(|s| s.name.as_str()).collect();
+        let pos = |n| order.iter().position(|x| *x == n).unwrap();
+        assert!(
+            pos("stop") < pos("flash")
+                && pos("flash") < pos("verify")
+                && pos("verify") < pos("restart")
+        );
+        assert_eq!(w.on_failure, vec!["resume"]);
+        let flash = &w.steps[pos("flash")];
+        assert_eq!(flash.min_success, Some(MinSuccess::Percent(100)));
+        assert_eq!(flash.payload, Payload::File("fw.bin".into()));
+        assert_eq!(flash.line, 7);
+        let restart = &w.steps[pos("restart")];
+        assert_eq!(
+            restart.when,
+            Some(Condition {
+                step: "verify".into(),
+                state: StateMatch::Succeeded,
+                result: Some(ResultMatch::Contains("ok".into())),
+            })
+        );
+    }
+
+    fn fails(text: &str) -> WorkflowError {
+        Workflow::parse(text, "w.toml").unwrap_err()
+    }
+
+    #[test]
+    fn retention_prunes_the_oldest_and_the_aged_but_never_a_running_or_unreported_run() {
+        let w = Workflow::parse(
+            "name = \"w\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n",
+            "w.toml",
+        )
+        .unwrap();
+        let run = |id: u128, ended_at: Option<crate::Millis>| {
+            let (mut r, _) = Run::start(crate::CommandId(id), w.clone(), 0);
+            if let Some(t) = ended_at {
+                r.cancel(false, t);
+                assert_ne!(r.state, RunState::Running);
+            }
+            r
+        };
+        let keep = Retention {
+            max_runs: 2,
+            max_age_ms: 1_000,
+        };
+        // Ended at 100, 200, 300 and one still running: the count keeps the
+        // newest two, the next due is the oldest kept one's age.
+        let runs = [
+            run(1, Some(100)),
+            run(2, Some(200)),
+            run(3, Some(300)),
+            run(4, None),
+        ];
+        let (gone, next) = keep.prune(&runs, 500);
+        assert_eq!(gone, vec![crate::CommandId(1)]);
+        assert_eq!(next, Some(1_200));
+        // At 1,200 the one that ended at 200 has aged out; at 1,300 both.
+        assert_eq!(
+            keep.prune(&runs, 1_200).0,
+            vec![crate::CommandId(2), crate::CommandId(1)]
+        );
+        let (gone, next) = keep.prune(&runs, 1_300);
+        assert_eq!(gone.len(), 3);
+        assert_eq!(
+            next, None,
+            "only the running one is left: nothing to wake for"
+        );
+        // A run handed down by a hub is kept until its end is reported.
+        let mut handed = run(5, Some(100));
+        handed.origin = Some("upstream/hub".into());
+        assert!(keep.prune([&handed], 10_000).0.is_empty());
+        handed.reported = true;
+        assert_eq!(keep.prune([&handed], 10_000).0, vec![crate::CommandId(5)]);
+    }
+
+    #[test]
+    fn each_mistake_names_the_step_and_its_line() {
+        let e = fails("name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"b\"]\n[steps.b]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"a\"]\n");
+        assert!(
+            e.message.contains("cycle") && e.message.contains("a → b → a"),
+            "{e}"
+        );
+        assert_eq!(e.line, 2);
+
+        let e =
+            fails("name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"nope\"]\n");
+        assert_eq!(
+            (
+                e.line,
+                e.to_string()
+                    .contains("step `a`: it needs `nope`, which is not a step")
+            ),
+            (5, true),
+            "{e}"
+        );
+
+        let e = fails("name = \"x\"\n[steps.a]\ntarget = \"tag:\"\npayload = \"p\"\n");
+        assert!(
+            e.message.contains("step `a`") && e.message.contains("tag"),
+            "{e}"
+        );
+        assert_eq!(e.line, 3);
+
+        let e = fails("name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n[steps.b]\ntarget = \"d\"\npayload = \"p\"\nwhen = { step = \"a\" }\n");
+        assert!(
+            e.message.contains("not upstream of it") && e.message.contains("add `a` to its needs"),
+            "{e}"
+        );
+        assert_eq!(e.line, 8);
+
+        let e = fails("name = \"x\"\n[steps.a]\ntarget = \"d\"\n");
+        assert!(e.message.contains("payload"), "{e}");
+
+        let e = fails(
+            "name = \"x\"\non_failure = [\"z\"]\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n",
+        );
+        assert!(
+            e.message.contains("on_failure names `z`") && e.line == 2,
+            "{e}"
+        );
+
+        let e = fails(
+            "name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\nmin_success = \"90%\"\n",
+        );
+        assert!(e.message.contains("tag: or cap:"), "{e}");
+
+        let e = fails("name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\nretries = 3\n");
+        assert!(
+            e.message.contains("retries"),
+            "an unknown key is named: {e}"
+        );
+        assert_eq!(e.line, 5);
+
+        let e = fails("name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n[steps.b]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"a\"]\nwhen = { step = \"a\", result_regex = \"(\" }\n");
+        assert!(e.message.contains("result_regex"), "{e}");
+    }
+
+    // ----- the engine -----
+
+    fn ended(state: crate::State, result: &str) -> Ended {
+        Ended {
+            state,
+            result: Some(result.as_bytes().to_vec()),
+            children: None,
+        }
+    }
+
+    /// Run `w` answering each send with `answer(step)`; the order steps
+    /// were sent in, and the run.
+    fn drive(w: Workflow, answer: impl Fn(&str) -> Ended) -> (Vec<String>, Run) {
+        let (mut run, mut actions) = Run::start(crate::CommandId(1), w, 0);
+        let mut sent = Vec::new();
+        let mut n = 10;
+        while let Some(a) = actions.pop() {
+            if let Action::Send { step, key, .. } = a {
+                assert!(key.ends_with(&step), "{key}");
+                n += 1;
+                run.sent(&step, crate::CommandId(n));
+                sent.push(step.clone());
+                let more = run.step_ended(crate::CommandId(n), answer(&step), 1);
+                actions.extend(more);
+            }
+        }
+        (sent, run)
+    }
+
+    #[test]
+    fn a_run_follows_needs_and_conditions_and_compensates_on_failure() {
+        let w = Workflow::parse(REFLASH, "w").unwrap();
+        let (sent, run) = drive(w.clone(), |_| ended(crate::State::Succeeded, "ok"));
+        assert_eq!(sent, vec!["stop", "flash", "verify", "restart"]);
+        assert_eq!(run.state, RunState::Succeeded);
+        let resume = run.steps.iter().find(|s| s.name == "resume").unwrap();
+        assert_eq!(
+            resume.state,
+            StepState::Skipped,
+            "compensation only on failure"
+        );
+
+        // Verify does not say ok: restart is skipped; nothing failed.
+        let (sent, run) = drive(w.clone(), |s| {
+            ended(
+                crate::State::Succeeded,
+                if s == "verify" { "bad" } else { "ok" },
+            )
+        });
+        assert_eq!(sent, vec!["stop", "flash", "verify"]);
+        assert_eq!(run.state, RunState::Succeeded);
+
+        // Flash fails: verify and restart are skipped, resume runs, failed.
+        let (sent, run) = drive(w, |s| {
+            if s == "flash" {
+                ended(crate::State::Dead, "boom")
+            } else {
+                ended(crate::State::Succeeded, "ok")
+            }
+        });
+        assert_eq!(sent, vec!["stop", "flash", "resume"]);
+        assert_eq!(run.state, RunState::Failed);
+        let states: Vec<(&str, StepState)> = run
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.state))
+            .collect();
+        assert!(
+            states.contains(&("verify", StepState::Skipped)),
+            "{states:?}"
+        );
+        assert!(
+            states.contains(&("resume", StepState::Succeeded)),
+            "{states:?}"
+        );
+    }
+
+    #[test]
+    fn a_step_the_cancel_raced_is_counted_as_its_device_answered_and_looked_up_after_a_restart() {
+        // Found by the simulation: a cancel marks a running step cancelled;
+        // its device may have run it first, and its end said so too late.
+        let text = "name = \"p\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\n[steps.b]\ntarget = \"d\"\npayload = \"y\"\n";
+        let w = Workflow::parse(text, "p").unwrap();
+        let (mut run, _) = Run::start(crate::CommandId(1), w, 0);
+        run.sent("a", crate::CommandId(2));
+        run.sent("b", crate::CommandId(3));
+        run.cancel(false, 5);
+        let (look, resend) = run.reattach();
+        assert_eq!(look, vec![crate::CommandId(2), crate::CommandId(3)]);
+        assert!(resend.is_empty(), "a cancelled run sends nothing again");
+        run.step_ended(
+            crate::CommandId(2),
+            ended(crate::State::Succeeded, "done"),
+            6,
+        );
+        let a = &run.steps[0];
+        assert_eq!(
+            (a.state, a.result.as_deref()),
+            (StepState::Succeeded, Some("done"))
+        );
+        // The cancel that won leaves it cancelled, its end now known.
+        run.step_ended(crate::CommandId(3), ended(crate::State::Cancelled, ""), 6);
+        assert_eq!(run.steps[1].state, StepState::Cancelled);
+        assert_eq!(run.steps[1].end, Some(crate::State::Cancelled));
+        assert_eq!(run.state, RunState::Cancelled);
+        // Nothing left to look up.
+        assert_eq!(run.reattach(), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn every_other_mistake_is_named_with_its_line_and_what_to_write() {
+        const A: &str = "[steps.a]\ntarget = \"d\"\npayload = \"p\"\n";
+        let b = |extra: &str| {
+            format!("name = \"x\"\n{A}[steps.b]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"a\"]\n{extra}")
+        };
+        // (file, words the message must hold, its line; 0: the file's)
+        let cases: Vec<(String, &str, usize)> = vec![
+            (format!("name = \"\"\n{A}"), "needs a name", 1),
+            ("name = \"x\"\n[steps]\n".into(), "has no steps; add [steps.NAME]", 1),
+            (format!("name = \"x\"\ntimeout = \"soon\"\n{A}"), "(write e.g. 30m)", 2),
+            (format!("name = \"x\"\n{A}payload_file = \"f.bin\"\n"), "give payload or payload_file, not both", 5),
+            (format!("name = \"x\"\n{A}priority = \"urgent\"\n"), "use high, normal or low", 5),
+            (format!("name = \"x\"\n{A}ttl = \"forever\"\n"), "step `a`: ttl \"forever\"", 5),
+            (format!("name = \"x\"\n{A}needs = [\"a\"]\n"), "it needs itself", 5),
+            (
+                format!("name = \"x\"\non_failure = [\"a\"]\n{A}[steps.b]\ntarget = \"d\"\npayload = \"p\"\nneeds = [\"a\"]\n"),
+                "runs only on failure (on_failure)",
+                9,
+            ),
+            (
+                format!("name = \"x\"\n{A}[steps.b]\ntarget = \"tag:cam\"\npayload = \"p\"\nmin_success = \"most\"\n"),
+                "write a count (3) or a percentage",
+                8,
+            ),
+            (
+                format!("name = \"x\"\n{A}[steps.b]\ntarget = \"edge-1/sub-1/dev-0\"\npayload = \"p\"\nmin_success = 1\n"),
+                "min_success applies to a tag: or cap: target",
+                8,
+            ),
+            (b("when = { step = \"a\", state = \"done\" }\n"), "use succeeded, failed or any", 9),
+            (b("when = { step = \"a\", json_pointer = \"status\", equals = \"ok\" }\n"), "starts with / (e.g. /status)", 9),
+            (b("when = { step = \"a\", json_pointer = \"/status\" }\n"), "when.json_pointer and when.equals go together", 9),
+        ];
+        // A quorum on a tag two boxes down is the tag's, as one box down
+        // (it was refused: one level of the path was looked at).
+        for target in [
+            "edge-1/tag:cam",
+            "edge-1/sub-1/tag:cam",
+            "edge-1/sub-1/cap:cam",
+        ] {
+            let text = format!("name = \"x\"\n[steps.b]\ntarget = \"{target}\"\npayload = \"p\"\nmin_success = \"50%\"\n");
+            let w = Workflow::parse(&text, "w.toml").unwrap_or_else(|e| panic!("{target}: {e}"));
+            assert_eq!(w.steps[0].min_success, Some(MinSuccess::Percent(50)));
+        }
+        for (text, words, line) in cases {
+            let e = fails(&text);
+            assert!(e.message.contains(words), "`{words}` not in: {e}\n{text}");
+            assert_eq!(e.line, line, "{e}\n{text}");
+            assert!(
+                e.to_string().starts_with("w.toml:"),
+                "the file is named: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_handed_down_workflow_that_does_not_decode_or_lacks_a_file_says_so() {
+        let e = Packed::from_bytes(&[PACKED_MAGIC, &[0xff, 0xff][..]].concat()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a packed workflow that does not decode"),
+            "{e}"
+        );
+        let e = Packed::from_bytes(&[0xc3, 0x28]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "workflow: the payload is neither a packed workflow nor TOML text"
+        );
+        // Plain TOML is taken as it is (what a NATS client publishes).
+        let p = Packed::from_bytes(b"name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload = \"p\"\n")
+            .unwrap();
+        assert_eq!(p.unpack().unwrap().name, "x");
+        // A payload_file the hub did not pack with it.
+        let p = Packed {
+            file: "w.toml".into(),
+            text: "name = \"x\"\n[steps.a]\ntarget = \"d\"\npayload_file = \"fw.bin\"\n".into(),
+            payloads: Vec::new(),
+        };
+        let e = Packed::from_bytes(&p.to_bytes())
+            .unwrap()
+            .unpack()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("step `a`: payload_file fw.bin was not sent with the workflow"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_step_send_is_made_again_only_while_the_run_waits_on_it() {
+        // Found by the simulation: a send in a round whose write failed
+        // was failed though the box held it; it is now made again.
+        let text = "name = \"p\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\npriority = \"high\"\n[steps.b]\ntarget = \"d\"\npayload = \"y\"\nneeds = [\"a\"]\n";
+        let w = Workflow::parse(text, "p").unwrap();
+        let (mut run, first) = Run::start(crate::CommandId(1), w, 0);
+        run.sent("a", crate::CommandId(2));
+        assert_eq!(run.resend("a"), first.into_iter().next(), "the same send");
+        assert_eq!(run.resend("b"), None, "not started");
+        assert_eq!(run.resend("zz"), None, "no such step");
+        run.cancel(false, 5);
+        assert_eq!(run.resend("a"), None, "the run stopped");
+    }
+
+    #[test]
+    fn fan_out_fan_in_quorum_timeout_and_cancel() {
+        let text = "name = \"p\"\ntimeout = \"1m\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\n[steps.b]\ntarget = \"tag:cam\"\npayload = \"x\"\nneeds = [\"a\"]\nmin_success = \"50%\"\n[steps.c]\ntarget = \"d2\"\npayload = \"x\"\nneeds = [\"a\"]\n[steps.d]\ntarget = \"d\"\npayload = \"x\"\nneeds = [\"b\", \"c\"]\n";
+        let w = Workflow::parse(text, "p").unwrap();
+        let (mut run, actions) = Run::start(crate::CommandId(1), w.clone(), 0);
+        assert_eq!(actions.len(), 1);
+        run.sent("a", crate::CommandId(2));
+        let out = run.step_ended(crate::CommandId(2), ended(crate::State::Succeeded, ""), 1);
+        let fan: Vec<String> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { step, .. } => Some(step.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fan, vec!["b", "c"], "both run at once");
+        run.sent("b", crate::CommandId(3));
+        run.sent("c", crate::CommandId(4));
+        // b: a broadcast where 2 of 4 succeeded: the quorum of 50% holds.
+        let e = Ended {
+            state: crate::State::Failed,
+            result: None,
+            children: Some((2, 4)),
+        };
+        assert!(
+            run.step_ended(crate::CommandId(3), e, 2).is_empty(),
+            "d waits for c"
+        );
+        // The timeout: c is cancelled, d never starts.
+        assert!(run.tick(59_999).is_empty());
+        let out = run.tick(60_000);
+        assert_eq!(out, vec![Action::Cancel(crate::CommandId(4))]);
+        assert_eq!(run.state, RunState::TimedOut);
+        let d = run.steps.iter().find(|s| s.name == "d").unwrap();
+        assert_eq!(d.state, StepState::Cancelled);
+
+        let (mut run, _) = Run::start(crate::CommandId(9), w, 0);
+        run.sent("a", crate::CommandId(10));
+        assert_eq!(
+            run.cancel(false, 5),
+            vec![Action::Cancel(crate::CommandId(10))]
+        );
+        assert_eq!(run.state, RunState::Cancelled);
+        assert!(run
+            .step_ended(crate::CommandId(10), ended(crate::State::Succeeded, ""), 6)
+            .is_empty());
+    }
+
+    #[test]
+    fn json_and_regex_conditions() {
+        let text = "name = \"j\"\n[steps.a]\ntarget = \"d\"\npayload = \"x\"\n[steps.b]\ntarget = \"d\"\npayload = \"x\"\nneeds = [\"a\"]\nwhen = { step = \"a\", json_pointer = \"/temp\", equals = 21 }\n[steps.c]\ntarget = \"d\"\npayload = \"x\"\nneeds = [\"a\"]\nwhen = { step = \"a\", result_regex = \"^\\\\{.*21\" }\n";
+        let w = Workflow::parse(text, "j").unwrap();
+        let (sent, _) = drive(w.clone(), |_| {
+            ended(crate::State::Succeeded, "{\"temp\": 21}")
+        });
+        let mut sorted = sent.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec!["a", "b", "c"], "both conditions hold");
+        let (sent, run) = drive(w, |_| ended(crate::State::Succeeded, "{\"temp\": 22}"));
+        assert_eq!(sent, vec!["a"]);
+        assert_eq!(
+            run.state,
+            RunState::Succeeded,
+            "skipped steps do not fail a run"
+        );
+    }
+}

@@ -1,0 +1,1970 @@
+//! The queue's IO shell: a writer thread that owns the core and the store
+//! and does group commit.
+//!
+//! Every request goes through one channel to one thread. The thread takes
+//! the first request, drains whatever else is waiting (up to a bound), feeds
+//! it all to the core, writes the core's journal entries as one group (one
+//! sled batch, one flush), and only then answers the waiters and hands
+//! deliveries to the device links. Concurrency is what makes groups large:
+//! the more senders wait during one flush, the more the next flush carries.
+
+use super::{CommandView, LifecycleEvent, QueueError, QueueStats, SendReceipt, SendRequest};
+use crate::engine::command::{Command, CommandId, DeviceId, Millis, Outcome, Priority};
+use crate::engine::journal::{Entry, ResultRecord};
+use crate::engine::queue::core::JournalSource;
+use crate::engine::queue::core::{
+    CoreReply, CoreRequest, DeliverEffect, Effects, Limits, Lookup, QueueCore,
+};
+use crate::shell::store::{DeviceRecord, Group, GroupWrite, Store, StoreError};
+use lru::LruCache;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// How the service runs. `limits` go to the core.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    pub limits: Limits,
+    /// Most requests folded into one group commit.
+    pub max_batch: usize,
+    /// Seed for backoff jitter and ids (a simulation passes a fixed one).
+    pub seed: u64,
+    /// Which devices may send to which targets.
+    pub acl: crate::engine::route::Acl,
+    /// Keep an upstream outbox of at most this many unacknowledged
+    /// telemetry entries (`None`: no uplink, no outbox).
+    pub outbox_max: Option<u64>,
+    /// When the store fails a write and cannot be read back (a disk that
+    /// filled up under sled), exit the process with this code so the
+    /// service manager restarts it; `None`: refuse requests, saying why.
+    pub exit_on_store_failure: Option<i32>,
+    /// The box's trust gate: its name, whether signatures are required, and
+    /// whose count. Every intake through the handle passes it.
+    pub gate: Arc<crate::engine::trust::Gate>,
+    /// How much of the audit log is kept.
+    pub audit: crate::engine::audit::Retention,
+    /// `--max-artifact-disk` (`limits.max_disk` bounds artifacts too).
+    pub artifact_disk: Option<u64>,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            limits: Limits::default(),
+            max_batch: 512,
+            seed: rand::random(),
+            acl: crate::engine::route::Acl::default(),
+            outbox_max: None,
+            exit_on_store_failure: None,
+            gate: Arc::default(),
+            audit: Default::default(),
+            artifact_disk: None,
+        }
+    }
+}
+
+/// What the box hands a device link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Command(DeliveredCommand),
+    /// A command for a box below this one: to its gateway.
+    Forward(Box<crate::proto::Forward>),
+    /// Stop working on this command if you still are (cancelled, expired).
+    Cancel(CommandId),
+}
+
+/// One command going to a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveredCommand {
+    pub id: CommandId,
+    pub priority: Priority,
+    pub payload: Vec<u8>,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    pub deadline: Option<Millis>,
+    pub signature: Option<Vec<u8>>,
+}
+
+/// A device's live attachment to the queue. Dropping it disconnects the
+/// device: its in-flight commands go back to queued for its next session.
+pub struct DeviceSession {
+    pub device: DeviceId,
+    /// Deliveries for this device, at most `window` unacked at a time.
+    pub rx: mpsc::UnboundedReceiver<Delivery>,
+    token: u64,
+    handle: QueueHandle,
+}
+
+impl DeviceSession {
+    /// The box's trust gate, for the checks at delivery.
+    pub fn gate(&self) -> &Arc<crate::engine::trust::Gate> {
+        self.handle.gate()
+    }
+
+    /// Report a command's outcome. The report is queued at once, in call
+    /// order; the returned future resolves once it is durable. It borrows
+    /// nothing, so a link can keep many acks in flight (one flush then
+    /// carries them all) instead of waiting a flush per ack.
+    pub fn ack(
+        &self,
+        id: CommandId,
+        outcome: Outcome,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        self.ack_attempt(id, None, outcome)
+    }
+
+    /// [`ack`](Self::ack) of one attempt (`AckAttempt`, protocol 1.4): a
+    /// stale attempt's ack is refused with `StaleAttempt` and changes
+    /// nothing.
+    pub fn ack_attempt(
+        &self,
+        id: CommandId,
+        attempt: Option<u32>,
+        outcome: Outcome,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.handle.tx.send(Msg::Ack {
+            device: self.device.clone(),
+            token: self.token,
+            id,
+            attempt,
+            outcome,
+            reply,
+        });
+        async move {
+            sent.map_err(|_| QueueError::ShuttingDown)?;
+            rx.await.map_err(|_| QueueError::ShuttingDown)?
+        }
+    }
+}
+
+impl Drop for DeviceSession {
+    fn drop(&mut self) {
+        let _ = self.handle.tx.send(Msg::Disconnect {
+            device: self.device.clone(),
+            token: self.token,
+        });
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+pub(crate) enum Msg {
+    Core(CoreRequest, Reply<crate::engine::queue::core::CoreReply>),
+    Ack {
+        device: DeviceId,
+        token: u64,
+        id: CommandId,
+        attempt: Option<u32>,
+        outcome: Outcome,
+        reply: Reply<()>,
+    },
+    Connect {
+        device: DeviceId,
+        window: u32,
+        offered: Option<Vec<String>>,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+        reply: Reply<u64>,
+    },
+    Disconnect {
+        device: DeviceId,
+        token: u64,
+    },
+    Shutdown(oneshot::Sender<()>),
+    /// An audit entry to write with a coming round.
+    Audit(crate::engine::audit::Note),
+    AuditRead {
+        since: Option<u64>,
+        limit: Option<u64>,
+        reply: Reply<Vec<crate::engine::audit::View>>,
+    },
+    AuditVerify(Reply<AuditVerdict>),
+    /// Stream every tree of the store, as of the round this joins, into
+    /// `pieces` (`backup::snapshot_trees`).
+    Backup(Box<BackupJob>),
+}
+
+/// A snapshot asked of the writer.
+pub(crate) struct BackupJob {
+    pieces: mpsc::Sender<Vec<u8>>,
+    reply: Reply<crate::shell::backup::SnapshotInfo>,
+}
+
+/// What a walk of the audit log found.
+pub type AuditVerdict = Result<crate::engine::audit::Intact, crate::engine::audit::Broken>;
+
+/// A cheap, cloneable handle to the queue service.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: std_mpsc::Sender<Msg>,
+    events: broadcast::Sender<LifecycleEvent>,
+    /// The outbox's next seq after each write that added to it (the
+    /// uplink wakes on it; nothing polls).
+    outbox: tokio::sync::watch::Receiver<u64>,
+    /// Bumped when a device connects or disconnects (the monitor's alert
+    /// rules wake on it; nothing polls).
+    sessions: tokio::sync::watch::Receiver<u64>,
+    gate: Arc<crate::engine::trust::Gate>,
+    shelf: crate::shell::artifact::shelf::Shelf,
+    progress: super::progress::Board,
+    /// Names this database's outbox to the hub above (`UpFrom`).
+    uplink_epoch: u64,
+}
+
+/// A shelf error as the queue's: unknown names are `UnknownArtifact`, a
+/// full disk `NoSpace`-like storage refusal, the rest storage faults.
+pub fn shelf_error(e: crate::shell::artifact::shelf::ShelfError) -> QueueError {
+    use crate::shell::artifact::shelf::ShelfError as S;
+    match e {
+        S::NotFound(what) => QueueError::UnknownArtifact(what),
+        S::Closed => QueueError::ShuttingDown,
+        S::Chunk(crate::shell::artifact::chunks::ChunkError::OverBudget(o)) => {
+            QueueError::ArtifactBudget(o)
+        }
+        S::Manifest(_)
+        | S::MissingChunk { .. }
+        | S::Chunk(crate::shell::artifact::chunks::ChunkError::Mismatch { .. }) => {
+            QueueError::BadRequest(e.to_string())
+        }
+        other => QueueError::Storage(other.to_string()),
+    }
+}
+
+/// The artifact a command's envelope names, if any.
+fn named_artifact(
+    req: &SendRequest,
+) -> Result<Option<crate::engine::artifact::Digest>, QueueError> {
+    let Some(env) = req.signature.as_deref() else {
+        return Ok(None);
+    };
+    crate::engine::trust::envelope::artifact(env)
+        .map(|d| d.map(crate::engine::artifact::Digest))
+        .map_err(|e| QueueError::Untrusted(e.into()))
+}
+
+/// The id a command will have, known before it is queued so a reference
+/// can be noted under it: a signed command's is its envelope's (and the
+/// core takes it from there, refusing a replay), else a new one the core
+/// is given. Returns the id and what to queue it under.
+fn intake_id(req: &SendRequest) -> Result<(CommandId, Option<CommandId>), QueueError> {
+    Ok(
+        match crate::engine::trust::envelope::sealed(req.signature.as_deref()) {
+            Some(env) => {
+                let id = crate::engine::trust::envelope::open(env)
+                    .map_err(|e| QueueError::Untrusted(e.into()))?
+                    .claims
+                    .id;
+                (id, None)
+            }
+            None => {
+                let id = CommandId::new(crate::now_millis(), rand::random());
+                (id, Some(id))
+            }
+        },
+    )
+}
+
+/// What checking an artifact's referrers found (`QueueHandle::retire`).
+enum Retired {
+    /// Another removal is checking it.
+    Busy,
+    /// This live command names it.
+    Named(CommandId),
+    /// No live command names it (the references of ended ones swept).
+    Unneeded,
+}
+
+/// Open the store's queue: replay the journal into a core and start the
+/// writer thread.
+pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreError> {
+    let core = rebuild(&store, &opts)?;
+    let gate = opts.gate.clone();
+    let shelf = crate::shell::artifact::shelf::Shelf::new(
+        store.artifacts()?,
+        Arc::new(
+            crate::shell::artifact::chunks::ChunkStore::open(store.dir())
+                .map_err(|e| StoreError::Io {
+                    dir: store.dir().join(crate::shell::artifact::chunks::DIR),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+                .with_budget(crate::engine::artifact::budget::Budget {
+                    artifacts: opts.artifact_disk,
+                    total: opts.limits.max_disk,
+                }),
+        ),
+    );
+    shelf.chunks().set_queue_bytes(store.size_on_disk());
+    let audit = super::audit::AuditLog::load(&store, opts.audit)?;
+    let uplink_epoch = store.uplink_epoch()?;
+    let (tx, rx) = std_mpsc::channel();
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let (outbox_tx, outbox_rx) = tokio::sync::watch::channel(core.outbox_stats().next_seq);
+    let (sessions_tx, sessions_rx) = tokio::sync::watch::channel(0u64);
+    let stall = Arc::new(super::stall::Mark::default());
+    let watch = match opts.exit_on_store_failure {
+        Some(code) => {
+            let dir = store.dir().to_path_buf();
+            Some(
+                super::stall::Watch::exit_on_stall(
+                    stall.clone(),
+                    dir.clone(),
+                    opts.limits.min_free_disk,
+                    code,
+                )
+                .map_err(|source| StoreError::Io { dir, source })?,
+            )
+        }
+        None => None,
+    };
+    let mut writer = Writer {
+        stall,
+        _watch: watch,
+        clock: Clock::new(),
+        outbox: outbox_tx,
+        sessions_changed: sessions_tx,
+        core,
+        store,
+        rx,
+        opts,
+        sessions: HashMap::new(),
+        cache: LruCache::new(NonZeroUsize::new(GROUP_CACHE).expect("non-zero")),
+        events: events.clone(),
+        rounds: 0,
+        last_free: None,
+        free_checked: std::time::Instant::now(),
+        flush_buckets: [0; super::FLUSH_BUCKETS_S.len() + 1],
+        flush_sum: 0.0,
+        broken: None,
+        last_recovery: None,
+        audit,
+        audit_force: false,
+        chunks: shelf.chunks_arc(),
+    };
+    let closing = shelf.clone();
+    std::thread::Builder::new()
+        .name("outpost-writer".into())
+        .spawn(move || {
+            let done = writer.run();
+            closing.close();
+            // Close the database before saying so: whoever waits on shutdown
+            // may reopen the data dir at once (a restart, a test).
+            drop(writer);
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        })
+        .map_err(|source| StoreError::Io {
+            dir: std::path::PathBuf::from("(writer thread)"),
+            source,
+        })?;
+    Ok(QueueHandle {
+        uplink_epoch,
+        gate,
+        shelf,
+        progress: super::progress::Board::default(),
+        tx,
+        events,
+        outbox: outbox_rx,
+        sessions: sessions_rx,
+    })
+}
+
+/// What a delivery of command `c` becomes on the link: a `Forward` for a
+/// command through a box below (`edge-1/…`), or the command back for a
+/// device. Shared with the simulation so both shells forward alike.
+pub(crate) fn forward_of(
+    d: &DeliverEffect,
+    c: Command,
+    now: Millis,
+) -> Result<crate::proto::Forward, Box<Command>> {
+    match crate::engine::route::Target::parse(&c.target) {
+        Ok(crate::engine::route::Target::Edge { rest, .. }) => Ok(crate::proto::Forward {
+            id: d.id,
+            target: rest.to_string(),
+            priority: d.priority,
+            ttl_ms: d.deadline.map(|t| t.saturating_sub(now).max(1)),
+            max_attempts: c.max_attempts,
+            after: c.after,
+            not_before: c.not_before,
+            origin: c.origin,
+            signature: c.signature,
+            payload: c.payload,
+        }),
+        _ => Err(Box::new(c)),
+    }
+}
+
+/// Lifecycle events buffered for slow watchers before they start to lag.
+const EVENT_BUFFER: usize = 16 * 1024;
+/// Decoded journal groups kept for delivery (payload reads).
+const GROUP_CACHE: usize = 64;
+
+fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError> {
+    let now = crate::now_millis();
+    let mut core = QueueCore::new(opts.limits.clone(), opts.seed);
+    core.set_acl(opts.acl.clone());
+    let outbox = match opts.outbox_max {
+        Some(max) => Some(ReplayOutbox {
+            max,
+            next_seq: store.outbox_next_seq()?,
+            groups: store.outbox_groups().collect::<Result<Vec<_>, _>>()?,
+        }),
+        None => None,
+    };
+    core.reserve_live(store.live_hint());
+    replay_start(
+        &mut core,
+        store.devices()?,
+        store.cursors()?,
+        store.cancel_marks()?,
+        outbox,
+        now,
+    );
+    // Timed by phase: a slow start after a power cut should say where its
+    // time went.
+    let started = std::time::Instant::now();
+    let (mut groups, mut apply) = (0u64, std::time::Duration::ZERO);
+    // Reading and decoding run on a second thread while this one applies:
+    // on a 2-core box the two overlap.
+    std::thread::scope(|scope| -> Result<(), StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+        scope.spawn(move || {
+            for mut g in store.replay() {
+                let stop = g.is_err();
+                // Replay needs no payload: free them here, on the thread
+                // that allocated them, not on the applying one.
+                if let Ok(g) = &mut g {
+                    strip_payloads(g);
+                }
+                // A closed channel: the applier stopped on an error.
+                if tx.send(g).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        for g in rx {
+            let g = g?;
+            let t = std::time::Instant::now();
+            core.replay_group(g);
+            apply += t.elapsed();
+            groups += 1;
+        }
+        Ok(())
+    })?;
+    // What applying did not cover: waiting for reads and decoding.
+    let read = started.elapsed().saturating_sub(apply);
+    let t = std::time::Instant::now();
+    core.replay_last_seq(store.last_seq());
+    core.finish_replay(now);
+    let settle = t.elapsed();
+    core.set_disk_usage(store.size_on_disk());
+    if let Some(free) = store.free_space() {
+        core.set_disk_free(free);
+    }
+    let live = core.stats().queued + core.stats().in_flight;
+    tracing::info!(
+        groups,
+        live,
+        read_ms = read.as_millis() as u64,
+        replay_ms = apply.as_millis() as u64,
+        settle_ms = settle.as_millis() as u64,
+        "queue rebuilt from the store"
+    );
+    Ok(core)
+}
+
+/// The outbox as a store holds it at start.
+pub(crate) struct ReplayOutbox {
+    pub max: u64,
+    pub next_seq: u64,
+    pub groups: Vec<(u64, Vec<crate::engine::journal::UpEntry>)>,
+}
+
+/// The first half of a restart, before the journal groups: devices, the
+/// hub's per-edge cursors and pending cancels, and the outbox. Shared with
+/// the simulation, so a simulated restart rebuilds in the order a real one
+/// does; the groups then go to `replay_group` and the end to
+/// `replay_last_seq` + `finish_replay`.
+pub(crate) fn replay_start(
+    core: &mut QueueCore,
+    devices: impl IntoIterator<Item = DeviceRecord>,
+    cursors: impl IntoIterator<Item = (DeviceId, crate::engine::journal::Cursor)>,
+    cancel_marks: impl IntoIterator<Item = CommandId>,
+    outbox: Option<ReplayOutbox>,
+    now: Millis,
+) {
+    for d in devices {
+        core.replay_device(d);
+    }
+    for (edge, cursor) in cursors {
+        core.replay_cursor(edge, cursor);
+    }
+    for id in cancel_marks {
+        core.replay_cancelling(id);
+    }
+    if let Some(o) = outbox {
+        core.enable_outbox(o.max);
+        core.replay_outbox_seq(o.next_seq);
+        for (seq, entries) in o.groups {
+            core.replay_outbox(seq, &entries, now);
+        }
+    }
+}
+
+/// Drop what replay does not use: payloads (read again from the journal
+/// when delivered) and the commands and outcomes kept in results. A
+/// command with an idempotency key keeps its payload: replay digests it, so
+/// a reuse of the key for another payload is still refused after a restart.
+pub(crate) fn strip_payloads(g: &mut Group) {
+    match g {
+        Group::Journal(_, entries) => {
+            for e in entries {
+                let c = match e {
+                    Entry::Enqueued(e) => &mut e.command,
+                    Entry::Broadcast(b) => &mut b.command,
+                    Entry::Requeued { .. } => continue,
+                };
+                if c.key.is_none() {
+                    c.payload = Vec::new();
+                }
+            }
+        }
+        Group::Results(_, records) => {
+            for r in records {
+                if r.key.is_none() {
+                    r.command = None;
+                }
+                r.outcome = None;
+            }
+        }
+    }
+}
+
+/// The writer's journal groups: its LRU of decoded groups over the store.
+struct Groups<'a> {
+    store: &'a Store,
+    cache: &'a mut LruCache<u64, Arc<CachedGroup>>,
+}
+
+impl Groups<'_> {
+    fn group(&mut self, seq: u64) -> Option<Arc<CachedGroup>> {
+        if let Some(g) = self.cache.get(&seq) {
+            return Some(g.clone());
+        }
+        match self.store.read_journal(seq) {
+            Ok(Some(entries)) => {
+                let g = Arc::new(CachedGroup::new(entries));
+                self.cache.put(seq, g.clone());
+                Some(g)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!("reading journal group {seq}: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl JournalSource for Groups<'_> {
+    fn entries(&mut self, seq: u64) -> Option<Vec<Entry>> {
+        self.group(seq).map(|g| g.entries.clone())
+    }
+
+    fn command(&mut self, seq: u64, id: CommandId) -> Option<Command> {
+        self.group(seq)?.command(id)
+    }
+}
+
+/// A decoded journal group with an index by command id.
+struct CachedGroup {
+    entries: Vec<Entry>,
+    /// id → (entry, child of a broadcast entry).
+    index: HashMap<CommandId, (usize, Option<usize>)>,
+}
+
+impl CachedGroup {
+    fn new(entries: Vec<Entry>) -> Self {
+        let mut index = HashMap::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            match e {
+                Entry::Enqueued(e) => {
+                    index.insert(e.command.id, (i, None));
+                }
+                Entry::Broadcast(b) => {
+                    index.insert(b.command.id, (i, None));
+                    for (j, c) in b.children.iter().enumerate() {
+                        index.insert(c.id, (i, Some(j)));
+                    }
+                }
+                Entry::Requeued { .. } => {}
+            }
+        }
+        CachedGroup { entries, index }
+    }
+
+    /// The command with this id (a broadcast's child runs its parent's
+    /// command under its own id).
+    fn command(&self, id: CommandId) -> Option<Command> {
+        let &(i, child) = self.index.get(&id)?;
+        match (self.entries.get(i)?, child) {
+            (Entry::Enqueued(e), _) => Some(e.command.clone()),
+            (Entry::Broadcast(b), Some(j)) => Some(b.child_command(j)),
+            (Entry::Broadcast(b), None) => Some(b.command.clone()),
+            (Entry::Requeued { .. }, _) => None,
+        }
+    }
+}
+
+/// A request answered once the round it joined is durable.
+// Short-lived (one round), and most are `Reply`: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Pending {
+    Reply(Reply<CoreReply>, Result<CoreReply, QueueError>),
+    Show(Reply<CoreReply>, CommandId),
+    Unit(Reply<()>, Result<(), QueueError>),
+    Token(Reply<u64>, Result<u64, QueueError>),
+    AuditRead(
+        Reply<Vec<crate::engine::audit::View>>,
+        Option<u64>,
+        Option<u64>,
+    ),
+    AuditVerify(Reply<AuditVerdict>),
+    Backup(Box<BackupJob>),
+}
+
+/// The wall clock as the core sees it, watched for jumps: the wall clock
+/// is compared with the monotonic one at each read, and a step of more than
+/// `JUMP_MS` between them is a jump (NTP stepping a box that booted with no
+/// real-time clock, a date set by hand).
+struct Clock {
+    wall: Millis,
+    mono: std::time::Instant,
+}
+
+const JUMP_MS: i64 = 2_000;
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            wall: crate::now_millis(),
+            mono: std::time::Instant::now(),
+        }
+    }
+
+    /// Now, and the jump since the last read, if there was one.
+    fn read(&mut self) -> (Millis, Option<i64>) {
+        let (wall, mono) = (crate::now_millis(), std::time::Instant::now());
+        let expected = self.wall as i64 + mono.duration_since(self.mono).as_millis() as i64;
+        let delta = wall as i64 - expected;
+        self.wall = wall;
+        self.mono = mono;
+        (wall, (delta.abs() > JUMP_MS).then_some(delta))
+    }
+}
+
+struct Writer {
+    /// Marks each commit for the stall watch (see `stall.rs`).
+    stall: Arc<super::stall::Mark>,
+    /// Stops with the writer.
+    _watch: Option<super::stall::Watch>,
+    /// The chunk store, told the database's size for `--max-disk`.
+    chunks: Arc<crate::shell::artifact::chunks::ChunkStore>,
+    clock: Clock,
+    outbox: tokio::sync::watch::Sender<u64>,
+    sessions_changed: tokio::sync::watch::Sender<u64>,
+    core: QueueCore,
+    store: Store,
+    rx: std_mpsc::Receiver<Msg>,
+    opts: ServiceOptions,
+    sessions: HashMap<DeviceId, (u64, mpsc::UnboundedSender<Delivery>)>,
+    cache: LruCache<u64, Arc<CachedGroup>>,
+    events: broadcast::Sender<LifecycleEvent>,
+    rounds: u64,
+    /// Free bytes on the data dir's filesystem at the last look, and when.
+    last_free: Option<u64>,
+    free_checked: std::time::Instant,
+    /// Flush latency histogram (see `FLUSH_BUCKETS_S`), and its sum.
+    flush_buckets: [u64; super::FLUSH_BUCKETS_S.len() + 1],
+    flush_sum: f64,
+    /// Set when the store failed and could not be re-read: every request
+    /// gets this error until the box is restarted.
+    broken: Option<String>,
+    /// When the store was last reopened after a failure.
+    last_recovery: Option<std::time::Instant>,
+    audit: super::audit::AuditLog,
+    /// The next round writes every waiting audit note (a reader waits, or
+    /// the writer stops).
+    audit_force: bool,
+}
+
+/// How often a broken store is reopened while requests keep coming.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+/// How old a reading of free disk space may be while far from the reserve.
+const FREE_SPACE_EVERY: Duration = Duration::from_millis(100);
+
+impl Writer {
+    /// Serve until shutdown (returns its waiter) or until every handle is
+    /// gone (returns None).
+    fn run(&mut self) -> Option<oneshot::Sender<()>> {
+        // Replay may have ended commands (ttl ran out while the box was
+        // down): write and publish that now, not at the next request. A
+        // round with nothing in it writes nothing.
+        self.round(crate::now_millis(), Vec::new());
+        loop {
+            // Sleep until a request arrives or the core's next timer: an idle
+            // box wakes for nothing.
+            let core_wait = self
+                .core
+                .next_deadline()
+                .map(|due| Duration::from_millis(due.saturating_sub(crate::now_millis())));
+            let wait = match (core_wait, self.audit.due_in()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wait {
+                Some(wait) => match self.rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                    Ok(m) => Some(m),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
+                },
+                None => match self.rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return None,
+                },
+            };
+            let (now, jump) = self.clock.read();
+            if let Some(delta) = jump {
+                tracing::warn!(
+                    delta_ms = delta,
+                    "the wall clock jumped; ttls and retry backoffs keep what was left of them"
+                );
+                self.core.clock_jumped(delta, now);
+            }
+            let mut pending = Vec::new();
+            let mut shutdown = None;
+            if let Some(m) = first {
+                self.handle(m, now, &mut pending, &mut shutdown);
+            }
+            while pending.len() < self.opts.max_batch && shutdown.is_none() {
+                match self.rx.try_recv() {
+                    Ok(m) => self.handle(m, now, &mut pending, &mut shutdown),
+                    Err(_) => break,
+                }
+            }
+            if shutdown.is_some() {
+                self.audit_force = true;
+            }
+            self.round(now, pending);
+            if let Some(done) = shutdown {
+                if let Err(e) = self.store.set_live_hint(self.core.live_count() as u64) {
+                    tracing::warn!("recording the live count at shutdown: {e}");
+                }
+                if let Err(e) = self.store.flush() {
+                    tracing::error!("final flush at shutdown: {e}");
+                }
+                tracing::debug!("queue writer stopped");
+                return Some(done);
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        m: Msg,
+        now: Millis,
+        pending: &mut Vec<Pending>,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
+        if self.broken.is_some()
+            && self
+                .last_recovery
+                .is_none_or(|t| t.elapsed() >= RECOVERY_INTERVAL)
+        {
+            // Try again: the disk may have room now.
+            self.recover();
+        }
+        if let Some(why) = &self.broken {
+            let e = QueueError::Storage(why.clone());
+            match m {
+                Msg::Core(_, r) => pending.push(Pending::Reply(r, Err(e))),
+                Msg::Ack { reply, .. } => pending.push(Pending::Unit(reply, Err(e))),
+                Msg::Connect { reply, .. } => pending.push(Pending::Token(reply, Err(e))),
+                Msg::Disconnect { .. } => {}
+                Msg::Shutdown(done) => *shutdown = Some(done),
+                Msg::Audit(note) => self.audit.push(note),
+                Msg::AuditRead { reply, .. } => {
+                    let _ = reply.send(Err(e));
+                }
+                Msg::AuditVerify(reply) => {
+                    let _ = reply.send(Err(e));
+                }
+                Msg::Backup(job) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+            return;
+        }
+        match m {
+            Msg::Core(req, reply) => {
+                // Intake from a device or a hub is decided here, so its entry
+                // joins this very round's batch.
+                let intake = super::audit::intake_of(&req);
+                let core = &mut self.core;
+                let result = match req {
+                    CoreRequest::Send(r) => core.send(r, now).map(CoreReply::Receipt),
+                    CoreRequest::Trust(edit) => self.edit_trust(&edit, now),
+                    CoreRequest::Show(id) => {
+                        // Resolved after the commit: its result may be in
+                        // this very round.
+                        pending.push(Pending::Show(reply, id));
+                        return;
+                    }
+                    CoreRequest::List { device, .. } => core.list(&device).map(CoreReply::Views),
+                    CoreRequest::Cancel(id) => core.cancel(id, now).map(CoreReply::View),
+                    CoreRequest::HubCancel(id) => core.cancel_from_hub(id, now).map(CoreReply::View),
+                    CoreRequest::Retry(id) => self.retry(id, now),
+                    CoreRequest::Stats => Ok(CoreReply::Stats(QueueStats::default())),
+                    CoreRequest::Enroll(rec) => {
+                        core.enroll(rec, now);
+                        Ok(CoreReply::Done)
+                    }
+                    CoreRequest::EnrollNew { record, force } => core
+                        .enroll_new(record, force, now)
+                        .map(|()| CoreReply::Done),
+                    CoreRequest::Revoke(dev) => core.revoke(&dev, now).map(CoreReply::Device),
+                    CoreRequest::Devices => Ok(CoreReply::Devices(core.devices())),
+                    CoreRequest::Relabel(r) => core.relabel(r, now).map(CoreReply::Device),
+                    CoreRequest::DeviceSend { from, id, req } => core
+                        .device_send_as(&from, id, req, now)
+                        .map(CoreReply::Receipt),
+                    CoreRequest::SendAs { id, req } => {
+                        core.send_as(Some(id), req, now).map(CoreReply::Receipt)
+                    }
+                    CoreRequest::Handed { gateway, id } => {
+                        core.handed(&gateway, id, now).map(|()| CoreReply::Done)
+                    }
+                    CoreRequest::Up { edge, entries } => {
+                        core.up(&edge, entries, now).map(CoreReply::Cursor)
+                    }
+                    CoreRequest::Event {
+                        device,
+                        payload,
+                        at,
+                    } => {
+                        core.device_event(&device, payload, at);
+                        Ok(CoreReply::Done)
+                    }
+                    CoreRequest::UpAck(seq) => {
+                        core.up_ack(seq);
+                        Ok(CoreReply::Done)
+                    }
+                    CoreRequest::UpFrom { edge, epoch } => {
+                        core.up_from(&edge, epoch, now).map(|again| {
+                            if let Some(n) = again {
+                                tracing::warn!(
+                                    %edge,
+                                    epoch = format_args!("{epoch:016x}"),
+                                    forwarded_again = n,
+                                    "this edge came back with a new database (wiped or restored): its outbox is applied from the start, and the commands handed to its old database go down again"
+                                );
+                            }
+                            CoreReply::Done
+                        })
+                    }
+                    CoreRequest::PresenceSnapshot => {
+                        core.presence_snapshot();
+                        Ok(CoreReply::Done)
+                    }
+                    CoreRequest::OutboxRead { after, max } => self.read_outbox(after, max),
+                    CoreRequest::OutboxStats => Ok(CoreReply::OutboxStats(core.outbox_stats())),
+                    CoreRequest::Finished(rec) => {
+                        core.record_finished(*rec, now);
+                        Ok(CoreReply::Done)
+                    }
+                };
+                if let Some(i) = intake {
+                    self.record(i.note(&result, now));
+                }
+                pending.push(Pending::Reply(reply, result));
+            }
+            Msg::Ack {
+                device,
+                token,
+                id,
+                attempt,
+                outcome,
+                reply,
+            } => {
+                let result = if self.sessions.get(&device).map(|s| s.0) == Some(token) {
+                    self.core.ack_attempt(&device, id, attempt, outcome, now)
+                } else {
+                    // An ack on a replaced session: the command went back to
+                    // the queue when that session ended.
+                    Err(QueueError::NotInFlight { id, device })
+                };
+                pending.push(Pending::Unit(reply, result));
+            }
+            Msg::Connect {
+                device,
+                window,
+                offered,
+                deliveries,
+                reply,
+            } => {
+                let result = self.core.connect_offering(&device, window, offered, now);
+                if let Ok(token) = result {
+                    self.sessions.insert(device, (token, deliveries));
+                    self.sessions_changed.send_modify(|n| *n += 1);
+                }
+                pending.push(Pending::Token(reply, result));
+            }
+            Msg::Disconnect { device, token } => {
+                if self.sessions.get(&device).map(|s| s.0) == Some(token) {
+                    self.sessions.remove(&device);
+                    self.core.disconnect(&device, token, now);
+                    self.sessions_changed.send_modify(|n| *n += 1);
+                }
+            }
+            Msg::Shutdown(done) => *shutdown = Some(done),
+            Msg::Audit(note) => self.record(note),
+            Msg::AuditRead {
+                since,
+                limit,
+                reply,
+            } => {
+                self.audit_force = true;
+                pending.push(Pending::AuditRead(reply, since, limit));
+            }
+            Msg::AuditVerify(reply) => {
+                self.audit_force = true;
+                pending.push(Pending::AuditVerify(reply));
+            }
+            // Answered after this round's commit, before the next round:
+            // the snapshot is the state of exactly one committed group.
+            Msg::Backup(job) => pending.push(Pending::Backup(job)),
+        }
+    }
+
+    /// An entry of this box's log: for its audit tree and, on an edge, for
+    /// the outbox, sealed into the same round.
+    fn record(&mut self, note: crate::engine::audit::Note) {
+        self.core.audit_up(note.clone());
+        self.audit.push(note);
+    }
+
+    fn retry(&mut self, id: CommandId, now: Millis) -> Result<CoreReply, QueueError> {
+        let seq = match self.core.lookup(id) {
+            Lookup::Finished { seq, .. } => seq,
+            Lookup::Live(v) => {
+                return Err(QueueError::InvalidTransition {
+                    id,
+                    state: v.state,
+                    action: "retry (it has not ended)".into(),
+                })
+            }
+            Lookup::NotFound => return Err(QueueError::NotFound(id)),
+        };
+        let record = self.read_result(seq, id)?.ok_or_else(|| {
+            QueueError::BadRequest(format!(
+                "command {id} ended a moment ago; retry again in a second"
+            ))
+        })?;
+        self.core.retry(record, now).map(CoreReply::View)
+    }
+
+    /// Outbox records after `after`, at most about `max` (whole groups),
+    /// read from the store: the outbox lives on disk, not in memory.
+    fn read_outbox(&self, after: u64, max: usize) -> Result<CoreReply, QueueError> {
+        let mut out = Vec::new();
+        for g in self.core.outbox_groups_after(after) {
+            if out.len() >= max {
+                break;
+            }
+            let entries = self
+                .store
+                .read_outbox(g)
+                .map_err(|e| QueueError::Storage(e.to_string()))?
+                .unwrap_or_default();
+            out.extend(entries.into_iter().filter(|e| e.seq > after));
+        }
+        Ok(CoreReply::Outbox(out))
+    }
+
+    fn read_result(&self, seq: u64, id: CommandId) -> Result<Option<ResultRecord>, QueueError> {
+        let records = self
+            .store
+            .read_results(seq)
+            .map_err(|e| QueueError::Storage(e.to_string()))?;
+        Ok(records.and_then(|rs| rs.into_iter().rev().find(|r| r.id == id)))
+    }
+
+    fn group(&mut self, seq: u64) -> Option<Arc<CachedGroup>> {
+        Groups {
+            store: &self.store,
+            cache: &mut self.cache,
+        }
+        .group(seq)
+    }
+
+    /// One group commit: seal the round, write it durably, then act.
+    fn round(&mut self, now: Millis, pending: Vec<Pending>) {
+        self.core.tick(now);
+        let round = self.core.round(
+            now,
+            &mut Groups {
+                store: &self.store,
+                cache: &mut self.cache,
+            },
+        );
+        if !round.missing_payloads.is_empty() {
+            tracing::warn!(
+                commands = ?round.missing_payloads,
+                "ended commands whose payload could not be read back: `retry` cannot requeue them"
+            );
+        }
+        let (write, mut effects) = (round.write, round.effects);
+        for note in effects.audit.drain(..) {
+            self.audit.push(note);
+        }
+        let riding = !write.is_empty() || !effects.device_writes.is_empty();
+        let force = std::mem::take(&mut self.audit_force);
+        let audit = match self.audit.prepare(&self.store, riding, force, now) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("group commit failed: {e}; reloading the queue from disk");
+                self.fail_round(pending, e);
+                return;
+            }
+        };
+        let committed = self.commit(&write, &effects, audit.as_ref().map(|a| &a.0));
+        if let Err(e) = committed {
+            tracing::error!("group commit failed: {e}; reloading the queue from disk");
+            self.fail_round(pending, e);
+            return;
+        }
+        if let Some((w, tip)) = audit {
+            self.audit.committed(&self.store, &w, tip);
+        }
+        if !write.journal.is_empty() {
+            let seq = write.seq;
+            self.cache
+                .put(seq, Arc::new(CachedGroup::new(write.journal)));
+        }
+        for seq in &write.drop_journal {
+            self.cache.pop(seq);
+        }
+        if !write.outbox.is_empty() {
+            let next = self.core.outbox_stats().next_seq;
+            self.outbox.send_replace(next);
+        }
+        self.rounds += 1;
+        if self.core.limits().max_disk.is_some() || self.rounds % 256 == 0 {
+            // Artifacts share --max-disk with the queue: each side checks
+            // the sum against it.
+            let queue = self.store.size_on_disk();
+            self.chunks.set_queue_bytes(queue);
+            self.core
+                .set_disk_usage(queue.saturating_add(self.chunks.bytes()));
+        }
+        // statfs each round is measurable at tens of thousands of rounds a
+        // second; far from the reserve, a reading 100 ms old is as good.
+        let near = self
+            .last_free
+            .is_none_or(|f| f < 4 * self.core.limits().min_free_disk);
+        if near || self.free_checked.elapsed() >= FREE_SPACE_EVERY {
+            self.free_checked = std::time::Instant::now();
+            self.last_free = self.store.free_space();
+            if let Some(free) = self.last_free {
+                self.core.set_disk_free(free);
+            }
+        }
+        self.dispatch(effects);
+        for p in pending {
+            self.answer(p);
+        }
+    }
+
+    /// A trust edit: stored durably before the gate uses it, so a key
+    /// answered "added" survives a crash, and one answered "removed" never
+    /// comes back.
+    fn edit_trust(
+        &mut self,
+        edit: &crate::engine::trust::TrustEdit,
+        now: Millis,
+    ) -> Result<CoreReply, QueueError> {
+        let gate = &self.opts.gate;
+        let mut set = (*gate.set()).clone();
+        let key = set
+            .apply(edit, now)
+            .map_err(|e| QueueError::BadRequest(e.to_string()))?;
+        self.store
+            .put_trust(&set)
+            .map_err(|e| QueueError::Storage(e.to_string()))?;
+        gate.replace(set);
+        Ok(CoreReply::Trusted(key))
+    }
+
+    fn commit(
+        &mut self,
+        write: &GroupWrite,
+        effects: &Effects,
+        audit: Option<&crate::engine::audit::Write>,
+    ) -> Result<(), StoreError> {
+        self.stall.begin();
+        let r = self.write_and_flush(write, effects, audit);
+        self.stall.end();
+        r
+    }
+
+    fn write_and_flush(
+        &mut self,
+        write: &GroupWrite,
+        effects: &Effects,
+        audit: Option<&crate::engine::audit::Write>,
+    ) -> Result<(), StoreError> {
+        if let Some(a) = audit {
+            // Before the round's own batch: see `Store::audit_write`.
+            self.store.audit_write(a)?;
+        }
+        for rec in &effects.device_touches {
+            self.store.touch_device(rec)?;
+        }
+        for rec in &effects.device_writes {
+            self.store.touch_device(rec)?;
+        }
+        if !write.is_empty() {
+            let t = std::time::Instant::now();
+            self.store.commit(write)?;
+            let s = t.elapsed().as_secs_f64();
+            let i = super::FLUSH_BUCKETS_S
+                .iter()
+                .position(|&b| s <= b)
+                .unwrap_or(super::FLUSH_BUCKETS_S.len());
+            self.flush_buckets[i] += 1;
+            self.flush_sum += s;
+        } else if !effects.device_writes.is_empty() || audit.is_some() {
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The round's records did not reach the disk: nobody is told
+    /// "accepted", and the in-memory state is rebuilt from what is on disk so
+    /// the two cannot drift apart. Devices reconnect and get what they had.
+    fn fail_round(&mut self, pending: Vec<Pending>, e: StoreError) {
+        let err = match &e {
+            StoreError::DiskFull { .. } => QueueError::NoSpace {
+                free: self.store.free_space().unwrap_or(0),
+                reserve: self.core.limits().min_free_disk,
+            },
+            other => QueueError::Storage(other.to_string()),
+        };
+        for p in pending {
+            match p {
+                Pending::Reply(r, _) | Pending::Show(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::Unit(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::Token(r, _) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::AuditRead(r, ..) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::AuditVerify(r) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Pending::Backup(job) => {
+                    let _ = job.reply.send(Err(err.clone()));
+                }
+            }
+        }
+        if let Some(code) = self.opts.exit_on_store_failure {
+            // sled fails every write after one that failed and cannot be
+            // closed then: only a fresh process can go on. Nothing answered
+            // "accepted" is lost — it was flushed before it was answered.
+            tracing::error!(
+                "the store failed a write ({e}); exiting with code {code} so that the service manager restarts the box on a reopened database"
+            );
+            eprintln!("outpost: the store failed a write ({e}); exiting with code {code} to be restarted (nothing acknowledged is lost)");
+            std::process::exit(code);
+        }
+        self.sessions.clear();
+        self.cache.clear();
+        self.recover();
+    }
+
+    /// Rebuild the core from what is on disk. Until that works, every
+    /// request is refused with the reason (a retry every few seconds, as
+    /// requests come). An embedded queue ends here; `outpost serve` exits
+    /// before (see `fail_round`).
+    fn recover(&mut self) {
+        self.last_recovery = Some(std::time::Instant::now());
+        match rebuild(&self.store, &self.opts) {
+            Ok(core) => {
+                if self.broken.take().is_some() {
+                    tracing::info!("the store is readable again; serving");
+                }
+                self.core = core;
+                self.audit.reload(&self.store);
+            }
+            Err(e) => {
+                if self.broken.is_none() {
+                    tracing::error!(
+                        "cannot re-read the store: {e}; refusing requests until it can"
+                    );
+                }
+                self.broken = Some(e.to_string());
+            }
+        }
+    }
+
+    fn dispatch(&mut self, effects: Effects) {
+        for d in effects.deliveries {
+            let Some((token, _)) = self.sessions.get(&d.device) else {
+                continue;
+            };
+            if *token != d.session {
+                continue;
+            }
+            let command = self
+                .group(d.group)
+                .and_then(|g| g.command(d.id))
+                .or_else(|| {
+                    let seq = self.core.payload_group(d.id)?;
+                    self.group(seq).and_then(|g| g.command(d.id))
+                });
+            let Some(c) = command else {
+                tracing::error!("command {} has no journal record to deliver from", d.id);
+                continue;
+            };
+            let delivery = match forward_of(&d, c, crate::now_millis()) {
+                Ok(f) => Delivery::Forward(Box::new(f)),
+                Err(c) => Delivery::Command(DeliveredCommand {
+                    id: d.id,
+                    priority: d.priority,
+                    payload: c.payload,
+                    attempt: d.attempt,
+                    deadline: d.deadline,
+                    signature: c.signature,
+                }),
+            };
+            if let Some((_, tx)) = self.sessions.get(&d.device) {
+                let _ = tx.send(delivery);
+            }
+        }
+        for (device, id) in effects.cancels {
+            if let Some((_, tx)) = self.sessions.get(&device) {
+                let _ = tx.send(Delivery::Cancel(id));
+            }
+        }
+        for device in effects.close_sessions {
+            // Dropping the sender closes the link's receiver: it hangs up.
+            self.sessions.remove(&device);
+        }
+        for ev in effects.events {
+            let _ = self.events.send(ev);
+        }
+    }
+
+    fn answer(&mut self, p: Pending) {
+        match p {
+            Pending::Reply(r, result) => {
+                let result = match result {
+                    Ok(CoreReply::Stats(_)) => Ok(CoreReply::Stats(QueueStats {
+                        flush_buckets: self.flush_buckets.to_vec(),
+                        flush_seconds_sum: self.flush_sum,
+                        ..self.core.stats()
+                    })),
+                    other => other,
+                };
+                let _ = r.send(result);
+            }
+            Pending::Show(r, id) => {
+                let result = match self.core.lookup(id) {
+                    Lookup::Live(v) => Ok(CoreReply::View(*v)),
+                    Lookup::NotFound => Err(QueueError::NotFound(id)),
+                    Lookup::Finished { seq, .. } => match self.read_result(seq, id) {
+                        Ok(Some(rec)) => Ok(CoreReply::View(CommandView::from(rec))),
+                        Ok(None) => Err(QueueError::NotFound(id)),
+                        Err(e) => Err(e),
+                    },
+                };
+                let _ = r.send(result);
+            }
+            Pending::Unit(r, result) => {
+                let _ = r.send(result);
+            }
+            Pending::Token(r, result) => {
+                let _ = r.send(result);
+            }
+            Pending::AuditRead(r, since, limit) => {
+                let views = super::audit::read(&self.store, since, limit)
+                    .map_err(|e| QueueError::Storage(e.to_string()));
+                let _ = r.send(views);
+            }
+            Pending::AuditVerify(r) => {
+                let verdict = super::audit::verify(&self.store)
+                    .map_err(|e| QueueError::Storage(e.to_string()));
+                let _ = r.send(verdict);
+            }
+            Pending::Backup(job) => {
+                // The queue waits meanwhile: sled's iterators are no
+                // snapshot, so nothing may commit until the walk is done.
+                // The reader is bounded by a timeout per piece (the admin
+                // side), so a stalled reader cannot hold the box for long.
+                let t = std::time::Instant::now();
+                let BackupJob { pieces, reply } = *job;
+                let mut send = |p: Vec<u8>| pieces.blocking_send(p).is_ok();
+                let mut out = crate::shell::backup::Pieces::new(&mut send);
+                let r = crate::shell::backup::snapshot_trees(
+                    &self.store,
+                    self.opts.gate.name(),
+                    &mut out,
+                )
+                .map_err(|e| QueueError::Storage(e.to_string()));
+                if let Ok(i) = &r {
+                    tracing::info!(
+                        last_group = i.last_group,
+                        keys = i.keys,
+                        ms = t.elapsed().as_millis() as u64,
+                        "backup: the store's snapshot is taken; the queue goes on"
+                    );
+                }
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+impl QueueHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| QueueError::ShuttingDown)?;
+        rx.await.map_err(|_| QueueError::ShuttingDown)?
+    }
+
+    async fn core(&self, req: CoreRequest) -> Result<CoreReply, QueueError> {
+        self.call(|reply| Msg::Core(req, reply)).await
+    }
+
+    /// Enqueue durably. Returns once the command is on disk.
+    pub async fn send(&self, req: SendRequest) -> Result<SendReceipt, QueueError> {
+        self.admit(None, &req)?;
+        let Some(d) = named_artifact(&req)? else {
+            return self.core(CoreRequest::Send(req)).await?.into_receipt();
+        };
+        // The reference is noted under the id before the command is queued,
+        // so it is on disk no later than the command; both under the
+        // intake lock, so no removal checks in between.
+        let (id, queue_as) = intake_id(&req)?;
+        let reply = {
+            let intake = self.shelf.intake();
+            self.held(&d, &intake)?;
+            self.shelf
+                .reference(&d, id, crate::now_millis())
+                .map_err(shelf_error)?;
+            match queue_as {
+                Some(id) => self.queued(CoreRequest::SendAs { id, req }),
+                None => self.queued(CoreRequest::Send(req)),
+            }
+        };
+        reply.await?.into_receipt()
+    }
+
+    /// Whether the box holds artifact `d` and is not removing it.
+    fn held(
+        &self,
+        d: &crate::engine::artifact::Digest,
+        intake: &crate::shell::artifact::shelf::Intake<'_>,
+    ) -> Result<(), QueueError> {
+        if intake.contains(d) {
+            return Err(QueueError::ArtifactRetiring(d.to_string()));
+        }
+        match self.shelf.manifest_bytes(d).map_err(shelf_error)? {
+            Some(_) => Ok(()),
+            None => Err(QueueError::UnknownArtifact(d.to_string())),
+        }
+    }
+
+    /// Remove an artifact no live command names (sweeping references of
+    /// commands that ended). Returns what was removed and the bytes freed.
+    pub async fn remove_artifact(
+        &self,
+        spec: &crate::engine::artifact::ArtifactSpec,
+    ) -> Result<(crate::shell::artifact::shelf::ArtifactView, u64), QueueError> {
+        let d = self.shelf.resolve(spec).map_err(shelf_error)?;
+        match self.retire(&d).await? {
+            Retired::Busy => Err(QueueError::ArtifactRetiring(spec.to_string())),
+            Retired::Named(by) => {
+                self.shelf.unretire(&d);
+                Err(QueueError::ArtifactInUse {
+                    artifact: spec.to_string(),
+                    by,
+                })
+            }
+            Retired::Unneeded => {
+                let removed = self.remove_retired(&d);
+                self.shelf.unretire(&d);
+                removed?.ok_or_else(|| QueueError::UnknownArtifact(spec.to_string()))
+            }
+        }
+    }
+
+    /// One retention pass (`artifact::retention`): marks artifacts newly
+    /// unneeded, removes those unneeded past `retention_ms`. Returns what
+    /// it removed and the bytes freed.
+    pub async fn collect_artifacts(
+        &self,
+        now: Millis,
+        retention_ms: u64,
+    ) -> Result<Vec<(crate::shell::artifact::shelf::ArtifactView, u64)>, QueueError> {
+        use crate::engine::artifact::retention::{verdict, Held, Verdict};
+        let mut removed = Vec::new();
+        for a in self.shelf.list().map_err(shelf_error)? {
+            let d = a.digest;
+            // A first look without the intake lock, so a pass that removes
+            // nothing never holds up (or refuses) a sender.
+            let (live, last_named) = self.named(&d).await?;
+            let held = Held {
+                digest: d,
+                added_at: a.added_at,
+                last_named,
+                unneeded_since: self.shelf.unneeded_since(&d).map_err(shelf_error)?,
+                live,
+            };
+            match verdict(&held, now, retention_ms) {
+                Verdict::Needed if held.unneeded_since.is_some() => {
+                    self.shelf.mark_unneeded(&d, None).map_err(shelf_error)?
+                }
+                Verdict::Mark(at) => self
+                    .shelf
+                    .mark_unneeded(&d, Some(at))
+                    .map_err(shelf_error)?,
+                Verdict::Needed | Verdict::Keep => {}
+                // Checked again under the lock (sweeping what ended), so no
+                // command comes to name it between the check and the removal.
+                Verdict::Remove => match self.retire(&d).await? {
+                    Retired::Busy => {}
+                    Retired::Named(_) => self.shelf.unretire(&d),
+                    Retired::Unneeded => {
+                        let r = self.remove_retired(&d);
+                        self.shelf.unretire(&d);
+                        removed.extend(r?);
+                    }
+                },
+            }
+        }
+        let before = std::time::SystemTime::now()
+            .checked_sub(std::time::Duration::from_millis(retention_ms))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let (n, freed) = self.shelf.sweep(before).map_err(shelf_error)?;
+        if n > 0 {
+            tracing::info!(
+                chunks = n,
+                freed,
+                "removed chunks no artifact names (from adds cut short)"
+            );
+        }
+        Ok(removed)
+    }
+
+    /// Whether a live command names `d`, and the newest time an ended one
+    /// was noted as naming it (references are left as they are).
+    async fn named(
+        &self,
+        d: &crate::engine::artifact::Digest,
+    ) -> Result<(bool, Option<Millis>), QueueError> {
+        let mut last = None;
+        for (id, at) in self.shelf.referrers(d).map_err(shelf_error)? {
+            match self.show(id).await {
+                Ok(v) if !v.state.is_final() => return Ok((true, None)),
+                Ok(_) | Err(QueueError::NotFound(_)) => last = last.max(Some(at)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((false, last))
+    }
+
+    /// Mark `d` retiring and ask the queue about every command noted as
+    /// naming it; references of commands that ended are swept. The caller
+    /// must `unretire` unless the answer is `Busy`.
+    async fn retire(&self, d: &crate::engine::artifact::Digest) -> Result<Retired, QueueError> {
+        let (fresh, refs) = self.shelf.retire(d).map_err(shelf_error)?;
+        if !fresh {
+            return Ok(Retired::Busy);
+        }
+        let answer = async {
+            // Every sender that noted a reference queued its command before
+            // `retire` took the lock, so these are answered after it.
+            let asks: Vec<_> = refs
+                .iter()
+                .map(|&(id, _)| (id, self.show_queued(id)))
+                .collect();
+            for (id, ask) in asks {
+                match ask.await {
+                    Ok(v) if !v.state.is_final() => return Ok(Retired::Named(id)),
+                    Ok(_) | Err(QueueError::NotFound(_)) => {
+                        self.shelf.unreference(d, id).map_err(shelf_error)?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Retired::Unneeded)
+        }
+        .await;
+        if answer.is_err() {
+            self.shelf.unretire(d);
+        }
+        answer
+    }
+
+    /// Remove retired artifact `d`: what it was and the bytes freed.
+    fn remove_retired(
+        &self,
+        d: &crate::engine::artifact::Digest,
+    ) -> Result<Option<(crate::shell::artifact::shelf::ArtifactView, u64)>, QueueError> {
+        let Some(view) = self.shelf.view(d).map_err(shelf_error)? else {
+            return Ok(None);
+        };
+        let freed = self.shelf.remove(d).map_err(shelf_error)?;
+        Ok(Some((view, freed)))
+    }
+
+    /// The trust gate's verdict on a command at intake (see `trust::gate`):
+    /// checked here, in the caller's task, before the writer sees it.
+    fn admit(&self, id: Option<CommandId>, req: &SendRequest) -> Result<(), QueueError> {
+        let intake = crate::engine::trust::Intake {
+            envelope: req.signature.as_deref(),
+            target: &req.target,
+            id,
+            payload: &req.payload,
+            priority: req.opts.priority,
+            not_before: req.opts.not_before,
+        };
+        self.gate
+            .admit(intake, crate::now_millis())
+            .map(|_| ())
+            .map_err(QueueError::Untrusted)
+    }
+
+    /// The box's trust gate.
+    pub fn gate(&self) -> &Arc<crate::engine::trust::Gate> {
+        &self.gate
+    }
+
+    /// The box's artifacts (manifests and chunks).
+    pub fn shelf(&self) -> &crate::shell::artifact::shelf::Shelf {
+        &self.shelf
+    }
+
+    /// Add or remove an operator key; durable on return.
+    pub async fn edit_trust(
+        &self,
+        edit: crate::engine::trust::TrustEdit,
+    ) -> Result<crate::engine::trust::TrustedKey, QueueError> {
+        match self.core(CoreRequest::Trust(edit)).await? {
+            CoreReply::Trusted(k) => Ok(k),
+            _ => Err(QueueError::BadRequest(
+                "internal: unexpected reply, wanted a key".into(),
+            )),
+        }
+    }
+
+    pub async fn show(&self, id: CommandId) -> Result<CommandView, QueueError> {
+        let mut v = self.core(CoreRequest::Show(id)).await?.into_view()?;
+        if !v.state.is_final() {
+            v.progress = self.progress.get(id);
+        }
+        Ok(v)
+    }
+
+    /// Artifact fetch progress of delivered commands (memory only).
+    pub fn progress(&self) -> &super::progress::Board {
+        &self.progress
+    }
+
+    /// A device's commands in delivery order (live ones), then its recent
+    /// results when `include_finished`.
+    pub async fn list(
+        &self,
+        device: DeviceId,
+        include_finished: bool,
+    ) -> Result<Vec<CommandView>, QueueError> {
+        self.core(CoreRequest::List {
+            device,
+            include_finished,
+        })
+        .await?
+        .into_views()
+    }
+
+    pub async fn cancel(&self, id: CommandId) -> Result<CommandView, QueueError> {
+        self.core(CoreRequest::Cancel(id)).await?.into_view()
+    }
+
+    pub async fn retry(&self, id: CommandId) -> Result<CommandView, QueueError> {
+        self.core(CoreRequest::Retry(id)).await?.into_view()
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        self.core(CoreRequest::Stats).await?.into_stats()
+    }
+
+    /// Register (or re-admit) a device. Durable on return.
+    pub async fn enroll(&self, record: DeviceRecord) -> Result<(), QueueError> {
+        self.core(CoreRequest::Enroll(record)).await.map(|_| ())
+    }
+
+    /// Enroll a device, refusing an id that has a record (enrolled or
+    /// revoked) unless `force`. Durable on return.
+    pub async fn enroll_new(&self, record: DeviceRecord, force: bool) -> Result<(), QueueError> {
+        self.core(CoreRequest::EnrollNew { record, force })
+            .await
+            .map(|_| ())
+    }
+
+    /// Revoke a device: refused at its next connect, and its live session
+    /// (if any) is ended. Durable on return.
+    pub async fn revoke(&self, device: DeviceId) -> Result<DeviceRecord, QueueError> {
+        self.core(CoreRequest::Revoke(device)).await?.into_device()
+    }
+
+    pub async fn devices(&self) -> Result<Vec<crate::engine::queue::core::DeviceView>, QueueError> {
+        self.core(CoreRequest::Devices).await?.into_devices()
+    }
+
+    /// Change a device's tags and capabilities (durable when it returns).
+    pub async fn relabel(
+        &self,
+        r: crate::engine::queue::core::Relabel,
+    ) -> Result<DeviceRecord, QueueError> {
+        self.core(CoreRequest::Relabel(r)).await?.into_device()
+    }
+
+    /// A device sends a command, subject to the ACL; its origin is the
+    /// device. Queued with the writer at once, in call order (so one
+    /// device's sends keep their order), the future resolves once durable.
+    pub fn device_send(
+        &self,
+        from: DeviceId,
+        req: SendRequest,
+    ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
+        let reply = self.admit(None, &req).and_then(|()| {
+            let Some(d) = named_artifact(&req)? else {
+                return Ok(self.queued(CoreRequest::DeviceSend {
+                    from,
+                    id: None,
+                    req,
+                }));
+            };
+            let (id, queue_as) = intake_id(&req)?;
+            let intake = self.shelf.intake();
+            self.held(&d, &intake)?;
+            self.shelf
+                .reference(&d, id, crate::now_millis())
+                .map_err(shelf_error)?;
+            Ok(self.queued(CoreRequest::DeviceSend {
+                from,
+                id: queue_as,
+                req,
+            }))
+        });
+        async move { reply?.await?.into_receipt() }
+    }
+
+    /// A command forwarded from the hub above under its id (edge side):
+    /// queued with the writer at once, in call order (a `Cancel` that
+    /// follows it on the link finds it); durable when the future resolves.
+    /// A known id answers `duplicate` and queues nothing.
+    pub fn send_as(
+        &self,
+        id: CommandId,
+        req: SendRequest,
+    ) -> impl std::future::Future<Output = Result<SendReceipt, QueueError>> + Send + 'static {
+        let reply = self.admit(Some(id), &req).and_then(|()| {
+            let d = named_artifact(&req)?;
+            let intake = self.shelf.intake();
+            if let Some(d) = d {
+                self.held(&d, &intake)?;
+                self.shelf
+                    .reference(&d, id, crate::now_millis())
+                    .map_err(shelf_error)?;
+            }
+            Ok(self.queued(CoreRequest::SendAs { id, req }))
+        });
+        async move { reply?.await?.into_receipt() }
+    }
+
+    /// Record the end of a command the box ran itself (see
+    /// `QueueCore::record_finished`); durable on return.
+    pub async fn record_finished(&self, rec: ResultRecord) -> Result<(), QueueError> {
+        self.core(CoreRequest::Finished(Box::new(rec)))
+            .await
+            .map(|_| ())
+    }
+
+    /// `cancel`, queued with the writer at once, in call order.
+    pub fn cancel_queued(
+        &self,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<CommandView, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Cancel(id));
+        async move { reply.await?.into_view() }
+    }
+
+    /// The hub's cancel (`QueueCore::cancel_from_hub`), queued with the
+    /// writer at once, in call order; durable on return.
+    pub fn cancel_from_hub(
+        &self,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<CommandView, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::HubCancel(id));
+        async move { reply.await?.into_view() }
+    }
+
+    /// A gateway holds a forwarded command durably (hub side).
+    pub fn handed(
+        &self,
+        gateway: DeviceId,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Handed { gateway, id });
+        async move { reply.await.map(|_| ()) }
+    }
+
+    /// Apply a gateway's outbox records (hub side), queued in call order;
+    /// resolves, once durable, to the cursor to acknowledge.
+    pub fn up(
+        &self,
+        edge: DeviceId,
+        entries: Vec<crate::engine::journal::UpEntry>,
+    ) -> impl std::future::Future<Output = Result<u64, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Up { edge, entries });
+        async move { reply.await?.into_cursor() }
+    }
+
+    /// The database a gateway's outbox counts in (`UpFrom`), queued in
+    /// call order, before the `Up`s that follow it.
+    pub fn up_from(
+        &self,
+        edge: DeviceId,
+        epoch: u64,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::UpFrom { edge, epoch });
+        async move { reply.await.map(|_| ()) }
+    }
+
+    /// Telemetry a device sent, for the upstream (fire and forget: an
+    /// event is not acknowledged to its device).
+    pub fn device_event(&self, device: DeviceId, payload: Vec<u8>, at: Millis) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.tx.send(Msg::Core(
+            CoreRequest::Event {
+                device,
+                payload,
+                at,
+            },
+            reply,
+        ));
+    }
+
+    /// The hub stored the outbox up to `seq` (edge side): those records
+    /// are deleted with the next group.
+    pub async fn up_ack(&self, seq: u64) -> Result<(), QueueError> {
+        self.core(CoreRequest::UpAck(seq)).await.map(|_| ())
+    }
+
+    /// A new uplink session (edge side): every device's presence goes up
+    /// again.
+    pub async fn presence_snapshot(&self) -> Result<(), QueueError> {
+        self.core(CoreRequest::PresenceSnapshot).await.map(|_| ())
+    }
+
+    /// Outbox records after `after` (about `max` at most), oldest first.
+    pub async fn outbox_read(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<crate::engine::journal::UpEntry>, QueueError> {
+        self.core(CoreRequest::OutboxRead { after, max })
+            .await?
+            .into_outbox()
+    }
+
+    pub async fn outbox_stats(
+        &self,
+    ) -> Result<crate::engine::queue::outbox::OutboxStats, QueueError> {
+        self.core(CoreRequest::OutboxStats)
+            .await?
+            .into_outbox_stats()
+    }
+
+    /// The epoch this box's outbox counts in (`Store::uplink_epoch`).
+    pub fn uplink_epoch(&self) -> u64 {
+        self.uplink_epoch
+    }
+
+    /// Changes whenever the outbox grew (its value: the next seq).
+    pub fn outbox_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox.clone()
+    }
+
+    /// Changes whenever a device connects or disconnects.
+    pub fn sessions_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sessions.clone()
+    }
+
+    /// `show`, queued with the writer at once, in call order.
+    pub fn show_queued(
+        &self,
+        id: CommandId,
+    ) -> impl std::future::Future<Output = Result<CommandView, QueueError>> + Send + 'static {
+        let reply = self.queued(CoreRequest::Show(id));
+        async move { reply.await?.into_view() }
+    }
+
+    fn queued(
+        &self,
+        req: CoreRequest,
+    ) -> impl std::future::Future<Output = Result<CoreReply, QueueError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Msg::Core(req, reply));
+        async move {
+            sent.map_err(|_| QueueError::ShuttingDown)?;
+            rx.await.map_err(|_| QueueError::ShuttingDown)?
+        }
+    }
+
+    /// Attach a device. At most `window` commands are unacked at once.
+    pub async fn connect(
+        &self,
+        device: DeviceId,
+        window: u32,
+    ) -> Result<DeviceSession, QueueError> {
+        self.connect_offering(device, window, None).await
+    }
+
+    /// Attach a device that offers only some of its enrolled capabilities
+    /// in this session (`None`: all of them).
+    pub async fn connect_offering(
+        &self,
+        device: DeviceId,
+        window: u32,
+        offered: Option<Vec<String>>,
+    ) -> Result<DeviceSession, QueueError> {
+        let (deliveries, rx) = mpsc::unbounded_channel();
+        let d = device.clone();
+        let token = self
+            .call(|reply| Msg::Connect {
+                device: d,
+                window,
+                offered,
+                deliveries,
+                reply,
+            })
+            .await?;
+        Ok(DeviceSession {
+            device,
+            rx,
+            token,
+            handle: self.clone(),
+        })
+    }
+
+    /// Wait until a command reaches an end state, or `timeout` passes
+    /// (`Ok(None)`). A broadcast command waits for the command itself.
+    pub async fn wait(
+        &self,
+        id: CommandId,
+        timeout: Duration,
+    ) -> Result<Option<CommandView>, QueueError> {
+        // Subscribe before the first look, so an end between the two is seen.
+        let mut events = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let v = self.show(id).await?;
+        if v.state.is_final() {
+            return Ok(Some(v));
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(ev)) if ev.id == id && ev.state.is_final() => {
+                    return self.show(id).await.map(Some)
+                }
+                Ok(Ok(_)) => {}
+                // Fell behind a busy box: look again rather than miss the end.
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    let v = self.show(id).await?;
+                    if v.state.is_final() {
+                        return Ok(Some(v));
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    return Err(QueueError::ShuttingDown)
+                }
+            }
+        }
+    }
+
+    /// Lifecycle events from now on (for `watch`, `--wait`, metrics).
+    pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
+        self.events.subscribe()
+    }
+
+    /// Record an audit entry; it is written with a coming round (see
+    /// `queue::audit` for when).
+    pub fn audit(&self, note: crate::engine::audit::Note) {
+        let _ = self.tx.send(Msg::Audit(note));
+    }
+
+    /// Audit entries at or after `since` (ms), the newest `limit`.
+    pub async fn audit_read(
+        &self,
+        since: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<Vec<crate::engine::audit::View>, QueueError> {
+        self.call(|reply| Msg::AuditRead {
+            since,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Walk the audit log's chain.
+    pub async fn audit_verify(&self) -> Result<AuditVerdict, QueueError> {
+        self.call(Msg::AuditVerify).await
+    }
+
+    /// Stream a snapshot of every tree of the store into `pieces`, as of
+    /// the next round's commit (`backup::snapshot_trees`). Blocking: call
+    /// it off the async runtime (the writer fills `pieces` while this
+    /// waits for its answer).
+    pub fn snapshot_blocking(
+        &self,
+        pieces: mpsc::Sender<Vec<u8>>,
+    ) -> Result<crate::shell::backup::SnapshotInfo, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Backup(Box::new(BackupJob { pieces, reply })))
+            .map_err(|_| QueueError::ShuttingDown)?;
+        rx.blocking_recv().map_err(|_| QueueError::ShuttingDown)?
+    }
+
+    /// Finish the current group, stop the writer thread.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+}

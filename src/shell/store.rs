@@ -1,0 +1,2048 @@
+//! The embedded store: sled behind an API of our own.
+//!
+//! Layout (DESIGN §4, with one departure recorded in ARCHITECTURE.md):
+//! - tree `journal`: every group commit's records, key = kind byte + group
+//!   seq (u64 BE) + chunk (u16 BE). Kind `J` holds the group's
+//!   `journal::Entry`s, kind `R` its `journal::ResultRecord`s, each chunk a
+//!   postcard `Vec<_>` of at most `CHUNK_BYTES` (one oversized entry gets a
+//!   chunk of its own). Chunks keep sled values small (sled moves large
+//!   values to blob files, a file and an fsync each) while a round stays as
+//!   large as concurrency makes it. Both kinds share one tree so one sled
+//!   batch, which is atomic, carries a whole group (batches are per tree).
+//! - tree `devices`: device id → `DeviceRecord` (postcard).
+//! - tree `meta`: `schema` → u32 BE, `instance` → u64 BE, `uplink-epoch` →
+//!   u64 BE (names this database's outbox to a hub; a restore renews it).
+//! - key `S` in tree `journal`: the seq of the last group committed, written
+//!   in every group's batch.
+//! - key `L` in tree `journal`: how many commands were live at a recent
+//!   commit (every 64th, and at shutdown). Only a hint that sizes replay's
+//!   tables; older binaries ignore it, so the schema did not change.
+//!
+//! sled recovers a damaged log silently (a torn tail looks like a crash; a
+//! wrecked file can come back as an empty database), so the store keeps
+//! evidence of its own outside sled: `store-id` (the instance id, created
+//! with the database) and `store-seq` (a committed seq, refreshed at most
+//! every `WATERMARK_EVERY` while busy and at shutdown, never while idle). A
+//! database that comes back empty while `store-id` exists, with another
+//! instance id, or ending before `store-seq`, is reported as corrupt instead
+//! of being served.
+//!
+//! No sled type leaves this module: sled 0.34 is no longer developed and the
+//! engine must stay swappable.
+
+// The records are the engine's vocabulary (journal.rs); the store writes
+// them. Re-exported under the store's paths the shells use.
+pub use crate::engine::journal::{DeviceRecord, Group, GroupWrite};
+use crate::engine::journal::{Entry, ResultRecord};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Version of the on-disk layout this binary writes. A db with a newer one is
+/// refused; older ones are migrated at open.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const KIND_JOURNAL: u8 = b'J';
+const KIND_RESULTS: u8 = b'R';
+/// Upstream outbox records (`UpEntry`s), keyed by the group that wrote them.
+const KIND_OUTBOX: u8 = b'O';
+/// Hub side of upstream sync: `U` + edge id → the edge's outbox epoch and the
+/// highest seq of it applied (u64 BE each; the seq alone before 1.6).
+const KIND_CURSOR: u8 = b'U';
+/// `X` + command id (16 bytes BE): a cancel sent down, not yet confirmed.
+const KIND_CANCEL: u8 = b'X';
+
+fn cursor_key(edge: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + edge.len());
+    k.push(KIND_CURSOR);
+    k.extend_from_slice(edge.as_bytes());
+    k
+}
+
+fn cancel_key(id: crate::engine::command::CommandId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = KIND_CANCEL;
+    k[1..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+const KEY_LAST_SEQ: &[u8] = b"S";
+/// The seq the next outbox entry gets: kept apart from the outbox groups,
+/// which are all deleted once acknowledged, so seqs never go back.
+const KEY_OUTBOX_NEXT: &[u8] = b"N";
+/// Live commands at a recent commit: sizes the replay's tables up front
+/// (growing a million-entry table step by step cost a quarter of a restart).
+const KEY_LIVE_HINT: &[u8] = b"L";
+/// Meta key: the fingerprint of the box's CA (`Store::ca_fingerprint`).
+const KEY_CA: &str = "ca";
+/// The trust set (operator keys), postcard; absent: none trusted.
+const KEY_TRUST: &str = "trust";
+/// Names this database's outbox to the hub above (`UpFrom`, protocol 1.6).
+const KEY_UPLINK_EPOCH: &str = "uplink-epoch";
+/// Keys of the audit tree beside the 8-byte seqs.
+const AUDIT_ANCHOR: &[u8] = b"anchor";
+const AUDIT_HEAD: &[u8] = b"head";
+const MARKER_FILE: &str = "store-id";
+const WATERMARK_FILE: &str = "store-seq";
+
+/// Whether `dir` holds a box's store (its instance marker is there).
+pub fn is_store(dir: &Path) -> bool {
+    dir.join(MARKER_FILE).is_file()
+}
+/// How often a busy store refreshes `store-seq`.
+const WATERMARK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Largest chunk value written (see the module doc).
+const CHUNK_BYTES: usize = 32 * 1024;
+
+/// Store failures, each naming the path and the way out.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database in {dir} is locked: is another outpost running? (data dir {dir}); stop it, or pass another --data-dir")]
+    Locked { dir: PathBuf },
+    #[error("the database in {dir} was written by a newer outpost (schema {found}, this binary knows up to {known}); run that newer outpost (or upgrade this one): nothing in the data dir was changed")]
+    NewerSchema {
+        dir: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    /// Only for damage actually found; `detail` names it (the file, the
+    /// record or group, the check that failed).
+    #[error("the database in {dir} is corrupt: {detail}; run `outpost doctor --data-dir {dir}`, then restore a backup, or move the data dir aside to start empty (what is in it is then lost)")]
+    Corrupt { dir: PathBuf, detail: String },
+    /// sled failed in a way that is no evidence of damage (a panic, a bug it
+    /// reports, an unsupported setting): the data is to be kept as it is.
+    #[error("the database engine failed on {dir}: {detail}; this is not known to be damage, so keep the data dir as it is: run `outpost doctor --data-dir {dir}`, and report this message if it persists")]
+    Engine { dir: PathBuf, detail: String },
+    #[error("{0}")]
+    BadOptions(String),
+    #[error("cannot use data dir {dir}: {source}; check that it exists and that the outpost user may read and write it")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the disk holding {dir} is full: free space on it, then restart the box (the database cannot go on after a failed write); keep --min-free-disk high enough that this does not happen")]
+    DiskFull { dir: PathBuf },
+}
+
+/// How long an open waits for sled's lock to be let go before calling the
+/// database held by another process.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The database's directory under the data dir.
+pub const DB_DIR: &str = "db";
+
+/// Tuning for the embedded engine.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// sled's page cache. Its default (1 GiB) is wrong for an edge box.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// sled's page cache when none is given.
+pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// The smallest page cache sled opens with: below it `Lru::new` asserts
+/// (sled 0.34.7 src/lru.rs, "at least 256 bytes"), a panic at open.
+pub const MIN_CACHE_BYTES: u64 = 256;
+
+impl StoreOptions {
+    /// Refuse what sled would panic on, naming the allowed range.
+    pub fn check(&self) -> Result<(), StoreError> {
+        if self.cache_bytes < MIN_CACHE_BYTES {
+            return Err(StoreError::BadOptions(format!(
+                "a page cache of {} bytes is below sled's minimum of {MIN_CACHE_BYTES} bytes; use at least {MIN_CACHE_BYTES} (default {} MiB)",
+                self.cache_bytes,
+                DEFAULT_CACHE_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the store keeps after a device record's own postcard bytes. A
+/// record written before it existed simply ends there; a binary from
+/// before it reads the record and ignores the rest (postcard's `from_bytes`
+/// stops at the record's end). New fields go at the end of this struct.
+#[derive(Serialize, Deserialize, Default)]
+struct DeviceExtra {
+    cert: Option<[u8; 32]>,
+}
+
+/// A device record as the `devices` tree holds it.
+fn encode_device(rec: &DeviceRecord) -> Vec<u8> {
+    let mut v = encode(rec);
+    v.extend(encode(&DeviceExtra { cert: rec.cert }));
+    v
+}
+
+fn decode_device(b: &[u8]) -> Result<DeviceRecord, postcard::Error> {
+    let (mut rec, rest): (DeviceRecord, _) = postcard::take_from_bytes(b)?;
+    if !rest.is_empty() {
+        let extra: DeviceExtra = decode(rest)?;
+        rec.cert = extra.cert;
+    }
+    Ok(rec)
+}
+
+/// Bytes the files under `dir` occupy (the data dir's disk use).
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// The open store. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    journal: sled::Tree,
+    devices: sled::Tree,
+    meta: sled::Tree,
+    /// The audit log: key = seq (u64 BE) → a stored `audit::Entry`, plus
+    /// the anchor and the head under keys of another length.
+    audit: sled::Tree,
+    /// (last seq committed, when `store-seq` was last written).
+    watermark: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
+}
+
+pub use crate::disk::{fs_space, fs_space_of};
+
+fn key(kind: u8, seq: u64, chunk: u16) -> [u8; 11] {
+    let mut k = [0u8; 11];
+    k[0] = kind;
+    k[1..9].copy_from_slice(&seq.to_be_bytes());
+    k[9..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+fn prefix(kind: u8, seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = kind;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Encode `items` as postcard `Vec<T>` chunks of at most `CHUNK_BYTES`.
+fn chunks<T: Serialize>(items: &[T]) -> Vec<Vec<u8>> {
+    // A postcard sequence is its length as a LEB128 varint, then the items.
+    fn seal(body: &mut Vec<u8>, n: &mut usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(body.len() + 5);
+        let mut len = *n;
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                v.push(b);
+                break;
+            }
+            v.push(b | 0x80);
+        }
+        v.append(body);
+        *n = 0;
+        v
+    }
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    let mut n = 0usize;
+    for item in items {
+        let e = encode(item);
+        if n > 0 && body.len() + e.len() > CHUNK_BYTES {
+            out.push(seal(&mut body, &mut n));
+        }
+        body.extend_from_slice(&e);
+        n += 1;
+    }
+    if n > 0 {
+        out.push(seal(&mut body, &mut n));
+    }
+    out
+}
+
+impl Store {
+    /// Open (creating if needed) the database under `dir/db`.
+    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        opts.check()?;
+        let path = dir.join(DB_DIR);
+        remove_leftovers(dir, &path)?;
+        let config = sled::Config::new()
+            .path(&path)
+            .cache_capacity(opts.cache_bytes)
+            // We flush at every group commit ourselves; sled's background
+            // flusher would only add writes to an idle box.
+            .flush_every_ms(None);
+        // A panic inside sled becomes an error naming the data dir, not a
+        // crash loop. It is not called damage: sled panics on settings and on
+        // its own bugs as well, and a message that says "corrupt" gets data
+        // dirs thrown away.
+        // Nothing touches `config` after a panic, so unwind safety holds.
+        let open = || {
+            let config = config.clone();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+                .map_err(|p| StoreError::Engine {
+                    dir: dir.to_path_buf(),
+                    detail: format!(
+                        "sled panicked while opening {}: {}",
+                        path.display(),
+                        panic_text(&p)
+                    ),
+                })?
+                .map_err(|e| map_open_error(dir, e))
+        };
+        // sled lets go of its lock from its own threads a moment after the
+        // last handle is dropped, so an open right after a close (a restart,
+        // doctor or an offline enroll just after the box stopped) can find
+        // it still held. Try again for a bounded time before saying that
+        // another process holds the database.
+        let deadline = std::time::Instant::now() + LOCK_GRACE;
+        let db = loop {
+            match open() {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => break other?,
+            }
+        };
+        let s = |e| map_err(dir, e);
+        let store = Store {
+            dir: dir.to_path_buf(),
+            journal: db.open_tree("journal").map_err(s)?,
+            devices: db.open_tree("devices").map_err(s)?,
+            meta: db.open_tree("meta").map_err(s)?,
+            audit: db.open_tree("audit").map_err(s)?,
+            db,
+            watermark: Default::default(),
+        };
+        store.check_schema()?;
+        store.check_evidence()?;
+        Ok(store)
+    }
+
+    /// The fingerprint (SHA-256 of the DER) of the CA this store's devices
+    /// were enrolled under, once the box has recorded it.
+    pub fn ca_fingerprint(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        match self.meta.get(KEY_CA).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(v) => {
+                v.as_ref().try_into().map(Some).map_err(|_| {
+                    self.corrupt("the CA fingerprint record has the wrong length".into())
+                })
+            }
+        }
+    }
+
+    /// Record the CA this store belongs to, durably.
+    pub fn set_ca_fingerprint(&self, fp: &[u8; 32]) -> Result<(), StoreError> {
+        self.meta.insert(KEY_CA, fp).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The artifact index's tree (`artifact::shelf`).
+    pub fn artifacts(&self) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(crate::shell::artifact::shelf::TREE)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The trust set, or an empty one for a store that has none.
+    pub fn trust(&self) -> Result<crate::engine::trust::TrustSet, StoreError> {
+        match self.meta.get(KEY_TRUST).map_err(|e| self.err(e))? {
+            None => Ok(Default::default()),
+            Some(v) => postcard::from_bytes(&v)
+                .map_err(|e| self.corrupt(format!("the trust set record does not decode ({e})"))),
+        }
+    }
+
+    /// Replace the trust set, durably (rare: an admin's change).
+    pub fn put_trust(&self, set: &crate::engine::trust::TrustSet) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(set)
+            .map_err(|e| self.corrupt(format!("the trust set does not encode ({e})")))?;
+        self.meta
+            .insert(KEY_TRUST, bytes)
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The epoch this box's outbox counts in, for the hub above (`UpFrom`):
+    /// minted the first time it is asked for, then kept. A hub whose cursor
+    /// for this box names another epoch knows the box's database is new
+    /// (wiped, or restored) and applies its outbox from the start.
+    pub fn uplink_epoch(&self) -> Result<u64, StoreError> {
+        if let Some(v) = self.meta.get(KEY_UPLINK_EPOCH).map_err(|e| self.err(e))? {
+            if v.len() != 8 {
+                return Err(self.corrupt("the uplink epoch record has the wrong length".into()));
+            }
+            return Ok(be_u64(&v));
+        }
+        self.renew_uplink_epoch()
+    }
+
+    /// A new uplink epoch, durably (a restore: the hub must not take the
+    /// restored outbox for the one it has applied, nor count on the
+    /// commands it handed to the dead box after the backup).
+    pub fn renew_uplink_epoch(&self) -> Result<u64, StoreError> {
+        let epoch: u64 = rand::random::<u64>() | 1;
+        self.meta
+            .insert(KEY_UPLINK_EPOCH, &epoch.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(epoch)
+    }
+
+    /// The seq of the last group committed (0 for a new database).
+    pub fn last_seq(&self) -> u64 {
+        self.watermark.lock().map(|w| w.0).unwrap_or(0)
+    }
+
+    fn check_evidence(&self) -> Result<(), StoreError> {
+        let instance = match self.meta.get("instance").map_err(|e| self.err(e))? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("instance record has the wrong length".into()))?,
+            ),
+            None => {
+                let id: u64 = rand::random::<u64>() | 1;
+                self.meta
+                    .insert("instance", &id.to_be_bytes())
+                    .map_err(|e| self.err(e))?;
+                self.db.flush().map_err(|e| self.err(e))?;
+                id
+            }
+        };
+        let marker = self.dir.join(MARKER_FILE);
+        match std::fs::read_to_string(&marker) {
+            Ok(text) => {
+                let expected = u64::from_str_radix(text.trim(), 16).ok();
+                if expected != Some(instance) {
+                    return Err(self.corrupt(format!(
+                        "{} names database instance {} but {}/db is instance {instance:016x}: the database was replaced or came back empty after damage",
+                        marker.display(),
+                        text.trim(),
+                        self.dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_file_durably(&marker, format!("{instance:016x}\n").as_bytes()).map_err(
+                    |source| StoreError::Io {
+                        dir: self.dir.clone(),
+                        source,
+                    },
+                )?;
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    dir: self.dir.clone(),
+                    source,
+                })
+            }
+        }
+        let last = match self.journal.get(KEY_LAST_SEQ).map_err(|e| self.err(e))? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("last-seq record has the wrong length".into()))?,
+            ),
+            None => 0,
+        };
+        let wm_path = self.dir.join(WATERMARK_FILE);
+        if let Ok(text) = std::fs::read_to_string(&wm_path) {
+            if let Ok(wm) = text.trim().parse::<u64>() {
+                if wm > last {
+                    return Err(self.corrupt(format!(
+                        "it ends at group {last}, but group {wm} was committed (per {}): committed data is missing",
+                        wm_path.display()
+                    )));
+                }
+            }
+        }
+        // Nobody else holds the store yet, so the lock cannot be poisoned;
+        // and a poisoned lock would be no damage on disk anyway.
+        *self.watermark.lock().unwrap_or_else(|p| p.into_inner()) = (last, None);
+        Ok(())
+    }
+
+    /// Record a committed seq in `store-seq` if the last time is old enough
+    /// (or `force`, at shutdown).
+    fn refresh_watermark(&self, seq: u64, force: bool) -> Result<(), StoreError> {
+        let Ok(mut w) = self.watermark.lock() else {
+            return Ok(());
+        };
+        w.0 = w.0.max(seq);
+        let due = force || w.1.is_none_or(|t| t.elapsed() >= WATERMARK_EVERY);
+        if due && w.0 > 0 {
+            write_file_durably(
+                &self.dir.join(WATERMARK_FILE),
+                format!("{}\n", w.0).as_bytes(),
+            )
+            .map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            w.1 = Some(std::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The data dir this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn err(&self, e: sled::Error) -> StoreError {
+        map_err(&self.dir, e)
+    }
+
+    fn corrupt(&self, detail: String) -> StoreError {
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            detail,
+        }
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        match self.meta.get("schema").map_err(|e| self.err(e))? {
+            None => {
+                self.meta
+                    .insert("schema", &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(|e| self.err(e))?;
+                self.db.flush().map_err(|e| self.err(e))?;
+                Ok(())
+            }
+            Some(v) => {
+                let bytes: [u8; 4] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt("schema record has the wrong length".into()))?;
+                let found = u32::from_be_bytes(bytes);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        dir: self.dir.clone(),
+                        found,
+                        known: SCHEMA_VERSION,
+                    });
+                }
+                // Schema 1 is the first; migrations from older schemas go here.
+                Ok(())
+            }
+        }
+    }
+
+    /// Write the schema version as given (tests of the newer-schema refusal).
+    #[doc(hidden)]
+    pub fn force_schema(&self, v: u32) -> Result<(), StoreError> {
+        self.meta
+            .insert("schema", &v.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// One atomic batch plus one flush. When this returns Ok, the group is on
+    /// disk: the caller may answer its waiters.
+    pub fn commit(&self, w: &GroupWrite) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (i, c) in chunks(&w.journal).into_iter().enumerate() {
+            batch.insert(&key(KIND_JOURNAL, w.seq, i as u16), c);
+        }
+        for (i, c) in chunks(&w.results).into_iter().enumerate() {
+            batch.insert(&key(KIND_RESULTS, w.seq, i as u16), c);
+        }
+        for (i, c) in chunks(&w.outbox).into_iter().enumerate() {
+            batch.insert(&key(KIND_OUTBOX, w.seq, i as u16), c);
+        }
+        for (kind, seqs) in [
+            (KIND_JOURNAL, &w.drop_journal),
+            (KIND_RESULTS, &w.drop_results),
+            (KIND_OUTBOX, &w.drop_outbox),
+        ] {
+            for &seq in seqs {
+                for k in self.journal.scan_prefix(prefix(kind, seq)).keys() {
+                    batch.remove(k.map_err(|e| self.err(e))?);
+                }
+            }
+        }
+        if let Some(n) = w.outbox_next {
+            batch.insert(KEY_OUTBOX_NEXT, &n.to_be_bytes());
+        }
+        for (edge, c) in &w.cursors {
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&c.epoch.to_be_bytes());
+            v[8..].copy_from_slice(&c.seq.to_be_bytes());
+            batch.insert(cursor_key(edge), &v);
+        }
+        for &(id, set) in &w.cancel_marks {
+            let k = cancel_key(id);
+            if set {
+                batch.insert(&k, &[]);
+            } else {
+                batch.remove(&k);
+            }
+        }
+        if let Some(n) = w.live_hint {
+            batch.insert(KEY_LIVE_HINT, &n.to_be_bytes());
+        }
+        batch.insert(KEY_LAST_SEQ, &w.seq.to_be_bytes());
+        self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        self.refresh_watermark(w.seq, false)
+    }
+
+    /// Apply a round's audit part, without a flush: the round's own commit
+    /// (or `flush`) that follows makes it durable. It goes first, so a crash
+    /// between the two batches can leave an entry for a round that never
+    /// became durable (nobody was answered) but never a durable round
+    /// without its entries. The anchor and the head ride in the same batch
+    /// as the entries and removals, so the three never disagree.
+    pub fn audit_write(&self, w: &crate::engine::audit::Write) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (seq, bytes) in &w.entries {
+            batch.insert(&seq.to_be_bytes(), &bytes[..]);
+        }
+        for seq in &w.remove {
+            batch.remove(&seq.to_be_bytes());
+        }
+        if let Some(a) = w.anchor {
+            batch.insert(AUDIT_ANCHOR, a.encode());
+        }
+        batch.insert(AUDIT_HEAD, &w.head.to_be_bytes());
+        self.audit.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// Where the kept chain starts (the default while nothing was pruned).
+    pub fn audit_anchor(&self) -> Result<crate::engine::audit::Anchor, StoreError> {
+        match self.audit.get(AUDIT_ANCHOR).map_err(|e| self.err(e))? {
+            None => Ok(Default::default()),
+            Some(v) => crate::engine::audit::Anchor::decode(&v)
+                .ok_or_else(|| self.corrupt("the audit log's anchor does not decode".into())),
+        }
+    }
+
+    /// The next seq the writer recorded (`None`: nothing was ever audited).
+    pub fn audit_head(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .audit
+            .get(AUDIT_HEAD)
+            .map_err(|e| self.err(e))?
+            .map(|v| be_u64(&v)))
+    }
+
+    /// Stored audit entries from `seq` on, in seq order.
+    pub fn audit_from(
+        &self,
+        seq: u64,
+    ) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_ {
+        self.audit
+            .range(seq.to_be_bytes()..)
+            .filter(|r| r.as_ref().map_or(true, |(k, _)| k.len() == 8))
+            .map(|r| {
+                r.map(|(k, v)| (be_u64(&k), v.to_vec()))
+                    .map_err(|e| self.err(e))
+            })
+    }
+
+    /// The last stored audit entry.
+    pub fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let mut it = self
+            .audit
+            .range(..[0xffu8; 8])
+            .rev()
+            .filter(|r| r.as_ref().map_or(true, |(k, _)| k.len() == 8));
+        match it.next() {
+            None => Ok(None),
+            Some(r) => {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                Ok(Some((be_u64(&k), v.to_vec())))
+            }
+        }
+    }
+
+    /// Every group on disk, in commit order (journal before results within
+    /// one seq). A record that does not decode is reported, never skipped.
+    pub fn replay(&self) -> impl Iterator<Item = Result<Group, StoreError>> + '_ {
+        let mut j = self
+            .scan_groups(KIND_JOURNAL)
+            .map(|g| g.map(|(seq, e)| Group::Journal(seq, e)))
+            .peekable();
+        let mut r = self
+            .scan_groups(KIND_RESULTS)
+            .map(|g| g.map(|(seq, e)| Group::Results(seq, e)))
+            .peekable();
+        std::iter::from_fn(move || {
+            let seq_of = |x: Option<&Result<Group, StoreError>>| match x {
+                Some(Ok(Group::Journal(s, _))) | Some(Ok(Group::Results(s, _))) => Some(*s),
+                Some(Err(_)) => Some(0),
+                None => None,
+            };
+            match (seq_of(j.peek()), seq_of(r.peek())) {
+                (None, None) => None,
+                (Some(_), None) => j.next(),
+                (None, Some(_)) => r.next(),
+                (Some(a), Some(b)) if a <= b => j.next(),
+                _ => r.next(),
+            }
+        })
+    }
+
+    /// Every outbox group on disk, in seq order (to rebuild the outbox's
+    /// index at start).
+    pub fn outbox_groups(
+        &self,
+    ) -> impl Iterator<Item = Result<(u64, Vec<crate::engine::journal::UpEntry>), StoreError>> + '_
+    {
+        self.scan_groups(KIND_OUTBOX)
+    }
+
+    /// Live commands at a recent commit (0 when unknown or unreadable: it
+    /// is only a hint).
+    pub fn live_hint(&self) -> u64 {
+        match self.journal.get(KEY_LIVE_HINT) {
+            Ok(Some(v)) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Record the live count without a commit (at shutdown, before the
+    /// last flush).
+    pub fn set_live_hint(&self, n: u64) -> Result<(), StoreError> {
+        self.journal
+            .insert(KEY_LIVE_HINT, &n.to_be_bytes())
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The seq the next outbox entry gets (1 when there never was one).
+    pub fn outbox_next_seq(&self) -> Result<u64, StoreError> {
+        match self.journal.get(KEY_OUTBOX_NEXT).map_err(|e| self.err(e))? {
+            None => Ok(1),
+            Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                self.corrupt("the outbox seq record has the wrong length".into())
+            })?)),
+        }
+    }
+
+    /// Move the outbox's next seq `by` ahead, durably (a restore: the dead
+    /// box may have sent its hub records past the backup's seq, and the
+    /// hub drops any seq at or below what it has applied as a duplicate;
+    /// it needs no seq to follow the one before).
+    pub fn skip_outbox_seqs(&self, by: u64) -> Result<(), StoreError> {
+        if self
+            .journal
+            .get(KEY_OUTBOX_NEXT)
+            .map_err(|e| self.err(e))?
+            .is_none()
+        {
+            // Nothing ever went up: no hub holds a seq of this box.
+            return Ok(());
+        }
+        let next = self.outbox_next_seq()?.saturating_add(by);
+        self.journal
+            .insert(KEY_OUTBOX_NEXT, &next.to_be_bytes())
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Per edge below this hub, the highest outbox seq applied and the
+    /// epoch it counts in. A cursor written before protocol 1.6 is the seq
+    /// alone (8 bytes): its epoch is not known (0).
+    pub fn cursors(
+        &self,
+    ) -> Result<
+        Vec<(
+            crate::engine::command::DeviceId,
+            crate::engine::journal::Cursor,
+        )>,
+        StoreError,
+    > {
+        self.journal
+            .scan_prefix([KIND_CURSOR])
+            .map(|r| {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                let edge = String::from_utf8_lossy(&k[1..]).into_owned();
+                let cursor = match v.len() {
+                    8 => crate::engine::journal::Cursor {
+                        epoch: 0,
+                        seq: be_u64(&v),
+                    },
+                    16 => crate::engine::journal::Cursor {
+                        epoch: be_u64(&v[..8]),
+                        seq: be_u64(&v[8..]),
+                    },
+                    _ => {
+                        return Err(self
+                            .corrupt(format!("the sync cursor of `{edge}` has the wrong length")))
+                    }
+                };
+                Ok((edge, cursor))
+            })
+            .collect()
+    }
+
+    /// Commands whose cancel was sent down to an edge and not confirmed.
+    pub fn cancel_marks(&self) -> Result<Vec<crate::engine::command::CommandId>, StoreError> {
+        self.journal
+            .scan_prefix([KIND_CANCEL])
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| self.err(e))?;
+                let raw: [u8; 16] = k[1..]
+                    .try_into()
+                    .map_err(|_| self.corrupt("a cancel mark has the wrong length".into()))?;
+                Ok(crate::engine::command::CommandId(u128::from_be_bytes(raw)))
+            })
+            .collect()
+    }
+
+    /// One outbox group (to stream it upstream).
+    pub fn read_outbox(
+        &self,
+        seq: u64,
+    ) -> Result<Option<Vec<crate::engine::journal::UpEntry>>, StoreError> {
+        self.read_group(KIND_OUTBOX, seq)
+    }
+
+    /// The groups of one kind, chunks joined, in seq order.
+    fn scan_groups<T: for<'a> Deserialize<'a>>(
+        &self,
+        kind: u8,
+    ) -> impl Iterator<Item = Result<(u64, Vec<T>), StoreError>> + '_ {
+        let mut it = self.journal.scan_prefix([kind]).peekable();
+        std::iter::from_fn(move || {
+            let (k, v) = match it.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(self.err(e))),
+            };
+            let seq = seq_from_key(&k);
+            let mut values = vec![v];
+            while let Some(Ok((k2, _))) = it.peek() {
+                if seq_from_key(k2) != seq {
+                    break;
+                }
+                match it.next() {
+                    Some(Ok((_, v2))) => values.push(v2),
+                    Some(Err(e)) => return Some(Err(self.err(e))),
+                    None => break,
+                }
+            }
+            Some(self.join(kind, seq, &values).map(|e| (seq, e)))
+        })
+    }
+
+    fn join<T: for<'a> Deserialize<'a>>(
+        &self,
+        kind: u8,
+        seq: u64,
+        values: &[sled::IVec],
+    ) -> Result<Vec<T>, StoreError> {
+        let what = match kind {
+            KIND_JOURNAL => "journal",
+            KIND_RESULTS => "result",
+            _ => "outbox",
+        };
+        let mut out = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let part: Vec<T> = decode(v)
+                .map_err(|e| self.corrupt(format!("{what} group {seq} chunk {i}: {e}")))?;
+            out.extend(part);
+        }
+        Ok(out)
+    }
+
+    fn read_group<T: for<'a> Deserialize<'a>>(
+        &self,
+        kind: u8,
+        seq: u64,
+    ) -> Result<Option<Vec<T>>, StoreError> {
+        let values = self
+            .journal
+            .scan_prefix(prefix(kind, seq))
+            .values()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        if values.is_empty() {
+            return Ok(None);
+        }
+        self.join(kind, seq, &values).map(Some)
+    }
+
+    /// One journal group, for reading payloads at delivery.
+    pub fn read_journal(&self, seq: u64) -> Result<Option<Vec<Entry>>, StoreError> {
+        self.read_group(KIND_JOURNAL, seq)
+    }
+
+    /// One result group.
+    pub fn read_results(&self, seq: u64) -> Result<Option<Vec<ResultRecord>>, StoreError> {
+        self.read_group(KIND_RESULTS, seq)
+    }
+
+    /// Insert or replace workflow runs' records (their JSON) in one batch;
+    /// flushed now if `durable`, else by the queue's next group commit
+    /// (sled flushes the whole db).
+    pub fn put_workflows(
+        &self,
+        records: &[(crate::CommandId, Vec<u8>)],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        self.put_runs(b'W', records, durable)
+    }
+
+    /// Delete finished workflow runs' records (retention). Not flushed: a
+    /// crash before the next flush only brings back runs to prune again.
+    pub fn delete_workflows(&self, ids: &[crate::CommandId]) -> Result<(), StoreError> {
+        self.delete_runs(b'W', ids)
+    }
+
+    /// Every workflow run's record.
+    pub fn workflows(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.runs(b'W')
+    }
+
+    /// Rollouts' records, as [`put_workflows`](Self::put_workflows).
+    pub fn put_rollouts(
+        &self,
+        records: &[(crate::CommandId, Vec<u8>)],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        self.put_runs(b'R', records, durable)
+    }
+
+    /// Delete ended rollouts' records (retention), not flushed.
+    pub fn delete_rollouts(&self, ids: &[crate::CommandId]) -> Result<(), StoreError> {
+        self.delete_runs(b'R', ids)
+    }
+
+    /// Every rollout's record.
+    pub fn rollouts(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.runs(b'R')
+    }
+
+    /// Runs (workflows `W`, rollouts `R`) live in the meta tree under their
+    /// kind's byte and their id.
+    fn run_key(kind: u8, id: crate::CommandId) -> Vec<u8> {
+        let mut k = vec![kind];
+        k.extend_from_slice(&id.0.to_be_bytes());
+        k
+    }
+
+    fn put_runs(
+        &self,
+        kind: u8,
+        records: &[(crate::CommandId, Vec<u8>)],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (id, rec) in records {
+            batch.insert(Self::run_key(kind, *id), rec.as_slice());
+        }
+        self.meta.apply_batch(batch).map_err(|e| self.err(e))?;
+        if durable {
+            self.db.flush().map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    fn delete_runs(&self, kind: u8, ids: &[crate::CommandId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(Self::run_key(kind, *id));
+        }
+        self.meta.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    fn runs(&self, kind: u8) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.meta
+            .scan_prefix([kind])
+            .values()
+            .map(|v| v.map(|v| v.to_vec()).map_err(|e| self.err(e)))
+            .collect()
+    }
+
+    /// Insert or replace a device record, durably.
+    pub fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        self.devices
+            .insert(rec.id.as_bytes(), encode_device(rec))
+            .map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Record last-seen times without a flush: losing one in a crash costs
+    /// only a stale "last seen", and flushing would write flash on every
+    /// connect.
+    pub fn touch_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        self.devices
+            .insert(rec.id.as_bytes(), encode_device(rec))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.devices
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                decode_device(&v).map_err(|e| {
+                    self.corrupt(format!(
+                        "device record {}: {e}",
+                        String::from_utf8_lossy(&k)
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Bytes free (to this user) on the data dir's filesystem.
+    pub fn free_space(&self) -> Option<u64> {
+        fs_space(&self.dir).ok().map(|(_, free)| free)
+    }
+
+    /// The database instance id (`meta` key `instance`): names the store a
+    /// backup came from.
+    pub fn instance(&self) -> Result<u64, StoreError> {
+        match self.meta.get("instance").map_err(|e| self.err(e))? {
+            Some(v) => Ok(be_u64(&v)),
+            None => Ok(0),
+        }
+    }
+
+    /// Every tree, key and value, in key order within a tree (backup). The
+    /// caller keeps the writer from committing meanwhile: sled's iterators
+    /// are no snapshot, so this is consistent only while nothing writes.
+    /// `each` sees a tree's start, then each of its pairs; its error stops
+    /// the walk and is handed back.
+    pub fn export<E: From<StoreError>>(
+        &self,
+        mut each: impl FnMut(Exported<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut names = self.db.tree_names();
+        names.sort();
+        for name in names {
+            let t = self.db.open_tree(&name).map_err(|e| self.err(e))?;
+            each(Exported::Tree(&name))?;
+            for r in t.iter() {
+                let (k, v) = r.map_err(|e| self.err(e))?;
+                each(Exported::Pair(&k, &v))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flush anything written without a flush, and record the last
+    /// committed seq (shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| self.err(e))?;
+        self.refresh_watermark(0, true)
+    }
+}
+
+/// What `Store::export` walks.
+pub enum Exported<'a> {
+    /// The pairs that follow are this tree's.
+    Tree(&'a [u8]),
+    Pair(&'a [u8], &'a [u8]),
+}
+
+/// A new database filled from a backup (`restore`): trees and pairs as
+/// `Store::export` walked them, written in small batches (large sled
+/// batches cost memory out of all proportion), flushed at `finish`.
+pub struct Import {
+    dir: PathBuf,
+    db: sled::Db,
+    tree: Option<sled::Tree>,
+    batch: sled::Batch,
+    batched: usize,
+}
+
+/// Pairs per batch while importing.
+const IMPORT_BATCH: usize = 256;
+
+impl Import {
+    /// Create the database under `dir/db`; refused if one is there.
+    pub fn create(dir: &Path, opts: &StoreOptions) -> Result<Import, StoreError> {
+        opts.check()?;
+        let path = dir.join(DB_DIR);
+        if path.exists() {
+            return Err(StoreError::BadOptions(format!(
+                "{} exists already: a restore writes only into a new database",
+                path.display()
+            )));
+        }
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| map_open_error(dir, e))?;
+        Ok(Import {
+            dir: dir.to_path_buf(),
+            db,
+            tree: None,
+            batch: Default::default(),
+            batched: 0,
+        })
+    }
+
+    fn apply(&mut self) -> Result<(), StoreError> {
+        if let Some(t) = &self.tree {
+            t.apply_batch(std::mem::take(&mut self.batch))
+                .map_err(|e| map_err(&self.dir, e))?;
+        }
+        self.batched = 0;
+        Ok(())
+    }
+
+    /// The pairs that follow belong to this tree.
+    pub fn tree(&mut self, name: &[u8]) -> Result<(), StoreError> {
+        self.apply()?;
+        self.tree = Some(self.db.open_tree(name).map_err(|e| map_err(&self.dir, e))?);
+        Ok(())
+    }
+
+    /// One pair of the current tree.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if self.tree.is_none() {
+            return Err(StoreError::BadOptions(
+                "a backup record names a key before any tree".into(),
+            ));
+        }
+        self.batch.insert(key, value);
+        self.batched += 1;
+        if self.batched >= IMPORT_BATCH {
+            self.apply()?;
+        }
+        Ok(())
+    }
+
+    /// Write what is left and flush: the database is then whole on disk.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.apply()?;
+        self.db.flush().map_err(|e| map_err(&self.dir, e))?;
+        Ok(())
+    }
+}
+
+/// Write a small file so that it is either wholly there or not changed: a
+/// temp file, fsync, rename, fsync of the directory.
+fn write_file_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Remove what an interrupted sled leaves in `db/` and would then refuse to
+/// open past: unfinished snapshots.
+///
+/// sled 0.34.7 writes a snapshot as `snap.<lsn>.generating`, fsyncs it, and
+/// only then renames it to `snap.<lsn>`; older snapshots are deleted after
+/// that rename (`write_snapshot`, src/pagecache/snapshot.rs). But
+/// `read_snapshot` (same file) picks the greatest name among *all* `snap.*`
+/// files, `.generating` ones included, and fails the open with
+/// `Corruption` when that file is 12 bytes or shorter or fails its CRC. A
+/// full disk during the snapshot sled writes at every open that finds the
+/// log ahead of its snapshot leaves exactly that: a zero-byte
+/// `.generating` file, and every later open fails.
+///
+/// Removing a `.generating` file loses nothing: it is by definition a
+/// snapshot whose rename never happened, so the previous snapshot is still
+/// there and the log it would have summarised is untouched; the directory
+/// is then as sled would have left it had it stopped just before creating
+/// the file, a state it recovers from by design (it replays the log from the
+/// older snapshot and writes a new one).
+fn remove_leftovers(dir: &Path, db: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(db) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                dir: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let leftovers: Vec<std::fs::DirEntry> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("snap.") && name.ends_with(".generating")
+        })
+        .collect();
+    if leftovers.is_empty() {
+        return Ok(());
+    }
+    // Under sled's own lock (an flock on `db/db`, taken the way sled takes
+    // it): a box that holds the database, or is opening it, may be writing
+    // that very snapshot.
+    let _lock = match std::fs::File::open(db.join("db")) {
+        Ok(f) => {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock(2) on a descriptor this function owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Some(f)
+        }
+        Err(_) => None,
+    };
+    for e in leftovers {
+        let path = e.path();
+        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(&path).map_err(|source| StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        tracing::warn!(
+            file = %path.display(),
+            bytes = len,
+            "removed an unfinished sled snapshot (left by an interrupted write, e.g. a full disk); nothing is lost: sled rebuilds it from its log"
+        );
+    }
+    if let Ok(d) = std::fs::File::open(db) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// What sled's `Corruption` with no location at open most likely is: sled
+/// 0.34 does not say, but its snapshot can be checked the way it reads it.
+fn describe_open_corruption(db: &Path) -> String {
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(db)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .map(|n| n.to_string_lossy())
+                        .is_some_and(|n| n.starts_with("snap.") && !n.ends_with(".in___motion"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    snaps.sort();
+    if let Some(snap) = snaps.pop() {
+        if let Ok(bytes) = std::fs::read(&snap) {
+            if bytes.len() <= 12 {
+                return format!(
+                    "sled's snapshot {} is {} bytes, too short to hold its length and checksum trailer",
+                    snap.display(),
+                    bytes.len()
+                );
+            }
+            let (body, crc) = bytes.split_at(bytes.len() - 4);
+            let body = &body[..body.len() - 8];
+            let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+            if crc32fast::hash(body) != crc {
+                return format!("sled's snapshot {} fails its checksum", snap.display());
+            }
+        }
+    }
+    format!(
+        "sled found a bad checksum or an unreadable record while recovering {} (its log or its conf file)",
+        db.display()
+    )
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn be_u64(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if k.len() == 8 {
+        b.copy_from_slice(k);
+    }
+    u64::from_be_bytes(b)
+}
+
+fn seq_from_key(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if k.len() >= 9 {
+        b.copy_from_slice(&k[1..9]);
+    }
+    u64::from_be_bytes(b)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Encoding our own in-memory types cannot fail (no maps with non-string
+    // keys, no unsized sequences); a failure would be a programming error.
+    postcard::to_stdvec(v).expect("postcard encoding of journal types")
+}
+
+fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
+
+fn map_open_error(dir: &Path, e: sled::Error) -> StoreError {
+    if let sled::Error::Io(io) = &e {
+        // sled takes an exclusive flock on its conf/db file; another process
+        // holding it surfaces as WouldBlock ("could not acquire lock").
+        if io.kind() == std::io::ErrorKind::WouldBlock
+            || io.to_string().contains("could not acquire lock")
+            || io.raw_os_error() == Some(libc::EWOULDBLOCK)
+        {
+            return StoreError::Locked {
+                dir: dir.to_path_buf(),
+            };
+        }
+    }
+    if let sled::Error::Corruption { at: None, .. } = &e {
+        return StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: describe_open_corruption(&dir.join("db")),
+        };
+    }
+    map_err(dir, e)
+}
+
+fn map_err(dir: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => StoreError::DiskFull {
+            dir: dir.to_path_buf(),
+        },
+        sled::Error::Io(source) => StoreError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        },
+        sled::Error::Corruption { at: Some(at), .. } => StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: format!(
+                "sled found a bad checksum at {at} in {}",
+                dir.join("db").display()
+            ),
+        },
+        sled::Error::Corruption { at: None, .. } => StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: format!("sled found a bad checksum in {}", dir.join("db").display()),
+        },
+        // Unsupported settings, sled's own bugs, a missing tree: nothing
+        // here is evidence that the data on disk is damaged.
+        other => StoreError::Engine {
+            dir: dir.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::command::{Command, CommandId, Priority, State};
+    use crate::engine::journal::Enqueued;
+
+    pub(super) fn cmd(n: u64) -> Entry {
+        Entry::Enqueued(Enqueued {
+            command: Command {
+                id: CommandId::new(n, n as u128),
+                target: "dev-1".into(),
+                priority: Priority::Normal,
+                payload: vec![7; 100],
+                created_at: n,
+                expires_at: None,
+                max_attempts: 3,
+                key: None,
+                after: None,
+                not_before: None,
+                origin: "cli".into(),
+                signature: None,
+            },
+            device: "dev-1".into(),
+            order: n,
+            gen: 0,
+            attempts: 0,
+            not_before: None,
+        })
+    }
+
+    fn result(n: u64) -> ResultRecord {
+        ResultRecord {
+            id: CommandId::new(n, n as u128),
+            gen: 0,
+            device: "dev-1".into(),
+            target: "dev-1".into(),
+            priority: Priority::Normal,
+            state: State::Succeeded,
+            outcome: None,
+            error: None,
+            attempts: 1,
+            max_attempts: 3,
+            created_at: n,
+            finished_at: n,
+            origin: "cli".into(),
+            key: None,
+            command: None,
+            children: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_live_hint_survives_a_reopen_and_is_never_a_replayed_group() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            assert_eq!(s.live_hint(), 0, "a new store knows nothing");
+            s.commit(&GroupWrite {
+                seq: 1,
+                journal: vec![cmd(1)],
+                live_hint: Some(1234),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(s.live_hint(), 1234);
+            s.set_live_hint(99).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(s.live_hint(), 99);
+        let groups: Vec<Group> = s.replay().collect::<Result<_, _>>().unwrap();
+        assert_eq!(groups.len(), 1, "{groups:?}");
+        // A hint of the wrong length reads as unknown, not as an error.
+        s.journal.insert(KEY_LIVE_HINT, &[1u8, 2, 3][..]).unwrap();
+        assert_eq!(s.live_hint(), 0);
+    }
+
+    #[test]
+    fn cursors_keep_their_epoch_and_one_written_before_epochs_reads_as_unknown() {
+        use crate::engine::journal::Cursor;
+        let dir = tempfile::tempdir().unwrap();
+        let epoch = {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            s.commit(&GroupWrite {
+                seq: 1,
+                cursors: vec![("e1".into(), Cursor { epoch: 9, seq: 41 })],
+                ..Default::default()
+            })
+            .unwrap();
+            // As a build before 1.6 wrote it: the seq alone.
+            s.journal
+                .insert(cursor_key("e2"), &7u64.to_be_bytes())
+                .unwrap();
+            s.uplink_epoch().unwrap()
+        };
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut c = s.cursors().unwrap();
+        c.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            c,
+            [
+                ("e1".to_string(), Cursor { epoch: 9, seq: 41 }),
+                ("e2".to_string(), Cursor { epoch: 0, seq: 7 }),
+            ]
+        );
+        assert_eq!(s.uplink_epoch().unwrap(), epoch, "kept across opens");
+        let renewed = s.renew_uplink_epoch().unwrap();
+        assert_ne!(renewed, epoch);
+        assert_eq!(s.uplink_epoch().unwrap(), renewed);
+        s.journal.insert(cursor_key("e3"), &[1u8, 2][..]).unwrap();
+        let e = s.cursors().unwrap_err().to_string();
+        assert!(e.contains("`e3`") && e.contains("wrong length"), "{e}");
+    }
+
+    #[test]
+    fn groups_replay_in_commit_order_and_drops_take_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            for seq in 1..=3 {
+                s.commit(&GroupWrite {
+                    seq,
+                    journal: vec![cmd(seq)],
+                    results: if seq > 1 {
+                        vec![result(seq - 1)]
+                    } else {
+                        vec![]
+                    },
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            s.commit(&GroupWrite {
+                seq: 4,
+                drop_journal: vec![1],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let order: Vec<(char, u64)> = s
+            .replay()
+            .map(|g| match g.unwrap() {
+                Group::Journal(s, _) => ('J', s),
+                Group::Results(s, _) => ('R', s),
+            })
+            .collect();
+        assert_eq!(order, vec![('J', 2), ('R', 2), ('J', 3), ('R', 3)]);
+        assert!(s.read_journal(1).unwrap().is_none());
+        assert_eq!(s.read_journal(2).unwrap().unwrap(), vec![cmd(2)]);
+    }
+
+    #[test]
+    fn a_restore_moves_the_outbox_seqs_ahead_only_of_a_box_that_sent_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        s.skip_outbox_seqs(100).unwrap();
+        assert_eq!(s.outbox_next_seq().unwrap(), 1);
+        s.commit(&GroupWrite {
+            seq: 1,
+            outbox_next: Some(7),
+            ..Default::default()
+        })
+        .unwrap();
+        s.skip_outbox_seqs(100).unwrap();
+        assert_eq!(s.outbox_next_seq().unwrap(), 107);
+    }
+
+    #[test]
+    fn the_outbox_is_written_with_its_group_and_its_seq_survives_the_drops() {
+        use crate::engine::journal::{UpEntry, UpItem};
+        let dir = tempfile::tempdir().unwrap();
+        let up = |seq| UpEntry {
+            seq,
+            item: UpItem::Result(result(seq)),
+        };
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            assert_eq!(s.outbox_next_seq().unwrap(), 1);
+            s.commit(&GroupWrite {
+                seq: 1,
+                results: vec![result(1)],
+                outbox: vec![up(1), up(2)],
+                outbox_next: Some(3),
+                ..Default::default()
+            })
+            .unwrap();
+            s.commit(&GroupWrite {
+                seq: 2,
+                outbox: vec![up(3)],
+                outbox_next: Some(4),
+                ..Default::default()
+            })
+            .unwrap();
+            s.commit(&GroupWrite {
+                seq: 3,
+                drop_outbox: vec![1],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let groups: Vec<(u64, Vec<UpEntry>)> = s.outbox_groups().map(Result::unwrap).collect();
+        assert_eq!(groups, vec![(2, vec![up(3)])]);
+        assert!(s.read_outbox(1).unwrap().is_none());
+        assert_eq!(s.read_outbox(2).unwrap().unwrap(), vec![up(3)]);
+        assert_eq!(s.outbox_next_seq().unwrap(), 4);
+        // The outbox is not part of the queue's replay.
+        assert_eq!(s.replay().count(), 1);
+    }
+
+    #[test]
+    fn an_open_waits_for_a_lock_let_go_a_moment_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        // The holder goes away while the second open is already waiting, as
+        // sled's threads let go of a dropped database.
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let second = Store::open(dir.path(), &StoreOptions::default());
+        closer.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    #[test]
+    fn a_second_open_is_refused_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        // flock conflicts between open file descriptions, so a second open in
+        // the same process meets the same refusal as another process would.
+        let err = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("second open must be refused");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("is another outpost running?"), "{msg}");
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn newer_schema_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            s.force_schema(SCHEMA_VERSION + 1).unwrap();
+        }
+        let err = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("newer schema must be refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("schema {}", SCHEMA_VERSION + 1)),
+            "{msg}"
+        );
+        assert!(msg.contains(&format!("up to {SCHEMA_VERSION}")), "{msg}");
+    }
+
+    #[test]
+    fn undecodable_group_is_reported_as_corrupt_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        s.journal
+            .insert(key(KIND_JOURNAL, 9, 0), &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        let err = s
+            .replay()
+            .find_map(|g| g.err())
+            .expect("corruption reported");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("corrupt") && msg.contains("journal group 9 chunk 0"),
+            "{msg}"
+        );
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn large_groups_are_chunked_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let journal: Vec<Entry> = (0..1000).map(cmd).collect();
+        let results: Vec<ResultRecord> = (0..1000).map(result).collect();
+        s.commit(&GroupWrite {
+            seq: 5,
+            journal: journal.clone(),
+            results: results.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        let n = s.journal.scan_prefix(prefix(KIND_JOURNAL, 5)).count();
+        assert!(
+            n >= 4,
+            "1000 entries of ~150 B span several chunks, got {n}"
+        );
+        for v in s.journal.iter().values() {
+            assert!(v.unwrap().len() <= CHUNK_BYTES + 5);
+        }
+        assert_eq!(s.read_journal(5).unwrap().unwrap(), journal);
+        assert_eq!(s.read_results(5).unwrap().unwrap(), results);
+        let groups: Vec<Group> = s.replay().collect::<Result<_, _>>().unwrap();
+        assert_eq!(groups.len(), 2);
+        s.commit(&GroupWrite {
+            seq: 6,
+            drop_journal: vec![5],
+            drop_results: vec![5],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.journal.scan_prefix([KIND_JOURNAL]).count()
+                + s.journal.scan_prefix([KIND_RESULTS]).count(),
+            0,
+            "every chunk dropped"
+        );
+    }
+
+    #[test]
+    fn device_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let rec = DeviceRecord {
+            id: "dev-7".into(),
+            tags: vec!["line-3".into()],
+            caps: vec!["camera".into()],
+            enrolled_at: 5,
+            revoked: false,
+            last_seen: None,
+            cert: Some([7; 32]),
+        };
+        s.put_device(&rec).unwrap();
+        assert_eq!(s.devices().unwrap(), vec![rec]);
+    }
+
+    #[test]
+    fn a_device_record_from_before_the_certificate_pin_still_reads() {
+        // The layout of a record written before `cert` existed, and what a
+        // binary from then reads of a record written now.
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Old {
+            id: String,
+            tags: Vec<String>,
+            caps: Vec<String>,
+            enrolled_at: u64,
+            revoked: bool,
+            last_seen: Option<u64>,
+        }
+        let old = Old {
+            id: "dev-1".into(),
+            tags: vec!["a".into()],
+            caps: vec![],
+            enrolled_at: 9,
+            revoked: true,
+            last_seen: Some(3),
+        };
+        let rec = decode_device(&encode(&old)).unwrap();
+        assert_eq!(
+            (rec.id.as_str(), rec.revoked, rec.cert),
+            ("dev-1", true, None)
+        );
+        let pinned = DeviceRecord {
+            cert: Some([1; 32]),
+            ..rec.clone()
+        };
+        let bytes = encode_device(&pinned);
+        assert_eq!(decode::<Old>(&bytes).unwrap(), old);
+        assert_eq!(decode_device(&bytes).unwrap(), pinned);
+        // The outbox carries the record without the pin, in the old layout.
+        assert_eq!(decode::<Old>(&encode(&pinned)).unwrap(), old);
+    }
+}
+
+#[cfg(test)]
+mod damage_tests {
+    //! A damaged database is named, never served as data. Each test builds a
+    //! store, closes it, damages it the way disks and people do, and reopens.
+    use super::*;
+
+    fn build(dir: &Path) {
+        let s = Store::open(dir, &StoreOptions::default()).unwrap();
+        for seq in 1..=200u64 {
+            s.put_device(&DeviceRecord {
+                id: format!("d{seq}"),
+                tags: vec![],
+                caps: vec![],
+                enrolled_at: seq,
+                revoked: false,
+                cert: None,
+                last_seen: None,
+            })
+            .unwrap();
+            s.commit(&GroupWrite {
+                seq,
+                results: vec![],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        s.flush().unwrap();
+    }
+
+    fn damage(dir: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+        let path = dir.join("db").join("db");
+        let mut bytes = std::fs::read(&path).unwrap();
+        f(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+    }
+
+    fn reopen_error(dir: &Path) -> String {
+        match Store::open(dir, &StoreOptions::default()) {
+            Ok(_) => panic!("a damaged database was opened as if whole"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(matches!(e, StoreError::Corrupt { .. }), "{msg}");
+                assert!(
+                    msg.contains(&dir.display().to_string()),
+                    "names the data dir: {msg}"
+                );
+                assert!(msg.contains("outpost doctor"), "says what to do: {msg}");
+                msg
+            }
+        }
+    }
+
+    #[test]
+    fn a_clean_reopen_passes_the_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(s.last_seq(), 200);
+        assert_eq!(s.devices().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn a_truncated_log_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        damage(dir.path(), |b| b.truncate(b.len() / 2));
+        let msg = reopen_error(dir.path());
+        assert!(
+            msg.contains("committed data is missing") || msg.contains("instance"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn flipped_bits_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        damage(dir.path(), |b| {
+            for i in (0..b.len()).step_by(997) {
+                b[i] ^= 0x55;
+            }
+        });
+        reopen_error(dir.path());
+    }
+
+    #[test]
+    fn an_emptied_database_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        damage(dir.path(), |b| b.clear());
+        let msg = reopen_error(dir.path());
+        assert!(msg.contains("came back empty"), "{msg}");
+    }
+
+    #[test]
+    fn a_finished_snapshot_that_is_empty_is_damage_and_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        build(dir.path());
+        // sled writes its snapshot at an open that finds the log ahead.
+        drop(Store::open(dir.path(), &StoreOptions::default()).unwrap());
+        let db = dir.path().join("db");
+        let snap = std::fs::read_dir(&db)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("snap.")
+            })
+            .max()
+            .expect("a reopened store has a snapshot");
+        // sled renames a snapshot only after it is written and fsynced, so
+        // an empty one under its final name is damage, not a leftover.
+        std::fs::write(&snap, b"").unwrap();
+        let msg = reopen_error(dir.path());
+        assert!(
+            msg.contains(&snap.display().to_string()) && msg.contains("0 bytes"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn engine_failures_that_are_no_damage_never_advise_discarding_the_data() {
+        let dir = Path::new("/var/lib/outpost");
+        for e in [
+            sled::Error::Unsupported("segment_size should be a power of 2".into()),
+            sled::Error::ReportableBug("a bug".into()),
+        ] {
+            let e = map_err(dir, e);
+            assert!(matches!(e, StoreError::Engine { .. }), "{e}");
+            let m = e.to_string();
+            assert!(!m.contains("aside") && !m.contains("corrupt"), "{m}");
+            assert!(m.contains("keep the data dir as it is"), "{m}");
+        }
+        let m = StoreError::NewerSchema {
+            dir: dir.into(),
+            found: 9,
+            known: 1,
+        }
+        .to_string();
+        assert!(!m.contains("aside"), "{m}");
+    }
+
+    #[test]
+    fn a_database_from_elsewhere_is_detected() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        build(a.path());
+        build(b.path());
+        std::fs::remove_dir_all(a.path().join("db")).unwrap();
+        let copy = |from: &Path, to: &Path| {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_file() {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        };
+        copy(&b.path().join("db"), &a.path().join("db"));
+        let msg = reopen_error(a.path());
+        assert!(msg.contains("replaced"), "{msg}");
+    }
+}
+
+#[cfg(test)]
+mod leftover_tests {
+    //! What an interrupted sled leaves behind in `db/` is cleaned up before
+    //! the open, so the store comes back whole instead of "corrupt".
+    use super::tests::cmd;
+    use super::*;
+
+    fn snapshots(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("db"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snap."))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_zero_byte_generating_snapshot_is_removed_and_every_command_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            for seq in 1..=50u64 {
+                s.commit(&GroupWrite {
+                    seq,
+                    journal: vec![cmd(seq)],
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            s.flush().unwrap();
+        }
+        // What a full disk leaves when sled's snapshot at open could not be
+        // written: the file created, not one byte in it. Its lsn is past
+        // every finished snapshot's, as a new snapshot's always is.
+        let leftover = dir
+            .path()
+            .join("db")
+            .join(format!("snap.{:016X}.generating", u64::MAX >> 8));
+        std::fs::write(&leftover, b"").unwrap();
+        let s = Store::open(dir.path(), &StoreOptions::default())
+            .unwrap_or_else(|e| panic!("the store's own leftover made it unusable: {e}"));
+        let seqs: Vec<u64> = s
+            .replay()
+            .map(|g| match g.unwrap() {
+                Group::Journal(seq, e) => {
+                    assert_eq!(e, vec![cmd(seq)]);
+                    seq
+                }
+                Group::Results(seq, _) => panic!("no results were written, got group {seq}"),
+            })
+            .collect();
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "every command is there");
+        assert!(!leftover.exists(), "{:?}", snapshots(dir.path()));
+    }
+
+    #[test]
+    fn a_leftover_is_not_touched_while_another_store_holds_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let leftover = dir
+            .path()
+            .join("db")
+            .join("snap.0000000000000100.generating");
+        std::fs::write(&leftover, b"").unwrap();
+        let e = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("refused");
+        assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+        assert!(leftover.exists(), "the holder may be writing it");
+        drop(held);
+    }
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    #[test]
+    fn sleds_minimum_cache_works_and_below_it_is_refused_before_sled_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(
+                dir.path(),
+                &StoreOptions {
+                    cache_bytes: MIN_CACHE_BYTES,
+                },
+            )
+            .unwrap();
+            for seq in 1..=20u64 {
+                s.put_device(&DeviceRecord::new(format!("d{seq}"))).unwrap();
+                s.commit(&GroupWrite {
+                    seq,
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let s = Store::open(
+            dir.path(),
+            &StoreOptions {
+                cache_bytes: MIN_CACHE_BYTES,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.devices().unwrap().len(), 20);
+        drop(s);
+        // sled itself, one byte below: the panic the check keeps away.
+        let p = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir.path().join("raw"))
+                .cache_capacity(MIN_CACHE_BYTES - 1)
+                .open()
+        });
+        assert!(p.is_err(), "sled's minimum moved: update MIN_CACHE_BYTES");
+        let e = Store::open(
+            dir.path(),
+            &StoreOptions {
+                cache_bytes: MIN_CACHE_BYTES - 1,
+            },
+        )
+        .err()
+        .expect("refused");
+        assert!(matches!(e, StoreError::BadOptions(_)), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("minimum of 256 bytes") && !m.contains("corrupt"),
+            "{m}"
+        );
+    }
+}

@@ -28,4 +28,6 @@ pub mod rollout;
 pub mod route;
 pub mod trust;
 #[cfg(feature = "box")]
+pub mod uplink;
+#[cfg(feature = "box")]
 pub mod workflow;

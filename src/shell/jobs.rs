@@ -9,10 +9,6 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-/// A job's command the box does not know: what its step or device ends
-/// with. Never sent again (a command pruned after it ran would run twice).
-pub const UNKNOWN_TO_THE_BOX: &str = "the box has no record of this command: it ended longer ago than the results' retention, or a send the box could not answer never reached its disk";
-
 /// Decode the records a store holds, keyed by `id`; a record that does
 /// not decode is logged and skipped (one bad record never keeps the box
 /// from starting).

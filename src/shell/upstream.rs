@@ -26,20 +26,17 @@ pub mod nats;
 pub use crate::engine::cursor::OutboxCursor;
 
 use crate::device::{self, Backoff, ClientError, ConnectOptions, Received};
-use crate::engine::command::{Millis, Outcome, SendOptions};
-use crate::engine::journal::{UpEntry, UpItem};
+use crate::engine::command::{Millis, Outcome};
+use crate::engine::uplink::{for_hub, frames, refusal};
 use crate::identity::Bundle;
-use crate::proto::{DeviceFrame, Forward};
+use crate::proto::DeviceFrame;
 use crate::shell::jobs::Runners;
-use crate::shell::queue::{QueueError, QueueHandle, SendRequest};
+use crate::shell::queue::{QueueError, QueueHandle};
 use intake::{FromHub, Intake, Staging, Taken};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// The origin this box gives a command its hub sent down (`upstream/cli`).
-pub const FROM_UPSTREAM: &str = "upstream/";
 
 /// How to reach the hub, and how hard to push.
 #[derive(Clone, Debug)]
@@ -444,156 +441,9 @@ async fn session(
 /// hub (`EDGE/artifact`): a Forward to it stages its artifact here.
 pub const STAGE: &str = "artifact";
 
-/// The edge's request for a forwarded command.
-pub(crate) fn request(f: Forward) -> SendRequest {
-    SendRequest {
-        target: f.target,
-        payload: f.payload,
-        opts: SendOptions {
-            priority: f.priority,
-            ttl_ms: f.ttl_ms,
-            max_attempts: Some(f.max_attempts),
-            key: None,
-            after: f.after,
-            not_before: f.not_before,
-        },
-        origin: format!("{FROM_UPSTREAM}{}", f.origin),
-        signature: f.signature,
-    }
-}
-
-/// How a forwarded command the edge could not take ends on the hub: a
-/// refusal that will not change is final; a passing one (full, shutting
-/// down) is retried by the hub after its backoff.
-pub(crate) fn refusal(e: QueueError) -> Outcome {
-    if e.is_passing() {
-        Outcome::Failed {
-            code: crate::exit::TEMPFAIL,
-            message: format!("the box below could not take it now: {e}"),
-        }
-    } else {
-        Outcome::Rejected {
-            reason: format!("the box below refused it: {e}"),
-        }
-    }
-}
-
-/// Records as a hub speaking protocol 1.`minor` reads them: one before
-/// `Presence` gets the `Seen` it implies, under the same seq (a record
-/// left out would leave its seq unacknowledged for good).
-fn for_hub(mut entries: Vec<UpEntry>, minor: u16) -> Vec<UpEntry> {
-    if minor < crate::proto::MINOR_PRESENCE {
-        for e in &mut entries {
-            if let UpItem::Presence { device, at, .. } = &e.item {
-                e.item = UpItem::Seen {
-                    device: device.clone(),
-                    at: *at,
-                };
-            }
-        }
-    }
-    entries
-}
-
-/// Split records into frames under `budget` bytes. A record too large for
-/// any frame (a huge result or event) is cut down, saying so, rather than
-/// block the stream forever.
-fn frames(entries: Vec<UpEntry>, budget: usize) -> Vec<Vec<UpEntry>> {
-    let mut out = Vec::new();
-    let mut cur = Vec::new();
-    let mut size = 0usize;
-    for mut e in entries {
-        let mut n = postcard::experimental::serialized_size(&e).unwrap_or(budget);
-        if n > budget {
-            shrink(&mut e, budget / 2);
-            n = postcard::experimental::serialized_size(&e).unwrap_or(budget);
-        }
-        if size + n > budget && !cur.is_empty() {
-            out.push(std::mem::take(&mut cur));
-            size = 0;
-        }
-        size += n;
-        cur.push(e);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-/// Truncate to at most `keep` bytes, on a character boundary.
-fn cut(s: &mut String, keep: usize) {
-    let mut n = keep.min(s.len());
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    s.truncate(n);
-}
-
-fn shrink(e: &mut UpEntry, keep: usize) {
-    let note = |n: usize| format!(" [cut by the uplink: {n} bytes over the frame limit]");
-    match &mut e.item {
-        UpItem::Result(r) => {
-            match &mut r.outcome {
-                Some(Outcome::Ok(b)) if b.len() > keep => {
-                    let n = b.len();
-                    b.truncate(keep);
-                    r.error = Some(note(n).trim().to_string());
-                }
-                Some(Outcome::Failed { message, .. }) if message.len() > keep => {
-                    let n = message.len();
-                    cut(message, keep);
-                    message.push_str(&note(n));
-                }
-                Some(Outcome::Rejected { reason }) if reason.len() > keep => {
-                    let n = reason.len();
-                    cut(reason, keep);
-                    reason.push_str(&note(n));
-                }
-                _ => {}
-            }
-            if let Some(err) = &mut r.error {
-                if err.len() > keep {
-                    cut(err, keep);
-                }
-            }
-        }
-        UpItem::Event { payload, .. } if payload.len() > keep => payload.truncate(keep),
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::command::CommandId;
-
-    #[test]
-    fn a_hub_before_presence_gets_seen_under_the_same_seq() {
-        let entries = vec![UpEntry {
-            seq: 7,
-            item: UpItem::Presence {
-                device: "d0".into(),
-                online: true,
-                at: 42,
-            },
-        }];
-        let old = for_hub(entries.clone(), crate::proto::MINOR_PRESENCE - 1);
-        assert_eq!(
-            old,
-            vec![UpEntry {
-                seq: 7,
-                item: UpItem::Seen {
-                    device: "d0".into(),
-                    at: 42
-                }
-            }]
-        );
-        assert_eq!(
-            for_hub(entries.clone(), crate::proto::MINOR_PRESENCE),
-            entries
-        );
-    }
 
     #[test]
     fn urls_parse_or_say_what_is_expected() {
@@ -604,71 +454,5 @@ mod tests {
             .unwrap_err()
             .contains("unsupported scheme"));
         assert!(parse_url("quic://hub").unwrap_err().contains("HOST:PORT"));
-    }
-
-    fn event(seq: u64, n: usize) -> UpEntry {
-        UpEntry {
-            seq,
-            item: UpItem::Event {
-                device: "d".into(),
-                at: 0,
-                payload: vec![7; n],
-            },
-        }
-    }
-
-    #[test]
-    fn records_are_framed_under_the_budget_in_order_and_a_giant_is_cut() {
-        let entries: Vec<UpEntry> = (1..=100)
-            .map(|s| event(s, 100))
-            .chain([event(101, 10_000)])
-            .collect();
-        let fs = frames(entries, 2_000);
-        let seqs: Vec<u64> = fs.iter().flatten().map(|e| e.seq).collect();
-        assert_eq!(seqs, (1..=101).collect::<Vec<_>>());
-        for f in &fs {
-            let n: usize = f
-                .iter()
-                .map(|e| postcard::experimental::serialized_size(e).unwrap())
-                .sum();
-            assert!(n <= 2_000, "frame of {n} bytes");
-        }
-        let UpItem::Event { payload, .. } = &fs.last().unwrap()[0].item else {
-            panic!()
-        };
-        assert_eq!(payload.len(), 1_000);
-    }
-
-    #[test]
-    fn a_forward_keeps_its_options_and_refusals_say_whether_to_retry() {
-        let f = Forward {
-            id: CommandId(9),
-            target: "tag:line".into(),
-            priority: crate::engine::command::Priority::High,
-            payload: b"x".to_vec(),
-            ttl_ms: Some(5_000),
-            max_attempts: 3,
-            after: Some(CommandId(8)),
-            not_before: Some(77),
-            origin: "cli".into(),
-            signature: None,
-        };
-        let r = request(f);
-        assert_eq!(r.target, "tag:line");
-        assert_eq!(r.opts.ttl_ms, Some(5_000));
-        assert_eq!(r.opts.max_attempts, Some(3));
-        assert_eq!(r.opts.after, Some(CommandId(8)));
-        assert_eq!(r.origin, "upstream/cli");
-        assert!(matches!(
-            refusal(QueueError::QueueFull {
-                queued: 1,
-                limit: 1
-            }),
-            Outcome::Failed { code: 75, .. }
-        ));
-        assert!(matches!(
-            refusal(QueueError::NoRoute("x".into())),
-            Outcome::Rejected { .. }
-        ));
     }
 }

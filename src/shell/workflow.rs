@@ -8,7 +8,9 @@
 pub mod files;
 
 use crate::engine::command::{CommandId, Millis, Outcome};
-use crate::engine::workflow::{Action, Ended, Run, RunState, Workflow};
+use crate::engine::workflow::{
+    ended_from, event_end, request, step_command_id, text, Action, Ended, Run, RunState, Workflow,
+};
 use crate::shell::queue::{QueueError, QueueHandle, SendRequest};
 use crate::shell::store::Store;
 use serde::{Deserialize, Serialize};
@@ -638,54 +640,6 @@ impl Shell {
     }
 }
 
-/// A send of run `id`'s as the queue takes it: (step, its derived command
-/// id, the request unsigned, the artifact whose envelope signs it).
-/// `None` for a cancel.
-pub fn request(
-    id: CommandId,
-    a: Action,
-) -> Option<(String, CommandId, SendRequest, Option<String>)> {
-    let Action::Send {
-        step,
-        target,
-        payload,
-        opts,
-        key: _,
-        artifact,
-    } = a
-    else {
-        return None;
-    };
-    let cmd = step_command_id(id, &step);
-    let req = SendRequest {
-        target,
-        payload,
-        opts: *opts,
-        origin: "workflow".into(),
-        signature: None,
-    };
-    Some((step, cmd, req, artifact))
-}
-
-/// A final lifecycle event's end, when it says all there is to say (a
-/// step on one device); a group step's result gathers its children, so it
-/// is looked up (`None`).
-pub fn event_end(run: &Run, ev: &crate::shell::queue::LifecycleEvent) -> Option<Ended> {
-    let step = run.step_of(ev.id)?;
-    let spec = run.spec.steps.iter().find(|s| s.name == step)?;
-    if !matches!(
-        crate::engine::route::Target::parse(&spec.target),
-        Ok(crate::engine::route::Target::Device(_))
-    ) {
-        return None;
-    }
-    Some(Ended {
-        state: ev.state,
-        result: text(ev.outcome.as_ref(), ev.error.as_ref()),
-        children: None,
-    })
-}
-
 /// The digest of the artifact `spec` names on this box's shelf.
 pub(crate) fn artifact_digest(
     queue: &QueueHandle,
@@ -741,25 +695,16 @@ fn result_of(run: &Run) -> crate::engine::journal::ResultRecord {
     )
 }
 
-pub(crate) fn text(outcome: Option<&Outcome>, error: Option<&String>) -> Option<Vec<u8>> {
-    match outcome {
-        Some(Outcome::Ok(b)) => Some(b.clone()),
-        Some(Outcome::Failed { message, .. }) => Some(message.clone().into_bytes()),
-        Some(Outcome::Rejected { reason }) => Some(reason.clone().into_bytes()),
-        None => error.cloned().map(String::into_bytes),
-    }
-}
-
 /// How step command `cmd` ended, from the queue (`None`: not ended, or
 /// not to be looked up now).
 async fn ended(queue: &QueueHandle, cmd: CommandId) -> Option<Ended> {
     let v = match queue.show(cmd).await {
         Ok(v) => v,
         Err(QueueError::NotFound(_)) => {
-            // Past retention, or never taken (`jobs::UNKNOWN_TO_THE_BOX`).
+            // Past retention, or never taken (`workflow::UNKNOWN_TO_THE_BOX`).
             crate::shell::queue::CommandView {
                 state: crate::State::Expired,
-                error: Some(crate::shell::jobs::UNKNOWN_TO_THE_BOX.into()),
+                error: Some(crate::engine::workflow::UNKNOWN_TO_THE_BOX.into()),
                 ..placeholder(cmd)
             }
         }
@@ -780,57 +725,6 @@ async fn ended(queue: &QueueHandle, cmd: CommandId) -> Option<Ended> {
         });
     }
     ended_from(&v, &texts)
-}
-
-/// How a step's command ended, from the box's view of it (`None`: not
-/// yet). A broadcast's result is each child's (`child_results`, in the
-/// order of `v.children`), one line per device, and its children that
-/// succeeded are counted for the step's `min_success`. The runner and the
-/// simulation both call this.
-pub fn ended_from(
-    v: &crate::shell::queue::CommandView,
-    child_results: &[Vec<u8>],
-) -> Option<Ended> {
-    if !v.state.is_final() {
-        return None;
-    }
-    let result = if v.children.is_empty() {
-        text(v.outcome.as_ref(), v.error.as_ref())
-    } else {
-        let mut out = Vec::new();
-        for (i, c) in v.children.iter().enumerate() {
-            out.extend_from_slice(c.device.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(child_results.get(i).map_or(&[][..], Vec::as_slice));
-            out.push(b'\n');
-        }
-        Some(out)
-    };
-    let children = (!v.children.is_empty()).then(|| {
-        let ok = v
-            .children
-            .iter()
-            .filter(|c| c.state == crate::State::Succeeded)
-            .count() as u32;
-        (ok, v.children.len() as u32)
-    });
-    Some(Ended {
-        state: v.state,
-        result,
-        children,
-    })
-}
-
-/// The command id of step `step` of run `run`: the run's millisecond and a
-/// digest of (run, step), so it is the same at every attempt to send it.
-pub fn step_command_id(run: CommandId, step: &str) -> CommandId {
-    let mut input = run.0.to_be_bytes().to_vec();
-    input.extend_from_slice(step.as_bytes());
-    let d = ring::digest::digest(&ring::digest::SHA256, &input);
-    let mut r = [0u8; 16];
-    r[6..].copy_from_slice(&d.as_ref()[..10]);
-    let ms = (run.0 >> 80) as u64;
-    CommandId::new(ms, u128::from_be_bytes(r))
 }
 
 fn placeholder(id: CommandId) -> crate::shell::queue::CommandView {

@@ -13,7 +13,7 @@
 
 use crate::engine::command::{CommandId, DeviceId};
 use crate::engine::journal::{Cursor, Entry, ResultRecord, UpEntry};
-use crate::shell::store::{DeviceRecord, Group, GroupWrite};
+use crate::engine::journal::{DeviceRecord, Group, GroupWrite};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Everything the store keeps that replay reads back.

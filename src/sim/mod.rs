@@ -24,13 +24,13 @@ pub mod shrink;
 mod workflows;
 
 use crate::engine::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::engine::journal::DeviceRecord;
 use crate::engine::journal::{Entry, UpEntry};
+use crate::engine::queue::core::{forward_of, replay_start, strip_payloads, ReplayOutbox};
 use crate::engine::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore, Relabel};
 use crate::engine::queue::{LifecycleEvent, SendRequest};
 use crate::engine::route::{Acl, AclRule, GATEWAY_TAG};
 use crate::proto::Forward;
-use crate::shell::queue::service::{forward_of, replay_start, strip_payloads, ReplayOutbox};
-use crate::shell::store::DeviceRecord;
 use disk::{Batch, SimDisk};
 pub use rng::Rng;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -1170,7 +1170,7 @@ impl World {
                 let r =
                     self.nodes[e]
                         .core
-                        .send_as(Some(id), crate::shell::upstream::request(*f), now);
+                        .send_as(Some(id), crate::engine::uplink::request(*f), now);
                 if !self.round(e) {
                     return;
                 }
@@ -1184,7 +1184,7 @@ impl World {
                         Msg::Ack {
                             id,
                             attempt: None,
-                            outcome: crate::shell::upstream::refusal(err),
+                            outcome: crate::engine::uplink::refusal(err),
                         }
                     }
                 };

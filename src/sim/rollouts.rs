@@ -19,11 +19,11 @@ use crate::engine::command::{CommandId, Millis, Outcome, State};
 use crate::engine::queue::core::Lookup;
 use crate::engine::queue::LifecycleEvent;
 use crate::engine::rollout::plan::resolve;
+use crate::engine::rollout::{feed, request};
 use crate::engine::rollout::{
     AbortRule, Action, Canary, DeviceState, End, FailKind, Plan, Rate, Rollout, RolloutState, Size,
 };
-use crate::shell::rollout::{feed, request};
-use crate::shell::workflow::step_command_id;
+use crate::engine::workflow::step_command_id;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -298,7 +298,7 @@ impl World {
                     State::Expired,
                     0,
                     None,
-                    Some(crate::shell::jobs::UNKNOWN_TO_THE_BOX.into()),
+                    Some(crate::engine::workflow::UNKNOWN_TO_THE_BOX.into()),
                 ),
             };
             if ev.state != State::Queued {

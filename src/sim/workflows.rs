@@ -22,8 +22,8 @@ use super::{Sent, World};
 use crate::engine::command::{CommandId, Millis, State};
 use crate::engine::queue::core::Lookup;
 use crate::engine::queue::LifecycleEvent;
+use crate::engine::workflow::{ended_from, event_end, request, step_command_id, text};
 use crate::engine::workflow::{Action, Ended, MinSuccess, Run, RunState, StepState, Workflow};
-use crate::shell::workflow::{ended_from, event_end, request, step_command_id, text};
 
 /// Runs started on one box at once, at most.
 const MAX_ACTIVE: usize = 2;
@@ -271,7 +271,11 @@ impl World {
                 }
                 Lookup::NotFound => Ended {
                     state: State::Expired,
-                    result: Some(crate::shell::jobs::UNKNOWN_TO_THE_BOX.as_bytes().to_vec()),
+                    result: Some(
+                        crate::engine::workflow::UNKNOWN_TO_THE_BOX
+                            .as_bytes()
+                            .to_vec(),
+                    ),
                     children: None,
                 },
             };

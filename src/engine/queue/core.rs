@@ -32,7 +32,9 @@ mod round;
 mod routing;
 mod views;
 
+pub(crate) use delivery::forward_of;
 use keys::KeyUse;
+pub(crate) use replay::{replay_start, strip_payloads, ReplayOutbox};
 pub use round::{JournalSource, Round, Sealed};
 pub use views::summarize;
 

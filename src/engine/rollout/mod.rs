@@ -38,7 +38,10 @@
 //!   `health`, a health report after the command must then say healthy
 //!   within that time (`verifying` meanwhile; no report is `timed_out`).
 
+mod commands;
 pub mod plan;
+
+pub use commands::{end_of, feed, request};
 
 pub use plan::{AbortRule, Canary, EdgePlan, FailKind, Plan, PlanError, Rate, Size, Split};
 

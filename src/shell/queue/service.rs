@@ -13,9 +13,10 @@ use crate::engine::command::{Command, CommandId, DeviceId, Millis, Outcome, Prio
 use crate::engine::journal::{Entry, ResultRecord};
 use crate::engine::queue::core::JournalSource;
 use crate::engine::queue::core::{
-    CoreReply, CoreRequest, DeliverEffect, Effects, Limits, Lookup, QueueCore,
+    forward_of, replay_start, strip_payloads, CoreReply, CoreRequest, Effects, Limits, Lookup,
+    QueueCore, ReplayOutbox,
 };
-use crate::shell::store::{DeviceRecord, Group, GroupWrite, Store, StoreError};
+use crate::shell::store::{DeviceRecord, GroupWrite, Store, StoreError};
 use lru::LruCache;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -372,31 +373,6 @@ pub fn open(store: Store, opts: ServiceOptions) -> Result<QueueHandle, StoreErro
     })
 }
 
-/// What a delivery of command `c` becomes on the link: a `Forward` for a
-/// command through a box below (`edge-1/…`), or the command back for a
-/// device. Shared with the simulation so both shells forward alike.
-pub(crate) fn forward_of(
-    d: &DeliverEffect,
-    c: Command,
-    now: Millis,
-) -> Result<crate::proto::Forward, Box<Command>> {
-    match crate::engine::route::Target::parse(&c.target) {
-        Ok(crate::engine::route::Target::Edge { rest, .. }) => Ok(crate::proto::Forward {
-            id: d.id,
-            target: rest.to_string(),
-            priority: d.priority,
-            ttl_ms: d.deadline.map(|t| t.saturating_sub(now).max(1)),
-            max_attempts: c.max_attempts,
-            after: c.after,
-            not_before: c.not_before,
-            origin: c.origin,
-            signature: c.signature,
-            payload: c.payload,
-        }),
-        _ => Err(Box::new(c)),
-    }
-}
-
 /// Lifecycle events buffered for slow watchers before they start to lag.
 const EVENT_BUFFER: usize = 16 * 1024;
 /// Decoded journal groups kept for delivery (payload reads).
@@ -474,73 +450,6 @@ fn rebuild(store: &Store, opts: &ServiceOptions) -> Result<QueueCore, StoreError
         "queue rebuilt from the store"
     );
     Ok(core)
-}
-
-/// The outbox as a store holds it at start.
-pub(crate) struct ReplayOutbox {
-    pub max: u64,
-    pub next_seq: u64,
-    pub groups: Vec<(u64, Vec<crate::engine::journal::UpEntry>)>,
-}
-
-/// The first half of a restart, before the journal groups: devices, the
-/// hub's per-edge cursors and pending cancels, and the outbox. Shared with
-/// the simulation, so a simulated restart rebuilds in the order a real one
-/// does; the groups then go to `replay_group` and the end to
-/// `replay_last_seq` + `finish_replay`.
-pub(crate) fn replay_start(
-    core: &mut QueueCore,
-    devices: impl IntoIterator<Item = DeviceRecord>,
-    cursors: impl IntoIterator<Item = (DeviceId, crate::engine::journal::Cursor)>,
-    cancel_marks: impl IntoIterator<Item = CommandId>,
-    outbox: Option<ReplayOutbox>,
-    now: Millis,
-) {
-    for d in devices {
-        core.replay_device(d);
-    }
-    for (edge, cursor) in cursors {
-        core.replay_cursor(edge, cursor);
-    }
-    for id in cancel_marks {
-        core.replay_cancelling(id);
-    }
-    if let Some(o) = outbox {
-        core.enable_outbox(o.max);
-        core.replay_outbox_seq(o.next_seq);
-        for (seq, entries) in o.groups {
-            core.replay_outbox(seq, &entries, now);
-        }
-    }
-}
-
-/// Drop what replay does not use: payloads (read again from the journal
-/// when delivered) and the commands and outcomes kept in results. A
-/// command with an idempotency key keeps its payload: replay digests it, so
-/// a reuse of the key for another payload is still refused after a restart.
-pub(crate) fn strip_payloads(g: &mut Group) {
-    match g {
-        Group::Journal(_, entries) => {
-            for e in entries {
-                let c = match e {
-                    Entry::Enqueued(e) => &mut e.command,
-                    Entry::Broadcast(b) => &mut b.command,
-                    Entry::Requeued { .. } => continue,
-                };
-                if c.key.is_none() {
-                    c.payload = Vec::new();
-                }
-            }
-        }
-        Group::Results(_, records) => {
-            for r in records {
-                if r.key.is_none() {
-                    r.command = None;
-                }
-                r.outcome = None;
-            }
-        }
-    }
 }
 
 /// The writer's journal groups: its LRU of decoded groups over the store.

@@ -3,9 +3,10 @@
 //! Each take runs as a task of the session, in the command's lane
 //! ([`super::lanes`]): frames about one command are taken one at a time.
 
-use super::{request, FROM_UPSTREAM, STAGE};
+use super::STAGE;
 use crate::device;
 use crate::engine::command::{CommandId, Outcome};
+use crate::engine::uplink::{request, FROM_UPSTREAM};
 use crate::proto::Forward;
 use crate::shell::jobs::Runners;
 use crate::shell::queue::{QueueError, QueueHandle};

@@ -265,3 +265,29 @@ impl QueueCore {
         }
     }
 }
+
+/// What a delivery of command `c` becomes on the link: a `Forward` for a
+/// command through a box below (`edge-1/…`), or the command back for a
+/// device. The writer and the simulation both
+/// forward through it.
+pub(crate) fn forward_of(
+    d: &DeliverEffect,
+    c: Command,
+    now: Millis,
+) -> Result<crate::proto::Forward, Box<Command>> {
+    match crate::engine::route::Target::parse(&c.target) {
+        Ok(crate::engine::route::Target::Edge { rest, .. }) => Ok(crate::proto::Forward {
+            id: d.id,
+            target: rest.to_string(),
+            priority: d.priority,
+            ttl_ms: d.deadline.map(|t| t.saturating_sub(now).max(1)),
+            max_attempts: c.max_attempts,
+            after: c.after,
+            not_before: c.not_before,
+            origin: c.origin,
+            signature: c.signature,
+            payload: c.payload,
+        }),
+        _ => Err(Box::new(c)),
+    }
+}

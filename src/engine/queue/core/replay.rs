@@ -276,3 +276,70 @@ impl QueueCore {
         self.outbox.replay(group, entries, now);
     }
 }
+
+/// The outbox as a store holds it at start.
+pub(crate) struct ReplayOutbox {
+    pub max: u64,
+    pub next_seq: u64,
+    pub groups: Vec<(u64, Vec<crate::engine::journal::UpEntry>)>,
+}
+
+/// The first half of a restart, before the journal groups: devices, the
+/// hub's per-edge cursors and pending cancels, and the outbox. Shared with
+/// the simulation, so a simulated restart rebuilds in the order a real one
+/// does; the groups then go to `replay_group` and the end to
+/// `replay_last_seq` + `finish_replay`.
+pub(crate) fn replay_start(
+    core: &mut QueueCore,
+    devices: impl IntoIterator<Item = DeviceRecord>,
+    cursors: impl IntoIterator<Item = (DeviceId, crate::engine::journal::Cursor)>,
+    cancel_marks: impl IntoIterator<Item = CommandId>,
+    outbox: Option<ReplayOutbox>,
+    now: Millis,
+) {
+    for d in devices {
+        core.replay_device(d);
+    }
+    for (edge, cursor) in cursors {
+        core.replay_cursor(edge, cursor);
+    }
+    for id in cancel_marks {
+        core.replay_cancelling(id);
+    }
+    if let Some(o) = outbox {
+        core.enable_outbox(o.max);
+        core.replay_outbox_seq(o.next_seq);
+        for (seq, entries) in o.groups {
+            core.replay_outbox(seq, &entries, now);
+        }
+    }
+}
+
+/// Drop what replay does not use: payloads (read again from the journal
+/// when delivered) and the commands and outcomes kept in results. A
+/// command with an idempotency key keeps its payload: replay digests it, so
+/// a reuse of the key for another payload is still refused after a restart.
+pub(crate) fn strip_payloads(g: &mut Group) {
+    match g {
+        Group::Journal(_, entries) => {
+            for e in entries {
+                let c = match e {
+                    Entry::Enqueued(e) => &mut e.command,
+                    Entry::Broadcast(b) => &mut b.command,
+                    Entry::Requeued { .. } => continue,
+                };
+                if c.key.is_none() {
+                    c.payload = Vec::new();
+                }
+            }
+        }
+        Group::Results(_, records) => {
+            for r in records {
+                if r.key.is_none() {
+                    r.command = None;
+                }
+                r.outcome = None;
+            }
+        }
+    }
+}

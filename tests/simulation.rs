@@ -201,7 +201,7 @@ fn a_copied_ack_of_an_earlier_attempt_is_dropped_as_stale() {
 /// succeeded names its device by the whole path on every box above). Found:
 /// the middle box amended its record of an end from below after the outbox
 /// had copied it, so the top showed `edge-1/sub-1` as the device
-/// (`core_tests::a_middle_box_passes_up_the_device_and_children_its_edge_reported`).
+/// (`engine::queue::core::tests::a_middle_box_passes_up_the_device_and_children_its_edge_reported`).
 #[test]
 fn a_hub_above_a_hub_keeps_every_invariant_on_every_tier() {
     let cfg = Config {

@@ -690,7 +690,7 @@ async fn artifact(
     req: AdminRequest,
 ) -> Result<AdminResponse, QueueError> {
     use crate::engine::artifact::{ArtifactSpec, Digest, Manifest};
-    use crate::shell::queue::service::shelf_error;
+    use crate::shell::queue::shelf_error;
     tokio::task::spawn_blocking(move || match req {
         AdminRequest::ArtifactLacks { manifest } => {
             let m = Manifest::decode(&manifest).map_err(|e| QueueError::BadRequest(e.to_string()))?;

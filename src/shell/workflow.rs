@@ -650,7 +650,7 @@ pub(crate) fn artifact_digest(
     queue
         .shelf()
         .resolve(&spec)
-        .map_err(crate::shell::queue::service::shelf_error)
+        .map_err(crate::shell::queue::shelf_error)
 }
 
 /// The envelope a command the box sends itself (a workflow step, a

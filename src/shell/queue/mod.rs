@@ -10,6 +10,7 @@
 //!   notes waiting for a round, retention).
 
 pub mod audit;
+mod handle;
 pub mod json;
 pub mod progress;
 pub mod service;
@@ -17,4 +18,5 @@ mod stall;
 
 pub use crate::engine::queue::api::*;
 pub use crate::engine::queue::core::{default_reserve, Limits, QueueCore, DEFAULT_MIN_FREE_DISK};
-pub use service::{open, DeliveredCommand, Delivery, DeviceSession, QueueHandle, ServiceOptions};
+pub use handle::{shelf_error, AuditVerdict, DeviceSession, QueueHandle};
+pub use service::{open, DeliveredCommand, Delivery, ServiceOptions};

@@ -65,33 +65,87 @@ pub const AGENT: &str = concat!("outpost-agent/", env!("CARGO_PKG_VERSION"));
 /// do; [`ClientError::is_permanent`] tells whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The bundle's certificate, key or CA cannot make a TLS configuration;
+    /// a new bundle is needed (permanent).
     #[error(transparent)]
     Bundle(#[from] IdentityError),
+    /// The box's address (the bundle's `server =`, or
+    /// `ConnectOptions::server`) is not `host:port` or does not resolve.
     #[error("cannot resolve the box address `{addr}`: {detail}; check the `server =` line of the bundle or pass --server HOST:PORT")]
-    Resolve { addr: String, detail: String },
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// Why it did not resolve.
+        detail: String,
+    },
+    /// No local UDP socket could be bound for the QUIC endpoint.
     #[error("cannot open a UDP socket: {0}")]
     Socket(std::io::Error),
+    /// The box sent a TLS alert: the device is revoked, its certificate
+    /// expired or superseded, or issued by another CA. The text says which
+    /// and what to do (permanent).
     #[error("the box refused this device at the TLS handshake: {0}")]
     Refused(String),
+    /// TLS failed on this side, mostly because the box's certificate is not
+    /// from the bundle's CA: `server =` names another box (permanent).
     #[error("TLS with the box failed: {0}")]
     Tls(String),
+    /// No handshake and `Welcome` within `ConnectOptions::connect_timeout`.
     #[error("no answer from the box at {addr} within {secs} s; is `outpost serve` running there and UDP open?")]
-    Timeout { addr: SocketAddr, secs: u64 },
+    Timeout {
+        /// The address tried.
+        addr: SocketAddr,
+        /// The timeout, in whole seconds (at least 1).
+        secs: u64,
+    },
+    /// Nothing heard from the box for `ConnectOptions::idle_timeout`; it
+    /// is gone or the network is. Reconnect.
     #[error("the box at {addr} stopped answering (QUIC idle timeout); the link is retried")]
-    Silent { addr: SocketAddr },
+    Silent {
+        /// The box's address.
+        addr: SocketAddr,
+    },
+    /// The box sent a fatal `Error` frame, in answer to `Hello` or later.
+    /// Permanent for `Revoked`, `NotEnrolled` and `UnsupportedVersion`.
     #[error("the box ended the connection: {code}: {message}")]
-    Rejected { code: ErrorCode, message: String },
+    Rejected {
+        /// The frame's code.
+        code: ErrorCode,
+        /// The box's text.
+        message: String,
+    },
+    /// The connection was closed with an application close code (revoked,
+    /// replaced, box shutting down, bundle in use elsewhere, superseded),
+    /// or locally.
     #[error("the box closed the connection ({what})")]
     Closed {
+        /// What happened and what to do, in outpost terms.
         what: String,
+        /// The QUIC close code (see `proto::close_code`); `None` when this
+        /// side closed it.
         close_code: Option<u64>,
     },
+    /// The connection could not be started or ended for another reason
+    /// (reset, transport error, the box's stream ended before it answered).
+    /// Reconnect.
     #[error("the connection to the box was lost: {0}")]
     Lost(String),
+    /// The box sent what the protocol does not allow (a second `Welcome`,
+    /// an answer to no request, another major version), or a request
+    /// needs a newer box than this one.
     #[error("the box broke the protocol: {0}")]
     Protocol(String),
+    /// The box refused a `Send` or `Query` (no route, forbidden, full, not
+    /// found, …). The connection stays up.
     #[error("the box refused the request: {code}: {message}")]
-    SendRefused { code: ErrorCode, message: String },
+    SendRefused {
+        /// Why, as a code.
+        code: ErrorCode,
+        /// The box's text.
+        message: String,
+    },
+    /// A frame could not be written or read (too large, undecodable, a
+    /// stream error) while the connection gave no close reason.
     #[error(transparent)]
     Frame(#[from] FrameError),
 }
@@ -258,8 +312,12 @@ impl Default for ConnectOptions {
 /// A command received from the box.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReceivedCommand {
+    /// The command's id, the same on every delivery: what to dedupe by and
+    /// to ack.
     pub id: CommandId,
+    /// The priority it was sent with; the box already delivers by it.
     pub priority: Priority,
+    /// What to run, as the sender sent it; opaque to outpost.
     pub payload: Vec<u8>,
     /// 1-based delivery attempt.
     pub attempt: u32,
@@ -284,7 +342,12 @@ pub enum Received {
     /// Stop this command if it is still running; do not ack it.
     Cancel(CommandId),
     /// A non-fatal error from the box (e.g. `NotYourCommand`).
-    Error { code: ErrorCode, message: String },
+    Error {
+        /// The frame's code.
+        code: ErrorCode,
+        /// The box's text.
+        message: String,
+    },
     /// To a gateway (an edge box): a command for a target below it.
     Forward(Box<proto::Forward>),
     /// To a gateway: the hub stored its outbox up to this seq.
@@ -311,6 +374,7 @@ pub struct Sender {
 /// A command this device sent, as the box accepted it (durably).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sent {
+    /// Its id on the box, for `query`.
     pub id: CommandId,
     /// Its idempotency key matched an earlier command, whose id this is.
     pub duplicate: bool,
@@ -319,9 +383,15 @@ pub struct Sent {
 /// Where a command this device sent stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandStatus {
+    /// The command asked about.
     pub id: CommandId,
+    /// Queued, delivered (which attempt), or how it ended.
     pub state: State,
+    /// What its target answered; `None` until it has, or when the box
+    /// ended it first.
     pub outcome: Option<Outcome>,
+    /// Why the box ended it when its target did not (expired, cancelled,
+    /// a failed dependency, …); `None` otherwise.
     pub error: Option<String>,
 }
 

@@ -86,47 +86,114 @@ const BACKDATE: Duration = Duration::from_secs(3600);
 /// the file involved and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// Reading or writing a file or directory failed.
     #[error("cannot access {path}: {source}; check that it exists and that this user may read and write it")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// `Identity::load` found no CA certificate: `outpost init` (or a first
+    /// `serve`) has not run in this data dir.
     #[error("no CA in {dir}: run `outpost init --data-dir {}` first (or start `outpost serve`, which creates one)", .dir.parent().unwrap_or(.dir).display())]
-    NotInitialised { dir: PathBuf },
+    NotInitialised {
+        /// The `tls/` dir that should hold it.
+        dir: PathBuf,
+    },
+    /// Both CA files are gone from a data dir that holds a store: the
+    /// store's devices trust only that CA, so none is made (see
+    /// `Identity::check_ca_present`).
     #[error("{} is missing ({missing}) but this data dir holds a store ({}) whose devices were enrolled under it; a new CA would lock every one of them out, so none is created. Restore {} from a backup of this box and start again. Only if this box is truly new and holds nothing worth keeping, move {} aside (the next start then creates a new CA, and every device must be enrolled again)", .tls.display(), .db.display(), .tls.display(), .db.display())]
     CaMissing {
+        /// The `tls/` dir.
         tls: PathBuf,
+        /// The store's dir.
         db: PathBuf,
+        /// Which files are missing, as text for the message.
         missing: String,
     },
+    /// The CA on disk is not the one the store recorded at its first start
+    /// (a `tls/` from another box): its devices would all be refused.
     #[error("{} is not the CA of this box's store (its SHA-256 starts {found}, the store's CA {expected}): the devices enrolled in the store trust only theirs, so this one would lock every one of them out. Restore {} from a backup of this box and start again. Only if the store should start over under this CA, move {} aside (every device must then be enrolled again)", .tls.join(CA_CERT).display(), .tls.display(), .db.display())]
     CaMismatch {
+        /// The `tls/` dir.
         tls: PathBuf,
+        /// The store's dir.
         db: PathBuf,
+        /// The first 8 bytes, in hex, of the SHA-256 the store recorded.
         expected: String,
+        /// The same of the CA certificate on disk.
         found: String,
     },
+    /// A key, certificate or key file of the box exists but cannot be used
+    /// (bad PEM, not outpost's CA, a key without its certificate, …).
     #[error("{path} is unusable: {detail}; restore it from a backup, or move {dir} aside and run `outpost init` again (every device must then be enrolled again)", dir = .path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A device id breaks the rules of `validate_device_id`.
     #[error("`{id}` is not a valid device id: {reason}")]
-    BadDeviceId { id: String, reason: &'static str },
+    BadDeviceId {
+        /// The id as given.
+        id: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A `--san` name for the server certificate is neither a DNS name nor
+    /// an IP address.
     #[error(
         "bad subject alternative name `{name}`: {detail}; pass DNS names or IP addresses to --san"
     )]
-    BadSan { name: String, detail: String },
+    BadSan {
+        /// The name as given.
+        name: String,
+        /// Why it cannot go in a certificate.
+        detail: String,
+    },
+    /// A box address is not `host:port` (see `validate_server_addr`).
     #[error("bad server address `{addr}`: expected host:port (for example box.local:7443 or [fd00::1]:7443)")]
-    BadServerAddr { addr: String },
+    BadServerAddr {
+        /// The address as given.
+        addr: String,
+    },
+    /// A bundle cannot be parsed or used (bad header, wrong PEM blocks, an
+    /// id that is not its certificate's, a CA or key rustls refuses, bad
+    /// trust anchors). A new bundle from `outpost enroll` is the fix.
     #[error("{source_name} is not a usable outpost bundle: {detail}; create a new one with `outpost enroll <device-id> --out FILE` on the box")]
-    Bundle { source_name: String, detail: String },
+    Bundle {
+        /// Where it came from: the file path given to `Bundle::parse`, or
+        /// "the bundle of `ID`".
+        source_name: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A certificate that verified carries no `urn:outpost:device:` SAN
+    /// URI, so it names no device; it was not issued by `outpost enroll`.
     #[error("the certificate carries no outpost device id (no SAN URI {DEVICE_URI_PREFIX}<id>); it was not issued by `outpost enroll`")]
     NoDeviceId,
+    /// A device certificate is not X.509 that parses, or names more than
+    /// one device.
     #[error("the certificate cannot be parsed: {0}")]
     BadCertificate(String),
+    /// A path a secret file (a bundle) is to be written to is refused: a
+    /// link, a directory, a fifo or device node, an existing file without
+    /// `replace`, or a directory it cannot be created in.
     #[error("{path} {why}")]
-    OutPath { path: PathBuf, why: String },
+    OutPath {
+        /// The path as given.
+        path: PathBuf,
+        /// The rest of the sentence after the path: why, and what to do.
+        why: String,
+    },
+    /// rcgen could not make a key or a certificate.
     #[error("could not create a certificate: {0}")]
     Generate(String),
+    /// rustls refused the configuration built from the box's certificates.
     #[error("could not build the TLS configuration: {0}")]
     Tls(String),
 }
@@ -347,7 +414,12 @@ impl fmt::Debug for Identity {
 /// Validity of a certificate to issue.
 #[derive(Clone, Copy, Debug)]
 pub struct Validity {
+    /// The first instant it is valid. Devices' clocks may be behind the
+    /// box's: `for_duration` backdates it an hour.
     pub not_before: SystemTime,
+    /// The last instant it is valid: past it the box refuses a device
+    /// certificate at the handshake ("certificate expired"). Written as at
+    /// most 250 years after the Unix epoch.
     pub not_after: SystemTime,
 }
 
@@ -413,6 +485,10 @@ pub fn server_sans(extra: &[String]) -> Vec<String> {
     names
 }
 
+/// This machine's hostname, when a certificate can carry it as a DNS name
+/// (ASCII letters, digits, `.` and `-`); `None` for any other name or when
+/// `gethostname` fails. The server certificate carries it; its first label
+/// is also the default name of the box and of an edge.
 pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at most
@@ -859,7 +935,6 @@ impl Identity {
         &self.ca_cert_der
     }
 
-    /// The directory the certificates live in.
     /// The QUIC stateless-reset key, made once and kept: a box restarted
     /// after a crash or a power cut then answers its old connections' next
     /// packet with a reset they accept, so devices reconnect at once instead
@@ -883,6 +958,7 @@ impl Identity {
         }
     }
 
+    /// The directory the certificates live in (`DATA_DIR/tls`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -22,6 +22,10 @@
 
 // Every write to stdout goes through `stdout` (a closed pipe ends quietly).
 #![warn(clippy::print_stdout)]
+// The device library is an API for embedders (the crate without `box`):
+// every public item of it is documented. The box's modules are public for
+// the binary, the tests and the simulation, not as an API.
+#![cfg_attr(not(feature = "box"), warn(missing_docs))]
 
 #[cfg(feature = "box")]
 pub mod bench;

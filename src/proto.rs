@@ -22,7 +22,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// A protocol version, `major.minor`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Version {
+    /// Changes only when an existing message's layout changes; peers of
+    /// different majors cannot talk.
     pub major: u16,
+    /// Counts the message variants appended within the major; a side sends
+    /// a variant only to a peer whose minor knows it.
     pub minor: u16,
 }
 
@@ -98,6 +102,8 @@ pub const DEFAULT_WINDOW: u32 = 32;
 pub enum DeviceFrame {
     /// First frame on the control stream.
     Hello {
+        /// The version the device speaks: the box refuses another major
+        /// (`UnsupportedVersion`) and sends only what this minor knows.
         version: Version,
         /// Free text naming the agent, e.g. `outpost-agent/0.1.0`.
         agent: String,
@@ -107,9 +113,21 @@ pub enum DeviceFrame {
         caps: Vec<String>,
     },
     /// The outcome of a command delivered to this device.
-    Ack { id: CommandId, outcome: Outcome },
+    Ack {
+        /// The command this ack ends, as the box sent it in `Command` (or,
+        /// from a gateway, in `Forward`). Ends whichever attempt is in
+        /// flight; one not in flight is `NotYourCommand`.
+        id: CommandId,
+        /// What came of it: `Ok` ends it succeeded, `Failed` is retried
+        /// while attempts remain, `Rejected` is final. From a gateway,
+        /// `Rejected` or `Failed` says it could not take a `Forward`.
+        outcome: Outcome,
+    },
     /// Telemetry or any other unsolicited data for the box.
     Event {
+        /// Opaque to the box, which hands it on with the device id and the
+        /// time it arrived (dropped when the consumer is behind). A health
+        /// report is JSON (docs/PROTOCOL.md §4).
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
@@ -117,44 +135,82 @@ pub enum DeviceFrame {
     /// ACL). Answered, in the order of `Send`s and `Query`s, by `Sent` or
     /// `Refused` (since 1.1).
     Send {
+        /// The target: a device id (`dev-8`), `tag:NAME` or `cap:NAME`;
+        /// the box's ACL decides whether this device may address it.
         to: String,
+        /// The command's payload, handed unchanged to the target's handler.
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
+        /// Priority, ttl, attempts, idempotency key, dependency and earliest
+        /// delivery; each `None` takes the box's default. The origin is
+        /// always this device, never a field.
         opts: SendOptions,
     },
     /// Liveness probe; answered with `Pong`.
     Ping,
     /// The state of a command this device sent (since 1.1); answered by
     /// `Status` or `Refused{NotFound}`.
-    Query { id: CommandId },
+    Query {
+        /// A command this device sent, as `Sent` named it; one sent by
+        /// anyone else, or past retention, is `Refused{NotFound}`.
+        id: CommandId,
+    },
     /// Gateway only (since 1.2): records of the edge's outbox, in seq
     /// order. Answered by `UpAck` once the hub has stored them.
-    Up { entries: Vec<UpEntry> },
+    Up {
+        /// Outbox records, seq ascending. The hub applies each once (it
+        /// skips a seq at or below its cursor for this edge); a batch it
+        /// cannot store is answered by a non-fatal `Error` instead, and the
+        /// edge sends it again later.
+        entries: Vec<UpEntry>,
+    },
     /// Gateway only (since 1.2): a `Forward`ed command is durable in the
     /// edge's queue (`duplicate`: it already was). Its end comes later, as
     /// an `Up` result.
-    Accepted { id: CommandId, duplicate: bool },
+    Accepted {
+        /// The `Forward`'s id, under which the edge queued the command.
+        /// Takes it out of the gateway's window on the hub.
+        id: CommandId,
+        /// The edge already had this id (a resend after a drop or a
+        /// restart) and queued nothing; the hub treats both alike.
+        duplicate: bool,
+    },
     /// Since 1.3: how far the fetch of the artifact a delivered command
     /// names has got (`bytes` of `total` on the device). At most about
     /// once a second, and once at the end; never answered.
     Progress {
+        /// The delivered command whose artifact is being fetched (from a
+        /// gateway, the `Forward`'s id). One for a command not fetching on
+        /// this connection is ignored.
         id: CommandId,
+        /// Bytes of the file on the device so far: chunks already cached
+        /// plus those fetched.
         bytes: u64,
+        /// The file's size in bytes (the manifest's `size`).
         total: u64,
     },
     /// Since 1.4: the outcome of one attempt of a delivered command (the
     /// `attempt` of the `Command` it answers). Only the attempt in flight
     /// ends the command; an earlier attempt's is dropped as stale.
     AckAttempt {
+        /// The command this ack ends, as the box sent it in `Command`.
         id: CommandId,
+        /// The `attempt` of the `Command` this answers; an ack of any
+        /// other attempt than the one in flight is dropped.
         attempt: u32,
+        /// What came of it: `Ok` ends it succeeded, `Failed` is retried
+        /// while attempts remain, `Rejected` is final.
         outcome: Outcome,
     },
     /// Gateway only (since 1.6), before its first `Up` of a session: the
     /// epoch of the edge's database, which its outbox seqs count in. Never
     /// answered; a hub whose cursor names another epoch applies this
     /// outbox from its start and forwards again what it had handed down.
-    UpFrom { epoch: u64 },
+    UpFrom {
+        /// A random number minted with the edge's database and renewed by
+        /// `outpost restore`: a new one means seqs started again.
+        epoch: u64,
+    },
 }
 
 impl DeviceFrame {
@@ -184,17 +240,30 @@ pub enum BoxFrame {
     /// Answer to `Hello`: the box's version, the device id from the verified
     /// certificate, and how many commands may be unacked at once.
     Welcome {
+        /// The box's own version (`VERSION`); the device sends only what
+        /// this minor knows (e.g. `AckAttempt` from 1.4).
         version: Version,
+        /// The id in the device's certificate (its `urn:outpost:device:`
+        /// URI): the one the box knows it by, never taken from a frame.
         device_id: String,
+        /// Most commands delivered and not yet acked at once; acking one
+        /// lets the next come.
         window: u32,
     },
     /// A command to run. `attempt` is 1-based; a redelivery after a
     /// reconnect carries the same `id`.
     Command {
+        /// The command's ULID, the same on every delivery: a device that
+        /// has seen it acks again with the first outcome rather than run it
+        /// twice.
         id: CommandId,
+        /// The priority it was queued with; the box delivers highest first,
+        /// FIFO within one.
         priority: Priority,
+        /// The sender's payload, unchanged, for the device's handler.
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
+        /// Which delivery this is, from 1; `AckAttempt` names it back.
         attempt: u32,
         /// Absolute instant (ms since the Unix epoch) after which the result
         /// is no longer wanted.
@@ -204,22 +273,53 @@ pub enum BoxFrame {
         signature: Option<Vec<u8>>,
     },
     /// Stop working on this command if still running; do not ack it.
-    Cancel { id: CommandId },
+    Cancel {
+        /// A command delivered to this device (an ack after the cancel gets
+        /// a harmless `NotYourCommand`); to a gateway, one forwarded to it,
+        /// whose end then comes up as an `Up` result.
+        id: CommandId,
+    },
     /// Something went wrong; see the code. Fatal codes are followed by the
     /// connection closing.
-    Error { code: ErrorCode, message: String },
+    Error {
+        /// What went wrong; `ErrorCode::is_fatal` says whether the
+        /// connection closes after it.
+        code: ErrorCode,
+        /// For people: the details, and what to do.
+        message: String,
+    },
     /// Answer to `Ping`.
     Pong,
     /// A `Send` was accepted and is durable: its command id (`duplicate`:
     /// its idempotency key matched an earlier command, whose id this is).
-    Sent { id: CommandId, duplicate: bool },
+    Sent {
+        /// The id the command is stored under, for `Query`.
+        id: CommandId,
+        /// The `Send`'s idempotency key matched an earlier command from
+        /// this device; nothing new was queued and `id` is that command's.
+        duplicate: bool,
+    },
     /// A `Send` or `Query` was refused; the code says why (not fatal).
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// Why: `Forbidden`, `NoRoute`, `Full`, `BadRequest`, `NotFound`
+        /// (or `Internal`, `ShuttingDown` when the box failed to store it).
+        code: ErrorCode,
+        /// For people: the details, and what to do.
+        message: String,
+    },
     /// Answer to `Query`.
     Status {
+        /// The command asked about, as in the `Query`.
         id: CommandId,
+        /// Where it is now: queued, delivered (which attempt) or how it
+        /// ended.
         state: State,
+        /// The outcome its target reported, once it has ended; `None` while
+        /// it is live, or when the box ended it.
         outcome: Option<Outcome>,
+        /// Why the box ended it, when its target did not (expired,
+        /// cancelled, a failed dependency), or, while it waits on `after`,
+        /// for which command; `None` otherwise.
         error: Option<String>,
     },
     /// To a gateway (since 1.2): a command for a target below it, to queue
@@ -229,27 +329,42 @@ pub enum BoxFrame {
     Forward(Box<Forward>),
     /// To a gateway (since 1.2): every outbox record up to `seq` is stored
     /// on the hub; the edge may delete them.
-    UpAck { seq: u64 },
+    UpAck {
+        /// The highest outbox seq the hub has stored (in the epoch of the
+        /// edge's `UpFrom`); everything at or below it may go.
+        seq: u64,
+    },
 }
 
 /// A command a hub hands down to an edge box (`BoxFrame::Forward`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forward {
+    /// The command's id on the hub; the edge queues it under the same id
+    /// and answers a resend of one it has `Accepted{duplicate: true}`.
     pub id: CommandId,
     /// The target on the edge: `dev-7`, `tag:line-3` or `cap:camera`.
     pub target: String,
+    /// Its priority on the hub, kept on the edge.
     pub priority: Priority,
+    /// The sender's payload, unchanged.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     /// Time to live left when it was forwarded (relative, so the two
     /// boxes' clocks need not agree).
     pub ttl_ms: Option<u64>,
+    /// The command's whole attempt limit (not what is left of it on the
+    /// hub); the edge applies it to its own deliveries.
     pub max_attempts: u32,
     /// Runs only once this command (also sent through this edge) succeeded.
     pub after: Option<CommandId>,
+    /// The sender's earliest delivery, ms since the Unix epoch (absolute,
+    /// unlike `ttl_ms`, so read on the edge's clock); `None`: at once.
     pub not_before: Option<Millis>,
     /// Who sent it on the hub (`cli`, a device id).
     pub origin: String,
+    /// The command's envelope as the hub holds it (an operator's signed
+    /// one, or an unsigned one naming an artifact), passed on unchanged;
+    /// `None`: it has neither.
     #[serde(with = "serde_bytes")]
     pub signature: Option<Vec<u8>>,
 }
@@ -447,14 +562,33 @@ impl Frame for BoxFrame {
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// A body over the limit: a length prefix read, or a frame about to be
+    /// written (which is then not sent).
     #[error("a frame of {len} bytes is over the limit of {max} bytes; send smaller payloads (or raise the limit on both ends)")]
-    TooLarge { len: u64, max: usize },
+    TooLarge {
+        /// The body's length in bytes (claimed by the prefix, when read).
+        len: u64,
+        /// The limit it was checked against, in bytes.
+        max: usize,
+    },
+    /// The stream ended inside the length prefix or the body.
     #[error("the stream ended in the middle of a frame (peer crashed or closed early)")]
     Truncated,
+    /// A body that does not decode, or has bytes after its message; the
+    /// text is postcard's error or the trailing count.
     #[error("malformed frame: {0}; the peer does not speak outpost protocol {VERSION}")]
     Malformed(String),
+    /// A body that does not decode and whose first varint is beyond the
+    /// tags this side knows: a newer peer's message.
     #[error("unknown message tag {tag} (this side knows tags 0..{known}); the peer is newer and sent a message without checking the version")]
-    UnknownMessage { tag: u32, known: u32 },
+    UnknownMessage {
+        /// The message tag read.
+        tag: u32,
+        /// How many tags this side knows (`Frame::KNOWN_TAGS`).
+        known: u32,
+    },
+    /// Reading or writing the transport failed (a reset stream, a lost
+    /// connection).
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
 }

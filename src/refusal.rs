@@ -48,6 +48,8 @@ impl Default for RefusalLog {
 }
 
 impl RefusalLog {
+    /// A log that sums up each key's repeats once per `interval` and tracks
+    /// at most `cap` keys (at least 1) before counting the rest together.
     pub fn new(interval: Duration, cap: usize) -> Self {
         RefusalLog {
             interval,
@@ -161,6 +163,7 @@ impl RefusalLog {
         self.entries.len()
     }
 
+    /// Nothing tracked: no key and no overflow count waiting for its line.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty() && self.overflow.is_none()
     }

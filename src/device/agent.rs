@@ -20,6 +20,7 @@ pub enum Handler {
 pub struct AgentOptions {
     /// The bundle file.
     pub bundle: PathBuf,
+    /// What each command is run with: its payload echoed, or `--exec`.
     pub handler: Handler,
     /// A command still running after this is killed and fails.
     pub command_timeout: Duration,
@@ -29,6 +30,9 @@ pub struct AgentOptions {
     pub backoff_min: Duration,
     /// ... doubled per failure up to this.
     pub backoff_max: Duration,
+    /// How each connection is made (server override, timeouts, `Hello`);
+    /// a `None` guard is filled in by `run_agent` with one for every
+    /// reconnect.
     pub connect: ConnectOptions,
     /// Where artifacts named by commands are fetched to (see
     /// [`artifacts::default_dir`]).
@@ -132,6 +136,8 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays from `min` (the first) doubling per failure up to `max`
+    /// (raised to `min` if below it).
     pub fn new(min: Duration, max: Duration) -> Self {
         Backoff {
             min,
@@ -151,6 +157,8 @@ impl Backoff {
         base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
     }
 
+    /// Forget the failures once a connection works: the next delay starts
+    /// from `min` again.
     pub fn reset(&mut self) {
         self.failures = 0;
     }

@@ -48,10 +48,17 @@ pub struct Artifacts {
 /// A verified artifact held for one command; eviction leaves it alone
 /// until this is dropped.
 pub struct Lease {
+    /// The verified file, `DIR/NAME-VERSION` (`OUTPOST_ARTIFACT`).
     pub path: PathBuf,
+    /// Its manifest: name, version, size and chunks.
     pub manifest: Manifest,
+    /// The artifact's id as the command's envelope names it (the SHA-256
+    /// of its manifest).
     pub digest: Digest,
+    /// Chunk bytes this fetch asked of the box.
     pub fetched_bytes: u64,
+    /// Bytes found on disk instead: cached chunks, or the whole file when
+    /// it was verified already.
     pub reused_bytes: u64,
     store: Arc<Artifacts>,
 }
@@ -94,6 +101,8 @@ fn touch(path: &Path) {
 }
 
 impl Artifacts {
+    /// The artifact dir `dir` (created at the first fetch), holding at most
+    /// `budget` bytes of files and chunk cache.
     pub fn new(dir: PathBuf, budget: u64) -> Arc<Self> {
         Arc::new(Artifacts {
             dir,
@@ -103,10 +112,13 @@ impl Artifacts {
         })
     }
 
+    /// The artifact dir.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// Most bytes the dir may hold, files and chunk cache
+    /// (`--max-artifact-disk`).
     pub fn budget(&self) -> u64 {
         self.budget
     }

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 /// One file under the artifact dir: a finished artifact or a cached chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// Its length, in bytes.
     pub size: u64,
     /// When it was last used (its mtime: touched on each use).
     pub last_use: SystemTime,
@@ -18,6 +19,8 @@ pub struct Entry {
 /// Room could not be made: at most `room` bytes can be free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shortfall {
+    /// The budget less the protected entries' bytes, the most `need` could
+    /// have been.
     pub room: u64,
 }
 

@@ -14,7 +14,10 @@ const MAX_TRIES: u32 = 3;
 /// A verified file.
 #[derive(Debug)]
 pub struct Fetched {
+    /// Where it is: `DIR/NAME-VERSION` (see `artifact_path`).
     pub path: PathBuf,
+    /// The manifest it was verified against (its SHA-256 is the digest
+    /// fetched).
     pub manifest: Manifest,
     /// Chunk bytes asked of the box.
     pub fetched_bytes: u64,
@@ -22,23 +25,53 @@ pub struct Fetched {
     pub reused_bytes: u64,
 }
 
+/// Why a fetch failed. Chunks that arrived verified stay in the cache, so
+/// the next try asks only for the rest.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// The filesystem holding the dir has less free space than the fetch
+    /// needs.
     #[error("not enough space for the artifact: need {need} bytes, {have} available")]
-    NoSpace { need: u64, have: u64 },
+    NoSpace {
+        /// Bytes needed: the chunks still to fetch, plus the whole file
+        /// assembled beside the cache.
+        need: u64,
+        /// Bytes available to this user on that filesystem.
+        have: u64,
+    },
     /// The device's own budget for artifacts (`--max-artifact-disk`) is
     /// too small even with every unused file and chunk evicted.
     #[error("the artifact needs {need} bytes on the device but only {room} of its {budget}-byte artifact budget can be made free")]
-    OverBudget { need: u64, room: u64, budget: u64 },
+    OverBudget {
+        /// Bytes the fetch needs (as in `NoSpace`).
+        need: u64,
+        /// The most bytes eviction can free within the budget.
+        room: u64,
+        /// The budget, in bytes.
+        budget: u64,
+    },
+    /// The box will not serve the artifact or a chunk of it: `NotFound`,
+    /// `Forbidden` (sending again does not help), or a failure of its own.
     #[error("the box refused: {code:?}: {message}")]
     Refused {
+        /// Why, as a code.
         code: crate::proto::ErrorCode,
+        /// The box's text.
         message: String,
     },
+    /// The bytes did not match: the manifest not its digest, or chunks or
+    /// the whole file not the manifest after every try. Nothing was handed
+    /// on.
     #[error("verification failed: {0}")]
     Corrupt(String),
+    /// The fetch stream or the connection broke, or the box answered out
+    /// of protocol. Nothing is wrong with the artifact or the disk: a new
+    /// fetch (on a new connection if this one is gone) resumes from the
+    /// cache.
     #[error("link: {0}")]
     Link(String),
+    /// Reading or writing the dir or its chunk cache failed (a full disk
+    /// included).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,6 +86,8 @@ pub struct FetchOptions<'a> {
     /// Told (bytes on disk, total bytes) as chunks arrive; a watch, so a
     /// slow reader sees only the latest and the fetch never waits for it.
     pub progress: Option<&'a tokio::sync::watch::Sender<(u64, u64)>>,
+    /// Run before any chunk is written (see `MakeRoom`); `None`: no budget
+    /// of its own, only the filesystem's free space is checked.
     pub make_room: Option<MakeRoom<'a>>,
 }
 

@@ -71,6 +71,9 @@ impl fmt::Debug for Guard {
 }
 
 impl Guard {
+    /// The check for `bundle`'s device under its trust anchors, with no
+    /// signed id remembered yet. A bundle without anchors lets every
+    /// command through (`Admitted::Unchecked`).
     pub fn new(bundle: &Bundle) -> Self {
         Guard {
             trust: bundle.trust.clone(),
@@ -81,6 +84,9 @@ impl Guard {
         }
     }
 
+    /// `Guard::new` behind a mutex, for `ConnectOptions::guard`: make one
+    /// per device and pass it to every connection, so a replay is refused
+    /// across reconnects.
     pub fn shared(bundle: &Bundle) -> SharedGuard {
         Arc::new(Mutex::new(Guard::new(bundle)))
     }

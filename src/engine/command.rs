@@ -65,15 +65,23 @@ impl FromStr for CommandId {
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
 pub enum Priority {
+    /// Delivered after every `Normal` and `High` command queued for the
+    /// device; the first to be shed when the queue is at its bound.
     Low,
+    /// What a sender gets without asking.
     #[default]
     Normal,
+    /// Delivered before anything else queued for the device; may shed a
+    /// lower-priority command to get into a full queue.
     High,
 }
 
 impl Priority {
+    /// Every priority, highest first (the order of `rank`).
     pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
 
+    /// The lower-case name the CLI takes and `--json` writes (`high`,
+    /// `normal`, `low`).
     pub fn as_str(self) -> &'static str {
         match self {
             Priority::Low => "low",
@@ -120,12 +128,24 @@ pub enum Outcome {
     // instead of byte by byte.
     Ok(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Ran and failed; retried while attempts remain.
-    Failed { code: i32, message: String },
+    Failed {
+        /// The device's failure code: for the reference agent, the
+        /// handler's exit status (128 + the signal when one killed it, 124
+        /// on a timeout, 127 when it could not start, -1 when it has none).
+        code: i32,
+        /// What went wrong, in the device's words (the reference agent
+        /// sends the tail of the handler's stderr).
+        message: String,
+    },
     /// Refused without running (bad payload, unsupported): never retried.
-    Rejected { reason: String },
+    Rejected {
+        /// Why the device refused it, for the operator.
+        reason: String,
+    },
 }
 
 impl Outcome {
+    /// Whether the command ran and succeeded.
     pub fn is_ok(&self) -> bool {
         matches!(self, Outcome::Ok(_))
     }
@@ -135,13 +155,32 @@ impl Outcome {
 /// (1-based) of the delivery in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum State {
+    /// Waiting in its device's (or pool's) queue: not delivered yet, back
+    /// after a failed attempt or a dropped link, held by `after` or
+    /// `not_before`, or a broadcast parent with children still open.
     Queued,
-    Delivered { attempt: u32 },
+    /// Handed to its device (or to the edge that holds it) and not acked
+    /// yet.
+    Delivered {
+        /// The attempt in flight, from 1; it keeps counting across an
+        /// operator's retry.
+        attempt: u32,
+    },
+    /// The device acked `Outcome::Ok` (a broadcast: every child did).
     Succeeded,
+    /// The device rejected it, or a broadcast's children ended in
+    /// different states. Not retried by the box; an operator may `retry`.
     Failed,
+    /// The dead letter: its attempts ran out, or its `after` dependency did
+    /// not succeed. An operator may `retry`.
     Dead,
+    /// Its ttl ran out before it ended.
     Expired,
+    /// Cancelled (by an operator, a workflow, a rollout or the hub) before
+    /// it ended.
     Cancelled,
+    /// Dropped to make room for a higher-priority command while the queue
+    /// was at `max_queued` or `max_disk`.
     Shed,
 }
 
@@ -177,9 +216,12 @@ impl fmt::Display for State {
 /// default (see `queue::Limits`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendOptions {
+    /// The command's priority (`Normal` unless asked).
     pub priority: Priority,
     /// Time to live from enqueue, in milliseconds.
     pub ttl_ms: Option<u64>,
+    /// Deliveries allowed before the command goes `Dead`; `None`: the box's
+    /// default (5 unless configured). 0 is taken as 1.
     pub max_attempts: Option<u32>,
     /// Idempotency key: the same origin and key return the first command's id.
     pub key: Option<String>,
@@ -193,18 +235,33 @@ pub struct SendOptions {
 /// index of the queue keeps only a small handle.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
+    /// The command's ULID, unique per box and assigned at send (a command
+    /// forwarded down by a hub keeps the hub's).
     pub id: CommandId,
     /// The target as the sender wrote it (`dev-7`; later `tag:…`, `cap:…`).
     pub target: String,
+    /// The sender's priority.
     pub priority: Priority,
+    /// The bytes handed to the device, opaque to the box (at most the
+    /// box's `max_payload`, just under 1 MiB by default).
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// When the box accepted it, ms since the Unix epoch.
     pub created_at: Millis,
     /// Absolute expiry instant, if any.
     pub expires_at: Option<Millis>,
+    /// Deliveries allowed in all, at least 1: the sender's or the box's
+    /// default. An operator's retry raises it by a fresh budget, since
+    /// attempt numbers keep counting.
     pub max_attempts: u32,
+    /// The sender's idempotency key, if it gave one (see `SendOptions`).
     pub key: Option<String>,
+    /// The command that must succeed before this one is delivered. `None`
+    /// when there is none, or once it was already decided when this was
+    /// sent, re-journalled or retried.
     pub after: Option<CommandId>,
+    /// The sender's earliest delivery, ms since the Unix epoch; `None`:
+    /// at once. Cleared by a retry.
     pub not_before: Option<Millis>,
     /// Who sent it: `cli`, `upstream`, or a device id for device-to-device.
     pub origin: String,
@@ -257,9 +314,13 @@ pub fn parse_time(s: &str, now: Millis) -> Result<Millis, String> {
 /// "command": "01J…" | null, "detail": "…"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthReport {
+    /// The device's verdict on itself (the reference agent: its health
+    /// command succeeded).
     pub healthy: bool,
     /// The command it follows, when it follows one.
     pub command: Option<CommandId>,
+    /// Free text for the operator: the agent's check output when healthy,
+    /// why not otherwise; empty when the device sent none.
     pub detail: String,
 }
 

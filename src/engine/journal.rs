@@ -25,9 +25,14 @@ pub enum Entry {
     /// An attempt ended in failure with attempts left; the command waits
     /// until `not_before` and is delivered again.
     Requeued {
+        /// The command's id.
         id: CommandId,
+        /// The generation it applies to; replay ignores it for any other.
         gen: u32,
+        /// Attempts that have ended so far, the failed one included.
         attempts: u32,
+        /// Earliest next delivery (the end of the backoff), ms since the
+        /// Unix epoch; `None`: at once (a pool command failing over).
         not_before: Option<Millis>,
     },
     /// A broadcast (`tag:…`): the parent command, whose payload every child
@@ -70,6 +75,7 @@ impl Entry {
 pub struct Broadcast {
     /// The parent; `target` is the `tag:…` it was sent to.
     pub command: Command,
+    /// One per device the tag matched at send, each with its own id.
     pub children: Vec<Child>,
 }
 
@@ -77,10 +83,17 @@ pub struct Broadcast {
 /// lifecycle, attempts and result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Child {
+    /// The child's own command id, made by the box at send.
     pub id: CommandId,
+    /// The device this copy is for.
     pub device: DeviceId,
+    /// Its global FIFO position, as `Enqueued::order`.
     pub order: u64,
+    /// Attempts that have ended so far (0 at send; brought up to date when
+    /// compaction re-journals the broadcast).
     pub attempts: u32,
+    /// Earliest delivery, ms since the Unix epoch (the sender's
+    /// `not_before` or a backoff); `None`: at once.
     pub not_before: Option<Millis>,
     /// Set once the child has finished (kept for the parent's aggregate).
     pub end: Option<State>,
@@ -101,20 +114,25 @@ impl Broadcast {
 /// How one child of a broadcast ended, as the parent's result keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChildEnd {
+    /// The child's command id.
     pub id: CommandId,
+    /// The device it was for.
     pub device: DeviceId,
+    /// The final state it ended in.
     pub state: State,
 }
 
 /// A command and its progress at the time it was journalled.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enqueued {
+    /// The command, payload included: the journal is where it lives.
     pub command: Command,
     /// The device the command is routed to.
     pub device: DeviceId,
     /// Global FIFO position, kept across compaction so re-journalling does
     /// not reorder a device's queue.
     pub order: u64,
+    /// The generation: 0 at first send, one more per operator retry.
     pub gen: u32,
     /// Attempts that have ended so far.
     pub attempts: u32,
@@ -126,22 +144,43 @@ pub struct Enqueued {
 /// report it, and so replay knows the command is done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultRecord {
+    /// The command's id.
     pub id: CommandId,
+    /// The generation it ends: replay ends a live command only of the same
+    /// generation, so a retried command outlives its old result.
     pub gen: u32,
+    /// The device it ran on: for a pool command the member it was handed
+    /// to (the pool's `cap:…` if it never was), for a broadcast parent its
+    /// `tag:…`, on a hub `edge/device`; empty for one the box never held
+    /// (`cancelled_unseen`).
     pub device: DeviceId,
+    /// The target as the sender wrote it.
     pub target: String,
+    /// The command's priority.
     pub priority: Priority,
     /// Always a final state.
     pub state: State,
+    /// What the device reported for its last attempt; `None` when the box
+    /// ended it without one (ttl, cancel, shedding, a dependency) and for a
+    /// broadcast parent.
     pub outcome: Option<Outcome>,
     /// Why the box ended it, when the device did not (`DependencyFailed`,
     /// `expired`, `cancelled by operator`, ...).
     pub error: Option<String>,
+    /// Attempts that had ended, the one the device answered included (0
+    /// for a broadcast parent).
     pub attempts: u32,
+    /// The attempts it was allowed, as `Command::max_attempts`.
     pub max_attempts: u32,
+    /// When the box accepted the command, ms since the Unix epoch.
     pub created_at: Millis,
+    /// When it ended, ms since the Unix epoch; retention's age counts from
+    /// it.
     pub finished_at: Millis,
+    /// Who sent it, as `Command::origin`.
     pub origin: String,
+    /// The sender's idempotency key, kept so that after a restart the key
+    /// still answers with this command while its window lasts.
     pub key: Option<String>,
     /// The whole command, kept for end states an operator may `retry`
     /// (`Dead`, `Failed`), so a retry needs no other record.
@@ -187,7 +226,10 @@ impl ResultRecord {
 /// monotonic `seq` the hub acks and dedupes by.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpEntry {
+    /// The record's place in this box's outbox: from 1, one more per
+    /// record, never reused (the next one is kept under its own key).
     pub seq: u64,
+    /// What it reports.
     pub item: UpItem,
 }
 
@@ -199,10 +241,16 @@ pub enum UpItem {
     /// A command changed state on its way (queued, delivered, requeued).
     /// Telemetry-like: skipped while the outbox is full.
     State {
+        /// The command's id.
         id: CommandId,
+        /// The device it is queued for or delivered to (the pool's `cap:…`
+        /// while a pool command waits).
         device: DeviceId,
+        /// Its new state: never a final one (those go as `Result`).
         state: State,
+        /// When it changed, ms since the Unix epoch.
         at: Millis,
+        /// Attempts that had ended by then.
         attempts: u32,
     },
     /// A command ended. Never skipped.
@@ -210,11 +258,20 @@ pub enum UpItem {
     /// A device was enrolled, relabelled or revoked. Never skipped.
     Device(DeviceRecord),
     /// A device was last seen at `at`. Telemetry-like.
-    Seen { device: DeviceId, at: Millis },
+    Seen {
+        /// The device's id (`edge/device` for one of a box below).
+        device: DeviceId,
+        /// When, ms since the Unix epoch.
+        at: Millis,
+    },
     /// Telemetry a device sent. Telemetry-like.
     Event {
+        /// The device that sent it.
         device: DeviceId,
+        /// When the box received it, ms since the Unix epoch.
         at: Millis,
+        /// The event's bytes as the device sent them (cut by the uplink when
+        /// over the hub's frame budget).
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
@@ -226,8 +283,11 @@ pub enum UpItem {
     /// below as online. Telemetry-like; sent as `Seen` to a hub before
     /// protocol 1.5 (`proto::MINOR_PRESENCE`).
     Presence {
+        /// The device's id.
         device: DeviceId,
+        /// True when it connected, false when it went away.
         online: bool,
+        /// When, ms since the Unix epoch.
         at: Millis,
     },
 }
@@ -249,11 +309,21 @@ impl UpItem {
 /// An enrolled device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
+    /// The device's id, as in its certificate.
     pub id: DeviceId,
+    /// Its tags: what `tag:…` broadcasts and rollouts select it by.
     pub tags: Vec<String>,
+    /// Its enrolled capabilities: the `cap:…` pools it may serve (those
+    /// its Hello also offers).
     pub caps: Vec<String>,
+    /// When it was first enrolled, ms since the Unix epoch (0 until the
+    /// queue stamps it).
     pub enrolled_at: Millis,
+    /// Revoked: it may not connect and gets no new commands until it is
+    /// enrolled again.
     pub revoked: bool,
+    /// When it last connected or went away, ms since the Unix epoch;
+    /// `None`: never seen.
     pub last_seen: Option<Millis>,
     /// SHA-256 of the device certificate issued last: the only one the box
     /// admits for this id. `None` for a record enrolled before the box kept
@@ -282,8 +352,6 @@ impl DeviceRecord {
     }
 }
 
-/// One group commit: records to put and groups to drop, written as one
-/// atomic batch followed by one flush.
 /// Hub side of upstream sync: how far a box below has been applied.
 ///
 /// `seq` counts in the outbox of one database of that box, named by
@@ -293,14 +361,24 @@ impl DeviceRecord {
 /// known (a cursor written before 1.6, or an edge older than 1.6).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
+    /// The uplink epoch of that box's database; 0: not yet known.
     pub epoch: u64,
+    /// The highest outbox seq of that epoch applied here; 0: none yet.
     pub seq: u64,
 }
 
+/// One group commit: records to put and groups to drop, written as one
+/// atomic batch followed by one flush.
 #[derive(Debug, Default)]
 pub struct GroupWrite {
+    /// The group's sequence number: every record it puts is keyed by it,
+    /// and replay walks groups in its order.
     pub seq: u64,
+    /// The journal record: commands entering or re-entering the queue
+    /// (empty: none written).
     pub journal: Vec<Entry>,
+    /// The results record: commands that ended in this group (empty: none
+    /// written).
     pub results: Vec<ResultRecord>,
     /// Journal groups whose every command has finished or moved on.
     pub drop_journal: Vec<u64>,
@@ -323,6 +401,8 @@ pub struct GroupWrite {
 }
 
 impl GroupWrite {
+    /// Whether it writes nothing that must be kept, so the shell need not
+    /// commit it (a live hint alone does not count).
     pub fn is_empty(&self) -> bool {
         self.journal.is_empty()
             && self.results.is_empty()
@@ -338,6 +418,8 @@ impl GroupWrite {
 /// A group read back at replay.
 #[derive(Debug)]
 pub enum Group {
+    /// A journal record: the group's seq and its entries.
     Journal(u64, Vec<Entry>),
+    /// A results record: the group's seq and the ends it holds.
     Results(u64, Vec<ResultRecord>),
 }

@@ -19,7 +19,11 @@ pub const FORMAT: u8 = 1;
 
 /// Chunk bounds (DESIGN §11): content-defined, ~64 KiB on average.
 pub const MIN_CHUNK: u32 = 16 * 1024;
+/// The average chunk size the chunker aims at, in bytes.
 pub const AVG_CHUNK: u32 = 64 * 1024;
+/// The largest chunk, in bytes: the chunker cuts there, and `decode`
+/// refuses a manifest listing a longer one. (The smallest only binds the
+/// chunker: a file's last chunk may be shorter.)
 pub const MAX_CHUNK: u32 = 256 * 1024;
 
 /// Largest manifest read: 40 bytes per chunk, so 4 MiB lists ~100,000
@@ -86,9 +90,11 @@ impl Default for Hasher {
 }
 
 impl Hasher {
+    /// Add the next bytes of the file.
     pub fn update(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
     }
+    /// The SHA-256 of every byte given to `update`, in order.
     pub fn finish(self) -> Digest {
         Digest(self.0.finish().as_ref().try_into().expect("32 bytes"))
     }
@@ -97,7 +103,10 @@ impl Hasher {
 /// One chunk of a file, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRef {
+    /// SHA-256 of the chunk's bytes: its name in a chunk store, and what a
+    /// fetched chunk is checked against.
     pub sha256: Digest,
+    /// Its length in bytes, 1..=`MAX_CHUNK`.
     pub len: u32,
 }
 
@@ -105,21 +114,35 @@ pub struct ChunkRef {
 /// digest, and its chunks in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The manifest format, `FORMAT`; its first byte on the wire, so a
+    /// reader refuses another format before decoding the rest.
     pub format: u8,
+    /// What the file is (`fw`), a label for people (`check_label`).
     pub name: String,
+    /// Which one (`2.1`), a label for people (`check_label`).
     pub version: String,
+    /// The whole file's length in bytes: the sum of its chunks' `len`.
     pub size: u64,
+    /// SHA-256 of the whole file, checked on the assembled file before it
+    /// is used.
     pub sha256: Digest,
+    /// The file's chunks in order; concatenated, they are the file.
     pub chunks: Vec<ChunkRef>,
 }
 
 /// Why manifest bytes were refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ManifestError {
+    /// Over `MAX_MANIFEST`, with its length in bytes; refused unread.
     #[error("the manifest is {0} bytes, over the limit of {MAX_MANIFEST}")]
     TooLarge(usize),
+    /// Another format than `FORMAT` (its first byte), from a newer
+    /// outpost.
     #[error("the manifest is format {0}; this outpost reads format {FORMAT} (upgrade it)")]
     Format(u8),
+    /// Empty, undecodable, trailing bytes, a bad label, a chunk out of
+    /// bounds, or chunks that do not add up to the size: the text says
+    /// which.
     #[error("the manifest is not well formed ({0})")]
     Bad(String),
 }
@@ -211,14 +234,21 @@ pub fn check_label(s: &str) -> Result<(), String> {
 /// version), or its digest `sha256:HEX`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ArtifactSpec {
+    /// `sha256:HEX`: exactly that manifest.
     Digest(Digest),
+    /// `name@version` or `name`, resolved on the box's shelf.
     Name {
+        /// The manifest's `name`.
         name: String,
+        /// The manifest's `version`; `None`: the version of that name
+        /// added last.
         version: Option<String>,
     },
 }
 
 impl ArtifactSpec {
+    /// Read `sha256:HEX`, `name@version` or `name`, checking the labels
+    /// (`check_label`); the error says what is wrong, for people.
     pub fn parse(s: &str) -> Result<ArtifactSpec, String> {
         if s.starts_with("sha256:") {
             return Digest::parse(s)

@@ -24,10 +24,19 @@ pub const MAX_ASK: usize = 64;
 pub enum FetchRequest {
     /// The manifest's bytes, exactly as the box holds them (their SHA-256
     /// is `artifact`).
-    Manifest { artifact: Digest },
+    Manifest {
+        /// The artifact digest, as the command's envelope names it.
+        artifact: Digest,
+    },
     /// Chunks of `artifact` by their index in its manifest (at most
     /// `MAX_ASK`).
-    Chunks { artifact: Digest, chunks: Vec<u32> },
+    Chunks {
+        /// The artifact digest, as the command's envelope names it.
+        artifact: Digest,
+        /// Indices into the manifest's `chunks`, answered in this order;
+        /// the device leaves out those it already has cached.
+        chunks: Vec<u32>,
+    },
 }
 
 impl Frame for FetchRequest {
@@ -39,18 +48,35 @@ impl Frame for FetchRequest {
 /// Append new variants only at the end (their tag is their position).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FetchReply {
+    /// Answer to `FetchRequest::Manifest`.
     Manifest {
+        /// The manifest exactly as the box stores it: the device checks
+        /// that their SHA-256 is the artifact digest before decoding them.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// One chunk asked for in a `FetchRequest::Chunks`.
     Chunk {
+        /// Its index in the manifest, as asked.
         index: u32,
+        /// Its content (at most `MAX_CHUNK` bytes); the device checks the
+        /// SHA-256 and length against the manifest's `ChunkRef` and asks
+        /// again for one that does not match.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// The request could not be served; the stream stays usable unless
     /// the code is fatal.
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// `Forbidden` (not named by a command delivered on this
+        /// connection), `NotFound` (no such artifact, or chunk index),
+        /// `Internal` (a chunk damaged on the box) or `ProtocolViolation`
+        /// (over `MAX_ASK` indices). A refused index takes its `Chunk`'s
+        /// place; a refused request gets this one reply.
+        code: ErrorCode,
+        /// For people: the details.
+        message: String,
+    },
 }
 
 impl Frame for FetchReply {

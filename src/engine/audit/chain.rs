@@ -12,6 +12,8 @@ use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// A SHA-256 digest: an entry's own, the link to the one before it, or a
+/// request's payload.
 pub type Hash = [u8; 32];
 
 /// The hash the first entry of a fresh chain carries as `prev`.
@@ -30,8 +32,13 @@ pub struct Note {
     pub what: String,
     /// The target, device or command it acts on ("" when none).
     pub target: String,
+    /// The command, workflow run or rollout id the request named or was
+    /// answered with, as text; `None` when none.
     pub command: Option<String>,
+    /// SHA-256 of what the request carried (a send's payload, a workflow's
+    /// text, a rollout's plan, an artifact's manifest); `None` when nothing.
     pub payload_sha256: Option<Hash>,
+    /// False when the box refused the request (`why` says why).
     pub allowed: bool,
     /// The refusal's text, for a refused request.
     pub why: Option<String>,
@@ -40,9 +47,11 @@ pub struct Note {
 /// One link of the chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    /// Its place in the chain: from 1, one more per entry, never reused.
     pub seq: u64,
     /// SHA-256 of the previous entry's stored bytes.
     pub prev: Hash,
+    /// What it records.
     pub note: Note,
 }
 
@@ -51,7 +60,10 @@ pub struct Entry {
 /// [`GENESIS`] while nothing was removed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Anchor {
+    /// The seq of the kept chain's first entry (1 while nothing was
+    /// removed).
     pub seq: u64,
+    /// The `prev` that entry must carry.
     pub hash: Hash,
 }
 
@@ -65,12 +77,16 @@ impl Default for Anchor {
 }
 
 impl Anchor {
+    /// The anchor as the store keeps it: the seq big-endian, then the hash
+    /// (40 bytes).
     pub fn encode(&self) -> Vec<u8> {
         let mut v = self.seq.to_be_bytes().to_vec();
         v.extend_from_slice(&self.hash);
         v
     }
 
+    /// An anchor back from `encode`'s bytes; `None` unless they are 40
+    /// bytes long.
     pub fn decode(b: &[u8]) -> Option<Anchor> {
         if b.len() != 40 {
             return None;
@@ -83,6 +99,7 @@ impl Anchor {
     }
 }
 
+/// The SHA-256 of `b`.
 pub fn sha256(b: &[u8]) -> Hash {
     digest(&SHA256, b)
         .as_ref()
@@ -101,8 +118,11 @@ pub fn encode(e: &Entry) -> Vec<u8> {
 /// Why stored bytes are not an entry.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Damage {
+    /// The body no longer matches the digest stored after it.
     #[error("edited: its bytes no longer match its own hash")]
     HashMismatch,
+    /// Too short to hold its digest, or the body is not an entry; the text
+    /// says which (postcard's error for the latter).
     #[error("edited: it does not decode ({0})")]
     Undecodable(String),
 }
@@ -123,7 +143,10 @@ pub fn decode(b: &[u8]) -> Result<Entry, Damage> {
 /// writer holds one and seals the round's notes with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tip {
+    /// The seq the next sealed entry gets.
     pub next: u64,
+    /// The SHA-256 of the last entry's stored bytes (the anchor's hash
+    /// while the kept chain is empty): the next entry's `prev`.
     pub last: Hash,
 }
 
@@ -160,7 +183,10 @@ impl Tip {
 /// How much of the log to keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
+    /// Entries kept at most (`audit_keep`; 100,000 by default).
     pub keep: u64,
+    /// Entries older than this, by their note's `at`, are removed
+    /// (`audit_max_age`, in ms; 90 days by default).
     pub max_age_ms: u64,
 }
 
@@ -208,6 +234,7 @@ impl Retention {
 /// The verdict of a walk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Intact {
+    /// How many entries the walk checked.
     pub entries: u64,
     /// The first and last seq (`None` for an empty log).
     pub span: Option<(u64, u64)>,
@@ -235,7 +262,9 @@ impl fmt::Display for Intact {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("audit chain broken at seq {seq}: {what}")]
 pub struct Broken {
+    /// The first bad seq (for a gap, the first one missing).
     pub seq: u64,
+    /// What is wrong there, as `outpost audit --verify` prints it.
     pub what: String,
 }
 

@@ -29,6 +29,8 @@ pub struct Write {
 }
 
 impl Write {
+    /// Whether the round sealed no entry and removed none (then nothing is
+    /// written, the head included).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty() && self.remove.is_empty()
     }
@@ -37,16 +39,27 @@ impl Write {
 /// An entry as `outpost audit` shows it (`--json`: one of these a line).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct View {
+    /// The entry's place in the chain.
     pub seq: u64,
+    /// When it was recorded, ms since the Unix epoch (`Note::at`).
     pub at: u64,
+    /// Who asked, as `Note::who` (`uid 1000`, `hub`, …).
     pub who: String,
+    /// Over what, as `Note::from` (`socket`, `upstream`, …).
     pub from: String,
+    /// The request's name (`send`, `revoke`, …).
     pub what: String,
+    /// The target, device or command it acts on ("" when none).
     pub target: String,
+    /// The command, workflow run or rollout id it named or was answered
+    /// with, as text; `None` when none.
     pub command: Option<String>,
-    /// Hex.
+    /// The SHA-256 of what the request carried, in hex; `None` for a
+    /// request with no payload.
     pub payload_sha256: Option<String>,
+    /// False when the box refused the request.
     pub allowed: bool,
+    /// The refusal's text, for a refused request.
     pub why: Option<String>,
 }
 

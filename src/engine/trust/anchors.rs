@@ -32,12 +32,24 @@ pub struct DeviceTrust {
 /// the file around it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AnchorError {
+    /// The `box =` value is empty or holds whitespace or a control
+    /// character; the value as read.
     #[error("`box = {0}` is not a box name (one word, no spaces)")]
     BoxName(String),
+    /// The `require-signed =` value is neither `true` nor `false`; the value
+    /// as read.
     #[error("`require-signed = {0}` must be `true` or `false`")]
     RequireSigned(String),
+    /// A `trust =` line could not be read.
     #[error("`trust = {line}`: {why} (expected `trust = ROLE TARGETS|* ssh-ed25519 AAAA… NAME`)")]
-    Line { line: String, why: String },
+    Line {
+        /// The line's value, after `trust =`.
+        line: String,
+        /// What is wrong: too few fields, an unknown role, a bad pattern or
+        /// key.
+        why: String,
+    },
+    /// Trust or `require-signed` lines without a `box =` line.
     #[error("it has `trust =` or `require-signed =` lines but no `box = NAME`: a device cannot check whom a command was signed for without it")]
     NoBoxName,
 }

@@ -25,6 +25,8 @@ pub const MAX_LEN: usize = 4096;
 /// only with a new [`VERSION`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
+    /// The command's id, chosen by the signer: the box queues the command
+    /// under it, and a second intake of it is a replay.
     pub id: CommandId,
     /// The target as the signer wrote it, from the first box down
     /// (`edge-1/tag:line-3`).
@@ -33,12 +35,16 @@ pub struct Claims {
     pub payload_sha256: [u8; 32],
     /// The artifact's manifest digest, when the command carries one.
     pub artifact: Option<[u8; 32]>,
+    /// The priority the command must be queued at.
     pub priority: Priority,
+    /// Deliver no earlier than this, ms since the Unix epoch (`None`: as
+    /// soon as it can be).
     pub not_before: Option<Millis>,
     /// The signature is worth nothing from this instant on.
     pub expires_at: Millis,
     /// The box (site) the command is meant for: its `--name`.
     pub audience: String,
+    /// The id of the signing key: which trusted key verifies it.
     pub key_id: KeyId,
 }
 
@@ -54,21 +60,28 @@ struct Wire<'a> {
 /// An envelope taken apart, not yet verified.
 #[derive(Clone, Debug)]
 pub struct Opened<'a> {
+    /// The claims decoded from `signed`, to compare; never encoded again.
     pub claims: Claims,
     /// The claims' bytes as received: what the signature covers.
     pub signed: &'a [u8],
+    /// The ed25519 signature over `signed` (SSHSIG, outpost's namespace).
     pub signature: [u8; 64],
 }
 
 /// Why an envelope could not be read at all.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum Malformed {
+    /// Longer than `MAX_LEN`; its length in bytes. Refused before parsing.
     #[error("the envelope is {0} bytes, over the limit of {MAX_LEN}")]
     TooLarge(usize),
+    /// Its first byte is not `VERSION`: a newer outpost's envelope (or an
+    /// unsigned one handed to `open`). The byte read.
     #[error(
         "the envelope is version {0}; this box reads version {VERSION} (upgrade outpost here)"
     )]
     Version(u8),
+    /// Empty, truncated, not postcard, a signature not 64 bytes long, or
+    /// bytes after its end; the text says which.
     #[error("the envelope is not well formed ({0})")]
     Bad(String),
 }

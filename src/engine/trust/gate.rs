@@ -9,6 +9,9 @@ use super::set::{Presented, Refusal, Seat, TrustSet, Verified};
 use crate::engine::command::{CommandId, Millis, Priority};
 use std::sync::{Arc, Mutex, RwLock};
 
+/// A box's trust gate: one per box, behind an `Arc` in its queue handle,
+/// through which intake, the device link (at delivery), the admin socket
+/// and enroll ask it.
 #[derive(Debug)]
 pub struct Gate {
     name: String,
@@ -22,14 +25,20 @@ pub struct Gate {
 /// What an intake hands the gate.
 #[derive(Clone, Copy, Debug)]
 pub struct Intake<'a> {
+    /// The command's envelope field as received: a signed envelope, an
+    /// unsigned one (an artifact reference), or `None`.
     pub envelope: Option<&'a [u8]>,
     /// The target as it is queued here.
     pub target: &'a str,
     /// The id the command will have here: a hub's, or (`None`) the
     /// envelope's.
     pub id: Option<CommandId>,
+    /// The payload as received.
     pub payload: &'a [u8],
+    /// The priority it is to be queued at.
     pub priority: Priority,
+    /// Deliver no earlier than this, ms since the Unix epoch (`None`: as
+    /// soon as it can be).
     pub not_before: Option<Millis>,
 }
 
@@ -40,6 +49,9 @@ impl Default for Gate {
 }
 
 impl Gate {
+    /// The gate of the box named `name` (the audience it answers to),
+    /// refusing unsigned commands if `require` (`serve --require-signed`),
+    /// with `set` (the store's) as its current set.
     pub fn new(name: String, require: bool, set: TrustSet) -> Self {
         Gate {
             name,
@@ -54,14 +66,22 @@ impl Gate {
         &self.name
     }
 
+    /// Whether the box refuses unsigned commands (`serve --require-signed`).
     pub fn requires_signatures(&self) -> bool {
         self.require
     }
 
+    /// The current trust set: a clone of the `Arc`, so a verification uses
+    /// one set throughout while an edit replaces it. An empty set if the
+    /// lock is poisoned (every signer then unknown).
     pub fn set(&self) -> Arc<TrustSet> {
         self.set.read().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Make `set` the current one for every later intake and delivery. The
+    /// writer calls it only once the set is stored and flushed, so the gate
+    /// never acts on an edit a crash could undo. Nothing if the lock is
+    /// poisoned.
     pub fn replace(&self, set: TrustSet) {
         if let Ok(mut s) = self.set.write() {
             *s = Arc::new(set);

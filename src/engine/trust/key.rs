@@ -43,18 +43,30 @@ impl std::str::FromStr for KeyId {
     }
 }
 
+/// Why a key or a key id could not be read, made or used. Each text says
+/// what was expected and how to get it.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// The text is not an OpenSSH public key line; ssh-key's reason.
     #[error("not an OpenSSH public key line (expected `ssh-ed25519 AAAA… NAME`, as in a .pub file): {0}")]
     BadPublic(String),
+    /// The text is not an OpenSSH private key file; ssh-key's reason.
     #[error("not an OpenSSH private key (expected a file starting `-----BEGIN OPENSSH PRIVATE KEY-----`): {0}")]
     BadPrivate(String),
+    /// The key is of another algorithm, named as OpenSSH names it
+    /// (`ssh-rsa`, `ecdsa-sha2-nistp256`, …).
     #[error("the key is {0}; outpost signs with ed25519 keys only (make one with `outpost key new NAME` or `ssh-keygen -t ed25519`)")]
     NotEd25519(String),
+    /// The private key is protected by a passphrase; outpost reads
+    /// unencrypted keys only.
     #[error("the private key is encrypted with a passphrase; outpost reads unencrypted keys only: keep the key on an encrypted disk or token, or write a copy without a passphrase with `ssh-keygen -p -N '' -f FILE`")]
     Encrypted,
+    /// The text given as a key id (kept as given) is not `SHA256:` and 32
+    /// bytes of base64.
     #[error("`{0}` is not a key id (expected SHA256:… as `outpost trust list` or `ssh-keygen -l` prints)")]
     BadId(String),
+    /// A step of making, writing or using a key failed (`make a key`,
+    /// `sign`, `encode the claims`, …): the step and the library's reason.
     #[error("could not {0}: {1}")]
     Crypto(&'static str, String),
 }
@@ -62,6 +74,7 @@ pub enum KeyError {
 /// A public operator key, as in a `.pub` file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OperatorPublic {
+    /// The key's id: the SHA-256 fingerprint of its public key blob.
     pub id: KeyId,
     /// The raw ed25519 key.
     pub raw: [u8; 32],
@@ -70,6 +83,8 @@ pub struct OperatorPublic {
 }
 
 impl OperatorPublic {
+    /// Read a `.pub` line (`ssh-ed25519 AAAA… comment`), spaces around it
+    /// ignored; a key other than ed25519 is refused (`NotEd25519`).
     pub fn from_openssh(line: &str) -> Result<Self, KeyError> {
         let pk =
             PublicKey::from_openssh(line.trim()).map_err(|e| KeyError::BadPublic(e.to_string()))?;
@@ -101,6 +116,7 @@ impl OperatorPublic {
 /// A private operator key: what `send --sign` loads.
 pub struct OperatorKey {
     key: PrivateKey,
+    /// Its public half, id included.
     pub public: OperatorPublic,
 }
 
@@ -122,6 +138,9 @@ impl OperatorKey {
         Ok(OperatorKey { key, public })
     }
 
+    /// Read a private key file's text (`-----BEGIN OPENSSH PRIVATE
+    /// KEY-----`, as `outpost key new` or `ssh-keygen -t ed25519` writes
+    /// it); an encrypted or non-ed25519 key is refused.
     pub fn from_openssh(text: &str) -> Result<Self, KeyError> {
         let key = PrivateKey::from_openssh(text.trim())
             .map_err(|e| KeyError::BadPrivate(e.to_string()))?;

@@ -20,8 +20,11 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role, from least to most power.
     pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
 
+    /// The role's name as the config, `--role` and a bundle's `trust =`
+    /// lines write it (lowercase; `FromStr` takes any case).
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
@@ -64,9 +67,14 @@ pub enum Verb {
     Read,
     /// Send a command (or run a workflow) to a target.
     Send,
+    /// Cancel a command or a workflow run, or pause or resume a rollout
+    /// (each changes what is sent).
     Cancel,
+    /// Put a dead or failed command back in the queue with fresh attempts.
     Retry,
+    /// Enroll a device: mint its certificate and bundle.
     Enroll,
+    /// Revoke a device's certificate.
     Revoke,
     /// Change a device's tags and capabilities.
     Tag,
@@ -74,6 +82,8 @@ pub enum Verb {
     Trust,
     /// Read the audit log.
     Audit,
+    /// Act on the box itself; today only a backup, which holds the CA key
+    /// (whoever has it can mint devices).
     Config,
 }
 
@@ -95,6 +105,8 @@ impl Verb {
         matches!(self, Verb::Send | Verb::Cancel | Verb::Retry)
     }
 
+    /// The verb's name, as refusals print it (`` `enroll` needs the admin
+    /// role``).
     pub fn as_str(self) -> &'static str {
         match self {
             Verb::Read => "read",
@@ -124,6 +136,8 @@ impl fmt::Display for Verb {
 pub struct Pattern(String);
 
 impl Pattern {
+    /// A pattern from its text, trimmed. Refused, with the reason, if empty
+    /// or holding whitespace or a control character.
     pub fn new(text: &str) -> Result<Self, String> {
         let t = text.trim();
         if t.is_empty() {
@@ -137,6 +151,7 @@ impl Pattern {
         Ok(Pattern(t.to_string()))
     }
 
+    /// The pattern as written (as `trust list` and `trust =` lines show it).
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -180,7 +195,10 @@ impl FromStr for Pattern {
 /// may act on (empty: every target).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
+    /// What the caller may do.
     pub role: Role,
+    /// The patterns that bound its targeted verbs (send, cancel, retry);
+    /// empty: every target. `check` does not apply them to an admin.
     pub targets: Vec<Pattern>,
 }
 
@@ -188,25 +206,42 @@ pub struct Grant {
 /// pattern needed, so the operator knows whom to ask for what.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
+    /// The caller's role is below the one the verb needs.
     #[error("`{verb}` needs the {needs} role; {who} has {has}")]
     Role {
+        /// What the caller asked to do.
         verb: Verb,
+        /// The least role that may (`Verb::needs`).
         needs: Role,
+        /// The caller's role.
         has: Role,
+        /// The caller, as refusals name it (`uid 1000`, ``token `ci` ``).
         who: String,
     },
+    /// The target matches none of the caller's patterns.
     #[error("{who} may {verb} only to targets matching {patterns}; `{target}` is not one of them")]
     Target {
+        /// What the caller asked to do.
         verb: Verb,
+        /// The target it asked to do it to.
         target: String,
+        /// The caller's patterns, each in backticks, joined by `, `.
         patterns: String,
+        /// The caller, as refusals name it.
         who: String,
     },
+    /// The caller has no role at all (default deny): an admin socket caller
+    /// whose uid the config's `[[access]]` does not name, or whose peer
+    /// credentials could not be read.
     #[error("{who} is not mapped to any role (default deny); an admin maps it in the config ([[access]] or http token roles)")]
-    Unmapped { who: String },
+    Unmapped {
+        /// The caller, as refusals name it.
+        who: String,
+    },
 }
 
 impl Grant {
+    /// A grant of `role` on every target.
     pub fn new(role: Role) -> Self {
         Grant {
             role,

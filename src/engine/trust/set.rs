@@ -10,11 +10,18 @@ use serde::{Deserialize, Serialize};
 /// A key the set trusts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustedKey {
+    /// Its id (the SHA-256 fingerprint): what a signed envelope's claims
+    /// name it by.
     pub id: KeyId,
     /// The name it was added under (the `.pub` comment unless given).
     pub name: String,
+    /// The raw ed25519 public key signatures are checked against.
     pub public: [u8; 32],
+    /// Its role and target patterns: signing needs at least operator, and
+    /// the patterns (an admin's too) bound the targets it may sign for.
     pub grant: Grant,
+    /// When it was added or last replaced, ms since the Unix epoch; 0 in a
+    /// device's bundle, which does not carry it.
     pub added_at: Millis,
 }
 
@@ -22,14 +29,25 @@ pub struct TrustedKey {
 /// delivered end `Rejected` with this record's time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemovedKey {
+    /// The removed key's id.
     pub id: KeyId,
+    /// The name it was listed under, for the refusals that name it.
     pub name: String,
+    /// When it was removed, ms since the Unix epoch.
     pub removed_at: Millis,
 }
 
+/// A box's trust set: the operator keys whose signatures count, each with
+/// its grant, and the keys taken out of it. A box edits it only through
+/// its writer (a `TrustEdit`); a device's bundle carries a copy without the
+/// removals.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustSet {
+    /// The trusted keys, in the order added (a replaced key moves last).
     pub keys: Vec<TrustedKey>,
+    /// The keys removed, kept so that what they signed is refused by name
+    /// and time (`RemovedSigner`), not as unknown. A key added again leaves
+    /// this list.
     pub removed: Vec<RemovedKey>,
 }
 
@@ -37,40 +55,85 @@ pub struct TrustSet {
 /// DESIGN §10's order that failed and what to do.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum Refusal {
+    /// The box (or device) requires signatures and the command carries no
+    /// signed envelope: none, or an unsigned one.
     #[error("unsigned: this box requires commands signed by a trusted operator key (sign with `outpost send --sign KEY`, or the envelope_b64 field over HTTP)")]
     Unsigned,
+    /// The envelope could not be read at all.
     #[error("{0}")]
     Malformed(#[from] Malformed),
+    /// Signed by a key the set does not hold and has no removal of (a
+    /// device's bundle carries no removals, so there a removed key is this).
     #[error("signed by key {0}, which this box does not trust (add it with `outpost trust add KEY.pub --role operator`)")]
     UnknownSigner(KeyId),
+    /// Signed by a key since removed from the set: refused at intake, and
+    /// at delivery for what it signed that is still queued.
     #[error("signed by key {id} ({name}), which was removed from the trust set at {}", crate::engine::command::rfc3339(*at))]
-    RemovedSigner { id: KeyId, name: String, at: Millis },
+    RemovedSigner {
+        /// The signer's key id.
+        id: KeyId,
+        /// The name it was listed under.
+        name: String,
+        /// When it was removed, ms since the Unix epoch.
+        at: Millis,
+    },
+    /// The signer's role is below operator: a viewer's key signs nothing.
     #[error("key {name} has the {role} role; sending needs the operator role")]
-    Role { name: String, role: Role },
+    Role {
+        /// The name the signer is listed under.
+        name: String,
+        /// Its role.
+        role: Role,
+    },
+    /// The signed target matches none of the signer's patterns.
     #[error(
         "key {name} may sign only for targets matching {patterns}; `{target}` is not one of them"
     )]
     OutOfScope {
+        /// The name the signer is listed under.
         name: String,
+        /// The target as signed.
         target: String,
+        /// The signer's patterns, each in backticks, joined by `, `.
         patterns: String,
     },
+    /// The signature does not verify with the trusted key the claims name:
+    /// forged, or the claims changed after signing. The id is that key's.
     #[error(
         "bad signature: the envelope was not signed by key {0}, or it was changed after signing"
     )]
     BadSignature(KeyId),
+    /// The command as it arrived differs from what was signed in one field.
     #[error("the command's {field} is not the one signed (signed {signed}, got {got}): changed in flight")]
     Mismatch {
+        /// Which: `id`, `payload`, `priority`, `not-before` or `target`.
         field: String,
+        /// The signed value as text (a payload as `sha256 HEX`, a time as
+        /// RFC 3339 or `none`).
         signed: String,
+        /// The value that arrived, in the same form.
         got: String,
     },
+    /// Signed for another box: the audience is neither this box nor one
+    /// below it on the target's path (at a device: not its box).
     #[error("the command is signed for `{signed}`, not for this box (`{here}`)")]
-    WrongAudience { signed: String, here: String },
+    WrongAudience {
+        /// The audience the claims name.
+        signed: String,
+        /// This box's name (at a device, its box's).
+        here: String,
+    },
+    /// The signature's expiry (ms since the Unix epoch) has passed.
     #[error("the signature expired at {}; sign it again", crate::engine::command::rfc3339(*.0))]
     Expired(Millis),
+    /// At a device only: the signed not-before (ms since the Unix epoch) is
+    /// more than `SKEW_MS` ahead of its clock. A box queues such a command
+    /// to wait instead.
     #[error("the signature is not valid before {}; check this clock or the signer's", crate::engine::command::rfc3339(*.0))]
     NotYetValid(Millis),
+    /// A signed command id already accepted here: found by the queue's core
+    /// (its known ids) or a device's `Guard` (the ids it has seen), never by
+    /// `TrustSet::verify`.
     #[error("replay: command {0} was already accepted here; a signed command runs once")]
     Replay(CommandId),
 }
@@ -100,19 +163,36 @@ impl Refusal {
 pub enum Seat<'a> {
     /// A box named `name`, at intake, with the target as it is queued here
     /// (`dev-7` on the edge for the hub's `edge-1/dev-7`).
-    Box { name: &'a str, target: &'a str },
+    Box {
+        /// This box's name: the audience it answers to.
+        name: &'a str,
+        /// The target as queued here.
+        target: &'a str,
+    },
     /// A device `id` under the box `name` (the target is not on the wire:
     /// the claims' must name the device, or a tag or capability, which the
     /// device takes on its box's word).
-    Device { name: &'a str, id: &'a str },
+    Device {
+        /// The name of the box the device is enrolled under (its bundle's
+        /// `box =`).
+        name: &'a str,
+        /// The device's id, as in its certificate.
+        id: &'a str,
+    },
 }
 
 /// The command as it arrived, to compare with what was signed.
 #[derive(Clone, Copy, Debug)]
 pub struct Presented<'a> {
+    /// The id the command has here: at a box the hub's or the envelope's
+    /// (see `Intake::id`), at a device the frame's.
     pub id: CommandId,
+    /// The payload as it arrived; its SHA-256 must be the signed one.
     pub payload: &'a [u8],
+    /// The priority it is queued or delivered at.
     pub priority: Priority,
+    /// Its not-before, ms since the Unix epoch (`None`: none). A device
+    /// passes the signed one, as its frame carries none.
     pub not_before: Option<Millis>,
 }
 
@@ -121,8 +201,12 @@ pub struct Presented<'a> {
 pub struct Verified {
     /// The signed command id (a broadcast child's own id differs).
     pub id: CommandId,
+    /// The signing key's id.
     pub key_id: KeyId,
+    /// The name the set lists the signing key under.
     pub signer: String,
+    /// When the signature expires, ms since the Unix epoch: how long the
+    /// signed id must be remembered to refuse a replay.
     pub expires_at: Millis,
 }
 
@@ -133,23 +217,35 @@ pub const SKEW_MS: Millis = 5 * 60 * 1000;
 /// A change to the trust set (an admin's `trust add` or `trust remove`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TrustEdit {
+    /// Trust a key, or replace the name and grant of one already trusted;
+    /// a removed key may be added again.
     Add {
         /// The `.pub` line.
         public: String,
+        /// The name to list it under (`None`: the `.pub` comment); refused
+        /// if another key has it.
         name: Option<String>,
+        /// Its role and target patterns.
         grant: Grant,
     },
     /// By key id (`SHA256:…`) or name.
-    Remove { key: String },
+    Remove {
+        /// The key's id or the name it is listed under, as given.
+        key: String,
+    },
 }
 
 /// Why a trust edit was not made.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum EditError {
+    /// The `.pub` line is not an ed25519 OpenSSH public key: the
+    /// `KeyError`'s text.
     #[error("{0}")]
     BadKey(String),
+    /// No trusted key has this id or name (as given to the removal).
     #[error("no key `{0}` in the trust set (see `outpost trust list`)")]
     NoSuchKey(String),
+    /// Another trusted key is listed under this name.
     #[error("the name `{0}` is taken by another key; remove it first or pick another --name")]
     NameTaken(String),
 }
@@ -178,10 +274,14 @@ impl TrustSet {
         }
     }
 
+    /// The trusted key with this id; `None` if it is not in the set (never
+    /// added, or removed).
     pub fn key(&self, id: &KeyId) -> Option<&TrustedKey> {
         self.keys.iter().find(|k| &k.id == id)
     }
 
+    /// The removal of the key with this id; `None` if it was never removed,
+    /// or was added again since.
     pub fn removed(&self, id: &KeyId) -> Option<&RemovedKey> {
         self.removed.iter().find(|k| &k.id == id)
     }

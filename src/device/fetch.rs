@@ -3,12 +3,13 @@
 //! `dir/chunks/` (an earlier version, an interrupted fetch) are not asked
 //! for again: that is the resume.
 
-use crate::engine::artifact::wire::{FetchReply, FetchRequest, MAX_ASK};
+use crate::engine::artifact::wire::{
+    FetchReply, FetchRequest, MAX_ASK, MAX_CHUNK_REPLY, MAX_MANIFEST_REPLY,
+};
 use crate::engine::artifact::{Digest, Manifest};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAX_REPLY: usize = crate::engine::artifact::manifest::MAX_CHUNK as usize + 1024;
 const MAX_TRIES: u32 = 3;
 
 /// A verified file.
@@ -138,7 +139,7 @@ fn write_chunk(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 const SYNC_EVERY: u64 = 8 << 20;
 
 async fn ask(send: &mut quinn::SendStream, req: FetchRequest) -> Result<(), FetchError> {
-    crate::proto::write_frame(send, &req, MAX_REPLY)
+    crate::proto::write_frame(send, &req, MAX_CHUNK_REPLY)
         .await
         .map_err(link)
 }
@@ -167,15 +168,16 @@ impl FetchStream {
         let (mut send, recv) = conn.open_bi().await.map_err(link)?;
         let mut recv = crate::proto::frame_reader(recv);
         ask(&mut send, FetchRequest::Manifest { artifact }).await?;
-        let bytes = match crate::proto::read_frame::<FetchReply, _>(&mut recv, MAX_REPLY).await {
-            Ok(Some(FetchReply::Manifest { bytes })) => bytes,
-            Ok(Some(FetchReply::Refused { code, message })) => {
-                return Err(FetchError::Refused { code, message })
-            }
-            Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
-            Ok(None) => return Err(link("the box closed the fetch stream")),
-            Err(e) => return Err(link(e)),
-        };
+        let bytes =
+            match crate::proto::read_frame::<FetchReply, _>(&mut recv, MAX_MANIFEST_REPLY).await {
+                Ok(Some(FetchReply::Manifest { bytes })) => bytes,
+                Ok(Some(FetchReply::Refused { code, message })) => {
+                    return Err(FetchError::Refused { code, message })
+                }
+                Ok(Some(other)) => return Err(link(format!("unexpected reply {other:?}"))),
+                Ok(None) => return Err(link("the box closed the fetch stream")),
+                Err(e) => return Err(link(e)),
+            };
         if Digest::of(&bytes) != artifact {
             return Err(FetchError::Corrupt(format!(
                 "the manifest's SHA-256 is {}, not {artifact}",
@@ -213,7 +215,7 @@ impl FetchStream {
         &mut self,
         manifest: &Manifest,
     ) -> Result<Result<(u32, Vec<u8>), u32>, FetchError> {
-        match crate::proto::read_frame::<FetchReply, _>(&mut self.recv, MAX_REPLY).await {
+        match crate::proto::read_frame::<FetchReply, _>(&mut self.recv, MAX_CHUNK_REPLY).await {
             Ok(Some(FetchReply::Chunk { index, bytes })) => {
                 let Some(c) = manifest.chunks.get(index as usize) else {
                     return Err(link(format!(

@@ -17,6 +17,15 @@ use serde::{Deserialize, Serialize};
 /// Most chunk indices one `Chunks` request may ask for.
 pub const MAX_ASK: usize = 64;
 
+/// Largest body of a `Manifest` reply: a manifest at its largest and its
+/// framing. A manifest outgrows a chunk for a file of more than about
+/// 470 MiB (some 7,000 chunks), so the two limits are apart.
+pub const MAX_MANIFEST_REPLY: usize = super::manifest::MAX_MANIFEST + 1024;
+
+/// Largest body of any other reply on a fetch stream: a chunk at its
+/// largest and its framing.
+pub const MAX_CHUNK_REPLY: usize = super::manifest::MAX_CHUNK as usize + 1024;
+
 /// Device → box on a fetch stream.
 ///
 /// Append new variants only at the end (their tag is their position).
@@ -81,4 +90,27 @@ pub enum FetchReply {
 
 impl Frame for FetchReply {
     const KNOWN_TAGS: u32 = 3;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::artifact::manifest::{MAX_CHUNK, MAX_MANIFEST};
+
+    #[test]
+    fn a_manifest_at_its_largest_fits_its_reply_and_a_chunk_fits_its_own() {
+        let body = |r: &FetchReply| crate::proto::encode(r).len() - 4;
+        let manifest = FetchReply::Manifest {
+            bytes: vec![7; MAX_MANIFEST],
+        };
+        assert!(body(&manifest) <= MAX_MANIFEST_REPLY);
+        // The bug this guards: manifests were held to the chunk limit, so
+        // a file of a few hundred MiB could be added but never fetched.
+        assert!(body(&manifest) > MAX_CHUNK_REPLY);
+        let chunk = FetchReply::Chunk {
+            index: u32::MAX,
+            bytes: vec![7; MAX_CHUNK as usize],
+        };
+        assert!(body(&chunk) <= MAX_CHUNK_REPLY);
+    }
 }

@@ -2,7 +2,9 @@
 //! `artifact::wire`): every bidirectional stream a device opens after its
 //! control stream is a fetch stream, answered from the shelf.
 
-use crate::engine::artifact::wire::{FetchReply, FetchRequest, MAX_ASK};
+use crate::engine::artifact::wire::{
+    FetchReply, FetchRequest, MAX_ASK, MAX_CHUNK_REPLY, MAX_MANIFEST_REPLY,
+};
 use crate::engine::artifact::{Digest, Manifest};
 use crate::proto::{self, ErrorCode};
 use crate::shell::artifact::chunks::ChunkError;
@@ -22,9 +24,6 @@ pub const FETCH_PRIORITY: i32 = -1;
 
 /// Largest request frame a device may send on a fetch stream.
 const MAX_REQUEST: usize = 64 * 1024;
-
-/// Largest reply frame: a chunk and its framing.
-const MAX_REPLY: usize = crate::engine::artifact::manifest::MAX_CHUNK as usize + 1024;
 
 /// The set of artifacts a connection may read.
 pub(crate) type Allowed = Arc<Mutex<HashSet<[u8; 32]>>>;
@@ -90,7 +89,7 @@ async fn serve(
                 ErrorCode::Forbidden,
                 format!("{artifact} was not named by a command delivered to this device on this connection"),
             );
-            proto::write_frame(&mut send, &r, MAX_REPLY).await?;
+            proto::write_frame(&mut send, &r, MAX_CHUNK_REPLY).await?;
             continue;
         }
         match req {
@@ -103,7 +102,7 @@ async fn serve(
                     ),
                     Err(e) => refused(ErrorCode::Internal, format!("reading {artifact}: {e}")),
                 };
-                proto::write_frame(&mut send, &r, MAX_REPLY).await?;
+                proto::write_frame(&mut send, &r, MAX_MANIFEST_REPLY).await?;
             }
             FetchRequest::Chunks { chunks, .. } => {
                 if chunks.len() > MAX_ASK {
@@ -114,7 +113,7 @@ async fn serve(
                             chunks.len()
                         ),
                     );
-                    proto::write_frame(&mut send, &r, MAX_REPLY).await?;
+                    proto::write_frame(&mut send, &r, MAX_CHUNK_REPLY).await?;
                     continue;
                 }
                 if current.as_ref().map(|(d, _)| *d) != Some(artifact) {
@@ -125,13 +124,13 @@ async fn serve(
                                 ErrorCode::NotFound,
                                 format!("{artifact} is not on this box's shelf"),
                             );
-                            proto::write_frame(&mut send, &r, MAX_REPLY).await?;
+                            proto::write_frame(&mut send, &r, MAX_CHUNK_REPLY).await?;
                             continue;
                         }
                         Err(e) => {
                             let r =
                                 refused(ErrorCode::Internal, format!("reading {artifact}: {e}"));
-                            proto::write_frame(&mut send, &r, MAX_REPLY).await?;
+                            proto::write_frame(&mut send, &r, MAX_CHUNK_REPLY).await?;
                             continue;
                         }
                     }
@@ -158,7 +157,7 @@ async fn serve(
                             }
                         }
                     };
-                    proto::write_frame(&mut send, &r, MAX_REPLY).await?;
+                    proto::write_frame(&mut send, &r, MAX_CHUNK_REPLY).await?;
                     if let FetchReply::Chunk { bytes, .. } = &r {
                         stats.chunks_served.fetch_add(1, Ordering::Relaxed);
                         stats

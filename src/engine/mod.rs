@@ -23,6 +23,8 @@ pub mod journal;
 #[cfg(feature = "box")]
 pub mod queue;
 #[cfg(feature = "box")]
+pub mod rate;
+#[cfg(feature = "box")]
 pub mod rollout;
 #[cfg(feature = "box")]
 pub mod route;

@@ -1,5 +1,10 @@
 //! The device wire protocol (DESIGN §3; for implementers: docs/PROTOCOL.md).
 //!
+//! Why one file over 1,000 lines: the frames are one table (a message's
+//! tag is its position), every field is documented for implementers in
+//! other languages, and the tests that pin the bytes PROTOCOL.md shows sit
+//! beside them.
+//!
 //! One QUIC connection per device, ALPN `outpost/1`. The device opens one
 //! bidirectional control stream; both directions carry frames: a `u32`
 //! big-endian body length, then the postcard encoding of a [`DeviceFrame`]

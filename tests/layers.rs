@@ -298,3 +298,26 @@ fn the_scan_sees_what_it_forbids() {
     assert!(names("use crate::cli::x;", "crate::cli"));
     assert!(!names("use crate::device::x;", "crate::cli"));
 }
+
+/// Issue 22: one concept per file, and a file past about 1,000 lines
+/// says at its top why it is one file (its first lines hold a "Why").
+#[test]
+fn a_long_file_says_why_at_its_top() {
+    const ABOUT_A_THOUSAND: usize = 1_100;
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut silent = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lines = text.lines().count();
+        let top: Vec<&str> = text.lines().take(20).collect();
+        if lines > ABOUT_A_THOUSAND && !top.iter().any(|l| l.starts_with("//! Why")) {
+            silent.push(format!("{} ({lines} lines)", f.display()));
+        }
+    }
+    assert!(
+        silent.is_empty(),
+        "long files that do not say why at their top (split them, or write a `//! Why …` paragraph):\n{}",
+        silent.join("\n")
+    );
+}

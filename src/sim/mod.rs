@@ -2,6 +2,10 @@
 //! in one seeded, single-threaded world, in the style of FoundationDB's
 //! simulator and TigerBeetle's VOPR.
 //!
+//! Why this file is over 1,000 lines: it holds the world's types and a
+//! box's round, which every other part of the simulation reads and
+//! writes; the parts that stand alone are files of their own (below).
+//!
 //! Every box is the real sans-IO [`QueueCore`] driven in rounds the way
 //! `shell::queue::service` drives it (tick, relocate, seal, write one batch, flush,
 //! and only then act on the effects), over a [`SimDisk`] that keeps written

@@ -4,6 +4,10 @@
 //! every mistake is a clear error naming the step and its line, found
 //! before anything runs.
 //!
+//! Why one file over 1,000 lines: the parser and its checks are some 600;
+//! the rest is the tests of both the file format and the run
+//! (`run.rs`), which share their fixtures.
+//!
 //! ```toml
 //! name = "reflash-line-3"
 //! timeout = "30m"

@@ -1,6 +1,11 @@
 //! Tests of the sans-IO core, driven round by round against an in-memory
 //! "disk" that applies each sealed group exactly as the store does, so a
 //! restart can be replayed without sled.
+//!
+//! Why one file of 2,800 lines: every test drives the core through the
+//! harness `H` (rounds, a crash and its replay, `H::check` after each
+//! step), and a split would either copy the harness or make each part
+//! reach into another's.
 
 use super::*;
 use crate::engine::command::SendOptions;

@@ -22,9 +22,14 @@ use std::time::Instant;
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct QueueBenchOptions {
+    /// Commands to send in all, rounded down to a multiple of `producers`.
     pub commands: usize,
+    /// Concurrent senders (0 is taken as 1).
     pub producers: usize,
+    /// Devices (`bench-0`, …) the commands go to in turn, each drained by
+    /// one in-process session (0 is taken as 1).
     pub devices: usize,
+    /// Payload bytes per command.
     pub payload: usize,
     /// Devices connected while producers enqueue (a flow), rather than
     /// draining a backlog afterwards.
@@ -34,18 +39,32 @@ pub struct QueueBenchOptions {
 /// What one run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueBenchReport {
+    /// Commands sent, delivered and acked (the asked count, rounded down).
     pub commands: usize,
+    /// Concurrent senders, as asked.
     pub producers: usize,
+    /// Devices drained, at least 1.
     pub devices: usize,
+    /// Payload bytes per command.
     pub payload_bytes: usize,
+    /// Devices were connected while producers enqueued (a flow), rather
+    /// than draining the backlog afterwards.
     pub flow: bool,
+    /// Durable enqueues per second: `commands` over the time from the first
+    /// send to the last receipt.
     pub enqueue_per_s: f64,
+    /// Deliveries acked per second, from the start of the drain to its last
+    /// ack (in a flow, from the first send: end-to-end throughput).
     pub deliver_ack_per_s: f64,
+    /// Group commits over the run (each a batch made durable with one
+    /// flush).
     pub group_commits: u64,
+    /// Enqueues and acks per group commit: 2 × `commands` / `group_commits`.
     pub commands_per_group: f64,
     /// Bytes written to storage per command over its whole life (0 when the
     /// kernel does not report per-process IO).
     pub bytes_written_per_command: f64,
+    /// The data dir's size at the end, every command acked, bytes.
     pub data_dir_bytes_after: u64,
 }
 
@@ -281,6 +300,7 @@ impl QueueBenchReport {
 /// What a restart with a large backlog costs.
 #[derive(Clone, Debug, Serialize)]
 pub struct RestartReport {
+    /// Commands waiting in the box when it restarts (all offline).
     pub queued: usize,
     /// Open the store, replay, and hand the first command to a device.
     pub open_to_first_delivery_s: f64,
@@ -289,6 +309,7 @@ pub struct RestartReport {
     pub rss_bytes_per_queued: f64,
     /// The peak of the same (the open's transient buffers included).
     pub peak_rss_bytes_per_queued: f64,
+    /// The data dir's size with the backlog in it, after the restart, bytes.
     pub data_dir_bytes: u64,
 }
 
@@ -379,9 +400,13 @@ pub async fn restart_bench(
 /// What W2's restarted process measured of itself.
 #[derive(Serialize, Deserialize)]
 pub struct Reopened {
+    /// Seconds from the store's open to the first delivery to `bench-0`.
     pub open_to_first_delivery_s: f64,
+    /// The process's RSS before the open, bytes.
     pub rss_before: u64,
+    /// Its RSS a second after the first delivery (settled), bytes.
     pub rss_after: u64,
+    /// Its peak RSS (VmHWM) over its life, the open included, bytes.
     pub rss_peak: u64,
 }
 
@@ -424,9 +449,15 @@ pub async fn reopen(dir: &Path) -> anyhow::Result<Reopened> {
 /// in-process devices; producers enqueue, devices receive and ack.
 #[derive(Clone, Debug)]
 pub struct LinkBenchOptions {
+    /// Devices (`w1-0`, …), each with a connection of its own over one
+    /// client endpoint (0 is taken as 1).
     pub devices: usize,
+    /// Commands in all, rounded down to a multiple of `devices`.
     pub commands: usize,
+    /// Payload bytes per command, at least 8 (the first 8 carry the send
+    /// time, or a signed command's index).
     pub payload: usize,
+    /// Concurrent senders (0 is taken as 1).
     pub producers: usize,
     /// Offered load in commands/s (`None`: as fast as the box accepts).
     pub rate: Option<u64>,
@@ -509,32 +540,48 @@ impl Signed {
 /// What one W1 run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkBenchReport {
+    /// Devices connected, at least 1.
     pub devices: usize,
+    /// Commands sent and acked (the asked count, rounded down).
     pub commands: usize,
+    /// Payload bytes per command, at least 8.
     pub payload_bytes: usize,
+    /// Concurrent senders, at least 1.
     pub producers: usize,
+    /// Offered load in commands/s (`None`: as fast as the box accepts).
     pub offered_rate: Option<u64>,
+    /// Devices connected per second, one after another (QUIC and TLS
+    /// handshakes included).
     pub connect_per_s: f64,
     /// Commands per second, first enqueue to last durable ack.
     pub throughput_per_s: f64,
     /// Enqueue call → device receipt, microseconds.
     pub latency_p50_us: u64,
+    /// The same at the 99th percentile, microseconds.
     pub latency_p99_us: u64,
+    /// The same at the 99.9th percentile, microseconds.
     pub latency_p999_us: u64,
     /// Enqueue call → "accepted" (durable on disk), microseconds: the part
     /// of the latency that is the group commit.
     pub accept_p50_us: u64,
+    /// The same at the 99th percentile, microseconds.
     pub accept_p99_us: u64,
     /// Group commits during the run (each an enqueue or ack batch made
-    /// durable with one flush), and their mean time in the store.
+    /// durable with one flush).
     pub group_commits: u64,
+    /// Their mean time in the store (write and flush), microseconds.
     pub commit_mean_us: u64,
+    /// This process's peak RSS (VmHWM), bytes: box and devices together.
     pub peak_rss_bytes: u64,
+    /// Bytes this process wrote to storage per command during the run (0
+    /// when the kernel does not report per-process IO).
     pub bytes_written_per_command: f64,
+    /// The data dir's size at the end, bytes.
     pub data_dir_bytes_after: u64,
-    /// With `signed`: the box verified every command; one verification's
-    /// cost on one thread, µs.
+    /// The box required signatures and verified every command.
     pub signed: bool,
+    /// With `signed`: one verification's cost on one thread, µs, timed
+    /// apart before the run (`None` unsigned).
     pub verify_us: Option<f64>,
 }
 
@@ -763,11 +810,14 @@ fn percentile(v: &[u64], p: f64) -> u64 {
 /// this one — so the figures are the box's alone.
 #[derive(Clone, Debug, Serialize)]
 pub struct IdleReport {
+    /// Devices connected to the box, idle.
     pub devices: usize,
     /// The box's RSS once serving, before any device connected.
     pub rss_base_bytes: u64,
     /// RSS growth per connected idle device.
     pub rss_per_device_bytes: f64,
+    /// How long the box was measured idle, seconds (the span of
+    /// `cpu_seconds` and `bytes_written`).
     pub idle_secs: u64,
     /// CPU time (user + system) the box used while idle.
     pub cpu_seconds: f64,

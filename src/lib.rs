@@ -25,7 +25,7 @@
 // The device library is an API for embedders (the crate without `box`):
 // every public item of it is documented. The box's modules are public for
 // the binary, the tests and the simulation, not as an API.
-#![cfg_attr(not(feature = "box"), warn(missing_docs))]
+#![warn(missing_docs)]
 
 #[cfg(feature = "box")]
 pub mod bench;

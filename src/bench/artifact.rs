@@ -24,30 +24,44 @@ const MAX_SAMPLES: usize = 36_000;
 /// What one `--artifact` run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct ArtifactReport {
+    /// The file's size, bytes.
     pub size_bytes: u64,
+    /// Devices that fetched it at once (and curl clients on nginx's side).
     pub devices: usize,
+    /// Chunks the box holds the file in.
     pub chunks: u64,
-    /// `outpost artifact add` of the file, through the admin socket.
+    /// `outpost artifact add` of the file, through the admin socket,
+    /// seconds.
     pub add_s: f64,
+    /// The box's utime + stime during the add, seconds.
     pub add_box_cpu_s: f64,
     /// Every device's file had the source's SHA-256.
     pub verified: bool,
     /// All devices' bytes / wall time from the first fetch to the last
     /// verified file, MB = 10^6 bytes.
     pub aggregate_mb_s: f64,
+    /// Seconds from the first fetch's start to the last one's end.
     pub wall_s: f64,
+    /// The fastest device's fetch, seconds.
     pub device_min_s: f64,
+    /// The slowest device's fetch, seconds.
     pub device_max_s: f64,
     /// The box's utime + stime during the fetches, per GiB it sent.
     pub box_cpu_s_per_gib: f64,
+    /// The same in all, seconds.
     pub box_cpu_s: f64,
     /// The box's VmHWM at the end of the run (its whole life: add too).
     pub box_peak_rss_bytes: u64,
-    /// The box's VmRSS before the add, and sampled during the fetches.
+    /// The box's VmRSS before the add, bytes.
     pub box_rss_start_bytes: u64,
+    /// The highest of its VmRSS samples during the fetches, bytes.
     pub box_rss_transfer_max_bytes: u64,
+    /// The mean of those samples, bytes (0 with none).
     pub box_rss_transfer_mean_bytes: u64,
+    /// VmRSS samples taken during the fetches, one each `SAMPLE_EVERY`
+    /// (at most `MAX_SAMPLES`).
     pub rss_samples: usize,
+    /// The same file served by nginx in the same run, or why it was not.
     pub nginx: NginxOutcome,
     /// outpost's aggregate MB/s over nginx's (when nginx ran).
     pub ratio: Option<f64>,
@@ -57,18 +71,28 @@ pub struct ArtifactReport {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum NginxOutcome {
+    /// nginx served the file over HTTPS to as many curl clients as there
+    /// were devices.
     Ran {
+        /// All clients' bytes / wall time, MB = 10^6 bytes.
         aggregate_mb_s: f64,
+        /// Seconds from the first curl's start to the last one's end.
         wall_s: f64,
+        /// The fastest client's download, seconds.
         client_min_s: f64,
+        /// The slowest client's download, seconds.
         client_max_s: f64,
         /// nginx's master and workers' utime + stime during the
         /// transfer, per GiB sent: the figure to set beside the box's.
         cpu_s_per_gib: f64,
+        /// Every client's file had the source's SHA-256.
         verified: bool,
+        /// What `nginx -v` names (`nginx/1.22.1`).
         version: String,
     },
+    /// No comparison: the box's figures stand alone.
     Skipped {
+        /// nginx or curl not found, or what failed while nginx ran.
         reason: String,
     },
 }

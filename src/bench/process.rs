@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 /// A running box, killed when dropped.
 pub struct BoxProcess {
     child: tokio::process::Child,
+    /// Its process id, for what /proc says of it.
     pub pid: u32,
+    /// Its data dir, where its admin socket is.
     pub dir: PathBuf,
+    /// A client on its admin socket, connected at the start.
     pub admin: AdminClient,
     /// Where its devices connect.
     pub addr: std::net::SocketAddr,
@@ -70,10 +73,12 @@ impl BoxProcess {
         Ok(Bundle::parse(&text, "the enroll answer")?)
     }
 
+    /// Its resident set size now (VmRSS), bytes (0 once it is gone).
     pub fn rss(&self) -> u64 {
         proc_field(self.pid, "status", "VmRSS:") * 1024
     }
 
+    /// Its peak resident set size over its life (VmHWM), bytes.
     pub fn peak_rss(&self) -> u64 {
         proc_field(self.pid, "status", "VmHWM:") * 1024
     }
@@ -88,6 +93,7 @@ impl BoxProcess {
         proc_field(self.pid, "io", "write_bytes:")
     }
 
+    /// Kill it (SIGKILL, no shutdown) and wait for it to exit.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
@@ -98,19 +104,28 @@ impl BoxProcess {
 /// process.
 #[derive(Clone, Debug, Serialize)]
 pub struct BoxW1Report {
+    /// Devices connected, at least 1.
     pub devices: usize,
+    /// Commands sent and acked: the asked count, rounded down to a multiple
+    /// of `devices`.
     pub commands: usize,
+    /// Payload bytes per command, at least 8 (the first 8 carry the send
+    /// time).
     pub payload_bytes: usize,
+    /// Concurrent senders, each on an admin connection of its own.
     pub producers: usize,
     /// First send to the last ack made durable on the box.
     pub throughput_per_s: f64,
     /// Send call → device receipt, microseconds.
     pub latency_p50_us: u64,
+    /// The same at the 99th percentile, microseconds.
     pub latency_p99_us: u64,
     /// The box's CPU (user + system) per command over the run.
     pub box_cpu_us_per_command: f64,
-    /// The box's peak RSS, and its growth over the run.
+    /// The box's peak RSS (VmHWM, its whole life), bytes.
     pub box_peak_rss_bytes: u64,
+    /// Its RSS growth over the run, from after the devices connected to
+    /// the last ack, bytes.
     pub box_rss_growth_bytes: u64,
     /// Bytes the box wrote per command over the run.
     pub box_bytes_written_per_command: f64,

@@ -17,16 +17,23 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Nothing to do.
     Pass,
+    /// Worth a look, but the box runs: `report` still exits 0.
     Warn,
+    /// Broken, or about to break the box: `report` exits 1.
     Fail,
 }
 
 /// One check's finding.
 #[derive(Clone, Debug, Serialize)]
 pub struct Finding {
+    /// The thing checked, as printed in the report's first column ("data dir",
+    /// "disk", "database", "box", "reserve", "backup", …).
     pub check: &'static str,
+    /// How it came out.
     pub status: Status,
+    /// What was found, in one line: the value or error behind the status.
     pub detail: String,
     /// What to do (empty when it passed).
     pub fix: String,
@@ -50,7 +57,11 @@ fn f(
 /// command line or environment).
 #[derive(Clone, Debug)]
 pub struct Reserve {
+    /// The reserve in bytes: the free space below which the box refuses
+    /// new commands (`min_free_disk`).
     pub bytes: u64,
+    /// Where it was set: the config file's path, or the command line or
+    /// environment, as named in the finding.
     pub origin: String,
 }
 

@@ -6,6 +6,7 @@ use super::*;
 /// `outpost enroll`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct EnrollArgs {
+    /// The device's id: letters, digits, `-`, `_`, `.`, up to 64.
     pub device: String,
     /// A tag for routing (repeatable).
     #[arg(long = "tag")]

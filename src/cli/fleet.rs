@@ -34,6 +34,7 @@ pub enum FleetCmd {
     /// Create the fleet's two streams (OUTPOST_CMD, OUTPOST_UP); safe to
     /// run again. Refuses if they exist with another config.
     Init {
+        /// The cluster.
         #[command(flatten)]
         nats: NatsArgs,
         /// Copies of each stream in the cluster (1, 3 or 5).
@@ -47,13 +48,16 @@ pub enum FleetCmd {
     /// Send a command to EDGE/TARGET (EDGE/dev-7, EDGE/tag:line-3,
     /// EDGE/cap:camera, EDGE/workflow FILE).
     Send {
+        /// The cluster.
         #[command(flatten)]
         nats: NatsArgs,
+        /// What to send, as `outpost send` takes it.
         #[command(flatten)]
         send: SendArgs,
     },
     /// Print what the edges report (states, results, events, devices).
     Watch {
+        /// The cluster.
         #[command(flatten)]
         nats: NatsArgs,
         /// Only this edge.
@@ -77,8 +81,10 @@ pub enum FleetCmd {
     },
     /// The streams, and each edge's consumer: commands waiting for it.
     Status {
+        /// The cluster.
         #[command(flatten)]
         nats: NatsArgs,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -87,9 +93,13 @@ pub enum FleetCmd {
 /// The kinds of record an edge publishes (the last token of its subject).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RecordKind {
+    /// An edge's command states (`outpost.up.EDGE.state`).
     State,
+    /// Command results.
     Result,
+    /// Device events.
     Event,
+    /// Device records and sightings.
     Device,
 }
 

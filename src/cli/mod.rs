@@ -57,6 +57,7 @@ pub struct Cli {
     /// The TOML config file [default: /etc/outpost/outpost.toml, if present]
     #[arg(long, global = true, env = "OUTPOST_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The subcommand.
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -78,10 +79,14 @@ pub enum Cmd {
     /// Enroll a device and write its bundle file.
     Enroll(enroll::EnrollArgs),
     /// Revoke a device: refused at its next handshake, disconnected now.
-    Revoke { device: String },
+    Revoke {
+        /// The device's id.
+        device: String,
+    },
     /// Change an enrolled device's tags and capabilities, without
     /// re-enrolling it. New `tag:`/`cap:` sends follow the change.
     Tag {
+        /// The device's id.
         device: String,
         /// Add a tag (repeatable).
         #[arg(long)]
@@ -95,11 +100,13 @@ pub enum Cmd {
         /// Remove a capability (repeatable).
         #[arg(long)]
         remove_cap: Vec<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List enrolled devices.
     Devices {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         /// Add each device's outcomes, success rate and enqueue → ack
@@ -112,32 +119,45 @@ pub enum Cmd {
     Send(SendArgs),
     /// The box at a glance.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// A device's queue, in delivery order.
     Queue {
+        /// The device whose queue to list.
         device: String,
         /// Only commands in this state.
         #[arg(long, value_enum, ignore_case = true)]
         state: Option<LiveState>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// One command, live or finished.
     Show {
+        /// The command's id (as `send` printed it).
         id: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Cancel a command that has not ended.
-    Cancel { id: String },
+    Cancel {
+        /// The command's id.
+        id: String,
+    },
     /// Put a dead or failed command back in the queue.
-    Retry { id: String },
+    Retry {
+        /// The command's id.
+        id: String,
+    },
     /// Follow lifecycle events as they happen.
     Watch {
+        /// Only this device's events.
         #[arg(long)]
         device: Option<String>,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -153,6 +173,7 @@ pub enum Cmd {
     Restore(restore::RestoreArgs),
     /// Check the data dir, keys, certificates, the box, disk and database.
     Doctor {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -185,7 +206,10 @@ pub enum Cmd {
     /// API's envelope_b64 or a NATS Outpost-Envelope header.
     Sign(sign::SignCmd),
     /// Print shell completions.
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to write them for.
+        shell: clap_complete::Shell,
+    },
     /// Print the man page (roff).
     Man,
 }
@@ -193,7 +217,9 @@ pub enum Cmd {
 /// The states a queued command can be in (`outpost queue --state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LiveState {
+    /// Waiting for its device (or its `not_before`, or the command it runs after).
     Queued,
+    /// Sent to its device, its ack not in yet.
     Delivered,
 }
 
@@ -209,8 +235,10 @@ impl LiveState {
 /// `outpost bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    /// Devices connected to the throwaway box.
     #[arg(long, default_value_t = 100)]
     pub devices: usize,
+    /// Commands W1 sends.
     #[arg(long, default_value_t = 100_000)]
     pub commands: usize,
     /// Payload bytes per command.
@@ -255,6 +283,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", value_parser = crate::shell::config::parse_size,
           conflicts_with_all = ["idle", "restart", "signed"])]
     pub artifact: Option<u64>,
+    /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -150,6 +150,8 @@ pub(super) fn result_cell(result: Option<&str>) -> String {
     r.replace('\n', " ")
 }
 
+/// A time (ms since the Unix epoch) relative to now, in its largest whole
+/// unit: `42s ago`, `3h ago`, or `in 10m` for one still to come.
 pub fn ago(ms: u64) -> String {
     let now = crate::now_millis();
     let (d, future) = if ms > now {

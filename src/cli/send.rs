@@ -19,11 +19,14 @@ pub struct SendArgs {
     /// Bulk: send one command per line of this file (`-` for stdin).
     #[arg(long, conflicts_with_all = ["payload", "file", "wait"])]
     pub lines: Option<PathBuf>,
+    /// Priority: a higher one is delivered first, and is shed last when the queue is full.
     #[arg(long, default_value = "normal", ignore_case = true, value_parser = priority_parser())]
     pub priority: Priority,
     /// Time to live: 30s, 10m, 2h, or a number of seconds.
     #[arg(long, allow_negative_numbers = true)]
     pub ttl: Option<crate::engine::duration::DurationArg>,
+    /// Deliveries allowed before the command is dead (default 5, or the
+    /// box's `--max-attempts`); a failure is retried with backoff.
     #[arg(long)]
     pub max_attempts: Option<u32>,
     /// Idempotency key: the same key returns the first command's id.
@@ -40,6 +43,7 @@ pub struct SendArgs {
     /// TIMEOUT: 90s, 10m, or a number of seconds.
     #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_name = "TIMEOUT", allow_negative_numbers = true)]
     pub wait: Option<crate::engine::duration::DurationArg>,
+    /// Print the receipt (or with `--wait`, the result) as JSON.
     #[arg(long)]
     pub json: bool,
     /// A file for the device to fetch before it runs the command: an
@@ -47,6 +51,7 @@ pub struct SendArgs {
     /// or sha256:DIGEST (`outpost artifact add` puts it there).
     #[arg(long, value_name = "ARTIFACT")]
     pub artifact: Option<String>,
+    /// Sign the command with an operator key.
     #[command(flatten)]
     pub signing: super::sign::SignArgs,
 }
@@ -144,7 +149,6 @@ pub(super) async fn deliver(
     }
 }
 
-/// The options of a send, from its flags.
 /// A send's payload: the positional text, `-` for stdin, `--file`; or,
 /// for `EDGE/workflow` (`target` as the box below sees it, without the
 /// edge), the workflow file packed with its payload files, checked here
@@ -187,6 +191,9 @@ pub fn send_payload(a: &SendArgs, target: &str) -> anyhow::Result<Result<Vec<u8>
     }))
 }
 
+/// A send's `SendOptions` from its flags: priority, ttl, attempts, key,
+/// `--after` and `--not-before` (ms since the Unix epoch). A bad id or time
+/// is a `UsageError` (exit 2).
 pub fn send_options(a: &SendArgs) -> anyhow::Result<SendOptions> {
     let not_before = match a.not_before.as_deref() {
         None => None,

@@ -9,34 +9,42 @@ pub enum WorkflowCmd {
     /// condition on a step that is not upstream — each named with its line
     /// (exit 2). Prints the order the steps run in.
     Check {
+        /// The workflow file (TOML).
         file: PathBuf,
+        /// Print the order and any errors as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Run a workflow on the box (payload files are read here and sent
     /// along). Prints its id.
     Run {
+        /// The workflow file (TOML).
         file: PathBuf,
         /// Wait for the end (default 10m); exit 0 only if it succeeded.
         /// TIMEOUT: 90s, 10m, 1h, or a number of seconds.
         #[arg(long, num_args = 0..=1, default_missing_value = "10m", value_name = "TIMEOUT", allow_negative_numbers = true)]
         wait: Option<crate::engine::duration::DurationArg>,
+        /// Print the id (or with `--wait`, the run) as JSON.
         #[arg(long)]
         json: bool,
     },
     /// A run's steps with their states and results.
     Show {
+        /// The run's id (as `workflow run` printed it).
         id: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Every run the box keeps, newest first.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Cancel a run: running steps are cancelled, waiting ones never start.
     Cancel {
+        /// The run's id.
         id: String,
         /// Run its on_failure steps.
         #[arg(long)]

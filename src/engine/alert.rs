@@ -42,7 +42,10 @@ pub enum Kind {
 /// One `[[alert]]` table, checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
+    /// The rule's name, trimmed and unique among the box's rules; it names the
+    /// alert in transitions, logs, `status` and metrics.
     pub name: String,
+    /// The condition and its threshold.
     pub kind: Kind,
     /// How long the condition must hold before the alert fires.
     pub for_ms: Millis,
@@ -56,6 +59,7 @@ pub struct Rule {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
+    /// The rule's name: must be non-empty (after trimming) and unique.
     pub name: String,
     /// `queue_depth_above`, `device_offline_longer_than`, `dead_above`,
     /// `outbox_lag_above`, `disk_above`, `uplink_down_longer_than`,
@@ -64,35 +68,67 @@ pub struct RuleConfig {
     /// The threshold: a number, a duration (`10m`) or a percentage (`90%`),
     /// as the kind wants.
     pub value: toml::Value,
+    /// `for`: how long the condition must hold before the alert fires, a
+    /// duration (`5m`); `None`: at once.
     #[serde(rename = "for")]
     pub for_: Option<String>,
+    /// How long the condition must be false before a firing alert resolves,
+    /// a duration; `None`: the same as `for`.
     pub clear_for: Option<String>,
+    /// A command for `sh -c`, run with the alert's JSON on stdin when it
+    /// fires or resolves; `None` or blank: no hook.
     pub exec: Option<String>,
 }
 
 /// Why an `[[alert]]` table is unusable; names the rule and the fix.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RuleError {
+    /// `kind` names no condition this box knows.
     #[error("[[alert]] {name:?}: unknown kind `{kind}` (use queue_depth_above, device_offline_longer_than, dead_above, outbox_lag_above, disk_above, uplink_down_longer_than or bundle_shared)")]
-    Kind { name: String, kind: String },
+    Kind {
+        /// The rule's name.
+        name: String,
+        /// The kind as written.
+        kind: String,
+    },
+    /// `value` is not what the kind wants (a count, a duration or a
+    /// percentage from 0 to 100).
     #[error("[[alert]] {name:?}: value {value} {why}")]
     Value {
+        /// The rule's name.
         name: String,
+        /// The value as written, in TOML.
         value: String,
+        /// What is wrong with it and how to write it, e.g. "is not a count
+        /// (write e.g. 1000)".
         why: String,
     },
+    /// `for` or `clear_for` is not a duration.
     #[error("[[alert]] {name:?}: {key} = {value:?} is not a duration (write e.g. 30s, 5m)")]
     Duration {
+        /// The rule's name.
         name: String,
+        /// Which key: `for` or `clear_for`.
         key: &'static str,
+        /// The text as written.
         value: String,
     },
+    /// Two tables share a name; transitions and metrics are keyed by it.
     #[error("[[alert]] {name:?}: the name is used by another rule")]
-    Duplicate { name: String },
+    Duplicate {
+        /// The name used twice.
+        name: String,
+    },
+    /// A table with no name, or a blank one.
     #[error("[[alert]]: a rule needs a non-empty name")]
     NoName,
+    /// A `disk_above` rule on a box with no disk budget to take a percentage
+    /// of.
     #[error("[[alert]] {name:?}: disk_above needs max_disk (--max-disk) to measure against")]
-    NoMaxDisk { name: String },
+    NoMaxDisk {
+        /// The rule's name.
+        name: String,
+    },
 }
 
 fn millis(d: Duration) -> Millis {
@@ -196,7 +232,9 @@ pub fn check_rules(tables: &[RuleConfig], max_disk: Option<u64>) -> Result<Vec<R
 /// A device as the engine sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DeviceObs {
+    /// The device's id (its enrolled name).
     pub id: String,
+    /// Connected to the box now.
     pub online: bool,
     /// Last seen, or enrolled when never seen.
     pub since: Millis,
@@ -205,6 +243,8 @@ pub struct DeviceObs {
 /// The uplink as the engine sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UplinkObs {
+    /// A session with the hub (or the NATS cluster) is up; false while
+    /// connecting or offline.
     pub connected: bool,
     /// When the current state began.
     pub since: Millis,
@@ -213,14 +253,22 @@ pub struct UplinkObs {
 /// What the box looks like now.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observation {
+    /// Commands waiting in the queue for their device.
     pub queued: u64,
+    /// Commands delivered to their device and not yet acked.
     pub in_flight: u64,
+    /// Commands in the dead letter.
     pub dead: u64,
+    /// Every enrolled, unrevoked device.
     pub devices: Vec<DeviceObs>,
     /// When the oldest record waiting for the hub was made (none waiting:
     /// `None`).
     pub outbox_oldest: Option<Millis>,
+    /// Bytes the data directory takes. The monitor measures it only when a
+    /// disk rule exists (a directory walk), else leaves 0.
     pub disk_bytes: u64,
+    /// The box's disk budget in bytes (`--max-disk`); `None` or 0: no budget,
+    /// so no disk rule holds.
     pub max_disk: Option<u64>,
     /// `None`: the box has no uplink.
     pub uplink: Option<UplinkObs>,
@@ -249,14 +297,18 @@ enum Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertState {
+    /// The condition holds; the rule waits out its `for`.
     Pending,
+    /// The condition held for `for`: the alert fires.
     Firing,
+    /// A firing alert's condition has been false for `clear_for`.
     Resolved,
     /// The condition went away while pending: it never fired.
     Inactive,
 }
 
 impl AlertState {
+    /// The lowercase name, as serde writes it; logs and hook JSON use it.
     pub fn as_str(self) -> &'static str {
         match self {
             AlertState::Pending => "pending",
@@ -270,20 +322,28 @@ impl AlertState {
 /// A change of one rule's state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Transition {
+    /// The rule's name.
     pub name: String,
+    /// The state the rule entered.
     pub state: AlertState,
+    /// When (ms since the Unix epoch): the time of the observation that
+    /// caused it.
     pub at: Millis,
+    /// What the condition saw, for people: "160 live commands (limit 100)".
     pub detail: String,
 }
 
 /// An alert that is pending or firing, for `status`, the page and metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertView {
+    /// The rule's name.
     pub name: String,
     /// `pending` or `firing`.
     pub state: String,
     /// When it entered that state (ms since the epoch).
     pub since: Millis,
+    /// What the condition saw at the last observation; while a firing alert
+    /// clears, what it saw when it last held.
     pub detail: String,
 }
 
@@ -399,6 +459,7 @@ fn human(ms: Millis) -> String {
 }
 
 impl Engine {
+    /// An engine over checked `rules`, every one inactive.
     pub fn new(rules: Vec<Rule>) -> Self {
         Engine {
             slots: rules
@@ -413,10 +474,12 @@ impl Engine {
         }
     }
 
+    /// No rules: the monitor then never evaluates.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
 
+    /// The rule called `name`, if any (the monitor looks up its `exec`).
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.slots.iter().map(|s| &s.rule).find(|r| r.name == name)
     }

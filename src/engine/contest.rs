@@ -36,6 +36,7 @@ pub const MAX_TRACKED: usize = 1024;
 /// show it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SharedBundle {
+    /// The device id whose bundle is in use on two live devices.
     pub device: String,
     /// When the box found it (ms since the epoch).
     pub since: u64,
@@ -95,6 +96,9 @@ impl Default for Contests {
 }
 
 impl Contests {
+    /// Counting contests over `window`, flagging an id at `threshold` of
+    /// them (at least 1), keeping the flag `flag_for` after its last
+    /// refusal, tracking at most `cap` ids (at least 1).
     pub fn new(window: Duration, threshold: usize, flag_for: Duration, cap: usize) -> Self {
         Contests {
             window,
@@ -202,6 +206,7 @@ impl Contests {
         self.ids.len()
     }
 
+    /// No id tracked now.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }

@@ -10,6 +10,8 @@
 
 use std::collections::VecDeque;
 
+/// One uplink session's place in the outbox: what it has sent, what the
+/// upstream has stored, and whether to read more or sleep.
 #[derive(Debug)]
 pub struct OutboxCursor {
     /// Every record up to here is stored upstream.
@@ -36,6 +38,8 @@ impl OutboxCursor {
         }
     }
 
+    /// The seq through which the upstream has stored every record, so the
+    /// queue may delete up to it (the shell hands it to `up_ack`).
     pub fn acked(&self) -> u64 {
         self.acked
     }

@@ -20,12 +20,17 @@ pub const MAX_NAME: usize = 255;
 /// A parsed `send` target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target<'a> {
+    /// `dev-7`: one device, by id.
     Device(&'a str),
+    /// `tag:T`: a broadcast, one child per device with tag T.
     Tag(&'a str),
+    /// `cap:C`: a pool; one connected device with capability C runs it.
     Cap(&'a str),
     /// `edge/rest`: a command for a box below this one.
     Edge {
+        /// The box below: the id of its gateway device here.
         edge: &'a str,
+        /// The target as that box resolves it (itself maybe `edge/…`).
         rest: &'a str,
     },
 }
@@ -34,8 +39,11 @@ pub enum Target<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("`{text}` is not a valid {what}: {why}")]
 pub struct NameError {
+    /// The name or target as given.
     pub text: String,
+    /// What it was meant to be (`device id`, `tag`, `target` and the like).
     pub what: &'static str,
+    /// The rule it broke, for the operator.
     pub why: &'static str,
 }
 
@@ -113,7 +121,9 @@ impl<'a> Target<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
+    /// Patterns of the sending devices.
     pub from: Vec<String>,
+    /// Patterns of the targets they may address.
     pub to: Vec<String>,
 }
 
@@ -126,7 +136,9 @@ pub struct Acl {
 
 /// What the ACL needs to know of a device.
 pub trait Labels {
+    /// It carries tag `tag` (for `tag:` patterns).
     fn has_tag(&self, tag: &str) -> bool;
+    /// It is enrolled with capability `cap` (for `cap:` patterns).
     fn has_cap(&self, cap: &str) -> bool;
 }
 
@@ -144,6 +156,7 @@ impl Acl {
         Ok(Acl { rules })
     }
 
+    /// No rules: every device-to-device send is refused.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }

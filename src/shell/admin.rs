@@ -38,33 +38,53 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// A request to the box.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum AdminRequest {
+    /// Queue a command (`outpost send`); answered `Receipt` once it is
+    /// durable.
     Send(SendRequest),
     /// Wait for a command's end state, up to `timeout_ms`.
     Wait {
+        /// The command waited for.
         id: CommandId,
+        /// How long to wait, in ms; answered `TimedOut` if it has not ended
+        /// by then, else `View`.
         timeout_ms: u64,
     },
+    /// One command, live or finished (`outpost show`); answered `View`.
     Show(CommandId),
+    /// A device's unfinished commands (`outpost queue`); answered `Views`.
     List {
+        /// The device whose queue is listed.
         device: DeviceId,
     },
+    /// Cancel a live command (a broadcast: its open children); answered
+    /// `View`.
     Cancel(CommandId),
+    /// Put a dead or failed command back in the queue with fresh attempts;
+    /// answered `View`.
     Retry(CommandId),
+    /// The box's summary (`outpost status`); answered `Status`.
     Status,
+    /// Every enrolled device (`outpost devices`); answered `Devices`.
     Devices,
     /// Enroll a device and return its bundle text.
     Enroll {
+        /// The new device's id.
         id: DeviceId,
+        /// Tags it is enrolled with, for `tag:` targets.
         tags: Vec<String>,
+        /// Capabilities it is enrolled with.
         caps: Vec<String>,
         /// A box below this one (an edge), not a device.
         gateway: bool,
         /// Enroll an id that exists: a new bundle, the old one locked out.
         force: bool,
     },
+    /// Revoke a device: its bundle is locked out and its live link closed;
+    /// answered `Device` with its record.
     Revoke(DeviceId),
     /// Lifecycle events from now on, optionally of one device only.
     Watch {
+        /// The one device whose events are sent; `None`: every device's.
         device: Option<DeviceId>,
     },
     /// Change a device's tags and capabilities.
@@ -72,26 +92,39 @@ pub enum AdminRequest {
     /// Run a workflow: its TOML text (`file` names it in errors) and the
     /// payload files it names, read by the CLI.
     WorkflowRun {
+        /// The workflow file's name, as errors give it.
         file: String,
+        /// The workflow's TOML, checked again by the box.
         text: String,
+        /// Each `payload_file` the workflow names, with its bytes.
         payloads: Vec<(String, Vec<u8>)>,
     },
+    /// One workflow run, by its id; answered `Workflow`.
     WorkflowShow(CommandId),
+    /// The workflow runs the box keeps; answered `Workflows`.
     WorkflowList,
+    /// Cancel a workflow run; answered `Workflow`.
     WorkflowCancel {
+        /// The run's id.
         id: CommandId,
+        /// Run the workflow's `on_failure` steps after cancelling.
         compensate: bool,
     },
     /// Start a rollout: its plan as JSON, read by the CLI from a file or
     /// flags (the box checks it again).
     RolloutStart {
+        /// The `rollout::Plan`, JSON-encoded.
         plan: Vec<u8>,
     },
+    /// One rollout, by its id; answered `Rollout`.
     RolloutShow(CommandId),
+    /// The rollouts the box keeps; answered `Rollouts`.
     RolloutList,
     /// Pause, resume or abort a rollout.
     RolloutVerb {
+        /// The rollout's id.
         id: CommandId,
+        /// What to do to it.
         verb: crate::shell::rollout::Verb,
     },
     /// Devices with their statistics (`devices --stats`).
@@ -104,7 +137,10 @@ pub enum AdminRequest {
     /// Audit entries at or after `since` (ms since the epoch), the newest
     /// `limit` of them.
     Audit {
+        /// The earliest entry time wanted, ms since the epoch; `None`: from
+        /// the oldest kept.
         since: Option<u64>,
+        /// How many of the newest matching entries; `None`: all of them.
         limit: Option<u64>,
     },
     /// Walk the audit log's hash chain.
@@ -112,23 +148,31 @@ pub enum AdminRequest {
     /// `artifact add`, step 1: which chunks of this manifest the box lacks
     /// (answered `ArtifactLacks` with their indices).
     ArtifactLacks {
+        /// The encoded manifest (`Manifest::decode` reads it).
         #[serde(with = "serde_bytes")]
         manifest: Vec<u8>,
     },
     /// `artifact add`, step 2: one chunk's bytes (named by their SHA-256).
     ArtifactChunk {
+        /// The chunk, at most `manifest::MAX_CHUNK` bytes; answered
+        /// `ChunkStored`.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// `artifact add`, step 3: the manifest, committed once every chunk it
     /// names is durable; answered `Artifact`.
     ArtifactCommit {
+        /// The encoded manifest, as sent in step 1.
         #[serde(with = "serde_bytes")]
         manifest: Vec<u8>,
     },
+    /// The artifacts on the shelf; answered `Artifacts`.
     ArtifactList,
-    /// `name@version`, `name` (its newest) or `sha256:…`.
+    /// One artifact, answered `Artifact`: `name@version`, `name` (its
+    /// newest) or `sha256:…`.
     ArtifactShow(String),
+    /// Remove an artifact no live command names, given as `ArtifactShow`
+    /// takes it; answered `ArtifactRemoved`.
     ArtifactRemove(String),
     /// A consistent snapshot of the box (`outpost backup`), answered with
     /// `BackupPiece`s of the record stream, then `BackupDone`; the
@@ -146,45 +190,79 @@ impl Frame for AdminRequest {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum AdminResponse {
+    /// A `Send` is durable: the command's id and state.
     Receipt(SendReceipt),
+    /// One command, answering `Show`, `Cancel`, `Retry` and a `Wait` that
+    /// saw it end.
     View(Box<CommandView>),
+    /// A device's unfinished commands, answering `List`.
     Views(Vec<CommandView>),
+    /// The box's summary, answering `Status`.
     Status(StatusView),
+    /// Every enrolled device, answering `Devices`.
     Devices(Vec<DeviceView>),
+    /// A device is enrolled, answering `Enroll`.
     Bundle {
+        /// Its bundle as text (certificate, key, the box's address), to
+        /// hand to the device.
         text: String,
     },
+    /// A device's record after `Revoke` or `Relabel`.
     Device(DeviceRecord),
+    /// One lifecycle event of a `Watch` stream.
     Event(LifecycleEvent),
+    /// A `Wait` whose command had not ended within its `timeout_ms`.
     TimedOut,
+    /// The request failed; the client's `call` turns it into
+    /// `AdminError::Remote`.
     Error {
+        /// What kind of failure, which decides the CLI's exit code.
         kind: ErrorKind,
+        /// What went wrong, for a person.
         message: String,
     },
+    /// One workflow run, answering `WorkflowRun`, `WorkflowShow` and
+    /// `WorkflowCancel`.
     Workflow(Box<crate::shell::workflow::RunView>),
+    /// The workflow runs the box keeps, answering `WorkflowList`.
     Workflows(Vec<crate::shell::workflow::RunView>),
+    /// One rollout, answering `RolloutStart`, `RolloutShow` and
+    /// `RolloutVerb`.
     Rollout(Box<crate::shell::rollout::RolloutView>),
+    /// The rollouts the box keeps, answering `RolloutList`.
     Rollouts(Vec<crate::shell::rollout::RolloutView>),
+    /// Every device with the monitor's statistics of it (default ones when
+    /// the box runs no monitor), answering `DeviceStats`.
     DeviceStats(Vec<(DeviceView, crate::shell::monitor::DeviceStats)>),
     /// The key a trust edit added or removed.
     Trusted(crate::engine::trust::TrustedKey),
+    /// The trust set and the box's signing rules, answering `TrustList`.
     Trust(TrustView),
+    /// Audit entries, oldest first, answering `Audit`.
     Audit(Vec<crate::engine::audit::View>),
     /// `--verify`: intact (the summary), or the first bad seq and why.
     AuditVerified {
+        /// Whether the chain verified end to end.
         intact: bool,
+        /// The summary when intact, else the first break.
         text: String,
     },
     /// Indices of the manifest's chunks the box does not hold.
     ArtifactLacks(Vec<u32>),
     /// A chunk is durable (`new`: it was not held before).
     ChunkStored {
+        /// False when the shelf held the chunk already.
         new: bool,
     },
+    /// One artifact, answering `ArtifactCommit` and `ArtifactShow`.
     Artifact(crate::shell::artifact::shelf::ArtifactView),
+    /// The artifacts on the shelf, answering `ArtifactList`.
     Artifacts(Vec<crate::shell::artifact::shelf::ArtifactView>),
+    /// An artifact was removed, answering `ArtifactRemove`.
     ArtifactRemoved {
+        /// The artifact as it was.
         view: crate::shell::artifact::shelf::ArtifactView,
+        /// Bytes freed on the shelf (chunks no other artifact holds).
         freed: u64,
     },
     /// Part of a backup's record stream (`backup::Record`s).
@@ -215,7 +293,9 @@ impl AdminResponse {
 pub struct TrustView {
     /// The box's name: the audience signed commands must name.
     pub name: String,
+    /// Whether the box refuses unsigned commands (`serve --require-signed`).
     pub require_signed: bool,
+    /// The operator keys it trusts, and those removed.
     pub set: crate::engine::trust::TrustSet,
 }
 
@@ -226,15 +306,25 @@ pub use crate::shell::queue::ErrorClass as ErrorKind;
 /// `outpost status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusView {
+    /// The box's crate version.
     pub version: String,
+    /// Seconds since the box started serving.
     pub uptime_s: u64,
+    /// The device link's QUIC address as bound (empty if it cannot say).
     pub listen: String,
+    /// Devices with a record, enrolled or revoked, gateways included.
     pub devices_total: u64,
+    /// Devices connected now.
     pub devices_online: u64,
+    /// Commands waiting in queues, not yet delivered.
     pub queued: u64,
+    /// Commands delivered and not yet acked.
     pub in_flight: u64,
+    /// Dead-lettered commands among the results kept.
     pub dead: u64,
+    /// Bytes the data dir occupies on disk.
     pub disk_bytes: u64,
+    /// The data dir's path.
     pub data_dir: String,
     /// The uplink to the hub above, when the box has one.
     pub uplink: Option<UplinkView>,
@@ -253,26 +343,33 @@ pub struct StatusView {
 /// A box below, as `status` on its hub shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EdgeView {
+    /// The edge's device id, as enrolled on the hub.
     pub name: String,
+    /// Whether its link to the hub is up now.
     pub online: bool,
     /// Its outbox is applied through this seq.
     pub cursor: u64,
-    /// When its last records came (since the hub started).
+    /// When its last records came, ms since the epoch; `None`: none since
+    /// the hub started.
     pub last_up: Option<u64>,
-    /// Commands waiting for it, and handed to it and not yet ended.
+    /// Commands waiting for it.
     pub queued: u64,
+    /// Commands handed to it and not yet ended.
     pub handed: u64,
 }
 
 /// The uplink as `status` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UplinkView {
+    /// Connecting, connected or offline.
     pub state: crate::shell::upstream::UplinkState,
+    /// The hub's address.
     pub hub: String,
     /// When the state began (ms since the epoch).
     pub since: u64,
     /// When the hub last acknowledged records (ms since the epoch).
     pub last_sync: Option<u64>,
+    /// Why the link last failed; `None` when it has not.
     pub last_error: Option<String>,
     /// Records waiting for the hub.
     pub outbox_depth: u64,
@@ -280,7 +377,10 @@ pub struct UplinkView {
     pub lag_ms: u64,
     /// Telemetry records skipped while the outbox was full.
     pub outbox_skipped: u64,
+    /// Commands the hub forwarded that this box took (new ones, not
+    /// redeliveries), since it started.
     pub forwarded_total: u64,
+    /// Outbox records the hub acknowledged since the box started.
     pub synced_total: u64,
 }
 
@@ -293,12 +393,17 @@ fn error_of(e: &QueueError) -> AdminResponse {
 
 /// What the admin server needs from the box.
 pub struct AdminContext {
+    /// The queue every request maps onto.
     pub queue: QueueHandle,
+    /// The box's CA and server certificate; the CA signs enrolled devices' certificates.
     pub identity: Arc<Identity>,
+    /// The device link: who is online, shared bundles, revocations.
     pub link: Arc<DeviceLink>,
     /// `host:port` written into device bundles.
     pub advertise: String,
+    /// The box's data dir (backups walk it; `status` sizes it).
     pub data_dir: PathBuf,
+    /// When the box started serving (`status`'s uptime).
     pub started: Instant,
     /// The uplink's state, when the box has one.
     pub uplink: Option<tokio::sync::watch::Receiver<crate::shell::upstream::UplinkStatus>>,
@@ -466,7 +571,7 @@ async fn backup(
 }
 
 /// `handle`, and the request's audit entry once it has its answer (plain
-/// reads have none: `audit::request`).
+/// reads have none: `audit::draft`).
 async fn audited(
     ctx: &AdminContext,
     caller: &crate::shell::admin::audit::Caller,
@@ -851,24 +956,47 @@ async fn enroll(ctx: &AdminContext, req: crate::shell::enroll::EnrollRequest) ->
 /// Why an admin call failed on the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// No socket at `path`, or nobody answers on it.
     #[error("no box is running at {} — start it with `outpost serve`, or pass --data-dir (or OUTPOST_DATA_DIR) for the box you mean", path.display())]
-    NoBox { path: PathBuf },
+    NoBox {
+        /// The admin socket's path.
+        path: PathBuf,
+    },
+    /// The socket's mode keeps this user out (not the box's user or group).
     #[error("permission denied on {} — run as the box's user or a member of its group", path.display())]
-    Denied { path: PathBuf },
+    Denied {
+        /// The admin socket's path.
+        path: PathBuf,
+    },
+    /// `bind` found another box answering on the socket (server side).
     #[error("a box is already serving {} — stop it first, or use another --data-dir", path.display())]
-    AlreadyServing { path: PathBuf },
+    AlreadyServing {
+        /// The admin socket's path.
+        path: PathBuf,
+    },
+    /// Connecting to, binding or setting the mode of the socket failed otherwise.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The admin socket's path.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// Reading or writing a frame failed (IO, size limit or decoding).
     #[error("the admin connection failed: {0}")]
     Frame(#[from] FrameError),
+    /// The box hung up before answering a `call`.
     #[error("the box closed the admin connection without answering; see its log (`journalctl -u outpost`)")]
     Closed,
+    /// The box answered `AdminResponse::Error`.
     #[error("{message}")]
-    Remote { kind: ErrorKind, message: String },
+    Remote {
+        /// What kind of failure, which decides the exit code.
+        kind: ErrorKind,
+        /// The box's message.
+        message: String,
+    },
 }
 
 impl AdminError {

@@ -89,9 +89,12 @@ pub struct Header {
     pub body_bytes: u64,
     /// SHA-256 of the body as stored (hex).
     pub body_sha256: String,
-    /// What the body holds.
+    /// What the body holds: the sled trees (`Record::Tree`s), counting the
+    /// empty ones.
     pub trees: u64,
+    /// The key-value pairs across all trees (`Record::Kv`s).
     pub keys: u64,
+    /// The files from the data dir and the config (`Record::File`s).
     pub files: u64,
 }
 
@@ -99,6 +102,7 @@ pub struct Header {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encryption {
+    /// Not encrypted: the body is the plain record stream.
     None,
     /// age with a passphrase (scrypt).
     Passphrase,
@@ -111,84 +115,165 @@ pub enum Encryption {
 pub enum Record {
     /// The `Kv`s that follow belong to this tree.
     Tree(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// One key and its value, in the tree of the last `Tree` record.
     Kv(
         #[serde(with = "serde_bytes")] Vec<u8>,
         #[serde(with = "serde_bytes")] Vec<u8>,
     ),
     /// A file, its path relative to the data dir and its mode.
     File {
+        /// Relative to the data dir, with no `..` (a restore refuses any
+        /// other); the config is `RESTORED_CONFIG`.
         path: String,
+        /// Unix permission bits (`0o777` at most).
         mode: u32,
+        /// The file's whole contents.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// The last record, with the counts of the others.
-    End { trees: u64, keys: u64, files: u64 },
+    End {
+        /// `Tree` records before it.
+        trees: u64,
+        /// `Kv` records before it.
+        keys: u64,
+        /// `File` records before it.
+        files: u64,
+    },
 }
 
 /// What the writer's part of a snapshot saw.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
+    /// The store schema (`store::SCHEMA_VERSION`).
     pub schema: u32,
+    /// The box's name, as the header carries it.
     pub box_name: String,
+    /// The store's instance id, 16 hex digits.
     pub box_id: String,
+    /// The last group commit the walk saw: the snapshot is the state just
+    /// after it.
     pub last_group: u64,
+    /// When the walk began (ms since the Unix epoch).
     pub created_ms: u64,
+    /// Trees walked.
     pub trees: u64,
+    /// Key-value pairs walked, across all trees.
     pub keys: u64,
+    /// Files added after the walk (0 until `produce` adds them).
     pub files: u64,
 }
 
 /// Why a backup or a restore failed, each naming what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// Reading or writing a file or dir failed.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or dir.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: io::Error,
     },
+    /// The file does not start with `MAGIC`, and is not a cut backup.
     #[error("{} is not an outpost backup (it does not start with `# outpost backup v1`); name the file `outpost backup` wrote", path.display())]
-    NotABackup { path: PathBuf },
+    NotABackup {
+        /// The file named.
+        path: PathBuf,
+    },
+    /// The file's format is newer than `FORMAT`: a refusal (exit 5).
     #[error("{} is a backup of format {found}, newer than this outpost reads ({known}); restore it with the outpost that wrote it (or a newer one): nothing was written", path.display())]
     NewerFormat {
+        /// The backup file.
         path: PathBuf,
+        /// The header's format.
         found: u32,
+        /// `FORMAT`, the newest this binary reads.
         known: u32,
     },
+    /// The backup's store schema is newer than this binary's: a refusal
+    /// (exit 5), found before anything is written.
     #[error("{} holds a store of schema {found}, newer than this outpost knows ({known}); restore it with outpost {outpost} or newer: nothing was written", path.display())]
     NewerSchema {
+        /// The backup file.
         path: PathBuf,
+        /// The header's schema.
         found: u32,
+        /// `store::SCHEMA_VERSION` of this binary.
         known: u32,
+        /// The outpost version that wrote the backup (the header's).
         outpost: String,
     },
+    /// The file's length is not the header's region, body and seal: a cut
+    /// copy, or bytes added at the end.
     #[error("{} is truncated or padded: it has {found} bytes where its header says {expected}; copy the backup again from where it was made: nothing was written", path.display())]
     Truncated {
+        /// The backup file.
         path: PathBuf,
+        /// Bytes the header implies (or the least a backup has).
         expected: u64,
+        /// Bytes on disk.
         found: u64,
     },
+    /// A digest or the seal does not match, or the header or a record
+    /// does not parse.
     #[error("{} is damaged: {detail}; use another copy of the backup: nothing was written", path.display())]
-    Damaged { path: PathBuf, detail: String },
+    Damaged {
+        /// The backup file.
+        path: PathBuf,
+        /// What does not hold, as a clause for the message.
+        detail: String,
+    },
+    /// The restore's data dir has entries and `--force` was not given: a
+    /// refusal (exit 5).
     #[error("{} is not empty ({entries}); a restore writes only into an empty data dir: pick an empty one, or pass --force to move what is there into {}/replaced-<time>/ first", dir.display(), dir.display())]
-    NotEmpty { dir: PathBuf, entries: String },
+    NotEmpty {
+        /// The data dir.
+        dir: PathBuf,
+        /// Up to four of its entries' names, comma-separated, then "and N
+        /// more".
+        entries: String,
+    },
+    /// A box answers on the data dir's admin socket: a refusal (exit 5).
     #[error("a box is running on {} (its database is locked or its admin socket answers); stop it before restoring", dir.display())]
-    Running { dir: PathBuf },
+    Running {
+        /// The data dir.
+        dir: PathBuf,
+    },
+    /// The body is encrypted and no key of the right kind was given: a
+    /// refusal (exit 5).
     #[error("{} is encrypted with {how}; pass {flag}", path.display())]
     NeedsKey {
+        /// The backup file.
         path: PathBuf,
+        /// The encryption, in words ("a passphrase").
         how: &'static str,
+        /// The flag that supplies its key.
         flag: &'static str,
     },
+    /// The key given does not open the body (or its age stream fails): the
+    /// file is intact, since its digests held.
     #[error("{} cannot be decrypted: {detail}; check the passphrase or identity file (the file itself is intact): nothing was written", path.display())]
-    Decrypt { path: PathBuf, detail: String },
+    Decrypt {
+        /// The backup file.
+        path: PathBuf,
+        /// What age said.
+        detail: String,
+    },
+    /// An encryption setting cannot be used (an empty passphrase, a
+    /// recipient that is not `age1…`), or the output path names no file.
     #[error("bad encryption setting: {0}")]
     BadKey(String),
+    /// The store failed: reading it for a snapshot, or writing the
+    /// restored one.
     #[error("the box's store: {0}")]
     Store(#[from] StoreError),
+    /// The snapshot could not go on: its reader went away, its thread
+    /// panicked, the queue failed, or a record or header would not encode.
     #[error("the snapshot stopped: {0}")]
     Stopped(String),
+    /// The queue is shutting down and takes no snapshot.
     #[error("the box is shutting down; take the backup once it is back")]
     ShuttingDown,
 }
@@ -430,6 +515,7 @@ pub enum Encrypt {
 
 /// A key to decrypt a backup with.
 pub enum Decrypt {
+    /// The passphrase the backup was encrypted with.
     Passphrase(String),
     /// age identities (`AGE-SECRET-KEY-1…`), as an identity file holds them.
     Identities(String),

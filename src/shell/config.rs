@@ -22,21 +22,42 @@ pub const DEFAULT_CONFIG: &str = "/etc/outpost/outpost.toml";
 /// Why the configuration is unusable. Each names the file or key and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read: a `--config` path that is missing, or any
+    /// read error (a missing default file is no error).
     #[error("cannot read the config file {}: {source}; fix the path given to --config (or OUTPOST_CONFIG)", path.display())]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not TOML, has an unknown key, or a value of the wrong
+    /// type.
     #[error("the config file {} is not valid: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message, trimmed.
+        message: String,
+    },
+    /// A key's value parses but cannot be used (out of range, not an
+    /// address, a size or duration that does not parse, a missing partner).
     #[error("{key} = {value:?} in {origin}: {why}")]
     Value {
+        /// The file key (`max_disk`), also naming its flag.
         key: &'static str,
+        /// The value as written (empty where none was, "(hidden)" for a
+        /// token).
         value: String,
+        /// The file's path, `CLI_ORIGIN` for a flag or its variable, or
+        /// "default".
         origin: String,
+        /// What is wrong and the fix.
         why: String,
     },
+    /// clap refused an `OUTPOST_*` variable when no flags were parsed
+    /// (`resolve_without_flags`).
     #[error("the environment's serve settings (OUTPOST_*) are not valid: {0}")]
     Env(String),
 }
@@ -65,11 +86,20 @@ pub const MIN_MAX_DISK: u64 = 1 << 20;
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// The box's data dir (`--data-dir`, which beats it).
     pub data_dir: Option<PathBuf>,
+    /// Address for devices (QUIC), `host:port` [default: [::]:7443].
     pub listen: Option<String>,
+    /// `host:port` written into device bundles [default: the listen
+    /// address, or `<hostname>:<port>` when listening on every address].
     pub advertise: Option<String>,
+    /// Extra names or addresses for the server certificate; `--san` given
+    /// at all replaces the whole list.
     pub san: Option<Vec<String>>,
+    /// Unacked commands per device, at least 1 [default: 32].
     pub window: Option<u32>,
+    /// Live commands held before new ones are refused or lower ones shed
+    /// [default: 1000000].
     pub max_queued: Option<u64>,
     /// A size: `512MiB`, `2GB`, or a number of bytes.
     pub max_disk: Option<SizeValue>,
@@ -83,19 +113,30 @@ pub struct FileConfig {
     pub uplink_rate: Option<SizeValue>,
     /// A duration: `1s`, `500ms`, or a number of seconds.
     pub backoff_base: Option<String>,
+    /// Longest retry delay: a duration [default: 5m].
     pub backoff_cap: Option<String>,
+    /// Time to live when the sender gives none: a duration [default: none].
     pub default_ttl: Option<String>,
+    /// Attempts when the sender gives none [default: 5].
     pub max_attempts: Option<u32>,
+    /// sled's page cache: a size, at least `store::MIN_CACHE_BYTES`
+    /// [default: 8MiB].
     pub cache: Option<SizeValue>,
+    /// Finished results kept for `show` [default: 100000].
     pub results_max: Option<usize>,
+    /// How long finished results are kept: a duration [default: 7d].
     pub results_max_age: Option<String>,
     /// Audit entries kept, by count [default: 100000] and by age, a
     /// duration [default: 90d].
     pub audit_keep: Option<u64>,
+    /// Audit entries' greatest age: a duration [default: 90d]. Like
+    /// `audit_keep`, file-only: no flag or variable sets it.
     pub audit_max_age: Option<String>,
     /// Scheduled backups: how often (a duration), where, how many kept.
     pub backup_every: Option<String>,
+    /// Where scheduled backups go; needed with `backup_every`.
     pub backup_dir: Option<PathBuf>,
+    /// Scheduled backups kept, at least 1 [default: 3].
     pub backup_keep: Option<usize>,
     /// Prometheus metrics address, e.g. 127.0.0.1:9464 (off when absent).
     pub metrics: Option<String>,
@@ -113,6 +154,7 @@ pub struct FileConfig {
     pub upstream_ca: Option<PathBuf>,
     /// A client certificate and key for NATS.
     pub upstream_cert: Option<PathBuf>,
+    /// The key of that client certificate; used only with it.
     pub upstream_key: Option<PathBuf>,
     /// Telemetry records (states, last-seen, events) kept for the hub while
     /// it is out of reach; results are always kept.
@@ -146,7 +188,10 @@ pub struct FileConfig {
 /// A size written as a number of bytes or a string with a unit.
 #[derive(Clone, Debug)]
 pub enum SizeValue {
+    /// A TOML integer: bytes.
     Bytes(u64),
+    /// A TOML string, parsed later by `parse_size` so its error names the
+    /// key.
     Text(String),
 }
 
@@ -381,33 +426,51 @@ pub struct ServeArgs {
 /// What `serve` runs with, every value settled.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
+    /// The QUIC address devices connect to.
     pub listen: std::net::SocketAddr,
+    /// `host:port` for device bundles; None: derived from `listen`.
     pub advertise: Option<String>,
+    /// Extra subject alternative names for the server certificate.
     pub sans: Vec<String>,
+    /// The queue's bounds and retry policy, the defaults with every key
+    /// given applied.
     pub limits: Limits,
     /// Where an explicit `min_free_disk` came from; `None`: not set, so
     /// the box scales the reserve to its disk (`queue::default_reserve`).
     pub reserve_origin: Option<String>,
+    /// sled's page cache in bytes.
     pub cache_bytes: u64,
+    /// Where Prometheus metrics are served; None: off.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Which devices may send to which targets (empty: none may).
     pub acl: crate::engine::route::Acl,
     /// The hub's `host:port`, its bundle (None: `<data-dir>/upstream.bundle`)
     /// and the outbox bound, when the box has an uplink.
     pub upstream: Option<Upstream>,
     /// Or a NATS JetStream cluster above this edge.
     pub nats: Option<NatsUpstream>,
+    /// Where the dashboard and its API are served; None: off.
     pub http: Option<std::net::SocketAddr>,
+    /// The dashboard's admin token, trimmed and at least 16 characters
+    /// (from `--http-token` or the first line of its file); None: loopback
+    /// only.
     pub http_token: Option<String>,
+    /// Whether the dashboard may retry and cancel commands.
     pub http_admin: bool,
     /// HTTP tokens with a role, besides `http_token` (admin).
     pub http_tokens: Vec<crate::shell::http::access::HttpToken>,
+    /// Roles on the admin socket, by uid or user.
     pub access: crate::shell::admin::access::Access,
+    /// The alert rules, checked.
     pub alerts: Vec<crate::engine::alert::Rule>,
+    /// Whether only commands signed by a trusted operator key are taken.
     pub require_signed: bool,
     /// The box's name, when given (`--name`): the audience of signed
     /// commands. Unset: the uplink bundle's id, else the hostname.
     pub name: Option<String>,
+    /// How many audit entries are kept, and for how long.
     pub audit: crate::engine::audit::Retention,
+    /// What bounds the box's artifacts.
     pub artifacts: ArtifactLimits,
     /// Scheduled backups, when asked.
     pub backup: Option<crate::shell::backup::schedule::Schedule>,
@@ -439,18 +502,31 @@ impl Default for ArtifactLimits {
 pub struct NatsUpstream {
     /// `nats://h1:4222,nats://h2:4222`.
     pub urls: String,
+    /// The edge's name, one subject token (`outpost.cmd.NAME.>`): `--name`,
+    /// else the hostname's first label, else `edge`.
     pub name: String,
+    /// The NATS credentials file (`.creds`); None: none sent.
     pub creds: Option<PathBuf>,
+    /// A CA for the servers' certificates, which makes TLS required; None:
+    /// async-nats's defaults.
     pub ca: Option<PathBuf>,
+    /// A client certificate and its key; None unless both are given.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Telemetry records the outbox keeps while NATS is out of reach, at
+    /// least 1.
     pub outbox_max: u64,
 }
 
 /// The uplink's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upstream {
+    /// The hub's `host:port`, from `quic://HOST:PORT` (or a bare
+    /// `HOST:PORT`).
     pub server: String,
+    /// This edge's bundle from the hub; None: `<data-dir>/upstream.bundle`.
     pub bundle: Option<PathBuf>,
+    /// Telemetry records the outbox keeps while the hub is out of reach,
+    /// at least 1.
     pub outbox_max: u64,
 }
 

@@ -16,8 +16,13 @@ use crate::shell::queue::QueueError;
 /// What to enroll.
 #[derive(Clone, Debug)]
 pub struct EnrollRequest {
+    /// The device's id: its certificate's common name, and what commands
+    /// address it by.
     pub id: DeviceId,
+    /// Tags for `tag:NAME` targets and ACL patterns, each checked as a
+    /// name; `gateway` adds the reserved `GATEWAY_TAG` after the check.
     pub tags: Vec<String>,
+    /// Capabilities the device declares, for `cap:NAME` targets.
     pub caps: Vec<String>,
     /// A box below this one (an edge), not a device.
     pub gateway: bool,
@@ -28,6 +33,8 @@ pub struct EnrollRequest {
 /// A certificate issued and the record to store for it.
 #[derive(Debug)]
 pub struct Enrolled {
+    /// What the device is handed: its key and certificate, the CA, the
+    /// server to dial and, when the box has any, its trust anchors.
     pub bundle: Bundle,
     /// Carries the certificate's fingerprint in `cert`.
     pub record: DeviceRecord,
@@ -36,10 +43,16 @@ pub struct Enrolled {
 /// Why an enrollment did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
+    /// The certificate could not be issued (a bad id or server address), or
+    /// the trust anchors not written into the bundle.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// A tag or capability is not a valid name; the message says which and
+    /// why.
     #[error("{0}")]
     BadName(String),
+    /// The queue did not store the record: an existing id without `force`,
+    /// or the store failed or is shutting down.
     #[error(transparent)]
     Queue(#[from] QueueError),
 }

@@ -118,7 +118,9 @@ pub fn end_record(
 /// with or without its uplink.
 #[derive(Clone)]
 pub struct Runners {
+    /// The workflow runner, for `EDGE/workflow`.
     pub workflows: crate::shell::workflow::Runner,
+    /// The rollout runner, for `EDGE/rollout`.
     pub rollouts: crate::shell::rollout::RolloutRunner,
 }
 

@@ -40,7 +40,10 @@ pub use crate::proto::close_code;
 /// Telemetry a device sent (`DeviceFrame::Event`), handed to the shell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceEvent {
+    /// The sender, as its verified certificate names it.
     pub device: DeviceId,
+    /// The event's bytes as the device sent them; the box does not read
+    /// them.
     pub payload: Vec<u8>,
     /// When the box received it.
     pub at: Millis,
@@ -100,14 +103,20 @@ impl Default for LinkOptions {
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {source}; is another outpost (or anything) using this UDP port? pick another with --listen")]
     Bind {
+        /// The address asked for (`--listen`).
         addr: SocketAddr,
+        /// The bind's error.
         #[source]
         source: std::io::Error,
     },
+    /// quinn refused the rustls server config (e.g. no TLS 1.3).
     #[error("the TLS configuration cannot be used for QUIC: {0}")]
     Tls(String),
+    /// A `LinkOptions` value out of range: a zero window or frame rate, a
+    /// frame limit under 64 bytes, or an `idle_timeout` too large for QUIC.
     #[error("bad link option: {0}")]
     Options(String),
 }
@@ -115,23 +124,40 @@ pub enum LinkError {
 /// Counters of the link, for `status` and metrics.
 #[derive(Debug, Default)]
 pub struct LinkStats {
+    /// Connections whose TLS handshake completed within `hello_timeout`.
     pub connections_accepted: AtomicU64,
+    /// Handshakes that failed (a refused or revoked certificate, say) or
+    /// did not finish within `hello_timeout`.
     pub handshakes_failed: AtomicU64,
+    /// Connections refused before the handshake: `max_connections` reached.
     pub connections_refused: AtomicU64,
+    /// Sessions the box ended with a fatal `Error` frame: bad frames,
+    /// floods and too many bad acks, but also a revoked device, a shutdown
+    /// or an internal failure.
     pub protocol_errors: AtomicU64,
+    /// Frames read from devices' control streams.
     pub frames_in: AtomicU64,
+    /// Frames written to devices' control streams.
     pub frames_out: AtomicU64,
+    /// Deliveries written (`Command` frames, or `Forward`s to an edge),
+    /// each attempt counted.
     pub commands_sent: AtomicU64,
+    /// Acks the queue took (stale and foreign ones not counted).
     pub acks: AtomicU64,
+    /// `Event` frames received, dropped ones included.
     pub events: AtomicU64,
+    /// Events dropped because the consumer's channel was full.
     pub events_dropped: AtomicU64,
     /// Bundles found in use on two live devices, and newcomers refused
     /// for it.
     pub shared_bundles_found: AtomicU64,
+    /// Newcomers refused because their bundle is in use on a live device
+    /// ("in use elsewhere").
     pub in_use_refused: AtomicU64,
     /// Artifact chunks served on fetch streams, and their bytes: what a
     /// hub's uplink to its edges carries, counted here.
     pub chunks_served: AtomicU64,
+    /// Bytes of the artifact chunks served.
     pub chunk_bytes_served: AtomicU64,
 }
 

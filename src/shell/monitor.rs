@@ -50,9 +50,12 @@ const MINUTE: Millis = 60_000;
 /// What the monitor needs.
 #[derive(Clone, Debug, Default)]
 pub struct MonitorOptions {
+    /// The checked `[[alert]]` rules; empty: the monitor never evaluates.
     pub rules: Vec<Rule>,
     /// Take a per-minute sample (the dashboard is served).
     pub sample: bool,
+    /// The box's disk budget in bytes (`--max-disk`), for disk rules and the
+    /// page; `None`: no budget.
     pub max_disk: Option<u64>,
     /// Measured for disk rules and the page.
     pub data_dir: PathBuf,
@@ -67,7 +70,11 @@ pub struct MonitorOptions {
 /// new one is found.
 #[derive(Clone)]
 pub struct SharedBundles {
+    /// The ids of the devices whose bundle is in use on more than one live
+    /// device, read at each evaluation.
     pub list: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Bumped by the link each time it finds a shared bundle, which comes
+    /// with no session change to wake the monitor.
     pub found: watch::Receiver<u64>,
 }
 
@@ -80,10 +87,15 @@ impl std::fmt::Debug for SharedBundles {
 /// A command as the page lists it: its latest lifecycle event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandEntry {
+    /// The command's ULID, as text.
     pub id: String,
+    /// The target device's id.
     pub device: String,
+    /// The state the event left it in, as `state_name` writes it.
     pub state: String,
+    /// When the event happened (ms since the Unix epoch).
     pub at: Millis,
+    /// Deliveries attempted so far.
     pub attempts: u32,
     /// The result text (lossy UTF-8, at most 200 bytes) or the failure.
     pub result: Option<String>,
@@ -92,31 +104,48 @@ pub struct CommandEntry {
 /// One minute of history.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sample {
+    /// The start of the minute (ms since the Unix epoch).
     pub at: Millis,
+    /// Commands queued when the sample was taken.
     pub queued: u64,
+    /// Commands in flight when the sample was taken.
     pub in_flight: u64,
+    /// Commands in the dead letter when the sample was taken.
     pub dead: u64,
     /// Commands that ended in the minute, by how.
     pub succeeded: u64,
+    /// Commands that ended any other way in the minute: failed, dead,
+    /// expired, cancelled or shed.
     pub failed: u64,
 }
 
 /// A device's statistics over its last [`DEVICE_WINDOW`] ends.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceStats {
+    /// The device's id.
     pub device: String,
+    /// Ends in the window that succeeded.
     pub succeeded: u64,
+    /// Ends in the window that failed: rejected by the device, or a
+    /// broadcast whose children ended differently.
     pub failed: u64,
+    /// Ends in the window that went to the dead letter.
     pub dead: u64,
+    /// Ends in the window whose ttl ran out.
     pub expired: u64,
+    /// Ends in the window that were cancelled.
     pub cancelled: u64,
+    /// Ends in the window that were shed for a higher-priority command.
     pub shed: u64,
     /// Succeeded / ended, in percent (no ends: `None`).
     pub success_rate: Option<f64>,
     /// Enqueue → ack latency: counts per bucket of [`LATENCY_BUCKETS_MS`]
     /// (and one more for the rest).
     pub latency_buckets: Vec<u64>,
+    /// The median enqueue → ack latency (ms) of the window's acked ends;
+    /// `None`: none was acked.
     pub latency_p50_ms: Option<u64>,
+    /// The 95th percentile of the same; `None`: none was acked.
     pub latency_p95_ms: Option<u64>,
 }
 
@@ -163,8 +192,11 @@ pub fn state_name(s: CmdState) -> &'static str {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Update {
+    /// A command's latest lifecycle event.
     Command(CommandEntry),
+    /// A rule's transition, pending and inactive ones too.
     Alert(Transition),
+    /// A new per-minute sample.
     Sample(Sample),
 }
 
@@ -624,12 +656,16 @@ fn announce(
 /// Why a hook did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
+    /// `/bin/sh` could not be started.
     #[error("cannot start it: {0}")]
     Spawn(std::io::Error),
+    /// It ran longer than the given time (`HOOK_TIMEOUT`) and was killed.
     #[error("killed after {0:?}")]
     Timeout(Duration),
+    /// It exited non-zero, or was killed by a signal.
     #[error("exited with {0}")]
     Exit(std::process::ExitStatus),
+    /// Waiting for it failed.
     #[error("{0}")]
     Io(std::io::Error),
 }

@@ -24,30 +24,49 @@ const BATCH: usize = 256;
 /// A rollout as `rollout show` gives it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutView {
+    /// The rollout's id (`rollout show ID`, `pause`, `resume`, `abort`).
     pub id: CommandId,
+    /// The plan's name.
     pub name: String,
+    /// Its state, as `RolloutState::as_str` names it.
     pub state: String,
+    /// The plan's targets, as written.
     pub target: Vec<String>,
+    /// Why it is paused or aborted, in words (`None`: running or completed).
     pub reason: Option<String>,
+    /// The abort rule that tripped, as written (`None`: none did).
     pub tripped: Option<String>,
+    /// When it started, in ms since the Unix epoch.
     pub started_at: Millis,
+    /// When it completed or aborted, in ms since the Unix epoch (`None`:
+    /// not yet).
     pub finished_at: Option<Millis>,
     /// Devices by state (every state, zeros too).
     pub counts: Vec<(String, usize)>,
     /// Devices a minute now (`None`: no limit).
     pub rate: Option<f64>,
+    /// How many devices the canary is (0: none).
     pub canary: usize,
+    /// Each device, in the order its target resolved to.
     pub devices: Vec<DeviceView>,
 }
 
 /// One device of a rollout, for `rollout show`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceView {
+    /// The device's id (through boxes below: the edge's).
     pub device: String,
+    /// Its state, as `DeviceState::as_str` names it.
     pub state: String,
+    /// Its command's id (`None`: not sent).
     pub command: Option<CommandId>,
+    /// Its command's result text, or why the rollout judged it so (`None`:
+    /// not ended).
     pub result: Option<String>,
+    /// Its rollback's command id (`None`: none sent).
     pub rollback: Option<CommandId>,
+    /// Its rollback's state: `sent` until it ends, then the command's end
+    /// state (`None`: no rollback).
     pub rollback_state: Option<String>,
 }
 
@@ -125,8 +144,12 @@ impl From<&Rollout> for RolloutView {
 /// What an operator asks of one rollout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verb {
+    /// Start nothing new until `Resume`; devices started go on.
     Pause,
+    /// Go on after a pause or the canary (cutting a canary's wait short).
     Resume,
+    /// Stop it: cancel what has not started, and send the plan's `on_abort`
+    /// to the devices that took the change.
     Abort,
 }
 
@@ -222,10 +245,13 @@ impl RolloutRunner {
         .await
     }
 
+    /// Rollout `id` as it is now (`None`: no such rollout, or the runner
+    /// stopped).
     pub async fn show(&self, id: CommandId) -> Option<RolloutView> {
         self.ask(|r| Req::Show(id, r)).await.flatten()
     }
 
+    /// Every rollout kept, newest first (none once the runner stopped).
     pub async fn list(&self) -> Vec<RolloutView> {
         self.ask(Req::List).await.unwrap_or_default()
     }

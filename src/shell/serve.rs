@@ -16,7 +16,11 @@ use std::time::Instant;
 /// Everything `serve` needs, resolved from flags, env and defaults.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
+    /// The box's data dir: the store, the TLS dir, the admin socket, the
+    /// artifact chunks; created if absent.
     pub data_dir: PathBuf,
+    /// The QUIC address devices connect to (port 0: any free one, as
+    /// `RunningBox::addr` then says).
     pub listen: SocketAddr,
     /// Extra names for the server certificate.
     pub sans: Vec<String>,
@@ -24,8 +28,12 @@ pub struct ServeOptions {
     /// Default: the listen address, or `<hostname>:<port>` when listening
     /// on every address.
     pub advertise: Option<String>,
+    /// The queue's bounds and retry policy.
     pub limits: Limits,
+    /// How the sled store is opened (its page cache).
     pub store: StoreOptions,
+    /// The device link's frame size, window and events; its `window` is
+    /// what devices are told, so `outpost serve` sets it to `limits.window`.
     pub link: LinkOptions,
     /// Prometheus metrics address (off when `None`): the same listener as
     /// `http`, kept as an alias.
@@ -124,8 +132,11 @@ pub fn box_name(
 
 /// A running box.
 pub struct RunningBox {
+    /// The handle to the queue's writer thread.
     pub queue: QueueHandle,
+    /// The device link's QUIC server and its sessions.
     pub link: Arc<DeviceLink>,
+    /// The box's CA and server certificate, from the data dir's TLS dir.
     pub identity: Arc<Identity>,
     /// The QUIC address actually bound.
     pub addr: SocketAddr,

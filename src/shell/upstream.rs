@@ -51,7 +51,9 @@ pub struct UplinkOptions {
     pub batch: usize,
     /// Records sent and not yet acknowledged, at most.
     pub max_unacked: u64,
+    /// The first reconnect delay, doubled per failed attempt.
     pub min_backoff: Duration,
+    /// The cap on the reconnect delay.
     pub max_backoff: Duration,
     /// Largest frame (the hub's limit; default 1 MiB).
     pub max_frame: usize,
@@ -65,6 +67,9 @@ pub struct UplinkOptions {
 }
 
 impl UplinkOptions {
+    /// The defaults for `bundle` and `server`: batches of 4096, 32 Ki
+    /// records unacked, backoff from 0.5 s to 60 s, a 10 s connect timeout,
+    /// the device library's idle timeout, no artifact rate limit.
     pub fn new(bundle: PathBuf, server: Option<String>) -> Self {
         UplinkOptions {
             bundle,
@@ -137,6 +142,7 @@ impl std::fmt::Display for UplinkState {
 /// The uplink's state, for `status` and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UplinkStatus {
+    /// Where the reconnect loop is.
     pub state: UplinkState,
     /// The hub's address.
     pub hub: String,
@@ -165,6 +171,7 @@ impl Drop for Uplink {
 }
 
 impl Uplink {
+    /// The status now.
     pub fn status(&self) -> UplinkStatus {
         self.status.borrow().clone()
     }

@@ -27,20 +27,32 @@ const BATCH: usize = 256;
 /// A run as `workflow show` gives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunView {
+    /// The run's id (`workflow show ID`, `workflow cancel ID`).
     pub id: CommandId,
+    /// The workflow's name.
     pub name: String,
+    /// The run's state, as `RunState::as_str` names it.
     pub state: String,
+    /// When it started, in ms since the Unix epoch.
     pub started_at: Millis,
+    /// When it ended, in ms since the Unix epoch (`None`: running).
     pub finished_at: Option<Millis>,
+    /// Its steps, in the workflow's order.
     pub steps: Vec<StepView>,
 }
 
+/// One step of a run, as `workflow show` gives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepView {
+    /// The step's name.
     pub name: String,
+    /// Its state, as `StepState::as_str` names it.
     pub state: String,
+    /// Its target, as the file wrote it.
     pub target: String,
+    /// Its command's id (`None`: not sent yet).
     pub command: Option<CommandId>,
+    /// Its command's result text or error (`None`: not ended yet).
     pub result: Option<String>,
 }
 
@@ -135,6 +147,8 @@ impl Runner {
         crate::shell::jobs::ask(&self.tx, make).await
     }
 
+    /// Start a run of `w` (durable on return): its view, or why it could
+    /// not start (an artifact the box lacks, the runner stopped).
     pub async fn run(&self, w: Workflow) -> Result<RunView, String> {
         self.ask(|r| Req::Start(Box::new(w), r))
             .await
@@ -160,14 +174,19 @@ impl Runner {
         .await
     }
 
+    /// Run `id` as it is now (`None`: no such run, or the runner stopped).
     pub async fn show(&self, id: CommandId) -> Option<RunView> {
         self.ask(|r| Req::Show(id, r)).await.flatten()
     }
 
+    /// Every run kept, newest first (none once the runner stopped).
     pub async fn list(&self) -> Vec<RunView> {
         self.ask(Req::List).await.unwrap_or_default()
     }
 
+    /// Cancel run `id` (durable on return), running its `on_failure` steps
+    /// if `compensate`; a run already ended is left as it is. `None`: no
+    /// such run.
     pub async fn cancel(&self, id: CommandId, compensate: bool) -> Option<RunView> {
         self.ask(|r| Req::Cancel(id, compensate, r)).await.flatten()
     }

@@ -19,13 +19,24 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Everything the store keeps that replay reads back.
 #[derive(Clone, Debug, Default)]
 pub struct Image {
+    /// Journal records by group seq: commands entering or re-entering the
+    /// queue.
     pub journal: BTreeMap<u64, Vec<Entry>>,
+    /// Result records by group seq: commands that ended in that group.
     pub results: BTreeMap<u64, Vec<ResultRecord>>,
+    /// An edge's upstream outbox records by group seq, until the hub
+    /// acknowledges them.
     pub outbox: BTreeMap<u64, Vec<UpEntry>>,
+    /// The outbox's next seq (`None`: never written; replay starts at 1).
     pub outbox_next: Option<u64>,
+    /// Every enrolled device's record: labels, standing, revocation.
     pub devices: BTreeMap<DeviceId, DeviceRecord>,
+    /// A hub's upstream cursors: per edge, the highest outbox seq applied.
     pub cursors: BTreeMap<DeviceId, Cursor>,
+    /// Cancels sent down to an edge and not yet confirmed.
     pub cancel_marks: BTreeSet<CommandId>,
+    /// The highest group seq ever written, so a restart never reuses one
+    /// whose records were dropped.
     pub last_seq: u64,
 }
 
@@ -154,16 +165,26 @@ impl Image {
 /// One sled batch: a group and the device records written with it.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// The round's group write (`None`: only device records changed).
     pub group: Option<GroupWrite>,
+    /// Device records written in the same batch.
     pub devices: Vec<DeviceRecord>,
 }
 
+/// An armed fault that went off: the box ends (or rebuilds in place), as
+/// `outpost serve` does on a failed commit.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DiskError {
+    /// The write failed: nothing of the batch reached the disk.
     Write,
+    /// The flush failed and tore: the unflushed batches' removals are
+    /// durable, their inserts gone.
     Flush,
 }
 
+/// One box's store: an image that reads see, the batches written since the
+/// last flush and what they replaced, and the faults armed for the next
+/// write or flush.
 #[derive(Debug, Default)]
 pub struct SimDisk {
     /// What reads see: the durable state plus the unflushed batches.
@@ -176,6 +197,7 @@ pub struct SimDisk {
     pruned: Vec<CommandId>,
     /// Armed faults: the next write or flush fails.
     pub fail_write: bool,
+    /// The next flush fails (and tears, see `flush`).
     pub fail_flush: bool,
 }
 
@@ -185,6 +207,8 @@ impl SimDisk {
         &self.image
     }
 
+    /// Write a batch: readable at once, durable only at the next flush.
+    /// With `fail_write` armed, nothing is written and the fault is spent.
     pub fn write(&mut self, b: Batch) -> Result<(), DiskError> {
         if std::mem::take(&mut self.fail_write) {
             return Err(DiskError::Write);
@@ -241,6 +265,7 @@ impl SimDisk {
         self.fail_flush = false;
     }
 
+    /// Batches written and not yet flushed.
     pub fn unflushed(&self) -> usize {
         self.unflushed.len()
     }

@@ -79,7 +79,10 @@ impl PickSet {
 /// The shape of the world.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Edge boxes below the hub, `edge-1` to `edge-N`, each with an uplink
+    /// to it (0: the hub alone).
     pub edges: usize,
+    /// Devices on each edge (and on each box below `edge-1`), `dev-0`, ….
     pub devices_per_edge: usize,
     /// Devices connected to the hub itself.
     pub hub_devices: usize,
@@ -133,48 +136,88 @@ impl Default for Config {
 /// What a run did and found.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
+    /// The seed the world was made from (0 for a replayed tape, whose
+    /// draws, not a seed, made every choice).
     pub seed: u64,
+    /// Steps of the run: for `run`, the steps asked for (even when a
+    /// violation stopped it sooner); for `run_recorded` and `run_tape`,
+    /// the steps taken, settling included.
     pub steps: u64,
     /// FNV-1a over every event: equal for equal seeds, bit for bit.
     pub hash: u64,
+    /// What the checks found, each `step N t=MS box: what`, at most
+    /// `MAX_VIOLATIONS`; the run stops stepping at the first.
     pub violations: Vec<String>,
+    /// Every event as a line (step, world time in ms since the start, box,
+    /// what), only with `Config::trace`.
     pub trace: Vec<String>,
     /// Replaying a tape: where in it each step began (the shrinker cuts
     /// whole steps).
     pub step_starts: Vec<usize>,
+    /// How often each kind of event happened.
     pub counts: Counts,
 }
 
+/// How often each kind of event happened in a run: what the tests read to
+/// see that a run exercised what it claims to, and that a replay matched.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// Sends a box acknowledged (operators', devices' and the job
+    /// runners'): what the end checks hold the boxes to.
     pub sends_acked: u64,
+    /// Operator and device sends a box refused (device sends the ACL
+    /// refuses among them).
     pub sends_refused: u64,
+    /// Times a device ran a command and answered, success or failure (a
+    /// hang is not counted).
     pub runs: u64,
+    /// Box crashes, those a failed write or flush caused included.
     pub crashes: u64,
+    /// Writes and flushes that failed.
     pub disk_faults: u64,
+    /// Links partitioned (each held down for up to 5 s).
     pub partitions: u64,
+    /// Connections ended, whatever the cause (a lost message, a partition,
+    /// a crash, a revocation, settling's reconnect of everything).
     pub link_drops: u64,
+    /// Changes to a box's clock skew, small ones too (only those over 2 s
+    /// are seen as jumps).
     pub clock_jumps: u64,
+    /// Operator cancels a box took.
     pub cancels: u64,
+    /// Operator retries of Failed or Dead commands a box took.
     pub retries: u64,
+    /// Devices moved between `line-a` and `line-b`.
     pub relabels: u64,
+    /// Device-to-device sends the ACL allowed and the box took.
     pub device_sends: u64,
+    /// Devices revoked.
     pub revocations: u64,
+    /// Failed writes answered by rebuilding the queue in place rather than
+    /// ending the box.
     pub rebuilds: u64,
+    /// Edges wiped and set up again under their old bundle.
     pub wipes: u64,
+    /// Rollouts started.
     pub rollouts: u64,
     /// Rollouts that ended so, seen after settling or when a wipe took them.
     pub rollouts_completed: u64,
+    /// Rollouts that ended aborted, counted the same way.
     pub rollouts_aborted: u64,
     /// Rollbacks sent by aborted rollouts.
     pub rollbacks: u64,
+    /// Workflow runs started.
     pub workflows: u64,
     /// Runs that ended so, seen after settling or when a wipe took them
     /// (failed: any other end).
     pub workflows_succeeded: u64,
+    /// Runs that ended any other way (failed, cancelled, timed out),
+    /// counted the same way.
     pub workflows_failed: u64,
     /// Workflow steps on a tag sent (and taken) by their box.
     pub workflow_group_steps: u64,
+    /// Steps spent settling after the workload stopped, until the world
+    /// was quiet (at most 200,000).
     pub settle_steps: u64,
 }
 
@@ -378,6 +421,9 @@ struct Sent {
     via: u64,
 }
 
+/// The simulated world: every box (the hub first, then its edges, then the
+/// boxes below `edge-1`), their disks, devices and links, the clock, the
+/// one `Rng`, and the checker's books of every send.
 pub struct World {
     rng: Rng,
     now: Millis,
@@ -411,6 +457,8 @@ pub struct World {
 }
 
 impl World {
+    /// A world of shape `cfg` whose every choice derives from `seed`: the
+    /// same seed replays bit for bit.
     pub fn new(seed: u64, cfg: &Config) -> Self {
         World::with_rng(seed, Rng::new(seed), cfg)
     }
@@ -1055,6 +1103,7 @@ impl World {
             })
     }
 
+    /// What the run did and found, with `steps` as its step count.
     pub fn into_report(mut self, steps: u64) -> Report {
         self.report.steps = steps;
         self.report

@@ -23,6 +23,8 @@ enum Mode {
 }
 
 impl Rng {
+    /// Seeded, recording nothing: the same seed gives the same draws on
+    /// every run.
     pub fn new(seed: u64) -> Self {
         Rng {
             state: seed,
@@ -38,6 +40,7 @@ impl Rng {
         }
     }
 
+    /// Draws from `tape` in order, then 0 for every draw past its end.
     pub fn replaying(tape: Vec<u64>) -> Self {
         Rng {
             state: 0,
@@ -66,6 +69,8 @@ impl Rng {
         matches!(&self.mode, Mode::Replaying { tape, at } if *at >= tape.len())
     }
 
+    /// The next draw, which every other choice is made from: the tape's
+    /// next value when replaying, else splitmix64's (kept when recording).
     pub fn next_u64(&mut self) -> u64 {
         match &mut self.mode {
             Mode::Replaying { tape, at } => {

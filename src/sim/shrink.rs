@@ -15,6 +15,7 @@ use super::{run_tape, Config};
 /// What the shrinker did.
 #[derive(Debug)]
 pub struct Shrunk {
+    /// The shortest, simplest failing tape found, for `sim::run_tape`.
     pub tape: Vec<u64>,
     /// Runs made.
     pub runs: u64,

@@ -19,10 +19,26 @@ pub struct Budget {
 /// Which budget a chunk would cross, and by how much.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum OverBudget {
+    /// `--max-artifact-disk`: the chunk store's own budget.
     #[error("the artifact store holds {used} bytes of its {limit}-byte budget and {need} more bytes are needed; remove artifacts no command needs (`outpost artifact list`, `outpost artifact rm`) or raise --max-artifact-disk")]
-    Artifacts { used: u64, need: u64, limit: u64 },
+    Artifacts {
+        /// Bytes of chunks held now.
+        used: u64,
+        /// Bytes the refused chunk (or file) would add.
+        need: u64,
+        /// The budget, in bytes.
+        limit: u64,
+    },
+    /// `--max-disk`: the box's whole budget, chunks and queue together.
     #[error("the box's data holds {used} bytes of its {limit}-byte --max-disk budget (the queue and the artifacts together) and {need} more bytes are needed; remove artifacts no command needs (`outpost artifact rm`) or raise --max-disk")]
-    Total { used: u64, need: u64, limit: u64 },
+    Total {
+        /// Bytes of chunks plus the queue's database now.
+        used: u64,
+        /// Bytes the refused chunk (or file) would add.
+        need: u64,
+        /// The budget, in bytes.
+        limit: u64,
+    },
 }
 
 impl Budget {

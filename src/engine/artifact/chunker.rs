@@ -21,6 +21,8 @@ pub struct Chunker<R: Read> {
 }
 
 impl<R: Read> Chunker<R> {
+    /// Chunks of `source` at the manifest's sizes (`MIN_CHUNK`, `AVG_CHUNK`,
+    /// `MAX_CHUNK`), so every chunker cuts a file the same way.
     pub fn new(source: R) -> Self {
         Chunker {
             cdc: StreamCDC::new(

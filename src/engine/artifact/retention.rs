@@ -17,7 +17,9 @@ pub const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// What the box knows of one artifact at a pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Held {
+    /// The artifact's manifest digest: its identity on the shelf.
     pub digest: Digest,
+    /// When it was added to the shelf, ms since the Unix epoch.
     pub added_at: Millis,
     /// The newest time a command was noted as naming it.
     pub last_named: Option<Millis>,

@@ -72,9 +72,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 pub struct Limits {
     /// Unacked commands per device, unless the device asks for fewer.
     pub window: u32,
+    /// The delay after a first failed attempt, in ms; it doubles with each
+    /// attempt after, up to `backoff_cap_ms`, and jitter takes it to between
+    /// half and all of that.
     pub backoff_base_ms: u64,
+    /// The longest delay between attempts, in ms (before jitter).
     pub backoff_cap_ms: u64,
+    /// Attempts a command gets when its sender names none (at least 1);
+    /// after the last one fails it is dead.
     pub default_max_attempts: u32,
+    /// Time to live, in ms from the send, of a command whose sender names
+    /// none (`None`: it never expires).
     pub default_ttl_ms: Option<u64>,
     /// Live commands the box holds before it sheds or refuses.
     pub max_queued: u64,
@@ -88,11 +96,16 @@ pub struct Limits {
     pub key_window_ms: u64,
     /// Results kept for `show`/`--wait`, by count and by age.
     pub results_max: usize,
+    /// How long a result is kept, in ms from its end (a result group goes
+    /// whole, aged by its newest end, and never while a journal group as old
+    /// is on disk).
     pub results_max_age_ms: u64,
     /// A journal group this many groups behind the head, with at most
     /// `relocate_max_pins` live commands left, is re-journalled (with k
     /// times as many, k times as far behind; see `relocation_candidate`).
     pub relocate_lag: u64,
+    /// The live commands a group `relocate_lag` behind may still hold and
+    /// be relocated (at least 1).
     pub relocate_max_pins: u32,
     /// Largest payload accepted.
     pub max_payload: usize,
@@ -133,9 +146,17 @@ pub fn default_reserve(total: u64) -> u64 {
 /// A device as `outpost devices` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceView {
+    /// Its enrolment record (tags, caps, last seen, revoked), or for a
+    /// device of a box below the record that box last sent up.
     pub record: DeviceRecord,
+    /// It holds a session now; a device of a box below: that box said so
+    /// last and its gateway is connected.
     pub online: bool,
+    /// Its commands not yet delivered (ready, waiting or blocked); 0 for a
+    /// device of a box below, whose queue is that box's.
     pub queued: u64,
+    /// Commands delivered to it and not yet acked (`cap:` ones it serves
+    /// included); a gateway's also counts those handed to the box below.
     pub in_flight: u64,
     /// For a gateway (a box below): how far its outbox is applied.
     pub sync: Option<EdgeSync>,
@@ -157,19 +178,30 @@ pub struct EdgeSync {
 /// the shell reads result group `seq`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lookup {
+    /// Live (or an open broadcast): its view, built from memory.
     Live(Box<CommandView>),
-    Finished { seq: u64, state: State },
+    /// Ended; the full record is on disk.
+    Finished {
+        /// The result group holding its `ResultRecord`.
+        seq: u64,
+        /// The state it ended in.
+        state: State,
+    },
+    /// Never queued here, or its result is gone with retention.
     NotFound,
 }
 
 /// What a round asks the shell to do once its group is durable.
 #[derive(Debug, Default)]
 pub struct Effects {
+    /// Commands to hand to connected devices, in the order decided.
     pub deliveries: Vec<DeliverEffect>,
     /// Tell a device to stop a command it holds (cancel, expiry).
     pub cancels: Vec<(DeviceId, CommandId)>,
     /// End a device's session (revoked).
     pub close_sessions: Vec<DeviceId>,
+    /// Lifecycle changes, published to the queue's subscribers (`watch`,
+    /// `--wait`, the runners, the monitor) once the round is durable.
     pub events: Vec<LifecycleEvent>,
     /// Device records to write with this group.
     pub device_writes: Vec<DeviceRecord>,
@@ -183,12 +215,22 @@ pub struct Effects {
 /// group `group`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliverEffect {
+    /// The device to hand it to (for a `cap:` command, the member chosen).
     pub device: DeviceId,
+    /// The session it was decided for (the token `connect` returned): the
+    /// shell drops a delivery whose session has since been replaced.
     pub session: u64,
+    /// The command, looked up by id in its group.
     pub id: CommandId,
+    /// The journal group its payload was in when decided (the shell asks
+    /// `payload_group` if it has moved since).
     pub group: u64,
+    /// Which attempt this delivery is, from 1.
     pub attempt: u32,
+    /// Its priority, sent with it (a forward to a box below keeps it).
     pub priority: Priority,
+    /// When it expires, ms since the Unix epoch (`None`: no ttl); a forward
+    /// to a box below carries what is left as its ttl.
     pub deadline: Option<Millis>,
 }
 
@@ -589,6 +631,8 @@ impl QueueCore {
         self.outbox.groups_after(seq)
     }
 
+    /// The outbox's depth, seqs and compaction counters (for `status`, the
+    /// alerts, and the seq an uplink starts after).
     pub fn outbox_stats(&self) -> OutboxStats {
         self.outbox.stats()
     }
@@ -615,6 +659,7 @@ impl QueueCore {
         });
     }
 
+    /// The bounds this core was made with.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }

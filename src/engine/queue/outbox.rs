@@ -44,6 +44,9 @@ struct Span {
     at: crate::engine::command::Millis,
 }
 
+/// The outbox's index in memory: the seqs of the groups on disk not yet
+/// acknowledged, the entries of the round still open, and what is held back
+/// while full. The entries themselves are on disk, written with their group.
 #[derive(Debug)]
 pub struct Outbox {
     on: bool,
@@ -86,6 +89,8 @@ impl Outbox {
         self.groups.keys().next().copied()
     }
 
+    /// Whether it records (the box has an uplink); while off, `push` drops
+    /// everything.
     pub fn is_on(&self) -> bool {
         self.on
     }
@@ -95,6 +100,7 @@ impl Outbox {
         self.next_seq = self.next_seq.max(next);
     }
 
+    /// The seq the next recorded entry gets (seqs start at 1).
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -216,6 +222,7 @@ impl Outbox {
             .collect()
     }
 
+    /// Depth and progress now, for `status` and metrics.
     pub fn stats(&self) -> OutboxStats {
         OutboxStats {
             depth: self.depth,

@@ -3,7 +3,7 @@
 //! a [`Rollout`] takes events (a device came online, took its command, its
 //! command ended, time passed, an operator paused it) and returns
 //! [`Action`]s (send this device its command, cancel that one). The shell
-//! in [`runner`] does the IO; the tests below run it under a fake clock.
+//! in `shell::rollout` does the IO; the tests below run it under a fake clock.
 //!
 //! Why not a workflow: a workflow is a fixed graph of steps known before it
 //! starts; a rollout's steps are its devices, started one by one as the
@@ -57,6 +57,7 @@ use std::collections::BTreeSet;
 /// Where a rollout is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RolloutState {
+    /// Devices start as the canary, the rate and their presence allow.
     Running,
     /// Nothing new starts until `rollout resume` (after the canary, or an
     /// operator's `pause`); devices already started go on.
@@ -68,6 +69,7 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
+    /// Its name in `rollout show` and the JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             RolloutState::Running => "running",
@@ -94,9 +96,16 @@ pub enum DeviceState {
     Running,
     /// Its command succeeded; the plan waits for its health report.
     Verifying,
+    /// Its command succeeded, met the plan's `success` condition and, with
+    /// `health`, a healthy report followed.
     Succeeded,
+    /// Its command failed (or went dead, or succeeded without meeting the
+    /// `success` condition), or its health report said unhealthy.
     Failed,
+    /// The device refused its command (`Outcome::Rejected`).
     Rejected,
+    /// No result within the plan's `timeout` from when it took the command,
+    /// its command expired, or no health report came within `health`.
     TimedOut,
     /// Never started (the rollout ended first), or its command was
     /// cancelled before the device took it.
@@ -104,6 +113,7 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
+    /// Its name in `rollout show` and the JSON (`timed_out`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceState::Waiting => "waiting",
@@ -164,16 +174,26 @@ impl DeviceState {
 /// One device of a rollout.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRun {
+    /// The device's id (through boxes below: the edge's).
     pub device: String,
+    /// Where the device is in the rollout.
     pub state: DeviceState,
+    /// Its command's id, derived from (rollout, device), once the shell has
+    /// sent it (`None` before).
     pub command: Option<CommandId>,
+    /// When the rollout started it, in ms since the Unix epoch (`None`:
+    /// still waiting, or never started).
     pub started_at: Option<Millis>,
     /// When the device took its command (its timeout counts from here).
     pub taken_at: Option<Millis>,
+    /// Its command's result text, or the failure's, with the rollout's
+    /// reason where it judged (a timeout, an unmet `success`, an unhealthy
+    /// report); `None` until then.
     pub result: Option<String>,
     /// The `on_abort` command sent to it, and how that ended (`None`: not
     /// yet).
     pub rollback: Option<CommandId>,
+    /// Its rollback's final state (`None`: none sent, or not ended yet).
     pub rollback_end: Option<State>,
     /// Verifying: the report must come by then.
     #[serde(default)]
@@ -187,6 +207,7 @@ pub struct DeviceRun {
 /// How a device's command ended, as the shell reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct End {
+    /// The command's final state.
     pub state: State,
     /// The device refused it (`Outcome::Rejected`).
     pub rejected: bool,
@@ -202,10 +223,17 @@ pub enum Action {
     /// derives the command id from (rollout, step), so a send repeated
     /// after a crash is the same command.
     Send {
+        /// The device's id for its command, `rollback/DEVICE` for its
+        /// rollback.
         step: String,
+        /// The device it goes to.
         device: String,
+        /// Whether it is the `on_abort` rollback rather than the change.
         rollback: bool,
     },
+    /// Cancel this command: one an abort stops before its device took it
+    /// (through boxes below, an edge's rollout under way too), or one past
+    /// its timeout.
     Cancel(CommandId),
 }
 
@@ -228,14 +256,23 @@ fn rollback_step(device: &str) -> String {
 /// One rollout: plain data, persisted whole after each change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
+    /// The rollout's id: a new ULID at its start, or the hub's command id
+    /// for one handed down; its devices' command ids derive from it.
     pub id: CommandId,
+    /// The plan it runs (the artifact pinned to a digest at start).
     pub plan: Plan,
+    /// Where the rollout is.
     pub state: RolloutState,
+    /// When it started, in ms since the Unix epoch.
     pub started_at: Millis,
+    /// When it completed or aborted, in ms since the Unix epoch (`None`:
+    /// not yet).
     pub finished_at: Option<Millis>,
+    /// Its devices, the target resolved at start, in order, each once.
     pub devices: Vec<DeviceRun>,
     /// How many devices the canary is (0: none), and whether it is over.
     pub canary: usize,
+    /// The canary has finished (true from the start without one).
     pub canary_done: bool,
     /// After the canary: when the rollout goes on by itself.
     pub resume_at: Option<Millis>,
@@ -263,8 +300,11 @@ pub struct Rollout {
 /// Why an operator's request does not apply.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RolloutError {
+    /// The rollout (its id, its state's name) has completed or aborted.
     #[error("rollout {0} has ended ({1}); start a new one")]
     Ended(CommandId, &'static str),
+    /// `resume` of a rollout (its id, its state's name) that is neither
+    /// paused nor waiting out its canary.
     #[error("rollout {0} is not paused (it is {1})")]
     NotPaused(CommandId, &'static str),
 }

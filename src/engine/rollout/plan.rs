@@ -45,14 +45,18 @@ pub const MAX_DEVICES: usize = 100_000;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {message}")]
 pub struct PlanError {
+    /// The plan file as the caller named it.
     pub file: String,
+    /// What is wrong, naming the key.
     pub message: String,
 }
 
 /// A number of devices, or a share of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Size {
+    /// This many devices, at least 1 (all of them if fewer).
     Count(u32),
+    /// This share of the devices, 1 to 100 percent, rounded up.
     Percent(u32),
 }
 
@@ -98,6 +102,7 @@ impl std::fmt::Display for Size {
 /// The canary: the first devices to start, then a wait or a manual resume.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Canary {
+    /// How many devices it is, of those the target resolved to.
     pub size: Size,
     /// `None`: pause until `rollout resume`.
     pub wait: Option<Duration>,
@@ -111,7 +116,10 @@ pub struct Rate {
     /// Exponential: the rate is multiplied by `factor` after every `every`
     /// successes, up to `max_per_minute`.
     pub factor: Option<f64>,
+    /// Successes between two steps of an exponential rate (at least 1).
     pub every: u32,
+    /// The cap on an exponential rate, in devices a minute (`None`: no
+    /// cap).
     pub max_per_minute: Option<u32>,
 }
 
@@ -159,13 +167,20 @@ impl Rate {
 /// A kind of failure an abort rule counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailKind {
+    /// Devices that end `failed` (an unmet `success` or an unhealthy
+    /// report too).
     Failed,
+    /// Devices that refused the command.
     Rejected,
+    /// Devices that end `timed_out`.
     TimedOut,
+    /// Any of the three.
     Any,
 }
 
 impl FailKind {
+    /// From an abort rule's `on` (`failed`, `rejected`, `timed_out` or
+    /// `timeout`, `any`).
     pub fn parse(s: &str) -> Result<FailKind, String> {
         match s {
             "failed" => Ok(FailKind::Failed),
@@ -178,6 +193,7 @@ impl FailKind {
         }
     }
 
+    /// As the abort's reason words it (`Any` reads "failed in any way").
     pub fn as_str(self) -> &'static str {
         match self {
             FailKind::Failed => "failed",
@@ -192,8 +208,12 @@ impl FailKind {
 /// devices, once at least `min` have finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AbortRule {
+    /// The kind of failure it counts.
     pub on: FailKind,
+    /// The share of the finished devices that trips it, 0 to 100.
     pub percent: u32,
+    /// How many devices must have finished before it applies (lowered to
+    /// the canary's size when the canary ends).
     pub min: u32,
 }
 
@@ -210,26 +230,38 @@ impl std::fmt::Display for AbortRule {
 /// A checked rollout plan.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
+    /// What `rollout show` and `list` call it (1 to 255 bytes; a file's
+    /// stem when the file gives none).
     pub name: String,
     /// Targets as written (a device, `tag:…`, `cap:…`); the devices are
     /// their union, resolved when the rollout starts.
     pub target: Vec<String>,
+    /// The bytes each device's command carries (at most `MAX_PAYLOAD`;
+    /// may be empty when there is an artifact).
     pub payload: Vec<u8>,
     /// The artifact, as written; the box pins it to a digest at start.
     pub artifact: Option<String>,
+    /// The devices' commands' priority (`normal` unless the plan says).
     pub priority: Priority,
     /// Attempts a device gets at its command (default 1: a failure is the
     /// device's answer, which the abort rules count, not a cue to run a
     /// flash again).
     pub max_attempts: u32,
+    /// The first devices to start, then a wait or a pause (`None`: no
+    /// canary).
     pub canary: Option<Canary>,
+    /// How fast devices start (`None`: as fast as `parallel` and their
+    /// presence allow).
     pub rate: Option<Rate>,
     /// At most this many devices started and not finished at once.
     #[serde(default)]
     pub parallel: Option<u32>,
+    /// The abort rules; the first that trips aborts the rollout.
     pub abort: Vec<AbortRule>,
     /// Per device, from when it takes the command.
     pub timeout: Option<Duration>,
+    /// What a succeeded command's result must meet for its device to
+    /// count as succeeded (`None`: its success is enough).
     pub success: Option<ResultMatch>,
     /// After its command succeeded, a device must report healthy
     /// (`command::HealthReport`) within this time.
@@ -248,10 +280,14 @@ pub struct Plan {
 /// as succeeded when its own rollout completes, failed when it aborts.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EdgePlan {
+    /// The first edges to take the plan, then a wait or a pause.
     pub canary: Option<Canary>,
+    /// How fast edges start, in edges a minute.
     pub rate: Option<Rate>,
     /// Edges running at once [default 1: edge by edge].
     pub parallel: Option<u32>,
+    /// Abort rules over the edges (an edge whose rollout aborted counts as
+    /// failed).
     pub abort: Vec<AbortRule>,
     /// Per edge, from when it takes the plan.
     pub timeout: Option<Duration>,
@@ -261,6 +297,9 @@ pub struct EdgePlan {
 /// and for each edge the plan it runs over its devices.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Split {
+    /// The hub's plan over the edges: the targets as written, with the
+    /// `edges` settings in place of the devices' and no `success` or
+    /// `health`.
     pub hub: Plan,
     /// (edge, its plan), in the order the targets name them.
     pub edges: Vec<(String, Plan)>,

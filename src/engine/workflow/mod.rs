@@ -40,8 +40,13 @@ use toml::Spanned;
 /// Why a workflow file is refused. The message names the step and the line.
 #[derive(Debug, PartialEq, Eq)]
 pub struct WorkflowError {
+    /// The file as the caller named it (`workflow` for one handed down
+    /// without a name).
     pub file: String,
+    /// The 1-based line the mistake is on; 0 when it has none (a payload
+    /// not sent, a packed workflow that does not decode).
     pub line: usize,
+    /// What is wrong and, where it helps, what to write instead.
     pub message: String,
 }
 
@@ -105,7 +110,11 @@ struct WhenSpec {
 /// A checked workflow, ready to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Workflow {
+    /// The file's `name` (never empty): what `workflow show` and `list`
+    /// call its runs.
     pub name: String,
+    /// The whole run's limit, from its start (`None`: no limit); when it
+    /// passes, what runs is cancelled and the `on_failure` steps run.
     pub timeout: Option<Duration>,
     /// Steps in an order that respects `needs` (ties by name).
     pub steps: Vec<Step>,
@@ -114,15 +123,30 @@ pub struct Workflow {
     pub on_failure: Vec<String>,
 }
 
+/// One step of a workflow: a command to a target, sent once what it needs
+/// has ended and its `when` holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Step {
+    /// Its `[steps.NAME]` key: unique in the file, a valid route name, and
+    /// part of its command's derived id.
     pub name: String,
+    /// Where its command goes, as written: a device, `tag:…`, `cap:…` or
+    /// `EDGE/…`.
     pub target: String,
+    /// The bytes its command carries.
     pub payload: Payload,
+    /// Its command's priority (`normal` unless the file says).
     pub priority: Priority,
+    /// Its command's time to live from enqueue (`None`: the box's default).
     pub ttl: Option<Duration>,
+    /// Deliveries its command is allowed (`None`: the box's default).
     pub max_attempts: Option<u32>,
+    /// The steps that must have ended before it starts; if one of them
+    /// failed or was cancelled, it is skipped unless its `when` says
+    /// otherwise.
     pub needs: Vec<String>,
+    /// A condition on a step upstream of it (`None`: run it if nothing it
+    /// needs failed).
     pub when: Option<Condition>,
     /// For a `tag:`/`cap:` step: how many of its children must succeed.
     pub min_success: Option<MinSuccess>,
@@ -135,43 +159,64 @@ pub struct Step {
     pub artifact: Option<String>,
 }
 
+/// A step's payload: its bytes, or the file they are to be read from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Payload {
+    /// The bytes themselves (`payload`, or a file already read).
     Inline(Vec<u8>),
     /// Read when the workflow is started (relative to the file's dir).
     File(std::path::PathBuf),
 }
 
+/// A group step's quorum (`min_success`): how many of its children must
+/// succeed for the step to succeed.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MinSuccess {
+    /// At least this share of the children, 0 to 100 (a step with no
+    /// children fails it).
     Percent(u32),
+    /// At least this many children.
     Count(u32),
 }
 
 /// `when`: run the step only if an earlier step ended so.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Condition {
+    /// The step it looks at: always one upstream of the step it gates, so
+    /// it has ended by then.
     pub step: String,
+    /// How that step must have ended (`succeeded` unless written).
     pub state: StateMatch,
+    /// What its result text must match as well (`None`: anything).
     pub result: Option<ResultMatch>,
 }
 
+/// The end a `when` asks of its step (`when.state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StateMatch {
+    /// The step succeeded (the default).
     Succeeded,
+    /// The step failed (not skipped, not cancelled).
     Failed,
     /// Any end state.
     Any,
 }
 
+/// A condition on a command's result text: a workflow's `when`, a
+/// rollout's `success`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ResultMatch {
+    /// The text is exactly this.
     Equals(String),
+    /// The text contains this.
     Contains(String),
+    /// The text matches this regular expression (checked when parsed).
     Regex(String),
     /// A JSON pointer into the result, compared to a value.
     Json {
+        /// A JSON pointer (`/status`; empty for the whole document).
         pointer: String,
+        /// The value found there must equal this.
         equals: serde_json::Value,
     },
 }
@@ -194,6 +239,7 @@ const PACKED_MAGIC: &[u8] = b"outpost-workflow/1\n";
 pub struct Packed {
     /// Names the workflow in errors.
     pub file: String,
+    /// The workflow's TOML, as written.
     pub text: String,
     /// `payload_file` name → its bytes.
     pub payloads: Vec<(String, Vec<u8>)>,
@@ -508,10 +554,15 @@ fn condition(w: &WhenSpec) -> Result<Condition, String> {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResultSpec {
+    /// The result text must be exactly this.
     pub result_equals: Option<String>,
+    /// The result text must contain this.
     pub result_contains: Option<String>,
+    /// The result text must match this regular expression.
     pub result_regex: Option<String>,
+    /// A JSON pointer into the result (`/status`); goes with `equals`.
     pub json_pointer: Option<String>,
+    /// The value at `json_pointer` must equal this; goes with it.
     pub equals: Option<toml::Value>,
 }
 

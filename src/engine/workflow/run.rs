@@ -9,14 +9,22 @@ use crate::engine::queue::{CommandView, LifecycleEvent, SendRequest};
 /// A workflow's state (`workflow show`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunState {
+    /// Steps are out or still to start (compensation included).
     Running,
+    /// Every main step ended and none failed or was cancelled.
     Succeeded,
+    /// A main step failed or was cancelled; the `on_failure` steps, if any,
+    /// have run.
     Failed,
+    /// Cancelled by an operator (`workflow cancel`) or by the hub that
+    /// handed it down.
     Cancelled,
+    /// The workflow's `timeout` passed before it ended.
     TimedOut,
 }
 
 impl RunState {
+    /// Its name in `workflow show` and the JSON (`timed_out`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             RunState::Running => "running",
@@ -35,14 +43,20 @@ pub enum StepState {
     Pending,
     /// Its command is out.
     Running,
+    /// Its command succeeded (a group step: its `min_success` was met).
     Succeeded,
+    /// Its command ended otherwise (failed, dead, expired), or a group
+    /// step's quorum was not met.
     Failed,
     /// Its `when` was false, or what it needs failed.
     Skipped,
+    /// The run stopped (cancel, timeout) before it ended, or its command
+    /// was cancelled.
     Cancelled,
 }
 
 impl StepState {
+    /// Its name in `workflow show` and the JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             StepState::Pending => "pending",
@@ -62,17 +76,24 @@ impl StepState {
 /// One step of a run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRun {
+    /// The step's name, as in the workflow (the same index in both lists).
     pub name: String,
+    /// Where the step is.
     pub state: StepState,
+    /// Its command's id, once the shell has sent it (`None` before; a step
+    /// running without one is sent again after a restart).
     pub command: Option<crate::CommandId>,
     /// The command's end state and result text (or error), once ended.
     pub end: Option<crate::State>,
+    /// The command's result text, its failure's message or the box's error
+    /// (a group step: a line per device); `None` until it ended.
     pub result: Option<String>,
 }
 
 /// How a step's command ended, as the shell reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ended {
+    /// The command's final state.
     pub state: crate::State,
     /// The result bytes (`Ok`), or the failure text.
     pub result: Option<Vec<u8>>,
@@ -86,27 +107,42 @@ pub enum Action {
     /// Send this step's command (with `key` as its idempotency key, so a
     /// send repeated after a crash is the same command).
     Send {
+        /// The step's name.
         step: String,
+        /// The step's target, as written.
         target: String,
+        /// The step's payload (empty for a file the shell has not read).
         payload: Vec<u8>,
         /// Boxed: the variant is large beside `Cancel`.
         opts: Box<crate::SendOptions>,
+        /// `workflow:RUN:STEP`. `request` drops it: the derived command id
+        /// (`step_command_id`) is what makes a repeated send a duplicate.
         key: String,
         /// The step's artifact, as the run holds it.
         artifact: Option<String>,
     },
+    /// Cancel this step command (the run stopped while it was out).
     Cancel(crate::CommandId),
 }
 
 /// One run of a workflow: plain data, persisted whole after each change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Run {
+    /// The run's id: a new ULID at its start, or the hub's command id for
+    /// a run handed down; its steps' command ids derive from it.
     pub id: crate::CommandId,
+    /// The workflow it runs, artifacts pinned to digests at its start.
     pub spec: Workflow,
+    /// Where the run is.
     pub state: RunState,
+    /// When it started, in ms since the Unix epoch.
     pub started_at: crate::Millis,
+    /// When it ended, in ms since the Unix epoch (`None`: running).
     pub finished_at: Option<crate::Millis>,
+    /// When the workflow's `timeout` ends it, in ms since the Unix epoch
+    /// (`None`: no timeout); not enforced once compensation has begun.
     pub deadline: Option<crate::Millis>,
+    /// Each step's progress, in the order of `spec.steps`.
     pub steps: Vec<StepRun>,
     /// The main steps ended badly: the `on_failure` steps run.
     pub compensating: bool,
@@ -462,7 +498,11 @@ impl ResultMatch {
 /// run stayed in the store and in memory for ever.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
+    /// How many finished runs (or rollouts) are kept at most, the newest
+    /// first (default 1,000).
     pub max_runs: usize,
+    /// How long after its end one is kept, in ms (default 7 days; `serve`
+    /// uses the results' `results_max_age`).
     pub max_age_ms: crate::Millis,
 }
 

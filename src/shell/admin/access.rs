@@ -20,9 +20,11 @@ use std::collections::HashMap;
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AccessEntry {
+    /// The caller's uid; give this or `user`, not both.
     pub uid: Option<u32>,
     /// A login name, resolved to its uid when the config is read.
     pub user: Option<String>,
+    /// `viewer`, `operator` or `admin` (any case).
     pub role: String,
     /// Targets an operator may act on (empty: every target).
     #[serde(default)]
@@ -32,22 +34,62 @@ pub struct AccessEntry {
 /// Why the `[[access]]` tables are unusable; `n` counts from 1.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AccessError {
+    /// The entry gives both `uid` and `user`.
     #[error("[[access]] #{n}: give uid = N or user = \"NAME\", not both")]
-    Both { n: usize },
+    Both {
+        /// The entry's place among the tables, from 1.
+        n: usize,
+    },
+    /// The entry gives neither `uid` nor `user`.
     #[error("[[access]] #{n}: name the caller with uid = N or user = \"NAME\"")]
-    Neither { n: usize },
+    Neither {
+        /// The entry's place among the tables, from 1.
+        n: usize,
+    },
+    /// The password database has no such login.
     #[error(
         "[[access]] #{n}: no user `{user}` on this machine; create it, or write its uid instead"
     )]
-    NoUser { n: usize, user: String },
+    NoUser {
+        /// The entry's place among the tables, from 1.
+        n: usize,
+        /// The login name it gives.
+        user: String,
+    },
+    /// Looking the login up failed (`getpwnam_r`'s error).
     #[error("[[access]] #{n}: cannot look up user `{user}`: {why}")]
-    Lookup { n: usize, user: String, why: String },
+    Lookup {
+        /// The entry's place among the tables, from 1.
+        n: usize,
+        /// The login name it gives.
+        user: String,
+        /// The OS error's text.
+        why: String,
+    },
+    /// An unknown role or a bad target pattern (`grant_of`'s error).
     #[error("[[access]] #{n}: {why}")]
-    Value { n: usize, why: String },
+    Value {
+        /// The entry's place among the tables, from 1.
+        n: usize,
+        /// What is wrong with the value.
+        why: String,
+    },
+    /// Two entries map the same uid (by uid or through a user name).
     #[error("[[access]] #{n}: uid {uid} is mapped already by #{first}; one uid, one role")]
-    Twice { n: usize, uid: u32, first: usize },
+    Twice {
+        /// The later entry's place, from 1.
+        n: usize,
+        /// The uid both map.
+        uid: u32,
+        /// The earlier entry's place, from 1.
+        first: usize,
+    },
+    /// The entry maps uid 0, which is always admin.
     #[error("[[access]] #{n}: uid 0 is root and always admin (it can read the store itself); remove this entry")]
-    Root { n: usize },
+    Root {
+        /// The entry's place among the tables, from 1.
+        n: usize,
+    },
 }
 
 /// A role and its target patterns as the config writes them (shared by

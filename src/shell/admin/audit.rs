@@ -10,7 +10,10 @@ use crate::shell::admin::{AdminRequest, AdminResponse};
 /// Who called and over what, as an entry names them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
+    /// Who, as the entry's `who`: `uid 1000` on the socket (`uid ?` when
+    /// the kernel gave no credentials).
     pub who: String,
+    /// Over what, as the entry's `from`: `socket`.
     pub from: String,
 }
 
@@ -27,9 +30,16 @@ impl Caller {
 /// An entry before its answer is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Draft {
+    /// The request's name in the log: `send`, `revoke`, `rollout pause`, …
     pub what: &'static str,
+    /// The target, device, workflow file or artifact it acts on ("" when
+    /// none, as for a cancel, which names a command instead).
     pub target: String,
+    /// The command, workflow run or rollout id the request names; `None`
+    /// when it names none (`note` then takes the one its answer gives).
     pub command: Option<String>,
+    /// SHA-256 of what the request carries (a send's payload, a workflow's
+    /// text, a rollout's plan, an artifact's manifest); `None` when nothing.
     pub payload_sha256: Option<crate::engine::audit::Hash>,
 }
 

@@ -30,15 +30,28 @@ type Stamp = (u64, Option<std::time::SystemTime>, (u64, i64, i64));
 /// Why a chunk could not be stored or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
+    /// Bytes that do not hash to the chunk's name: refused by `put`, or
+    /// read back damaged by `get`.
     #[error("chunk {expected:?} does not match its bytes (they hash to {actual:?})")]
-    Mismatch { expected: Digest, actual: Digest },
+    Mismatch {
+        /// The digest the chunk was stored or asked for under.
+        expected: Digest,
+        /// What its bytes hash to.
+        actual: Digest,
+    },
+    /// No file for the chunk.
     #[error("chunk {0:?} is not in the chunk store")]
     Missing(Digest),
+    /// A new chunk would take the store past its budget (`--max-disk`,
+    /// shared with the queue's database).
     #[error(transparent)]
     OverBudget(#[from] OverBudget),
+    /// The filesystem failed.
     #[error("chunk store {path}: {source}")]
     Io {
+        /// The file or folder it failed on.
         path: PathBuf,
+        /// The OS's error.
         #[source]
         source: io::Error,
     },
@@ -134,6 +147,8 @@ impl ChunkStore {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// Whether chunk `d` has a file here (durable or not yet synced; its
+    /// bytes are not checked).
     pub fn has(&self, d: &Digest) -> bool {
         self.path(d).exists()
     }

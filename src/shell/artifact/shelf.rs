@@ -34,40 +34,69 @@ pub const TREE: &str = "artifacts";
 /// A manifest as stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
+    /// The manifest's bytes as the sender first encoded them: their
+    /// SHA-256 is the artifact's digest, so they are never re-encoded.
     #[serde(with = "serde_bytes")]
     pub manifest: Vec<u8>,
+    /// When it was committed, ms since the Unix epoch; `name` alone
+    /// resolves to the version added last.
     pub added_at: Millis,
 }
 
 /// What `list` and `show` print of one artifact.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArtifactView {
+    /// The artifact's id: the SHA-256 of its manifest's stored bytes.
     pub digest: Digest,
+    /// What the file is (`fw`), from the manifest.
     pub name: String,
+    /// Which one (`2.1`), from the manifest.
     pub version: String,
+    /// The whole file's length in bytes.
     pub size: u64,
+    /// SHA-256 of the whole file (not of the manifest: that is `digest`).
     pub sha256: Digest,
+    /// How many chunks the manifest lists, repeats included.
     pub chunks: u32,
+    /// When it was committed here, ms since the Unix epoch.
     pub added_at: Millis,
 }
 
 /// Why an artifact operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ShelfError {
+    /// Nothing here answers to the spec: a digest, `name@version` or
+    /// `name`, as it was asked for.
     #[error("no artifact {0} on this box; `outpost artifact list` shows what it holds, `outpost artifact add FILE` adds one")]
     NotFound(String),
+    /// `commit` of a manifest naming a chunk the chunk store lacks.
     #[error("the manifest names chunk {index} ({digest:?}), which this box does not hold; send the chunk before committing the manifest")]
-    MissingChunk { index: usize, digest: Digest },
+    MissingChunk {
+        /// The chunk's position in the manifest's list, from 0.
+        index: usize,
+        /// The chunk's SHA-256.
+        digest: Digest,
+    },
+    /// The manifest bytes did not decode, or broke a manifest rule.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The chunk store failed (IO, a mismatch, its budget).
     #[error(transparent)]
     Chunk(#[from] ChunkError),
+    /// The sled tree failed, as sled's message.
     #[error("artifact store: {0}")]
     Store(String),
+    /// The shelf was closed (`close`) at shutdown.
     #[error("the box is shutting down; retry once it is back")]
     Closed,
+    /// A stored record that does not decode: the data dir is damaged.
     #[error("{name} is stored damaged: {why}; add the file again with `outpost artifact add`")]
-    Damaged { name: String, why: String },
+    Damaged {
+        /// The artifact, as a digest or `name@version`.
+        name: String,
+        /// What is wrong with its record.
+        why: String,
+    },
 }
 
 fn store_err(e: sled::Error) -> ShelfError {
@@ -129,6 +158,8 @@ fn ref_key(d: &Digest, id: crate::engine::command::CommandId) -> Vec<u8> {
 }
 
 impl Shelf {
+    /// The shelf over sled tree `artifacts` (`TREE`) and the chunk store
+    /// beside it.
     pub fn new(tree: sled::Tree, chunks: Arc<ChunkStore>) -> Shelf {
         Shelf {
             slot: Arc::new(std::sync::RwLock::new(Some(tree))),
@@ -159,10 +190,13 @@ impl Shelf {
             .ok_or(ShelfError::Closed)
     }
 
+    /// The chunk store the manifests name chunks in.
     pub fn chunks(&self) -> &ChunkStore {
         &self.chunks
     }
 
+    /// The chunk store, shared: for what outlives a borrow of the shelf
+    /// (the writer, which tells it the queue's size for `--max-disk`).
     pub fn chunks_arc(&self) -> Arc<ChunkStore> {
         self.chunks.clone()
     }

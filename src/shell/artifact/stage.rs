@@ -16,10 +16,14 @@ const MAX_TRIES: u32 = 3;
 /// Why a staging did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    /// The fetch from the hub failed: the link (`is_link`), a refusal, or
+    /// chunks that failed their check `MAX_TRIES` times.
     #[error("fetching from the hub: {0}")]
     Fetch(#[from] FetchError),
+    /// The missing chunks do not fit this box's budget (`--max-disk`).
     #[error(transparent)]
     Budget(#[from] OverBudget),
+    /// The shelf or chunk store failed, as its message.
     #[error("the artifact store: {0}")]
     Store(String),
 }
@@ -44,6 +48,7 @@ pub struct UplinkBudget {
 }
 
 impl UplinkBudget {
+    /// A budget of `rate` bytes/s (at least 1), with `Pacer`'s burst.
     pub fn new(rate: u64) -> UplinkBudget {
         UplinkBudget {
             pacer: std::sync::Mutex::new(crate::engine::artifact::pace::Pacer::new(rate)),

@@ -19,7 +19,10 @@ use std::time::Duration;
 /// How often, where, how many.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Schedule {
+    /// The period between backups (`--backup-every`, at least 1s).
     pub every: Duration,
+    /// Where the backups go (`--backup-dir`), created mode 0700 if absent;
+    /// best on another disk than the data dir.
     pub dir: PathBuf,
     /// Backups kept (at least 1).
     pub keep: usize,
@@ -39,11 +42,14 @@ pub struct LastBackup {
     /// The newest backup there: when it was taken (ms since the epoch),
     /// its file, its bytes.
     pub at: Option<u64>,
+    /// The newest backup's path; None when `dir` holds none.
     pub file: Option<String>,
+    /// The newest backup's file size in bytes (0 when there is none).
     pub bytes: u64,
     /// Why the last attempt failed or was skipped, and when; cleared by
     /// the next that works.
     pub error: Option<String>,
+    /// When that attempt ended (ms since the epoch); None with `error`.
     pub error_at: Option<u64>,
 }
 
@@ -119,13 +125,21 @@ pub fn due_in(newest: Option<u64>, every: Duration, now: u64) -> Duration {
 /// Why a scheduled backup was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum SkipError {
+    /// The disk holding the dir would keep less than the reserve after the
+    /// backup, even with the old backups beyond the newest removed.
     #[error("skipped: {dir} has {free} bytes free, and a backup of about {need} bytes would leave less than the reserve ({reserve} bytes); free space there, lower --backup-keep, or point --backup-dir at a larger disk")]
     NoRoom {
+        /// The backup dir.
         dir: String,
+        /// Bytes free on its disk.
         free: u64,
+        /// The estimate of the backup's bytes: the database and the chunks
+        /// (or the last backup's size, if larger), plus 1 MiB.
         need: u64,
+        /// Bytes the disk must keep free after it.
         reserve: u64,
     },
+    /// The backup was tried and failed.
     #[error(transparent)]
     Backup(#[from] BackupError),
 }

@@ -25,10 +25,15 @@ pub const MIN_TOKEN: usize = 16;
 pub struct TokenEntry {
     /// Names the caller in refusals and logs (default: `http_tokens[N]`).
     pub name: Option<String>,
+    /// The token itself, at least `MIN_TOKEN` characters once trimmed; give
+    /// it or `token_file`, not both.
     pub token: Option<String>,
     /// A file whose first line is the token, kept out of the config.
     pub token_file: Option<PathBuf>,
+    /// `viewer`, `operator` or `admin` (any case).
     pub role: String,
+    /// Target patterns that bound its sends, cancels and retries (empty:
+    /// every target).
     #[serde(default)]
     pub targets: Vec<String>,
 }
@@ -36,8 +41,12 @@ pub struct TokenEntry {
 /// A token and the authority it carries.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HttpToken {
+    /// Names the caller in refusals, logs and its sends' origin: the
+    /// table's `name`, else `http_tokens[N]`.
     pub name: String,
+    /// The secret a request must carry, read and trimmed; never logged.
     pub token: String,
+    /// The role and target patterns the token carries.
     pub grant: Grant,
 }
 
@@ -55,18 +64,52 @@ impl std::fmt::Debug for HttpToken {
 /// Why the `[[http_tokens]]` tables are unusable; `n` counts from 1.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
+    /// Both `token` and `token_file` are given.
     #[error("[[http_tokens]] #{n}: give token or token_file, not both")]
-    Both { n: usize },
+    Both {
+        /// The table's place, from 1.
+        n: usize,
+    },
+    /// Neither `token` nor `token_file` is given.
     #[error("[[http_tokens]] #{n}: give the token (token = \"…\", or token_file = \"PATH\")")]
-    Neither { n: usize },
+    Neither {
+        /// The table's place, from 1.
+        n: usize,
+    },
+    /// `token_file` cannot be read.
     #[error("[[http_tokens]] #{n}: cannot read token_file {path}: {why}")]
-    Read { n: usize, path: String, why: String },
+    Read {
+        /// The table's place, from 1.
+        n: usize,
+        /// The file, as written.
+        path: String,
+        /// The IO error's text.
+        why: String,
+    },
+    /// The token is shorter than `MIN_TOKEN` characters.
     #[error("[[http_tokens]] #{n}: the token is shorter than {MIN_TOKEN} characters; make a longer one (e.g. `openssl rand -hex 16`)")]
-    Short { n: usize },
+    Short {
+        /// The table's place, from 1.
+        n: usize,
+    },
+    /// The token is `http_token`'s or an earlier table's: a token must name
+    /// one caller.
     #[error("[[http_tokens]] #{n}: the same token as {other}; one token, one caller")]
-    Twice { n: usize, other: String },
+    Twice {
+        /// The table's place, from 1.
+        n: usize,
+        /// Who has it already: `http_token`, or the earlier token's name in
+        /// backticks.
+        other: String,
+    },
+    /// The role or a target pattern is not valid.
     #[error("[[http_tokens]] #{n}: {why}")]
-    Value { n: usize, why: String },
+    Value {
+        /// The table's place, from 1.
+        n: usize,
+        /// What is wrong, as the role or pattern parser says it.
+        why: String,
+    },
 }
 
 /// Check the tables and read their token files. `legacy` is `http_token`,
@@ -128,6 +171,8 @@ pub fn resolve_tokens(
 pub struct Caller {
     /// Names it in refusals.
     pub who: String,
+    /// What it may do: its token's grant, or the dashboard's (admin with
+    /// `--http-admin`, else viewer).
     pub grant: Grant,
     /// It sent `Authorization: Bearer`, which a cross-site form cannot.
     pub bearer: bool,

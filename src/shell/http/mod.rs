@@ -64,11 +64,20 @@ impl HttpOptions {
 /// Why the listener cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    /// `--http` names an address off loopback and no token is set: the page
+    /// and the API would be open to the network.
     #[error("refusing to serve the dashboard on {addr}: it is not a loopback address and no token is set; set --http-token TOKEN (or --http-token-file FILE, or http_token in the config file), or listen on 127.0.0.1")]
-    NotLoopback { addr: SocketAddr },
+    NotLoopback {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The TCP listener could not be bound (port taken, no such address, a
+    /// privileged port).
     #[error("cannot listen on {addr} for the dashboard and metrics: {source}{}", bind_hint(.source))]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// The bind's error; its kind picks the hint in the message.
         #[source]
         source: std::io::Error,
     },

@@ -64,6 +64,7 @@ pub type AuditVerdict = Result<crate::engine::audit::Intact, crate::engine::audi
 /// A device's live attachment to the queue. Dropping it disconnects the
 /// device: its in-flight commands go back to queued for its next session.
 pub struct DeviceSession {
+    /// The device this session is for, as its certificate names it.
     pub device: DeviceId,
     /// Deliveries for this device, at most `window` unacked at a time.
     pub rx: mpsc::UnboundedReceiver<Delivery>,
@@ -440,6 +441,8 @@ impl QueueHandle {
         }
     }
 
+    /// One command, live or among the results still kept (`NotFound`
+    /// past them); a live one carries its artifact fetch progress.
     pub async fn show(&self, id: CommandId) -> Result<CommandView, QueueError> {
         let mut v = self.core(CoreRequest::Show(id)).await?.into_view()?;
         if !v.state.is_final() {
@@ -468,14 +471,19 @@ impl QueueHandle {
         .into_views()
     }
 
+    /// Cancel a command that has not ended (a broadcast: each open child);
+    /// one in flight is also cancelled on its device. Durable on return.
     pub async fn cancel(&self, id: CommandId) -> Result<CommandView, QueueError> {
         self.core(CoreRequest::Cancel(id)).await?.into_view()
     }
 
+    /// Put a dead or failed command back in the queue, with fresh
+    /// attempts, under its own id. Durable on return.
     pub async fn retry(&self, id: CommandId) -> Result<CommandView, QueueError> {
         self.core(CoreRequest::Retry(id)).await?.into_view()
     }
 
+    /// The queue's counts and totals, for `status` and metrics.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         self.core(CoreRequest::Stats).await?.into_stats()
     }
@@ -499,6 +507,9 @@ impl QueueHandle {
         self.core(CoreRequest::Revoke(device)).await?.into_device()
     }
 
+    /// Every device with a record here (revoked ones too), online or not
+    /// with its queued and in-flight counts, then those the boxes below
+    /// last reported.
     pub async fn devices(&self) -> Result<Vec<crate::engine::queue::core::DeviceView>, QueueError> {
         self.core(CoreRequest::Devices).await?.into_devices()
     }
@@ -661,6 +672,7 @@ impl QueueHandle {
             .into_outbox()
     }
 
+    /// The upstream outbox's depth and progress, for `status` and metrics.
     pub async fn outbox_stats(
         &self,
     ) -> Result<crate::engine::queue::outbox::OutboxStats, QueueError> {

@@ -42,7 +42,6 @@ pub fn add_result(o: &mut Value, outcome: Option<&Outcome>) {
     }
 }
 
-/// The stable `--json` shape of one command.
 /// `fetching fw@2.1: 37 % (1.2 MB/s)`, for people.
 pub fn progress_line(p: &super::Progress) -> String {
     let what = p.artifact.as_deref().unwrap_or("the artifact");
@@ -53,6 +52,9 @@ pub fn progress_line(p: &super::Progress) -> String {
     s
 }
 
+/// One command as `outpost show --json` prints it and the HTTP API
+/// answers it: times as RFC 3339, the outcome's fields, and `progress` or a
+/// broadcast's `summary` and `children` when there are any.
 pub fn view_json(v: &CommandView) -> Value {
     let mut o = json!({
         "id": v.id.to_string(), "target": v.target, "device": v.device, "state": v.state.as_str(),

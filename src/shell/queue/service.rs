@@ -32,6 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 /// How the service runs. `limits` go to the core.
 #[derive(Clone, Debug)]
 pub struct ServiceOptions {
+    /// The core's bounds: the window, retries, ttl, queue and disk limits.
     pub limits: Limits,
     /// Most requests folded into one group commit.
     pub max_batch: usize,
@@ -74,6 +75,7 @@ impl Default for ServiceOptions {
 /// What the box hands a device link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
+    /// A command for the device itself, sent as a `Command` frame.
     Command(DeliveredCommand),
     /// A command for a box below this one: to its gateway.
     Forward(Box<crate::proto::Forward>),
@@ -84,12 +86,18 @@ pub enum Delivery {
 /// One command going to a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliveredCommand {
+    /// The command's ULID, assigned by the box at send.
     pub id: CommandId,
+    /// Its priority, for the device's own ordering.
     pub priority: Priority,
+    /// The sender's payload, unchanged.
     pub payload: Vec<u8>,
     /// 1-based attempt number.
     pub attempt: u32,
+    /// When its ttl runs out, ms since the Unix epoch (`None`: no ttl):
+    /// after it the result is no longer wanted.
     pub deadline: Option<Millis>,
+    /// Operator signature over the command, when the sender signed it.
     pub signature: Option<Vec<u8>>,
 }
 

@@ -31,6 +31,7 @@ impl Store {
 pub enum Exported<'a> {
     /// The pairs that follow are this tree's.
     Tree(&'a [u8]),
+    /// One key and value of the tree named last.
     Pair(&'a [u8], &'a [u8]),
 }
 

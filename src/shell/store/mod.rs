@@ -100,32 +100,63 @@ const CHUNK_BYTES: usize = 32 * 1024;
 /// Store failures, each naming the path and the way out.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Another process holds sled's lock on the database (past
+    /// `LOCK_GRACE`), or a snapshot's flock.
     #[error("the database in {dir} is locked: is another outpost running? (data dir {dir}); stop it, or pass another --data-dir")]
-    Locked { dir: PathBuf },
+    Locked {
+        /// The data dir.
+        dir: PathBuf,
+    },
+    /// The database's schema is past `SCHEMA_VERSION`; refused before
+    /// anything is written.
     #[error("the database in {dir} was written by a newer outpost (schema {found}, this binary knows up to {known}); run that newer outpost (or upgrade this one): nothing in the data dir was changed")]
     NewerSchema {
+        /// The data dir.
         dir: PathBuf,
+        /// The schema in the database's `meta` tree.
         found: u32,
+        /// The newest this binary knows, `SCHEMA_VERSION`.
         known: u32,
     },
     /// Only for damage actually found; `detail` names it (the file, the
     /// record or group, the check that failed).
     #[error("the database in {dir} is corrupt: {detail}; run `outpost doctor --data-dir {dir}`, then restore a backup, or move the data dir aside to start empty (what is in it is then lost)")]
-    Corrupt { dir: PathBuf, detail: String },
+    Corrupt {
+        /// The data dir.
+        dir: PathBuf,
+        /// What was found damaged, and where.
+        detail: String,
+    },
     /// sled failed in a way that is no evidence of damage (a panic, a bug it
     /// reports, an unsupported setting): the data is to be kept as it is.
     #[error("the database engine failed on {dir}: {detail}; this is not known to be damage, so keep the data dir as it is: run `outpost doctor --data-dir {dir}`, and report this message if it persists")]
-    Engine { dir: PathBuf, detail: String },
+    Engine {
+        /// The data dir.
+        dir: PathBuf,
+        /// sled's error, or the panic's message.
+        detail: String,
+    },
+    /// A request the store refuses before touching sled: options sled
+    /// would panic on (`StoreOptions::check`), a restore into an existing
+    /// database, a backup out of order. The text says which.
     #[error("{0}")]
     BadOptions(String),
+    /// The filesystem failed on the data dir or a file in it.
     #[error("cannot use data dir {dir}: {source}; check that it exists and that the outpost user may read and write it")]
     Io {
+        /// The data dir.
         dir: PathBuf,
+        /// The OS's error.
         #[source]
         source: std::io::Error,
     },
+    /// A write failed with ENOSPC: sled cannot go on after it, so the box
+    /// must restart.
     #[error("the disk holding {dir} is full: free space on it, then restart the box (the database cannot go on after a failed write); keep --min-free-disk high enough that this does not happen")]
-    DiskFull { dir: PathBuf },
+    DiskFull {
+        /// The data dir.
+        dir: PathBuf,
+    },
 }
 
 /// How long an open waits for sled's lock to be let go before calling the
@@ -834,6 +865,8 @@ impl Store {
         Ok(())
     }
 
+    /// Every device record in tree `devices`, enrolled and revoked, in id
+    /// order; one that does not decode is `Corrupt`.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         self.devices
             .iter()

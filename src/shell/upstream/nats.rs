@@ -39,7 +39,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+/// The JetStream stream of commands down to the edges (work queue, subjects
+/// `outpost.cmd.>`); `fleet init` creates it.
 pub const CMD_STREAM: &str = "OUTPOST_CMD";
+/// The JetStream stream of the edges' outbox records going up (subjects
+/// `outpost.up.>`); `fleet init` creates it.
 pub const UP_STREAM: &str = "OUTPOST_UP";
 /// JetStream drops a second publish with the same `Nats-Msg-Id` within
 /// this window: an edge that lost a PubAck and publishes again.
@@ -54,6 +58,8 @@ pub struct NatsOptions {
     pub urls: String,
     /// The edge's name in subjects (`--name`, default the hostname).
     pub name: String,
+    /// A NATS credentials file (`.creds`: a user JWT and its NKey seed);
+    /// `None`: connect without.
     pub creds: Option<PathBuf>,
     /// A CA to trust for the servers' certificates (TLS is then required).
     pub ca: Option<PathBuf>,
@@ -63,12 +69,19 @@ pub struct NatsOptions {
     pub batch: usize,
     /// Records published and not yet acknowledged, at most.
     pub max_unacked: u64,
+    /// The first reconnect delay, doubled per failed attempt.
     pub min_backoff: Duration,
+    /// The cap on the reconnect delay.
     pub max_backoff: Duration,
+    /// Given to each server's connection attempt; the whole connect gives up
+    /// after twice this.
     pub connect_timeout: Duration,
 }
 
 impl NatsOptions {
+    /// The defaults for `urls` and edge `name`: no credentials or TLS
+    /// files, batches of 1024, 4096 records unacked, backoff from 0.5 s to
+    /// 60 s, a 5 s connect timeout.
     pub fn new(urls: String, name: String) -> Self {
         NatsOptions {
             urls,

@@ -167,8 +167,6 @@ impl QueueCore {
         self.open_seq = self.open_seq.max(seq + 1);
     }
 
-    /// After the last group: place every live command, pin its groups, and
-    /// settle what the log left half-done.
     /// Size the live table for about `n` commands before replay (from
     /// `Store::live_hint`; bounded by `max_queued`, so a bad hint cannot
     /// allocate more than the box may hold).
@@ -182,6 +180,11 @@ impl QueueCore {
         self.live.len()
     }
 
+    /// End a restart, after the last group: put each live command in its
+    /// queue or its wait, pin the groups that hold it, settle dependencies
+    /// and broadcasts the log left half-done, then tick to `now`. The
+    /// effects of the rebuilding are dropped; those of the tick (an expiry)
+    /// stand.
     pub fn finish_replay(&mut self, now: Millis) {
         // One pass over the live commands. Those ready now (nearly all,
         // after a power cut) go straight into their queues, each queue built

@@ -8,7 +8,10 @@ use super::*;
 /// payload the shell copies in from the journal before writing.
 #[derive(Debug, Default)]
 pub struct Sealed {
+    /// The group commit, without the commands its retryable results keep.
     pub write: GroupWrite,
+    /// Results that keep their command for `retry`: (index in
+    /// `write.results`, journal group holding its payload).
     pub payload_from: Vec<(usize, u64)>,
 }
 
@@ -47,7 +50,10 @@ const DEBUG_CHECK_LIVE: usize = 1_000;
 /// to do once they are durable — never before (DESIGN §4).
 #[derive(Debug)]
 pub struct Round {
+    /// What to write as one group commit (one atomic batch and one flush).
     pub write: GroupWrite,
+    /// Deliveries, cancels, session closes, events and device records: to act
+    /// on only once `write` is durable.
     pub effects: Effects,
     /// Retryable results whose command was not found on disk (a read
     /// failed): their record keeps no payload, so `retry` cannot requeue

@@ -163,6 +163,8 @@ impl QueueCore {
         }
     }
 
+    /// Every enrolled device with its queue counts and session, and the
+    /// devices of the boxes below as they last reported them, sorted by id.
     pub fn devices(&self) -> Vec<DeviceView> {
         let mut v: Vec<DeviceView> = self
             .devs
@@ -217,6 +219,8 @@ impl QueueCore {
         own.chain(below).collect()
     }
 
+    /// The queue's counts now, for `status` and metrics (the flush
+    /// histogram is the writer's to fill in).
     pub fn stats(&self) -> QueueStats {
         let in_flight: u64 = self
             .devs

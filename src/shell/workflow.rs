@@ -3,7 +3,7 @@
 //! ends from the queue's lifecycle events, and writes each run to the store
 //! after every change. A restart reloads the runs and picks them up: a step
 //! sent before the crash is found by its command; one about to be sent is
-//! sent again under the same idempotency key, so it is the same command.
+//! sent again under the same derived id, so it is the same command.
 
 pub mod files;
 
@@ -398,7 +398,7 @@ impl Shell {
     }
 
     /// After a restart or a lag: re-attach every running step to its
-    /// command, and send again (same key: the same command) any step whose
+    /// command, and send again (the same derived id: the same command) any step whose
     /// send was not recorded.
     async fn resume(&mut self, id: CommandId) {
         let Some(run) = self.runs.get(&id) else {

@@ -104,8 +104,9 @@ pub struct Ended {
 /// What the engine asks the shell to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Send this step's command (with `key` as its idempotency key, so a
-    /// send repeated after a crash is the same command).
+    /// Send this step's command, under the id derived from the run and the
+    /// step (`step_command_id`), so a send repeated after a crash is the
+    /// same command.
     Send {
         /// The step's name.
         step: String,
@@ -115,9 +116,6 @@ pub enum Action {
         payload: Vec<u8>,
         /// Boxed: the variant is large beside `Cancel`.
         opts: Box<crate::SendOptions>,
-        /// `workflow:RUN:STEP`. `request` drops it: the derived command id
-        /// (`step_command_id`) is what makes a repeated send a duplicate.
-        key: String,
         /// The step's artifact, as the run holds it.
         artifact: Option<String>,
     },
@@ -317,7 +315,6 @@ impl Run {
                 max_attempts: spec.max_attempts,
                 ..Default::default()
             }),
-            key: format!("workflow:{}:{}", self.id, spec.name),
             artifact: spec.artifact.clone(),
         }
     }
@@ -567,7 +564,6 @@ pub fn request(
         target,
         payload,
         opts,
-        key: _,
         artifact,
     } = a
     else {

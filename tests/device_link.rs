@@ -1006,7 +1006,7 @@ async fn mute_connections_and_a_device_that_never_reads_do_not_stall_honest_ones
             .expect("a mute connection was closed");
     }
     // The lazy device holds at most its window; the rest is queued.
-    let queued = b.queue.list("lazy".into(), false).await.unwrap();
+    let queued = b.queue.list("lazy".into()).await.unwrap();
     let in_flight = queued
         .iter()
         .filter(|v| matches!(v.state, State::Delivered { .. }))

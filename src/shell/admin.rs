@@ -709,7 +709,7 @@ async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                 None => AdminResponse::TimedOut,
             }),
         AdminRequest::Show(id) => q.show(id).await.map(|v| AdminResponse::View(Box::new(v))),
-        AdminRequest::List { device } => q.list(device, false).await.map(AdminResponse::Views),
+        AdminRequest::List { device } => q.list(device).await.map(AdminResponse::Views),
         AdminRequest::Cancel(id) => q.cancel(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Retry(id) => q.retry(id).await.map(|v| AdminResponse::View(Box::new(v))),
         AdminRequest::Status => status_view(ctx).await.map(AdminResponse::Status),

@@ -456,19 +456,9 @@ impl QueueHandle {
         &self.progress
     }
 
-    /// A device's commands in delivery order (live ones), then its recent
-    /// results when `include_finished`.
-    pub async fn list(
-        &self,
-        device: DeviceId,
-        include_finished: bool,
-    ) -> Result<Vec<CommandView>, QueueError> {
-        self.core(CoreRequest::List {
-            device,
-            include_finished,
-        })
-        .await?
-        .into_views()
+    /// A device's live commands, in delivery order.
+    pub async fn list(&self, device: DeviceId) -> Result<Vec<CommandView>, QueueError> {
+        self.core(CoreRequest::List { device }).await?.into_views()
     }
 
     /// Cancel a command that has not ended (a broadcast: each open child);

@@ -555,7 +555,7 @@ impl Writer {
                         pending.push(Pending::Show(reply, id));
                         return;
                     }
-                    CoreRequest::List { device, .. } => core.list(&device).map(CoreReply::Views),
+                    CoreRequest::List { device } => core.list(&device).map(CoreReply::Views),
                     CoreRequest::Cancel(id) => core.cancel(id, now).map(CoreReply::View),
                     CoreRequest::HubCancel(id) => core.cancel_from_hub(id, now).map(CoreReply::View),
                     CoreRequest::Retry(id) => self.retry(id, now),

@@ -21,9 +21,6 @@ pub enum CoreRequest {
     List {
         /// The device (or `cap:` pool) whose queue to list.
         device: DeviceId,
-        /// Also its recent results. Not honoured yet: the writer lists live
-        /// commands only, and every caller passes `false`.
-        include_finished: bool,
     },
     /// Cancel a live command (a broadcast: every open child); answered with
     /// its `View` as cancelled.

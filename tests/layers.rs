@@ -31,6 +31,8 @@ const NOT_IN_THE_ENGINE: &[&str] = &[
     "crate::shell",
     "crate::device",
     "crate::identity",
+    // The frames are the engine's; `proto` is their IO on a stream.
+    "crate::proto",
     "crate::cli",
     "crate::sim",
     "crate::bench",

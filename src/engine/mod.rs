@@ -19,6 +19,7 @@ pub mod contest;
 #[cfg(feature = "box")]
 pub mod cursor;
 pub mod duration;
+pub mod frames;
 pub mod journal;
 #[cfg(feature = "box")]
 pub mod queue;

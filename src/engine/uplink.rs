@@ -5,9 +5,9 @@
 //! its NATS twin) and the simulation call these, so both speak alike.
 
 use crate::engine::command::{Outcome, SendOptions};
+use crate::engine::frames::Forward;
 use crate::engine::journal::{UpEntry, UpItem};
 use crate::engine::queue::{QueueError, SendRequest};
-use crate::proto::Forward;
 
 /// The origin this box gives a command its hub sent down (`upstream/cli`).
 pub const FROM_UPSTREAM: &str = "upstream/";
@@ -50,7 +50,7 @@ pub fn refusal(e: QueueError) -> Outcome {
 /// `Presence` gets the `Seen` it implies, under the same seq (a record
 /// left out would leave its seq unacknowledged for good).
 pub fn for_hub(mut entries: Vec<UpEntry>, minor: u16) -> Vec<UpEntry> {
-    if minor < crate::proto::MINOR_PRESENCE {
+    if minor < crate::engine::frames::MINOR_PRESENCE {
         for e in &mut entries {
             if let UpItem::Presence { device, at, .. } = &e.item {
                 e.item = UpItem::Seen {
@@ -146,7 +146,7 @@ mod tests {
                 at: 42,
             },
         }];
-        let old = for_hub(entries.clone(), crate::proto::MINOR_PRESENCE - 1);
+        let old = for_hub(entries.clone(), crate::engine::frames::MINOR_PRESENCE - 1);
         assert_eq!(
             old,
             vec![UpEntry {
@@ -158,7 +158,7 @@ mod tests {
             }]
         );
         assert_eq!(
-            for_hub(entries.clone(), crate::proto::MINOR_PRESENCE),
+            for_hub(entries.clone(), crate::engine::frames::MINOR_PRESENCE),
             entries
         );
     }

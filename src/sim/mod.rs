@@ -37,13 +37,13 @@ pub mod shrink;
 mod workflows;
 
 use crate::engine::command::{CommandId, Millis, Outcome, Priority, SendOptions, State};
+use crate::engine::frames::Forward;
 use crate::engine::journal::DeviceRecord;
 use crate::engine::journal::{Entry, UpEntry};
 use crate::engine::queue::core::{forward_of, replay_start, strip_payloads, ReplayOutbox};
 use crate::engine::queue::core::{DeliverEffect, Effects, Limits, Lookup, QueueCore, Relabel};
 use crate::engine::queue::{LifecycleEvent, SendRequest};
 use crate::engine::route::{Acl, AclRule, GATEWAY_TAG};
-use crate::proto::Forward;
 use disk::{Batch, SimDisk};
 pub use rng::Rng;
 use rustc_hash::{FxHashMap, FxHashSet};

@@ -11,7 +11,7 @@
 //! connection; anything else is `Refused{Forbidden}`.
 
 use super::manifest::Digest;
-use crate::proto::{ErrorCode, Frame};
+use crate::engine::frames::{ErrorCode, Frame};
 use serde::{Deserialize, Serialize};
 
 /// Most chunk indices one `Chunks` request may ask for.
@@ -99,7 +99,7 @@ mod tests {
 
     #[test]
     fn a_manifest_at_its_largest_fits_its_reply_and_a_chunk_fits_its_own() {
-        let body = |r: &FetchReply| crate::proto::encode(r).len() - 4;
+        let body = |r: &FetchReply| crate::engine::frames::encode(r).len() - 4;
         let manifest = FetchReply::Manifest {
             bytes: vec![7; MAX_MANIFEST],
         };

@@ -274,9 +274,9 @@ pub(crate) fn forward_of(
     d: &DeliverEffect,
     c: Command,
     now: Millis,
-) -> Result<crate::proto::Forward, Box<Command>> {
+) -> Result<crate::engine::frames::Forward, Box<Command>> {
     match crate::engine::route::Target::parse(&c.target) {
-        Ok(crate::engine::route::Target::Edge { rest, .. }) => Ok(crate::proto::Forward {
+        Ok(crate::engine::route::Target::Edge { rest, .. }) => Ok(crate::engine::frames::Forward {
             id: d.id,
             target: rest.to_string(),
             priority: d.priority,

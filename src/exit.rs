@@ -1,7 +1,7 @@
 //! The process exit codes (DESIGN §8), in one place: the CLI returns them,
 //! scripts and systemd read them.
 
-use crate::shell::queue::ErrorClass;
+use crate::engine::queue::ErrorClass;
 
 /// Success.
 pub const OK: i32 = 0;
@@ -21,7 +21,7 @@ pub const UNSUCCESSFUL: i32 = 6;
 /// EX_TEMPFAIL: the box stopped on a store failure, for systemd's
 /// `Restart=on-failure` to bring it back on a reopened database; also the
 /// code of a command an edge could not take yet.
-pub const TEMPFAIL: i32 = 75;
+pub const TEMPFAIL: i32 = crate::engine::uplink::TEMPFAIL;
 
 /// The exit code of a failure of this class.
 pub fn of_class(c: ErrorClass) -> i32 {

@@ -30,13 +30,17 @@ pub fn request(f: Forward) -> SendRequest {
     }
 }
 
+/// The failure code of a forwarded command the edge could not take now
+/// (EX_TEMPFAIL, as `exit::TEMPFAIL`): the hub retries it after its backoff.
+pub const TEMPFAIL: i32 = 75;
+
 /// How a forwarded command the edge could not take ends on the hub: a
 /// refusal that will not change is final; a passing one (full, shutting
 /// down) is retried by the hub after its backoff.
 pub fn refusal(e: QueueError) -> Outcome {
     if e.is_passing() {
         Outcome::Failed {
-            code: crate::exit::TEMPFAIL,
+            code: TEMPFAIL,
             message: format!("the box below could not take it now: {e}"),
         }
     } else {

@@ -570,20 +570,26 @@ async fn fetch_for(
     got
 }
 
-/// A future that resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// A future that resolves on SIGTERM or SIGINT. The handlers are installed
+/// when this is called, not when the future is first polled: from then on
+/// a SIGTERM is this future's, never the default action's (which kills the
+/// process). Call it before saying "ready" (systemd may stop a service the
+/// moment it is ready).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -444,6 +444,9 @@ impl RunningBox {
 pub async fn run(o: ServeOptions) -> anyhow::Result<()> {
     let data_dir = o.data_dir.clone();
     let b = start(o).await?;
+    // Before READY: a SIGTERM right after it must stop the box cleanly, not
+    // kill it (tests/systemd.rs caught the race).
+    let stop = crate::device::shutdown_signal();
     tracing::info!(listen = %b.addr, data_dir = %data_dir.display(), "box serving");
     if let Some(m) = b.metrics_addr {
         tracing::info!("metrics on http://{m}/metrics");
@@ -461,7 +464,7 @@ pub async fn run(o: ServeOptions) -> anyhow::Result<()> {
             async move { q.stats().await.is_ok() }
         }))
     });
-    crate::device::shutdown_signal().await;
+    stop.await;
     tracing::info!("stopping: closing connections, finishing the current flush");
     crate::shell::notify::stopping();
     if let Some(w) = watchdog {

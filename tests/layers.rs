@@ -75,10 +75,11 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Every `.rs` file of the engine's folder, relative to the crate.
-fn engine_files() -> Vec<String> {
+/// Every `.rs` file under `dir` (relative to the crate), relative to the
+/// crate, sorted.
+fn files_under(dir: &str) -> Vec<String> {
     let mut files = Vec::new();
-    rust_files(&root().join(ENGINE), &mut files);
+    rust_files(&root().join(dir), &mut files);
     let mut rel: Vec<String> = files
         .iter()
         .map(|f| {
@@ -94,7 +95,7 @@ fn engine_files() -> Vec<String> {
 
 #[test]
 fn the_engine_imports_no_io_no_clock_and_no_shell() {
-    let files = engine_files();
+    let files = files_under(ENGINE);
     // The rules of the queue, the sync, workflows, rollouts and trust are
     // all in it (a folder emptied by a move would pass the scan).
     for must in [
@@ -156,17 +157,7 @@ fn reaching_out(files: &[String]) -> Vec<String> {
 /// shell would be code the simulation does not test).
 #[test]
 fn the_simulation_runs_the_engine_alone() {
-    let mut files = Vec::new();
-    rust_files(&root().join("src/sim"), &mut files);
-    let rel: Vec<String> = files
-        .iter()
-        .map(|f| {
-            f.strip_prefix(root())
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
+    let rel = files_under("src/sim");
     assert!(rel.len() >= 5, "{rel:?}");
     let broken = reaching_out(&rel);
     assert!(
